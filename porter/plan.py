@@ -1,0 +1,378 @@
+"""Phase 2 — plan: decide what the port is, as one printable dataclass.
+
+The plan is the single input of the rewrite passes and of the templates, so the generated
+model code and its `load_weights` can never disagree about fusions or names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, dotted, param_names, self_attr, self_call_attr
+from porter.analysis.dataflow import ATTN, forward_flow
+from porter.analysis.index import (
+    EMBEDDING_NAMES,
+    LAYER_NORM_NAMES,
+    LINEAR_NAMES,
+    ClassInfo,
+    ModelIndex,
+    is_module_subclass,
+)
+from porter.layout import port_architecture
+from porter.rules_data import StripTable
+
+
+@dataclass
+class LinearPlan:
+    cls: str
+    attr: str
+    role: str  # column | row | replicated | lm_head
+    line: int
+
+
+@dataclass
+class AttentionPlan:
+    cls: str
+    q: str
+    k: str
+    v: str
+    o: str | None
+    head_dim: str
+    num_heads: str
+    num_kv_heads: str
+    hidden_size: str
+    bias: str
+    scale: str
+    sliding_window: str | None
+    rope: str | None  # None | "neox" | "gptj"
+    rope_helper: str | None  # name of the HF function applying rotary
+    line: int
+
+
+@dataclass
+class GateUpPlan:
+    cls: str
+    gate: str
+    up: str
+    act: str  # attribute holding the activation
+    line: int
+
+
+@dataclass
+class PortPlan:
+    model_type: str
+    source: str
+    causal_lm: str
+    architecture: str
+    base_attr: str  # causal LM attribute holding the base model ("model")
+    embed_path: str  # dotted path from the causal LM to the token embedding
+    lm_head: str | None
+    tie_condition: str
+    classes: list[str]  # file classes kept in the port, in file order
+    top_classes: list[str]  # classes built directly by the causal LM (take the engine config)
+    norms: dict[str, str] = field(default_factory=dict)  # HF norm class -> RMSNorm | GemmaRMSNorm
+    rotary_classes: list[str] = field(default_factory=list)
+    attentions: list[AttentionPlan] = field(default_factory=list)
+    gate_ups: list[GateUpPlan] = field(default_factory=list)
+    linears: list[LinearPlan] = field(default_factory=list)
+    vocab_embeddings: list[str] = field(default_factory=list)  # "Cls.attr"
+    stacked_params: list[tuple[str, str, str]] = field(default_factory=list)  # (fused, orig, shard)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def attention(self, cls: str) -> AttentionPlan | None:
+        return next((a for a in self.attentions if a.cls == cls), None)
+
+    def gate_up(self, cls: str) -> GateUpPlan | None:
+        return next((g for g in self.gate_ups if g.cls == cls), None)
+
+    def linear_role(self, cls: str, attr: str) -> str | None:
+        for lp in self.linears:
+            if lp.cls == cls and lp.attr == attr:
+                return lp.role
+        return None
+
+
+def linear_args(call: cst.Call) -> tuple[str, str, str]:
+    """(in_features, out_features, bias) of an nn.Linear call, as source text."""
+    pos = [a for a in call.args if a.keyword is None]
+    kw = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    in_f = kw.get("in_features", pos[0].value if pos else None)
+    out_f = kw.get("out_features", pos[1].value if len(pos) > 1 else None)
+    bias = kw.get("bias", pos[2].value if len(pos) > 2 else None)
+    if in_f is None or out_f is None:
+        raise ValueError("nn.Linear without in/out features")
+    return code(in_f), code(out_f), code(bias) if bias is not None else "True"
+
+
+def _heads(out_features: str, head_dim: str) -> str:
+    node = cst.parse_expression(out_features)
+    if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Multiply):
+        if code(node.right) == head_dim:
+            return code(node.left)
+        if code(node.left) == head_dim:
+            return code(node.right)
+    if isinstance(node, (cst.Name, cst.Attribute)):
+        return f"{out_features} // {head_dim}"
+    return f"({out_features}) // {head_dim}"
+
+
+class Planner:
+    def __init__(self, idx: ModelIndex, table: StripTable, model_type: str, source: str) -> None:
+        self.idx = idx
+        self.table = table
+        self.model_type = model_type
+        self.source = source
+
+    # -- discovery -------------------------------------------------------------------------
+    def causal_lm(self) -> ClassInfo:
+        found = [c for n, c in self.idx.classes.items() if n.endswith("ForCausalLM")]
+        if not found:
+            raise self.idx.error("no *ForCausalLM class: nothing to port", construct="module")
+        if len(found) > 1:
+            names = ", ".join(c.name for c in found)
+            raise self.idx.error(
+                f"more than one causal-LM class ({names}): cannot tell which to port",
+                found[1].node,
+                construct=f"class {found[1].name}",
+            )
+        return found[0]
+
+    def reachable(self, root: ClassInfo) -> list[str]:
+        seen: list[str] = []
+        todo = [root.name]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in self.idx.classes:
+                continue
+            seen.append(name)
+            info = self.idx.classes[name]
+            todo.extend(s.ctor for s in info.submodules.values() if s.ctor in self.idx.classes)
+            todo.extend(b for b in info.bases if b in self.idx.classes and not b.endswith("PreTrainedModel"))
+        order = list(self.idx.classes)
+        return sorted(seen, key=order.index)
+
+    def is_rmsnorm(self, info: ClassInfo) -> str | None:
+        fwd = info.method("forward")
+        if fwd is None:
+            return None
+        text = code(fwd)
+        if "rsqrt" not in text or "pow(2)" not in text:
+            return None
+        if m.findall(fwd, m.BinaryOperation(left=m.Float() | m.Integer(), operator=m.Add())):
+            return "GemmaRMSNorm"
+        return "RMSNorm"
+
+    def is_rotary(self, info: ClassInfo) -> bool:
+        init = info.method("__init__")
+        return init is not None and "inv_freq" in code(init) and info.method("forward") is not None
+
+    def attention_call_names(self) -> set[str]:
+        names = {"attention_interface"}
+        for fname, fn in self.idx.functions.items():
+            ps = param_names(fn)
+            if len(ps) >= 4 and ps[1].startswith("query") and ps[2].startswith("key"):
+                names.add(fname)
+        return names
+
+    # -- planning --------------------------------------------------------------------------
+    def build(self) -> PortPlan:
+        lm = self.causal_lm()
+        classes = self.reachable(lm)
+        lm_sub = [s for s in lm.submodules.values() if s.ctor in self.idx.classes]
+        if not lm_sub:
+            raise self.idx.error("causal LM builds no base model", lm.node, construct=f"class {lm.name}")
+        base = lm_sub[0]
+        plan = PortPlan(
+            model_type=self.model_type,
+            source=self.source,
+            causal_lm=lm.name,
+            architecture=port_architecture(lm.name),
+            base_attr=base.attr,
+            embed_path="",
+            lm_head=None,
+            tie_condition="config.tie_word_embeddings",
+            classes=classes,
+            top_classes=[base.ctor],
+        )
+        attn_names = self.attention_call_names()
+        for name in classes:
+            info = self.idx.classes[name]
+            kind = self.is_rmsnorm(info)
+            if kind:
+                plan.norms[name] = kind
+                continue
+            if self.is_rotary(info):
+                plan.rotary_classes.append(name)
+                continue
+            self.plan_class(plan, info, attn_names, is_lm=(name == lm.name))
+        plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
+        plan.embed_path = self.embed_path(plan, lm)
+        for a in plan.attentions:
+            plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
+        for g in plan.gate_ups:
+            plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
+        plan.stacked_params = sorted(set(plan.stacked_params))
+        return plan
+
+    def embed_path(self, plan: PortPlan, lm: ClassInfo) -> str:
+        # Walk from the causal LM down the submodule tree to the vocab embedding.
+        def walk(cls: str, path: str) -> str | None:
+            info = self.idx.classes[cls]
+            for attr, sub in info.submodules.items():
+                if f"{cls}.{attr}" in plan.vocab_embeddings:
+                    return f"{path}{attr}"
+                if sub.ctor in self.idx.classes and not sub.in_list:
+                    found = walk(sub.ctor, f"{path}{attr}.")
+                    if found:
+                        return found
+            return None
+
+        found = walk(lm.name, "")
+        if not found:
+            raise self.idx.error("no token embedding (nn.Embedding of config.vocab_size) found",
+                                 lm.node, construct=f"class {lm.name}")
+        return found
+
+    def plan_class(self, plan: PortPlan, info: ClassInfo, attn_names: set[str], is_lm: bool) -> None:
+        for attr, sub in info.submodules.items():
+            if sub.ctor in EMBEDDING_NAMES and "vocab_size" in code(sub.call.args[0].value if sub.call.args else sub.call):
+                plan.vocab_embeddings.append(f"{info.name}.{attr}")
+        linears = info.linears()
+        if not linears:
+            return
+        if is_lm:
+            for attr, sub in linears.items():
+                plan.lm_head = attr
+                plan.linears.append(LinearPlan(info.name, attr, "lm_head", sub.line))
+            return
+        fwd = info.method("forward")
+        if fwd is None:
+            return
+
+        def is_attn_call(call: cst.Call) -> bool:
+            return dotted(call.func) in attn_names
+
+        flow = forward_flow(fwd, set(info.submodules), is_attn_call, self.table.strip_params)
+        lin = set(linears)
+        roles: dict[str, str] = {}
+        if flow.attention_calls:
+            call, per_arg = flow.attention_calls[0]
+            qkv = []
+            for origins in per_arg[1:4]:
+                src = sorted(origins & lin)
+                if len(src) != 1:
+                    raise self.idx.error(
+                        "cannot port attention: q/k/v projections not found",
+                        call,
+                        construct=f"{info.name}.forward",
+                        rule="fuse-qkv",
+                    )
+                qkv.append(src[0])
+            if len(set(qkv)) != 3:
+                raise self.idx.error("cannot port attention: q/k/v are not three projections",
+                                     call, construct=f"{info.name}.forward", rule="fuse-qkv")
+            o = next((a for a in sorted(lin) if ATTN in flow.module_inputs.get(a, set())), None)
+            plan.attentions.append(self.attention_plan(info, call, qkv, o, flow))
+            for a in qkv:
+                roles[a] = "qkv"
+            if o:
+                roles[o] = "row"
+        for attr in sorted(lin - set(roles)):
+            if flow.module_inputs.get(attr, set()) & (lin | {ATTN}):
+                roles[attr] = "row"
+        for attr in sorted(lin - set(roles)):
+            feeds_row = any(attr in flow.module_inputs.get(r, set()) for r, k in roles.items() if k == "row")
+            roles[attr] = "column" if feeds_row else "replicated"
+        for attr, role in roles.items():
+            if role != "qkv":
+                plan.linears.append(LinearPlan(info.name, attr, role, linears[attr].line))
+        gu = self.gate_up_pattern(info, fwd, roles)
+        if gu:
+            plan.gate_ups.append(gu)
+
+    def gate_up_pattern(self, info: ClassInfo, fwd: cst.FunctionDef, roles: dict[str, str]) -> GateUpPlan | None:
+        for node in m.findall(fwd, m.BinaryOperation(operator=m.Multiply())):
+            assert isinstance(node, cst.BinaryOperation)
+            for act_side, up_side in ((node.left, node.right), (node.right, node.left)):
+                if not (isinstance(act_side, cst.Call) and len(act_side.args) == 1):
+                    continue
+                act = self_call_attr(act_side)
+                gate = self_call_attr(act_side.args[0].value)
+                up = self_call_attr(up_side)
+                if not (act and gate and up) or roles.get(gate) != "column" or roles.get(up) != "column":
+                    continue
+                if code(act_side.args[0].value.args[0].value) != code(up_side.args[0].value):  # type: ignore[union-attr]
+                    continue
+                act_sub = info.submodules.get(act)
+                if act_sub is None and act not in self._init_attrs(info):
+                    continue
+                return GateUpPlan(info.name, gate, up, act, info.line)
+        return None
+
+    def _init_attrs(self, info: ClassInfo) -> dict[str, cst.BaseExpression]:
+        out: dict[str, cst.BaseExpression] = {}
+        init = info.method("__init__")
+        if init is None:
+            return out
+        for node in m.findall(init, m.Assign(targets=[m.AssignTarget(target=m.Attribute(value=m.Name("self")))])):
+            assert isinstance(node, cst.Assign)
+            out[self_attr(node.targets[0].target)] = node.value  # type: ignore[index]
+        return out
+
+    def attention_plan(self, info: ClassInfo, call: cst.Call, qkv: list[str], o: str | None, flow) -> AttentionPlan:
+        attrs = self._init_attrs(info)
+        if "head_dim" not in attrs:
+            raise self.idx.error("attention has no self.head_dim", info.node,
+                                 construct=f"class {info.name}", rule="fuse-qkv")
+        hd = "self.head_dim"
+        q_in, q_out, bias = linear_args(info.submodules[qkv[0]].call)
+        _, k_out, _ = linear_args(info.submodules[qkv[1]].call)
+        kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}
+        rope_helper = None
+        fwd = info.method("forward")
+        for c in m.findall(fwd, m.Call(func=m.Name())):
+            fname = c.func.value  # type: ignore[union-attr]
+            if fname in self.idx.functions and "rotary" in code(self.idx.functions[fname]).lower() \
+                    and fname not in self.attention_call_names():
+                rope_helper = fname
+        rope = None
+        if rope_helper:
+            rope = "neox"
+            helper_text = code(self.idx.functions[rope_helper])
+            rot = self.idx.functions.get("rotate_half")
+            if "::2" in helper_text or (rot is not None and "::2" in code(rot)):
+                rope = "gptj"
+        init_params = param_names(info.method("__init__"))
+        if rope and "config" not in init_params:
+            raise self.idx.error("rotary attention without a config argument", info.node,
+                                 construct=f"class {info.name}", rule="engine-rope")
+        return AttentionPlan(
+            cls=info.name,
+            q=qkv[0],
+            k=qkv[1],
+            v=qkv[2],
+            o=o,
+            head_dim=hd,
+            num_heads=_heads(q_out, hd),
+            num_kv_heads=_heads(k_out, hd),
+            hidden_size=q_in,
+            bias=bias,
+            scale=kw.get("scaling", f"{hd}**-0.5"),
+            sliding_window=kw.get("sliding_window"),
+            rope=rope,
+            rope_helper=rope_helper,
+            line=info.line,
+        )
+
+
+def build_plan(idx: ModelIndex, table: StripTable, model_type: str, source: str) -> PortPlan:
+    return Planner(idx, table, model_type, source).build()
+
+
+__all__ = ["PortPlan", "build_plan", "LAYER_NORM_NAMES", "LINEAR_NAMES", "is_module_subclass"]

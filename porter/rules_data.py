@@ -1,0 +1,143 @@
+"""Load and validate the YAML tables under rules/ (one clear error when a table is malformed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from porter.errors import PorterError
+
+RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+
+_STRIP_SCHEMA = {
+    "strip_params": list,
+    "rename_params": dict,
+    "hf_only_callables": list,
+    "drop_decorators": list,
+    "base_classes": dict,
+    "drop_methods": list,
+    "drop_init_calls": list,
+    "drop_init_attrs": list,
+    "output_field": str,
+}
+_TARGET_SCHEMA = {
+    "package": str,
+    "config_kwarg": str,
+    "config_class": str,
+    "plugin_group": str,
+    "symbols": dict,
+}
+
+
+def _load(name: str, rules_dir: Path) -> dict:
+    path = rules_dir / name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PorterError(f"cannot read rules table: {exc.strerror}", file=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise PorterError(
+            "malformed YAML rules table",
+            file=str(path),
+            line=None if line is None else line + 1,
+        ) from None
+    if not isinstance(data, dict):
+        raise PorterError("rules table must be a mapping at top level", file=str(path))
+    return data
+
+
+def _check(data: dict, schema: dict, path: Path, where: str = "") -> None:
+    for key, typ in schema.items():
+        if key not in data:
+            raise PorterError(f"rules table lacks key {where}{key!r}", file=str(path))
+        if not isinstance(data[key], typ):
+            raise PorterError(
+                f"rules table key {where}{key!r} must be a {typ.__name__}, "
+                f"got {type(data[key]).__name__}",
+                file=str(path),
+            )
+    for key in data:
+        if key not in schema:
+            raise PorterError(f"rules table has unknown key {where}{key!r}", file=str(path))
+
+
+@dataclass(frozen=True)
+class StripTable:
+    strip_params: frozenset[str]
+    rename_params: dict
+    hf_only_callables: frozenset[str]
+    drop_decorators: frozenset[str]
+    base_classes: dict
+    drop_methods: frozenset[str]
+    drop_init_calls: frozenset[str]
+    drop_init_attrs: frozenset[str]
+    output_field: str
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    package: str
+    config_kwarg: str
+    config_class: str
+    plugin_group: str
+    symbols: dict  # neutral name -> "module:attr"
+
+    def module_of(self, symbol: str) -> str:
+        return self.symbols[symbol].split(":")[0]
+
+
+@lru_cache(maxsize=8)
+def strip_table(rules_dir: Path = RULES_DIR) -> StripTable:
+    path = rules_dir / "hf_strip.yaml"
+    data = _load("hf_strip.yaml", rules_dir)
+    _check(data, _STRIP_SCHEMA, path)
+    for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods"):
+        if not all(isinstance(x, str) for x in data[key]):
+            raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
+    return StripTable(
+        strip_params=frozenset(data["strip_params"]),
+        rename_params=dict(data["rename_params"]),
+        hf_only_callables=frozenset(data["hf_only_callables"]),
+        drop_decorators=frozenset(data["drop_decorators"]),
+        base_classes=dict(data["base_classes"]),
+        drop_methods=frozenset(data["drop_methods"]),
+        drop_init_calls=frozenset(data["drop_init_calls"]),
+        drop_init_attrs=frozenset(data["drop_init_attrs"]),
+        output_field=data["output_field"],
+    )
+
+
+@lru_cache(maxsize=8)
+def targets(rules_dir: Path = RULES_DIR) -> dict[str, Target]:
+    path = rules_dir / "targets.yaml"
+    data = _load("targets.yaml", rules_dir)
+    out = {}
+    for name, spec in sorted(data.items()):
+        if not isinstance(spec, dict):
+            raise PorterError(f"target {name!r} must be a mapping", file=str(path))
+        _check(spec, _TARGET_SCHEMA, path, where=f"{name}.")
+        for sym, ref in spec["symbols"].items():
+            if not isinstance(ref, str) or ":" not in ref:
+                raise PorterError(
+                    f"target {name!r} symbol {sym!r} must be 'module:attr', got {ref!r}",
+                    file=str(path),
+                )
+        out[name] = Target(name=name, **spec)
+    return out
+
+
+def get_target(name: str) -> Target:
+    all_targets = targets()
+    if name not in all_targets:
+        raise PorterError(
+            f"unknown target {name!r} (known: {', '.join(sorted(all_targets))})",
+            construct="--target",
+        )
+    return all_targets[name]

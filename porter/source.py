@@ -1,0 +1,122 @@
+"""Find and read the file to port. Static only: the file is read as text, never imported."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from porter.errors import PorterError
+
+MAX_SOURCE_BYTES = 5 * 1024 * 1024  # HF's largest modeling files are ~0.3 MB
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    text: str
+    sha256: str
+    model_type: str
+    rel_path: str  # relative to the transformers package when it lives there
+    transformers_version: str
+    config_path: Path | None
+
+
+def transformers_root() -> Path | None:
+    """The installed transformers package directory, found without importing it."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def installed_transformers_version() -> str:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def resolve(
+    src: str,
+    *,
+    config: str | None = None,
+    transformers_dir: Path | None = None,
+    transformers_version: str | None = None,
+) -> Source:
+    """SRC is a modeling file path, or a model_type resolved inside a transformers tree."""
+    root = transformers_dir or transformers_root()
+    version = transformers_version or (
+        installed_transformers_version() if transformers_dir is None else "unknown"
+    )
+    path = Path(src)
+    if not src.endswith(".py") and "/" not in src and not path.exists():
+        if root is None:
+            raise PorterError(f"model type {src!r} given but transformers is not installed")
+        cand = root / "models" / src / f"modeling_{src}.py"
+        if not cand.is_file():
+            raise PorterError(
+                f"unknown model_type {src!r}: no models/{src}/modeling_{src}.py in transformers "
+                f"{version}",
+                construct="SRC",
+            )
+        path = cand
+    text = read_python(path)
+    model_type = _model_type_of(path)
+    rel = str(path)
+    if root is not None:
+        try:
+            rel = str(path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            rel = path.name
+    cfg = Path(config) if config else path.with_name(f"configuration_{model_type}.py")
+    if config:
+        read_python(cfg)  # validate early: readable UTF-8 Python
+    return Source(
+        path=path,
+        text=text,
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        model_type=model_type,
+        rel_path=rel,
+        transformers_version=version,
+        config_path=cfg if cfg.is_file() else None,
+    )
+
+
+def _model_type_of(path: Path) -> str:
+    stem = path.stem
+    return stem[len("modeling_") :] if stem.startswith("modeling_") else stem
+
+
+def read_python(path: Path) -> str:
+    """Read a Python source file as UTF-8 text, with one-line errors for everything else."""
+    name = str(path)
+    try:
+        if path.is_dir():
+            raise PorterError("is a directory, expected a Python file", file=name)
+        if not path.exists():
+            raise PorterError("no such file", file=name)
+        size = path.stat().st_size
+    except OSError as exc:  # symlink loops, permissions
+        raise PorterError(f"cannot read: {exc.strerror or exc}", file=name) from None
+    if size > MAX_SOURCE_BYTES:
+        raise PorterError(
+            f"file is {size / 1e6:.1f} MB, larger than any modeling file "
+            f"(limit {MAX_SOURCE_BYTES // 2**20} MiB)",
+            file=name,
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PorterError(f"cannot read: {exc.strerror or exc}", file=name) from None
+    if not raw.strip():
+        raise PorterError("file is empty", file=name)
+    if b"\x00" in raw:
+        raise PorterError("binary file, not Python source", file=name)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PorterError("not UTF-8 text", file=name, line=line) from None

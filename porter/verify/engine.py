@@ -1,0 +1,166 @@
+"""Start the engine subprocess with the port exposed as a plugin, and collect its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from porter.layout import PortInfo
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROBE_DIST = "porter_verify_probe"
+
+
+def write_plugin_dist(site_dir: Path, info: PortInfo | None) -> Path:
+    """dist-info dirs whose entry points make vLLM load the port and verify's probe."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    entries = [(PROBE_DIST, "vllm.general_plugins", "porter.verify.probe:register")]
+    if info is not None:
+        entries.append((info.package, info.plugin_group, f"{info.package}:register"))
+    for dist, group, target in entries:
+        d = site_dir / f"{dist}-0.0.0.dist-info"
+        d.mkdir(exist_ok=True)
+        (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.0\n")
+        (d / "entry_points.txt").write_text(f"[{group}]\n{dist} = {target}\n")
+    return site_dir
+
+
+@dataclass
+class EngineRun:
+    tp: int
+    ok: bool
+    error: str | None = None
+    workers: list[dict] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    engine_start_s: float | None = None
+    log_tail: str = ""
+
+
+def _env(tp: int, pythonpath: list[Path], probe_dir: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model sends describe_model by pickle
+        VLLM_WORKER_MULTIPROC_METHOD="spawn",
+        PORTER_VERIFY_PROBE_DIR=str(probe_dir),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    ncpu = os.cpu_count() or 1
+    if tp == 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get(
+            "PORTER_VERIFY_BIND_TP1", f"0-{ncpu - 1}" if ncpu > 1 else "0"
+        )
+    else:
+        per = max(1, ncpu // tp)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            f"{r * per}" if per == 1 else f"{r * per}-{r * per + per - 1}" for r in range(tp)
+        )
+    paths = [str(p) for p in pythonpath] + [str(REPO_ROOT)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def run_engine(
+    checkpoint: Path,
+    tp: int,
+    prompts: list[list[int]],
+    *,
+    port: PortInfo | None,
+    max_tokens: int,
+    top_logprobs: int,
+    max_model_len: int,
+    progress: Callable[[str], None] | None = None,
+    timeout_s: float = 900.0,
+) -> EngineRun:
+    """One engine start for ``checkpoint`` at ``tp``; ``port`` None runs without the port plugin."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="porter-verify-engine-") as tmp:
+        tmp = Path(tmp)
+        site = write_plugin_dist(tmp / "site", port)
+        probe_dir = tmp / "probe"
+        probe_dir.mkdir()
+        req = {
+            "checkpoint": str(checkpoint),
+            "tp": tp,
+            "prompts": prompts,
+            "max_tokens": max_tokens,
+            "top_logprobs": top_logprobs,
+            "max_model_len": max_model_len,
+        }
+        (tmp / "req.json").write_text(json.dumps(req))
+        pythonpath = [site] + ([port.path] if port is not None and port.path else [])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "porter.verify.engine_main", str(tmp / "req.json"),
+             str(tmp / "res.json")],
+            env=_env(tp, pythonpath, probe_dir),
+            cwd=str(tmp),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group: cleaned up as a whole below
+        )
+        tail: deque[str] = deque(maxlen=200)
+
+        def pump():
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith("PORTER-STAGE "):
+                    if progress:
+                        progress(line[len("PORTER-STAGE "):])
+                else:
+                    tail.append(line)
+                    if progress and ("Loading weights" in line or "init engine" in line):
+                        progress(line.split("]", 1)[-1].strip()[:100])
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the engine's own group only
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            reader.join(timeout=5)
+        wall = time.time() - t0
+        log_tail = "\n".join(tail)
+        res_path = tmp / "res.json"
+        if not res_path.exists():
+            why = "timed out" if timed_out else f"exited with code {proc.returncode}"
+            return EngineRun(tp, False, f"engine process {why} without a result", wall_s=wall,
+                             log_tail=log_tail, workers=_probe_records(probe_dir))
+        res = json.loads(res_path.read_text())
+        if not res.get("ok"):
+            return EngineRun(tp, False, res.get("error"), wall_s=wall,
+                             log_tail=log_tail + "\n" + res.get("traceback", ""),
+                             workers=_probe_records(probe_dir))
+        return EngineRun(tp, True, None, res["workers"], res["results"], wall,
+                         res.get("engine_start_s"), log_tail)
+
+
+def _probe_records(probe_dir: Path) -> list[dict]:
+    out = []
+    for f in sorted(probe_dir.glob("load-*.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except ValueError:
+            pass
+    return out

@@ -1,0 +1,101 @@
+"""The engine side of `porter verify`: one vLLM start, all prompts batched, results as JSON.
+
+Run as ``python -m porter.verify.engine_main REQUEST.json RESULT.json`` by verify, in a fresh
+process whose PYTHONPATH exposes the port as a plugin. Prints ``PORTER-STAGE <text>`` lines on
+stdout for the progress display. The ``__main__`` guard matters: vLLM spawns processes that
+re-import the main module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+
+def stage(text: str) -> None:
+    print(f"PORTER-STAGE {text}", flush=True)
+
+
+def _logprob_dict(d) -> dict:
+    """{token_id: (logprob, rank)} from vLLM's per-position dict (None -> {})."""
+    if not d:
+        return {}
+    return {int(t): [float(lp.logprob), int(lp.rank) if lp.rank is not None else None]
+            for t, lp in d.items()}
+
+
+def run(req: dict) -> dict:
+    t0 = time.time()
+    stage("importing vLLM")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from porter.verify.probe import describe_model
+
+    stage(f"starting engine (TP={req['tp']})")
+    llm = LLM(
+        model=req["checkpoint"],
+        dtype="float32",
+        enforce_eager=True,
+        tensor_parallel_size=req["tp"],
+        gpu_memory_utilization=0.2,
+        skip_tokenizer_init=True,
+        max_model_len=req["max_model_len"],
+        max_num_seqs=len(req["prompts"]),
+        seed=0,
+    )
+    t_start = time.time() - t0
+    stage("engine ready; reading the model class")
+    described = llm.apply_model(describe_model)
+    stage("generating")
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=req["max_tokens"],
+        logprobs=req["top_logprobs"],
+        prompt_logprobs=req["top_logprobs"],
+        ignore_eos=True,
+        detokenize=False,
+    )
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params,
+                        use_tqdm=False)
+    results = []
+    for out in outs:
+        comp = out.outputs[0]
+        results.append({
+            "prompt": list(out.prompt_token_ids),
+            "prompt_logprobs": [_logprob_dict(d) for d in (out.prompt_logprobs or [])],
+            "tokens": [int(t) for t in comp.token_ids],
+            "logprobs": [_logprob_dict(d) for d in (comp.logprobs or [])],
+        })
+    return {
+        "ok": True,
+        "workers": described,
+        "results": results,
+        "engine_start_s": round(t_start, 2),
+        "total_s": round(time.time() - t0, 2),
+    }
+
+
+def main(argv: list[str]) -> int:
+    req_path, res_path = argv[1], argv[2]
+    with open(req_path) as f:
+        req = json.load(f)
+    try:
+        res = run(req)
+    except BaseException as e:  # report, do not hide: the parent decides the exit code
+        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    with open(res_path, "w") as f:
+        json.dump(res, f)
+    stage("done")
+    # vLLM's background processes can keep the interpreter alive; the result is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import os
+
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,99 @@
+"""Runs inside every engine process (loaded as a vLLM general plugin by verify only).
+
+It wraps the model loader so that, for the model the engine really builds, verify learns:
+  - the class (module and name),
+  - the names ``load_weights`` returned, and the parameters missing from that set,
+  - the parameters (or fractions of them) that no weight loader wrote: every parameter is
+    filled with NaN before loading, and checked right after ``load_weights`` returns.
+The record is kept on the model (read back with ``LLM.apply_model(describe_model)``) and also
+written to ``$PORTER_VERIFY_PROBE_DIR/load-<pid>.json`` so it survives a failed start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+_ATTR = "_porter_verify_load"
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else 0
+    except Exception:
+        return 0
+
+
+def _inspect(model, returned) -> dict:
+    import torch
+
+    record: dict = {
+        "module": type(model).__module__,
+        "name": type(model).__qualname__,
+        "rank": _rank(),
+        "returned_none": returned is None,
+        "not_returned": [],
+        "unwritten": {},
+    }
+    params = dict(model.named_parameters())
+    if returned is not None:
+        record["not_returned"] = sorted(set(params) - set(returned))
+    for name, p in params.items():
+        if p.is_floating_point() and p.numel():
+            nan = torch.isnan(p.data).sum().item()
+            if nan:
+                record["unwritten"][name] = round(nan / p.numel(), 4)
+    return record
+
+
+def _write(record: dict) -> None:
+    out = os.environ.get("PORTER_VERIFY_PROBE_DIR")
+    if out:
+        path = os.path.join(out, f"load-{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump(record, f)
+
+
+def register() -> None:
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    if getattr(DefaultModelLoader.load_weights, "_porter_probe", False):
+        return
+    original = DefaultModelLoader.load_weights
+
+    def load_weights(self, model, model_config):
+        import torch
+
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point():
+                    p.data.fill_(float("nan"))
+        inner = model.load_weights
+        state: dict = {}
+
+        def recording(weights):
+            returned = inner(weights)
+            state["record"] = _inspect(model, returned)
+            _write(state["record"])
+            return returned
+
+        model.load_weights = recording
+        try:
+            return original(self, model, model_config)
+        finally:
+            del model.load_weights
+            setattr(model, _ATTR, state.get("record"))
+
+    load_weights._porter_probe = True
+    DefaultModelLoader.load_weights = load_weights
+
+
+def describe_model(model) -> dict:
+    """For ``LLM.apply_model``: the class that serves, and the load record."""
+    record = dict(getattr(model, _ATTR, None) or {})
+    record["module"] = type(model).__module__
+    record["name"] = type(model).__qualname__
+    record["rank"] = _rank()
+    return record

@@ -1,0 +1,212 @@
+"""Tiny seeded Hugging Face models and their fp32 eager reference outputs.
+
+The per-model-type knobs live in ``rules/tiny_configs.yaml``; this module only applies them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RULES = Path(__file__).resolve().parents[2] / "rules" / "tiny_configs.yaml"
+
+
+class VerifyInputError(Exception):
+    """Bad input: verify cannot run (exit code 2)."""
+
+
+def load_rules(path: Path = RULES) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+@dataclass
+class TinySpec:
+    model_type: str
+    config_kwargs: dict[str, Any]
+    seed: int
+    std: float
+    prompt_lengths: list[int]
+    prompt_seed: int
+    max_new_tokens: int
+    top_logprobs: int
+    min_distinct_tokens: int
+    cpu_head_dims: list[int] = field(default_factory=list)
+
+
+def tiny_spec(model_type: str, rules: dict | None = None) -> TinySpec:
+    from transformers import AutoConfig
+
+    rules = rules or load_rules()
+    models = rules.get("models", {})
+    if model_type not in models:
+        raise VerifyInputError(
+            f"no tiny config for model_type {model_type!r} in rules/tiny_configs.yaml "
+            f"(known: {', '.join(sorted(models))})"
+        )
+    try:
+        base = AutoConfig.for_model(model_type)
+    except Exception as e:  # unknown to this transformers
+        raise VerifyInputError(f"transformers has no config class for {model_type!r}: {e}") from e
+    kwargs = {k: v for k, v in rules.get("defaults", {}).items() if hasattr(base, k)}
+    kwargs.update(models[model_type].get("config") or {})
+    p = rules["prompts"]
+    return TinySpec(
+        model_type=model_type,
+        config_kwargs=kwargs,
+        seed=int(rules["init"]["seed"]),
+        std=float(rules["init"]["std"]),
+        prompt_lengths=list(p["lengths"]),
+        prompt_seed=int(p["seed"]),
+        max_new_tokens=int(p["max_new_tokens"]),
+        top_logprobs=int(p["top_logprobs"]),
+        min_distinct_tokens=int(p["min_distinct_tokens"]),
+        cpu_head_dims=list(rules.get("cpu_head_dims", [])),
+    )
+
+
+def build_config(spec: TinySpec):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(spec.model_type, **spec.config_kwargs)
+    check_config(cfg, spec)
+    return cfg
+
+
+def _head_dim(cfg) -> int:
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+
+
+def check_config(cfg, spec: TinySpec) -> None:
+    problems = []
+    hd = _head_dim(cfg)
+    if spec.cpu_head_dims and hd not in spec.cpu_head_dims:
+        problems.append(f"head_dim {hd} has no CPU attention kernel ({spec.cpu_head_dims})")
+    if cfg.vocab_size < 512:
+        problems.append(f"vocab_size {cfg.vocab_size} < 512")
+    kv = getattr(cfg, "num_key_value_heads", None)
+    if kv is not None and kv >= cfg.num_attention_heads:
+        problems.append(f"num_key_value_heads {kv} >= num_attention_heads: GQA not exercised")
+    longest = max(spec.prompt_lengths)
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window >= longest:
+        problems.append(f"sliding_window {window} >= longest prompt {longest}: window unused")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = getattr(cfg, name, None)
+        for i in ids if isinstance(ids, list) else [ids]:
+            if i is not None and not 0 <= i < cfg.vocab_size:
+                problems.append(f"{name} {i} outside the vocab")
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and len(layer_types) != cfg.num_hidden_layers:
+        problems.append(f"layer_types has {len(layer_types)} entries for {cfg.num_hidden_layers}")
+    if not 2 <= cfg.num_hidden_layers <= 4:
+        problems.append(f"num_hidden_layers {cfg.num_hidden_layers} not in 2..4")
+    if problems:
+        raise VerifyInputError(f"tiny config for {spec.model_type}: " + "; ".join(problems))
+
+
+def build_model(spec: TinySpec, hf_architecture: str):
+    """The HF model for ``hf_architecture`` with seeded N(0, std) weights, fp32, eager attention."""
+    import torch
+    import transformers
+
+    cfg = build_config(spec)
+    cls = getattr(transformers, hf_architecture, None)
+    if cls is None:
+        raise VerifyInputError(f"transformers has no class {hf_architecture}")
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(spec.seed)
+    model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    gen = torch.Generator().manual_seed(spec.seed)
+    norm_params = set()
+    for mod in model.modules():
+        if "norm" in type(mod).__name__.lower():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.nn.Parameter):
+                norm_params.add(id(w))
+    with torch.no_grad():
+        for _name, p in model.named_parameters():  # tied parameters appear once
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.std
+            p.copy_(noise + 1.0 if id(p) in norm_params else noise)
+    return model
+
+
+def make_prompts(spec: TinySpec, vocab_size: int, avoid: set[int]) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(spec.prompt_seed)
+    allowed = torch.tensor([i for i in range(vocab_size) if i not in avoid])
+    return [
+        allowed[torch.randint(len(allowed), (n,), generator=gen)].tolist()
+        for n in spec.prompt_lengths
+    ]
+
+
+def _special_ids(cfg) -> set[int]:
+    out = set()
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = getattr(cfg, name, None)
+        for i in ids if isinstance(ids, list) else [ids]:
+            if i is not None:
+                out.add(int(i))
+    return out
+
+
+def hf_logprobs(model, ids: list[int]):
+    """log-softmax over the vocab at every position of ``ids`` (one unpadded sequence)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), use_cache=False)
+    return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+
+def hf_reference(model, prompts: list[list[int]], spec: TinySpec) -> list[dict]:
+    """Per prompt: greedy continuation, and the full logprob rows along prompt + continuation.
+
+    Greedy decoding re-runs the whole sequence each step (no cache), so there is no cache
+    or padding path in the reference.
+    """
+    refs = []
+    for prompt in prompts:
+        seq = list(prompt)
+        for _ in range(spec.max_new_tokens):
+            seq.append(int(hf_logprobs(model, seq)[-1].argmax()))
+        refs.append({"prompt": prompt, "tokens": seq[len(prompt) :]})
+    return refs
+
+
+def save_checkpoint(model, out_dir: Path, architecture: str) -> Path:
+    """safetensors + config.json naming ``architecture`` (the engine must use that class)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architectures"] = [architecture]
+    cfg["torch_dtype"] = "float32"
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for extra in ("generation_config.json",):
+        (out_dir / extra).unlink(missing_ok=True)
+    return out_dir
+
+
+def with_architecture(src: Path, dst: Path, architecture: str) -> Path:
+    """A second view of a checkpoint whose config.json names another architecture."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        target = dst / f.name
+        if f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg["architectures"] = [architecture]
+            target.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        elif not target.exists():
+            target.symlink_to(f.resolve())
+    return dst
