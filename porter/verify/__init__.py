@@ -1,0 +1,216 @@
+"""`porter verify`: run a port in the real engine and compare it with the HF model it came from.
+
+    report = run_verify(Path("generated/vllm/opt"), tps=[1, 2])
+    print(render_report(report, json=False))
+    sys.exit(report.exit_code)   # 0 pass, 1 numerical failure, 2 bad input / port cannot load
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from porter.layout import PORT_JSON, PortInfo
+from porter.verify.compare import compare
+from porter.verify.engine import EngineRun, run_engine
+from porter.verify.report import (
+    EXIT_INPUT,
+    EXIT_NUMERICAL,
+    EXIT_PASS,
+    THRESHOLD,
+    EngineSide,
+    TPResult,
+    VerifyReport,
+    render_report,
+)
+from porter.verify.tiny import (
+    VerifyInputError,
+    _special_ids,
+    build_model,
+    hf_logprobs,
+    hf_reference,
+    make_prompts,
+    save_checkpoint,
+    tiny_spec,
+    with_architecture,
+)
+
+__all__ = ["run_verify", "render_report", "resolve_port", "VerifyReport", "THRESHOLD"]
+
+Progress = Callable[[str], None]
+
+
+def resolve_port(arg: str | Path, target: str = "vllm", root: Path = Path("generated")) -> Path:
+    """A port directory, or the committed port ``root/<target>/<arg>`` for a model type."""
+    p = Path(arg)
+    if (p / PORT_JSON).exists():
+        return p
+    candidate = Path(root) / target / str(arg)
+    return candidate if (candidate / PORT_JSON).exists() else p
+
+
+@contextlib.contextmanager
+def _progress_sink(progress: Progress | None):
+    if progress is not None:
+        yield progress
+        return
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        with console.status("porter verify") as status:
+            yield lambda text: status.update(f"porter verify: {text}")
+        return
+    yield lambda text: None
+
+
+def _side(run: EngineRun) -> EngineSide:
+    side = EngineSide(tp=run.tp, started=run.ok, error=run.error, wall_s=run.wall_s,
+                      engine_start_s=run.engine_start_s, log_tail=run.log_tail)
+    classes = []
+    for w in run.workers:
+        if w.get("module"):
+            classes.append(f"{w['module']}:{w['name']}")
+        side.not_returned = sorted(set(side.not_returned) | set(w.get("not_returned") or []))
+        for name, frac in (w.get("unwritten") or {}).items():
+            side.unwritten[name] = max(frac, side.unwritten.get(name, 0.0))
+    side.built_classes = classes
+    if classes:
+        side.built_class = classes[0] if len(set(classes)) == 1 else " | ".join(sorted(set(classes)))
+    return side
+
+
+def run_verify(
+    port_dir: Path,
+    tps: list[int],
+    against_native: bool = False,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    port_dir = Path(port_dir)
+    report = VerifyReport(port_dir=str(port_dir), tps=list(tps))
+    t_all = time.time()
+    with _progress_sink(progress) as say:
+        try:
+            _run(report, port_dir, list(tps), against_native, say)
+        except VerifyInputError as e:
+            report.exit_code, report.reason = EXIT_INPUT, str(e)
+    report.timings["total"] = round(time.time() - t_all, 2)
+    return report
+
+
+def _run(report: VerifyReport, port_dir: Path, tps: list[int], against_native: bool,
+         say: Progress) -> None:
+    if not tps or any(t < 1 for t in tps):
+        raise VerifyInputError(f"bad TP list {tps}")
+    if not (port_dir / PORT_JSON).exists():
+        raise VerifyInputError(f"{port_dir} is not a port directory (no {PORT_JSON})")
+    try:
+        info = PortInfo.load(port_dir)
+    except Exception as e:
+        raise VerifyInputError(f"{port_dir / PORT_JSON} is unreadable: {e}") from e
+    info.path = port_dir.resolve()
+    if not (info.path / info.package / "__init__.py").exists():
+        raise VerifyInputError(f"{port_dir} has no package {info.package}/__init__.py")
+    report.model_type, report.architecture = info.model_type, info.architecture
+    report.hf_architecture, report.expected_module = info.hf_architecture, info.module
+
+    say(f"building tiny {info.model_type} reference")
+    t0 = time.time()
+    spec = tiny_spec(info.model_type)
+    model = build_model(spec, info.hf_architecture)
+    prompts = make_prompts(spec, model.config.vocab_size, _special_ids(model.config))
+    refs = hf_reference(model, prompts, spec)
+    report.prompt_lengths = [len(p) for p in prompts]
+    report.distinct_tokens = [len(set(r["tokens"])) for r in refs]
+    few = [i for i, n in enumerate(report.distinct_tokens) if n < spec.min_distinct_tokens]
+    if few:
+        raise VerifyInputError(
+            f"reference continuations of prompts {few} have fewer than {spec.min_distinct_tokens} "
+            f"distinct tokens ({report.distinct_tokens}): equal tokens would prove little; "
+            "change the init in rules/tiny_configs.yaml"
+        )
+    report.timings["reference"] = round(time.time() - t0, 2)
+    hf_tokens = [r["tokens"] for r in refs]
+    max_model_len = -(-(max(report.prompt_lengths) + spec.max_new_tokens) // 32) * 32
+
+    rows_cache: dict[tuple, object] = {}
+
+    def rows_for(results):
+        out = []
+        for res in results:
+            key = tuple(res["prompt"]) + (-1,) + tuple(res["tokens"])
+            if key not in rows_cache:
+                rows_cache[key] = hf_logprobs(model, list(res["prompt"]) + list(res["tokens"]))
+            out.append(rows_cache[key])
+        return out
+
+    def engine(ckpt: Path, tp: int, port: PortInfo | None, label: str) -> EngineSide:
+        def relay(text: str) -> None:
+            say(f"{info.model_type} TP={tp} {label}: {text} ({time.time() - t_start:.0f}s)")
+
+        t_start = time.time()
+        run = run_engine(ckpt, tp, prompts, port=port, max_tokens=spec.max_new_tokens,
+                         top_logprobs=spec.top_logprobs, max_model_len=max_model_len,
+                         progress=relay)
+        side = _side(run)
+        if run.ok:
+            if [r["prompt"] for r in run.results] != prompts:
+                side.started, side.error = False, "engine returned results for other prompts"
+            else:
+                side.comparison = compare(rows_for(run.results), hf_tokens, run.results,
+                                          spec.top_logprobs, THRESHOLD)
+        report.timings[f"{label}_tp{tp}"] = round(run.wall_s, 2)
+        return side
+
+    with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
+        ckpt = save_checkpoint(model, Path(tmp) / "port-ckpt", info.architecture)
+        native_ckpt = (with_architecture(ckpt, Path(tmp) / "native-ckpt", info.hf_architecture)
+                       if against_native else None)
+        for tp in tps:
+            result = TPResult(tp=tp, port=engine(ckpt, tp, info, "port"))
+            mods = {c.split(":", 1)[0] for c in result.port.built_classes}
+            result.class_ok = bool(mods) and all(
+                m == info.module or m.startswith(info.package + ".") for m in mods
+            )
+            if native_ckpt is not None:
+                result.native = engine(native_ckpt, tp, None, "native")
+            report.results.append(result)
+    _verdict(report, info)
+
+
+def _verdict(report: VerifyReport, info: PortInfo) -> None:
+    load_problems, numeric = [], []
+    for r in report.results:
+        p = r.port
+        if not p.started:
+            load_problems.append(f"TP={r.tp}: the port did not run: {p.error}"
+                                 + (f" (unfilled: {', '.join(p.unfilled)})" if p.unfilled else ""))
+            continue
+        if not r.class_ok:
+            load_problems.append(
+                f"TP={r.tp}: the engine built {p.built_class or 'an unknown class'}, "
+                f"not the port's class from {info.module}: the port did not run")
+        if p.unfilled:
+            load_problems.append(f"TP={r.tp}: parameters left unfilled by load_weights: "
+                                 + ", ".join(p.unfilled))
+        c = p.comparison
+        if c.max_delta > report.threshold:
+            numeric.append(f"TP={r.tp}: max |Δ| {c.max_delta:.2e} > {report.threshold:g}; "
+                           f"first at {c.first_over}")
+        if not c.tokens_equal:
+            d = c.first_token_diff
+            numeric.append(f"TP={r.tp}: greedy tokens differ first at prompt {d['prompt']} "
+                           f"step {d['step']} (hf {d['hf']}, engine {d['engine']})")
+    if load_problems:
+        report.exit_code, report.reason = EXIT_INPUT, "; ".join(load_problems + numeric)
+    elif numeric:
+        report.exit_code, report.reason = EXIT_NUMERICAL, "; ".join(numeric)
+    else:
+        worst = max(r.port.comparison.max_delta for r in report.results)
+        report.exit_code = EXIT_PASS
+        report.reason = (f"max |Δ| {worst:.2e} <= {report.threshold:g} and equal greedy tokens "
+                         f"at TP={','.join(str(t) for t in report.tps)}")
