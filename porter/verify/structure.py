@@ -1,0 +1,591 @@
+"""Structural verification: build a port in-process on the CPU and compare it with the engine.
+
+No engine is started and no forward pass runs. For one target engine (vLLM or Aphrodite) this
+module builds a model class under that engine's own config objects, the way the engine's
+loader would, and checks what can be checked without kernels:
+
+- the port's ``named_parameters()`` (names and shapes) equal the engine's native class for the
+  same config (the native class is resolved through the engine's ``ModelRegistry``);
+- ``load_weights`` on the checkpoint's safetensors returns every parameter name, and writes
+  every element: parameters are filled with NaN before loading and none may remain;
+- each loaded tensor equals the one the native class loads from the same checkpoint, which
+  checks q/k/v and gate/up shard fusion numerically without a forward pass.
+
+Engine state (the distributed groups) is process-wide and the two engines cannot share a
+process, so callers that mix targets run one process per target: ``python -m
+porter.verify.structure PORT_DIR [PORT_DIR ...] --json`` is that process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGETS = ("vllm", "aphrodite")
+
+# Why Aphrodite never runs forward here (issue 9): stated in every Aphrodite report.
+APHRODITE_NO_FORWARD = (
+    "forward not run: the aphrodite-engine wheel is a CUDA build without CPU attention "
+    "kernels, and its engine dies in a Triton-only path on the CPU; only structure, "
+    "weight loading and loaded values are checked"
+)
+
+
+class StructureInputError(Exception):
+    """Bad input (no PORT.json, unknown target, port class not found): exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# The engine, by target: the names differ, the steps are the same.
+
+
+@dataclass
+class _EngineApi:
+    target: str
+    kwarg: str  # the model constructor's keyword: vllm_config / aphrodite_config
+    ModelConfig: Any
+    EngineConfig: Any
+    set_current: Any
+    init_distributed_environment: Any
+    initialize_model_parallel: Any
+    model_parallel_is_initialized: Any
+    registry: Any
+
+
+_ENGINES: dict[str, _EngineApi] = {}
+
+
+def engine_api(target: str) -> _EngineApi:
+    """Import the target engine's config, distributed and registry entry points (once)."""
+    if target not in TARGETS:
+        raise StructureInputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    if target in _ENGINES:
+        return _ENGINES[target]
+    other = [t for t in TARGETS if t != target and t in _ENGINES]
+    if other:
+        raise RuntimeError(f"{other[0]} is already set up in this process; use one per target")
+    if target == "vllm":
+        from vllm import ModelRegistry
+        from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+        from vllm.distributed import parallel_state as ps
+
+        api = _EngineApi(
+            "vllm",
+            "vllm_config",
+            ModelConfig,
+            VllmConfig,
+            set_current_vllm_config,
+            ps.init_distributed_environment,
+            ps.initialize_model_parallel,
+            ps.model_parallel_is_initialized,
+            ModelRegistry,
+        )
+    else:
+        # The wheel is a CUDA build; on the CPU its layers look their kernels up under
+        # torch.ops._C, which vLLM's CPU extension registers. Both must happen before import.
+        os.environ.setdefault("APHRODITE_TARGET_DEVICE", "cpu")
+        importlib.import_module("vllm._C")
+        from aphrodite import ModelRegistry
+        from aphrodite.config import AphroditeConfig, ModelConfig
+        from aphrodite.config.aphrodite import set_current_aphrodite_config
+        from aphrodite.distributed import parallel_state as ps
+
+        api = _EngineApi(
+            "aphrodite",
+            "aphrodite_config",
+            ModelConfig,
+            AphroditeConfig,
+            set_current_aphrodite_config,
+            ps.init_distributed_environment,
+            ps.initialize_model_parallel,
+            ps.model_parallel_is_initialized,
+            ModelRegistry,
+        )
+    _ENGINES[target] = api
+    return api
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_distributed(api: _EngineApi) -> None:
+    """World size 1 over gloo on the loopback, once per process."""
+    if api.model_parallel_is_initialized():
+        return
+    api.init_distributed_environment(
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+        backend="gloo",
+    )
+    api.initialize_model_parallel(1)
+
+
+def _checkpoint_architectures(checkpoint_dir: Path) -> list[str]:
+    cfg = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    return list(cfg.get("architectures") or [])
+
+
+def _register_unknown(api: _EngineApi, checkpoint_dir: Path, cls) -> None:
+    """The engine's ModelConfig rejects a config.json naming an architecture it does not know
+    (a port's own name, e.g. PorterLlamaForCausalLM): register ``cls`` under such names. A name
+    the engine already serves is never overridden."""
+    known = set(api.registry.get_supported_archs())
+    for arch in _checkpoint_architectures(checkpoint_dir):
+        if arch not in known and cls is not None:
+            api.registry.register_model(arch, cls)
+
+
+def engine_config(target: str, checkpoint_dir: Path, cls=None):
+    """A fresh engine config for ``checkpoint_dir`` (one per model: attention prefixes must be
+    unique within a config)."""
+    api = engine_api(target)
+    _register_unknown(api, Path(checkpoint_dir), cls)
+    model_config = api.ModelConfig(
+        model=str(checkpoint_dir), dtype="float32", skip_tokenizer_init=True
+    )
+    return api.EngineConfig(model_config=model_config)
+
+
+@contextlib.contextmanager
+def _engine_context(api: _EngineApi, config) -> Iterator[None]:
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(config.model_config.dtype)
+    try:
+        with api.set_current(config), torch.device("cpu"):
+            _ensure_distributed(api)
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _build(target: str, checkpoint_dir: Path, cls):
+    api = engine_api(target)
+    config = engine_config(target, checkpoint_dir, cls)
+    with _engine_context(api, config):
+        model = cls(**{api.kwarg: config})
+    return model, config
+
+
+def build_inprocess(target: str, checkpoint_dir: Path, cls):
+    """Build ``cls`` on the CPU under the target engine's config for ``checkpoint_dir``."""
+    return _build(target, Path(checkpoint_dir), cls)[0]
+
+
+def resolve_native(target: str, checkpoint_dir: Path, native_arch: str):
+    """The engine's own class for ``native_arch``, or (None, why) when it has none.
+
+    An architecture the engine serves through its Transformers backend has no native file to
+    compare names with; one it dropped is not served at all."""
+    api = engine_api(target)
+    if native_arch not in api.registry.get_supported_archs():
+        return None, f"{target} does not serve {native_arch}"
+    config = engine_config(target, checkpoint_dir)
+    cls, _arch = api.registry.resolve_model_cls([native_arch], config.model_config)
+    if ".models.transformers" in cls.__module__:
+        return None, f"{target} serves {native_arch} through its Transformers backend only"
+    return cls, None
+
+
+# --------------------------------------------------------------------------------------------
+# Checks.
+
+
+@dataclass
+class LoadCheck:
+    """What ``load_weights`` did to one model."""
+
+    returned: int = 0  # names in the returned set
+    returned_none: bool = False  # load_weights returned None instead of a set
+    not_returned: list[str] = field(default_factory=list)  # parameters missing from it
+    unknown_returned: list[str] = field(default_factory=list)  # returned names not parameters
+    unwritten: dict[str, float] = field(default_factory=dict)  # param -> fraction still NaN
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.error is None
+            and not self.returned_none
+            and not self.not_returned
+            and not self.unwritten
+        )
+
+
+@dataclass
+class StructureReport:
+    target: str
+    checkpoint: str
+    port_class: str  # module:qualname
+    native_arch: str
+    native_class: str | None = None
+    native_missing: str | None = None  # why there is no native class to compare with
+    port_params: int = 0
+    native_params: int = 0
+    only_in_port: list[str] = field(default_factory=list)
+    only_in_native: list[str] = field(default_factory=list)
+    shape_mismatch: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    params_equal: bool | None = None  # names and shapes; None when there is no native class
+    port_load: LoadCheck = field(default_factory=LoadCheck)
+    native_load: LoadCheck | None = None
+    tensors_compared: int = 0
+    tensors_differ: dict[str, float] = field(default_factory=dict)  # name -> max |port-native|
+    tensors_equal: bool | None = None
+    forward_run: bool = False
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    ok: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def failures(self) -> list[str]:
+        """One line per failed check (empty when ok)."""
+        out = list(self.errors)
+        if self.params_equal is False:
+            out.append(
+                f"parameters differ from {self.native_class}: only in port {self.only_in_port}, "
+                f"only in native {self.only_in_native}, shapes {self.shape_mismatch}"
+            )
+        load = self.port_load
+        if load.error:
+            out.append(f"load_weights raised: {load.error}")
+        if load.returned_none:
+            out.append("load_weights returned None, not the set of loaded names")
+        if load.not_returned:
+            out.append(f"load_weights did not return {load.not_returned}")
+        if load.unwritten:
+            out.append(f"parameters never written (fraction NaN): {load.unwritten}")
+        if self.tensors_equal is False:
+            out.append(f"loaded tensors differ from native's (max abs diff): {self.tensors_differ}")
+        return out
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def iter_safetensors(checkpoint_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for every tensor of every ``*.safetensors`` file, in file order."""
+    from safetensors import safe_open
+
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise StructureInputError(f"{checkpoint_dir}: no *.safetensors file")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, st.get_tensor(name)
+
+
+def _load_and_check(target: str, model, config, checkpoint_dir: Path) -> LoadCheck:
+    import torch
+
+    check = LoadCheck()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for p in params.values():
+            if p.is_floating_point():
+                p.data.fill_(float("nan"))
+    try:
+        with _engine_context(engine_api(target), config):
+            returned = model.load_weights(iter_safetensors(checkpoint_dir))
+    except Exception as e:  # noqa: BLE001 (reported: the rest of the report still counts)
+        check.error = f"{type(e).__name__}: {e}"
+        return check
+    if returned is None:
+        check.returned_none = True
+    else:
+        returned = set(returned)
+        check.returned = len(returned)
+        check.not_returned = sorted(set(params) - returned)
+        check.unknown_returned = sorted(returned - set(params))
+    for name, p in params.items():
+        if p.is_floating_point() and p.numel():
+            nan = int(torch.isnan(p.data).sum())
+            if nan:
+                check.unwritten[name] = round(nan / p.numel(), 6)
+    return check
+
+
+def _shapes(model) -> dict[str, list[int]]:
+    return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
+def compare_structure(
+    target: str, checkpoint_dir: Path, port_cls, native_arch: str, *, compare_values=True
+) -> StructureReport:
+    """Build ``port_cls`` and the engine's native ``native_arch`` for the checkpoint's config,
+    compare parameter trees, load the checkpoint into both and compare what was loaded."""
+    import torch
+
+    t0 = time.time()
+    checkpoint_dir = Path(checkpoint_dir)
+    report = StructureReport(
+        target=target,
+        checkpoint=str(checkpoint_dir),
+        port_class=_qualname(port_cls),
+        native_arch=native_arch,
+    )
+    if target == "aphrodite":
+        report.notes.append(APHRODITE_NO_FORWARD)
+    try:
+        port, port_config = _build(target, checkpoint_dir, port_cls)
+    except Exception as e:  # noqa: BLE001 (a port that does not build is a finding)
+        report.errors.append(f"building the port failed: {type(e).__name__}: {e}")
+        report.seconds = round(time.time() - t0, 3)
+        return report
+    port_shapes = _shapes(port)
+    report.port_params = len(port_shapes)
+
+    native = None
+    try:
+        native_cls, why = resolve_native(target, checkpoint_dir, native_arch)
+        if native_cls is None:
+            report.native_missing = why
+            report.notes.append(f"no native class to compare with: {why}")
+        else:
+            report.native_class = _qualname(native_cls)
+            native, native_config = _build(target, checkpoint_dir, native_cls)
+    except Exception as e:  # noqa: BLE001 (reported; the port's own checks still run)
+        report.errors.append(f"building the native class failed: {type(e).__name__}: {e}")
+
+    if native is not None:
+        native_shapes = _shapes(native)
+        report.native_params = len(native_shapes)
+        report.only_in_port = sorted(set(port_shapes) - set(native_shapes))
+        report.only_in_native = sorted(set(native_shapes) - set(port_shapes))
+        report.shape_mismatch = {
+            n: {"port": port_shapes[n], "native": native_shapes[n]}
+            for n in sorted(set(port_shapes) & set(native_shapes))
+            if port_shapes[n] != native_shapes[n]
+        }
+        report.params_equal = not (
+            report.only_in_port or report.only_in_native or report.shape_mismatch
+        )
+
+    report.port_load = _load_and_check(target, port, port_config, checkpoint_dir)
+    if native is not None and compare_values:
+        report.native_load = _load_and_check(target, native, native_config, checkpoint_dir)
+        if report.native_load.error is None and report.port_load.error is None:
+            port_p = dict(port.named_parameters())
+            native_p = dict(native.named_parameters())
+            for name in sorted(set(port_p) & set(native_p)):
+                a, b = port_p[name].data, native_p[name].data
+                if a.shape != b.shape:
+                    continue  # already reported as a shape mismatch
+                report.tensors_compared += 1
+                if not torch.equal(a, b):
+                    diff = (a.float() - b.float()).abs()
+                    # NaN on either side (unwritten) shows as inf: never equal.
+                    diff = torch.nan_to_num(diff, nan=float("inf"))
+                    report.tensors_differ[name] = float(diff.max())
+            report.tensors_equal = not report.tensors_differ
+
+    report.ok = not report.failures()
+    report.seconds = round(time.time() - t0, 3)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Ports on disk and the small checkpoints they are checked with.
+
+
+def find_port_class(port_dir: Path, *, prepare_engine: bool = True):
+    """Import a port's class: PORT.json names the module; the class is the one the package's
+    ``register()`` registers (``"module:Class"`` in its ``__init__.py``), else the module
+    attribute named by PORT.json's ``architecture`` or ``hf_architecture``.
+
+    The target engine is set up first (``prepare_engine``): Aphrodite must see its device
+    setting and vLLM's CPU kernels before the port's first import of it."""
+    from porter.layout import PortInfo
+
+    port_dir = Path(port_dir).resolve()
+    if not (port_dir / "PORT.json").is_file():
+        raise StructureInputError(f"{port_dir}: no PORT.json (not a port directory)")
+    info = PortInfo.load(port_dir)
+    if prepare_engine:
+        engine_api(info.target)
+    if str(port_dir) not in sys.path:
+        sys.path.insert(0, str(port_dir))
+    names = []
+    init = port_dir / info.package / "__init__.py"
+    if init.is_file():
+        for mod, name in re.findall(r"""["']([\w.]+):(\w+)["']""", init.read_text()):
+            if mod == info.module:
+                names.append(name)
+    names += [info.architecture, info.hf_architecture]
+    try:
+        module = importlib.import_module(info.module)
+    except Exception as e:
+        raise StructureInputError(f"{port_dir}: importing {info.module} failed: {e}") from e
+    for name in names:
+        cls = getattr(module, name, None)
+        if isinstance(cls, type):
+            return info, cls
+    raise StructureInputError(f"{port_dir}: {info.module} has none of the classes {names}")
+
+
+# Per model type: the knobs that make a tiny config exercise what the port must get right.
+# Applied on top of COMMON where the config class has the attribute.
+COMMON = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # GQA
+    "head_dim": 32,
+    "intermediate_size": 256,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+TINY = {
+    "llama": {},
+    "mistral": {"sliding_window": 64},
+    "qwen2": {},  # q/k/v bias; vLLM asserts on sliding windows for only some layers
+    # word_embed_proj_dim != hidden_size: project_in / project_out exist.
+    "opt": {"ffn_dim": 256, "word_embed_proj_dim": 64, "tie_word_embeddings": True},
+}
+
+
+def make_checkpoint(
+    model_type: str,
+    out_dir: Path,
+    *,
+    hf_architecture: str | None = None,
+    architecture: str | None = None,
+    overrides: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """A tiny HF safetensors checkpoint with seeded N(0, 0.2) weights (norm scales 1 + N(0,
+    0.2)), so that biases are non-zero and every shard is distinguishable. ``architecture``
+    (default: the HF one) is written into config.json."""
+    import torch
+    import transformers
+
+    kwargs = {}
+    probe = transformers.AutoConfig.for_model(model_type)
+    for k, v in {**COMMON, **TINY.get(model_type, {}), **(overrides or {})}.items():
+        if k in TINY.get(model_type, {}) or k in (overrides or {}) or hasattr(probe, k):
+            kwargs[k] = v
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    hf_architecture = hf_architecture or (cfg.architectures or [None])[0]
+    if hf_architecture is None:
+        mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        hf_architecture = mapping[model_type]
+    model_cls = getattr(transformers, hf_architecture)
+    torch.manual_seed(seed)
+    model = model_cls._from_config(cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.2
+            is_norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_(noise + 1.0 if is_norm_scale else noise)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    cfg_path = out_dir / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["architectures"] = [architecture or hf_architecture]
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def check_port(port_dir: Path, checkpoint_dir: Path | None = None) -> StructureReport:
+    """Structural report for one port directory (a tiny checkpoint is made when none is given)."""
+    info, cls = find_port_class(port_dir)
+    if checkpoint_dir is not None:
+        return compare_structure(info.target, Path(checkpoint_dir), cls, info.hf_architecture)
+    with tempfile.TemporaryDirectory(prefix="porter-structure-") as tmp:
+        ckpt = make_checkpoint(
+            info.model_type, Path(tmp) / "ckpt", hf_architecture=info.hf_architecture
+        )
+        report = compare_structure(info.target, ckpt, cls, info.hf_architecture)
+    report.checkpoint = f"tiny {info.model_type} checkpoint made for this run"
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# python -m porter.verify.structure PORT_DIR [PORT_DIR ...] [--checkpoint DIR] [--json]
+
+
+def _format(report: StructureReport) -> str:
+    status = "ok" if report.ok else "FAIL"
+    head = (
+        f"[{status}] {report.target} {report.port_class} vs {report.native_class or '-'} "
+        f"({report.port_params} parameters, {report.tensors_compared} tensors compared, "
+        f"{report.seconds:.1f}s)"
+    )
+    lines = [head]
+    lines += [f"  - {f}" for f in report.failures()]
+    lines += [f"  note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m porter.verify.structure", description=__doc__)
+    ap.add_argument("port_dirs", nargs="+", type=Path, help="ROOT/<target>/<model_type>")
+    ap.add_argument("--checkpoint", type=Path, help="HF checkpoint (default: a tiny one)")
+    ap.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    args = ap.parse_args(argv)
+    if args.checkpoint and len(args.port_dirs) > 1:
+        print("--checkpoint takes one port directory", file=sys.stderr)
+        return 2
+    from porter.layout import PortInfo
+
+    targets = set()
+    for d in args.port_dirs:
+        if not (d / "PORT.json").is_file():
+            print(f"porter verify (structure): {d}: no PORT.json", file=sys.stderr)
+            return 2
+        targets.add(PortInfo.load(d).target)
+    if len(targets) > 1:
+        print(f"one target per process, got {sorted(targets)}", file=sys.stderr)
+        return 2
+
+    # Engines log to stdout: keep it for the result only.
+    out = os.fdopen(os.dup(1), "w")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    reports = []
+    try:
+        for port_dir in args.port_dirs:
+            reports.append(check_port(port_dir, args.checkpoint))
+    except StructureInputError as e:
+        print(f"porter verify (structure): {e}", file=sys.stderr)
+        return 2
+    finally:
+        sys.stdout.flush()
+    if args.json:
+        payload = reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
+        out.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    else:
+        out.write("\n".join(_format(r) for r in reports) + "\n")
+    out.flush()
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
