@@ -217,7 +217,7 @@ class Planner:
             plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
         for g in plan.gate_ups:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
-        plan.stacked_params = sorted(set(plan.stacked_params))
+        plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
         return plan
 
     def embed_path(self, plan: PortPlan, lm: ClassInfo) -> str:

@@ -54,11 +54,12 @@ def tiny_spec(model_type: str, rules: dict | None = None) -> TinySpec:
     kwargs = {k: v for k, v in rules.get("defaults", {}).items() if hasattr(base, k)}
     kwargs.update(models[model_type].get("config") or {})
     p = rules["prompts"]
+    init = {**rules["init"], **(models[model_type].get("init") or {})}
     return TinySpec(
         model_type=model_type,
         config_kwargs=kwargs,
-        seed=int(rules["init"]["seed"]),
-        std=float(rules["init"]["std"]),
+        seed=int(init["seed"]),
+        std=float(init["std"]),
         prompt_lengths=list(p["lengths"]),
         prompt_seed=int(p["seed"]),
         max_new_tokens=int(p["max_new_tokens"]),

@@ -1,0 +1,127 @@
+"""porter's command line: convert, plan, verify, rules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from porter.errors import PorterError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+
+TARGETS_ALL = ("vllm", "aphrodite")
+
+
+def _fail(exc: PorterError) -> None:
+    err.print(f"porter: error: {exc.one_line()}", markup=False, highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _targets(target: str) -> list[str]:
+    if target == "all":
+        return list(TARGETS_ALL)
+    from porter.rules_data import get_target
+
+    return [get_target(target).name]
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="A modeling_*.py path, or a model_type (e.g. opt, llama)."),
+    target: str = typer.Option("all", help="vllm | aphrodite | all"),
+    out: Path = typer.Option(Path("generated"), help="Root directory; ports land in OUT/<target>/<model_type>/."),
+    config: str | None = typer.Option(None, help="configuration_*.py to read statically."),
+    force: bool = typer.Option(False, help="Overwrite a port even if it was edited by hand."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
+) -> None:
+    """Convert an HF modeling file into engine ports (static: SRC is never imported)."""
+    from porter.convert import convert as do_convert
+
+    try:
+        results = do_convert(src, _targets(target), out, config=config, force=force)
+    except PorterError as exc:
+        _fail(exc)
+    summary = [
+        {"target": r.target, "model_type": r.info.model_type, "architecture": r.info.architecture,
+         "path": str(out / r.target / r.info.model_type), "rules": r.rules_applied}
+        for r in results
+    ]
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for s in summary:
+            print(f"{s['path']}: {s['architecture']} ({len(s['rules'])} rules)")
+
+
+@app.command()
+def plan(
+    src: str = typer.Argument(...),
+    config: str | None = typer.Option(None),
+) -> None:
+    """Print the port plan (roles, fusions, TP layout) for SRC."""
+    from porter.convert import plan_json
+
+    try:
+        print(plan_json(src, config=config))
+    except PorterError as exc:
+        _fail(exc)
+
+
+@app.command()
+def verify(
+    port: str = typer.Argument(..., help="A port directory, or a model_type with a port in generated/<target>/."),
+    target: str = typer.Option("vllm", help="vllm (engine run) | aphrodite (structural, no forward)"),
+    tp: str = typer.Option("1,2", help="Tensor-parallel sizes, comma-separated."),
+    against_native: bool = typer.Option(False, help="Also run the engine's native port on the same checkpoint."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the port in the real engine and compare with Hugging Face (exit 0 pass, 1 mismatch, 2 error)."""
+    try:
+        tps = sorted({int(x) for x in tp.split(",") if x.strip()})
+        if not tps or any(t not in (1, 2) for t in tps):
+            raise ValueError
+    except ValueError:
+        _fail(PorterError(f"bad --tp {tp!r}: give sizes from 1,2 (this machine has 2 cores)", construct="--tp"))
+    if target not in TARGETS_ALL:
+        _fail(PorterError(f"unknown target {target!r}", construct="--target"))
+    from porter.verify import render_report, resolve_port, run_verify
+
+    port_dir = resolve_port(port, target=target)
+    if target == "aphrodite":
+        from porter.verify import structure
+
+        code = structure.main([str(port_dir)] + (["--json"] if as_json else []))
+        raise typer.Exit(code)
+    report = run_verify(port_dir, tps, against_native=against_native)
+    print(render_report(report, json=as_json))
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def rules(code: str | None = typer.Argument(None, help="Show one rule with its examples.")) -> None:
+    """The rule catalogue, built from the rule classes themselves."""
+    from porter.passes import PASSES, REGISTRY
+
+    if code:
+        rule = REGISTRY.get(code) or next((r for r in REGISTRY.values() if r.name == code), None)
+        if rule is None:
+            _fail(PorterError(f"unknown rule {code!r}", construct="porter rules"))
+        print(f"{rule.code} {rule.name}\n\n{rule.why}\n")
+        for i, ex in enumerate(rule.examples, 1):
+            print(f"--- example {i}: before\n{ex.before}--- after\n{ex.after}")
+        return
+    for r in PASSES:
+        print(f"{r.code}  {r.name:24} {len(r.examples)} example(s)")
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except PorterError as exc:
+        err.print(f"porter: error: {exc.one_line()}", markup=False)
+        sys.exit(2)

@@ -1,0 +1,173 @@
+"""Convert: index -> plan -> rewrite passes -> templates -> an atomically written port directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import libcst as cst
+
+from porter import __version__
+from porter.analysis.index import ModelIndex, build_index, parse
+from porter.errors import PorterError
+from porter.layout import PORT_JSON, PortInfo, package_name
+from porter.passes import PASSES, RewriteContext
+from porter.passes.causal_lm import render
+from porter.plan import PortPlan, build_plan
+from porter.rules_data import Target, get_target, strip_table
+from porter.source import Source, resolve
+
+
+@dataclass
+class Converted:
+    target: str
+    plan: PortPlan
+    files: dict[str, str]  # relpath -> text
+    rules_applied: list[str]
+    provenance: dict[str, list[str]]
+    info: PortInfo
+
+
+def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
+    module = parse(source.text, str(source.path))
+    idx = build_index(module, str(source.path))
+    plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
+    return idx, plan
+
+
+def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, RewriteContext, list[str]]:
+    ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=target)
+    module = idx.module
+    applied = []
+    for rule_cls in PASSES:
+        rule = rule_cls(ctx)
+        try:
+            module = module.visit(rule)
+        except PorterError:
+            raise
+        except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
+            raise PorterError(
+                f"cannot port: {type(exc).__name__}: {exc}", file=idx.path, rule=rule_cls.name
+            ) from None
+        if rule.changed:
+            applied.append(f"{rule_cls.code} {rule_cls.name}")
+    return module.code, ctx, applied
+
+
+def ruff_format(text: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--line-length", "100", "-"],
+        input=text, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise PorterError(f"generated code does not format: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout
+
+
+def convert_one(source: Source, idx: ModelIndex, plan: PortPlan, target: Target) -> Converted:
+    body, ctx, applied = rewrite(idx, plan, target)
+    pkg = package_name(target.name, source.model_type)
+    module_name = f"modeling_{source.model_type}"
+    meta = dict(
+        porter_version=__version__, target=target.name, transformers_version=source.transformers_version,
+        source=source.rel_path, source_sha256=source.sha256, rules=[a.split()[0] for a in applied],
+        hf_architecture=plan.causal_lm, architecture=plan.architecture, package=pkg,
+        module=f"{pkg}.{module_name}", class_name=plan.causal_lm, plugin_group=target.plugin_group,
+        registry_module=target.package,
+    )
+    port_text = ruff_format(render("header.py.j2", **meta) + "\n" + body)
+    files = {
+        f"{pkg}/{module_name}.py": port_text,
+        f"{pkg}/__init__.py": ruff_format(render("register.py.j2", **meta)),
+        "pyproject.toml": render("pyproject.toml.j2", **meta),
+    }
+    info = PortInfo(
+        target=target.name, model_type=source.model_type, architecture=plan.architecture,
+        hf_architecture=plan.causal_lm, package=pkg, module=f"{pkg}.{module_name}",
+        plugin_group=target.plugin_group, source=source.rel_path,
+        transformers_version=source.transformers_version, source_sha256=source.sha256,
+        porter_version=__version__,
+        files={k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(files.items())},
+        rules_applied=applied, plan=plan.to_dict(),
+    )
+    prov = {k: sorted(v) for k, v in sorted(ctx.provenance.items())}
+    return Converted(target.name, plan, files, applied, prov, info)
+
+
+def edited_files(port_dir: Path) -> list[str]:
+    """Files of an existing port that differ from the hashes in its PORT.json (hand edits)."""
+    try:
+        info = PortInfo.load(port_dir)
+    except (OSError, ValueError, TypeError):
+        return [PORT_JSON]
+    out = []
+    for rel, digest in info.files.items():
+        p = port_dir / rel
+        if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+            out.append(rel)
+    return out
+
+
+def write_port(conv: Converted, out_root: Path, force: bool = False) -> Path:
+    """Write the port directory as a whole: build beside it, then swap with renames."""
+    dest = out_root / conv.target / conv.info.model_type
+    if dest.exists() and not force:
+        if not dest.is_dir():
+            raise PorterError("output path exists and is not a directory", file=str(dest))
+        edited = edited_files(dest)
+        if edited:
+            raise PorterError(
+                f"port was edited by hand ({', '.join(edited)}); use --force to overwrite",
+                file=str(dest),
+            )
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=parent))
+    except OSError as exc:
+        raise PorterError(f"cannot write output: {exc.strerror}", file=str(parent)) from None
+    try:
+        for rel, text in sorted(conv.files.items()):
+            p = tmp / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+        (tmp / PORT_JSON).write_text(conv.info.to_json())
+        old = None
+        if dest.exists():
+            old = parent / f".{dest.name}.old-{os.getpid()}"
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PorterError(f"cannot write output: {exc.strerror}", file=str(dest)) from None
+    return dest
+
+
+def convert(src: str, targets: list[str], out: Path, *, config: str | None = None,
+            force: bool = False, write: bool = True) -> list[Converted]:
+    tgts = [get_target(t) for t in targets]
+    source = resolve(src, config=config)
+    idx, plan = analyse(source)
+    results = [convert_one(source, idx, plan, t) for t in tgts]  # all succeed before anything is written
+    if write:
+        for conv in results:
+            write_port(conv, out, force=force)
+    return results
+
+
+def plan_json(src: str, config: str | None = None) -> str:
+    source = resolve(src, config=config)
+    _, plan = analyse(source)
+    return json.dumps(plan.to_dict(), indent=2)
+
+
+__all__ = ["convert", "plan_json", "Converted", "cst"]

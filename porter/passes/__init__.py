@@ -1,0 +1,38 @@
+"""Phase 3 — the rewrite passes, in the one order they run."""
+
+from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv
+from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
+from porter.passes.causal_lm import CausalLmInterface, EngineImports, PruneUnreachable
+from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
+from porter.passes.hf_dataflow import DropDeadLocals, DropDropout, DropHfDataflow
+from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
+from porter.passes.signatures import StripHfParams
+from porter.passes.structure import FixCallArity, ThreadPositions, ThreadPrefix, UnwrapOutputs
+
+PASSES: list[type[Rule]] = [
+    DropHfImports,
+    StripDecorators,
+    ReplaceBaseClasses,
+    EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
+    EngineAttention,
+    StripHfParams,
+    DropHfDataflow,
+    DropDropout,
+    FlattenHeads,
+    FuseQkv,
+    FuseGateUp,
+    TpLinears,
+    VocabEmbedding,
+    EngineNorms,
+    EngineActivation,
+    UnwrapOutputs,
+    FixCallArity,
+    ThreadPositions,
+    ThreadPrefix,
+    CausalLmInterface,
+    DropDeadLocals,
+    PruneUnreachable,
+    EngineImports,
+]
+
+__all__ = ["PASSES", "REGISTRY", "Example", "RewriteContext", "Rule"]

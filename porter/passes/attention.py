@@ -1,0 +1,239 @@
+"""Rules that turn HF attention into the engine's: rotary, Attention op, flat heads, fused q/k/v."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import assigned_names, dotted, self_attr, self_call_attr
+from porter.passes.base import Example, Rule
+
+
+def _append_to_init(fn: cst.FunctionDef, stmts: list[cst.BaseStatement]) -> cst.FunctionDef:
+    return fn.with_changes(body=fn.body.with_changes(body=[*fn.body.body, *stmts]))
+
+
+def _is_assign_of(st: cst.CSTNode, attr: str) -> bool:
+    return m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
+        target=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))])]))
+
+
+class EngineRope(Rule):
+    code = "PT020"
+    name = "engine-rope"
+    why = (
+        "HF computes cos/sin once per model (a RotaryEmbedding module) and threads them to every "
+        "attention as `position_embeddings`. The engine's `get_rope` module lives in the attention "
+        "and rotates flat q/k in place from `positions`: `q, k = self.rotary_emb(positions, q, k)`. "
+        "The HF rotary module is removed; its layout (NeoX halves or GPT-J interleaved) is read from "
+        "the source's rotate helper; rope_theta, scaling and partial factor come from "
+        "`config.rope_parameters` at run time."
+    )
+    examples = []  # exercised by the whole-file golden tests (needs a full attention class)
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        attn = self.plan.attention(cls or "")
+        if not self.kept(cls) or len(self.scope) != 1:
+            return updated
+        if attn and attn.rope and updated.name.value == "__init__":
+            neox = "True" if attn.rope == "neox" else "False"
+            st = cst.parse_statement(
+                f"self.rotary_emb = {self.ctx.use('get_rope')}({attn.head_dim}, "
+                f"max_position=config.max_position_embeddings, "
+                f"rope_parameters=config.rope_parameters, is_neox_style={neox})\n"
+            )
+            self.mark(f"{cls}.__init__")
+            return _append_to_init(updated, [st])
+        if updated.name.value == "__init__":
+            # drop `self.rotary_emb = XRotaryEmbedding(...)` in other classes
+            info = self.ctx.idx.classes.get(cls or "")
+            body = []
+            for st in updated.body.body:
+                rotary_attr = None
+                if info:
+                    for attr, sub in info.submodules.items():
+                        if sub.ctor in self.plan.rotary_classes and _is_assign_of(st, attr):
+                            rotary_attr = attr
+                if rotary_attr:
+                    self.ctx.removed_attrs.add((cls, rotary_attr))
+                    self.mark(f"{cls}.__init__")
+                    continue
+                body.append(st)
+            return updated.with_changes(body=updated.body.with_changes(body=body))
+        return updated
+
+    def leave_Call(self, original, updated):
+        attn = self.plan.attention(self.current_class or "")
+        if attn and attn.rope_helper and m.matches(updated.func, m.Name(attn.rope_helper)):
+            q, k = updated.args[0].value, updated.args[1].value
+            self.ctx.needs_positions.add(attn.cls)
+            return cst.parse_expression("self.rotary_emb(positions, Q, K)").with_changes(
+                args=[cst.Arg(cst.Name("positions")), cst.Arg(q), cst.Arg(k)]
+            )
+        return updated
+
+
+class EngineAttention(Rule):
+    code = "PT021"
+    name = "engine-attention"
+    why = (
+        "The HF attention call (`attention_interface(self, q, k, v, mask, scaling=..., ...)` or the "
+        "eager function) becomes the engine's `Attention` op, `self.attn(q, k, v)`, which owns the "
+        "paged KV cache. Its scale and sliding window are taken from the keyword arguments of the "
+        "HF call; heads per rank come from the fused qkv projection (KV heads replicate when TP "
+        "exceeds them). The attention weights HF returns beside the output are dropped."
+    )
+    examples = []
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        attn = self.plan.attention(cls or "")
+        if not attn or len(self.scope) != 1 or updated.name.value != "__init__":
+            return updated
+        sw = f"per_layer_sliding_window={attn.sliding_window}, " if attn.sliding_window else ""
+        st = cst.parse_statement(
+            f"self.attn = {self.ctx.use('Attention')}(self.qkv_proj.num_heads, {attn.head_dim}, "
+            f"scale={attn.scale}, num_kv_heads=self.qkv_proj.num_kv_heads, cache_config=cache_config, "
+            f"quant_config=quant_config, {sw}prefix=f\"{{prefix}}.attn\")\n"
+        )
+        self.mark(f"{cls}.__init__")
+        return _append_to_init(updated, [st])
+
+    def leave_Assign(self, original, updated):
+        attn = self.plan.attention(self.current_class or "")
+        if not attn or not isinstance(updated.value, cst.Call):
+            return updated
+        call = updated.value
+        if dotted(call.func) not in self._attn_names():
+            return updated
+        pos = [a for a in call.args if a.keyword is None]
+        q, k, v = pos[1].value, pos[2].value, pos[3].value
+        new_call = cst.Call(func=cst.parse_expression("self.attn"), args=[cst.Arg(q), cst.Arg(k), cst.Arg(v)])
+        target = updated.targets[0].target
+        if isinstance(target, cst.Tuple):
+            names = [n for el in target.elements for n in assigned_names(el.value)]
+            self.ctx.extra_taint.setdefault(attn.cls, set()).update(names[1:])
+            target = cst.Name(names[0])
+        return updated.with_changes(targets=[cst.AssignTarget(target)], value=new_call)
+
+    def _attn_names(self) -> set[str]:
+        names = {"attention_interface"}
+        for fname, fn in self.ctx.idx.functions.items():
+            ps = [p.name.value for p in fn.params.params]
+            if len(ps) >= 4 and ps[1].startswith("query") and ps[2].startswith("key"):
+                names.add(fname)
+        return names
+
+
+class FlattenHeads(Rule):
+    code = "PT022"
+    name = "flatten-heads"
+    why = (
+        "The engine keeps q/k/v as `[num_tokens, heads * head_dim]` and its Attention op takes "
+        "them flat. HF's `.view(bsz, len, heads, dim).transpose(1, 2)` and the matching "
+        "`.reshape(...).contiguous()` on the output are removed inside attention forward."
+    )
+    examples = []
+
+    def leave_Call(self, original, updated):
+        if not self.plan.attention(self.current_class or "") or self.current_function != "forward":
+            return updated
+        if isinstance(updated.func, cst.Attribute) and updated.func.attr.value in (
+            "view", "reshape", "transpose", "contiguous"
+        ):
+            return updated.func.value
+        return updated
+
+
+class FuseQkv(Rule):
+    code = "PT023"
+    name = "fuse-qkv"
+    why = (
+        "vLLM shards attention by heads with one fused `QKVParallelLinear` (`qkv_proj`), so each "
+        "rank holds whole heads of q, k and v and loads the three checkpoint tensors as shards "
+        "'q', 'k', 'v'. The three projections are found by dataflow (what feeds the attention "
+        "call), not by name. In forward, one `qkv_proj` call and a split by per-rank sizes "
+        "replace the three calls."
+    )
+    examples = []
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        attn = self.plan.attention(cls or "")
+        if not attn or len(self.scope) != 1:
+            return updated
+        if updated.name.value == "__init__":
+            return self._init(attn, updated)
+        if updated.name.value == "forward":
+            return self._forward(attn, updated)
+        return updated
+
+    def _init(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
+        body, done = [], False
+        for st in fn.body.body:
+            if any(_is_assign_of(st, a) for a in (attn.q, attn.k, attn.v)):
+                if not done:
+                    body += [
+                        cst.parse_statement(
+                            f"self.qkv_proj = {self.ctx.use('QKVParallelLinear')}({attn.hidden_size}, "
+                            f"{attn.head_dim}, {attn.num_heads}, {attn.num_kv_heads}, bias={attn.bias}, "
+                            f"quant_config=quant_config, prefix=f\"{{prefix}}.qkv_proj\")\n"
+                        ),
+                        cst.parse_statement(f"self.q_size = self.qkv_proj.num_heads * {attn.head_dim}\n"),
+                        cst.parse_statement(f"self.kv_size = self.qkv_proj.num_kv_heads * {attn.head_dim}\n"),
+                    ]
+                    done = True
+                continue
+            body.append(st)
+        self.mark(f"{attn.cls}.__init__")
+        return fn.with_changes(body=fn.body.with_changes(body=body))
+
+    def _forward(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
+        names = {attn.q: "q", attn.k: "k", attn.v: "v"}
+        body = list(fn.body.body)
+        first = None
+        x_src = None
+        for i, st in enumerate(body):
+            calls = [c for c in m.findall(st, m.Call()) if self_call_attr(c) in names]
+            if calls and first is None:
+                first = i
+                x_src = calls[0].args[0].value  # type: ignore[attr-defined]
+        if first is None:
+            raise self.ctx.idx.error("cannot port attention: q/k/v calls not found in forward",
+                                     construct=f"{attn.cls}.forward", rule=self.name)
+        # `query_states = self.q_proj(x)` (after flatten-heads) binds the split target directly
+        targets = dict(names)
+        keep: list[tuple[int, cst.BaseStatement]] = []
+        for i, st in enumerate(body):
+            if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call())])):
+                call = st.body[0].value  # type: ignore[attr-defined]
+                attr = self_call_attr(call)
+                if attr in names and len(call.args) == 1:
+                    targets[attr] = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
+                    continue
+            keep.append((i, st))
+
+        class _Replace(cst.CSTTransformer):
+            def leave_Call(self, original, updated):
+                attr = self_call_attr(updated)
+                if attr in names:
+                    return cst.Name(targets[attr])
+                return updated
+
+        qkv_stmt = cst.SimpleStatementLine([cst.Assign(
+            targets=[cst.AssignTarget(cst.parse_expression("qkv, _"))],
+            value=cst.Call(func=cst.parse_expression("self.qkv_proj"), args=[cst.Arg(x_src)]),
+        )])
+        split = cst.parse_statement(
+            f"{targets[attn.q]}, {targets[attn.k]}, {targets[attn.v]} = "
+            "qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+        )
+        before = [st for i, st in keep if i < first]
+        after = [st.visit(_Replace()) for i, st in keep if i >= first]
+        out = before + [qkv_stmt, split] + after
+        self.mark(f"{attn.cls}.forward")
+        return fn.with_changes(body=fn.body.with_changes(body=out))

@@ -1,0 +1,115 @@
+"""Rewrite rules: one small libcst transformer per rule, each carrying its own examples.
+
+A rule is a `Rule` subclass with a stable `code`, a `name`, a `why` paragraph and `examples`
+(before/after pairs). Subclasses register themselves; `porter rules` and the example test read
+the registry, so a rule cannot exist without being listed and tested.
+
+Provenance: while a rule runs, every node it changes is recorded with the enclosing
+class/function, so `porter diff` labels hunks with the rules that made them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import libcst as cst
+
+from porter.analysis.index import ModelIndex
+from porter.plan import PortPlan
+from porter.rules_data import StripTable, Target
+
+REGISTRY: dict[str, type[Rule]] = {}
+
+
+@dataclass(frozen=True)
+class Example:
+    before: str
+    after: str
+
+
+@dataclass
+class RewriteContext:
+    idx: ModelIndex
+    plan: PortPlan
+    table: StripTable
+    target: Target
+    provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rule codes
+    engine_symbols: set[str] = field(default_factory=set)  # neutral names the port uses
+    single_return: set[str] = field(default_factory=set)  # classes whose forward now returns one value
+    needs_positions: set[str] = field(default_factory=set)  # classes whose forward reads positions
+    removed_attrs: set[tuple[str, str]] = field(default_factory=set)  # (class, attr) modules removed
+    removed_names: set[str] = field(default_factory=set)  # names bound by removed HF imports
+    extra_taint: dict[str, set[str]] = field(default_factory=dict)  # class -> locals dropped by a rule
+
+    def use(self, symbol: str) -> str:
+        """Record that the port uses an engine symbol; returns the name to write in code."""
+        self.engine_symbols.add(symbol)
+        return self.target.symbols[symbol].split(":")[1]
+
+
+class Rule(cst.CSTTransformer):
+    code: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    why: ClassVar[str] = ""
+    examples: ClassVar[list[Example]] = []
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if cls.code:
+            if cls.code in REGISTRY and REGISTRY[cls.code] is not cls:
+                raise ValueError(f"duplicate rule code {cls.code}")
+            REGISTRY[cls.code] = cls
+
+    def __init__(self, ctx: RewriteContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.plan = ctx.plan
+        self.scope: list[str] = []
+        self.changed = False
+
+    # -- scope tracking for provenance ---------------------------------------------------
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool | None:
+        self.scope.append(node.name.value)
+        return True
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        self.scope.pop()
+        return updated
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
+        self.scope.append(node.name.value)
+        return True
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        self.scope.pop()
+        return updated
+
+    @property
+    def current_class(self) -> str | None:
+        return self.scope[0] if self.scope else None
+
+    @property
+    def current_function(self) -> str | None:
+        return self.scope[-1] if len(self.scope) > 1 else None
+
+    def mark(self, scope: str | None = None) -> None:
+        key = scope or (".".join(self.scope) if self.scope else "<module>")
+        self.ctx.provenance.setdefault(key, set()).add(self.code)
+        self.changed = True
+
+    def on_leave(self, original_node, updated_node):
+        result = super().on_leave(original_node, updated_node)
+        if result is not updated_node and not isinstance(original_node, (cst.ClassDef, cst.FunctionDef)):
+            self.mark()
+        elif isinstance(original_node, (cst.ClassDef, cst.FunctionDef)) and result is not updated_node:
+            name = original_node.name.value
+            self.mark(".".join([*self.scope, name]) if self.scope else name)
+        return result
+
+    def kept(self, cls: str | None) -> bool:
+        return cls is not None and cls in self.plan.classes
+
+
+def run_rule(rule_cls: type[Rule], module: cst.Module, ctx: RewriteContext) -> cst.Module:
+    return module.visit(rule_cls(ctx))

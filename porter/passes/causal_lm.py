@@ -1,0 +1,204 @@
+"""The causal-LM class: engine constructor, lm_head, logits, load_weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, dotted, self_attr
+from porter.plan import linear_args
+from porter.passes.base import Rule
+
+TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), keep_trailing_newline=True,
+                          undefined=jinja2.StrictUndefined)
+
+
+def render(name: str, **kw) -> str:
+    return _ENV.get_template(name).render(**kw)
+
+
+def _indent(text: str) -> str:
+    return "".join(("    " + line) if line.strip() else line for line in text.splitlines(True))
+
+
+class CausalLmInterface(Rule):
+    code = "PT050"
+    name = "causal-lm-interface"
+    why = (
+        "The engine builds the causal LM as `cls(vllm_config=..., prefix=...)` (keyword-only, "
+        "its signature is inspected), calls `forward(input_ids, positions, intermediate_tensors, "
+        "inputs_embeds)` for hidden states, `compute_logits` through a `LogitsProcessor`, "
+        "`embed_input_ids`, and `load_weights` to fill parameters. lm_head becomes "
+        "`ParallelLMHead` (tied to the embedding when the config says so); `load_weights` is "
+        "rendered from templates/load_weights.py.j2 with the plan's stacked q/k/v and gate/up "
+        "mapping, so the fused layers and their loader always agree."
+    )
+    examples = []
+
+    def leave_ClassDef(self, original, updated):
+        super().leave_ClassDef(original, updated)
+        if self.scope or updated.name.value != self.plan.causal_lm:
+            return updated
+        ctx, plan = self.ctx, self.plan
+        t = ctx.target
+        info = ctx.idx.classes[plan.causal_lm]
+        base_call = self._base_call(info) or plan.base_attr
+        body: list[cst.BaseStatement] = []
+        if plan.stacked_params:
+            packed: dict[str, list[str]] = {}
+            for fused, orig, _ in plan.stacked_params:
+                packed.setdefault(fused, []).append(orig)
+            body.append(cst.parse_statement(f"packed_modules_mapping = {packed!r}\n"))
+        for st in updated.body.body:
+            if isinstance(st, cst.FunctionDef) and st.name.value == "__init__":
+                body.append(self._init(st))
+        methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
+                         lm_head=plan.lm_head or "lm_head")
+        ctx.use("IntermediateTensors")
+        stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
+        lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head")
+        ctx.use("default_weight_loader")
+        for fn in cst.parse_module(methods + "\n\n" + lw).body:
+            body.append(fn)
+        self.mark(plan.causal_lm)
+        del t
+        return updated.with_changes(body=updated.body.with_changes(body=body))
+
+    def _base_call(self, info) -> str | None:
+        fwd = info.method("forward")
+        for call in m.findall(fwd, m.Call(func=m.Attribute())) if fwd else []:
+            name = dotted(call.func)  # type: ignore[attr-defined]
+            if name and name.startswith(f"self.{self.plan.base_attr}") and any(
+                    a.keyword is not None and a.keyword.value == "input_ids" for a in call.args):  # type: ignore[attr-defined]
+                return name[len("self."):]
+        return None
+
+    def _init(self, fn: cst.FunctionDef) -> cst.FunctionDef:
+        ctx, plan, t = self.ctx, self.plan, self.ctx.target
+        cfg = t.config_kwarg
+        pre = [
+            "super().__init__()\n",
+            f"config = {cfg}.model_config.hf_config\n",
+            f"cache_config = {cfg}.cache_config\n",
+            f"quant_config = {cfg}.quant_config\n",
+            "self.config = config\n",
+        ]
+        body: list[cst.BaseStatement] = [cst.parse_statement(s) for s in pre]
+        for st in fn.body.body:
+            if m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.Call(func=m.Attribute(
+                    value=m.Call(func=m.Name("super")))))])):
+                continue
+            if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
+                    m.Attribute(value=m.Name("self"), attr=m.Name("config")))])])):
+                continue
+            attr = None
+            if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])):
+                attr = self_attr(st.body[0].targets[0].target)  # type: ignore[attr-defined]
+            if attr is not None and attr == plan.lm_head:
+                in_f, out_f, bias = linear_args(st.body[0].value)  # type: ignore[attr-defined]
+                bias_kw = "" if bias == "False" else f"bias={bias}, "
+                body.append(cst.parse_statement(
+                    f"self.{attr} = {ctx.use('ParallelLMHead')}({out_f}, {in_f}, {bias_kw}"
+                    f"quant_config=quant_config, prefix={ctx.use('maybe_prefix')}(prefix, \"{attr}\"))\n"))
+                body.append(cst.parse_statement(
+                    f"if {plan.tie_condition}:\n"
+                    f"    self.{attr} = self.{attr}.tie_weights(self.{plan.embed_path})\n"))
+                body.append(cst.parse_statement(
+                    f"self.logits_processor = {ctx.use('LogitsProcessor')}(config.vocab_size)\n"))
+                continue
+            body.append(st)
+        params = cst.parse_module(f"def f(self, *, {cfg}: {ctx.use('EngineConfig')}, prefix: str = ''): pass\n").body[0].params  # type: ignore[attr-defined]
+        return fn.with_changes(params=params, body=fn.body.with_changes(body=body), returns=None)
+
+
+class PruneUnreachable(Rule):
+    code = "PT060"
+    name = "prune-unreachable"
+    why = (
+        "The port keeps only what the causal LM needs: other heads (sequence classification, QA), "
+        "the PreTrainedModel base, replaced norm and rotary classes and helper functions no kept "
+        "code calls any more (rotate_half, repeat_kv, eager attention) are removed."
+    )
+    examples = []
+
+    def leave_Module(self, original, updated):
+        keep = set(self.plan.classes)
+        body = list(updated.body)
+        while True:
+            used: set[str] = set()
+            for st in body:
+                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
+                    continue
+                if isinstance(st, cst.ClassDef):
+                    parts = [st.body, *st.bases, *st.decorators]
+                elif isinstance(st, cst.FunctionDef):
+                    parts = [st.body, st.params, *st.decorators]
+                else:
+                    parts = [st]
+                for part in parts:
+                    used |= {n.value for n in m.findall(part, m.Name())}  # type: ignore[attr-defined]
+            new_body = []
+            for st in body:
+                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
+                    continue
+                if isinstance(st, cst.FunctionDef) and st.name.value not in used:
+                    continue
+                if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
+                    if st.body[0].targets[0].target.value not in used:  # type: ignore[attr-defined]
+                        continue
+                new_body.append(st)
+            if len(new_body) == len(body):
+                break
+            body = new_body
+        if len(body) != len(updated.body):
+            self.mark("<module>")
+        return updated.with_changes(body=body)
+
+
+class EngineImports(Rule):
+    code = "PT070"
+    name = "engine-imports"
+    why = (
+        "Imports are rebuilt from what the port uses: unused imports left from HF are removed and "
+        "each engine symbol is imported from the module the target's symbol map names "
+        "(rules/targets.yaml), so one plan yields a vLLM and an Aphrodite port."
+    )
+    examples = []
+
+    def leave_Module(self, original, updated):
+        used = {
+            n.value  # type: ignore[attr-defined]
+            for st in updated.body
+            if not m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()]))
+            for n in m.findall(st, m.Name())
+        }
+        header, rest = [], []
+        for st in updated.body:
+            if m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
+                imp = st.body[0]  # type: ignore[attr-defined]
+                names = [a for a in imp.names if (a.asname.name.value if a.asname else (dotted(a.name) or "").split(".")[0]) in used] \
+                    if not isinstance(imp.names, cst.ImportStar) else imp.names
+                if names:
+                    names = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in names]
+                    header.append(st.with_changes(body=[imp.with_changes(names=names)]))
+                continue
+            rest.append(st)
+        if "Iterable" in used and not any("Iterable" in code(h) for h in header):
+            header.insert(0, cst.parse_statement("from collections.abc import Iterable\n"))
+        by_module: dict[str, list[str]] = {}
+        for sym in sorted(self.ctx.engine_symbols):
+            mod, attr = self.ctx.target.symbols[sym].split(":")
+            if attr in used:
+                by_module.setdefault(mod, []).append(attr)
+        for mod in sorted(by_module):
+            header.append(cst.parse_statement(f"from {mod} import {', '.join(sorted(by_module[mod]))}\n"))
+        # keep a leading docstring first
+        doc = []
+        if rest and m.matches(rest[0], m.SimpleStatementLine(body=[m.Expr(m.SimpleString())])):
+            doc = [rest.pop(0)]
+        self.mark("<module>")
+        return updated.with_changes(body=[*doc, *header, *rest])

@@ -1,0 +1,258 @@
+"""Drop the HF-only dataflow inside forward(): masks, caches, flags, and what is computed from them."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import assigned_names, dotted, names_in, self_attr
+from porter.passes.base import Example, Rule
+
+_SHAPE_PURE = {"size", "shape", "dim", "view", "reshape", "transpose", "contiguous", "unsqueeze"}
+
+
+class DropHfDataflow(Rule):
+    code = "PT011"
+    name = "drop-hf-dataflow"
+    why = (
+        "Once mask/cache/flag parameters are gone, everything computed from them must go too: "
+        "statements that assign from a stripped name or an HF-only helper (create_causal_mask, "
+        "DynamicCache), `if` blocks that test one, the keyword arguments that pass one on, "
+        "`if positions is None` blocks (the engine always passes positions), input-validation "
+        "raises and `if self.training` blocks. Locals that nothing reads afterwards are removed. "
+        "Taint is followed through the statements in order, so the rule removes exactly the HF plumbing."
+    )
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def forward(self, x, positions):\n"
+            "        mask = create_causal_mask(x)\n        if positions is None:\n            positions = 0\n"
+            "        x = self.layer(x, attention_mask=mask)\n        return x, mask\n",
+            "class A(nn.Module):\n    def forward(self, x, positions):\n"
+            "        x = self.layer(x)\n        return x\n",
+        )
+    ]
+
+    def leave_FunctionDef(self, original, updated):
+        scope_cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        if not (self.kept(scope_cls) and len(self.scope) == 1 and updated.name.value == "forward"):
+            return updated
+        self._cls = scope_cls
+        self.tainted: set[str] = set(self.ctx.table.strip_params) | set(self.ctx.extra_taint.get(scope_cls, ()))
+        body = self._block(list(updated.body.body))
+        if not body:
+            body = [cst.SimpleStatementLine([cst.Pass()])]
+        new = updated.with_changes(body=updated.body.with_changes(body=body))
+        if new.deep_equals(updated):
+            return updated
+        self.mark(f"{scope_cls}.forward")
+        return new
+
+    # -- taint -----------------------------------------------------------------------------
+    def _is_tainted(self, node: cst.CSTNode) -> bool:
+        names = names_in(node)
+        if names & self.tainted or names & self.ctx.table.hf_only_callables:
+            return True
+        for call in m.findall(node, m.Call()):
+            name = dotted(call.func) or ""  # type: ignore[attr-defined]
+            if name.split(".")[0] in self.ctx.table.hf_only_callables:
+                return True
+        for attr in m.findall(node, m.Attribute(value=m.Name("self"))):
+            if (self._cls, self_attr(attr)) in self.ctx.removed_attrs:
+                return True
+        return False
+
+    def _always_given_none_test(self, test: cst.BaseExpression) -> bool:
+        given = set(self.ctx.table.rename_params.values())
+        return m.matches(test, m.Comparison(left=m.Name(), comparisons=[m.ComparisonTarget(m.Is(), m.Name("None"))])) and test.left.value in given  # type: ignore[attr-defined]
+
+    def _block(self, stmts: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        out: list[cst.BaseStatement] = []
+        for st in stmts:
+            new = self._statement(st)
+            if new is not None:
+                out.append(new)
+        return out
+
+    def _bound_names(self, node: cst.CSTNode) -> set[str]:
+        out: set[str] = set()
+        for a in m.findall(node, m.AssignTarget()):
+            out.update(assigned_names(a.target))  # type: ignore[attr-defined]
+        for w in m.findall(node, m.NamedExpr()):
+            out.update(assigned_names(w.target))  # type: ignore[attr-defined]
+        return out
+
+    def _statement(self, st: cst.BaseStatement) -> cst.BaseStatement | None:
+        if isinstance(st, cst.If):
+            if self._is_tainted(st.test) or self._always_given_none_test(st.test):
+                self.tainted.update(self._bound_names(st))  # what the HF-only branch binds is HF-only
+                return None
+            if m.matches(st.test, m.Attribute(value=m.Name("self"), attr=m.Name("training"))):
+                return None
+            if all(m.matches(s, m.SimpleStatementLine(body=[m.Raise()])) for s in st.body.body) and st.orelse is None:
+                return None
+            body = self._block(list(st.body.body))
+            if not body:
+                return None
+            return st.with_changes(body=st.body.with_changes(body=body))
+        if isinstance(st, (cst.For, cst.While, cst.With)):
+            body = self._block(list(st.body.body))
+            return st.with_changes(body=st.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
+        if isinstance(st, cst.SimpleStatementLine):
+            small_out = []
+            for small in st.body:
+                s = self._small(small)
+                if s is not None:
+                    small_out.append(s)
+            if not small_out:
+                return None
+            return st.with_changes(body=small_out)
+        return st
+
+    def _small(self, small: cst.BaseSmallStatement) -> cst.BaseSmallStatement | None:
+        if isinstance(small, (cst.Assign, cst.AnnAssign)):
+            value = small.value
+            targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) else [small.target]
+            if value is None:
+                return None
+            if self._is_tainted(self._strip_args(value)):
+                for t in targets:
+                    self.tainted.update(assigned_names(t))
+                return None
+            new_value = self._strip_args(value)
+            for t in targets:  # a re-bound name is clean again
+                self.tainted.difference_update(assigned_names(t))
+            if isinstance(small, cst.AnnAssign):
+                return cst.Assign(targets=[cst.AssignTarget(small.target)], value=new_value)
+            return small.with_changes(value=new_value)
+        if isinstance(small, cst.Return) and small.value is not None:
+            value = small.value
+            if isinstance(value, cst.Tuple):
+                kept = [e for e in value.elements if not self._is_tainted(e.value)]
+                if len(kept) == 1:
+                    self.ctx.single_return.add(self._cls)
+                    return small.with_changes(value=self._strip_args(kept[0].value))
+                return small.with_changes(value=self._strip_args(value.with_changes(elements=kept)))
+            return small.with_changes(value=self._strip_args(value))
+        if isinstance(small, cst.Expr):
+            if self._is_tainted(small.value):
+                return None
+            return small.with_changes(value=self._strip_args(small.value))
+        return small
+
+    def _strip_args(self, node: cst.BaseExpression) -> cst.BaseExpression:
+        rule = self
+
+        class _Args(cst.CSTTransformer):
+            def leave_Call(self, original, updated):
+                args = [a for a in updated.args if not (a.star == "**" or rule._is_tainted(a.value))]
+                if len(args) == len(updated.args):
+                    return updated
+                if args:
+                    args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+                return updated.with_changes(args=args)
+
+        return node.visit(_Args())
+
+
+class DropDropout(Rule):
+    code = "PT012"
+    name = "drop-dropout"
+    why = (
+        "Inference never applies dropout: `nn.functional.dropout(x, p=..., training=self.training)` "
+        "and calls of an `nn.Dropout` sub-module are replaced by their input."
+    )
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def forward(self, x):\n"
+            "        x = nn.functional.dropout(x, p=self.p, training=self.training)\n        return x\n",
+            "class A(nn.Module):\n    def forward(self, x):\n        x = x\n        return x\n",
+        )
+    ]
+
+    def leave_Call(self, original, updated):
+        if not self.kept(self.current_class):
+            return updated
+        name = dotted(updated.func) or ""
+        is_dropout = name.endswith("functional.dropout") or name == "F.dropout"
+        attr = self_attr(updated.func)
+        if attr is not None:
+            info = self.ctx.idx.classes.get(self.current_class or "")
+            sub = info.submodules.get(attr) if info else None
+            is_dropout = is_dropout or (sub is not None and sub.ctor == "torch.nn.Dropout")
+        if is_dropout and updated.args:
+            return updated.args[0].value
+        return updated
+
+    def leave_Assign(self, original, updated):
+        # `x = x` left by dropout removal
+        if len(updated.targets) == 1 and m.matches(updated.value, m.Name()) and m.matches(
+                updated.targets[0].target, m.Name()) and updated.value.value == updated.targets[0].target.value:  # type: ignore[attr-defined]
+            return cst.RemoveFromParent()
+        return updated
+
+
+class DropDeadLocals(Rule):
+    code = "PT061"
+    name = "drop-dead-locals"
+    why = (
+        "After the HF plumbing and the head reshapes are gone, some locals are computed and never "
+        "read (`input_shape`, `hidden_shape`, `bsz, tgt_len, _ = x.size()`), or are assigned to "
+        "themselves. Side-effect-free assignments nobody reads are removed, so the port passes "
+        "`ruff check` and reads like hand-written code."
+    )
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def forward(self, x):\n        shape = x.shape[:-1]\n"
+            "        x = x\n        return self.f(x)\n",
+            "class A(nn.Module):\n    def forward(self, x):\n        return self.f(x)\n",
+        )
+    ]
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        if not self.kept(cls) or len(self.scope) != 1:
+            return updated
+        body = self._dead_locals(list(updated.body.body))
+        if len(body) == len(updated.body.body):
+            return updated
+        self.mark(f"{cls}.{updated.name.value}")
+        return updated.with_changes(body=updated.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
+
+    def _dead_locals(self, body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        changed = True
+        while changed:
+            changed = False
+            reads: dict[str, int] = {}
+            for st in body:
+                for n in m.findall(st, m.Name()):
+                    reads[n.value] = reads.get(n.value, 0) + 1  # type: ignore[attr-defined]
+            new_body = []
+            for st in body:
+                if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])):
+                    assign = st.body[0]  # type: ignore[attr-defined]
+                    names = [n for t in assign.targets for n in assigned_names(t.target) if n != "_"]
+                    value_reads = {n.value for n in m.findall(assign.value, m.Name())}  # type: ignore[attr-defined]
+                    own = sum(1 for t in assign.targets for _ in m.findall(t.target, m.Name()))
+                    if m.matches(assign, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Name())) and \
+                            assign.targets[0].target.value == assign.value.value:
+                        changed = True
+                        continue
+                    if names and all(reads.get(n, 0) <= (1 if n not in value_reads else 2) for n in names) \
+                            and own == len(names) and self._pure(assign.value):
+                        changed = True
+                        continue
+                new_body.append(st)
+            body = new_body
+        return body
+
+    def _pure(self, value: cst.BaseExpression) -> bool:
+        for call in m.findall(value, m.Call()):
+            func = call.func  # type: ignore[attr-defined]
+            if isinstance(func, cst.Attribute) and func.attr.value in _SHAPE_PURE:
+                continue
+            return False
+        return True
+
+

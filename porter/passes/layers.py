@@ -1,0 +1,183 @@
+"""Rules that swap torch layers for the engine's tensor-parallel ones."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, dotted, self_attr, self_call_attr
+from porter.plan import linear_args
+from porter.passes.base import Example, Rule
+
+LINEAR_CLASS = {"column": "ColumnParallelLinear", "row": "RowParallelLinear", "replicated": "ReplicatedLinear"}
+
+
+def _assign_attr(st: cst.CSTNode) -> str | None:
+    if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
+            target=m.Attribute(value=m.Name("self"), attr=m.Name()))])])):
+        return st.body[0].targets[0].target.attr.value  # type: ignore[attr-defined]
+    return None
+
+
+class FuseGateUp(Rule):
+    code = "PT024"
+    name = "fuse-gate-up"
+    why = (
+        "A gated MLP `down(act(gate(x)) * up(x))` becomes one `MergedColumnParallelLinear` "
+        "(`gate_up_proj`, checkpoint shards 0 and 1) and the engine's fused act-and-mul kernel: "
+        "`down(act_and_mul(gate_up(x)))`. Found by the expression's shape (an activation of one "
+        "column projection times another of the same input), not by names."
+    )
+    examples = []
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        gu = self.plan.gate_up(cls or "")
+        if not gu or len(self.scope) != 1 or updated.name.value != "__init__":
+            return updated
+        info = self.ctx.idx.classes[gu.cls]
+        in_f, out_f, bias = linear_args(info.submodules[gu.gate].call)
+        body = []
+        for st in updated.body.body:
+            attr = _assign_attr(st)
+            if attr == gu.gate:
+                body.append(cst.parse_statement(
+                    f"self.gate_up_proj = {self.ctx.use('MergedColumnParallelLinear')}({in_f}, [{out_f}] * 2, "
+                    f"bias={bias}, quant_config=quant_config, prefix=f\"{{prefix}}.gate_up_proj\")\n"))
+                continue
+            if attr == gu.up:
+                continue
+            if attr == gu.act:
+                value = st.body[0].value  # type: ignore[attr-defined]
+                if m.matches(value, m.Subscript(value=m.Name("ACT2FN"))):
+                    key = code(value.slice[0].slice.value)
+                    body.append(cst.parse_statement(
+                        f"self.{gu.act} = {self.ctx.use('get_act_and_mul_fn')}({key})\n"))
+                    continue
+                raise self.ctx.idx.error("gated MLP activation is not ACT2FN[...]",
+                                         construct=f"{gu.cls}.__init__", rule=self.name)
+            body.append(st)
+        self.mark(f"{cls}.__init__")
+        return updated.with_changes(body=updated.body.with_changes(body=body))
+
+    def leave_BinaryOperation(self, original, updated):
+        gu = self.plan.gate_up(self.current_class or "")
+        if not gu or self.current_function != "forward" or not isinstance(updated.operator, cst.Multiply):
+            return updated
+        for act_side, up_side in ((updated.left, updated.right), (updated.right, updated.left)):
+            if (self_call_attr(act_side) == gu.act and self_call_attr(up_side) == gu.up
+                    and self_call_attr(act_side.args[0].value) == gu.gate):  # type: ignore[attr-defined]
+                x = up_side.args[0].value  # type: ignore[attr-defined]
+                inner = cst.Subscript(
+                    value=cst.Call(func=cst.parse_expression("self.gate_up_proj"), args=[cst.Arg(x)]),
+                    slice=[cst.SubscriptElement(cst.Index(cst.Integer("0")))],
+                )
+                return cst.Call(func=cst.parse_expression(f"self.{gu.act}"), args=[cst.Arg(inner)])
+        return updated
+
+
+class TpLinears(Rule):
+    code = "PT025"
+    name = "tp-linears"
+    why = (
+        "Each remaining `nn.Linear` gets the engine's parallel layer by its role in the dataflow: "
+        "a projection whose output feeds another projection is column-parallel, the one reading "
+        "it is row-parallel (all-reduce after), a stand-alone one is replicated. Engine linears "
+        "return `(output, bias)`: call sites unpack `y, _ = self.proj(x)` or take `[0]`."
+    )
+    examples = []
+
+    def _role(self, attr: str | None) -> str | None:
+        if attr is None:
+            return None
+        return self.plan.linear_role(self.current_class or "", attr)
+
+    def leave_Assign(self, original, updated):
+        if not self.kept(self.current_class):
+            return updated
+        fn = self.current_function
+        attr = self_attr(updated.targets[0].target) if len(updated.targets) == 1 else None
+        role = self._role(attr)
+        if fn == "__init__" and role in LINEAR_CLASS and isinstance(updated.value, cst.Call):
+            in_f, out_f, bias = linear_args(updated.value)
+            new = cst.parse_expression(
+                f"{self.ctx.use(LINEAR_CLASS[role])}({in_f}, {out_f}, bias={bias}, "
+                f"quant_config=quant_config, prefix=f\"{{prefix}}.{attr}\")")
+            return updated.with_changes(value=new)
+        if fn != "__init__" and isinstance(original.value, cst.Call) and m.matches(
+                updated.targets[0].target, m.Name()) and self._role(self_call_attr(original.value)) in LINEAR_CLASS:
+            # y = self.proj(x)  ->  y, _ = self.proj(x)
+            value = updated.value.value if isinstance(updated.value, cst.Subscript) else updated.value
+            target = cst.Tuple([cst.Element(updated.targets[0].target), cst.Element(cst.Name("_"))],
+                               lpar=[], rpar=[])
+            return updated.with_changes(targets=[cst.AssignTarget(target)], value=value)
+        return updated
+
+    def leave_Call(self, original, updated):
+        if self.current_function in (None, "__init__") or not self.kept(self.current_class):
+            return updated
+        if self._role(self_call_attr(updated)) in LINEAR_CLASS:
+            return cst.Subscript(value=updated, slice=[cst.SubscriptElement(cst.Index(cst.Integer("0")))])
+        return updated
+
+
+class VocabEmbedding(Rule):
+    code = "PT026"
+    name = "vocab-embedding"
+    why = (
+        "The token embedding (`nn.Embedding(config.vocab_size, ...)`) becomes "
+        "`VocabParallelEmbedding`: the vocabulary is padded and split across ranks. Other "
+        "embeddings (learned positions) stay replicated. `padding_idx` is a training detail."
+    )
+    examples = []
+
+    def leave_Assign(self, original, updated):
+        if self.current_function != "__init__" or len(updated.targets) != 1:
+            return updated
+        attr = self_attr(updated.targets[0].target)
+        if f"{self.current_class}.{attr}" not in self.plan.vocab_embeddings:
+            return updated
+        args = [a for a in updated.value.args if a.keyword is None][:2]  # type: ignore[attr-defined]
+        new = cst.parse_expression(
+            f"{self.ctx.use('VocabParallelEmbedding')}({code(args[0].value)}, {code(args[1].value)}, "
+            f"quant_config=quant_config, prefix=f\"{{prefix}}.{attr}\")")
+        return updated.with_changes(value=new)
+
+
+class EngineNorms(Rule):
+    code = "PT027"
+    name = "engine-norms"
+    why = (
+        "RMSNorm classes (recognised by their forward: `x * rsqrt(mean(x^2) + eps)`, and `(1 + w)` "
+        "for the zero-centred kind) and `nn.LayerNorm` become the engine's `RMSNorm` / "
+        "`GemmaRMSNorm` / `LayerNorm`, which have the same parameters and fused kernels."
+    )
+    examples = []
+
+    def leave_Call(self, original, updated):
+        if not self.kept(self.current_class) or self.current_function != "__init__":
+            return updated
+        name = dotted(updated.func) or ""
+        if name in self.plan.norms:
+            return updated.with_changes(func=cst.Name(self.ctx.use(self.plan.norms[name])))
+        if self.ctx.idx.qualify(name) == "torch.nn.LayerNorm":
+            return updated.with_changes(func=cst.Name(self.ctx.use("LayerNorm")))
+        return updated
+
+
+class EngineActivation(Rule):
+    code = "PT028"
+    name = "engine-activation"
+    why = "`ACT2FN[name]` is transformers' table; the engine's `get_act_fn(name)` gives its own kernels."
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def __init__(self, config):\n        self.act = ACT2FN[config.act]\n",
+            "class A(nn.Module):\n    def __init__(self, config):\n        self.act = get_act_fn(config.act)\n",
+        )
+    ]
+
+    def leave_Subscript(self, original, updated):
+        if self.kept(self.current_class) and m.matches(updated.value, m.Name("ACT2FN")):
+            return cst.Call(func=cst.Name(self.ctx.use("get_act_fn")), args=[cst.Arg(updated.slice[0].slice.value)])
+        return updated

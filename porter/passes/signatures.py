@@ -1,0 +1,61 @@
+"""Rules on forward() signatures: strip HF-only parameters, rename to the engine's names."""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.passes.base import Example, Rule
+
+
+class StripHfParams(Rule):
+    code = "PT010"
+    name = "strip-hf-params"
+    why = (
+        "The engine calls forward on flattened tokens with `positions`; it never passes an "
+        "attention mask, a cache, output flags or labels (the Attention layer finds its KV cache "
+        "and batch metadata in the forward context). Those parameters, `**kwargs`, and HF return "
+        "annotations go; `position_ids` becomes `positions`. Both lists are data "
+        "(rules/hf_strip.yaml: strip_params, rename_params)."
+    )
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def forward(self, x, attention_mask=None, position_ids=None, **kwargs) -> Out:\n"
+            "        return self.f(x, position_ids)\n",
+            "class A(nn.Module):\n    def forward(self, x, positions=None):\n"
+            "        return self.f(x, positions)\n",
+        )
+    ]
+
+    def _in_forward(self) -> bool:
+        return self.kept(self.current_class) and "forward" in self.scope[1:]
+
+    def leave_FunctionDef(self, original, updated):
+        super().leave_FunctionDef(original, updated)
+        if not (self.kept(self.current_class) and len(self.scope) == 1 and updated.name.value == "forward"):
+            return updated
+        t = self.ctx.table
+        params = []
+        for p in updated.params.params:
+            name = p.name.value
+            if name in t.strip_params:
+                continue
+            if name in t.rename_params:
+                p = p.with_changes(name=cst.Name(t.rename_params[name]))
+            params.append(p)
+        if params:
+            params[-1] = params[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        new_params = updated.params.with_changes(
+            params=params, star_kwarg=None, star_arg=cst.MaybeSentinel.DEFAULT,
+            kwonly_params=[p for p in updated.params.kwonly_params if p.name.value not in t.strip_params],
+        )
+        return updated.with_changes(params=new_params, returns=None)
+
+    def leave_Name(self, original, updated):
+        if self._in_forward() and updated.value in self.ctx.table.rename_params:
+            return updated.with_changes(value=self.ctx.table.rename_params[updated.value])
+        return updated
+
+    def leave_Arg(self, original, updated):
+        if self._in_forward() and updated.keyword is not None and updated.keyword.value in self.ctx.table.rename_params:
+            return updated.with_changes(keyword=cst.Name(self.ctx.table.rename_params[updated.keyword.value]))
+        return updated

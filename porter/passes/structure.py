@@ -1,0 +1,218 @@
+"""Rules on the model's structure: outputs, positions threading, constructor plumbing, the causal LM."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import assigned_names, dotted, param_names, self_attr
+from porter.passes.base import Example, Rule
+
+
+class UnwrapOutputs(Rule):
+    code = "PT030"
+    name = "unwrap-outputs"
+    why = (
+        "HF modules return output dataclasses (`BaseModelOutputWithPast(last_hidden_state=h, ...)`); "
+        "engine modules return the hidden-states tensor itself. `return X(last_hidden_state=h, ...)` "
+        "becomes `return h`, and `out.last_hidden_state` becomes `out`."
+    )
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def forward(self, x):\n        out = self.m(x)\n"
+            "        return Out(last_hidden_state=out.last_hidden_state, past_key_values=None)\n",
+            "class A(nn.Module):\n    def forward(self, x):\n        out = self.m(x)\n        return out\n",
+        )
+    ]
+
+    def leave_Return(self, original, updated):
+        if not self.kept(self.current_class) or not isinstance(updated.value, cst.Call):
+            return updated
+        field = self.ctx.table.output_field
+        for arg in updated.value.args:
+            if arg.keyword is not None and arg.keyword.value == field:
+                return updated.with_changes(value=arg.value)
+        return updated
+
+    def leave_Attribute(self, original, updated):
+        if self.kept(self.current_class) and updated.attr.value == self.ctx.table.output_field:
+            return updated.value
+        return updated
+
+
+class ThreadPositions(Rule):
+    code = "PT031"
+    name = "thread-positions"
+    why = (
+        "The engine's rotary embedding needs `positions` where attention runs, and HF passed "
+        "cos/sin instead. Every module on the path from the base model down to a module that "
+        "reads `positions` gets a `positions` parameter and passes it on (`positions=positions`), "
+        "found by following sub-module calls (including `for layer in self.layers`)."
+    )
+    examples = []
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self._needs = self._closure()
+
+    def _callee_classes(self, cls: str) -> dict[str, str]:
+        info = self.ctx.idx.classes.get(cls)
+        return {a: s.ctor for a, s in info.submodules.items()} if info else {}
+
+    def _closure(self) -> set[str]:
+        needs = set(self.ctx.needs_positions)
+        changed = True
+        while changed:
+            changed = False
+            for cls in self.plan.classes:
+                if cls in needs:
+                    continue
+                if any(c in needs for c in self._callee_classes(cls).values()):
+                    needs.add(cls)
+                    changed = True
+        return needs
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        if cls not in self._needs or len(self.scope) != 1 or updated.name.value != "forward":
+            return updated
+        if "positions" in param_names(updated):
+            return updated
+        params = list(updated.params.params)
+        params.insert(1, cst.Param(cst.Name("positions"), annotation=cst.Annotation(cst.parse_expression("torch.Tensor"))))
+        params = [p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in params]
+        self.mark(f"{cls}.forward")
+        return updated.with_changes(params=updated.params.with_changes(params=params))
+
+    def visit_For(self, node: cst.For) -> None:
+        it = node.iter.value if isinstance(node.iter, cst.Subscript) else node.iter
+        attr = self_attr(it)
+        if attr and isinstance(node.target, cst.Name):
+            self._loop_vars = getattr(self, "_loop_vars", {})
+            self._loop_vars[node.target.value] = attr
+
+    def leave_Call(self, original, updated):
+        cls = self.current_class
+        if cls not in self._needs or self.current_function != "forward":
+            return updated
+        callees = self._callee_classes(cls)
+        attr = self_attr(updated.func)
+        if attr is None and isinstance(updated.func, cst.Name):
+            attr = getattr(self, "_loop_vars", {}).get(updated.func.value)
+        if attr is None or callees.get(attr) not in self._needs:
+            return updated
+        if any(a.keyword is not None and a.keyword.value == "positions" for a in updated.args):
+            return updated
+        args = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in updated.args]
+        args.append(cst.Arg(cst.Name("positions"), keyword=cst.Name("positions"),
+                            equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))))
+        return updated.with_changes(args=args)
+
+
+class FixCallArity(Rule):
+    code = "PT032"
+    name = "fix-call-arity"
+    why = (
+        "A sub-module whose forward returned `(output, attn_weights)` now returns the output "
+        "alone (weights were HF-only), so callers that unpacked `h, _ = self.self_attn(...)` "
+        "bind `h = self.self_attn(...)`."
+    )
+    examples = []
+
+    def leave_Assign(self, original, updated):
+        cls = self.current_class
+        info = self.ctx.idx.classes.get(cls or "")
+        if not info or not isinstance(updated.value, cst.Call) or len(updated.targets) != 1:
+            return updated
+        attr = self_attr(updated.value.func)
+        sub = info.submodules.get(attr or "")
+        target = updated.targets[0].target
+        if sub and sub.ctor in self.ctx.single_return and isinstance(target, cst.Tuple):
+            names = [n for el in target.elements for n in assigned_names(el.value)]
+            return updated.with_changes(targets=[cst.AssignTarget(cst.Name(names[0]))])
+        return updated
+
+
+class ThreadPrefix(Rule):
+    code = "PT040"
+    name = "thread-prefix"
+    why = (
+        "Engine layers are named by a `prefix` (`model.layers.3.self_attn.attn` must be unique per "
+        "Attention; quantization looks layers up by it) and take the cache and quantization "
+        "configs. Every module class that builds engine layers gains `cache_config`, "
+        "`quant_config` and `prefix` parameters, and passes `prefix=f\"{prefix}.<attr>\"` (with the "
+        "layer index inside `nn.ModuleList([...])`) to the modules it builds."
+    )
+    examples = []
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self._needs = self._closure()
+
+    def _closure(self) -> set[str]:
+        idx = self.ctx.idx
+        needs: set[str] = {a.cls for a in self.plan.attentions}
+        needs |= {lp.cls for lp in self.plan.linears}
+        needs |= {v.split(".")[0] for v in self.plan.vocab_embeddings}
+        changed = True
+        while changed:
+            changed = False
+            for cls in self.plan.classes:
+                info = idx.classes[cls]
+                if cls not in needs and any(s.ctor in needs for s in info.submodules.values()):
+                    needs.add(cls)
+                    changed = True
+        needs.discard(self.plan.causal_lm)
+        return needs
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        if cls not in self._needs or len(self.scope) != 1 or updated.name.value != "__init__":
+            return updated
+        extra = [
+            cst.Param(cst.Name("cache_config"), annotation=cst.Annotation(cst.parse_expression(
+                f"{self.ctx.use('CacheConfig')} | None")), default=cst.Name("None")),
+            cst.Param(cst.Name("quant_config"), annotation=cst.Annotation(cst.parse_expression(
+                f"{self.ctx.use('QuantizationConfig')} | None")), default=cst.Name("None")),
+            cst.Param(cst.Name("prefix"), annotation=cst.Annotation(cst.Name("str")), default=cst.SimpleString('""')),
+        ]
+        have = set(param_names(updated))
+        params = list(updated.params.params) + [p for p in extra if p.name.value not in have]
+        params = [p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in params]
+        self.mark(f"{cls}.__init__")
+        return updated.with_changes(params=updated.params.with_changes(params=params))
+
+    def leave_Assign(self, original, updated):
+        cls = self.current_class
+        if cls is None or self.current_function != "__init__" or len(updated.targets) != 1:
+            return updated
+        if cls not in self._needs and cls != self.plan.causal_lm:
+            return updated
+        attr = self_attr(updated.targets[0].target)
+        if attr is None:
+            return updated
+        value = updated.value
+        top = cls == self.plan.causal_lm
+        if isinstance(value, cst.Call) and dotted(value.func) in self._needs:
+            pfx = f'maybe_prefix(prefix, "{attr}")' if top else f'f"{{prefix}}.{attr}"'
+            if top:
+                self.ctx.use("maybe_prefix")
+            return updated.with_changes(value=self._with_kwargs(value, pfx))
+        if isinstance(value, cst.Call) and m.matches(value, m.Call(args=[m.Arg(m.ListComp(elt=m.Call()))])):
+            comp = value.args[0].value
+            if dotted(comp.elt.func) in self._needs and isinstance(comp.for_in.target, cst.Name):  # type: ignore[attr-defined]
+                loop = comp.for_in.target.value  # type: ignore[attr-defined]
+                pfx = f'f"{{prefix}}.{attr}.{{{loop}}}"'
+                new_comp = comp.with_changes(elt=self._with_kwargs(comp.elt, pfx))  # type: ignore[attr-defined]
+                return updated.with_changes(value=value.with_changes(
+                    args=[value.args[0].with_changes(value=new_comp)]))
+        return updated
+
+    def _with_kwargs(self, call: cst.Call, prefix_expr: str) -> cst.Call:
+        args = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in call.args]
+        eq = cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))
+        for kw, val in (("cache_config", "cache_config"), ("quant_config", "quant_config"), ("prefix", prefix_expr)):
+            args.append(cst.Arg(cst.parse_expression(val), keyword=cst.Name(kw), equal=eq))
+        return call.with_changes(args=args)
