@@ -351,14 +351,8 @@ def compare_structure(
     )
     if target == "aphrodite":
         report.notes.append(APHRODITE_NO_FORWARD)
-    try:
-        port, port_config = _build(target, checkpoint_dir, port_cls)
-    except Exception as e:  # noqa: BLE001 (a port that does not build is a finding)
-        report.errors.append(f"building the port failed: {type(e).__name__}: {e}")
-        report.seconds = round(time.time() - t0, 3)
-        return report
-    port_shapes = _shapes(port)
-    report.port_params = len(port_shapes)
+    # A config.json naming the port's own architecture must resolve before any ModelConfig.
+    _register_unknown(engine_api(target), checkpoint_dir, port_cls)
 
     native = None
     try:
@@ -371,6 +365,15 @@ def compare_structure(
             native, native_config = _build(target, checkpoint_dir, native_cls)
     except Exception as e:  # noqa: BLE001 (reported; the port's own checks still run)
         report.errors.append(f"building the native class failed: {type(e).__name__}: {e}")
+
+    try:
+        port, port_config = _build(target, checkpoint_dir, port_cls)
+    except Exception as e:  # noqa: BLE001 (a port that does not build is a finding)
+        report.errors.append(f"building the port failed: {type(e).__name__}: {e}")
+        report.seconds = round(time.time() - t0, 3)
+        return report
+    port_shapes = _shapes(port)
+    report.port_params = len(port_shapes)
 
     if native is not None:
         native_shapes = _shapes(native)
