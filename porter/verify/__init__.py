@@ -1,8 +1,8 @@
 """`porter verify`: run a port in the real engine and compare it with the HF model it came from.
 
-    report = run_verify(Path("generated/vllm/opt"), tps=[1, 2])
-    print(render_report(report, json=False))
-    sys.exit(report.exit_code)   # 0 pass, 1 numerical failure, 2 bad input / port cannot load
+Usage: ``report = run_verify(Path("generated/vllm/opt"), tps=[1, 2])``, then
+``print(render_report(report, json=False))`` and ``sys.exit(report.exit_code)``
+(0 pass, 1 numerical failure, 2 bad input or a port that cannot load; ``report.reason`` says why).
 """
 
 from __future__ import annotations
@@ -69,8 +69,14 @@ def _progress_sink(progress: Progress | None):
 
 
 def _side(run: EngineRun) -> EngineSide:
-    side = EngineSide(tp=run.tp, started=run.ok, error=run.error, wall_s=run.wall_s,
-                      engine_start_s=run.engine_start_s, log_tail=run.log_tail)
+    side = EngineSide(
+        tp=run.tp,
+        started=run.ok,
+        error=run.error,
+        wall_s=run.wall_s,
+        engine_start_s=run.engine_start_s,
+        log_tail=run.log_tail,
+    )
     classes = []
     for w in run.workers:
         if w.get("module"):
@@ -80,7 +86,9 @@ def _side(run: EngineRun) -> EngineSide:
             side.unwritten[name] = max(frac, side.unwritten.get(name, 0.0))
     side.built_classes = classes
     if classes:
-        side.built_class = classes[0] if len(set(classes)) == 1 else " | ".join(sorted(set(classes)))
+        side.built_class = (
+            classes[0] if len(set(classes)) == 1 else " | ".join(sorted(set(classes)))
+        )
     return side
 
 
@@ -102,8 +110,9 @@ def run_verify(
     return report
 
 
-def _run(report: VerifyReport, port_dir: Path, tps: list[int], against_native: bool,
-         say: Progress) -> None:
+def _run(
+    report: VerifyReport, port_dir: Path, tps: list[int], against_native: bool, say: Progress
+) -> None:
     if not tps or any(t < 1 for t in tps):
         raise VerifyInputError(f"bad TP list {tps}")
     if not (port_dir / PORT_JSON).exists():
@@ -153,23 +162,34 @@ def _run(report: VerifyReport, port_dir: Path, tps: list[int], against_native: b
             say(f"{info.model_type} TP={tp} {label}: {text} ({time.time() - t_start:.0f}s)")
 
         t_start = time.time()
-        run = run_engine(ckpt, tp, prompts, port=port, max_tokens=spec.max_new_tokens,
-                         top_logprobs=spec.top_logprobs, max_model_len=max_model_len,
-                         progress=relay)
+        run = run_engine(
+            ckpt,
+            tp,
+            prompts,
+            port=port,
+            max_tokens=spec.max_new_tokens,
+            top_logprobs=spec.top_logprobs,
+            max_model_len=max_model_len,
+            progress=relay,
+        )
         side = _side(run)
         if run.ok:
             if [r["prompt"] for r in run.results] != prompts:
                 side.started, side.error = False, "engine returned results for other prompts"
             else:
-                side.comparison = compare(rows_for(run.results), hf_tokens, run.results,
-                                          spec.top_logprobs, THRESHOLD)
+                side.comparison = compare(
+                    rows_for(run.results), hf_tokens, run.results, spec.top_logprobs, THRESHOLD
+                )
         report.timings[f"{label}_tp{tp}"] = round(run.wall_s, 2)
         return side
 
     with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
         ckpt = save_checkpoint(model, Path(tmp) / "port-ckpt", info.architecture)
-        native_ckpt = (with_architecture(ckpt, Path(tmp) / "native-ckpt", info.hf_architecture)
-                       if against_native else None)
+        native_ckpt = (
+            with_architecture(ckpt, Path(tmp) / "native-ckpt", info.hf_architecture)
+            if against_native
+            else None
+        )
         for tp in tps:
             result = TPResult(tp=tp, port=engine(ckpt, tp, info, "port"))
             mods = {c.split(":", 1)[0] for c in result.port.built_classes}
@@ -187,24 +207,32 @@ def _verdict(report: VerifyReport, info: PortInfo) -> None:
     for r in report.results:
         p = r.port
         if not p.started:
-            load_problems.append(f"TP={r.tp}: the port did not run: {p.error}"
-                                 + (f" (unfilled: {', '.join(p.unfilled)})" if p.unfilled else ""))
+            load_problems.append(
+                f"TP={r.tp}: the port did not run: {p.error}"
+                + (f" (unfilled: {', '.join(p.unfilled)})" if p.unfilled else "")
+            )
             continue
         if not r.class_ok:
             load_problems.append(
                 f"TP={r.tp}: the engine built {p.built_class or 'an unknown class'}, "
-                f"not the port's class from {info.module}: the port did not run")
+                f"not the port's class from {info.module}: the port did not run"
+            )
         if p.unfilled:
-            load_problems.append(f"TP={r.tp}: parameters left unfilled by load_weights: "
-                                 + ", ".join(p.unfilled))
+            load_problems.append(
+                f"TP={r.tp}: parameters left unfilled by load_weights: " + ", ".join(p.unfilled)
+            )
         c = p.comparison
         if c.max_delta > report.threshold:
-            numeric.append(f"TP={r.tp}: max |Δ| {c.max_delta:.2e} > {report.threshold:g}; "
-                           f"first at {c.first_over}")
+            numeric.append(
+                f"TP={r.tp}: max |Δ| {c.max_delta:.2e} > {report.threshold:g}; "
+                f"first at {c.first_over}"
+            )
         if not c.tokens_equal:
             d = c.first_token_diff
-            numeric.append(f"TP={r.tp}: greedy tokens differ first at prompt {d['prompt']} "
-                           f"step {d['step']} (hf {d['hf']}, engine {d['engine']})")
+            numeric.append(
+                f"TP={r.tp}: greedy tokens differ first at prompt {d['prompt']} "
+                f"step {d['step']} (hf {d['hf']}, engine {d['engine']})"
+            )
     if load_problems:
         report.exit_code, report.reason = EXIT_INPUT, "; ".join(load_problems + numeric)
     elif numeric:
@@ -212,5 +240,7 @@ def _verdict(report: VerifyReport, info: PortInfo) -> None:
     else:
         worst = max(r.port.comparison.max_delta for r in report.results)
         report.exit_code = EXIT_PASS
-        report.reason = (f"max |Δ| {worst:.2e} <= {report.threshold:g} and equal greedy tokens "
-                         f"at TP={','.join(str(t) for t in report.tps)}")
+        report.reason = (
+            f"max |Δ| {worst:.2e} <= {report.threshold:g} and equal greedy tokens "
+            f"at TP={','.join(str(t) for t in report.tps)}"
+        )

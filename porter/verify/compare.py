@@ -27,8 +27,10 @@ class Where:
     delta: float
 
     def __str__(self) -> str:
-        return (f"prompt {self.prompt} {self.phase} {'position' if self.phase == 'prompt' else 'step'}"
-                f" {self.position}: {self.what} (|Δ| {_fmt(self.delta)})")
+        return (
+            f"prompt {self.prompt} {self.phase} {'position' if self.phase == 'prompt' else 'step'}"
+            f" {self.position}: {self.what} (|Δ| {_fmt(self.delta)})"
+        )
 
 
 @dataclass
@@ -73,8 +75,9 @@ def _diff(a: float, b: float) -> float:
     return d if math.isfinite(d) else math.inf
 
 
-def compare(hf_rows_per_prompt, hf_tokens, engine_results, top_k: int,
-            threshold: float) -> Comparison:
+def compare(
+    hf_rows_per_prompt, hf_tokens, engine_results, top_k: int, threshold: float
+) -> Comparison:
     """``hf_rows_per_prompt[i]`` is the HF log-softmax tensor along the engine's sequence i."""
     import torch
 
@@ -99,8 +102,9 @@ def compare(hf_rows_per_prompt, hf_tokens, engine_results, top_k: int,
         worst = Where(i, phase, pos, "", 0.0)
         label = "next token" if phase == "prompt" else "chosen token"
         if actual not in entries:
-            worst = Where(i, phase, pos, f"{label} {actual} missing from the engine's logprobs",
-                          math.inf)
+            worst = Where(
+                i, phase, pos, f"{label} {actual} missing from the engine's logprobs", math.inf
+            )
         for tid, (lp, _rank) in entries.items():
             if not 0 <= tid < row.shape[0]:
                 d, what = math.inf, f"id {tid} outside the vocab"
@@ -109,13 +113,17 @@ def compare(hf_rows_per_prompt, hf_tokens, engine_results, top_k: int,
                 what = f"{label} {tid}" if tid == actual else f"top-{top_k} id {tid}"
             if d > worst.delta:
                 worst = Where(i, phase, pos, what, d)
-        eng_top = sorted((lp for lp, rank in entries.values() if rank is not None and rank <= top_k),
-                         reverse=True)
+        eng_top = sorted(
+            (lp for lp, rank in entries.values() if rank is not None and rank <= top_k),
+            reverse=True,
+        )
         hf_vals, hf_ids = torch.topk(row, top_k)
         if len(eng_top) < min(top_k, row.shape[0]):
             d = math.inf
             if d > worst.delta:
-                worst = Where(i, phase, pos, f"engine returned {len(eng_top)} < {top_k} top logprobs", d)
+                worst = Where(
+                    i, phase, pos, f"engine returned {len(eng_top)} < {top_k} top logprobs", d
+                )
         for r, (a, b) in enumerate(zip(eng_top, hf_vals.tolist())):
             d = _diff(float(a), float(b))
             if d > worst.delta:
@@ -137,11 +145,13 @@ def compare(hf_rows_per_prompt, hf_tokens, engine_results, top_k: int,
         ref = hf_tokens[i]
         if c.tokens_equal and list(toks) != list(ref):
             c.tokens_equal = False
-            k = next((k for k, (a, b) in enumerate(zip(toks, ref)) if a != b), min(len(toks), len(ref)))
+            k = next(
+                (k for k, (a, b) in enumerate(zip(toks, ref)) if a != b), min(len(toks), len(ref))
+            )
             c.first_token_diff = {
-                "prompt": i, "step": k,
+                "prompt": i,
+                "step": k,
                 "hf": ref[k] if k < len(ref) else None,
                 "engine": toks[k] if k < len(toks) else None,
             }
     return c
-

@@ -103,8 +103,13 @@ def run_engine(
         (tmp / "req.json").write_text(json.dumps(req))
         pythonpath = [site] + ([port.path] if port is not None and port.path else [])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "porter.verify.engine_main", str(tmp / "req.json"),
-             str(tmp / "res.json")],
+            [
+                sys.executable,
+                "-m",
+                "porter.verify.engine_main",
+                str(tmp / "req.json"),
+                str(tmp / "res.json"),
+            ],
             env=_env(tp, pythonpath, probe_dir),
             cwd=str(tmp),
             stdout=subprocess.PIPE,
@@ -120,7 +125,7 @@ def run_engine(
                 line = line.rstrip("\n")
                 if line.startswith("PORTER-STAGE "):
                     if progress:
-                        progress(line[len("PORTER-STAGE "):])
+                        progress(line[len("PORTER-STAGE ") :])
                 else:
                     tail.append(line)
                     if progress and ("Loading weights" in line or "init engine" in line):
@@ -145,15 +150,34 @@ def run_engine(
         res_path = tmp / "res.json"
         if not res_path.exists():
             why = "timed out" if timed_out else f"exited with code {proc.returncode}"
-            return EngineRun(tp, False, f"engine process {why} without a result", wall_s=wall,
-                             log_tail=log_tail, workers=_probe_records(probe_dir))
+            return EngineRun(
+                tp,
+                False,
+                f"engine process {why} without a result",
+                wall_s=wall,
+                log_tail=log_tail,
+                workers=_probe_records(probe_dir),
+            )
         res = json.loads(res_path.read_text())
         if not res.get("ok"):
-            return EngineRun(tp, False, res.get("error"), wall_s=wall,
-                             log_tail=log_tail + "\n" + res.get("traceback", ""),
-                             workers=_probe_records(probe_dir))
-        return EngineRun(tp, True, None, res["workers"], res["results"], wall,
-                         res.get("engine_start_s"), log_tail)
+            return EngineRun(
+                tp,
+                False,
+                res.get("error"),
+                wall_s=wall,
+                log_tail=log_tail + "\n" + res.get("traceback", ""),
+                workers=_probe_records(probe_dir),
+            )
+        return EngineRun(
+            tp,
+            True,
+            None,
+            res["workers"],
+            res["results"],
+            wall,
+            res.get("engine_start_s"),
+            log_tail,
+        )
 
 
 def _probe_records(probe_dir: Path) -> list[dict]:

@@ -22,8 +22,10 @@ def _logprob_dict(d) -> dict:
     """{token_id: (logprob, rank)} from vLLM's per-position dict (None -> {})."""
     if not d:
         return {}
-    return {int(t): [float(lp.logprob), int(lp.rank) if lp.rank is not None else None]
-            for t, lp in d.items()}
+    return {
+        int(t): [float(lp.logprob), int(lp.rank) if lp.rank is not None else None]
+        for t, lp in d.items()
+    }
 
 
 def run(req: dict) -> dict:
@@ -58,17 +60,20 @@ def run(req: dict) -> dict:
         ignore_eos=True,
         detokenize=False,
     )
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params,
-                        use_tqdm=False)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False
+    )
     results = []
     for out in outs:
         comp = out.outputs[0]
-        results.append({
-            "prompt": list(out.prompt_token_ids),
-            "prompt_logprobs": [_logprob_dict(d) for d in (out.prompt_logprobs or [])],
-            "tokens": [int(t) for t in comp.token_ids],
-            "logprobs": [_logprob_dict(d) for d in (comp.logprobs or [])],
-        })
+        results.append(
+            {
+                "prompt": list(out.prompt_token_ids),
+                "prompt_logprobs": [_logprob_dict(d) for d in (out.prompt_logprobs or [])],
+                "tokens": [int(t) for t in comp.token_ids],
+                "logprobs": [_logprob_dict(d) for d in (comp.logprobs or [])],
+            }
+        )
     return {
         "ok": True,
         "workers": described,
@@ -85,7 +90,11 @@ def main(argv: list[str]) -> int:
     try:
         res = run(req)
     except BaseException as e:  # report, do not hide: the parent decides the exit code
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        res = {
+            "ok": False,
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+        }
     with open(res_path, "w") as f:
         json.dump(res, f)
     stage("done")

@@ -129,8 +129,11 @@ def _side_cells(side: EngineSide, threshold: float) -> list[str]:
     def colour(x: float) -> str:
         return f"[green]{_delta(x)}[/]" if x <= threshold else f"[red]{_delta(x)}[/]"
 
-    return [colour(c.max_delta_prompt), colour(c.max_delta_decode),
-            _tokens(c) if c.tokens_equal else f"[red]{_tokens(c)}[/]"]
+    return [
+        colour(c.max_delta_prompt),
+        colour(c.max_delta_decode),
+        _tokens(c) if c.tokens_equal else f"[red]{_tokens(c)}[/]",
+    ]
 
 
 def render_report(report: VerifyReport, json: bool = False) -> str:
@@ -143,8 +146,16 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
     console = Console(file=buf, width=160, force_terminal=False, color_system=None)
     title = f"porter verify {report.model_type or ''} ({report.architecture or report.port_dir})"
     table = Table(title=title, show_lines=True)
-    for col in ("TP", "run", "max |Δ| prompt", "max |Δ| decode", "greedy tokens",
-                "unfilled params", "built class", "engine start / wall"):
+    for col in (
+        "TP",
+        "run",
+        "max |Δ| prompt",
+        "max |Δ| decode",
+        "greedy tokens",
+        "unfilled params",
+        "built class",
+        "engine start / wall",
+    ):
         table.add_column(col, overflow="fold")
     for r in report.results:
         rows = [("port", r.port)] + ([("native", r.native)] if r.native else [])
@@ -155,9 +166,11 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
             if label == "port" and side.built_class and not r.class_ok:
                 built = f"[red]{built}[/]"
             start = f"{side.engine_start_s:.1f}s" if side.engine_start_s else "-"
-            table.add_row(str(r.tp), label, *cells, unfilled or "none", built,
-                          f"{start} / {side.wall_s:.1f}s")
-    console.print(table)
+            table.add_row(
+                str(r.tp), label, *cells, unfilled or "none", built, f"{start} / {side.wall_s:.1f}s"
+            )
+    if report.results:
+        console.print(table)
     for r in report.results:
         for label, side in (("port", r.port), ("native", r.native)):
             if side is None:
@@ -166,9 +179,14 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
             if side.error:
                 console.print(f"TP={r.tp} {label}: {side.error}")
             elif c and c.first_over:
-                console.print(f"TP={r.tp} {label}: first |Δ| > {report.threshold:g} at {c.first_over}")
+                console.print(
+                    f"TP={r.tp} {label}: first |Δ| > {report.threshold:g} at {c.first_over}"
+                )
                 console.print(f"TP={r.tp} {label}: largest |Δ| at {c.worst}")
-    verdict = {EXIT_PASS: "PASS", EXIT_NUMERICAL: "FAIL (numerical)",
-               EXIT_INPUT: "ERROR (input / load)"}[report.exit_code]
+    verdict = {
+        EXIT_PASS: "PASS",
+        EXIT_NUMERICAL: "FAIL (numerical)",
+        EXIT_INPUT: "ERROR (input / load)",
+    }[report.exit_code]
     console.print(f"{verdict} (exit {report.exit_code}): {report.reason}")
     return buf.getvalue()

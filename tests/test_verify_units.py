@@ -1,0 +1,157 @@
+"""Fast checks of verify's pieces that need no engine: tiny configs, comparison, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from porter.verify import run_verify
+from porter.verify.compare import compare
+from porter.verify.tiny import (
+    VerifyInputError,
+    _special_ids,
+    build_model,
+    hf_reference,
+    load_rules,
+    make_prompts,
+    tiny_spec,
+)
+
+HF_ARCH = {
+    "opt": "OPTForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_ARCH))
+def test_tiny_model_is_small_and_its_continuations_vary(model_type):
+    spec = tiny_spec(model_type)
+    model = build_model(spec, HF_ARCH[model_type])
+    cfg = model.config
+    assert cfg.vocab_size >= 512 and 2 <= cfg.num_hidden_layers <= 4
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert head_dim in (32, 64)
+    if getattr(cfg, "num_key_value_heads", None) is not None:
+        assert cfg.num_key_value_heads < cfg.num_attention_heads
+    if getattr(cfg, "sliding_window", None) is not None:
+        assert cfg.sliding_window < max(spec.prompt_lengths)
+    prompts = make_prompts(spec, cfg.vocab_size, _special_ids(cfg))
+    assert [len(p) for p in prompts] == spec.prompt_lengths
+    assert max(spec.prompt_lengths) > 64 and len(prompts) >= 4
+    assert not _special_ids(cfg) & {t for p in prompts for t in p}
+    refs = hf_reference(model, prompts, spec)
+    for r in refs:
+        assert len(r["tokens"]) >= 16
+        assert len(set(r["tokens"])) >= 4, r["tokens"]
+
+
+def test_tiny_models_are_deterministic():
+    spec = tiny_spec("llama")
+    a = build_model(spec, "LlamaForCausalLM").state_dict()
+    b = build_model(spec, "LlamaForCausalLM").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rules_are_data_for_every_supported_model():
+    rules = load_rules()
+    assert set(HF_ARCH) <= set(rules["models"])
+    assert rules["models"]["opt"]["config"]["ffn_dim"]
+
+
+def test_unknown_model_type_is_bad_input():
+    with pytest.raises(VerifyInputError, match="no tiny config"):
+        tiny_spec("no_such_model")
+
+
+def _engine_view(rows, prompt, tokens, k, bump=None):
+    """What the engine would report if its logprobs were exactly ``rows`` (+ one bump)."""
+
+    def entry(row, actual):
+        vals, ids = torch.topk(row, k)
+        d = {int(i): [float(v), r + 1] for r, (v, i) in enumerate(zip(vals, ids))}
+        if actual not in d:
+            d[actual] = [float(row[actual]), int((row > row[actual]).sum()) + 1]
+        return d
+
+    n = len(prompt)
+    res = {
+        "prompt": prompt,
+        "tokens": tokens,
+        "prompt_logprobs": [{}] + [entry(rows[j - 1], prompt[j]) for j in range(1, n)],
+        "logprobs": [entry(rows[n - 1 + s], t) for s, t in enumerate(tokens)],
+    }
+    if bump:
+        phase, pos, delta = bump
+        d = res["prompt_logprobs"][pos] if phase == "prompt" else res["logprobs"][pos]
+        tid = next(iter(d))
+        d[tid][0] += delta
+    return json.loads(json.dumps(res))  # string keys, as they come back from the engine
+
+
+def _rows(n, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(n, vocab, generator=g) * 3, dim=-1)
+
+
+def test_compare_identical_is_zero_and_names_first_divergence():
+    prompt, toks = [3, 4, 5, 6, 7], [8, 9, 10]
+    rows = _rows(len(prompt) + len(toks))
+    same = compare([rows], [toks], [_engine_view(rows, prompt, toks, 5)], 5, 1e-4)
+    assert same.max_delta == 0.0 and same.tokens_equal and same.first_over is None
+    assert same.positions == len(prompt) - 1 + len(toks)
+
+    off = compare(
+        [rows], [toks], [_engine_view(rows, prompt, toks, 5, ("prompt", 3, 1e-3))], 5, 1e-4
+    )
+    assert off.first_over is not None
+    assert (off.first_over.prompt, off.first_over.phase, off.first_over.position) == (
+        0,
+        "prompt",
+        3,
+    )
+    assert math.isclose(off.max_delta_prompt, 1e-3, rel_tol=1e-3)
+    assert off.max_delta_decode == 0.0
+
+    dec = compare(
+        [rows], [toks], [_engine_view(rows, prompt, toks, 5, ("decode", 2, -5e-4))], 5, 1e-4
+    )
+    assert (dec.first_over.phase, dec.first_over.position) == ("decode", 2)
+
+
+def test_compare_reports_first_token_difference():
+    prompt, toks = [3, 4, 5], [8, 9, 10, 11]
+    rows = _rows(len(prompt) + len(toks), seed=1)
+    c = compare(
+        [rows, rows],
+        [toks, toks],
+        [_engine_view(rows, prompt, toks, 5), _engine_view(rows, prompt, [8, 9, 12, 11], 5)],
+        5,
+        1e-4,
+    )
+    assert not c.tokens_equal
+    assert c.first_token_diff == {"prompt": 1, "step": 2, "hf": 10, "engine": 12}
+
+
+def test_compare_catches_a_dropped_top_k_id():
+    prompt, toks = [1, 2, 3], [4]
+    rows = _rows(len(prompt) + len(toks), seed=2)
+    view = _engine_view(rows, prompt, toks, 5)
+    # replace the engine's best id at prompt position 1 by an id HF ranks far lower
+    d = view["prompt_logprobs"][1]
+    best = max(d, key=lambda t: d[t][0])
+    worst_id = int(rows[0].argmin())
+    d[str(worst_id)] = [d.pop(best)[0], 1]
+    c = compare([rows], [toks], [view], 5, 1e-4)
+    assert c.max_delta > 1.0 and c.first_over.position == 1
+    assert c.topk_id_mismatches >= 1
+
+
+def test_missing_port_dir_is_bad_input(tmp_path):
+    report = run_verify(tmp_path / "nowhere", tps=[1])
+    assert report.exit_code == 2 and "PORT.json" in report.reason
+    assert report.results == []
