@@ -39,6 +39,7 @@ class DropHfDataflow(Rule):
             return updated
         self._cls = scope_cls
         self.tainted: set[str] = set(self.ctx.table.strip_params) | set(self.ctx.extra_taint.get(scope_cls, ()))
+        self.defined: set[str] = {p.name.value for p in updated.params.params}
         body = self._block(list(updated.body.body))
         if not body:
             body = [cst.SimpleStatementLine([cst.Pass()])]
@@ -85,7 +86,8 @@ class DropHfDataflow(Rule):
     def _statement(self, st: cst.BaseStatement) -> cst.BaseStatement | None:
         if isinstance(st, cst.If):
             if self._is_tainted(st.test) or self._always_given_none_test(st.test):
-                self.tainted.update(self._bound_names(st))  # what the HF-only branch binds is HF-only
+                # names first bound in an HF-only branch are HF-only; re-bound ones keep their value
+                self.tainted.update(self._bound_names(st) - self.defined)
                 return None
             if m.matches(st.test, m.Attribute(value=m.Name("self"), attr=m.Name("training"))):
                 return None
@@ -122,6 +124,7 @@ class DropHfDataflow(Rule):
             new_value = self._strip_args(value)
             for t in targets:  # a re-bound name is clean again
                 self.tainted.difference_update(assigned_names(t))
+                self.defined.update(assigned_names(t))
             if isinstance(small, cst.AnnAssign):
                 return cst.Assign(targets=[cst.AssignTarget(small.target)], value=new_value)
             return small.with_changes(value=new_value)

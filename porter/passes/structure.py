@@ -86,11 +86,16 @@ class ThreadPositions(Rule):
         return updated.with_changes(params=updated.params.with_changes(params=params))
 
     def visit_For(self, node: cst.For) -> None:
-        it = node.iter.value if isinstance(node.iter, cst.Subscript) else node.iter
+        it, target = node.iter, node.target
+        # `for i, layer in enumerate(self.layers[...])` binds `layer` like `for layer in self.layers`
+        if m.matches(it, m.Call(func=m.Name("enumerate"))) and isinstance(target, cst.Tuple) and len(target.elements) == 2:
+            it, target = it.args[0].value, target.elements[1].value  # type: ignore[attr-defined]
+        if isinstance(it, cst.Subscript):
+            it = it.value
         attr = self_attr(it)
-        if attr and isinstance(node.target, cst.Name):
+        if attr and isinstance(target, cst.Name):
             self._loop_vars = getattr(self, "_loop_vars", {})
-            self._loop_vars[node.target.value] = attr
+            self._loop_vars[target.value] = attr
 
     def leave_Call(self, original, updated):
         cls = self.current_class

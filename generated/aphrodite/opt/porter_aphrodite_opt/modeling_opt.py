@@ -25,7 +25,6 @@ from torch import nn
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
-from aphrodite.model_executor.layers.layernorm import LayerNorm
 from aphrodite.model_executor.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -41,6 +40,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
 from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
 from aphrodite.model_executor.models.utils import maybe_prefix
 from aphrodite.sequence import IntermediateTensors
+from torch.nn import LayerNorm
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -57,7 +57,7 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
     def forward(self, positions: torch.LongTensor | None = None):
         """`input_ids_shape` is expected to be [bsz x seqlen]."""
 
-        return super().forward()
+        return super().forward(positions + self.offset)
 
 
 class OPTAttention(nn.Module):
@@ -130,7 +130,7 @@ class OPTAttention(nn.Module):
         # and enforce no scaling (1.0) in the attention call below.
         query_states = q * self.scaling
 
-        attn_output = self.attn(query_states)
+        attn_output = self.attn(query_states, key_states, value_states)
         attn_output, _ = self.out_proj(attn_output)
 
         return attn_output
@@ -310,7 +310,7 @@ class OPTDecoder(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        pos_embeds = self.embed_positions()
+        pos_embeds = self.embed_positions(positions=positions)
 
         if self.project_in is not None:
             inputs_embeds, _ = self.project_in(inputs_embeds)
@@ -319,7 +319,7 @@ class OPTDecoder(nn.Module):
 
         # decoder layers
         for idx, decoder_layer in enumerate(self.layers):
-            hidden_states = decoder_layer(hidden_states)
+            hidden_states = decoder_layer(hidden_states, positions=positions)
 
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)

@@ -135,7 +135,7 @@ class Qwen2Attention(nn.Module):
         )
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 
-        attn_output = self.attn(query_states)
+        attn_output = self.attn(query_states, key_states, value_states)
         attn_output, _ = self.o_proj(attn_output)
         return attn_output
 
@@ -228,7 +228,7 @@ class Qwen2Model(nn.Module):
         hidden_states = inputs_embeds
 
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            hidden_states = decoder_layer(hidden_states)
+            hidden_states = decoder_layer(hidden_states, positions=positions)
 
         hidden_states = self.norm(hidden_states)
         return hidden_states

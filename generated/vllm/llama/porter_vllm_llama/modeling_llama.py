@@ -142,7 +142,7 @@ class LlamaAttention(nn.Module):
         )
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 
-        attn_output = self.attn(query_states)
+        attn_output = self.attn(query_states, key_states, value_states)
         attn_output, _ = self.o_proj(attn_output)
         return attn_output
 
