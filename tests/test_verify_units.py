@@ -155,3 +155,18 @@ def test_missing_port_dir_is_bad_input(tmp_path):
     report = run_verify(tmp_path / "nowhere", tps=[1])
     assert report.exit_code == 2 and "PORT.json" in report.reason
     assert report.results == []
+
+
+def test_root_cause_skips_the_engine_wrappers():
+    from porter.verify.engine import root_cause
+
+    log = [
+        "(Worker pid=1) ERROR 11-25 [multiproc_executor.py:953] ValueError: Following weights "
+        "were not initialized from checkpoint: {'model.norm.weight'}",
+        "(EngineCore pid=2) ERROR [core.py:1] Exception: WorkerProc initialization failed due "
+        "to an exception in a background process. See stack trace for root cause.",
+        "RuntimeError: Engine core initialization failed. See root cause above.",
+    ]
+    cause = root_cause(log)
+    assert cause.startswith("ValueError: Following weights") and "model.norm.weight" in cause
+    assert root_cause(log[1:]) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,7 +118,8 @@ def run_engine(
             text=True,
             start_new_session=True,  # its own process group: cleaned up as a whole below
         )
-        tail: deque[str] = deque(maxlen=200)
+        tail: deque[str] = deque(maxlen=300)
+        errors: list[str] = []
 
         def pump():
             assert proc.stdout is not None
@@ -128,6 +130,8 @@ def run_engine(
                         progress(line[len("PORTER-STAGE ") :])
                 else:
                     tail.append(line)
+                    if len(errors) < 200 and _ERROR_LINE.search(line):
+                        errors.append(line)
                     if progress and ("Loading weights" in line or "init engine" in line):
                         progress(line.split("]", 1)[-1].strip()[:100])
 
@@ -153,17 +157,22 @@ def run_engine(
             return EngineRun(
                 tp,
                 False,
-                f"engine process {why} without a result",
+                f"engine process {why} without a result"
+                + (f": {root_cause(errors)}" if root_cause(errors) else ""),
                 wall_s=wall,
                 log_tail=log_tail,
                 workers=_probe_records(probe_dir),
             )
         res = json.loads(res_path.read_text())
         if not res.get("ok"):
+            cause = root_cause(errors)
+            error = res.get("error")
+            if cause and cause not in (error or ""):
+                error = f"{cause} (engine: {error})"
             return EngineRun(
                 tp,
                 False,
-                res.get("error"),
+                error,
                 wall_s=wall,
                 log_tail=log_tail + "\n" + res.get("traceback", ""),
                 workers=_probe_records(probe_dir),
@@ -178,6 +187,19 @@ def run_engine(
             res.get("engine_start_s"),
             log_tail,
         )
+
+
+_ERROR_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+_WRAPPERS = ("See root cause", "See stack trace for root cause", "initialization failed")
+
+
+def root_cause(lines: list[str]) -> str | None:
+    """The first real exception in the engine's log (workers report it before the wrappers)."""
+    for line in lines:
+        m = _ERROR_LINE.search(line)
+        if m and not any(w in m.group(2) for w in _WRAPPERS):
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return None
 
 
 def _probe_records(probe_dir: Path) -> list[dict]:
