@@ -4,10 +4,17 @@ from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, F
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, EngineImports, PruneUnreachable
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
-from porter.passes.hf_dataflow import DropDeadLocals, DropDropout, DropHfDataflow
+from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
-from porter.passes.structure import FixCallArity, ThreadPositions, ThreadPrefix, UnwrapOutputs
+from porter.passes.structure import (
+    FixCallArity,
+    MatchCalleeParams,
+    ThreadPositions,
+    MatchCalleeParams,
+    ThreadPrefix,
+    UnwrapOutputs,
+)
 
 PASSES: list[type[Rule]] = [
     DropHfImports,
@@ -18,6 +25,7 @@ PASSES: list[type[Rule]] = [
     StripHfParams,
     DropHfDataflow,
     DropDropout,
+    DropBatchCollapse,
     FlattenHeads,
     FuseQkv,
     FuseGateUp,
@@ -28,6 +36,7 @@ PASSES: list[type[Rule]] = [
     UnwrapOutputs,
     FixCallArity,
     ThreadPositions,
+    MatchCalleeParams,
     ThreadPrefix,
     CausalLmInterface,
     DropDeadLocals,

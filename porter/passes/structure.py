@@ -221,3 +221,52 @@ class ThreadPrefix(Rule):
         for kw, val in (("cache_config", "cache_config"), ("quant_config", "quant_config"), ("prefix", prefix_expr)):
             args.append(cst.Arg(cst.parse_expression(val), keyword=cst.Name(kw), equal=eq))
         return call.with_changes(args=args)
+
+
+class MatchCalleeParams(Rule):
+    code = "PT033"
+    name = "match-callee-params"
+    why = (
+        "HF modules forward `**kwargs` and pass `position_ids=` to sub-modules that never read "
+        "them. Once signatures are stripped, a keyword argument the called module's forward does "
+        "not accept would fail at run time: it is dropped from the call."
+    )
+    examples = []
+
+    def visit_Module(self, node: cst.Module) -> None:
+        self._accepts: dict[str, set[str] | None] = {}
+        for st in node.body:
+            if isinstance(st, cst.ClassDef):
+                for item in st.body.body:
+                    if isinstance(item, cst.FunctionDef) and item.name.value == "forward":
+                        star = item.params.star_kwarg is not None
+                        self._accepts[st.name.value] = None if star else set(param_names(item))
+        self._loop_vars: dict[str, str] = {}
+
+    def visit_For(self, node: cst.For) -> None:
+        it, target = node.iter, node.target
+        if m.matches(it, m.Call(func=m.Name("enumerate"))) and isinstance(target, cst.Tuple) and len(target.elements) == 2:
+            it, target = it.args[0].value, target.elements[1].value  # type: ignore[attr-defined]
+        if isinstance(it, cst.Subscript):
+            it = it.value
+        attr = self_attr(it)
+        if attr and isinstance(target, cst.Name):
+            self._loop_vars[target.value] = attr
+
+    def leave_Call(self, original, updated):
+        info = self.ctx.idx.classes.get(self.current_class or "")
+        if not info or self.current_function == "__init__":
+            return updated
+        attr = self_attr(updated.func)
+        if attr is None and isinstance(updated.func, cst.Name):
+            attr = self._loop_vars.get(updated.func.value)
+        sub = info.submodules.get(attr or "")
+        accepts = self._accepts.get(sub.ctor) if sub else None
+        if accepts is None:
+            return updated
+        args = [a for a in updated.args if a.keyword is None or a.keyword.value in accepts]
+        if len(args) == len(updated.args):
+            return updated
+        if args:
+            args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        return updated.with_changes(args=args)

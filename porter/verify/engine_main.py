@@ -74,6 +74,11 @@ def run(req: dict) -> dict:
                 "logprobs": [_logprob_dict(d) for d in (comp.logprobs or [])],
             }
         )
+    stage("shutting the engine down")
+    try:  # a clean stop frees the workers' shared memory; the parent kills whatever is left
+        llm.llm_engine.engine_core.shutdown(timeout=15)
+    except Exception as e:
+        print(f"porter verify: engine shutdown: {type(e).__name__}: {e}", file=sys.stderr)
     return {
         "ok": True,
         "workers": described,
