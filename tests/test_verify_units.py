@@ -161,6 +161,7 @@ def test_root_cause_skips_the_engine_wrappers():
     from porter.verify.engine import root_cause
 
     log = [
+        "(MainProcess pid=3) WARNING 11-25 [base.py:380] ValueError: Tokenizer not available",
         "(Worker pid=1) ERROR 11-25 [multiproc_executor.py:953] ValueError: Following weights "
         "were not initialized from checkpoint: {'model.norm.weight'}",
         "(EngineCore pid=2) ERROR [core.py:1] Exception: WorkerProc initialization failed due "
@@ -169,4 +170,4 @@ def test_root_cause_skips_the_engine_wrappers():
     ]
     cause = root_cause(log)
     assert cause.startswith("ValueError: Following weights") and "model.norm.weight" in cause
-    assert root_cause(log[1:]) is None
+    assert root_cause(log[2:]) is None

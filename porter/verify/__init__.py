@@ -68,6 +68,22 @@ def _progress_sink(progress: Progress | None):
     yield lambda text: None
 
 
+def registered_class(info: PortInfo) -> str | None:
+    """The "module:Class" the port's register() hands to the engine (read with ast, not run)."""
+    import ast
+
+    init = Path(info.path) / info.package / "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(init.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            module, _, name = node.value.partition(":")
+            if name.isidentifier() and (
+                module == info.package or module.startswith(info.package + ".")
+            ):
+                found.add(node.value)
+    return found.pop() if len(found) == 1 else None
+
+
 def _side(run: EngineRun) -> EngineSide:
     side = EngineSide(
         tp=run.tp,
@@ -126,6 +142,10 @@ def _run(
         raise VerifyInputError(f"{port_dir} has no package {info.package}/__init__.py")
     report.model_type, report.architecture = info.model_type, info.architecture
     report.hf_architecture, report.expected_module = info.hf_architecture, info.module
+    try:
+        report.expected_class = registered_class(info)
+    except SyntaxError as e:
+        raise VerifyInputError(f"{info.package}/__init__.py does not parse: {e}") from e
 
     say(f"building tiny {info.model_type} reference")
     t0 = time.time()
@@ -192,10 +212,13 @@ def _run(
         )
         for tp in tps:
             result = TPResult(tp=tp, port=engine(ckpt, tp, info, "port"))
-            mods = {c.split(":", 1)[0] for c in result.port.built_classes}
-            result.class_ok = bool(mods) and all(
-                m == info.module or m.startswith(info.package + ".") for m in mods
-            )
+            built = result.port.built_classes
+            if report.expected_class:
+                result.class_ok = bool(built) and all(c == report.expected_class for c in built)
+            else:  # no single registration target found: the class must come from the port
+                result.class_ok = bool(built) and all(
+                    c.split(":", 1)[0].startswith(info.package + ".") for c in built
+                )
             if native_ckpt is not None:
                 result.native = engine(native_ckpt, tp, None, "native")
             report.results.append(result)
@@ -208,14 +231,15 @@ def _verdict(report: VerifyReport, info: PortInfo) -> None:
         p = r.port
         if not p.started:
             load_problems.append(
-                f"TP={r.tp}: the port did not run: {p.error}"
+                f"TP={r.tp}: the port failed in the engine: {p.error}"
                 + (f" (unfilled: {', '.join(p.unfilled)})" if p.unfilled else "")
             )
             continue
         if not r.class_ok:
             load_problems.append(
                 f"TP={r.tp}: the engine built {p.built_class or 'an unknown class'}, "
-                f"not the port's class from {info.module}: the port did not run"
+                f"not the port's class {report.expected_class or 'from ' + info.package}: "
+                "the port did not run"
             )
         if p.unfilled:
             load_problems.append(

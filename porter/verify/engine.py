@@ -190,12 +190,21 @@ def run_engine(
 
 
 _ERROR_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
-_WRAPPERS = ("See root cause", "See stack trace for root cause", "initialization failed")
+_WRAPPERS = (
+    "See root cause",
+    "See stack trace for root cause",
+    "initialization failed",
+    "for the root cause",
+    "check the stack trace above",
+)
+_NOT_ERRORS = (" WARNING ", " INFO ", " DEBUG ")
 
 
 def root_cause(lines: list[str]) -> str | None:
     """The first real exception in the engine's log (workers report it before the wrappers)."""
     for line in lines:
+        if any(level in line for level in _NOT_ERRORS):
+            continue  # e.g. vLLM's chat-template warmup warning when there is no tokenizer
         m = _ERROR_LINE.search(line)
         if m and not any(w in m.group(2) for w in _WRAPPERS):
             return f"{m.group(1)}: {m.group(2).strip()}"

@@ -76,6 +76,7 @@ class VerifyReport:
     architecture: str | None = None
     hf_architecture: str | None = None
     expected_module: str | None = None
+    expected_class: str | None = None  # "module:Class" the port registers
     exit_code: int = EXIT_INPUT
     reason: str = ""
     results: list[TPResult] = field(default_factory=list)
@@ -94,6 +95,7 @@ class VerifyReport:
             "architecture": self.architecture,
             "hf_architecture": self.hf_architecture,
             "expected_module": self.expected_module,
+            "expected_class": self.expected_class,
             "tps": self.tps,
             "threshold": self.threshold,
             "passed": self.passed,
