@@ -18,7 +18,8 @@ TARGETS_ALL = ("vllm", "aphrodite")
 
 
 def _fail(exc: PorterError) -> None:
-    err.print(f"porter: error: {exc.one_line()}", markup=False, highlight=False)
+    # plain write: one line, never wrapped to the terminal width
+    sys.stderr.write(f"porter: error: {exc.one_line()}\n")
     raise typer.Exit(exc.exit_code)
 
 
@@ -123,5 +124,5 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except PorterError as exc:
-        err.print(f"porter: error: {exc.one_line()}", markup=False)
+        sys.stderr.write(f"porter: error: {exc.one_line()}\n")
         sys.exit(2)

@@ -181,24 +181,31 @@ class Planner:
         return names
 
     # -- planning --------------------------------------------------------------------------
-    def build(self) -> PortPlan:
+    def build(self, partial: bool = False) -> PortPlan:
+        """The plan for the file's causal LM. `partial` plans every class of a snippet (rule examples)."""
+        if partial and not any(n.endswith("ForCausalLM") for n in self.idx.classes):
+            return self._build(None, list(self.idx.classes), None)
         lm = self.causal_lm()
-        classes = self.reachable(lm)
-        lm_sub = [s for s in lm.submodules.values() if s.ctor in self.idx.classes]
-        if not lm_sub:
-            raise self.idx.error("causal LM builds no base model", lm.node, construct=f"class {lm.name}")
-        base = lm_sub[0]
+        return self._build(lm, self.reachable(lm), None)
+
+    def _build(self, lm: ClassInfo | None, classes: list[str], _unused) -> PortPlan:
+        base = None
+        if lm is not None:
+            lm_sub = [s for s in lm.submodules.values() if s.ctor in self.idx.classes]
+            if not lm_sub:
+                raise self.idx.error("causal LM builds no base model", lm.node, construct=f"class {lm.name}")
+            base = lm_sub[0]
         plan = PortPlan(
             model_type=self.model_type,
             source=self.source,
-            causal_lm=lm.name,
-            architecture=port_architecture(lm.name),
-            base_attr=base.attr,
+            causal_lm=lm.name if lm else "",
+            architecture=port_architecture(lm.name) if lm else "",
+            base_attr=base.attr if base else "",
             embed_path="",
             lm_head=None,
             tie_condition="config.tie_word_embeddings",
             classes=classes,
-            top_classes=[base.ctor],
+            top_classes=[base.ctor] if base else [],
         )
         attn_names = self.attention_call_names()
         for name in classes:
@@ -210,9 +217,10 @@ class Planner:
             if self.is_rotary(info):
                 plan.rotary_classes.append(name)
                 continue
-            self.plan_class(plan, info, attn_names, is_lm=(name == lm.name))
+            self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
-        plan.embed_path = self.embed_path(plan, lm)
+        if lm is not None:
+            plan.embed_path = self.embed_path(plan, lm)
         for a in plan.attentions:
             plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
         for g in plan.gate_ups:
@@ -371,8 +379,9 @@ class Planner:
         )
 
 
-def build_plan(idx: ModelIndex, table: StripTable, model_type: str, source: str) -> PortPlan:
-    return Planner(idx, table, model_type, source).build()
+def build_plan(idx: ModelIndex, table: StripTable, model_type: str, source: str,
+               partial: bool = False) -> PortPlan:
+    return Planner(idx, table, model_type, source).build(partial=partial)
 
 
 __all__ = ["PortPlan", "build_plan", "LAYER_NORM_NAMES", "LINEAR_NAMES", "is_module_subclass"]

@@ -1,0 +1,21 @@
+"""Run one rule on a snippet: how a rule's before/after examples are checked (and shown)."""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.index import build_index, parse
+from porter.passes.base import RewriteContext, Rule
+from porter.plan import build_plan
+from porter.rules_data import get_target, strip_table
+
+
+def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm") -> str:
+    """Index and plan the snippet (every class counts as kept), then run only this rule."""
+    module = parse(before, "<example>")
+    idx = build_index(module, "<example>")
+    plan = build_plan(idx, strip_table(), "example", "<example>", partial=True)
+    ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=get_target(target))
+    out = module.visit(rule_cls(ctx))
+    assert isinstance(out, cst.Module)
+    return out.code

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATED = ROOT / "generated"
+MODELS = ["opt", "llama", "mistral", "qwen2"]
+TARGETS = ["vllm", "aphrodite"]
+
+
+def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the porter CLI as a user would (a fresh process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "porter", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def porter_cli():
+    return run_porter

@@ -1,0 +1,180 @@
+"""convert: determinism, lint-clean output, committed ports up to date, static reading, bad input."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import GENERATED, MODELS, ROOT, TARGETS, run_porter
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def two_conversions(tmp_path_factory):
+    a = tmp_path_factory.mktemp("a")
+    b = tmp_path_factory.mktemp("b")
+    for out in (a, b):
+        for model in MODELS:
+            proc = run_porter("convert", model, "--out", str(out))
+            assert proc.returncode == 0, proc.stderr
+    return a, b
+
+
+def test_convert_is_deterministic(two_conversions):
+    a, b = two_conversions
+    da, db = tree_digest(a), tree_digest(b)
+    assert da == db
+    assert len(da) == len(MODELS) * len(TARGETS) * 4  # PORT.json, pyproject, __init__, modeling
+
+
+def test_committed_ports_are_what_porter_makes_now(two_conversions):
+    a, _ = two_conversions
+    for target in TARGETS:
+        for model in MODELS:
+            cmp = filecmp.dircmp(a / target / model, GENERATED / target / model)
+            assert not cmp.diff_files and not cmp.left_only and not cmp.right_only, (target, model)
+
+
+def test_generated_code_passes_ruff(two_conversions):
+    a, _ = two_conversions
+    check = subprocess.run([sys.executable, "-m", "ruff", "check", "--config", str(ROOT / "pyproject.toml"), str(a)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    fmt = subprocess.run([sys.executable, "-m", "ruff", "format", "--check", "--config",
+                          str(ROOT / "pyproject.toml"), str(a)], capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout
+
+
+def test_port_json_records_provenance():
+    import json
+
+    from porter.source import installed_transformers_version
+
+    info = json.loads((GENERATED / "vllm" / "llama" / "PORT.json").read_text())
+    assert info["source"] == "models/llama/modeling_llama.py"
+    assert info["transformers_version"] == installed_transformers_version()
+    assert info["architecture"] == "PorterLlamaForCausalLM"
+    assert info["plugin_group"] == "vllm.general_plugins"
+    src = ROOT / ".venv"  # the hash is of the installed file, read statically
+    del src
+    for rel, digest in info["files"].items():
+        assert hashlib.sha256((GENERATED / "vllm" / "llama" / rel).read_bytes()).hexdigest() == digest
+    assert info["plan"]["stacked_params"]
+    aph = json.loads((GENERATED / "aphrodite" / "llama" / "PORT.json").read_text())
+    assert aph["plugin_group"] == "aphrodite.general_plugins"
+    text = (GENERATED / "aphrodite" / "llama" / "porter_aphrodite_llama" / "modeling_llama.py").read_text()
+    assert "aphrodite_config" in text and "import vllm" not in text and "from vllm" not in text
+
+
+def test_port_reads_like_a_hand_written_one():
+    text = (GENERATED / "vllm" / "llama" / "porter_vllm_llama" / "modeling_llama.py").read_text()
+    for needle in ("QKVParallelLinear(", "MergedColumnParallelLinear(", "RowParallelLinear(",
+                   "VocabParallelEmbedding(", "ParallelLMHead(", "get_rope(", "self.attn(",
+                   "def compute_logits", "def load_weights", "def embed_input_ids"):
+        assert needle in text, needle
+    for gone in ("attention_mask", "past_key_values", "position_ids", "PreTrainedModel",
+                 "auto_docstring", "transformers", "repeat_kv", "rotate_half"):
+        assert gone not in text.split('"""', 2)[-1], gone
+
+
+STATIC_SRC = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("module ran")
+
+def _deco(f):
+    pathlib.Path({marker!r}).write_text("decorator ran")
+    return f
+
+class ToyConfig:
+    pathlib.Path({marker!r}).write_text("class body ran")
+
+class ToyForCausalLM:
+    @_deco
+    def forward(self, x):
+        return x
+'''
+
+
+def test_convert_never_executes_its_input(tmp_path):
+    marker = tmp_path / "executed.txt"
+    src = tmp_path / "modeling_toy.py"
+    # a real model file with side effects added at module level, in a decorator and a class body
+    llama = (Path(__import__("porter.source", fromlist=["x"]).transformers_root()) / "models" / "llama"
+             / "modeling_llama.py").read_text()
+    src.write_text(STATIC_SRC.format(marker=str(marker)).replace("class ToyForCausalLM:\n    @_deco\n"
+                   "    def forward(self, x):\n        return x\n", "") + llama.replace(
+                   "from .configuration_llama import LlamaConfig", "from .configuration_llama import LlamaConfig\n"
+                   f"import pathlib as _p\n_p.Path({str(marker)!r}).write_text('import ran')"))
+    proc = run_porter("convert", str(src), "--out", str(tmp_path / "out"), "--target", "vllm")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "vllm" / "toy" / "PORT.json").exists()
+    assert not marker.exists()
+
+
+BAD = {
+    "not_python.py": ("\x00\x01binary", "binary file"),
+    "syntax.py": ("def f(:\n    pass\n", "syntax error"),
+    "nolm.py": ("import torch\nclass A(torch.nn.Module):\n    pass\n", "no *ForCausalLM class"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, name):
+    text, expect = BAD[name]
+    src = tmp_path / name
+    src.write_bytes(text.encode("latin-1"))
+    out = tmp_path / "out"
+    proc = run_porter("convert", str(src), "--out", str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(src) in lines[0] and expect in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_attention_without_qkv_names_file_line_and_rule(tmp_path):
+    llama = (Path(__import__("porter.source", fromlist=["x"]).transformers_root()) / "models" / "llama"
+             / "modeling_llama.py").read_text()
+    broken = llama.replace("            query_states,\n            key_states,\n            value_states,\n",
+                           "            hidden_states,\n            hidden_states,\n            hidden_states,\n")
+    assert broken != llama
+    src = tmp_path / "modeling_broken.py"
+    src.write_text(broken)
+    proc = run_porter("convert", str(src), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert f"{src}:" in line and "LlamaAttention.forward" in line and "fuse-qkv" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_type_and_target(tmp_path):
+    proc = run_porter("convert", "no_such_model", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "unknown model_type 'no_such_model'" in proc.stderr
+    proc = run_porter("convert", "llama", "--target", "tgi", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "unknown target 'tgi'" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_hand_edited_port_is_not_overwritten_without_force(tmp_path):
+    out = tmp_path / "out"
+    assert run_porter("convert", "llama", "--target", "vllm", "--out", str(out)).returncode == 0
+    mod = out / "vllm" / "llama" / "porter_vllm_llama" / "modeling_llama.py"
+    mod.write_text(mod.read_text() + "\n# my edit\n")
+    proc = run_porter("convert", "llama", "--target", "vllm", "--out", str(out))
+    assert proc.returncode == 2 and "modeling_llama.py" in proc.stderr and "--force" in proc.stderr
+    assert mod.read_text().endswith("# my edit\n")
+    assert run_porter("convert", "llama", "--target", "vllm", "--out", str(out), "--force").returncode == 0
+    assert not mod.read_text().endswith("# my edit\n")
