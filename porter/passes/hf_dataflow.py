@@ -168,9 +168,18 @@ class DropDropout(Rule):
     examples = [
         Example(
             "class A(nn.Module):\n    def forward(self, x):\n"
-            "        x = nn.functional.dropout(x, p=self.p, training=self.training)\n        return x\n",
-            "class A(nn.Module):\n    def forward(self, x):\n        x = x\n        return x\n",
-        )
+            "        x = nn.functional.dropout(x, p=self.p, training=self.training)\n"
+            "        return x\n",
+            "class A(nn.Module):\n    def forward(self, x):\n        return x\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass A(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.dropout = nn.Dropout(config.dropout)\n\n"
+            "    def forward(self, x):\n        return self.o_proj(self.dropout(x))\n",
+            "from torch import nn\n\n\nclass A(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.dropout = nn.Dropout(config.dropout)\n\n"
+            "    def forward(self, x):\n        return self.o_proj(x)\n",
+        ),
     ]
 
     def leave_Call(self, original, updated):
