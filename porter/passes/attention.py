@@ -29,7 +29,59 @@ class EngineRope(Rule):
         "the source's rotate helper; rope_theta, scaling and partial factor come from "
         "`config.rope_parameters` at run time."
     )
-    examples = []  # exercised by the whole-file golden tests (needs a full attention class)
+    examples = [
+        Example(
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+            "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n"
+            "    def forward(self, x, position_embeddings):\n        q = self.q_proj(x)\n"
+            "        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        cos, sin = position_embeddings\n"
+            "        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+            "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.rotary_emb = get_rope(self.head_dim, "
+            "max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters, "
+            "is_neox_style=True)\n\n    def forward(self, x, position_embeddings):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        cos, sin = position_embeddings\n"
+            "        q, k = self.rotary_emb(positions, q, k)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass ARotaryEmbedding(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.inv_freq = 1.0 / config.rope_theta\n\n"
+            "    def forward(self, x, position_ids):\n        return self.inv_freq\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.rotary_emb = ARotaryEmbedding(config)\n"
+            "        self.norm = nn.LayerNorm(config.hidden_size)\n",
+            "from torch import nn\n\n\nclass ARotaryEmbedding(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.inv_freq = 1.0 / config.rope_theta\n\n"
+            "    def forward(self, x, position_ids):\n        return self.inv_freq\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.norm = nn.LayerNorm(config.hidden_size)\n",
+        ),
+    ]
 
     def leave_FunctionDef(self, original, updated):
         cls = self.current_class
@@ -85,7 +137,67 @@ class EngineAttention(Rule):
         "HF call; heads per rank come from the fused qkv projection (KV heads replicate when TP "
         "exceeds them). The attention weights HF returns beside the output are dropped."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, attention_mask, "
+            "scaling=self.scaling)\n        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, "
+            "scale=self.scaling, num_kv_heads=self.qkv_proj.num_kv_heads, "
+            'cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn")\n\n'
+            "    def forward(self, x, attention_mask):\n        q = self.q_proj(x)\n"
+            "        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out = self.attn(q, k, v)\n        return out\n",
+        ),
+        Example(
+            "from torch import nn\n\n\n"
+            "def eager_attention_forward(module, query, key, value, attention_mask, **kwargs):\n"
+            "    ...\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out = eager_attention_forward(self, q, k, v, attention_mask, "
+            "sliding_window=self.sliding_window)\n        return out\n",
+            "from torch import nn\n\n\n"
+            "def eager_attention_forward(module, query, key, value, attention_mask, **kwargs):\n"
+            "    ...\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, "
+            "scale=self.head_dim**-0.5, num_kv_heads=self.qkv_proj.num_kv_heads, "
+            "cache_config=cache_config, quant_config=quant_config, "
+            'per_layer_sliding_window=self.sliding_window, prefix=f"{prefix}.attn")\n\n'
+            "    def forward(self, x, attention_mask):\n        q = self.q_proj(x)\n"
+            "        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out = self.attn(q, k, v)\n        return out\n",
+        ),
+    ]
 
     def leave_FunctionDef(self, original, updated):
         cls = self.current_class
@@ -136,7 +248,34 @@ class FlattenHeads(Rule):
         "them flat. HF's `.view(bsz, len, heads, dim).transpose(1, 2)` and the matching "
         "`.reshape(...).contiguous()` on the output are removed inside attention forward."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        k = self.k_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        v = self.v_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out.reshape(*x.shape[:-1], -1).contiguous()\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
+    ]
 
     def leave_Call(self, original, updated):
         if not self.plan.attention(self.current_class or "") or self.current_function != "forward":
@@ -158,7 +297,55 @@ class FuseQkv(Rule):
         "call), not by name. In forward, one `qkv_proj` call and a split by per-rank sizes "
         "replace the three calls."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, "
+            "config.num_heads, config.num_kv_heads, bias=True, quant_config=quant_config, "
+            'prefix=f"{prefix}.qkv_proj")\n'
+            "        self.q_size = self.qkv_proj.num_heads * self.head_dim\n"
+            "        self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim\n\n"
+            "    def forward(self, x):\n        qkv, _ = self.qkv_proj(x)\n"
+            "        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x):\n"
+            "        out, _ = attention_interface(self, self.q_proj(x), self.k_proj(x), "
+            "self.v_proj(x), None, scaling=1.0)\n        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, "
+            "config.num_heads, config.num_kv_heads, bias=True, quant_config=quant_config, "
+            'prefix=f"{prefix}.qkv_proj")\n'
+            "        self.q_size = self.qkv_proj.num_heads * self.head_dim\n"
+            "        self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim\n\n"
+            "    def forward(self, x):\n        qkv, _ = self.qkv_proj(x)\n"
+            "        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=1.0)\n"
+            "        return out\n",
+        ),
+    ]
 
     def leave_FunctionDef(self, original, updated):
         cls = self.current_class
