@@ -28,7 +28,29 @@ class FuseGateUp(Rule):
         "`down(act_and_mul(gate_up(x)))`. Found by the expression's shape (an activation of one "
         "column projection times another of the same input), not by names."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, "
+            "bias=False)\n"
+            "        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, "
+            "bias=False)\n"
+            "        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, "
+            "bias=False)\n        self.act_fn = ACT2FN[config.hidden_act]\n\n"
+            "    def forward(self, x):\n"
+            "        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, "
+            "[config.intermediate_size] * 2, bias=False, quant_config=quant_config, "
+            'prefix=f"{prefix}.gate_up_proj")\n'
+            "        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, "
+            "bias=False)\n        self.act_fn = get_act_and_mul_fn(config.hidden_act)\n\n"
+            "    def forward(self, x):\n"
+            "        return self.down_proj(self.act_fn(self.gate_up_proj(x)[0]))\n",
+        ),
+    ]
 
     def leave_FunctionDef(self, original, updated):
         cls = self.current_class
@@ -86,7 +108,34 @@ class TpLinears(Rule):
         "it is row-parallel (all-reduce after), a stand-alone one is replicated. Engine linears "
         "return `(output, bias)`: call sites unpack `y, _ = self.proj(x)` or take `[0]`."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=False)\n\n"
+            "    def forward(self, x):\n        h = self.fc1(x)\n"
+            "        return self.fc2(torch.relu(h))\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, "
+            'bias=True, quant_config=quant_config, prefix=f"{prefix}.fc1")\n'
+            "        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=False, "
+            'quant_config=quant_config, prefix=f"{prefix}.fc2")\n\n    def forward(self, x):\n'
+            "        h, _ = self.fc1(x)\n        return self.fc2(torch.relu(h))[0]\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass Head(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
+            "    def forward(self, x):\n        return self.proj(x)\n",
+            "from torch import nn\n\n\nclass Head(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.proj = ReplicatedLinear(config.hidden_size, config.hidden_size, "
+            'bias=True, quant_config=quant_config, prefix=f"{prefix}.proj")\n\n'
+            "    def forward(self, x):\n        return self.proj(x)[0]\n",
+        ),
+    ]
 
     def _role(self, attr: str | None) -> str | None:
         if attr is None:
@@ -130,7 +179,22 @@ class VocabEmbedding(Rule):
         "`VocabParallelEmbedding`: the vocabulary is padded and split across ranks. Other "
         "embeddings (learned positions) stay replicated. `padding_idx` is a training detail."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, "
+            "config.pad_token_id)\n"
+            "        self.embed_positions = nn.Embedding(config.max_position_embeddings, "
+            "config.hidden_size)\n",
+            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, "
+            'config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.embed_tokens")\n'
+            "        self.embed_positions = nn.Embedding(config.max_position_embeddings, "
+            "config.hidden_size)\n",
+        ),
+    ]
 
     def leave_Assign(self, original, updated):
         if self.current_function != "__init__" or len(updated.targets) != 1:
@@ -153,7 +217,37 @@ class EngineNorms(Rule):
         "for the zero-centred kind) and `nn.LayerNorm` become the engine's `RMSNorm` / "
         "`GemmaRMSNorm` / `LayerNorm`, which have the same parameters and fused kernels."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n    def forward(self, x):\n"
+            "        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, "
+            "keepdim=True) + self.eps)\n\n\nclass ALayer(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.input_layernorm = ARMSNorm(config.hidden_size, "
+            "eps=config.rms_norm_eps)\n"
+            "        self.final_layer_norm = nn.LayerNorm(config.hidden_size)\n",
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n    def forward(self, x):\n"
+            "        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, "
+            "keepdim=True) + self.eps)\n\n\nclass ALayer(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)\n"
+            "        self.final_layer_norm = LayerNorm(config.hidden_size)\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n    def forward(self, x):\n"
+            "        return x * torch.rsqrt(x.pow(2).mean(-1, "
+            "keepdim=True) + self.eps) * (1.0 + self.weight)\n\n\nclass ALayer(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.input_layernorm = ARMSNorm(config.hidden_size, "
+            "eps=config.rms_norm_eps)\n",
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n    def forward(self, x):\n"
+            "        return x * torch.rsqrt(x.pow(2).mean(-1, "
+            "keepdim=True) + self.eps) * (1.0 + self.weight)\n\n\nclass ALayer(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.input_layernorm = GemmaRMSNorm(config.hidden_size, "
+            "eps=config.rms_norm_eps)\n",
+        ),
+    ]
 
     def leave_Call(self, original, updated):
         if not self.kept(self.current_class) or self.current_function != "__init__":
