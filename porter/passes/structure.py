@@ -149,7 +149,39 @@ class ThreadPrefix(Rule):
         "`quant_config` and `prefix` parameters, and passes `prefix=f\"{prefix}.<attr>\"` (with the "
         "layer index inside `nn.ModuleList([...])`) to the modules it builds."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)\n\n"
+            "    def forward(self, x):\n        return self.fc2(self.fc1(x))\n\n\n"
+            "class Layer(nn.Module):\n    def __init__(self, config, layer_idx):\n"
+            "        super().__init__()\n        self.mlp = MLP(config)\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.layers = nn.ModuleList([Layer(config, "
+            "i) for i in range(config.num_hidden_layers)])\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n"
+            "    def __init__(self, config, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n"
+            "        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)\n\n"
+            "    def forward(self, x):\n        return self.fc2(self.fc1(x))\n\n\n"
+            "class Layer(nn.Module):\n"
+            "    def __init__(self, config, layer_idx, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n"
+            "        self.mlp = MLP(config, cache_config=cache_config, quant_config=quant_config, "
+            'prefix=f"{prefix}.mlp")\n\n\nclass AModel(nn.Module):\n'
+            "    def __init__(self, config, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n"
+            "        self.layers = nn.ModuleList([Layer(config, i, cache_config=cache_config, "
+            "quant_config=quant_config, "
+            'prefix=f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)])\n',
+        ),
+    ]
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -231,7 +263,37 @@ class MatchCalleeParams(Rule):
         "them. Once signatures are stripped, a keyword argument the called module's forward does "
         "not accept would fail at run time: it is dropped from the call."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def forward(self, x):\n"
+            "        return x\n\n\nclass Layer(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.mlp = MLP(config)\n\n"
+            "    def forward(self, x, positions):\n"
+            "        return self.mlp(x, positions=positions)\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def forward(self, x):\n"
+            "        return x\n\n\nclass Layer(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.mlp = MLP(config)\n\n"
+            "    def forward(self, x, positions):\n        return self.mlp(x)\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass Layer(nn.Module):\n"
+            "    def forward(self, x, positions):\n        return x\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.layers = nn.ModuleList([Layer(config) for _ in "
+            "range(config.num_hidden_layers)])\n\n    def forward(self, x, positions):\n"
+            "        for layer in self.layers:\n"
+            "            x = layer(x, positions=positions, use_cache=True)\n        return x\n",
+            "from torch import nn\n\n\nclass Layer(nn.Module):\n"
+            "    def forward(self, x, positions):\n        return x\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.layers = nn.ModuleList([Layer(config) for _ in "
+            "range(config.num_hidden_layers)])\n\n    def forward(self, x, positions):\n"
+            "        for layer in self.layers:\n            x = layer(x, positions=positions)\n"
+            "        return x\n",
+        ),
+    ]
 
     def visit_Module(self, node: cst.Module) -> None:
         self._accepts: dict[str, set[str] | None] = {}
