@@ -10,7 +10,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import code, dotted, self_attr
 from porter.plan import linear_args
-from porter.passes.base import Rule
+from porter.passes.base import Example, Rule
 
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), keep_trailing_newline=True,
@@ -37,7 +37,60 @@ class CausalLmInterface(Rule):
         "rendered from templates/load_weights.py.j2 with the plan's stacked q/k/v and gate/up "
         "mapping, so the fused layers and their loader always agree."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
+            "class AForCausalLM(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.model = AModel(config)\n"
+            "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
+            "\n    def forward(self, input_ids):\n"
+            "        return self.lm_head(self.model(input_ids=input_ids))\n",
+            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
+            "class AForCausalLM(nn.Module):\n"
+            "    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ''):\n"
+            "        super().__init__()\n        config = vllm_config.model_config.hf_config\n"
+            "        cache_config = vllm_config.cache_config\n"
+            "        quant_config = vllm_config.quant_config\n        self.config = config\n"
+            "        self.model = AModel(config)\n"
+            "        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, "
+            'quant_config=quant_config, prefix=maybe_prefix(prefix, "lm_head"))\n'
+            "        if config.tie_word_embeddings:\n"
+            "            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)\n"
+            "        self.logits_processor = LogitsProcessor(config.vocab_size)\n"
+            "    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:\n"
+            "        return self.model.embed_tokens(input_ids)\n    \n    \n    def forward(\n"
+            "        self,\n        input_ids: torch.Tensor | None,\n"
+            "        positions: torch.Tensor,\n"
+            "        intermediate_tensors: IntermediateTensors | None = None,\n"
+            "        inputs_embeds: torch.Tensor | None = None,\n    ) -> torch.Tensor:\n"
+            "        return self.model(input_ids=input_ids, positions=positions, "
+            "inputs_embeds=inputs_embeds)\n    \n    \n"
+            "    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:\n"
+            "        return self.logits_processor(self.lm_head, hidden_states)\n    \n    \n"
+            "    def load_weights(self, weights: Iterable[tuple[str, "
+            "torch.Tensor]]) -> set[str]:\n        stacked_params_mapping = [\n"
+            "            # (param_name, shard_name, shard_id)\n        ]\n"
+            "        params_dict = dict(self.named_parameters())\n"
+            "        loaded_params: set[str] = set()\n"
+            "        for name, loaded_weight in weights:\n"
+            '            if "rotary_emb.inv_freq" in name:\n                continue\n'
+            '            if self.config.tie_word_embeddings and name.startswith("lm_head."):\n'
+            "                continue\n"
+            "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
+            "                if shard_name not in name:\n                    continue\n"
+            "                name = name.replace(shard_name, param_name)\n"
+            "                param = params_dict[name]\n"
+            "                param.weight_loader(param, loaded_weight, shard_id)\n"
+            "                break\n            else:\n                param = params_dict[name]\n"
+            '                weight_loader = getattr(param, "weight_loader", '
+            "default_weight_loader)\n                weight_loader(param, loaded_weight)\n"
+            "            loaded_params.add(name)\n        return loaded_params\n",
+        ),
+    ]
 
     def leave_ClassDef(self, original, updated):
         super().leave_ClassDef(original, updated)
@@ -123,7 +176,38 @@ class PruneUnreachable(Rule):
         "the PreTrainedModel base, replaced norm and rotary classes and helper functions no kept "
         "code calls any more (rotate_half, repeat_kv, eager attention) are removed."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n    def forward(self, x):\n"
+            "        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, "
+            "keepdim=True) + self.eps)\n\n\ndef rotate_half(x):\n"
+            "    return torch.cat((-x[..., 1:], x[..., :1]), dim=-1)\n\n\n"
+            "class ALayer(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.norm = RMSNorm(config.hidden_size)\n",
+            "from torch import nn\n\n\nclass ALayer(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.norm = RMSNorm(config.hidden_size)\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
+            "class AForCausalLM(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.model = AModel(config)\n"
+            "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
+            "\n    def forward(self, input_ids):\n"
+            "        return self.lm_head(self.model(input_ids=input_ids))\n\n\n"
+            "class AForSequenceClassification(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.model = AModel(config)\n",
+            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
+            "class AForCausalLM(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.model = AModel(config)\n"
+            "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
+            "\n    def forward(self, input_ids):\n"
+            "        return self.lm_head(self.model(input_ids=input_ids))\n",
+        ),
+    ]
 
     def leave_Module(self, original, updated):
         keep = set(self.plan.classes)
@@ -167,7 +251,20 @@ class EngineImports(Rule):
         "each engine symbol is imported from the module the target's symbol map names "
         "(rules/targets.yaml), so one plan yields a vLLM and an Aphrodite port."
     )
-    examples = []
+    examples = [
+        Example(
+            '"""A model."""\nimport math\nimport torch\nfrom torch import nn\n\n\n'
+            "class A(nn.Module):\n    def forward(self, x) -> torch.Tensor:\n        return x\n",
+            '"""A model."""\nimport torch\nfrom torch import nn\n\n\nclass A(nn.Module):\n'
+            "    def forward(self, x) -> torch.Tensor:\n        return x\n",
+        ),
+        Example(
+            "from typing import Optional\nimport torch\n\n\n"
+            "def load_weights(weights: Iterable[tuple[str, torch.Tensor]]):\n    pass\n",
+            "from collections.abc import Iterable\nimport torch\n\n\n"
+            "def load_weights(weights: Iterable[tuple[str, torch.Tensor]]):\n    pass\n",
+        ),
+    ]
 
     def leave_Module(self, original, updated):
         used = {
