@@ -16,7 +16,7 @@ CASES = [
 
 @pytest.mark.parametrize("rule,i,example", CASES)
 def test_rule_example(rule, i, example):
-    assert apply_rule(rule, example.before) == example.after
+    assert apply_rule(rule, example.before, seed=example.seed) == example.after
 
 
 def test_every_rule_has_examples_and_a_why():

@@ -9,7 +9,6 @@ from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLi
 from porter.passes.signatures import StripHfParams
 from porter.passes.structure import (
     FixCallArity,
-    MatchCalleeParams,
     ThreadPositions,
     MatchCalleeParams,
     ThreadPrefix,

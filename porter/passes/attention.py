@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, dotted, self_attr, self_call_attr
+from porter.analysis.cstutil import assigned_names, dotted, self_call_attr
 from porter.passes.base import Example, Rule
 
 

@@ -26,6 +26,9 @@ REGISTRY: dict[str, type[Rule]] = {}
 class Example:
     before: str
     after: str
+    # context an earlier rule would have left (e.g. {"needs_positions": {"Attn"}}), for rules
+    # that act on what other rules found
+    seed: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +56,9 @@ class Rule(cst.CSTTransformer):
     name: ClassVar[str] = ""
     why: ClassVar[str] = ""
     examples: ClassVar[list[Example]] = []
+    # Most rules only rewrite the classes the port keeps; skipping the rest (other heads,
+    # PreTrainedModel, module-level HF helpers) is most of convert's speed.
+    visits_dropped_code: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
@@ -71,7 +77,9 @@ class Rule(cst.CSTTransformer):
     # -- scope tracking for provenance ---------------------------------------------------
     def visit_ClassDef(self, node: cst.ClassDef) -> bool | None:
         self.scope.append(node.name.value)
-        return True
+        if self.visits_dropped_code or len(self.scope) > 1:
+            return True
+        return node.name.value in self.plan.classes or (not self.plan.causal_lm)
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         self.scope.pop()
@@ -79,7 +87,9 @@ class Rule(cst.CSTTransformer):
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
         self.scope.append(node.name.value)
-        return True
+        if self.visits_dropped_code or len(self.scope) > 1 or not self.plan.causal_lm:
+            return True
+        return False  # module-level helpers: HF-only, pruned at the end
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         self.scope.pop()

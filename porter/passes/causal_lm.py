@@ -169,6 +169,7 @@ class CausalLmInterface(Rule):
 
 
 class PruneUnreachable(Rule):
+    visits_dropped_code = True
     code = "PT060"
     name = "prune-unreachable"
     why = (
@@ -244,6 +245,7 @@ class PruneUnreachable(Rule):
 
 
 class EngineImports(Rule):
+    visits_dropped_code = True
     code = "PT070"
     name = "engine-imports"
     why = (

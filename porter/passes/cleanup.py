@@ -10,6 +10,7 @@ from porter.passes.base import Example, Rule
 
 
 class DropHfImports(Rule):
+    visits_dropped_code = True
     code = "PT001"
     name = "drop-hf-imports"
     why = (

@@ -10,12 +10,14 @@ from porter.plan import build_plan
 from porter.rules_data import get_target, strip_table
 
 
-def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm") -> str:
+def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm", seed: dict | None = None) -> str:
     """Index and plan the snippet (every class counts as kept), then run only this rule."""
     module = parse(before, "<example>")
     idx = build_index(module, "<example>")
     plan = build_plan(idx, strip_table(), "example", "<example>", partial=True)
     ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=get_target(target))
+    for key, value in (seed or {}).items():
+        getattr(ctx, key).update(value)
     out = module.visit(rule_cls(ctx))
     assert isinstance(out, cst.Module)
     return out.code

@@ -49,7 +49,13 @@ class ThreadPositions(Rule):
         "reads `positions` gets a `positions` parameter and passes it on (`positions=positions`), "
         "found by following sub-module calls (including `for layer in self.layers`)."
     )
-    examples = []
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def forward(self, x, positions):\n        return x\n\n\nclass Layer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.self_attn = Attn(config)\n\n    def forward(self, x, scale=1.0):\n        return self.self_attn(x) * scale\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.layers = nn.ModuleList([Layer(config) for _ in range(2)])\n\n    def forward(self, x, positions):\n        for layer in self.layers:\n            x = layer(x)\n        return x\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def forward(self, x, positions):\n        return x\n\n\nclass Layer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.self_attn = Attn(config)\n\n    def forward(self, x, positions: torch.Tensor, scale=1.0):\n        return self.self_attn(x, positions=positions) * scale\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.layers = nn.ModuleList([Layer(config) for _ in range(2)])\n\n    def forward(self, x, positions):\n        for layer in self.layers:\n            x = layer(x, positions=positions)\n        return x\n",
+            seed={"needs_positions": {"Attn"}},
+        )
+    ]
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -80,7 +86,15 @@ class ThreadPositions(Rule):
         if "positions" in param_names(updated):
             return updated
         params = list(updated.params.params)
-        params.insert(1, cst.Param(cst.Name("positions"), annotation=cst.Annotation(cst.parse_expression("torch.Tensor"))))
+        # after the required parameters: positional callers keep working, callers pass positions=
+        at = next((i for i, p in enumerate(params) if p.default is not None), len(params))
+        params.insert(
+            at,
+            cst.Param(
+                cst.Name("positions"),
+                annotation=cst.Annotation(cst.parse_expression("torch.Tensor")),
+            ),
+        )
         params = [p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in params]
         self.mark(f"{cls}.forward")
         return updated.with_changes(params=updated.params.with_changes(params=params))
@@ -88,7 +102,11 @@ class ThreadPositions(Rule):
     def visit_For(self, node: cst.For) -> None:
         it, target = node.iter, node.target
         # `for i, layer in enumerate(self.layers[...])` binds `layer` like `for layer in self.layers`
-        if m.matches(it, m.Call(func=m.Name("enumerate"))) and isinstance(target, cst.Tuple) and len(target.elements) == 2:
+        if (
+            m.matches(it, m.Call(func=m.Name("enumerate")))
+            and isinstance(target, cst.Tuple)
+            and len(target.elements) == 2
+        ):
             it, target = it.args[0].value, target.elements[1].value  # type: ignore[attr-defined]
         if isinstance(it, cst.Subscript):
             it = it.value
@@ -110,8 +128,13 @@ class ThreadPositions(Rule):
         if any(a.keyword is not None and a.keyword.value == "positions" for a in updated.args):
             return updated
         args = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in updated.args]
-        args.append(cst.Arg(cst.Name("positions"), keyword=cst.Name("positions"),
-                            equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))))
+        args.append(
+            cst.Arg(
+                cst.Name("positions"),
+                keyword=cst.Name("positions"),
+                equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")),
+            )
+        )
         return updated.with_changes(args=args)
 
 
@@ -123,7 +146,13 @@ class FixCallArity(Rule):
         "alone (weights were HF-only), so callers that unpacked `h, _ = self.self_attn(...)` "
         "bind `h = self.self_attn(...)`."
     )
-    examples = []
+    examples = [
+        Example(
+            "class Layer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.self_attn = Attn(config)\n\n    def forward(self, x):\n        h, _ = self.self_attn(x)\n        return h\n",
+            "class Layer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.self_attn = Attn(config)\n\n    def forward(self, x):\n        h = self.self_attn(x)\n        return h\n",
+            seed={"single_return": {"Attn"}},
+        )
+    ]
 
     def leave_Assign(self, original, updated):
         cls = self.current_class
@@ -146,7 +175,7 @@ class ThreadPrefix(Rule):
         "Engine layers are named by a `prefix` (`model.layers.3.self_attn.attn` must be unique per "
         "Attention; quantization looks layers up by it) and take the cache and quantization "
         "configs. Every module class that builds engine layers gains `cache_config`, "
-        "`quant_config` and `prefix` parameters, and passes `prefix=f\"{prefix}.<attr>\"` (with the "
+        '`quant_config` and `prefix` parameters, and passes `prefix=f"{prefix}.<attr>"` (with the '
         "layer index inside `nn.ModuleList([...])`) to the modules it builds."
     )
     examples = [
@@ -209,11 +238,25 @@ class ThreadPrefix(Rule):
         if cls not in self._needs or len(self.scope) != 1 or updated.name.value != "__init__":
             return updated
         extra = [
-            cst.Param(cst.Name("cache_config"), annotation=cst.Annotation(cst.parse_expression(
-                f"{self.ctx.use('CacheConfig')} | None")), default=cst.Name("None")),
-            cst.Param(cst.Name("quant_config"), annotation=cst.Annotation(cst.parse_expression(
-                f"{self.ctx.use('QuantizationConfig')} | None")), default=cst.Name("None")),
-            cst.Param(cst.Name("prefix"), annotation=cst.Annotation(cst.Name("str")), default=cst.SimpleString('""')),
+            cst.Param(
+                cst.Name("cache_config"),
+                annotation=cst.Annotation(
+                    cst.parse_expression(f"{self.ctx.use('CacheConfig')} | None")
+                ),
+                default=cst.Name("None"),
+            ),
+            cst.Param(
+                cst.Name("quant_config"),
+                annotation=cst.Annotation(
+                    cst.parse_expression(f"{self.ctx.use('QuantizationConfig')} | None")
+                ),
+                default=cst.Name("None"),
+            ),
+            cst.Param(
+                cst.Name("prefix"),
+                annotation=cst.Annotation(cst.Name("str")),
+                default=cst.SimpleString('""'),
+            ),
         ]
         have = set(param_names(updated))
         params = list(updated.params.params) + [p for p in extra if p.name.value not in have]
@@ -237,20 +280,27 @@ class ThreadPrefix(Rule):
             if top:
                 self.ctx.use("maybe_prefix")
             return updated.with_changes(value=self._with_kwargs(value, pfx))
-        if isinstance(value, cst.Call) and m.matches(value, m.Call(args=[m.Arg(m.ListComp(elt=m.Call()))])):
+        if isinstance(value, cst.Call) and m.matches(
+            value, m.Call(args=[m.Arg(m.ListComp(elt=m.Call()))])
+        ):
             comp = value.args[0].value
             if dotted(comp.elt.func) in self._needs and isinstance(comp.for_in.target, cst.Name):  # type: ignore[attr-defined]
                 loop = comp.for_in.target.value  # type: ignore[attr-defined]
                 pfx = f'f"{{prefix}}.{attr}.{{{loop}}}"'
                 new_comp = comp.with_changes(elt=self._with_kwargs(comp.elt, pfx))  # type: ignore[attr-defined]
-                return updated.with_changes(value=value.with_changes(
-                    args=[value.args[0].with_changes(value=new_comp)]))
+                return updated.with_changes(
+                    value=value.with_changes(args=[value.args[0].with_changes(value=new_comp)])
+                )
         return updated
 
     def _with_kwargs(self, call: cst.Call, prefix_expr: str) -> cst.Call:
         args = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in call.args]
         eq = cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))
-        for kw, val in (("cache_config", "cache_config"), ("quant_config", "quant_config"), ("prefix", prefix_expr)):
+        for kw, val in (
+            ("cache_config", "cache_config"),
+            ("quant_config", "quant_config"),
+            ("prefix", prefix_expr),
+        ):
             args.append(cst.Arg(cst.parse_expression(val), keyword=cst.Name(kw), equal=eq))
         return call.with_changes(args=args)
 
@@ -307,7 +357,11 @@ class MatchCalleeParams(Rule):
 
     def visit_For(self, node: cst.For) -> None:
         it, target = node.iter, node.target
-        if m.matches(it, m.Call(func=m.Name("enumerate"))) and isinstance(target, cst.Tuple) and len(target.elements) == 2:
+        if (
+            m.matches(it, m.Call(func=m.Name("enumerate")))
+            and isinstance(target, cst.Tuple)
+            and len(target.elements) == 2
+        ):
             it, target = it.args[0].value, target.elements[1].value  # type: ignore[attr-defined]
         if isinstance(it, cst.Subscript):
             it = it.value

@@ -135,7 +135,7 @@ class LlamaAttention(nn.Module):
             prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor):
         qkv, _ = self.qkv_proj(hidden_states)
         query_states, key_states, value_states = qkv.split(
             [self.q_size, self.kv_size, self.kv_size], dim=-1

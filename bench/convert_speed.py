@@ -1,0 +1,51 @@
+"""Converter speed: median seconds to convert one modeling file (in one process, after imports).
+
+    .venv/bin/python bench/convert_speed.py [--repeats 7] [model_type ...]
+
+Prints per model and target the median of N conversions (index + plan + all rewrite passes +
+templates + formatting; nothing written), and the whole set's total. Not a test: a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from porter.convert import analyse, convert_one
+from porter.rules_data import get_target
+from porter.source import resolve
+
+DEFAULT = ["opt", "llama", "mistral", "qwen2"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=DEFAULT)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    convert_one(*_prep("llama"), get_target("vllm"))  # warm imports and caches
+    total = 0.0
+    print(f"{'model':10} {'target':10} {'median s':>9} {'min s':>7}")
+    for model in args.models:
+        for target in ("vllm", "aphrodite"):
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                source, idx, plan = _prep(model)
+                convert_one(source, idx, plan, get_target(target))
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            total += med
+            print(f"{model:10} {target:10} {med:9.3f} {min(times):7.3f}")
+    print(f"all {len(args.models)} models x 2 targets: {total:.2f} s (sum of medians)")
+
+
+def _prep(model: str):
+    source = resolve(model)
+    idx, plan = analyse(source)
+    return source, idx, plan
+
+
+if __name__ == "__main__":
+    main()
