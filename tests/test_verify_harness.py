@@ -104,3 +104,43 @@ def test_verify_fails_on_a_port_with_k_and_v_swapped(tmp_path):
     assert f"prompt {c.first_over.prompt} {c.first_over.phase}" in report.reason
     as_json = render_report(report, json=True)
     assert '"first_over"' in as_json and '"exit_code": 1' in as_json
+
+
+class _DropWeights(cst.CSTTransformer):
+    """Make every load_weights silently skip the checkpoint tensors whose name contains ``part``."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self.patched = 0
+
+    def leave_FunctionDef(self, original, updated):
+        if updated.name.value != "load_weights" or len(updated.params.params) < 2:
+            return updated
+        arg = updated.params.params[1].name.value
+        stmt = cst.parse_statement(
+            f"{arg} = ((n, w) for n, w in {arg} if {self.part!r} not in n)\n"
+        )
+        self.patched += 1
+        body = updated.body.with_changes(body=[stmt, *updated.body.body])
+        return updated.with_changes(body=body)
+
+
+def test_verify_names_parameters_a_port_leaves_unfilled(tmp_path):
+    # vLLM's own strict check exempts linear layers, so only verify's probe sees this one
+    src = PORTS / "llama"
+    info = PortInfo.load(src)
+    broken = tmp_path / "llama"
+    shutil.copytree(src, broken, ignore=shutil.ignore_patterns("__pycache__"))
+    modeling = broken / (info.module.replace(".", "/") + ".py")
+    drop = _DropWeights("mlp.down_proj")
+    modeling.write_text(cst.parse_module(modeling.read_text()).visit(drop).code)
+    assert drop.patched >= 1
+
+    report = run_verify(broken, tps=[1])
+    text = render_report(report, json=False)
+    assert report.exit_code == 2, text
+    (r,) = report.results
+    assert r.class_ok, text
+    expected = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)}
+    assert expected <= set(r.port.unfilled), text
+    assert "model.layers.0.mlp.down_proj.weight" in report.reason
