@@ -168,6 +168,14 @@ class Planner:
             return "GemmaRMSNorm"
         return "RMSNorm"
 
+    def holds_projections(self, cls: str, seen: frozenset[str] = frozenset()) -> bool:
+        """A file class that builds linears (itself or through its sub-modules)."""
+        info = self.idx.classes.get(cls)
+        if info is None or cls in seen:
+            return False
+        return bool(info.linears()) or any(
+            self.holds_projections(s.ctor, seen | {cls}) for s in info.submodules.values())
+
     def is_rotary(self, info: ClassInfo) -> bool:
         init = info.method("__init__")
         return init is not None and "inv_freq" in code(init) and info.method("forward") is not None
@@ -266,7 +274,8 @@ class Planner:
         def is_attn_call(call: cst.Call) -> bool:
             return dotted(call.func) in attn_names
 
-        flow = forward_flow(fwd, set(info.submodules), is_attn_call, self.table.strip_params)
+        opaque = {a for a, sub in info.submodules.items() if self.holds_projections(sub.ctor)}
+        flow = forward_flow(fwd, set(info.submodules), is_attn_call, self.table.strip_params, set(linears), opaque)
         lin = set(linears)
         roles: dict[str, str] = {}
         if flow.attention_calls:

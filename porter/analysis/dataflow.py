@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from porter.analysis.cstutil import assigned_names, dotted, names_in, param_names, self_call_attr
+from porter.analysis.cstutil import assigned_names, dotted, names_in, param_names, self_attr, self_call_attr
 
 ATTN = "@attn"
 
@@ -27,11 +27,15 @@ class Flow:
 
 
 class _Flow:
-    def __init__(self, submodules: set[str], is_attention_call, hf_only: frozenset[str]) -> None:
+    def __init__(self, submodules: set[str], is_attention_call, hf_only: frozenset[str],
+                 linears: set[str], opaque: set[str]) -> None:
         self.submodules = submodules
+        self.linears = linears
+        self.opaque = opaque
         self.hf_only = hf_only
         self.is_attention_call = is_attention_call
         self.env: dict[str, set[str]] = {}
+        self.loop_modules: dict[str, str] = {}
         self.flow = Flow()
 
     def origins(self, node: cst.CSTNode) -> set[str]:
@@ -39,12 +43,16 @@ class _Flow:
             return set(self.env.get(node.value, set()))
         if isinstance(node, cst.Call):
             attr = self_call_attr(node)
+            if attr is None and isinstance(node.func, cst.Name):
+                attr = self.loop_modules.get(node.func.value)  # `for layer in self.layers: layer(h)`
             arg_origins: set[str] = set()
             for a in node.args:
                 arg_origins |= self.origins(a.value)
             if attr is not None and attr in self.submodules:
                 self.flow.module_inputs.setdefault(attr, set()).update(arg_origins)
-                return {attr}
+                if attr in self.linears or attr in self.opaque:
+                    return {attr}
+                return {attr} | arg_origins  # norms and other leaf modules pass their input's origins on
             if self.is_attention_call(node):
                 per_arg = [self.origins(a.value) for a in node.args if a.keyword is None]
                 self.flow.attention_calls.append((node, per_arg))
@@ -109,15 +117,28 @@ class _Flow:
             o = self.origins(st.iter)
             for n in assigned_names(st.target):
                 self.env[n] = o
+            it, target = st.iter, st.target
+            if isinstance(it, cst.Call) and dotted(it.func) == "enumerate" and isinstance(target, cst.Tuple) \
+                    and len(target.elements) == 2:
+                it, target = it.args[0].value, target.elements[1].value
+            if isinstance(it, cst.Subscript):
+                it = it.value
+            attr = self_attr(it)
+            if attr in self.submodules and isinstance(target, cst.Name):
+                self.loop_modules[target.value] = attr
             self.run(list(st.body.body))
         elif isinstance(st, (cst.With, cst.While)):
             self.run(list(st.body.body))
 
 
 def forward_flow(
-    fn: cst.FunctionDef, submodules: set[str], is_attention_call, hf_only: frozenset[str] = frozenset()
+    fn: cst.FunctionDef, submodules: set[str], is_attention_call, hf_only: frozenset[str] = frozenset(),
+    linears: set[str] | None = None, opaque: set[str] | None = None,
 ) -> Flow:
-    f = _Flow(submodules, is_attention_call, hf_only)
+    """`opaque` sub-modules (ones holding their own projections) end a sharded region: their
+    output does not carry their input's origins. Leaf modules (norms, activations) do."""
+    f = _Flow(submodules, is_attention_call, hf_only, submodules if linears is None else linears,
+              set() if opaque is None else opaque)
     for p in param_names(fn):
         if p != "self":
             f.env[p] = {f"param:{p}"}

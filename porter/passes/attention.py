@@ -280,11 +280,32 @@ class FlattenHeads(Rule):
     def leave_Call(self, original, updated):
         if not self.plan.attention(self.current_class or "") or self.current_function != "forward":
             return updated
-        if isinstance(updated.func, cst.Attribute) and updated.func.attr.value in (
-            "view", "reshape", "transpose", "contiguous"
-        ):
-            return updated.func.value
+        attr = self_call_attr(updated)
+        if attr is not None and len(updated.args) == 1 and self._is_shape_op(original.args[0].value) \
+                and attr not in self._linears():
+            # a per-head module (q_norm over head_dim): split heads around it, keep flat outside
+            x = self._strip_shape(original.args[0].value)
+            per_head = cst.parse_expression("X.unflatten(-1, (-1, self.head_dim))").with_changes(
+                func=cst.Attribute(value=x, attr=cst.Name("unflatten")))
+            return cst.parse_expression("Y.flatten(-2)").with_changes(func=cst.Attribute(
+                value=updated.with_changes(args=[cst.Arg(per_head)]), attr=cst.Name("flatten")))
+        if self._is_shape_op(updated):
+            return updated.func.value  # type: ignore[attr-defined]
         return updated
+
+    def _linears(self) -> set[str]:
+        info = self.ctx.idx.classes.get(self.current_class or "")
+        return set(info.linears()) if info else set()
+
+    @staticmethod
+    def _is_shape_op(node: cst.BaseExpression) -> bool:
+        return isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and \
+            node.func.attr.value in ("view", "reshape", "transpose", "contiguous")
+
+    def _strip_shape(self, node: cst.BaseExpression) -> cst.BaseExpression:
+        while self._is_shape_op(node):
+            node = node.func.value  # type: ignore[attr-defined]
+        return node
 
 
 class FuseQkv(Rule):
