@@ -88,17 +88,29 @@ class Segment:
         return [t for _, t in self.lines]
 
 
-def _span(node: ast.stmt) -> tuple[int, int]:
+def _span(node: ast.stmt, src: list[str]) -> tuple[int, int]:
+    """1-based line span of a definition with its decorators and the comment lines right above it."""
     start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+    while start > 1 and src[start - 2].lstrip().startswith("#"):
+        start -= 1
     return start, node.end_lineno or node.lineno
 
 
-def _trim(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    while lines and not lines[0][1].strip():
-        lines = lines[1:]
-    while lines and not lines[-1][1].strip():
-        lines = lines[:-1]
-    return lines
+def _tidy(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Blank lines are layout: drop those at the edges, at the gaps left by nested definitions,
+    and runs of more than one."""
+    out: list[tuple[int, str]] = []
+    for n, t in lines:
+        gap = bool(out) and out[-1][0] != n - 1
+        if gap:
+            while out and not out[-1][1].strip():
+                out.pop()
+        if not t.strip() and (not out or gap or not out[-1][1].strip()):
+            continue
+        out.append((n, t))
+    while out and not out[-1][1].strip():
+        out.pop()
+    return out
 
 
 def segments(text: str, skip: int = 0) -> tuple[dict[str, Segment], list[str]]:
@@ -115,13 +127,13 @@ def segments(text: str, skip: int = 0) -> tuple[dict[str, Segment], list[str]]:
         if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         order.append(node.name)
-        a, b = _span(node)
+        a, b = _span(node, src)
         for i in range(a - 1, b):
             owner[i] = node.name
         if isinstance(node, ast.ClassDef):
             for sub in node.body:
                 if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    sa, sb = _span(sub)
+                    sa, sb = _span(sub, src)
                     for i in range(sa - 1, sb):
                         owner[i] = f"{node.name}.{sub.name}"
                     order.append(f"{node.name}.{sub.name}")
@@ -130,7 +142,7 @@ def segments(text: str, skip: int = 0) -> tuple[dict[str, Segment], list[str]]:
         if scope is not None:
             segs.setdefault(scope, Segment(scope, [])).lines.append((i + 1, line))
     for seg in segs.values():
-        seg.lines = _trim(seg.lines)
+        seg.lines = _tidy(seg.lines)
     return segs, order
 
 
