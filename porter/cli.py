@@ -1,4 +1,4 @@
-"""porter's command line: convert, plan, verify, rules."""
+"""porter's command line: convert, plan, verify, rules, diff."""
 
 from __future__ import annotations
 
@@ -104,20 +104,64 @@ def verify(
 
 
 @app.command()
-def rules(code: str | None = typer.Argument(None, help="Show one rule with its examples.")) -> None:
-    """The rule catalogue, built from the rule classes themselves."""
+def rules(
+    code: str | None = typer.Argument(None, help="Show one rule (code or name) with its examples."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The rule catalogue, built from the rule classes themselves (code, name, why, examples)."""
+    import textwrap
+
     from porter.passes import PASSES, REGISTRY
 
+    # the passes in the order they run, then any registered rule that is not (yet) a pass
+    catalogue = list(PASSES) + [r for r in REGISTRY.values() if r not in PASSES]
     if code:
         rule = REGISTRY.get(code) or next((r for r in REGISTRY.values() if r.name == code), None)
         if rule is None:
             _fail(PorterError(f"unknown rule {code!r}", construct="porter rules"))
-        print(f"{rule.code} {rule.name}\n\n{rule.why}\n")
+        if as_json:
+            print(json.dumps({"code": rule.code, "name": rule.name, "why": rule.why, "examples": [
+                {"before": ex.before, "after": ex.after} for ex in rule.examples]}, indent=2))
+            return
+        print(f"{rule.code} {rule.name}\n\n{textwrap.fill(rule.why, 100)}\n")
         for i, ex in enumerate(rule.examples, 1):
             print(f"--- example {i}: before\n{ex.before}--- after\n{ex.after}")
         return
-    for r in PASSES:
-        print(f"{r.code}  {r.name:24} {len(r.examples)} example(s)")
+    if as_json:
+        print(json.dumps([{"code": r.code, "name": r.name, "why": r.why, "examples": len(r.examples),
+                           "pass": r in PASSES} for r in catalogue], indent=2))
+        return
+    for r in catalogue:
+        note = "" if r in PASSES else "  (registered, not in the pass list)"
+        print(f"{r.code}  {r.name:24} {len(r.examples)} example(s){note}")
+        print(textwrap.fill(r.why, 100, initial_indent="    ", subsequent_indent="    "))
+
+
+@app.command()
+def diff(
+    src: str = typer.Argument(..., help="A modeling_*.py path, a model_type, or a committed port directory."),
+    target: str = typer.Option("vllm", help="vllm | aphrodite (a port directory brings its own)"),
+    config: str | None = typer.Option(None, help="configuration_*.py to read statically."),
+    as_json: bool = typer.Option(False, "--json", help="The hunks as JSON: scope, rules, lines."),
+    html_out: Path | None = typer.Option(None, "--html", help="Also write a self-contained side-by-side page."),
+) -> None:
+    """The HF source against the port, class by class, each hunk labelled with the rules that made it."""
+    from porter.diff import diff_port, print_rich, render_html, render_json, render_text
+
+    if target not in TARGETS_ALL:
+        _fail(PorterError(f"unknown target {target!r}", construct="--target"))
+    try:
+        d = diff_port(src, target, config=config)
+    except PorterError as exc:
+        _fail(exc)
+    if html_out is not None:
+        html_out.write_text(render_html(d))
+    if as_json:
+        print(render_json(d))
+    elif sys.stdout.isatty():
+        print_rich(d, Console())
+    else:
+        sys.stdout.write(render_text(d))
 
 
 def main() -> None:  # pragma: no cover
