@@ -164,6 +164,41 @@ def diff(
         sys.stdout.write(render_text(d))
 
 
+@app.command()
+def regen(
+    transformers: str | None = typer.Option(None, "--transformers", help="Release to regenerate from (default: the version each PORT.json records)."),
+    check: bool = typer.Option(False, "--check", help="Regenerate from the recorded versions and compare with the committed ports byte for byte (exit 1 naming each differing file)."),
+    root: Path | None = typer.Option(None, "--root", help="Where the committed ports are (default: generated)."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the ports and DRIFT.md/DRIFT.json (default: the root). With --check and no --root: the ports to check."),
+    verify: bool = typer.Option(False, "--verify", help="Also run porter verify on the regenerated vllm ports."),
+    tp: str = typer.Option("1,2", help="Tensor-parallel sizes for --verify."),
+    force: bool = typer.Option(False, help="Overwrite ports edited by hand."),
+) -> None:
+    """Regenerate every committed port from a transformers release and write the drift report."""
+    from porter import regen as rg
+
+    try:
+        if check:
+            res = rg.check(root or out or Path("generated"))
+            for line in res.errors:
+                print(f"error: {line}")
+            for path in res.differing:
+                print(f"differs: {path}")
+            if not res.ok:
+                raise typer.Exit(1)
+            print(f"{res.checked} port(s) are what porter makes now")
+            return
+        tps = tuple(sorted({int(x) for x in tp.split(",") if x.strip()}))
+        drift = rg.regen(transformers, root=root or Path("generated"), out=out, verify=verify,
+                         tps=tps, force=force, log=lambda m: err.print(m, highlight=False))
+    except PorterError as exc:
+        _fail(exc)
+    dest = out or root or Path("generated")
+    print(f"{dest / rg.DRIFT_MD}: {len(drift['models'])} model(s), failed: {', '.join(drift['failed']) or 'none'}")
+    if drift["failed"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

@@ -1,0 +1,477 @@
+"""Regenerate the committed ports from a transformers release, and report the drift.
+
+Conversion is static, so a release need not be installed: its wheel is fetched with pip into a
+cache and only ``transformers/models/**`` is unpacked from it (never imported). ``regen`` converts
+every committed port's model type (both targets) from that release, writes the ports, and writes
+``DRIFT.md`` / ``DRIFT.json``: per model, the source sha256 before and after, which forward
+signatures changed in the HF source, which rules' outputs changed (rules applied, per-scope
+provenance, the port code of each scope), which generated files changed, what failed to convert
+and why, and the verify result when asked for.
+
+``check`` regenerates each committed port from the transformers version recorded in its
+PORT.json into a temporary directory and compares it with the committed one byte for byte.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from porter import __version__
+from porter.errors import PorterError
+from porter.layout import PORT_JSON, PortInfo
+
+TARGETS = ("vllm", "aphrodite")
+DRIFT_MD = "DRIFT.md"
+DRIFT_JSON = "DRIFT.json"
+IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
+IGNORED_SUFFIXES = (".pyc", ".egg-info")
+
+
+# -- the transformers tree of a release ------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PORTER_CACHE"):
+        return Path(os.environ["PORTER_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "porter"
+
+
+def fetch_wheel(version: str) -> Path:
+    """The transformers wheel of VERSION, downloaded with pip once and then kept in the cache."""
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+         "--disable-pip-version-check", f"transformers=={version}", "-d", str(wheels)],
+        capture_output=True, text=True,
+    )
+    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
+    if proc.returncode != 0 or not found:
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines()
+                 if ln.strip() and not ln.startswith("WARNING")]
+        why = lines[-1].strip() if lines else f"pip exit {proc.returncode}"
+        raise PorterError(f"cannot fetch transformers {version}: {why}", construct="--transformers")
+    return found[0]
+
+
+def transformers_tree(version: str) -> Path:
+    """A transformers package directory for VERSION: the installed one when it is that version,
+    else ``models/**`` unpacked from the release's wheel (cached; never imported)."""
+    from porter.source import installed_transformers_version, transformers_root
+
+    if version == installed_transformers_version():
+        root = transformers_root()
+        if root is not None:
+            return root
+    dest = cache_dir() / "transformers" / version
+    pkg = dest / "transformers"
+    if (dest / ".complete").is_file():
+        return pkg
+    wheel = fetch_wheel(version)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.new-", dir=dest.parent))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.infolist():
+                name = member.filename
+                if not name.startswith("transformers/models/") or member.is_dir():
+                    continue
+                if ".." in Path(name).parts or not name.endswith(".py"):
+                    continue
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(member))
+        (tmp / ".complete").write_text(f"{wheel.name}\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except (OSError, zipfile.BadZipFile) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PorterError(f"cannot unpack {wheel.name}: {exc}", construct="--transformers") from None
+    return pkg
+
+
+# -- committed ports -----------------------------------------------------------------------------
+
+
+def committed_ports(root: Path) -> dict[str, dict[str, PortInfo]]:
+    """model_type -> target -> PortInfo of every port under ROOT/<target>/<model_type>/."""
+    out: dict[str, dict[str, PortInfo]] = {}
+    for target in TARGETS:
+        tdir = Path(root) / target
+        if not tdir.is_dir():
+            continue
+        for pdir in sorted(tdir.iterdir()):
+            if (pdir / PORT_JSON).is_file():
+                try:
+                    info = PortInfo.load(pdir)
+                except (OSError, ValueError, TypeError) as exc:
+                    raise PorterError(f"unreadable {PORT_JSON}: {exc}", file=str(pdir)) from None
+                out.setdefault(info.model_type, {})[target] = info
+    if not out:
+        raise PorterError("no committed ports (no <target>/<model_type>/PORT.json)", file=str(root))
+    return out
+
+
+def _convert(model_type: str, version: str, targets: list[str]):
+    """Convert MODEL_TYPE from transformers VERSION for TARGETS: (source, [Converted])."""
+    from porter.convert import analyse, convert_one
+    from porter.rules_data import get_target
+    from porter.source import resolve
+
+    tree = transformers_tree(version)
+    source = resolve(model_type, transformers_dir=tree, transformers_version=version)
+    idx, plan = analyse(source)
+    return source, [convert_one(source, idx, plan, get_target(t)) for t in targets]
+
+
+def _port_files(port_dir: Path) -> dict[str, bytes]:
+    files = {}
+    for p in sorted(port_dir.rglob("*")):
+        rel = p.relative_to(port_dir)
+        if p.is_dir() or IGNORED_PARTS & set(rel.parts):
+            continue
+        if any(part.endswith(IGNORED_SUFFIXES) for part in rel.parts):
+            continue
+        files[rel.as_posix()] = p.read_bytes()
+    return files
+
+
+# -- check ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckResult:
+    differing: list[str] = field(default_factory=list)  # paths (ROOT-relative paths joined to ROOT)
+    errors: list[str] = field(default_factory=list)  # one line each
+    checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.differing and not self.errors
+
+
+def check(root: Path = Path("generated")) -> CheckResult:
+    """Regenerate each committed port from its recorded transformers version into a temporary
+    directory and compare it with ROOT byte for byte."""
+    from porter.convert import write_port
+
+    root = Path(root)
+    res = CheckResult()
+    with tempfile.TemporaryDirectory(prefix="porter-check-") as tmp:
+        for model_type, by_target in sorted(committed_ports(root).items()):
+            for target, info in sorted(by_target.items()):
+                res.checked += 1
+                try:
+                    _, (conv,) = _convert(model_type, info.transformers_version, [target])
+                    new_dir = write_port(conv, Path(tmp), force=True)
+                except PorterError as exc:
+                    res.errors.append(f"{root / target / model_type}: {exc.one_line()}")
+                    continue
+                old = _port_files(root / target / model_type)
+                new = _port_files(new_dir)
+                for rel in sorted(set(old) | set(new)):
+                    if old.get(rel) != new.get(rel):
+                        res.differing.append(str(root / target / model_type / rel))
+    return res
+
+
+# -- regen and drift -----------------------------------------------------------------------------
+
+
+def _signatures(text: str) -> dict[str, list[str]]:
+    """scope -> parameter names of every function and method in a module's source."""
+    out: dict[str, list[str]] = {}
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return out
+
+    def params(fn) -> list[str]:
+        a = fn.args
+        names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+        if a.vararg:
+            names.append("*" + a.vararg.arg)
+        if a.kwarg:
+            names.append("**" + a.kwarg.arg)
+        return names
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[node.name] = params(node)
+        elif isinstance(node, ast.ClassDef):
+            for sub in node.body:
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out[f"{node.name}.{sub.name}"] = params(sub)
+    return out
+
+
+def _scopes(text: str) -> dict[str, str]:
+    """scope -> source text, with the scopes the provenance uses: "<module>", "Class",
+    "Class.method", "function" (a class's text leaves out its methods; the module's, its defs)."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return {"<module>": text}
+    lines = text.splitlines(keepends=True)
+
+    def seg(node) -> tuple[int, int]:
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        return start - 1, node.end_lineno
+
+    out: dict[str, str] = {}
+    module_keep = [True] * len(lines)
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        a, b = seg(node)
+        module_keep[a:b] = [False] * (b - a)
+        if isinstance(node, ast.ClassDef):
+            keep = [True] * (b - a)
+            for sub in node.body:
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    sa, sb = seg(sub)
+                    out[f"{node.name}.{sub.name}"] = "".join(lines[sa:sb])
+                    keep[sa - a: sb - a] = [False] * (sb - sa)
+            out[node.name] = "".join(ln for ln, k in zip(lines[a:b], keep) if k)
+        else:
+            out[node.name] = "".join(lines[a:b])
+    out["<module>"] = "".join(ln for ln, k in zip(lines, module_keep) if k)
+    return out
+
+
+def _port_module(files: dict[str, str]) -> str:
+    for rel, text in files.items():
+        if "/modeling_" in rel:
+            return text
+    return ""
+
+
+def _rule_names() -> dict[str, str]:
+    from porter.passes import PASSES
+
+    return {r.code: r.name for r in PASSES}
+
+
+def _target_drift(old_conv, old_files: dict[str, bytes], new_conv, names: dict[str, str]) -> dict:
+    """What changed in one port: rules applied, per-scope provenance, per-scope code, files."""
+    new_bytes = {rel: text.encode() for rel, text in new_conv.files.items()}
+    new_bytes[PORT_JSON] = new_conv.info.to_json().encode()
+    files_changed = sorted(rel for rel in set(old_files) | set(new_bytes)
+                           if old_files.get(rel) != new_bytes.get(rel))
+    d: dict = {"status": "converted", "files_changed": files_changed}
+    if old_conv is None:
+        d["rules_added"] = d["rules_removed"] = []
+        d["scopes"] = {}
+        d["rules_output_changed"] = []
+        d["note"] = "the recorded version did not convert; no per-scope comparison"
+        return d
+    old_rules, new_rules = set(old_conv.rules_applied), set(new_conv.rules_applied)
+    d["rules_added"] = sorted(new_rules - old_rules)
+    d["rules_removed"] = sorted(old_rules - new_rules)
+    old_code = _scopes(_port_module(old_conv.files))
+    new_code = _scopes(_port_module(new_conv.files))
+    scopes: dict[str, dict] = {}
+    changed_codes: set[str] = set()
+    for scope in sorted(set(old_conv.provenance) | set(new_conv.provenance) | set(old_code) | set(new_code)):
+        op, np_ = set(old_conv.provenance.get(scope, [])), set(new_conv.provenance.get(scope, []))
+        code_changed = old_code.get(scope) != new_code.get(scope)
+        if op == np_ and not code_changed:
+            continue
+        entry = {"rules_added": sorted(np_ - op), "rules_removed": sorted(op - np_),
+                 "port_code_changed": code_changed}
+        if scope not in old_code and scope in new_code:
+            entry["port_scope"] = "added"
+        elif scope in old_code and scope not in new_code:
+            entry["port_scope"] = "removed"
+        scopes[scope] = entry
+        changed_codes |= (op ^ np_)
+        if code_changed:
+            changed_codes |= (op | np_)
+    d["scopes"] = scopes
+    d["rules_output_changed"] = [f"{c} {names.get(c, '?')}" for c in sorted(changed_codes)]
+    return d
+
+
+def regen(
+    version: str | None = None,
+    *,
+    root: Path = Path("generated"),
+    out: Path | None = None,
+    verify: bool = False,
+    tps: tuple[int, ...] = (1, 2),
+    force: bool = False,
+    log=None,
+) -> dict:
+    """Regenerate every committed port under ROOT from transformers VERSION (None: the version
+    each port records) into OUT (default ROOT), write DRIFT.md / DRIFT.json there, return the
+    drift as data."""
+    from porter.convert import write_port
+
+    root = Path(root)
+    out = Path(out) if out is not None else root
+    say = log or (lambda msg: None)
+    ports = committed_ports(root)
+    names = _rule_names()
+    models = []
+    for model_type, by_target in sorted(ports.items()):
+        targets = sorted(by_target, key=TARGETS.index)
+        first = by_target[targets[0]]
+        before_version = first.transformers_version
+        after_version = version or before_version
+        entry: dict = {
+            "model_type": model_type,
+            "source": first.source,
+            "transformers": {"before": before_version, "after": after_version},
+            "source_sha256": {"before": first.source_sha256, "after": None},
+            "source_changed": None,
+            "signatures_changed": {},
+            "targets": {},
+            "error": None,
+        }
+        say(f"{model_type}: transformers {before_version} -> {after_version}")
+        # the port as porter makes it now from the recorded release (for per-scope provenance)
+        old_source, old_convs = None, {}
+        try:
+            old_source, convs = _convert(model_type, before_version, targets)
+            old_convs = {c.target: c for c in convs}
+        except PorterError as exc:
+            entry["before_error"] = exc.one_line()
+        try:
+            new_source, new_list = _convert(model_type, after_version, targets)
+        except PorterError as exc:
+            entry["error"] = exc.one_line()
+            for t in targets:
+                entry["targets"][t] = {"status": "failed", "error": exc.one_line(), "verify": "not run"}
+            models.append(entry)
+            say(f"{model_type}: FAILED: {exc.one_line()}")
+            continue
+        entry["source"] = new_source.rel_path
+        entry["source_sha256"]["after"] = new_source.sha256
+        entry["source_changed"] = new_source.sha256 != first.source_sha256
+        if old_source is not None:
+            old_sig, new_sig = _signatures(old_source.text), _signatures(new_source.text)
+            for scope in sorted(set(old_sig) | set(new_sig)):
+                a, b = old_sig.get(scope), new_sig.get(scope)
+                if a != b:
+                    entry["signatures_changed"][scope] = {
+                        "removed": [p for p in (a or []) if p not in (b or [])],
+                        "added": [p for p in (b or []) if p not in (a or [])],
+                        **({"scope": "added"} if a is None else {}),
+                        **({"scope": "removed"} if b is None else {}),
+                    }
+        for conv in new_list:
+            old_files = _port_files(root / conv.target / model_type)
+            td = _target_drift(old_convs.get(conv.target), old_files, conv, names)
+            try:
+                write_port(conv, out, force=force)
+            except PorterError as exc:
+                td["status"] = "failed"
+                td["error"] = exc.one_line()
+                entry["error"] = entry["error"] or exc.one_line()
+            td["verify"] = "not run"
+            entry["targets"][conv.target] = td
+        if verify and "vllm" in entry["targets"] and entry["targets"]["vllm"]["status"] == "converted":
+            from porter.verify import run_verify
+
+            say(f"{model_type}: verify vllm TP={','.join(map(str, tps))}")
+            report = run_verify(out / "vllm" / model_type, list(tps))
+            entry["targets"]["vllm"]["verify"] = {
+                "exit_code": report.exit_code, "passed": report.passed, "reason": report.reason,
+                "tps": list(tps),
+            }
+        models.append(entry)
+        say(f"{model_type}: converted ({', '.join(targets)})")
+    drift = {
+        "porter_version": __version__,
+        "transformers": version or "recorded",
+        "models": models,
+        "failed": [m["model_type"] for m in models if m["error"]],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DRIFT_JSON).write_text(json.dumps(drift, indent=2, sort_keys=True) + "\n")
+    (out / DRIFT_MD).write_text(render_drift_md(drift))
+    return drift
+
+
+def render_drift_md(drift: dict) -> str:
+    lines = [f"# Drift report: transformers {drift['transformers']}", ""]
+    lines.append(f"Generated by `porter regen` (porter {drift['porter_version']}). "
+                 "Per model: the HF source before and after, forward signatures that changed, which "
+                 "rules' outputs changed, which generated files changed, failures, verify.")
+    lines.append("")
+    lines.append("| model | transformers | source changed | vllm | aphrodite | verify (vllm) |")
+    lines.append("|---|---|---|---|---|---|")
+    for m in drift["models"]:
+        t = m["targets"]
+
+        def status(name: str) -> str:
+            if name not in t:
+                return "-"
+            d = t[name]
+            if d["status"] != "converted":
+                return "FAILED"
+            return f"{len(d['files_changed'])} file(s) changed" if d["files_changed"] else "unchanged"
+
+        v = t.get("vllm", {}).get("verify", "not run")
+        vtxt = v if isinstance(v, str) else ("pass" if v["passed"] else f"FAIL (exit {v['exit_code']})")
+        changed = {None: "?", True: "yes", False: "no"}[m["source_changed"]]
+        lines.append(f"| {m['model_type']} | {m['transformers']['before']} → {m['transformers']['after']} "
+                     f"| {changed} | {status('vllm')} | {status('aphrodite')} | {vtxt} |")
+    for m in drift["models"]:
+        lines += ["", f"## {m['model_type']}", ""]
+        lines.append(f"- source: `{m['source']}`")
+        sha = m["source_sha256"]
+        lines.append(f"- source sha256: `{sha['before']}` → `{sha['after'] or '-'}`")
+        if m.get("before_error"):
+            lines.append(f"- recorded version no longer converts: `{m['before_error']}`")
+        if m["error"]:
+            lines.append(f"- **failed**: `{m['error']}`")
+        if m["signatures_changed"]:
+            lines.append("- signatures changed in the HF source:")
+            for scope, s in m["signatures_changed"].items():
+                if s.get("scope"):
+                    lines.append(f"  - `{scope}`: {s['scope']}")
+                    continue
+                parts = [f"-{p}" for p in s["removed"]] + [f"+{p}" for p in s["added"]]
+                lines.append(f"  - `{scope}`: {' '.join(parts) or 'parameter order'}")
+        for name, d in m["targets"].items():
+            if d["status"] != "converted":
+                lines.append(f"- {name}: **failed**: `{d.get('error')}`")
+                continue
+            lines.append(f"- {name}: files changed: "
+                         + (", ".join(f"`{f}`" for f in d["files_changed"]) or "none"))
+            if d["rules_added"] or d["rules_removed"]:
+                lines.append(f"  - rules applied: added {d['rules_added'] or '-'}, "
+                             f"removed {d['rules_removed'] or '-'}")
+            if d["rules_output_changed"]:
+                lines.append(f"  - rules whose output changed: {', '.join(d['rules_output_changed'])}")
+            for scope, s in d["scopes"].items():
+                bits = []
+                if s.get("port_scope"):
+                    bits.append(f"scope {s['port_scope']}")
+                elif s["port_code_changed"]:
+                    bits.append("port code changed")
+                if s["rules_added"]:
+                    bits.append(f"rules +{','.join(s['rules_added'])}")
+                if s["rules_removed"]:
+                    bits.append(f"rules -{','.join(s['rules_removed'])}")
+                lines.append(f"  - `{scope}`: {'; '.join(bits)}")
+            v = d.get("verify", "not run")
+            if not isinstance(v, str):
+                v = "pass" if v["passed"] else f"FAIL (exit {v['exit_code']}): {v['reason']}"
+            lines.append(f"  - verify: {v}")
+    return "\n".join(lines) + "\n"
