@@ -71,6 +71,7 @@ class PortDiff:
     header_lines: int  # lines of the generated header (not a rewrite, not diffed)
     hunks: list[Hunk]
     provenance: dict[str, list[str]]
+    hf_class: str = ""  # the causal LM (the port keeps its name)
 
     def rule_codes(self) -> list[str]:
         return sorted({c for h in self.hunks for c in h.codes})
@@ -270,7 +271,7 @@ def diff_port(src: str, target: str = "vllm", config: str | None = None) -> Port
             )
     hunks, skip = diff_texts(source.text, port_text, conv.provenance)
     return PortDiff(source.model_type, conv.target, source.rel_path, module_rel, skip, hunks,
-                    conv.provenance)
+                    conv.provenance, plan.causal_lm or "")
 
 
 # -- rendering -------------------------------------------------------------------------------
