@@ -63,7 +63,8 @@ class PluginCheck:
     entry_point: str = ""  # "name = package:register", as written to entry_points.txt
     loader: str = "aphrodite.plugins:load_general_plugins"
     discovered: list[str] = field(default_factory=list)  # every entry point in the group
-    found: bool = False  # the port's entry point among them
+    loaded_by_loader: list[str] = field(default_factory=list)  # what the loader itself loaded
+    found: bool = False  # the port's entry point among what the loader loaded
     architecture: str = ""  # PORT.json architecture
     registered_before: bool = False  # must be False: nothing else may register the name
     registered: bool = False  # in ModelRegistry after the loader ran
@@ -91,7 +92,7 @@ class PluginCheck:
         if not self.found:
             out.append(
                 f"Aphrodite's plugin loader did not find {self.entry_point!r} in {self.group} "
-                f"(found {self.discovered})"
+                f"(it loaded {self.loaded_by_loader}; entry points: {self.discovered})"
             )
         if self.registered_before:
             out.append(f"{self.architecture} was in ModelRegistry before any plugin loaded")
@@ -133,11 +134,10 @@ def vllm_imports(module_file: Path) -> list[str]:
 class Pending:
     """A running child; ``result()`` waits for it."""
 
-    def __init__(self, info: PortInfo, expected_class: str | None, timeout_s: float = 300.0):
+    def __init__(self, info: PortInfo, timeout_s: float = 300.0):
         from porter.verify.engine import write_plugin_dist
 
         self.info = info
-        self.expected_class = expected_class
         self.timeout_s = timeout_s
         self.t0 = time.time()
         self._tmp = tempfile.TemporaryDirectory(prefix="porter-aphrodite-plugin-")
@@ -150,7 +150,13 @@ class Pending:
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "porter.verify.aphrodite", "--child", str(Path(info.path).resolve())],
+            [
+                sys.executable,
+                "-m",
+                "porter.verify.aphrodite",
+                "--child",
+                str(Path(info.path).resolve()),
+            ],
             env=env,
             cwd=self._tmp.name,
             stdout=subprocess.PIPE,
@@ -158,13 +164,22 @@ class Pending:
             text=True,
         )
 
-    def result(self) -> FreshProcessCheck:
+    def close(self) -> None:
+        """Stop the child (when the caller gives up before ``result()``)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+        self._tmp.cleanup()
+
+    def result(self, expected_class: str | None) -> FreshProcessCheck:
+        """Wait for the child; ``expected_class`` is the module:qualname the registry entry
+        must resolve to (the class the structural checks built)."""
         info = self.info
         plugin = PluginCheck(
             group=info.plugin_group,
             entry_point=f"{info.package} = {info.package}:register",
             architecture=info.architecture,
-            expected_class=self.expected_class,
+            expected_class=expected_class,
         )
         port_import = ImportCheck(module=info.module)
         try:
@@ -198,9 +213,9 @@ class Pending:
         return FreshProcessCheck(plugin, port_import)
 
 
-def start(info: PortInfo, expected_class: str | None) -> Pending:
+def start(info: PortInfo) -> Pending:
     """Start the fresh-process checks for ``info`` (runs alongside the caller's own work)."""
-    return Pending(info, expected_class)
+    return Pending(info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,16 +239,35 @@ def _child(port_dir: Path) -> dict:
 
     discovered = entry_points(group=info.plugin_group)
     plugin["discovered"] = sorted(f"{e.name} = {e.value}" for e in discovered)
-    plugin["found"] = any(
-        e.name == info.package and e.value == f"{info.package}:register" for e in discovered
-    )
     plugin["registered_before"] = info.architecture in ModelRegistry.get_supported_archs()
     if ap_plugins.plugins_loaded:
         plugin["error"] = "Aphrodite had loaded its plugins before the check called its loader"
+
+    # Observe (not change) what Aphrodite's loader loads: load_general_plugins looks
+    # load_plugins_by_group up in its module at call time.
+    by_group = ap_plugins.load_plugins_by_group
+    loaded: dict = {}
+
+    def recording(group: str):
+        plugins = by_group(group)
+        if group == info.plugin_group:
+            loaded.update(plugins)
+        return plugins
+
+    ap_plugins.load_plugins_by_group = recording
     try:
         ap_plugins.load_general_plugins()
     except Exception as e:  # noqa: BLE001 (reported)
         plugin["error"] = f"load_general_plugins raised {type(e).__name__}: {e}"
+    finally:
+        ap_plugins.load_plugins_by_group = by_group
+    plugin["loaded_by_loader"] = sorted(loaded)
+    port_fn = loaded.get(info.package)
+    plugin["found"] = (
+        port_fn is not None
+        and getattr(port_fn, "__module__", None) == info.package
+        and getattr(port_fn, "__name__", None) == "register"
+    )
     plugin["registered"] = info.architecture in ModelRegistry.get_supported_archs()
 
     # The import check: the port module, in this process, as the engine would import it.

@@ -250,6 +250,11 @@ class StructureReport:
     tensors_differ: dict[str, float] = field(default_factory=dict)  # name -> max |port-native|
     tensors_equal: bool | None = None
     forward_run: bool = False
+    forward_not_run_because: str | None = None  # Aphrodite: why (APHRODITE_NO_FORWARD)
+    # Aphrodite, in a fresh process (porter.verify.aphrodite): its plugin loader registering
+    # the port, and the port module importing. None when not checked (vLLM, or no port dir).
+    plugin: Any = None  # aphrodite.PluginCheck
+    port_import: Any = None  # aphrodite.ImportCheck
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -280,6 +285,10 @@ class StructureReport:
             out.append(f"parameters never written (fraction NaN): {load.unwritten}")
         if self.tensors_equal is False:
             out.append(f"loaded tensors differ from native's (max abs diff): {self.tensors_differ}")
+        if self.port_import is not None:
+            out += self.port_import.failures()
+        if self.plugin is not None:
+            out += self.plugin.failures()
         return out
 
 
@@ -350,6 +359,7 @@ def compare_structure(
         native_arch=native_arch,
     )
     if target == "aphrodite":
+        report.forward_not_run_because = APHRODITE_NO_FORWARD
         report.notes.append(APHRODITE_NO_FORWARD)
     # A config.json naming the port's own architecture must resolve before any ModelConfig.
     _register_unknown(engine_api(target), checkpoint_dir, port_cls)
@@ -517,16 +527,37 @@ def make_checkpoint(
 
 
 def check_port(port_dir: Path, checkpoint_dir: Path | None = None) -> StructureReport:
-    """Structural report for one port directory (a tiny checkpoint is made when none is given)."""
-    info, cls = find_port_class(port_dir)
-    if checkpoint_dir is not None:
-        return compare_structure(info.target, Path(checkpoint_dir), cls, info.hf_architecture)
-    with tempfile.TemporaryDirectory(prefix="porter-structure-") as tmp:
-        ckpt = make_checkpoint(
-            info.model_type, Path(tmp) / "ckpt", hf_architecture=info.hf_architecture
-        )
-        report = compare_structure(info.target, ckpt, cls, info.hf_architecture)
-    report.checkpoint = f"tiny {info.model_type} checkpoint made for this run"
+    """Structural report for one port directory (a tiny checkpoint is made when none is given).
+
+    For Aphrodite the plugin and import checks run meanwhile in a fresh process
+    (``porter.verify.aphrodite``) and join the report."""
+    from porter.layout import PortInfo
+
+    port_dir = Path(port_dir)
+    fresh = None
+    if (port_dir / "PORT.json").is_file() and PortInfo.load(port_dir).target == "aphrodite":
+        from porter.verify import aphrodite
+
+        fresh = aphrodite.start(PortInfo.load(port_dir))
+    try:
+        info, cls = find_port_class(port_dir)
+        if checkpoint_dir is not None:
+            report = compare_structure(info.target, Path(checkpoint_dir), cls, info.hf_architecture)
+        else:
+            with tempfile.TemporaryDirectory(prefix="porter-structure-") as tmp:
+                ckpt = make_checkpoint(
+                    info.model_type, Path(tmp) / "ckpt", hf_architecture=info.hf_architecture
+                )
+                report = compare_structure(info.target, ckpt, cls, info.hf_architecture)
+            report.checkpoint = f"tiny {info.model_type} checkpoint made for this run"
+    except BaseException:
+        if fresh is not None:
+            fresh.close()
+        raise
+    if fresh is not None:
+        checked = fresh.result(expected_class=report.port_class)
+        report.plugin, report.port_import = checked.plugin, checked.port_import
+        report.ok = not report.failures()
     return report
 
 
@@ -542,6 +573,16 @@ def _format(report: StructureReport) -> str:
         f"{report.seconds:.1f}s)"
     )
     lines = [head]
+    if report.plugin is not None:
+        p = report.plugin
+        lines.append(
+            f"  plugin: {p.entry_point} ({p.group}) "
+            + ("loaded by Aphrodite's loader" if p.found else "NOT loaded by Aphrodite's loader")
+            + f"; ModelRegistry[{p.architecture}] -> {p.resolved_class or '-'}"
+        )
+    if report.port_import is not None:
+        i = report.port_import
+        lines.append(f"  import: {i.module} " + ("ok" if i.ok else "FAILED"))
     lines += [f"  - {f}" for f in report.failures()]
     lines += [f"  note: {n}" for n in report.notes]
     return "\n".join(lines)
