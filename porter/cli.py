@@ -190,7 +190,7 @@ def regen(
             return
         tps = tuple(sorted({int(x) for x in tp.split(",") if x.strip()}))
         drift = rg.regen(transformers, root=root or Path("generated"), out=out, verify=verify,
-                         tps=tps, force=force, log=lambda m: err.print(m, highlight=False))
+                         tps=tps, force=force, log=lambda m: sys.stderr.write(f"{m}\n"))
     except PorterError as exc:
         _fail(exc)
     dest = out or root or Path("generated")

@@ -325,6 +325,8 @@ def regen(
     out = Path(out) if out is not None else root
     say = log or (lambda msg: None)
     ports = committed_ports(root)
+    if version:
+        transformers_tree(version)  # a release that cannot be fetched fails once, up front
     names = _rule_names()
     models = []
     for model_type, by_target in sorted(ports.items()):

@@ -1,0 +1,102 @@
+"""porter regen: the committed ports are current (--check), an edited port is named, a newer
+transformers release converts and its drift is reported, and the regenerate workflow lints clean.
+Real runs: the wheel of the newer release is fetched with pip once and cached."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import GENERATED, MODELS, ROOT, TARGETS, run_porter
+
+NEW_RELEASE = "5.24.0"
+WORKFLOW = ROOT / ".github" / "workflows" / "regenerate.yml"
+
+
+def test_check_passes_on_the_committed_ports():
+    proc = run_porter("regen", "--check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{len(MODELS) * len(TARGETS)} port(s)" in proc.stdout
+
+
+def test_check_names_the_file_that_differs(tmp_path):
+    root = tmp_path / "generated"
+    shutil.copytree(GENERATED, root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    edited = root / "vllm" / "llama" / "porter_vllm_llama" / "modeling_llama.py"
+    edited.write_text(edited.read_text().replace("QKVParallelLinear(", "QKVParallelLinear( ", 1))
+    proc = run_porter("regen", "--check", "--root", str(root))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("differs: ")]
+    assert lines == [f"differs: {edited}"], proc.stdout
+    # the other ports were checked and are the same: only the edited file is named
+    assert "aphrodite" not in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def regen_new_release(tmp_path_factory):
+    out = tmp_path_factory.mktemp("regen") / "generated"
+    proc = run_porter("regen", "--transformers", NEW_RELEASE, "--out", str(out))
+    return proc, out
+
+
+def test_regen_newer_release_converts_every_committed_model(regen_new_release):
+    proc, out = regen_new_release
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    drift = json.loads((out / "DRIFT.json").read_text())
+    assert drift["failed"] == []
+    assert sorted(m["model_type"] for m in drift["models"]) == sorted(MODELS)
+    for model in MODELS:
+        for target in TARGETS:
+            info = json.loads((out / target / model / "PORT.json").read_text())
+            assert info["transformers_version"] == NEW_RELEASE
+            port = out / target / model / f"porter_{target}_{model}" / f"modeling_{model}.py"
+            text = port.read_text()
+            assert f"transformers {NEW_RELEASE}" in text
+            # 5.24 renamed past_key_values to cache: stripped like its old name
+            assert "cache:" not in text and "past_key_values" not in text
+    # committed ports untouched
+    assert json.loads((GENERATED / "vllm" / "llama" / "PORT.json").read_text())[
+        "transformers_version"] != NEW_RELEASE
+
+
+def test_drift_report_names_what_changed(regen_new_release):
+    _, out = regen_new_release
+    drift = json.loads((out / "DRIFT.json").read_text())
+    md = (out / "DRIFT.md").read_text()
+    for m in drift["models"]:
+        committed = json.loads((GENERATED / "vllm" / m["model_type"] / "PORT.json").read_text())
+        assert m["transformers"] == {"before": committed["transformers_version"], "after": NEW_RELEASE}
+        assert m["source_sha256"]["before"] == committed["source_sha256"]
+        assert m["source_sha256"]["after"] != committed["source_sha256"]
+        assert m["source_sha256"]["after"] in md
+        # the rename, found in the HF source's signatures
+        fwd = m["signatures_changed"][f"{committed['hf_architecture'].removesuffix('ForCausalLM')}Model.forward"]
+        assert "past_key_values" in fwd["removed"] and "cache" in fwd["added"]
+        for target in TARGETS:
+            t = m["targets"][target]
+            assert t["status"] == "converted" and t["verify"] == "not run"
+            assert f"porter_{target}_{m['model_type']}/modeling_{m['model_type']}.py" in t["files_changed"]
+            assert any(r.startswith("PT010 ") for r in t["rules_output_changed"])
+        assert f"## {m['model_type']}" in md
+    assert "-past_key_values +cache" in md
+    assert "rules whose output changed" in md
+
+
+def test_regen_unknown_release_is_one_line_error(tmp_path):
+    proc = run_porter("regen", "--transformers", "0.0.0.999", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("porter: error: cannot fetch transformers 0.0.0.999")
+
+
+def test_regenerate_workflow_passes_actionlint():
+    exe = Path(sys.executable).parent / "actionlint"
+    exe = str(exe) if exe.exists() else shutil.which("actionlint")
+    assert exe, "actionlint is not installed (pip install -e '.[test]')"
+    proc = subprocess.run([exe, str(WORKFLOW)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
