@@ -239,8 +239,14 @@ class PruneUnreachable(Rule):
             if len(new_body) == len(body):
                 break
             body = new_body
-        if len(body) != len(updated.body):
-            self.mark("<module>")
+        kept_ids = {id(st) for st in body}
+        for st in updated.body:
+            if id(st) in kept_ids:
+                continue
+            if isinstance(st, (cst.ClassDef, cst.FunctionDef)):
+                self.mark(st.name.value)  # the diff labels each removed definition with this rule
+            else:
+                self.mark("<module>")
         return updated.with_changes(body=body)
 
 

@@ -88,13 +88,19 @@ class StripDecorators(Rule):
         name = dotted(target) or ""
         return name.split(".")[-1] not in self.ctx.table.drop_decorators
 
+    def _strip(self, updated):
+        kept = [d for d in updated.decorators if self._keep(d)]
+        if len(kept) == len(updated.decorators):
+            return updated
+        return updated.with_changes(decorators=kept)
+
     def leave_ClassDef(self, original, updated):
         super().leave_ClassDef(original, updated)
-        return updated.with_changes(decorators=[d for d in updated.decorators if self._keep(d)])
+        return self._strip(updated)
 
     def leave_FunctionDef(self, original, updated):
         super().leave_FunctionDef(original, updated)
-        return updated.with_changes(decorators=[d for d in updated.decorators if self._keep(d)])
+        return self._strip(updated)
 
 
 class ReplaceBaseClasses(Rule):
@@ -139,6 +145,8 @@ class ReplaceBaseClasses(Rule):
                 bases.append(arg.with_changes(value=cst.parse_expression(repl)))
         if not hf:
             body = [s for s in updated.body.body if not self._hf_method(s)]
+            if len(body) == len(updated.body.body):
+                return updated
             return updated.with_changes(body=updated.body.with_changes(body=body))
         if bases:
             last = bases[-1]
