@@ -121,6 +121,77 @@ class CausalLmInterface(Rule):
         del t
         return updated.with_changes(body=updated.body.with_changes(body=body))
 
+    def _logits_post(self, info) -> tuple[str | None, str | None]:
+        """What HF's forward does to the logits after lm_head: a scale and/or a tanh soft cap.
+
+        The engine applies both in its LogitsProcessor (`scale=`, `soft_cap=`); anything else
+        done to the logits cannot be ported silently.
+        """
+        fwd = info.method("forward")
+        if fwd is None or not self.plan.lm_head:
+            return None, None
+        lm = self.plan.lm_head
+        stripped = self.ctx.table.strip_params
+        stmts: list[cst.BaseSmallStatement] = []
+
+        def collect(block) -> None:
+            for st in block:
+                if isinstance(st, cst.If):
+                    if not (set(n.value for n in m.findall(st.test, m.Name())) & stripped):  # type: ignore[attr-defined]
+                        collect(st.body.body)
+                elif isinstance(st, cst.SimpleStatementLine):
+                    stmts.extend(st.body)
+
+        collect(fwd.body.body)
+        names: set[str] = set()
+        ops: list[tuple[str, str]] = []
+        for small in stmts:
+            if not (isinstance(small, cst.Assign) and len(small.targets) == 1
+                    and isinstance(small.targets[0].target, cst.Name)):
+                continue
+            target, value = small.targets[0].target.value, small.value
+            if m.findall(value, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(lm)))):
+                names.add(target)
+                continue
+            reads = {n.value for n in m.findall(value, m.Name())} & names  # type: ignore[attr-defined]
+            if not reads:
+                continue
+            names.add(target)
+            if isinstance(value, cst.BinaryOperation) and isinstance(value.operator, (cst.Multiply, cst.Divide)):
+                left_is = m.matches(value.left, m.Name()) and value.left.value in names  # type: ignore[attr-defined]
+                other = value.right if left_is else value.left
+                if not ({n.value for n in m.findall(other, m.Name())} & names):  # type: ignore[attr-defined]
+                    op = "*" if isinstance(value.operator, cst.Multiply) else "/"
+                    if op == "/" and not left_is:
+                        raise self._unportable(value)
+                    ops.append((op, code(other)))
+                    continue
+            if m.matches(value, m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("tanh")))):
+                ops.append(("tanh", ""))
+                continue
+            if m.matches(value, m.Call(func=m.Attribute(attr=m.Name("float") | m.Name("contiguous")), args=[])):
+                continue
+            raise self._unportable(value)
+        soft_cap = None
+        if ("tanh", "") in ops:
+            i = ops.index(("tanh", ""))
+            if 0 < i < len(ops) - 1 and ops[i - 1][0] == "/" and ops[i + 1] == ("*", ops[i - 1][1]):
+                soft_cap = ops[i - 1][1]
+                ops = ops[: i - 1] + ops[i + 2:]
+            else:
+                raise self._unportable(fwd)
+        scale = None
+        for op, expr in ops:
+            simple = m.matches(cst.parse_expression(expr), m.Name() | m.Attribute() | m.Float() | m.Integer())
+            inner = expr if simple else f"({expr})"
+            term = inner if op == "*" else f"(1.0 / {inner})"
+            scale = term if scale is None else f"{scale} * {term}"
+        return scale, soft_cap
+
+    def _unportable(self, node):
+        return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",
+                                  construct=f"{self.plan.causal_lm}.forward", rule=self.name)
+
     def _base_call(self, info) -> str | None:
         fwd = info.method("forward")
         for call in m.findall(fwd, m.Call(func=m.Attribute())) if fwd else []:
@@ -160,10 +231,12 @@ class CausalLmInterface(Rule):
                 body.append(cst.parse_statement(
                     f"if {plan.tie_condition}:\n"
                     f"    self.{attr} = self.{attr}.tie_weights(self.{plan.embed_path})\n"))
-                body.append(cst.parse_statement(
-                    f"self.logits_processor = {ctx.use('LogitsProcessor')}(config.vocab_size)\n"))
                 continue
             body.append(st)
+        scale, soft_cap = self._logits_post(ctx.idx.classes[plan.causal_lm])
+        extra = (f", scale={scale}" if scale else "") + (f", soft_cap={soft_cap}" if soft_cap else "")
+        body.append(cst.parse_statement(
+            f"self.logits_processor = {ctx.use('LogitsProcessor')}(config.vocab_size{extra})\n"))
         params = cst.parse_module(f"def f(self, *, {cfg}: {ctx.use('EngineConfig')}, prefix: str = ''): pass\n").body[0].params  # type: ignore[attr-defined]
         return fn.with_changes(params=params, body=fn.body.with_changes(body=body), returns=None)
 

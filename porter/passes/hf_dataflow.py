@@ -89,8 +89,10 @@ class DropHfDataflow(Rule):
                 # names first bound in an HF-only branch are HF-only; re-bound ones keep their value
                 self.tainted.update(self._bound_names(st) - self.defined)
                 return None
-            if m.matches(st.test, m.Attribute(value=m.Name("self"), attr=m.Name("training"))):
-                return None
+            training = m.Attribute(value=m.Name("self"), attr=m.Name("training"))
+            if m.matches(st.test, training) or m.matches(st.test, m.BooleanOperation(
+                    operator=m.And(), left=training) | m.BooleanOperation(operator=m.And(), right=training)):
+                return None  # training-only branch (LayerDrop and the like)
             if all(m.matches(s, m.SimpleStatementLine(body=[m.Raise()])) for s in st.body.body) and st.orelse is None:
                 return None
             body = self._block(list(st.body.body))
