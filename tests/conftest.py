@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"
-MODELS = ["opt", "llama", "mistral", "qwen2"]
+# every architecture with a committed port (generated/vllm/<model_type>)
+MODELS = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.json").exists())
 TARGETS = ["vllm", "aphrodite"]
 
 

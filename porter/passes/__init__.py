@@ -1,6 +1,6 @@
 """Phase 3 — the rewrite passes, in the one order they run."""
 
-from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv
+from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, EngineImports, PruneUnreachable
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
@@ -19,6 +19,7 @@ PASSES: list[type[Rule]] = [
     DropHfImports,
     StripDecorators,
     ReplaceBaseClasses,
+    PartialRotary,
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
     EngineAttention,
     StripHfParams,

@@ -347,6 +347,14 @@ class EngineImports(Rule):
         ),
     ]
 
+    def _first_use(self, name: str):
+        for node in m.findall(self.ctx.idx.module, m.Name(name)):
+            if self.ctx.idx.line_of(node) is not None:
+                return node
+        for node in m.findall(self.ctx.idx.module, m.Call(func=m.Name(name))):
+            return node
+        return None
+
     def leave_Module(self, original, updated):
         used = {
             n.value  # type: ignore[attr-defined]
@@ -354,6 +362,12 @@ class EngineImports(Rule):
             if not m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()]))
             for n in m.findall(st, m.Name())
         }
+        leftover = sorted(used & self.ctx.removed_names)
+        if leftover:
+            # the port still calls a transformers helper that only HF's package provides
+            raise self.ctx.idx.error(
+                f"the port would still use transformers' {', '.join(leftover)}: no rule replaces it",
+                self._first_use(leftover[0]), construct=leftover[0], rule=self.name)
         header, rest = [], []
         for st in updated.body:
             if m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
