@@ -48,6 +48,7 @@ class AttentionPlan:
     bias: str
     scale: str
     sliding_window: str | None
+    softcap: str | None
     rope: str | None  # None | "neox" | "gptj"
     rope_helper: str | None  # name of the HF function applying rotary
     line: int
@@ -80,6 +81,7 @@ class PortPlan:
     gate_ups: list[GateUpPlan] = field(default_factory=list)
     linears: list[LinearPlan] = field(default_factory=list)
     vocab_embeddings: list[str] = field(default_factory=list)  # "Cls.attr"
+    vocab_embedding_classes: list[str] = field(default_factory=list)  # file classes deriving nn.Embedding
     stacked_params: list[tuple[str, str, str]] = field(default_factory=list)  # (fused, orig, shard)
 
     def to_dict(self) -> dict:
@@ -259,8 +261,17 @@ class Planner:
 
     def plan_class(self, plan: PortPlan, info: ClassInfo, attn_names: set[str], is_lm: bool) -> None:
         for attr, sub in info.submodules.items():
-            if sub.ctor in EMBEDDING_NAMES and "vocab_size" in code(sub.call.args[0].value if sub.call.args else sub.call):
+            first = code(sub.call.args[0].value) if sub.call.args else ""
+            if "vocab_size" not in first:
+                continue
+            if sub.ctor in EMBEDDING_NAMES:
                 plan.vocab_embeddings.append(f"{info.name}.{attr}")
+            elif sub.ctor in self.idx.classes and any(
+                    self.idx.qualify(b) in EMBEDDING_NAMES for b in self.idx.classes[sub.ctor].bases):
+                # a scaled word embedding (nn.Embedding subclass) becomes a VocabParallelEmbedding subclass
+                plan.vocab_embeddings.append(f"{info.name}.{attr}")
+                if sub.ctor not in plan.vocab_embedding_classes:
+                    plan.vocab_embedding_classes.append(sub.ctor)
         linears = info.linears()
         if not linears:
             return
@@ -384,6 +395,7 @@ class Planner:
             bias=bias,
             scale=kw.get("scaling", f"{hd}**-0.5"),
             sliding_window=kw.get("sliding_window"),
+            softcap=kw.get("softcap"),
             rope=rope,
             rope_helper=rope_helper,
             line=info.line,

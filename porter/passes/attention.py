@@ -206,6 +206,8 @@ class EngineAttention(Rule):
         if not attn or len(self.scope) != 1 or updated.name.value != "__init__":
             return updated
         sw = f"per_layer_sliding_window={attn.sliding_window}, " if attn.sliding_window else ""
+        if attn.softcap:
+            sw += f"logits_soft_cap={attn.softcap}, "
         st = cst.parse_statement(
             f"self.attn = {self.ctx.use('Attention')}(self.qkv_proj.num_heads, {attn.head_dim}, "
             f"scale={attn.scale}, num_kv_heads=self.qkv_proj.num_kv_heads, cache_config=cache_config, "
