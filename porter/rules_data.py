@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +12,13 @@ import yaml
 from porter.errors import PorterError
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+
+
+def active_rules_dir() -> Path:
+    """rules/ beside the package, or the directory named by $PORTER_RULES_DIR (tests, overrides)."""
+    env = os.environ.get("PORTER_RULES_DIR")
+    return Path(env) if env else RULES_DIR
+
 
 _STRIP_SCHEMA = {
     "strip_params": list,
@@ -93,8 +101,12 @@ class Target:
         return self.symbols[symbol].split(":")[0]
 
 
+def strip_table(rules_dir: Path | None = None) -> StripTable:
+    return _strip_table(rules_dir or active_rules_dir())
+
+
 @lru_cache(maxsize=8)
-def strip_table(rules_dir: Path = RULES_DIR) -> StripTable:
+def _strip_table(rules_dir: Path) -> StripTable:
     path = rules_dir / "hf_strip.yaml"
     data = _load("hf_strip.yaml", rules_dir)
     _check(data, _STRIP_SCHEMA, path)
@@ -114,8 +126,12 @@ def strip_table(rules_dir: Path = RULES_DIR) -> StripTable:
     )
 
 
+def targets(rules_dir: Path | None = None) -> dict[str, Target]:
+    return _targets(rules_dir or active_rules_dir())
+
+
 @lru_cache(maxsize=8)
-def targets(rules_dir: Path = RULES_DIR) -> dict[str, Target]:
+def _targets(rules_dir: Path) -> dict[str, Target]:
     path = rules_dir / "targets.yaml"
     data = _load("targets.yaml", rules_dir)
     out = {}
