@@ -1,0 +1,5 @@
+# a model
+import torch
+# café ÿ
+class ToyForCausalLM(torch.nn.Module):
+    pass

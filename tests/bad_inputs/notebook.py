@@ -1,0 +1,5 @@
+{
+ "cells": [],
+ "metadata": {},
+ "nbformat": 4
+}

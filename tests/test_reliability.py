@@ -1,0 +1,191 @@
+"""Reliability (issue 7): bad input gives one clear line and writes nothing, input is never run,
+a port directory is replaced as a whole even when convert is killed, checkpoint faults are named.
+
+The bad-input corpus is tests/bad_inputs/cases.yaml (see its header for the fields).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_porter
+from porter.source import transformers_root
+
+CASES_DIR = Path(__file__).resolve().parent / "bad_inputs"
+CASES = yaml.safe_load((CASES_DIR / "cases.yaml").read_text())
+LLAMA = transformers_root() / "models" / "llama" / "modeling_llama.py"
+# root ignores permission bits; without these two capabilities it obeys them like any user
+NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (not following links): files by content, links by target."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                try:
+                    h = hashlib.sha256()
+                    with open(p, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                    out[rel] = h.hexdigest()
+                except PermissionError:
+                    out[rel] = f"unreadable {p.stat().st_size}"
+    return out
+
+
+# ---- setups YAML cannot express ---------------------------------------------------------------
+
+
+def _fifty_mb(tmp: Path) -> None:
+    # a real model file padded with comments to 50 MB: only its size is wrong
+    text = LLAMA.read_text()
+    pad = ("# " + "x" * 98 + "\n") * ((50 * 2**20 - len(text)) // 101 + 1)
+    (tmp / "modeling_big.py").write_text(text + pad)
+    assert (tmp / "modeling_big.py").stat().st_size >= 50 * 2**20
+
+
+def _deep_nesting(tmp: Path) -> None:
+    (tmp / "modeling_deep.py").write_text("x = " + "(" * 3000 + "1" + ")" * 3000 + "\n"
+                                           "class DeepForCausalLM:\n    pass\n")
+
+
+def _chmod(name: str, mode: int):
+    def setup(tmp: Path) -> None:
+        os.chmod(tmp / name, mode)
+    return setup
+
+
+def _port(tmp: Path, target: str = "vllm") -> Path:
+    proc = run_porter("convert", "llama", "--target", target, "--out", str(tmp / "out"))
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "out" / "vllm" / "llama"
+
+
+def _port_then_edit(tmp: Path) -> None:
+    mod = _port(tmp) / "porter_vllm_llama" / "modeling_llama.py"
+    mod.write_text(mod.read_text() + "\n# my edit\n")
+
+
+def _port_then_delete(tmp: Path) -> None:
+    (_port(tmp) / "pyproject.toml").unlink()
+
+
+def _port_then_add(tmp: Path) -> None:
+    (_port(tmp) / "porter_vllm_llama" / "my_notes.py").write_text("# notes I keep with the port\n")
+
+
+def _port_then_corrupt_json(tmp: Path) -> None:
+    (_port(tmp) / "PORT.json").write_text("{")
+
+
+def _port_all_then_edit_aphrodite(tmp: Path) -> None:
+    _port(tmp, "all")
+    init = tmp / "out" / "aphrodite" / "llama" / "porter_aphrodite_llama" / "__init__.py"
+    init.write_text(init.read_text() + "# mine\n")
+
+
+SETUPS = {
+    "fifty_mb": _fifty_mb,
+    "deep_nesting": _deep_nesting,
+    "chmod_000_modeling_toy": _chmod("modeling_toy.py", 0),
+    "chmod_000_configuration_llama": _chmod("configuration_llama.py", 0),
+    "chmod_555_out": _chmod("out/vllm", 0o555),
+    "port_then_edit": _port_then_edit,
+    "port_then_delete": _port_then_delete,
+    "port_then_add": _port_then_add,
+    "port_then_corrupt_json": _port_then_corrupt_json,
+    "port_all_then_edit_aphrodite": _port_all_then_edit_aphrodite,
+}
+
+
+def _make_files(tmp: Path, files: dict) -> None:
+    for name, spec in (files or {}).items():
+        p = tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if "fixture" in spec:
+            shutil.copyfile(CASES_DIR / spec["fixture"], p)
+        elif "text" in spec:
+            p.write_text(spec["text"])
+        elif "llama" in spec:
+            text = LLAMA.read_text()
+            for old, new in spec["llama"]:
+                assert old in text, f"edit does not apply to modeling_llama.py: {old[:60]!r}"
+                text = text.replace(old, new, 1)
+            p.write_text(text)
+        elif "symlink" in spec:
+            p.symlink_to(spec["symlink"])
+        elif spec.get("dir"):
+            p.mkdir()
+        else:
+            raise AssertionError(f"bad file spec {spec}")
+
+
+def _make_rules(rules: Path, edits: dict) -> None:
+    shutil.copytree(ROOT / "rules", rules)
+    for name, edit in edits.items():
+        p = rules / name
+        if edit is None:
+            p.unlink()
+        elif isinstance(edit, dict):
+            old, new = edit["replace"]
+            text = p.read_text()
+            assert old in text, (name, old)
+            p.write_text(text.replace(old, new, 1))
+        else:
+            p.write_text(edit)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_bad_input(case, tmp_path):
+    tmp = tmp_path / "case"
+    tmp.mkdir()
+    subst = {"tmp": str(tmp), "out": str(tmp / "out"), "rules": str(tmp / "rules")}
+    _make_files(tmp, case.get("files"))
+    env = {}
+    if "rules" in case:
+        _make_rules(tmp / "rules", case["rules"])
+        env["PORTER_RULES_DIR"] = subst["rules"]
+    if case.get("setup"):
+        SETUPS[case["setup"]](tmp)
+    before = tree_state(tmp)
+    args = [a.format(**subst) for a in case["args"]]
+    cmd = (NO_DAC if case.get("no_dac") else []) + [sys.executable, "-m", "porter", *args]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    wall = time.time() - t0
+    try:
+        lines = proc.stderr.splitlines()
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == 2, (proc.returncode, proc.stderr, proc.stdout[-2000:])
+        assert len(lines) == 1, proc.stderr
+        line = lines[0]
+        assert line.startswith("porter: error: "), line
+        assert case["expect"] in line, line
+        if "where" in case:
+            assert case["where"].format(**subst) in line, line
+        assert tree_state(tmp) == before, "the failed run wrote or changed files"
+    finally:
+        for dirpath, dirnames, _ in os.walk(tmp):  # let pytest clean up the chmod'ed dirs
+            os.chmod(dirpath, 0o755)
+    print(f"[bad input] {case['id']}: {wall:.2f}s: {line}")
