@@ -1,4 +1,4 @@
-"""porter's command line: convert, plan, verify, rules, diff."""
+"""porter's command line: convert, plan, verify, rules, diff, regen, coverage."""
 
 from __future__ import annotations
 
@@ -197,6 +197,29 @@ def regen(
     print(f"{dest / rg.DRIFT_MD}: {len(drift['models'])} model(s), failed: {', '.join(drift['failed']) or 'none'}")
     if drift["failed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def coverage(
+    verify: bool = typer.Option(False, "--verify", help="Also verify (TP=1,2) what converts and has a tiny config."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Conversions in parallel (processes); verification runs one at a time."),
+    out: Path = typer.Option(Path("generated"), "--out", help="Where COVERAGE.md/COVERAGE.json go and the committed ports are."),
+    only: str | None = typer.Option(None, "--only", help="Comma-separated model types: sweep just these."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Ignore and do not write .porter-cache/coverage."),
+) -> None:
+    """Sweep every text decoder-only causal LM of the installed transformers: converts, or the one-line diagnostic."""
+    from porter import coverage as cov
+
+    try:
+        rep = cov.run_coverage(out, verify=verify, jobs=jobs,
+                               only=[m.strip() for m in only.split(",") if m.strip()] if only else None,
+                               cache_dir=None if no_cache else cov.CACHE_DIR,
+                               log=lambda m: sys.stderr.write(f"{m}\n"))
+    except PorterError as exc:
+        _fail(exc)
+    c = rep["counts"]
+    print(f"{out / cov.COVERAGE_MD}: {c['total']} text decoder causal LMs ({c['excluded']} excluded), "
+          f"{c['converted']} converted, {c['verified']} verified, {c['blocked']} blocked, {c['crashed']} crashed")
 
 
 def main() -> None:  # pragma: no cover
