@@ -221,6 +221,13 @@ class Planner:
         )
         attn_names = self.attention_call_names()
         for name in classes:
+            init = self.idx.classes[name].method("__init__")
+            for node in m.findall(init, m.Assign(value=m.Call(func=m.Subscript()))) if init else []:
+                if self_attr(node.targets[0].target):  # type: ignore[attr-defined]
+                    raise self.idx.error(
+                        "sub-module class chosen at run time from a table: cannot tell what to port",
+                        node, construct=f"{name}.__init__: {code(node.value.func)}")  # type: ignore[attr-defined]
+        for name in classes:
             info = self.idx.classes[name]
             kind = self.is_rmsnorm(info)
             if kind:

@@ -109,8 +109,11 @@ class CausalLmInterface(Rule):
         for st in updated.body.body:
             if isinstance(st, cst.FunctionDef) and st.name.value == "__init__":
                 body.append(self._init(st))
+        lm_head_bias = False
+        if plan.lm_head and plan.lm_head in info.submodules:
+            lm_head_bias = linear_args(info.submodules[plan.lm_head].call)[2] != "False"
         methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
-                         lm_head=plan.lm_head or "lm_head")
+                         lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias)
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head")

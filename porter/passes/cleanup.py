@@ -51,6 +51,9 @@ class DropHfImports(Rule):
         # `if cond: logger.warning(...)`: the HF logger is not part of the port
         if all(self._logs(s) for s in original.body.body) and original.orelse is None:
             return cst.RemoveFromParent()
+        # module level `if is_flash_attn_available(): ...`: HF's optional-backend imports
+        if not self.scope and {n.value for n in m.findall(original.test, m.Name())} & self.ctx.removed_names:  # type: ignore[attr-defined]
+            return cst.RemoveFromParent()
         return updated
 
     def leave_SimpleStatementLine(self, original, updated):

