@@ -1,6 +1,6 @@
 """Converter speed: median seconds to convert one modeling file (in one process, after imports).
 
-    .venv/bin/python bench/convert_speed.py [--repeats 7] [model_type ...]
+    .venv/bin/python bench/convert_speed.py [--repeats 7] [--json] [model_type ...]
 
 Prints per model and target the median of N conversions (index + plan + all rewrite passes +
 templates + formatting; nothing written), and the whole set's total. Not a test: a measurement.
@@ -9,6 +9,7 @@ templates + formatting; nothing written), and the whole set's total. Not a test:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -23,10 +24,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=DEFAULT)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", action="store_true", help="machine-readable rows and totals")
     args = ap.parse_args()
+    t_warm = time.perf_counter()
     convert_one(*_prep("llama"), get_target("vllm"))  # warm imports and caches
+    warm_s = time.perf_counter() - t_warm
     total = 0.0
-    print(f"{'model':10} {'target':10} {'median s':>9} {'min s':>7}")
+    rows = []
+    say = (lambda *a: None) if args.json else print
+    say(f"{'model':10} {'target':10} {'median s':>9} {'min s':>7}")
     for model in args.models:
         for target in ("vllm", "aphrodite"):
             times = []
@@ -37,8 +43,18 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times)
             total += med
-            print(f"{model:10} {target:10} {med:9.3f} {min(times):7.3f}")
-    print(f"all {len(args.models)} models x 2 targets: {total:.2f} s (sum of medians)")
+            rows.append({"model": model, "target": target, "median_s": med, "min_s": min(times),
+                         "source": str(_prep_source(model))})
+            say(f"{model:10} {target:10} {med:9.3f} {min(times):7.3f}")
+    say(f"all {len(args.models)} models x 2 targets: {total:.2f} s (sum of medians)")
+    if args.json:
+        print(json.dumps({"rows": rows, "total_s": total, "models": len(args.models),
+                          "repeats": args.repeats, "first_call_s": warm_s}, indent=2))
+
+
+def _prep_source(model: str):
+    src = resolve(model)
+    return src.rel_path
 
 
 def _prep(model: str):

@@ -73,10 +73,10 @@ BENCH_OVERRIDES: dict[str, dict] = {
 @dataclass
 class Workload:
     prefill_batch: int = 4
-    prefill_len: int = 256
+    prefill_len: int = 128
     decode_batch: int = 8
     decode_len: int = 16
-    decode_tokens: int = 64  # T: decode tok/s counts T - 1 tokens per sequence
+    decode_tokens: int = 32  # T: decode tok/s counts T - 1 tokens per sequence
     seed: int = 0
 
     def prompts(self, vocab: int, avoid: set[int]) -> tuple[list, list]:

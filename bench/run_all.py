@@ -1,0 +1,139 @@
+"""Regenerate bench/RESULTS.md, bench/results.json and bench/throughput.png in one command.
+
+    .venv/bin/python bench/run_all.py                # everything (also: make bench)
+    .venv/bin/python bench/run_all.py --only render  # re-render from bench/results.json
+
+Sections: throughput (porter bench per model, all models in this one run), convert (every
+port in generated/vllm, both targets, per file: bench/convert_speed.py), verify (one
+`porter verify --tp 1,2` per listed model, wall time). A section that is not run keeps its
+previous numbers in results.json. Not a test: a measurement on a possibly shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS_JSON = HERE / "results.json"
+RESULTS_MD = HERE / "RESULTS.md"
+PLOT = HERE / "throughput.png"
+BENCH_MODELS = ["llama", "qwen2", "opt"]
+VERIFY_MODELS = ["llama", "qwen2", "opt"]
+NO_PORT_YET = ["gpt_neox", "phi"]  # issue 8 lists them; no committed port in generated/vllm
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def throughput(models: list[str], repeats: int, enforce_eager: bool) -> dict:
+    from porter.bench import render, run_bench
+
+    out = {}
+    for m in models:
+        res = run_bench(m, repeats=repeats, enforce_eager=enforce_eager, log=log)
+        print(render(res), flush=True)
+        out[m] = asdict(res)
+        _save_partial("throughput", out)
+    return out
+
+
+def convert(repeats: int) -> dict:
+    models = sorted(p.name for p in (ROOT / "generated" / "vllm").iterdir()
+                    if (p / "PORT.json").exists())
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "convert_speed.py"), "--repeats", str(repeats), "--json",
+         *models], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"convert_speed.py failed:\n{proc.stderr[-3000:]}")
+    data = json.loads(proc.stdout)
+    # cold: the whole zoo, both targets, in a fresh process (imports included), as a user runs it
+    cold_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "porter-bench-convert"
+    t1 = time.perf_counter()
+    cold = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from porter.convert import convert;"
+         "[convert(m, ['vllm', 'aphrodite'], Path(sys.argv[1]), force=True) for m in sys.argv[2:]]",
+         str(cold_dir), *models], capture_output=True, text=True, cwd=ROOT)
+    data["cold_process_s"] = round(time.perf_counter() - t1, 2)
+    data["cold_ok"] = cold.returncode == 0
+    if cold.returncode != 0:
+        data["cold_error"] = cold.stderr[-1000:]
+    data["measure_s"] = round(time.perf_counter() - t0, 1)
+    return data
+
+
+def verify(models: list[str]) -> dict:
+    out = {}
+    for m in models:
+        log(f"porter verify {m} --tp 1,2")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "porter", "verify", m, "--tp", "1,2",
+                               "--json"], capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        rec = {"wall_s": round(wall, 1), "exit": proc.returncode,
+               "load1_after": round(os.getloadavg()[0], 2)}
+        try:
+            rep = json.loads(proc.stdout)
+            rec["timings"] = rep.get("timings")
+        except ValueError:
+            rec["stderr"] = proc.stderr[-500:]
+        out[m] = rec
+    return out
+
+
+def _load() -> dict:
+    return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+
+
+def _save_partial(section: str, value) -> None:
+    data = _load()
+    data[section] = value
+    RESULTS_JSON.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="throughput,convert,verify,render",
+                    help="comma-separated sections: throughput, convert, verify, render")
+    ap.add_argument("--models", default=",".join(BENCH_MODELS))
+    ap.add_argument("--verify-models", default=",".join(VERIFY_MODELS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--convert-repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true",
+                    help="vLLM paths with enforce_eager=False (inductor on CPU; slow to start)")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    from porter.bench import machine
+
+    if "throughput" in only:
+        _save_partial("throughput", throughput(args.models.split(","), args.repeats,
+                                               not args.compile))
+    if "convert" in only:
+        log("convert speed")
+        _save_partial("convert", convert(args.convert_repeats))
+    if "verify" in only:
+        _save_partial("verify", verify(args.verify_models.split(",")))
+    if "render" in only:
+        data = _load()
+        data["machine"] = data.get("machine") or machine()
+        from bench.render import render_md, render_plot
+
+        render_plot(data, PLOT)
+        RESULTS_MD.write_text(render_md(data, PLOT.name))
+        log(f"wrote {RESULTS_MD.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
