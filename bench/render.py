@@ -152,7 +152,7 @@ def _must_show(tp: dict) -> list[str]:
             return f"{'yes' if ok else '**no**'} ({vals[0]:.3f}, {vals[1]:.3f})"
 
         out.append(f"| {name} | {cell('port/native', 0.98)} | {cell('port/transformers', 1.0)} |")
-    out += ["| gpt_neox, phi | no port in generated/vllm yet: not measured | — |", ""]
+    out += ["| gpt_neox | no port in generated/vllm yet: not measured | — |", ""]
     return out
 
 

@@ -396,32 +396,33 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="porter-bench-") as tmp:
         tmp = Path(tmp)
         port_ckpt = with_architecture(ckpt, tmp / "port-ckpt", info.architecture)
-        for name in paths:
-            d = tmp / name
-            (d / "probe").mkdir(parents=True)
-            site = write_plugin_dist(d / "site", info if name == "port" else None)
-            spec = dict(common, kind="hf" if name == "hf" else "vllm",
-                        checkpoint=str(port_ckpt if name == "port" else ckpt),
-                        model_impl="transformers" if name == "transformers" else "auto")
-            env = _env(None if name == "hf" else site, info.path if name == "port" else None,
-                       d / "probe", kv_gb)
-            log(f"{info.model_type}: starting the {name} worker")
-            # one start at a time: starts are CPU-heavy and would slow each other
-            workers[name] = Worker(name, spec, env, d / "worker.log")
-            ready = workers[name].wait_ready()
-            if not ready.get("ready"):
-                tail = (d / "worker.log").read_text()[-3000:]
-                log(f"{info.model_type}: {name} failed to start: {ready.get('error')}\n{tail}")
-            res.paths[name] = ready
-        live = [n for n in paths if res.paths[n].get("ready")]
-        if "port" in live:
-            cls = res.paths["port"]["class"]
-            if not cls.startswith(info.package + "."):
-                res.paths["port"]["error"] = f"the engine built {cls}, not the port"
-                live.remove("port")
+        live: list[str] = []
         try:
+            for name in paths:
+                d = tmp / name
+                (d / "probe").mkdir(parents=True)
+                site = write_plugin_dist(d / "site", info if name == "port" else None)
+                spec = dict(common, kind="hf" if name == "hf" else "vllm",
+                            checkpoint=str(port_ckpt if name == "port" else ckpt),
+                            model_impl="transformers" if name == "transformers" else "auto")
+                env = _env(None if name == "hf" else site,
+                           info.path if name == "port" else None, d / "probe", kv_gb)
+                log(f"{info.model_type}: starting the {name} worker")
+                # one start at a time: starts are CPU-heavy and would slow each other
+                workers[name] = Worker(name, spec, env, d / "worker.log")
+                ready = workers[name].wait_ready()
+                if not ready.get("ready"):
+                    tail = (d / "worker.log").read_text()[-3000:]
+                    log(f"{info.model_type}: {name} failed to start: {ready.get('error')}\n{tail}")
+                res.paths[name] = ready
+            live = [n for n in paths if res.paths[n].get("ready")]
+            if "port" in live:
+                cls = res.paths["port"]["class"]
+                if not cls.startswith(info.package + "."):
+                    res.paths["port"]["error"] = f"the engine built {cls}, not the port"
+                    live.remove("port")
             load = []
-            for r in range(-1, repeats):  # repeat -1: warm-up, not recorded
+            for r in range(-1, repeats) if live else []:  # -1: warm-up, not recorded
                 order = live[r % len(live):] + live[: r % len(live)] if r >= 0 else live
                 load.append(os.getloadavg()[0])
                 for name in order:
@@ -441,7 +442,9 @@ def run_bench(
                     })
                 if r >= 0:
                     log(f"{info.model_type}: repeat {r + 1}/{repeats} done (load {load[-1]:.2f})")
-            res.load = {"min": min(load), "median": statistics.median(load), "max": max(load)}
+            if load:
+                res.load = {"min": min(load), "median": statistics.median(load),
+                            "max": max(load)}
         finally:
             for w in workers.values():
                 w.close()
