@@ -222,6 +222,25 @@ def coverage(
           f"{c['converted']} converted, {c['verified']} verified, {c['blocked']} blocked, {c['crashed']} crashed")
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="A model_type with a port in generated/vllm/ (or a port directory)."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Alternating timed repeats (after one warm-up round)."),
+    as_json: bool = typer.Option(False, "--json"),
+    compile_: bool = typer.Option(False, "--compile", help="vLLM paths with enforce_eager=False (inductor on CPU)."),
+) -> None:
+    """Prefill/decode tok/s: port vs vLLM native vs Transformers backend vs HF generate (one process each)."""
+    from porter.bench import render, run_bench, to_json
+    from porter.verify import resolve_port
+
+    port_dir = resolve_port(model)
+    if not (port_dir / "PORT.json").exists():
+        _fail(PorterError(f"no port for {model!r} (no {port_dir}/PORT.json)", construct="porter bench"))
+    res = run_bench(model, repeats=repeats, enforce_eager=not compile_,
+                    log=lambda m: sys.stderr.write(f"{m}\n"))
+    print(to_json(res) if as_json else render(res))
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()
