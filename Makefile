@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.porter-setup-3
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench
 
 $(STAMP): pyproject.toml
 	# headless Chromium for the HTML diff test (driven by playwright with executable_path, never `playwright install`)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# measurements, not tests: regenerates bench/RESULTS.md, bench/results.json, bench/throughput.png
+bench: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check porter tests generated
