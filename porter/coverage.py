@@ -310,16 +310,25 @@ def _dist_version(*names: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# what porter convert runs: its code, rule tables and templates (not the CLI, verify, bench, ...)
+CONVERT_CODE = ("__init__.py", "errors.py", "source.py", "convert.py", "plan.py", "layout.py",
+                "rules_data.py", "analysis", "passes")
+CONVERT_RULES = ("hf_strip.yaml", "targets.yaml")
+
+
 def porter_fingerprint() -> str:
-    """sha256 over porter's code (minus the coverage/CLI front ends), rule tables and templates."""
+    """sha256 over the code, rule tables and templates that porter convert runs."""
     h = hashlib.sha256(__version__.encode())
-    files = sorted(
-        [p for p in (ROOT / "porter").rglob("*.py") if p.name not in ("coverage.py", "cli.py")]
-        + list((ROOT / "rules").glob("*.yaml")) + [p for p in (ROOT / "templates").rglob("*") if p.is_file()]
-    )
+    files: list[Path] = []
+    for name in CONVERT_CODE:
+        p = ROOT / "porter" / name
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    files += [ROOT / "rules" / n for n in CONVERT_RULES]
+    files += sorted(p for p in (ROOT / "templates").rglob("*") if p.is_file())
     for p in files:
-        h.update(str(p.relative_to(ROOT)).encode())
-        h.update(p.read_bytes())
+        if p.is_file():
+            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(p.read_bytes())
     return h.hexdigest()
 
 
