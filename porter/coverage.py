@@ -360,6 +360,53 @@ def _locate(text: str, construct: str | None, hf_class: str) -> int | None:
     return _first_line(text, rf"^class {re.escape(hf_class)}\(")
 
 
+def _complete(rec: dict, hf_class: str, source: str, text: str) -> dict:
+    """Fill in what porter's diagnostic left out, from the source: the line (the construct's
+    definition or first use, else the causal-LM class) and the construct (the class / def around
+    the line); both are marked as located by coverage. Returns the fields to update."""
+    from porter.errors import PorterError
+
+    line, construct = rec.get("line"), rec.get("construct")
+    upd = {"line_located_by_coverage": bool(rec.get("line_located_by_coverage")),
+           "construct_located_by_coverage": bool(rec.get("construct_located_by_coverage"))}
+    if rec.get("file") == source:
+        if line is None:
+            line = _locate(text, construct, hf_class)
+            upd["line_located_by_coverage"] = line is not None
+        if not construct and line:
+            construct = _enclosing(text, line)
+            upd["construct_located_by_coverage"] = construct is not None
+    upd.update(line=line, construct=construct, diagnostic=PorterError(
+        rec["message"], file=rec["file"], line=line, construct=construct, rule=rec.get("rule")).one_line())
+    return upd
+
+
+def _enclosing(text: str, line: int) -> str | None:
+    """The innermost class / def around LINE ("Class.method"), or the statement's first name."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    best: list[str] = []
+
+    def walk(node: ast.AST, path: list[str]) -> None:
+        nonlocal best
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                if start <= line <= (child.end_lineno or child.lineno):
+                    best = path + [child.name]
+                    walk(child, best)
+    walk(tree, [])
+    if best:
+        return ".".join(best)
+    for node in tree.body:
+        if node.lineno <= line <= (node.end_lineno or node.lineno):
+            names = [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+            return names[0] if names else None
+    return None
+
+
 def convert_task(model_type: str, hf_class: str, source: str, tf_root: str) -> dict:
     """Convert one modeling file for both targets in memory; never raises."""
     from porter.convert import convert
@@ -377,13 +424,9 @@ def convert_task(model_type: str, hf_class: str, source: str, tf_root: str) -> d
             file = str(Path(file).resolve().relative_to(Path(tf_root).resolve()))
         except ValueError:
             pass
-        line, located = e.line, False
-        if line is None and file == source:
-            line, located = _locate(text, e.construct, hf_class), True
-        one = PorterError(e.message, file=file, line=line, construct=e.construct, rule=e.rule).one_line()
-        rec.update(status="blocked", diagnostic=one, message=e.message, file=file, line=line,
-                   line_located_by_coverage=located and line is not None,
+        rec.update(status="blocked", message=e.message, file=file, line=e.line,
                    construct=e.construct, rule=e.rule)
+        rec.update(_complete(rec, hf_class, source, text))
     except Exception as e:  # a porter bug, recorded as such (not a diagnostic)
         tb = traceback.extract_tb(e.__traceback__)
         where = next((f for f in reversed(tb) if "/porter/" in f.filename), tb[-1] if tb else None)
@@ -524,6 +567,8 @@ def run_coverage(
         key = _convert_key(c, tf_root, fingerprint)
         hit = cache.get("convert", key)
         if hit is not None:
+            if hit.get("status") == "blocked" and "message" in hit:
+                hit.update(_complete(hit, c.hf_class, c.source, (tf_root / c.source).read_text(encoding="utf-8")))
             results[c.model_type] = {**hit, "cached": True}
         else:
             todo.append((c, key))
@@ -567,6 +612,7 @@ def run_coverage(
             "port_name": port_name, "status": r["status"], "diagnostic": r.get("diagnostic"),
             "file": r.get("file"), "line": r.get("line"), "construct": r.get("construct"),
             "rule": r.get("rule"), "line_located_by_coverage": r.get("line_located_by_coverage", False),
+            "construct_located_by_coverage": r.get("construct_located_by_coverage", False),
             "vllm_native": registry.get(c.hf_class, {"kind": "none", "detail": "not in vLLM's registry"}),
             "committed": committed, "verify": None,
         }

@@ -1,0 +1,194 @@
+"""porter coverage: the static list, a convert-only sweep on a few model types, and the committed
+generated/COVERAGE.json checked against generated/ (no engine runs here: the committed file
+comes from a real `porter coverage --verify`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GENERATED, ROOT, run_porter
+from porter import coverage as cov
+
+CONVERTED = {"verified", "verify failed", "converted", "converted (no tiny config)"}
+DIAG = re.compile(r"^models/[\w./-]+\.py:\d+: \S")
+
+
+@pytest.fixture(scope="module")
+def tf_root():
+    root = cov._package_dir("transformers")
+    assert root is not None
+    return root
+
+
+@pytest.fixture(scope="module")
+def candidates(tf_root):
+    return cov.discover(tf_root)
+
+
+@pytest.fixture(scope="module")
+def committed():
+    data = json.loads((GENERATED / cov.COVERAGE_JSON).read_text())
+    return data
+
+
+def test_list_is_read_without_importing_transformers_or_vllm():
+    code = (
+        "import sys; from porter import coverage as c; "
+        "cs = c.discover(c._package_dir('transformers')); reg = c.vllm_registry(c._package_dir('vllm')); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'vllm', 'torch')); "
+        "print(len(cs), len(reg), bad)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    n, nreg, bad = proc.stdout.split(" ", 2)
+    assert int(n) > 100 and int(nreg) > 100
+    assert bad.strip() == "[]"
+
+
+def test_discover_classifies_from_the_files(candidates, tf_root):
+    by = {c.model_type: c for c in candidates}
+    # decoder-only text models stay; the others go, each for the reason its files show
+    for mt in ("llama", "opt", "gpt2", "falcon", "mixtral"):
+        assert by[mt].excluded is None, by[mt].excluded
+    assert by["bart"].kind == "encoder-decoder"
+    assert by["bert"].kind == "encoder-only"
+    assert by["gemma3"].kind == "multimodal" and by["gemma3_text"].kind == "multimodal"
+    assert by["gpt-sw3"].kind == "alias" and "gpt2" in by["gpt-sw3"].excluded
+    for c in candidates:
+        if c.excluded:
+            assert c.kind, c  # every exclusion has a kind
+            assert c.excluded.strip() and c.evidence, c
+        else:
+            # a kept model type names the file that defines its causal-LM class
+            text = (tf_root / c.source).read_text()
+            assert re.search(rf"^class {re.escape(c.hf_class)}\(", text, re.M), c
+
+
+def test_vllm_registry_kinds():
+    reg = cov.vllm_registry(cov._package_dir("vllm"))
+    assert reg["LlamaForCausalLM"]["kind"] == "native" and reg["LlamaForCausalLM"]["file_exists"]
+    assert reg["GPTNeoXForCausalLM"]["kind"] == "transformers-backend"
+    assert reg["PersimmonForCausalLM"]["kind"] == "dropped"
+    assert reg.get("PhimoeForCausalLM")["kind"] == "native"  # vLLM spells it PhiMoEForCausalLM
+    assert reg.get("NoSuchForCausalLM") is None
+
+
+def test_locate_gives_a_line_to_a_diagnostic_without_one():
+    text = "import x\nfrom y import ACT2FN\n\nclass A(nn.Module):\n    def forward(self):\n        ACT2FN['x']\n\nclass FooLMHeadModel(A):\n    pass\n"
+    assert cov._locate(text, "ACT2FN", "FooLMHeadModel") == 6  # first use, not the import
+    assert cov._locate(text, "A.forward", "FooLMHeadModel") == 5
+    assert cov._locate(text, "module", "FooLMHeadModel") == 8
+    assert cov._locate(text, None, "FooLMHeadModel") == 8
+
+
+def test_convert_only_sweep_on_a_few_model_types(tmp_path, committed):
+    blocked = sorted(r["model_type"] for r in committed["rows"] if r["status"] == "blocked")
+    only = ["opt", "llama"] + blocked[:1]
+    out = tmp_path / "out"
+    shutil.copytree(GENERATED / "vllm" / "opt", out / "vllm" / "opt")  # a committed port
+    cache = tmp_path / "cache"
+    rep = cov.run_coverage(out, only=only, jobs=2, cache_dir=cache)
+    rows = {r["model_type"]: r for r in rep["rows"]}
+    assert rep["partial"] and set(rows) == set(only)
+    assert rows["opt"]["status"] in CONVERTED and rows["llama"]["status"] in CONVERTED
+    assert rows["opt"]["committed"]["matches_conversion"] is True
+    assert rows["llama"]["committed"] is None
+    for mt in blocked[:1]:
+        assert rows[mt]["status"] == "blocked"
+        assert DIAG.match(rows[mt]["diagnostic"]), rows[mt]["diagnostic"]
+        assert rows[mt]["construct"]
+    c = rep["counts"]
+    assert c["total"] == len(only) == c["converted"] + c["blocked"] + c["crashed"]
+    assert (out / cov.COVERAGE_JSON).is_file() and (out / cov.COVERAGE_MD).is_file()
+    md = (out / cov.COVERAGE_MD).read_text()
+    assert all(f"| {mt} |" in md for mt in only)
+    # a second sweep is served from the cache (keyed by source sha256 + porter fingerprint)
+    again = cov.run_coverage(out, only=only, jobs=1, cache_dir=cache, write=False)
+    assert again["timings"]["converted_cached"] == len(only) and again["timings"]["converted_fresh"] == 0
+    assert [r["status"] for r in again["rows"]] == [r["status"] for r in rep["rows"]]
+
+
+def test_cli_coverage(tmp_path):
+    proc = run_porter("coverage", "--only", "opt", "--out", str(tmp_path), "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 text decoder causal LMs" in proc.stdout and "1 converted" in proc.stdout
+    data = json.loads((tmp_path / cov.COVERAGE_JSON).read_text())
+    assert data["rows"][0]["model_type"] == "opt"
+    bad = run_porter("coverage", "--only", "no_such_model", "--out", str(tmp_path))
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "no_such_model" in bad.stderr
+
+
+# --- the committed generated/COVERAGE.json against generated/ ----------------------------------
+
+
+def test_committed_coverage_is_a_full_sweep(committed, candidates):
+    assert not committed["partial"]
+    listed = {r["model_type"] for r in committed["rows"]} | {e["model_type"] for e in committed["exclusions"]}
+    if committed["transformers_version"] == cov._dist_version("transformers"):
+        # every causal-LM entry of the installed transformers is either a row or an exclusion
+        assert listed == {c.model_type for c in candidates}
+        assert {r["model_type"] for r in committed["rows"]} == {c.model_type for c in candidates if not c.excluded}
+
+
+def test_every_committed_port_is_listed_as_converted(committed):
+    ports = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.json").exists())
+    assert ports
+    by_port = {r["port_name"]: r for r in committed["rows"]}
+    for name in ports:
+        row = by_port.get(name)
+        assert row is not None, f"generated/vllm/{name} is not in COVERAGE.json: run porter coverage"
+        assert row["status"] in CONVERTED and row["status"] != "verify failed", row
+        assert row["committed"] and row["committed"]["path"] == f"vllm/{name}"
+        assert (GENERATED / "aphrodite" / name / "PORT.json").exists()
+        if row["status"] == "verified":
+            assert row["verify"]["passed"] and row["verify"]["tps"] == [1, 2]
+    # no row claims a committed port that is not there
+    for r in committed["rows"]:
+        if r["committed"]:
+            assert (GENERATED / r["committed"]["path"] / "PORT.json").exists(), r["model_type"]
+
+
+def test_committed_counts_add_up(committed):
+    c, rows = committed["counts"], committed["rows"]
+    assert c["total"] == len(rows)
+    assert c["causal_lm_mapping_entries"] == c["total"] + c["excluded"] == len(rows) + len(committed["exclusions"])
+    assert c["excluded"] == sum(c["excluded_by_kind"].values())
+    assert c["total"] == c["converted"] + c["blocked"] + c["crashed"]
+    assert c["converted"] == (c["verified"] + c["verify_failed"] + c["converted_not_verified"]
+                              + c["converted_no_tiny_config"])
+    assert sum(c["blocked_by_rule"].values()) == c["blocked"] + c["crashed"]
+    for status, key in (("verified", "verified"), ("blocked", "blocked"), ("crashed", "crashed")):
+        assert c[key] == sum(r["status"] == status for r in rows)
+    assert c["converted"] == sum(r["status"] in CONVERTED for r in rows)
+    assert c["committed_ports"] == sum(bool(r["committed"]) for r in rows)
+
+
+def test_committed_blocked_rows_name_a_construct_at_file_line(committed):
+    for r in committed["rows"]:
+        if r["status"] in ("blocked", "crashed"):
+            assert r["construct"], r
+            assert "error" != r["diagnostic"].strip().lower()
+        if r["status"] == "blocked":
+            assert DIAG.match(r["diagnostic"]), r["diagnostic"]
+            assert r["file"] and isinstance(r["line"], int) and r["line"] > 0
+        else:
+            assert r["status"] != "crashed" or r["diagnostic"].startswith("porter crashed")
+
+
+def test_committed_exclusions_have_reasons(committed):
+    assert committed["exclusions"]
+    for e in committed["exclusions"]:
+        assert e["kind"] in ("encoder-decoder", "encoder-only", "multimodal", "not-causal-lm", "alias"), e
+        assert e["reason"] and e["evidence"], e
+    md = (GENERATED / cov.COVERAGE_MD).read_text()
+    for e in committed["exclusions"]:
+        assert f"| {e['model_type']} | {e['hf_class']} | {e['kind']} |" in md
+    for r in committed["rows"]:
+        assert f"| {r['model_type']} | {r['hf_class']} | {r['status']} |" in md
