@@ -19,6 +19,7 @@ def _is_assign_of(st: cst.CSTNode, attr: str) -> bool:
 
 
 class EngineRope(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT020"
     name = "engine-rope"
     why = (
@@ -128,6 +129,7 @@ class EngineRope(Rule):
 
 
 class EngineAttention(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT021"
     name = "engine-attention"
     why = (
@@ -243,6 +245,7 @@ class EngineAttention(Rule):
 
 
 class FlattenHeads(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT022"
     name = "flatten-heads"
     why = (
@@ -311,6 +314,7 @@ class FlattenHeads(Rule):
 
 
 class FuseQkv(Rule):
+    descend_methods = frozenset()
     code = "PT023"
     name = "fuse-qkv"
     why = (
@@ -450,6 +454,7 @@ class FuseQkv(Rule):
 
 
 class PartialRotary(Rule):
+    descend_methods = frozenset()
     code = "PT019"
     name = "partial-rotary"
     why = (

@@ -59,6 +59,10 @@ class Rule(cst.CSTTransformer):
     # Most rules only rewrite the classes the port keeps; skipping the rest (other heads,
     # PreTrainedModel, module-level HF helpers) is most of convert's speed.
     visits_dropped_code: ClassVar[bool] = False
+    # Which methods' bodies the rule needs to walk (None: all). Rules that work on a method as a
+    # whole in leave_FunctionDef, or only on decorators/signatures, walk none.
+    descend_methods: ClassVar[frozenset[str] | None] = None
+    descends: ClassVar[bool] = True  # False: the rule works on the module/classes as a whole
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
@@ -77,6 +81,8 @@ class Rule(cst.CSTTransformer):
     # -- scope tracking for provenance ---------------------------------------------------
     def visit_ClassDef(self, node: cst.ClassDef) -> bool | None:
         self.scope.append(node.name.value)
+        if not self.descends:
+            return False
         if self.visits_dropped_code or len(self.scope) > 1:
             return True
         return node.name.value in self.plan.classes or (not self.plan.causal_lm)
@@ -87,6 +93,10 @@ class Rule(cst.CSTTransformer):
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
         self.scope.append(node.name.value)
+        if not self.descends:
+            return False
+        if len(self.scope) == 2 and self.descend_methods is not None:
+            return node.name.value in self.descend_methods
         if self.visits_dropped_code or len(self.scope) > 1 or not self.plan.causal_lm:
             return True
         return False  # module-level helpers: HF-only, pruned at the end
@@ -109,12 +119,17 @@ class Rule(cst.CSTTransformer):
         self.changed = True
 
     def on_leave(self, original_node, updated_node):
-        result = super().on_leave(original_node, updated_node)
-        if result is not updated_node and not isinstance(original_node, (cst.ClassDef, cst.FunctionDef)):
-            self.mark()
-        elif isinstance(original_node, (cst.ClassDef, cst.FunctionDef)) and result is not updated_node:
-            name = original_node.name.value
-            self.mark(".".join([*self.scope, name]) if self.scope else name)
+        # Called for every node of every pass: kept lean (no super() hop, one getattr).
+        leave = getattr(self, "leave_" + type(original_node).__name__, None)
+        if leave is None:
+            return updated_node
+        result = leave(original_node, updated_node)
+        if result is not updated_node:
+            if isinstance(original_node, (cst.ClassDef, cst.FunctionDef)):
+                name = original_node.name.value
+                self.mark(".".join([*self.scope, name]) if self.scope else name)
+            else:
+                self.mark()
         return result
 
     def kept(self, cls: str | None) -> bool:

@@ -26,6 +26,7 @@ def _indent(text: str) -> str:
 
 
 class CausalLmInterface(Rule):
+    descend_methods = frozenset()
     code = "PT050"
     name = "causal-lm-interface"
     why = (
@@ -246,6 +247,7 @@ class CausalLmInterface(Rule):
 
 class PruneUnreachable(Rule):
     visits_dropped_code = True
+    descends = False
     code = "PT060"
     name = "prune-unreachable"
     why = (
@@ -289,19 +291,26 @@ class PruneUnreachable(Rule):
     def leave_Module(self, original, updated):
         keep = set(self.plan.classes)
         body = list(updated.body)
-        while True:
-            used: set[str] = set()
-            for st in body:
-                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
-                    continue
+        names_of: dict[int, set[str]] = {}  # per statement, computed once
+
+        def names(st) -> set[str]:
+            if id(st) not in names_of:
                 if isinstance(st, cst.ClassDef):
                     parts = [st.body, *st.bases, *st.decorators]
                 elif isinstance(st, cst.FunctionDef):
                     parts = [st.body, st.params, *st.decorators]
                 else:
                     parts = [st]
-                for part in parts:
-                    used |= {n.value for n in m.findall(part, m.Name())}  # type: ignore[attr-defined]
+                names_of[id(st)] = {n.value for part in parts for n in m.findall(part, m.Name())}  # type: ignore[attr-defined]
+            return names_of[id(st)]
+
+        while True:
+            used: set[str] = set()
+            for st in body:
+                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
+                    continue
+                if isinstance(st, (cst.ClassDef, cst.FunctionDef)):
+                    used |= names(st)
             new_body = []
             for st in body:
                 if isinstance(st, cst.ClassDef) and st.name.value not in keep:
@@ -328,6 +337,7 @@ class PruneUnreachable(Rule):
 
 class EngineImports(Rule):
     visits_dropped_code = True
+    descends = False
     code = "PT070"
     name = "engine-imports"
     why = (

@@ -10,7 +10,6 @@ from porter.passes.base import Example, Rule
 
 
 class DropHfImports(Rule):
-    visits_dropped_code = True
     code = "PT001"
     name = "drop-hf-imports"
     why = (
@@ -72,6 +71,7 @@ class DropHfImports(Rule):
 
 
 class StripDecorators(Rule):
+    descend_methods = frozenset()
     code = "PT002"
     name = "strip-decorators"
     why = (
@@ -107,6 +107,7 @@ class StripDecorators(Rule):
 
 
 class ReplaceBaseClasses(Rule):
+    descend_methods = frozenset({"__init__"})
     code = "PT003"
     name = "replace-base-classes"
     why = (

@@ -12,6 +12,7 @@ _SHAPE_PURE = {"size", "shape", "dim", "view", "reshape", "transpose", "contiguo
 
 
 class DropHfDataflow(Rule):
+    descend_methods = frozenset()
     code = "PT011"
     name = "drop-hf-dataflow"
     why = (
@@ -161,6 +162,7 @@ class DropHfDataflow(Rule):
 
 
 class DropDropout(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT012"
     name = "drop-dropout"
     why = (
@@ -207,6 +209,7 @@ class DropDropout(Rule):
 
 
 class DropDeadLocals(Rule):
+    descend_methods = frozenset()
     code = "PT061"
     name = "drop-dead-locals"
     why = (
@@ -273,6 +276,7 @@ class DropDeadLocals(Rule):
 
 
 class DropBatchCollapse(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT013"
     name = "drop-batch-collapse"
     why = (

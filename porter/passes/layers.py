@@ -20,6 +20,7 @@ def _assign_attr(st: cst.CSTNode) -> str | None:
 
 
 class FuseGateUp(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT024"
     name = "fuse-gate-up"
     why = (
@@ -172,6 +173,7 @@ class TpLinears(Rule):
 
 
 class VocabEmbedding(Rule):
+    descend_methods = frozenset({"__init__"})
     code = "PT026"
     name = "vocab-embedding"
     why = (
@@ -231,6 +233,7 @@ class VocabEmbedding(Rule):
 
 
 class EngineNorms(Rule):
+    descend_methods = frozenset({"__init__"})
     code = "PT027"
     name = "engine-norms"
     why = (

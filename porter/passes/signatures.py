@@ -8,6 +8,7 @@ from porter.passes.base import Example, Rule
 
 
 class StripHfParams(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT010"
     name = "strip-hf-params"
     why = (

@@ -10,6 +10,7 @@ from porter.passes.base import Example, Rule
 
 
 class UnwrapOutputs(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT030"
     name = "unwrap-outputs"
     why = (
@@ -41,6 +42,7 @@ class UnwrapOutputs(Rule):
 
 
 class ThreadPositions(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT031"
     name = "thread-positions"
     why = (
@@ -139,6 +141,7 @@ class ThreadPositions(Rule):
 
 
 class FixCallArity(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT032"
     name = "fix-call-arity"
     why = (
@@ -169,6 +172,7 @@ class FixCallArity(Rule):
 
 
 class ThreadPrefix(Rule):
+    descend_methods = frozenset({"__init__"})
     code = "PT040"
     name = "thread-prefix"
     why = (
@@ -306,6 +310,7 @@ class ThreadPrefix(Rule):
 
 
 class MatchCalleeParams(Rule):
+    descend_methods = frozenset({"forward"})
     code = "PT033"
     name = "match-callee-params"
     why = (
