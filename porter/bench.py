@@ -209,15 +209,47 @@ def _worker(spec: dict) -> None:
 
     send({"ready": True, "load_s": round(time.perf_counter() - t0, 2), "class": describe(),
           "threads": torch.get_num_threads()})
+    tree = _process_tree(os.getpid())  # the worker and the engine core it started
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
             break
+        c = _cpu_seconds(tree)
         t = time.perf_counter()
         n_out = run(cmd["prompts"], cmd["max_tokens"])
-        send({"s": time.perf_counter() - t, "n_out": n_out})
+        send({"s": time.perf_counter() - t, "n_out": n_out, "cpu_s": _cpu_seconds(tree) - c})
     reply.flush()
     os._exit(0)
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (from /proc; empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU seconds of ``pids`` (all threads): robust to time-sharing, unlike wall time."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / ticks
 
 
 def _vllm_runner(spec: dict):
@@ -439,6 +471,11 @@ def run_bench(
                         "prefill_s": pre["s"], "decode1_s": d1["s"], "decodeT_s": dT["s"],
                         "prefill_tok_s": wl.prefill_batch * wl.prefill_len / pre["s"],
                         "decode_tok_s": gen / max(dT["s"] - d1["s"], 1e-9),
+                        # per CPU-second of the worker's process tree (noise cross-check)
+                        "prefill_tok_cpu_s": wl.prefill_batch * wl.prefill_len
+                        / max(pre.get("cpu_s", 0), 1e-9),
+                        "decode_tok_cpu_s": gen / max(dT.get("cpu_s", 0) - d1.get("cpu_s", 0),
+                                                      1e-9),
                     })
                 if r >= 0:
                     log(f"{info.model_type}: repeat {r + 1}/{repeats} done (load {load[-1]:.2f})")
@@ -455,10 +492,11 @@ def run_bench(
 
 def summarize(runs: list[dict], live: list[str]) -> dict:
     out: dict = {"median": {}, "ratios": {}}
+    metrics = ("prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s")
     for name in live:
         rs = [r for r in runs if r["path"] == name]
         out["median"][name] = {
-            m: statistics.median(r[m] for r in rs) for m in ("prefill_tok_s", "decode_tok_s")
+            m: statistics.median(r[m] for r in rs) for m in metrics if all(m in r for r in rs)
         }
         out["median"][name]["n"] = len(rs)
     by_rep: dict[int, dict] = {}
@@ -468,7 +506,9 @@ def summarize(runs: list[dict], live: list[str]) -> dict:
         if "port" not in live or other not in live:
             continue
         ratios = {}
-        for m in ("prefill_tok_s", "decode_tok_s"):
+        for m in metrics:
+            if m not in out["median"]["port"] or m not in out["median"][other]:
+                continue
             paired = [rep["port"][m] / rep[other][m] for rep in by_rep.values()
                       if "port" in rep and other in rep]
             ratios[m] = {
