@@ -174,19 +174,25 @@ def _convert_md(c: dict | None) -> list[str]:
            f"(vllm, aphrodite). Per file: median of {c['repeats']} in-process conversions "
            "(index + plan + rewrite passes + templates + formatting, nothing written; "
            "`bench/convert_speed.py`).", "",
-           f"- whole zoo, both targets, sum of per-file medians: **{c['total_s']:.2f} s**",
+           f"- whole zoo, both targets, sum of per-file medians: **{c['total_s']:.2f} s** wall, "
+           f"**{sum(r.get('cpu_median_s', float('nan')) for r in c['rows']):.2f} s** CPU "
+           "(process time; wall includes waiting for cores other jobs hold); load average "
+           f"(1 min) before/after: {c.get('load1_before', '?')}/{c.get('load1_after', '?')}",
            f"- whole zoo, both targets, one fresh `convert(...)` process (imports, writes): "
            f"**{c.get('cold_process_s', float('nan')):.2f} s**"
            + ("" if c.get("cold_ok", True) else " (failed)"),
            f"- first conversion in a process (imports, caches): {c['first_call_s']:.2f} s", "",
-           "| model | source file | vllm s | aphrodite s |", "|---|---|---:|---:|"]
+           "| model | source file | vllm s (wall) | aphrodite s (wall) | vllm CPU s | aphrodite CPU s |",
+           "|---|---|---:|---:|---:|---:|"]
     by: dict = {}
     for row in c["rows"]:
         by.setdefault(row["model"], {})[row["target"]] = row
         by[row["model"]]["source"] = row.get("source", "")
     for model, d in by.items():
         out.append(f"| {model} | `{d['source']}` | {d['vllm']['median_s']:.3f} | "
-                   f"{d['aphrodite']['median_s']:.3f} |")
+                   f"{d['aphrodite']['median_s']:.3f} | "
+                   f"{d['vllm'].get('cpu_median_s', float('nan')):.3f} | "
+                   f"{d['aphrodite'].get('cpu_median_s', float('nan')):.3f} |")
     return out + [""]
 
 

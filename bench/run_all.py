@@ -52,12 +52,14 @@ def convert(repeats: int) -> dict:
     models = sorted(p.name for p in (ROOT / "generated" / "vllm").iterdir()
                     if (p / "PORT.json").exists())
     t0 = time.perf_counter()
+    load_before = round(os.getloadavg()[0], 2)
     proc = subprocess.run(
         [sys.executable, str(HERE / "convert_speed.py"), "--repeats", str(repeats), "--json",
          *models], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"convert_speed.py failed:\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout)
+    data["load1_before"], data["load1_after"] = load_before, round(os.getloadavg()[0], 2)
     # cold: the whole zoo, both targets, in a fresh process (imports included), as a user runs it
     cold_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "porter-bench-convert"
     t1 = time.perf_counter()
