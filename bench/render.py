@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+FINDINGS = Path(__file__).resolve().parent / "findings.md"
 PATH_ORDER = ("port", "native", "transformers", "hf")
 PATH_LABEL = {
     "port": "porter port (vLLM)",
@@ -43,7 +44,7 @@ def render_plot(data: dict, out: Path) -> None:
         ax.set_title(title + " (median, bars = min..max)")
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower left")
     first = tp[models[0]]
     fig.suptitle(
         f"~{first['params'] / 1e6:.0f}M-param fp32, {first['repeats']} alternating repeats, "
@@ -140,9 +141,9 @@ def render_md(data: dict, plot_name: str) -> str:
         out += _must_show(tp)
     out += _convert_md(data.get("convert"))
     out += _verify_md(data.get("verify"))
-    notes = data.get("notes_md")
-    if notes:
-        out += ["## Findings", "", notes.strip(), ""]
+    notes = FINDINGS.read_text() if FINDINGS.exists() else ""
+    if notes.strip():  # written by hand (profiles, explanations): kept across regenerations
+        out += ["## Findings (bench/findings.md)", "", notes.strip(), ""]
     return "\n".join(out) + "\n"
 
 
