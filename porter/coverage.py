@@ -644,7 +644,7 @@ def run_coverage(
                     continue
                 log(f"verify {row['model_type']} at TP={','.join(map(str, TPS))}")
                 row["verify"] = _verify_row(row, out, cache_dir, step)
-                if row["verify"].get("status") in ("passed", "failed"):
+                if _settled(row["verify"]):
                     cache.put("verify", row["_vkey"], row["verify"])
                 log(f"verify {row['model_type']}: {row['verify']['status']} "
                     f"({row['verify'].get('seconds', 0):.0f} s)")
@@ -682,6 +682,12 @@ def _committed(out: Path, port_name: str, source: str) -> dict | None:
     }
 
 
+def _settled(v: dict) -> bool:
+    """A verdict worth keeping: a pass, or a numerical mismatch (exit 1). An engine that did not
+    start or timed out (exit 2) is run again next time."""
+    return v.get("status") == "passed" or (v.get("status") == "failed" and v.get("exit_code") == 1)
+
+
 def _previous_verifications(path: Path) -> dict[str, dict]:
     """verify key -> result, from an earlier COVERAGE.json (a committed run stays valid while the
     port and its tiny config are unchanged)."""
@@ -692,7 +698,7 @@ def _previous_verifications(path: Path) -> dict[str, dict]:
     out = {}
     for row in data.get("rows", []):
         v = row.get("verify") or {}
-        if v.get("key") and v.get("status") in ("passed", "failed"):
+        if v.get("key") and _settled(v):
             out[v["key"]] = {k: val for k, val in v.items() if k != "carried_over"}
     return out
 
