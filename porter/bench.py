@@ -459,7 +459,9 @@ def run_bench(
                 load.append(os.getloadavg()[0])
                 for name in order:
                     w = workers[name]
-                    time.sleep(0.3)  # idle OpenMP threads of the previous worker settle
+                    # > 1 s: vLLM's shm message queues spin (sched_yield) for 1 s after the
+                    # last message before they sleep; the previous worker must be quiet
+                    time.sleep(1.5)
                     pre = w.call(long, 1)
                     d1 = w.call(short, 1)
                     dT = w.call(short, wl.decode_tokens)

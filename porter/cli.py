@@ -23,6 +23,17 @@ def _fail(exc: PorterError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _parse_tp(tp: str) -> list[int]:
+    """--tp "1,2" -> [1, 2]; anything else is a one-line error."""
+    try:
+        tps = sorted({int(x) for x in tp.split(",") if x.strip()})
+        if not tps or any(t not in (1, 2) for t in tps):
+            raise ValueError
+    except ValueError:
+        _fail(PorterError(f"bad --tp {tp!r}: give sizes from 1,2 (this machine has 2 cores)", construct="--tp"))
+    return tps
+
+
 def _targets(target: str) -> list[str]:
     if target == "all":
         return list(TARGETS_ALL)
@@ -82,17 +93,21 @@ def verify(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run the port in the real engine and compare with Hugging Face (exit 0 pass, 1 mismatch, 2 error)."""
-    try:
-        tps = sorted({int(x) for x in tp.split(",") if x.strip()})
-        if not tps or any(t not in (1, 2) for t in tps):
-            raise ValueError
-    except ValueError:
-        _fail(PorterError(f"bad --tp {tp!r}: give sizes from 1,2 (this machine has 2 cores)", construct="--tp"))
+    tps = _parse_tp(tp)
     if target not in TARGETS_ALL:
         _fail(PorterError(f"unknown target {target!r}", construct="--target"))
+    from porter.layout import PortInfo
     from porter.verify import render_report, resolve_port, run_verify
 
     port_dir = resolve_port(port, target=target)
+    if not (port_dir / "PORT.json").is_file():
+        _fail(PorterError("not a port directory (no PORT.json) and no committed port of that "
+                          "model type", file=str(port_dir), construct="PORT"))
+    try:
+        PortInfo.load(port_dir)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        _fail(PorterError(f"PORT.json is unreadable: {type(exc).__name__}",
+                          file=str(port_dir / "PORT.json"), construct="PORT"))
     if target == "aphrodite":
         from porter.verify import structure
 
@@ -188,7 +203,7 @@ def regen(
                 raise typer.Exit(1)
             print(f"{res.checked} port(s) are what porter makes now")
             return
-        tps = tuple(sorted({int(x) for x in tp.split(",") if x.strip()}))
+        tps = tuple(_parse_tp(tp))
         drift = rg.regen(transformers, root=root or Path("generated"), out=out, verify=verify,
                          tps=tps, force=force, log=lambda m: sys.stderr.write(f"{m}\n"))
     except PorterError as exc:

@@ -101,17 +101,34 @@ def convert_one(source: Source, idx: ModelIndex, plan: PortPlan, target: Target)
     return Converted(target.name, plan, files, applied, prov, info)
 
 
+# made by using a port, not by editing it: never counted as a hand edit
+_USE_ARTIFACTS = ("__pycache__", ".pyc", ".egg-info")
+
+
 def edited_files(port_dir: Path) -> list[str]:
-    """Files of an existing port that differ from the hashes in its PORT.json (hand edits)."""
+    """Files of an existing port that differ from the hashes in its PORT.json, are missing, or
+    were added beside them (hand edits: overwriting the port would lose them)."""
     try:
         info = PortInfo.load(port_dir)
-    except (OSError, ValueError, TypeError):
+        listed = dict(info.files)
+    except (OSError, ValueError, TypeError, AttributeError):
         return [PORT_JSON]
     out = []
-    for rel, digest in info.files.items():
+    for rel, digest in listed.items():
         p = port_dir / rel
-        if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+        try:
+            same = p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() == digest
+        except OSError:
+            same = False
+        if not same:
             out.append(rel)
+    for p in sorted(port_dir.rglob("*")):
+        rel = p.relative_to(port_dir).as_posix()
+        if p.is_dir() or rel == PORT_JSON or rel in listed:
+            continue
+        if any(part.endswith(_USE_ARTIFACTS) for part in p.relative_to(port_dir).parts):
+            continue
+        out.append(rel)
     return out
 
 

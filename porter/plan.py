@@ -52,6 +52,7 @@ class AttentionPlan:
     rope: str | None  # None | "neox" | "gptj"
     rope_helper: str | None  # name of the HF function applying rotary
     line: int
+    packed: bool = False  # one projection whose output HF slices into q, k, v (fused in the checkpoint)
 
 
 @dataclass
@@ -241,6 +242,8 @@ class Planner:
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
         for a in plan.attentions:
+            if a.packed:
+                continue  # fused in the checkpoint too: QKVParallelLinear splits it when loading
             plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
         for g in plan.gate_ups:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
@@ -311,11 +314,22 @@ class Planner:
                         rule="fuse-qkv",
                     )
                 qkv.append(src[0])
-            if len(set(qkv)) != 3:
+            packed = len(set(qkv)) == 1
+            if packed:
+                sizes = self.packed_qkv_sizes(info, qkv[0])
+                if sizes is None:
+                    raise self.idx.error("cannot port attention: one q/k/v projection, but its output "
+                                         "is not sliced into q, k, v by head counts",
+                                         call, construct=f"{info.name}.forward", rule="fuse-qkv")
+            elif len(set(qkv)) != 3:
                 raise self.idx.error("cannot port attention: q/k/v are not three projections",
                                      call, construct=f"{info.name}.forward", rule="fuse-qkv")
             o = next((a for a in sorted(lin) if ATTN in flow.module_inputs.get(a, set())), None)
-            plan.attentions.append(self.attention_plan(info, call, qkv, o, flow))
+            ap = self.attention_plan(info, call, qkv, o, flow)
+            if packed:
+                ap.packed = True
+                ap.num_heads, ap.num_kv_heads = sizes  # type: ignore[misc]
+            plan.attentions.append(ap)
             for a in qkv:
                 roles[a] = "qkv"
             if o:
@@ -326,12 +340,65 @@ class Planner:
         for attr in sorted(lin - set(roles)):
             feeds_row = any(attr in flow.module_inputs.get(r, set()) for r, k in roles.items() if k == "row")
             roles[attr] = "column" if feeds_row else "replicated"
+            if feeds_row and (n := self.merged_outputs(fwd, attr)):
+                roles[attr] = f"merged:{n}"
         for attr, role in roles.items():
             if role != "qkv":
                 plan.linears.append(LinearPlan(info.name, attr, role, linears[attr].line))
         gu = self.gate_up_pattern(info, fwd, roles)
         if gu:
             plan.gate_ups.append(gu)
+
+    def _locals(self, fwd: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+        out: dict[str, cst.BaseExpression] = {}
+        for node in m.findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name())])):
+            out.setdefault(node.targets[0].target.value, node.value)  # type: ignore[attr-defined]  # first binding
+        return out
+
+    def packed_qkv_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
+        """Heads and KV heads of a packed q/k/v projection, read from how forward slices it.
+
+        `qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = qkv[..., Q : Q + K]; v = qkv[..., Q + K :]`
+        with Q = heads * head_dim and K = kv_heads * head_dim.
+        """
+        fwd = info.method("forward")
+        local = self._locals(fwd)
+        out_name = next((n for n, v in local.items() if m.matches(v, m.Call(
+            func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
+        if out_name is None:
+            return None
+
+        def resolve(e: cst.BaseExpression) -> str:
+            return code(local[e.value]) if isinstance(e, cst.Name) and e.value in local else code(e)
+
+        slices = []
+        for node in m.findall(fwd, m.Subscript(value=m.Name(out_name))):
+            sl = node.slice[-1].slice  # type: ignore[attr-defined]
+            if isinstance(sl, cst.Slice):
+                slices.append(sl)
+        first = next((s_ for s_ in slices if s_.lower is None and s_.upper is not None), None)
+        mid = next((s_ for s_ in slices if s_.lower is not None and s_.upper is not None), None)
+        if first is None or mid is None:
+            return None
+        q_size = resolve(first.upper)
+        upper = mid.upper
+        if not (isinstance(upper, cst.BinaryOperation) and isinstance(upper.operator, cst.Add)):
+            return None
+        kv_size = code(upper.right)
+        return _heads(q_size, "self.head_dim"), _heads(kv_size, "self.head_dim")
+
+    def merged_outputs(self, fwd: cst.FunctionDef, attr: str) -> int | None:
+        """`y = self.proj(x); a, b = y.chunk(2, dim=-1)`: a column projection packing 2 outputs."""
+        local = self._locals(fwd)
+        out_name = next((n for n, v in local.items() if m.matches(v, m.Call(
+            func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
+        if out_name is None:
+            return None
+        for node in m.findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")))):
+            args = node.args  # type: ignore[attr-defined]
+            if args and isinstance(args[0].value, cst.Integer):
+                return int(args[0].value.value)
+        return None
 
     def gate_up_pattern(self, info: ClassInfo, fwd: cst.FunctionDef, roles: dict[str, str]) -> GateUpPlan | None:
         for node in m.findall(fwd, m.BinaryOperation(operator=m.Multiply())):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def resolve(
     version = transformers_version or (
         installed_transformers_version() if transformers_dir is None else "unknown"
     )
+    if not src.strip():
+        raise PorterError("SRC is empty: give a modeling_*.py path or a model_type", construct="SRC")
     path = Path(src)
     if not src.endswith(".py") and "/" not in src and not path.exists():
         if root is None:
@@ -64,6 +67,7 @@ def resolve(
             )
         path = cand
     text = read_python(path)
+    check_syntax(text, str(path))
     model_type = _model_type_of(path)
     rel = str(path)
     if root is not None:
@@ -73,7 +77,7 @@ def resolve(
             rel = path.name
     cfg = Path(config) if config else path.with_name(f"configuration_{model_type}.py")
     if config:
-        read_python(cfg)  # validate early: readable UTF-8 Python
+        check_syntax(read_python(cfg), str(cfg))  # validate early: readable UTF-8 Python
     return Source(
         path=path,
         text=text,
@@ -94,13 +98,16 @@ def read_python(path: Path) -> str:
     """Read a Python source file as UTF-8 text, with one-line errors for everything else."""
     name = str(path)
     try:
-        if path.is_dir():
-            raise PorterError("is a directory, expected a Python file", file=name)
-        if not path.exists():
-            raise PorterError("no such file", file=name)
-        size = path.stat().st_size
+        st = path.stat()  # follows links: a loop raises ELOOP, a dangling link ENOENT
+    except FileNotFoundError:
+        raise PorterError("no such file", file=name) from None
     except OSError as exc:  # symlink loops, permissions
         raise PorterError(f"cannot read: {exc.strerror or exc}", file=name) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise PorterError("is a directory, expected a Python file", file=name)
+    if not stat.S_ISREG(st.st_mode):
+        raise PorterError("not a regular file (a pipe or device?)", file=name)
+    size = st.st_size
     if size > MAX_SOURCE_BYTES:
         raise PorterError(
             f"file is {size / 1e6:.1f} MB, larger than any modeling file "
@@ -120,3 +127,16 @@ def read_python(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise PorterError("not UTF-8 text", file=name, line=line) from None
+
+
+def check_syntax(text: str, name: str) -> None:
+    """Parse with Python's own parser (never compiled or run) before libcst sees the text: its
+    line numbers are exact, and it refuses nesting that would overflow libcst's native parser."""
+    import ast
+
+    try:
+        ast.parse(text, filename=name)
+    except SyntaxError as exc:
+        raise PorterError(f"syntax error: {exc.msg}", file=name, line=exc.lineno) from None
+    except (RecursionError, MemoryError):
+        raise PorterError("syntax error: expressions nested too deeply to parse", file=name) from None

@@ -208,11 +208,12 @@ class EngineAttention(Rule):
         if not attn or len(self.scope) != 1 or updated.name.value != "__init__":
             return updated
         sw = f"per_layer_sliding_window={attn.sliding_window}, " if attn.sliding_window else ""
+        qkv = attn.q if attn.packed else "qkv_proj"
         if attn.softcap:
             sw += f"logits_soft_cap={attn.softcap}, "
         st = cst.parse_statement(
-            f"self.attn = {self.ctx.use('Attention')}(self.qkv_proj.num_heads, {attn.head_dim}, "
-            f"scale={attn.scale}, num_kv_heads=self.qkv_proj.num_kv_heads, cache_config=cache_config, "
+            f"self.attn = {self.ctx.use('Attention')}(self.{qkv}.num_heads, {attn.head_dim}, "
+            f"scale={attn.scale}, num_kv_heads=self.{qkv}.num_kv_heads, cache_config=cache_config, "
             f"quant_config=quant_config, {sw}prefix=f\"{{prefix}}.attn\")\n"
         )
         self.mark(f"{cls}.__init__")
@@ -383,22 +384,50 @@ class FuseQkv(Rule):
         if updated.name.value == "__init__":
             return self._init(attn, updated)
         if updated.name.value == "forward":
-            return self._forward(attn, updated)
+            return self._forward_packed(attn, updated) if attn.packed else self._forward(attn, updated)
         return updated
+
+    def _forward_packed(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
+        """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
+        out_name, names, body, placed = None, [], [], False
+        for st in fn.body.body:
+            if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call(
+                    func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q))))])):
+                out_name = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
+                # engine linears return (output, bias)
+                body.append(st.with_changes(body=[st.body[0].with_changes(targets=[cst.AssignTarget(  # type: ignore[attr-defined]
+                    cst.parse_expression(f"{out_name}, _"))])]))
+                continue
+            if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
+                    targets=[m.AssignTarget(m.Name())], value=m.Subscript(value=m.Name(out_name)))])):
+                names.append(st.body[0].targets[0].target.value)  # type: ignore[attr-defined]
+                if len(names) == 3 and not placed:
+                    body.append(cst.parse_statement(
+                        f"{names[0]}, {names[1]}, {names[2]} = {out_name}.split("
+                        "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
+                    placed = True
+                continue
+            body.append(st)
+        if not placed:
+            raise self.ctx.idx.error("cannot port attention: packed q/k/v slices not found in forward",
+                                     construct=f"{attn.cls}.forward", rule=self.name)
+        self.mark(f"{attn.cls}.forward")
+        return fn.with_changes(body=fn.body.with_changes(body=body))
 
     def _init(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         body, done = [], False
         for st in fn.body.body:
             if any(_is_assign_of(st, a) for a in (attn.q, attn.k, attn.v)):
                 if not done:
+                    name = attn.q if attn.packed else "qkv_proj"
                     body += [
                         cst.parse_statement(
-                            f"self.qkv_proj = {self.ctx.use('QKVParallelLinear')}({attn.hidden_size}, "
+                            f"self.{name} = {self.ctx.use('QKVParallelLinear')}({attn.hidden_size}, "
                             f"{attn.head_dim}, {attn.num_heads}, {attn.num_kv_heads}, bias={attn.bias}, "
-                            f"quant_config=quant_config, prefix=f\"{{prefix}}.qkv_proj\")\n"
+                            f"quant_config=quant_config, prefix=f\"{{prefix}}.{name}\")\n"
                         ),
-                        cst.parse_statement(f"self.q_size = self.qkv_proj.num_heads * {attn.head_dim}\n"),
-                        cst.parse_statement(f"self.kv_size = self.qkv_proj.num_kv_heads * {attn.head_dim}\n"),
+                        cst.parse_statement(f"self.q_size = self.{name}.num_heads * {attn.head_dim}\n"),
+                        cst.parse_statement(f"self.kv_size = self.{name}.num_kv_heads * {attn.head_dim}\n"),
                     ]
                     done = True
                 continue

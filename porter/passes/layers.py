@@ -141,7 +141,8 @@ class TpLinears(Rule):
     def _role(self, attr: str | None) -> str | None:
         if attr is None:
             return None
-        return self.plan.linear_role(self.current_class or "", attr)
+        role = self.plan.linear_role(self.current_class or "", attr)
+        return "column" if role and role.startswith("merged:") and self.current_function != "__init__" else role
 
     def leave_Assign(self, original, updated):
         if not self.kept(self.current_class):
@@ -149,6 +150,20 @@ class TpLinears(Rule):
         fn = self.current_function
         attr = self_attr(updated.targets[0].target) if len(updated.targets) == 1 else None
         role = self._role(attr)
+        if fn == "__init__" and role and role.startswith("merged:") and isinstance(updated.value, cst.Call):
+            # one projection packing n equal outputs (gate_up fused in the checkpoint): each rank must
+            # hold its slice of every output, so chunk(n) still splits gate from up
+            n = int(role.split(":")[1])
+            in_f, out_f, bias = linear_args(updated.value)
+            node = cst.parse_expression(out_f)
+            part = f"({out_f}) // {n}"
+            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Multiply) \
+                    and code(node.left) == str(n):
+                part = code(node.right)
+            new = cst.parse_expression(
+                f"{self.ctx.use('MergedColumnParallelLinear')}({in_f}, [{part}] * {n}, bias={bias}, "
+                f"quant_config=quant_config, prefix=f\"{{prefix}}.{attr}\")")
+            return updated.with_changes(value=new)
         if fn == "__init__" and role in LINEAR_CLASS and isinstance(updated.value, cst.Call):
             in_f, out_f, bias = linear_args(updated.value)
             new = cst.parse_expression(
