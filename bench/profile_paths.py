@@ -68,8 +68,10 @@ def profile(model: str, path: str, phase: str, seconds: float, out_dir: Path) ->
             if not ready.get("ready"):
                 raise SystemExit(f"{path}: {ready}")
             # the process that runs the model: the engine core child (V1), else the worker
-            target = next((p for p in _children(w.proc.pid) if "EngineCore" in _cmd(p)
-                           or "spawn_main" in _cmd(p)), w.proc.pid)
+            # (vLLM CPU, TP=1: worker -> VLLM::EngineCore -> VLLM::Worker, which runs it)
+            kids = _children(w.proc.pid)
+            target = next((p for p in kids if "VLLM::Worker" in _cmd(p)),
+                          next((p for p in kids if "EngineCore" in _cmd(p)), w.proc.pid))
             out = out_dir / f"{model}-{path}-{phase}.txt"
             prompts, n = (short, wl.decode_tokens) if phase == "decode" else (long, 1)
             w.call(prompts, n)  # warm

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,7 @@ class BenchResult:
     enforce_eager: bool
     repeats: int
     machine: dict
+    hf_repeats: int = 0
     paths: dict = field(default_factory=dict)  # path -> {ready, class, error, threads, load_s}
     runs: list = field(default_factory=list)  # one dict per (repeat, path)
     summary: dict = field(default_factory=dict)
@@ -354,7 +356,7 @@ class Worker:
             if self.proc.poll() is None:
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.proc.stdin.flush()
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=5)
         except Exception:
             pass
         try:
@@ -390,6 +392,7 @@ def run_bench(
     workload: Workload | None = None,
     enforce_eager: bool = True,
     kv_gb: int = 2,
+    hf_repeats: int = 2,
     log=lambda m: print(m, file=sys.stderr, flush=True),
 ) -> BenchResult:
     from porter.layout import PortInfo
@@ -410,6 +413,7 @@ def run_bench(
         config={k: getattr(cfg, k, None) for k in list(BENCH_CONFIG) + list(
             BENCH_OVERRIDES.get(info.model_type, {})) if hasattr(cfg, k)},
         workload=asdict(wl), enforce_eager=enforce_eager, repeats=repeats, machine=machine(),
+        hf_repeats=min(hf_repeats, repeats),
     )
     paths = tuple(p for p in paths if p in PATHS)
     if "native" in paths and not _native_exists(info.hf_architecture):
@@ -455,13 +459,18 @@ def run_bench(
                     live.remove("port")
             load = []
             for r in range(-1, repeats) if live else []:  # -1: warm-up, not recorded
-                order = live[r % len(live):] + live[: r % len(live)] if r >= 0 else live
+                # a fresh seeded shuffle every repeat: no path always follows the same one
+                order = [n for n in live if n != "hf" or r < hf_repeats]
+                random.Random(r).shuffle(order)
                 load.append(os.getloadavg()[0])
                 for name in order:
                     w = workers[name]
                     # > 1 s: vLLM's shm message queues spin (sched_yield) for 1 s after the
                     # last message before they sleep; the previous worker must be quiet
                     time.sleep(1.5)
+                    if r < 0 and name == "hf":  # nothing to warm up but allocations
+                        w.call(short, 2)
+                        continue
                     pre = w.call(long, 1)
                     d1 = w.call(short, 1)
                     dT = w.call(short, wl.decode_tokens)
@@ -497,6 +506,8 @@ def summarize(runs: list[dict], live: list[str]) -> dict:
     metrics = ("prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s")
     for name in live:
         rs = [r for r in runs if r["path"] == name]
+        if not rs:
+            continue
         out["median"][name] = {
             m: statistics.median(r[m] for r in rs) for m in metrics if all(m in r for r in rs)
         }
@@ -505,7 +516,7 @@ def summarize(runs: list[dict], live: list[str]) -> dict:
     for r in runs:
         by_rep.setdefault(r["repeat"], {})[r["path"]] = r
     for other in ("native", "transformers", "hf"):
-        if "port" not in live or other not in live:
+        if "port" not in out["median"] or other not in out["median"]:
             continue
         ratios = {}
         for m in metrics:
