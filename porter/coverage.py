@@ -624,6 +624,8 @@ def run_coverage(
             vkey = _verify_key(digest, entry, tiny_rules) if digest else None
             row["_vkey"] = vkey
             got = cache.get("verify", vkey) if vkey else None
+            if got is not None and not _settled(got):
+                got = None
             if got is None and vkey in previous:
                 got = previous[vkey]
             if got is not None:
