@@ -15,6 +15,7 @@ from pathlib import Path
 import libcst as cst
 
 from porter import __version__
+from porter.analysis.checkpoint_names import weight_renamings
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name
@@ -39,6 +40,8 @@ def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
     idx = build_index(module, str(source.path))
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
+    root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
+    plan.checkpoint_renames = weight_renamings(root, [source.model_type, plan.causal_lm])
     return idx, plan
 
 

@@ -53,6 +53,7 @@ class AttentionPlan:
     rope_helper: str | None  # name of the HF function applying rotary
     line: int
     packed: bool = False  # one projection whose output HF slices into q, k, v (fused in the checkpoint)
+    interleaved: bool = False  # packed per head ([h0: q k v, h1: q k v, ...]): permuted when loading
 
 
 @dataclass
@@ -84,6 +85,7 @@ class PortPlan:
     vocab_embeddings: list[str] = field(default_factory=list)  # "Cls.attr"
     vocab_embedding_classes: list[str] = field(default_factory=list)  # file classes deriving nn.Embedding
     stacked_params: list[tuple[str, str, str]] = field(default_factory=list)  # (fused, orig, shard)
+    checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)  # (regex, replacement)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -315,7 +317,16 @@ class Planner:
                     )
                 qkv.append(src[0])
             packed = len(set(qkv)) == 1
-            if packed:
+            interleaved = packed and self.chunked_per_head(info, qkv[0])
+            if interleaved:
+                _, out_f, _ = linear_args(info.submodules[qkv[0]].call)
+                hd_attr = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
+                node = cst.parse_expression(out_f)
+                per = code(node.right) if isinstance(node, cst.BinaryOperation) and isinstance(
+                    node.operator, cst.Multiply) and code(node.left) == "3" else f"({out_f}) // 3"
+                heads = _heads(per, hd_attr)
+                sizes = (heads, heads)
+            elif packed:
                 sizes = self.packed_qkv_sizes(info, qkv[0])
                 if sizes is None:
                     raise self.idx.error("cannot port attention: one q/k/v projection, but its output "
@@ -328,6 +339,7 @@ class Planner:
             ap = self.attention_plan(info, call, qkv, o, flow)
             if packed:
                 ap.packed = True
+                ap.interleaved = bool(interleaved)
                 ap.num_heads, ap.num_kv_heads = sizes  # type: ignore[misc]
             plan.attentions.append(ap)
             for a in qkv:
@@ -387,6 +399,18 @@ class Planner:
         kv_size = code(upper.right)
         return _heads(q_size, "self.head_dim"), _heads(kv_size, "self.head_dim")
 
+    def chunked_per_head(self, info: ClassInfo, attr: str) -> bool:
+        """`qkv = self.proj(x).view(..., -1, 3 * head); q, k, v = qkv.chunk(3, dim=-1)`: q/k/v
+        interleaved per head in the projection (GPT-NeoX layout)."""
+        fwd = info.method("forward")
+        local = self._locals(fwd)
+        out_name = next((n for n, v in local.items() if m.findall(v, m.Call(
+            func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
+        if out_name is None:
+            return False
+        return bool(m.findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
+                                          args=[m.Arg(m.Integer("3")), m.ZeroOrMore()])))
+
     def merged_outputs(self, fwd: cst.FunctionDef, attr: str) -> int | None:
         """`y = self.proj(x); a, b = y.chunk(2, dim=-1)`: a column projection packing 2 outputs."""
         local = self._locals(fwd)
@@ -431,10 +455,11 @@ class Planner:
 
     def attention_plan(self, info: ClassInfo, call: cst.Call, qkv: list[str], o: str | None, flow) -> AttentionPlan:
         attrs = self._init_attrs(info)
-        if "head_dim" not in attrs:
-            raise self.idx.error("attention has no self.head_dim", info.node,
+        head_attr = next((a for a in ("head_dim", "head_size") if a in attrs), None)
+        if head_attr is None:
+            raise self.idx.error("attention has no per-head size (self.head_dim / self.head_size)", info.node,
                                  construct=f"class {info.name}", rule="fuse-qkv")
-        hd = "self.head_dim"
+        hd = f"self.{head_attr}"
         q_in, q_out, bias = linear_args(info.submodules[qkv[0]].call)
         _, k_out, _ = linear_args(info.submodules[qkv[1]].call)
         kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}

@@ -399,6 +399,16 @@ class FuseQkv(Rule):
                     cst.parse_expression(f"{out_name}, _"))])]))
                 continue
             if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
+                    targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Attribute(
+                        value=m.Name(out_name), attr=m.Name("chunk"))))])):
+                # per-head interleaved (loaded into q/k/v order by load_weights): split by sizes
+                names = [e.value.value for e in st.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
+                body.append(cst.parse_statement(
+                    f"{names[0]}, {names[1]}, {names[2]} = {out_name}.split("
+                    "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
+                placed = True
+                continue
+            if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
                     targets=[m.AssignTarget(m.Name())], value=m.Subscript(value=m.Name(out_name)))])):
                 names.append(st.body[0].targets[0].target.value)  # type: ignore[attr-defined]
                 if len(names) == 3 and not placed:

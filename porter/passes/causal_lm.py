@@ -117,7 +117,9 @@ class CausalLmInterface(Rule):
                          lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias)
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
-        lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head")
+        interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
+        lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
+                    interleaved=interleaved, renames=plan.checkpoint_renames)
         ctx.use("default_weight_loader")
         for fn in cst.parse_module(methods + "\n\n" + lw).body:
             body.append(fn)
@@ -392,6 +394,8 @@ class EngineImports(Rule):
                     header.append(st.with_changes(body=[imp.with_changes(names=names)]))
                 continue
             rest.append(st)
+        if "re" in used and not any(code(h).strip() == "import re" for h in header):
+            header.insert(0, cst.parse_statement("import re\n"))
         if "Iterable" in used and not any("Iterable" in code(h) for h in header):
             header.insert(0, cst.parse_statement("from collections.abc import Iterable\n"))
         by_module: dict[str, list[str]] = {}
