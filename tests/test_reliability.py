@@ -41,6 +41,8 @@ def tree_state(root: Path) -> dict[str, str]:
                 out[rel] = "-> " + os.readlink(p)
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():
+                out[rel] = "special"  # a fifo: opening it would block
             else:
                 try:
                     h = hashlib.sha256()
@@ -67,6 +69,15 @@ def _fifty_mb(tmp: Path) -> None:
 def _deep_nesting(tmp: Path) -> None:
     (tmp / "modeling_deep.py").write_text("x = " + "(" * 3000 + "1" + ")" * 3000 + "\n"
                                            "class DeepForCausalLM:\n    pass\n")
+
+
+def _deep_unary(tmp: Path) -> None:
+    p = tmp / "modeling_deep.py"
+    p.write_text(p.read_text().replace("not x", "not " * 10000 + "x"))
+
+
+def _fifo(tmp: Path) -> None:
+    os.mkfifo(tmp / "modeling_toy.py")
 
 
 def _chmod(name: str, mode: int):
@@ -98,6 +109,14 @@ def _port_then_corrupt_json(tmp: Path) -> None:
     (_port(tmp) / "PORT.json").write_text("{")
 
 
+def _port_then_list_json(tmp: Path) -> None:
+    (_port(tmp) / "PORT.json").write_text("[]\n")
+
+
+def _port_then_chmod_init(tmp: Path) -> None:
+    os.chmod(_port(tmp) / "porter_vllm_llama" / "__init__.py", 0)
+
+
 def _port_all_then_edit_aphrodite(tmp: Path) -> None:
     _port(tmp, "all")
     init = tmp / "out" / "aphrodite" / "llama" / "porter_aphrodite_llama" / "__init__.py"
@@ -107,6 +126,10 @@ def _port_all_then_edit_aphrodite(tmp: Path) -> None:
 SETUPS = {
     "fifty_mb": _fifty_mb,
     "deep_nesting": _deep_nesting,
+    "deep_unary": _deep_unary,
+    "fifo_modeling_toy": _fifo,
+    "port_then_list_json": _port_then_list_json,
+    "port_then_chmod_init": _port_then_chmod_init,
     "chmod_000_modeling_toy": _chmod("modeling_toy.py", 0),
     "chmod_000_configuration_llama": _chmod("configuration_llama.py", 0),
     "chmod_555_out": _chmod("out/vllm", 0o555),
