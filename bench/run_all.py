@@ -88,7 +88,7 @@ def verify(models: list[str]) -> dict:
                "load1_after": round(os.getloadavg()[0], 2)}
         try:
             rep = json.loads(proc.stdout)
-            rec["timings"] = rep.get("timings")
+            rec["timings"] = rep.get("timings_s") or rep.get("timings")
         except ValueError:
             rec["stderr"] = proc.stderr[-500:]
         out[m] = rec
