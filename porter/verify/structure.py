@@ -473,6 +473,9 @@ COMMON = {
     "intermediate_size": 256,
     "max_position_embeddings": 256,
     "tie_word_embeddings": False,
+    "pad_token_id": 0,  # special ids inside the tiny vocabulary
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
 TINY = {
     "llama": {},
