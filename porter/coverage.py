@@ -13,7 +13,8 @@ porter version and a fingerprint of porter's own code and rule tables (so a rule
 invalidates the cache). With ``verify=True`` every port that converts and has a tiny config is
 run in the engine at TP=1 and TP=2, one at a time; a verify result is keyed by the sha256 of the
 port's files and its tiny-config entry, and is carried over from the cache or from the previous
-COVERAGE.json while the port is unchanged.
+COVERAGE.json while the port is unchanged (then ``--verify`` does not run it again). Only settled
+verdicts are kept: a pass, or a numerical mismatch; an engine that did not start runs again.
 
 Usage: ``report = run_coverage(out=Path("generated"), verify=False, jobs=2)`` writes
 ``generated/COVERAGE.md`` and ``generated/COVERAGE.json`` and returns the JSON as a dict.
