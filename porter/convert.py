@@ -135,18 +135,45 @@ def edited_files(port_dir: Path) -> list[str]:
     return out
 
 
+def check_dest(dest: Path, force: bool = False) -> None:
+    """Refuse (one line) to replace a port that was edited by hand, unless ``force``."""
+    if not dest.exists() or force:
+        return
+    if not dest.is_dir():
+        raise PorterError("output path exists and is not a directory", file=str(dest))
+    edited = edited_files(dest)
+    if edited:
+        raise PorterError(
+            f"port was edited by hand ({', '.join(edited)}); use --force to overwrite",
+            file=str(dest),
+        )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def write_port(conv: Converted, out_root: Path, force: bool = False) -> Path:
-    """Write the port directory as a whole: build beside it, then swap with renames."""
+    """Write the port directory as a whole: build it beside the old one, then swap the two in
+    one atomic rename (a kill at any moment leaves the old tree or the new one, never a mix;
+    at worst a hidden ``.<name>.new-*`` directory beside it)."""
     dest = out_root / conv.target / conv.info.model_type
-    if dest.exists() and not force:
-        if not dest.is_dir():
-            raise PorterError("output path exists and is not a directory", file=str(dest))
-        edited = edited_files(dest)
-        if edited:
-            raise PorterError(
-                f"port was edited by hand ({', '.join(edited)}); use --force to overwrite",
-                file=str(dest),
-            )
+    check_dest(dest, force)
     parent = dest.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -159,13 +186,22 @@ def write_port(conv: Converted, out_root: Path, force: bool = False) -> Path:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(text)
         (tmp / PORT_JSON).write_text(conv.info.to_json())
-        old = None
-        if dest.exists():
-            old = parent / f".{dest.name}.old-{os.getpid()}"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a port is an ordinary directory
+        if dest.is_dir() and not dest.is_symlink() and _exchange(tmp, dest):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old tree
+        else:
+            old = None
+            if dest.exists() or dest.is_symlink():
+                old = parent / f".{dest.name}.old-{os.getpid()}"
+                os.rename(dest, old)
+            os.rename(tmp, dest)
+            if old is not None:
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink()
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PorterError(f"cannot write output: {exc.strerror}", file=str(dest)) from None
@@ -179,6 +215,8 @@ def convert(src: str, targets: list[str], out: Path, *, config: str | None = Non
     idx, plan = analyse(source)
     results = [convert_one(source, idx, plan, t) for t in tgts]  # all succeed before anything is written
     if write:
+        for conv in results:  # every port may be replaced before any is written
+            check_dest(out / conv.target / conv.info.model_type, force)
         for conv in results:
             write_port(conv, out, force=force)
     return results
