@@ -85,8 +85,9 @@ def render_md(data: dict, plot_name: str) -> str:
             "## Throughput: port vs vLLM native vs vLLM Transformers backend vs HF generate", "",
             f"![throughput]({plot_name})", "",
             "Setup (identical for every path): one ~100M-parameter config per architecture "
-            "(hidden 768, 12 layers, 12 heads, head_dim 64, vocab 32000; llama/qwen2 with 4 KV "
-            "heads and intermediate 2048, OPT with ffn 3072 and tied embeddings), the model's "
+            "(hidden 768, 12 layers, 12 heads, head_dim 64, vocab 32000, 4 KV heads where the "
+            "config has them, intermediate 2048; OPT: ffn 3072, tied embeddings; each model's "
+            "config is listed with its table), the model's "
             "own random init, fp32, saved once as safetensors; the same token-id prompts; greedy, "
             "`ignore_eos`, fixed `max_tokens`. vLLM paths: TP=1, `dtype=float32`, "
             f"`enforce_eager={first['enforce_eager']}` (what `porter verify` uses; on CPU "
@@ -111,7 +112,10 @@ def render_md(data: dict, plot_name: str) -> str:
             out += [f"### {name} ({r['architecture']}, {r['params'] / 1e6:.1f}M params)", "",
                     f"{r['repeats']} alternating repeats; load average (1 min) during the run: "
                     f"min {ld.get('min', 0):.2f}, median {ld.get('median', 0):.2f}, "
-                    f"max {ld.get('max', 0):.2f}; wall {r['wall_s']:.0f} s", "",
+                    f"max {ld.get('max', 0):.2f}; wall {r['wall_s']:.0f} s; HF generate in the "
+                    f"first {r.get('hf_repeats', r['repeats'])} repeats", "",
+                    "config: " + ", ".join(f"`{k}={v}`" for k, v in r["config"].items()
+                                           if v is not None), "",
                     "| path | prefill tok/s (median) | decode tok/s (median) | class the engine built |",
                     "|---|---:|---:|---|"]
             for p in PATH_ORDER:
