@@ -281,3 +281,65 @@ def test_convert_plan_diff_never_run_their_input(tmp_path):
         # convert keeps module-level code it has no rule for: the port, unlike convert, will
         # run it when the engine imports it (reported, not asserted)
         print(f"[static] {target}: side-effect calls kept in the port: {body.count('write_text')}")
+
+
+# ---- atomic output --------------------------------------------------------------------------
+
+KILLS = 24
+
+
+def _port_digest(port: Path) -> str:
+    state = tree_state(port) if port.is_dir() else {"<missing>": str(port.exists())}
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def test_sigkill_leaves_the_old_port_or_the_new_one(tmp_path):
+    """Old tree: the port of a modeling_llama.py with one extra comment in a method; new tree:
+    the port of the real file. Convert old -> new is killed with SIGKILL at seeded random moments
+    spanning the whole run; each port directory must then be exactly old or exactly new."""
+    old_src, new_src = tmp_path / "old" / "modeling_llama.py", tmp_path / "new" / "modeling_llama.py"
+    old_src.parent.mkdir()
+    new_src.parent.mkdir()
+    text = LLAMA.read_text()
+    marker = "        down_proj = self.down_proj("
+    assert marker in text
+    old_src.write_text(text.replace(marker, "        # an older revision of this file\n" + marker, 1))
+    new_src.write_text(text)
+    pristine, expect_new = tmp_path / "pristine", tmp_path / "expect-new"
+    for src, out in ((old_src, pristine), (new_src, expect_new)):
+        t0 = time.time()
+        proc = run_porter("convert", str(src), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+    full_run = time.time() - t0
+    targets = ("vllm", "aphrodite")
+    old = {t: _port_digest(pristine / t / "llama") for t in targets}
+    new = {t: _port_digest(expect_new / t / "llama") for t in targets}
+    assert all(old[t] != new[t] for t in targets), "old and new trees must differ"
+
+    rng = random.Random(7)
+    outcomes: dict[str, int] = {"old": 0, "new": 0}
+    leftovers: set[str] = set()
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for i in range(KILLS):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(pristine, out, symlinks=True)
+        # half across the whole run, half across its end, where the port is written
+        delay = rng.uniform(0.0, full_run * 1.15) if i % 2 else rng.uniform(0.75, 1.1) * full_run
+        proc = subprocess.Popen([sys.executable, "-m", "porter", "convert", str(new_src), "--out", str(out)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for t in targets:
+            got = _port_digest(out / t / "llama")
+            assert got in (old[t], new[t]), f"kill {i} at {delay:.3f}s: {t} port is neither old nor new"
+            outcomes["old" if got == old[t] else "new"] += 1
+            leftovers |= {p.name.split("-")[0] for p in (out / t).iterdir() if p.name != "llama"}
+    assert all(name.startswith(".") for name in leftovers), leftovers  # hidden, beside the port
+    # a later convert is not confused by what a killed one left
+    proc = run_porter("convert", str(new_src), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert all(_port_digest(out / t / "llama") == new[t] for t in targets)
+    print(f"[kills] {KILLS} kills over {full_run:.2f}s runs: ports old {outcomes['old']}, "
+          f"new {outcomes['new']}, never mixed; leftovers beside ports: {sorted(leftovers) or 'none'}")
