@@ -343,3 +343,69 @@ def test_sigkill_leaves_the_old_port_or_the_new_one(tmp_path):
     assert all(_port_digest(out / t / "llama") == new[t] for t in targets)
     print(f"[kills] {KILLS} kills over {full_run:.2f}s runs: ports old {outcomes['old']}, "
           f"new {outcomes['new']}, never mixed; leftovers beside ports: {sorted(leftovers) or 'none'}")
+
+
+# ---- checkpoint faults ----------------------------------------------------------------------
+
+FAULTS = {
+    # fault: (edit of the state dict, tensor named, parameter named)
+    "missing": ("model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"),
+    "extra": ("model.layers.0.self_attn.x_proj.weight", "no parameter"),
+    "shape": ("model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"),
+    "dtype": ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"),
+}
+
+
+def _faulty_checkpoint(good: Path, dst: Path, fault: str) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(good, dst)
+    [st] = list(dst.glob("*.safetensors"))
+    sd = load_file(str(st))
+    name = FAULTS[fault][0]
+    if fault == "missing":
+        del sd[name]
+    elif fault == "extra":
+        sd[name] = torch.zeros(4, 4)
+    elif fault == "shape":
+        sd[name] = sd[name][:-8].clone()
+    elif fault == "dtype":
+        sd[name] = sd[name].to(torch.float16)
+    save_file(sd, str(st), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_checkpoint(tmp_path_factory):
+    from porter.verify.structure import make_checkpoint
+
+    return make_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "good",
+                           hf_architecture="LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_checkpoint_fault_names_tensor_and_parameter(fault, tiny_llama_checkpoint, tmp_path):
+    """In-process load (no engine start): build the port, load the checkpoint, exit 2 naming the
+    tensor and the parameter it loads into."""
+    ckpt = _faulty_checkpoint(tiny_llama_checkpoint, tmp_path / fault, fault)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "porter.verify.structure", str(ROOT / "generated" / "vllm" / "llama"),
+                           "--checkpoint", str(ckpt), "--json"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    report = json.loads(proc.stdout)
+    tensor, param = FAULTS[fault]
+    assert len(report["checkpoint_faults"]) == 1, report["checkpoint_faults"]
+    line = report["checkpoint_faults"][0]
+    assert tensor in line and param in line, line
+    assert "Traceback" not in proc.stderr
+    print(f"[checkpoint fault] {fault}: {time.time() - t0:.1f}s: {line}")
+
+
+def test_good_checkpoint_has_no_faults(tiny_llama_checkpoint):
+    proc = subprocess.run([sys.executable, "-m", "porter.verify.structure", str(ROOT / "generated" / "vllm" / "llama"),
+                           "--checkpoint", str(tiny_llama_checkpoint), "--json"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["checkpoint_faults"] == []

@@ -257,6 +257,8 @@ class StructureReport:
     port_import: Any = None  # aphrodite.ImportCheck
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # a given checkpoint that does not match the model (bad input, exit 2): tensor -> parameter
+    checkpoint_faults: list[str] = field(default_factory=list)
     seconds: float = 0.0
     ok: bool = False
 
@@ -268,7 +270,7 @@ class StructureReport:
 
     def failures(self) -> list[str]:
         """One line per failed check (empty when ok)."""
-        out = list(self.errors)
+        out = list(self.checkpoint_faults) + list(self.errors)
         if self.params_equal is False:
             out.append(
                 f"parameters differ from {self.native_class}: only in port {self.only_in_port}, "
@@ -339,12 +341,91 @@ def _load_and_check(target: str, model, config, checkpoint_dir: Path) -> LoadChe
     return check
 
 
+def _expected_tensors(checkpoint_dir: Path, hf_architecture: str) -> dict[str, tuple]:
+    """name -> (shape, dtype) of what HF's model for the checkpoint's config.json saves (built on
+    the meta device: no memory, no weights; tied parameters once, persistent buffers too)."""
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(str(checkpoint_dir))
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    cls = getattr(transformers, hf_architecture)
+    with torch.device("meta"):
+        model = cls._from_config(cfg, dtype=dtype)
+    out = {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
+    persistent = {
+        f"{mod_name}.{b}" if mod_name else b
+        for mod_name, mod in model.named_modules()
+        for b in mod._buffers
+        if b not in mod._non_persistent_buffers_set
+    }
+    for n, b in model.named_buffers():
+        if n in persistent:
+            out[n] = (tuple(b.shape), b.dtype)
+    return out
+
+
+def checkpoint_faults(target: str, model, config, checkpoint_dir: Path, hf_architecture: str) -> list[str]:
+    """Tensors missing from, extra in, or of the wrong shape or dtype in a given checkpoint, each
+    naming the tensor and the port parameter it loads into (asked of the port's own
+    ``load_weights``, one tensor at a time, after the load check: it may write into ``model``)."""
+    import torch
+    from safetensors import safe_open
+
+    expected = _expected_tensors(checkpoint_dir, hf_architecture)
+    present: dict[str, tuple] = {}
+    where: dict[str, Path] = {}
+    for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118
+                sl = st.get_slice(name)
+                present[name] = (tuple(sl.get_shape()), sl.get_dtype())
+                where[name] = f
+    torch_names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                   torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+
+    def parameter_of(name: str, tensor) -> str:
+        try:
+            with _engine_context(engine_api(target), config):
+                got = model.load_weights([(name, tensor)])
+        except Exception as e:  # noqa: BLE001 (what the port does with it is the finding)
+            return f"no parameter: the port's load_weights raises {type(e).__name__}: {e}"
+        got = sorted(got or [])
+        return f"parameter {', '.join(got)}" if got else "no parameter: load_weights skips it"
+
+    def zeros(name: str):
+        shape, dtype = expected[name]
+        return torch.zeros(shape, dtype=dtype)
+
+    faults = []
+    for name in sorted(set(expected) - set(present)):
+        faults.append(f"checkpoint lacks tensor {name} ({parameter_of(name, zeros(name))})")
+    for name in sorted(set(present) - set(expected)):
+        with safe_open(str(where[name]), framework="pt") as st:
+            tensor = st.get_tensor(name)
+        faults.append(f"checkpoint has unexpected tensor {name} {list(present[name][0])} "
+                      f"({parameter_of(name, tensor)})")
+    for name in sorted(set(present) & set(expected)):
+        (shape, dt), (want_shape, want_dt) = present[name], expected[name]
+        want = torch_names.get(want_dt, str(want_dt))
+        if shape != want_shape:
+            faults.append(f"checkpoint tensor {name} has shape {list(shape)}, expected "
+                          f"{list(want_shape)} ({parameter_of(name, zeros(name))})")
+        elif dt != want:
+            faults.append(f"checkpoint tensor {name} has dtype {dt}, expected {want} "
+                          f"({parameter_of(name, zeros(name))})")
+    return faults
+
+
 def _shapes(model) -> dict[str, list[int]]:
     return {n: list(p.shape) for n, p in model.named_parameters()}
 
 
 def compare_structure(
-    target: str, checkpoint_dir: Path, port_cls, native_arch: str, *, compare_values=True
+    target: str, checkpoint_dir: Path, port_cls, native_arch: str, *, compare_values=True,
+    check_checkpoint=False,
 ) -> StructureReport:
     """Build ``port_cls`` and the engine's native ``native_arch`` for the checkpoint's config,
     compare parameter trees, load the checkpoint into both and compare what was loaded."""
@@ -416,6 +497,14 @@ def compare_structure(
                     diff = torch.nan_to_num(diff, nan=float("inf"))
                     report.tensors_differ[name] = float(diff.max())
             report.tensors_equal = not report.tensors_differ
+
+    if check_checkpoint:  # a checkpoint the user gave: is it the one the model expects?
+        try:
+            report.checkpoint_faults = checkpoint_faults(
+                target, port, port_config, checkpoint_dir, native_arch
+            )
+        except Exception as e:  # noqa: BLE001
+            report.errors.append(f"checking the checkpoint failed: {type(e).__name__}: {e}")
 
     report.ok = not report.failures()
     report.seconds = round(time.time() - t0, 3)
@@ -545,7 +634,8 @@ def check_port(port_dir: Path, checkpoint_dir: Path | None = None) -> StructureR
     try:
         info, cls = find_port_class(port_dir)
         if checkpoint_dir is not None:
-            report = compare_structure(info.target, Path(checkpoint_dir), cls, info.hf_architecture)
+            report = compare_structure(info.target, Path(checkpoint_dir), cls, info.hf_architecture,
+                                       check_checkpoint=True)
         else:
             with tempfile.TemporaryDirectory(prefix="porter-structure-") as tmp:
                 ckpt = make_checkpoint(
@@ -631,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out.write("\n".join(_format(r) for r in reports) + "\n")
     out.flush()
+    if any(r.checkpoint_faults for r in reports):
+        return 2  # the checkpoint is bad input, not a fault of the port
     return 0 if all(r.ok for r in reports) else 1
 
 
