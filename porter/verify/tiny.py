@@ -6,6 +6,7 @@ The per-model-type knobs live in ``rules/tiny_configs.yaml``; this module only a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ def tiny_spec(model_type: str, rules: dict | None = None) -> TinySpec:
         raise VerifyInputError(f"transformers has no config class for {model_type!r}: {e}") from e
     kwargs = {k: v for k, v in rules.get("defaults", {}).items() if hasattr(base, k)}
     kwargs.update(models[model_type].get("config") or {})
+    # config overrides for one run (property tests verify sampled configs): a JSON object
+    kwargs.update(json.loads(os.environ.get("PORTER_TINY_OVERRIDES") or "{}"))
     p = rules["prompts"]
     init = {**rules["init"], **(models[model_type].get("init") or {})}
     return TinySpec(
