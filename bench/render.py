@@ -103,7 +103,7 @@ def render_md(data: dict, plot_name: str) -> str:
             f"{wl['decode_tokens']}) − t(max_tokens=1))",
             "- each path is one long-lived worker process (loaded once); after one warm-up "
             "round, every repeat runs each live worker once (prefill, then decode), one at a "
-            "time, the order rotated every repeat; ratios are medians of the per-repeat "
+            "time, 1.5 s apart, in a seeded shuffled order every repeat; ratios are medians of the per-repeat "
             "(paired) ratios, with min–max over repeats",
             "",
         ]
