@@ -611,7 +611,8 @@ def run_coverage(
         row = {
             "model_type": c.model_type, "hf_class": c.hf_class, "source": c.source,
             "port_name": port_name, "status": r["status"], "diagnostic": r.get("diagnostic"),
-            "file": r.get("file"), "line": r.get("line"), "construct": r.get("construct"),
+            "message": r.get("message"), "file": r.get("file"), "line": r.get("line"),
+            "construct": r.get("construct"),
             "rule": r.get("rule"), "line_located_by_coverage": r.get("line_located_by_coverage", False),
             "construct_located_by_coverage": r.get("construct_located_by_coverage", False),
             "vllm_native": registry.get(c.hf_class, {"kind": "none", "detail": "not in vLLM's registry"}),
@@ -763,6 +764,14 @@ def _final_status(row: dict) -> str:
 STATUS_ORDER = ["verified", "verify failed", "converted", "converted (no tiny config)", "blocked", "crashed"]
 
 
+def _group(row: dict) -> str:
+    """The rule that blocked a row; without one, what the diagnostic says (up to its first colon)."""
+    if row.get("rule"):
+        return row["rule"]
+    what = (row.get("message") or row.get("diagnostic") or "").split(":")[0].strip()
+    return f"({'crashed' if row['status'] == 'crashed' else 'no rule'}: {what or row.get('construct')})"
+
+
 def _report(cands, rows, tf_root, vllm_root, fingerprint, timings, partial) -> dict:
     excl = [c for c in cands if c.excluded]
     by_status = {s: sum(r["status"] == s for r in rows) for s in STATUS_ORDER}
@@ -770,7 +779,7 @@ def _report(cands, rows, tf_root, vllm_root, fingerprint, timings, partial) -> d
     groups: dict[str, list[str]] = {}
     for r in rows:
         if r["status"] in ("blocked", "crashed"):
-            groups.setdefault(r["rule"] or f"(no rule; {r['status']} at {r['construct']})", []).append(r["model_type"])
+            groups.setdefault(_group(r), []).append(r["model_type"])
     excl_kinds: dict[str, int] = {}
     for c in excl:
         excl_kinds[c.kind] = excl_kinds.get(c.kind, 0) + 1
