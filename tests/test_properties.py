@@ -171,6 +171,43 @@ def test_tp_formulas_partition_the_full_model(cfg, tp):
     assert sum(r["model.layers.0.mlp.down_proj.weight"][1] for r in ranks) == cfg["intermediate_size"]
 
 
+def sampled_engine_configs(n: int = 2, seed: int = 11) -> list[dict]:
+    """``n`` configs drawn (seeded) from the same space, kept where a CPU engine run proves
+    something: GQA exercised (kv < heads), the first with fewer kv heads than TP=2 ranks."""
+    import random
+
+    rng = random.Random(seed)
+    out: list[dict] = []
+    while len(out) < n:
+        heads = rng.choice([2, 4, 8])
+        kv = rng.choice([d for d in (1, 2, 4) if heads % d == 0 and d < heads])
+        if not out and kv != 1:
+            continue
+        out.append({"num_attention_heads": heads, "num_key_value_heads": kv,
+                    "head_dim": rng.choice([32, 64]), "hidden_size": rng.choice([64, 128]),
+                    "intermediate_size": rng.choice([64, 192]),
+                    "tie_word_embeddings": rng.random() < 0.5,
+                    "attention_bias": rng.random() < 0.5, "mlp_bias": rng.random() < 0.5})
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("overrides", sampled_engine_configs(),
+                         ids=lambda c: "h{num_attention_heads}kv{num_key_value_heads}d{head_dim}".format(**c))
+def test_sampled_config_verifies_in_the_engine(overrides, monkeypatch, capsys):
+    import time
+
+    from porter.verify import render_report, run_verify
+
+    monkeypatch.setenv("PORTER_TINY_OVERRIDES", json.dumps(overrides))
+    t0 = time.time()
+    report = run_verify(PORT, tps=[1, 2])
+    with capsys.disabled():
+        print(f"\n[hypothesis e2e] {overrides}: exit {report.exit_code} in {time.time() - t0:.0f}s: "
+              f"{report.reason}")
+    assert report.exit_code == 0, render_report(report, json=False)
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     sys.path.insert(0, str(ROOT))
     _worker(sys.argv[2])
