@@ -38,7 +38,7 @@ class Converted:
 
 def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
-    idx = build_index(module, str(source.path))
+    idx = build_index(module, str(source.path), source.text)
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
     plan.checkpoint_renames = weight_renamings(root, [source.model_type, plan.causal_lm])

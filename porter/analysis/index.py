@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ast
+
 import libcst as cst
 import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
@@ -53,7 +55,7 @@ class ModelIndex:
     imports: dict[str, str]  # local name -> qualified ("...activations.ACT2FN" when relative)
     classes: dict[str, ClassInfo]
     functions: dict[str, cst.FunctionDef]
-    lines: dict[int, int]  # id(node) -> line, for nodes errors may name
+    lines: dict[int, int]  # id(node) -> line, filled from one position resolve when first asked
 
     def qualify(self, name: str | None) -> str | None:
         """Resolve a dotted local name through the file's imports (`nn.Linear` -> torch.nn.Linear)."""
@@ -66,6 +68,11 @@ class ModelIndex:
         return name
 
     def line_of(self, node: cst.CSTNode) -> int | None:
+        # Positions cost more than the rest of the index: resolved once, and only when an error
+        # (or a caller) needs a line; the lines recorded in the plan come from Python's own parser.
+        if not self.lines:
+            positions = MetadataWrapper(self.module, unsafe_skip_copy=True).resolve(PositionProvider)
+            self.lines.update({id(n): r.start.line for n, r in positions.items()})
         return self.lines.get(id(node))
 
     def error(self, message: str, node: cst.CSTNode | None = None, **kw) -> PorterError:
@@ -83,9 +90,8 @@ def parse(text: str, path: str) -> cst.Module:
 
 
 class _Indexer(cst.CSTVisitor):
-    METADATA_DEPENDENCIES = (PositionProvider,)
-
-    def __init__(self) -> None:
+    def __init__(self, ast_lines: dict[str, int]) -> None:
+        self.ast_lines = ast_lines
         self.imports: dict[str, str] = {}
         self.classes: dict[str, ClassInfo] = {}
         self.functions: dict[str, cst.FunctionDef] = {}
@@ -94,9 +100,8 @@ class _Indexer(cst.CSTVisitor):
         self._func_depth = 0
 
     def _line(self, node: cst.CSTNode) -> int:
-        line = self.get_metadata(PositionProvider, node).start.line
-        self.lines[id(node)] = line
-        return line
+        name = getattr(getattr(node, "name", None), "value", None)
+        return self.ast_lines.get(f"class {name}", 0) if isinstance(node, cst.ClassDef) else 0
 
     def visit_Import(self, node: cst.Import) -> None:
         for alias in node.names:
@@ -141,10 +146,31 @@ class _Indexer(cst.CSTVisitor):
         self._line(node)
 
 
-def build_index(module: cst.Module, path: str) -> ModelIndex:
-    wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
-    indexer = _Indexer()
-    wrapper.visit(indexer)
+def _ast_lines(text: str) -> dict[str, int]:
+    """Lines of top-level classes and of `self.x = ...` in their __init__, from Python's parser."""
+    out: dict[str, int] = {}
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError):
+        return out
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        out[f"class {node.name}"] = node.lineno
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                for st in ast.walk(item):
+                    if isinstance(st, ast.Assign) and len(st.targets) == 1:
+                        t = st.targets[0]
+                        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                            out.setdefault(f"{node.name}.{t.attr}", st.lineno)
+    return out
+
+
+def build_index(module: cst.Module, path: str, text: str | None = None) -> ModelIndex:
+    ast_lines = _ast_lines(module.code if text is None else text)
+    indexer = _Indexer(ast_lines)
+    module.visit(indexer)
     idx = ModelIndex(
         path=path,
         module=module,
@@ -155,6 +181,8 @@ def build_index(module: cst.Module, path: str) -> ModelIndex:
     )
     for info in idx.classes.values():
         _collect_submodules(idx, info)
+        for attr, sub in info.submodules.items():
+            sub.line = ast_lines.get(f"{info.name}.{attr}", info.line)
     return idx
 
 
@@ -192,7 +220,7 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
                     attr=attr,
                     ctor=ctor,
                     call=value,
-                    line=idx.line_of(value) or info.line,
+                    line=info.line,  # refined from Python's parser in build_index
                     in_list=in_list,
                 )
 
