@@ -65,8 +65,11 @@ def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, Rewri
 
 
 def ruff_format(text: str) -> str:
+    # the ruff binary beside this interpreter: no second Python start-up per file
+    exe = Path(sys.executable).with_name("ruff")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "ruff"]
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--line-length", "100", "-"],
+        [*cmd, "format", "--line-length", "100", "-"],
         input=text, capture_output=True, text=True,
     )
     if proc.returncode != 0:
