@@ -363,11 +363,14 @@ class EngineImports(Rule):
     ]
 
     def _first_use(self, name: str):
-        for node in m.findall(self.ctx.idx.module, m.Name(name)):
-            if self.ctx.idx.line_of(node) is not None:
-                return node
+        """Where the port would still use `name`: its first call, else its first use outside imports."""
         for node in m.findall(self.ctx.idx.module, m.Call(func=m.Name(name))):
             return node
+        for st in self.ctx.idx.module.body:
+            if m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
+                continue
+            for node in m.findall(st, m.Name(name)):
+                return node
         return None
 
     def leave_Module(self, original, updated):
