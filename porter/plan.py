@@ -127,6 +127,17 @@ def _heads(out_features: str, head_dim: str) -> str:
     return f"({out_features}) // {head_dim}"
 
 
+def attention_call_names(idx: ModelIndex) -> set[str]:
+    """Callables that are HF's attention op: `attention_interface`, or a module function taking
+    (module, query, key, value, ...)."""
+    names = {"attention_interface"}
+    for fname, fn in idx.functions.items():
+        ps = param_names(fn)
+        if len(ps) >= 4 and ps[1].startswith("query") and ps[2].startswith("key"):
+            names.add(fname)
+    return names
+
+
 class Planner:
     def __init__(self, idx: ModelIndex, table: StripTable, model_type: str, source: str) -> None:
         self.idx = idx
@@ -188,12 +199,7 @@ class Planner:
         return init is not None and "inv_freq" in code(init) and info.method("forward") is not None
 
     def attention_call_names(self) -> set[str]:
-        names = {"attention_interface"}
-        for fname, fn in self.idx.functions.items():
-            ps = param_names(fn)
-            if len(ps) >= 4 and ps[1].startswith("query") and ps[2].startswith("key"):
-                names.add(fname)
-        return names
+        return attention_call_names(self.idx)
 
     # -- planning --------------------------------------------------------------------------
     def build(self, partial: bool = False) -> PortPlan:

@@ -90,3 +90,21 @@ def param_names(fn: cst.FunctionDef) -> list[str]:
     if p.star_kwarg is not None:
         out.append(p.star_kwarg.name.value)
     return out
+
+
+def loop_module(node: cst.For) -> tuple[str, str] | None:
+    """`for layer in self.layers[...]:` (or `for i, layer in enumerate(self.layers)`) ->
+    ("layer", "layers"): the loop variable is a call of that sub-module's elements."""
+    it, target = node.iter, node.target
+    if (
+        m.matches(it, m.Call(func=m.Name("enumerate")))
+        and isinstance(target, cst.Tuple)
+        and len(target.elements) == 2
+    ):
+        it, target = it.args[0].value, target.elements[1].value  # type: ignore[attr-defined]
+    if isinstance(it, cst.Subscript):
+        it = it.value
+    attr = self_attr(it)
+    if attr and isinstance(target, cst.Name):
+        return target.value, attr
+    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from porter.analysis.cstutil import assigned_names, dotted, names_in, param_names, self_attr, self_call_attr
+from porter.analysis.cstutil import assigned_names, dotted, loop_module, names_in, param_names, self_call_attr
 
 ATTN = "@attn"
 
@@ -117,15 +117,9 @@ class _Flow:
             o = self.origins(st.iter)
             for n in assigned_names(st.target):
                 self.env[n] = o
-            it, target = st.iter, st.target
-            if isinstance(it, cst.Call) and dotted(it.func) == "enumerate" and isinstance(target, cst.Tuple) \
-                    and len(target.elements) == 2:
-                it, target = it.args[0].value, target.elements[1].value
-            if isinstance(it, cst.Subscript):
-                it = it.value
-            attr = self_attr(it)
-            if attr in self.submodules and isinstance(target, cst.Name):
-                self.loop_modules[target.value] = attr
+            bound = loop_module(st)
+            if bound and bound[1] in self.submodules:
+                self.loop_modules[bound[0]] = bound[1]
             self.run(list(st.body.body))
         elif isinstance(st, (cst.With, cst.While)):
             self.run(list(st.body.body))

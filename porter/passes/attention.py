@@ -7,6 +7,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import assigned_names, dotted, self_call_attr
 from porter.passes.base import Example, Rule
+from porter.plan import attention_call_names
 
 
 def _append_to_init(fn: cst.FunctionDef, stmts: list[cst.BaseStatement]) -> cst.FunctionDef:
@@ -237,12 +238,7 @@ class EngineAttention(Rule):
         return updated.with_changes(targets=[cst.AssignTarget(target)], value=new_call)
 
     def _attn_names(self) -> set[str]:
-        names = {"attention_interface"}
-        for fname, fn in self.ctx.idx.functions.items():
-            ps = [p.name.value for p in fn.params.params]
-            if len(ps) >= 4 and ps[1].startswith("query") and ps[2].startswith("key"):
-                names.add(fname)
-        return names
+        return attention_call_names(self.ctx.idx)  # the planner's own definition
 
 
 class FlattenHeads(Rule):

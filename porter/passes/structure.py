@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, dotted, param_names, self_attr
+from porter.analysis.cstutil import assigned_names, dotted, loop_module, param_names, self_attr
 from porter.passes.base import Example, Rule
 
 
@@ -102,20 +102,10 @@ class ThreadPositions(Rule):
         return updated.with_changes(params=updated.params.with_changes(params=params))
 
     def visit_For(self, node: cst.For) -> None:
-        it, target = node.iter, node.target
-        # `for i, layer in enumerate(self.layers[...])` binds `layer` like `for layer in self.layers`
-        if (
-            m.matches(it, m.Call(func=m.Name("enumerate")))
-            and isinstance(target, cst.Tuple)
-            and len(target.elements) == 2
-        ):
-            it, target = it.args[0].value, target.elements[1].value  # type: ignore[attr-defined]
-        if isinstance(it, cst.Subscript):
-            it = it.value
-        attr = self_attr(it)
-        if attr and isinstance(target, cst.Name):
+        bound = loop_module(node)
+        if bound:
             self._loop_vars = getattr(self, "_loop_vars", {})
-            self._loop_vars[target.value] = attr
+            self._loop_vars[bound[0]] = bound[1]
 
     def leave_Call(self, original, updated):
         cls = self.current_class
@@ -361,18 +351,9 @@ class MatchCalleeParams(Rule):
         self._loop_vars: dict[str, str] = {}
 
     def visit_For(self, node: cst.For) -> None:
-        it, target = node.iter, node.target
-        if (
-            m.matches(it, m.Call(func=m.Name("enumerate")))
-            and isinstance(target, cst.Tuple)
-            and len(target.elements) == 2
-        ):
-            it, target = it.args[0].value, target.elements[1].value  # type: ignore[attr-defined]
-        if isinstance(it, cst.Subscript):
-            it = it.value
-        attr = self_attr(it)
-        if attr and isinstance(target, cst.Name):
-            self._loop_vars[target.value] = attr
+        bound = loop_module(node)
+        if bound:
+            self._loop_vars[bound[0]] = bound[1]
 
     def leave_Call(self, original, updated):
         info = self.ctx.idx.classes.get(self.current_class or "")
