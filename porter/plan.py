@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, dotted, param_names, self_attr, self_call_attr
+from porter.analysis.cstutil import findall, code, dotted, param_names, self_attr, self_call_attr
 from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.index import (
     EMBEDDING_NAMES,
@@ -180,9 +180,9 @@ class Planner:
         text = code(fwd)
         if "rsqrt" not in text or "pow(2)" not in text:
             return None
-        if m.findall(fwd, m.BinaryOperation(operator=m.Subtract())):
+        if findall(fwd, m.BinaryOperation(operator=m.Subtract())):
             return None  # mean-centred: a LayerNorm written by hand, kept as the HF class
-        if m.findall(fwd, m.BinaryOperation(left=m.Float() | m.Integer(), operator=m.Add())):
+        if findall(fwd, m.BinaryOperation(left=m.Float() | m.Integer(), operator=m.Add())):
             return "GemmaRMSNorm"
         return "RMSNorm"
 
@@ -231,7 +231,7 @@ class Planner:
         attn_names = self.attention_call_names()
         for name in classes:
             init = self.idx.classes[name].method("__init__")
-            for node in m.findall(init, m.Assign(value=m.Call(func=m.Subscript()))) if init else []:
+            for node in findall(init, m.Assign(value=m.Call(func=m.Subscript()))) if init else []:
                 if self_attr(node.targets[0].target):  # type: ignore[attr-defined]
                     raise self.idx.error(
                         "sub-module class chosen at run time from a table: cannot tell what to port",
@@ -369,7 +369,7 @@ class Planner:
 
     def _locals(self, fwd: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
         out: dict[str, cst.BaseExpression] = {}
-        for node in m.findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name())])):
+        for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name())])):
             out.setdefault(node.targets[0].target.value, node.value)  # type: ignore[attr-defined]  # first binding
         return out
 
@@ -390,7 +390,7 @@ class Planner:
             return code(local[e.value]) if isinstance(e, cst.Name) and e.value in local else code(e)
 
         slices = []
-        for node in m.findall(fwd, m.Subscript(value=m.Name(out_name))):
+        for node in findall(fwd, m.Subscript(value=m.Name(out_name))):
             sl = node.slice[-1].slice  # type: ignore[attr-defined]
             if isinstance(sl, cst.Slice):
                 slices.append(sl)
@@ -410,11 +410,11 @@ class Planner:
         interleaved per head in the projection (GPT-NeoX layout)."""
         fwd = info.method("forward")
         local = self._locals(fwd)
-        out_name = next((n for n, v in local.items() if m.findall(v, m.Call(
+        out_name = next((n for n, v in local.items() if findall(v, m.Call(
             func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
         if out_name is None:
             return False
-        return bool(m.findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
+        return bool(findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
                                           args=[m.Arg(m.Integer("3")), m.ZeroOrMore()])))
 
     def merged_outputs(self, fwd: cst.FunctionDef, attr: str) -> int | None:
@@ -424,14 +424,14 @@ class Planner:
             func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
         if out_name is None:
             return None
-        for node in m.findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")))):
+        for node in findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")))):
             args = node.args  # type: ignore[attr-defined]
             if args and isinstance(args[0].value, cst.Integer):
                 return int(args[0].value.value)
         return None
 
     def gate_up_pattern(self, info: ClassInfo, fwd: cst.FunctionDef, roles: dict[str, str]) -> GateUpPlan | None:
-        for node in m.findall(fwd, m.BinaryOperation(operator=m.Multiply())):
+        for node in findall(fwd, m.BinaryOperation(operator=m.Multiply())):
             assert isinstance(node, cst.BinaryOperation)
             for act_side, up_side in ((node.left, node.right), (node.right, node.left)):
                 if not (isinstance(act_side, cst.Call) and len(act_side.args) == 1):
@@ -454,7 +454,7 @@ class Planner:
         init = info.method("__init__")
         if init is None:
             return out
-        for node in m.findall(init, m.Assign(targets=[m.AssignTarget(target=m.Attribute(value=m.Name("self")))])):
+        for node in findall(init, m.Assign(targets=[m.AssignTarget(target=m.Attribute(value=m.Name("self")))])):
             assert isinstance(node, cst.Assign)
             out[self_attr(node.targets[0].target)] = node.value  # type: ignore[index]
         return out
@@ -471,7 +471,7 @@ class Planner:
         kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}
         rope_helper = None
         fwd = info.method("forward")
-        for c in m.findall(fwd, m.Call(func=m.Name())):
+        for c in findall(fwd, m.Call(func=m.Name())):
             fname = c.func.value  # type: ignore[union-attr]
             if fname in self.idx.functions and "rotary" in code(self.idx.functions[fname]).lower() \
                     and fname not in self.attention_call_names():

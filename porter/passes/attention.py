@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, dotted, self_call_attr
+from porter.analysis.cstutil import findall, assigned_names, dotted, self_call_attr
 from porter.passes.base import Example, Rule
 from porter.plan import attention_call_names
 
@@ -447,7 +447,7 @@ class FuseQkv(Rule):
         first = None
         x_src = None
         for i, st in enumerate(body):
-            calls = [c for c in m.findall(st, m.Call()) if self_call_attr(c) in names]
+            calls = [c for c in findall(st, m.Call()) if self_call_attr(c) in names]
             if calls and first is None:
                 first = i
                 x_src = calls[0].args[0].value  # type: ignore[attr-defined]

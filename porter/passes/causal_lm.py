@@ -8,7 +8,7 @@ import jinja2
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, dotted, self_attr
+from porter.analysis.cstutil import findall, code, dotted, self_attr
 from porter.plan import linear_args
 from porter.passes.base import Example, Rule
 
@@ -143,7 +143,7 @@ class CausalLmInterface(Rule):
         def collect(block) -> None:
             for st in block:
                 if isinstance(st, cst.If):
-                    if not (set(n.value for n in m.findall(st.test, m.Name())) & stripped):  # type: ignore[attr-defined]
+                    if not (set(n.value for n in findall(st.test, m.Name())) & stripped):  # type: ignore[attr-defined]
                         collect(st.body.body)
                 elif isinstance(st, cst.SimpleStatementLine):
                     stmts.extend(st.body)
@@ -156,17 +156,17 @@ class CausalLmInterface(Rule):
                     and isinstance(small.targets[0].target, cst.Name)):
                 continue
             target, value = small.targets[0].target.value, small.value
-            if m.findall(value, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(lm)))):
+            if findall(value, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(lm)))):
                 names.add(target)
                 continue
-            reads = {n.value for n in m.findall(value, m.Name())} & names  # type: ignore[attr-defined]
+            reads = {n.value for n in findall(value, m.Name())} & names  # type: ignore[attr-defined]
             if not reads:
                 continue
             names.add(target)
             if isinstance(value, cst.BinaryOperation) and isinstance(value.operator, (cst.Multiply, cst.Divide)):
                 left_is = m.matches(value.left, m.Name()) and value.left.value in names  # type: ignore[attr-defined]
                 other = value.right if left_is else value.left
-                if not ({n.value for n in m.findall(other, m.Name())} & names):  # type: ignore[attr-defined]
+                if not ({n.value for n in findall(other, m.Name())} & names):  # type: ignore[attr-defined]
                     op = "*" if isinstance(value.operator, cst.Multiply) else "/"
                     if op == "/" and not left_is:
                         raise self._unportable(value)
@@ -200,7 +200,7 @@ class CausalLmInterface(Rule):
 
     def _base_call(self, info) -> str | None:
         fwd = info.method("forward")
-        for call in m.findall(fwd, m.Call(func=m.Attribute())) if fwd else []:
+        for call in findall(fwd, m.Call(func=m.Attribute())) if fwd else []:
             name = dotted(call.func)  # type: ignore[attr-defined]
             if name and name.startswith(f"self.{self.plan.base_attr}") and any(
                     a.keyword is not None and a.keyword.value == "input_ids" for a in call.args):  # type: ignore[attr-defined]
@@ -303,7 +303,7 @@ class PruneUnreachable(Rule):
                     parts = [st.body, st.params, *st.decorators]
                 else:
                     parts = [st]
-                names_of[id(st)] = {n.value for part in parts for n in m.findall(part, m.Name())}  # type: ignore[attr-defined]
+                names_of[id(st)] = {n.value for part in parts for n in findall(part, m.Name())}  # type: ignore[attr-defined]
             return names_of[id(st)]
 
         while True:
@@ -364,12 +364,12 @@ class EngineImports(Rule):
 
     def _first_use(self, name: str):
         """Where the port would still use `name`: its first call, else its first use outside imports."""
-        for node in m.findall(self.ctx.idx.module, m.Call(func=m.Name(name))):
+        for node in findall(self.ctx.idx.module, m.Call(func=m.Name(name))):
             return node
         for st in self.ctx.idx.module.body:
             if m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
                 continue
-            for node in m.findall(st, m.Name(name)):
+            for node in findall(st, m.Name(name)):
                 return node
         return None
 
@@ -378,7 +378,7 @@ class EngineImports(Rule):
             n.value  # type: ignore[attr-defined]
             for st in updated.body
             if not m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()]))
-            for n in m.findall(st, m.Name())
+            for n in findall(st, m.Name())
         }
         leftover = sorted(used & self.ctx.removed_names)
         if leftover:

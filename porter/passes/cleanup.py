@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, dotted
+from porter.analysis.cstutil import findall, code, dotted
 from porter.passes.base import Example, Rule
 
 
@@ -38,20 +38,20 @@ class DropHfImports(Rule):
     def leave_Param(self, original, updated):
         # `config: LlamaConfig` -> `config`: the HF config class is not imported by the port
         if updated.annotation is not None and {
-            n.value for n in m.findall(updated.annotation, m.Name())  # type: ignore[attr-defined]
+            n.value for n in findall(updated.annotation, m.Name())  # type: ignore[attr-defined]
         } & self.ctx.removed_names:
             return updated.with_changes(annotation=None)
         return updated
 
     def _logs(self, node: cst.CSTNode) -> bool:
-        return bool(m.findall(node, m.Call(func=m.Attribute(value=m.Name("logger")))))
+        return bool(findall(node, m.Call(func=m.Attribute(value=m.Name("logger")))))
 
     def leave_If(self, original, updated):
         # `if cond: logger.warning(...)`: the HF logger is not part of the port
         if all(self._logs(s) for s in original.body.body) and original.orelse is None:
             return cst.RemoveFromParent()
         # module level `if is_flash_attn_available(): ...`: HF's optional-backend imports
-        if not self.scope and {n.value for n in m.findall(original.test, m.Name())} & self.ctx.removed_names:  # type: ignore[attr-defined]
+        if not self.scope and {n.value for n in findall(original.test, m.Name())} & self.ctx.removed_names:  # type: ignore[attr-defined]
             return cst.RemoveFromParent()
         return updated
 

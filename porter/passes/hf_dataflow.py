@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, dotted, names_in, self_attr
+from porter.analysis.cstutil import findall, assigned_names, dotted, names_in, self_attr
 from porter.passes.base import Example, Rule
 
 _SHAPE_PURE = {"size", "shape", "dim", "view", "reshape", "transpose", "contiguous", "unsqueeze"}
@@ -55,11 +55,11 @@ class DropHfDataflow(Rule):
         names = names_in(node)
         if names & self.tainted or names & self.ctx.table.hf_only_callables:
             return True
-        for call in m.findall(node, m.Call()):
+        for call in findall(node, m.Call()):
             name = dotted(call.func) or ""  # type: ignore[attr-defined]
             if name.split(".")[0] in self.ctx.table.hf_only_callables:
                 return True
-        for attr in m.findall(node, m.Attribute(value=m.Name("self"))):
+        for attr in findall(node, m.Attribute(value=m.Name("self"))):
             if (self._cls, self_attr(attr)) in self.ctx.removed_attrs:
                 return True
         return False
@@ -78,9 +78,9 @@ class DropHfDataflow(Rule):
 
     def _bound_names(self, node: cst.CSTNode) -> set[str]:
         out: set[str] = set()
-        for a in m.findall(node, m.AssignTarget()):
+        for a in findall(node, m.AssignTarget()):
             out.update(assigned_names(a.target))  # type: ignore[attr-defined]
-        for w in m.findall(node, m.NamedExpr()):
+        for w in findall(node, m.NamedExpr()):
             out.update(assigned_names(w.target))  # type: ignore[attr-defined]
         return out
 
@@ -243,15 +243,15 @@ class DropDeadLocals(Rule):
             changed = False
             reads: dict[str, int] = {}
             for st in body:
-                for n in m.findall(st, m.Name()):
+                for n in findall(st, m.Name()):
                     reads[n.value] = reads.get(n.value, 0) + 1  # type: ignore[attr-defined]
             new_body = []
             for st in body:
                 if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])):
                     assign = st.body[0]  # type: ignore[attr-defined]
                     names = [n for t in assign.targets for n in assigned_names(t.target) if n != "_"]
-                    value_reads = {n.value for n in m.findall(assign.value, m.Name())}  # type: ignore[attr-defined]
-                    own = sum(1 for t in assign.targets for n in m.findall(t.target, m.Name()) if n.value != "_")  # type: ignore[attr-defined]
+                    value_reads = {n.value for n in findall(assign.value, m.Name())}  # type: ignore[attr-defined]
+                    own = sum(1 for t in assign.targets for n in findall(t.target, m.Name()) if n.value != "_")  # type: ignore[attr-defined]
                     if m.matches(assign, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Name())) and \
                             assign.targets[0].target.value == assign.value.value:
                         changed = True
@@ -265,7 +265,7 @@ class DropDeadLocals(Rule):
         return body
 
     def _pure(self, value: cst.BaseExpression) -> bool:
-        for call in m.findall(value, m.Call()):
+        for call in findall(value, m.Call()):
             func = call.func  # type: ignore[attr-defined]
             if isinstance(func, cst.Attribute) and func.attr.value in _SHAPE_PURE:
                 continue
