@@ -2,7 +2,7 @@
 
 from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
-from porter.passes.causal_lm import CausalLmInterface, EngineImports, PruneUnreachable
+from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
@@ -39,6 +39,7 @@ PASSES: list[type[Rule]] = [
     MatchCalleeParams,
     ThreadPrefix,
     CausalLmInterface,
+    CompileBaseModel,
     DropDeadLocals,
     PruneUnreachable,
     EngineImports,

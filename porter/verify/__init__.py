@@ -113,13 +113,14 @@ def run_verify(
     tps: list[int],
     against_native: bool = False,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> VerifyReport:
     port_dir = Path(port_dir)
     report = VerifyReport(port_dir=str(port_dir), tps=list(tps))
     t_all = time.time()
     with _progress_sink(progress) as say:
         try:
-            _run(report, port_dir, list(tps), against_native, say)
+            _run(report, port_dir, list(tps), against_native, say, compile)
         except VerifyInputError as e:
             report.exit_code, report.reason = EXIT_INPUT, str(e)
     report.timings["total"] = round(time.time() - t_all, 2)
@@ -127,7 +128,8 @@ def run_verify(
 
 
 def _run(
-    report: VerifyReport, port_dir: Path, tps: list[int], against_native: bool, say: Progress
+    report: VerifyReport, port_dir: Path, tps: list[int], against_native: bool, say: Progress,
+    compile: bool = False,
 ) -> None:
     if not tps or any(t < 1 for t in tps):
         raise VerifyInputError(f"bad TP list {tps}")
@@ -191,6 +193,7 @@ def _run(
             top_logprobs=spec.top_logprobs,
             max_model_len=max_model_len,
             progress=relay,
+            enforce_eager=not compile,
         )
         side = _side(run)
         if run.ok:

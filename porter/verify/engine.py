@@ -85,6 +85,7 @@ def run_engine(
     max_model_len: int,
     progress: Callable[[str], None] | None = None,
     timeout_s: float = 900.0,
+    enforce_eager: bool = True,
 ) -> EngineRun:
     """One engine start for ``checkpoint`` at ``tp``; ``port`` None runs without the port plugin."""
     t0 = time.time()
@@ -100,6 +101,7 @@ def run_engine(
             "max_tokens": max_tokens,
             "top_logprobs": top_logprobs,
             "max_model_len": max_model_len,
+            "enforce_eager": enforce_eager,
         }
         (tmp / "req.json").write_text(json.dumps(req))
         pythonpath = [site] + ([port.path] if port is not None and port.path else [])

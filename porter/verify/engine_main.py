@@ -40,7 +40,8 @@ def run(req: dict) -> dict:
     llm = LLM(
         model=req["checkpoint"],
         dtype="float32",
-        enforce_eager=True,
+        # False: vLLM compiles the @support_torch_compile base model (inductor on the CPU)
+        enforce_eager=req.get("enforce_eager", True),
         tensor_parallel_size=req["tp"],
         gpu_memory_utilization=0.2,
         skip_tokenizer_init=True,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/cohere/modeling_cohere.py
 # Source sha256: 96431370673b95bd9a66c68e8852b16d315eec8548a833cb97a31d2c43e5f597
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/cohere/modular_cohere.py.
@@ -36,6 +36,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_and_mul_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -239,6 +240,7 @@ class CohereDecoderLayer(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class CohereModel(nn.Module):
     def __init__(
         self,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gemma2/modeling_gemma2.py
 # Source sha256: f9070a66627892055a32824900d0524bb6bf91d8203006bb5284447fe8299cb4
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/gemma2/modular_gemma2.py.
@@ -28,6 +28,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
+from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_and_mul_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -238,6 +239,7 @@ class Gemma2TextScaledWordEmbedding(VocabParallelEmbedding):
         return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class Gemma2Model(nn.Module):
     def __init__(
         self,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_neox/modeling_gpt_neox.py
 # Source sha256: 7b195701fa63876e1459b3106b6218ebcb7253a07e8d1cac303da504a05bb9b4
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/gpt_neox/modular_gpt_neox.py.
@@ -15,6 +15,7 @@ import re
 
 import torch
 from torch import nn
+from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -177,6 +178,7 @@ class GPTNeoXLayer(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class GPTNeoXModel(nn.Module):
     def __init__(
         self,

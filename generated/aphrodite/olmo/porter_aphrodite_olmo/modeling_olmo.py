@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/olmo/modeling_olmo.py
 # Source sha256: 05fe422e637bfe11fdd39790b4b41d7b19a773e00eba732c3562a005b33ebe09
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/olmo/modular_olmo.py.
@@ -34,6 +34,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_and_mul_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -213,6 +214,7 @@ class OlmoDecoderLayer(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class OlmoModel(nn.Module):
     def __init__(
         self,

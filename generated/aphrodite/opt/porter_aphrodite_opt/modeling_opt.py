@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/opt/modeling_opt.py
 # Source sha256: 1bed1695c0e160690bb7b6de99502606f2dca80deec84c18543b14c268aa1fe4
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT052, PT061, PT060, PT070
 
 # Copyright 2022 The Fairseq Authors and The HuggingFace Inc. team. All rights reserved.
 #
@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -326,6 +327,7 @@ class OPTDecoder(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0, "positions": 0})
 class OPTModel(nn.Module):
     def __init__(
         self,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/phi/modeling_phi.py
 # Source sha256: 4fe29ce2a989dcb3e3af1d501efdf5043596fcfbc04c724372890d4e4f926fa9
-# Rules applied: PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/phi/modular_phi.py.
@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
+from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -189,6 +190,7 @@ class PhiDecoderLayer(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class PhiModel(nn.Module):
     def __init__(
         self,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/stablelm/modeling_stablelm.py
 # Source sha256: 048c1af16b66b3df2e152c58bf3cfb2fe282c7eeff60858d8952a991e42bdcf5
-# Rules applied: PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
 
 # Copyright 2024 EleutherAI and the HuggingFace Inc. team. All rights reserved.
 #
@@ -28,6 +28,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_and_mul_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -249,6 +250,7 @@ class StableLmDecoderLayer(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class StableLmModel(nn.Module):
     """
     Transformer decoder consisting of *config.num_hidden_layers* layers. Each layer is a [`StableLmDecoderLayer`]

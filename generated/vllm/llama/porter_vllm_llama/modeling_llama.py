@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/llama/modeling_llama.py
 # Source sha256: affc6a4ab36b562a6b4c90b84c4e7939c5417a69ad7bd37e858be5583f189830
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 # Copyright 2022 EleutherAI and the HuggingFace Inc. team. All rights reserved.
 #
@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.activation import get_act_and_mul_fn
 from vllm.model_executor.layers.attention import Attention
@@ -188,6 +189,7 @@ class LlamaDecoderLayer(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class LlamaModel(nn.Module):
     def __init__(
         self,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/starcoder2/modeling_starcoder2.py
 # Source sha256: bcf637e30aa5a8d25e3b0065cead604c385dead8f5b78a34330a4e570df4508f
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/starcoder2/modular_starcoder2.py.
@@ -33,6 +33,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
@@ -197,6 +198,7 @@ class Starcoder2DecoderLayer(nn.Module):
         return hidden_states
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class Starcoder2Model(nn.Module):
     def __init__(
         self,
