@@ -1,5 +1,6 @@
 """Phase 3 — the rewrite passes, in the one order they run."""
 
+from porter.passes.autocast import DropAutocast
 from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, EngineImports, PruneUnreachable
@@ -19,6 +20,7 @@ PASSES: list[type[Rule]] = [
     DropHfImports,
     StripDecorators,
     ReplaceBaseClasses,
+    DropAutocast,
     PartialRotary,
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
     EngineAttention,
