@@ -127,6 +127,32 @@ def _heads(out_features: str, head_dim: str) -> str:
     return f"({out_features}) // {head_dim}"
 
 
+def per_head_split_helper(info: ClassInfo, packed: str) -> str | None:
+    """`qkv = self.packed(x); q, k, v = self._split_heads(qkv)` where the method views its input as
+    `(..., heads, 3, head_dim)` and returns `x[..., 0, :], x[..., 1, :], x[..., 2, :]`: q/k/v
+    interleaved per head (Persimmon, Bloom). Returns the method's name."""
+    fwd = info.method("forward")
+    if fwd is None:
+        return None
+    out_names = {n.targets[0].target.value for n in m.findall(fwd, m.Assign(  # type: ignore[attr-defined]
+        targets=[m.AssignTarget(m.Name())], value=m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(packed)))))}
+    for node in m.findall(fwd, m.Assign(targets=[m.AssignTarget(m.Tuple())], value=m.Call(
+            func=m.Attribute(value=m.Name("self"), attr=m.Name()),
+            args=[m.Arg(m.Name(m.MatchIfTrue(lambda n: n in out_names)))]))):
+        helper = node.value.func.attr.value  # type: ignore[attr-defined]
+        meth = info.method(helper)
+        if meth is None:
+            continue
+        views = [c for c in m.findall(meth, m.Call(func=m.Attribute(attr=m.Name("view"))))
+                 if len(c.args) >= 3 and code(c.args[-2].value) == "3"]  # type: ignore[attr-defined]
+        rets = m.findall(meth, m.Return(value=m.Tuple()))
+        picks = [[code(sl.slice) for sl in el.value.slice] for r in rets for el in r.value.elements  # type: ignore[attr-defined]
+                 if isinstance(el.value, cst.Subscript)]
+        if views and picks == [["...", "0", ":"], ["...", "1", ":"], ["...", "2", ":"]]:
+            return helper
+    return None
+
+
 def attention_call_names(idx: ModelIndex) -> set[str]:
     """Callables that are HF's attention op: `attention_interface`, or a module function taking
     (module, query, key, value, ...)."""
@@ -148,6 +174,8 @@ class Planner:
     # -- discovery -------------------------------------------------------------------------
     def causal_lm(self) -> ClassInfo:
         found = [c for n, c in self.idx.classes.items() if n.endswith("ForCausalLM")]
+        if not found:  # the older naming (GPT2LMHeadModel), registered as the causal LM of its type
+            found = [c for n, c in self.idx.classes.items() if n.endswith("LMHeadModel")]
         if not found:
             raise self.idx.error("no *ForCausalLM class: nothing to port", construct="module")
         if len(found) > 1:
@@ -205,11 +233,11 @@ class Planner:
     def build(self, partial: bool = False) -> PortPlan:
         """The plan for the file's causal LM. `partial` plans every class of a snippet (rule examples)."""
         if partial and not any(n.endswith("ForCausalLM") for n in self.idx.classes):
-            return self._build(None, list(self.idx.classes), None)
+            return self._build(None, list(self.idx.classes), partial)
         lm = self.causal_lm()
-        return self._build(lm, self.reachable(lm), None)
+        return self._build(lm, self.reachable(lm), partial)
 
-    def _build(self, lm: ClassInfo | None, classes: list[str], _unused) -> PortPlan:
+    def _build(self, lm: ClassInfo | None, classes: list[str], partial: bool) -> PortPlan:
         base = None
         if lm is not None:
             lm_sub = [s for s in lm.submodules.values() if s.ctor in self.idx.classes]
@@ -247,6 +275,8 @@ class Planner:
                 continue
             self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
+        if lm is not None and not plan.attentions and not partial:
+            raise self.no_attention_call(plan.classes)
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
         for a in plan.attentions:
@@ -257,6 +287,21 @@ class Planner:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
         return plan
+
+    def no_attention_call(self, classes: list[str]):
+        """The error for a decoder with no attention call the engine's Attention can replace:
+        names the softmax of an attention written inline (Bloom's ALiBi baddbmm, GPT-J's `_attn`)."""
+        for name in classes:
+            for meth in self.idx.classes[name].node.body.body:
+                if not isinstance(meth, cst.FunctionDef):
+                    continue
+                for call in m.findall(meth, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))):
+                    return self.idx.error(
+                        "attention computed inline (scores, softmax, weighted sum), not through an attention "
+                        "function: no rule maps it to the engine's Attention",
+                        call, construct=f"{name}.{meth.name.value}: {code(call.func)}", rule="engine-attention")
+        return self.idx.error("no attention call found: nothing maps to the engine's Attention",
+                              construct="module", rule="engine-attention")
 
     def embed_path(self, plan: PortPlan, lm: ClassInfo) -> str:
         # Walk from the causal LM down the submodule tree to the vocab embedding.
@@ -414,8 +459,10 @@ class Planner:
             func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
         if out_name is None:
             return False
-        return bool(m.findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
-                                          args=[m.Arg(m.Integer("3")), m.ZeroOrMore()])))
+        if m.findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
+                                 args=[m.Arg(m.Integer("3")), m.ZeroOrMore()])):
+            return True
+        return per_head_split_helper(info, attr) is not None
 
     def merged_outputs(self, fwd: cst.FunctionDef, attr: str) -> int | None:
         """`y = self.proj(x); a, b = y.chunk(2, dim=-1)`: a column projection packing 2 outputs."""

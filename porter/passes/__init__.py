@@ -8,6 +8,7 @@ from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecora
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
+from porter.passes.tp_norms import NormAcrossTpRanks
 from porter.passes.structure import (
     FixCallArity,
     ThreadPositions,
@@ -34,6 +35,7 @@ PASSES: list[type[Rule]] = [
     TpLinears,
     VocabEmbedding,
     EngineNorms,
+    NormAcrossTpRanks,
     EngineActivation,
     UnwrapOutputs,
     FixCallArity,
