@@ -21,6 +21,7 @@ from porter.analysis.index import (
     ClassInfo,
     ModelIndex,
     is_module_subclass,
+    table_class,
 )
 from porter.layout import port_architecture
 from porter.rules_data import StripTable
@@ -260,7 +261,7 @@ class Planner:
         for name in classes:
             init = self.idx.classes[name].method("__init__")
             for node in m.findall(init, m.Assign(value=m.Call(func=m.Subscript()))) if init else []:
-                if self_attr(node.targets[0].target):  # type: ignore[attr-defined]
+                if self_attr(node.targets[0].target) and not table_class(self.idx, node.value.func):  # type: ignore[attr-defined]
                     raise self.idx.error(
                         "sub-module class chosen at run time from a table: cannot tell what to port",
                         node, construct=f"{name}.__init__: {code(node.value.func)}")  # type: ignore[attr-defined]
@@ -290,7 +291,22 @@ class Planner:
 
     def no_attention_call(self, classes: list[str]):
         """The error for a decoder with no attention call the engine's Attention can replace:
-        names the softmax of an attention written inline (Bloom's ALiBi baddbmm, GPT-J's `_attn`)."""
+        names the projections of an attention function fed by something other than nn.Linear
+        (GPT-2's Conv1D), else the softmax of an attention written inline (Bloom's ALiBi baddbmm,
+        GPT-J's `_attn`)."""
+        attn_names = self.attention_call_names()
+        for name in classes:
+            info = self.idx.classes[name]
+            fwd = info.method("forward")
+            calls = [c for c in m.findall(fwd, m.Call()) if dotted(c.func) in attn_names] if fwd else []  # type: ignore[attr-defined]
+            if calls:
+                ctors = sorted({(s.ctor or "").rsplit(".", 1)[-1] for s in info.submodules.values()
+                                if s.ctor not in LINEAR_NAMES and not (s.ctor or "").startswith("torch.")
+                                and s.ctor not in self.idx.classes})
+                return self.idx.error(
+                    "attention call whose q/k/v come from no nn.Linear: no rule maps these projections to the "
+                    "engine's parallel linears", calls[0],
+                    construct=f"{name}.forward: {', '.join(ctors) or 'projections not found'}", rule="fuse-qkv")
         for name in classes:
             for meth in self.idx.classes[name].node.body.body:
                 if not isinstance(meth, cst.FunctionDef):

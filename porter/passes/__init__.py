@@ -8,6 +8,7 @@ from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecora
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
+from porter.passes.tables import ResolveAttentionTable
 from porter.passes.tp_norms import NormAcrossTpRanks
 from porter.passes.structure import (
     FixCallArity,
@@ -21,6 +22,7 @@ PASSES: list[type[Rule]] = [
     DropHfImports,
     StripDecorators,
     ReplaceBaseClasses,
+    ResolveAttentionTable,
     DropAutocast,
     PartialRotary,
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
