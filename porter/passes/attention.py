@@ -7,7 +7,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import assigned_names, dotted, self_call_attr
 from porter.passes.base import Example, Rule
-from porter.passes.tp_norms import full_width_norms
+from porter.passes.tp_norms import head_spanning_norms
 from porter.plan import attention_call_names, per_head_split_helper
 
 
@@ -349,13 +349,14 @@ class FlattenHeads(Rule):
         return updated
 
     def _per_head_norm(self, attr: str) -> bool:
-        """A norm sub-module of the attention that does not span a whole projection (PT120's case)."""
+        """A norm sub-module of the attention applied to each head alike (one that spans the heads
+        is PT120's)."""
         info = self.ctx.idx.classes.get(self.current_class or "")
         sub = info.submodules.get(attr) if info else None
         if sub is None or attr in self._linears():
             return False
         is_norm = sub.ctor in self.plan.norms or "norm" in (sub.ctor or "").lower()
-        return is_norm and attr not in full_width_norms(self.ctx, self.current_class or "")
+        return is_norm and attr not in head_spanning_norms(self.ctx, self.current_class or "")
 
     def _linears(self) -> set[str]:
         info = self.ctx.idx.classes.get(self.current_class or "")

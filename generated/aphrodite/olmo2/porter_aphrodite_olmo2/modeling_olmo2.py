@@ -116,26 +116,31 @@ class Olmo2Attention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, value_states = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
-        query_states = self._norm_across_tp_ranks(self.q_norm, q)
-        key_states = self._norm_across_tp_ranks(self.k_norm, k)
+        query_states = self._norm_across_tp_ranks(self.q_norm, q, self.qkv_proj.total_num_heads)
+        key_states = self._norm_across_tp_ranks(self.k_norm, k, self.qkv_proj.total_num_kv_heads)
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 
         attn_output = self.attn(query_states, key_states, value_states)
         attn_output, _ = self.o_proj(attn_output)
         return attn_output
 
-    def _norm_across_tp_ranks(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """`norm` spans every head of a projection that TP splits by heads: normalise the
-        heads gathered from all ranks, keep this rank's part (ranks holding copies of
-        replicated KV heads contribute one copy)."""
+    def _norm_across_tp_ranks(
+        self, norm: nn.Module, x: torch.Tensor, total_heads: int, per_head: bool = False
+    ) -> torch.Tensor:
+        """`norm` spans all `total_heads` heads of a projection that TP splits by heads (one
+        weight per head when `per_head`): apply it to the heads gathered from every rank and keep
+        this rank's part (ranks holding copies of replicated KV heads contribute one copy)."""
         size = x.shape[-1]
-        width = norm.weight.shape[0]
-        if size == width:
-            return norm(x)
-        parts = tensor_model_parallel_all_gather(x.contiguous()).split(size, dim=-1)
-        copies = len(parts) * size // width
-        full = norm(torch.cat(parts[::copies], dim=-1))
-        return full.split(size, dim=-1)[get_tensor_model_parallel_rank() // copies]
+        full_size = total_heads * self.head_dim
+        copies = 1
+        if size != full_size:
+            parts = tensor_model_parallel_all_gather(x.contiguous()).split(size, dim=-1)
+            copies = len(parts) * size // full_size
+            x = torch.cat(parts[::copies], dim=-1)
+        x = norm(x.unflatten(-1, (total_heads, -1))).flatten(-2) if per_head else norm(x)
+        if size == full_size:
+            return x
+        return x.split(size, dim=-1)[get_tensor_model_parallel_rank() // copies]
 
 
 class Olmo2MLP(nn.Module):
