@@ -277,7 +277,9 @@ class Planner:
             self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
         if lm is not None and not plan.attentions and not partial:
-            raise self.no_attention_call(plan.classes)
+            blocker = self.unmapped_attention(plan.classes)
+            if blocker is not None:  # (a decoder with no attention at all, a recurrent one, is not refused here)
+                raise blocker
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
         for a in plan.attentions:
@@ -289,8 +291,8 @@ class Planner:
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
         return plan
 
-    def no_attention_call(self, classes: list[str]):
-        """The error for a decoder with no attention call the engine's Attention can replace:
+    def unmapped_attention(self, classes: list[str]):
+        """The error for a decoder whose attention no rule maps to the engine's Attention:
         names the projections of an attention function fed by something other than nn.Linear
         (GPT-2's Conv1D), else the softmax of an attention written inline (Bloom's ALiBi baddbmm,
         GPT-J's `_attn`)."""
@@ -316,8 +318,7 @@ class Planner:
                         "attention computed inline (scores, softmax, weighted sum), not through an attention "
                         "function: no rule maps it to the engine's Attention",
                         call, construct=f"{name}.{meth.name.value}: {code(call.func)}", rule="engine-attention")
-        return self.idx.error("no attention call found: nothing maps to the engine's Attention",
-                              construct="module", rule="engine-attention")
+        return None
 
     def embed_path(self, plan: PortPlan, lm: ClassInfo) -> str:
         # Walk from the causal LM down the submodule tree to the vocab embedding.
