@@ -21,6 +21,7 @@ from porter.analysis.index import (
     ClassInfo,
     ModelIndex,
     is_module_subclass,
+    table_class,
 )
 from porter.layout import port_architecture
 from porter.rules_data import StripTable
@@ -127,6 +128,32 @@ def _heads(out_features: str, head_dim: str) -> str:
     return f"({out_features}) // {head_dim}"
 
 
+def per_head_split_helper(info: ClassInfo, packed: str) -> str | None:
+    """`qkv = self.packed(x); q, k, v = self._split_heads(qkv)` where the method views its input as
+    `(..., heads, 3, head_dim)` and returns `x[..., 0, :], x[..., 1, :], x[..., 2, :]`: q/k/v
+    interleaved per head (Persimmon, Bloom). Returns the method's name."""
+    fwd = info.method("forward")
+    if fwd is None:
+        return None
+    out_names = {n.targets[0].target.value for n in findall(fwd, m.Assign(  # type: ignore[attr-defined]
+        targets=[m.AssignTarget(m.Name())], value=m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(packed)))))}
+    for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Tuple())], value=m.Call(
+            func=m.Attribute(value=m.Name("self"), attr=m.Name()),
+            args=[m.Arg(m.Name(m.MatchIfTrue(lambda n: n in out_names)))]))):
+        helper = node.value.func.attr.value  # type: ignore[attr-defined]
+        meth = info.method(helper)
+        if meth is None:
+            continue
+        views = [c for c in findall(meth, m.Call(func=m.Attribute(attr=m.Name("view"))))
+                 if len(c.args) >= 3 and code(c.args[-2].value) == "3"]  # type: ignore[attr-defined]
+        rets = findall(meth, m.Return(value=m.Tuple()))
+        picks = [[code(sl.slice) for sl in el.value.slice] for r in rets for el in r.value.elements  # type: ignore[attr-defined]
+                 if isinstance(el.value, cst.Subscript)]
+        if views and picks == [["...", "0", ":"], ["...", "1", ":"], ["...", "2", ":"]]:
+            return helper
+    return None
+
+
 def attention_call_names(idx: ModelIndex) -> set[str]:
     """Callables that are HF's attention op: `attention_interface`, or a module function taking
     (module, query, key, value, ...)."""
@@ -148,6 +175,8 @@ class Planner:
     # -- discovery -------------------------------------------------------------------------
     def causal_lm(self) -> ClassInfo:
         found = [c for n, c in self.idx.classes.items() if n.endswith("ForCausalLM")]
+        if not found:  # the older naming (GPT2LMHeadModel), registered as the causal LM of its type
+            found = [c for n, c in self.idx.classes.items() if n.endswith("LMHeadModel")]
         if not found:
             raise self.idx.error("no *ForCausalLM class: nothing to port", construct="module")
         if len(found) > 1:
@@ -205,11 +234,11 @@ class Planner:
     def build(self, partial: bool = False) -> PortPlan:
         """The plan for the file's causal LM. `partial` plans every class of a snippet (rule examples)."""
         if partial and not any(n.endswith("ForCausalLM") for n in self.idx.classes):
-            return self._build(None, list(self.idx.classes), None)
+            return self._build(None, list(self.idx.classes), partial)
         lm = self.causal_lm()
-        return self._build(lm, self.reachable(lm), None)
+        return self._build(lm, self.reachable(lm), partial)
 
-    def _build(self, lm: ClassInfo | None, classes: list[str], _unused) -> PortPlan:
+    def _build(self, lm: ClassInfo | None, classes: list[str], partial: bool) -> PortPlan:
         base = None
         if lm is not None:
             lm_sub = [s for s in lm.submodules.values() if s.ctor in self.idx.classes]
@@ -232,7 +261,7 @@ class Planner:
         for name in classes:
             init = self.idx.classes[name].method("__init__")
             for node in findall(init, m.Assign(value=m.Call(func=m.Subscript()))) if init else []:
-                if self_attr(node.targets[0].target):  # type: ignore[attr-defined]
+                if self_attr(node.targets[0].target) and not table_class(self.idx, node.value.func):  # type: ignore[attr-defined]
                     raise self.idx.error(
                         "sub-module class chosen at run time from a table: cannot tell what to port",
                         node, construct=f"{name}.__init__: {code(node.value.func)}")  # type: ignore[attr-defined]
@@ -247,6 +276,10 @@ class Planner:
                 continue
             self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
+        if lm is not None and not plan.attentions and not partial:
+            blocker = self.unmapped_attention(plan.classes)
+            if blocker is not None:  # (a decoder with no attention at all, a recurrent one, is not refused here)
+                raise blocker
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
         for a in plan.attentions:
@@ -257,6 +290,35 @@ class Planner:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
         return plan
+
+    def unmapped_attention(self, classes: list[str]):
+        """The error for a decoder whose attention no rule maps to the engine's Attention:
+        names the projections of an attention function fed by something other than nn.Linear
+        (GPT-2's Conv1D), else the softmax of an attention written inline (Bloom's ALiBi baddbmm,
+        GPT-J's `_attn`)."""
+        attn_names = self.attention_call_names()
+        for name in classes:
+            info = self.idx.classes[name]
+            fwd = info.method("forward")
+            calls = [c for c in findall(fwd, m.Call()) if dotted(c.func) in attn_names] if fwd else []  # type: ignore[attr-defined]
+            if calls:
+                ctors = sorted({(s.ctor or "").rsplit(".", 1)[-1] for s in info.submodules.values()
+                                if s.ctor not in LINEAR_NAMES and not (s.ctor or "").startswith("torch.")
+                                and s.ctor not in self.idx.classes})
+                return self.idx.error(
+                    "attention call whose q/k/v come from no nn.Linear: no rule maps these projections to the "
+                    "engine's parallel linears", calls[0],
+                    construct=f"{name}.forward: {', '.join(ctors) or 'projections not found'}", rule="fuse-qkv")
+        for name in classes:
+            for meth in self.idx.classes[name].node.body.body:
+                if not isinstance(meth, cst.FunctionDef):
+                    continue
+                for call in findall(meth, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))):
+                    return self.idx.error(
+                        "attention computed inline (scores, softmax, weighted sum), not through an attention "
+                        "function: no rule maps it to the engine's Attention",
+                        call, construct=f"{name}.{meth.name.value}: {code(call.func)}", rule="engine-attention")
+        return None
 
     def embed_path(self, plan: PortPlan, lm: ClassInfo) -> str:
         # Walk from the causal LM down the submodule tree to the vocab embedding.
@@ -414,8 +476,10 @@ class Planner:
             func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
         if out_name is None:
             return False
-        return bool(findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
-                                          args=[m.Arg(m.Integer("3")), m.ZeroOrMore()])))
+        if findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
+                               args=[m.Arg(m.Integer("3")), m.ZeroOrMore()])):
+            return True
+        return per_head_split_helper(info, attr) is not None
 
     def merged_outputs(self, fwd: cst.FunctionDef, attr: str) -> int | None:
         """`y = self.proj(x); a, b = y.chunk(2, dim=-1)`: a column projection packing 2 outputs."""

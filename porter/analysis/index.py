@@ -211,7 +211,7 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
                     value, in_list = inner.elt, True
             if not isinstance(value, cst.Call):
                 return
-            name = dotted(value.func)
+            name = dotted(value.func) or table_class(idx, value.func)
             if name is None:
                 return
             ctor = name if name in idx.classes else (idx.qualify(name) or name)
@@ -225,6 +225,29 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
                 )
 
     init.visit(_V())
+
+
+EAGER_KEY = "eager"  # the attention implementation a port follows (its reference runs eager)
+
+
+def table_class(idx: ModelIndex, func: cst.BaseExpression) -> str | None:
+    """`X_ATTENTION_CLASSES[config._attn_implementation]` where the module defines the table as a
+    dict literal: the class of its "eager" entry (HF's reference implementation), if it is a
+    class of this file."""
+    if not m.matches(func, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index(
+            m.Attribute(attr=m.Name("_attn_implementation"))))])):
+        return None
+    table = func.value.value  # type: ignore[attr-defined]
+    for st in idx.module.body:
+        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name(table))],
+                                                                   value=m.Dict())])):
+            continue
+        for el in st.body[0].value.elements:  # type: ignore[attr-defined]
+            if isinstance(el, cst.DictElement) and m.matches(el.key, m.SimpleString()) \
+                    and el.key.evaluated_value == EAGER_KEY and isinstance(el.value, cst.Name) \
+                    and el.value.value in idx.classes:  # type: ignore[union-attr]
+                return el.value.value
+    return None
 
 
 def is_module_subclass(idx: ModelIndex, info: ClassInfo, seen: frozenset[str] = frozenset()) -> bool:

@@ -1,5 +1,6 @@
 """Phase 3 — the rewrite passes, in the one order they run."""
 
+from porter.passes.autocast import DropAutocast
 from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
@@ -7,6 +8,8 @@ from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecora
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
+from porter.passes.tables import ResolveAttentionTable
+from porter.passes.tp_norms import NormAcrossTpRanks
 from porter.passes.structure import (
     FixCallArity,
     ThreadPositions,
@@ -19,6 +22,8 @@ PASSES: list[type[Rule]] = [
     DropHfImports,
     StripDecorators,
     ReplaceBaseClasses,
+    ResolveAttentionTable,
+    DropAutocast,
     PartialRotary,
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
     EngineAttention,
@@ -32,6 +37,7 @@ PASSES: list[type[Rule]] = [
     TpLinears,
     VocabEmbedding,
     EngineNorms,
+    NormAcrossTpRanks,
     EngineActivation,
     UnwrapOutputs,
     FixCallArity,

@@ -7,7 +7,8 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, assigned_names, dotted, self_call_attr
 from porter.passes.base import Example, Rule
-from porter.plan import attention_call_names
+from porter.passes.tp_norms import head_spanning_norms
+from porter.plan import attention_call_names, per_head_split_helper
 
 
 def _append_to_init(fn: cst.FunctionDef, stmts: list[cst.BaseStatement]) -> cst.FunctionDef:
@@ -248,7 +249,9 @@ class FlattenHeads(Rule):
     why = (
         "The engine keeps q/k/v as `[num_tokens, heads * head_dim]` and its Attention op takes "
         "them flat. HF's `.view(bsz, len, heads, dim).transpose(1, 2)` and the matching "
-        "`.reshape(...).contiguous()` on the output are removed inside attention forward."
+        "`.reshape(...).contiguous()` on the output are removed inside attention forward. A "
+        "per-head module (a q/k norm over head_dim) is called on `x.unflatten(-1, (-1, head_dim))` "
+        "and flattened back, whether HF split the heads with a view at the call or earlier."
     )
     examples = [
         Example(
@@ -277,6 +280,48 @@ class FlattenHeads(Rule):
             "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
             "        return out\n",
         ),
+        Example(
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)\n'
+            '        self.q_norm = nn.LayerNorm(self.head_dim)\n'
+            '\n'
+            '    def _split_heads(self, x):\n'
+            '        x = x.view(*x.shape[:-1], -1, 3, self.head_dim)\n'
+            '        return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused = self.qkv(x)\n'
+            '        q, k, v = self._split_heads(fused)\n'
+            '        q = self.q_norm(q)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)\n'
+            '        self.q_norm = nn.LayerNorm(self.head_dim)\n'
+            '\n'
+            '    def _split_heads(self, x):\n'
+            '        x = x.view(*x.shape[:-1], -1, 3, self.head_dim)\n'
+            '        return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused = self.qkv(x)\n'
+            '        q, k, v = self._split_heads(fused)\n'
+            '        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+        ),
     ]
 
     def leave_Call(self, original, updated):
@@ -291,9 +336,27 @@ class FlattenHeads(Rule):
                 func=cst.Attribute(value=x, attr=cst.Name("unflatten")))
             return cst.parse_expression("Y.flatten(-2)").with_changes(func=cst.Attribute(
                 value=updated.with_changes(args=[cst.Arg(per_head)]), attr=cst.Name("flatten")))
+        if attr is not None and len(updated.args) == 1 and isinstance(original.args[0].value, cst.Name) \
+                and self._per_head_norm(attr):
+            # HF's tensor is already split into heads here (by a helper or an earlier view)
+            head_dim = self.plan.attention(self.current_class or "").head_dim  # type: ignore[union-attr]
+            per_head = cst.parse_expression(f"X.unflatten(-1, (-1, {head_dim}))").with_changes(
+                func=cst.Attribute(value=updated.args[0].value, attr=cst.Name("unflatten")))
+            return cst.parse_expression("Y.flatten(-2)").with_changes(func=cst.Attribute(
+                value=updated.with_changes(args=[cst.Arg(per_head)]), attr=cst.Name("flatten")))
         if self._is_shape_op(updated):
             return updated.func.value  # type: ignore[attr-defined]
         return updated
+
+    def _per_head_norm(self, attr: str) -> bool:
+        """A norm sub-module of the attention applied to each head alike (one that spans the heads
+        is PT120's)."""
+        info = self.ctx.idx.classes.get(self.current_class or "")
+        sub = info.submodules.get(attr) if info else None
+        if sub is None or attr in self._linears():
+            return False
+        is_norm = sub.ctor in self.plan.norms or "norm" in (sub.ctor or "").lower()
+        return is_norm and attr not in head_spanning_norms(self.ctx, self.current_class or "")
 
     def _linears(self) -> set[str]:
         info = self.ctx.idx.classes.get(self.current_class or "")
@@ -319,7 +382,9 @@ class FuseQkv(Rule):
         "rank holds whole heads of q, k and v and loads the three checkpoint tensors as shards "
         "'q', 'k', 'v'. The three projections are found by dataflow (what feeds the attention "
         "call), not by name. In forward, one `qkv_proj` call and a split by per-rank sizes "
-        "replace the three calls."
+        "replace the three calls. A projection packed per head in the checkpoint (GPT-NeoX's "
+        "`chunk(3)`, or a `_split_heads` helper viewing `(..., heads, 3, head_dim)`) is loaded "
+        "into [q; k; v] order by load_weights, and the helper goes."
     )
     examples = [
         Example(
@@ -369,6 +434,46 @@ class FuseQkv(Rule):
             "        out, _ = attention_interface(self, q, k, v, None, scaling=1.0)\n"
             "        return out\n",
         ),
+        Example(
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)\n'
+            '        self.q_norm = nn.LayerNorm(self.head_dim)\n'
+            '\n'
+            '    def _split_heads(self, x):\n'
+            '        x = x.view(*x.shape[:-1], -1, 3, self.head_dim)\n'
+            '        return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused = self.qkv(x)\n'
+            '        q, k, v = self._split_heads(fused)\n'
+            '        q = self.q_norm(q)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, config.hidden_size // self.head_dim, config.hidden_size // self.head_dim, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
+            '        self.q_size = self.qkv.num_heads * self.head_dim\n'
+            '        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n'
+            '        self.q_norm = nn.LayerNorm(self.head_dim)\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused, _ = self.qkv(x)\n'
+            '        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n'
+            '        q = self.q_norm(q)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -379,6 +484,8 @@ class FuseQkv(Rule):
             return updated
         if updated.name.value == "__init__":
             return self._init(attn, updated)
+        if attn.packed and updated.name.value == per_head_split_helper(self.ctx.idx.classes[attn.cls], attn.q):
+            return cst.RemoveFromParent()  # the per-head split it did is load_weights' permutation now
         if updated.name.value == "forward":
             return self._forward_packed(attn, updated) if attn.packed else self._forward(attn, updated)
         return updated
@@ -386,6 +493,7 @@ class FuseQkv(Rule):
     def _forward_packed(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
         out_name, names, body, placed = None, [], [], False
+        split_helper = per_head_split_helper(self.ctx.idx.classes[attn.cls], attn.q)
         for st in fn.body.body:
             if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call(
                     func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q))))])):
@@ -396,7 +504,9 @@ class FuseQkv(Rule):
                 continue
             if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
                     targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Attribute(
-                        value=m.Name(out_name), attr=m.Name("chunk"))))])):
+                        value=m.Name(out_name), attr=m.Name("chunk"))) | m.Call(func=m.Attribute(
+                            value=m.Name("self"), attr=m.Name(split_helper or "")),
+                            args=[m.Arg(m.Name(out_name))]))])):
                 # per-head interleaved (loaded into q/k/v order by load_weights): split by sizes
                 names = [e.value.value for e in st.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
                 body.append(cst.parse_statement(

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/cohere/modeling_cohere.py
 # Source sha256: 96431370673b95bd9a66c68e8852b16d315eec8548a833cb97a31d2c43e5f597
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT120, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/cohere/modular_cohere.py.
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
+from aphrodite.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_gather
 from aphrodite.model_executor.layers.activation import get_act_and_mul_fn
 from aphrodite.model_executor.layers.attention import Attention
 from aphrodite.model_executor.layers.linear import (
@@ -178,13 +179,35 @@ class CohereAttention(nn.Module):
         )
 
         if self.use_qk_norm:  # main diff from Llama
-            query_states = self.q_norm(query_states)
-            key_states = self.k_norm(key_states)
+            query_states = self._norm_across_tp_ranks(
+                self.q_norm, query_states, self.qkv_proj.total_num_heads, per_head=True
+            )
+            key_states = self._norm_across_tp_ranks(
+                self.k_norm, key_states, self.qkv_proj.total_num_kv_heads, per_head=True
+            )
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 
         attn_output = self.attn(query_states, key_states, value_states)
         attn_output, _ = self.o_proj(attn_output)
         return attn_output
+
+    def _norm_across_tp_ranks(
+        self, norm: nn.Module, x: torch.Tensor, total_heads: int, per_head: bool = False
+    ) -> torch.Tensor:
+        """`norm` spans all `total_heads` heads of a projection that TP splits by heads (one
+        weight per head when `per_head`): apply it to the heads gathered from every rank and keep
+        this rank's part (ranks holding copies of replicated KV heads contribute one copy)."""
+        size = x.shape[-1]
+        full_size = total_heads * self.head_dim
+        copies = 1
+        if size != full_size:
+            parts = tensor_model_parallel_all_gather(x.contiguous()).split(size, dim=-1)
+            copies = len(parts) * size // full_size
+            x = torch.cat(parts[::copies], dim=-1)
+        x = norm(x.unflatten(-1, (total_heads, -1))).flatten(-2) if per_head else norm(x)
+        if size == full_size:
+            return x
+        return x.split(size, dim=-1)[get_tensor_model_parallel_rank() // copies]
 
 
 class CohereDecoderLayer(nn.Module):

@@ -1,0 +1,39 @@
+"""A sub-module class picked at run time from HF's attention-implementation table."""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.index import table_class
+from porter.passes.base import Example, Rule
+
+
+class ResolveAttentionTable(Rule):
+    descend_methods = frozenset({"__init__"})
+    code = "PT122"
+    name = "resolve-attention-table"
+    why = (
+        "Older HF files pick the attention class at run time from a module-level table keyed by "
+        "`config._attn_implementation` (`GPTJ_ATTENTION_CLASSES = {'eager': GPTJAttention, "
+        "'flash_attention_2': GPTJFlashAttention2}`). The engine has one attention op, and the "
+        "port follows HF's eager reference, so the table lookup becomes a call of the table's "
+        "'eager' class; the other implementations and the table are then unreachable and pruned."
+    )
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n    pass\n\n\nclass FlashAttn(Attn):\n    pass\n\n\n"
+            'ATTENTION_CLASSES = {"eager": Attn, "flash_attention_2": FlashAttn}\n\n\n'
+            "class Block(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.attn = ATTENTION_CLASSES[config._attn_implementation](config)\n",
+            "class Attn(nn.Module):\n    pass\n\n\nclass FlashAttn(Attn):\n    pass\n\n\n"
+            'ATTENTION_CLASSES = {"eager": Attn, "flash_attention_2": FlashAttn}\n\n\n'
+            "class Block(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.attn = Attn(config)\n",
+        )
+    ]
+
+    def leave_Call(self, original, updated):
+        if not self.kept(self.current_class) or not isinstance(updated.func, cst.Subscript):
+            return updated
+        cls = table_class(self.ctx.idx, updated.func)
+        return updated.with_changes(func=cst.Name(cls)) if cls else updated

@@ -1,0 +1,35 @@
+"""Issue 6: the dense decoders porter does not port yet fail with one line naming file:line and the
+construct that blocks them (what `porter coverage` lists), and write nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import run_porter
+
+# model_type -> (class or method the line must name, construct in the message)
+BLOCKED = {
+    # ALiBi attention written inline (baddbmm + softmax): no attention function to replace
+    "bloom": ("BloomAttention.forward", "attention computed inline"),
+    # the table resolves to GPTJAttention (PT122); its `_attn` computes attention inline
+    "gptj": ("GPTJAttention._attn", "attention computed inline"),
+    # the table resolves to FalconAttention; scores/softmax (and SDPA) inline in its forward
+    "falcon": ("FalconAttention.forward", "attention computed inline"),
+    # GPT2LMHeadModel is found as the causal LM; its projections are transformers' Conv1D
+    "gpt2": ("Conv1D", "Conv1D"),
+    # multi-query c_attn split by (embed_dim, kv_dim, kv_dim) in one branch, per head in another
+    "gpt_bigcode": ("GPTBigCodeAttention.forward", "not sliced into q, k, v by head counts"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(BLOCKED))
+def test_blocked_dense_decoder_names_file_line_and_construct(model_type, tmp_path):
+    where, construct = BLOCKED[model_type]
+    proc = run_porter("convert", model_type, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(rf"modeling_{model_type}\.py:\d+: ", lines[0]), lines[0]
+    assert where in lines[0] and construct in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
