@@ -5,7 +5,7 @@ from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, EngineImports, PruneUnreachable
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
-from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
+from porter.passes.layers import EngineActivation, EngineActivationClass, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
 from porter.passes.structure import (
     FixCallArity,
@@ -33,6 +33,7 @@ PASSES: list[type[Rule]] = [
     VocabEmbedding,
     EngineNorms,
     EngineActivation,
+    EngineActivationClass,
     UnwrapOutputs,
     FixCallArity,
     ThreadPositions,
@@ -45,3 +46,6 @@ PASSES: list[type[Rule]] = [
 ]
 
 __all__ = ["PASSES", "REGISTRY", "Example", "RewriteContext", "Rule"]
+
+# the rules over a shipped configuration module register themselves on import
+import porter.config_port  # noqa: E402,F401

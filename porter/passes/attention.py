@@ -279,14 +279,27 @@ class FlattenHeads(Rule):
         ),
     ]
 
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
+        descend = super().visit_FunctionDef(node)
+        if node.name.value == "forward" and self.plan.attention(self.current_class or ""):
+            # locals that hold head-split q/k/v (`q = self.q_proj(x).view(...).transpose(1, 2)`)
+            self._head_locals = {
+                a.targets[0].target.value  # type: ignore[attr-defined]
+                for a in m.findall(node, m.Assign(targets=[m.AssignTarget(target=m.Name())]))
+                if self._is_shape_op(a.value)  # type: ignore[attr-defined]
+            }
+        return descend
+
     def leave_Call(self, original, updated):
         if not self.plan.attention(self.current_class or "") or self.current_function != "forward":
             return updated
         attr = self_call_attr(updated)
-        if attr is not None and len(updated.args) == 1 and self._is_shape_op(original.args[0].value) \
+        arg = original.args[0].value if len(original.args) == 1 else None
+        head_local = isinstance(arg, cst.Name) and arg.value in getattr(self, "_head_locals", ())
+        if attr is not None and arg is not None and (self._is_shape_op(arg) or head_local) \
                 and attr not in self._linears():
             # a per-head module (q_norm over head_dim): split heads around it, keep flat outside
-            x = self._strip_shape(original.args[0].value)
+            x = self._strip_shape(arg)
             per_head = cst.parse_expression("X.unflatten(-1, (-1, self.head_dim))").with_changes(
                 func=cst.Attribute(value=x, attr=cst.Name("unflatten")))
             return cst.parse_expression("Y.flatten(-2)").with_changes(func=cst.Attribute(

@@ -119,7 +119,9 @@ class CausalLmInterface(Rule):
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    interleaved=interleaved, renames=plan.checkpoint_renames)
+                    interleaved=interleaved, renames=plan.checkpoint_renames,
+                    # engine activation classes (PT140) hold persistent buffers the checkpoint carries
+                    load_buffers=any(s.startswith("act_class_") for s in ctx.engine_symbols))
         ctx.use("default_weight_loader")
         for fn in cst.parse_module(methods + "\n\n" + lw).body:
             body.append(fn)

@@ -110,8 +110,10 @@ class PhiAttention(nn.Module):
         )
 
         if self.qk_layernorm:
-            query_states = self.q_layernorm(query_states)
-            key_states = self.k_layernorm(key_states)
+            query_states = self.q_layernorm(
+                query_states.unflatten(-1, (-1, self.head_dim))
+            ).flatten(-2)
+            key_states = self.k_layernorm(key_states.unflatten(-1, (-1, self.head_dim))).flatten(-2)
         # [batch_size, seq_length, num_heads, head_dim // config.partial_rotary_factor]
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 

@@ -177,8 +177,8 @@ class CohereAttention(nn.Module):
         )
 
         if self.use_qk_norm:  # main diff from Llama
-            query_states = self.q_norm(query_states)
-            key_states = self.k_norm(key_states)
+            query_states = self.q_norm(query_states.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+            key_states = self.k_norm(key_states.unflatten(-1, (-1, self.head_dim))).flatten(-2)
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 
         attn_output = self.attn(query_states, key_states, value_states)
