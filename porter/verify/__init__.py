@@ -27,7 +27,6 @@ from porter.verify.report import (
     VerifyReport,
     render_report,
 )
-from porter.verify.hfenv import env_dir, env_python
 from porter.verify.hfref import LocalHF, OtherEnvHF
 from porter.verify.tiny import VerifyInputError, with_architecture
 
@@ -148,6 +147,7 @@ def hf_side(info: PortInfo, work: Path):
     """The HF reference for the port: in this process when the port's transformers release is the
     installed one, else in the venv of that release (porter/verify/hfenv.py)."""
     from porter.source import installed_transformers_version
+    from porter.verify.hfenv import env_dir, env_python
 
     version = info.transformers_version
     if version in ("", "unknown", installed_transformers_version()):
