@@ -24,6 +24,7 @@ def _reference(args) -> None:
         build_model,
         hf_reference,
         make_prompts,
+    prompt_vocab,
         save_checkpoint,
         tiny_spec,
     )
@@ -31,7 +32,7 @@ def _reference(args) -> None:
     work = Path(args.workdir)
     spec = tiny_spec(args.model_type, config_model_type=args.config_model_type)
     model = build_model(spec, args.hf_architecture)
-    prompts = make_prompts(spec, model.config.vocab_size, _special_ids(model.config))
+    prompts = make_prompts(spec, prompt_vocab(model), _special_ids(model.config))
     refs = hf_reference(model, prompts, spec)
     save_checkpoint(model, work / "ckpt", args.architecture)
     (work / "reference.json").write_text(json.dumps(

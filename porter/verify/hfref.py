@@ -21,6 +21,7 @@ from porter.verify.tiny import (
     hf_logprobs,
     hf_reference,
     make_prompts,
+    prompt_vocab,
     save_checkpoint,
     tiny_spec,
     with_architecture,
@@ -31,7 +32,7 @@ class LocalHF:
     def __init__(self, model_type: str, hf_architecture: str, config_model_type: str = "") -> None:
         self.spec = tiny_spec(model_type, config_model_type=config_model_type)
         self.model = build_model(self.spec, hf_architecture)
-        self.prompts = make_prompts(self.spec, self.model.config.vocab_size, _special_ids(self.model.config))
+        self.prompts = make_prompts(self.spec, prompt_vocab(self.model), _special_ids(self.model.config))
         self.refs = hf_reference(self.model, self.prompts, self.spec)
 
     def checkpoint(self, out_dir: Path, architecture: str) -> Path:

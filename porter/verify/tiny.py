@@ -148,6 +148,15 @@ def build_model(spec: TinySpec, hf_architecture: str):
     return model
 
 
+def prompt_vocab(model) -> int:
+    """Token ids a prompt may use: the vocabulary, or fewer when the LM head is pruned to a prefix
+    of it (apertus1p5's output_vocab_size): the logprob of a prompt token the head cannot produce
+    does not exist, in HF or in the engine."""
+    head = model.get_output_embeddings()
+    rows = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+    return min(model.config.vocab_size, int(rows)) if rows else model.config.vocab_size
+
+
 def make_prompts(spec: TinySpec, vocab_size: int, avoid: set[int]) -> list[list[int]]:
     import torch
 
