@@ -105,3 +105,24 @@ def test_config_rules_examples_are_registered():
 
     assert REGISTRY["PT141"] is ConfigEngineImports and REGISTRY["PT142"] is ConfigKeepClass
     assert ConfigContext(keep={"A"}, engine_root=Path("/nonexistent")).problems == []
+
+
+def test_verify_of_a_day_zero_port_without_its_release_env_is_exit_2(tmp_path, monkeypatch):
+    from porter.verify import run_verify
+
+    monkeypatch.setenv("PORTER_HF_ENVS", str(tmp_path))  # no .venv-transformers-5.24.0 there
+    report = run_verify(Path(__file__).resolve().parents[1] / "generated" / "vllm" / "exaone", [1])
+    assert report.exit_code == 2
+    assert "transformers 5.24.0" in report.reason and "make setup" in report.reason
+    assert str(tmp_path / ".venv-transformers-5.24.0") in report.reason
+
+
+def test_setup_builds_the_envs_the_committed_ports_need():
+    from porter.source import installed_transformers_version
+    from porter.verify.hfenv import versions_needed
+
+    root = Path(__file__).resolve().parents[1] / "generated"
+    assert versions_needed(root) == [RELEASE] != [installed_transformers_version()]
+    makefile = (root.parent / "Makefile").read_text()
+    assert "$(BIN)/python -m porter.verify.hfenv generated" in makefile
+    assert "test: $(STAMP) hf-envs" in makefile
