@@ -126,3 +126,10 @@ def test_setup_builds_the_envs_the_committed_ports_need():
     makefile = (root.parent / "Makefile").read_text()
     assert "$(BIN)/python -m porter.verify.hfenv generated" in makefile
     assert "test: $(STAMP) hf-envs" in makefile
+
+
+def test_aphrodite_structural_check_of_a_day_zero_port_is_one_line_exit_2():
+    proc = run_porter("verify", "exaone", "--target", "aphrodite")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "ships the config of model type exaone (transformers 5.24.0)" in last
