@@ -277,6 +277,30 @@ class FlattenHeads(Rule):
             "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
             "        return out\n",
         ),
+        Example(  # a per-head module applied to a head-split local: heads split around it only
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.q_norm = Norm(self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        k = self.k_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        v = self.v_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        q = self.q_norm(q)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out.reshape(*x.shape[:-1], -1).contiguous()\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.q_norm = Norm(self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
     ]
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
