@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.porter-setup-3
 
-.PHONY: setup demo test lint clean bench
+.PHONY: setup hf-envs demo test lint clean bench
 
 $(STAMP): pyproject.toml
 	# headless Chromium for the HTML diff test (driven by playwright with executable_path, never `playwright install`)
@@ -18,13 +18,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# day-zero ports (converted from a transformers newer than the engine's) get their HF reference
+# from a venv of that release + the local CPU torch: .venv-transformers-<version>, built from
+# nothing when missing (a probe of an existing one takes seconds)
+hf-envs: $(STAMP)
+	$(BIN)/python -m porter.verify.hfenv generated
 
-demo: $(STAMP)
+setup: $(STAMP) hf-envs
+
+demo: $(STAMP) hf-envs
 	$(BIN)/porter convert opt --out generated --force
 	$(BIN)/porter verify generated/vllm/opt --tp 1,2
 
-test: $(STAMP)
+test: $(STAMP) hf-envs
 	$(BIN)/python -m pytest -q tests
 
 # measurements, not tests: regenerates bench/RESULTS.md, bench/results.json, bench/throughput.png
@@ -37,4 +43,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check generated
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-transformers-*

@@ -50,12 +50,17 @@ def convert(
     config: str | None = typer.Option(None, help="configuration_*.py to read statically."),
     force: bool = typer.Option(False, help="Overwrite a port even if it was edited by hand."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
+    transformers: str | None = typer.Option(
+        None, "--transformers",
+        help="Read SRC from this transformers release (its wheel, fetched with pip and read statically); "
+             "a config class the engine's transformers lacks ships with the port."),
 ) -> None:
     """Convert an HF modeling file into engine ports (static: SRC is never imported)."""
     from porter.convert import convert as do_convert
 
     try:
-        results = do_convert(src, _targets(target), out, config=config, force=force)
+        results = do_convert(src, _targets(target), out, config=config, force=force,
+                             transformers=transformers)
     except PorterError as exc:
         _fail(exc)
     summary = [

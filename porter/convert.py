@@ -18,12 +18,13 @@ from porter import __version__
 from porter.analysis.checkpoint_names import weight_renamings
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
-from porter.layout import PORT_JSON, PortInfo, package_name
+from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
 from porter.passes import PASSES, RewriteContext
 from porter.passes.causal_lm import render
 from porter.plan import PortPlan, build_plan
 from porter.rules_data import Target, get_target, strip_table
-from porter.source import Source, resolve
+from porter.config_port import config_class_for_type, ship_config
+from porter.source import Source, resolve, transformers_root
 
 
 @dataclass
@@ -42,6 +43,11 @@ def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
     plan.checkpoint_renames = weight_renamings(root, [source.model_type, plan.causal_lm])
+    own = config_class_for_type(source)
+    if own is not None:
+        # a config-only model type (exaone builds LlamaForCausalLM): registered under its own name,
+        # so it never collides with the port of the family it borrows the modeling code from
+        plan.architecture = port_architecture(own.removesuffix("Config") + "ForCausalLM")
     return idx, plan
 
 
@@ -86,14 +92,17 @@ def convert_one(source: Source, idx: ModelIndex, plan: PortPlan, target: Target)
         source=source.rel_path, source_sha256=source.sha256, rules=[a.split()[0] for a in applied],
         hf_architecture=plan.causal_lm, architecture=plan.architecture, package=pkg,
         module=f"{pkg}.{module_name}", class_name=plan.causal_lm, plugin_group=target.plugin_group,
-        registry_module=target.package,
+        registry_module=target.package, config_class="", config_model_type="",
     )
     port_text = ruff_format(render("header.py.j2", **meta) + "\n" + body)
-    files = {
-        f"{pkg}/{module_name}.py": port_text,
-        f"{pkg}/__init__.py": ruff_format(render("register.py.j2", **meta)),
-        "pyproject.toml": render("pyproject.toml.j2", **meta),
-    }
+    shipped = ship_config(source, plan.causal_lm, transformers_root())
+    files = {f"{pkg}/{module_name}.py": port_text}
+    if shipped is not None:
+        files[f"{pkg}/{shipped.module_name}.py"] = ruff_format(shipped.text)
+        meta.update(config_class=f"{pkg}.{shipped.module_name}:{shipped.class_name}",
+                    config_model_type=shipped.model_type)
+    files[f"{pkg}/__init__.py"] = ruff_format(render("register.py.j2", **meta))
+    files["pyproject.toml"] = render("pyproject.toml.j2", **meta)
     info = PortInfo(
         target=target.name, model_type=source.model_type, architecture=plan.architecture,
         hf_architecture=plan.causal_lm, package=pkg, module=f"{pkg}.{module_name}",
@@ -102,6 +111,7 @@ def convert_one(source: Source, idx: ModelIndex, plan: PortPlan, target: Target)
         porter_version=__version__,
         files={k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(files.items())},
         rules_applied=applied, plan=plan.to_dict(),
+        config_class=meta.get("config_class", ""), config_model_type=meta.get("config_model_type", ""),
     )
     prov = {k: sorted(v) for k, v in sorted(ctx.provenance.items())}
     return Converted(target.name, plan, files, applied, prov, info)
@@ -211,10 +221,21 @@ def write_port(conv: Converted, out_root: Path, force: bool = False) -> Path:
     return dest
 
 
+def resolve_release(src: str, *, config: str | None = None, transformers: str | None = None) -> Source:
+    """SRC in the installed transformers, or (``transformers="5.24.0"``) in that release's wheel,
+    read statically: the release need not be installable next to the engine."""
+    if not transformers:
+        return resolve(src, config=config)
+    from porter.regen import transformers_tree
+
+    tree = transformers_tree(transformers)
+    return resolve(src, config=config, transformers_dir=tree, transformers_version=transformers)
+
+
 def convert(src: str, targets: list[str], out: Path, *, config: str | None = None,
-            force: bool = False, write: bool = True) -> list[Converted]:
+            force: bool = False, write: bool = True, transformers: str | None = None) -> list[Converted]:
     tgts = [get_target(t) for t in targets]
-    source = resolve(src, config=config)
+    source = resolve_release(src, config=config, transformers=transformers)
     idx, plan = analyse(source)
     results = [convert_one(source, idx, plan, t) for t in tgts]  # all succeed before anything is written
     if write:

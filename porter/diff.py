@@ -247,17 +247,18 @@ def diff_port(src: str, target: str = "vllm", config: str | None = None) -> Port
     SRC is a modeling file, a model type, or a committed port directory (with PORT.json): then the
     target is the port's, and the committed port must be what porter generates now (the recorded
     provenance belongs to the regenerated text)."""
-    from porter.convert import analyse, convert_one
+    from porter.convert import analyse, convert_one, resolve_release
     from porter.layout import PORT_JSON, PortInfo
     from porter.rules_data import get_target
-    from porter.source import resolve
 
     committed: Path | None = None
+    release = None
     p = Path(src)
     if p.is_dir() and (p / PORT_JSON).is_file():
         info = PortInfo.load(p)
         src, target, committed = info.model_type, info.target, p
-    source = resolve(src, config=config)
+        release = info.transformers_version  # a day-zero port comes from a newer release's wheel
+    source = resolve_release(src, config=config, transformers=release)
     idx, plan = analyse(source)
     conv = convert_one(source, idx, plan, get_target(target))
     module_rel = f"{conv.info.package}/modeling_{source.model_type}.py"

@@ -7,6 +7,7 @@ A port directory ``ROOT/<target>/<model_type>/`` holds::
     porter_<target>_<model_type>/
         __init__.py                 register(): ModelRegistry.register_model(...)
         modeling_<model_type>.py    the port
+        configuration_<model_type>.py  only for a model type the engine's transformers lacks
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PORT_JSON = "PORT.json"
+OPTIONAL_FIELDS = ("config_class", "config_model_type")
 
 
 def package_name(target: str, model_type: str) -> str:
@@ -43,6 +45,9 @@ class PortInfo:
     files: dict[str, str] = field(default_factory=dict)  # relpath -> sha256
     rules_applied: list[str] = field(default_factory=list)
     plan: dict = field(default_factory=dict)
+    # a day-zero port ships the config class the engine's transformers lacks (omitted when empty)
+    config_class: str = ""  # e.g. porter_vllm_dory.configuration_dory:DoryConfig
+    config_model_type: str = ""  # the model_type its config.json names
     path: Path | None = None  # the port directory (not serialised)
 
     @classmethod
@@ -55,4 +60,7 @@ class PortInfo:
 
     def to_json(self) -> str:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "path"}
+        for k in OPTIONAL_FIELDS:
+            if not data[k]:
+                del data[k]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"

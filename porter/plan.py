@@ -154,6 +154,22 @@ def per_head_split_helper(info: ClassInfo, packed: str) -> str | None:
     return None
 
 
+def table_activation_class(node: cst.CSTNode) -> str | None:
+    """`ACT2CLS["xielu"]` -> "xielu": a transformers activation class picked by a constant key."""
+    if m.matches(node, m.Subscript(value=m.Name("ACT2CLS"),
+                                   slice=[m.SubscriptElement(slice=m.Index(value=m.SimpleString()))])):
+        return node.slice[0].slice.value.evaluated_value  # type: ignore[attr-defined]
+    return None
+
+
+def engine_has_activation_class(node: cst.CSTNode) -> bool:
+    """Every target has an engine class for this `ACT2CLS["key"]` (rule PT140 swaps it in)."""
+    from porter.rules_data import targets
+
+    key = table_activation_class(node)
+    return key is not None and all(f"act_class_{key}" in t.symbols for t in targets().values())
+
+
 def attention_call_names(idx: ModelIndex) -> set[str]:
     """Callables that are HF's attention op: `attention_interface`, or a module function taking
     (module, query, key, value, ...)."""
@@ -261,7 +277,9 @@ class Planner:
         for name in classes:
             init = self.idx.classes[name].method("__init__")
             for node in findall(init, m.Assign(value=m.Call(func=m.Subscript()))) if init else []:
-                if self_attr(node.targets[0].target) and not table_class(self.idx, node.value.func):  # type: ignore[attr-defined]
+                func = node.value.func  # type: ignore[attr-defined]
+                if self_attr(node.targets[0].target) and not table_class(self.idx, func) \
+                        and not engine_has_activation_class(func):  # type: ignore[attr-defined]
                     raise self.idx.error(
                         "sub-module class chosen at run time from a table: cannot tell what to port",
                         node, construct=f"{name}.__init__: {code(node.value.func)}")  # type: ignore[attr-defined]

@@ -34,6 +34,9 @@ DRIFT_MD = "DRIFT.md"
 DRIFT_JSON = "DRIFT.json"
 IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 IGNORED_SUFFIXES = (".pyc", ".egg-info")
+# what is unpacked from a release's wheel besides models/**: the checkpoint renamings
+TREE_FILES = ("transformers/conversion_mapping.py",)
+TREE_LAYOUT = "layout 2: models/** + conversion_mapping.py"
 
 
 # -- the transformers tree of a release ------------------------------------------------------------
@@ -69,7 +72,8 @@ def fetch_wheel(version: str) -> Path:
 
 def transformers_tree(version: str) -> Path:
     """A transformers package directory for VERSION: the installed one when it is that version,
-    else ``models/**`` unpacked from the release's wheel (cached; never imported)."""
+    else ``models/**`` and ``conversion_mapping.py`` unpacked from the release's wheel (cached;
+    never imported)."""
     from porter.source import installed_transformers_version, transformers_root
 
     if version == installed_transformers_version():
@@ -78,7 +82,8 @@ def transformers_tree(version: str) -> Path:
             return root
     dest = cache_dir() / "transformers" / version
     pkg = dest / "transformers"
-    if (dest / ".complete").is_file():
+    marker = dest / ".complete"
+    if marker.is_file() and marker.read_text().startswith(f"{TREE_LAYOUT}\n"):
         return pkg
     wheel = fetch_wheel(version)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -87,14 +92,14 @@ def transformers_tree(version: str) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             for member in zf.infolist():
                 name = member.filename
-                if not name.startswith("transformers/models/") or member.is_dir():
+                if member.is_dir() or not (name.startswith("transformers/models/") or name in TREE_FILES):
                     continue
                 if ".." in Path(name).parts or not name.endswith(".py"):
                     continue
                 target = tmp / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(zf.read(member))
-        (tmp / ".complete").write_text(f"{wheel.name}\n")
+        (tmp / ".complete").write_text(f"{TREE_LAYOUT}\n{wheel.name}\n")
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -59,6 +61,13 @@ def resolve(
         if root is None:
             raise PorterError(f"model type {src!r} given but transformers is not installed")
         cand = root / "models" / src / f"modeling_{src}.py"
+        alias = None if cand.is_file() else causal_lm_alias(root, src)
+        if alias is not None:
+            # a config-only model type: transformers builds another family's causal LM from its
+            # config (exaone -> LlamaForCausalLM); the port is that modeling file, under this type
+            source = resolve(str(alias), transformers_dir=root, transformers_version=version)
+            cfg = root / "models" / src / f"configuration_{src}.py"
+            return dataclasses.replace(source, model_type=src, config_path=cfg)
         if not cand.is_file():
             raise PorterError(
                 f"unknown model_type {src!r}: no models/{src}/modeling_{src}.py in transformers "
@@ -87,6 +96,35 @@ def resolve(
         transformers_version=version,
         config_path=cfg if cfg.is_file() else None,
     )
+
+
+def causal_lm_alias(root: Path, model_type: str) -> Path | None:
+    """For a model type with a configuration file but no modeling file of its own: the modeling
+    file that defines the causal LM transformers' auto table maps it to (read statically)."""
+    if not (root / "models" / model_type / f"configuration_{model_type}.py").is_file():
+        return None
+    try:
+        tree = ast.parse((root / "models" / "auto" / "modeling_auto.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    cls = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES" for t in node.targets):
+            for t in ast.walk(node.value):
+                if isinstance(t, ast.Tuple) and len(t.elts) == 2 and all(
+                        isinstance(e, ast.Constant) for e in t.elts) and t.elts[0].value == model_type:
+                    cls = t.elts[1].value
+    if not isinstance(cls, str):
+        return None
+    needle = f"\nclass {cls}("
+    for path in sorted((root / "models").glob("*/modeling_*.py")):
+        try:
+            if needle in path.read_text(encoding="utf-8"):
+                return path
+        except (OSError, UnicodeDecodeError):
+            continue
+    return None
 
 
 def _model_type_of(path: Path) -> str:

@@ -6,7 +6,7 @@ from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
-from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
+from porter.passes.layers import EngineActivation, EngineActivationClass, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
 from porter.passes.tables import ResolveAttentionTable
 from porter.passes.tp_norms import NormAcrossTpRanks
@@ -39,6 +39,7 @@ PASSES: list[type[Rule]] = [
     EngineNorms,
     NormAcrossTpRanks,
     EngineActivation,
+    EngineActivationClass,
     UnwrapOutputs,
     FixCallArity,
     ThreadPositions,
@@ -52,3 +53,6 @@ PASSES: list[type[Rule]] = [
 ]
 
 __all__ = ["PASSES", "REGISTRY", "Example", "RewriteContext", "Rule"]
+
+# the rules over a shipped configuration module register themselves on import
+import porter.config_port  # noqa: E402,F401

@@ -322,31 +322,70 @@ class FlattenHeads(Rule):
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
         ),
+        Example(  # a per-head module applied to a head-split local: heads split around it only
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.q_norm = Norm(self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        k = self.k_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        v = self.v_proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+            "        q = self.q_norm(q)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out.reshape(*x.shape[:-1], -1).contiguous()\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.q_norm = Norm(self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
     ]
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
+        descend = super().visit_FunctionDef(node)
+        if node.name.value == "forward" and self.plan.attention(self.current_class or ""):
+            # locals that hold head-split q/k/v (`q = self.q_proj(x).view(...).transpose(1, 2)`)
+            self._head_locals = {
+                a.targets[0].target.value  # type: ignore[attr-defined]
+                for a in findall(node, m.Assign(targets=[m.AssignTarget(target=m.Name())]))
+                if self._is_shape_op(a.value)  # type: ignore[attr-defined]
+            }
+        return descend
 
     def leave_Call(self, original, updated):
         if not self.plan.attention(self.current_class or "") or self.current_function != "forward":
             return updated
         attr = self_call_attr(updated)
-        if attr is not None and len(updated.args) == 1 and self._is_shape_op(original.args[0].value) \
-                and attr not in self._linears():
+        arg = original.args[0].value if len(original.args) == 1 else None
+        head_local = isinstance(arg, cst.Name) and arg.value in getattr(self, "_head_locals", ())
+        if attr is not None and arg is not None and (self._is_shape_op(arg) or head_local) \
+                and attr not in self._linears() \
+                and attr not in head_spanning_norms(self.ctx, self.current_class or ""):
             # a per-head module (q_norm over head_dim): split heads around it, keep flat outside
-            x = self._strip_shape(original.args[0].value)
-            per_head = cst.parse_expression("X.unflatten(-1, (-1, self.head_dim))").with_changes(
-                func=cst.Attribute(value=x, attr=cst.Name("unflatten")))
-            return cst.parse_expression("Y.flatten(-2)").with_changes(func=cst.Attribute(
-                value=updated.with_changes(args=[cst.Arg(per_head)]), attr=cst.Name("flatten")))
+            return self._around_heads(updated, self._strip_shape(arg), "self.head_dim")
         if attr is not None and len(updated.args) == 1 and isinstance(original.args[0].value, cst.Name) \
                 and self._per_head_norm(attr):
             # HF's tensor is already split into heads here (by a helper or an earlier view)
             head_dim = self.plan.attention(self.current_class or "").head_dim  # type: ignore[union-attr]
-            per_head = cst.parse_expression(f"X.unflatten(-1, (-1, {head_dim}))").with_changes(
-                func=cst.Attribute(value=updated.args[0].value, attr=cst.Name("unflatten")))
-            return cst.parse_expression("Y.flatten(-2)").with_changes(func=cst.Attribute(
-                value=updated.with_changes(args=[cst.Arg(per_head)]), attr=cst.Name("flatten")))
+            return self._around_heads(updated, updated.args[0].value, head_dim)
         if self._is_shape_op(updated):
             return updated.func.value  # type: ignore[attr-defined]
         return updated
+
+    @staticmethod
+    def _around_heads(call: cst.Call, x: cst.BaseExpression, head_dim: str) -> cst.BaseExpression:
+        """`mod(x)` -> `mod(x.unflatten(-1, (-1, head_dim))).flatten(-2)`: heads split around it."""
+        per_head = cst.parse_expression(f"X.unflatten(-1, (-1, {head_dim}))").with_changes(
+            func=cst.Attribute(value=x, attr=cst.Name("unflatten")))
+        return cst.parse_expression("Y.flatten(-2)").with_changes(func=cst.Attribute(
+            value=call.with_changes(args=[cst.Arg(per_head)]), attr=cst.Name("flatten")))
 
     def _per_head_norm(self, attr: str) -> bool:
         """A norm sub-module of the attention applied to each head alike (one that spans the heads

@@ -66,6 +66,10 @@ class Rule(cst.CSTTransformer):
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
+        cls._dispatch = (
+            {n[6:]: n for n in dir(cls) if n.startswith("visit_") and "_" not in n[6:]},
+            {n[6:]: n for n in dir(cls) if n.startswith("leave_") and "_" not in n[6:]},
+        )
         if cls.code:
             if cls.code in REGISTRY and REGISTRY[cls.code] is not cls:
                 raise ValueError(f"duplicate rule code {cls.code}")
@@ -77,7 +81,6 @@ class Rule(cst.CSTTransformer):
         self.plan = ctx.plan
         self.scope: list[str] = []
         self.changed = False
-        self.__init_dispatch()
 
     # -- scope tracking for provenance ---------------------------------------------------
     def visit_ClassDef(self, node: cst.ClassDef) -> bool | None:
@@ -122,13 +125,8 @@ class Rule(cst.CSTTransformer):
     # Dispatch is called for every node of every pass: a per-class table of the rule's own
     # visit_/leave_ methods replaces libcst's string-built getattr, and no rule uses libcst's
     # per-attribute hooks (visit_<Node>_<attr>), so those are no-ops (a third of a pass's time).
-    def __init_dispatch(self) -> None:
-        cls = type(self)
-        if "_dispatch" not in cls.__dict__:
-            cls._dispatch = (
-                {n[6:]: n for n in dir(cls) if n.startswith("visit_") and "_" not in n[6:]},
-                {n[6:]: n for n in dir(cls) if n.startswith("leave_") and "_" not in n[6:]},
-            )
+    # (built for every subclass in __init_subclass__, so subclasses with their own __init__ get it)
+    _dispatch: ClassVar[tuple[dict[str, str], dict[str, str]]] = ({}, {})
 
     def on_visit(self, node) -> bool:
         name = self._dispatch[0].get(type(node).__name__)

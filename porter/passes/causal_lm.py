@@ -119,7 +119,9 @@ class CausalLmInterface(Rule):
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    interleaved=interleaved, renames=plan.checkpoint_renames)
+                    interleaved=interleaved, renames=plan.checkpoint_renames,
+                    # engine activation classes (PT140) hold persistent buffers the checkpoint carries
+                    load_buffers=any(s.startswith("act_class_") for s in ctx.engine_symbols))
         ctx.use("default_weight_loader")
         for fn in cst.parse_module(methods + "\n\n" + lw).body:
             body.append(fn)
@@ -218,6 +220,7 @@ class CausalLmInterface(Rule):
             "self.config = config\n",
         ]
         body: list[cst.BaseStatement] = [cst.parse_statement(s) for s in pre]
+        logits_size = "config.vocab_size"
         for st in fn.body.body:
             if m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.Call(func=m.Attribute(
                     value=m.Call(func=m.Name("super")))))])):
@@ -230,6 +233,7 @@ class CausalLmInterface(Rule):
                 attr = self_attr(st.body[0].targets[0].target)  # type: ignore[attr-defined]
             if attr is not None and attr == plan.lm_head:
                 in_f, out_f, bias = linear_args(st.body[0].value)  # type: ignore[attr-defined]
+                logits_size = out_f  # the head's rows (a pruned head has fewer than the vocab)
                 bias_kw = "" if bias == "False" else f"bias={bias}, "
                 body.append(cst.parse_statement(
                     f"self.{attr} = {ctx.use('ParallelLMHead')}({out_f}, {in_f}, {bias_kw}"
@@ -242,7 +246,7 @@ class CausalLmInterface(Rule):
         scale, soft_cap = self._logits_post(ctx.idx.classes[plan.causal_lm])
         extra = (f", scale={scale}" if scale else "") + (f", soft_cap={soft_cap}" if soft_cap else "")
         body.append(cst.parse_statement(
-            f"self.logits_processor = {ctx.use('LogitsProcessor')}(config.vocab_size{extra})\n"))
+            f"self.logits_processor = {ctx.use('LogitsProcessor')}({logits_size}{extra})\n"))
         params = cst.parse_module(f"def f(self, *, {cfg}: {ctx.use('EngineConfig')}, prefix: str = ''): pass\n").body[0].params  # type: ignore[attr-defined]
         return fn.with_changes(params=params, body=fn.body.with_changes(body=body), returns=None)
 

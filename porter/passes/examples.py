@@ -12,6 +12,8 @@ from porter.rules_data import get_target, strip_table
 
 def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm", seed: dict | None = None) -> str:
     """Index and plan the snippet (every class counts as kept), then run only this rule."""
+    if hasattr(rule_cls, "apply_example"):  # a rule over a configuration module (porter/config_port.py)
+        return rule_cls.apply_example(before)  # type: ignore[attr-defined]
     module = parse(before, "<example>")
     idx = build_index(module, "<example>")
     plan = build_plan(idx, strip_table(), "example", "<example>", partial=True)

@@ -27,17 +27,8 @@ from porter.verify.report import (
     VerifyReport,
     render_report,
 )
-from porter.verify.tiny import (
-    VerifyInputError,
-    _special_ids,
-    build_model,
-    hf_logprobs,
-    hf_reference,
-    make_prompts,
-    save_checkpoint,
-    tiny_spec,
-    with_architecture,
-)
+from porter.verify.hfref import LocalHF, OtherEnvHF
+from porter.verify.tiny import VerifyInputError, with_architecture
 
 __all__ = ["run_verify", "render_report", "resolve_port", "VerifyReport", "THRESHOLD"]
 
@@ -149,12 +140,40 @@ def _run(
     except SyntaxError as e:
         raise VerifyInputError(f"{info.package}/__init__.py does not parse: {e}") from e
 
+    with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
+        _run_in(report, info, tps, against_native, say, Path(tmp))
+    _verdict(report, info)
+
+
+def hf_side(info: PortInfo, work: Path):
+    """The HF reference for the port: in this process when the port's transformers release is the
+    installed one, else in the venv of that release (porter/verify/hfenv.py)."""
+    from porter.source import installed_transformers_version
+    from porter.verify.hfenv import env_dir, env_python
+
+    version = info.transformers_version
+    if version in ("", "unknown", installed_transformers_version()):
+        return LocalHF(info.model_type, info.hf_architecture, info.config_model_type)
+    python = env_python(version)
+    if not python.is_file():
+        raise VerifyInputError(
+            f"the port was converted from transformers {version}, not the installed "
+            f"{installed_transformers_version()}: its HF reference runs in {env_dir(version)}, which "
+            "is missing (make setup builds it; or python -m porter.verify.hfenv)")
+    return OtherEnvHF(python, work / "hf", info.model_type, info.hf_architecture,
+                      info.architecture, info.config_model_type)
+
+
+def _run_in(
+    report: VerifyReport, info: PortInfo, tps: list[int], against_native: bool, say: Progress,
+    tmp: Path,
+) -> None:
     say(f"building tiny {info.model_type} reference")
     t0 = time.time()
-    spec = tiny_spec(info.model_type)
-    model = build_model(spec, info.hf_architecture)
-    prompts = make_prompts(spec, model.config.vocab_size, _special_ids(model.config))
-    refs = hf_reference(model, prompts, spec)
+    hf = hf_side(info, tmp)
+    report.hf_side = (f"transformers {info.transformers_version} ({hf.python})"
+                      if isinstance(hf, OtherEnvHF) else "in-process")
+    spec, prompts, refs = hf.spec, hf.prompts, hf.refs
     report.prompt_lengths = [len(p) for p in prompts]
     report.distinct_tokens = [len(set(r["tokens"])) for r in refs]
     few = [i for i, n in enumerate(report.distinct_tokens) if n < spec.min_distinct_tokens]
@@ -171,13 +190,11 @@ def _run(
     rows_cache: dict[tuple, object] = {}
 
     def rows_for(results):
-        out = []
-        for res in results:
-            key = tuple(res["prompt"]) + (-1,) + tuple(res["tokens"])
-            if key not in rows_cache:
-                rows_cache[key] = hf_logprobs(model, list(res["prompt"]) + list(res["tokens"]))
-            out.append(rows_cache[key])
-        return out
+        seqs = [list(res["prompt"]) + list(res["tokens"]) for res in results]
+        missing = [s for s in seqs if tuple(s) not in rows_cache]
+        for s, rows in zip(missing, hf.logprobs(missing) if missing else []):
+            rows_cache[tuple(s)] = rows
+        return [rows_cache[tuple(s)] for s in seqs]
 
     def engine(ckpt: Path, tp: int, port: PortInfo | None, label: str) -> EngineSide:
         def relay(text: str) -> None:
@@ -206,26 +223,24 @@ def _run(
         report.timings[f"{label}_tp{tp}"] = round(run.wall_s, 2)
         return side
 
-    with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
-        ckpt = save_checkpoint(model, Path(tmp) / "port-ckpt", info.architecture)
-        native_ckpt = (
-            with_architecture(ckpt, Path(tmp) / "native-ckpt", info.hf_architecture)
-            if against_native
-            else None
-        )
-        for tp in tps:
-            result = TPResult(tp=tp, port=engine(ckpt, tp, info, "port"))
-            built = result.port.built_classes
-            if report.expected_class:
-                result.class_ok = bool(built) and all(c == report.expected_class for c in built)
-            else:  # no single registration target found: the class must come from the port
-                result.class_ok = bool(built) and all(
-                    c.split(":", 1)[0].startswith(info.package + ".") for c in built
-                )
-            if native_ckpt is not None:
-                result.native = engine(native_ckpt, tp, None, "native")
-            report.results.append(result)
-    _verdict(report, info)
+    ckpt = hf.checkpoint(tmp / "port-ckpt", info.architecture)
+    native_ckpt = (
+        with_architecture(ckpt, tmp / "native-ckpt", info.hf_architecture)
+        if against_native
+        else None
+    )
+    for tp in tps:
+        result = TPResult(tp=tp, port=engine(ckpt, tp, info, "port"))
+        built = result.port.built_classes
+        if report.expected_class:
+            result.class_ok = bool(built) and all(c == report.expected_class for c in built)
+        else:  # no single registration target found: the class must come from the port
+            result.class_ok = bool(built) and all(
+                c.split(":", 1)[0].startswith(info.package + ".") for c in built
+            )
+        if native_ckpt is not None:
+            result.native = engine(native_ckpt, tp, None, "native")
+        report.results.append(result)
 
 
 def _verdict(report: VerifyReport, info: PortInfo) -> None:

@@ -83,6 +83,9 @@ class VerifyReport:
     distinct_tokens: list[int] = field(default_factory=list)  # per reference continuation
     prompt_lengths: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # where the HF reference ran: "in-process", or "transformers X (<venv python>)" for a port
+    # converted from a release newer than the engine's
+    hf_side: str = ""
 
     @property
     def passed(self) -> bool:
@@ -105,6 +108,7 @@ class VerifyReport:
             "distinct_reference_tokens": self.distinct_tokens,
             "results": [r.to_dict() for r in self.results],
             "timings_s": self.timings,
+            "hf_side": self.hf_side,
         }
 
 
@@ -173,6 +177,8 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
             )
     if report.results:
         console.print(table)
+    if report.hf_side and report.hf_side != "in-process":
+        console.print(f"HF reference: {report.hf_side}")
     for r in report.results:
         for label, side in (("port", r.port), ("native", r.native)):
             if side is None:

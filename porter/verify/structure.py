@@ -697,7 +697,18 @@ def main(argv: list[str] | None = None) -> int:
         if not (d / "PORT.json").is_file():
             print(f"porter verify (structure): {d}: no PORT.json", file=sys.stderr)
             return 2
-        targets.add(PortInfo.load(d).target)
+        info = PortInfo.load(d)
+        targets.add(info.target)
+        from porter.source import installed_transformers_version
+
+        if info.config_class and not args.checkpoint:
+            # the structural check builds the HF model in this process, with this transformers
+            print(f"porter verify (structure): {d}: the port ships the config of model type "
+                  f"{info.config_model_type} (transformers {info.transformers_version}), which the "
+                  f"installed {installed_transformers_version()} lacks: its tiny HF model cannot be "
+                  "built here (day zero); verify it in vLLM "
+                  "(porter verify, HF side in that release's venv)", file=sys.stderr)
+            return 2
     if len(targets) > 1:
         print(f"one target per process, got {sorted(targets)}", file=sys.stderr)
         return 2

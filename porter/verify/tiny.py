@@ -36,9 +36,16 @@ class TinySpec:
     top_logprobs: int
     min_distinct_tokens: int
     cpu_head_dims: list[int] = field(default_factory=list)
+    config_model_type: str = ""  # the model_type of the config class (default: model_type)
+
+    @property
+    def config_type(self) -> str:
+        return self.config_model_type or self.model_type
 
 
-def tiny_spec(model_type: str, rules: dict | None = None) -> TinySpec:
+def tiny_spec(model_type: str, rules: dict | None = None, config_model_type: str = "") -> TinySpec:
+    """MODEL_TYPE keys rules/tiny_configs.yaml; CONFIG_MODEL_TYPE (default: the same) names the
+    config class (a port of apertus1p5's text model takes model_type apertus1p5_text)."""
     from transformers import AutoConfig
 
     rules = rules or load_rules()
@@ -49,7 +56,7 @@ def tiny_spec(model_type: str, rules: dict | None = None) -> TinySpec:
             f"(known: {', '.join(sorted(models))})"
         )
     try:
-        base = AutoConfig.for_model(model_type)
+        base = AutoConfig.for_model(config_model_type or model_type)
     except Exception as e:  # unknown to this transformers
         raise VerifyInputError(f"transformers has no config class for {model_type!r}: {e}") from e
     kwargs = {k: v for k, v in rules.get("defaults", {}).items() if hasattr(base, k)}
@@ -69,13 +76,14 @@ def tiny_spec(model_type: str, rules: dict | None = None) -> TinySpec:
         top_logprobs=int(p["top_logprobs"]),
         min_distinct_tokens=int(p["min_distinct_tokens"]),
         cpu_head_dims=list(rules.get("cpu_head_dims", [])),
+        config_model_type=config_model_type,
     )
 
 
 def build_config(spec: TinySpec):
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model(spec.model_type, **spec.config_kwargs)
+    cfg = AutoConfig.for_model(spec.config_type, **spec.config_kwargs)
     check_config(cfg, spec)
     return cfg
 
@@ -138,6 +146,15 @@ def build_model(spec: TinySpec, hf_architecture: str):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.std
             p.copy_(noise + 1.0 if id(p) in norm_params else noise)
     return model
+
+
+def prompt_vocab(model) -> int:
+    """Token ids a prompt may use: the vocabulary, or fewer when the LM head is pruned to a prefix
+    of it (apertus1p5's output_vocab_size): the logprob of a prompt token the head cannot produce
+    does not exist, in HF or in the engine."""
+    head = model.get_output_embeddings()
+    rows = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+    return min(model.config.vocab_size, int(rows)) if rows else model.config.vocab_size
 
 
 def make_prompts(spec: TinySpec, vocab_size: int, avoid: set[int]) -> list[list[int]]:

@@ -1,0 +1,357 @@
+"""Day-zero ports: ship the HF config class with the port when the engine's transformers lacks it.
+
+A model type added in a newer transformers release than the engine pins has no config class in
+the engine's environment, so the engine cannot even read its ``config.json``. The release's
+``configuration_<model_type>.py`` is read statically (never imported), cut down to the config class
+the causal LM takes (and the in-module classes it derives from), its imports rewritten to absolute
+imports of the engine's transformers — each imported name checked to exist there, statically —
+and written into the port as ``configuration_<model_type>.py``. The plugin's ``register()`` hands it
+to ``AutoConfig.register`` before the engine reads the checkpoint's config.
+
+Rules PT141 (config-engine-imports) and PT142 (config-keep-class) do the rewriting; a name the
+engine's transformers does not have is a one-line error with the config file's line.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.errors import PorterError
+from porter.passes.base import Example, Rule
+
+# decorators that only document (dropped: the engine's transformers need not have them)
+DOC_DECORATORS = frozenset({"auto_docstring"})
+
+
+@dataclass
+class ShippedConfig:
+    class_name: str  # e.g. Apertus1p5TextConfig
+    model_type: str  # e.g. apertus1p5_text (what config.json names)
+    module_name: str  # e.g. configuration_apertus1p5
+    text: str  # the rewritten module
+
+
+@dataclass
+class ConfigContext:
+    """What the config rules need: the classes to keep and the engine's transformers tree."""
+
+    keep: set[str]
+    engine_root: Path | None
+    module_package: str = ""  # e.g. transformers.models.apertus1p5 (for relative imports)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (line in the source, what)
+
+
+# -- static facts ---------------------------------------------------------------------------------
+
+
+def _class_defs(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+def config_class_of(model_text: str, causal_lm: str) -> str | None:
+    """The config class the causal LM takes: `__init__(self, config: XConfig)`, else `config: XConfig`
+    on the class or one of its in-file bases."""
+    classes = _class_defs(ast.parse(model_text))
+    seen: set[str] = set()
+    todo = [causal_lm]
+    while todo:
+        name = todo.pop(0)
+        if name in seen or name not in classes:
+            continue
+        seen.add(name)
+        node = classes[name]
+        for st in node.body:
+            if isinstance(st, ast.FunctionDef) and st.name == "__init__":
+                for a in st.args.args:
+                    if a.arg == "config" and isinstance(a.annotation, ast.Name):
+                        return a.annotation.id
+            if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) \
+                    and st.target.id == "config" and isinstance(st.annotation, ast.Name):
+                return st.annotation.id
+        todo += [b.id for b in node.bases if isinstance(b, ast.Name)]
+    return None
+
+
+def class_model_type(tree: ast.Module, class_name: str) -> str | None:
+    classes = _class_defs(tree)
+    node = classes.get(class_name)
+    while node is not None:
+        for st in node.body:
+            if isinstance(st, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "model_type"
+                                                  for t in st.targets):
+                if isinstance(st.value, ast.Constant) and isinstance(st.value.value, str):
+                    return st.value.value
+        bases = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
+        node = classes[bases[0]] if bases else None
+    return None
+
+
+def config_class_for_type(source) -> str | None:
+    """For a config-only model type (its modeling file is another family's): the config class of
+    its own configuration file that declares its model_type; None for an ordinary source."""
+    if source.config_path is None or Path(source.path).stem == f"modeling_{source.model_type}":
+        return None
+    try:
+        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    return next((c for c in _class_defs(tree) if class_model_type(tree, c) == source.model_type), None)
+
+
+def engine_knows_model_type(engine_root: Path | None, model_type: str) -> bool:
+    """The engine's transformers maps MODEL_TYPE to a config class (its auto tables, read statically)."""
+    if engine_root is None:
+        return False
+    for name in ("auto_mappings.py", "configuration_auto.py"):
+        path = engine_root / "models" / "auto" / name
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Tuple) and len(node.elts) == 2 and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts) \
+                    and node.elts[0].value == model_type and node.elts[1].value.endswith("Config"):
+                return True
+    return False
+
+
+def _module_names(path: Path) -> set[str] | None:
+    """Names a module binds at top level (through if/try blocks too), read statically."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    out: set[str] = set()
+
+    def walk(body):
+        for st in body:
+            if isinstance(st, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                out.add(st.name)
+            elif isinstance(st, ast.Assign):
+                out.update(t.id for t in st.targets if isinstance(t, ast.Name))
+            elif isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
+                out.add(st.target.id)
+            elif isinstance(st, (ast.Import, ast.ImportFrom)):
+                out.update((a.asname or a.name).split(".")[0] for a in st.names)
+            elif isinstance(st, ast.If):
+                walk(st.body)
+                walk(st.orelse)
+            elif isinstance(st, ast.Try):
+                walk(st.body)
+                for h in st.handlers:
+                    walk(h.body)
+                walk(st.orelse)
+    walk(tree.body)
+    return out
+
+
+def engine_has(engine_root: Path | None, module: str, name: str) -> bool:
+    """`from MODULE import NAME` works under the engine's transformers (checked without importing)."""
+    if not module.startswith("transformers"):
+        return True  # not transformers' business (torch, huggingface_hub, typing): same environment
+    if engine_root is None:
+        return False
+    rel = module.split(".")[1:]
+    base = engine_root.joinpath(*rel)
+    if (base / name).is_dir() or base.joinpath(f"{name}.py").is_file():
+        return True  # a submodule
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            names = _module_names(path)
+            return names is not None and name in names
+    return False
+
+
+# -- the rules ------------------------------------------------------------------------------------
+
+
+class ConfigRule(Rule):
+    """A rule over a configuration module (not the modeling file): its examples run on their own."""
+
+    descends = True
+
+    def __init__(self, ctx: ConfigContext) -> None:  # type: ignore[override]
+        cst.CSTTransformer.__init__(self)
+        self.cctx = ctx
+        self.scope = []
+        self.changed = False
+
+    def visit_ClassDef(self, node):
+        self.scope.append(node.name.value)
+        return True
+
+    def visit_FunctionDef(self, node):
+        self.scope.append(node.name.value)
+        return True
+
+    def mark(self, scope: str | None = None) -> None:
+        self.changed = True
+
+    @classmethod
+    def apply_example(cls, before: str) -> str:
+        ctx = ConfigContext(keep={"AConfig"}, engine_root=None, module_package="transformers.models.a")
+        return cst.parse_module(before).visit(cls(ctx)).code
+
+
+def _absolute(module: cst.ImportFrom, package: str) -> str | None:
+    """`from ...utils import x` inside transformers.models.<m> -> "transformers.utils"."""
+    dots = len(module.relative)
+    if not dots:
+        return None
+    parts = package.split(".")
+    if dots > len(parts):
+        return None
+    base = parts[: len(parts) - dots + 1]
+    tail = cst.Module([]).code_for_node(module.module) if module.module is not None else ""
+    return ".".join(base + ([tail] if tail else []))
+
+
+class ConfigEngineImports(ConfigRule):
+    code = "PT141"
+    name = "config-engine-imports"
+    why = (
+        "A shipped config module lives in the port's package, not in transformers: its relative "
+        "imports (`from ...configuration_utils import PreTrainedConfig`) become absolute imports of "
+        "the engine's transformers (`from transformers.configuration_utils import ...`), and "
+        "decorators that only write documentation (`@auto_docstring`) are dropped. Whether each "
+        "imported name exists in the engine's transformers is checked statically afterwards; a "
+        "newer helper it lacks is reported with its line."
+    )
+    examples = [
+        Example(
+            "from ...configuration_utils import PreTrainedConfig\nfrom ...utils import auto_docstring\n"
+            "\n\n@auto_docstring(checkpoint=\"a/a\")\n@strict\nclass AConfig(PreTrainedConfig):\n"
+            "    model_type = \"a\"\n",
+            "from transformers.configuration_utils import PreTrainedConfig\n"
+            "from transformers.utils import auto_docstring\n"
+            "\n\n@strict\nclass AConfig(PreTrainedConfig):\n    model_type = \"a\"\n",
+        )
+    ]
+
+    def leave_ImportFrom(self, original, updated):
+        target = _absolute(updated, self.cctx.module_package)
+        if target is None:
+            return updated
+        return updated.with_changes(relative=[], module=cst.parse_expression(target))
+
+    def leave_Decorator(self, original, updated):
+        fn = updated.decorator.func if isinstance(updated.decorator, cst.Call) else updated.decorator
+        name = fn.attr.value if isinstance(fn, cst.Attribute) else getattr(fn, "value", None)
+        if name in DOC_DECORATORS:
+            return cst.RemoveFromParent()
+        return updated
+
+
+class ConfigKeepClass(ConfigRule):
+    code = "PT142"
+    name = "config-keep-class"
+    why = (
+        "A configuration module often defines several configs (a multimodal model's vision and "
+        "audio configs beside its text config). The port needs only the config the causal LM "
+        "takes and the in-module classes it derives from; the rest is dropped with the imports "
+        "only it used, so the shipped module does not depend on helpers the port never uses."
+    )
+    examples = [
+        Example(
+            "from x import Helper, PreTrainedConfig\n\n\nclass BConfig(PreTrainedConfig):\n"
+            "    sub = Helper()\n\n\nclass AConfig(PreTrainedConfig):\n    model_type = \"a\"\n\n\n"
+            "__all__ = [\"BConfig\", \"AConfig\"]\n",
+            "from x import PreTrainedConfig\n\n\nclass AConfig(PreTrainedConfig):\n"
+            "    model_type = \"a\"\n\n\n__all__ = [\"AConfig\"]\n",
+        )
+    ]
+    descends = False
+
+    def leave_Module(self, original, updated):
+        body = []
+        for st in updated.body:
+            if isinstance(st, cst.ClassDef) and st.name.value not in self.cctx.keep:
+                self.changed = True
+                continue
+            if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
+                    target=m.Name("__all__"))])])):
+                st = cst.parse_statement(f"__all__ = {sorted(self.cctx.keep)!r}".replace("'", '"')
+                                         ).with_changes(leading_lines=st.leading_lines)
+            body.append(st)
+        used: set[str] = set()
+        for st in body:
+            if not m.matches(st, m.SimpleStatementLine(body=[m.ImportFrom() | m.Import()])):
+                used |= {n.value for n in m.findall(st, m.Name())}
+        out = []
+        for st in body:
+            if m.matches(st, m.SimpleStatementLine(body=[m.ImportFrom()])):
+                imp = st.body[0]
+                if not isinstance(imp.names, cst.ImportStar):
+                    names = [a for a in imp.names
+                             if (a.asname.name.value if a.asname else cst.Module([]).code_for_node(a.name)) in used]
+                    if not names:
+                        self.changed = True
+                        continue
+                    if len(names) != len(imp.names):
+                        names[-1] = names[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+                        st = st.with_changes(body=[imp.with_changes(names=names)])
+            out.append(st)
+        return updated.with_changes(body=out)
+
+
+CONFIG_PASSES: list[type[ConfigRule]] = [ConfigEngineImports, ConfigKeepClass]
+
+
+# -- shipping -------------------------------------------------------------------------------------
+
+
+def ship_config(source, causal_lm: str, engine_root: Path | None) -> ShippedConfig | None:
+    """The rewritten config module for a port, or None when the engine's transformers already
+    knows the config's model_type (then nothing is shipped)."""
+    if source.config_path is None:
+        return None
+    cls = config_class_of(source.text, causal_lm)
+    cfg_path = Path(source.config_path)
+    text = cfg_path.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    classes = _class_defs(tree)
+    if cls is None or cls not in classes:
+        # a config-only model type (exaone -> LlamaForCausalLM): the class of its own model_type
+        cls = next((c for c in classes if class_model_type(tree, c) == source.model_type), None)
+        if cls is None:
+            return None
+    model_type = class_model_type(tree, cls)
+    if model_type is None or engine_knows_model_type(engine_root, model_type):
+        return None
+    keep, todo = set(), [cls]
+    while todo:  # the class and its in-module bases
+        name = todo.pop()
+        if name in keep or name not in classes:
+            continue
+        keep.add(name)
+        todo += [b.id for b in classes[name].bases if isinstance(b, ast.Name)]
+    rel_pkg = source.rel_path.rsplit("/", 1)[0].replace("/", ".") if "/" in source.rel_path else "models.x"
+    ctx = ConfigContext(keep=keep, engine_root=engine_root, module_package=f"transformers.{rel_pkg}")
+    module = cst.parse_module(text)
+    for rule in CONFIG_PASSES:
+        module = module.visit(rule(ctx))
+    out = module.code
+    # every name the shipped module imports from transformers must exist in the engine's
+    lines = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                lines.setdefault(a.asname or a.name, node.lineno)
+    for node in ast.parse(out).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                if not engine_has(engine_root, node.module, a.name):
+                    raise PorterError(
+                        f"the shipped config imports {a.name} from {node.module}, which the engine's "
+                        "transformers does not have",
+                        file=str(cfg_path), line=lines.get(a.asname or a.name),
+                        rule=ConfigEngineImports.name,
+                    )
+    return ShippedConfig(class_name=cls, model_type=model_type,
+                         module_name=cfg_path.stem, text=out)

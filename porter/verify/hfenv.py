@@ -1,0 +1,100 @@
+"""The second environment of a day-zero verify: the newer transformers (and the local CPU torch).
+
+A port converted from a transformers release newer than the engine's (``porter convert MODEL
+--transformers 5.24.0``) cannot get its Hugging Face reference from the engine's environment: that
+transformers does not know the model. The reference and the tiny checkpoint are made in a small
+venv of that release instead (``.venv-transformers-<version>`` beside porter's own), and pass to the
+engine side through files (porter/verify/hf_side.py). ``python -m porter.verify.hfenv ROOT`` builds
+every venv the committed ports under ROOT need (the Makefile's setup runs it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TORCH = "torch==2.13.0"  # the engine's torch; the CPU wheel on this machine's wheel folder
+
+
+class HFEnvError(Exception):
+    """The other environment is missing or broken (verify exit 2)."""
+
+
+def env_dir(version: str) -> Path:
+    base = Path(os.environ.get("PORTER_HF_ENVS") or REPO)
+    return base / f".venv-transformers-{version}"
+
+
+def env_python(version: str) -> Path:
+    return env_dir(version) / "bin" / "python"
+
+
+def _probe(python: Path) -> tuple[str, str | None] | None:
+    """(transformers version, torch's CUDA version) of an environment, or None if it is broken."""
+    code = "import torch, transformers; print(transformers.__version__); print(torch.version.cuda)"
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    lines = proc.stdout.split()
+    return (lines[-2], None if lines[-1] == "None" else lines[-1]) if len(lines) >= 2 else None
+
+
+def ensure_env(version: str, log=lambda msg: None) -> Path:
+    """The python of the venv for transformers VERSION, built from nothing when missing."""
+    python = env_python(version)
+    if python.is_file():
+        probe = _probe(python)
+        if probe is not None and probe[0] == version and probe[1] is None:
+            return python
+    d = env_dir(version)
+    log(f"building {d} (transformers {version}, CPU {TORCH})")
+    steps = [
+        [sys.executable, "-m", "venv", "--clear", str(d)],
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", TORCH,
+         f"transformers=={version}"],
+    ]
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+            raise HFEnvError(f"cannot build {d}: {' '.join(cmd[:4])}...: {tail}")
+    probe = _probe(python)
+    if probe is None or probe[0] != version:
+        raise HFEnvError(f"{d} does not import transformers {version}")
+    if probe[1] is not None:
+        raise HFEnvError(f"{d} got a CUDA torch ({probe[1]}); the CPU wheel was expected")
+    return python
+
+
+def versions_needed(root: Path) -> list[str]:
+    """The transformers releases of the committed vLLM ports that differ from the installed one."""
+    from porter.layout import PORT_JSON, PortInfo
+    from porter.source import installed_transformers_version
+
+    here = installed_transformers_version()
+    out = set()
+    for p in sorted((Path(root) / "vllm").glob(f"*/{PORT_JSON}")):
+        v = PortInfo.load(p.parent).transformers_version
+        if v != here:
+            out.add(v)
+    return sorted(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(args[0]) if args else REPO / "generated"
+    for version in versions_needed(root):
+        try:
+            python = ensure_env(version, log=lambda m: print(m, flush=True))
+        except HFEnvError as exc:
+            print(f"porter: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{python}: transformers {version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

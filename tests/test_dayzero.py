@@ -1,0 +1,135 @@
+"""Day-zero ports: a model type newer than the engine's transformers (issue 11).
+
+`porter convert MODEL --transformers 5.24.0` reads that release's wheel statically and ships the
+config class, rewritten to import under the installed transformers, registered with AutoConfig by
+the plugin. The engine-side verify of such a port (HF reference from the release's own venv) runs
+in tests/test_verify_harness.py with every committed port.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_porter
+from porter.config_port import ConfigContext, ConfigEngineImports, ConfigKeepClass, engine_has
+from porter.errors import PorterError
+from porter.source import transformers_root
+
+RELEASE = "5.24.0"
+
+
+@pytest.fixture(scope="module")
+def apertus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dz")
+    proc = run_porter("convert", "apertus1p5", "--transformers", RELEASE, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_port_ships_the_config_and_registers_it(apertus):
+    port = apertus / "vllm" / "apertus1p5"
+    info = json.loads((port / "PORT.json").read_text())
+    assert info["transformers_version"] == RELEASE
+    assert info["config_class"] == "porter_vllm_apertus1p5.configuration_apertus1p5:Apertus1p5TextConfig"
+    assert info["config_model_type"] == "apertus1p5_text"
+    cfg = (port / "porter_vllm_apertus1p5" / "configuration_apertus1p5.py").read_text()
+    # only the text config; relative imports made absolute; documentation decorators dropped
+    assert "class Apertus1p5TextConfig(PreTrainedConfig)" in cfg
+    assert "VisionTokenizerConfig" not in cfg and "AutoConfig" not in cfg
+    assert "from ..." not in cfg and "auto_docstring" not in cfg
+    # in a fresh process of the engine's environment: register() makes AutoConfig know the type
+    code = (
+        "import porter_vllm_apertus1p5 as p, transformers; p.register();"
+        "c = transformers.AutoConfig.for_model('apertus1p5_text', hidden_size=64);"
+        "print(type(c).__module__, type(c).__name__, c.hidden_act, transformers.__version__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=port, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["porter_vllm_apertus1p5.configuration_apertus1p5",
+                                   "Apertus1p5TextConfig", "xielu", "5.19.0"]
+
+
+def test_an_installed_model_type_ships_no_config(tmp_path):
+    proc = run_porter("convert", "llama", "--out", str(tmp_path), "--target", "vllm")
+    assert proc.returncode == 0, proc.stderr
+    files = json.loads((tmp_path / "vllm" / "llama" / "PORT.json").read_text())["files"]
+    assert not any("configuration_" in f for f in files)
+    assert "config_class" not in json.loads((tmp_path / "vllm" / "llama" / "PORT.json").read_text())
+
+
+def test_xielu_is_the_engine_class_and_its_buffers_load(apertus):
+    text = (apertus / "vllm" / "apertus1p5" / "porter_vllm_apertus1p5" / "modeling_apertus1p5.py").read_text()
+    assert "XIELU(dtype=config.dtype)" in text and "ACT2CLS" not in text
+    assert "params_dict.update(self.named_buffers())" in text
+    # q/k norms are per head: split heads around them, flat outside
+    assert "self.q_norm(query_states.unflatten(-1, (-1, self.head_dim))).flatten(-2)" in text
+
+
+def test_engine_has_checks_the_installed_transformers_statically():
+    root = transformers_root()
+    assert engine_has(root, "transformers.configuration_utils", "PreTrainedConfig")
+    assert engine_has(root, "transformers.utils", "auto_docstring")
+    assert not engine_has(root, "transformers.configuration_utils", "NoSuchHelperInAnyRelease")
+    assert engine_has(root, "huggingface_hub.dataclasses", "strict")  # not transformers' business
+
+
+def test_a_newer_helper_the_engine_lacks_is_reported_with_its_line(tmp_path):
+    from porter.config_port import ship_config
+    from porter.source import Source
+
+    models = tmp_path / "transformers" / "models" / "newlm"
+    models.mkdir(parents=True)
+    (models / "configuration_newlm.py").write_text(
+        "from ...configuration_utils import PreTrainedConfig\n"
+        "from ...utils.type_validators import helper_from_the_future\n\n\n"
+        "class NewLmConfig(PreTrainedConfig):\n    model_type = \"newlm\"\n"
+        "    size: int = helper_from_the_future(3)\n")
+    model_text = "class NewLmForCausalLM(PreTrainedModel):\n    def __init__(self, config: NewLmConfig):\n        pass\n"
+    src = Source(path=models / "modeling_newlm.py", text=model_text, sha256="0", model_type="newlm",
+                 rel_path="models/newlm/modeling_newlm.py", transformers_version="9.9.9",
+                 config_path=models / "configuration_newlm.py")
+    with pytest.raises(PorterError) as exc:
+        ship_config(src, "NewLmForCausalLM", transformers_root())
+    line = exc.value.one_line()
+    assert line.startswith(f"{models / 'configuration_newlm.py'}:2: ")
+    assert "helper_from_the_future" in line and "config-engine-imports" in line
+
+
+def test_config_rules_examples_are_registered():
+    from porter.passes import REGISTRY
+
+    assert REGISTRY["PT141"] is ConfigEngineImports and REGISTRY["PT142"] is ConfigKeepClass
+    assert ConfigContext(keep={"A"}, engine_root=Path("/nonexistent")).problems == []
+
+
+def test_verify_of_a_day_zero_port_without_its_release_env_is_exit_2(tmp_path, monkeypatch):
+    from porter.verify import run_verify
+
+    monkeypatch.setenv("PORTER_HF_ENVS", str(tmp_path))  # no .venv-transformers-5.24.0 there
+    report = run_verify(Path(__file__).resolve().parents[1] / "generated" / "vllm" / "exaone", [1])
+    assert report.exit_code == 2
+    assert "transformers 5.24.0" in report.reason and "make setup" in report.reason
+    assert str(tmp_path / ".venv-transformers-5.24.0") in report.reason
+
+
+def test_setup_builds_the_envs_the_committed_ports_need():
+    from porter.source import installed_transformers_version
+    from porter.verify.hfenv import versions_needed
+
+    root = Path(__file__).resolve().parents[1] / "generated"
+    assert versions_needed(root) == [RELEASE] != [installed_transformers_version()]
+    makefile = (root.parent / "Makefile").read_text()
+    assert "$(BIN)/python -m porter.verify.hfenv generated" in makefile
+    assert "test: $(STAMP) hf-envs" in makefile
+
+
+def test_aphrodite_structural_check_of_a_day_zero_port_is_one_line_exit_2():
+    proc = run_porter("verify", "exaone", "--target", "aphrodite")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "ships the config of model type exaone (transformers 5.24.0)" in last
