@@ -746,6 +746,28 @@ def _verify_row(row: dict, out: Path, cache_dir: Path | None, step) -> dict:
     return res
 
 
+def record_verification(port_dir: Path, report, cache_dir: Path | None = CACHE_DIR) -> dict | None:
+    """Keep a settled `porter verify` of a committed port (TP=1,2) in the coverage cache, under the
+    same key `porter coverage --verify` would use, so a sweep reuses the run (the test suite
+    verifies every committed port; the sweep then need not start the engine again)."""
+    from porter.layout import PortInfo
+    from porter.verify.tiny import load_rules
+
+    if cache_dir is None or sorted(r.tp for r in report.results) != list(TPS):
+        return None
+    info = PortInfo.load(Path(port_dir))
+    rules = load_rules()
+    key = _verify_key(_files_digest(info.files), (rules.get("models") or {}).get(info.model_type), rules)
+    res = {
+        "status": "passed" if report.passed else "failed", "passed": report.passed,
+        "exit_code": report.exit_code, "reason": report.reason, "tps": list(TPS), "port": "committed",
+        "max_abs_dlogprob": _max_delta(report), "seconds": report.timings.get("total", 0), "key": key,
+    }
+    if _settled(res):
+        Cache(cache_dir).put("verify", key, res)
+    return res
+
+
 def _max_delta(rep) -> float | None:
     vals = [r.port.comparison.max_delta for r in rep.results
             if r.port is not None and r.port.comparison is not None]
