@@ -30,8 +30,10 @@ demo: $(STAMP) hf-envs
 	$(BIN)/porter convert opt --out generated --force
 	$(BIN)/porter verify generated/vllm/opt --tp 1,2
 
+# two pytest workers: an engine start is mostly one busy core, so two verifications overlap well
+# on 2 cores (memory: two TP=2 engines fit in 24 GB)
 test: $(STAMP) hf-envs
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 # measurements, not tests: regenerates bench/RESULTS.md, bench/results.json, bench/throughput.png
 bench: $(STAMP)
