@@ -14,6 +14,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import code, dotted, param_names, self_attr, self_call_attr
 from porter.analysis.dataflow import ATTN, forward_flow
+from porter.analysis.moe import MoePlan, find_moe_blocks
 from porter.analysis.index import (
     EMBEDDING_NAMES,
     LAYER_NORM_NAMES,
@@ -86,9 +87,18 @@ class PortPlan:
     vocab_embedding_classes: list[str] = field(default_factory=list)  # file classes deriving nn.Embedding
     stacked_params: list[tuple[str, str, str]] = field(default_factory=list)  # (fused, orig, shard)
     checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)  # (regex, replacement)
+    moes: list[MoePlan] = field(default_factory=list)  # router + experts blocks (porter/analysis/moe.py)
+    module_renames: dict[str, str] = field(default_factory=dict)  # in-memory attr -> checkpoint attr
+
+    def moe(self, cls: str) -> MoePlan | None:
+        return next((p for p in self.moes if p.cls == cls), None)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("moes", "module_renames"):  # only where there are any (other ports' PORT.json unchanged)
+            if not d[key]:
+                del d[key]
+        return d
 
     def attention(self, cls: str) -> AttentionPlan | None:
         return next((a for a in self.attentions if a.cls == cls), None)
@@ -246,7 +256,9 @@ class Planner:
                 plan.rotary_classes.append(name)
                 continue
             self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
-        plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
+        plan.moes = find_moe_blocks(self.idx, classes)
+        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
+        plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
         for a in plan.attentions:

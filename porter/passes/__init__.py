@@ -5,6 +5,7 @@ from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, EngineImports, PruneUnreachable
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
+from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
 from porter.passes.structure import (
@@ -27,6 +28,8 @@ PASSES: list[type[Rule]] = [
     DropDropout,
     DropBatchCollapse,
     FlattenHeads,
+    FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
+    FusedMoe,
     FuseQkv,
     FuseGateUp,
     TpLinears,
@@ -37,6 +40,7 @@ PASSES: list[type[Rule]] = [
     FixCallArity,
     ThreadPositions,
     MatchCalleeParams,
+    CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,
     DropDeadLocals,

@@ -17,7 +17,7 @@ def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm", seed: di
     plan = build_plan(idx, strip_table(), "example", "<example>", partial=True)
     ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=get_target(target))
     for key, value in (seed or {}).items():
-        getattr(ctx, key).update(value)
+        getattr(ctx if hasattr(ctx, key) else ctx.plan, key).update(value)
     out = module.visit(rule_cls(ctx))
     assert isinstance(out, cst.Module)
     return out.code
