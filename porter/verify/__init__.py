@@ -31,6 +31,7 @@ from porter.verify.tiny import (
     VerifyInputError,
     _special_ids,
     build_model,
+    experts_routed,
     hf_logprobs,
     hf_reference,
     make_prompts,
@@ -162,6 +163,16 @@ def _run(
             f"distinct tokens ({report.distinct_tokens}): equal tokens would prove little; "
             "change the init in rules/tiny_configs.yaml"
         )
+    routers = [mp["router_cls"] for mp in (info.plan or {}).get("moes", [])]
+    if routers:
+        # each MoE layer must route the test prompts to more than one expert, or the experts'
+        # weights and their mapping are hardly exercised
+        report.experts_routed = experts_routed(model, prompts, routers)
+        one = [name for name, experts in report.experts_routed.items() if len(experts) < 2]
+        if one or not report.experts_routed:
+            raise VerifyInputError(
+                f"MoE routers {one or routers} send the test prompts to fewer than 2 experts "
+                f"({report.experts_routed}): change the init in rules/tiny_configs.yaml")
     report.timings["reference"] = round(time.time() - t0, 2)
     hf_tokens = [r["tokens"] for r in refs]
     max_model_len = -(-(max(report.prompt_lengths) + spec.max_new_tokens) // 32) * 32

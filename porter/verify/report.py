@@ -83,6 +83,7 @@ class VerifyReport:
     distinct_tokens: list[int] = field(default_factory=list)  # per reference continuation
     prompt_lengths: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    experts_routed: dict[str, list[int]] = field(default_factory=dict)  # MoE router -> experts used (HF)
 
     @property
     def passed(self) -> bool:
@@ -103,6 +104,7 @@ class VerifyReport:
             "reason": self.reason,
             "prompt_lengths": self.prompt_lengths,
             "distinct_reference_tokens": self.distinct_tokens,
+            **({"experts_routed": self.experts_routed} if self.experts_routed else {}),
             "results": [r.to_dict() for r in self.results],
             "timings_s": self.timings,
         }
@@ -173,6 +175,8 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
             )
     if report.results:
         console.print(table)
+    for name, experts in report.experts_routed.items():
+        console.print(f"HF router {name}: prompts routed to experts {experts}")
     for r in report.results:
         for label, side in (("port", r.port), ("native", r.native)):
             if side is None:
