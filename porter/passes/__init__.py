@@ -8,6 +8,7 @@ from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDro
 from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
+from porter.passes.tp_norm import FullWidthQkNorm
 from porter.passes.structure import (
     FixCallArity,
     ThreadPositions,
@@ -31,6 +32,7 @@ PASSES: list[type[Rule]] = [
     FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
     FusedMoe,
     FuseQkv,
+    FullWidthQkNorm,  # after FuseQkv: works on the split of the fused projection
     FuseGateUp,
     TpLinears,
     VocabEmbedding,
