@@ -58,7 +58,7 @@ def test_expert_checkpoint_names_from_conversion_mapping():
     assert attrs == {} and rest == [(r"^embed_out\.", "lm_head.")]  # anchored: a load-time rename
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
 def test_tiny_reference_routes_prompts_to_several_experts(model_type):
     from porter.verify.tiny import _special_ids, build_model, experts_routed, make_prompts, tiny_spec
 

@@ -45,6 +45,7 @@ class MoePlan:
     # checkpoint names of one expert's gate, down and up projections (transformers'
     # conversion mapping un-packs the in-memory 3-D tensors into experts.N.<name>)
     ckpt_names: list[str] = field(default_factory=lambda: ["gate_proj", "down_proj", "up_proj"])
+    packed: bool = False  # the checkpoint keeps the 3-D tensors (no per-expert un-packing on save)
 
 
 def _init_attrs(info: ClassInfo) -> dict[str, cst.BaseExpression]:
@@ -241,3 +242,10 @@ def moe_checkpoint_names(plan, transformers_dir, keys: list[str]) -> None:
         names = expert_checkpoint_names(transformers_dir, keys, p.gate_up, p.down)
         if names is not None:
             p.ckpt_names = list(names)
+        else:
+            # saved as in memory: one [experts, 2 * intermediate, hidden] tensor, which FusedMoE's
+            # own loader splits (it knows the packed names gate_up_proj / down_proj)
+            p.packed = True
+        if p.router != "gate":
+            # the port calls the router `gate`, as the engine's MoE ports do
+            plan.checkpoint_renames.append((rf"\.{p.router}\.", ".gate."))

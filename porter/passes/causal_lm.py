@@ -121,11 +121,12 @@ class CausalLmInterface(Rule):
         experts = []
         for mp in plan.moes:
             gate, down, up = mp.ckpt_names
-            e = dict(attr=mp.experts, gate=gate, down=down, up=up,
+            e = dict(attr=mp.experts, gate=gate, down=down, up=up, packed=mp.packed,
+                     gate_up_param=mp.gate_up, down_param=mp.down,
                      num_experts=mp.num_experts.replace("config.", "self.config.", 1))
             if e not in experts:
                 experts.append(e)
-        if experts:
+        if any(not e["packed"] for e in experts):
             ctx.use("fused_moe_make_expert_params_mapping")
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
                     interleaved=interleaved, renames=plan.checkpoint_renames, experts=experts)

@@ -85,8 +85,11 @@ class FusedMoe(Rule):
         fn = self.current_function
         attr = self_attr(updated.targets[0].target)
         if fn == "__init__" and attr == mp.router:
-            return updated.with_changes(value=cst.parse_expression(
-                f"{self.ctx.use('GateLinear')}({mp.hidden_size}, {mp.num_experts}, prefix=f\"{{prefix}}.{attr}\")"))
+            # named `gate` as in the engine's own MoE ports (load_weights maps the checkpoint's name)
+            return updated.with_changes(
+                targets=[cst.AssignTarget(cst.parse_expression("self.gate"))],
+                value=cst.parse_expression(
+                    f"{self.ctx.use('GateLinear')}({mp.hidden_size}, {mp.num_experts}, prefix=f\"{{prefix}}.gate\")"))
         if fn == "__init__" and attr == mp.experts:
             ckpt = "" if mp.ckpt_names == ["gate_proj", "down_proj", "up_proj"] else \
                 f", ckpt_names={tuple(mp.ckpt_names)!r}"
@@ -98,7 +101,8 @@ class FusedMoe(Rule):
         if fn == "forward" and self_call_attr(updated.value) == mp.router:
             # the router returns its logits (and a bias slot): top-k happens inside FusedMoE
             target = cst.parse_expression("router_logits, _")
-            return updated.with_changes(targets=[cst.AssignTarget(target)])
+            call = updated.value.with_changes(func=cst.parse_expression("self.gate"))  # type: ignore[attr-defined]
+            return updated.with_changes(targets=[cst.AssignTarget(target)], value=call)
         return updated
 
     def leave_Call(self, original, updated):
