@@ -329,10 +329,9 @@ class GraniteMoeForCausalLM(nn.Module):
             ):
                 # experts packed in the checkpoint ([experts, ...] tensors): FusedMoE's loader splits them
                 module, _, param = name.rpartition(".")
-                experts = self.get_submodule(module)
-                loaded_params.update(
-                    f"{module}.{n}" for n in experts.load_weights([(param, loaded_weight)])
-                )
+                routed = self.get_submodule(module).routed_experts
+                loaded = routed.load_weights([(param, loaded_weight)])
+                loaded_params.update(f"{module}.routed_experts.{n}" for n in loaded)
                 continue
             for param_name, shard_name, shard_id in stacked_params_mapping:
                 if shard_name not in name or ".experts." in name:
