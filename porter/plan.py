@@ -14,7 +14,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import code, dotted, param_names, self_attr, self_call_attr
 from porter.analysis.dataflow import ATTN, forward_flow
-from porter.analysis.moe import MoePlan, find_moe_blocks
+from porter.analysis.moe import MoePlan, find_moe_blocks, unported_experts
 from porter.analysis.index import (
     EMBEDDING_NAMES,
     LAYER_NORM_NAMES,
@@ -261,6 +261,12 @@ class Planner:
                 continue
             self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
         plan.moes = find_moe_blocks(self.idx, classes)
+        if (stray := unported_experts(self.idx, classes, plan.moes)) is not None:
+            raise self.idx.error(
+                "cannot port mixture of experts: per-expert weights without a router the engine's "
+                "FusedMoE reproduces (softmax top-k over one projection, its indices and weights "
+                "passed to the experts as returned)", stray.node, construct=f"class {stray.name}",
+                rule="fused-moe")
         fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None:

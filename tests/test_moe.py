@@ -71,3 +71,16 @@ def test_tiny_reference_routes_prompts_to_several_experts(model_type):
     assert routed, "no router module found"
     for name, experts in routed.items():
         assert len(experts) >= 2, (name, experts)
+
+
+@pytest.mark.parametrize("model_type", ["glm4_moe", "phimoe"])
+def test_other_routing_is_a_diagnostic_not_a_silent_port(model_type, tmp_path):
+    # sigmoid scores with a correction bias and grouped top-k (glm4_moe), sparsemixer (phimoe):
+    # not what a plain softmax top-k FusedMoE computes, so convert stops with file:line
+    from conftest import run_porter
+
+    proc = run_porter("convert", model_type, "--out", str(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"modeling_{model_type}.py:" in proc.stderr and "cannot port mixture of experts" in proc.stderr
+    assert "(rule fused-moe)" in proc.stderr
+    assert not any(tmp_path.iterdir())

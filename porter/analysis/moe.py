@@ -129,6 +129,13 @@ class MoeFinder:
         shape = _param_shape(attrs[weight]) if weight else None
         if shape is None or len(shape) != 2:
             return None
+        # the engine's FusedMoE routes with softmax top-k: other scorings (sigmoid, correction
+        # biases, grouped top-k, scaled weights) are not this router
+        if not m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))) \
+                or m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("sigmoid")) | m.Name("sigmoid"))) \
+                or len(topks) != 1 or any(m.matches(v, m.Call(func=m.Attribute(attr=m.Name("Buffer"))))
+                                          for v in attrs.values()):
+            return None
         topk = topks[0]
         k_arg = next((a.value for a in topk.args if a.keyword is not None and a.keyword.value == "k"), None)  # type: ignore[attr-defined]
         pos = [a.value for a in topk.args if a.keyword is None]  # type: ignore[attr-defined]
@@ -206,8 +213,10 @@ class MoeFinder:
             if self_call_attr(node.value) == r_attr:  # type: ignore[attr-defined]
                 routed |= {n.value for t in node.targets for n in m.findall(t, m.Name())}  # type: ignore[attr-defined]
         calls = [c for c in m.findall(fwd, m.Call()) if self_call_attr(c) == e_attr]
-        if not calls or not any({n.value for a in c.args for n in m.findall(a, m.Name())} & routed  # type: ignore[attr-defined]
-                                for c in calls):
+        # the experts read the router's top-k indices and weights as the router returned them
+        if len(calls) != 1 or not all(
+                isinstance(a.value, cst.Name) and a.value.value in routed for a in calls[0].args[1:3]) \
+                or len(calls[0].args) != 3:  # type: ignore[attr-defined]
             return None
         renorm = r["renormalize"]
         return MoePlan(
@@ -249,3 +258,14 @@ def moe_checkpoint_names(plan, transformers_dir, keys: list[str]) -> None:
         if p.router != "gate":
             # the port calls the router `gate`, as the engine's MoE ports do
             plan.checkpoint_renames.append((rf"\.{p.router}\.", ".gate."))
+
+
+def unported_experts(idx: ModelIndex, classes: list[str], moes: list[MoePlan]) -> ClassInfo | None:
+    """A class holding per-expert weights that no recognised block routes to: porting it as
+    plain torch would be slow and would not shard, so the port stops there."""
+    finder = MoeFinder(idx)
+    done = {c for p in moes for c in (p.router_cls, p.experts_cls)}
+    for name in classes:
+        if name not in done and finder.experts(idx.classes[name]) is not None:
+            return idx.classes[name]
+    return None
