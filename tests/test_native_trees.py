@@ -22,7 +22,7 @@ NATIVE = ["qwen3", "granite", "stablelm", "gemma", "phi3"]
 
 # mixture-of-experts ports (issue 10): the router is a GateLinear (`gate.weight`), the experts one
 # FusedMoE (`experts.routed_experts.w13_weight` / `w2_weight`), in both engines
-MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe", "granitemoeshared"]
 
 
 def _check_trees(target: str, models: list[str]) -> None:

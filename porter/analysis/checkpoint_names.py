@@ -39,6 +39,19 @@ def weight_renamings(transformers_dir: Path | None, keys: list[str]) -> list[tup
                 if isinstance(src, ast.Constant) and isinstance(dst, ast.Constant) \
                         and isinstance(src.value, str) and isinstance(dst.value, str):
                     out.append((src.value, dst.value))
+    if not out:
+        # a model type without an entry of its own uses its base pattern's (granitemoeshared ->
+        # granitemoe in _MODEL_TO_CONVERSION_PATTERN), as transformers does
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values):
+                    if isinstance(key, ast.Constant) and isinstance(value, ast.Constant) \
+                            and isinstance(value.value, str) and key.value in keys:
+                        aliases.setdefault(key.value, value.value)
+        base = [aliases[k] for k in keys if k in aliases]
+        if base and base[0] not in keys:
+            return weight_renamings(transformers_dir, base[:1])
     return out
 
 

@@ -580,6 +580,7 @@ TINY = {
                   "shared_expert_intermediate_size": 128, "mlp_only_layers": [1]},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 128},
 }
 
 
