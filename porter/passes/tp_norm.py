@@ -69,8 +69,9 @@ class FullWidthQkNorm(Rule):
         for attr, sub in info.submodules.items():
             if sub.ctor not in self.plan.norms or not sub.call.args:
                 continue
-            size = code(sub.call.args[0].value)
-            if head_dim not in size and "head_dim" not in size:
+            # a per-head norm has the head size; one on the flat slice of any other size spans
+            # the whole projection (hidden_size, heads * head_dim, ...)
+            if code(sub.call.args[0].value) not in (head_dim, "head_dim", "config.head_dim"):
                 out.add(attr)
         return out
 
