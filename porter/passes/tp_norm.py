@@ -104,7 +104,7 @@ class FullWidthQkNorm(Rule):
         src = _HELPER_SRC.format(world=self.ctx.use("get_tensor_model_parallel_world_size"),
                                  gather=self.ctx.use("tensor_model_parallel_all_gather"),
                                  rank=self.ctx.use("get_tensor_model_parallel_rank"))
-        self.mark("<module>")
+        self.mark(HELPER)  # the new top-level function: `porter diff` labels it with this rule
         helper = [st.with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine()]) if i == 0 else st
                   for i, st in enumerate(cst.parse_module(src).body)]
         return updated.with_changes(body=[*updated.body, *helper])
