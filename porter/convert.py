@@ -15,7 +15,8 @@ from pathlib import Path
 import libcst as cst
 
 from porter import __version__
-from porter.analysis.checkpoint_names import weight_renamings
+from porter.analysis.checkpoint_names import module_renamings, weight_renamings
+from porter.analysis.moe import moe_checkpoint_names
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
@@ -42,7 +43,12 @@ def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     idx = build_index(module, str(source.path), source.text)
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
-    plan.checkpoint_renames = weight_renamings(root, [source.model_type, plan.causal_lm])
+    # modules saved under another name (`.block_sparse_moe.` on disk, `.mlp.` in memory) keep the
+    # checkpoint's name in the port: it is what the engine's native port calls them too
+    plan.module_renames, plan.checkpoint_renames = module_renamings(
+        weight_renamings(root, [source.model_type, plan.causal_lm]))
+    if plan.moes:
+        moe_checkpoint_names(plan, root, [source.model_type, plan.causal_lm])
     own = config_class_for_type(source)
     if own is not None:
         # a config-only model type (exaone builds LlamaForCausalLM): registered under its own name,

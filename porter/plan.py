@@ -14,6 +14,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, code, dotted, param_names, self_attr, self_call_attr
 from porter.analysis.dataflow import ATTN, forward_flow
+from porter.analysis.moe import MoePlan, find_moe_blocks, unported_experts
 from porter.analysis.index import (
     EMBEDDING_NAMES,
     LAYER_NORM_NAMES,
@@ -87,9 +88,18 @@ class PortPlan:
     vocab_embedding_classes: list[str] = field(default_factory=list)  # file classes deriving nn.Embedding
     stacked_params: list[tuple[str, str, str]] = field(default_factory=list)  # (fused, orig, shard)
     checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)  # (regex, replacement)
+    moes: list[MoePlan] = field(default_factory=list)  # router + experts blocks (porter/analysis/moe.py)
+    module_renames: dict[str, str] = field(default_factory=dict)  # in-memory attr -> checkpoint attr
+
+    def moe(self, cls: str) -> MoePlan | None:
+        return next((p for p in self.moes if p.cls == cls), None)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("moes", "module_renames"):  # only where there are any (other ports' PORT.json unchanged)
+            if not d[key]:
+                del d[key]
+        return d
 
     def attention(self, cls: str) -> AttentionPlan | None:
         return next((a for a in self.attentions if a.cls == cls), None)
@@ -214,6 +224,10 @@ class Planner:
             seen.append(name)
             info = self.idx.classes[name]
             todo.extend(s.ctor for s in info.submodules.values() if s.ctor in self.idx.classes)
+            init = info.method("__init__")
+            # a module chosen by a branch (`if moe_layer: self.mlp = Moe(c) else: self.mlp = Mlp(c)`)
+            todo.extend(n for c in (m.findall(init, m.Call(func=m.Name())) if init else [])
+                        if (n := c.func.value) in self.idx.classes)  # type: ignore[attr-defined]
             todo.extend(b for b in info.bases if b in self.idx.classes and not b.endswith("PreTrainedModel"))
         order = list(self.idx.classes)
         return sorted(seen, key=order.index)
@@ -293,7 +307,15 @@ class Planner:
                 plan.rotary_classes.append(name)
                 continue
             self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
-        plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
+        plan.moes = find_moe_blocks(self.idx, classes)
+        if (stray := unported_experts(self.idx, classes, plan.moes)) is not None:
+            raise self.idx.error(
+                "cannot port mixture of experts: per-expert weights without a router the engine's "
+                "FusedMoE reproduces (softmax top-k over one projection, its indices and weights "
+                "passed to the experts as returned)", stray.node, construct=f"class {stray.name}",
+                rule="fused-moe")
+        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
+        plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None and not plan.attentions and not partial:
             blocker = self.unmapped_attention(plan.classes)
             if blocker is not None:  # (a decoder with no attention at all, a recurrent one, is not refused here)

@@ -20,18 +20,33 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ["qwen3", "granite", "stablelm", "gemma", "phi3", "nemotron"]
 
 
-@pytest.mark.e2e
-def test_port_trees_equal_vllm_native():
-    dirs = [str(ROOT / "generated" / "vllm" / m) for m in NATIVE]
+# mixture-of-experts ports (issue 10): the router is a GateLinear (`gate.weight`), the experts one
+# FusedMoE (`experts.routed_experts.w13_weight` / `w2_weight`), in both engines
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe", "granitemoeshared"]
+
+
+def _check_trees(target: str, models: list[str]) -> None:
+    dirs = [str(ROOT / "generated" / target / m) for m in models]
     proc = subprocess.run([sys.executable, "-m", "porter.verify.structure", *dirs, "--json"],
                           capture_output=True, text=True, cwd=ROOT, timeout=1200)
     reports = json.loads(proc.stdout)
     reports = reports if isinstance(reports, list) else [reports]
-    assert len(reports) == len(NATIVE), proc.stderr[-3000:]
+    assert len(reports) == len(models), proc.stderr[-3000:]
     for r in reports:
-        assert r["native_class"] and r["native_class"].startswith("vllm.model_executor.models."), r
+        assert r["native_class"] and r["native_class"].startswith(f"{target}.model_executor.models."), r
         assert r["params_equal"] is True, (r["only_in_port"], r["only_in_native"], r["shape_mismatch"])
         assert r["port_params"] == r["native_params"] > 0
         assert r["port_load"]["not_returned"] == [] and r["port_load"]["unwritten"] == {}
         assert r["tensors_equal"] is True and r["tensors_compared"] == r["port_params"], r["tensors_differ"]
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_port_trees_equal_vllm_native():
+    _check_trees("vllm", NATIVE)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("target", ["vllm", "aphrodite"])
+def test_moe_port_trees_equal_native(target):
+    _check_trees(target, MOE)

@@ -65,6 +65,11 @@ def test_port_matches_hf_at_tp1_and_tp2(model_type, capsys):
         assert report.hf_side == "in-process", report.hf_side
     assert all(n >= 4 for n in report.distinct_tokens), report.distinct_tokens
     assert max(report.prompt_lengths) > 64 and len(report.prompt_lengths) >= 4
+    if info.plan.get("moes"):
+        # issue 10: every MoE layer of the HF reference routes the prompts to several experts
+        # (so the port's FusedMoE and its expert mapping are exercised, not one expert alone)
+        assert report.experts_routed, report.reason
+        assert all(len(e) >= 2 for e in report.experts_routed.values()), report.experts_routed
     for r in report.results:
         c = r.port.comparison
         assert c is not None and c.max_delta <= THRESHOLD, text

@@ -10,6 +10,7 @@ never imported.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 
@@ -38,4 +39,106 @@ def weight_renamings(transformers_dir: Path | None, keys: list[str]) -> list[tup
                 if isinstance(src, ast.Constant) and isinstance(dst, ast.Constant) \
                         and isinstance(src.value, str) and isinstance(dst.value, str):
                     out.append((src.value, dst.value))
+    if not out:
+        # a model type without an entry of its own uses its base pattern's (granitemoeshared ->
+        # granitemoe in _MODEL_TO_CONVERSION_PATTERN), as transformers does
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values):
+                    if isinstance(key, ast.Constant) and isinstance(value, ast.Constant) \
+                            and isinstance(value.value, str) and key.value in keys:
+                        aliases.setdefault(key.value, value.value)
+        base = [aliases[k] for k in keys if k in aliases]
+        if base and base[0] not in keys:
+            return weight_renamings(transformers_dir, base[:1])
     return out
+
+
+def _conversion_entries(transformers_dir: Path | None, keys: list[str]) -> list[ast.Call]:
+    """The calls (WeightRenaming / WeightConverter) registered for the first of `keys` that has
+    an entry, following `_MODEL_TO_CONVERSION_PATTERN` (qwen3_moe -> qwen2_moe) as transformers
+    does when a model type has no entry of its own."""
+    if transformers_dir is None:
+        return []
+    try:
+        tree = ast.parse((transformers_dir / "conversion_mapping.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return []
+    entries: dict[str, list[ast.Call]] = {}
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Dict):
+            continue
+        for key, value in zip(node.keys, node.values):
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                continue
+            if isinstance(value, ast.List):
+                entries.setdefault(key.value, [c for c in value.elts if isinstance(c, ast.Call)])
+            elif isinstance(value, ast.Constant) and isinstance(value.value, str):
+                aliases.setdefault(key.value, value.value)
+    for k in keys:
+        if k in entries:
+            return entries[k]
+    for k in keys:
+        if k in aliases and aliases[k] in entries:
+            return entries[aliases[k]]
+    return []
+
+
+def _strings(node: ast.AST | None) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [s for e in node.elts for s in _strings(e)]
+    return []
+
+
+def expert_checkpoint_names(transformers_dir: Path | None, keys: list[str], gate_up: str,
+                            down: str) -> tuple[str, str, str] | None:
+    """(gate, down, up) names of one expert's projections in the checkpoint, from the
+    `WeightConverter`s that merge per-expert tensors (`experts.*.w1.weight`, `experts.*.w3.weight`
+    -> `experts.gate_up_proj`, concatenated in that order) into the in-memory 3-D parameters.
+    None when the checkpoint keeps the experts packed (no such converter)."""
+    found: dict[str, list[str]] = {}
+    for call in _conversion_entries(transformers_dir, keys):
+        if getattr(call.func, "id", None) != "WeightConverter":
+            continue
+        kw = {k.arg: k.value for k in call.keywords}
+        ops = kw.get("operations")
+        if not (isinstance(ops, ast.List) and any(
+                isinstance(o, ast.Call) and getattr(o.func, "id", None) == "MergeModulelist" for o in ops.elts)):
+            continue
+        targets = _strings(kw.get("target_patterns"))
+        sources = _strings(kw.get("source_patterns"))
+        names = []
+        for s in sources:  # ".experts.*.w1.weight" -> "w1"
+            parts = s.split("*", 1)
+            if len(parts) != 2:
+                break
+            names.append(parts[1].strip(".").removesuffix(".weight").strip("."))
+        for t in targets:
+            tail = t.rstrip("$").split(".")[-1]
+            if tail in (gate_up, down) and len(names) == len(sources):
+                found[tail] = names
+    if len(found.get(gate_up, [])) != 2 or len(found.get(down, [])) != 1:
+        return None
+    return found[gate_up][0], found[down][0], found[gate_up][1]
+
+
+_SEGMENT = re.compile(r"^\\?\.([A-Za-z_][A-Za-z0-9_]*)\\?\.$")
+
+
+def module_renamings(renames: list[tuple[str, str]]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Split renamings into module attribute renames (`.block_sparse_moe.` -> `.mlp.`: an inner
+    module saved under another name) and the rest. Returns ({in-memory attr: checkpoint attr},
+    remaining renamings)."""
+    attrs: dict[str, str] = {}
+    rest: list[tuple[str, str]] = []
+    for src, dst in renames:
+        a, b = _SEGMENT.match(src), _SEGMENT.match(dst)
+        if a and b:
+            attrs[b.group(1)] = a.group(1)
+        else:
+            rest.append((src, dst))
+    return attrs, rest

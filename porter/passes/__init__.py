@@ -6,9 +6,11 @@ from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
+from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
 from porter.passes.layers import EngineActivation, EngineActivationClass, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
 from porter.passes.tables import ResolveAttentionTable
+from porter.passes.tp_norm import FullWidthQkNorm
 from porter.passes.tp_norms import NormAcrossTpRanks
 from porter.passes.structure import (
     FixCallArity,
@@ -32,18 +34,24 @@ PASSES: list[type[Rule]] = [
     DropDropout,
     DropBatchCollapse,
     FlattenHeads,
+    FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
+    FusedMoe,
     FuseQkv,
     FuseGateUp,
     TpLinears,
     VocabEmbedding,
     EngineNorms,
     NormAcrossTpRanks,
+    # after FuseQkv (works on the split of the fused projection) and after PT120, which takes the
+    # norms it recognises (incl. replicated KV heads); this one takes the remaining flat q/k norms
+    FullWidthQkNorm,
     EngineActivation,
     EngineActivationClass,
     UnwrapOutputs,
     FixCallArity,
     ThreadPositions,
     MatchCalleeParams,
+    CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,
     CompileBaseModel,

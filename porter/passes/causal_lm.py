@@ -118,8 +118,18 @@ class CausalLmInterface(Rule):
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
+        experts = []
+        for mp in plan.moes:
+            gate, down, up = mp.ckpt_names
+            e = dict(attr=mp.experts, gate=gate, down=down, up=up, packed=mp.packed,
+                     gate_up_param=mp.gate_up, down_param=mp.down,
+                     num_experts=mp.num_experts.replace("config.", "self.config.", 1))
+            if e not in experts:
+                experts.append(e)
+        if any(not e["packed"] for e in experts):
+            ctx.use("fused_moe_make_expert_params_mapping")
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    interleaved=interleaved, renames=plan.checkpoint_renames,
+                    interleaved=interleaved, renames=plan.checkpoint_renames, experts=experts,
                     # engine activation classes (PT140) hold persistent buffers the checkpoint carries
                     load_buffers=any(s.startswith("act_class_") for s in ctx.engine_symbols))
         ctx.use("default_weight_loader")

@@ -19,10 +19,12 @@ def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm", seed: di
     plan = build_plan(idx, strip_table(), "example", "<example>", partial=True)
     ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=get_target(target))
     for key, value in (seed or {}).items():
-        if hasattr(ctx, key):
-            getattr(ctx, key).update(value)
-        else:  # a plan fact the snippet cannot show (e.g. which class the causal LM wraps)
-            setattr(plan, key, value)
+        target = ctx if hasattr(ctx, key) else plan  # plan: a fact the snippet cannot show
+        current = getattr(target, key)
+        if hasattr(current, "update"):
+            current.update(value)
+        else:
+            setattr(target, key, value)
     out = module.visit(rule_cls(ctx))
     assert isinstance(out, cst.Module)
     return out.code

@@ -215,6 +215,7 @@ class ThreadPrefix(Rule):
         needs: set[str] = {a.cls for a in self.plan.attentions}
         needs |= {lp.cls for lp in self.plan.linears}
         needs |= {v.split(".")[0] for v in self.plan.vocab_embeddings}
+        needs |= {p.cls for p in self.plan.moes}
         changed = True
         while changed:
             changed = False
@@ -363,6 +364,9 @@ class MatchCalleeParams(Rule):
         if attr is None and isinstance(updated.func, cst.Name):
             attr = self._loop_vars.get(updated.func.value)
         sub = info.submodules.get(attr or "")
+        mp = self.plan.moe(info.name)
+        if mp is not None and attr in (mp.router, mp.experts):
+            return updated  # now the engine's GateLinear / FusedMoE, not the HF class
         accepts = self._accepts.get(sub.ctor) if sub else None
         if accepts is None:
             return updated

@@ -29,6 +29,7 @@ from porter.verify.report import (
 )
 from porter.verify.hfref import LocalHF, OtherEnvHF
 from porter.verify.tiny import VerifyInputError, with_architecture
+from porter.verify.tiny import experts_routed
 
 __all__ = ["run_verify", "render_report", "resolve_port", "VerifyReport", "THRESHOLD"]
 
@@ -183,6 +184,19 @@ def _run_in(
             f"distinct tokens ({report.distinct_tokens}): equal tokens would prove little; "
             "change the init in rules/tiny_configs.yaml"
         )
+    routers = [mp["router_cls"] for mp in (info.plan or {}).get("moes", [])]
+    if routers:
+        # each MoE layer must route the test prompts to more than one expert, or the experts'
+        # weights and their mapping are hardly exercised
+        if not isinstance(hf, LocalHF):
+            raise VerifyInputError("the MoE routing check runs on an in-process HF reference only; "
+                                   f"this port's reference runs in {report.hf_side}")
+        report.experts_routed = experts_routed(hf.model, prompts, routers)
+        one = [name for name, experts in report.experts_routed.items() if len(experts) < 2]
+        if one or not report.experts_routed:
+            raise VerifyInputError(
+                f"MoE routers {one or routers} send the test prompts to fewer than 2 experts "
+                f"({report.experts_routed}): change the init in rules/tiny_configs.yaml")
     report.timings["reference"] = round(time.time() - t0, 2)
     hf_tokens = [r["tokens"] for r in refs]
     max_model_len = -(-(max(report.prompt_lengths) + spec.max_new_tokens) // 32) * 32

@@ -86,6 +86,7 @@ class VerifyReport:
     # where the HF reference ran: "in-process", or "transformers X (<venv python>)" for a port
     # converted from a release newer than the engine's
     hf_side: str = ""
+    experts_routed: dict[str, list[int]] = field(default_factory=dict)  # MoE router -> experts used (HF)
 
     @property
     def passed(self) -> bool:
@@ -106,6 +107,7 @@ class VerifyReport:
             "reason": self.reason,
             "prompt_lengths": self.prompt_lengths,
             "distinct_reference_tokens": self.distinct_tokens,
+            **({"experts_routed": self.experts_routed} if self.experts_routed else {}),
             "results": [r.to_dict() for r in self.results],
             "timings_s": self.timings,
             "hf_side": self.hf_side,
@@ -179,6 +181,8 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
         console.print(table)
     if report.hf_side and report.hf_side != "in-process":
         console.print(f"HF reference: {report.hf_side}")
+    for name, experts in report.experts_routed.items():
+        console.print(f"HF router {name}: prompts routed to experts {experts}")
     for r in report.results:
         for label, side in (("port", r.port), ("native", r.native)):
             if side is None:

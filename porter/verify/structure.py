@@ -572,6 +572,15 @@ TINY = {
     "qwen2": {},  # q/k/v bias; vLLM asserts on sliding windows for only some layers
     # word_embed_proj_dim != hidden_size: project_in / project_out exist.
     "opt": {"ffn_dim": 256, "word_embed_proj_dim": 64, "tie_word_embeddings": True},
+    # mixtures of experts: few experts (the defaults hold 8 to 128 experts of full size)
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                  "mlp_only_layers": [1]},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                  "shared_expert_intermediate_size": 128, "mlp_only_layers": [1]},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 128},
 }
 
 

@@ -231,3 +231,36 @@ def with_architecture(src: Path, dst: Path, architecture: str) -> Path:
         elif not target.exists():
             target.symlink_to(f.resolve())
     return dst
+
+
+def experts_routed(model, prompts: list[list[int]], router_classes: list[str]) -> dict[str, list[int]]:
+    """Which experts each router of the HF model sends the prompts' tokens to.
+
+    A forward hook on every module of the router classes (the plan names them: the modules whose
+    top-k picks the experts) records the integer tensor among the router's outputs, i.e. the top-k
+    expert indices. One forward per prompt, as the reference runs it. {module name: sorted experts}.
+    """
+    import torch
+
+    routed: dict[str, set[int]] = {}
+    hooks = []
+
+    def record(name):
+        def hook(_module, _inputs, output):
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            for t in outs:
+                if isinstance(t, torch.Tensor) and not t.is_floating_point():
+                    routed.setdefault(name, set()).update(int(i) for i in t.flatten().tolist())
+        return hook
+
+    for name, module in model.named_modules():
+        if type(module).__name__ in router_classes:
+            hooks.append(module.register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            for ids in prompts:
+                model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: sorted(experts) for name, experts in sorted(routed.items())}

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.24.0, models/llama/modeling_llama.py
 # Source sha256: 372c7cbc56a0d265b43ab5acf96b0e3bc4cdd01010ef64106558206e51258432
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT102, PT040, PT050, PT052, PT061, PT060, PT070
 
 # Copyright 2022 EleutherAI and the HuggingFace Inc. team. All rights reserved.
 #
@@ -172,19 +172,19 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(
             config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
         )
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ln_1 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ln_2 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = self.ln_1(hidden_states)
         # Self Attention
         hidden_states = self.self_attn(hidden_states=hidden_states, positions=positions)
         hidden_states = residual + hidden_states
 
         # Fully Connected
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.ln_2(hidden_states)
         hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
         return hidden_states
@@ -309,10 +309,6 @@ class LlamaForCausalLM(nn.Module):
             name = re.sub("\\.attn\\.attention\\.", ".self_attn.", name)
             # checkpoint name -> module name (transformers' conversion mapping)
             name = re.sub("\\.self_attn\\.out_proj\\.", ".self_attn.o_proj.", name)
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub("\\.ln_1\\.", ".input_layernorm.", name)
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub("\\.ln_2\\.", ".post_attention_layernorm.", name)
             # checkpoint name -> module name (transformers' conversion mapping)
             name = re.sub("\\.mlp\\.c_fc_0\\.", ".mlp.gate_proj.", name)
             # checkpoint name -> module name (transformers' conversion mapping)

@@ -1,0 +1,271 @@
+"""Mixture-of-experts blocks, recognised by dataflow.
+
+A block is a module whose forward sends its input through a *router* (a projection to one logit
+per expert, then top-k over them) and passes the router's top-k indices and weights, together
+with the input, to an *experts* module (3-D weights indexed per expert, the per-expert outputs
+scaled by their routing weight and summed with `index_add_`). That is the engine's `FusedMoE`:
+the router stays a plain projection (`GateLinear`), top-k, softmax and the weighted sum move into
+the fused kernel. What the kernel needs is read from the source, not from names:
+
+- number of experts and hidden size: the router weight's shape `(E, H)`;
+- top-k: the `k` of the router's `topk` call;
+- renormalisation: the top-k weights divided by their sum (under an `if self.flag:` the flag's
+  config attribute), or a softmax taken over the top-k logits only (the same thing);
+- intermediate size: the experts' down projection shape `(E, H, I)`;
+- activation: the experts' `ACT2FN[...]` key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, dotted, param_names, self_attr, self_call_attr
+from porter.analysis.index import ClassInfo, ModelIndex
+
+
+@dataclass
+class MoePlan:
+    cls: str  # the block
+    router: str  # attribute of the router module in the block
+    router_cls: str
+    experts: str  # attribute of the experts module in the block
+    experts_cls: str
+    num_experts: str  # expressions over the block's __init__ parameters
+    top_k: str
+    hidden_size: str
+    intermediate_size: str
+    renormalize: str
+    activation: str
+    gate_up: str  # the experts' packed gate/up parameter (HF in-memory name)
+    down: str
+    line: int
+    # checkpoint names of one expert's gate, down and up projections (transformers'
+    # conversion mapping un-packs the in-memory 3-D tensors into experts.N.<name>)
+    ckpt_names: list[str] = field(default_factory=lambda: ["gate_proj", "down_proj", "up_proj"])
+    packed: bool = False  # the checkpoint keeps the 3-D tensors (no per-expert un-packing on save)
+
+
+def _init_attrs(info: ClassInfo) -> dict[str, cst.BaseExpression]:
+    out: dict[str, cst.BaseExpression] = {}
+    init = info.method("__init__")
+    if init is None:
+        return out
+    for node in m.findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
+        out.setdefault(self_attr(node.targets[0].target), node.value)  # type: ignore[attr-defined, arg-type]
+    return out
+
+
+def _param_shape(value: cst.BaseExpression) -> list[cst.BaseExpression] | None:
+    """`nn.Parameter(torch.empty(a, b, c))` -> [a, b, c]."""
+    if not m.matches(value, m.Call(func=m.Attribute(attr=m.Name("Parameter")) | m.Name("Parameter"))):
+        return None
+    inner = value.args[0].value if value.args else None  # type: ignore[attr-defined]
+    if not m.matches(inner, m.Call(func=m.Attribute(value=m.Name("torch")))):
+        return None
+    return [a.value for a in inner.args if a.keyword is None]  # type: ignore[union-attr]
+
+
+class _Subst(cst.CSTTransformer):
+    def __init__(self, attrs: dict[str, cst.BaseExpression], params: dict[str, cst.BaseExpression]) -> None:
+        super().__init__()
+        self.attrs, self.params = attrs, params
+
+    def leave_Attribute(self, original, updated):
+        attr = self_attr(updated)
+        if attr is not None and attr in self.attrs:
+            return self.attrs[attr]
+        return updated
+
+    def leave_Name(self, original, updated):
+        return self.params.get(updated.value, updated)
+
+
+def _resolve(node: cst.BaseExpression, info: ClassInfo, call: cst.Call | None) -> str:
+    """An expression of `info`'s __init__ over `self.x` attributes, rewritten over the arguments
+    its constructor is called with (the block's own names)."""
+    attrs = _init_attrs(info)
+    init = info.method("__init__")
+    params: dict[str, cst.BaseExpression] = {}
+    if init is not None and call is not None:
+        names = [p for p in param_names(init) if p != "self"]
+        pos = [a for a in call.args if a.keyword is None]
+        for p, a in zip(names, pos):
+            params[p] = a.value
+        for a in call.args:
+            if a.keyword is not None:
+                params[a.keyword.value] = a.value
+    for _ in range(4):  # self.x may be defined from another self.y
+        new = node.visit(_Subst(attrs, {}))
+        if new.deep_equals(node):
+            break
+        node = new  # type: ignore[assignment]
+    return code(node.visit(_Subst({}, params)))
+
+
+def _is_topk(node: cst.CSTNode) -> bool:
+    return m.matches(node, m.Call(func=m.Attribute(attr=m.Name("topk"))))
+
+
+class MoeFinder:
+    def __init__(self, idx: ModelIndex) -> None:
+        self.idx = idx
+
+    # -- the router: one logit per expert from a weight (E, H), then top-k --------------------
+    def router(self, info: ClassInfo) -> dict | None:
+        fwd = info.method("forward")
+        if fwd is None:
+            return None
+        topks = m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("topk"))))
+        if not topks:
+            return None
+        attrs = _init_attrs(info)
+        weight = None
+        for call in m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("linear")))):
+            if len(call.args) >= 2 and self_attr(call.args[1].value) in attrs:  # type: ignore[attr-defined]
+                weight = self_attr(call.args[1].value)  # type: ignore[attr-defined]
+        shape = _param_shape(attrs[weight]) if weight else None
+        if shape is None or len(shape) != 2:
+            return None
+        # the engine's FusedMoE routes with softmax top-k: other scorings (sigmoid, correction
+        # biases, grouped top-k, scaled weights) are not this router
+        if not m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))) \
+                or m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("sigmoid")) | m.Name("sigmoid"))) \
+                or len(topks) != 1 or any(m.matches(v, m.Call(func=m.Attribute(attr=m.Name("Buffer"))))
+                                          for v in attrs.values()):
+            return None
+        topk = topks[0]
+        k_arg = next((a.value for a in topk.args if a.keyword is not None and a.keyword.value == "k"), None)  # type: ignore[attr-defined]
+        pos = [a.value for a in topk.args if a.keyword is None]  # type: ignore[attr-defined]
+        if k_arg is None:
+            # torch.topk(x, k, ...) or x.topk(k, ...)
+            k_arg = pos[1] if dotted(topk.func) == "torch.topk" and len(pos) > 1 else (pos[0] if pos else None)  # type: ignore[attr-defined]
+        if k_arg is None:
+            return None
+        return {"weight": weight, "shape": shape, "top_k": k_arg, "renormalize": self._renormalize(fwd, topk)}
+
+    def _renormalize(self, fwd: cst.FunctionDef, topk: cst.Call) -> cst.BaseExpression | None:
+        text_after = False
+        renorm: cst.BaseExpression | None = None
+        for st in fwd.body.body:
+            if not text_after:
+                text_after = bool(m.findall(st, m.Call(func=m.Attribute(attr=m.Name("topk")))))
+                continue
+            div = m.AugAssign(operator=m.DivideAssign(), value=m.Call(func=m.Attribute(attr=m.Name("sum"))))
+            div |= m.Assign(value=m.BinaryOperation(operator=m.Divide(),
+                                                    right=m.Call(func=m.Attribute(attr=m.Name("sum")))))
+            softmax = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
+            if isinstance(st, cst.If) and m.findall(st.body, div):
+                renorm = st.test
+            elif m.findall(st, div) or m.findall(st, softmax):
+                renorm = cst.Name("True")
+        return renorm
+
+    # -- the experts: 3-D weights indexed per expert, outputs summed with index_add_ ------------
+    def experts(self, info: ClassInfo) -> dict | None:
+        fwd = info.method("forward")
+        if fwd is None or not m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("index_add_")))):
+            return None
+        attrs = _init_attrs(info)
+        three_d = {a: s for a, v in attrs.items() if (s := _param_shape(v)) is not None and len(s) == 3}
+        if len(three_d) != 2:
+            return None
+        gate_up = None
+        for call in m.findall(fwd, m.Call(func=m.Attribute(value=m.Call(), attr=m.Name("chunk")))):
+            inner = call.func.value  # type: ignore[attr-defined]
+            for a in inner.args:
+                if m.matches(a.value, m.Subscript()) and self_attr(a.value.value) in three_d:
+                    gate_up = self_attr(a.value.value)
+        if gate_up is None:
+            return None
+        down = next(a for a in three_d if a != gate_up)
+        act = None
+        for a, v in attrs.items():
+            if m.matches(v, m.Subscript(value=m.Name("ACT2FN"))):
+                act = v.slice[0].slice.value  # type: ignore[attr-defined]
+        if act is None:
+            return None
+        return {"gate_up": gate_up, "down": down, "shape": three_d[down], "act": act}
+
+    # -- the block ----------------------------------------------------------------------------
+    def block(self, info: ClassInfo) -> MoePlan | None:
+        fwd = info.method("forward")
+        if fwd is None:
+            return None
+        router = experts = None
+        for attr, sub in info.submodules.items():
+            cls = self.idx.classes.get(sub.ctor)
+            if cls is None:
+                continue
+            if router is None and (r := self.router(cls)):
+                router = (attr, cls, sub, r)
+            elif experts is None and (e := self.experts(cls)):
+                experts = (attr, cls, sub, e)
+        if router is None or experts is None:
+            return None
+        r_attr, r_cls, r_sub, r = router
+        e_attr, e_cls, e_sub, e = experts
+        # dataflow: the experts call reads what the router call returned
+        routed = set()
+        for node in m.findall(fwd, m.Assign(value=m.Call())):
+            if self_call_attr(node.value) == r_attr:  # type: ignore[attr-defined]
+                routed |= {n.value for t in node.targets for n in m.findall(t, m.Name())}  # type: ignore[attr-defined]
+        calls = [c for c in m.findall(fwd, m.Call()) if self_call_attr(c) == e_attr]
+        # the experts read the router's top-k indices and weights as the router returned them
+        if len(calls) != 1 or not all(
+                isinstance(a.value, cst.Name) and a.value.value in routed for a in calls[0].args[1:3]) \
+                or len(calls[0].args) != 3:  # type: ignore[attr-defined]
+            return None
+        renorm = r["renormalize"]
+        return MoePlan(
+            cls=info.name,
+            router=r_attr,
+            router_cls=r_cls.name,
+            experts=e_attr,
+            experts_cls=e_cls.name,
+            num_experts=_resolve(r["shape"][0], r_cls, r_sub.call),
+            hidden_size=_resolve(r["shape"][1], r_cls, r_sub.call),
+            top_k=_resolve(r["top_k"], r_cls, r_sub.call),
+            intermediate_size=_resolve(e["shape"][2], e_cls, e_sub.call),
+            renormalize="False" if renorm is None else _resolve(renorm, r_cls, r_sub.call),
+            activation=_resolve(e["act"], e_cls, e_sub.call),
+            gate_up=e["gate_up"],
+            down=e["down"],
+            line=info.line,
+        )
+
+
+def find_moe_blocks(idx: ModelIndex, classes: list[str]) -> list[MoePlan]:
+    finder = MoeFinder(idx)
+    return [p for name in classes if (p := finder.block(idx.classes[name])) is not None]
+
+
+def moe_checkpoint_names(plan, transformers_dir, keys: list[str]) -> None:
+    """What the checkpoint calls one expert's projections, from transformers' conversion mapping
+    (read statically): `FusedMoE`'s `ckpt_names` and its load mapping."""
+    from porter.analysis.checkpoint_names import expert_checkpoint_names
+
+    for p in plan.moes:
+        names = expert_checkpoint_names(transformers_dir, keys, p.gate_up, p.down)
+        if names is not None:
+            p.ckpt_names = list(names)
+        else:
+            # saved as in memory: one [experts, 2 * intermediate, hidden] tensor, which FusedMoE's
+            # own loader splits (it knows the packed names gate_up_proj / down_proj)
+            p.packed = True
+        if p.router != "gate":
+            # the port calls the router `gate`, as the engine's MoE ports do
+            plan.checkpoint_renames.append((rf"\.{p.router}\.", ".gate."))
+
+
+def unported_experts(idx: ModelIndex, classes: list[str], moes: list[MoePlan]) -> ClassInfo | None:
+    """A class holding per-expert weights that no recognised block routes to: porting it as
+    plain torch would be slow and would not shard, so the port stops there."""
+    finder = MoeFinder(idx)
+    done = {c for p in moes for c in (p.router_cls, p.experts_cls)}
+    for name in classes:
+        if name not in done and finder.experts(idx.classes[name]) is not None:
+            return idx.classes[name]
+    return None

@@ -1,0 +1,214 @@
+"""Mixture-of-experts: router + experts become the engine's GateLinear + FusedMoE."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, self_attr, self_call_attr
+from porter.passes.base import Example, Rule
+
+_ROUTER = '''
+class ATopKRouter(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.hidden_dim = config.hidden_size
+        self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+
+    def forward(self, hidden_states):
+        router_logits = F.linear(hidden_states, self.weight)
+        router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)
+        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+        router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        return router_logits, router_top_value, router_indices
+
+
+class AExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * config.intermediate_size, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, config.intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert_idx in range(self.num_experts):
+            token_idx, pos = torch.where(top_k_index == expert_idx)
+            gate, up = nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            h = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            out.index_add_(0, token_idx, h * top_k_weights[token_idx, pos, None])
+        return out
+'''
+
+
+class FusedMoe(Rule):
+    code = "PT100"
+    name = "fused-moe"
+    why = (
+        "A mixture-of-experts block (found by dataflow: a router projecting to one logit per expert "
+        "and taking top-k, whose indices and weights feed an experts module of 3-D per-expert "
+        "weights summed with `index_add_`) becomes the engine's idiom: the router a `GateLinear` "
+        "returning logits, the experts one `FusedMoE` that does top-k, renormalisation, the expert "
+        "MLPs and the weighted sum in one kernel, its experts sharded across tensor-parallel ranks "
+        "like the engine's own ports. Experts count, top-k, sizes, renormalisation and activation "
+        "are read from the router and experts code; the checkpoint's per-expert names "
+        "(`ckpt_names`) from transformers' conversion mapping. The router and experts classes go."
+    )
+    examples = [
+        Example(
+            "from torch import nn\n" + _ROUTER + "\n\nclass ASparseMoeBlock(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.gate = ATopKRouter(config)\n        self.experts = AExperts(config)\n\n"
+            "    def forward(self, hidden_states):\n"
+            "        _, top_k_weights, top_k_index = self.gate(hidden_states)\n"
+            "        return self.experts(hidden_states, top_k_index, top_k_weights)\n",
+            "from torch import nn\n" + _ROUTER + "\n\nclass ASparseMoeBlock(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            '        self.gate = GateLinear(config.hidden_size, config.num_local_experts, prefix=f"{prefix}.gate")\n'
+            "        self.experts = FusedMoEFactory(num_experts=config.num_local_experts, "
+            "top_k=config.num_experts_per_tok, hidden_size=config.hidden_size, "
+            "intermediate_size=config.intermediate_size, renormalize=True, activation=config.hidden_act, "
+            'quant_config=quant_config, prefix=f"{prefix}.experts")\n\n'
+            "    def forward(self, hidden_states):\n"
+            "        router_logits, _ = self.gate(hidden_states)\n"
+            "        return self.experts(hidden_states=hidden_states, router_logits=router_logits)\n",
+        ),
+    ]
+
+    def leave_Assign(self, original, updated):
+        mp = self.plan.moe(self.current_class or "")
+        if mp is None or len(updated.targets) != 1:
+            return updated
+        fn = self.current_function
+        attr = self_attr(updated.targets[0].target)
+        if fn == "__init__" and attr == mp.router:
+            # named `gate` as in the engine's own MoE ports (load_weights maps the checkpoint's name)
+            return updated.with_changes(
+                targets=[cst.AssignTarget(cst.parse_expression("self.gate"))],
+                value=cst.parse_expression(
+                    f"{self.ctx.use('GateLinear')}({mp.hidden_size}, {mp.num_experts}, prefix=f\"{{prefix}}.gate\")"))
+        if fn == "__init__" and attr == mp.experts:
+            ckpt = "" if mp.ckpt_names == ["gate_proj", "down_proj", "up_proj"] else \
+                f", ckpt_names={tuple(mp.ckpt_names)!r}"
+            return updated.with_changes(value=cst.parse_expression(
+                f"{self.ctx.use('FusedMoE')}(num_experts={mp.num_experts}, top_k={mp.top_k}, "
+                f"hidden_size={mp.hidden_size}, intermediate_size={mp.intermediate_size}, "
+                f"renormalize={mp.renormalize}, activation={mp.activation}, quant_config=quant_config, "
+                f"prefix=f\"{{prefix}}.{attr}\"{ckpt})"))
+        if fn == "forward" and self_call_attr(updated.value) == mp.router:
+            # the router returns its logits (and a bias slot): top-k happens inside FusedMoE
+            target = cst.parse_expression("router_logits, _")
+            call = updated.value.with_changes(func=cst.parse_expression("self.gate"))  # type: ignore[attr-defined]
+            return updated.with_changes(targets=[cst.AssignTarget(target)], value=call)
+        return updated
+
+    def leave_Call(self, original, updated):
+        mp = self.plan.moe(self.current_class or "")
+        if mp is None or self.current_function != "forward" or self_call_attr(updated) != mp.experts:
+            return updated
+        x = next((a.value for a in updated.args if a.keyword is None or a.keyword.value == "hidden_states"), None)
+        if x is None:
+            return updated
+        return updated.with_changes(args=[
+            cst.Arg(x, keyword=cst.Name("hidden_states"), equal=cst.AssignEqual(
+                cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))),
+            cst.Arg(cst.Name("router_logits"), keyword=cst.Name("router_logits"), equal=cst.AssignEqual(
+                cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))),
+        ])
+
+
+class FlatTokens(Rule):
+    descend_methods = frozenset({"forward"})
+    code = "PT101"
+    name = "flat-tokens"
+    why = (
+        "HF unpacks `batch, seq, hidden = x.shape` to flatten tokens and restores the batch "
+        "afterwards with `y.reshape(batch, seq, hidden)`. The engine's hidden states are already "
+        "flat (`[num_tokens, hidden]`), where the three-way unpack fails: only the last dimension "
+        "is kept (`hidden = x.shape[-1]`) and the restoring reshape is dropped."
+    )
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def forward(self, x):\n"
+            "        batch_size, sequence_length, hidden_dim = x.shape\n"
+            "        y = self.f(x.view(-1, hidden_dim))\n"
+            "        return y.reshape(batch_size, sequence_length, hidden_dim)\n",
+            "class A(nn.Module):\n    def forward(self, x):\n"
+            "        hidden_dim = x.shape[-1]\n"
+            "        y = self.f(x.view(-1, hidden_dim))\n"
+            "        return y\n",
+        ),
+    ]
+
+    def visit_FunctionDef(self, node):
+        self._batch: set[str] = set()
+        restores = [c for c in m.findall(node, m.Call(func=m.Attribute(attr=m.Name("reshape") | m.Name("view"))))
+                    if len(c.args) == 3]  # type: ignore[attr-defined]
+        for st in m.findall(node, m.Assign(targets=[m.AssignTarget(m.Tuple())])):
+            names = st.targets[0].target.elements  # type: ignore[attr-defined]
+            value = st.value  # type: ignore[attr-defined]
+            shape = m.Attribute(attr=m.Name("shape")) | m.Call(func=m.Attribute(attr=m.Name("size")), args=[])
+            if len(names) == 3 and m.matches(value, shape) and all(isinstance(e.value, cst.Name) for e in names):
+                batch = [e.value.value for e in names[:2]]
+                if any([code(a.value) for a in c.args[:2]] == batch for c in restores):  # type: ignore[attr-defined]
+                    self._batch |= set(batch)
+        return super().visit_FunctionDef(node)
+
+    def leave_Assign(self, original, updated):
+        if not self.kept(self.current_class) or self.current_function != "forward":
+            return updated
+        t = updated.targets[0].target
+        if isinstance(t, cst.Tuple) and len(t.elements) == 3 and all(
+                isinstance(e.value, cst.Name) for e in t.elements) and {e.value.value for e in t.elements[:2]} <= self._batch:
+            value = updated.value
+            last = cst.parse_expression("x[-1]" if isinstance(value, cst.Attribute) else "x(-1)")
+            if isinstance(value, cst.Attribute):
+                new = last.with_changes(value=value)
+            else:
+                new = value.with_changes(args=last.args)  # type: ignore[attr-defined]
+            return updated.with_changes(targets=[cst.AssignTarget(t.elements[2].value)], value=new)
+        return updated
+
+    def leave_Call(self, original, updated):
+        if not self.kept(self.current_class) or self.current_function != "forward":
+            return updated
+        if m.matches(updated.func, m.Attribute(attr=m.Name("reshape") | m.Name("view"))) and len(updated.args) == 3:
+            first = [a.value for a in updated.args[:2]]
+            if all(isinstance(a, cst.Name) and a.value in self._batch for a in first):
+                return updated.func.value  # type: ignore[attr-defined]
+        return updated
+
+
+class CheckpointModuleNames(Rule):
+    descend_methods = None
+    code = "PT102"
+    name = "checkpoint-module-names"
+    why = (
+        "transformers renames some modules when loading (`WeightRenaming('.block_sparse_moe.', "
+        "'.mlp.')` in conversion_mapping.py) and writes the old name back when saving, so the "
+        "checkpoint on disk, and the engine's native port, call the module by its checkpoint name. "
+        "The port does too: the attribute is renamed wherever the class builds or reads it, and "
+        "`load_weights` needs no renaming for it."
+    )
+    examples = [
+        Example(
+            "class Layer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.mlp = Moe(config)\n\n    def forward(self, x):\n        return self.mlp(x)\n",
+            "class Layer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.block_sparse_moe = Moe(config)\n\n    def forward(self, x):\n"
+            "        return self.block_sparse_moe(x)\n",
+            seed={"module_renames": {"mlp": "block_sparse_moe"}},
+        ),
+    ]
+
+    def leave_Attribute(self, original, updated):
+        info = self.ctx.idx.classes.get(self.current_class or "")
+        attr = self_attr(updated)
+        if info is None or not self.kept(info.name) or attr not in self.plan.module_renames:
+            return updated
+        if attr not in info.submodules:
+            return updated
+        return updated.with_changes(attr=cst.Name(self.plan.module_renames[attr]))

@@ -1,0 +1,86 @@
+"""Issue 10: mixture-of-experts blocks found by dataflow, their checkpoint names read statically,
+and the tiny reference models' routers sending the test prompts to several experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from porter.analysis.checkpoint_names import expert_checkpoint_names, module_renamings, weight_renamings
+from porter.analysis.index import build_index, parse
+from porter.analysis.moe import find_moe_blocks
+from porter.source import resolve
+
+MOE_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"]
+
+
+def _blocks(model_type: str):
+    src = resolve(model_type)
+    idx = build_index(parse(src.text, str(src.path)), str(src.path), src.text)
+    return src, find_moe_blocks(idx, list(idx.classes))
+
+
+@pytest.mark.parametrize("model_type", MOE_MODELS)
+def test_moe_block_found_by_dataflow(model_type):
+    _, blocks = _blocks(model_type)
+    assert len(blocks) == 1
+    b = blocks[0]
+    assert b.router_cls.endswith("Router") and b.experts_cls.endswith("Experts")
+    assert b.top_k == "config.num_experts_per_tok" and b.hidden_size == "config.hidden_size"
+    assert b.num_experts in ("config.num_local_experts", "config.num_experts")
+    assert (b.gate_up, b.down) == ("gate_up_proj", "down_proj")
+    assert b.activation == "config.hidden_act"
+
+
+def test_moe_renormalisation_read_from_the_router():
+    # mixtral divides the top-k weights by their sum; granitemoe takes a softmax of the top-k
+    # logits (the same); qwen renormalises only when config.norm_topk_prob says so
+    assert _blocks("mixtral")[1][0].renormalize == "True"
+    assert _blocks("granitemoe")[1][0].renormalize == "True"
+    assert _blocks("qwen3_moe")[1][0].renormalize == "config.norm_topk_prob"
+    assert _blocks("mixtral")[1][0].intermediate_size == "config.intermediate_size"
+    assert _blocks("qwen2_moe")[1][0].intermediate_size == "config.moe_intermediate_size"
+
+
+def test_expert_checkpoint_names_from_conversion_mapping():
+    src = resolve("mixtral")
+    root = Path(src.path).resolve().parents[2]
+    assert expert_checkpoint_names(root, ["mixtral"], "gate_up_proj", "down_proj") == ("w1", "w2", "w3")
+    # qwen3_moe / olmoe have no entry of their own: transformers uses qwen2_moe's
+    for mt in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        assert expert_checkpoint_names(root, [mt], "gate_up_proj", "down_proj") == \
+            ("gate_proj", "down_proj", "up_proj")
+    assert expert_checkpoint_names(root, ["granitemoe"], "gate_up_proj", "down_proj") is None  # packed
+    attrs, rest = module_renamings(weight_renamings(root, ["mixtral"]))
+    assert attrs == {"mlp": "block_sparse_moe"} and rest == []
+    attrs, rest = module_renamings(weight_renamings(root, ["gpt_neox", "GPTNeoXForCausalLM"]))
+    assert attrs == {} and rest == [(r"^embed_out\.", "lm_head.")]  # anchored: a load-time rename
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
+def test_tiny_reference_routes_prompts_to_several_experts(model_type):
+    from porter.verify.tiny import _special_ids, build_model, experts_routed, make_prompts, tiny_spec
+
+    src, blocks = _blocks(model_type)
+    spec = tiny_spec(model_type)
+    arch = next(c for c in src.text.split("class ")[1:] if c.split("(")[0].endswith("ForCausalLM"))
+    model = build_model(spec, arch.split("(")[0])
+    prompts = make_prompts(spec, model.config.vocab_size, _special_ids(model.config))
+    routed = experts_routed(model, prompts, [blocks[0].router_cls])
+    assert routed, "no router module found"
+    for name, experts in routed.items():
+        assert len(experts) >= 2, (name, experts)
+
+
+@pytest.mark.parametrize("model_type", ["glm4_moe", "phimoe"])
+def test_other_routing_is_a_diagnostic_not_a_silent_port(model_type, tmp_path):
+    # sigmoid scores with a correction bias and grouped top-k (glm4_moe), sparsemixer (phimoe):
+    # not what a plain softmax top-k FusedMoE computes, so convert stops with file:line
+    from conftest import run_porter
+
+    proc = run_porter("convert", model_type, "--out", str(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"modeling_{model_type}.py:" in proc.stderr and "cannot port mixture of experts" in proc.stderr
+    assert "(rule fused-moe)" in proc.stderr
+    assert not any(tmp_path.iterdir())
