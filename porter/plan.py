@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, code, dotted, param_names, self_attr, self_call_attr
+from porter.analysis.cstutil import (
+    findall, code, dotted, param_names, resolve_cross_attention, self_attr, self_call_attr,
+)
 from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.index import (
     EMBEDDING_NAMES,
@@ -55,6 +57,9 @@ class AttentionPlan:
     line: int
     packed: bool = False  # one projection whose output HF slices into q, k, v (fused in the checkpoint)
     interleaved: bool = False  # packed per head ([h0: q k v, h1: q k v, ...]): permuted when loading
+    # packed per head only when this attention attribute is false at run time (GPTBigCode: the
+    # `if self.multi_query:` arm slices [q; k; v] by sizes, the other arm views per head)
+    interleaved_unless: str | None = None
 
 
 @dataclass
@@ -408,6 +413,8 @@ class Planner:
             if packed:
                 ap.packed = True
                 ap.interleaved = bool(interleaved)
+                if not interleaved:
+                    ap.interleaved_unless = self.per_head_unless(info, qkv[0])
                 ap.num_heads, ap.num_kv_heads = sizes  # type: ignore[misc]
             plan.attentions.append(ap)
             for a in qkv:
@@ -446,7 +453,7 @@ class Planner:
         out_name = next((n for n, v in local.items() if m.matches(v, m.Call(
             func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
         if out_name is None:
-            return None
+            return self.split_qkv_sizes(info, attr)
 
         def resolve(e: cst.BaseExpression) -> str:
             return code(local[e.value]) if isinstance(e, cst.Name) and e.value in local else code(e)
@@ -459,13 +466,58 @@ class Planner:
         first = next((s_ for s_ in slices if s_.lower is None and s_.upper is not None), None)
         mid = next((s_ for s_ in slices if s_.lower is not None and s_.upper is not None), None)
         if first is None or mid is None:
-            return None
+            return self.split_qkv_sizes(info, attr)
         q_size = resolve(first.upper)
         upper = mid.upper
         if not (isinstance(upper, cst.BinaryOperation) and isinstance(upper.operator, cst.Add)):
             return None
         kv_size = code(upper.right)
         return _heads(q_size, "self.head_dim"), _heads(kv_size, "self.head_dim")
+
+    def _split_of(self, st: cst.CSTNode, attr: str) -> cst.Call | None:
+        """`q, k, v = self.attr(x)[.unsqueeze(..)].split(ARG, dim=...)`: the split call."""
+        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple(
+                elements=[m.Element(m.Name()), m.Element(m.Name()), m.Element(m.Name())]))], value=m.Call(
+                    func=m.Attribute(attr=m.Name("split"))))])):
+            return None
+        call = st.body[0].value  # type: ignore[attr-defined]
+        if not findall(call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))):
+            return None
+        return call
+
+    def split_qkv_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
+        """`q, k, v = self.c_attn(x).split((Q, K, K), dim=-1)` (or a list of the three sizes), with
+        Q = heads * head_dim and K = kv_heads * head_dim: heads and KV heads."""
+        fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
+        for st in findall(fwd, m.SimpleStatementLine()):
+            call = self._split_of(st, attr)
+            if call is None or not call.args:
+                continue
+            sizes = call.args[0].value
+            if isinstance(sizes, (cst.Tuple, cst.List)) and len(sizes.elements) == 3:
+                q, k, v = (code(e.value) for e in sizes.elements)
+                if k == v:
+                    hd = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
+                    return _heads(q, hd), _heads(k, hd)
+        return None
+
+    def per_head_unless(self, info: ClassInfo, attr: str) -> str | None:
+        """`if self.flag: q, k, v = <split by sizes> else: q, k, v = self.attr(x).view(..., heads,
+        3 * head_dim)...split(...)`: the packed weight is per head interleaved unless `self.flag`."""
+        fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
+        for node in findall(fwd, m.If(test=m.Attribute(value=m.Name("self"), attr=m.Name()))):
+            orelse = node.orelse  # type: ignore[attr-defined]
+            if orelse is None or isinstance(orelse, cst.If):
+                continue
+            body_split = [c for st in node.body.body if (c := self._split_of(st, attr)) is not None]  # type: ignore[attr-defined]
+            else_split = [c for st in orelse.body.body if (c := self._split_of(st, attr)) is not None]
+            if not (body_split and else_split):
+                continue
+            views = findall(else_split[0], m.Call(func=m.Attribute(attr=m.Name("view"))))
+            if any(findall(c.args[-1].value, m.BinaryOperation(operator=m.Multiply(), left=m.Integer("3")))  # type: ignore[attr-defined]
+                   for c in views if c.args):  # type: ignore[attr-defined]
+                return node.test.attr.value  # type: ignore[attr-defined]
+        return None
 
     def chunked_per_head(self, info: ClassInfo, attr: str) -> bool:
         """`qkv = self.proj(x).view(..., -1, 3 * head); q, k, v = qkv.chunk(3, dim=-1)`: q/k/v

@@ -18,8 +18,6 @@ BLOCKED = {
     "falcon": ("FalconAttention.forward", "attention computed inline"),
     # GPT2LMHeadModel is found as the causal LM; its projections are transformers' Conv1D
     "gpt2": ("Conv1D", "Conv1D"),
-    # multi-query c_attn split by (embed_dim, kv_dim, kv_dim) in one branch, per head in another
-    "gpt_bigcode": ("GPTBigCodeAttention.forward", "not sliced into q, k, v by head counts"),
 }
 
 

@@ -4,6 +4,7 @@ from porter.passes.autocast import DropAutocast
 from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
+from porter.passes.cross_attention import DropCrossAttention
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
@@ -22,6 +23,7 @@ PASSES: list[type[Rule]] = [
     DropHfImports,
     StripDecorators,
     ReplaceBaseClasses,
+    DropCrossAttention,
     ResolveAttentionTable,
     DropAutocast,
     PartialRotary,

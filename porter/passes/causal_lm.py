@@ -118,8 +118,11 @@ class CausalLmInterface(Rule):
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
+        interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
+                                     if a.interleaved_unless})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    interleaved=interleaved, renames=plan.checkpoint_renames)
+                    interleaved=interleaved, interleaved_unless=interleaved_unless,
+                    renames=plan.checkpoint_renames)
         ctx.use("default_weight_loader")
         for fn in cst.parse_module(methods + "\n\n" + lw).body:
             body.append(fn)
