@@ -23,6 +23,7 @@ from porter.analysis.index import (
     ClassInfo,
     ModelIndex,
     is_module_subclass,
+    is_transposed_linear,
     table_class,
 )
 from porter.layout import port_architecture
@@ -92,6 +93,8 @@ class PortPlan:
     vocab_embedding_classes: list[str] = field(default_factory=list)  # file classes deriving nn.Embedding
     stacked_params: list[tuple[str, str, str]] = field(default_factory=list)  # (fused, orig, shard)
     checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)  # (regex, replacement)
+    # attributes holding a linear in the transposed convention (Conv1D): weights transposed when loading
+    transposed_linears: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,6 +116,12 @@ def linear_args(call: cst.Call) -> tuple[str, str, str]:
     """(in_features, out_features, bias) of an nn.Linear call, as source text."""
     pos = [a for a in call.args if a.keyword is None]
     kw = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    if is_transposed_linear(dotted(call.func)):  # Conv1D(nf, nx): out first, always with bias
+        out_f = kw.get("nf", pos[0].value if pos else None)
+        in_f = kw.get("nx", pos[1].value if len(pos) > 1 else None)
+        if in_f is None or out_f is None:
+            raise ValueError("transposed linear without in/out features")
+        return code(in_f), code(out_f), "True"
     in_f = kw.get("in_features", pos[0].value if pos else None)
     out_f = kw.get("out_features", pos[1].value if len(pos) > 1 else None)
     bias = kw.get("bias", pos[2].value if len(pos) > 2 else None)
@@ -294,7 +303,19 @@ class Planner:
         for g in plan.gate_ups:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
+        plan.transposed_linears = sorted({a for c in plan.classes for a in self.transposed_linears(self.idx.classes[c])})
         return plan
+
+    def transposed_linears(self, info: ClassInfo) -> set[str]:
+        """Attributes `__init__` binds to a transposed-convention linear (Conv1D), outside any
+        cross-attention arm."""
+        init = resolve_cross_attention(info.method("__init__"), self.table.cross_attention_flags)
+        out = set()
+        for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+                                           value=m.Call())) if init else []:
+            if is_transposed_linear(self.idx.qualify(dotted(node.value.func))):  # type: ignore[attr-defined]
+                out.add(self_attr(node.targets[0].target))  # type: ignore[attr-defined]
+        return out
 
     def unmapped_attention(self, classes: list[str]):
         """The error for a decoder whose attention no rule maps to the engine's Attention:
@@ -494,11 +515,13 @@ class Planner:
             if call is None or not call.args:
                 continue
             sizes = call.args[0].value
+            hd = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
             if isinstance(sizes, (cst.Tuple, cst.List)) and len(sizes.elements) == 3:
                 q, k, v = (code(e.value) for e in sizes.elements)
                 if k == v:
-                    hd = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
                     return _heads(q, hd), _heads(k, hd)
+            elif isinstance(sizes, (cst.Name, cst.Attribute)):  # `.split(self.split_size)` into three equal parts
+                return _heads(code(sizes), hd), _heads(code(sizes), hd)
         return None
 
     def per_head_unless(self, info: ClassInfo, attr: str) -> str | None:

@@ -31,6 +31,7 @@ _STRIP_SCHEMA = {
     "drop_init_attrs": list,
     "output_field": str,
     "cross_attention_flags": list,
+    "transposed_linears": list,
 }
 _TARGET_SCHEMA = {
     "package": str,
@@ -88,6 +89,7 @@ class StripTable:
     drop_init_attrs: frozenset[str]
     output_field: str
     cross_attention_flags: frozenset[str] = frozenset()
+    transposed_linears: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,8 @@ def _strip_table(rules_dir: Path) -> StripTable:
     path = rules_dir / "hf_strip.yaml"
     data = _load("hf_strip.yaml", rules_dir)
     _check(data, _STRIP_SCHEMA, path)
-    for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags"):
+    for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
+                "transposed_linears"):
         if not all(isinstance(x, str) for x in data[key]):
             raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
     return StripTable(
@@ -126,6 +129,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         drop_init_attrs=frozenset(data["drop_init_attrs"]),
         output_field=data["output_field"],
         cross_attention_flags=frozenset(data["cross_attention_flags"]),
+        transposed_linears=frozenset(data["transposed_linears"]),
     )
 
 

@@ -5,6 +5,8 @@ from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, F
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
 from porter.passes.cross_attention import DropCrossAttention
+from porter.passes.inline_attention_arm import PreferAttentionFunction
+from porter.passes.input_checks import DropInputChecks
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.layers import EngineActivation, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
@@ -24,6 +26,8 @@ PASSES: list[type[Rule]] = [
     StripDecorators,
     ReplaceBaseClasses,
     DropCrossAttention,
+    PreferAttentionFunction,
+    DropInputChecks,
     ResolveAttentionTable,
     DropAutocast,
     PartialRotary,

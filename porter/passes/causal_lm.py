@@ -122,6 +122,7 @@ class CausalLmInterface(Rule):
                                      if a.interleaved_unless})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
                     interleaved=interleaved, interleaved_unless=interleaved_unless,
+                    transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
                     renames=plan.checkpoint_renames)
         ctx.use("default_weight_loader")
         for fn in cst.parse_module(methods + "\n\n" + lw).body:
