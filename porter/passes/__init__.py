@@ -1,6 +1,7 @@
 """Phase 3 — the rewrite passes, in the one order they run."""
 
 from porter.passes.autocast import DropAutocast
+from porter.passes.buffers import DropUnusedBuffers
 from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
@@ -52,6 +53,7 @@ PASSES: list[type[Rule]] = [
     ThreadPrefix,
     CausalLmInterface,
     CompileBaseModel,
+    DropUnusedBuffers,
     DropDeadLocals,
     PruneUnreachable,
     EngineImports,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_bigcode/modeling_gpt_bigcode.py
 # Source sha256: a46457eacc917a0354c17d8b05b4280815205c29393706a8f7fe18b257b9fd92
-# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
 
 # Copyright 2023 The Bigcode team and HuggingFace Inc. team.
 # Licensed under the Apache License, Version 2.0 (the "License");
@@ -239,12 +239,6 @@ class GPTBigCodeModel(nn.Module):
             ]
         )
         self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-
-        max_positions = config.max_position_embeddings
-        self.bias = nn.Buffer(
-            torch.tril(torch.ones((max_positions, max_positions), dtype=torch.bool)),
-            persistent=False,
-        )
 
     def forward(
         self,
