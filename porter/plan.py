@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, code, dotted, param_names, self_attr, self_call_attr
+from porter.analysis.cstutil import (
+    findall, code, dotted, param_names, resolve_cross_attention, self_attr, self_call_attr,
+)
 from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.moe import MoePlan, find_moe_blocks, unported_experts
 from porter.analysis.index import (
@@ -22,6 +24,7 @@ from porter.analysis.index import (
     ClassInfo,
     ModelIndex,
     is_module_subclass,
+    is_transposed_linear,
     table_class,
 )
 from porter.layout import port_architecture
@@ -56,6 +59,9 @@ class AttentionPlan:
     line: int
     packed: bool = False  # one projection whose output HF slices into q, k, v (fused in the checkpoint)
     interleaved: bool = False  # packed per head ([h0: q k v, h1: q k v, ...]): permuted when loading
+    # packed per head only when this attention attribute is false at run time (GPTBigCode: the
+    # `if self.multi_query:` arm slices [q; k; v] by sizes, the other arm views per head)
+    interleaved_unless: str | None = None
 
 
 @dataclass
@@ -88,6 +94,8 @@ class PortPlan:
     vocab_embedding_classes: list[str] = field(default_factory=list)  # file classes deriving nn.Embedding
     stacked_params: list[tuple[str, str, str]] = field(default_factory=list)  # (fused, orig, shard)
     checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)  # (regex, replacement)
+    # attributes holding a linear in the transposed convention (Conv1D): weights transposed when loading
+    transposed_linears: list[str] = field(default_factory=list)
     moes: list[MoePlan] = field(default_factory=list)  # router + experts blocks (porter/analysis/moe.py)
     module_renames: dict[str, str] = field(default_factory=dict)  # in-memory attr -> checkpoint attr
 
@@ -96,7 +104,7 @@ class PortPlan:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("moes", "module_renames"):  # only where there are any (other ports' PORT.json unchanged)
+        for key in ("moes", "module_renames", "transposed_linears"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
         return d
@@ -118,6 +126,12 @@ def linear_args(call: cst.Call) -> tuple[str, str, str]:
     """(in_features, out_features, bias) of an nn.Linear call, as source text."""
     pos = [a for a in call.args if a.keyword is None]
     kw = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    if is_transposed_linear(dotted(call.func)):  # Conv1D(nf, nx): out first, always with bias
+        out_f = kw.get("nf", pos[0].value if pos else None)
+        in_f = kw.get("nx", pos[1].value if len(pos) > 1 else None)
+        if in_f is None or out_f is None:
+            raise ValueError("transposed linear without in/out features")
+        return code(in_f), code(out_f), "True"
     in_f = kw.get("in_features", pos[0].value if pos else None)
     out_f = kw.get("out_features", pos[1].value if len(pos) > 1 else None)
     bias = kw.get("bias", pos[2].value if len(pos) > 2 else None)
@@ -329,7 +343,19 @@ class Planner:
         for g in plan.gate_ups:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
+        plan.transposed_linears = sorted({a for c in plan.classes for a in self.transposed_linears(self.idx.classes[c])})
         return plan
+
+    def transposed_linears(self, info: ClassInfo) -> set[str]:
+        """Attributes `__init__` binds to a transposed-convention linear (Conv1D), outside any
+        cross-attention arm."""
+        init = resolve_cross_attention(info.method("__init__"), self.table.cross_attention_flags)
+        out = set()
+        for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+                                           value=m.Call())) if init else []:
+            if is_transposed_linear(self.idx.qualify(dotted(node.value.func))):  # type: ignore[attr-defined]
+                out.add(self_attr(node.targets[0].target))  # type: ignore[attr-defined]
+        return out
 
     def unmapped_attention(self, classes: list[str]):
         """The error for a decoder whose attention no rule maps to the engine's Attention:
@@ -448,6 +474,8 @@ class Planner:
             if packed:
                 ap.packed = True
                 ap.interleaved = bool(interleaved)
+                if not interleaved:
+                    ap.interleaved_unless = self.per_head_unless(info, qkv[0])
                 ap.num_heads, ap.num_kv_heads = sizes  # type: ignore[misc]
             plan.attentions.append(ap)
             for a in qkv:
@@ -486,7 +514,7 @@ class Planner:
         out_name = next((n for n, v in local.items() if m.matches(v, m.Call(
             func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
         if out_name is None:
-            return None
+            return self.split_qkv_sizes(info, attr)
 
         def resolve(e: cst.BaseExpression) -> str:
             return code(local[e.value]) if isinstance(e, cst.Name) and e.value in local else code(e)
@@ -499,13 +527,60 @@ class Planner:
         first = next((s_ for s_ in slices if s_.lower is None and s_.upper is not None), None)
         mid = next((s_ for s_ in slices if s_.lower is not None and s_.upper is not None), None)
         if first is None or mid is None:
-            return None
+            return self.split_qkv_sizes(info, attr)
         q_size = resolve(first.upper)
         upper = mid.upper
         if not (isinstance(upper, cst.BinaryOperation) and isinstance(upper.operator, cst.Add)):
             return None
         kv_size = code(upper.right)
         return _heads(q_size, "self.head_dim"), _heads(kv_size, "self.head_dim")
+
+    def _split_of(self, st: cst.CSTNode, attr: str) -> cst.Call | None:
+        """`q, k, v = self.attr(x)[.unsqueeze(..)].split(ARG, dim=...)`: the split call."""
+        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple(
+                elements=[m.Element(m.Name()), m.Element(m.Name()), m.Element(m.Name())]))], value=m.Call(
+                    func=m.Attribute(attr=m.Name("split"))))])):
+            return None
+        call = st.body[0].value  # type: ignore[attr-defined]
+        if not findall(call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))):
+            return None
+        return call
+
+    def split_qkv_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
+        """`q, k, v = self.c_attn(x).split((Q, K, K), dim=-1)` (or a list of the three sizes), with
+        Q = heads * head_dim and K = kv_heads * head_dim: heads and KV heads."""
+        fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
+        for st in findall(fwd, m.SimpleStatementLine()):
+            call = self._split_of(st, attr)
+            if call is None or not call.args:
+                continue
+            sizes = call.args[0].value
+            hd = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
+            if isinstance(sizes, (cst.Tuple, cst.List)) and len(sizes.elements) == 3:
+                q, k, v = (code(e.value) for e in sizes.elements)
+                if k == v:
+                    return _heads(q, hd), _heads(k, hd)
+            elif isinstance(sizes, (cst.Name, cst.Attribute)):  # `.split(self.split_size)` into three equal parts
+                return _heads(code(sizes), hd), _heads(code(sizes), hd)
+        return None
+
+    def per_head_unless(self, info: ClassInfo, attr: str) -> str | None:
+        """`if self.flag: q, k, v = <split by sizes> else: q, k, v = self.attr(x).view(..., heads,
+        3 * head_dim)...split(...)`: the packed weight is per head interleaved unless `self.flag`."""
+        fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
+        for node in findall(fwd, m.If(test=m.Attribute(value=m.Name("self"), attr=m.Name()))):
+            orelse = node.orelse  # type: ignore[attr-defined]
+            if orelse is None or isinstance(orelse, cst.If):
+                continue
+            body_split = [c for st in node.body.body if (c := self._split_of(st, attr)) is not None]  # type: ignore[attr-defined]
+            else_split = [c for st in orelse.body.body if (c := self._split_of(st, attr)) is not None]
+            if not (body_split and else_split):
+                continue
+            views = findall(else_split[0], m.Call(func=m.Attribute(attr=m.Name("view"))))
+            if any(findall(c.args[-1].value, m.BinaryOperation(operator=m.Multiply(), left=m.Integer("3")))  # type: ignore[attr-defined]
+                   for c in views if c.args):  # type: ignore[attr-defined]
+                return node.test.attr.value  # type: ignore[attr-defined]
+        return None
 
     def chunked_per_head(self, info: ClassInfo, attr: str) -> bool:
         """`qkv = self.proj(x).view(..., -1, 3 * head); q, k, v = qkv.chunk(3, dim=-1)`: q/k/v

@@ -30,6 +30,8 @@ _STRIP_SCHEMA = {
     "drop_init_calls": list,
     "drop_init_attrs": list,
     "output_field": str,
+    "cross_attention_flags": list,
+    "transposed_linears": list,
 }
 _TARGET_SCHEMA = {
     "package": str,
@@ -86,6 +88,8 @@ class StripTable:
     drop_init_calls: frozenset[str]
     drop_init_attrs: frozenset[str]
     output_field: str
+    cross_attention_flags: frozenset[str] = frozenset()
+    transposed_linears: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ def _strip_table(rules_dir: Path) -> StripTable:
     path = rules_dir / "hf_strip.yaml"
     data = _load("hf_strip.yaml", rules_dir)
     _check(data, _STRIP_SCHEMA, path)
-    for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods"):
+    for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
+                "transposed_linears"):
         if not all(isinstance(x, str) for x in data[key]):
             raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
     return StripTable(
@@ -123,6 +128,8 @@ def _strip_table(rules_dir: Path) -> StripTable:
         drop_init_calls=frozenset(data["drop_init_calls"]),
         drop_init_attrs=frozenset(data["drop_init_attrs"]),
         output_field=data["output_field"],
+        cross_attention_flags=frozenset(data["cross_attention_flags"]),
+        transposed_linears=frozenset(data["transposed_linears"]),
     )
 
 

@@ -16,10 +16,6 @@ BLOCKED = {
     "gptj": ("GPTJAttention._attn", "attention computed inline"),
     # the table resolves to FalconAttention; scores/softmax (and SDPA) inline in its forward
     "falcon": ("FalconAttention.forward", "attention computed inline"),
-    # GPT2LMHeadModel is found as the causal LM; its projections are transformers' Conv1D
-    "gpt2": ("Conv1D", "Conv1D"),
-    # multi-query c_attn split by (embed_dim, kv_dim, kv_dim) in one branch, per head in another
-    "gpt_bigcode": ("GPTBigCodeAttention.forward", "not sliced into q, k, v by head counts"),
 }
 
 

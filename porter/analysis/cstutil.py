@@ -144,3 +144,43 @@ def loop_module(node: cst.For) -> tuple[str, str] | None:
     if attr and isinstance(target, cst.Name):
         return target.value, attr
     return None
+
+
+def cross_attention_arm(test: cst.BaseExpression, flags: frozenset[str]) -> bool | None:
+    """True when `test` is a cross-attention flag (`self.is_cross_attention`, `is_cross_attention`,
+    `config.add_cross_attention`), False when it is its negation, None otherwise."""
+    def flag(e: cst.BaseExpression) -> bool:
+        if isinstance(e, cst.Name):
+            return e.value in flags
+        return m.matches(e, m.Attribute(value=m.Name("self") | m.Name("config"))) and e.attr.value in flags  # type: ignore[attr-defined]
+
+    if flag(test):
+        return True
+    if m.matches(test, m.UnaryOperation(operator=m.Not())) and flag(test.expression):  # type: ignore[attr-defined]
+        return False
+    return None
+
+
+class _KeepSelfAttention(cst.CSTTransformer):
+    def __init__(self, flags: frozenset[str]) -> None:
+        super().__init__()
+        self.flags = flags
+
+    def leave_If(self, original, updated):
+        arm = cross_attention_arm(updated.test, self.flags)
+        if arm is None:
+            return updated
+        if arm is False:
+            return cst.FlattenSentinel(list(updated.body.body))
+        if updated.orelse is None:
+            return cst.RemoveFromParent()
+        if isinstance(updated.orelse, cst.If):
+            return updated.orelse
+        return cst.FlattenSentinel(list(updated.orelse.body.body))
+
+
+def resolve_cross_attention(node, flags: frozenset[str]):
+    """`node` with every `if` on a cross-attention flag replaced by its false arm."""
+    if node is None or not flags:
+        return node
+    return node.visit(_KeepSelfAttention(flags))

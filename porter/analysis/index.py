@@ -45,7 +45,16 @@ class ClassInfo:
         return find_method(self.node, name)
 
     def linears(self) -> dict[str, Submodule]:
-        return {a: s for a, s in self.submodules.items() if s.ctor in LINEAR_NAMES}
+        return {a: s for a, s in self.submodules.items() if s.ctor in LINEAR_NAMES or is_transposed_linear(s.ctor)}
+
+
+def is_transposed_linear(name: str | None) -> bool:
+    """A linear in the transposed convention (transformers' Conv1D: weight [in, out]); the table
+    in rules/hf_strip.yaml lists them by the end of their qualified name."""
+    from porter.rules_data import strip_table
+
+    return bool(name) and any(name == t or name.endswith("." + t) or name == t.rsplit(".", 1)[-1]
+                              for t in strip_table().transposed_linears)
 
 
 @dataclass

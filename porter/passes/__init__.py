@@ -1,9 +1,13 @@
 """Phase 3 — the rewrite passes, in the one order they run."""
 
 from porter.passes.autocast import DropAutocast
+from porter.passes.buffers import DropUnusedBuffers
 from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
+from porter.passes.cross_attention import DropCrossAttention
+from porter.passes.inline_attention_arm import PreferAttentionFunction
+from porter.passes.input_checks import DropInputChecks
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
@@ -24,6 +28,9 @@ PASSES: list[type[Rule]] = [
     DropHfImports,
     StripDecorators,
     ReplaceBaseClasses,
+    DropCrossAttention,
+    PreferAttentionFunction,
+    DropInputChecks,
     ResolveAttentionTable,
     DropAutocast,
     PartialRotary,
@@ -55,6 +62,7 @@ PASSES: list[type[Rule]] = [
     ThreadPrefix,
     CausalLmInterface,
     CompileBaseModel,
+    DropUnusedBuffers,
     DropDeadLocals,
     PruneUnreachable,
     EngineImports,

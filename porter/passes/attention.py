@@ -533,7 +533,26 @@ class FuseQkv(Rule):
         """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
         out_name, names, body, placed = None, [], [], False
         split_helper = per_head_split_helper(self.ctx.idx.classes[attn.cls], attn.q)
+        stmts: list[cst.BaseStatement] = []
         for st in fn.body.body:
+            if attn.interleaved_unless and m.matches(st, m.If(test=m.Attribute(
+                    value=m.Name("self"), attr=m.Name(attn.interleaved_unless)))):
+                # both arms split the same projection; the per-head arm's layout is load_weights' job
+                stmts.extend(st.body.body)  # type: ignore[attr-defined]
+                continue
+            stmts.append(st)
+        for st in stmts:
+            split_call = self._split_call(st, attn.q)
+            if split_call is not None:
+                x = findall(split_call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q))))[0]
+                names = [e.value.value for e in st.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
+                body.append(cst.SimpleStatementLine([cst.Assign(
+                    targets=[cst.AssignTarget(cst.parse_expression("qkv, _"))], value=x)]))
+                body.append(cst.parse_statement(
+                    f"{names[0]}, {names[1]}, {names[2]} = qkv.split("
+                    "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
+                placed = True
+                continue
             if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call(
                     func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q))))])):
                 out_name = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
@@ -568,6 +587,18 @@ class FuseQkv(Rule):
                                      construct=f"{attn.cls}.forward", rule=self.name)
         self.mark(f"{attn.cls}.forward")
         return fn.with_changes(body=fn.body.with_changes(body=body))
+
+    @staticmethod
+    def _split_call(st: cst.CSTNode, attr: str) -> cst.Call | None:
+        """`q, k, v = self.attr(x)[...].split(...)`: the packed projection split in one statement."""
+        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple(
+                elements=[m.Element(m.Name()), m.Element(m.Name()), m.Element(m.Name())]))], value=m.Call(
+                    func=m.Attribute(attr=m.Name("split"))))])):
+            return None
+        call = st.body[0].value  # type: ignore[attr-defined]
+        if not findall(call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))):
+            return None
+        return call
 
     def _init(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         body, done = [], False

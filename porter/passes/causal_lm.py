@@ -128,8 +128,12 @@ class CausalLmInterface(Rule):
                 experts.append(e)
         if any(not e["packed"] for e in experts):
             ctx.use("fused_moe_make_expert_params_mapping")
+        interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
+                                     if a.interleaved_unless})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    interleaved=interleaved, renames=plan.checkpoint_renames, experts=experts,
+                    interleaved=interleaved, interleaved_unless=interleaved_unless,
+                    transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
+                    renames=plan.checkpoint_renames, experts=experts,
                     # engine activation classes (PT140) hold persistent buffers the checkpoint carries
                     load_buffers=any(s.startswith("act_class_") for s in ctx.engine_symbols))
         ctx.use("default_weight_loader")

@@ -120,6 +120,8 @@ class DropHfDataflow(Rule):
             targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) else [small.target]
             if value is None:
                 return None
+            if self._reshape_to_hf_shape(targets, value):
+                return None  # `x = x.view(output_shape)`, the shape HF-only: x keeps its (flat) value
             if self._is_tainted(self._strip_args(value)):
                 for t in targets:
                     self.tainted.update(assigned_names(t))
@@ -145,6 +147,13 @@ class DropHfDataflow(Rule):
                 return None
             return small.with_changes(value=self._strip_args(small.value))
         return small
+
+    def _reshape_to_hf_shape(self, targets: list, value: cst.BaseExpression) -> bool:
+        if not (len(targets) == 1 and isinstance(targets[0], cst.Name) and m.matches(value, m.Call(
+                func=m.Attribute(value=m.Name(targets[0].value), attr=m.Name("view") | m.Name("reshape"))))):
+            return False
+        args = value.args  # type: ignore[attr-defined]
+        return bool(args) and all(self._is_tainted(a.value) for a in args)
 
     def _strip_args(self, node: cst.BaseExpression) -> cst.BaseExpression:
         rule = self

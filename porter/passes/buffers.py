@@ -1,0 +1,82 @@
+"""Drop non-persistent buffers the port never reads (HF's precomputed causal masks)."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import findall, names_in, self_attr
+from porter.passes.base import Example, Rule
+
+_BUFFER = m.Call(func=m.Attribute(value=m.Name("nn"), attr=m.Name("Buffer")),
+                 args=[m.ZeroOrMore(), m.Arg(keyword=m.Name("persistent"), value=m.Name("False")), m.ZeroOrMore()])
+
+
+class DropUnusedBuffers(Rule):
+    descend_methods = frozenset()
+    code = "PT126"
+    name = "drop-unused-buffers"
+    why = (
+        "Some HF models precompute a causal mask as a non-persistent buffer "
+        "(`self.bias = nn.Buffer(torch.tril(torch.ones(max_pos, max_pos)), persistent=False)`, "
+        "GPTBigCode): max_position² booleans allocated on every rank. Once the mask plumbing is gone "
+        "nothing in the port reads it, and being non-persistent it is not in the checkpoint either, "
+        "so the assignment (and the locals only it used) is removed. Buffers the port still reads "
+        "(Gemma's `embed_scale`) stay."
+    )
+    examples = [
+        Example(
+            "class M(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+            "        n = config.max_position_embeddings\n"
+            "        self.bias = nn.Buffer(torch.tril(torch.ones((n, n))), persistent=False)\n"
+            "        self.scale = nn.Buffer(torch.tensor(2.0), persistent=False)\n\n"
+            "    def forward(self, input_ids):\n        return self.wte(input_ids) * self.scale\n",
+            "class M(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+            "        self.scale = nn.Buffer(torch.tensor(2.0), persistent=False)\n\n"
+            "    def forward(self, input_ids):\n        return self.wte(input_ids) * self.scale\n",
+        )
+    ]
+
+    def leave_ClassDef(self, original, updated):
+        if len(self.scope) != 1 or not self.kept(self.current_class):
+            return super().leave_ClassDef(original, updated)
+        methods = [st for st in updated.body.body if isinstance(st, cst.FunctionDef)]
+        init = next((f for f in methods if f.name.value == "__init__"), None)
+        if init is None:
+            return super().leave_ClassDef(original, updated)
+        read = {self_attr(a) for f in methods for a in findall(f, m.Attribute(value=m.Name("self")))
+                if f is not init} | {self_attr(a) for st in init.body.body
+                                     for a in findall(st, m.Attribute(value=m.Name("self")))
+                                     if not self._buffer_attr(st)}
+        body, freed = [], set()
+        for st in init.body.body:
+            attr = self._buffer_attr(st)
+            if attr and attr not in read:
+                freed |= names_in(st.body[0].value)  # type: ignore[attr-defined]
+                continue
+            body.append(st)
+        if len(body) == len(init.body.body):
+            return super().leave_ClassDef(original, updated)
+        used = set().union(*(names_in(st) for st in body if not self._local_of(st, freed)))
+        body = [st for st in body if not (self._local_of(st, freed) and self._local_of(st, freed) not in used)]
+        new_init = init.with_changes(body=init.body.with_changes(body=body))
+        updated = updated.with_changes(body=updated.body.with_changes(body=[
+            new_init if st is init else st for st in updated.body.body]))
+        self.mark(f"{self.current_class}.__init__")
+        return super().leave_ClassDef(original, updated)
+
+    @staticmethod
+    def _buffer_attr(st: cst.CSTNode) -> str | None:
+        if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
+                m.Attribute(value=m.Name("self")))], value=_BUFFER)])):
+            return self_attr(st.body[0].targets[0].target)  # type: ignore[attr-defined]
+        return None
+
+    @staticmethod
+    def _local_of(st: cst.CSTNode, names: set[str]) -> str | None:
+        if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
+            name = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
+            return name if name in names else None
+        return None

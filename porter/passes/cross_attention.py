@@ -1,0 +1,52 @@
+"""Drop the encoder-decoder cross-attention arm of modules a decoder-only model shares with it."""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.cstutil import cross_attention_arm
+from porter.passes.base import Example, Rule
+
+
+class DropCrossAttention(Rule):
+    code = "PT123"
+    name = "drop-cross-attention"
+    why = (
+        "GPT-2 style files build one attention class for two uses: causal self-attention, and the "
+        "encoder-decoder cross-attention a constructor flag (`is_cross_attention=True`, only when "
+        "`config.add_cross_attention`) switches on, with its own projections (`q_attn`) fed by "
+        "`encoder_hidden_states`. A decoder-only engine port has no encoder: every `if` on the flag "
+        "(a table in rules/hf_strip.yaml) keeps its false arm, in `__init__` and `forward` alike, so "
+        "the projections and the q/k/v split the port sees are the self-attention ones."
+    )
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n    def __init__(self, config, is_cross_attention=False):\n"
+            "        super().__init__()\n        self.is_cross_attention = is_cross_attention\n"
+            "        if self.is_cross_attention:\n            self.c_attn = nn.Linear(8, 16)\n"
+            "            self.q_attn = nn.Linear(8, 8)\n        else:\n"
+            "            self.c_attn = nn.Linear(8, 24)\n\n"
+            "    def forward(self, x, encoder_hidden_states=None):\n        if self.is_cross_attention:\n"
+            "            q = self.q_attn(x)\n            k, v = self.c_attn(encoder_hidden_states).split(8, dim=-1)\n"
+            "        else:\n            q, k, v = self.c_attn(x).split(8, dim=-1)\n        return q, k, v\n",
+            "class Attn(nn.Module):\n    def __init__(self, config, is_cross_attention=False):\n"
+            "        super().__init__()\n        self.is_cross_attention = is_cross_attention\n"
+            "        self.c_attn = nn.Linear(8, 24)\n\n"
+            "    def forward(self, x, encoder_hidden_states=None):\n"
+            "        q, k, v = self.c_attn(x).split(8, dim=-1)\n        return q, k, v\n",
+        )
+    ]
+
+    def leave_If(self, original, updated):
+        if not self.kept(self.current_class):
+            return updated
+        arm = cross_attention_arm(updated.test, self.ctx.table.cross_attention_flags)
+        if arm is None:
+            return updated
+        if arm is False:
+            return cst.FlattenSentinel(list(updated.body.body))
+        if updated.orelse is None:
+            return cst.RemoveFromParent()
+        if isinstance(updated.orelse, cst.If):
+            return updated.orelse
+        return cst.FlattenSentinel(list(updated.orelse.body.body))
