@@ -13,15 +13,18 @@ import os
 import json
 import statistics
 import time
+from importlib.metadata import version as _tf_version
 from pathlib import Path
 
 from porter.convert import analyse, convert_one
 from porter.rules_data import get_target
 from porter.source import resolve
 
+# every committed port of the installed transformers (day-zero ports need their release's wheel)
 DEFAULT = sorted(
     p.name for p in (Path(__file__).resolve().parent.parent / "generated" / "vllm").iterdir()
     if (p / "PORT.json").exists()
+    and json.loads((p / "PORT.json").read_text())["transformers_version"] == _tf_version("transformers")
 )
 
 

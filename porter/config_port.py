@@ -21,6 +21,8 @@ from pathlib import Path
 import libcst as cst
 import libcst.matchers as m
 
+from porter.analysis.cstutil import findall
+
 from porter.errors import PorterError
 from porter.passes.base import Example, Rule
 
@@ -282,7 +284,7 @@ class ConfigKeepClass(ConfigRule):
         used: set[str] = set()
         for st in body:
             if not m.matches(st, m.SimpleStatementLine(body=[m.ImportFrom() | m.Import()])):
-                used |= {n.value for n in m.findall(st, m.Name())}
+                used |= {n.value for n in findall(st, m.Name())}
         out = []
         for st in body:
             if m.matches(st, m.SimpleStatementLine(body=[m.ImportFrom()])):

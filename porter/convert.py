@@ -62,6 +62,8 @@ def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, Rewri
     module = idx.module
     applied = []
     for rule_cls in PASSES:
+        if not rule_cls.applies(ctx):
+            continue
         rule = rule_cls(ctx)
         try:
             module = module.visit(rule)

@@ -240,7 +240,7 @@ class Planner:
             todo.extend(s.ctor for s in info.submodules.values() if s.ctor in self.idx.classes)
             init = info.method("__init__")
             # a module chosen by a branch (`if moe_layer: self.mlp = Moe(c) else: self.mlp = Mlp(c)`)
-            todo.extend(n for c in (m.findall(init, m.Call(func=m.Name())) if init else [])
+            todo.extend(n for c in (findall(init, m.Call(func=m.Name())) if init else [])
                         if (n := c.func.value) in self.idx.classes)  # type: ignore[attr-defined]
             todo.extend(b for b in info.bases if b in self.idx.classes and not b.endswith("PreTrainedModel"))
         order = list(self.idx.classes)

@@ -34,13 +34,13 @@ class _Collect(cst.CSTVisitor):
     """Collects the nodes of one type in a tree with the leanest libcst visit: no per-attribute
     hooks and no method lookup by name (m.findall's generic visitor costs twice as much)."""
 
-    def __init__(self, node_type: type) -> None:
+    def __init__(self, node_types: tuple[type, ...]) -> None:
         super().__init__()
-        self.node_type = node_type
+        self.node_types = node_types
         self.found: list[cst.CSTNode] = []
 
     def on_visit(self, node: cst.CSTNode) -> bool:
-        if type(node) is self.node_type:
+        if type(node) in self.node_types:
             self.found.append(node)
         return True
 
@@ -54,10 +54,16 @@ class _Collect(cst.CSTVisitor):
         return None
 
 
+def _node_types(matcher) -> tuple[type, ...]:
+    if isinstance(matcher, m.OneOf):
+        return tuple(t for option in matcher.options for t in _node_types(option))
+    return (getattr(cst, type(matcher).__name__),)
+
+
 def findall(tree: cst.CSTNode, matcher: m.BaseMatcherNode) -> list[cst.CSTNode]:
-    """`m.findall` for a matcher of one node type (`m.Name()`, `m.Call(func=...)`): the same
-    nodes in the same order, found by a lean collector and then checked with `m.matches`."""
-    collector = _Collect(getattr(cst, type(matcher).__name__))
+    """`m.findall` for a node-type matcher (`m.Name()`, `m.Call(func=...)`, or a `|` of them): the
+    same nodes in the same order, found by a lean collector and then checked with `m.matches`."""
+    collector = _Collect(_node_types(matcher))
     tree.visit(collector)
     return [n for n in collector.found if m.matches(n, matcher)]
 
@@ -78,7 +84,7 @@ class _Names(_Collect):
     """Bare names read in a tree: attribute tails and keyword-argument names are not reads."""
 
     def __init__(self) -> None:
-        super().__init__(cst.Name)
+        super().__init__((cst.Name,))
         self.names: set[str] = set()
 
     def on_visit(self, node: cst.CSTNode) -> bool:

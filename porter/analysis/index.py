@@ -65,6 +65,9 @@ class ModelIndex:
     classes: dict[str, ClassInfo]
     functions: dict[str, cst.FunctionDef]
     lines: dict[int, int]  # id(node) -> line, filled from one position resolve when first asked
+    # every identifier in the file (names, attribute names, keywords), from Python's parser: lets a
+    # rule that can only act on some name skip its walk when the file never mentions it
+    identifiers: frozenset[str] = frozenset()
 
     def qualify(self, name: str | None) -> str | None:
         """Resolve a dotted local name through the file's imports (`nn.Linear` -> torch.nn.Linear)."""
@@ -155,13 +158,23 @@ class _Indexer(cst.CSTVisitor):
         self._line(node)
 
 
-def _ast_lines(text: str) -> dict[str, int]:
-    """Lines of top-level classes and of `self.x = ...` in their __init__, from Python's parser."""
-    out: dict[str, int] = {}
+def _ast_facts(text: str) -> tuple[dict[str, int], frozenset[str]]:
+    """Lines of top-level classes and of `self.x = ...` in their __init__, and every identifier of
+    the file, from Python's parser."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError, RecursionError):
-        return out
+        return {}, frozenset()
+    idents = frozenset(
+        n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else n.arg
+        for n in ast.walk(tree) if isinstance(n, (ast.Name, ast.Attribute, ast.keyword)) and
+        (n.arg if isinstance(n, ast.keyword) else True)
+    )
+    return _ast_lines(tree), idents
+
+
+def _ast_lines(tree: ast.Module) -> dict[str, int]:
+    out: dict[str, int] = {}
     for node in tree.body:
         if not isinstance(node, ast.ClassDef):
             continue
@@ -177,7 +190,7 @@ def _ast_lines(text: str) -> dict[str, int]:
 
 
 def build_index(module: cst.Module, path: str, text: str | None = None) -> ModelIndex:
-    ast_lines = _ast_lines(module.code if text is None else text)
+    ast_lines, identifiers = _ast_facts(module.code if text is None else text)
     indexer = _Indexer(ast_lines)
     module.visit(indexer)
     idx = ModelIndex(
@@ -187,6 +200,7 @@ def build_index(module: cst.Module, path: str, text: str | None = None) -> Model
         classes=indexer.classes,
         functions=indexer.functions,
         lines=indexer.lines,
+        identifiers=identifiers,
     )
     for info in idx.classes.values():
         _collect_submodules(idx, info)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, dotted, param_names, self_attr, self_call_attr
+from porter.analysis.cstutil import findall, code, dotted, param_names, self_attr, self_call_attr
 from porter.analysis.index import ClassInfo, ModelIndex
 
 
@@ -53,7 +53,7 @@ def _init_attrs(info: ClassInfo) -> dict[str, cst.BaseExpression]:
     init = info.method("__init__")
     if init is None:
         return out
-    for node in m.findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
+    for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
         out.setdefault(self_attr(node.targets[0].target), node.value)  # type: ignore[attr-defined, arg-type]
     return out
 
@@ -118,12 +118,12 @@ class MoeFinder:
         fwd = info.method("forward")
         if fwd is None:
             return None
-        topks = m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("topk"))))
+        topks = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("topk"))))
         if not topks:
             return None
         attrs = _init_attrs(info)
         weight = None
-        for call in m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("linear")))):
+        for call in findall(fwd, m.Call(func=m.Attribute(attr=m.Name("linear")))):
             if len(call.args) >= 2 and self_attr(call.args[1].value) in attrs:  # type: ignore[attr-defined]
                 weight = self_attr(call.args[1].value)  # type: ignore[attr-defined]
         shape = _param_shape(attrs[weight]) if weight else None
@@ -131,8 +131,8 @@ class MoeFinder:
             return None
         # the engine's FusedMoE routes with softmax top-k: other scorings (sigmoid, correction
         # biases, grouped top-k, scaled weights) are not this router
-        if not m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))) \
-                or m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("sigmoid")) | m.Name("sigmoid"))) \
+        if not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))) \
+                or findall(fwd, m.Call(func=m.Attribute(attr=m.Name("sigmoid")) | m.Name("sigmoid"))) \
                 or len(topks) != 1 or any(m.matches(v, m.Call(func=m.Attribute(attr=m.Name("Buffer"))))
                                           for v in attrs.values()):
             return None
@@ -151,29 +151,29 @@ class MoeFinder:
         renorm: cst.BaseExpression | None = None
         for st in fwd.body.body:
             if not text_after:
-                text_after = bool(m.findall(st, m.Call(func=m.Attribute(attr=m.Name("topk")))))
+                text_after = bool(findall(st, m.Call(func=m.Attribute(attr=m.Name("topk")))))
                 continue
             div = m.AugAssign(operator=m.DivideAssign(), value=m.Call(func=m.Attribute(attr=m.Name("sum"))))
             div |= m.Assign(value=m.BinaryOperation(operator=m.Divide(),
                                                     right=m.Call(func=m.Attribute(attr=m.Name("sum")))))
             softmax = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
-            if isinstance(st, cst.If) and m.findall(st.body, div):
+            if isinstance(st, cst.If) and findall(st.body, div):
                 renorm = st.test
-            elif m.findall(st, div) or m.findall(st, softmax):
+            elif findall(st, div) or findall(st, softmax):
                 renorm = cst.Name("True")
         return renorm
 
     # -- the experts: 3-D weights indexed per expert, outputs summed with index_add_ ------------
     def experts(self, info: ClassInfo) -> dict | None:
         fwd = info.method("forward")
-        if fwd is None or not m.findall(fwd, m.Call(func=m.Attribute(attr=m.Name("index_add_")))):
+        if fwd is None or not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("index_add_")))):
             return None
         attrs = _init_attrs(info)
         three_d = {a: s for a, v in attrs.items() if (s := _param_shape(v)) is not None and len(s) == 3}
         if len(three_d) != 2:
             return None
         gate_up = None
-        for call in m.findall(fwd, m.Call(func=m.Attribute(value=m.Call(), attr=m.Name("chunk")))):
+        for call in findall(fwd, m.Call(func=m.Attribute(value=m.Call(), attr=m.Name("chunk")))):
             inner = call.func.value  # type: ignore[attr-defined]
             for a in inner.args:
                 if m.matches(a.value, m.Subscript()) and self_attr(a.value.value) in three_d:
@@ -209,10 +209,10 @@ class MoeFinder:
         e_attr, e_cls, e_sub, e = experts
         # dataflow: the experts call reads what the router call returned
         routed = set()
-        for node in m.findall(fwd, m.Assign(value=m.Call())):
+        for node in findall(fwd, m.Assign(value=m.Call())):
             if self_call_attr(node.value) == r_attr:  # type: ignore[attr-defined]
-                routed |= {n.value for t in node.targets for n in m.findall(t, m.Name())}  # type: ignore[attr-defined]
-        calls = [c for c in m.findall(fwd, m.Call()) if self_call_attr(c) == e_attr]
+                routed |= {n.value for t in node.targets for n in findall(t, m.Name())}  # type: ignore[attr-defined]
+        calls = [c for c in findall(fwd, m.Call()) if self_call_attr(c) == e_attr]
         # the experts read the router's top-k indices and weights as the router returned them
         if len(calls) != 1 or not all(
                 isinstance(a.value, cst.Name) and a.value.value in routed for a in calls[0].args[1:3]) \

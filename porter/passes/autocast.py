@@ -33,6 +33,10 @@ class DropAutocast(Rule):
         "in one dtype and never enables autocast, so the `with` block is replaced by its body and the "
         "helper call by the tuple of arguments it would return unchanged (its device argument dropped)."
     )
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return any("autocast" in name for name in ctx.idx.identifiers)
+
     examples = [
         Example(
             "def _cast(device_type, *args):\n    if not torch.is_autocast_enabled():\n        return args\n"

@@ -109,6 +109,12 @@ class Rule(cst.CSTTransformer):
         self.scope.pop()
         return updated
 
+    @classmethod
+    def applies(cls, ctx: RewriteContext) -> bool:
+        """False when the rule cannot change this file (e.g. a name it needs never occurs): the
+        rewrite skips its walk. Each rule's examples must satisfy it (checked with the examples)."""
+        return True
+
     @property
     def current_class(self) -> str | None:
         return self.scope[0] if self.scope else None

@@ -24,6 +24,10 @@ class DropUnusedBuffers(Rule):
         "so the assignment (and the locals only it used) is removed. Buffers the port still reads "
         "(Gemma's `embed_scale`) stay."
     )
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return "Buffer" in ctx.idx.identifiers
+
     examples = [
         Example(
             "class M(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"

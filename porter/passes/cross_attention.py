@@ -19,6 +19,10 @@ class DropCrossAttention(Rule):
         "(a table in rules/hf_strip.yaml) keeps its false arm, in `__init__` and `forward` alike, so "
         "the projections and the q/k/v split the port sees are the self-attention ones."
     )
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return bool(ctx.table.cross_attention_flags & ctx.idx.identifiers)
+
     examples = [
         Example(
             "class Attn(nn.Module):\n    def __init__(self, config, is_cross_attention=False):\n"

@@ -25,6 +25,7 @@ def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm", seed: di
             current.update(value)
         else:
             setattr(target, key, value)
+    assert rule_cls.applies(ctx), f"{rule_cls.code}: applies() is False on this example"
     out = module.visit(rule_cls(ctx))
     assert isinstance(out, cst.Module)
     return out.code

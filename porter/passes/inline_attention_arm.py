@@ -21,6 +21,10 @@ class PreferAttentionFunction(Rule):
         "The engine's Attention op replaces the attention function, so the `if` keeps that arm; the "
         "inline method, called nowhere else, is dropped with it."
     )
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return "softmax" in ctx.idx.identifiers
+
     examples = [
         Example(
             "class Attn(nn.Module):\n    def _reordered(self, q, k, v):\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, self_attr, self_call_attr
+from porter.analysis.cstutil import findall, code, self_attr, self_call_attr
 from porter.passes.base import Example, Rule
 
 _ROUTER = '''
@@ -145,9 +145,9 @@ class FlatTokens(Rule):
 
     def visit_FunctionDef(self, node):
         self._batch: set[str] = set()
-        restores = [c for c in m.findall(node, m.Call(func=m.Attribute(attr=m.Name("reshape") | m.Name("view"))))
+        restores = [c for c in findall(node, m.Call(func=m.Attribute(attr=m.Name("reshape") | m.Name("view"))))
                     if len(c.args) == 3]  # type: ignore[attr-defined]
-        for st in m.findall(node, m.Assign(targets=[m.AssignTarget(m.Tuple())])):
+        for st in findall(node, m.Assign(targets=[m.AssignTarget(m.Tuple())])):
             names = st.targets[0].target.elements  # type: ignore[attr-defined]
             value = st.value  # type: ignore[attr-defined]
             shape = m.Attribute(attr=m.Name("shape")) | m.Call(func=m.Attribute(attr=m.Name("size")), args=[])
@@ -193,6 +193,10 @@ class CheckpointModuleNames(Rule):
         "The port does too: the attribute is renamed wherever the class builds or reads it, and "
         "`load_weights` needs no renaming for it."
     )
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return bool(ctx.plan.module_renames)
+
     examples = [
         Example(
             "class Layer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, self_attr
+from porter.analysis.cstutil import findall, code, self_attr
 from porter.passes.base import Example, Rule
 
 HELPER = "tp_full_width_norm"
@@ -79,7 +79,7 @@ class FullWidthQkNorm(Rule):
         if node.name.value == "forward":
             # the flat per-rank q and k: the first two names a fused projection's split binds
             self._flat = set()
-            for st in m.findall(node, m.Assign(targets=[m.AssignTarget(m.Tuple())],
+            for st in findall(node, m.Assign(targets=[m.AssignTarget(m.Tuple())],
                                                value=m.Call(func=m.Attribute(attr=m.Name("split"))))):
                 els = st.targets[0].target.elements  # type: ignore[attr-defined]
                 if len(els) == 3:
