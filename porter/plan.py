@@ -194,6 +194,19 @@ def engine_has_activation_class(node: cst.CSTNode) -> bool:
     return key is not None and all(f"act_class_{key}" in t.symbols for t in targets().values())
 
 
+def packed_split_call(st: cst.CSTNode, attr: str) -> cst.Call | None:
+    """`q, k, v = self.attr(x)[.unsqueeze(..)].split(ARG, dim=...)`: the packed projection split in
+    one statement; returns the split call."""
+    if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple(
+            elements=[m.Element(m.Name()), m.Element(m.Name()), m.Element(m.Name())]))], value=m.Call(
+                func=m.Attribute(attr=m.Name("split"))))])):
+        return None
+    call = st.body[0].value  # type: ignore[attr-defined]
+    if not findall(call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))):
+        return None
+    return call
+
+
 def attention_call_names(idx: ModelIndex) -> set[str]:
     """Callables that are HF's attention op: `attention_interface`, or a module function taking
     (module, query, key, value, ...)."""
@@ -535,23 +548,12 @@ class Planner:
         kv_size = code(upper.right)
         return _heads(q_size, "self.head_dim"), _heads(kv_size, "self.head_dim")
 
-    def _split_of(self, st: cst.CSTNode, attr: str) -> cst.Call | None:
-        """`q, k, v = self.attr(x)[.unsqueeze(..)].split(ARG, dim=...)`: the split call."""
-        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple(
-                elements=[m.Element(m.Name()), m.Element(m.Name()), m.Element(m.Name())]))], value=m.Call(
-                    func=m.Attribute(attr=m.Name("split"))))])):
-            return None
-        call = st.body[0].value  # type: ignore[attr-defined]
-        if not findall(call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))):
-            return None
-        return call
-
     def split_qkv_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
         """`q, k, v = self.c_attn(x).split((Q, K, K), dim=-1)` (or a list of the three sizes), with
         Q = heads * head_dim and K = kv_heads * head_dim: heads and KV heads."""
         fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
         for st in findall(fwd, m.SimpleStatementLine()):
-            call = self._split_of(st, attr)
+            call = packed_split_call(st, attr)
             if call is None or not call.args:
                 continue
             sizes = call.args[0].value
@@ -572,8 +574,8 @@ class Planner:
             orelse = node.orelse  # type: ignore[attr-defined]
             if orelse is None or isinstance(orelse, cst.If):
                 continue
-            body_split = [c for st in node.body.body if (c := self._split_of(st, attr)) is not None]  # type: ignore[attr-defined]
-            else_split = [c for st in orelse.body.body if (c := self._split_of(st, attr)) is not None]
+            body_split = [c for st in node.body.body if (c := packed_split_call(st, attr)) is not None]  # type: ignore[attr-defined]
+            else_split = [c for st in orelse.body.body if (c := packed_split_call(st, attr)) is not None]
             if not (body_split and else_split):
                 continue
             views = findall(else_split[0], m.Call(func=m.Attribute(attr=m.Name("view"))))

@@ -173,16 +173,22 @@ class _KeepSelfAttention(cst.CSTTransformer):
         self.flags = flags
 
     def leave_If(self, original, updated):
-        arm = cross_attention_arm(updated.test, self.flags)
-        if arm is None:
-            return updated
-        if arm is False:
-            return cst.FlattenSentinel(list(updated.body.body))
-        if updated.orelse is None:
-            return cst.RemoveFromParent()
-        if isinstance(updated.orelse, cst.If):
-            return updated.orelse
-        return cst.FlattenSentinel(list(updated.orelse.body.body))
+        return self_attention_arm(updated, self.flags)
+
+
+def self_attention_arm(node: cst.If, flags: frozenset[str]):
+    """An `if` on a cross-attention flag -> what is left of it for self-attention (its false arm:
+    the body, the `elif`, or nothing); any other `if` unchanged."""
+    arm = cross_attention_arm(node.test, flags)
+    if arm is None:
+        return node
+    if arm is False:
+        return cst.FlattenSentinel(list(node.body.body))
+    if node.orelse is None:
+        return cst.RemoveFromParent()
+    if isinstance(node.orelse, cst.If):
+        return node.orelse
+    return cst.FlattenSentinel(list(node.orelse.body.body))
 
 
 def resolve_cross_attention(node, flags: frozenset[str]):

@@ -8,7 +8,7 @@ import libcst.matchers as m
 from porter.analysis.cstutil import findall, assigned_names, dotted, self_call_attr
 from porter.passes.base import Example, Rule
 from porter.passes.tp_norms import head_spanning_norms
-from porter.plan import attention_call_names, per_head_split_helper
+from porter.plan import attention_call_names, packed_split_call, per_head_split_helper
 
 
 def _append_to_init(fn: cst.FunctionDef, stmts: list[cst.BaseStatement]) -> cst.FunctionDef:
@@ -542,7 +542,7 @@ class FuseQkv(Rule):
                 continue
             stmts.append(st)
         for st in stmts:
-            split_call = self._split_call(st, attn.q)
+            split_call = packed_split_call(st, attn.q)
             if split_call is not None:
                 x = findall(split_call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q))))[0]
                 names = [e.value.value for e in st.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
@@ -587,18 +587,6 @@ class FuseQkv(Rule):
                                      construct=f"{attn.cls}.forward", rule=self.name)
         self.mark(f"{attn.cls}.forward")
         return fn.with_changes(body=fn.body.with_changes(body=body))
-
-    @staticmethod
-    def _split_call(st: cst.CSTNode, attr: str) -> cst.Call | None:
-        """`q, k, v = self.attr(x)[...].split(...)`: the packed projection split in one statement."""
-        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple(
-                elements=[m.Element(m.Name()), m.Element(m.Name()), m.Element(m.Name())]))], value=m.Call(
-                    func=m.Attribute(attr=m.Name("split"))))])):
-            return None
-        call = st.body[0].value  # type: ignore[attr-defined]
-        if not findall(call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))):
-            return None
-        return call
 
     def _init(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         body, done = [], False

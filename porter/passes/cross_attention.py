@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import libcst as cst
 
-from porter.analysis.cstutil import cross_attention_arm
+from porter.analysis.cstutil import self_attention_arm
 from porter.passes.base import Example, Rule
 
 
@@ -44,13 +43,4 @@ class DropCrossAttention(Rule):
     def leave_If(self, original, updated):
         if not self.kept(self.current_class):
             return updated
-        arm = cross_attention_arm(updated.test, self.ctx.table.cross_attention_flags)
-        if arm is None:
-            return updated
-        if arm is False:
-            return cst.FlattenSentinel(list(updated.body.body))
-        if updated.orelse is None:
-            return cst.RemoveFromParent()
-        if isinstance(updated.orelse, cst.If):
-            return updated.orelse
-        return cst.FlattenSentinel(list(updated.orelse.body.body))
+        return self_attention_arm(updated, self.ctx.table.cross_attention_flags)
