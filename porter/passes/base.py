@@ -44,6 +44,7 @@ class RewriteContext:
     removed_attrs: set[tuple[str, str]] = field(default_factory=set)  # (class, attr) modules removed
     removed_names: set[str] = field(default_factory=set)  # names bound by removed HF imports
     extra_taint: dict[str, set[str]] = field(default_factory=dict)  # class -> locals dropped by a rule
+    memo: dict = field(default_factory=dict)  # facts derived once per conversion from idx/plan
 
     def use(self, symbol: str) -> str:
         """Record that the port uses an engine symbol; returns the name to write in code."""

@@ -22,6 +22,14 @@ class HeadSpanningNorm:
 
 
 def head_spanning_norms(ctx, cls: str) -> dict[str, HeadSpanningNorm]:
+    """Cached per conversion: several rules ask for every call in an attention's forward."""
+    key = ("head_spanning_norms", cls)
+    if key not in ctx.memo:
+        ctx.memo[key] = _head_spanning_norms(ctx, cls)
+    return ctx.memo[key]
+
+
+def _head_spanning_norms(ctx, cls: str) -> dict[str, HeadSpanningNorm]:
     """Norm sub-modules of an attention class whose parameters span its heads, read from the HF
     source: built over the full output width of the q or k projection (`Norm(num_heads *
     head_dim)`), or with the head count among their arguments (`Norm((num_heads, head_dim))`,
