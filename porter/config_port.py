@@ -15,6 +15,7 @@ engine's transformers does not have is a one-line error with the config file's l
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,15 +113,28 @@ def engine_knows_model_type(engine_root: Path | None, model_type: str) -> bool:
     for name in ("auto_mappings.py", "configuration_auto.py"):
         path = engine_root / "models" / "auto" / name
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError):
+            st = path.stat()
+        except OSError:
             continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Tuple) and len(node.elts) == 2 and all(
-                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts) \
-                    and node.elts[0].value == model_type and node.elts[1].value.endswith("Config"):
-                return True
+        if model_type in _config_model_types(path, st.st_mtime_ns, st.st_size):
+            return True
     return False
+
+
+@functools.lru_cache(maxsize=8)
+def _config_model_types(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    """Model types an auto table maps to a `*Config` class: parsed once per process and version of
+    the engine's file (the engine's data, not the file being ported)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return frozenset()
+    return frozenset(
+        node.elts[0].value for node in ast.walk(tree)
+        if isinstance(node, ast.Tuple) and len(node.elts) == 2 and all(
+            isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts)
+        and node.elts[1].value.endswith("Config")
+    )
 
 
 def _module_names(path: Path) -> set[str] | None:
@@ -313,11 +327,14 @@ def ship_config(source, causal_lm: str, engine_root: Path | None) -> ShippedConf
     knows the config's model_type (then nothing is shipped)."""
     if source.config_path is None:
         return None
-    cls = config_class_of(source.text, causal_lm)
     cfg_path = Path(source.config_path)
     text = cfg_path.read_text(encoding="utf-8")
     tree = ast.parse(text)
     classes = _class_defs(tree)
+    if all(engine_knows_model_type(engine_root, t) for c in classes
+           if (t := class_model_type(tree, c)) is not None):
+        return None  # the engine knows every model_type the file declares: the usual case
+    cls = config_class_of(source.text, causal_lm)
     if cls is None or cls not in classes:
         # a config-only model type (exaone -> LlamaForCausalLM): the class of its own model_type
         cls = next((c for c in classes if class_model_type(tree, c) == source.model_type), None)

@@ -10,45 +10,58 @@ never imported.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
+
+
+@functools.lru_cache(maxsize=8)
+def _dict_items_cached(path: Path, mtime_ns: int, size: int) -> tuple[tuple[ast.AST | None, ast.AST], ...]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return ()
+    return tuple(pair for node in ast.walk(tree) if isinstance(node, ast.Dict)
+                 for pair in zip(node.keys, node.values))
+
+
+def _dict_items(path: Path) -> tuple[tuple[ast.AST | None, ast.AST], ...]:
+    """(key, value) of every dict literal in transformers' conversion mapping, in file order:
+    parsed once per process and version of the file (it is transformers' data, not the file
+    being ported; the nodes are only read)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return _dict_items_cached(path, st.st_mtime_ns, st.st_size)
 
 
 def weight_renamings(transformers_dir: Path | None, keys: list[str]) -> list[tuple[str, str]]:
     """(source regex, target) pairs registered under any of `keys` (model_type, class name)."""
     if transformers_dir is None:
         return []
-    path = transformers_dir / "conversion_mapping.py"
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return []
+    pairs = _dict_items(transformers_dir / "conversion_mapping.py")
     out: list[tuple[str, str]] = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Dict):
+    for key, value in pairs:
+        if not (isinstance(key, ast.Constant) and key.value in keys and isinstance(value, ast.List)):
             continue
-        for key, value in zip(node.keys, node.values):
-            if not (isinstance(key, ast.Constant) and key.value in keys and isinstance(value, ast.List)):
+        for call in value.elts:
+            if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "WeightRenaming"):
                 continue
-            for call in value.elts:
-                if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "WeightRenaming"):
-                    continue
-                kw = {k.arg: k.value for k in call.keywords}
-                args = list(call.args) + [kw.get("source_patterns"), kw.get("target_patterns")][len(call.args):]
-                src, dst = (args + [None, None])[:2]
-                if isinstance(src, ast.Constant) and isinstance(dst, ast.Constant) \
-                        and isinstance(src.value, str) and isinstance(dst.value, str):
-                    out.append((src.value, dst.value))
+            kw = {k.arg: k.value for k in call.keywords}
+            args = list(call.args) + [kw.get("source_patterns"), kw.get("target_patterns")][len(call.args):]
+            src, dst = (args + [None, None])[:2]
+            if isinstance(src, ast.Constant) and isinstance(dst, ast.Constant) \
+                    and isinstance(src.value, str) and isinstance(dst.value, str):
+                out.append((src.value, dst.value))
     if not out:
         # a model type without an entry of its own uses its base pattern's (granitemoeshared ->
         # granitemoe in _MODEL_TO_CONVERSION_PATTERN), as transformers does
         aliases = {}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Dict):
-                for key, value in zip(node.keys, node.values):
-                    if isinstance(key, ast.Constant) and isinstance(value, ast.Constant) \
-                            and isinstance(value.value, str) and key.value in keys:
-                        aliases.setdefault(key.value, value.value)
+        for key, value in pairs:
+            if isinstance(key, ast.Constant) and isinstance(value, ast.Constant) \
+                    and isinstance(value.value, str) and key.value in keys:
+                aliases.setdefault(key.value, value.value)
         base = [aliases[k] for k in keys if k in aliases]
         if base and base[0] not in keys:
             return weight_renamings(transformers_dir, base[:1])
@@ -61,22 +74,15 @@ def _conversion_entries(transformers_dir: Path | None, keys: list[str]) -> list[
     does when a model type has no entry of its own."""
     if transformers_dir is None:
         return []
-    try:
-        tree = ast.parse((transformers_dir / "conversion_mapping.py").read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return []
     entries: dict[str, list[ast.Call]] = {}
     aliases: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Dict):
+    for key, value in _dict_items(transformers_dir / "conversion_mapping.py"):
+        if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
             continue
-        for key, value in zip(node.keys, node.values):
-            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
-                continue
-            if isinstance(value, ast.List):
-                entries.setdefault(key.value, [c for c in value.elts if isinstance(c, ast.Call)])
-            elif isinstance(value, ast.Constant) and isinstance(value.value, str):
-                aliases.setdefault(key.value, value.value)
+        if isinstance(value, ast.List):
+            entries.setdefault(key.value, [c for c in value.elts if isinstance(c, ast.Call)])
+        elif isinstance(value, ast.Constant) and isinstance(value.value, str):
+            aliases.setdefault(key.value, value.value)
     for k in keys:
         if k in entries:
             return entries[k]

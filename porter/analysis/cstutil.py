@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import libcst as cst
 import libcst.matchers as m
 
@@ -30,28 +32,79 @@ def self_call_attr(node: cst.CSTNode) -> str | None:
     return None
 
 
-class _Collect(cst.CSTVisitor):
-    """Collects the nodes of one type in a tree with the leanest libcst visit: no per-attribute
-    hooks and no method lookup by name (m.findall's generic visitor costs twice as much)."""
+class _FieldOrder(cst.CSTVisitor):
+    """Records the order in which libcst visits one node's fields (its attribute hooks fire in
+    that order), without descending: read once per node type."""
 
-    def __init__(self, node_types: tuple[type, ...]) -> None:
+    def __init__(self, root: cst.CSTNode) -> None:
         super().__init__()
-        self.node_types = node_types
-        self.found: list[cst.CSTNode] = []
+        self.root = root
+        self.order: list[str] = []
 
     def on_visit(self, node: cst.CSTNode) -> bool:
-        if type(node) in self.node_types:
-            self.found.append(node)
-        return True
-
-    def on_leave(self, original_node: cst.CSTNode) -> None:
-        return None
+        return node is self.root
 
     def on_visit_attribute(self, node: cst.CSTNode, attribute: str) -> None:
-        return None
+        if node is self.root and attribute not in self.order:
+            self.order.append(attribute)
 
-    def on_leave_attribute(self, original_node: cst.CSTNode, attribute: str) -> None:
-        return None
+
+_DO_NOT_CARE = m.DoNotCare()
+_FIELD_ORDER: dict[type, tuple[str, ...]] = {}
+
+
+def _fields(node: cst.CSTNode) -> tuple[str, ...]:
+    kind = type(node)
+    order = _FIELD_ORDER.get(kind)
+    if order is None:
+        rec = _FieldOrder(node)
+        node.visit(rec)
+        order = _FIELD_ORDER[kind] = tuple(rec.order)
+    return order
+
+
+def walk(tree: cst.CSTNode, prune=None):
+    """Every node of `tree`, pre-order, in the order a libcst visitor meets them — read from the
+    nodes' fields instead of through `visit`, which rebuilds every node it passes (read-only
+    visitors too): several times faster. `prune(node)` -> the children to walk instead (or None
+    for all of them)."""
+    stack = [tree]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        yield node
+        kids = prune(node) if prune is not None else None
+        if kids is None:
+            kids = []
+            for name in _fields(node):
+                value = getattr(node, name)
+                if isinstance(value, cst.CSTNode):
+                    kids.append(value)
+                elif isinstance(value, (list, tuple)):
+                    kids.extend(v for v in value if isinstance(v, cst.CSTNode))
+        for kid in reversed(kids):
+            push(kid)
+
+
+_EXPRESSION_LEVEL = (cst.BaseExpression, cst.Parameters, cst.Decorator, cst.Annotation, cst.Arg)
+
+
+def statements(tree: cst.CSTNode):
+    """(node, nested) for every node of `tree` outside expressions, in libcst's order; `nested`:
+    inside a class or function body."""
+    stack: list[tuple[cst.CSTNode, bool]] = [(tree, False)]
+    while stack:
+        node, nested = stack.pop()
+        yield node, nested
+        inner = nested or type(node) in (cst.ClassDef, cst.FunctionDef)
+        kids = []
+        for name in _fields(node):
+            value = getattr(node, name)
+            if isinstance(value, cst.CSTNode):
+                kids.append(value)
+            elif isinstance(value, (list, tuple)):
+                kids.extend(v for v in value if isinstance(v, cst.CSTNode))
+        stack.extend((k, inner) for k in reversed(kids) if not isinstance(k, _EXPRESSION_LEVEL))
 
 
 def _node_types(matcher) -> tuple[type, ...]:
@@ -62,14 +115,53 @@ def _node_types(matcher) -> tuple[type, ...]:
 
 def findall(tree: cst.CSTNode, matcher: m.BaseMatcherNode) -> list[cst.CSTNode]:
     """`m.findall` for a node-type matcher (`m.Name()`, `m.Call(func=...)`, or a `|` of them): the
-    same nodes in the same order, found by a lean collector and then checked with `m.matches`."""
-    collector = _Collect(_node_types(matcher))
-    tree.visit(collector)
-    return [n for n in collector.found if m.matches(n, matcher)]
+    same nodes in the same order, found by a lean walk and then checked with `m.matches`."""
+    kinds = _node_types(matcher)
+    by_type = _by_type(tree)
+    if len(kinds) == 1:
+        found = by_type.get(kinds[0], ())
+    else:
+        found = sorted((p for k in set(kinds) for p in by_type.get(k, ())), key=lambda p: p[0])
+    if not isinstance(matcher, m.OneOf) and all(
+            getattr(matcher, f.name) is _DO_NOT_CARE for f in dataclasses.fields(matcher)):
+        return [n for _, n in found]  # a bare `m.Name()`: the type decides
+    return [n for _, n in found if m.matches(n, matcher)]
+
+
+_BY_TYPE: dict[int, tuple[cst.CSTNode, dict[type, list[tuple[int, cst.CSTNode]]]]] = {}
+
+
+def _by_type(tree: cst.CSTNode) -> dict[type, list[tuple[int, cst.CSTNode]]]:
+    """The nodes of `tree` grouped by type, with their walk positions. libcst nodes are immutable,
+    so this is built once per tree: the plan and the rules search the same classes and methods
+    for different things many times."""
+    hit = _BY_TYPE.get(id(tree))
+    if hit is not None and hit[0] is tree:
+        return hit[1]
+    groups: dict[type, list[tuple[int, cst.CSTNode]]] = {}
+    for pos, node in enumerate(walk(tree)):
+        groups.setdefault(type(node), []).append((pos, node))
+    if len(_BY_TYPE) > 5000:
+        _BY_TYPE.clear()
+    _BY_TYPE[id(tree)] = (tree, groups)
+    return groups
+
+
+_CODE: dict[int, tuple[cst.CSTNode, str]] = {}
+_EMPTY_MODULE = cst.Module(body=[])
 
 
 def code(node: cst.CSTNode) -> str:
-    return cst.Module(body=[]).code_for_node(node)
+    """The source of a node. libcst nodes are immutable, so one node's code is generated once
+    (rules ask for the same class or method's text many times)."""
+    hit = _CODE.get(id(node))
+    if hit is not None and hit[0] is node:
+        return hit[1]
+    text = _EMPTY_MODULE.code_for_node(node)
+    if len(_CODE) > 20000:
+        _CODE.clear()
+    _CODE[id(node)] = (node, text)
+    return text
 
 
 def expr(text: str) -> cst.BaseExpression:
@@ -80,28 +172,17 @@ def stmt(text: str) -> cst.BaseStatement:
     return cst.parse_statement(text)
 
 
-class _Names(_Collect):
-    """Bare names read in a tree: attribute tails and keyword-argument names are not reads."""
-
-    def __init__(self) -> None:
-        super().__init__((cst.Name,))
-        self.names: set[str] = set()
-
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        kind = type(node)
-        if kind is cst.Name:
-            self.names.add(node.value)  # type: ignore[attr-defined]
-        elif kind is cst.Attribute or kind is cst.Arg:
-            node.value.visit(self)  # type: ignore[attr-defined]
-            return False
-        return True
+def _read_part(node: cst.CSTNode):
+    # attribute tails and keyword-argument names are not reads: walk only the value
+    kind = type(node)
+    if kind is cst.Attribute or kind is cst.Arg:
+        return [node.value]  # type: ignore[attr-defined]
+    return None
 
 
 def names_in(node: cst.CSTNode) -> set[str]:
     """Every bare Name read in an expression (attribute tails excluded)."""
-    collector = _Names()
-    node.visit(collector)
-    return collector.names
+    return {n.value for n in walk(node, _read_part) if type(n) is cst.Name}  # type: ignore[attr-defined]
 
 
 def assigned_names(target: cst.BaseAssignTargetExpression) -> list[str]:

@@ -15,7 +15,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from porter.analysis.cstutil import dotted, find_method, self_attr
+from porter.analysis.cstutil import dotted, find_method, findall, self_attr, statements
 from porter.errors import PorterError
 
 LINEAR_NAMES = {"torch.nn.Linear"}
@@ -101,27 +101,40 @@ def parse(text: str, path: str) -> cst.Module:
         raise PorterError("source nests too deeply to parse", file=path) from None
 
 
-class _Indexer(cst.CSTVisitor):
+class _Indexer:
+    """Imports, top-level classes and functions: a walk over statements only (no expression
+    holds a statement), reading nodes' fields instead of a libcst visit that rebuilds them."""
+
     def __init__(self, ast_lines: dict[str, int]) -> None:
         self.ast_lines = ast_lines
         self.imports: dict[str, str] = {}
         self.classes: dict[str, ClassInfo] = {}
         self.functions: dict[str, cst.FunctionDef] = {}
         self.lines: dict[int, int] = {}
-        self._class_stack: list[cst.ClassDef] = []
-        self._func_depth = 0
 
-    def _line(self, node: cst.CSTNode) -> int:
-        name = getattr(getattr(node, "name", None), "value", None)
-        return self.ast_lines.get(f"class {name}", 0) if isinstance(node, cst.ClassDef) else 0
+    def run(self, module: cst.Module) -> None:
+        for node, nested in statements(module):
+            kind = type(node)
+            if kind is cst.Import:
+                self._import(node)
+            elif kind is cst.ImportFrom:
+                self._import_from(node)
+            elif kind is cst.ClassDef and not nested:
+                bases = [dotted(b.value) or "" for b in node.bases]
+                self.classes[node.name.value] = ClassInfo(
+                    name=node.name.value, node=node,
+                    line=self.ast_lines.get(f"class {node.name.value}", 0), bases=bases,
+                )
+            elif kind is cst.FunctionDef and not nested:
+                self.functions[node.name.value] = node
 
-    def visit_Import(self, node: cst.Import) -> None:
+    def _import(self, node: cst.Import) -> None:
         for alias in node.names:
             full = dotted(alias.name) or ""
             local = alias.asname.name.value if alias.asname else full.split(".")[0]
             self.imports[local] = full if alias.asname else local
 
-    def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
+    def _import_from(self, node: cst.ImportFrom) -> None:
         if isinstance(node.names, cst.ImportStar):
             return
         mod = "." * len(node.relative) + (dotted(node.module) or "")
@@ -130,32 +143,6 @@ class _Indexer(cst.CSTVisitor):
             local = alias.asname.name.value if alias.asname else name  # type: ignore[union-attr]
             sep = "" if mod.endswith(".") else "."
             self.imports[local] = f"{mod}{sep}{name}"
-
-    def visit_ClassDef(self, node: cst.ClassDef) -> None:
-        if not self._class_stack and not self._func_depth:
-            bases = [dotted(b.value) or "" for b in node.bases]
-            self.classes[node.name.value] = ClassInfo(
-                name=node.name.value, node=node, line=self._line(node), bases=bases
-            )
-        self._class_stack.append(node)
-
-    def leave_ClassDef(self, node: cst.ClassDef) -> None:
-        self._class_stack.pop()
-
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
-        self._line(node)
-        if not self._class_stack and not self._func_depth:
-            self.functions[node.name.value] = node
-        self._func_depth += 1
-
-    def leave_FunctionDef(self, node: cst.FunctionDef) -> None:
-        self._func_depth -= 1
-
-    def visit_Call(self, node: cst.Call) -> None:
-        self._line(node)
-
-    def visit_Assign(self, node: cst.Assign) -> None:
-        self._line(node)
 
 
 def _ast_facts(text: str) -> tuple[dict[str, int], frozenset[str]]:
@@ -192,7 +179,7 @@ def _ast_lines(tree: ast.Module) -> dict[str, int]:
 def build_index(module: cst.Module, path: str, text: str | None = None) -> ModelIndex:
     ast_lines, identifiers = _ast_facts(module.code if text is None else text)
     indexer = _Indexer(ast_lines)
-    module.visit(indexer)
+    indexer.run(module)
     idx = ModelIndex(
         path=path,
         module=module,
@@ -219,35 +206,32 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
     if init is None:
         return
 
-    class _V(cst.CSTVisitor):
-        def visit_Assign(self, node: cst.Assign) -> None:
-            if len(node.targets) != 1:
-                return
-            attr = self_attr(node.targets[0].target)
-            if attr is None:
-                return
-            value = node.value
-            in_list = False
-            if isinstance(value, cst.Call) and idx.qualify(dotted(value.func)) in MODULE_LIST_NAMES:
-                inner = value.args[0].value if value.args else None
-                if isinstance(inner, cst.ListComp) and isinstance(inner.elt, cst.Call):
-                    value, in_list = inner.elt, True
-            if not isinstance(value, cst.Call):
-                return
-            name = dotted(value.func) or table_class(idx, value.func)
-            if name is None:
-                return
-            ctor = name if name in idx.classes else (idx.qualify(name) or name)
-            if attr not in info.submodules:
-                info.submodules[attr] = Submodule(
-                    attr=attr,
-                    ctor=ctor,
-                    call=value,
-                    line=info.line,  # refined from Python's parser in build_index
-                    in_list=in_list,
-                )
-
-    init.visit(_V())
+    for node in findall(init, m.Assign()):
+        if len(node.targets) != 1:
+            continue
+        attr = self_attr(node.targets[0].target)
+        if attr is None:
+            continue
+        value = node.value
+        in_list = False
+        if isinstance(value, cst.Call) and idx.qualify(dotted(value.func)) in MODULE_LIST_NAMES:
+            inner = value.args[0].value if value.args else None
+            if isinstance(inner, cst.ListComp) and isinstance(inner.elt, cst.Call):
+                value, in_list = inner.elt, True
+        if not isinstance(value, cst.Call):
+            continue
+        name = dotted(value.func) or table_class(idx, value.func)
+        if name is None:
+            continue
+        ctor = name if name in idx.classes else (idx.qualify(name) or name)
+        if attr not in info.submodules:
+            info.submodules[attr] = Submodule(
+                attr=attr,
+                ctor=ctor,
+                call=value,
+                line=info.line,  # refined from Python's parser in build_index
+                in_list=in_list,
+            )
 
 
 EAGER_KEY = "eager"  # the attention implementation a port follows (its reference runs eager)

@@ -15,11 +15,19 @@ from typing import ClassVar
 
 import libcst as cst
 
+from porter.analysis.cstutil import _EXPRESSION_LEVEL
 from porter.analysis.index import ModelIndex
 from porter.plan import PortPlan
 from porter.rules_data import StripTable, Target
 
 REGISTRY: dict[str, type[Rule]] = {}
+
+# node kinds that contain statements, and node kinds that never do
+_STATEMENT_LEVEL = (
+    cst.Module, cst.BaseStatement, cst.BaseSmallStatement, cst.BaseSuite, cst.Else,
+    cst.ExceptHandler, cst.ExceptStarHandler, cst.Finally, cst.MatchCase,
+)
+
 
 
 @dataclass(frozen=True)
@@ -67,19 +75,31 @@ class Rule(cst.CSTTransformer):
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
+        # only handlers a rule defines: libcst's base classes define a no-op for every node type
+        own = {n for k in cls.__mro__ if issubclass(k, Rule) for n in vars(k)}
         cls._dispatch = (
-            {n[6:]: n for n in dir(cls) if n.startswith("visit_") and "_" not in n[6:]},
-            {n[6:]: n for n in dir(cls) if n.startswith("leave_") and "_" not in n[6:]},
+            {n[6:]: n for n in own if n.startswith("visit_") and "_" not in n[6:]},
+            {n[6:]: n for n in own if n.startswith("leave_") and "_" not in n[6:]},
         )
+        # a rule that handles statements only never needs to walk into an expression (no
+        # statement can occur inside one): most of a method's nodes are expressions
+        handled = {getattr(cst, t) for t in {*cls._dispatch[0], *cls._dispatch[1]}}
+        cls._skip_expressions = all(issubclass(t, _STATEMENT_LEVEL) for t in handled)
         if cls.code:
             if cls.code in REGISTRY and REGISTRY[cls.code] is not cls:
                 raise ValueError(f"duplicate rule code {cls.code}")
             REGISTRY[cls.code] = cls
 
+    @classmethod
+    def classes(cls, ctx: RewriteContext) -> set[str] | None:
+        """The only classes the rule can change (None: any kept class); the others are not walked."""
+        return None
+
     def __init__(self, ctx: RewriteContext) -> None:
         super().__init__()
         self.ctx = ctx
         self.plan = ctx.plan
+        self._only_classes = self.classes(ctx)
         self.scope: list[str] = []
         self.changed = False
 
@@ -90,6 +110,9 @@ class Rule(cst.CSTTransformer):
             return False
         if self.visits_dropped_code or len(self.scope) > 1:
             return True
+        only = self._only_classes
+        if only is not None and node.name.value not in only:
+            return False
         return node.name.value in self.plan.classes or (not self.plan.causal_lm)
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
@@ -135,7 +158,11 @@ class Rule(cst.CSTTransformer):
     # (built for every subclass in __init_subclass__, so subclasses with their own __init__ get it)
     _dispatch: ClassVar[tuple[dict[str, str], dict[str, str]]] = ({}, {})
 
+    _skip_expressions: ClassVar[bool] = False
+
     def on_visit(self, node) -> bool:
+        if self._skip_expressions and isinstance(node, _EXPRESSION_LEVEL):
+            return False
         name = self._dispatch[0].get(type(node).__name__)
         return name is None or getattr(self, name)(node) is not False
 

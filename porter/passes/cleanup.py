@@ -189,7 +189,8 @@ class ReplaceBaseClasses(Rule):
             # PreTrainedModel.__init__ stored the config; the port's classes read self.config
             self._config_arg = None
             cls = self.ctx.idx.classes[self.current_class]
-            if "self.config" in code(cls.node) and "self.config =" not in code(cls.node):
+            self_config = m.Attribute(value=m.Name("self"), attr=m.Name("config"))
+            if findall(cls.node, self_config) and not findall(cls.node, m.AssignTarget(self_config)):
                 return cst.FlattenSentinel([updated, cst.parse_statement(f"self.config = {code(config_arg)}\n")])
         t = self.ctx.table
         if m.matches(updated, m.SimpleStatementLine(body=[m.Expr(m.Call(func=m.Attribute(

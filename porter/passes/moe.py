@@ -78,6 +78,14 @@ class FusedMoe(Rule):
         ),
     ]
 
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return bool(ctx.plan.moes)
+
+    @classmethod
+    def classes(cls, ctx) -> set[str]:
+        return {p.cls for p in ctx.plan.moes}
+
     def leave_Assign(self, original, updated):
         mp = self.plan.moe(self.current_class or "")
         if mp is None or len(updated.targets) != 1:
@@ -155,7 +163,8 @@ class FlatTokens(Rule):
                 batch = [e.value.value for e in names[:2]]
                 if any([code(a.value) for a in c.args[:2]] == batch for c in restores):  # type: ignore[attr-defined]
                     self._batch |= set(batch)
-        return super().visit_FunctionDef(node)
+        # nothing to flatten in this method: its body need not be walked
+        return super().visit_FunctionDef(node) and bool(self._batch)
 
     def leave_Assign(self, original, updated):
         if not self.kept(self.current_class) or self.current_function != "forward":
