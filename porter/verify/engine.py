@@ -56,6 +56,9 @@ def _env(tp: int, pythonpath: list[Path], probe_dir: Path) -> dict:
         VLLM_WORKER_MULTIPROC_METHOD="spawn",
         PORTER_VERIFY_PROBE_DIR=str(probe_dir),
         TOKENIZERS_PARALLELISM="false",
+        # the engine core runs in this (already separate) process instead of spawning one more:
+        # 15 s less per start at TP=1, 7 s at TP=2 on this machine's 2 cores
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
     )
     ncpu = os.cpu_count() or 1
     if tp == 1:
