@@ -84,7 +84,15 @@ class Rule(cst.CSTTransformer):
         # a rule that handles statements only never needs to walk into an expression (no
         # statement can occur inside one): most of a method's nodes are expressions
         handled = {getattr(cst, t) for t in {*cls._dispatch[0], *cls._dispatch[1]}}
-        cls._skip_expressions = all(issubclass(t, _STATEMENT_LEVEL) for t in handled)
+        inner = {t for t in handled if not issubclass(t, _STATEMENT_LEVEL)}
+        if not inner:
+            cls._skip = _EXPRESSION_LEVEL
+        elif inner <= {cst.Param, cst.Parameters}:
+            # parameters are reached through a def's Parameters, never through an expression
+            # that matters (a lambda's parameters carry no annotations or defaults to rewrite)
+            cls._skip = tuple(k for k in _EXPRESSION_LEVEL if k is not cst.Parameters)
+        else:
+            cls._skip = ()
         if cls.code:
             if cls.code in REGISTRY and REGISTRY[cls.code] is not cls:
                 raise ValueError(f"duplicate rule code {cls.code}")
@@ -158,10 +166,10 @@ class Rule(cst.CSTTransformer):
     # (built for every subclass in __init_subclass__, so subclasses with their own __init__ get it)
     _dispatch: ClassVar[tuple[dict[str, str], dict[str, str]]] = ({}, {})
 
-    _skip_expressions: ClassVar[bool] = False
+    _skip: ClassVar[tuple[type, ...]] = ()  # node kinds that cannot hold what the rule handles
 
     def on_visit(self, node) -> bool:
-        if self._skip_expressions and isinstance(node, _EXPRESSION_LEVEL):
+        if self._skip and isinstance(node, self._skip):
             return False
         name = self._dispatch[0].get(type(node).__name__)
         return name is None or getattr(self, name)(node) is not False

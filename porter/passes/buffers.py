@@ -48,7 +48,7 @@ class DropUnusedBuffers(Rule):
             return super().leave_ClassDef(original, updated)
         methods = [st for st in updated.body.body if isinstance(st, cst.FunctionDef)]
         init = next((f for f in methods if f.name.value == "__init__"), None)
-        if init is None:
+        if init is None or not any(self._buffer_attr(st) for st in init.body.body):
             return super().leave_ClassDef(original, updated)
         read = {self_attr(a) for f in methods for a in findall(f, m.Attribute(value=m.Name("self")))
                 if f is not init} | {self_attr(a) for st in init.body.body

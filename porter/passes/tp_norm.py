@@ -84,7 +84,8 @@ class FullWidthQkNorm(Rule):
                 els = st.targets[0].target.elements  # type: ignore[attr-defined]
                 if len(els) == 3:
                     self._flat |= {e.value.value for e in els[:2] if isinstance(e.value, cst.Name)}
-        return super().visit_FunctionDef(node)
+        # only a forward that splits a fused projection has calls to rewrite
+        return super().visit_FunctionDef(node) and node.name.value == "forward" and bool(self._flat)
 
     def leave_Call(self, original, updated):
         if self.current_function != "forward" or not self.kept(self.current_class):
