@@ -190,6 +190,9 @@ def _convert_md(c: dict | None) -> list[str]:
            f"- whole zoo, both targets, one fresh `convert(...)` process (imports, writes): "
            f"**{c.get('cold_process_s', float('nan')):.2f} s**"
            + ("" if c.get("cold_ok", True) else " (failed)"),
+           f"- whole zoo, both targets, two fresh processes side by side (every other model each, "
+           f"both cores): **{c.get('cold_2proc_s', float('nan')):.2f} s**"
+           + ("" if c.get("cold_2proc_ok", True) else " (failed)"),
            f"- first conversion in a process (imports, caches): {c['first_call_s']:.2f} s", "",
            "| model | source file | vllm s (wall) | aphrodite s (wall) | vllm CPU s | aphrodite CPU s |",
            "|---|---|---:|---:|---:|---:|"]
