@@ -26,3 +26,4 @@ def test_llama_port_compiled_matches_hf():
     (r,) = report.results
     assert r.port.comparison is not None and r.port.comparison.max_delta <= THRESHOLD, text
     assert r.port.comparison.tokens_equal and r.class_ok, text
+    assert r.port.compilation_mode not in (None, "NONE"), r.port.compilation_mode  # really compiled

@@ -53,6 +53,9 @@ def test_port_matches_hf_at_tp1_and_tp2(model_type, capsys):
         )
         print(f"\n[verify wall] {model_type}: {wall:.1f}s for TP1+TP2 ({starts})")
     text = render_report(report, json=False)
+    # porter verify runs the port as plain eager PyTorch unless asked for --compile
+    assert all(r.port.compilation_mode == "NONE" for r in report.results if r.port.started), [
+        r.port.compilation_mode for r in report.results]
     assert report.exit_code == 0, (
         text
         + "\n"

@@ -84,6 +84,7 @@ def _side(run: EngineRun) -> EngineSide:
         wall_s=run.wall_s,
         engine_start_s=run.engine_start_s,
         log_tail=run.log_tail,
+        compilation_mode=run.compilation_mode,
     )
     classes = []
     for w in run.workers:
@@ -142,7 +143,7 @@ def _run(
         raise VerifyInputError(f"{info.package}/__init__.py does not parse: {e}") from e
 
     with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
-        _run_in(report, info, tps, against_native, say, Path(tmp))
+        _run_in(report, info, tps, against_native, say, Path(tmp), compile=compile)
     _verdict(report, info)
 
 
@@ -167,7 +168,7 @@ def hf_side(info: PortInfo, work: Path):
 
 def _run_in(
     report: VerifyReport, info: PortInfo, tps: list[int], against_native: bool, say: Progress,
-    tmp: Path,
+    tmp: Path, *, compile: bool,
 ) -> None:
     say(f"building tiny {info.model_type} reference")
     t0 = time.time()

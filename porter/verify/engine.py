@@ -46,6 +46,7 @@ class EngineRun:
     wall_s: float = 0.0
     engine_start_s: float | None = None
     log_tail: str = ""
+    compilation_mode: str | None = None
 
 
 def _env(tp: int, pythonpath: list[Path], probe_dir: Path) -> dict:
@@ -191,6 +192,7 @@ def run_engine(
             wall,
             res.get("engine_start_s"),
             log_tail,
+            res.get("compilation_mode"),
         )
 
 

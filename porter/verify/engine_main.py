@@ -85,6 +85,8 @@ def run(req: dict) -> dict:
         "workers": described,
         "results": results,
         "engine_start_s": round(t_start, 2),
+        # what the engine ran: NONE is plain eager PyTorch; anything else traced/compiled the model
+        "compilation_mode": llm.llm_engine.vllm_config.compilation_config.mode.name,
         "total_s": round(time.time() - t0, 2),
     }
 

@@ -29,6 +29,7 @@ class EngineSide:
     engine_start_s: float | None = None
     wall_s: float = 0.0
     log_tail: str = ""
+    compilation_mode: str | None = None  # the engine's CompilationMode name (NONE: eager)
 
     @property
     def unfilled(self) -> list[str]:
@@ -47,6 +48,7 @@ class EngineSide:
             "unwritten_fraction": self.unwritten,
             "comparison": self.comparison.to_dict() if self.comparison else None,
             "engine_start_s": self.engine_start_s,
+            "compilation_mode": self.compilation_mode,
             "wall_s": round(self.wall_s, 2),
         }
 
