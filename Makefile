@@ -42,6 +42,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check porter tests generated
+	$(BIN)/ruff check --extend-select A002 porter  # a parameter named like a builtin (compile) once hid a bug
 	$(BIN)/ruff format --check generated
 
 clean:

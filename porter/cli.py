@@ -95,7 +95,7 @@ def verify(
     target: str = typer.Option("vllm", help="vllm (engine run) | aphrodite (structural, no forward)"),
     tp: str = typer.Option("1,2", help="Tensor-parallel sizes, comma-separated."),
     against_native: bool = typer.Option(False, help="Also run the engine's native port on the same checkpoint."),
-    compile: bool = typer.Option(False, "--compile", help="Run the engine without enforce_eager: vLLM compiles the port's base model."),
+    compiled: bool = typer.Option(False, "--compile", help="Run the engine without enforce_eager: vLLM compiles the port's base model."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run the port in the real engine and compare with Hugging Face (exit 0 pass, 1 mismatch, 2 error)."""
@@ -119,7 +119,7 @@ def verify(
 
         code = structure.main([str(port_dir)] + (["--json"] if as_json else []))
         raise typer.Exit(code)
-    report = run_verify(port_dir, tps, against_native=against_native, compile=compile)
+    report = run_verify(port_dir, tps, against_native=against_native, compiled=compiled)
     print(render_report(report, json=as_json))
     raise typer.Exit(report.exit_code)
 

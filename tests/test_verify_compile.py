@@ -20,7 +20,7 @@ def test_llama_port_compiled_matches_hf():
     info = PortInfo.load(port_dir)
     assert any(r.startswith("PT052") for r in info.rules_applied)
     assert "@support_torch_compile(" in (port_dir / f"{info.module.replace('.', '/')}.py").read_text()
-    report = run_verify(port_dir, tps=[1], compile=True)
+    report = run_verify(port_dir, tps=[1], compiled=True)
     text = render_report(report, json=False)
     assert report.exit_code == 0, text
     (r,) = report.results

@@ -106,14 +106,14 @@ def run_verify(
     tps: list[int],
     against_native: bool = False,
     progress: Progress | None = None,
-    compile: bool = False,
+    compiled: bool = False,
 ) -> VerifyReport:
     port_dir = Path(port_dir)
     report = VerifyReport(port_dir=str(port_dir), tps=list(tps))
     t_all = time.time()
     with _progress_sink(progress) as say:
         try:
-            _run(report, port_dir, list(tps), against_native, say, compile)
+            _run(report, port_dir, list(tps), against_native, say, compiled)
         except VerifyInputError as e:
             report.exit_code, report.reason = EXIT_INPUT, str(e)
     report.timings["total"] = round(time.time() - t_all, 2)
@@ -122,7 +122,7 @@ def run_verify(
 
 def _run(
     report: VerifyReport, port_dir: Path, tps: list[int], against_native: bool, say: Progress,
-    compile: bool = False,
+    compiled: bool = False,
 ) -> None:
     if not tps or any(t < 1 for t in tps):
         raise VerifyInputError(f"bad TP list {tps}")
@@ -143,7 +143,7 @@ def _run(
         raise VerifyInputError(f"{info.package}/__init__.py does not parse: {e}") from e
 
     with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
-        _run_in(report, info, tps, against_native, say, Path(tmp), compile=compile)
+        _run_in(report, info, tps, against_native, say, Path(tmp), compiled=compiled)
     _verdict(report, info)
 
 
@@ -168,7 +168,7 @@ def hf_side(info: PortInfo, work: Path):
 
 def _run_in(
     report: VerifyReport, info: PortInfo, tps: list[int], against_native: bool, say: Progress,
-    tmp: Path, *, compile: bool,
+    tmp: Path, *, compiled: bool,
 ) -> None:
     say(f"building tiny {info.model_type} reference")
     t0 = time.time()
@@ -225,7 +225,7 @@ def _run_in(
             top_logprobs=spec.top_logprobs,
             max_model_len=max_model_len,
             progress=relay,
-            enforce_eager=not compile,
+            enforce_eager=not compiled,
         )
         side = _side(run)
         if run.ok:
