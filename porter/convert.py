@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
 from porter.passes import PASSES, RewriteContext
 from porter.passes.causal_lm import render
-from porter.plan import PortPlan, build_plan
+from porter.passes.inline_attention import inline_attention_calls
+from porter.plan import PortPlan, alibi_producers, build_plan
 from porter.rules_data import Target, get_target, strip_table
 from porter.config_port import config_class_for_type, ship_config
 from porter.source import Source, resolve, transformers_root
@@ -40,6 +42,8 @@ class Converted:
 
 def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
+    if "softmax" in source.text:  # PT150: inline attention -> one attention call, before indexing
+        module, _ = inline_attention_calls(module)
     idx = build_index(module, str(source.path), source.text)
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
@@ -58,7 +62,14 @@ def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
 
 
 def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, RewriteContext, list[str]]:
-    ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=target)
+    table = strip_table()
+    if alibi := {a.alibi for a in plan.attentions if a.alibi}:
+        # an ALiBi bias the engine's Attention adds itself (slopes, PT021): HF-only from here on
+        producers = alibi_producers(idx, plan)
+        table = dataclasses.replace(
+            table, strip_params=table.strip_params | alibi, hf_only_callables=table.hf_only_callables | producers,
+            drop_methods=table.drop_methods | {p.split(".", 1)[1] for p in producers if p.startswith("self.")})
+    ctx = RewriteContext(idx=idx, plan=plan, table=table, target=target)
     module = idx.module
     applied = []
     for rule_cls in PASSES:

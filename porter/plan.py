@@ -62,6 +62,8 @@ class AttentionPlan:
     # packed per head only when this attention attribute is false at run time (GPTBigCode: the
     # `if self.multi_query:` arm slices [q; k; v] by sizes, the other arm views per head)
     interleaved_unless: str | None = None
+    alibi: str | None = None  # forward parameter carrying an ALiBi bias (PT150 `alibi=`): slopes in the engine's Attention
+    alibi_scale: str | None = None  # the scale HF applies to scores and bias together (after the bias is added)
 
 
 @dataclass
@@ -107,6 +109,10 @@ class PortPlan:
         for key in ("moes", "module_renames", "transposed_linears"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
+        for a in d["attentions"]:
+            for key in ("alibi", "alibi_scale"):
+                if a[key] is None:
+                    del a[key]
         return d
 
     def attention(self, cls: str) -> AttentionPlan | None:
@@ -152,6 +158,14 @@ def _heads(out_features: str, head_dim: str) -> str:
     return f"({out_features}) // {head_dim}"
 
 
+def _strip_layout_calls(e: cst.BaseExpression) -> cst.BaseExpression:
+    """`x[..., 0, :].transpose(1, 2)` -> `x[..., 0, :]`: a head-layout change after the pick (Bloom)."""
+    while isinstance(e, cst.Call) and isinstance(e.func, cst.Attribute) \
+            and e.func.attr.value in ("transpose", "permute", "contiguous"):
+        e = e.func.value
+    return e
+
+
 def per_head_split_helper(info: ClassInfo, packed: str) -> str | None:
     """`qkv = self.packed(x); q, k, v = self._split_heads(qkv)` where the method views its input as
     `(..., heads, 3, head_dim)` and returns `x[..., 0, :], x[..., 1, :], x[..., 2, :]`: q/k/v
@@ -171,8 +185,11 @@ def per_head_split_helper(info: ClassInfo, packed: str) -> str | None:
         views = [c for c in findall(meth, m.Call(func=m.Attribute(attr=m.Name("view"))))
                  if len(c.args) >= 3 and code(c.args[-2].value) == "3"]  # type: ignore[attr-defined]
         rets = findall(meth, m.Return(value=m.Tuple()))
-        picks = [[code(sl.slice) for sl in el.value.slice] for r in rets for el in r.value.elements  # type: ignore[attr-defined]
-                 if isinstance(el.value, cst.Subscript)]
+        local = {n.targets[0].target.value: n.value for n in findall(meth, m.Assign(  # type: ignore[attr-defined]
+            targets=[m.AssignTarget(m.Name())]))}
+        picks = [[code(sl.slice) for sl in sub.slice] for r in rets for el in r.value.elements  # type: ignore[attr-defined]
+                 if isinstance(sub := _strip_layout_calls(local.get(el.value.value, el.value) if isinstance(
+                     el.value, cst.Name) else el.value), cst.Subscript)]
         if views and picks == [["...", "0", ":"], ["...", "1", ":"], ["...", "2", ":"]]:
             return helper
     return None
@@ -216,6 +233,21 @@ def attention_call_names(idx: ModelIndex) -> set[str]:
         if len(ps) >= 4 and ps[1].startswith("query") and ps[2].startswith("key"):
             names.add(fname)
     return names
+
+
+def alibi_producers(idx: ModelIndex, plan: PortPlan) -> set[str]:
+    """The callables whose result the kept forwards bind to an ALiBi bias name (`alibi =
+    self.build_alibi_tensor(mask, ...)`): the engine's Attention adds the bias from its slopes, so
+    they are HF-only in the port."""
+    names = {a.alibi for a in plan.attentions if a.alibi}
+    out: set[str] = set()
+    for cls in plan.classes if names else []:
+        fwd = idx.classes[cls].method("forward")
+        for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name(m.MatchIfTrue(lambda n: n in names)))],
+                                          value=m.Call())) if fwd else []:
+            if (name := dotted(node.value.func)) is not None:  # type: ignore[attr-defined]
+                out.add(name)
+    return out
 
 
 class Planner:
@@ -685,6 +717,8 @@ class Planner:
             rope=rope,
             rope_helper=rope_helper,
             line=info.line,
+            alibi=kw.get("alibi"),
+            alibi_scale=kw.get("alibi_scale"),
         )
 
 

@@ -130,6 +130,24 @@ class EngineRope(Rule):
         return updated
 
 
+ALIBI_HELPER = "alibi_slopes"
+_ALIBI_SRC = f'''
+def {ALIBI_HELPER}(total_num_heads: int, scale: float = 1.0) -> list[float]:
+    """ALiBi slopes of this tensor-parallel rank's heads: the geometric sequence 2^(-8i/n) for the
+    closest power of two n below the head count, then every other slope of 2n for the rest."""
+    closest = 1 << (total_num_heads.bit_length() - 1)
+    base = torch.tensor(2 ** (-8 / closest), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != total_num_heads:
+        extra_base = torch.tensor(2 ** (-4 / closest), dtype=torch.float32)
+        extra = min(closest, total_num_heads - closest)
+        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32))])
+    per_rank = total_num_heads // {{world}}()
+    start = {{rank}}() * per_rank
+    return (slopes[start : start + per_rank] * scale).tolist()
+'''
+
+
 class EngineAttention(Rule):
     descend_methods = frozenset({"forward"})
     code = "PT021"
@@ -213,6 +231,10 @@ class EngineAttention(Rule):
         qkv = attn.q if attn.packed else "qkv_proj"
         if attn.softcap:
             sw += f"logits_soft_cap={attn.softcap}, "
+        if attn.alibi:
+            scale = f", {attn.alibi_scale}" if attn.alibi_scale else ""
+            sw += f"alibi_slopes={ALIBI_HELPER}(self.{qkv}.total_num_heads{scale}), "
+            self._alibi = True
         st = cst.parse_statement(
             f"self.attn = {self.ctx.use('Attention')}(self.{qkv}.num_heads, {attn.head_dim}, "
             f"scale={attn.scale}, num_kv_heads=self.{qkv}.num_kv_heads, cache_config=cache_config, "
@@ -240,6 +262,16 @@ class EngineAttention(Rule):
 
     def _attn_names(self) -> set[str]:
         return attention_call_names(self.ctx.idx)  # the planner's own definition
+
+    def leave_Module(self, original, updated):
+        if not getattr(self, "_alibi", False):
+            return updated
+        src = _ALIBI_SRC.format(world=self.ctx.use("get_tensor_model_parallel_world_size"),
+                                rank=self.ctx.use("get_tensor_model_parallel_rank"))
+        self.mark(ALIBI_HELPER)
+        helper = [st.with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine()]) if i == 0 else st
+                  for i, st in enumerate(cst.parse_module(src).body)]
+        return updated.with_changes(body=[*updated.body, *helper])
 
 
 class FlattenHeads(Rule):

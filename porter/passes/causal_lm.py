@@ -366,16 +366,22 @@ class PruneUnreachable(Rule):
                 names_of[id(st)] = {n.value for part in parts for n in findall(part, m.Name())}  # type: ignore[attr-defined]
             return names_of[id(st)]
 
+        def function_class(st) -> bool:
+            """A `torch.autograd.Function` subclass: a function in class form (Bloom's GeLU), kept when called."""
+            return isinstance(st, cst.ClassDef) and any(
+                (dotted(b.value) or "").endswith("autograd.Function") for b in st.bases)
+
         while True:
             used: set[str] = set()
             for st in body:
-                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
+                if isinstance(st, cst.ClassDef) and st.name.value not in keep and not function_class(st):
                     continue
                 if isinstance(st, (cst.ClassDef, cst.FunctionDef)):
                     used |= names(st)
             new_body = []
             for st in body:
-                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
+                if isinstance(st, cst.ClassDef) and st.name.value not in keep and not (
+                        function_class(st) and st.name.value in used):
                     continue
                 if isinstance(st, cst.FunctionDef) and st.name.value not in used:
                     continue
