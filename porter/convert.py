@@ -43,7 +43,7 @@ class Converted:
 def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
     if "softmax" in source.text:  # PT150: inline attention -> one attention call, before indexing
-        module, _ = inline_attention_calls(module)
+        module = inline_attention_calls(module)
     idx = build_index(module, str(source.path), source.text)
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None

@@ -422,6 +422,15 @@ class Planner:
                     construct=f"{name}.forward: {', '.join(ctors) or 'projections not found'}", rule="fuse-qkv")
         for name in classes:
             for meth in self.idx.classes[name].node.body.body:
+                if not isinstance(meth, cst.FunctionDef) or meth.name.value == "forward":
+                    continue
+                for call in findall(meth, m.Call()):
+                    if dotted(call.func) in attn_names:  # type: ignore[attr-defined]
+                        return self.idx.error(
+                            "attention computed in a helper method, not in forward: no rule inlines it "
+                            "into forward", call, construct=f"{name}.{meth.name.value}", rule="engine-attention")
+        for name in classes:
+            for meth in self.idx.classes[name].node.body.body:
                 if not isinstance(meth, cst.FunctionDef):
                     continue
                 for call in findall(meth, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))):
@@ -690,6 +699,12 @@ class Planner:
                     and fname not in self.attention_call_names():
                 rope_helper = fname
         rope = None
+        if rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4:
+            call = next(c for c in findall(fwd, m.Call(func=m.Name(rope_helper))))
+            raise self.idx.error(
+                "rotary applied one tensor per call (q and k rotated separately, cos/sin from a "
+                "sinusoidal buffer): no rule maps it to the engine's get_rope", call,
+                construct=f"{info.name}.forward: {rope_helper}", rule="engine-rope")
         if rope_helper:
             rope = "neox"
             helper_text = code(self.idx.functions[rope_helper])

@@ -98,6 +98,11 @@ def _tensor_roots(e: cst.BaseExpression) -> set[str]:
     return {root} if root else set()
 
 
+def _nlines(node: cst.CSTNode) -> int:
+    """Source lines a statement spans, with its leading comments and blank lines."""
+    return len(cst.Module(body=[]).code_for_node(node).splitlines())
+
+
 def _mul(a: str | None, b: str) -> str:
     return b if a is None else f"{a} * {b}"
 
@@ -118,6 +123,7 @@ class InlineEagerAttention(Rule):
         "`alibi=` (with `alibi_scale=` when the scale is applied after it)."
     )
     visits_dropped_code = True
+    keep_lines = False  # True before indexing: removed lines become blank lines, so later lines keep their number
 
     examples = [
         Example(
@@ -169,6 +175,7 @@ class InlineEagerAttention(Rule):
         self._methods = {st.name.value for st in node.body.body if isinstance(st, cst.FunctionDef)}
         self._dropouts: set[str] = set()
         self._region_calls: set[str] = set()
+        self._helpers: dict[str, tuple[list[cst.Param], cst.Call]] = {}
         for a in findall(node, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
                                         value=m.Call(func=m.Attribute(attr=m.Name("Dropout")) | m.Name("Dropout")))):
             self._dropouts.add(a.targets[0].target.attr.value)  # type: ignore[attr-defined]
@@ -180,6 +187,48 @@ class InlineEagerAttention(Rule):
         body = list(updated.body)
         new = self.rewrite_block(body, self._params)
         return updated if new is None else updated.with_changes(body=new)
+
+    def leave_FunctionDef(self, original, updated):
+        if len(self.scope) == 2:
+            self._note_attention_helper(updated)
+        return super().leave_FunctionDef(original, updated)
+
+    def _note_attention_helper(self, fn: cst.FunctionDef) -> None:
+        """A method that now only returns an attention call (`a, w = attention_interface(self, q, k, v, mask, ...)`,
+        `return a, w`: GPT-J's `_attn`): its callers in the class get the call itself."""
+        body = [st for st in fn.body.body if not m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))]
+        if len(body) != 2 or not m.matches(body[0], m.SimpleStatementLine(body=[m.Assign(
+                targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Name("attention_interface")))])):
+            return
+        assign = body[0].body[0]  # type: ignore[attr-defined]
+        if not m.matches(body[1], m.SimpleStatementLine(body=[m.Return(m.Tuple())])) or \
+                code(body[1].body[0].value) != code(assign.targets[0].target):  # type: ignore[attr-defined]
+            return
+        p = fn.params
+        params = [x for x in (*p.posonly_params, *p.params)][1:]
+        self._helpers[fn.name.value] = (params, assign.value)
+
+    def leave_Call(self, original, updated):
+        name = self_call_attr(updated)
+        if name not in getattr(self, "_helpers", {}) or self.current_function == name:
+            return updated
+        params, call = self._helpers[name]
+        pos = [a.value for a in updated.args if a.keyword is None]
+        kw = {a.keyword.value: a.value for a in updated.args if a.keyword is not None}
+        bound: dict[str, cst.BaseExpression] = {}
+        for i, prm in enumerate(params):
+            value = pos[i] if i < len(pos) else kw.get(prm.name.value, prm.default)
+            if value is None:
+                return updated
+            bound[prm.name.value] = value
+
+        class _Bind(cst.CSTTransformer):
+            def leave_Name(self, original_node, updated_node):
+                return bound.get(updated_node.value, updated_node)
+
+        new_args = [a.with_changes(value=a.value.visit(_Bind())) if i > 0 else a for i, a in enumerate(call.args)]
+        self._region_calls.add(name)  # the helper goes once nothing calls it
+        return call.with_changes(args=new_args)
 
     def visit_FunctionDef(self, node):
         if len(self.scope) == 1:
@@ -277,9 +326,18 @@ class InlineEagerAttention(Rule):
         if scale is False:
             return None
         first = min(region)
+        inner = set().union(*(_writes(body[k]) for k in region))
         for k in range(first, end + 1):
-            if k not in region and _writes(body[k]) & (set(qk) | {v_name} | derived | set(out_names)):
+            if k in region:
+                continue
+            if _writes(body[k]) & (set(qk) | {v_name} | derived | set(out_names)):
                 return None
+            if names_in(body[k]) & inner:  # `input_dtype = scores.dtype`: goes with the region if nothing else reads it
+                small = _simple_assign(body[k])
+                outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j != k))
+                if small is None or _target(small) in outside:
+                    return None
+                region.add(k)
         args = f"self, {qk[0]}, {qk[1]}, {v_name}, {mask or 'None'}"
         if scale is not None:
             args += f", scaling={scale}"
@@ -288,7 +346,13 @@ class InlineEagerAttention(Rule):
             if alibi_scaled and scale is not None:
                 args += f", alibi_scale={scale}"
         call = cst.parse_statement(f"{out_names[-1]}, {probs} = attention_interface({args})\n")
-        call = call.with_changes(leading_lines=body[first].leading_lines)
+        # blank lines keep every later line where it was in the source (errors name source lines;
+        # the port is formatted afterwards)
+        if self.keep_lines:
+            spanned = sum(_nlines(body[k]) for k in region)
+            call = call.with_changes(leading_lines=[cst.EmptyLine()] * max(0, spanned - 1))
+        else:
+            call = call.with_changes(leading_lines=body[first].leading_lines)
         out: list[cst.BaseStatement] = []
         for k, st in enumerate(body):
             if k == end:
@@ -304,9 +368,20 @@ class InlineEagerAttention(Rule):
         if len(self.scope) == 1 and self._region_calls:
             still = {self_call_attr(c) for c in findall(updated, m.Call())}
             gone = self._region_calls - still
-            body = [st for st in updated.body.body if not (isinstance(st, cst.FunctionDef) and st.name.value in gone)]
-            if body and body[0] is not updated.body.body[0] and isinstance(body[0], cst.FunctionDef):
+            body: list[cst.BaseStatement] = []
+            pad = 0
+            for st in updated.body.body:
+                if isinstance(st, cst.FunctionDef) and st.name.value in gone:
+                    pad += _nlines(st)
+                    continue
+                if pad and self.keep_lines:
+                    st = st.with_changes(leading_lines=[*([cst.EmptyLine()] * pad), *st.leading_lines])
+                    pad = 0
+                body.append(st)
+            if not self.keep_lines and body and body[0] is not updated.body.body[0] and isinstance(body[0], cst.FunctionDef):
                 body[0] = body[0].with_changes(leading_lines=())
+            if pad and self.keep_lines:  # the last method: nothing after it in the class to hold its lines
+                return super().leave_ClassDef(original, updated)
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
             self._region_calls = set()
         return super().leave_ClassDef(original, updated)
@@ -357,10 +432,11 @@ class InlineEagerAttention(Rule):
         return scale, alibi, alibi_scaled, mask
 
 
-def inline_attention_calls(module: cst.Module) -> tuple[cst.Module, dict[str, set[str]]]:
-    """Run PT150 on a parsed module before it is indexed; returns the module and the scopes changed."""
+def inline_attention_calls(module: cst.Module) -> cst.Module:
+    """Run PT150 on a parsed module before it is indexed (lines of the source kept)."""
     from types import SimpleNamespace
 
     ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
-    out = module.visit(InlineEagerAttention(ctx))  # type: ignore[arg-type]
-    return out, ctx.provenance
+    rule = InlineEagerAttention(ctx)  # type: ignore[arg-type]
+    rule.keep_lines = True
+    return module.visit(rule)
