@@ -64,6 +64,8 @@ class AttentionPlan:
     interleaved_unless: str | None = None
     alibi: str | None = None  # forward parameter carrying an ALiBi bias (PT150 `alibi=`): slopes in the engine's Attention
     alibi_scale: str | None = None  # the scale HF applies to scores and bias together (after the bias is added)
+    rope_theta: str | None = None  # rotary from a sinusoidal table built in the source (GPT-J): its base
+    rope_dim: str | None = None  # ... and how many dims of each head it rotates
 
 
 @dataclass
@@ -110,7 +112,7 @@ class PortPlan:
             if not d[key]:
                 del d[key]
         for a in d["attentions"]:
-            for key in ("alibi", "alibi_scale"):
+            for key in ("alibi", "alibi_scale", "rope_theta", "rope_dim"):
                 if a[key] is None:
                     del a[key]
         return d
@@ -699,7 +701,11 @@ class Planner:
                     and fname not in self.attention_call_names():
                 rope_helper = fname
         rope = None
-        if rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4:
+        rope_theta = rope_dim = None
+        if rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4 and \
+                (sinusoid := self.sinusoidal_rope(info, rope_helper)) is not None:
+            rope_theta, rope_dim = sinusoid
+        elif rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4:
             call = next(c for c in findall(fwd, m.Call(func=m.Name(rope_helper))))
             raise self.idx.error(
                 "rotary applied one tensor per call (q and k rotated separately, cos/sin from a "
@@ -709,7 +715,9 @@ class Planner:
             rope = "neox"
             helper_text = code(self.idx.functions[rope_helper])
             rot = self.idx.functions.get("rotate_half")
-            if "::2" in helper_text or (rot is not None and "::2" in code(rot)):
+            called = [self.idx.functions[c.func.value] for c in findall(self.idx.functions[rope_helper], m.Call(  # type: ignore[attr-defined]
+                func=m.Name())) if c.func.value in self.idx.functions]  # type: ignore[attr-defined]
+            if "::2" in helper_text or (rot is not None and "::2" in code(rot)) or any("::2" in code(f) for f in called):
                 rope = "gptj"
         init_params = param_names(info.method("__init__"))
         if rope and "config" not in init_params:
@@ -734,7 +742,41 @@ class Planner:
             line=info.line,
             alibi=kw.get("alibi"),
             alibi_scale=kw.get("alibi_scale"),
+            rope_theta=rope_theta,
+            rope_dim=rope_dim,
         )
+
+    def sinusoidal_rope(self, info: ClassInfo, helper: str) -> tuple[str, str] | None:
+        """(theta, rotary dims) of a rotary applied one tensor per call (`k_rot = helper(k_rot, sin, cos)`)
+        from a sinusoidal table built in `__init__` (`self.embed_positions = nn.Buffer(make_table(max_pos,
+        dim))`, where make_table computes `1.0 / (THETA ** (torch.arange(0, dim, 2) / dim))`).
+        The rotary dims: the bound of the slice the helper's input is cut with (`key[..., : self.rotary_dim]`),
+        `or` the head size when an `if X is not None` chooses between the slice and the whole head."""
+        init, fwd = info.method("__init__"), info.method("forward")
+        theta = None
+        for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+                                           value=m.Call())) if init else []:
+            for c in findall(node.value, m.Call(func=m.Name())):  # type: ignore[attr-defined]
+                fn = self.idx.functions.get(c.func.value)  # type: ignore[attr-defined]
+                pows = findall(fn, m.BinaryOperation(left=m.Integer() | m.Float(), operator=m.Power())) if fn else []
+                if fn is not None and pows and findall(fn, m.Call(func=m.Attribute(attr=m.Name("sin")))):
+                    theta = code(pows[0].left)  # type: ignore[attr-defined]
+        if theta is None or fwd is None:
+            return None
+        rotated = {code(c.args[0].value) for c in findall(fwd, m.Call(func=m.Name(helper)))}  # type: ignore[attr-defined]
+        local = self._locals(fwd)
+        dims = None
+        for name in sorted(rotated):
+            value = local.get(name)
+            if isinstance(value, cst.Subscript) and isinstance(sl := value.slice[-1].slice, cst.Slice) \
+                    and sl.lower is None and sl.upper is not None:
+                dims = code(sl.upper)
+        hd = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
+        if dims is None:
+            return theta, hd
+        guarded = findall(fwd, m.If(test=m.Comparison(left=m.MatchIfTrue(lambda e: code(e) == dims),
+                                                       comparisons=[m.ComparisonTarget(m.IsNot(), m.Name("None"))])))
+        return theta, f"{dims} or {hd}" if guarded else dims
 
 
 def build_plan(idx: ModelIndex, table: StripTable, model_type: str, source: str,

@@ -10,9 +10,6 @@ from conftest import run_porter
 
 # model_type -> (class or method the line must name, construct in the message)
 BLOCKED = {
-    # the table resolves to GPTJAttention (PT122); PT150 turns its `_attn` into an attention call
-    # inlined into forward; its rotary (sinusoidal buffer, one tensor per helper call) has no rule
-    "gptj": ("GPTJAttention.forward", "rotary applied one tensor per call"),
     # the table resolves to FalconAttention; PT150 maps its inline arms, but its q/k/v come from
     # FalconLinear (an nn.Linear subclass) split by config-chosen layouts
     "falcon": ("FalconAttention.forward", "q/k/v come from no nn.Linear"),
