@@ -453,10 +453,13 @@ class EngineImports(Rule):
                 f"the port would still use transformers' {', '.join(leftover)}: no rule replaces it",
                 self._first_use(leftover[0]), construct=leftover[0], rule=self.name)
         header, rest = [], []
+        # a name the engine's import binds (Bloom's `from torch.nn import LayerNorm` beside the engine's LayerNorm)
+        engine_names = {self.ctx.target.symbols[s].split(":")[1] for s in self.ctx.engine_symbols} & used
         for st in updated.body:
             if m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
                 imp = st.body[0]  # type: ignore[attr-defined]
-                names = [a for a in imp.names if (a.asname.name.value if a.asname else (dotted(a.name) or "").split(".")[0]) in used] \
+                names = [a for a in imp.names if (bound := (a.asname.name.value if a.asname else (dotted(a.name) or "").split(".")[0])) in used
+                         and bound not in engine_names] \
                     if not isinstance(imp.names, cst.ImportStar) else imp.names
                 if names:
                     names = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in names]
