@@ -42,7 +42,7 @@ class Converted:
 
 def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
-    if "softmax" in source.text:  # PT150: inline attention -> one attention call, before indexing
+    if "softmax" in source.text or "_attn_implementation" in source.text:  # PT152, PT150: before indexing
         module = inline_attention_calls(module)
     idx = build_index(module, str(source.path), source.text)
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)

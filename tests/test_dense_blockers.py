@@ -10,9 +10,10 @@ from conftest import run_porter
 
 # model_type -> (class or method the line must name, construct in the message)
 BLOCKED = {
-    # the table resolves to FalconAttention; PT150 maps its inline arms, but its q/k/v come from
-    # FalconLinear (an nn.Linear subclass) split by config-chosen layouts
-    "falcon": ("FalconAttention.forward", "q/k/v come from no nn.Linear"),
+    # the table resolves to FalconAttention; PT152 keeps its eager arms, PT150 maps them to attention
+    # calls, FalconLinear is a plain linear; its fused projection is split by `_split_heads` in one
+    # of three layouts chosen by the config at run time (grouped / multi-query / per head)
+    "falcon": ("FalconAttention.forward", "not sliced into q, k, v by head counts"),
 }
 
 

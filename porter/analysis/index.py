@@ -15,7 +15,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from porter.analysis.cstutil import dotted, find_method, self_attr
+from porter.analysis.cstutil import dotted, find_method, findall, self_attr
 from porter.errors import PorterError
 
 LINEAR_NAMES = {"torch.nn.Linear"}
@@ -238,6 +238,8 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
             if name is None:
                 return
             ctor = name if name in idx.classes else (idx.qualify(name) or name)
+            if ctor in idx.classes and plain_linear_subclass(idx, idx.classes[ctor]):
+                ctor = "torch.nn.Linear"  # Falcon's FalconLinear: nn.Linear's own computation
             if attr not in info.submodules:
                 info.submodules[attr] = Submodule(
                     attr=attr,
@@ -248,6 +250,20 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
                 )
 
     init.visit(_V())
+
+
+def plain_linear_subclass(idx: ModelIndex, info: ClassInfo) -> bool:
+    """A file class deriving nn.Linear whose forward computes what nn.Linear does (`x @ self.weight.T`,
+    plus `self.bias` when there is one): the engine's parallel linears stand in for it."""
+    if not any(idx.qualify(b) in LINEAR_NAMES for b in info.bases):
+        return False
+    fwd = info.method("forward")
+    methods = {st.name.value for st in info.node.body.body if isinstance(st, cst.FunctionDef)}
+    if fwd is None or methods != {"forward"}:
+        return False
+    weight_t = m.BinaryOperation(operator=m.MatrixMultiply(), right=m.Attribute(
+        value=m.Attribute(value=m.Name("self"), attr=m.Name("weight")), attr=m.Name("T")))
+    return bool(findall(fwd, weight_t)) and not findall(fwd, m.Call())
 
 
 EAGER_KEY = "eager"  # the attention implementation a port follows (its reference runs eager)

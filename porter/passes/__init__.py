@@ -7,7 +7,7 @@ from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
 from porter.passes.cross_attention import DropCrossAttention
 from porter.passes.inline_attention_arm import PreferAttentionFunction
-from porter.passes.inline_attention import InlineEagerAttention  # noqa: F401  (runs before indexing: convert.analyse)
+from porter.passes.inline_attention import EagerArm, InlineEagerAttention  # noqa: F401  (runs before indexing: convert.analyse)
 from porter.passes.input_checks import DropInputChecks
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow

@@ -432,11 +432,61 @@ class InlineEagerAttention(Rule):
         return scale, alibi, alibi_scaled, mask
 
 
+def _non_eager_test(test: cst.BaseExpression) -> bool:
+    """`self.config._attn_implementation == "sdpa"` (possibly `and ...`): false in the eager reference."""
+    impl = m.Comparison(left=m.Attribute(attr=m.Name("_attn_implementation")), comparisons=[
+        m.ComparisonTarget(m.Equal(), m.SimpleString(m.MatchIfTrue(lambda s: s.strip("\"'") != "eager")))])
+    return m.matches(test, impl) or (m.matches(test, m.BooleanOperation(operator=m.And()))
+                                     and (_non_eager_test(test.left) or _non_eager_test(test.right)))  # type: ignore[attr-defined]
+
+
+class EagerArm(Rule):
+    code = "PT152"
+    name = "eager-arm"
+    why = (
+        "Some attentions branch on the attention implementation inside forward (`if "
+        "self.config._attn_implementation == \"sdpa\" and not output_attentions: ... "
+        "scaled_dot_product_attention(...) else: <inline eager attention>`, Falcon). The port follows "
+        "HF's eager reference, as it does for attention class tables (PT122): a test that a non-eager "
+        "implementation is active is false, and the `if` becomes its `else` arm."
+    )
+    visits_dropped_code = True
+    keep_lines = False
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
+            "        if self.config._attn_implementation == \"sdpa\" and not self.flag:\n"
+            "            out = F.scaled_dot_product_attention(q, k, v)\n"
+            "        else:\n            out = self.eager(q, k, v, mask)\n        return out\n",
+            "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
+            "        out = self.eager(q, k, v, mask)\n        return out\n",
+        )
+    ]
+
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return "_attn_implementation" in ctx.idx.identifiers
+
+    def leave_If(self, original, updated):
+        if len(self.scope) < 2 or not _non_eager_test(updated.test) or updated.orelse is None \
+                or isinstance(updated.orelse, cst.If):
+            return updated
+        body = list(updated.orelse.body.body)
+        if self.keep_lines:  # the removed lines become blank lines before the arm
+            gone = _nlines(updated) - sum(_nlines(st) for st in body)
+            body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
+        else:
+            body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
+        return cst.FlattenSentinel(body)
+
+
 def inline_attention_calls(module: cst.Module) -> cst.Module:
-    """Run PT150 on a parsed module before it is indexed (lines of the source kept)."""
+    """Run PT152 and PT150 on a parsed module before it is indexed (lines of the source kept)."""
     from types import SimpleNamespace
 
-    ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
-    rule = InlineEagerAttention(ctx)  # type: ignore[arg-type]
-    rule.keep_lines = True
-    return module.visit(rule)
+    for rule_cls in (EagerArm, InlineEagerAttention):
+        ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
+        rule = rule_cls(ctx)  # type: ignore[arg-type]
+        rule.keep_lines = True
+        module = module.visit(rule)
+    return module
