@@ -114,7 +114,8 @@ class CausalLmInterface(Rule):
         if plan.lm_head and plan.lm_head in info.submodules:
             lm_head_bias = linear_args(info.submodules[plan.lm_head].call)[2] != "False"
         methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
-                         lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias)
+                         lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias,
+                         base_positions=self._base_takes_positions())
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
@@ -213,6 +214,20 @@ class CausalLmInterface(Rule):
     def _unportable(self, node):
         return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",
                                   construct=f"{self.plan.causal_lm}.forward", rule=self.name)
+
+    def visit_Module(self, node):
+        self._module = node
+        return super().visit_Module(node) if hasattr(super(), "visit_Module") else True
+
+    def _base_takes_positions(self) -> bool:
+        """The base model's forward (as the earlier rules left it) has a `positions` parameter; one
+        without positional encoding in its layers (Bloom: ALiBi in the Attention) has none."""
+        base = self.plan.top_classes[0] if self.plan.top_classes else None
+        for st in getattr(self, "_module", cst.Module(body=[])).body:
+            if isinstance(st, cst.ClassDef) and st.name.value == base:
+                fwd = find_method(st, "forward")
+                return fwd is None or "positions" in param_names(fwd)
+        return True
 
     def _base_call(self, info) -> str | None:
         fwd = info.method("forward")
