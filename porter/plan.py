@@ -316,7 +316,12 @@ class Planner:
 
     def is_rotary(self, info: ClassInfo) -> bool:
         init = info.method("__init__")
-        return init is not None and "inv_freq" in code(init) and info.method("forward") is not None
+        if init is None or info.method("forward") is None:
+            return False
+        # inverse frequencies, or a sinusoidal table it gathers sin/cos from (GPT-J in transformers 5.24;
+        # in 5.19 the attention itself builds the table)
+        return "inv_freq" in code(init) or (self.sinusoid_theta(info) is not None
+                                            and not self.holds_projections(info.name))
 
     def attention_call_names(self) -> set[str]:
         return attention_call_names(self.idx)
@@ -746,21 +751,29 @@ class Planner:
             rope_dim=rope_dim,
         )
 
-    def sinusoidal_rope(self, info: ClassInfo, helper: str) -> tuple[str, str] | None:
-        """(theta, rotary dims) of a rotary applied one tensor per call (`k_rot = helper(k_rot, sin, cos)`)
-        from a sinusoidal table built in `__init__` (`self.embed_positions = nn.Buffer(make_table(max_pos,
-        dim))`, where make_table computes `1.0 / (THETA ** (torch.arange(0, dim, 2) / dim))`).
-        The rotary dims: the bound of the slice the helper's input is cut with (`key[..., : self.rotary_dim]`),
-        `or` the head size when an `if X is not None` chooses between the slice and the whole head."""
-        init, fwd = info.method("__init__"), info.method("forward")
-        theta = None
+    def sinusoid_theta(self, info: ClassInfo) -> str | None:
+        """The base of a sinusoidal rotary table `__init__` builds (`self.t = nn.Buffer(make(max_pos, dim))`
+        where make computes `THETA ** (torch.arange(0, dim, 2) / dim)` and a `.sin`)."""
+        init = info.method("__init__")
         for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
                                            value=m.Call())) if init else []:
             for c in findall(node.value, m.Call(func=m.Name())):  # type: ignore[attr-defined]
                 fn = self.idx.functions.get(c.func.value)  # type: ignore[attr-defined]
                 pows = findall(fn, m.BinaryOperation(left=m.Integer() | m.Float(), operator=m.Power())) if fn else []
                 if fn is not None and pows and findall(fn, m.Call(func=m.Attribute(attr=m.Name("sin")))):
-                    theta = code(pows[0].left)  # type: ignore[attr-defined]
+                    return code(pows[0].left)  # type: ignore[attr-defined]
+        return None
+
+    def sinusoidal_rope(self, info: ClassInfo, helper: str) -> tuple[str, str] | None:
+        """(theta, rotary dims) of a rotary applied one tensor per call (`k_rot = helper(k_rot, sin, cos)`)
+        from a sinusoidal table built in `__init__` (`self.embed_positions = nn.Buffer(make_table(max_pos,
+        dim))`, where make_table computes `1.0 / (THETA ** (torch.arange(0, dim, 2) / dim))`).
+        The rotary dims: the bound of the slice the helper's input is cut with (`key[..., : self.rotary_dim]`),
+        `or` the head size when an `if X is not None` chooses between the slice and the whole head."""
+        fwd = info.method("forward")
+        # the table: built by this attention, or by the rotary module that hands it sin/cos (transformers 5.24)
+        theta = self.sinusoid_theta(info) or next(
+            (t for c in self.idx.classes.values() if (t := self.sinusoid_theta(c))), None)
         if theta is None or fwd is None:
             return None
         rotated = {code(c.args[0].value) for c in findall(fwd, m.Call(func=m.Name(helper)))}  # type: ignore[attr-defined]
