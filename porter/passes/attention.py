@@ -452,6 +452,8 @@ class FlattenHeads(Rule):
             still = {self_call_attr(c) for c in findall(updated, m.Call())}
             gone = dropped - still
             body = [st for st in updated.body.body if not (isinstance(st, cst.FunctionDef) and st.name.value in gone)]
+            for name in sorted(gone):
+                self.mark(f"{updated.name.value}.{name}")
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
             self._dropped_helpers = set()
         return super().leave_ClassDef(original, updated)

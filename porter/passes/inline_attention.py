@@ -373,6 +373,7 @@ class InlineEagerAttention(Rule):
             for st in updated.body.body:
                 if isinstance(st, cst.FunctionDef) and st.name.value in gone:
                     pad += _nlines(st)
+                    self.mark(f"{updated.name.value}.{st.name.value}")
                     continue
                 if pad and self.keep_lines:
                     st = st.with_changes(leading_lines=[*([cst.EmptyLine()] * pad), *st.leading_lines])
@@ -480,13 +481,14 @@ class EagerArm(Rule):
         return cst.FlattenSentinel(body)
 
 
-def inline_attention_calls(module: cst.Module) -> cst.Module:
-    """Run PT152 and PT150 on a parsed module before it is indexed (lines of the source kept)."""
+def inline_attention_calls(module: cst.Module) -> tuple[cst.Module, dict[str, set[str]]]:
+    """Run PT152 and PT150 on a parsed module before it is indexed (lines of the source kept);
+    returns the module and the scopes they changed (provenance for `porter diff`)."""
     from types import SimpleNamespace
 
+    ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
     for rule_cls in (EagerArm, InlineEagerAttention):
-        ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
         rule = rule_cls(ctx)  # type: ignore[arg-type]
         rule.keep_lines = True
         module = module.visit(rule)
-    return module
+    return module, ctx.provenance

@@ -100,6 +100,8 @@ class OneTensorRope(Rule):
             body.append(st)
         still = {self_call_attr(c) for st in body for c in findall(st, m.Call())}
         gone = removed_calls - still
+        for name in sorted(gone):
+            self.mark(f"{attn.cls}.{name}")
         body = [st for st in body if not (isinstance(st, cst.FunctionDef) and st.name.value in gone)]
         self.mark(f"{attn.cls}.forward")
         return super().leave_ClassDef(original, updated.with_changes(body=updated.body.with_changes(body=body)))

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gptj/modeling_gptj.py
 # Source sha256: cf25408a1d9d73e2fff9d7825c78aaf8cee5dae12184cbcab610180335696f0b
-# Rules applied: PT001, PT002, PT003, PT122, PT151, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT122, PT151, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
 
 # Copyright 2021 The EleutherAI and HuggingFace Teams. All rights reserved.
 #

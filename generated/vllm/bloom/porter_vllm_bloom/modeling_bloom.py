@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/bloom/modeling_bloom.py
 # Source sha256: bf005d666e289dabfe70ce1941c918c80f9f61fbd573d63f9fa779a81b4df4ec
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
 
 # Copyright 2022 HuggingFace Inc. team and BigScience workshop.
 #
