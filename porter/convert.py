@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -22,9 +23,10 @@ from porter.analysis.moe import moe_checkpoint_names
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
-from porter.passes import PASSES, RewriteContext
+from porter.passes import PASSES, REGISTRY, RewriteContext
 from porter.passes.causal_lm import render
-from porter.plan import PortPlan, build_plan
+from porter.passes.inline_attention import inline_attention_calls
+from porter.plan import PortPlan, alibi_producers, build_plan
 from porter.rules_data import Target, get_target, strip_table
 from porter.config_port import config_class_for_type, ship_config
 from porter.source import Source, resolve, transformers_root
@@ -61,7 +63,11 @@ def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
 
 def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
+    pre: dict[str, set[str]] = {}
+    if "softmax" in source.text or "_attn_implementation" in source.text:  # PT152, PT150: before indexing
+        module, pre = inline_attention_calls(module)
     idx = build_index(module, str(source.path), source.text)
+    idx.provenance = pre  # the rules that ran before indexing, for `porter diff`
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
     # modules saved under another name (`.block_sparse_moe.` on disk, `.mlp.` in memory) keep the
@@ -79,9 +85,19 @@ def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
 
 
 def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, RewriteContext, list[str]]:
-    ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=target)
+    table = strip_table()
+    if alibi := {a.alibi for a in plan.attentions if a.alibi}:
+        # an ALiBi bias the engine's Attention adds itself (slopes, PT021): HF-only from here on
+        producers = alibi_producers(idx, plan)
+        table = dataclasses.replace(
+            table, strip_params=table.strip_params | alibi, hf_only_callables=table.hf_only_callables | producers,
+            drop_methods=table.drop_methods | {p.split(".", 1)[1] for p in producers if p.startswith("self.")})
+    ctx = RewriteContext(idx=idx, plan=plan, table=table, target=target)
+    for scope, codes in idx.provenance.items():
+        ctx.provenance.setdefault(scope, set()).update(codes)
     module = idx.module
-    applied = []
+    before = sorted({c for codes in idx.provenance.values() for c in codes})
+    applied = [f"{c} {REGISTRY[c].name}" for c in before]  # the rules that ran before indexing
     for rule_cls in PASSES:
         if not rule_cls.applies(ctx):
             continue

@@ -62,6 +62,10 @@ class AttentionPlan:
     # packed per head only when this attention attribute is false at run time (GPTBigCode: the
     # `if self.multi_query:` arm slices [q; k; v] by sizes, the other arm views per head)
     interleaved_unless: str | None = None
+    alibi: str | None = None  # forward parameter carrying an ALiBi bias (PT150 `alibi=`): slopes in the engine's Attention
+    alibi_scale: str | None = None  # the scale HF applies to scores and bias together (after the bias is added)
+    rope_theta: str | None = None  # rotary from a sinusoidal table built in the source (GPT-J): its base
+    rope_dim: str | None = None  # ... and how many dims of each head it rotates
 
 
 @dataclass
@@ -107,6 +111,10 @@ class PortPlan:
         for key in ("moes", "module_renames", "transposed_linears"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
+        for a in d["attentions"]:
+            for key in ("alibi", "alibi_scale", "rope_theta", "rope_dim"):
+                if a[key] is None:
+                    del a[key]
         return d
 
     def attention(self, cls: str) -> AttentionPlan | None:
@@ -152,6 +160,14 @@ def _heads(out_features: str, head_dim: str) -> str:
     return f"({out_features}) // {head_dim}"
 
 
+def _strip_layout_calls(e: cst.BaseExpression) -> cst.BaseExpression:
+    """`x[..., 0, :].transpose(1, 2)` -> `x[..., 0, :]`: a head-layout change after the pick (Bloom)."""
+    while isinstance(e, cst.Call) and isinstance(e.func, cst.Attribute) \
+            and e.func.attr.value in ("transpose", "permute", "contiguous"):
+        e = e.func.value
+    return e
+
+
 def per_head_split_helper(info: ClassInfo, packed: str) -> str | None:
     """`qkv = self.packed(x); q, k, v = self._split_heads(qkv)` where the method views its input as
     `(..., heads, 3, head_dim)` and returns `x[..., 0, :], x[..., 1, :], x[..., 2, :]`: q/k/v
@@ -171,8 +187,11 @@ def per_head_split_helper(info: ClassInfo, packed: str) -> str | None:
         views = [c for c in findall(meth, m.Call(func=m.Attribute(attr=m.Name("view"))))
                  if len(c.args) >= 3 and code(c.args[-2].value) == "3"]  # type: ignore[attr-defined]
         rets = findall(meth, m.Return(value=m.Tuple()))
-        picks = [[code(sl.slice) for sl in el.value.slice] for r in rets for el in r.value.elements  # type: ignore[attr-defined]
-                 if isinstance(el.value, cst.Subscript)]
+        local = {n.targets[0].target.value: n.value for n in findall(meth, m.Assign(  # type: ignore[attr-defined]
+            targets=[m.AssignTarget(m.Name())]))}
+        picks = [[code(sl.slice) for sl in sub.slice] for r in rets for el in r.value.elements  # type: ignore[attr-defined]
+                 if isinstance(sub := _strip_layout_calls(local.get(el.value.value, el.value) if isinstance(
+                     el.value, cst.Name) else el.value), cst.Subscript)]
         if views and picks == [["...", "0", ":"], ["...", "1", ":"], ["...", "2", ":"]]:
             return helper
     return None
@@ -216,6 +235,21 @@ def attention_call_names(idx: ModelIndex) -> set[str]:
         if len(ps) >= 4 and ps[1].startswith("query") and ps[2].startswith("key"):
             names.add(fname)
     return names
+
+
+def alibi_producers(idx: ModelIndex, plan: PortPlan) -> set[str]:
+    """The callables whose result the kept forwards bind to an ALiBi bias name (`alibi =
+    self.build_alibi_tensor(mask, ...)`): the engine's Attention adds the bias from its slopes, so
+    they are HF-only in the port."""
+    names = {a.alibi for a in plan.attentions if a.alibi}
+    out: set[str] = set()
+    for cls in plan.classes if names else []:
+        fwd = idx.classes[cls].method("forward")
+        for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name(m.MatchIfTrue(lambda n: n in names)))],
+                                          value=m.Call())) if fwd else []:
+            if (name := dotted(node.value.func)) is not None:  # type: ignore[attr-defined]
+                out.add(name)
+    return out
 
 
 class Planner:
@@ -282,7 +316,12 @@ class Planner:
 
     def is_rotary(self, info: ClassInfo) -> bool:
         init = info.method("__init__")
-        return init is not None and "inv_freq" in code(init) and info.method("forward") is not None
+        if init is None or info.method("forward") is None:
+            return False
+        # inverse frequencies, or a sinusoidal table it gathers sin/cos from (GPT-J in transformers 5.24;
+        # in 5.19 the attention itself builds the table)
+        return "inv_freq" in code(init) or (self.sinusoid_theta(info) is not None
+                                            and not self.holds_projections(info.name))
 
     def attention_call_names(self) -> set[str]:
         return attention_call_names(self.idx)
@@ -388,6 +427,15 @@ class Planner:
                     "attention call whose q/k/v come from no nn.Linear: no rule maps these projections to the "
                     "engine's parallel linears", calls[0],
                     construct=f"{name}.forward: {', '.join(ctors) or 'projections not found'}", rule="fuse-qkv")
+        for name in classes:
+            for meth in self.idx.classes[name].node.body.body:
+                if not isinstance(meth, cst.FunctionDef) or meth.name.value == "forward":
+                    continue
+                for call in findall(meth, m.Call()):
+                    if dotted(call.func) in attn_names:  # type: ignore[attr-defined]
+                        return self.idx.error(
+                            "attention computed in a helper method, not in forward: no rule inlines it "
+                            "into forward", call, construct=f"{name}.{meth.name.value}", rule="engine-attention")
         for name in classes:
             for meth in self.idx.classes[name].node.body.body:
                 if not isinstance(meth, cst.FunctionDef):
@@ -658,11 +706,23 @@ class Planner:
                     and fname not in self.attention_call_names():
                 rope_helper = fname
         rope = None
+        rope_theta = rope_dim = None
+        if rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4 and \
+                (sinusoid := self.sinusoidal_rope(info, rope_helper)) is not None:
+            rope_theta, rope_dim = sinusoid
+        elif rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4:
+            call = next(c for c in findall(fwd, m.Call(func=m.Name(rope_helper))))
+            raise self.idx.error(
+                "rotary applied one tensor per call (q and k rotated separately, cos/sin from a "
+                "sinusoidal buffer): no rule maps it to the engine's get_rope", call,
+                construct=f"{info.name}.forward: {rope_helper}", rule="engine-rope")
         if rope_helper:
             rope = "neox"
             helper_text = code(self.idx.functions[rope_helper])
             rot = self.idx.functions.get("rotate_half")
-            if "::2" in helper_text or (rot is not None and "::2" in code(rot)):
+            called = [self.idx.functions[c.func.value] for c in findall(self.idx.functions[rope_helper], m.Call(  # type: ignore[attr-defined]
+                func=m.Name())) if c.func.value in self.idx.functions]  # type: ignore[attr-defined]
+            if "::2" in helper_text or (rot is not None and "::2" in code(rot)) or any("::2" in code(f) for f in called):
                 rope = "gptj"
         init_params = param_names(info.method("__init__"))
         if rope and "config" not in init_params:
@@ -685,7 +745,51 @@ class Planner:
             rope=rope,
             rope_helper=rope_helper,
             line=info.line,
+            alibi=kw.get("alibi"),
+            alibi_scale=kw.get("alibi_scale"),
+            rope_theta=rope_theta,
+            rope_dim=rope_dim,
         )
+
+    def sinusoid_theta(self, info: ClassInfo) -> str | None:
+        """The base of a sinusoidal rotary table `__init__` builds (`self.t = nn.Buffer(make(max_pos, dim))`
+        where make computes `THETA ** (torch.arange(0, dim, 2) / dim)` and a `.sin`)."""
+        init = info.method("__init__")
+        for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+                                           value=m.Call())) if init else []:
+            for c in findall(node.value, m.Call(func=m.Name())):  # type: ignore[attr-defined]
+                fn = self.idx.functions.get(c.func.value)  # type: ignore[attr-defined]
+                pows = findall(fn, m.BinaryOperation(left=m.Integer() | m.Float(), operator=m.Power())) if fn else []
+                if fn is not None and pows and findall(fn, m.Call(func=m.Attribute(attr=m.Name("sin")))):
+                    return code(pows[0].left)  # type: ignore[attr-defined]
+        return None
+
+    def sinusoidal_rope(self, info: ClassInfo, helper: str) -> tuple[str, str] | None:
+        """(theta, rotary dims) of a rotary applied one tensor per call (`k_rot = helper(k_rot, sin, cos)`)
+        from a sinusoidal table built in `__init__` (`self.embed_positions = nn.Buffer(make_table(max_pos,
+        dim))`, where make_table computes `1.0 / (THETA ** (torch.arange(0, dim, 2) / dim))`).
+        The rotary dims: the bound of the slice the helper's input is cut with (`key[..., : self.rotary_dim]`),
+        `or` the head size when an `if X is not None` chooses between the slice and the whole head."""
+        fwd = info.method("forward")
+        # the table: built by this attention, or by the rotary module that hands it sin/cos (transformers 5.24)
+        theta = self.sinusoid_theta(info) or next(
+            (t for c in self.idx.classes.values() if (t := self.sinusoid_theta(c))), None)
+        if theta is None or fwd is None:
+            return None
+        rotated = {code(c.args[0].value) for c in findall(fwd, m.Call(func=m.Name(helper)))}  # type: ignore[attr-defined]
+        local = self._locals(fwd)
+        dims = None
+        for name in sorted(rotated):
+            value = local.get(name)
+            if isinstance(value, cst.Subscript) and isinstance(sl := value.slice[-1].slice, cst.Slice) \
+                    and sl.lower is None and sl.upper is not None:
+                dims = code(sl.upper)
+        hd = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
+        if dims is None:
+            return theta, hd
+        guarded = findall(fwd, m.If(test=m.Comparison(left=m.MatchIfTrue(lambda e: code(e) == dims),
+                                                       comparisons=[m.ComparisonTarget(m.IsNot(), m.Name("None"))])))
+        return theta, f"{dims} or {hd}" if guarded else dims
 
 
 def build_plan(idx: ModelIndex, table: StripTable, model_type: str, source: str,

@@ -10,12 +10,10 @@ from conftest import run_porter
 
 # model_type -> (class or method the line must name, construct in the message)
 BLOCKED = {
-    # ALiBi attention written inline (baddbmm + softmax): no attention function to replace
-    "bloom": ("BloomAttention.forward", "attention computed inline"),
-    # the table resolves to GPTJAttention (PT122); its `_attn` computes attention inline
-    "gptj": ("GPTJAttention._attn", "attention computed inline"),
-    # the table resolves to FalconAttention; scores/softmax (and SDPA) inline in its forward
-    "falcon": ("FalconAttention.forward", "attention computed inline"),
+    # the table resolves to FalconAttention; PT152 keeps its eager arms, PT150 maps them to attention
+    # calls, FalconLinear is a plain linear; its fused projection is split by `_split_heads` in one
+    # of three layouts chosen by the config at run time (grouped / multi-query / per head)
+    "falcon": ("FalconAttention.forward", "not sliced into q, k, v by head counts"),
 }
 
 

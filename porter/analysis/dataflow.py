@@ -17,6 +17,7 @@ import libcst as cst
 from porter.analysis.cstutil import assigned_names, dotted, loop_module, names_in, param_names, self_call_attr
 
 ATTN = "@attn"
+_METADATA = {"dtype", "device"}
 
 
 @dataclass
@@ -59,6 +60,8 @@ class _Flow:
                 return {ATTN} | arg_origins
             return arg_origins | self.origins(node.func) if not isinstance(node.func, cst.Name) else arg_origins
         if isinstance(node, cst.Attribute):
+            if node.attr.value in _METADATA:  # `key.dtype`: the tensor's type, not its values
+                return set()
             return self.origins(node.value)
         out: set[str] = set()
         for child in node.children:

@@ -68,6 +68,7 @@ class ModelIndex:
     # every identifier in the file (names, attribute names, keywords), from Python's parser: lets a
     # rule that can only act on some name skip its walk when the file never mentions it
     identifiers: frozenset[str] = frozenset()
+    provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rules run before indexing (PT150, PT152)
 
     def qualify(self, name: str | None) -> str | None:
         """Resolve a dotted local name through the file's imports (`nn.Linear` -> torch.nn.Linear)."""
@@ -224,6 +225,8 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
         if name is None:
             continue
         ctor = name if name in idx.classes else (idx.qualify(name) or name)
+        if ctor in idx.classes and plain_linear_subclass(idx, idx.classes[ctor]):
+            ctor = "torch.nn.Linear"  # Falcon's FalconLinear: nn.Linear's own computation
         if attr not in info.submodules:
             info.submodules[attr] = Submodule(
                 attr=attr,
@@ -232,6 +235,20 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
                 line=info.line,  # refined from Python's parser in build_index
                 in_list=in_list,
             )
+
+
+def plain_linear_subclass(idx: ModelIndex, info: ClassInfo) -> bool:
+    """A file class deriving nn.Linear whose forward computes what nn.Linear does (`x @ self.weight.T`,
+    plus `self.bias` when there is one): the engine's parallel linears stand in for it."""
+    if not any(idx.qualify(b) in LINEAR_NAMES for b in info.bases):
+        return False
+    fwd = info.method("forward")
+    methods = {st.name.value for st in info.node.body.body if isinstance(st, cst.FunctionDef)}
+    if fwd is None or methods != {"forward"}:
+        return False
+    weight_t = m.BinaryOperation(operator=m.MatrixMultiply(), right=m.Attribute(
+        value=m.Attribute(value=m.Name("self"), attr=m.Name("weight")), attr=m.Name("T")))
+    return bool(findall(fwd, weight_t)) and not findall(fwd, m.Call())
 
 
 EAGER_KEY = "eager"  # the attention implementation a port follows (its reference runs eager)

@@ -7,12 +7,14 @@ from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
 from porter.passes.cross_attention import DropCrossAttention
 from porter.passes.inline_attention_arm import PreferAttentionFunction
+from porter.passes.inline_attention import EagerArm, InlineEagerAttention  # noqa: F401  (runs before indexing: convert.analyse)
 from porter.passes.input_checks import DropInputChecks
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
 from porter.passes.layers import EngineActivation, EngineActivationClass, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
+from porter.passes.sinusoidal_rope import OneTensorRope
 from porter.passes.tables import ResolveAttentionTable
 from porter.passes.tp_norm import FullWidthQkNorm
 from porter.passes.tp_norms import NormAcrossTpRanks
@@ -34,6 +36,7 @@ PASSES: list[type[Rule]] = [
     ResolveAttentionTable,
     DropAutocast,
     PartialRotary,
+    OneTensorRope,  # before EngineRope: takes the one-tensor rotary calls it would otherwise see
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
     EngineAttention,
     StripHfParams,

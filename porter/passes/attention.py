@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, assigned_names, dotted, self_call_attr
+from porter.analysis.cstutil import findall, assigned_names, dotted, param_names, self_call_attr
 from porter.passes.base import Example, Rule
 from porter.passes.tp_norms import head_spanning_norms
 from porter.plan import attention_call_names, packed_split_call, per_head_split_helper
@@ -94,10 +94,13 @@ class EngineRope(Rule):
             return updated
         if attn and attn.rope and updated.name.value == "__init__":
             neox = "True" if attn.rope == "neox" else "False"
+            params = "config.rope_parameters"
+            if attn.rope_theta:  # a table built in the source (PT151): its base and rotated dims
+                params = f'{{"rope_theta": {attn.rope_theta}, "rope_dim": {attn.rope_dim}}}'
             st = cst.parse_statement(
                 f"self.rotary_emb = {self.ctx.use('get_rope')}({attn.head_dim}, "
                 f"max_position=config.max_position_embeddings, "
-                f"rope_parameters=config.rope_parameters, is_neox_style={neox})\n"
+                f"rope_parameters={params}, is_neox_style={neox})\n"
             )
             self.mark(f"{cls}.__init__")
             return _append_to_init(updated, [st])
@@ -128,6 +131,24 @@ class EngineRope(Rule):
                 args=[cst.Arg(cst.Name("positions")), cst.Arg(q), cst.Arg(k)]
             )
         return updated
+
+
+ALIBI_HELPER = "alibi_slopes"
+_ALIBI_SRC = f'''
+def {ALIBI_HELPER}(total_num_heads: int, scale: float = 1.0) -> list[float]:
+    """ALiBi slopes of this tensor-parallel rank's heads: the geometric sequence 2^(-8i/n) for the
+    closest power of two n below the head count, then every other slope of 2n for the rest."""
+    closest = 1 << (total_num_heads.bit_length() - 1)
+    base = torch.tensor(2 ** (-8 / closest), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != total_num_heads:
+        extra_base = torch.tensor(2 ** (-4 / closest), dtype=torch.float32)
+        extra = min(closest, total_num_heads - closest)
+        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32))])
+    per_rank = total_num_heads // {{world}}()
+    start = {{rank}}() * per_rank
+    return (slopes[start : start + per_rank] * scale).tolist()
+'''
 
 
 class EngineAttention(Rule):
@@ -213,6 +234,10 @@ class EngineAttention(Rule):
         qkv = attn.q if attn.packed else "qkv_proj"
         if attn.softcap:
             sw += f"logits_soft_cap={attn.softcap}, "
+        if attn.alibi:
+            scale = f", {attn.alibi_scale}" if attn.alibi_scale else ""
+            sw += f"alibi_slopes={ALIBI_HELPER}(self.{qkv}.total_num_heads{scale}), "
+            self._alibi = True
         st = cst.parse_statement(
             f"self.attn = {self.ctx.use('Attention')}(self.{qkv}.num_heads, {attn.head_dim}, "
             f"scale={attn.scale}, num_kv_heads=self.{qkv}.num_kv_heads, cache_config=cache_config, "
@@ -240,6 +265,16 @@ class EngineAttention(Rule):
 
     def _attn_names(self) -> set[str]:
         return attention_call_names(self.ctx.idx)  # the planner's own definition
+
+    def leave_Module(self, original, updated):
+        if not getattr(self, "_alibi", False):
+            return updated
+        src = _ALIBI_SRC.format(world=self.ctx.use("get_tensor_model_parallel_world_size"),
+                                rank=self.ctx.use("get_tensor_model_parallel_rank"))
+        self.mark(ALIBI_HELPER)
+        helper = [st.with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine()]) if i == 0 else st
+                  for i, st in enumerate(cst.parse_module(src).body)]
+        return updated.with_changes(body=[*updated.body, *helper])
 
 
 class FlattenHeads(Rule):
@@ -377,7 +412,51 @@ class FlattenHeads(Rule):
             return self._around_heads(updated, updated.args[0].value, head_dim)
         if self._is_shape_op(updated):
             return updated.func.value  # type: ignore[attr-defined]
+        if attr is not None and updated.args and attr in self._layout_helpers():
+            self._dropped_helpers.add(attr)
+            return updated.args[0].value  # `self._split_heads(q, heads, dim)`: a head layout of q
         return updated
+
+    _LAYOUT_CALLS = frozenset({"view", "reshape", "permute", "transpose", "contiguous", "size", "flatten",
+                               "unflatten", "len", "ValueError"})
+
+    def _layout_helpers(self) -> set[str]:
+        """Methods that only change the layout of their first argument and return one tensor
+        (GPT-J's `_split_heads(x, heads, dim, rotary)` / `_merge_heads`): on flat tokens, the identity."""
+        cls = self.current_class or ""
+        memo = self.ctx.memo.setdefault("layout_helpers", {})
+        if cls not in memo:
+            info = self.ctx.idx.classes.get(cls)
+            out = set()
+            for st in info.node.body.body if info else []:
+                if not isinstance(st, cst.FunctionDef) or st.name.value in ("forward", "__init__") \
+                        or len(param_names(st)) < 2:
+                    continue
+                calls = findall(st, m.Call())
+                names = {(c.func.attr.value if isinstance(c.func, cst.Attribute) else dotted(c.func))  # type: ignore[attr-defined]
+                         for c in calls}
+                rets = findall(st, m.Return())
+                if calls and names <= self._LAYOUT_CALLS and rets and not any(
+                        isinstance(r.value, cst.Tuple) for r in rets):  # type: ignore[attr-defined]
+                    out.add(st.name.value)
+            memo[cls] = out
+        return memo[cls]
+
+    def visit_ClassDef(self, node):
+        self._dropped_helpers: set[str] = set()
+        return super().visit_ClassDef(node)
+
+    def leave_ClassDef(self, original, updated):
+        dropped = getattr(self, "_dropped_helpers", set())
+        if dropped and len(self.scope) == 1:
+            still = {self_call_attr(c) for c in findall(updated, m.Call())}
+            gone = dropped - still
+            body = [st for st in updated.body.body if not (isinstance(st, cst.FunctionDef) and st.name.value in gone)]
+            for name in sorted(gone):
+                self.mark(f"{updated.name.value}.{name}")
+            updated = updated.with_changes(body=updated.body.with_changes(body=body))
+            self._dropped_helpers = set()
+        return super().leave_ClassDef(original, updated)
 
     @staticmethod
     def _around_heads(call: cst.Call, x: cst.BaseExpression, head_dim: str) -> cst.BaseExpression:
@@ -404,7 +483,7 @@ class FlattenHeads(Rule):
     @staticmethod
     def _is_shape_op(node: cst.BaseExpression) -> bool:
         return isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and \
-            node.func.attr.value in ("view", "reshape", "transpose", "contiguous")
+            node.func.attr.value in ("view", "reshape", "transpose", "contiguous", "permute")
 
     def _strip_shape(self, node: cst.BaseExpression) -> cst.BaseExpression:
         while self._is_shape_op(node):

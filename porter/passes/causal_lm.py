@@ -114,7 +114,8 @@ class CausalLmInterface(Rule):
         if plan.lm_head and plan.lm_head in info.submodules:
             lm_head_bias = linear_args(info.submodules[plan.lm_head].call)[2] != "False"
         methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
-                         lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias)
+                         lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias,
+                         base_positions=self._base_takes_positions())
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
@@ -213,6 +214,20 @@ class CausalLmInterface(Rule):
     def _unportable(self, node):
         return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",
                                   construct=f"{self.plan.causal_lm}.forward", rule=self.name)
+
+    def visit_Module(self, node):
+        self._module = node
+        return super().visit_Module(node) if hasattr(super(), "visit_Module") else True
+
+    def _base_takes_positions(self) -> bool:
+        """The base model's forward (as the earlier rules left it) has a `positions` parameter; one
+        without positional encoding in its layers (Bloom: ALiBi in the Attention) has none."""
+        base = self.plan.top_classes[0] if self.plan.top_classes else None
+        for st in getattr(self, "_module", cst.Module(body=[])).body:
+            if isinstance(st, cst.ClassDef) and st.name.value == base:
+                fwd = find_method(st, "forward")
+                return fwd is None or "positions" in param_names(fwd)
+        return True
 
     def _base_call(self, info) -> str | None:
         fwd = info.method("forward")
@@ -366,16 +381,22 @@ class PruneUnreachable(Rule):
                 names_of[id(st)] = {n.value for part in parts for n in findall(part, m.Name())}  # type: ignore[attr-defined]
             return names_of[id(st)]
 
+        def function_class(st) -> bool:
+            """A `torch.autograd.Function` subclass: a function in class form (Bloom's GeLU), kept when called."""
+            return isinstance(st, cst.ClassDef) and any(
+                (dotted(b.value) or "").endswith("autograd.Function") for b in st.bases)
+
         while True:
             used: set[str] = set()
             for st in body:
-                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
+                if isinstance(st, cst.ClassDef) and st.name.value not in keep and not function_class(st):
                     continue
                 if isinstance(st, (cst.ClassDef, cst.FunctionDef)):
                     used |= names(st)
             new_body = []
             for st in body:
-                if isinstance(st, cst.ClassDef) and st.name.value not in keep:
+                if isinstance(st, cst.ClassDef) and st.name.value not in keep and not (
+                        function_class(st) and st.name.value in used):
                     continue
                 if isinstance(st, cst.FunctionDef) and st.name.value not in used:
                     continue
@@ -447,10 +468,13 @@ class EngineImports(Rule):
                 f"the port would still use transformers' {', '.join(leftover)}: no rule replaces it",
                 self._first_use(leftover[0]), construct=leftover[0], rule=self.name)
         header, rest = [], []
+        # a name the engine's import binds (Bloom's `from torch.nn import LayerNorm` beside the engine's LayerNorm)
+        engine_names = {self.ctx.target.symbols[s].split(":")[1] for s in self.ctx.engine_symbols} & used
         for st in updated.body:
             if m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
                 imp = st.body[0]  # type: ignore[attr-defined]
-                names = [a for a in imp.names if (a.asname.name.value if a.asname else (dotted(a.name) or "").split(".")[0]) in used] \
+                names = [a for a in imp.names if (bound := (a.asname.name.value if a.asname else (dotted(a.name) or "").split(".")[0])) in used
+                         and bound not in engine_names] \
                     if not isinstance(imp.names, cst.ImportStar) else imp.names
                 if names:
                     names = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in names]

@@ -57,7 +57,7 @@ class DropHfDataflow(Rule):
             return True
         for call in findall(node, m.Call()):
             name = dotted(call.func) or ""  # type: ignore[attr-defined]
-            if name.split(".")[0] in self.ctx.table.hf_only_callables:
+            if name.split(".")[0] in self.ctx.table.hf_only_callables or name in self.ctx.table.hf_only_callables:
                 return True
         for attr in findall(node, m.Attribute(value=m.Name("self"))):
             if (self._cls, self_attr(attr)) in self.ctx.removed_attrs:
@@ -127,6 +127,12 @@ class DropHfDataflow(Rule):
                     self.tainted.update(assigned_names(t))
                 return None
             new_value = self._strip_args(value)
+            if len(targets) == 1 and isinstance(targets[0], cst.Tuple) and self._single_return_call(value):
+                # `out, weights = self.self_attn(...)` where that forward now returns `out` alone:
+                # the other names are HF-only (attention weights)
+                names = assigned_names(targets[0])
+                self.tainted.update(names[1:])
+                targets = [cst.Name(names[0])]
             for t in targets:  # a re-bound name is clean again
                 self.tainted.difference_update(assigned_names(t))
                 self.defined.update(assigned_names(t))
@@ -147,6 +153,11 @@ class DropHfDataflow(Rule):
                 return None
             return small.with_changes(value=self._strip_args(small.value))
         return small
+
+    def _single_return_call(self, value: cst.BaseExpression) -> bool:
+        info = self.ctx.idx.classes.get(self._cls or "")
+        sub = info.submodules.get(self_attr(value.func) or "") if info and isinstance(value, cst.Call) else None  # type: ignore[attr-defined]
+        return sub is not None and sub.ctor in self.ctx.single_return
 
     def _reshape_to_hf_shape(self, targets: list, value: cst.BaseExpression) -> bool:
         if not (len(targets) == 1 and isinstance(targets[0], cst.Name) and m.matches(value, m.Call(

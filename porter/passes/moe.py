@@ -136,7 +136,8 @@ class FlatTokens(Rule):
         "HF unpacks `batch, seq, hidden = x.shape` to flatten tokens and restores the batch "
         "afterwards with `y.reshape(batch, seq, hidden)`. The engine's hidden states are already "
         "flat (`[num_tokens, hidden]`), where the three-way unpack fails: only the last dimension "
-        "is kept (`hidden = x.shape[-1]`) and the restoring reshape is dropped."
+        "is kept (`hidden = x.shape[-1]`) and the restoring reshape is dropped; so is a restore to "
+        "`(-1, seq_length, hidden)` with `seq_length = x.shape[1]` (on flat tokens, the hidden size)."
     )
     examples = [
         Example(
@@ -163,8 +164,16 @@ class FlatTokens(Rule):
                 batch = [e.value.value for e in names[:2]]
                 if any([code(a.value) for a in c.args[:2]] == batch for c in restores):  # type: ignore[attr-defined]
                     self._batch |= set(batch)
+        # `seq_length = x.shape[1]; output_shape = (-1, seq_length, h); y = y.view(output_shape)` (GPT-J)
+        dim1 = m.Subscript(value=m.Attribute(attr=m.Name("shape")), slice=[m.SubscriptElement(m.Index(m.Integer("1")))]) \
+            | m.Call(func=m.Attribute(attr=m.Name("size")), args=[m.Arg(m.Integer("1"))])
+        seq = {st.targets[0].target.value for st in findall(node, m.Assign(  # type: ignore[attr-defined]
+            targets=[m.AssignTarget(m.Name())], value=dim1))}
+        self._seq_shapes = {st.targets[0].target.value for st in findall(node, m.Assign(  # type: ignore[attr-defined]
+            targets=[m.AssignTarget(m.Name())], value=m.Tuple(elements=[m.Element(), m.Element(
+                m.Name(m.MatchIfTrue(lambda n: n in seq))), m.Element()])))}
         # nothing to flatten in this method: its body need not be walked
-        return super().visit_FunctionDef(node) and bool(self._batch)
+        return super().visit_FunctionDef(node) and bool(self._batch or self._seq_shapes)
 
     def leave_Assign(self, original, updated):
         if not self.kept(self.current_class) or self.current_function != "forward":
@@ -188,6 +197,9 @@ class FlatTokens(Rule):
             first = [a.value for a in updated.args[:2]]
             if all(isinstance(a, cst.Name) and a.value in self._batch for a in first):
                 return updated.func.value  # type: ignore[attr-defined]
+        if m.matches(updated.func, m.Attribute(attr=m.Name("reshape") | m.Name("view"))) and len(updated.args) == 1 \
+                and m.matches(updated.args[0].value, m.Name(m.MatchIfTrue(lambda n: n in getattr(self, "_seq_shapes", ())))):
+            return updated.func.value  # type: ignore[attr-defined]
         return updated
 
 

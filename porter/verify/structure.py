@@ -581,6 +581,9 @@ TINY = {
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 128},
+    # BLOOM checkpoints tie lm_head (vLLM's bloom loader reads every name as `transformer.<name>`)
+    "bloom": {"tie_word_embeddings": True},
+    "gptj": {"rotary_dim": 16, "n_inner": 256},  # partial rotary within head_dim 32 (the default is 64)
 }
 
 

@@ -1,0 +1,494 @@
+"""Attention written inline (scores, softmax, weighted sum) becomes one attention-function call.
+
+This rule runs on the parsed source before it is indexed (porter/convert.py `analyse`): the
+planner and every later rule then see the same `attention_interface(self, q, k, v, mask, ...)`
+call they see in models that dispatch through the attention interface, so roles, fusion, TP and
+the engine `Attention` come from the existing rules.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
+from porter.passes.base import Example, Rule
+
+SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
+_MODULES = {"torch", "F", "nn", "math"}
+_MATMUL_FUNCS = {"torch.matmul", "torch.bmm", "matmul", "bmm"}
+
+
+def _simple_assign(st: cst.CSTNode) -> cst.Assign | cst.AugAssign | None:
+    if isinstance(st, cst.SimpleStatementLine) and len(st.body) == 1 \
+            and isinstance(st.body[0], (cst.Assign, cst.AugAssign)):
+        small = st.body[0]
+        target = small.targets[0].target if isinstance(small, cst.Assign) and len(small.targets) == 1 \
+            else getattr(small, "target", None)
+        if isinstance(target, cst.Name):
+            return small
+    return None
+
+
+def _target(small: cst.Assign | cst.AugAssign) -> str:
+    t = small.targets[0].target if isinstance(small, cst.Assign) else small.target
+    return t.value  # type: ignore[union-attr]
+
+
+def _writes(st: cst.CSTNode) -> set[str]:
+    out: set[str] = set()
+    for a in findall(st, m.Assign() | m.AugAssign()):
+        targets = [t.target for t in a.targets] if isinstance(a, cst.Assign) else [a.target]  # type: ignore[attr-defined]
+        for t in targets:
+            out |= names_in(t) if isinstance(t, (cst.Tuple, cst.List)) else ({t.value} if isinstance(t, cst.Name) else set())
+    return out
+
+
+def _reads(small: cst.Assign | cst.AugAssign) -> set[str]:
+    out = names_in(small.value)
+    if isinstance(small, cst.AugAssign):
+        out.add(_target(small))
+    return out
+
+
+def _matmul(value: cst.BaseExpression) -> tuple[cst.BaseExpression, cst.BaseExpression, cst.Call | None] | None:
+    """(a, b, baddbmm-call) of `a @ b`, `torch.matmul(a, b)`, `torch.bmm(a, b)`, `bias.baddbmm(batch1=a, batch2=b)`
+    found in the expression (the outermost one)."""
+    for node in findall(value, m.BinaryOperation(operator=m.MatrixMultiply()) | m.Call()):
+        if isinstance(node, cst.BinaryOperation):
+            return node.left, node.right, None
+        name = dotted(node.func)  # type: ignore[attr-defined]
+        args = node.args  # type: ignore[attr-defined]
+        pos = [a.value for a in args if a.keyword is None]
+        kw = {a.keyword.value: a.value for a in args if a.keyword is not None}
+        if name in _MATMUL_FUNCS and len(pos) == 2:
+            return pos[0], pos[1], None
+        if isinstance(node.func, cst.Attribute) and node.func.attr.value == "baddbmm" \
+                and "batch1" in kw and "batch2" in kw:  # type: ignore[attr-defined]
+            return kw["batch1"], kw["batch2"], node  # type: ignore[return-value]
+    return None
+
+
+def _root(e: cst.BaseExpression) -> str | None:
+    """`key.transpose(-1, -2)` -> "key": the name a chain of method calls / attributes starts from."""
+    while True:
+        if isinstance(e, cst.Name):
+            return e.value
+        if isinstance(e, cst.Call) and isinstance(e.func, cst.Attribute):
+            e = e.func.value
+        elif isinstance(e, cst.Attribute):
+            e = e.value
+        elif isinstance(e, cst.Subscript):
+            e = e.value
+        else:
+            return None
+
+
+def _tensor_roots(e: cst.BaseExpression) -> set[str]:
+    """The tensors an expression computes from: both sides of an operator, the object a method chain
+    starts from (`w.view(b, h, n, -1)` -> {"w"}; the arguments are sizes)."""
+    if isinstance(e, cst.BinaryOperation):
+        return _tensor_roots(e.left) | _tensor_roots(e.right)
+    if isinstance(e, cst.Call) and (not isinstance(e.func, cst.Attribute) or (dotted(e.func) or "").split(".")[0] in _MODULES):
+        out: set[str] = set()
+        for a in e.args:
+            out |= _tensor_roots(a.value)
+        return out
+    root = _root(e)
+    return {root} if root else set()
+
+
+def _nlines(node: cst.CSTNode) -> int:
+    """Source lines a statement spans, with its leading comments and blank lines."""
+    return len(cst.Module(body=[]).code_for_node(node).splitlines())
+
+
+def _mul(a: str | None, b: str) -> str:
+    return b if a is None else f"{a} * {b}"
+
+
+class InlineEagerAttention(Rule):
+    code = "PT150"
+    name = "inline-eager-attention"
+    why = (
+        "Older models compute attention inline: `scores = q @ k.transpose(-1, -2)` (or `torch.matmul`, "
+        "`torch.bmm`, or an ALiBi bias's `baddbmm`), a scale, the mask added, `softmax`, dropout, and the "
+        "weighted sum with v, then a merge of the heads. The region is found by dataflow from the "
+        "softmax: backwards to the matmul of the scores and the shape-only rebindings of q, k and v, "
+        "forwards to the weighted sum and what only reshapes it. It becomes one call "
+        "`out, weights = attention_interface(self, q, k, v, mask, scaling=S)` on the tensors as they "
+        "were before the region, so the planner and the engine-attention rule treat it like any "
+        "attention call. The scale is the product of what multiplies (or divides) the scores before "
+        "the softmax; a bias added to the scores that is not the mask is an ALiBi bias, passed as "
+        "`alibi=` (with `alibi_scale=` when the scale is applied after it)."
+    )
+    visits_dropped_code = True
+    keep_lines = False  # True before indexing: removed lines become blank lines, so later lines keep their number
+
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config):\n        self.attn_dropout = nn.Dropout(config.attn_pdrop)\n\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        q = q.to(torch.float32)\n"
+            "        w = torch.matmul(q, k.transpose(-1, -2))\n"
+            "        w = w / self.scale_attn\n"
+            "        if attention_mask is not None:\n            w = w + attention_mask\n"
+            "        w = nn.functional.softmax(w, dim=-1)\n"
+            "        w = self.attn_dropout(w)\n"
+            "        out = torch.matmul(w, v)\n"
+            "        return self.o_proj(out), w\n",
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config):\n        self.attn_dropout = nn.Dropout(config.attn_pdrop)\n\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out, w = attention_interface(self, q, k, v, attention_mask, scaling=1 / self.scale_attn)\n"
+            "        return self.o_proj(out), w\n",
+        ),
+        Example(
+            "class Attn(nn.Module):\n"
+            "    def _merge_heads(self, x):\n        return x.transpose(1, 2).flatten(2)\n\n"
+            "    def forward(self, x, alibi, attention_mask):\n"
+            "        q, k, v = self._reshape(self.qkv(x))\n"
+            "        q = q.reshape(b * self.num_heads, -1, self.head_dim)\n"
+            "        k = k.reshape(b * self.num_heads, -1, self.head_dim).transpose(-1, -2)\n"
+            "        s = alibi.baddbmm(batch1=q, batch2=k, beta=self.beta, alpha=self.inv_norm_factor)\n"
+            "        w = s.view(b, self.num_heads, n, -1) + attention_mask\n"
+            "        p = F.softmax(w, dim=-1, dtype=torch.float32)\n"
+            "        ctx = torch.bmm(p.view(b * self.num_heads, n, -1), v)\n"
+            "        ctx = self._merge_heads(ctx)\n"
+            "        return self.dense(ctx)\n",
+            "class Attn(nn.Module):\n"
+            "    def forward(self, x, alibi, attention_mask):\n"
+            "        q, k, v = self._reshape(self.qkv(x))\n"
+            "        ctx, p = attention_interface(self, q, k, v, attention_mask, scaling=self.inv_norm_factor, alibi=alibi)\n"
+            "        return self.dense(ctx)\n",
+        ),
+    ]
+
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return "softmax" in ctx.idx.identifiers
+
+    def visit_ClassDef(self, node):
+        self._methods = {st.name.value for st in node.body.body if isinstance(st, cst.FunctionDef)}
+        self._dropouts: set[str] = set()
+        self._region_calls: set[str] = set()
+        self._helpers: dict[str, tuple[list[cst.Param], cst.Call]] = {}
+        for a in findall(node, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+                                        value=m.Call(func=m.Attribute(attr=m.Name("Dropout")) | m.Name("Dropout")))):
+            self._dropouts.add(a.targets[0].target.attr.value)  # type: ignore[attr-defined]
+        return super().visit_ClassDef(node)
+
+    def leave_IndentedBlock(self, original, updated):
+        if len(self.scope) < 2:
+            return updated
+        body = list(updated.body)
+        new = self.rewrite_block(body, self._params)
+        return updated if new is None else updated.with_changes(body=new)
+
+    def leave_FunctionDef(self, original, updated):
+        if len(self.scope) == 2:
+            self._note_attention_helper(updated)
+        return super().leave_FunctionDef(original, updated)
+
+    def _note_attention_helper(self, fn: cst.FunctionDef) -> None:
+        """A method that now only returns an attention call (`a, w = attention_interface(self, q, k, v, mask, ...)`,
+        `return a, w`: GPT-J's `_attn`): its callers in the class get the call itself."""
+        body = [st for st in fn.body.body if not m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))]
+        if len(body) != 2 or not m.matches(body[0], m.SimpleStatementLine(body=[m.Assign(
+                targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Name("attention_interface")))])):
+            return
+        assign = body[0].body[0]  # type: ignore[attr-defined]
+        if not m.matches(body[1], m.SimpleStatementLine(body=[m.Return(m.Tuple())])) or \
+                code(body[1].body[0].value) != code(assign.targets[0].target):  # type: ignore[attr-defined]
+            return
+        p = fn.params
+        params = [x for x in (*p.posonly_params, *p.params)][1:]
+        self._helpers[fn.name.value] = (params, assign.value)
+
+    def leave_Call(self, original, updated):
+        name = self_call_attr(updated)
+        if name not in getattr(self, "_helpers", {}) or self.current_function == name:
+            return updated
+        params, call = self._helpers[name]
+        pos = [a.value for a in updated.args if a.keyword is None]
+        kw = {a.keyword.value: a.value for a in updated.args if a.keyword is not None}
+        bound: dict[str, cst.BaseExpression] = {}
+        for i, prm in enumerate(params):
+            value = pos[i] if i < len(pos) else kw.get(prm.name.value, prm.default)
+            if value is None:
+                return updated
+            bound[prm.name.value] = value
+
+        class _Bind(cst.CSTTransformer):
+            def leave_Name(self, original_node, updated_node):
+                return bound.get(updated_node.value, updated_node)
+
+        new_args = [a.with_changes(value=a.value.visit(_Bind())) if i > 0 else a for i, a in enumerate(call.args)]
+        self._region_calls.add(name)  # the helper goes once nothing calls it
+        return call.with_changes(args=new_args)
+
+    def visit_FunctionDef(self, node):
+        if len(self.scope) == 1:
+            p = node.params
+            self._params = [x.name.value for x in (*p.posonly_params, *p.params, *p.kwonly_params)]
+        return super().visit_FunctionDef(node)
+
+    # -- the region --------------------------------------------------------------------------
+    def _pure(self, value: cst.BaseExpression) -> bool:
+        """No sub-module call other than a dropout, no call of another object's method on self."""
+        for c in findall(value, m.Call()):
+            attr = self_call_attr(c)
+            if attr is not None and attr not in self._dropouts and attr not in self._methods:
+                return False
+        return True
+
+    def rewrite_block(self, body: list[cst.BaseStatement], params: list[str]) -> list[cst.BaseStatement] | None:
+        i_s = next((i for i, st in enumerate(body) if _simple_assign(st) is not None
+                    and findall(st, SOFTMAX)), None)
+        if i_s is None:
+            return None
+        soft = _simple_assign(body[i_s])
+        probs = _target(soft)  # type: ignore[arg-type]
+        # forwards: the weighted sum and what only reshapes it
+        derived, out_names, v_name, end = {probs}, [], None, None
+        for j in range(i_s + 1, len(body)):
+            small = _simple_assign(body[j])
+            reads = _reads(small) if small is not None else names_in(body[j])
+            if not reads & (derived | set(out_names)):
+                if _writes(body[j]) & (derived | set(out_names)):
+                    break
+                continue
+            if small is None or not self._pure(small.value):
+                break
+            mm = _matmul(small.value)
+            t = _target(small)
+            if v_name is None and mm is not None and (_root(mm[0]) in derived) != (_root(mm[1]) in derived):
+                v_name = _root(mm[1]) if _root(mm[0]) in derived else _root(mm[0])
+                out_names.append(t)
+                end = j
+            elif reads & set(out_names):
+                out_names.append(t)
+                end = j
+            else:
+                derived.add(t)
+        if v_name is None or end is None:
+            return None
+        # backwards: scores up to their matmul, then shape-only rebindings of q, k, v
+        region = {i_s} | {j for j in range(i_s + 1, end + 1) if _writes(body[j]) & (derived | set(out_names))}
+        need = _tensor_roots(findall(soft.value, SOFTMAX)[0].args[0].value)  # type: ignore[union-attr,attr-defined]
+        score_steps: list[cst.CSTNode] = [soft]  # type: ignore[list-item]
+        qk: tuple[str, str] | None = None
+        for k in range(i_s - 1, -1, -1):
+            st = body[k]
+            w = _writes(st)
+            if qk is None:
+                if not w & need:
+                    continue
+                small = _simple_assign(st)
+                if small is None:  # `if attention_mask is not None: w = w + attention_mask`
+                    if not isinstance(st, cst.If) or st.orelse is not None:
+                        return None
+                    inner = [_simple_assign(s) for s in st.body.body]
+                    if not all(inner) or not all(self._pure(s.value) for s in inner):  # type: ignore[union-attr]
+                        return None
+                    region.add(k)
+                    score_steps[:0] = inner  # type: ignore[misc]
+                    continue
+                if not self._pure(small.value):
+                    return None
+                region.add(k)
+                score_steps.insert(0, small)
+                mm = _matmul(small.value)
+                if mm is not None:
+                    q, kk = _root(mm[0]), _root(mm[1])
+                    if q is None or kk is None:
+                        return None
+                    qk = (q, kk)
+                    need = {q, kk, v_name}
+                else:
+                    need = (need - w) | _tensor_roots(small.value)
+                    if isinstance(small, cst.AugAssign):
+                        need.add(_target(small))
+                continue
+            if not w & need:
+                continue
+            small = _simple_assign(st)
+            if small is None or not self._pure(small.value) or _target(small) not in _reads(small) \
+                    or _matmul(small.value) is not None:
+                break  # where q/k/v come from: outside the region
+            region.add(k)
+        if qk is None:
+            return None
+        scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, derived | set(out_names))
+        if scale is False:
+            return None
+        first = min(region)
+        inner = set().union(*(_writes(body[k]) for k in region))
+        for k in range(first, end + 1):
+            if k in region:
+                continue
+            if _writes(body[k]) & (set(qk) | {v_name} | derived | set(out_names)):
+                return None
+            if names_in(body[k]) & inner:  # `input_dtype = scores.dtype`: goes with the region if nothing else reads it
+                small = _simple_assign(body[k])
+                outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j != k))
+                if small is None or _target(small) in outside:
+                    return None
+                region.add(k)
+        args = f"self, {qk[0]}, {qk[1]}, {v_name}, {mask or 'None'}"
+        if scale is not None:
+            args += f", scaling={scale}"
+        if alibi is not None:
+            args += f", alibi={alibi}"
+            if alibi_scaled and scale is not None:
+                args += f", alibi_scale={scale}"
+        call = cst.parse_statement(f"{out_names[-1]}, {probs} = attention_interface({args})\n")
+        # blank lines keep every later line where it was in the source (errors name source lines;
+        # the port is formatted afterwards)
+        if self.keep_lines:
+            spanned = sum(_nlines(body[k]) for k in region)
+            call = call.with_changes(leading_lines=[cst.EmptyLine()] * max(0, spanned - 1))
+        else:
+            call = call.with_changes(leading_lines=body[first].leading_lines)
+        out: list[cst.BaseStatement] = []
+        for k, st in enumerate(body):
+            if k == end:
+                out.append(call)
+            elif k not in region:
+                out.append(st)
+            if k in region:
+                self._region_calls |= {a for c in findall(st, m.Call()) if (a := self_call_attr(c)) in self._methods}
+        return out
+
+    def leave_ClassDef(self, original, updated):
+        """Helper methods only the region called (`_merge_heads`) go with it."""
+        if len(self.scope) == 1 and self._region_calls:
+            still = {self_call_attr(c) for c in findall(updated, m.Call())}
+            gone = self._region_calls - still
+            body: list[cst.BaseStatement] = []
+            pad = 0
+            for st in updated.body.body:
+                if isinstance(st, cst.FunctionDef) and st.name.value in gone:
+                    pad += _nlines(st)
+                    self.mark(f"{updated.name.value}.{st.name.value}")
+                    continue
+                if pad and self.keep_lines:
+                    st = st.with_changes(leading_lines=[*([cst.EmptyLine()] * pad), *st.leading_lines])
+                    pad = 0
+                body.append(st)
+            if not self.keep_lines and body and body[0] is not updated.body.body[0] and isinstance(body[0], cst.FunctionDef):
+                body[0] = body[0].with_changes(leading_lines=())
+            if pad and self.keep_lines:  # the last method: nothing after it in the class to hold its lines
+                return super().leave_ClassDef(original, updated)
+            updated = updated.with_changes(body=updated.body.with_changes(body=body))
+            self._region_calls = set()
+        return super().leave_ClassDef(original, updated)
+
+    def _scores(self, steps, params: list[str], later: set[str]):
+        """(scale, alibi, alibi scaled, mask) from the statements between the score matmul and the
+        softmax; scale False when a step is not a scale, mask or bias."""
+        scale: str | None = None
+        alibi: str | None = None
+        alibi_scaled = False
+
+        def addend(e: cst.BaseExpression) -> None:
+            nonlocal alibi
+            root = _root(e)
+            if root is None or root not in params:
+                return
+            if "mask" in root:
+                found_mask.add(root)
+            elif alibi is None:
+                alibi = root
+
+        found_mask: set[str] = set()
+        for small in steps:
+            value = small.value
+            for c in findall(value, SOFTMAX):
+                value = c.args[0].value  # type: ignore[attr-defined]
+            mm = _matmul(value)
+            if mm is not None and mm[2] is not None:  # bias.baddbmm(batch1=q, batch2=k, beta=, alpha=)
+                kw = {a.keyword.value: a.value for a in mm[2].args if a.keyword is not None}
+                if "alpha" in kw:
+                    scale = _mul(scale, code(kw["alpha"]))
+                addend(mm[2].func.value)  # type: ignore[attr-defined]
+            if isinstance(small, cst.AugAssign):
+                op, rhs = small.operator, small.value
+            elif isinstance(value, cst.BinaryOperation):
+                op, rhs = value.operator, value.right
+            else:
+                continue
+            if isinstance(op, (cst.Divide, cst.DivideAssign)):
+                scale = _mul(scale, f"1 / {code(rhs)}") if scale is None else f"{scale} / {code(rhs)}"
+            elif isinstance(op, (cst.Multiply, cst.MultiplyAssign)):
+                if alibi is not None:
+                    alibi_scaled = True
+                scale = _mul(scale, code(rhs))
+            elif isinstance(op, (cst.Add, cst.AddAssign)):
+                addend(rhs)
+        mask = next(iter(sorted(found_mask)), None)
+        return scale, alibi, alibi_scaled, mask
+
+
+def _non_eager_test(test: cst.BaseExpression) -> bool:
+    """`self.config._attn_implementation == "sdpa"` (possibly `and ...`): false in the eager reference."""
+    impl = m.Comparison(left=m.Attribute(attr=m.Name("_attn_implementation")), comparisons=[
+        m.ComparisonTarget(m.Equal(), m.SimpleString(m.MatchIfTrue(lambda s: s.strip("\"'") != "eager")))])
+    return m.matches(test, impl) or (m.matches(test, m.BooleanOperation(operator=m.And()))
+                                     and (_non_eager_test(test.left) or _non_eager_test(test.right)))  # type: ignore[attr-defined]
+
+
+class EagerArm(Rule):
+    code = "PT152"
+    name = "eager-arm"
+    why = (
+        "Some attentions branch on the attention implementation inside forward (`if "
+        "self.config._attn_implementation == \"sdpa\" and not output_attentions: ... "
+        "scaled_dot_product_attention(...) else: <inline eager attention>`, Falcon). The port follows "
+        "HF's eager reference, as it does for attention class tables (PT122): a test that a non-eager "
+        "implementation is active is false, and the `if` becomes its `else` arm."
+    )
+    visits_dropped_code = True
+    keep_lines = False
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
+            "        if self.config._attn_implementation == \"sdpa\" and not self.flag:\n"
+            "            out = F.scaled_dot_product_attention(q, k, v)\n"
+            "        else:\n            out = self.eager(q, k, v, mask)\n        return out\n",
+            "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
+            "        out = self.eager(q, k, v, mask)\n        return out\n",
+        )
+    ]
+
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return "_attn_implementation" in ctx.idx.identifiers
+
+    def leave_If(self, original, updated):
+        if len(self.scope) < 2 or not _non_eager_test(updated.test) or updated.orelse is None \
+                or isinstance(updated.orelse, cst.If):
+            return updated
+        body = list(updated.orelse.body.body)
+        if self.keep_lines:  # the removed lines become blank lines before the arm
+            gone = _nlines(updated) - sum(_nlines(st) for st in body)
+            body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
+        else:
+            body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
+        return cst.FlattenSentinel(body)
+
+
+def inline_attention_calls(module: cst.Module) -> tuple[cst.Module, dict[str, set[str]]]:
+    """Run PT152 and PT150 on a parsed module before it is indexed (lines of the source kept);
+    returns the module and the scopes they changed (provenance for `porter diff`)."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
+    for rule_cls in (EagerArm, InlineEagerAttention):
+        rule = rule_cls(ctx)  # type: ignore[arg-type]
+        rule.keep_lines = True
+        module = module.visit(rule)
+    return module, ctx.provenance
