@@ -13,6 +13,7 @@ from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDro
 from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
 from porter.passes.layers import EngineActivation, EngineActivationClass, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
+from porter.passes.sinks import AttentionSinks
 from porter.passes.tables import ResolveAttentionTable
 from porter.passes.tp_norm import FullWidthQkNorm
 from porter.passes.tp_norms import NormAcrossTpRanks
@@ -36,6 +37,7 @@ PASSES: list[type[Rule]] = [
     PartialRotary,
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
     EngineAttention,
+    AttentionSinks,
     StripHfParams,
     DropHfDataflow,
     DropDropout,
