@@ -143,6 +143,10 @@ class MoeFinder:
         if len(topks) != 1 or any(m.matches(v, m.Call(func=m.Attribute(attr=m.Name("Buffer"))))
                                   for v in attrs.values()):
             return None
+        # a module of the file inside the router (ernie4_5_moe's moe_statics adds a correction
+        # bias to the scores top-k ranks): not what FusedMoE's top-k computes
+        if any(sub.ctor in self.idx.classes for sub in info.submodules.values()):
+            return None
         topk = topks[0]
         scoring = "softmax"
         if sigmoids:
