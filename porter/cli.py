@@ -227,20 +227,33 @@ def coverage(
     out: Path = typer.Option(Path("generated"), "--out", help="Where COVERAGE.md/COVERAGE.json go and the committed ports are."),
     only: str | None = typer.Option(None, "--only", help="Comma-separated model types: sweep just these."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Ignore and do not write .porter-cache/coverage."),
+    transformers: list[str] | None = typer.Option(
+        None, "--transformers",
+        help="Day-zero release(s) to sweep too (repeatable; 'none' for none). Default: "
+             "day_zero_releases in rules/coverage.yaml."),
 ) -> None:
-    """Sweep every text decoder-only causal LM of the installed transformers: converts, or the one-line diagnostic."""
+    """Sweep every text decoder-only causal LM of the installed transformers (and the model types
+    only a newer release has: day zero): converts, or the one-line diagnostic."""
     from porter import coverage as cov
 
+    day_zero = None
+    if transformers:
+        day_zero = [] if [t.strip().lower() for t in transformers] == ["none"] else [t.strip() for t in transformers]
     try:
         rep = cov.run_coverage(out, verify=verify, jobs=jobs,
                                only=[m.strip() for m in only.split(",") if m.strip()] if only else None,
                                cache_dir=None if no_cache else cov.CACHE_DIR,
-                               log=lambda m: sys.stderr.write(f"{m}\n"))
+                               log=lambda m: sys.stderr.write(f"{m}\n"), day_zero=day_zero)
     except PorterError as exc:
         _fail(exc)
     c = rep["counts"]
     print(f"{out / cov.COVERAGE_MD}: {c['total']} text decoder causal LMs ({c['excluded']} excluded), "
           f"{c['converted']} converted, {c['verified']} verified, {c['blocked']} blocked, {c['crashed']} crashed")
+    for sec in rep.get("day_zero") or []:
+        d = sec["counts"]
+        print(f"  day zero, transformers {sec['release']}: {d['total']} text decoder causal LMs "
+              f"({d['excluded']} excluded), {d['converted']} converted, {d['verified']} verified, "
+              f"{d['blocked']} blocked, {d['crashed']} crashed")
 
 
 @app.command()

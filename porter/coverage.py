@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = ROOT / ".porter-cache" / "coverage"
 COVERAGE_MD = "COVERAGE.md"
 COVERAGE_JSON = "COVERAGE.json"
+COVERAGE_RULES = "coverage.yaml"  # rules/: the day-zero releases the sweep also covers
 TARGETS = ("vllm", "aphrodite")
 TPS = (1, 2)
 SCHEMA = 1
@@ -119,6 +120,9 @@ class Candidate:
     excluded: str | None = None  # reason
     evidence: list[str] = field(default_factory=list)  # files / lines that show the reason
     kind: str | None = None  # encoder-decoder | encoder-only | multimodal | not-causal-lm | alias
+    # day zero only: why an entry the main sweep excludes is a row of a newer release's section
+    note: str | None = None
+    config_only: bool = False  # converted by model type (its own config, another family's class)
 
 
 def _first_line(text: str, pattern: re.Pattern[str] | str) -> int | None:
@@ -126,8 +130,15 @@ def _first_line(text: str, pattern: re.Pattern[str] | str) -> int | None:
     return text.count("\n", 0, m.start()) + 1 if m else None
 
 
-def discover(tf_root: Path) -> list[Candidate]:
-    """The causal-LM auto mapping, each entry classified (excluded with a reason, or kept)."""
+def discover(tf_root: Path, *, day_zero: bool = False) -> list[Candidate]:
+    """The causal-LM auto mapping, each entry classified (excluded with a reason, or kept).
+
+    ``day_zero=True`` (a release newer than the engine's transformers) keeps two kinds of entries
+    the main sweep excludes, each with a ``note`` saying why: a config-only model type (its own
+    configuration file, another family's causal-LM class: the engine's transformers cannot read
+    its config, so that family's port does not serve it) and the text-only causal LM of a
+    multimodal family (its own ``*ForCausalLM`` class, which builds no tower itself and is not
+    the multimodal model), which ``porter convert <family> --transformers X`` ports."""
     models = tf_root / "models"
     auto = read_mappings(models / "auto" / "modeling_auto.py")
     auto_files = [models / "auto" / "auto_mappings.py", models / "auto" / "configuration_auto.py"]
@@ -209,13 +220,27 @@ def discover(tf_root: Path) -> list[Candidate]:
                 line = _first_line(text, rf"self\.{attrs[0]}\s*=")
                 mm.append(f"{p.relative_to(tf_root)}:{line} builds self.{attrs[0]}")
         if mm:
-            c.kind, c.excluded = "multimodal", f"multimodal: {mm[0]}"
-            c.evidence += mm
-            continue
+            mm_classes = {v for name in MULTIMODAL_MAPPINGS for v in auto.get(name, {}).values()}
+            if (day_zero and CAUSAL_CLASS.search(cls) and c.source and cls not in mm_classes
+                    and not _class_builds_tower(texts[defining[0]], cls)):
+                c.note = f"text model of a multimodal family ({mm[0]}); {cls} builds no tower"
+                c.evidence += mm
+            else:
+                c.kind, c.excluded = "multimodal", f"multimodal: {mm[0]}"
+                c.evidence += mm
+                continue
         if not CAUSAL_CLASS.search(cls):
             c.kind, c.excluded = "not-causal-lm", (
                 f"its causal-LM entry {cls} is not a *ForCausalLM / *LMHeadModel class ({rel_auto})")
             c.evidence.append(rel_auto)
+            continue
+        if c.source is None and day_zero and owner.get(cls) and (mdir / f"configuration_{mod}.py").is_file():
+            other = owner[cls]
+            c.source = str(defining_files(module_name(other, special), cls)[0].relative_to(tf_root))
+            c.config_only = True
+            c.note = (f"config only: models/{mod}/configuration_{mod}.py, and transformers builds "
+                      f"{other}'s {cls} from it; the engine's transformers lacks that config")
+            c.evidence.append(f"models/{mod}/configuration_{mod}.py")
             continue
         if c.source is None:
             other = owner.get(cls)
@@ -225,10 +250,23 @@ def discover(tf_root: Path) -> list[Candidate]:
             c.evidence.append(f"models/{mod}/")
             continue
         if owner.get(cls, mt) != mt:
+            c.note = None
             c.kind, c.excluded = "alias", f"alias: same class {cls} as model type {owner[cls]} (ported as {owner[cls]})"
             c.evidence.append(rel_auto)
             continue
     return out
+
+
+def _class_builds_tower(text: str, cls: str) -> bool:
+    """Whether class CLS's own body builds a vision / audio / ... tower (``self.vision_tower = ``)."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return True
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return bool(TOWER_ATTR.search(ast.get_source_segment(text, node) or ""))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +351,7 @@ def _dist_version(*names: str) -> str:
 
 # what porter convert runs: its code, rule tables and templates (not the CLI, verify, bench, ...)
 CONVERT_CODE = ("__init__.py", "errors.py", "source.py", "convert.py", "plan.py", "layout.py",
-                "rules_data.py", "analysis", "passes")
+                "rules_data.py", "config_port.py", "analysis", "passes")
 CONVERT_RULES = ("hf_strip.yaml", "targets.yaml")
 
 
@@ -408,8 +446,11 @@ def _enclosing(text: str, line: int) -> str | None:
     return None
 
 
-def convert_task(model_type: str, hf_class: str, source: str, tf_root: str) -> dict:
-    """Convert one modeling file for both targets in memory; never raises."""
+def convert_task(model_type: str, hf_class: str, source: str, tf_root: str,
+                 release: str | None = None, config_only: bool = False) -> dict:
+    """Convert one modeling file for both targets in memory; never raises. With RELEASE (day
+    zero) it is read from that release's tree as `porter convert X --transformers RELEASE` does;
+    a config-only model type is converted by its name (its config, the other family's class)."""
     from porter.convert import convert
     from porter.errors import PorterError
 
@@ -417,7 +458,8 @@ def convert_task(model_type: str, hf_class: str, source: str, tf_root: str) -> d
     path = Path(tf_root) / source
     rec: dict = {"model_type": model_type}
     try:
-        results = convert(str(path), list(TARGETS), Path("/nonexistent"), write=False)
+        results = convert(model_type if config_only else str(path), list(TARGETS), Path("/nonexistent"),
+                          write=False, transformers=release)
     except PorterError as e:
         text = path.read_text(encoding="utf-8")
         file = e.file or str(path)
@@ -474,10 +516,14 @@ class Cache:
         tmp.replace(p)
 
 
-def _convert_key(c: Candidate, tf_root: Path, fingerprint: str) -> str:
+def _convert_key(c: Candidate, tf_root: Path, fingerprint: str, release: str | None = None) -> str:
     src = tf_root / c.source
     cfgs = sorted(src.parent.glob("configuration_*.py"))
+    if c.config_only:
+        cfgs += sorted((tf_root / "models" / c.module).glob("configuration_*.py"))
     parts = [__version__, fingerprint, c.model_type, c.hf_class, c.source, _sha(src) or ""]
+    if release or c.config_only:  # (the main sweep's keys stay as they were)
+        parts += [f"release:{release}", f"config_only:{c.config_only}"]
     parts += [f"{p.name}:{_sha(p)}" for p in cfgs]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -521,51 +567,39 @@ def _progress(total: int, label: str):
     return cm()
 
 
-def run_coverage(
-    out: Path = Path("generated"),
-    *,
-    verify: bool = False,
-    jobs: int = 1,
-    only: list[str] | None = None,
-    cache_dir: Path | None = CACHE_DIR,
-    write: bool = True,
-    log: Log | None = None,
-    tf_root: Path | None = None,
-) -> dict:
-    """Sweep, optionally verify, and write OUT/COVERAGE.md and OUT/COVERAGE.json.
+def day_zero_releases() -> list[str]:
+    """The newer transformers releases `porter coverage` also sweeps (rules/coverage.yaml,
+    ``day_zero_releases``): a model type only such a release has is a day-zero port."""
+    import yaml
 
-    ``only`` restricts the sweep to some model types (the report then covers just those)."""
-    from porter.errors import PorterError
-    from porter.verify.tiny import load_rules
+    from porter.rules_data import active_rules_dir
 
-    log = log or (lambda m: None)
-    t_start = time.time()
-    tf_root = tf_root or _package_dir("transformers")
-    if tf_root is None:
-        raise PorterError("transformers is not installed: nothing to sweep", construct="porter coverage")
-    vllm_root = _package_dir("vllm")
-    registry = vllm_registry(vllm_root)
-    cands = discover(tf_root)
-    if only:
-        known = {c.model_type for c in cands}
-        unknown = [m for m in only if m not in known]
-        if unknown:
-            raise PorterError(f"not in the causal-LM auto mapping: {', '.join(unknown)}",
-                              construct="porter coverage --only")
-        cands = [c for c in cands if c.model_type in only]
-    kept = [c for c in cands if c.excluded is None]
-    cache = Cache(cache_dir)
-    fingerprint = porter_fingerprint()
-    tiny_rules = load_rules()
-    tiny_models = tiny_rules.get("models", {}) or {}
-    previous = _previous_verifications(out / COVERAGE_JSON)
+    path = active_rules_dir() / COVERAGE_RULES
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError:
+        return []
+    except yaml.YAMLError:
+        from porter.errors import PorterError
 
-    # 1. convert (parallel, cached)
+        raise PorterError("malformed YAML rules table", file=str(path)) from None
+    rel = data.get("day_zero_releases") or []
+    if not isinstance(rel, list) or not all(isinstance(v, str) and v.strip() for v in rel):
+        from porter.errors import PorterError
+
+        raise PorterError("day_zero_releases must be a list of version strings", file=str(path),
+                          construct="day_zero_releases")
+    return [v.strip() for v in rel]
+
+
+def _convert_all(kept: list[Candidate], tf_root: Path, release: str | None, cache: Cache,
+                 fingerprint: str, jobs: int, log: Log, label: str) -> tuple[dict[str, dict], int, float]:
+    """Convert KEPT (parallel, cached): model type -> record; also how many ran now, and seconds."""
     t_conv = time.time()
     results: dict[str, dict] = {}
     todo = []
     for c in kept:
-        key = _convert_key(c, tf_root, fingerprint)
+        key = _convert_key(c, tf_root, fingerprint, release)
         hit = cache.get("convert", key)
         if hit is not None:
             if hit.get("status") == "blocked" and "message" in hit:
@@ -573,14 +607,17 @@ def run_coverage(
             results[c.model_type] = {**hit, "cached": True}
         else:
             todo.append((c, key))
-    log(f"coverage: {len(kept)} text decoder causal LMs ({len(cands) - len(kept)} excluded); "
+    log(f"{label}: {len(kept)} text decoder causal LMs; "
         f"{len(kept) - len(todo)} cached, converting {len(todo)} with {jobs} job(s)")
-    with _progress(len(todo), "convert") as step:
+
+    def args(c: Candidate) -> tuple:
+        return (c.model_type, c.hf_class, c.source, str(tf_root), release, c.config_only)
+
+    with _progress(len(todo), label) as step:
         if jobs > 1 and len(todo) > 1:
             ctx = multiprocessing.get_context("spawn")
             with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                futs = {pool.submit(convert_task, c.model_type, c.hf_class, c.source, str(tf_root)): (c, key)
-                        for c, key in todo}
+                futs = {pool.submit(convert_task, *args(c)): (c, key) for c, key in todo}
                 for fut in cf.as_completed(futs):
                     c, key = futs[fut]
                     try:
@@ -595,18 +632,25 @@ def run_coverage(
                     step(c.model_type)
         else:
             for c, key in todo:
-                rec = convert_task(c.model_type, c.hf_class, c.source, str(tf_root))
+                rec = convert_task(*args(c))
                 cache.put("convert", key, rec)
                 results[c.model_type] = {**rec, "cached": False}
                 step(c.model_type)
-    convert_s = round(time.time() - t_conv, 1)
+    return results, len(todo), round(time.time() - t_conv, 1)
 
-    # 2. rows, committed ports, carried-over verifications
+
+def _make_rows(kept: list[Candidate], results: dict[str, dict], out: Path, registry: dict, cache: Cache,
+               tiny_rules: dict, previous: dict[str, dict], release: str | None) -> list[dict]:
+    """One row per kept model type: its conversion, committed port and carried-over verification."""
+    tiny_models = tiny_rules.get("models", {}) or {}
     rows = []
     for c in kept:
         r = results[c.model_type]
-        port_name = r.get("port_name") or Path(c.source).stem.removeprefix("modeling_")
+        port_name = r.get("port_name") or (
+            c.model_type if c.config_only else Path(c.source).stem.removeprefix("modeling_"))
         committed = _committed(out, port_name, c.source)
+        if committed and release and committed["transformers_version"] != release:
+            committed = None  # a port of another release's model type of that name
         digest = (r.get("port_digest") or {}).get("vllm")
         row = {
             "model_type": c.model_type, "hf_class": c.hf_class, "source": c.source,
@@ -618,6 +662,8 @@ def run_coverage(
             "vllm_native": registry.get(c.hf_class, {"kind": "none", "detail": "not in vLLM's registry"}),
             "committed": committed, "verify": None,
         }
+        if release:
+            row.update(release=release, note=c.note, config_only=c.config_only)
         if committed and digest:
             committed["matches_conversion"] = committed.get("vllm_digest") == digest
         if r["status"] == "converted":
@@ -633,12 +679,84 @@ def run_coverage(
             if got is not None:
                 row["verify"] = {**got, "carried_over": True}
         rows.append(row)
+    return rows
+
+
+def run_coverage(
+    out: Path = Path("generated"),
+    *,
+    verify: bool = False,
+    jobs: int = 1,
+    only: list[str] | None = None,
+    cache_dir: Path | None = CACHE_DIR,
+    write: bool = True,
+    log: Log | None = None,
+    tf_root: Path | None = None,
+    day_zero: list[str] | None = None,
+) -> dict:
+    """Sweep, optionally verify, and write OUT/COVERAGE.md and OUT/COVERAGE.json.
+
+    ``only`` restricts the sweep to some model types (the report then covers just those).
+    ``day_zero`` names newer transformers releases whose new model types get a section of their
+    own (default: rules/coverage.yaml; ``[]`` for none)."""
+    from porter.errors import PorterError
+    from porter.verify.tiny import load_rules
+
+    log = log or (lambda m: None)
+    t_start = time.time()
+    tf_root = tf_root or _package_dir("transformers")
+    if tf_root is None:
+        raise PorterError("transformers is not installed: nothing to sweep", construct="porter coverage")
+    releases = day_zero_releases() if day_zero is None else list(day_zero)
+    vllm_root = _package_dir("vllm")
+    registry = vllm_registry(vllm_root)
+    all_cands = discover(tf_root)
+    installed_types = {c.model_type for c in all_cands}
+    installed_version = _dist_version("transformers")
+    # the day-zero lists: each release's causal LMs whose model type the installed one lacks
+    dz_all: dict[str, tuple[Path, list[Candidate]]] = {}
+    for rel in releases:
+        if rel == installed_version:
+            continue
+        from porter.regen import transformers_tree
+
+        tree = transformers_tree(rel)
+        dz_all[rel] = (tree, [c for c in discover(tree, day_zero=True) if c.model_type not in installed_types])
+    cands = all_cands
+    dz = dict(dz_all)
+    if only:
+        known = installed_types | {c.model_type for _, cs in dz_all.values() for c in cs}
+        unknown = [m for m in only if m not in known]
+        if unknown:
+            raise PorterError(f"not in the causal-LM auto mapping: {', '.join(unknown)}",
+                              construct="porter coverage --only")
+        cands = [c for c in all_cands if c.model_type in only]
+        dz = {rel: (tree, [c for c in cs if c.model_type in only]) for rel, (tree, cs) in dz_all.items()}
+        dz = {rel: v for rel, v in dz.items() if v[1]}
+    kept = [c for c in cands if c.excluded is None]
+    cache = Cache(cache_dir)
+    fingerprint = porter_fingerprint()
+    tiny_rules = load_rules()
+    previous = _previous_verifications(out / COVERAGE_JSON)
+
+    # 1. convert (parallel, cached), 2. rows, committed ports, carried-over verifications
+    results, fresh, convert_s = _convert_all(kept, tf_root, None, cache, fingerprint, jobs, log, "coverage")
+    rows = _make_rows(kept, results, out, registry, cache, tiny_rules, previous, None)
+    dz_rows: dict[str, list[dict]] = {}
+    dz_timings: dict[str, dict] = {}
+    for rel, (tree, cs) in dz.items():
+        dkept = [c for c in cs if c.excluded is None]
+        res, dfresh, dconv = _convert_all(dkept, tree, rel, cache, fingerprint, jobs, log,
+                                          f"day zero {rel}")
+        dz_rows[rel] = _make_rows(dkept, res, out, registry, cache, tiny_rules, previous, rel)
+        dz_timings[rel] = {"convert_s": dconv, "jobs": jobs, "converted_fresh": dfresh,
+                           "converted_cached": len(dkept) - dfresh}
 
     # 3. verify (sequential: the engine uses both cores)
     verify_s = 0.0
     if verify:
         t_ver = time.time()
-        targets = [r for r in rows if r["status"] == "converted"]
+        targets = [r for r in rows + [r for rs in dz_rows.values() for r in rs] if r["status"] == "converted"]
         with _progress(len(targets), "verify") as step:
             for row in targets:
                 if (row.get("verify") or {}).get("carried_over"):  # unchanged port, settled verdict
@@ -657,15 +775,20 @@ def run_coverage(
                     f"({row['verify'].get('seconds', 0):.0f} s)")
                 step(row["model_type"])
         verify_s = round(time.time() - t_ver, 1)
-    for row in rows:
+    for row in rows + [r for rs in dz_rows.values() for r in rs]:
         row.pop("_vkey", None)
         row["status"] = _final_status(row)
 
     report = _report(cands, rows, tf_root, vllm_root, fingerprint,
                      timings={"convert_s": convert_s, "verify_s": verify_s,
                               "total_s": round(time.time() - t_start, 1), "jobs": jobs,
-                              "converted_fresh": len(todo), "converted_cached": len(kept) - len(todo)},
+                              "converted_fresh": fresh, "converted_cached": len(kept) - fresh},
                      partial=bool(only))
+    report["day_zero_releases"] = releases
+    report["day_zero"] = [
+        _day_zero_section(rel, dz_all[rel][0], dz[rel][1], dz_rows[rel], installed_version, dz_timings[rel])
+        for rel in dz
+    ]
     if write:
         out.mkdir(parents=True, exist_ok=True)
         (out / COVERAGE_JSON).write_text(json.dumps(report, indent=2) + "\n")
@@ -703,7 +826,10 @@ def _previous_verifications(path: Path) -> dict[str, dict]:
     except (OSError, ValueError):
         return {}
     out = {}
-    for row in data.get("rows", []):
+    rows = list(data.get("rows", []))
+    for sec in data.get("day_zero") or []:
+        rows += sec.get("rows", [])
+    for row in rows:
         v = row.get("verify") or {}
         if v.get("key") and _settled(v):
             out[v["key"]] = {k: val for k, val in v.items() if k != "carried_over"}
@@ -726,8 +852,15 @@ def _verify_row(row: dict, out: Path, cache_dir: Path | None, step) -> dict:
         which = "committed"
     else:
         base = (cache_dir / "ports") if cache_dir else Path(tmp := tempfile.mkdtemp(prefix="porter-cov-"))
+        release = row.get("release")
+        if release:
+            from porter.regen import transformers_tree
+
+            src = row["model_type"] if row.get("config_only") else str(transformers_tree(release) / row["source"])
+        else:
+            src = str(_package_dir("transformers") / row["source"])
         try:
-            convert(str(_package_dir("transformers") / row["source"]), ["vllm"], base, write=True, force=True)
+            convert(src, ["vllm"], base, write=True, force=True, transformers=release)
         except PorterError as e:
             return {"status": "error", "passed": False, "reason": e.one_line(), "seconds": 0}
         port_dir = base / "vllm" / row["port_name"]
@@ -794,7 +927,8 @@ def _group(row: dict) -> str:
     return f"({'crashed' if row['status'] == 'crashed' else 'no rule'}: {what or row.get('construct')})"
 
 
-def _report(cands, rows, tf_root, vllm_root, fingerprint, timings, partial) -> dict:
+def _counts(cands, rows) -> tuple[dict, dict[str, list[str]]]:
+    """The counts of a section (the main sweep, or one day-zero release) and its blocked groups."""
     excl = [c for c in cands if c.excluded]
     by_status = {s: sum(r["status"] == s for r in rows) for s in STATUS_ORDER}
     converted = sum(r["status"] not in ("blocked", "crashed") for r in rows)
@@ -823,6 +957,16 @@ def _report(cands, rows, tf_root, vllm_root, fingerprint, timings, partial) -> d
         "committed_ports_verified": sum(r["status"] == "verified" for r in committed),
         "vllm_native": sum(r["vllm_native"]["kind"] == "native" for r in rows),
     }
+    return counts, {k: sorted(v) for k, v in groups.items()}
+
+
+def _exclusions(cands) -> list[dict]:
+    return [{"model_type": c.model_type, "hf_class": c.hf_class, "kind": c.kind,
+             "reason": c.excluded, "evidence": c.evidence} for c in cands if c.excluded]
+
+
+def _report(cands, rows, tf_root, vllm_root, fingerprint, timings, partial) -> dict:
+    counts, groups = _counts(cands, rows)
     return {
         "schema": SCHEMA,
         "partial": partial,
@@ -833,11 +977,32 @@ def _report(cands, rows, tf_root, vllm_root, fingerprint, timings, partial) -> d
         "targets": list(TARGETS),
         "tps": list(TPS),
         "counts": counts,
-        "blocked_groups": {k: sorted(v) for k, v in groups.items()},
+        "blocked_groups": groups,
         "timings": timings,
         "rows": sorted(rows, key=lambda r: r["model_type"]),
-        "exclusions": [{"model_type": c.model_type, "hf_class": c.hf_class, "kind": c.kind,
-                        "reason": c.excluded, "evidence": c.evidence} for c in excl],
+        "exclusions": _exclusions(cands),
+    }
+
+
+def _day_zero_section(release: str, tree: Path, cands, rows, installed: str, timings: dict) -> dict:
+    """One newer release: its causal LMs whose model type the installed transformers lacks."""
+    counts, groups = _counts(cands, rows)
+    counts["new_causal_lm_mapping_entries"] = counts.pop("causal_lm_mapping_entries")
+    counts["kept_by_day_zero_note"] = sum(bool(r.get("note")) for r in rows)
+    wheel = ""
+    marker = tree.parent / ".complete"
+    if marker.is_file():
+        lines = marker.read_text().splitlines()
+        wheel = lines[1] if len(lines) > 1 else ""
+    return {
+        "release": release,
+        "installed_transformers": installed,
+        "wheel": wheel,
+        "counts": counts,
+        "blocked_groups": groups,
+        "timings": timings,
+        "rows": sorted(rows, key=lambda r: r["model_type"]),
+        "exclusions": _exclusions(cands),
     }
 
 
@@ -848,6 +1013,96 @@ def _report(cands, rows, tf_root, vllm_root, fingerprint, timings, partial) -> d
 
 def _cell(text) -> str:
     return "" if text is None else str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_blocked(groups: dict[str, list[str]]) -> list[str]:
+    L = ["| rule | count | model types |", "|---|---:|---|"]
+    for rule, types in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        L.append(f"| {_cell(rule)} | {len(types)} | {', '.join(types)} |")
+    return L
+
+
+def _md_rows(rows: list[dict], notes: bool = False) -> list[str]:
+    head = "| model_type | HF class | status | diagnostic | vLLM native | committed port |"
+    rule = "|---|---|---|---|---|---|"
+    L = [head + (" why a row |" if notes else ""), rule + ("---|" if notes else "")]
+    for r in rows:
+        v = r.get("verify") or {}
+        diag = r["diagnostic"] or ""
+        if r["status"] == "verify failed":
+            diag = v.get("reason") or "verify failed"
+        elif r["status"] == "converted (no tiny config)":
+            diag = v.get("reason", "")
+        elif r["status"] == "verified" and v.get("max_abs_dlogprob") is not None:
+            diag = f"max abs dlogprob {v['max_abs_dlogprob']:.2e}"
+        nat = r["vllm_native"]
+        native = nat["kind"] + (f" ({nat['detail']})" if nat["kind"] in ("native", "dropped") else "")
+        cm = r["committed"]
+        if cm:
+            port = "yes, verified" if r["status"] == "verified" else "yes, not verified"
+            if cm.get("matches_conversion") is False:
+                port += " (differs from what porter makes now)"
+        else:
+            port = "no"
+        line = f"| {r['model_type']} | {r['hf_class']} | {r['status']} | {_cell(diag)} | {_cell(native)} | {port} |"
+        L.append(line + (f" {_cell(r.get('note') or '')} |" if notes else ""))
+    return L
+
+
+def _md_exclusions(excl: list[dict]) -> list[str]:
+    L = ["| model_type | causal-LM class | kind | reason |", "|---|---|---|---|"]
+    for e in excl:
+        L.append(f"| {e['model_type']} | {e['hf_class']} | {e['kind']} | {_cell(e['reason'])} |")
+    return L
+
+
+def _md_day_zero(sec: dict, rep: dict) -> list[str]:
+    c, rel = sec["counts"], sec["release"]
+    L = [
+        f"## Day zero: transformers {rel}",
+        "",
+        f"The causal-LM auto-mapping entries of transformers {rel} whose model type the installed "
+        f"transformers {sec['installed_transformers']} does not have, read statically from the "
+        f"release's wheel ({sec['wheel'] or 'transformers ' + rel}; nothing imported), converted as "
+        f"`porter convert MODEL --transformers {rel}` does (the port ships the config class); "
+        f"verified at TP={','.join(map(str, rep['tps']))} with the HF side in that release's venv. "
+        "Releases are listed in `rules/coverage.yaml` (`day_zero_releases`). The exclusions are the "
+        "main sweep's, with two that do not hold for a release newer than the engine's (column "
+        "\"why a row\"): a config-only model type (the engine's transformers cannot read its "
+        "config, so the other family's port does not serve it) and the text-only causal LM of a "
+        "multimodal family (its own class, which builds no tower).",
+        "",
+        "| | count |",
+        "|---|---:|",
+        f"| new causal-LM auto-mapping entries | {c['new_causal_lm_mapping_entries']} |",
+        f"| excluded (not a text decoder-only causal LM; see below) | {c['excluded']} |",
+        f"| **total day-zero text decoder causal LMs** | **{c['total']}** |",
+        f"| of which kept by a day-zero note (config only / text model) | {c['kept_by_day_zero_note']} |",
+        f"| converted (both targets) | {c['converted']} |",
+        f"| verified at TP=1 and TP=2 | {c['verified']} |",
+        f"| verify failed | {c['verify_failed']} |",
+        f"| converted, no tiny config (not verified) | {c['converted_no_tiny_config']} |",
+        f"| converted, verify not run | {c['converted_not_verified']} |",
+        f"| blocked (one-line diagnostic) | {c['blocked']} |",
+        f"| porter crashed | {c['crashed']} |",
+        f"| committed ports (generated/vllm) / verified | {c['committed_ports']} / {c['committed_ports_verified']} |",
+        "",
+        f"### Blocked, by rule ({rel})",
+        "",
+        *_md_blocked(sec["blocked_groups"]),
+        "",
+        f"### Architectures ({rel})",
+        "",
+        *_md_rows(sec["rows"], notes=True),
+        "",
+        f"### Excluded ({rel})",
+        "",
+        *_md_exclusions(sec["exclusions"]),
+    ]
+    t = sec["timings"]
+    L += ["", f"Sweep: {t['converted_fresh']} converted now, {t['converted_cached']} from the cache, "
+              f"{t['jobs']} job(s); convert {t['convert_s']} s.", ""]
+    return L
 
 
 def render_md(rep: dict) -> str:
@@ -863,6 +1118,11 @@ def render_md(rep: dict) -> str:
         "the verify results of unchanged ports).",
         "",
     ]
+    if rep.get("day_zero"):
+        L += ["Day zero (model types only a newer transformers release has): "
+              + ", ".join(f"[transformers {s['release']}](#day-zero-transformers-{s['release'].replace('.', '')})"
+                          f" ({s['counts']['total']} rows, {s['counts']['verified']} verified)"
+                          for s in rep["day_zero"]) + ", below.", ""]
     if rep.get("partial"):
         L += ["**Partial sweep** (`--only`): the counts cover the listed model types only.", ""]
     L += [
@@ -882,12 +1142,7 @@ def render_md(rep: dict) -> str:
         "",
         "## Blocked, by rule",
         "",
-        "| rule | count | model types |",
-        "|---|---:|---|",
-    ]
-    for rule, types in sorted(rep["blocked_groups"].items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        L.append(f"| {_cell(rule)} | {len(types)} | {', '.join(types)} |")
-    L += [
+        *_md_blocked(rep["blocked_groups"]),
         "",
         "## Architectures",
         "",
@@ -895,37 +1150,12 @@ def render_md(rep: dict) -> str:
         "through vLLM's Transformers backend (no model file of its own); `dropped` = removed from vLLM; "
         "`none` = not in vLLM's registry.",
         "",
-        "| model_type | HF class | status | diagnostic | vLLM native | committed port |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rep["rows"]:
-        v = r.get("verify") or {}
-        diag = r["diagnostic"] or ""
-        if r["status"] == "verify failed":
-            diag = v.get("reason") or "verify failed"
-        elif r["status"] == "converted (no tiny config)":
-            diag = v.get("reason", "")
-        elif r["status"] == "verified" and v.get("max_abs_dlogprob") is not None:
-            diag = f"max abs dlogprob {v['max_abs_dlogprob']:.2e}"
-        nat = r["vllm_native"]
-        native = nat["kind"] + (f" ({nat['detail']})" if nat["kind"] in ("native", "dropped") else "")
-        cm = r["committed"]
-        if cm:
-            port = "yes, verified" if r["status"] == "verified" else "yes, not verified"
-            if cm.get("matches_conversion") is False:
-                port += " (differs from what porter makes now)"
-        else:
-            port = "no"
-        L.append(f"| {r['model_type']} | {r['hf_class']} | {r['status']} | {_cell(diag)} | {_cell(native)} | {port} |")
-    L += [
+        *_md_rows(rep["rows"]),
         "",
         "## Excluded",
         "",
-        "| model_type | causal-LM class | kind | reason |",
-        "|---|---|---|---|",
+        *_md_exclusions(rep["exclusions"]),
     ]
-    for e in rep["exclusions"]:
-        L.append(f"| {e['model_type']} | {e['hf_class']} | {e['kind']} | {_cell(e['reason'])} |")
     t = rep["timings"]
     L += [
         "",
@@ -933,4 +1163,6 @@ def render_md(rep: dict) -> str:
         f"{t['jobs']} job(s); convert {t['convert_s']} s, verify {t['verify_s']} s, total {t['total_s']} s.",
         "",
     ]
+    for sec in rep.get("day_zero") or []:
+        L += _md_day_zero(sec, rep)
     return "\n".join(L)

@@ -66,6 +66,9 @@ class AttentionPlan:
     alibi_scale: str | None = None  # the scale HF applies to scores and bias together (after the bias is added)
     rope_theta: str | None = None  # rotary from a sinusoidal table built in the source (GPT-J): its base
     rope_dim: str | None = None  # ... and how many dims of each head it rotates
+    # attention sinks: the `s_aux=` of the HF call (one learned logit per head, the engine's
+    # Attention(sinks=...)); PT160 shards the parameter per TP rank
+    sinks: str | None = None
 
 
 @dataclass
@@ -115,6 +118,12 @@ class PortPlan:
             for key in ("alibi", "alibi_scale", "rope_theta", "rope_dim"):
                 if a[key] is None:
                     del a[key]
+        for att in d["attentions"]:  # (idem: only where there are sinks)
+            if att.get("sinks") is None:
+                att.pop("sinks", None)
+        for moe in d.get("moes", []):  # the scoring only when it is not the default softmax (idem)
+            if moe.get("scoring_func") == "softmax":
+                del moe["scoring_func"]
         return d
 
     def attention(self, cls: str) -> AttentionPlan | None:
@@ -377,7 +386,7 @@ class Planner:
         if (stray := unported_experts(self.idx, classes, plan.moes)) is not None:
             raise self.idx.error(
                 "cannot port mixture of experts: per-expert weights without a router the engine's "
-                "FusedMoE reproduces (softmax top-k over one projection, its indices and weights "
+                "FusedMoE reproduces (softmax top-k, or top-k of sigmoids, over one projection, its indices and weights "
                 "passed to the experts as returned)", stray.node, construct=f"class {stray.name}",
                 rule="fused-moe")
         fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
@@ -742,6 +751,7 @@ class Planner:
             scale=kw.get("scaling", f"{hd}**-0.5"),
             sliding_window=kw.get("sliding_window"),
             softcap=kw.get("softcap"),
+            sinks=kw.get("s_aux"),
             rope=rope,
             rope_helper=rope_helper,
             line=info.line,

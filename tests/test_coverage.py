@@ -14,6 +14,7 @@ import pytest
 
 from conftest import GENERATED, ROOT, run_porter
 from porter import coverage as cov
+from porter.errors import PorterError
 
 CONVERTED = {"verified", "verify failed", "converted", "converted (no tiny config)"}
 DIAG = re.compile(r"^models/[\w./-]+\.py:\d+: \S")
@@ -41,6 +42,8 @@ def test_list_is_read_without_importing_transformers_or_vllm():
     code = (
         "import sys; from porter import coverage as c; "
         "cs = c.discover(c._package_dir('transformers')); reg = c.vllm_registry(c._package_dir('vllm')); "
+        "from porter.regen import transformers_tree; "
+        "dz = [c.discover(transformers_tree(r), day_zero=True) for r in c.day_zero_releases()]; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'vllm', 'torch')); "
         "print(len(cs), len(reg), bad)"
     )
@@ -120,6 +123,12 @@ def test_cli_coverage(tmp_path):
     assert "1 text decoder causal LMs" in proc.stdout and "1 converted" in proc.stdout
     data = json.loads((tmp_path / cov.COVERAGE_JSON).read_text())
     assert data["rows"][0]["model_type"] == "opt"
+    assert "day zero" not in proc.stdout  # opt is no day-zero model type
+    dz = run_porter("coverage", "--only", "dory", "--out", str(tmp_path), "--no-cache", "--transformers", "5.24.0")
+    assert dz.returncode == 0, dz.stderr
+    assert "day zero, transformers 5.24.0: 1 text decoder causal LMs" in dz.stdout and "1 blocked" in dz.stdout
+    none = run_porter("coverage", "--only", "dory", "--out", str(tmp_path), "--transformers", "none")
+    assert none.returncode == 2 and "dory" in none.stderr  # not a model type of the installed release
     bad = run_porter("coverage", "--only", "no_such_model", "--out", str(tmp_path))
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "no_such_model" in bad.stderr
@@ -138,8 +147,9 @@ def test_committed_coverage_is_a_full_sweep(committed, candidates):
 
 
 def test_every_committed_port_is_listed_as_converted(committed):
-    # the sweep covers the installed transformers; a day-zero port (converted from a newer release,
-    # `porter convert X --transformers 5.24.0`) is verified by tests/test_verify_harness.py instead
+    # the main sweep covers the installed transformers; a day-zero port (converted from a newer
+    # release, `porter convert X --transformers 5.24.0`) is a row of that release's day-zero
+    # section (test_committed_coverage_has_the_day_zero_sections)
     ports = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.json").exists()
                    and json.loads((p / "PORT.json").read_text())["transformers_version"]
                    == committed["transformers_version"])
@@ -195,4 +205,139 @@ def test_committed_exclusions_have_reasons(committed):
     for e in committed["exclusions"]:
         assert f"| {e['model_type']} | {e['hf_class']} | {e['kind']} |" in md
     for r in committed["rows"]:
+        assert f"| {r['model_type']} | {r['hf_class']} | {r['status']} |" in md
+
+
+# --- day zero: the model types only a newer release has (issue 11) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def release_tree():
+    from porter.regen import transformers_tree
+
+    (release,) = cov.day_zero_releases()[:1] or pytest.skip("no day_zero_releases in rules/coverage.yaml")
+    return release, transformers_tree(release)
+
+
+@pytest.fixture(scope="module")
+def dz_candidates(release_tree, candidates):
+    installed = {c.model_type for c in candidates}
+    return {c.model_type: c for c in cov.discover(release_tree[1], day_zero=True) if c.model_type not in installed}
+
+
+def test_day_zero_releases_are_data(tmp_path, monkeypatch):
+    assert cov.day_zero_releases() == ["5.24.0"]  # rules/coverage.yaml
+    monkeypatch.setenv("PORTER_RULES_DIR", str(tmp_path))
+    assert cov.day_zero_releases() == []  # no table: no day-zero section
+    (tmp_path / cov.COVERAGE_RULES).write_text("day_zero_releases: 5.24.0\n")
+    with pytest.raises(PorterError, match="list of version strings"):
+        cov.day_zero_releases()
+
+
+def test_day_zero_list_is_the_main_sweeps_logic_on_the_release(release_tree, dz_candidates):
+    release, tree = release_tree
+    assert tree.parent.name == release and not (tree / "__init__.py").exists()  # models/** of the wheel only
+    plain = {c.model_type: c for c in cov.discover(tree)}
+    assert dz_candidates and set(dz_candidates) <= set(plain)
+    for mt, c in dz_candidates.items():
+        p = plain[mt]
+        if c.note is None and c.kind == "alias" and p.kind != "alias":
+            # a second entry of a class kept by a day-zero note (dots3_note_text -> dots3_note)
+            owner = c.excluded.split("model type ")[1].split(" ")[0]
+            assert dz_candidates[owner].note and dz_candidates[owner].hf_class == c.hf_class, mt
+        elif c.note is None:  # the same verdict and reason as the main sweep's
+            assert (c.excluded, c.kind, c.source) == (p.excluded, p.kind, p.source), mt
+        else:  # kept only for a reason that holds for a release newer than the engine's
+            assert c.excluded is None and p.kind in ("alias", "multimodal"), (mt, p.excluded)
+            assert c.source and (tree / c.source).is_file()
+    # new dense / MoE models are rows; the known exclusions keep their reasons
+    for mt in ("dory", "beam", "flint", "kolibri1", "lfm3"):
+        assert dz_candidates[mt].excluded is None and dz_candidates[mt].note is None
+    assert dz_candidates["moss_transcribe_diarize"].kind == "encoder-decoder"
+    # config only: transformers builds LlamaForCausalLM from exaone's own config
+    ex = dz_candidates["exaone"]
+    assert ex.config_only and ex.source == "models/llama/modeling_llama.py" and "config only" in ex.note
+    # the text model of a multimodal family; a second entry of the same class is an alias
+    ap = dz_candidates["apertus1p5_text"]
+    assert ap.excluded is None and ap.source == "models/apertus1p5/modeling_apertus1p5.py"
+    assert plain["apertus1p5_text"].kind == "multimodal"
+    assert dz_candidates["dots3_note"].excluded is None
+    assert dz_candidates["dots3_note_text"].kind == "alias"
+
+
+def test_day_zero_sweep_on_a_few_model_types(tmp_path, release_tree):
+    release, _ = release_tree
+    out = tmp_path / "out"
+    for t in ("vllm", "aphrodite"):  # a committed day-zero port
+        shutil.copytree(GENERATED / t / "exaone", out / t / "exaone")
+    cache = tmp_path / "cache"
+    # the test harness's record of a verified committed port (record_verification's key)
+    from porter.layout import PortInfo
+    from porter.verify.tiny import load_rules
+
+    rules = load_rules()
+    info = PortInfo.load(out / "vllm" / "exaone")
+    key = cov._verify_key(cov._files_digest(info.files), rules["models"]["exaone"], rules)
+    cov.Cache(cache).put("verify", key, {"status": "passed", "passed": True, "exit_code": 0, "tps": [1, 2],
+                                         "port": "committed", "max_abs_dlogprob": 4.5e-05, "key": key})
+    only = ["exaone", "dory", "apertus1p5_text"]
+    rep = cov.run_coverage(out, only=only, jobs=1, cache_dir=cache, day_zero=[release])
+    assert rep["rows"] == [] and rep["day_zero_releases"] == [release]
+    (sec,) = rep["day_zero"]
+    assert sec["release"] == release
+    rows = {r["model_type"]: r for r in sec["rows"]}
+    assert set(rows) == set(only)
+    # the sweep's conversion is byte for byte `porter convert exaone --transformers 5.24.0`
+    assert rows["exaone"]["committed"]["matches_conversion"] is True
+    assert rows["exaone"]["status"] == "verified" and rows["exaone"]["verify"]["carried_over"]
+    assert rows["apertus1p5_text"]["port_name"] == "apertus1p5"
+    assert rows["apertus1p5_text"]["status"] in CONVERTED and rows["apertus1p5_text"]["note"]
+    d = rows["dory"]
+    assert d["status"] == "blocked" and DIAG.match(d["diagnostic"]) and d["construct"] and d["line"]
+    c = sec["counts"]
+    assert c["total"] == 3 == c["converted"] + c["blocked"] + c["crashed"] and c["verified"] == 1
+    assert c["kept_by_day_zero_note"] == 2
+    md = (out / cov.COVERAGE_MD).read_text()
+    assert f"## Day zero: transformers {release}" in md
+    assert all(f"| {mt} | {rows[mt]['hf_class']} | {rows[mt]['status']} |" in md for mt in only)
+    # cached the second time; no day-zero section when asked for none
+    again = cov.run_coverage(out, only=only, jobs=1, cache_dir=cache, day_zero=[release], write=False)
+    assert again["day_zero"][0]["timings"]["converted_fresh"] == 0
+    none = cov.run_coverage(out, only=["opt"], jobs=1, cache_dir=cache, day_zero=[], write=False)
+    assert none["day_zero"] == [] and none["day_zero_releases"] == []
+
+
+def test_committed_coverage_has_the_day_zero_sections(committed, dz_candidates, release_tree):
+    release, _ = release_tree
+    assert committed["day_zero_releases"] == cov.day_zero_releases()
+    secs = {s["release"]: s for s in committed["day_zero"]}
+    assert set(secs) == set(committed["day_zero_releases"])
+    sec = secs[release]
+    c, rows = sec["counts"], sec["rows"]
+    # every new causal-LM entry of the release is a row or an exclusion, as the main sweep's
+    assert {r["model_type"] for r in rows} == {m for m, x in dz_candidates.items() if not x.excluded}
+    assert {e["model_type"] for e in sec["exclusions"]} == {m for m, x in dz_candidates.items() if x.excluded}
+    assert c["new_causal_lm_mapping_entries"] == len(rows) + len(sec["exclusions"])
+    assert c["total"] == len(rows) == c["converted"] + c["blocked"] + c["crashed"]
+    assert c["converted"] == (c["verified"] + c["verify_failed"] + c["converted_not_verified"]
+                              + c["converted_no_tiny_config"])
+    assert c["verified"] == sum(r["status"] == "verified" for r in rows)
+    for r in rows:
+        assert r["release"] == release
+        if r["status"] == "blocked":
+            assert r["construct"] and DIAG.match(r["diagnostic"]), r["diagnostic"]
+            assert isinstance(r["line"], int) and r["line"] > 0
+    # every committed port of that release is a row, converted as committed and verified at TP=1,2
+    ports = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.json").exists()
+                   and json.loads((p / "PORT.json").read_text())["transformers_version"] == release)
+    assert ports
+    by_port = {r["port_name"]: r for r in rows}
+    for name in ports:
+        row = by_port.get(name)
+        assert row is not None, f"generated/vllm/{name} is not in COVERAGE.json's day zero: run porter coverage"
+        assert row["committed"]["path"] == f"vllm/{name}" and row["committed"]["matches_conversion"], name
+        assert row["status"] == "verified" and row["verify"]["tps"] == [1, 2], row
+    md = (GENERATED / cov.COVERAGE_MD).read_text()
+    assert f"## Day zero: transformers {release}" in md
+    for r in rows:
         assert f"| {r['model_type']} | {r['hf_class']} | {r['status']} |" in md

@@ -133,3 +133,28 @@ def test_aphrodite_structural_check_of_a_day_zero_port_is_one_line_exit_2():
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "ships the config of model type exaone (transformers 5.24.0)" in last
+
+
+def test_flint_routes_with_sigmoids_and_shards_its_attention_sinks():
+    # flint (5.24.0): a router ranking sigmoids of the logits (PT100, scoring_func) and attention
+    # sinks `s_aux=self.sinks` (PT160: the engine's Attention(sinks=...), one value per head of
+    # this rank, loaded as this rank's slice)
+    port = Path(__file__).resolve().parents[1] / "generated" / "vllm" / "flint"
+    info = json.loads((port / "PORT.json").read_text())
+    assert info["transformers_version"] == RELEASE and "PT160 attention-sinks" in info["rules_applied"]
+    text = (port / "porter_vllm_flint" / "modeling_flint.py").read_text()
+    import ast
+
+    (moe_call,) = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Call)
+                   and getattr(n.func, "id", None) == "FusedMoEFactory"]
+    kw = {k.arg: ast.unparse(k.value) for k in moe_call.keywords}
+    assert (kw["use_grouped_topk"], kw["num_expert_group"], kw["topk_group"]) == ("True", "1", "1")
+    assert kw["scoring_func"] == "'sigmoid'" and kw["renormalize"] == "config.norm_topk_prob"
+    assert "self.sinks.weight_loader = sharded_weight_loader(0)" in text
+    assert "config.num_attention_heads // get_tensor_model_parallel_world_size()" in text
+    assert "sinks=self.sinks," in text
+    (moe,) = info["plan"]["moes"]
+    assert moe["scoring_func"] == "sigmoid"
+    # the other MoE ports (softmax routers) record no scoring: their PORT.json is unchanged
+    mixtral = json.loads((port.parent / "mixtral" / "PORT.json").read_text())
+    assert all("scoring_func" not in m for m in mixtral["plan"]["moes"])

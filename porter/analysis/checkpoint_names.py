@@ -15,45 +15,47 @@ import re
 from pathlib import Path
 
 
+_Tables = tuple[tuple[tuple[ast.AST | None, ast.AST], ...], tuple[ast.stmt, ...]]
+
+
 @functools.lru_cache(maxsize=8)
-def _dict_items_cached(path: Path, mtime_ns: int, size: int) -> tuple[tuple[ast.AST | None, ast.AST], ...]:
+def _tables_cached(path: Path, mtime_ns: int, size: int) -> _Tables:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError):
-        return ()
-    return tuple(pair for node in ast.walk(tree) if isinstance(node, ast.Dict)
-                 for pair in zip(node.keys, node.values))
+        return (), ()
+    pairs = tuple(pair for node in ast.walk(tree) if isinstance(node, ast.Dict)
+                  for pair in zip(node.keys, node.values))
+    stmts = tuple(sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign))),
+                         key=lambda n: (n.lineno, n.col_offset)))
+    return pairs, stmts
 
 
-def _dict_items(path: Path) -> tuple[tuple[ast.AST | None, ast.AST], ...]:
-    """(key, value) of every dict literal in transformers' conversion mapping, in file order:
-    parsed once per process and version of the file (it is transformers' data, not the file
-    being ported; the nodes are only read)."""
+def _tables(path: Path) -> _Tables:
+    """transformers' conversion mapping, read statically: (key, value) of every dict literal in
+    file order, and its assignments in source order. Parsed once per process and version of the
+    file (it is transformers' data, not the file being ported; the nodes are only read)."""
     try:
         st = path.stat()
     except OSError:
-        return ()
-    return _dict_items_cached(path, st.st_mtime_ns, st.st_size)
+        return (), ()
+    return _tables_cached(path, st.st_mtime_ns, st.st_size)
 
 
 def weight_renamings(transformers_dir: Path | None, keys: list[str]) -> list[tuple[str, str]]:
     """(source regex, target) pairs registered under any of `keys` (model_type, class name)."""
     if transformers_dir is None:
         return []
-    pairs = _dict_items(transformers_dir / "conversion_mapping.py")
+    pairs, _ = _tables(transformers_dir / "conversion_mapping.py")
     out: list[tuple[str, str]] = []
     for key, value in pairs:
         if not (isinstance(key, ast.Constant) and key.value in keys and isinstance(value, ast.List)):
             continue
-        for call in value.elts:
-            if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "WeightRenaming"):
-                continue
-            kw = {k.arg: k.value for k in call.keywords}
-            args = list(call.args) + [kw.get("source_patterns"), kw.get("target_patterns")][len(call.args):]
-            src, dst = (args + [None, None])[:2]
-            if isinstance(src, ast.Constant) and isinstance(dst, ast.Constant) \
-                    and isinstance(src.value, str) and isinstance(dst.value, str):
-                out.append((src.value, dst.value))
+        out += [r for call in value.elts if (r := _renaming(call)) is not None]
+    if not out:
+        # an entry the table builder makes after the literal (`mapping["flint"] =
+        # mapping["qwen2_moe"].copy()`, then `+= [WeightRenaming(...)]`), or its base pattern's
+        out = [r for call in _conversion_entries(transformers_dir, keys) if (r := _renaming(call)) is not None]
     if not out:
         # a model type without an entry of its own uses its base pattern's (granitemoeshared ->
         # granitemoe in _MODEL_TO_CONVERSION_PATTERN), as transformers does
@@ -68,21 +70,51 @@ def weight_renamings(transformers_dir: Path | None, keys: list[str]) -> list[tup
     return out
 
 
+def _renaming(call: ast.AST) -> tuple[str, str] | None:
+    """`WeightRenaming("src", "dst")` (or by keyword) -> (src, dst)."""
+    if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "WeightRenaming"):
+        return None
+    kw = {k.arg: k.value for k in call.keywords}
+    args = list(call.args) + [kw.get("source_patterns"), kw.get("target_patterns")][len(call.args):]
+    src, dst = (args + [None, None])[:2]
+    if isinstance(src, ast.Constant) and isinstance(dst, ast.Constant) \
+            and isinstance(src.value, str) and isinstance(dst.value, str):
+        return src.value, dst.value
+    return None
+
+
 def _conversion_entries(transformers_dir: Path | None, keys: list[str]) -> list[ast.Call]:
     """The calls (WeightRenaming / WeightConverter) registered for the first of `keys` that has
     an entry, following `_MODEL_TO_CONVERSION_PATTERN` (qwen3_moe -> qwen2_moe) as transformers
     does when a model type has no entry of its own."""
     if transformers_dir is None:
         return []
+    pairs, stmts = _tables(transformers_dir / "conversion_mapping.py")
     entries: dict[str, list[ast.Call]] = {}
     aliases: dict[str, str] = {}
-    for key, value in _dict_items(transformers_dir / "conversion_mapping.py"):
+    for key, value in pairs:
         if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
             continue
         if isinstance(value, ast.List):
             entries.setdefault(key.value, [c for c in value.elts if isinstance(c, ast.Call)])
         elif isinstance(value, ast.Constant) and isinstance(value.value, str):
             aliases.setdefault(key.value, value.value)
+    # then, in source order, what the table builder does to it after the literal:
+    # `mapping["flint"] = mapping["qwen2_moe"].copy()`, `mapping["flint"] += [WeightRenaming(...)]`
+    for node in stmts:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            getattr(node, "target", None)
+        key = _subscript_key(target)
+        if key is None:
+            continue
+        calls = _entry_value(node.value, entries)
+        if calls is None:
+            continue
+        if isinstance(node, ast.AugAssign):
+            if isinstance(node.op, ast.Add):
+                entries[key] = entries.get(key, []) + calls
+        else:
+            entries[key] = calls
     for k in keys:
         if k in entries:
             return entries[k]
@@ -90,6 +122,25 @@ def _conversion_entries(transformers_dir: Path | None, keys: list[str]) -> list[
         if k in aliases and aliases[k] in entries:
             return entries[aliases[k]]
     return []
+
+
+def _subscript_key(node: ast.AST | None) -> str | None:
+    """`table["key"]` -> "key"."""
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
+            and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        return node.slice.value
+    return None
+
+
+def _entry_value(node: ast.AST, entries: dict[str, list[ast.Call]]) -> list[ast.Call] | None:
+    """The calls a table entry gets: a list literal, or another entry (`table["y"]`, `.copy()`)."""
+    if isinstance(node, ast.List):
+        return [c for c in node.elts if isinstance(c, ast.Call)]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "copy" \
+            and not node.args:
+        node = node.func.value
+    key = _subscript_key(node)
+    return list(entries[key]) if key is not None and key in entries else None
 
 
 def _strings(node: ast.AST | None) -> list[str]:

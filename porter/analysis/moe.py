@@ -9,6 +9,8 @@ the fused kernel. What the kernel needs is read from the source, not from names:
 
 - number of experts and hidden size: the router weight's shape `(E, H)`;
 - top-k: the `k` of the router's `topk` call;
+- scoring: softmax over the logits, or a sigmoid of each logit taken as the top-k input (no
+  correction bias: the router holds its weight and nothing else) -> `scoring_func="sigmoid"`;
 - renormalisation: the top-k weights divided by their sum (under an `if self.flag:` the flag's
   config attribute), or a softmax taken over the top-k logits only (the same thing);
 - intermediate size: the experts' down projection shape `(E, H, I)`;
@@ -46,6 +48,7 @@ class MoePlan:
     # conversion mapping un-packs the in-memory 3-D tensors into experts.N.<name>)
     ckpt_names: list[str] = field(default_factory=lambda: ["gate_proj", "down_proj", "up_proj"])
     packed: bool = False  # the checkpoint keeps the 3-D tensors (no per-expert un-packing on save)
+    scoring_func: str = "softmax"  # or "sigmoid": top-k over sigmoid(logits)
 
 
 def _init_attrs(info: ClassInfo) -> dict[str, cst.BaseExpression]:
@@ -124,19 +127,35 @@ class MoeFinder:
         attrs = _init_attrs(info)
         weight = None
         for call in findall(fwd, m.Call(func=m.Attribute(attr=m.Name("linear")))):
-            if len(call.args) >= 2 and self_attr(call.args[1].value) in attrs:  # type: ignore[attr-defined]
-                weight = self_attr(call.args[1].value)  # type: ignore[attr-defined]
+            w = call.args[1].value if len(call.args) >= 2 else None  # type: ignore[attr-defined]
+            # the weight, maybe cast for the product (`self.weight.float()`: the port's dtype)
+            while m.matches(w, m.Call(func=m.Attribute(attr=m.Name("float") | m.Name("to")))):
+                w = w.func.value  # type: ignore[union-attr]
+            if w is not None and self_attr(w) in attrs:
+                weight = self_attr(w)
         shape = _param_shape(attrs[weight]) if weight else None
         if shape is None or len(shape) != 2:
             return None
-        # the engine's FusedMoE routes with softmax top-k: other scorings (sigmoid, correction
-        # biases, grouped top-k, scaled weights) are not this router
-        if not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))) \
-                or findall(fwd, m.Call(func=m.Attribute(attr=m.Name("sigmoid")) | m.Name("sigmoid"))) \
-                or len(topks) != 1 or any(m.matches(v, m.Call(func=m.Attribute(attr=m.Name("Buffer"))))
-                                          for v in attrs.values()):
+        # the engine's FusedMoE routes with softmax top-k, or top-k over per-expert sigmoids;
+        # other scorings (correction biases, grouped top-k, scaled weights) are not this router
+        softmaxes = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")))
+        sigmoids = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("sigmoid")) | m.Name("sigmoid")))
+        if len(topks) != 1 or any(m.matches(v, m.Call(func=m.Attribute(attr=m.Name("Buffer"))))
+                                  for v in attrs.values()):
+            return None
+        # a module of the file inside the router (ernie4_5_moe's moe_statics adds a correction
+        # bias to the scores top-k ranks): not what FusedMoE's top-k computes
+        if any(sub.ctor in self.idx.classes for sub in info.submodules.values()):
             return None
         topk = topks[0]
+        scoring = "softmax"
+        if sigmoids:
+            scoring = "sigmoid"
+            params = [a for a, v in attrs.items() if _param_shape(v) is not None]
+            if softmaxes or len(sigmoids) != 1 or params != [weight] or not self._feeds_topk(fwd, topk, sigmoids[0]):
+                return None
+        elif not softmaxes:
+            return None
         k_arg = next((a.value for a in topk.args if a.keyword is not None and a.keyword.value == "k"), None)  # type: ignore[attr-defined]
         pos = [a.value for a in topk.args if a.keyword is None]  # type: ignore[attr-defined]
         if k_arg is None:
@@ -144,7 +163,21 @@ class MoeFinder:
             k_arg = pos[1] if dotted(topk.func) == "torch.topk" and len(pos) > 1 else (pos[0] if pos else None)  # type: ignore[attr-defined]
         if k_arg is None:
             return None
-        return {"weight": weight, "shape": shape, "top_k": k_arg, "renormalize": self._renormalize(fwd, topk)}
+        return {"weight": weight, "shape": shape, "top_k": k_arg, "renormalize": self._renormalize(fwd, topk),
+                "scoring": scoring}
+
+    @staticmethod
+    def _feeds_topk(fwd: cst.FunctionDef, topk: cst.Call, score: cst.Call) -> bool:
+        """Whether SCORE is what top-k ranks: its first argument (x.topk: its receiver), or a
+        name bound to SCORE just for that."""
+        src = topk.args[0].value if dotted(topk.func) == "torch.topk" and topk.args else topk.func.value  # type: ignore[attr-defined]
+        if src is score or src.deep_equals(score):
+            return True
+        if isinstance(src, cst.Name):
+            for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name(src.value))])):
+                if node.value.deep_equals(score):  # type: ignore[attr-defined]
+                    return True
+        return False
 
     def _renormalize(self, fwd: cst.FunctionDef, topk: cst.Call) -> cst.BaseExpression | None:
         text_after = False
@@ -234,6 +267,7 @@ class MoeFinder:
             gate_up=e["gate_up"],
             down=e["down"],
             line=info.line,
+            scoring_func=r["scoring"],
         )
 
 

@@ -15,6 +15,7 @@ from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
 from porter.passes.layers import EngineActivation, EngineActivationClass, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
 from porter.passes.sinusoidal_rope import OneTensorRope
+from porter.passes.sinks import AttentionSinks
 from porter.passes.tables import ResolveAttentionTable
 from porter.passes.tp_norm import FullWidthQkNorm
 from porter.passes.tp_norms import NormAcrossTpRanks
@@ -39,6 +40,7 @@ PASSES: list[type[Rule]] = [
     OneTensorRope,  # before EngineRope: takes the one-tensor rotary calls it would otherwise see
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
     EngineAttention,
+    AttentionSinks,
     StripHfParams,
     DropHfDataflow,
     DropDropout,

@@ -158,8 +158,8 @@ class EngineAttention(Rule):
     why = (
         "The HF attention call (`attention_interface(self, q, k, v, mask, scaling=..., ...)` or the "
         "eager function) becomes the engine's `Attention` op, `self.attn(q, k, v)`, which owns the "
-        "paged KV cache. Its scale and sliding window are taken from the keyword arguments of the "
-        "HF call; heads per rank come from the fused qkv projection (KV heads replicate when TP "
+        "paged KV cache. Its scale, sliding window, softcap and sinks (`s_aux`, made per-rank by "
+        "PT160) are taken from the keyword arguments of the HF call; heads per rank come from the fused qkv projection (KV heads replicate when TP "
         "exceeds them). The attention weights HF returns beside the output are dropped."
     )
     examples = [
@@ -238,6 +238,8 @@ class EngineAttention(Rule):
             scale = f", {attn.alibi_scale}" if attn.alibi_scale else ""
             sw += f"alibi_slopes={ALIBI_HELPER}(self.{qkv}.total_num_heads{scale}), "
             self._alibi = True
+        if attn.sinks:  # the per-rank parameter PT160 makes of it
+            sw += f"sinks={attn.sinks}, "
         st = cst.parse_statement(
             f"self.attn = {self.ctx.use('Attention')}(self.{qkv}.num_heads, {attn.head_dim}, "
             f"scale={attn.scale}, num_kv_heads=self.{qkv}.num_kv_heads, cache_config=cache_config, "

@@ -54,7 +54,8 @@ class FusedMoe(Rule):
         "returning logits, the experts one `FusedMoE` that does top-k, renormalisation, the expert "
         "MLPs and the weighted sum in one kernel, its experts sharded across tensor-parallel ranks "
         "like the engine's own ports. Experts count, top-k, sizes, renormalisation and activation "
-        "are read from the router and experts code; the checkpoint's per-expert names "
+        "are read from the router and experts code (a router ranking sigmoids of the logits, "
+        "without correction bias, routes with `scoring_func='sigmoid'`); the checkpoint's per-expert names "
         "(`ckpt_names`) from transformers' conversion mapping. The router and experts classes go."
     )
     examples = [
@@ -77,6 +78,32 @@ class FusedMoe(Rule):
             "        return self.experts(hidden_states=hidden_states, router_logits=router_logits)\n",
         ),
     ]
+
+    examples.append(Example(  # a sigmoid router: top-k over per-expert sigmoids, no softmax
+        "from torch import nn\n" + _ROUTER.replace(
+            "        router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)\n", "").replace(
+            "torch.topk(router_probs, ", "torch.topk(router_logits.sigmoid(), ")
+        + "\n\nclass ASparseMoeBlock(nn.Module):\n"
+        "    def __init__(self, config):\n        super().__init__()\n"
+        "        self.gate = ATopKRouter(config)\n        self.experts = AExperts(config)\n\n"
+        "    def forward(self, hidden_states):\n"
+        "        _, top_k_weights, top_k_index = self.gate(hidden_states)\n"
+        "        return self.experts(hidden_states, top_k_index, top_k_weights)\n",
+        "from torch import nn\n" + _ROUTER.replace(
+            "        router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)\n", "").replace(
+            "torch.topk(router_probs, ", "torch.topk(router_logits.sigmoid(), ")
+        + "\n\nclass ASparseMoeBlock(nn.Module):\n"
+        "    def __init__(self, config):\n        super().__init__()\n"
+        '        self.gate = GateLinear(config.hidden_size, config.num_local_experts, prefix=f"{prefix}.gate")\n'
+        "        self.experts = FusedMoEFactory(num_experts=config.num_local_experts, "
+        "top_k=config.num_experts_per_tok, hidden_size=config.hidden_size, "
+        "intermediate_size=config.intermediate_size, renormalize=True, activation=config.hidden_act, "
+        'quant_config=quant_config, prefix=f"{prefix}.experts", use_grouped_topk=True, num_expert_group=1, '
+        "topk_group=1, scoring_func='sigmoid')\n\n"
+        "    def forward(self, hidden_states):\n"
+        "        router_logits, _ = self.gate(hidden_states)\n"
+        "        return self.experts(hidden_states=hidden_states, router_logits=router_logits)\n",
+    ))
 
     @classmethod
     def applies(cls, ctx) -> bool:
@@ -101,6 +128,10 @@ class FusedMoe(Rule):
         if fn == "__init__" and attr == mp.experts:
             ckpt = "" if mp.ckpt_names == ["gate_proj", "down_proj", "up_proj"] else \
                 f", ckpt_names={tuple(mp.ckpt_names)!r}"
+            if mp.scoring_func != "softmax":
+                # the engine's idiom for top-k over sigmoids (its CPU router has no plain sigmoid
+                # top-k): grouped top-k with one group, i.e. top-k over all experts
+                ckpt = f", use_grouped_topk=True, num_expert_group=1, topk_group=1, scoring_func={mp.scoring_func!r}" + ckpt
             return updated.with_changes(value=cst.parse_expression(
                 f"{self.ctx.use('FusedMoE')}(num_experts={mp.num_experts}, top_k={mp.top_k}, "
                 f"hidden_size={mp.hidden_size}, intermediate_size={mp.intermediate_size}, "

@@ -8,6 +8,8 @@ runs under that release's python with porter on PYTHONPATH and imports only port
               architecture), WORKDIR/reference.json (the spec, prompts, HF greedy continuations)
   logprobs    WORKDIR/sequences.json (token id lists) -> WORKDIR/rows.pt (HF log-softmax rows
               along each sequence, from the checkpoint just written)
+  routed      WORKDIR/routers.json (MoE router class names) -> WORKDIR/routed.json (the experts
+              each router sends the reference prompts to, from the same checkpoint)
 """
 
 from __future__ import annotations
@@ -39,11 +41,9 @@ def _reference(args) -> None:
         {"spec": dataclasses.asdict(spec), "prompts": prompts, "refs": refs}))
 
 
-def _logprobs(args) -> None:
+def _load(args):
     import torch
     import transformers
-
-    from porter.verify.tiny import hf_logprobs
 
     work = Path(args.workdir)
     cls = getattr(transformers, args.hf_architecture)
@@ -53,13 +53,33 @@ def _logprobs(args) -> None:
     model = cls.from_pretrained(work / "ckpt", config=config, attn_implementation="eager",
                                 dtype=torch.float32)
     model.eval()
+    return model
+
+
+def _logprobs(args) -> None:
+    import torch
+
+    from porter.verify.tiny import hf_logprobs
+
+    work = Path(args.workdir)
+    model = _load(args)
     seqs = json.loads((work / "sequences.json").read_text())
     torch.save([hf_logprobs(model, s) for s in seqs], work / "rows.pt")
 
 
+def _routed(args) -> None:
+    from porter.verify.tiny import experts_routed
+
+    work = Path(args.workdir)
+    model = _load(args)
+    prompts = json.loads((work / "reference.json").read_text())["prompts"]
+    routers = json.loads((work / "routers.json").read_text())
+    (work / "routed.json").write_text(json.dumps(experts_routed(model, prompts, routers)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="porter.verify.hf_side")
-    ap.add_argument("command", choices=["reference", "logprobs"])
+    ap.add_argument("command", choices=["reference", "logprobs", "routed"])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--model-type", required=True)
     ap.add_argument("--config-model-type", default="")
@@ -67,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--architecture", required=True)
     args = ap.parse_args(argv)
     try:
-        (_reference if args.command == "reference" else _logprobs)(args)
+        {"reference": _reference, "logprobs": _logprobs, "routed": _routed}[args.command](args)
     except Exception as exc:  # one line for the engine side to report (verify exit 2)
         import sys
 

@@ -3,7 +3,8 @@
 ``LocalHF`` builds the tiny model in the engine's own environment (a port of a model type the
 engine's transformers knows). ``OtherEnvHF`` runs porter/verify/hf_side.py under the python of the
 port's transformers release (a day-zero port) and exchanges the checkpoint, prompts, greedy
-continuations and logprob rows through files. Both answer the same four questions.
+continuations, logprob rows and the MoE routing check through files. Both answer the same
+questions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from porter.verify.tiny import (
     VerifyInputError,
     _special_ids,
     build_model,
+    experts_routed,
     hf_logprobs,
     hf_reference,
     make_prompts,
@@ -40,6 +42,9 @@ class LocalHF:
 
     def logprobs(self, seqs: list[list[int]]) -> list:
         return [hf_logprobs(self.model, s) for s in seqs]
+
+    def experts_routed(self, routers: list[str]) -> dict[str, list[int]]:
+        return experts_routed(self.model, self.prompts, routers)
 
 
 class OtherEnvHF:
@@ -79,3 +84,9 @@ class OtherEnvHF:
         (self.work / "sequences.json").write_text(json.dumps(seqs))
         self._run("logprobs")
         return torch.load(self.work / "rows.pt")
+
+    def experts_routed(self, routers: list[str]) -> dict[str, list[int]]:
+        """The MoE routing check, run by the release's transformers on the checkpoint it wrote."""
+        (self.work / "routers.json").write_text(json.dumps(routers))
+        self._run("routed")
+        return json.loads((self.work / "routed.json").read_text())
