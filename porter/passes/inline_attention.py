@@ -487,8 +487,20 @@ def inline_attention_calls(module: cst.Module) -> tuple[cst.Module, dict[str, se
     from types import SimpleNamespace
 
     ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
-    for rule_cls in (EagerArm, InlineEagerAttention):
+    for rule_cls, word in ((EagerArm, "_attn_implementation"), (InlineEagerAttention, "softmax")):
         rule = rule_cls(ctx)  # type: ignore[arg-type]
         rule.keep_lines = True
-        module = module.visit(rule)
+        # each rule acts only inside a top-level class or function that names its word (both
+        # keep their state per class): the others are not walked
+        body: list[cst.CSTNode] = []
+        for st in module.body:
+            if not any(n.value == word for n in findall(st, m.Name())):  # type: ignore[attr-defined]
+                body.append(st)
+                continue
+            new = st.visit(rule)
+            if isinstance(new, cst.FlattenSentinel):
+                body.extend(new.nodes)
+            elif not isinstance(new, cst.RemovalSentinel):
+                body.append(new)
+        module = module.with_changes(body=body)
     return module, ctx.provenance
