@@ -122,11 +122,11 @@ class DropHfDataflow(Rule):
                 return None
             if self._reshape_to_hf_shape(targets, value):
                 return None  # `x = x.view(output_shape)`, the shape HF-only: x keeps its (flat) value
-            if self._is_tainted(self._strip_args(value)):
+            new_value = self._strip_args(value)
+            if self._is_tainted(new_value):
                 for t in targets:
                     self.tainted.update(assigned_names(t))
                 return None
-            new_value = self._strip_args(value)
             if len(targets) == 1 and isinstance(targets[0], cst.Tuple) and self._single_return_call(value):
                 # `out, weights = self.self_attn(...)` where that forward now returns `out` alone:
                 # the other names are HF-only (attention weights)
@@ -167,6 +167,9 @@ class DropHfDataflow(Rule):
         return bool(args) and all(self._is_tainted(a.value) for a in args)
 
     def _strip_args(self, node: cst.BaseExpression) -> cst.BaseExpression:
+        if not any(a.star == "**" or self._is_tainted(a.value)
+                   for c in findall(node, m.Call()) for a in c.args):  # type: ignore[attr-defined]
+            return node  # no argument to strip anywhere in it
         rule = self
 
         class _Args(cst.CSTTransformer):
