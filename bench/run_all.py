@@ -47,6 +47,12 @@ def throughput(models: list[str], repeats: int, enforce_eager: bool) -> dict:
     return out
 
 
+# a fresh process converting the models it is given, both targets (imports included)
+_CONVERT_ZOO = [sys.executable, "-c",
+                "import sys; from pathlib import Path; from porter.convert import convert;"
+                "[convert(m, ['vllm', 'aphrodite'], Path(sys.argv[1]), force=True) for m in sys.argv[2:]]"]
+
+
 def convert(repeats: int) -> dict:
     from bench.convert_speed import DEFAULT as models  # the committed ports of the installed release
     t0 = time.perf_counter()
@@ -62,9 +68,7 @@ def convert(repeats: int) -> dict:
     cold_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "porter-bench-convert"
     t1 = time.perf_counter()
     cold = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from porter.convert import convert;"
-         "[convert(m, ['vllm', 'aphrodite'], Path(sys.argv[1]), force=True) for m in sys.argv[2:]]",
+        [*_CONVERT_ZOO,
          str(cold_dir), *models], capture_output=True, text=True, cwd=ROOT)
     data["cold_process_s"] = round(time.perf_counter() - t1, 2)
     data["cold_ok"] = cold.returncode == 0
@@ -73,9 +77,7 @@ def convert(repeats: int) -> dict:
     # the same on both cores: two fresh processes, each converting every other model
     t2 = time.perf_counter()
     halves = [subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from porter.convert import convert;"
-         "[convert(m, ['vllm', 'aphrodite'], Path(sys.argv[1]), force=True) for m in sys.argv[2:]]",
+        [*_CONVERT_ZOO,
          str(cold_dir), *models[i::2]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
         for i in range(2)]
     codes = [h.wait() for h in halves]

@@ -63,6 +63,19 @@ def _fields(node: cst.CSTNode) -> tuple[str, ...]:
     return order
 
 
+def children(node: cst.CSTNode) -> list[cst.CSTNode]:
+    """A node's children in libcst's visiting order, read from its fields (libcst's own
+    `.children` runs a visit that rebuilds the node)."""
+    kids: list[cst.CSTNode] = []
+    for name in _fields(node):
+        value = getattr(node, name)
+        if isinstance(value, cst.CSTNode):
+            kids.append(value)
+        elif isinstance(value, (list, tuple)):
+            kids.extend(v for v in value if isinstance(v, cst.CSTNode))
+    return kids
+
+
 def walk(tree: cst.CSTNode, prune=None):
     """Every node of `tree`, pre-order, in the order a libcst visitor meets them — read from the
     nodes' fields instead of through `visit`, which rebuilds every node it passes (read-only
@@ -75,18 +88,13 @@ def walk(tree: cst.CSTNode, prune=None):
         yield node
         kids = prune(node) if prune is not None else None
         if kids is None:
-            kids = []
-            for name in _fields(node):
-                value = getattr(node, name)
-                if isinstance(value, cst.CSTNode):
-                    kids.append(value)
-                elif isinstance(value, (list, tuple)):
-                    kids.extend(v for v in value if isinstance(v, cst.CSTNode))
+            kids = children(node)
         for kid in reversed(kids):
             push(kid)
 
 
-_EXPRESSION_LEVEL = (cst.BaseExpression, cst.Parameters, cst.Decorator, cst.Annotation, cst.Arg)
+# node kinds that never hold a statement
+EXPRESSION_LEVEL = (cst.BaseExpression, cst.Parameters, cst.Decorator, cst.Annotation, cst.Arg)
 
 
 def statements(tree: cst.CSTNode):
@@ -97,14 +105,7 @@ def statements(tree: cst.CSTNode):
         node, nested = stack.pop()
         yield node, nested
         inner = nested or type(node) in (cst.ClassDef, cst.FunctionDef)
-        kids = []
-        for name in _fields(node):
-            value = getattr(node, name)
-            if isinstance(value, cst.CSTNode):
-                kids.append(value)
-            elif isinstance(value, (list, tuple)):
-                kids.extend(v for v in value if isinstance(v, cst.CSTNode))
-        stack.extend((k, inner) for k in reversed(kids) if not isinstance(k, _EXPRESSION_LEVEL))
+        stack.extend((k, inner) for k in reversed(children(node)) if not isinstance(k, EXPRESSION_LEVEL))
 
 
 def _node_types(matcher) -> tuple[type, ...]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from porter.analysis.cstutil import assigned_names, dotted, loop_module, names_in, param_names, self_call_attr
+from porter.analysis.cstutil import assigned_names, children, dotted, loop_module, names_in, param_names, self_call_attr
 
 ATTN = "@attn"
 _METADATA = {"dtype", "device"}
@@ -64,9 +64,8 @@ class _Flow:
                 return set()
             return self.origins(node.value)
         out: set[str] = set()
-        for child in node.children:
-            if isinstance(child, cst.CSTNode):
-                out |= self.origins(child)
+        for child in children(node):
+            out |= self.origins(child)
         return out
 
     def assign(self, targets: list[cst.BaseAssignTargetExpression], value: cst.BaseExpression) -> None:

@@ -15,19 +15,18 @@ from typing import ClassVar
 
 import libcst as cst
 
-from porter.analysis.cstutil import _EXPRESSION_LEVEL
+from porter.analysis.cstutil import EXPRESSION_LEVEL
 from porter.analysis.index import ModelIndex
 from porter.plan import PortPlan
 from porter.rules_data import StripTable, Target
 
 REGISTRY: dict[str, type[Rule]] = {}
 
-# node kinds that contain statements, and node kinds that never do
+# node kinds that contain statements (cstutil.EXPRESSION_LEVEL: the kinds that never do)
 _STATEMENT_LEVEL = (
     cst.Module, cst.BaseStatement, cst.BaseSmallStatement, cst.BaseSuite, cst.Else,
     cst.ExceptHandler, cst.ExceptStarHandler, cst.Finally, cst.MatchCase,
 )
-
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,11 @@ class Rule(cst.CSTTransformer):
         handled = {getattr(cst, t) for t in {*cls._dispatch[0], *cls._dispatch[1]}}
         inner = {t for t in handled if not issubclass(t, _STATEMENT_LEVEL)}
         if not inner:
-            cls._skip = _EXPRESSION_LEVEL
+            cls._skip = EXPRESSION_LEVEL
         elif inner <= {cst.Param, cst.Parameters}:
             # parameters are reached through a def's Parameters, never through an expression
             # that matters (a lambda's parameters carry no annotations or defaults to rewrite)
-            cls._skip = tuple(k for k in _EXPRESSION_LEVEL if k is not cst.Parameters)
+            cls._skip = tuple(k for k in EXPRESSION_LEVEL if k is not cst.Parameters)
         else:
             cls._skip = ()
         if cls.code:

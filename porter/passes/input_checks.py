@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import names_in
+from porter.analysis.cstutil import children, names_in
 from porter.passes.base import Example, Rule
 
 
@@ -75,7 +75,7 @@ class DropInputChecks(Rule):
 
 def _assign_targets(node: cst.CSTNode) -> set[str]:
     out: set[str] = set()
-    for a in node.children:
+    for a in children(node):
         if isinstance(a, cst.AssignTarget) and isinstance(a.target, cst.Name):
             out.add(a.target.value)
         out |= _assign_targets(a)
