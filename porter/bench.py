@@ -85,7 +85,9 @@ class Workload:
 
         rng = random.Random(self.seed)
         ok = [i for i in range(vocab) if i not in avoid]
-        long = [[rng.choice(ok) for _ in range(self.prefill_len)] for _ in range(self.prefill_batch)]
+        long = [
+            [rng.choice(ok) for _ in range(self.prefill_len)] for _ in range(self.prefill_batch)
+        ]
         short = [[rng.choice(ok) for _ in range(self.decode_len)] for _ in range(self.decode_batch)]
         return long, short
 
@@ -101,6 +103,7 @@ class BenchResult:
     repeats: int
     machine: dict
     hf_repeats: int = 0
+    sessions: int = 1  # fresh workers per session, start order reversed each time
     paths: dict = field(default_factory=dict)  # path -> {ready, class, error, threads, load_s}
     runs: list = field(default_factory=list)  # one dict per (repeat, path)
     summary: dict = field(default_factory=dict)
@@ -158,14 +161,24 @@ def _special_ids(cfg) -> set[int]:
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
             k, _, v = line.partition(":")
-            if k.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket",
-                             "Hypervisor vendor", "L2 cache", "L3 cache"):
+            if k.strip() in (
+                "Model name",
+                "CPU(s)",
+                "Thread(s) per core",
+                "Core(s) per socket",
+                "Hypervisor vendor",
+                "L2 cache",
+                "L3 cache",
+            ):
                 info[k.strip()] = v.strip()
         flags = next((ln for ln in out.splitlines() if ln.startswith("Flags:")), "")
         info["avx512"] = "avx512f" in flags
@@ -209,8 +222,14 @@ def _worker(spec: dict) -> None:
         os._exit(0)
     import torch
 
-    send({"ready": True, "load_s": round(time.perf_counter() - t0, 2), "class": describe(),
-          "threads": torch.get_num_threads()})
+    send(
+        {
+            "ready": True,
+            "load_s": round(time.perf_counter() - t0, 2),
+            "class": describe(),
+            "threads": torch.get_num_threads(),
+        }
+    )
     tree = _process_tree(os.getpid())  # the worker and the engine core it started
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -273,10 +292,12 @@ def _vllm_runner(spec: dict):
     )
 
     def run(prompts, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                detokenize=False)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                            use_tqdm=False)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False
+        )
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
         return [len(o.outputs[0].token_ids) for o in outs]
 
     def describe():
@@ -293,17 +314,23 @@ def _hf_runner(spec: dict):
     import transformers
 
     cls = getattr(transformers, spec["hf_architecture"])
-    model = cls.from_pretrained(spec["checkpoint"], dtype=torch.float32,
-                                attn_implementation=spec.get("attn", "sdpa"))
+    model = cls.from_pretrained(
+        spec["checkpoint"], dtype=torch.float32, attn_implementation=spec.get("attn", "sdpa")
+    )
     model.eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     @torch.inference_mode()
     def run(prompts, max_tokens):
         ids = torch.tensor(prompts)  # equal lengths: no padding
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                             pad_token_id=pad)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            pad_token_id=pad,
+        )
         return [int(out.shape[1] - ids.shape[1])] * len(prompts)
 
     def describe():
@@ -321,8 +348,13 @@ class Worker:
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "porter.bench", "worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-            env=env, cwd=str(log_path.parent), start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=str(log_path.parent),
+            start_new_session=True,
         )
         self.ready: dict | None = None
 
@@ -341,8 +373,9 @@ class Worker:
         return self.ready
 
     def call(self, prompts, max_tokens) -> dict:
-        self.proc.stdin.write(json.dumps({"op": "run", "prompts": prompts,
-                                          "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"op": "run", "prompts": prompts, "max_tokens": max_tokens}) + "\n"
+        )
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -378,21 +411,27 @@ def _env(site: Path | None, port_path: Path | None, probe_dir: Path, kv_gb: int)
 
 def _native_exists(hf_architecture: str) -> bool:
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS as m;"
-         f"sys.exit(0 if {hf_architecture!r} in m else 1)"],
-        capture_output=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS as m;"
+            f"sys.exit(0 if {hf_architecture!r} in m else 1)",
+        ],
+        capture_output=True,
+        timeout=300,
+    )
     return out.returncode == 0
 
 
 def run_bench(
     model: str,
-    repeats: int = 5,
+    repeats: int = 6,
     paths: tuple[str, ...] = PATHS,
     workload: Workload | None = None,
     enforce_eager: bool = True,
     kv_gb: int = 2,
     hf_repeats: int = 2,
+    sessions: int = 2,
     log=lambda m: print(m, file=sys.stderr, flush=True),
 ) -> BenchResult:
     from porter.layout import PortInfo
@@ -409,10 +448,18 @@ def run_bench(
     cfg = bench_config(info.model_type)
     long, short = wl.prompts(cfg.vocab_size, _special_ids(cfg))
     res = BenchResult(
-        model_type=info.model_type, architecture=info.hf_architecture, params=params,
-        config={k: getattr(cfg, k, None) for k in list(BENCH_CONFIG) + list(
-            BENCH_OVERRIDES.get(info.model_type, {})) if hasattr(cfg, k)},
-        workload=asdict(wl), enforce_eager=enforce_eager, repeats=repeats, machine=machine(),
+        model_type=info.model_type,
+        architecture=info.hf_architecture,
+        params=params,
+        config={
+            k: getattr(cfg, k, None)
+            for k in list(BENCH_CONFIG) + list(BENCH_OVERRIDES.get(info.model_type, {}))
+            if hasattr(cfg, k)
+        },
+        workload=asdict(wl),
+        enforce_eager=enforce_eager,
+        repeats=repeats,
+        machine=machine(),
         hf_repeats=min(hf_repeats, repeats),
     )
     paths = tuple(p for p in paths if p in PATHS)
@@ -428,77 +475,128 @@ def run_bench(
         "max_num_batched_tokens": max(2048, wl.prefill_batch * wl.prefill_len),
         "hf_architecture": info.hf_architecture,
     }
-    workers: dict[str, Worker] = {}
+    # Where a worker sits in the start order changes its decode speed on this machine by up to
+    # ~10 % (measured: the same vLLM class served as "port" and as "native" ran decode at 0.885
+    # of itself when started first, 1.065 when started second). So the repeats are split over
+    # sessions with fresh workers, each session starting the paths in the reverse order of the
+    # previous one: every path spends as many repeats early in the order as late.
+    sessions = res.sessions = max(1, min(sessions, repeats))
+    counts = [repeats // sessions + (1 if i < repeats % sessions else 0) for i in range(sessions)]
+    live = list(paths)
+    load: list[float] = []
+    first_repeat = 0
     with tempfile.TemporaryDirectory(prefix="porter-bench-") as tmp:
         tmp = Path(tmp)
         port_ckpt = with_architecture(ckpt, tmp / "port-ckpt", info.architecture)
-        live: list[str] = []
-        try:
-            for name in paths:
-                d = tmp / name
-                (d / "probe").mkdir(parents=True)
-                site = write_plugin_dist(d / "site", info if name == "port" else None)
-                spec = dict(common, kind="hf" if name == "hf" else "vllm",
-                            checkpoint=str(port_ckpt if name == "port" else ckpt),
-                            model_impl="transformers" if name == "transformers" else "auto")
-                env = _env(None if name == "hf" else site,
-                           info.path if name == "port" else None, d / "probe", kv_gb)
-                log(f"{info.model_type}: starting the {name} worker")
-                # one start at a time: starts are CPU-heavy and would slow each other
-                workers[name] = Worker(name, spec, env, d / "worker.log")
-                ready = workers[name].wait_ready()
-                if not ready.get("ready"):
-                    tail = (d / "worker.log").read_text()[-3000:]
-                    log(f"{info.model_type}: {name} failed to start: {ready.get('error')}\n{tail}")
-                res.paths[name] = ready
-            live = [n for n in paths if res.paths[n].get("ready")]
-            if "port" in live:
-                cls = res.paths["port"]["class"]
-                if not cls.startswith(info.package + "."):
-                    res.paths["port"]["error"] = f"the engine built {cls}, not the port"
-                    live.remove("port")
-            load = []
-            for r in range(-1, repeats) if live else []:  # -1: warm-up, not recorded
-                # a fresh seeded shuffle every repeat: no path always follows the same one
-                order = [n for n in live if n != "hf" or r < hf_repeats]
-                random.Random(r).shuffle(order)
-                load.append(os.getloadavg()[0])
-                for name in order:
-                    w = workers[name]
-                    # > 1 s: vLLM's shm message queues spin (sched_yield) for 1 s after the
-                    # last message before they sleep; the previous worker must be quiet
-                    time.sleep(1.5)
-                    if r < 0 and name == "hf":  # nothing to warm up but allocations
-                        w.call(short, 2)
-                        continue
-                    pre = w.call(long, 1)
-                    d1 = w.call(short, 1)
-                    dT = w.call(short, wl.decode_tokens)
-                    if r < 0:
-                        continue
-                    gen = sum(dT["n_out"]) - sum(d1["n_out"])
-                    res.runs.append({
-                        "repeat": r, "path": name, "load1": round(os.getloadavg()[0], 2),
-                        "prefill_s": pre["s"], "decode1_s": d1["s"], "decodeT_s": dT["s"],
-                        "prefill_tok_s": wl.prefill_batch * wl.prefill_len / pre["s"],
-                        "decode_tok_s": gen / max(dT["s"] - d1["s"], 1e-9),
-                        # per CPU-second of the worker's process tree (noise cross-check)
-                        "prefill_tok_cpu_s": wl.prefill_batch * wl.prefill_len
-                        / max(pre.get("cpu_s", 0), 1e-9),
-                        "decode_tok_cpu_s": gen / max(dT.get("cpu_s", 0) - d1.get("cpu_s", 0),
-                                                      1e-9),
-                    })
-                if r >= 0:
-                    log(f"{info.model_type}: repeat {r + 1}/{repeats} done (load {load[-1]:.2f})")
-            if load:
-                res.load = {"min": min(load), "median": statistics.median(load),
-                            "max": max(load)}
-        finally:
-            for w in workers.values():
-                w.close()
+        for s, count in enumerate(counts):
+            order = [n for n in live if n != "hf" or first_repeat < res.hf_repeats]
+            if s % 2:
+                order.reverse()
+            workers: dict[str, Worker] = {}
+            try:
+                for pos, name in enumerate(order):
+                    d = tmp / f"{name}-{s}"
+                    (d / "probe").mkdir(parents=True)
+                    site = write_plugin_dist(d / "site", info if name == "port" else None)
+                    spec = dict(
+                        common,
+                        kind="hf" if name == "hf" else "vllm",
+                        checkpoint=str(port_ckpt if name == "port" else ckpt),
+                        model_impl="transformers" if name == "transformers" else "auto",
+                    )
+                    env = _env(
+                        None if name == "hf" else site,
+                        info.path if name == "port" else None,
+                        d / "probe",
+                        kv_gb,
+                    )
+                    log(
+                        f"{info.model_type}: session {s + 1}/{sessions}: starting the {name} "
+                        f"worker ({pos + 1} of {len(order)})"
+                    )
+                    # one start at a time: starts are CPU-heavy and would slow each other
+                    workers[name] = Worker(name, spec, env, d / "worker.log")
+                    ready = workers[name].wait_ready()
+                    if not ready.get("ready"):
+                        tail = (d / "worker.log").read_text()[-3000:]
+                        log(
+                            f"{info.model_type}: {name} failed to start: {ready.get('error')}"
+                            f"\n{tail}"
+                        )
+                    if name not in res.paths or not ready.get("ready"):
+                        res.paths[name] = ready
+                    if ready.get("ready") and name == "port":
+                        cls = ready["class"]
+                        if not cls.startswith(info.package + "."):
+                            res.paths["port"]["error"] = f"the engine built {cls}, not the port"
+                            res.paths["port"]["ready"] = False
+                live = [n for n in live if res.paths[n].get("ready")]
+                started = [n for n in order if n in live]
+                for r in range(first_repeat - 1, first_repeat + count):  # the first: warm-up
+                    warm = r < first_repeat
+                    # a fresh seeded shuffle every repeat: no path always follows the same one
+                    run_order = [n for n in started if n != "hf" or r < res.hf_repeats]
+                    random.Random(r if not warm else 1000 + s).shuffle(run_order)
+                    if not warm:
+                        load.append(os.getloadavg()[0])
+                    for name in run_order:
+                        run = _measure(workers[name], long, short, wl, warm)
+                        if run is not None:
+                            res.runs.append(
+                                dict(
+                                    run,
+                                    repeat=r,
+                                    path=name,
+                                    session=s,
+                                    start_position=started.index(name),
+                                )
+                            )
+                    if not warm:
+                        log(
+                            f"{info.model_type}: repeat {r + 1}/{repeats} done "
+                            f"(load {load[-1]:.2f})"
+                        )
+            finally:
+                for w in workers.values():
+                    w.close()
+            first_repeat += count
+    if load:
+        res.load = {"min": min(load), "median": statistics.median(load), "max": max(load)}
     res.summary = summarize(res.runs, live)
     res.wall_s = round(time.time() - t_all, 1)
     return res
+
+
+def _measure(w: "Worker", long, short, wl: Workload, warm: bool) -> dict | None:
+    """Prefill, then decode, on one worker; None for a warm-up call."""
+    # > 1 s: vLLM's shm message queues spin (sched_yield) for 1 s after the last message
+    # before they sleep; the previous worker must be quiet
+    time.sleep(1.5)
+    if warm and w.spec.get("kind") == "hf":  # nothing to warm up but allocations
+        w.call(short, 2)
+        return None
+    pre = w.call(long, 1)
+    d1 = w.call(short, 1)
+    dT = w.call(short, wl.decode_tokens)
+    if warm:
+        return None
+    gen = sum(dT["n_out"]) - sum(d1["n_out"])
+    dec_s, dec_cpu = dT["s"] - d1["s"], dT.get("cpu_s", 0) - d1.get("cpu_s", 0)
+    # decode = (T tokens) - (1 token): when a load spike lands in the 1-token call the
+    # difference is not a decode time; the run keeps its prefill and has no decode number
+    ok = dec_s > 0.1 * dT["s"] and dec_cpu > 0
+    run = {
+        "load1": round(os.getloadavg()[0], 2),
+        "prefill_s": pre["s"],
+        "decode1_s": d1["s"],
+        "decodeT_s": dT["s"],
+        "prefill_tok_s": wl.prefill_batch * wl.prefill_len / pre["s"],
+        "prefill_tok_cpu_s": wl.prefill_batch * wl.prefill_len / max(pre.get("cpu_s", 0), 1e-9),
+    }
+    if ok:
+        run["decode_tok_s"] = gen / dec_s
+        run["decode_tok_cpu_s"] = gen / dec_cpu  # per CPU-second of the worker (noise check)
+    return run
 
 
 def summarize(runs: list[dict], live: list[str]) -> dict:
@@ -509,7 +607,7 @@ def summarize(runs: list[dict], live: list[str]) -> dict:
         if not rs:
             continue
         out["median"][name] = {
-            m: statistics.median(r[m] for r in rs) for m in metrics if all(m in r for r in rs)
+            m: statistics.median(vals) for m in metrics if (vals := [r[m] for r in rs if m in r])
         }
         out["median"][name]["n"] = len(rs)
     by_rep: dict[int, dict] = {}
@@ -520,14 +618,18 @@ def summarize(runs: list[dict], live: list[str]) -> dict:
             continue
         ratios = {}
         for m in metrics:
-            if m not in out["median"]["port"] or m not in out["median"][other]:
+            paired = [
+                rep["port"][m] / rep[other][m]
+                for rep in by_rep.values()
+                if m in rep.get("port", {}) and m in rep.get(other, {})
+            ]
+            if not paired:
                 continue
-            paired = [rep["port"][m] / rep[other][m] for rep in by_rep.values()
-                      if "port" in rep and other in rep]
             ratios[m] = {
                 "median_paired": statistics.median(paired),
                 "min_paired": min(paired),
                 "max_paired": max(paired),
+                "n_paired": len(paired),
                 "of_medians": out["median"]["port"][m] / out["median"][other][m],
             }
         out["ratios"][f"port/{other}"] = ratios
@@ -537,7 +639,8 @@ def summarize(runs: list[dict], live: list[str]) -> dict:
 def render(res: BenchResult) -> str:
     lines = [
         f"{res.model_type} ({res.architecture}, {res.params / 1e6:.0f}M params, fp32, "
-        f"enforce_eager={res.enforce_eager}), {res.repeats} alternating repeats",
+        f"enforce_eager={res.enforce_eager}), {res.repeats} alternating repeats in "
+        f"{res.sessions} session(s) of fresh workers, start order reversed each session",
         f"prefill: {res.workload['prefill_batch']} x {res.workload['prefill_len']} tokens, "
         f"max_tokens=1; decode: {res.workload['decode_batch']} x "
         f"{res.workload['decode_len']}-token prompts, {res.workload['decode_tokens']} tokens, greedy",
@@ -553,8 +656,9 @@ def render(res: BenchResult) -> str:
             continue
         m = res.summary.get("median", {}).get(name)
         if m:
-            lines.append(f"{name:13} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f}  "
-                         f"{p.get('class')}")
+            lines.append(
+                f"{name:13} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f}  {p.get('class')}"
+            )
         else:
             lines.append(f"{name:13} {'-':>14} {'-':>13}  not run: {p.get('error')}")
     lines.append("")

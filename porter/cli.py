@@ -259,7 +259,8 @@ def coverage(
 @app.command()
 def bench(
     model: str = typer.Argument(..., help="A model_type with a port in generated/vllm/ (or a port directory)."),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="Alternating timed repeats (after one warm-up round)."),
+    repeats: int = typer.Option(6, "--repeats", min=1, help="Alternating timed repeats (after one warm-up round per session)."),
+    sessions: int = typer.Option(2, "--sessions", min=1, help="Fresh workers per session, started in the reverse order of the previous session."),
     as_json: bool = typer.Option(False, "--json"),
     compile_: bool = typer.Option(False, "--compile", help="vLLM paths with enforce_eager=False (inductor on CPU)."),
 ) -> None:
@@ -270,7 +271,7 @@ def bench(
     port_dir = resolve_port(model)
     if not (port_dir / "PORT.json").exists():
         _fail(PorterError(f"no port for {model!r} (no {port_dir}/PORT.json)", construct="porter bench"))
-    res = run_bench(model, repeats=repeats, enforce_eager=not compile_,
+    res = run_bench(model, repeats=repeats, sessions=sessions, enforce_eager=not compile_,
                     log=lambda m: sys.stderr.write(f"{m}\n"))
     print(to_json(res) if as_json else render(res))
 
