@@ -20,6 +20,7 @@ import libcst as cst
 from porter import __version__
 from porter.analysis.checkpoint_names import module_renamings, weight_renamings
 from porter.analysis.moe import moe_checkpoint_names
+from porter.analysis.cstutil import transform
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
@@ -103,7 +104,7 @@ def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, Rewri
             continue
         rule = rule_cls(ctx)
         try:
-            module = module.visit(rule)
+            module = transform(module, rule)
         except PorterError:
             raise
         except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:

@@ -7,7 +7,7 @@ import libcst as cst
 import libcst.matchers as m
 import pytest
 
-from porter.analysis.cstutil import code, findall, names_in, statements, walk
+from porter.analysis.cstutil import code, findall, names_in, statements, transform, walk
 from porter.source import resolve
 
 
@@ -57,3 +57,70 @@ def test_statements_never_enter_expressions(module):
     assert not any(issubclass(k, cst.BaseExpression) for k in kinds)
     top = [n.name.value for n, nested in statements(module) if isinstance(n, cst.ClassDef) and not nested]
     assert top == [st.name.value for st in module.body if isinstance(st, cst.ClassDef)]
+
+
+class _Edits(cst.CSTTransformer):
+    """Every kind of result a rule returns: removal from a body, an argument list and an optional
+    field; flattening; replacement; a statement line emptied of its only statement. Records the
+    callbacks it gets, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.stack: list[cst.CSTNode] = []
+
+    def on_visit(self, node):
+        self.calls.append(f"visit {type(node).__name__}")
+        self.stack.append(node)
+        if isinstance(node, cst.Decorator):
+            self.stack.pop()
+            return False
+        return True
+
+    def on_leave(self, original, updated):
+        self.calls.append(f"leave {type(original).__name__}")
+        if self.stack and self.stack[-1] is original:
+            self.stack.pop()
+        parent = self.stack[-1] if self.stack else None
+        if isinstance(updated, cst.Expr) and isinstance(updated.value, cst.SimpleString):
+            return cst.RemovalSentinel.REMOVE  # docstrings: their lines are emptied and dropped
+        if isinstance(updated, cst.Arg) and updated.keyword is not None \
+                and updated.keyword.value == "bias":
+            return cst.RemovalSentinel.REMOVE
+        if isinstance(updated, cst.Annotation) and isinstance(parent, cst.Param):
+            return cst.RemovalSentinel.REMOVE  # Param.annotation: optional
+        if isinstance(updated, cst.Comma) and isinstance(original, cst.Comma):
+            return updated
+        if isinstance(updated, cst.Name) and updated.value == "self":
+            return updated.with_changes(value="this")
+        if isinstance(updated, cst.SimpleStatementLine) and m.matches(
+                updated, m.SimpleStatementLine(body=[m.Return()])):
+            return cst.FlattenSentinel([cst.parse_statement("pass"), updated])
+        return updated
+
+
+def test_transform_equals_libcst_visit(module):
+    ours, theirs = _Edits(), _Edits()
+    new = transform(module, ours)
+    ref = module.visit(theirs)
+    assert new.code == ref.code
+    assert new.deep_equals(ref)
+    assert ours.calls == theirs.calls
+    assert new.code != module.code and "this" in new.code
+
+
+def test_transform_keeps_what_no_rule_changed(module):
+    new = transform(module, cst.CSTTransformer())
+    assert new is module  # libcst's visit would have rebuilt every node
+
+
+def test_transform_refuses_what_libcst_refuses():
+    class _DropTarget(cst.CSTTransformer):
+        def leave_Name(self, original, updated):
+            return cst.RemovalSentinel.REMOVE if updated.value == "x" else updated
+
+    tree = cst.parse_module("y = x\n")  # Assign.value is required
+    with pytest.raises(TypeError, match="RemovalSentinel"):
+        tree.visit(_DropTarget())
+    with pytest.raises(TypeError, match="RemovalSentinel"):
+        transform(tree, _DropTarget())

@@ -93,6 +93,81 @@ def walk(tree: cst.CSTNode, prune=None):
             push(kid)
 
 
+
+_SINGLE: dict[tuple[type, str], str] = {}
+
+
+def _single_kind(kind: type, name: str) -> str:
+    """How libcst visits a one-node field: "required", "optional" (removed -> None) or
+    "sentinel" (removed -> MaybeSentinel.DEFAULT), read from the field's type."""
+    key = (kind, name)
+    found = _SINGLE.get(key)
+    if found is None:
+        import typing
+
+        hint = typing.get_type_hints(kind)[name]
+        args = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else ()
+        found = ("optional" if type(None) in args
+                 else "sentinel" if cst.MaybeSentinel in args else "required")
+        _SINGLE[key] = found
+    return found
+
+
+def transform(node: cst.CSTNode, visitor: cst.CSTTransformer):
+    """`node.visit(visitor)` for a transformer whose attribute hooks are no-ops (porter's rules),
+    with libcst's results — same callbacks in the same order, same removal and flattening — but
+    a node none of whose children changed is kept instead of rebuilt. libcst rebuilds (and
+    re-validates) every node it passes, and most of a rule's walk changes nothing."""
+    if visitor.on_visit(node):
+        changes: dict = {}
+        kind = type(node)
+        for name in _fields(node):
+            value = getattr(node, name)
+            if isinstance(value, cst.CSTNode):
+                new = transform(value, visitor)
+                if new is value:
+                    continue
+                if isinstance(new, cst.FlattenSentinel):
+                    raise TypeError(f"We got a FlattenSentinel while visiting a {type(value).__name__}. "
+                                    "This node's parent does not allow for it to be replaced with a sequence.")
+                if isinstance(new, cst.RemovalSentinel):
+                    how = _single_kind(kind, name)
+                    if how == "required":
+                        raise TypeError(f"We got a RemovalSentinel while visiting a {type(value).__name__}. "
+                                        "This node's parent does not allow it to be removed.")
+                    new = None if how == "optional" else cst.MaybeSentinel.DEFAULT
+                changes[name] = new
+            elif isinstance(value, (list, tuple)):
+                body = name == "body" and kind in (cst.Module, cst.IndentedBlock)
+                out, changed = [], False
+                for child in value:
+                    if not isinstance(child, cst.CSTNode):
+                        out.append(child)
+                        continue
+                    new = transform(child, visitor)
+                    if new is child:
+                        out.append(child)
+                        continue
+                    changed = True
+                    for item in (new if isinstance(new, cst.FlattenSentinel) else (new,)):
+                        if isinstance(item, cst.RemovalSentinel):
+                            continue
+                        # libcst drops a statement line a rule emptied (body sequences only)
+                        if body and not child._is_removable() and item._is_removable():
+                            continue
+                        out.append(item)
+                if changed:
+                    changes[name] = tuple(out)
+        updated = node.with_changes(**changes) if changes else node
+    else:
+        updated = node
+    result = visitor.on_leave(node, updated)
+    if not isinstance(result, (cst.CSTNode, cst.RemovalSentinel, cst.FlattenSentinel)):
+        raise cst.CSTValidationError(
+            f"Expected a node of type CSTNode or a RemovalSentinel, but got a return value of "
+            f"{type(result).__name__}")
+    return result
+
 # node kinds that never hold a statement
 EXPRESSION_LEVEL = (cst.BaseExpression, cst.Parameters, cst.Decorator, cst.Annotation, cst.Arg)
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import libcst as cst
 
-from porter.analysis.cstutil import EXPRESSION_LEVEL
+from porter.analysis.cstutil import EXPRESSION_LEVEL, transform
 from porter.analysis.index import ModelIndex
 from porter.plan import PortPlan
 from porter.rules_data import StripTable, Target
@@ -198,4 +198,4 @@ class Rule(cst.CSTTransformer):
 
 
 def run_rule(rule_cls: type[Rule], module: cst.Module, ctx: RewriteContext) -> cst.Module:
-    return module.visit(rule_cls(ctx))
+    return transform(module, rule_cls(ctx))

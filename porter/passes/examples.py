@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.cstutil import transform
 from porter.analysis.index import build_index, parse
 from porter.passes.base import RewriteContext, Rule
 from porter.plan import build_plan
@@ -26,6 +27,6 @@ def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm", seed: di
         else:
             setattr(target, key, value)
     assert rule_cls.applies(ctx), f"{rule_cls.code}: applies() is False on this example"
-    out = module.visit(rule_cls(ctx))
+    out = transform(module, rule_cls(ctx))
     assert isinstance(out, cst.Module)
     return out.code

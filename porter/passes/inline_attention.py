@@ -11,7 +11,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
+from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr, transform
 from porter.passes.base import Example, Rule
 
 SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
@@ -497,7 +497,7 @@ def inline_attention_calls(module: cst.Module) -> tuple[cst.Module, dict[str, se
             if not any(n.value == word for n in findall(st, m.Name())):  # type: ignore[attr-defined]
                 body.append(st)
                 continue
-            new = st.visit(rule)
+            new = transform(st, rule)
             if isinstance(new, cst.FlattenSentinel):
                 body.extend(new.nodes)
             elif not isinstance(new, cst.RemovalSentinel):
