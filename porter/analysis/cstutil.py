@@ -349,7 +349,8 @@ def self_attention_arm(node: cst.If, flags: frozenset[str]):
 
 
 def resolve_cross_attention(node, flags: frozenset[str]):
-    """`node` with every `if` on a cross-attention flag replaced by its false arm."""
+    """`node` with every `if` on a cross-attention flag replaced by its false arm (`node` itself
+    when it has none: the per-tree index and code caches keep serving it)."""
     if node is None or not flags:
         return node
-    return node.visit(_KeepSelfAttention(flags))
+    return transform(node, _KeepSelfAttention(flags))
