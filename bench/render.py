@@ -101,10 +101,14 @@ def render_md(data: dict, plot_name: str) -> str:
             f"- decode: {wl['decode_batch']} prompts x {wl['decode_len']} tokens; tok/s = "
             f"{wl['decode_batch']} x ({wl['decode_tokens']} − 1) / (t(max_tokens="
             f"{wl['decode_tokens']}) − t(max_tokens=1))",
-            "- each path is one long-lived worker process (loaded once); after one warm-up "
-            "round, every repeat runs each live worker once (prefill, then decode), one at a "
-            "time, 1.5 s apart, in a seeded shuffled order every repeat; ratios are medians of the per-repeat "
-            "(paired) ratios, with min–max over repeats",
+            "- each path is a worker process (loaded once per session); the repeats are split "
+            "over sessions of fresh workers, each session starting the paths in the reverse order "
+            "of the previous one (a worker's place in the start order moves its decode speed by up "
+            "to ~10 % on this machine: bench/findings.md); in a session, after one warm-up round, "
+            "every repeat runs each live worker once (prefill, then decode), one at a time, 1.5 s "
+            "apart, in a seeded shuffled order every repeat; ratios are medians of the per-repeat "
+            "(paired) ratios, with min–max over repeats; a repeat whose 1-token call outlasts its "
+            "T-token call has no decode number",
             "",
         ]
         for name, r in tp.items():
