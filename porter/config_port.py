@@ -15,7 +15,6 @@ engine's transformers does not have is a one-line error with the config file's l
 from __future__ import annotations
 
 import ast
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import findall
+from porter.analysis.filecache import derived
 
 from porter.errors import PorterError
 from porter.passes.base import Example, Rule
@@ -112,23 +112,14 @@ def engine_knows_model_type(engine_root: Path | None, model_type: str) -> bool:
         return False
     for name in ("auto_mappings.py", "configuration_auto.py"):
         path = engine_root / "models" / "auto" / name
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        if model_type in _config_model_types(path, st.st_mtime_ns, st.st_size):
+        if model_type in derived(path, _config_model_types, frozenset()):
             return True
     return False
 
 
-@functools.lru_cache(maxsize=8)
-def _config_model_types(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
-    """Model types an auto table maps to a `*Config` class: parsed once per process and version of
-    the engine's file (the engine's data, not the file being ported)."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return frozenset()
+def _config_model_types(tree: ast.Module) -> frozenset[str]:
+    """Model types an auto table maps to a `*Config` class (the engine's data, not the file being
+    ported: read once per process and version of the file)."""
     return frozenset(
         node.elts[0].value for node in ast.walk(tree)
         if isinstance(node, ast.Tuple) and len(node.elts) == 2 and all(

@@ -133,12 +133,12 @@ def _first_line(text: str, pattern: re.Pattern[str] | str) -> int | None:
 def discover(tf_root: Path, *, day_zero: bool = False) -> list[Candidate]:
     """The causal-LM auto mapping, each entry classified (excluded with a reason, or kept).
 
-    ``day_zero=True`` (a release newer than the engine's transformers) keeps two kinds of entries
-    the main sweep excludes, each with a ``note`` saying why: a config-only model type (its own
-    configuration file, another family's causal-LM class: the engine's transformers cannot read
-    its config, so that family's port does not serve it) and the text-only causal LM of a
-    multimodal family (its own ``*ForCausalLM`` class, which builds no tower itself and is not
-    the multimodal model), which ``porter convert <family> --transformers X`` ports."""
+    The text-only causal LM of a multimodal family (its own ``*ForCausalLM`` class, which builds
+    no tower itself and is not the multimodal model: gemma3_text) is kept with a ``note`` saying
+    why. ``day_zero=True`` (a release newer than the engine's transformers) also keeps a
+    config-only model type (its own configuration file, another family's causal-LM class: the
+    engine's transformers cannot read its config, so that family's port does not serve it),
+    which ``porter convert <model_type> --transformers X`` ports."""
     models = tf_root / "models"
     auto = read_mappings(models / "auto" / "modeling_auto.py")
     auto_files = [models / "auto" / "auto_mappings.py", models / "auto" / "configuration_auto.py"]
@@ -221,7 +221,8 @@ def discover(tf_root: Path, *, day_zero: bool = False) -> list[Candidate]:
                 mm.append(f"{p.relative_to(tf_root)}:{line} builds self.{attrs[0]}")
         if mm:
             mm_classes = {v for name in MULTIMODAL_MAPPINGS for v in auto.get(name, {}).values()}
-            if (day_zero and CAUSAL_CLASS.search(cls) and c.source and cls not in mm_classes
+            # the text-only causal LM of a multimodal family is a text decoder: a row
+            if (CAUSAL_CLASS.search(cls) and c.source and cls not in mm_classes
                     and not _class_builds_tower(texts[defining[0]], cls)):
                 c.note = f"text model of a multimodal family ({mm[0]}); {cls} builds no tower"
                 c.evidence += mm
@@ -662,8 +663,9 @@ def _make_rows(kept: list[Candidate], results: dict[str, dict], out: Path, regis
             "vllm_native": registry.get(c.hf_class, {"kind": "none", "detail": "not in vLLM's registry"}),
             "committed": committed, "verify": None,
         }
+        row["note"] = c.note
         if release:
-            row.update(release=release, note=c.note, config_only=c.config_only)
+            row.update(release=release, config_only=c.config_only)
         if committed and digest:
             committed["matches_conversion"] = committed.get("vllm_digest") == digest
         if r["status"] == "converted":
@@ -1067,10 +1069,10 @@ def _md_day_zero(sec: dict, rep: dict) -> list[str]:
         f"`porter convert MODEL --transformers {rel}` does (the port ships the config class); "
         f"verified at TP={','.join(map(str, rep['tps']))} with the HF side in that release's venv. "
         "Releases are listed in `rules/coverage.yaml` (`day_zero_releases`). The exclusions are the "
-        "main sweep's, with two that do not hold for a release newer than the engine's (column "
-        "\"why a row\"): a config-only model type (the engine's transformers cannot read its "
-        "config, so the other family's port does not serve it) and the text-only causal LM of a "
-        "multimodal family (its own class, which builds no tower).",
+        "main sweep's, with one that does not hold for a release newer than the engine's: a "
+        "config-only model type (the engine's transformers cannot read its config, so the other "
+        "family's port does not serve it). Column \"why a row\" says why such a row, or the "
+        "text-only causal LM of a multimodal family (its own class, which builds no tower), is kept.",
         "",
         "| | count |",
         "|---|---:|",
@@ -1131,6 +1133,8 @@ def render_md(rep: dict) -> str:
         f"| causal-LM auto-mapping entries | {c['causal_lm_mapping_entries']} |",
         f"| excluded (not a text decoder-only causal LM; see below) | {c['excluded']} |",
         f"| **total text decoder causal LMs** | **{c['total']}** |",
+        f"| of which the text model of a multimodal family (column \"why a row\") | "
+        f"{sum(bool(r.get('note')) for r in rep['rows'])} |",
         f"| converted (both targets) | {c['converted']} |",
         f"| verified at TP=1 and TP=2 | {c['verified']} |",
         f"| verify failed | {c['verify_failed']} |",
@@ -1150,7 +1154,7 @@ def render_md(rep: dict) -> str:
         "through vLLM's Transformers backend (no model file of its own); `dropped` = removed from vLLM; "
         "`none` = not in vLLM's registry.",
         "",
-        *_md_rows(rep["rows"]),
+        *_md_rows(rep["rows"], notes=any(r.get("note") for r in rep["rows"])),
         "",
         "## Excluded",
         "",

@@ -10,20 +10,16 @@ never imported.
 from __future__ import annotations
 
 import ast
-import functools
 import re
 from pathlib import Path
+
+from porter.analysis.filecache import derived
 
 
 _Tables = tuple[tuple[tuple[ast.AST | None, ast.AST], ...], tuple[ast.stmt, ...]]
 
 
-@functools.lru_cache(maxsize=8)
-def _tables_cached(path: Path, mtime_ns: int, size: int) -> _Tables:
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return (), ()
+def _derive_tables(tree: ast.Module) -> _Tables:
     pairs = tuple(pair for node in ast.walk(tree) if isinstance(node, ast.Dict)
                   for pair in zip(node.keys, node.values))
     stmts = tuple(sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign))),
@@ -35,11 +31,7 @@ def _tables(path: Path) -> _Tables:
     """transformers' conversion mapping, read statically: (key, value) of every dict literal in
     file order, and its assignments in source order. Parsed once per process and version of the
     file (it is transformers' data, not the file being ported; the nodes are only read)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return (), ()
-    return _tables_cached(path, st.st_mtime_ns, st.st_size)
+    return derived(path, _derive_tables, ((), ()))
 
 
 def weight_renamings(transformers_dir: Path | None, keys: list[str]) -> list[tuple[str, str]]:
