@@ -6,6 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, assigned_names, dotted, param_names, self_call_attr
+from porter.errors import PorterError
 from porter.passes.base import Example, Rule
 from porter.passes.tp_norms import head_spanning_norms
 from porter.plan import attention_call_names, packed_split_call, per_head_split_helper
@@ -18,6 +19,17 @@ def _append_to_init(fn: cst.FunctionDef, stmts: list[cst.BaseStatement]) -> cst.
 def _is_assign_of(st: cst.CSTNode, attr: str) -> bool:
     return m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
         target=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))])]))
+
+
+_ROPE_TABLE_BY_KEY = m.Subscript(value=m.Attribute(attr=m.Name("rope_parameters")),
+                                 slice=[m.SubscriptElement(slice=m.Index(value=m.Name()))])
+
+
+def _rope_by_layer_type(ctx) -> bool:
+    """The HF rotary module builds one table per layer type (`config.rope_parameters[layer_type]`)."""
+    classes = ctx.idx.classes
+    return any(findall(classes[c].node, _ROPE_TABLE_BY_KEY)
+               for c in ctx.plan.rotary_classes if c in classes)
 
 
 class EngineRope(Rule):
@@ -84,6 +96,77 @@ class EngineRope(Rule):
             "class AModel(nn.Module):\n    def __init__(self, config):\n"
             "        super().__init__()\n        self.norm = nn.LayerNorm(config.hidden_size)\n",
         ),
+        Example(  # one rotary table per layer type (gemma3): each layer takes its own
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'def apply_rotary_pos_emb(q, k, cos, sin):\n'
+            '    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n'
+            '\n'
+            '\n'
+            'class ARotaryEmbedding(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        for layer_type in set(config.layer_types):\n'
+            '            base = config.rope_parameters[layer_type]["rope_theta"]\n'
+            '            setattr(self, f"{layer_type}_inv_freq", 1.0 / base)\n'
+            '\n'
+            '    def forward(self, x, position_ids, layer_type):\n'
+            '        return x\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config, layer_idx):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n'
+            '        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '\n'
+            '    def forward(self, x, position_embeddings):\n'
+            '        q = self.q_proj(x)\n'
+            '        k = self.k_proj(x)\n'
+            '        v = self.v_proj(x)\n'
+            '        cos, sin = position_embeddings\n'
+            '        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n'
+            '        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'def apply_rotary_pos_emb(q, k, cos, sin):\n'
+            '    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n'
+            '\n'
+            '\n'
+            'class ARotaryEmbedding(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        for layer_type in set(config.layer_types):\n'
+            '            base = config.rope_parameters[layer_type]["rope_theta"]\n'
+            '            setattr(self, f"{layer_type}_inv_freq", 1.0 / base)\n'
+            '\n'
+            '    def forward(self, x, position_ids, layer_type):\n'
+            '        return x\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config, layer_idx):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n'
+            '        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters[config.layer_types[layer_idx]], is_neox_style=True)\n'
+            '\n'
+            '    def forward(self, x, position_embeddings):\n'
+            '        q = self.q_proj(x)\n'
+            '        k = self.k_proj(x)\n'
+            '        v = self.v_proj(x)\n'
+            '        cos, sin = position_embeddings\n'
+            '        q, k = self.rotary_emb(positions, q, k)\n'
+            '        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n'
+            '        return out\n',
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -95,6 +178,15 @@ class EngineRope(Rule):
         if attn and attn.rope and updated.name.value == "__init__":
             neox = "True" if attn.rope == "neox" else "False"
             params = "config.rope_parameters"
+            if _rope_by_layer_type(self.ctx):
+                # one rotary table per layer type (gemma3: local and global theta): this layer's
+                if "layer_idx" not in param_names(updated):
+                    raise PorterError(
+                        "rotary parameters chosen per layer type, but the attention is not told its "
+                        "layer (no layer_idx parameter)", file=self.ctx.idx.path,
+                        line=self.ctx.idx.classes[cls].line, construct=f"{cls}.__init__",
+                        rule=self.name)
+                params = "config.rope_parameters[config.layer_types[layer_idx]]"
             if attn.rope_theta:  # a table built in the source (PT151): its base and rotated dims
                 params = f'{{"rope_theta": {attn.rope_theta}, "rope_dim": {attn.rope_dim}}}'
             st = cst.parse_statement(

@@ -154,7 +154,10 @@ def hf_side(info: PortInfo, work: Path):
 
     version = info.transformers_version
     if version in ("", "unknown", installed_transformers_version()):
-        return LocalHF(info.model_type, info.hf_architecture, info.config_model_type)
+        from porter.verify.tiny import causal_config_type
+
+        return LocalHF(info.model_type, info.hf_architecture, info.config_model_type
+                       or causal_config_type(info.model_type, info.hf_architecture))
     python = env_python(version)
     if not python.is_file():
         raise VerifyInputError(

@@ -584,6 +584,8 @@ TINY = {
     # BLOOM checkpoints tie lm_head (vLLM's bloom loader reads every name as `transformer.<name>`)
     "bloom": {"tie_word_embeddings": True},
     "gptj": {"rotary_dim": 16, "n_inner": 256},  # partial rotary within head_dim 32 (the default is 64)
+    # Gemma3ForCausalLM (gemma3_text's config): sliding and full layers, one rotary table each
+    "gemma3": {"sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
@@ -602,12 +604,15 @@ def make_checkpoint(
     import torch
     import transformers
 
+    from porter.verify.tiny import causal_config_type
+
     kwargs = {}
-    probe = transformers.AutoConfig.for_model(model_type)
+    config_type = (hf_architecture and causal_config_type(model_type, hf_architecture)) or model_type
+    probe = transformers.AutoConfig.for_model(config_type)
     for k, v in {**COMMON, **TINY.get(model_type, {}), **(overrides or {})}.items():
         if k in TINY.get(model_type, {}) or k in (overrides or {}) or hasattr(probe, k):
             kwargs[k] = v
-    cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    cfg = transformers.AutoConfig.for_model(config_type, **kwargs)
     hf_architecture = hf_architecture or (cfg.architectures or [None])[0]
     if hf_architecture is None:
         mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

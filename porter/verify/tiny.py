@@ -43,6 +43,17 @@ class TinySpec:
         return self.config_model_type or self.model_type
 
 
+def causal_config_type(model_type: str, hf_architecture: str) -> str:
+    """The model type whose config builds HF_ARCHITECTURE, when it is not MODEL_TYPE's own: the
+    port of modeling_gemma3.py is model type gemma3, but its Gemma3ForCausalLM is built from
+    gemma3_text's config (gemma3's is the multimodal one). "" when MODEL_TYPE's own config does."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    if causal.get(model_type) == hf_architecture:
+        return ""
+    return next((mt for mt, cls in causal.items() if cls == hf_architecture), "")
+
+
 def tiny_spec(model_type: str, rules: dict | None = None, config_model_type: str = "") -> TinySpec:
     """MODEL_TYPE keys rules/tiny_configs.yaml; CONFIG_MODEL_TYPE (default: the same) names the
     config class (a port of apertus1p5's text model takes model_type apertus1p5_text)."""
