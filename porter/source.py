@@ -61,6 +61,11 @@ def resolve(
         if root is None:
             raise PorterError(f"model type {src!r} given but transformers is not installed")
         cand = root / "models" / src / f"modeling_{src}.py"
+        if not cand.is_file():
+            # a model type whose module is named otherwise (gemma3_text -> models/gemma3/)
+            mod = special_module_name(root, src)
+            if mod and (root / "models" / mod / f"modeling_{mod}.py").is_file():
+                cand = root / "models" / mod / f"modeling_{mod}.py"
         alias = None if cand.is_file() else causal_lm_alias(root, src)
         if alias is not None:
             # a config-only model type: transformers builds another family's causal LM from its
@@ -96,6 +101,21 @@ def resolve(
         transformers_version=version,
         config_path=cfg if cfg.is_file() else None,
     )
+
+
+def special_module_name(root: Path, model_type: str) -> str | None:
+    """transformers' SPECIAL_MODEL_TYPE_TO_MODULE_NAME entry for MODEL_TYPE (read statically)."""
+    from porter.coverage import read_mappings
+
+    for name in ("auto_mappings.py", "configuration_auto.py"):
+        path = root / "models" / "auto" / name
+        try:
+            special = read_mappings(path).get("SPECIAL_MODEL_TYPE_TO_MODULE_NAME", {})
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        if model_type in special:
+            return special[model_type]
+    return None
 
 
 def causal_lm_alias(root: Path, model_type: str) -> Path | None:

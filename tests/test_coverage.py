@@ -348,3 +348,13 @@ def test_committed_coverage_has_the_day_zero_sections(committed, dz_candidates, 
     assert f"## Day zero: transformers {release}" in md
     for r in rows:
         assert f"| {r['model_type']} | {r['hf_class']} | {r['status']} |" in md
+
+
+def test_a_model_type_resolves_through_transformers_module_names():
+    # gemma3_text is a row of the sweep; `porter convert gemma3_text` finds its class in models/gemma3/
+    from porter.source import resolve
+
+    src = resolve("gemma3_text")
+    assert src.rel_path == "models/gemma3/modeling_gemma3.py" and src.model_type == "gemma3"
+    with pytest.raises(PorterError, match="unknown model_type 'nosuch'"):
+        resolve("nosuch")
