@@ -586,6 +586,9 @@ TINY = {
     "gptj": {"rotary_dim": 16, "n_inner": 256},  # partial rotary within head_dim 32 (the default is 64)
     # Gemma3ForCausalLM (gemma3_text's config): sliding and full layers, one rotary table each
     "gemma3": {"sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]},
+    # Cohere2 checkpoints tie lm_head; vLLM's CohereForCausalLM always ties it
+    "cohere2": {"tie_word_embeddings": True, "sliding_window": 32,
+                "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
