@@ -449,7 +449,10 @@ class Planner:
             for meth in self.idx.classes[name].node.body.body:
                 if not isinstance(meth, cst.FunctionDef):
                     continue
-                for call in findall(meth, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))):
+                # softmax(x), F.softmax(x), x.softmax(-1), and a module built on the spot: nn.Softmax(dim=-1)(x)
+                softmax = m.Attribute(attr=m.Name("softmax")) | m.Name("softmax") | m.Call(
+                    func=m.Attribute(attr=m.Name("Softmax")) | m.Name("Softmax"))
+                for call in findall(meth, m.Call(func=softmax)):
                     return self.idx.error(
                         "attention computed inline (scores, softmax, weighted sum), not through an attention "
                         "function: no rule maps it to the engine's Attention",

@@ -14,6 +14,9 @@ BLOCKED = {
     # calls, FalconLinear is a plain linear; its fused projection is split by `_split_heads` in one
     # of three layouts chosen by the config at run time (grouped / multi-query / per head)
     "falcon": ("FalconAttention.forward", "not sliced into q, k, v by head counts"),
+    # softmax through a module built on the spot (`nn.Softmax(dim=-1)(scores)`): once converted into
+    # a port with no engine Attention at all (the engine refused it: no KV-cache group)
+    "codegen": ("CodeGenAttention._attn", "attention computed inline"),
 }
 
 

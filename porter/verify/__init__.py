@@ -174,10 +174,18 @@ def _run_in(
 ) -> None:
     say(f"building tiny {info.model_type} reference")
     t0 = time.time()
-    hf = hf_side(info, tmp)
-    report.hf_side = (f"transformers {info.transformers_version} ({hf.python})"
-                      if isinstance(hf, OtherEnvHF) else "in-process")
-    spec, prompts, refs = hf.spec, hf.prompts, hf.refs
+    try:
+        hf = hf_side(info, tmp)
+        report.hf_side = (f"transformers {info.transformers_version} ({hf.python})"
+                          if isinstance(hf, OtherEnvHF) else "in-process")
+        spec, prompts, refs = hf.spec, hf.prompts, hf.refs
+    except VerifyInputError:
+        raise
+    except Exception as e:  # the HF model itself fails on the tiny config: no reference to compare
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise VerifyInputError(
+            f"the HF reference ({info.hf_architecture} on the tiny config of rules/tiny_configs.yaml) "
+            f"failed: {type(e).__name__}: {first}") from e
     report.prompt_lengths = [len(p) for p in prompts]
     report.distinct_tokens = [len(set(r["tokens"])) for r in refs]
     few = [i for i, n in enumerate(report.distinct_tokens) if n < spec.min_distinct_tokens]
