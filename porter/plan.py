@@ -736,6 +736,18 @@ class Planner:
                 func=m.Name())) if c.func.value in self.idx.functions]  # type: ignore[attr-defined]
             if "::2" in helper_text or (rot is not None and "::2" in code(rot)) or any("::2" in code(f) for f in called):
                 rope = "gptj"
+            if rope == "neox" and rot is not None:
+                # the engine rotates the halves as (-x2, x1); a helper returning (x2, -x1) turns the
+                # other way, which get_rope cannot express
+                for cat in findall(rot, m.Call(func=m.Attribute(attr=m.Name("cat")), args=[
+                        m.Arg(value=m.Tuple(elements=[m.Element(), m.Element()])), m.ZeroOrMore()])):
+                    first, second = (e.value for e in cat.args[0].value.elements)  # type: ignore[attr-defined]
+                    if m.matches(second, m.UnaryOperation(operator=m.Minus())) and not m.matches(
+                            first, m.UnaryOperation(operator=m.Minus())):
+                        raise self.idx.error(
+                            "rotary that turns the other way (rotate_half returns cat(x2, -x1); the "
+                            "engine's get_rope rotates cat(-x2, x1)): no rule maps it", cat,
+                            construct=f"rotate_half: {code(cat)}", rule="engine-rope")
         init_params = param_names(info.method("__init__"))
         if rope and "config" not in init_params:
             raise self.idx.error("rotary attention without a config argument", info.node,

@@ -17,6 +17,8 @@ BLOCKED = {
     # softmax through a module built on the spot (`nn.Softmax(dim=-1)(scores)`): once converted into
     # a port with no engine Attention at all (the engine refused it: no KV-cache group)
     "codegen": ("CodeGenAttention._attn", "attention computed inline"),
+    # rotate_half returns cat(x2, -x1): rotary the other way round (once a port 9.28 away from HF)
+    "nanochat": ("rotate_half", "rotary that turns the other way"),
 }
 
 
