@@ -6,6 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, assigned_names, dotted, param_names, self_call_attr
+from porter.analysis.grouped_qkv import grouped_split
 from porter.passes.base import Example, Rule
 from porter.passes.tp_norms import head_spanning_norms
 from porter.plan import attention_call_names, packed_split_call, per_head_split_helper
@@ -236,7 +237,10 @@ class EngineAttention(Rule):
             sw += f"logits_soft_cap={attn.softcap}, "
         if attn.alibi:
             scale = f", {attn.alibi_scale}" if attn.alibi_scale else ""
-            sw += f"alibi_slopes={ALIBI_HELPER}(self.{qkv}.total_num_heads{scale}), "
+            slopes = f"{ALIBI_HELPER}(self.{qkv}.total_num_heads{scale})"
+            if attn.alibi_when:  # the config decides whether there is a bias (rotary otherwise: Falcon)
+                slopes = f"{slopes} if {attn.alibi_when} else None"
+            sw += f"alibi_slopes={slopes}, "
             self._alibi = True
         if attn.sinks:  # the per-rank parameter PT160 makes of it
             sw += f"sinks={attn.sinks}, "
@@ -604,16 +608,25 @@ class FuseQkv(Rule):
             return updated
         if updated.name.value == "__init__":
             return self._init(attn, updated)
-        if attn.packed and updated.name.value == per_head_split_helper(self.ctx.idx.classes[attn.cls], attn.q):
+        if attn.packed and updated.name.value == self._split_helper(attn):
             return cst.RemoveFromParent()  # the per-head split it did is load_weights' permutation now
         if updated.name.value == "forward":
             return self._forward_packed(attn, updated) if attn.packed else self._forward(attn, updated)
         return updated
 
+    def _split_helper(self, attn) -> str | None:
+        """The method splitting the packed output into heads: per head `(heads, 3, head_dim)`, or
+        grouped per KV head in every config arm (Falcon): its layout is load_weights' job."""
+        info = self.ctx.idx.classes[attn.cls]
+        if attn.grouped:
+            split = grouped_split(info, attn.q, attn.head_dim)
+            return split.helper if split else None
+        return per_head_split_helper(info, attn.q)
+
     def _forward_packed(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
         out_name, names, body, placed = None, [], [], False
-        split_helper = per_head_split_helper(self.ctx.idx.classes[attn.cls], attn.q)
+        split_helper = self._split_helper(attn)
         stmts: list[cst.BaseStatement] = []
         for st in fn.body.body:
             if attn.interleaved_unless and m.matches(st, m.If(test=m.Attribute(
