@@ -161,7 +161,9 @@ class EngineAttention(Rule):
         "eager function) becomes the engine's `Attention` op, `self.attn(q, k, v)`, which owns the "
         "paged KV cache. Its scale, sliding window, softcap and sinks (`s_aux`, made per-rank by "
         "PT160) are taken from the keyword arguments of the HF call; heads per rank come from the fused qkv projection (KV heads replicate when TP "
-        "exceeds them). The attention weights HF returns beside the output are dropped."
+        "exceeds them). An ALiBi bias passed to the call becomes the op's per-rank slopes, under the "
+        "config test that decides whether the model builds the bias (`... if config.alibi else None`, "
+        "Falcon) when there is one. The attention weights HF returns beside the output are dropped."
     )
     examples = [
         Example(
@@ -508,7 +510,10 @@ class FuseQkv(Rule):
         "call), not by name. In forward, one `qkv_proj` call and a split by per-rank sizes "
         "replace the three calls. A projection packed per head in the checkpoint (GPT-NeoX's "
         "`chunk(3)`, or a `_split_heads` helper viewing `(..., heads, 3, head_dim)`) is loaded "
-        "into [q; k; v] order by load_weights, and the helper goes."
+        "into [q; k; v] order by load_weights, and the helper goes. So is one grouped per KV head "
+        "(`[kv_heads, q_per_kv + 2, head_dim]`: q slots, then one k and one v) in every config arm "
+        "of its helper (Falcon's three layouts, porter/analysis/grouped_qkv.py); its KV heads are "
+        "read from the projection's width (H + 2 * KV heads of head_dim)."
     )
     examples = [
         Example(
@@ -595,6 +600,53 @@ class FuseQkv(Rule):
             '        fused, _ = self.qkv(x)\n'
             '        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n'
             '        q = self.q_norm(q)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+        ),
+        Example(  # grouped per KV head in every config arm of the helper (Falcon): regrouped when loading
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.num_heads = config.num_heads\n'
+            '        self.head_dim = config.head_dim\n'
+            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, qkv_out)\n'
+            '        self.grouped = config.grouped\n'
+            '\n'
+            '    def _split_heads(self, x):\n'
+            '        b, s, _ = x.shape\n'
+            '        if self.grouped:\n'
+            '            x = x.view(b, s, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)\n'
+            '            return x[:, :, :, :-2], x[:, :, :, [-2]], x[:, :, :, [-1]]\n'
+            '        else:\n'
+            '            x = x.view(b, s, self.num_heads, 3, self.head_dim)\n'
+            '            return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused = self.qkv(x)\n'
+            '        q, k, v = self._split_heads(fused)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.num_heads = config.num_heads\n'
+            '        self.head_dim = config.head_dim\n'
+            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, (qkv_out // self.head_dim - self.num_heads) // 2, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
+            '        self.q_size = self.qkv.num_heads * self.head_dim\n'
+            '        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n'
+            '        self.grouped = config.grouped\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused, _ = self.qkv(x)\n'
+            '        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n'
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
         ),

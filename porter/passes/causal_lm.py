@@ -331,8 +331,9 @@ class PruneUnreachable(Rule):
     name = "prune-unreachable"
     why = (
         "The port keeps only what the causal LM needs: other heads (sequence classification, QA), "
-        "the PreTrainedModel base, replaced norm and rotary classes and helper functions no kept "
-        "code calls any more (rotate_half, repeat_kv, eager attention) are removed."
+        "the PreTrainedModel base, replaced norm and rotary classes, nn.Linear subclasses the engine's "
+        "parallel linears replaced, and helper functions no kept code calls any more (rotate_half, "
+        "repeat_kv, eager attention) are removed."
     )
     examples = [
         Example(
@@ -364,6 +365,15 @@ class PruneUnreachable(Rule):
             "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
             "\n    def forward(self, input_ids):\n"
             "        return self.lm_head(self.model(input_ids=input_ids))\n",
+        ),
+        Example(  # an nn.Linear subclass the engine's parallel linears replaced (Falcon's FalconLinear)
+            "from torch import nn\n\n\nclass ALinear(nn.Linear):\n    def forward(self, x):\n"
+            "        return x @ self.weight.T\n\n\nclass AMLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc = ColumnParallelLinear(config.hidden_size, config.intermediate_size)\n",
+            "from torch import nn\n\n\nclass AMLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc = ColumnParallelLinear(config.hidden_size, config.intermediate_size)\n",
         ),
     ]
 
