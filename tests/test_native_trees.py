@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # committed ports whose architecture vLLM 0.32 implements natively (registry: _TEXT_GENERATION_MODELS)
-NATIVE = ["qwen3", "granite", "stablelm", "gemma", "phi3", "nemotron", "gpt2", "bloom", "gptj"]
+NATIVE = ["qwen3", "granite", "stablelm", "gemma", "phi3", "nemotron", "gpt2", "bloom", "gptj", "falcon"]
 
 
 # mixture-of-experts ports (issue 10): the router is a GateLinear (`gate.weight`), the experts one

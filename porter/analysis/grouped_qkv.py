@@ -68,8 +68,8 @@ def _slot(sub: cst.Subscript, view: _View) -> str | None:
         if len(els) != 3 or not full[2]:
             return None
     else:
-        pos = len(view.dims) + 2 - 2  # batch and sequence dims first; head_dim last
-        if len(els) != pos + 1 or not all(full[:pos]):
+        pos = len(view.dims) + 2 - 2  # batch and sequence dims first; head_dim last (may be left out)
+        if len(els) not in (pos + 1, pos + 2) or not all(full[:pos]) or not all(full[pos + 1:]):
             return None
     sl = els[pos]
     slots = view.dims[-2]
