@@ -584,6 +584,8 @@ TINY = {
     # BLOOM checkpoints tie lm_head (vLLM's bloom loader reads every name as `transformer.<name>`)
     "bloom": {"tie_word_embeddings": True},
     "gptj": {"rotary_dim": 16, "n_inner": 256},  # partial rotary within head_dim 32 (the default is 64)
+    # falcon-40b/180b layout: query_key_value grouped per KV head ([kv_heads, q_per_kv + 2, head_dim])
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2, "tie_word_embeddings": True},
 }
 
 
@@ -605,8 +607,9 @@ def make_checkpoint(
     kwargs = {}
     probe = transformers.AutoConfig.for_model(model_type)
     for k, v in {**COMMON, **TINY.get(model_type, {}), **(overrides or {})}.items():
-        if k in TINY.get(model_type, {}) or k in (overrides or {}) or hasattr(probe, k):
-            kwargs[k] = v
+        if k in TINY.get(model_type, {}) or k in (overrides or {}) or hasattr(probe, k) and not (
+                isinstance(prop := getattr(type(probe), k, None), property) and prop.fset is None):
+            kwargs[k] = v  # (a read-only config property, Falcon's derived head_dim, is not a field)
     cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
     hf_architecture = hf_architecture or (cfg.architectures or [None])[0]
     if hf_architecture is None:
