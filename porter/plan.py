@@ -16,6 +16,7 @@ from porter.analysis.cstutil import (
     findall, code, dotted, param_names, resolve_cross_attention, self_attr, self_call_attr,
 )
 from porter.analysis.dataflow import ATTN, forward_flow
+from porter.analysis.grouped_qkv import grouped_split
 from porter.analysis.moe import MoePlan, find_moe_blocks, unported_experts
 from porter.analysis.index import (
     EMBEDDING_NAMES,
@@ -62,8 +63,14 @@ class AttentionPlan:
     # packed per head only when this attention attribute is false at run time (GPTBigCode: the
     # `if self.multi_query:` arm slices [q; k; v] by sizes, the other arm views per head)
     interleaved_unless: str | None = None
+    # packed grouped per KV head ([kv_heads, q_per_kv + 2, head_dim], Falcon's `_split_heads` arms):
+    # regrouped into [q; k; v] when loading
+    grouped: bool = False
     alibi: str | None = None  # forward parameter carrying an ALiBi bias (PT150 `alibi=`): slopes in the engine's Attention
     alibi_scale: str | None = None  # the scale HF applies to scores and bias together (after the bias is added)
+    # the config test under which the model builds the bias (`if self.use_alibi: alibi = build(...)`,
+    # `self.use_alibi = config.alibi`): None when it always does
+    alibi_when: str | None = None
     rope_theta: str | None = None  # rotary from a sinusoidal table built in the source (GPT-J): its base
     rope_dim: str | None = None  # ... and how many dims of each head it rotates
     # attention sinks: the `s_aux=` of the HF call (one learned logit per head, the engine's
@@ -115,9 +122,11 @@ class PortPlan:
             if not d[key]:
                 del d[key]
         for a in d["attentions"]:
-            for key in ("alibi", "alibi_scale", "rope_theta", "rope_dim"):
+            for key in ("alibi", "alibi_scale", "alibi_when", "rope_theta", "rope_dim"):
                 if a[key] is None:
                     del a[key]
+            if not a["grouped"]:
+                del a["grouped"]
         for att in d["attentions"]:  # (idem: only where there are sinks)
             if att.get("sinks") is None:
                 att.pop("sinks", None)
@@ -261,6 +270,27 @@ def alibi_producers(idx: ModelIndex, plan: PortPlan) -> set[str]:
     return out
 
 
+def alibi_condition(idx: ModelIndex, classes: list[str], name: str) -> str | None:
+    """The config test under which a kept forward builds the ALiBi bias: `if self.use_alibi: alibi =
+    build(...)` with `self.use_alibi = config.alibi` in `__init__` (or `if self.config.alibi:`) gives
+    "config.alibi"; None when the bias is built unconditionally."""
+    for cls in classes:
+        info = idx.classes[cls]
+        fwd = info.method("forward")
+        for node in findall(fwd, m.If(test=m.Attribute())) if fwd else []:
+            builds = findall(node.body, m.Assign(targets=[m.AssignTarget(m.Name(name))], value=m.Call()))  # type: ignore[attr-defined]
+            if not builds:
+                continue
+            test = node.test  # type: ignore[attr-defined]
+            if m.matches(test, m.Attribute(value=m.Attribute(value=m.Name("self"), attr=m.Name("config")))):
+                return f"config.{test.attr.value}"
+            init = info.method("__init__")
+            for a in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])) if init else []:
+                if code(a.targets[0].target) == code(test) and m.matches(a.value, m.Attribute(value=m.Name("config"))):  # type: ignore[attr-defined]
+                    return code(a.value)  # type: ignore[attr-defined]
+    return None
+
+
 class Planner:
     def __init__(self, idx: ModelIndex, table: StripTable, model_type: str, source: str) -> None:
         self.idx = idx
@@ -398,6 +428,9 @@ class Planner:
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
         for a in plan.attentions:
+            if a.alibi:
+                a.alibi_when = alibi_condition(self.idx, plan.classes, a.alibi)
+        for a in plan.attentions:
             if a.packed:
                 continue  # fused in the checkpoint too: QKVParallelLinear splits it when loading
             plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
@@ -525,6 +558,7 @@ class Planner:
                 qkv.append(src[0])
             packed = len(set(qkv)) == 1
             interleaved = packed and self.chunked_per_head(info, qkv[0])
+            grouped = None
             if interleaved:
                 _, out_f, _ = linear_args(info.submodules[qkv[0]].call)
                 hd_attr = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
@@ -533,6 +567,8 @@ class Planner:
                     node.operator, cst.Multiply) and code(node.left) == "3" else f"({out_f}) // 3"
                 heads = _heads(per, hd_attr)
                 sizes = (heads, heads)
+            elif packed and (grouped := self.grouped_sizes(info, qkv[0])) is not None:
+                sizes = grouped
             elif packed:
                 sizes = self.packed_qkv_sizes(info, qkv[0])
                 if sizes is None:
@@ -547,6 +583,7 @@ class Planner:
             if packed:
                 ap.packed = True
                 ap.interleaved = bool(interleaved)
+                ap.grouped = not interleaved and grouped is not None
                 if not interleaved:
                     ap.interleaved_unless = self.per_head_unless(info, qkv[0])
                 ap.num_heads, ap.num_kv_heads = sizes  # type: ignore[misc]
@@ -607,6 +644,17 @@ class Planner:
             return None
         kv_size = code(upper.right)
         return _heads(q_size, "self.head_dim"), _heads(kv_size, "self.head_dim")
+
+    def grouped_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
+        """Heads and KV heads of a packed projection split by a helper grouped per KV head
+        (porter/analysis/grouped_qkv.py): the KV heads from its width, H + 2 * KV heads of head_dim."""
+        hd = "self.head_dim" if "head_dim" in self._init_attrs(info) else "self.head_size"
+        split = grouped_split(info, attr, hd)
+        if split is None:
+            return None
+        _, out_f, _ = linear_args(info.submodules[attr].call)
+        out = out_f if isinstance(cst.parse_expression(out_f), (cst.Name, cst.Attribute)) else f"({out_f})"
+        return split.num_heads, f"({out} // {hd} - {split.num_heads}) // 2"
 
     def split_qkv_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
         """`q, k, v = self.c_attn(x).split((Q, K, K), dim=-1)` (or a list of the three sizes), with

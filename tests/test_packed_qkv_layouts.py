@@ -4,8 +4,10 @@ encoder-decoder cross-attention arm a decoder-only port drops (PT123)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 from conftest import run_porter
 
 
@@ -57,3 +59,133 @@ def test_gpt2_port_transposes_conv1d_weights_and_keeps_the_attention_function_ar
     assert "loaded_weight = loaded_weight.t()" in text
     assert "_upcast_and_reordered_attn" not in text and "maybe_autocast" not in text
     assert "= Conv1D(" not in text and "kwargs" not in text and "input_shape" not in text
+
+
+def test_falcon_fused_projection_grouped_per_kv_head_in_every_config_arm():
+    plan = _plan("falcon")
+    (attn,) = plan["attentions"]
+    assert (attn["q"], attn["k"], attn["v"], attn["o"]) == ("query_key_value",) * 3 + ("dense",)
+    assert attn["packed"] and attn["grouped"] and not attn["interleaved"]
+    # all three arms of `_split_heads` (new_decoder_architecture, multi_query, neither) hold H query heads
+    assert attn["num_heads"] == "self.num_heads"
+    # and (H + 2 * KV) * head_dim rows: the KV heads come from the projection's width
+    assert attn["num_kv_heads"] == "(qkv_out_dim // self.head_dim - self.num_heads) // 2"
+    # the bias exists only when the config builds it (`if self.use_alibi:`, `self.use_alibi = config.alibi`)
+    assert (attn["alibi"], attn["alibi_when"], attn["rope"]) == ("alibi", "config.alibi", "neox")
+    roles = {(lp["cls"], lp["attr"]): lp["role"] for lp in plan["linears"]}
+    assert roles[("FalconMLP", "dense_h_to_4h")] == "column" and roles[("FalconMLP", "dense_4h_to_h")] == "row"
+
+
+def test_falcon_port_chooses_alibi_or_rotary_by_config_and_regroups_when_loading():
+    text = next(Path(__file__).resolve().parents[1].joinpath("generated", "vllm", "falcon").rglob(
+        "modeling_falcon.py")).read_text()
+    # the input never decides: no bias parameter, no `alibi is None`
+    assert "alibi is None" not in text and "alibi=" not in text and "build_alibi_tensor" not in text
+    assert "self.use_alibi = config.alibi" in text and "if not self.use_alibi:\n" in text
+    assert re.search(r"alibi_slopes=alibi_slopes\(self\.query_key_value\.total_num_heads, self\.inv_norm_factor\)"
+                     r"\s+if config\.alibi\s+else None", text)
+    # one split by per-rank sizes; the grouped layout is load_weights' job
+    assert "_split_heads" not in text and "FalconLinear" not in text
+    assert "[self.q_size, self.kv_size, self.kv_size]" in text
+    assert "groups[:, :-2].flatten(0, 2)" in text and "qkv.total_num_kv_heads" in text
+
+
+_GROUPED = '''
+class Attn(nn.Module):
+    def __init__(self, config):
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, OUT)
+
+    def _split(self, x):
+        b, s, _ = x.shape
+        if self.a:
+            x = x.view(b, s, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+            return x[:, :, :, :-2], x[:, :, :, [-2]], x[:, :, :, [-1]]
+        else:
+            ARM
+
+    def forward(self, h):
+        fused = self.qkv(h)
+        q, k, v = self._split(fused)
+        return q, k, v
+'''
+
+
+@pytest.mark.parametrize("arm, heads", [
+    ("x = x.view(b, s, self.num_heads, 3, self.head_dim)\n"
+     "            return x[..., 0, :], x[..., 1, :], x[..., 2, :]", "self.num_heads"),
+    ("x = x.view(b, s, self.num_heads + 2, self.head_dim)\n"
+     "            return x[..., :-2, :], x[..., [-2], :], x[..., [-1], :]", "self.num_heads"),
+    # the arms disagree on the query heads: not one grouped layout
+    ("x = x.view(b, s, self.n_head + 2, self.head_dim)\n"
+     "            return x[..., :-2, :], x[..., [-2], :], x[..., [-1], :]", None),
+    # v before k: another layout
+    ("x = x.view(b, s, self.num_heads + 2, self.head_dim)\n"
+     "            return x[..., :-2, :], x[..., [-1], :], x[..., [-2], :]", None),
+    # q/k/v cut by sizes, not per group
+    ("return x[..., :self.q], x[..., self.q:self.q + self.k], x[..., self.q + self.k:]", None),
+])
+def test_grouped_split_every_arm_the_same_grouped_layout(arm, heads):
+    from porter.analysis.grouped_qkv import grouped_split
+    from porter.analysis.index import build_index, parse
+
+    src = _GROUPED.replace("ARM", arm).replace("OUT", "3 * config.hidden_size")
+    info = build_index(parse(src, "<t>"), "<t>").classes["Attn"]
+    split = grouped_split(info, "qkv", "self.head_dim")
+    assert (split.num_heads if split else None) == heads
+    assert split is None or split.helper == "_split"
+
+
+@pytest.mark.parametrize("layout", [
+    {"new_decoder_architecture": True, "num_kv_heads": 2},  # falcon-40b/180b: 2 groups of 2 q heads
+    {"new_decoder_architecture": False, "multi_query": True},  # falcon-7b: one group of 4
+    {"new_decoder_architecture": False, "multi_query": False},  # falcon-rw: 4 groups of 1 ([H, 3, d])
+])
+def test_grouped_regroup_in_load_weights_gives_hf_split_heads_q_k_v(layout):
+    """The load_weights block (templates/load_weights.py.j2) regroups the checkpoint rows so that one
+    split by sizes [q; k; v] gives what HF's `_split_heads` picks, in each of Falcon's three layouts."""
+    from collections.abc import Iterable
+
+    import torch
+    from torch import nn
+    from transformers import FalconConfig
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    from porter.passes.causal_lm import render
+
+    cfg = FalconConfig(hidden_size=128, num_attention_heads=4, bias=True, **layout)
+    hf = FalconAttention(cfg, layer_idx=0)
+    heads, d = 4, 32
+    kv = cfg.num_kv_heads if cfg.new_decoder_architecture else (1 if cfg.multi_query else heads)
+    torch.manual_seed(0)
+    weight, bias = torch.randn_like(hf.query_key_value.weight), torch.randn_like(hf.query_key_value.bias)
+
+    src = render("load_weights.py.j2", stacked=[], lm_head="lm_head", interleaved=[], interleaved_unless=[],
+                 grouped=[".query_key_value."], transposed="()", renames=[], experts=[], load_buffers=False)
+    ns: dict = {"torch": torch, "Iterable": Iterable, "default_weight_loader": None}
+    exec(src, ns)
+    loaded: dict[str, torch.Tensor] = {}
+
+    class Qkv(nn.Module):
+        total_num_kv_heads, head_size = kv, d
+
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.empty(0)), nn.Parameter(torch.empty(0))
+            for name in ("weight", "bias"):
+                getattr(self, name).weight_loader = lambda p, w, n=name: loaded.__setitem__(n, w)
+
+    holder, holder.h = nn.Module(), nn.Module()
+    holder.h.query_key_value = Qkv()
+    holder.config = type("C", (), {"tie_word_embeddings": False})()
+    ns["load_weights"](holder, [("h.query_key_value.weight", weight), ("h.query_key_value.bias", bias)])
+
+    x = torch.randn(1, 5, 128)
+    with torch.no_grad():
+        hq, hk, hv = hf._split_heads(x @ weight.T + bias)  # [1, 5, heads or kv, d]
+        q, k, v = (x @ loaded["weight"].T + loaded["bias"]).split([heads * d, kv * d, kv * d], dim=-1)
+    torch.testing.assert_close(q, hq.reshape(1, 5, -1))
+    # HF broadcasts each group's k and v to its q heads (new_decoder_architecture); one per group here
+    per = hk.shape[2] // kv
+    torch.testing.assert_close(k, hk[:, :, ::per].reshape(1, 5, -1))
+    torch.testing.assert_close(v, hv[:, :, ::per].reshape(1, 5, -1))

@@ -13,6 +13,7 @@ from porter.verify.compare import compare
 from porter.verify.tiny import (
     VerifyInputError,
     _special_ids,
+    build_config,
     build_model,
     hf_reference,
     load_rules,
@@ -171,3 +172,11 @@ def test_root_cause_skips_the_engine_wrappers():
     cause = root_cause(log)
     assert cause.startswith("ValueError: Following weights") and "model.norm.weight" in cause
     assert root_cause(log[2:]) is None
+
+
+def test_defaults_skip_a_read_only_config_property():
+    # FalconConfig derives head_dim (a property without a setter): the default must not be passed
+    spec = tiny_spec("falcon")
+    assert "head_dim" not in spec.config_kwargs and spec.config_kwargs["hidden_size"] == 128
+    cfg = build_config(spec)
+    assert cfg.head_dim == 32 and cfg.new_decoder_architecture and cfg.num_kv_heads == 2

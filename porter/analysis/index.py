@@ -254,17 +254,28 @@ def plain_linear_subclass(idx: ModelIndex, info: ClassInfo) -> bool:
 EAGER_KEY = "eager"  # the attention implementation a port follows (its reference runs eager)
 
 
+# the keys of HF's attention-implementation tables (`X_ATTENTION_CLASSES`)
+ATTENTION_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
+
+
 def table_class(idx: ModelIndex, func: cst.BaseExpression) -> str | None:
     """`X_ATTENTION_CLASSES[config._attn_implementation]` where the module defines the table as a
     dict literal: the class of its "eager" entry (HF's reference implementation), if it is a
-    class of this file."""
-    if not m.matches(func, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index(
-            m.Attribute(attr=m.Name("_attn_implementation"))))])):
+    class of this file. The key may also be a local the caller computed (transformers 5.24's Falcon:
+    `attn_implementation = "flash_attention_2" if ... else config._attn_implementation`) when every
+    key of the table names an attention implementation."""
+    by_attr = m.matches(func, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index(
+        m.Attribute(attr=m.Name("_attn_implementation"))))]))
+    if not by_attr and not m.matches(func, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index(m.Name()))])):
         return None
     table = func.value.value  # type: ignore[attr-defined]
     for st in idx.module.body:
         if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name(table))],
                                                                    value=m.Dict())])):
+            continue
+        keys = [el.key.evaluated_value if isinstance(el, cst.DictElement) and isinstance(el.key, cst.SimpleString)
+                else None for el in st.body[0].value.elements]  # type: ignore[attr-defined]
+        if not by_attr and not (keys and set(keys) <= ATTENTION_IMPLEMENTATIONS):
             continue
         for el in st.body[0].value.elements:  # type: ignore[attr-defined]
             if isinstance(el, cst.DictElement) and m.matches(el.key, m.SimpleString()) \

@@ -1,5 +1,6 @@
 """Phase 3 — the rewrite passes, in the one order they run."""
 
+from porter.passes.alibi_arm import AlibiArm, AlibiTestByConfig  # noqa: F401  (PT170 runs before indexing, after PT150)
 from porter.passes.autocast import DropAutocast
 from porter.passes.buffers import DropUnusedBuffers
 from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
@@ -41,6 +42,7 @@ PASSES: list[type[Rule]] = [
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
     EngineAttention,
     AttentionSinks,
+    AlibiTestByConfig,  # before StripHfParams drops the bias parameter its tests read
     StripHfParams,
     DropHfDataflow,
     DropDropout,

@@ -7,6 +7,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, assigned_names, dotted, param_names, self_call_attr
 from porter.errors import PorterError
+from porter.analysis.grouped_qkv import grouped_split
 from porter.passes.base import Example, Rule
 from porter.passes.tp_norms import head_spanning_norms
 from porter.plan import attention_call_names, packed_split_call, per_head_split_helper
@@ -252,7 +253,9 @@ class EngineAttention(Rule):
         "eager function) becomes the engine's `Attention` op, `self.attn(q, k, v)`, which owns the "
         "paged KV cache. Its scale, sliding window, softcap and sinks (`s_aux`, made per-rank by "
         "PT160) are taken from the keyword arguments of the HF call; heads per rank come from the fused qkv projection (KV heads replicate when TP "
-        "exceeds them). The attention weights HF returns beside the output are dropped."
+        "exceeds them). An ALiBi bias passed to the call becomes the op's per-rank slopes, under the "
+        "config test that decides whether the model builds the bias (`... if config.alibi else None`, "
+        "Falcon) when there is one. The attention weights HF returns beside the output are dropped."
     )
     examples = [
         Example(
@@ -328,7 +331,10 @@ class EngineAttention(Rule):
             sw += f"logits_soft_cap={attn.softcap}, "
         if attn.alibi:
             scale = f", {attn.alibi_scale}" if attn.alibi_scale else ""
-            sw += f"alibi_slopes={ALIBI_HELPER}(self.{qkv}.total_num_heads{scale}), "
+            slopes = f"{ALIBI_HELPER}(self.{qkv}.total_num_heads{scale})"
+            if attn.alibi_when:  # the config decides whether there is a bias (rotary otherwise: Falcon)
+                slopes = f"{slopes} if {attn.alibi_when} else None"
+            sw += f"alibi_slopes={slopes}, "
             self._alibi = True
         if attn.sinks:  # the per-rank parameter PT160 makes of it
             sw += f"sinks={attn.sinks}, "
@@ -596,7 +602,10 @@ class FuseQkv(Rule):
         "call), not by name. In forward, one `qkv_proj` call and a split by per-rank sizes "
         "replace the three calls. A projection packed per head in the checkpoint (GPT-NeoX's "
         "`chunk(3)`, or a `_split_heads` helper viewing `(..., heads, 3, head_dim)`) is loaded "
-        "into [q; k; v] order by load_weights, and the helper goes."
+        "into [q; k; v] order by load_weights, and the helper goes. So is one grouped per KV head "
+        "(`[kv_heads, q_per_kv + 2, head_dim]`: q slots, then one k and one v) in every config arm "
+        "of its helper (Falcon's three layouts, porter/analysis/grouped_qkv.py); its KV heads are "
+        "read from the projection's width (H + 2 * KV heads of head_dim)."
     )
     examples = [
         Example(
@@ -686,6 +695,53 @@ class FuseQkv(Rule):
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
         ),
+        Example(  # grouped per KV head in every config arm of the helper (Falcon): regrouped when loading
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.num_heads = config.num_heads\n'
+            '        self.head_dim = config.head_dim\n'
+            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, qkv_out)\n'
+            '        self.grouped = config.grouped\n'
+            '\n'
+            '    def _split_heads(self, x):\n'
+            '        b, s, _ = x.shape\n'
+            '        if self.grouped:\n'
+            '            x = x.view(b, s, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)\n'
+            '            return x[:, :, :, :-2], x[:, :, :, [-2]], x[:, :, :, [-1]]\n'
+            '        else:\n'
+            '            x = x.view(b, s, self.num_heads, 3, self.head_dim)\n'
+            '            return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused = self.qkv(x)\n'
+            '        q, k, v = self._split_heads(fused)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.num_heads = config.num_heads\n'
+            '        self.head_dim = config.head_dim\n'
+            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, (qkv_out // self.head_dim - self.num_heads) // 2, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
+            '        self.q_size = self.qkv.num_heads * self.head_dim\n'
+            '        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n'
+            '        self.grouped = config.grouped\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused, _ = self.qkv(x)\n'
+            '        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -696,16 +752,25 @@ class FuseQkv(Rule):
             return updated
         if updated.name.value == "__init__":
             return self._init(attn, updated)
-        if attn.packed and updated.name.value == per_head_split_helper(self.ctx.idx.classes[attn.cls], attn.q):
+        if attn.packed and updated.name.value == self._split_helper(attn):
             return cst.RemoveFromParent()  # the per-head split it did is load_weights' permutation now
         if updated.name.value == "forward":
             return self._forward_packed(attn, updated) if attn.packed else self._forward(attn, updated)
         return updated
 
+    def _split_helper(self, attn) -> str | None:
+        """The method splitting the packed output into heads: per head `(heads, 3, head_dim)`, or
+        grouped per KV head in every config arm (Falcon): its layout is load_weights' job."""
+        info = self.ctx.idx.classes[attn.cls]
+        if attn.grouped:
+            split = grouped_split(info, attn.q, attn.head_dim)
+            return split.helper if split else None
+        return per_head_split_helper(info, attn.q)
+
     def _forward_packed(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
         out_name, names, body, placed = None, [], [], False
-        split_helper = per_head_split_helper(self.ctx.idx.classes[attn.cls], attn.q)
+        split_helper = self._split_helper(attn)
         stmts: list[cst.BaseStatement] = []
         for st in fn.body.body:
             if attn.interleaved_unless and m.matches(st, m.If(test=m.Attribute(

@@ -9,6 +9,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import code, dotted, find_method, findall, param_names, self_attr
+from porter.analysis.index import LINEAR_NAMES
 from porter.plan import linear_args
 from porter.passes.base import Example, Rule
 
@@ -119,6 +120,7 @@ class CausalLmInterface(Rule):
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
+        grouped = sorted({f".{a.q}." for a in plan.attentions if a.grouped})
         experts = []
         for mp in plan.moes:
             gate, down, up = mp.ckpt_names
@@ -132,7 +134,7 @@ class CausalLmInterface(Rule):
         interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
                                      if a.interleaved_unless})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    interleaved=interleaved, interleaved_unless=interleaved_unless,
+                    interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
                     renames=plan.checkpoint_renames, experts=experts,
                     # engine activation classes (PT140) hold persistent buffers the checkpoint carries
@@ -329,8 +331,9 @@ class PruneUnreachable(Rule):
     name = "prune-unreachable"
     why = (
         "The port keeps only what the causal LM needs: other heads (sequence classification, QA), "
-        "the PreTrainedModel base, replaced norm and rotary classes and helper functions no kept "
-        "code calls any more (rotate_half, repeat_kv, eager attention) are removed."
+        "the PreTrainedModel base, replaced norm and rotary classes, nn.Linear subclasses the engine's "
+        "parallel linears replaced, and helper functions no kept code calls any more (rotate_half, "
+        "repeat_kv, eager attention) are removed."
     )
     examples = [
         Example(
@@ -363,6 +366,15 @@ class PruneUnreachable(Rule):
             "\n    def forward(self, input_ids):\n"
             "        return self.lm_head(self.model(input_ids=input_ids))\n",
         ),
+        Example(  # an nn.Linear subclass the engine's parallel linears replaced (Falcon's FalconLinear)
+            "from torch import nn\n\n\nclass ALinear(nn.Linear):\n    def forward(self, x):\n"
+            "        return x @ self.weight.T\n\n\nclass AMLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc = ColumnParallelLinear(config.hidden_size, config.intermediate_size)\n",
+            "from torch import nn\n\n\nclass AMLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc = ColumnParallelLinear(config.hidden_size, config.intermediate_size)\n",
+        ),
     ]
 
     def leave_Module(self, original, updated):
@@ -386,6 +398,15 @@ class PruneUnreachable(Rule):
             return isinstance(st, cst.ClassDef) and any(
                 (dotted(b.value) or "").endswith("autograd.Function") for b in st.bases)
 
+        def replaced_linear(st) -> bool:
+            """A kept nn.Linear subclass (Falcon's FalconLinear): the engine's parallel linears took
+            its place, so it goes once no kept code names it."""
+            return isinstance(st, cst.ClassDef) and any(
+                self.ctx.idx.qualify(dotted(b.value)) in LINEAR_NAMES for b in st.bases)
+
+        keep -= {st.name.value for st in body if replaced_linear(st) and st.name.value in keep and not any(
+            st.name.value in names(o) for o in body if o is not st and isinstance(o, (cst.ClassDef, cst.FunctionDef))
+            and (not isinstance(o, cst.ClassDef) or o.name.value in keep))}
         while True:
             used: set[str] = set()
             for st in body:

@@ -292,6 +292,8 @@ class DropDeadLocals(Rule):
             func = call.func  # type: ignore[attr-defined]
             if isinstance(func, cst.Attribute) and func.attr.value in _SHAPE_PURE:
                 continue
+            if dotted(func) in self.ctx.table.hf_only_callables:  # HF plumbing queries (rules/hf_strip.yaml)
+                continue
             return False
         return True
 

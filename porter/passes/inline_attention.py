@@ -482,12 +482,15 @@ class EagerArm(Rule):
 
 
 def inline_attention_calls(module: cst.Module) -> tuple[cst.Module, dict[str, set[str]]]:
-    """Run PT152 and PT150 on a parsed module before it is indexed (lines of the source kept);
+    """Run PT152, PT150 and PT170 on a parsed module before it is indexed (lines of the source kept);
     returns the module and the scopes they changed (provenance for `porter diff`)."""
     from types import SimpleNamespace
 
+    from porter.passes.alibi_arm import AlibiArm  # (it reuses this module's helpers)
+
     ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
-    for rule_cls, word in ((EagerArm, "_attn_implementation"), (InlineEagerAttention, "softmax")):
+    for rule_cls, word in ((EagerArm, "_attn_implementation"), (InlineEagerAttention, "softmax"),
+                           (AlibiArm, "alibi")):
         rule = rule_cls(ctx)  # type: ignore[arg-type]
         rule.keep_lines = True
         # each rule acts only inside a top-level class or function that names its word (both

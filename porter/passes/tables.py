@@ -17,7 +17,9 @@ class ResolveAttentionTable(Rule):
         "`config._attn_implementation` (`GPTJ_ATTENTION_CLASSES = {'eager': GPTJAttention, "
         "'flash_attention_2': GPTJFlashAttention2}`). The engine has one attention op, and the "
         "port follows HF's eager reference, so the table lookup becomes a call of the table's "
-        "'eager' class; the other implementations and the table are then unreachable and pruned."
+        "'eager' class; the other implementations and the table are then unreachable and pruned. A "
+        "key computed in a local is resolved the same way when every key of the table names an "
+        "attention implementation."
     )
     examples = [
         Example(
@@ -29,7 +31,19 @@ class ResolveAttentionTable(Rule):
             'ATTENTION_CLASSES = {"eager": Attn, "flash_attention_2": FlashAttn}\n\n\n'
             "class Block(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
             "        self.attn = Attn(config)\n",
-        )
+        ),
+        Example(  # the key computed in a local (transformers 5.24's Falcon): every table key is an implementation
+            "class Attn(nn.Module):\n    pass\n\n\n"
+            'ATTENTION_CLASSES = {"eager": Attn, "sdpa": Attn}\n\n\n'
+            "class Block(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            '        impl = "flash_attention_2" if flash(config) else config._attn_implementation\n'
+            "        self.attn = ATTENTION_CLASSES[impl](config)\n",
+            "class Attn(nn.Module):\n    pass\n\n\n"
+            'ATTENTION_CLASSES = {"eager": Attn, "sdpa": Attn}\n\n\n'
+            "class Block(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            '        impl = "flash_attention_2" if flash(config) else config._attn_implementation\n'
+            "        self.attn = Attn(config)\n",
+        ),
     ]
 
     def leave_Call(self, original, updated):

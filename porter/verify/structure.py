@@ -589,6 +589,8 @@ TINY = {
     # Cohere2 checkpoints tie lm_head; vLLM's CohereForCausalLM always ties it
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 32,
                 "layer_types": ["sliding_attention", "full_attention"]},
+    # falcon-40b/180b layout: query_key_value grouped per KV head ([kv_heads, q_per_kv + 2, head_dim])
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2, "tie_word_embeddings": True},
 }
 
 
@@ -613,8 +615,9 @@ def make_checkpoint(
     config_type = (hf_architecture and causal_config_type(model_type, hf_architecture)) or model_type
     probe = transformers.AutoConfig.for_model(config_type)
     for k, v in {**COMMON, **TINY.get(model_type, {}), **(overrides or {})}.items():
-        if k in TINY.get(model_type, {}) or k in (overrides or {}) or hasattr(probe, k):
-            kwargs[k] = v
+        if k in TINY.get(model_type, {}) or k in (overrides or {}) or hasattr(probe, k) and not (
+                isinstance(prop := getattr(type(probe), k, None), property) and prop.fset is None):
+            kwargs[k] = v  # (a read-only config property, Falcon's derived head_dim, is not a field)
     cfg = transformers.AutoConfig.for_model(config_type, **kwargs)
     hf_architecture = hf_architecture or (cfg.architectures or [None])[0]
     if hf_architecture is None:

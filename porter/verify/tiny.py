@@ -70,7 +70,9 @@ def tiny_spec(model_type: str, rules: dict | None = None, config_model_type: str
         base = AutoConfig.for_model(config_model_type or model_type)
     except Exception as e:  # unknown to this transformers
         raise VerifyInputError(f"transformers has no config class for {model_type!r}: {e}") from e
-    kwargs = {k: v for k, v in rules.get("defaults", {}).items() if hasattr(base, k)}
+    # (a read-only property of the config class, such as Falcon's derived `head_dim`, is not a field)
+    kwargs = {k: v for k, v in rules.get("defaults", {}).items() if hasattr(base, k) and not (
+        isinstance(prop := getattr(type(base), k, None), property) and prop.fset is None)}
     kwargs.update(models[model_type].get("config") or {})
     # config overrides for one run (property tests verify sampled configs): a JSON object
     kwargs.update(json.loads(os.environ.get("PORTER_TINY_OVERRIDES") or "{}"))

@@ -1,0 +1,220 @@
+"""Attention arms chosen by whether an ALiBi bias was passed become one call taking the bias.
+
+Runs before indexing, after PT150 (porter/passes/inline_attention.py `inline_attention_calls`).
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, findall
+from porter.passes.base import Example, Rule
+from porter.passes.inline_attention import _nlines
+
+_ATTN = m.Call(func=m.Name("attention_interface"))
+
+
+def _is_none_test(test: cst.BaseExpression, params: set[str]) -> tuple[str, bool] | None:
+    """`P is None` -> (P, True), `P is not None` -> (P, False), for a parameter P."""
+    for op, none in ((m.Is(), True), (m.IsNot(), False)):
+        if m.matches(test, m.Comparison(left=m.Name(m.MatchIfTrue(lambda n: n in params)),
+                                        comparisons=[m.ComparisonTarget(op, m.Name("None"))])):
+            return test.left.value, none  # type: ignore[attr-defined]
+    return None
+
+
+class _Normalize(cst.CSTTransformer):
+    """`self.x` -> the expression `__init__` binds it to; `1.0` -> `1`: scales compared by value."""
+
+    def __init__(self, attrs: dict[str, cst.BaseExpression]) -> None:
+        super().__init__()
+        self.attrs = attrs
+
+    def leave_Attribute(self, original, updated):
+        if m.matches(updated, m.Attribute(value=m.Name("self"))) and updated.attr.value in self.attrs:
+            return self.attrs[updated.attr.value].visit(self)
+        return updated
+
+    def leave_Float(self, original, updated):
+        value = float(updated.value)
+        return cst.Integer(str(int(value))) if value.is_integer() else updated
+
+
+def _kwargs(call: cst.Call) -> dict[str, cst.BaseExpression]:
+    return {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+
+
+class AlibiArm(Rule):
+    code = "PT170"
+    name = "alibi-arm"
+    why = (
+        "Falcon computes attention in two arms of `if alibi is None:` (rotary checkpoints pass no "
+        "bias, ALiBi ones do), which PT150 has made two attention-function calls, the second with "
+        "`alibi=alibi`. The arms differ only in that call (and the name of the weights): when their "
+        "scales are the same value (`self.inv_norm_factor` is `1.0 / math.sqrt(self.head_dim)`), one "
+        "call with `alibi=alibi` is the same computation for both (no bias when none is passed), and "
+        "the engine's Attention adds the bias from slopes exactly when the config builds it (PT021). "
+        "Arms that differ in anything else are left alone."
+    )
+    visits_dropped_code = True
+    keep_lines = False
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)\n\n"
+            "    def forward(self, x, alibi, mask):\n"
+            "        if alibi is None:\n"
+            "            out, w = attention_interface(self, q, k, v, mask, scaling=1 / math.sqrt(self.head_dim))\n"
+            "            out = self.dense(out)\n            return out, w\n"
+            "        else:\n"
+            "            out, p = attention_interface(self, q, k, v, mask, scaling=self.inv_norm_factor, "
+            "alibi=alibi, alibi_scale=self.inv_norm_factor)\n"
+            "            out = self.dense(out)\n            return out, p\n",
+            "class Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)\n\n"
+            "    def forward(self, x, alibi, mask):\n"
+            "        out, p = attention_interface(self, q, k, v, mask, scaling=self.inv_norm_factor, "
+            "alibi=alibi, alibi_scale=self.inv_norm_factor)\n"
+            "        out = self.dense(out)\n        return out, p\n",
+        ),
+    ]
+
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        return "alibi" in ctx.idx.identifiers
+
+    def visit_ClassDef(self, node):
+        self._attrs: dict[str, cst.BaseExpression] = {}
+        for st in node.body.body:
+            if isinstance(st, cst.FunctionDef) and st.name.value == "__init__":
+                for a in findall(st, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
+                    self._attrs.setdefault(a.targets[0].target.attr.value, a.value)  # type: ignore[attr-defined]
+        return super().visit_ClassDef(node)
+
+    def visit_FunctionDef(self, node):
+        if len(self.scope) == 1:
+            p = node.params
+            self._params = {x.name.value for x in (*p.posonly_params, *p.params, *p.kwonly_params)}
+        return super().visit_FunctionDef(node)
+
+    def leave_If(self, original, updated):
+        if len(self.scope) < 2 or not isinstance(updated.orelse, cst.Else):
+            return updated
+        found = _is_none_test(updated.test, getattr(self, "_params", set()))
+        if found is None:
+            return updated
+        bias, none_first = found
+        plain_arm, bias_arm = (updated.body, updated.orelse.body) if none_first else (updated.orelse.body, updated.body)
+        plain_calls, bias_calls = findall(plain_arm, _ATTN), findall(bias_arm, _ATTN)
+        if len(plain_calls) != 1 or len(bias_calls) != 1:
+            return updated
+        plain, biased = _kwargs(plain_calls[0]), _kwargs(bias_calls[0])  # type: ignore[arg-type]
+        if "alibi" in plain or not m.matches(biased.get("alibi"), m.Name(bias)):
+            return updated
+        norm = _Normalize(getattr(self, "_attrs", {}))
+        scales = [code(k["scaling"].visit(norm)) if "scaling" in k else None for k in (plain, biased)]
+        if scales[0] != scales[1] or any(k not in ("scaling", "alibi", "alibi_scale") for k in biased.keys() - plain.keys()):
+            return updated
+        if not self._same_but_call(list(plain_arm.body), list(bias_arm.body)):  # type: ignore[attr-defined]
+            return updated
+        body = list(bias_arm.body)  # type: ignore[attr-defined]
+        if self.keep_lines:  # the removed lines become blank lines before the arm
+            gone = _nlines(updated) - sum(_nlines(st) for st in body)
+            body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
+        else:
+            body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
+        body = [body[0], *(st.with_changes(leading_lines=()) for st in body[1:])] if not self.keep_lines else body
+        return cst.FlattenSentinel(body)
+
+    @staticmethod
+    def _same_but_call(plain: list[cst.BaseStatement], biased: list[cst.BaseStatement]) -> bool:
+        """Statement by statement equal, but for the attention call and the name its weights are bound to."""
+        if len(plain) != len(biased):
+            return False
+        rename: dict[str, str] = {}
+        for a, b in zip(plain, biased):
+            ca, cb = findall(a, _ATTN), findall(b, _ATTN)
+            if ca or cb:
+                if not (ca and cb and m.matches(a, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple())])]))
+                        and m.matches(b, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple())])]))):
+                    return False
+                ta = [code(e.value) for e in a.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
+                tb = [code(e.value) for e in b.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
+                if len(ta) != len(tb) or ta[0] != tb[0]:
+                    return False
+                rename.update(zip(ta[1:], tb[1:]))
+                continue
+
+            class _Rename(cst.CSTTransformer):
+                def leave_Name(self, o, u):
+                    return u.with_changes(value=rename.get(u.value, u.value))
+
+            if code(a.visit(_Rename()).with_changes(leading_lines=())).strip() != \
+                    code(b.with_changes(leading_lines=())).strip():
+                return False
+        return True
+
+
+class AlibiTestByConfig(Rule):
+    code = "PT171"
+    name = "alibi-by-config"
+    descend_methods = frozenset({"forward"})
+    why = (
+        "After PT170 the attention still tests the bias it is passed to choose rotary (`if alibi is "
+        "None: q, k = rotary(...)`). The bias is gone from the port (the engine's Attention adds it "
+        "from slopes), but it was only ever built under a config test (`if self.use_alibi:` in the "
+        "model, `self.use_alibi = config.alibi`): the attention reads that config attribute itself "
+        "(`self.use_alibi = config.alibi` in `__init__`) and tests it instead, so the choice is made by "
+        "the config, never by the input."
+    )
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        self.head_dim = 32\n\n"
+            "    def forward(self, x, alibi):\n        if alibi is None:\n            x = rotate(x)\n        return x\n",
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        self.head_dim = 32\n"
+            "        self.use_alibi = config.alibi\n\n"
+            "    def forward(self, x, alibi):\n        if not self.use_alibi:\n            x = rotate(x)\n        return x\n",
+            seed={"memo": {"alibi_when": {"Attn": ("alibi", "config.alibi")}}},
+        ),
+    ]
+
+    def _bias(self) -> tuple[str, str] | None:
+        """(bias parameter, config test) of the current attention class."""
+        seeded = self.ctx.memo.get("alibi_when", {}).get(self.current_class or "")
+        if seeded:
+            return seeded
+        attn = self.plan.attention(self.current_class or "")
+        return (attn.alibi, attn.alibi_when) if attn and attn.alibi and attn.alibi_when else None
+
+    @staticmethod
+    def _flag(when: str) -> str:
+        return "use_" + when.rsplit(".", 1)[-1]
+
+    def _tests(self, fn: cst.CSTNode, bias: str) -> list[cst.CSTNode]:
+        return findall(fn, m.Comparison(left=m.Name(bias), comparisons=[
+            m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))]))
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        found = self._bias()
+        if found is None or len(self.scope) != 1 or updated.name.value != "__init__":
+            return updated
+        info = self.ctx.idx.classes.get(cls or "")
+        fwd = info.method("forward") if info else None
+        if fwd is None or not self._tests(fwd, found[0]):
+            return updated
+        st = cst.parse_statement(f"self.{self._flag(found[1])} = {found[1]}\n")
+        self.mark(f"{cls}.__init__")
+        return updated.with_changes(body=updated.body.with_changes(body=[*updated.body.body, st]))
+
+    def leave_Comparison(self, original, updated):
+        found = self._bias()
+        if found is None or self.current_function != "forward" or not self._tests(updated, found[0]) \
+                or len(updated.comparisons) != 1:
+            return updated
+        flag = cst.parse_expression(f"self.{self._flag(found[1])}")
+        if isinstance(updated.comparisons[0].operator, cst.Is):
+            return cst.UnaryOperation(operator=cst.Not(), expression=flag)
+        return flag
