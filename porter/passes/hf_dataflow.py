@@ -246,7 +246,16 @@ class DropDeadLocals(Rule):
             "class A(nn.Module):\n    def forward(self, x):\n        shape = x.shape[:-1]\n"
             "        x = x\n        return self.f(x)\n",
             "class A(nn.Module):\n    def forward(self, x):\n        return self.f(x)\n",
-        )
+        ),
+        Example(  # in a loop's body: the layer type once chose the layer's mask
+            "class M(nn.Module):\n    def forward(self, h):\n"
+            "        for i, layer in enumerate(self.layers):\n"
+            "            layer_type = self.config.layer_types[i]\n            h = layer(h)\n"
+            "        return h\n",
+            "class M(nn.Module):\n    def forward(self, h):\n"
+            "        for i, layer in enumerate(self.layers):\n            h = layer(h)\n"
+            "        return h\n",
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -255,19 +264,35 @@ class DropDeadLocals(Rule):
         if not self.kept(cls) or len(self.scope) != 1:
             return updated
         body = self._dead_locals(list(updated.body.body))
-        if len(body) == len(updated.body.body):
+        # and in the body of a top-level loop (`layer_type = self.config.layer_types[i]`, once it
+        # chose a mask), counting reads over the whole method
+        reads = self._reads(body)
+        for i, st in enumerate(body):
+            if isinstance(st, cst.For) and isinstance(st.body, cst.IndentedBlock):
+                inner = self._dead_locals(list(st.body.body), reads)
+                if len(inner) != len(st.body.body) and inner:
+                    body[i] = st.with_changes(body=st.body.with_changes(body=inner))
+        if body == list(updated.body.body):
             return updated
         self.mark(f"{cls}.{updated.name.value}")
         return updated.with_changes(body=updated.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
 
-    def _dead_locals(self, body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+    @staticmethod
+    def _reads(body: list[cst.BaseStatement]) -> dict[str, int]:
+        reads: dict[str, int] = {}
+        for st in body:
+            for n in findall(st, m.Name()):
+                reads[n.value] = reads.get(n.value, 0) + 1  # type: ignore[attr-defined]
+        return reads
+
+    def _dead_locals(self, body: list[cst.BaseStatement],
+                     outer: dict[str, int] | None = None) -> list[cst.BaseStatement]:
+        """`body` without its dead assignments; `outer`: the reads of the enclosing method (a
+        loop body's local may be read after the loop)."""
         changed = True
         while changed:
             changed = False
-            reads: dict[str, int] = {}
-            for st in body:
-                for n in findall(st, m.Name()):
-                    reads[n.value] = reads.get(n.value, 0) + 1  # type: ignore[attr-defined]
+            reads = outer if outer is not None else self._reads(body)
             new_body = []
             for st in body:
                 if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])):
