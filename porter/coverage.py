@@ -141,11 +141,9 @@ def discover(tf_root: Path, *, day_zero: bool = False) -> list[Candidate]:
     which ``porter convert <model_type> --transformers X`` ports."""
     models = tf_root / "models"
     auto = read_mappings(models / "auto" / "modeling_auto.py")
-    auto_files = [models / "auto" / "auto_mappings.py", models / "auto" / "configuration_auto.py"]
-    special: dict[str, str] = {}
-    for f in auto_files:
-        if f.is_file():
-            special.update(read_mappings(f).get("SPECIAL_MODEL_TYPE_TO_MODULE_NAME", {}))
+    from porter.source import special_module_names
+
+    special = special_module_names(tf_root)
     causal = auto["MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"]
     rel_auto = "models/auto/modeling_auto.py"
 

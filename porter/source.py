@@ -63,7 +63,7 @@ def resolve(
         cand = root / "models" / src / f"modeling_{src}.py"
         if not cand.is_file():
             # a model type whose module is named otherwise (gemma3_text -> models/gemma3/)
-            mod = special_module_name(root, src)
+            mod = special_module_names(root).get(src)
             if mod and (root / "models" / mod / f"modeling_{mod}.py").is_file():
                 cand = root / "models" / mod / f"modeling_{mod}.py"
         alias = None if cand.is_file() else causal_lm_alias(root, src)
@@ -103,19 +103,18 @@ def resolve(
     )
 
 
-def special_module_name(root: Path, model_type: str) -> str | None:
-    """transformers' SPECIAL_MODEL_TYPE_TO_MODULE_NAME entry for MODEL_TYPE (read statically)."""
+def special_module_names(root: Path) -> dict[str, str]:
+    """transformers' SPECIAL_MODEL_TYPE_TO_MODULE_NAME (gemma3_text -> gemma3), read statically."""
     from porter.coverage import read_mappings
 
+    special: dict[str, str] = {}
     for name in ("auto_mappings.py", "configuration_auto.py"):
         path = root / "models" / "auto" / name
         try:
-            special = read_mappings(path).get("SPECIAL_MODEL_TYPE_TO_MODULE_NAME", {})
+            special.update(read_mappings(path).get("SPECIAL_MODEL_TYPE_TO_MODULE_NAME", {}))
         except (OSError, SyntaxError, UnicodeDecodeError):
             continue
-        if model_type in special:
-            return special[model_type]
-    return None
+    return special
 
 
 def causal_lm_alias(root: Path, model_type: str) -> Path | None:

@@ -609,15 +609,14 @@ def make_checkpoint(
     import torch
     import transformers
 
-    from porter.verify.tiny import causal_config_type
+    from porter.verify.tiny import causal_config_type, is_config_field
 
     kwargs = {}
     config_type = (hf_architecture and causal_config_type(model_type, hf_architecture)) or model_type
     probe = transformers.AutoConfig.for_model(config_type)
     for k, v in {**COMMON, **TINY.get(model_type, {}), **(overrides or {})}.items():
-        if k in TINY.get(model_type, {}) or k in (overrides or {}) or hasattr(probe, k) and not (
-                isinstance(prop := getattr(type(probe), k, None), property) and prop.fset is None):
-            kwargs[k] = v  # (a read-only config property, Falcon's derived head_dim, is not a field)
+        if k in TINY.get(model_type, {}) or k in (overrides or {}) or is_config_field(probe, k):
+            kwargs[k] = v
     cfg = transformers.AutoConfig.for_model(config_type, **kwargs)
     hf_architecture = hf_architecture or (cfg.architectures or [None])[0]
     if hf_architecture is None:

@@ -43,6 +43,13 @@ class TinySpec:
         return self.config_model_type or self.model_type
 
 
+def is_config_field(cfg, name: str) -> bool:
+    """NAME can be set on CFG's class: an attribute, but not a read-only property (Falcon's derived
+    `head_dim`)."""
+    prop = getattr(type(cfg), name, None)
+    return hasattr(cfg, name) and not (isinstance(prop, property) and prop.fset is None)
+
+
 def causal_config_type(model_type: str, hf_architecture: str) -> str:
     """The model type whose config builds HF_ARCHITECTURE, when it is not MODEL_TYPE's own: the
     port of modeling_gemma3.py is model type gemma3, but its Gemma3ForCausalLM is built from
@@ -70,9 +77,7 @@ def tiny_spec(model_type: str, rules: dict | None = None, config_model_type: str
         base = AutoConfig.for_model(config_model_type or model_type)
     except Exception as e:  # unknown to this transformers
         raise VerifyInputError(f"transformers has no config class for {model_type!r}: {e}") from e
-    # (a read-only property of the config class, such as Falcon's derived `head_dim`, is not a field)
-    kwargs = {k: v for k, v in rules.get("defaults", {}).items() if hasattr(base, k) and not (
-        isinstance(prop := getattr(type(base), k, None), property) and prop.fset is None)}
+    kwargs = {k: v for k, v in rules.get("defaults", {}).items() if is_config_field(base, k)}
     kwargs.update(models[model_type].get("config") or {})
     # config overrides for one run (property tests verify sampled configs): a JSON object
     kwargs.update(json.loads(os.environ.get("PORTER_TINY_OVERRIDES") or "{}"))
