@@ -60,7 +60,9 @@ def _ratio_cell(r: dict | None, metric: str) -> str:
     if not r:
         return "—"
     x = r[metric]
-    return f"{x['median_paired']:.3f} ({x['min_paired']:.2f}–{x['max_paired']:.2f})"
+    ci = x.get("ci95")
+    ci_text = f"; 95 % CI {ci[0]:.3f}–{ci[1]:.3f}" if ci else ""
+    return f"{x['median_paired']:.3f} ({x['min_paired']:.2f}–{x['max_paired']:.2f}{ci_text})"
 
 
 def render_md(data: dict, plot_name: str) -> str:
@@ -97,18 +99,22 @@ def render_md(data: dict, plot_name: str) -> str:
             f"{threads.get('hf')}.",
             "",
             f"- prefill: {wl['prefill_batch']} prompts x {wl['prefill_len']} tokens, "
-            "`max_tokens=1`; tok/s = prompt tokens / wall time",
-            f"- decode: {wl['decode_batch']} prompts x {wl['decode_len']} tokens; tok/s = "
+            "`max_tokens=1`; tok/s = prompt tokens / time of the batch (vLLM paths: its engine "
+            f"steps; median of {wl.get('prefill_calls', 1)} batches per repeat)",
+            f"- decode: {wl['decode_batch']} prompts x {wl['decode_len']} tokens, "
+            f"`max_tokens={wl['decode_tokens']}`; vLLM paths: tok/s = {wl['decode_batch']} / "
+            "median time of one engine step after the first (each `LLMEngine.step()` timed in "
+            "the worker, engine core in-process); HF generate: "
             f"{wl['decode_batch']} x ({wl['decode_tokens']} − 1) / (t(max_tokens="
             f"{wl['decode_tokens']}) − t(max_tokens=1))",
-            "- each path is a worker process (loaded once per session); the repeats are split "
-            "over sessions of fresh workers, each session starting the paths in the reverse order "
-            "of the previous one (a worker's place in the start order moves its decode speed by up "
-            "to ~10 % on this machine: bench/findings.md); in a session, after one warm-up round, "
-            "every repeat runs each live worker once (prefill, then decode), one at a time, 1.5 s "
-            "apart, in a seeded shuffled order every repeat; ratios are medians of the per-repeat "
-            "(paired) ratios, with min–max over repeats; a repeat whose 1-token call outlasts its "
-            "T-token call has no decode number",
+            "- each path is a worker process; a fresh process keeps its own speed for its whole "
+            "life (3–8 % apart from one process of the same class to the next on this machine: "
+            "bench/findings.md), so the repeats are split over sessions of fresh workers (by "
+            "default one repeat per session) and every session rotates the start order; in a "
+            "session, after one warm-up round, every repeat runs each live worker once (prefill, "
+            "then decode), one at a time, in a seeded shuffled order; ratios are medians of the "
+            "per-repeat (paired) ratios, with min–max over repeats and a bootstrap 95 % interval "
+            "of that median where the run has one",
             "",
         ]
         for name, r in tp.items():
@@ -132,7 +138,8 @@ def render_md(data: dict, plot_name: str) -> str:
                                f"{med['decode_tok_s']:.1f} | `{info.get('class')}` |")
                 else:
                     out.append(f"| {PATH_LABEL[p]} | — | — | not run: {info.get('error')} |")
-            out += ["", "| ratio (median of paired, min–max) | prefill | decode |", "|---|---:|---:|"]
+            out += ["", "| ratio (median of paired, min–max; bootstrap 95 % interval of the median) "
+                    "| prefill | decode |", "|---|---:|---:|"]
             for key, rr in r["summary"].get("ratios", {}).items():
                 out.append(f"| {key} | {_ratio_cell(rr, 'prefill_tok_s')} | "
                            f"{_ratio_cell(rr, 'decode_tok_s')} |")
@@ -169,7 +176,10 @@ def _must_show(tp: dict) -> list[str]:
                 return "no such path"
             vals = [rr[mt]["median_paired"] for mt in ("prefill_tok_s", "decode_tok_s")]
             ok = all(v >= bound for v in vals)
-            return f"{'yes' if ok else '**no**'} ({vals[0]:.3f}, {vals[1]:.3f})"
+            cis = [rr[mt].get("ci95") for mt in ("prefill_tok_s", "decode_tok_s")]
+            ci_text = (f"; 95 % CI {cis[0][0]:.3f}–{cis[0][1]:.3f}, {cis[1][0]:.3f}–{cis[1][1]:.3f}"
+                       if all(cis) else "")
+            return f"{'yes' if ok else '**no**'} ({vals[0]:.3f}, {vals[1]:.3f}{ci_text})"
 
         out.append(f"| {name} | {cell('port/native', 0.98)} | {cell('port/transformers', 1.0)} |")
     for name in ISSUE_MODELS:

@@ -122,7 +122,7 @@ def main() -> None:
                     help="comma-separated sections: throughput, convert, verify, render")
     ap.add_argument("--models", default=",".join(BENCH_MODELS))
     ap.add_argument("--verify-models", default=",".join(VERIFY_MODELS))
-    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--convert-repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true",
                     help="vLLM paths with enforce_eager=False (inductor on CPU; slow to start)")

@@ -14,8 +14,18 @@ workers, then runs timed repeats that alternate over the live workers (one at a 
 order rotated every repeat) so that noise from a shared machine hits every path alike, and
 reports medians and paired ratios.
 
-  prefill tok/s = prompt tokens / wall time of a max_tokens=1 run on long prompts
-  decode  tok/s = batch * (T - 1) / (time(max_tokens=T) - time(max_tokens=1)) on short prompts
+vLLM paths are timed per engine step (``LLMEngine.step()`` in the worker, the engine core
+in-process), which is the unit in which port and native differ (one forward of the model):
+
+  prefill tok/s = prompt tokens / median over ``prefill_calls`` of the time of one
+                  max_tokens=1 request batch on long prompts (its steps, summed)
+  decode  tok/s = batch / median time of one decode step (every step after the first,
+                  which holds the prompts, of a max_tokens=T batch on short prompts)
+
+A median over dozens of steps rejects the moments a shared 2-core machine spends elsewhere;
+a wall-clock difference t(T tokens) - t(1 token) does not (±10 % within one process,
+bench/findings.md). HF ``generate`` has no steps: it is timed by wall clock,
+  decode tok/s = batch * (T - 1) / (time(max_tokens=T) - time(max_tokens=1)).
 
 Not a test: a measurement. Results depend on the machine and its load (both are reported).
 """
@@ -77,7 +87,8 @@ class Workload:
     prefill_len: int = 128
     decode_batch: int = 8
     decode_len: int = 16
-    decode_tokens: int = 32  # T: decode tok/s counts T - 1 tokens per sequence
+    decode_tokens: int = 32  # T: T - 1 decode steps per repeat
+    prefill_calls: int = 3  # prefill batches per repeat (their median)
     seed: int = 0
 
     def prompts(self, vocab: int, avoid: set[int]) -> tuple[list, list]:
@@ -103,7 +114,7 @@ class BenchResult:
     repeats: int
     machine: dict
     hf_repeats: int = 0
-    sessions: int = 1  # fresh workers per session, start order reversed each time
+    sessions: int = 1  # fresh workers per session, start order rotated each time
     paths: dict = field(default_factory=dict)  # path -> {ready, class, error, threads, load_s}
     runs: list = field(default_factory=list)  # one dict per (repeat, path)
     summary: dict = field(default_factory=dict)
@@ -213,7 +224,7 @@ def _worker(spec: dict) -> None:
 
     t0 = time.perf_counter()
     try:
-        run, describe = (_hf_runner if spec["kind"] == "hf" else _vllm_runner)(spec)
+        run, describe, steps = (_hf_runner if spec["kind"] == "hf" else _vllm_runner)(spec)
     except BaseException as e:  # report, the parent decides
         import traceback
 
@@ -235,6 +246,10 @@ def _worker(spec: dict) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
             break
+        if cmd["op"] == "steps":  # per engine step (vLLM paths)
+            n_out, durations = steps(cmd["prompts"], cmd["max_tokens"])
+            send({"steps": durations, "n_out": n_out})
+            continue
         c = _cpu_seconds(tree)
         t = time.perf_counter()
         n_out = run(cmd["prompts"], cmd["max_tokens"])
@@ -291,14 +306,33 @@ def _vllm_runner(spec: dict):
         seed=0,
     )
 
-    def run(prompts, max_tokens):
-        params = SamplingParams(
+    def sampling(max_tokens):
+        return SamplingParams(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False
         )
+
+    def run(prompts, max_tokens):
         outs = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            sampling(max_tokens),
+            use_tqdm=False,
         )
         return [len(o.outputs[0].token_ids) for o in outs]
+
+    engine, counter = llm.llm_engine, iter(range(1 << 62))
+
+    def steps(prompts, max_tokens):
+        """The batch through ``LLMEngine.step()`` one step at a time: (tokens out, step times)."""
+        params = sampling(max_tokens)
+        for p in prompts:
+            engine.add_request(f"bench-{next(counter)}", TokensPrompt(prompt_token_ids=p), params)
+        n_out, durations = [], []  # tokens out per finished request, in finishing order
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            outs = engine.step()
+            durations.append(time.perf_counter() - t)
+            n_out += [len(o.outputs[0].token_ids) for o in outs if o.finished]
+        return n_out, durations
 
     def describe():
         from porter.verify.probe import describe_model
@@ -306,7 +340,7 @@ def _vllm_runner(spec: dict):
         rec = llm.apply_model(describe_model)[0]
         return f"{rec.get('module')}:{rec.get('name')}"
 
-    return run, describe
+    return run, describe, steps
 
 
 def _hf_runner(spec: dict):
@@ -336,7 +370,7 @@ def _hf_runner(spec: dict):
     def describe():
         return f"{type(model).__module__}:{type(model).__name__} ({spec.get('attn', 'sdpa')})"
 
-    return run, describe
+    return run, describe, None
 
 
 # --------------------------------------------------------------------------- parent side
@@ -372,9 +406,9 @@ class Worker:
             self.ready.setdefault("error", f"exited with {self.proc.returncode}")
         return self.ready
 
-    def call(self, prompts, max_tokens) -> dict:
+    def call(self, prompts, max_tokens, op: str = "run") -> dict:
         self.proc.stdin.write(
-            json.dumps({"op": "run", "prompts": prompts, "max_tokens": max_tokens}) + "\n"
+            json.dumps({"op": op, "prompts": prompts, "max_tokens": max_tokens}) + "\n"
         )
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -425,13 +459,13 @@ def _native_exists(hf_architecture: str) -> bool:
 
 def run_bench(
     model: str,
-    repeats: int = 6,
+    repeats: int = 10,
     paths: tuple[str, ...] = PATHS,
     workload: Workload | None = None,
     enforce_eager: bool = True,
     kv_gb: int = 2,
     hf_repeats: int = 2,
-    sessions: int = 2,
+    sessions: int | None = None,
     log=lambda m: print(m, file=sys.stderr, flush=True),
 ) -> BenchResult:
     from porter.layout import PortInfo
@@ -475,12 +509,13 @@ def run_bench(
         "max_num_batched_tokens": max(2048, wl.prefill_batch * wl.prefill_len),
         "hf_architecture": info.hf_architecture,
     }
-    # Where a worker sits in the start order changes its decode speed on this machine by up to
-    # ~10 % (measured: the same vLLM class served as "port" and as "native" ran decode at 0.885
-    # of itself when started first, 1.065 when started second). So the repeats are split over
-    # sessions with fresh workers, each session starting the paths in the reverse order of the
-    # previous one: every path spends as many repeats early in the order as late.
-    sessions = res.sessions = max(1, min(sessions, repeats))
+    # A worker process keeps its own speed for its whole life: on this machine the same vLLM
+    # class runs 3-8 % faster or slower from one fresh process to the next, steady within each
+    # (bench/findings.md), and its place in the start order moved it by up to ~10 %. So the
+    # repeats are split over sessions of fresh workers (by default one repeat per session: every
+    # repeat pairs independent processes), and each session rotates the start order, so every
+    # path starts in every position equally often.
+    sessions = res.sessions = max(1, min(sessions or repeats, repeats))
     counts = [repeats // sessions + (1 if i < repeats % sessions else 0) for i in range(sessions)]
     live = list(paths)
     load: list[float] = []
@@ -490,8 +525,7 @@ def run_bench(
         port_ckpt = with_architecture(ckpt, tmp / "port-ckpt", info.architecture)
         for s, count in enumerate(counts):
             order = [n for n in live if n != "hf" or first_repeat < res.hf_repeats]
-            if s % 2:
-                order.reverse()
+            order = order[s % len(order) :] + order[: s % len(order)]
             workers: dict[str, Worker] = {}
             try:
                 for pos, name in enumerate(order):
@@ -569,12 +603,15 @@ def run_bench(
 
 def _measure(w: "Worker", long, short, wl: Workload, warm: bool) -> dict | None:
     """Prefill, then decode, on one worker; None for a warm-up call."""
-    # > 1 s: vLLM's shm message queues spin (sched_yield) for 1 s after the last message
-    # before they sleep; the previous worker must be quiet
-    time.sleep(1.5)
+    # Each vLLM worker runs its engine core in-process at TP=1 (no shm message queues, which
+    # spin for 1 s after their last message): an idle worker tree used 0.05 CPU-s in 5 s
+    # (bench/findings.md). A short pause keeps the previous call's teardown out of this one.
+    time.sleep(0.2)
     if warm and w.spec.get("kind") == "hf":  # nothing to warm up but allocations
         w.call(short, 2)
         return None
+    if w.spec.get("kind") == "vllm":
+        return _measure_steps(w, long, short, wl, warm)
     pre = w.call(long, 1)
     d1 = w.call(short, 1)
     dT = w.call(short, wl.decode_tokens)
@@ -597,6 +634,43 @@ def _measure(w: "Worker", long, short, wl: Workload, warm: bool) -> dict | None:
         run["decode_tok_s"] = gen / dec_s
         run["decode_tok_cpu_s"] = gen / dec_cpu  # per CPU-second of the worker (noise check)
     return run
+
+
+def _measure_steps(w: "Worker", long, short, wl: Workload, warm: bool) -> dict | None:
+    """Prefill and decode of one vLLM worker, timed per engine step; None for a warm-up call."""
+    pre = []
+    for _ in range(1 if warm else wl.prefill_calls):
+        r = w.call(long, 1, op="steps")
+        pre.append(sum(r["steps"]))
+    dec = w.call(short, wl.decode_tokens, op="steps")
+    if warm:
+        return None
+    # the first step holds the prompts; with the engine's async scheduling the last may hold no
+    # forward: the median of all but the first is the time of one decode step
+    decode = sorted(dec["steps"][1:])
+    step = statistics.median(decode)
+    return {
+        "load1": round(os.getloadavg()[0], 2),
+        "prefill_s": pre,
+        "decode_step_s": {
+            "median": step,
+            "p10": decode[len(decode) // 10],
+            "p90": decode[(9 * len(decode)) // 10],
+            "n": len(decode),
+        },
+        "decode_tokens_out": sum(dec["n_out"]),
+        "prefill_tok_s": wl.prefill_batch * wl.prefill_len / statistics.median(pre),
+        "decode_tok_s": wl.decode_batch / step,
+    }
+
+
+def _bootstrap_median_ci(xs: list[float], n: int = 4000, seed: int = 0) -> list[float] | None:
+    """95 % percentile-bootstrap interval of the median of ``xs`` (None below 5 values)."""
+    if len(xs) < 5:
+        return None
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return [meds[int(0.025 * n)], meds[int(0.975 * n) - 1]]
 
 
 def summarize(runs: list[dict], live: list[str]) -> dict:
@@ -627,6 +701,7 @@ def summarize(runs: list[dict], live: list[str]) -> dict:
                 continue
             ratios[m] = {
                 "median_paired": statistics.median(paired),
+                "ci95": _bootstrap_median_ci(paired),
                 "min_paired": min(paired),
                 "max_paired": max(paired),
                 "n_paired": len(paired),
@@ -640,7 +715,7 @@ def render(res: BenchResult) -> str:
     lines = [
         f"{res.model_type} ({res.architecture}, {res.params / 1e6:.0f}M params, fp32, "
         f"enforce_eager={res.enforce_eager}), {res.repeats} alternating repeats in "
-        f"{res.sessions} session(s) of fresh workers, start order reversed each session",
+        f"{res.sessions} session(s) of fresh workers, start order rotated each session",
         f"prefill: {res.workload['prefill_batch']} x {res.workload['prefill_len']} tokens, "
         f"max_tokens=1; decode: {res.workload['decode_batch']} x "
         f"{res.workload['decode_len']}-token prompts, {res.workload['decode_tokens']} tokens, greedy",
@@ -664,13 +739,18 @@ def render(res: BenchResult) -> str:
     lines.append("")
     for key, r in res.summary.get("ratios", {}).items():
         lines.append(
-            f"{key:20} prefill {r['prefill_tok_s']['median_paired']:.3f} "
-            f"[{r['prefill_tok_s']['min_paired']:.3f}..{r['prefill_tok_s']['max_paired']:.3f}]  "
-            f"decode {r['decode_tok_s']['median_paired']:.3f} "
-            f"[{r['decode_tok_s']['min_paired']:.3f}..{r['decode_tok_s']['max_paired']:.3f}]"
-            "  (median of paired per-repeat ratios [min..max])"
+            f"{key:20} prefill {_ratio_text(r['prefill_tok_s'])}  "
+            f"decode {_ratio_text(r['decode_tok_s'])}"
         )
+    if res.summary.get("ratios"):
+        lines.append("(median of paired per-repeat ratios [min..max], bootstrap 95 % interval)")
     return "\n".join(lines)
+
+
+def _ratio_text(r: dict) -> str:
+    ci = r.get("ci95")
+    ci_text = f" ci95 {ci[0]:.3f}..{ci[1]:.3f}" if ci else ""
+    return f"{r['median_paired']:.3f} [{r['min_paired']:.3f}..{r['max_paired']:.3f}]{ci_text}"
 
 
 def to_json(res: BenchResult) -> str:
