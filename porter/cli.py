@@ -261,6 +261,7 @@ def bench(
     model: str = typer.Argument(..., help="A model_type with a port in generated/vllm/ (or a port directory)."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Alternating timed repeats (after one warm-up round per session)."),
     sessions: int = typer.Option(0, "--sessions", min=0, help="Sessions of fresh workers the repeats are split over, start order rotated each session (0: one per repeat)."),
+    paths: str = typer.Option("port,native,transformers,hf", "--paths", help="Comma-separated paths to run (port, native, transformers, hf)."),
     as_json: bool = typer.Option(False, "--json"),
     compile_: bool = typer.Option(False, "--compile", help="vLLM paths with enforce_eager=False (inductor on CPU)."),
 ) -> None:
@@ -271,7 +272,7 @@ def bench(
     port_dir = resolve_port(model)
     if not (port_dir / "PORT.json").exists():
         _fail(PorterError(f"no port for {model!r} (no {port_dir}/PORT.json)", construct="porter bench"))
-    res = run_bench(model, repeats=repeats, sessions=sessions or None, enforce_eager=not compile_,
+    res = run_bench(model, repeats=repeats, sessions=sessions or None, paths=tuple(paths.split(",")), enforce_eager=not compile_,
                     log=lambda m: sys.stderr.write(f"{m}\n"))
     print(to_json(res) if as_json else render(res))
 

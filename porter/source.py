@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from porter.analysis.auto_mappings import read_mappings
 from porter.errors import PorterError
 
 MAX_SOURCE_BYTES = 5 * 1024 * 1024  # HF's largest modeling files are ~0.3 MB
@@ -105,8 +106,6 @@ def resolve(
 
 def special_module_names(root: Path) -> dict[str, str]:
     """transformers' SPECIAL_MODEL_TYPE_TO_MODULE_NAME (gemma3_text -> gemma3), read statically."""
-    from porter.coverage import read_mappings
-
     special: dict[str, str] = {}
     for name in ("auto_mappings.py", "configuration_auto.py"):
         path = root / "models" / "auto" / name

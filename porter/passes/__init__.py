@@ -3,7 +3,9 @@
 from porter.passes.alibi_arm import AlibiArm, AlibiTestByConfig  # noqa: F401  (PT170 runs before indexing, after PT150)
 from porter.passes.autocast import DropAutocast
 from porter.passes.buffers import DropUnusedBuffers
-from porter.passes.attention import EngineAttention, EngineRope, FlattenHeads, FuseQkv, PartialRotary
+from porter.passes.attention import (
+    EngineAttention, EngineRope, FlattenHeads, FoldQueryScale, FuseQkv, PartialRotary,
+)
 from porter.passes.base import REGISTRY, Example, RewriteContext, Rule
 from porter.passes.causal_lm import CausalLmInterface, CompileBaseModel, EngineImports, PruneUnreachable
 from porter.passes.cross_attention import DropCrossAttention
@@ -40,6 +42,7 @@ PASSES: list[type[Rule]] = [
     PartialRotary,
     OneTensorRope,  # before EngineRope: takes the one-tensor rotary calls it would otherwise see
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
+    FoldQueryScale,  # before EngineAttention replaces the call whose `scaling=1.0` it reads
     EngineAttention,
     AttentionSinks,
     AlibiTestByConfig,  # before StripHfParams drops the bias parameter its tests read

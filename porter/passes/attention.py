@@ -5,12 +5,14 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, assigned_names, dotted, param_names, self_call_attr
+from porter.analysis.cstutil import findall, assigned_names, code, dotted, param_names, self_call_attr
 from porter.errors import PorterError
 from porter.analysis.grouped_qkv import grouped_split
 from porter.passes.base import Example, Rule
 from porter.passes.tp_norms import head_spanning_norms
-from porter.plan import attention_call_names, packed_split_call, per_head_split_helper
+from porter.plan import (
+    attention_call_names, packed_split_call, per_head_split_helper, prescale_factor, query_prescale,
+)
 
 
 def _append_to_init(fn: cst.FunctionDef, stmts: list[cst.BaseStatement]) -> cst.FunctionDef:
@@ -242,6 +244,63 @@ def {ALIBI_HELPER}(total_num_heads: int, scale: float = 1.0) -> list[float]:
     start = {{rank}}() * per_rank
     return (slopes[start : start + per_rank] * scale).tolist()
 '''
+
+
+class FoldQueryScale(Rule):
+    descend_methods = frozenset({"forward"})
+    code = "PT029"
+    name = "fold-query-scale"
+    why = (
+        "OPT scales the query by hand (`self.q_proj(x) * self.scaling`) and calls attention with "
+        "`scaling=1.0`. The engine's `Attention` applies its scale inside the kernel, so the port "
+        "passes `scale=self.scaling` (PT021 reads it from the plan) and drops the product: one "
+        "elementwise multiply of the query less per layer, as in vLLM's own OPT. Only a query "
+        "projection of its own is folded: a packed q/k/v product would scale k and v too."
+    )
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.scaling = self.head_dim**-0.5\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n"
+            "        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
+            "        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.scaling = self.head_dim**-0.5\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n"
+            "        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
+            "        return out\n",
+        ),
+    ]
+
+    @classmethod
+    def classes(cls, ctx) -> set[str] | None:
+        return {a.cls for a in ctx.plan.attentions if not a.packed}
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        attn = self.plan.attention(cls or "")
+        if not attn or attn.packed or len(self.scope) != 1 or updated.name.value != "forward":
+            return updated
+        names = attention_call_names(self.ctx.idx)
+        call = next((c for c in findall(updated, m.Call()) if dotted(c.func) in names), None)  # type: ignore[attr-defined]
+        product = query_prescale(updated, attn.q, call) if call is not None else None
+        if product is None or code(prescale_factor(product, attn.q)) != attn.scale:
+            return updated
+        proj = product.left if self_call_attr(product.left) == attn.q else product.right
+        return updated.deep_replace(product, proj)
 
 
 class EngineAttention(Rule):

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/opt/modeling_opt.py
 # Source sha256: 1bed1695c0e160690bb7b6de99502606f2dca80deec84c18543b14c268aa1fe4
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT029, PT021, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT052, PT061, PT060, PT070
 
 # Copyright 2022 The Fairseq Authors and The HuggingFace Inc. team. All rights reserved.
 #
@@ -112,7 +112,7 @@ class OPTAttention(nn.Module):
         self.attn = Attention(
             self.qkv_proj.num_heads,
             self.head_dim,
-            scale=1.0,
+            scale=self.scaling,
             num_kv_heads=self.qkv_proj.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
@@ -122,14 +122,9 @@ class OPTAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         """Input shape: Batch x Time x Channel"""
         qkv, _ = self.qkv_proj(hidden_states)
-        q, key_states, value_states = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-
-        # Scaling is susceptible to floating point arithmetics' imprecisions
-        # which can lead to different results (this is dependent from model
-        # to model, e.g. whisper is one such case). We therefore keep the
-        # original order of scaling to follow the original implementation
-        # and enforce no scaling (1.0) in the attention call below.
-        query_states = q * self.scaling
+        query_states, key_states, value_states = qkv.split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        )
 
         attn_output = self.attn(query_states, key_states, value_states)
         attn_output, _ = self.out_proj(attn_output)
