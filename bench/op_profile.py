@@ -94,35 +94,11 @@ def _child(spec: dict, steps: int, phase: str) -> None:
 
 def profile_path(model: str, path: str, steps: int, phase: str = "decode") -> dict:
     from porter import bench as B
-    from porter.layout import PortInfo
-    from porter.verify import resolve_port
-    from porter.verify.engine import write_plugin_dist
-    from porter.verify.tiny import with_architecture
 
-    wl = B.Workload()
-    info = PortInfo.load(resolve_port(model))
-    info.path = resolve_port(model).resolve()
-    ckpt, _ = B.checkpoint(info.model_type, info.hf_architecture)
-    cfg = B.bench_config(info.model_type)
-    long, short = wl.prompts(cfg.vocab_size, B._special_ids(cfg))
     with tempfile.TemporaryDirectory(prefix="porter-ops-") as tmp:
         tmp = Path(tmp)
-        (tmp / "probe").mkdir()
-        site = write_plugin_dist(tmp / "site", info if path == "port" else None)
-        ck = with_architecture(ckpt, tmp / "ck", info.architecture) if path == "port" else ckpt
-        spec = {
-            "enforce_eager": True,
-            "max_model_len": 192,
-            "max_num_seqs": wl.decode_batch,
-            "max_num_batched_tokens": 2048,
-            "hf_architecture": info.hf_architecture,
-            "checkpoint": str(ck),
-            "kind": "vllm",
-            "model_impl": "transformers" if path == "transformers" else "auto",
-            "short": short,
-            "long": long,
-        }
-        env = B._env(site, info.path if path == "port" else None, tmp / "probe", 2)
+        spec, env, _, long, short = B.single_path(model, path, tmp)
+        spec.update(short=short, long=long)
         out = subprocess.run(
             [
                 sys.executable,

@@ -39,29 +39,10 @@ def _cmd(pid: int) -> str:
 
 def profile(model: str, path: str, phase: str, seconds: float, out_dir: Path) -> Path:
     from porter import bench as B
-    from porter.layout import PortInfo
-    from porter.verify import resolve_port
-    from porter.verify.engine import write_plugin_dist
-    from porter.verify.tiny import with_architecture
 
-    wl = B.Workload()
-    port_dir = resolve_port(model)
-    info = PortInfo.load(port_dir)
-    info.path = port_dir.resolve()
-    ckpt, _ = B.checkpoint(info.model_type, info.hf_architecture)
-    cfg = B.bench_config(info.model_type)
-    long, short = wl.prompts(cfg.vocab_size, B._special_ids(cfg))
     with tempfile.TemporaryDirectory(prefix="porter-profile-") as tmp:
         tmp = Path(tmp)
-        (tmp / "probe").mkdir()
-        site = write_plugin_dist(tmp / "site", info if path == "port" else None)
-        ck = with_architecture(ckpt, tmp / "ck", info.architecture) if path == "port" else ckpt
-        spec = {"enforce_eager": True, "max_model_len": 192, "max_num_seqs": 8,
-                "max_num_batched_tokens": 2048, "hf_architecture": info.hf_architecture,
-                "kind": "hf" if path == "hf" else "vllm", "checkpoint": str(ck),
-                "model_impl": "transformers" if path == "transformers" else "auto"}
-        env = B._env(None if path == "hf" else site, info.path if path == "port" else None,
-                     tmp / "probe", 2)
+        spec, env, wl, long, short = B.single_path(model, path, tmp)
         w = B.Worker(path, spec, env, tmp / "worker.log")
         try:
             ready = w.wait_ready()

@@ -443,6 +443,41 @@ def _env(site: Path | None, port_path: Path | None, probe_dir: Path, kv_gb: int)
     return env
 
 
+def single_path(model: str, path: str, tmp: Path) -> tuple[dict, dict, Workload, list, list]:
+    """One bench path set up by itself in ``tmp`` (for the profiling scripts in bench/): its
+    worker spec and environment, the workload and its long and short prompts, built from the
+    bench checkpoint the way ``run_bench`` builds its workers."""
+    from porter.layout import PortInfo
+    from porter.verify import resolve_port
+    from porter.verify.engine import write_plugin_dist
+    from porter.verify.tiny import with_architecture
+
+    wl = Workload()
+    port_dir = resolve_port(model)
+    info = PortInfo.load(port_dir)
+    info.path = port_dir.resolve()
+    ckpt, _ = checkpoint(info.model_type, info.hf_architecture)
+    cfg = bench_config(info.model_type)
+    long, short = wl.prompts(cfg.vocab_size, _special_ids(cfg))
+    (tmp / "probe").mkdir(parents=True, exist_ok=True)
+    site = write_plugin_dist(tmp / "site", info if path == "port" else None)
+    ck = with_architecture(ckpt, tmp / "ck", info.architecture) if path == "port" else ckpt
+    spec = {
+        "enforce_eager": True,
+        "max_model_len": 192,
+        "max_num_seqs": max(wl.prefill_batch, wl.decode_batch),
+        "max_num_batched_tokens": 2048,
+        "hf_architecture": info.hf_architecture,
+        "kind": "hf" if path == "hf" else "vllm",
+        "checkpoint": str(ck),
+        "model_impl": "transformers" if path == "transformers" else "auto",
+    }
+    env = _env(
+        None if path == "hf" else site, info.path if path == "port" else None, tmp / "probe", 2
+    )
+    return spec, env, wl, long, short
+
+
 def _native_exists(hf_architecture: str) -> bool:
     out = subprocess.run(
         [
