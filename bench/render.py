@@ -143,16 +143,6 @@ def render_md(data: dict, plot_name: str) -> str:
             for key, rr in r["summary"].get("ratios", {}).items():
                 out.append(f"| {key} | {_ratio_cell(rr, 'prefill_tok_s')} | "
                            f"{_ratio_cell(rr, 'decode_tok_s')} |")
-            cpu = {k: rr for k, rr in r["summary"].get("ratios", {}).items()
-                   if "decode_tok_cpu_s" in rr}
-            if cpu:
-                out += ["", "Per CPU-second of the worker's process tree (user+system time from "
-                        "/proc; less sensitive to other jobs taking the cores than wall time):", "",
-                        "| ratio (median of paired, min–max) | prefill tok/CPU-s | decode tok/CPU-s |",
-                        "|---|---:|---:|"]
-                for key, rr in cpu.items():
-                    out.append(f"| {key} | {_ratio_cell(rr, 'prefill_tok_cpu_s')} | "
-                               f"{_ratio_cell(rr, 'decode_tok_cpu_s')} |")
             out.append("")
         out += _must_show(tp)
     out += _convert_md(data.get("convert"))

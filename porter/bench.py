@@ -663,11 +663,9 @@ def _measure(w: "Worker", long, short, wl: Workload, warm: bool) -> dict | None:
         "decode1_s": d1["s"],
         "decodeT_s": dT["s"],
         "prefill_tok_s": wl.prefill_batch * wl.prefill_len / pre["s"],
-        "prefill_tok_cpu_s": wl.prefill_batch * wl.prefill_len / max(pre.get("cpu_s", 0), 1e-9),
     }
     if ok:
         run["decode_tok_s"] = gen / dec_s
-        run["decode_tok_cpu_s"] = gen / dec_cpu  # per CPU-second of the worker (noise check)
     return run
 
 
@@ -710,7 +708,7 @@ def _bootstrap_median_ci(xs: list[float], n: int = 4000, seed: int = 0) -> list[
 
 def summarize(runs: list[dict], live: list[str]) -> dict:
     out: dict = {"median": {}, "ratios": {}}
-    metrics = ("prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s")
+    metrics = ("prefill_tok_s", "decode_tok_s")
     for name in live:
         rs = [r for r in runs if r["path"] == name]
         if not rs:

@@ -244,9 +244,12 @@ def packed_split_call(st: cst.CSTNode, attr: str) -> cst.Call | None:
     return call
 
 
-def query_prescale(fwd: cst.FunctionDef, q_attr: str, call: cst.Call) -> cst.BinaryOperation | None:
+def query_prescale(
+    fwd: cst.FunctionDef, q_attr: str, call: cst.Call
+) -> tuple[cst.BinaryOperation, cst.BaseExpression, cst.BaseExpression] | None:
     """`self.q_proj(x) * self.scaling` in a forward whose attention call passes `scaling=1.0`
-    (OPT): HF scales the query before the op and asks the op for no scale of its own."""
+    (OPT): HF scales the query before the op and asks the op for no scale of its own.
+    (the product, its projection call, its `self.<attr>` factor)"""
     if not any(a.keyword is not None and a.keyword.value == "scaling"
                and m.matches(a.value, m.Float("1.0") | m.Integer("1")) for a in call.args):
         return None
@@ -254,13 +257,8 @@ def query_prescale(fwd: cst.FunctionDef, q_attr: str, call: cst.Call) -> cst.Bin
         assert isinstance(node, cst.BinaryOperation)
         for proj, scale in ((node.left, node.right), (node.right, node.left)):
             if self_call_attr(proj) == q_attr and self_attr(scale) is not None:
-                return node
+                return node, proj, scale
     return None
-
-
-def prescale_factor(node: cst.BinaryOperation, q_attr: str) -> cst.BaseExpression:
-    """The `self.<attr>` side of a `query_prescale` product."""
-    return node.right if self_call_attr(node.left) == q_attr else node.left
 
 
 def attention_call_names(idx: ModelIndex) -> set[str]:
@@ -782,7 +780,7 @@ class Planner:
         # PT029 folds the product into the op (one projection per tensor only: a packed one's
         # product would scale k and v too)
         if len(set(qkv)) == 3 and (pre := query_prescale(fwd, qkv[0], call)) is not None:
-            kw["scaling"] = code(prescale_factor(pre, qkv[0]))
+            kw["scaling"] = code(pre[2])
         for c in findall(fwd, m.Call(func=m.Name())):
             fname = c.func.value  # type: ignore[union-attr]
             if fname in self.idx.functions and "rotary" in code(self.idx.functions[fname]).lower() \

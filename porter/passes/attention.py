@@ -11,7 +11,7 @@ from porter.analysis.grouped_qkv import grouped_split
 from porter.passes.base import Example, Rule
 from porter.passes.tp_norms import head_spanning_norms
 from porter.plan import (
-    attention_call_names, packed_split_call, per_head_split_helper, prescale_factor, query_prescale,
+    attention_call_names, packed_split_call, per_head_split_helper, query_prescale,
 )
 
 
@@ -257,31 +257,20 @@ class FoldQueryScale(Rule):
         "elementwise multiply of the query less per layer, as in vLLM's own OPT. Only a query "
         "projection of its own is folded: a packed q/k/v product would scale k and v too."
     )
+    _src = (
+        "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+        "        super().__init__()\n        self.head_dim = config.head_dim\n"
+        "        self.scaling = self.head_dim**-0.5\n"
+        "        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
+        "        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
+        "        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
+        "    def forward(self, x, attention_mask):\n        q = {q}\n        k = self.k_proj(x)\n"
+        "        v = self.v_proj(x)\n"
+        "        out, _ = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
+        "        return out\n"
+    )
     examples = [
-        Example(
-            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
-            "        super().__init__()\n        self.head_dim = config.head_dim\n"
-            "        self.scaling = self.head_dim**-0.5\n"
-            "        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
-            "        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
-            "        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
-            "    def forward(self, x, attention_mask):\n"
-            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n"
-            "        v = self.v_proj(x)\n"
-            "        out, _ = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
-            "        return out\n",
-            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
-            "        super().__init__()\n        self.head_dim = config.head_dim\n"
-            "        self.scaling = self.head_dim**-0.5\n"
-            "        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
-            "        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)\n"
-            "        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
-            "    def forward(self, x, attention_mask):\n"
-            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n"
-            "        v = self.v_proj(x)\n"
-            "        out, _ = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
-            "        return out\n",
-        ),
+        Example(_src.format(q="self.q_proj(x) * self.scaling"), _src.format(q="self.q_proj(x)")),
     ]
 
     @classmethod
@@ -296,10 +285,10 @@ class FoldQueryScale(Rule):
             return updated
         names = attention_call_names(self.ctx.idx)
         call = next((c for c in findall(updated, m.Call()) if dotted(c.func) in names), None)  # type: ignore[attr-defined]
-        product = query_prescale(updated, attn.q, call) if call is not None else None
-        if product is None or code(prescale_factor(product, attn.q)) != attn.scale:
+        found = query_prescale(updated, attn.q, call) if call is not None else None
+        if found is None or code(found[2]) != attn.scale:
             return updated
-        proj = product.left if self_call_attr(product.left) == attn.q else product.right
+        product, proj, _ = found
         return updated.deep_replace(product, proj)
 
 
