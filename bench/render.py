@@ -107,10 +107,10 @@ def render_md(data: dict, plot_name: str) -> str:
             "the worker, engine core in-process); HF generate: "
             f"{wl['decode_batch']} x ({wl['decode_tokens']} − 1) / (t(max_tokens="
             f"{wl['decode_tokens']}) − t(max_tokens=1))",
-            "- each path is a worker process; a fresh process keeps its own speed for its whole "
-            "life (3–8 % apart from one process of the same class to the next on this machine: "
-            "bench/findings.md), so the repeats are split over sessions of fresh workers (by "
-            "default one repeat per session) and every session rotates the start order; in a "
+            "- each path is a worker process; one paired repeat is noisy on this machine (two "
+            "identical processes measured one after the other differ by ~4.5 % in decode, ~2.7 % "
+            "in prefill: bench/findings.md), so a run takes many repeats, split over sessions of "
+            "fresh workers started together; in a "
             "session, after one warm-up round, every repeat runs each live worker once (prefill, "
             "then decode), one at a time, in a seeded shuffled order; ratios are medians of the "
             "per-repeat (paired) ratios, with min–max over repeats and a bootstrap 95 % interval "
@@ -120,7 +120,8 @@ def render_md(data: dict, plot_name: str) -> str:
         for name, r in tp.items():
             ld = r.get("load") or {}
             out += [f"### {name} ({r['architecture']}, {r['params'] / 1e6:.1f}M params)", "",
-                    f"{r['repeats']} alternating repeats; load average (1 min) during the run: "
+                    f"{r['repeats']} alternating repeats in {r.get('sessions', 1)} session(s) of "
+                    "fresh workers; load average (1 min) during the run: "
                     f"min {ld.get('min', 0):.2f}, median {ld.get('median', 0):.2f}, "
                     f"max {ld.get('max', 0):.2f}; wall {r['wall_s']:.0f} s; HF generate in the "
                     f"first {r.get('hf_repeats', r['repeats'])} repeats", "",

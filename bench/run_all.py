@@ -35,12 +35,13 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def throughput(models: list[str], repeats: int, enforce_eager: bool) -> dict:
+def throughput(models: list[str], repeats: int, sessions: int, enforce_eager: bool) -> dict:
     from porter.bench import render, run_bench
 
     out = {}
     for m in models:
-        res = run_bench(m, repeats=repeats, enforce_eager=enforce_eager, log=log)
+        res = run_bench(m, repeats=repeats, sessions=sessions or None,
+                        enforce_eager=enforce_eager, log=log)
         print(render(res), flush=True)
         out[m] = asdict(res)
         _save_partial("throughput", out)
@@ -122,7 +123,8 @@ def main() -> None:
                     help="comma-separated sections: throughput, convert, verify, render")
     ap.add_argument("--models", default=",".join(BENCH_MODELS))
     ap.add_argument("--verify-models", default=",".join(VERIFY_MODELS))
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--sessions", type=int, default=5, help="fresh-worker sessions (0: one per repeat)")
     ap.add_argument("--convert-repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true",
                     help="vLLM paths with enforce_eager=False (inductor on CPU; slow to start)")
@@ -132,7 +134,7 @@ def main() -> None:
 
     if "throughput" in only:
         _save_partial("throughput", throughput(args.models.split(","), args.repeats,
-                                               not args.compile))
+                                               args.sessions, not args.compile))
     if "convert" in only:
         log("convert speed")
         _save_partial("convert", convert(args.convert_repeats))

@@ -9,10 +9,10 @@ the same prompt batch and the same greedy sampling (fixed max_tokens, ignore_eos
   hf            Hugging Face ``generate`` (sdpa attention, batched, KV cache)
 
 Each path is one long-lived worker process (``python -m porter.bench worker SPEC``) that loads
-once and then answers commands, one JSON line in, one JSON line out. The parent starts all
-workers, then runs timed repeats that alternate over the live workers (one at a time, the
-order rotated every repeat) so that noise from a shared machine hits every path alike, and
-reports medians and paired ratios.
+once and then answers commands, one JSON line in, one JSON line out. The parent starts a
+session's workers together, then runs timed repeats that alternate over the live workers (one
+at a time, the order shuffled every repeat) so that noise from a shared machine hits every path
+alike, and reports medians and paired ratios over all sessions.
 
 vLLM paths are timed per engine step (``LLMEngine.step()`` in the worker, the engine core
 in-process), which is the unit in which port and native differ (one forward of the model):
@@ -114,7 +114,7 @@ class BenchResult:
     repeats: int
     machine: dict
     hf_repeats: int = 0
-    sessions: int = 1  # fresh workers per session, start order rotated each time
+    sessions: int = 1  # the repeats are split over sessions of fresh workers
     paths: dict = field(default_factory=dict)  # path -> {ready, class, error, threads, load_s}
     runs: list = field(default_factory=list)  # one dict per (repeat, path)
     summary: dict = field(default_factory=dict)
@@ -494,13 +494,13 @@ def _native_exists(hf_architecture: str) -> bool:
 
 def run_bench(
     model: str,
-    repeats: int = 10,
+    repeats: int = 40,
     paths: tuple[str, ...] = PATHS,
     workload: Workload | None = None,
     enforce_eager: bool = True,
     kv_gb: int = 2,
     hf_repeats: int = 2,
-    sessions: int | None = None,
+    sessions: int | None = 5,
     log=lambda m: print(m, file=sys.stderr, flush=True),
 ) -> BenchResult:
     from porter.layout import PortInfo
@@ -544,12 +544,11 @@ def run_bench(
         "max_num_batched_tokens": max(2048, wl.prefill_batch * wl.prefill_len),
         "hf_architecture": info.hf_architecture,
     }
-    # A worker process keeps its own speed for its whole life: on this machine the same vLLM
-    # class runs 3-8 % faster or slower from one fresh process to the next, steady within each
-    # (bench/findings.md), and its place in the start order moved it by up to ~10 %. So the
-    # repeats are split over sessions of fresh workers (by default one repeat per session: every
-    # repeat pairs independent processes), and each session rotates the start order, so every
-    # path starts in every position equally often.
+    # One paired repeat is noisy here: the ratio of two identical processes measured one after
+    # the other spreads by ~4.5 % (decode) and ~2.7 % (prefill), and a fresh process may run a
+    # little faster or slower for its whole life (bench/findings.md). So a run takes many
+    # repeats (a repeat costs seconds, a worker start ~12 s), split over sessions of fresh
+    # workers; each session rotates the start order.
     sessions = res.sessions = max(1, min(sessions or repeats, repeats))
     counts = [repeats // sessions + (1 if i < repeats % sessions else 0) for i in range(sessions)]
     live = list(paths)
@@ -563,7 +562,7 @@ def run_bench(
             order = order[s % len(order) :] + order[: s % len(order)]
             workers: dict[str, Worker] = {}
             try:
-                for pos, name in enumerate(order):
+                for name in order:
                     d = tmp / f"{name}-{s}"
                     (d / "probe").mkdir(parents=True)
                     site = write_plugin_dist(d / "site", info if name == "port" else None)
@@ -579,12 +578,13 @@ def run_bench(
                         d / "probe",
                         kv_gb,
                     )
-                    log(
-                        f"{info.model_type}: session {s + 1}/{sessions}: starting the {name} "
-                        f"worker ({pos + 1} of {len(order)})"
-                    )
-                    # one start at a time: starts are CPU-heavy and would slow each other
+                    # a session's workers start together: nothing is timed before all are
+                    # ready, and a start is mostly one core's imports (two starts on the two
+                    # cores take the time of one)
                     workers[name] = Worker(name, spec, env, d / "worker.log")
+                log(f"{info.model_type}: session {s + 1}/{sessions}: started {', '.join(order)}")
+                for name in order:
+                    d = tmp / f"{name}-{s}"
                     ready = workers[name].wait_ready()
                     if not ready.get("ready"):
                         tail = (d / "worker.log").read_text()[-3000:]
@@ -748,7 +748,7 @@ def render(res: BenchResult) -> str:
     lines = [
         f"{res.model_type} ({res.architecture}, {res.params / 1e6:.0f}M params, fp32, "
         f"enforce_eager={res.enforce_eager}), {res.repeats} alternating repeats in "
-        f"{res.sessions} session(s) of fresh workers, start order rotated each session",
+        f"{res.sessions} session(s) of fresh workers",
         f"prefill: {res.workload['prefill_batch']} x {res.workload['prefill_len']} tokens, "
         f"max_tokens=1; decode: {res.workload['decode_batch']} x "
         f"{res.workload['decode_len']}-token prompts, {res.workload['decode_tokens']} tokens, greedy",

@@ -259,8 +259,8 @@ def coverage(
 @app.command()
 def bench(
     model: str = typer.Argument(..., help="A model_type with a port in generated/vllm/ (or a port directory)."),
-    repeats: int = typer.Option(10, "--repeats", min=1, help="Alternating timed repeats (after one warm-up round per session)."),
-    sessions: int = typer.Option(0, "--sessions", min=0, help="Sessions of fresh workers the repeats are split over, start order rotated each session (0: one per repeat)."),
+    repeats: int = typer.Option(40, "--repeats", min=1, help="Alternating timed repeats (after one warm-up round per session)."),
+    sessions: int = typer.Option(5, "--sessions", min=0, help="Sessions of fresh workers the repeats are split over (0: one per repeat)."),
     paths: str = typer.Option("port,native,transformers,hf", "--paths", help="Comma-separated paths to run (port, native, transformers, hf)."),
     as_json: bool = typer.Option(False, "--json"),
     compile_: bool = typer.Option(False, "--compile", help="vLLM paths with enforce_eager=False (inductor on CPU)."),
