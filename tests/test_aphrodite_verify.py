@@ -19,7 +19,7 @@ from conftest import GENERATED, run_porter
 from porter.layout import PortInfo
 
 MODELS = ["opt", "llama", "mistral", "qwen2"]
-# Parameters of the tiny checkpoint each port is checked with (structure.TINY): what Aphrodite's
+# Parameters of the tiny checkpoint each port is checked with (rules/tiny_configs.yaml): what Aphrodite's
 # own port builds for the same config.
 EXPECTED_PARAMS = {"opt": 30, "llama": 15, "mistral": 15, "qwen2": 17}
 

@@ -550,50 +550,6 @@ def find_port_class(port_dir: Path, *, prepare_engine: bool = True):
     raise StructureInputError(f"{port_dir}: {info.module} has none of the classes {names}")
 
 
-# Per model type: the knobs that make a tiny config exercise what the port must get right.
-# Applied on top of COMMON where the config class has the attribute.
-COMMON = {
-    "vocab_size": 512,
-    "hidden_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,  # GQA
-    "head_dim": 32,
-    "intermediate_size": 256,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-    "pad_token_id": 0,  # special ids inside the tiny vocabulary
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-TINY = {
-    "llama": {},
-    "mistral": {"sliding_window": 64},
-    "qwen2": {},  # q/k/v bias; vLLM asserts on sliding windows for only some layers
-    # word_embed_proj_dim != hidden_size: project_in / project_out exist.
-    "opt": {"ffn_dim": 256, "word_embed_proj_dim": 64, "tie_word_embeddings": True},
-    # mixtures of experts: few experts (the defaults hold 8 to 128 experts of full size)
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                  "mlp_only_layers": [1]},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                  "shared_expert_intermediate_size": 128, "mlp_only_layers": [1]},
-    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 128},
-    # BLOOM checkpoints tie lm_head (vLLM's bloom loader reads every name as `transformer.<name>`)
-    "bloom": {"tie_word_embeddings": True},
-    "gptj": {"rotary_dim": 16, "n_inner": 256},  # partial rotary within head_dim 32 (the default is 64)
-    # Gemma3ForCausalLM (gemma3_text's config): sliding and full layers, one rotary table each
-    "gemma3": {"sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]},
-    # Cohere2 checkpoints tie lm_head; vLLM's CohereForCausalLM always ties it
-    "cohere2": {"tie_word_embeddings": True, "sliding_window": 32,
-                "layer_types": ["sliding_attention", "full_attention"]},
-    # falcon-40b/180b layout: query_key_value grouped per KV head ([kv_heads, q_per_kv + 2, head_dim])
-    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2, "tie_word_embeddings": True},
-}
-
-
 def make_checkpoint(
     model_type: str,
     out_dir: Path,
@@ -601,43 +557,26 @@ def make_checkpoint(
     hf_architecture: str | None = None,
     architecture: str | None = None,
     overrides: dict | None = None,
-    seed: int = 0,
 ) -> Path:
-    """A tiny HF safetensors checkpoint with seeded N(0, 0.2) weights (norm scales 1 + N(0,
-    0.2)), so that biases are non-zero and every shard is distinguishable. ``architecture``
-    (default: the HF one) is written into config.json."""
-    import torch
-    import transformers
+    """A tiny HF safetensors checkpoint of ``model_type``: the config and seeded weights that
+    ``porter verify`` builds (rules/tiny_configs.yaml), with the model's ``structure`` keys there
+    and ``overrides`` on top; ``architecture`` (default: the HF one) is written into config.json."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from porter.verify.tiny import causal_config_type, is_config_field
+    from porter.verify.tiny import (
+        build_model,
+        causal_config_type,
+        load_rules,
+        save_checkpoint,
+        tiny_spec,
+    )
 
-    kwargs = {}
-    config_type = (hf_architecture and causal_config_type(model_type, hf_architecture)) or model_type
-    probe = transformers.AutoConfig.for_model(config_type)
-    for k, v in {**COMMON, **TINY.get(model_type, {}), **(overrides or {})}.items():
-        if k in TINY.get(model_type, {}) or k in (overrides or {}) or is_config_field(probe, k):
-            kwargs[k] = v
-    cfg = transformers.AutoConfig.for_model(config_type, **kwargs)
-    hf_architecture = hf_architecture or (cfg.architectures or [None])[0]
-    if hf_architecture is None:
-        mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        hf_architecture = mapping[model_type]
-    model_cls = getattr(transformers, hf_architecture)
-    torch.manual_seed(seed)
-    model = model_cls._from_config(cfg, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * 0.2
-            is_norm_scale = "norm" in name and name.endswith("weight")
-            p.copy_(noise + 1.0 if is_norm_scale else noise)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    cfg_path = out_dir / "config.json"
-    data = json.loads(cfg_path.read_text())
-    data["architectures"] = [architecture or hf_architecture]
-    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return out_dir
+    hf_architecture = hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    spec = tiny_spec(model_type, config_model_type=causal_config_type(model_type, hf_architecture))
+    spec.config_kwargs.update(load_rules()["models"][model_type].get("structure") or {})
+    spec.config_kwargs.update(overrides or {})
+    model = build_model(spec, hf_architecture)
+    return save_checkpoint(model, out_dir, architecture or hf_architecture)
 
 
 def check_port(port_dir: Path, checkpoint_dir: Path | None = None) -> StructureReport:
