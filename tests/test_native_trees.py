@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # committed ports whose architecture vLLM 0.32 implements natively (registry: _TEXT_GENERATION_MODELS)
 NATIVE = ["qwen3", "granite", "stablelm", "gemma", "phi3", "nemotron", "gpt2", "bloom", "gptj", "falcon",
-          "gemma3", "ernie4_5", "glm4", "hyperclovax", "cohere2", "exaone4"]
+          "gemma3", "ernie4_5", "glm4", "hyperclovax", "cohere2", "exaone4", "cohere", "gemma2"]
 
 
 # mixture-of-experts ports (issue 10): the router is a GateLinear (`gate.weight`), the experts one
