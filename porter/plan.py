@@ -561,6 +561,7 @@ class Planner:
         lin = set(linears)
         roles: dict[str, str] = {}
         if flow.attention_calls:
+            self.refuse_unmapped_attention(info, fwd, flow, lin | opaque)
             call, per_arg = flow.attention_calls[0]
             qkv = []
             for origins in per_arg[1:4]:
@@ -617,12 +618,62 @@ class Planner:
             roles[attr] = "column" if feeds_row else "replicated"
             if feeds_row and (n := self.merged_outputs(fwd, attr)):
                 roles[attr] = f"merged:{n}"
+        self.refuse_sharded_norm(info, flow, roles)
         for attr, role in roles.items():
             if role != "qkv":
                 plan.linears.append(LinearPlan(info.name, attr, role, linears[attr].line))
         gu = self.gate_up_pattern(info, fwd, roles)
         if gu:
             plan.gate_ups.append(gu)
+
+    def refuse_unmapped_attention(self, info: ClassInfo, fwd: cst.FunctionDef, flow, projections: set[str]) -> None:
+        """Attention that the engine's one `Attention` op per layer (q, k, v in; a causal or
+        windowed mask of its own; one cached k/v per token) cannot express, so that PT021 would
+        port it wrong: a mask computed from the layer's own projections (Doge's dynamic mask: an
+        input-dependent bias on the scores), and two attention calls run one after the other
+        (DiffLlama's differential attention: the same q/k against two values)."""
+        for (call, _), mask in zip(flow.attention_calls, flow.attention_masks):
+            if mask & projections:
+                pos = [a.value for a in call.args if a.keyword is None and not a.star]
+                arg = pos[4] if len(pos) > 4 else next(
+                    a.value for a in call.args if a.keyword is not None and a.keyword.value == "attention_mask")
+                raise self.idx.error(
+                    "attention mask computed from the layer's own projections (an input-dependent bias on the "
+                    "scores): the engine's Attention takes no mask; no rule maps it", call,
+                    construct=f"{info.name}.forward: attention_mask={code(arg)} from "
+                              f"{', '.join(sorted(mask & projections))}", rule="engine-attention")
+        names = self.attention_call_names()
+        for block in findall(fwd, m.IndentedBlock()):
+            calls = [c for st in block.body if isinstance(st, cst.SimpleStatementLine)  # type: ignore[attr-defined]
+                     for c in findall(st, m.Call()) if dotted(c.func) in names]  # type: ignore[attr-defined]
+            if len(calls) > 1:
+                raise self.idx.error(
+                    "two attention calls one after the other in one forward (the layer attends twice): the "
+                    "engine's Attention runs once per layer and caches one key/value per token; no rule maps it",
+                    calls[1], construct=f"{info.name}.forward: {code(calls[1].func)}", rule="engine-attention")
+
+    def refuse_sharded_norm(self, info: ClassInfo, flow, roles: dict[str, str]) -> None:
+        """A norm over a width that tensor parallelism splits: the attention output before its
+        output projection, or a column-parallel projection's output (an MLP's intermediate) before
+        the row-parallel one (BitNet's attn_sub_norm / ffn_sub_norm). Each rank would normalise its
+        own part with its own statistics; no rule gathers the width (PT120 does it for q/k norms
+        only). A norm sized by the head (`Norm(head_dim)`, applied per head) sees whole heads."""
+        sharded = {a for a, r in roles.items() if r == "column" or r.startswith("merged:")}
+        for attr, sub in info.submodules.items():
+            if "norm" not in (sub.ctor or "").rsplit(".", 1)[-1].lower() or not sub.call.args:
+                continue
+            width = code(sub.call.args[0].value)
+            if "head_dim" in width or "head_size" in width:
+                continue
+            fed = flow.module_inputs.get(attr, set())
+            src = sorted(fed & sharded) or (["the attention output"] if ATTN in fed else [])
+            if src:
+                raise self.idx.error(
+                    "norm over a width that tensor parallelism splits (the attention output before its "
+                    "output projection, or a column-parallel projection's output): each rank would normalise "
+                    "its own part; no rule gathers it", sub.call,
+                    construct=f"{info.name}.{attr}: {code(sub.call.func)}({width}) over {', '.join(src)}",
+                    rule="tp-linears")
 
     def _locals(self, fwd: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
         out: dict[str, cst.BaseExpression] = {}

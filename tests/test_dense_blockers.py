@@ -19,6 +19,21 @@ BLOCKED = {
     "codegen": ("CodeGenAttention._attn", "attention computed inline"),
     # rotate_half returns cat(x2, -x1): rotary the other way round (once a port 9.28 away from HF)
     "nanochat": ("rotate_half", "rotary that turns the other way"),
+    # the mask handed to the attention call is computed from the layer's own projections (Doge's
+    # dynamic mask attention: exp(A * softplus(dt_proj(v))) added to the scores, top-k kept): once
+    # converted into a port whose engine attention call left that mask out
+    "doge": ("DogeAttention.forward", "attention mask computed from the layer's own projections"),
+    # differential attention: two attention calls over the same q/k and two halves of v, combined
+    # across heads h and h + heads/2 (once a port calling one engine Attention twice, whose second
+    # call would overwrite the values the first cached)
+    "diffllama": ("DiffLlamaAttention.forward", "two attention calls one after the other"),
+    # RMSNorm over the MLP's intermediate before down_proj (ffn_sub_norm, named: the MLP is planned
+    # first) and over the attention output before o_proj (attn_sub_norm): widths that TP splits
+    "bitnet": ("BitNetMLP.ffn_sub_norm", "norm over a width that tensor parallelism splits"),
+    # the embedding sum `inputs_embeds + pos_embeds + token_type_embeds` reads a name bound only in
+    # an `if token_type_ids is not None` block, so it went with it and `self.dropout(hidden_states)`
+    # lost its input (once a port calling `self.dropout()` with no argument)
+    "ctrl": ("CTRLModel.forward", "every input was computed from HF-only plumbing"),
 }
 
 

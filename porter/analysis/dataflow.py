@@ -24,6 +24,8 @@ _METADATA = {"dtype", "device"}
 class Flow:
     module_inputs: dict[str, set[str]] = field(default_factory=dict)  # sub-module -> origins of its input
     attention_calls: list[tuple[cst.Call, list[set[str]]]] = field(default_factory=list)
+    # origins of each attention call's mask argument (the fifth positional or `attention_mask=`)
+    attention_masks: list[set[str]] = field(default_factory=list)
     returns: list[set[str]] = field(default_factory=list)
 
 
@@ -57,6 +59,10 @@ class _Flow:
             if self.is_attention_call(node):
                 per_arg = [self.origins(a.value) for a in node.args if a.keyword is None]
                 self.flow.attention_calls.append((node, per_arg))
+                plain = [a.value for a in node.args if a.keyword is None and not a.star]
+                mask = plain[4:5] or [a.value for a in node.args
+                                      if a.keyword is not None and a.keyword.value == "attention_mask"]
+                self.flow.attention_masks.append(self.origins(mask[0]) if mask else set())
                 return {ATTN} | arg_origins
             return arg_origins | self.origins(node.func) if not isinstance(node.func, cst.Name) else arg_origins
         if isinstance(node, cst.Attribute):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, assigned_names, dotted, names_in, self_attr
+from porter.analysis.cstutil import findall, assigned_names, code, dotted, names_in, self_attr
 from porter.passes.base import Example, Rule
 
 _SHAPE_PURE = {"size", "shape", "dim", "view", "reshape", "transpose", "contiguous", "unsqueeze"}
@@ -177,11 +177,28 @@ class DropHfDataflow(Rule):
                 args = [a for a in updated.args if not (a.star == "**" or rule._is_tainted(a.value))]
                 if len(args) == len(updated.args):
                     return updated
+                if not args and self_attr(updated.func) and rule._cls != rule.plan.causal_lm and any(
+                        not a.star and a.keyword is None for a in updated.args):
+                    rule._lost_input(original)
                 if args:
                     args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
                 return updated.with_changes(args=args)
 
         return node.visit(_Args())
+
+    def _lost_input(self, call: cst.Call) -> None:
+        """A sub-module call whose every positional input was computed from HF-only plumbing (CTRL:
+        `self.dropout(hidden_states)` after the embedding sum that read `token_type_embeds`, bound
+        only in an `if token_type_ids is not None` block, went): the port would call it with no
+        input, and what HF computed there is lost."""
+        text = code(call)
+        info = self.ctx.idx.classes.get(self._cls or "")
+        fwd = info.method("forward") if info else None
+        node = next((c for c in findall(fwd, m.Call()) if code(c) == text), None) if fwd else None
+        raise self.ctx.idx.error(
+            "sub-module call whose every input was computed from HF-only plumbing (masks, caches, "
+            "inputs the engine never passes): the port would lose what HF computes there", node,
+            construct=f"{self._cls}.forward: {text}", rule=self.name)
 
 
 class DropDropout(Rule):
