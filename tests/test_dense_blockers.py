@@ -19,6 +19,11 @@ BLOCKED = {
     "codegen": ("CodeGenAttention._attn", "attention computed inline"),
     # rotate_half returns cat(x2, -x1): rotary the other way round (once a port 9.28 away from HF)
     "nanochat": ("rotate_half", "rotary that turns the other way"),
+    # `if position_embeddings is not None:` around the rotary (per-layer theta, NoPE layers get
+    # None): the test went with the HF plumbing and took the rotary of every layer with it
+    "granite_swa": ("GraniteSWAAttention.forward", "rotary applied only under a test of HF-only plumbing"),
+    "granitemoe_swa": ("GraniteMoeSWAAttention.forward",
+                       "rotary applied only under a test of HF-only plumbing"),
 }
 
 
