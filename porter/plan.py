@@ -13,7 +13,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import (
-    findall, code, dotted, param_names, resolve_cross_attention, self_attr, self_call_attr,
+    findall, code, dotted, names_in, param_names, resolve_cross_attention, self_attr, self_call_attr,
 )
 from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.grouped_qkv import grouped_split
@@ -258,6 +258,16 @@ def query_prescale(
         for proj, scale in ((node.left, node.right), (node.right, node.left)):
             if self_call_attr(proj) == q_attr and self_attr(scale) is not None:
                 return node, proj, scale
+    return None
+
+
+def rope_guard(fwd: cst.FunctionDef, helper: str, hf_names: frozenset[str]) -> cst.If | None:
+    """The `if` on an HF-only name that the rotary call sits under (`if position_embeddings is not
+    None:`: the model hands NoPE layers None), else None."""
+    for node in findall(fwd, m.If()):
+        assert isinstance(node, cst.If)
+        if names_in(node.test) & hf_names and findall(node.body, m.Call(func=m.Name(helper))):
+            return node
     return None
 
 
@@ -848,6 +858,13 @@ class Planner:
                 "rotary applied one tensor per call (q and k rotated separately, cos/sin from a "
                 "sinusoidal buffer): no rule maps it to the engine's get_rope", call,
                 construct=f"{info.name}.forward: {rope_helper}", rule="engine-rope")
+        if rope_helper and (guard := rope_guard(fwd, rope_helper, self.table.strip_params)) is not None:
+            # the test goes with the HF plumbing (PT011 drops the whole block): no layer would rotate
+            raise self.idx.error(
+                "rotary applied only under a test of HF-only plumbing (the model hands its NoPE layers "
+                "no cos/sin): no rule maps a per-layer choice of rotary, and dropping the test drops the "
+                "rotary from every layer", guard,
+                construct=f"{info.name}.forward: if {code(guard.test)}", rule="engine-rope")
         if rope_helper:
             rope = "neox"
             helper_text = code(self.idx.functions[rope_helper])

@@ -34,6 +34,11 @@ BLOCKED = {
     # an `if token_type_ids is not None` block, so it went with it and `self.dropout(hidden_states)`
     # lost its input (once a port calling `self.dropout()` with no argument)
     "ctrl": ("CTRLModel.forward", "every input was computed from HF-only plumbing"),
+    # `if position_embeddings is not None:` around the rotary (per-layer theta, NoPE layers get
+    # None): the test went with the HF plumbing and took the rotary of every layer with it
+    "granite_swa": ("GraniteSWAAttention.forward", "rotary applied only under a test of HF-only plumbing"),
+    "granitemoe_swa": ("GraniteMoeSWAAttention.forward",
+                       "rotary applied only under a test of HF-only plumbing"),
 }
 
 

@@ -15,6 +15,7 @@ from porter.passes.input_checks import DropInputChecks
 from porter.passes.cleanup import DropHfImports, ReplaceBaseClasses, StripDecorators
 from porter.passes.hf_dataflow import DropBatchCollapse, DropDeadLocals, DropDropout, DropHfDataflow
 from porter.passes.moe import CheckpointModuleNames, FlatTokens, FusedMoe
+from porter.passes.position_factor import FlatPositionFactor
 from porter.passes.layers import EngineActivation, EngineActivationClass, EngineNorms, FuseGateUp, TpLinears, VocabEmbedding
 from porter.passes.signatures import StripHfParams
 from porter.passes.sinusoidal_rope import OneTensorRope
@@ -52,6 +53,7 @@ PASSES: list[type[Rule]] = [
     DropBatchCollapse,
     FlattenHeads,
     FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
+    FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions
     FusedMoe,
     FuseQkv,
     FuseGateUp,
