@@ -365,3 +365,18 @@ def ship_config(source, causal_lm: str, engine_root: Path | None) -> ShippedConf
                     )
     return ShippedConfig(class_name=cls, model_type=model_type,
                          module_name=cfg_path.stem, text=out)
+
+
+def causal_lm_model_type(source, causal_lm: str) -> str | None:
+    """The model_type of the config class the causal LM takes, read from the source's configuration
+    file: `aria_text` for AriaTextForCausalLM in models/aria/ (the text model of a multimodal
+    family). transformers keys the checkpoint conversion mapping by it when it loads or saves that
+    model, so the port's renamings are read under it too. None when the file does not declare it."""
+    cls = config_class_of(source.text, causal_lm)
+    if source.config_path is None or cls is None:
+        return None
+    try:
+        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    return class_model_type(tree, cls) if cls in _class_defs(tree) else None

@@ -29,7 +29,7 @@ from porter.passes.causal_lm import render
 from porter.passes.inline_attention import inline_attention_calls
 from porter.plan import PortPlan, alibi_producers, build_plan
 from porter.rules_data import Target, get_target, strip_table
-from porter.config_port import config_class_for_type, ship_config
+from porter.config_port import causal_lm_model_type, config_class_for_type, ship_config
 from porter.source import Source, resolve, transformers_root
 
 
@@ -73,10 +73,12 @@ def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
     # modules saved under another name (`.block_sparse_moe.` on disk, `.mlp.` in memory) keep the
     # checkpoint's name in the port: it is what the engine's native port calls them too
-    plan.module_renames, plan.checkpoint_renames = module_renamings(
-        weight_renamings(root, [source.model_type, plan.causal_lm]))
+    keys = [source.model_type, plan.causal_lm]
+    if (text := causal_lm_model_type(source, plan.causal_lm)) and text not in keys:
+        keys.append(text)  # the text model of a multimodal family (aria_text) is saved under its own type
+    plan.module_renames, plan.checkpoint_renames = module_renamings(weight_renamings(root, keys))
     if plan.moes:
-        moe_checkpoint_names(plan, root, [source.model_type, plan.causal_lm])
+        moe_checkpoint_names(plan, root, keys)
     own = config_class_for_type(source)
     if own is not None:
         # a config-only model type (exaone builds LlamaForCausalLM): registered under its own name,

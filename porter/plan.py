@@ -31,6 +31,9 @@ from porter.analysis.index import (
 from porter.layout import port_architecture
 from porter.rules_data import StripTable
 
+# forward() parameters the HF cache object travels in (those of rules/hf_strip.yaml's strip_params)
+CACHE_PARAMS = frozenset({"past_key_values", "past_key_value", "cache", "layer_past"})
+
 
 @dataclass
 class LinearPlan:
@@ -133,6 +136,8 @@ class PortPlan:
         for moe in d.get("moes", []):  # the scoring only when it is not the default softmax (idem)
             if moe.get("scoring_func") == "softmax":
                 del moe["scoring_func"]
+            if not moe.get("transposed"):  # (idem: only where the experts are stored transposed)
+                moe.pop("transposed", None)
         return d
 
     def attention(self, cls: str) -> AttentionPlan | None:
@@ -439,6 +444,11 @@ class Planner:
                 plan.rotary_classes.append(name)
                 continue
             self.plan_class(plan, info, attn_names, is_lm=(lm is not None and name == lm.name))
+        if (rearranged := self.rearranged_rope(plan)) is not None:
+            raise rearranged
+        kept = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
+        if (stateful := self.cache_state(plan, kept)) is not None:
+            raise stateful
         plan.moes = find_moe_blocks(self.idx, classes)
         if (stray := unported_experts(self.idx, classes, plan.moes)) is not None:
             raise self.idx.error(
@@ -477,6 +487,51 @@ class Planner:
             if is_transposed_linear(self.idx.qualify(dotted(node.value.func))):  # type: ignore[attr-defined]
                 out.add(self_attr(node.targets[0].target))  # type: ignore[attr-defined]
         return out
+
+    def rearranged_rope(self, plan: PortPlan):
+        """The error for a rotary module that writes into part of its frequency table
+        (`inv_freq_3d[:hw_dim] = torch.cat([inv_freq[0::2], inv_freq[1::2]])`: CohereCompass's
+        pre-rotated M-RoPE): the port drops the module for the engine's get_rope, which builds the
+        standard table from rope_parameters, so rotated channels would turn at other speeds."""
+        for name in plan.rotary_classes:
+            info = self.idx.classes[name]
+            # a slice of a tensor (`t[:n] = ...`), not a dict entry (`self.rope_type[layer_type] = ...`)
+            sliced = m.Subscript(slice=[m.ZeroOrMore(), m.SubscriptElement(slice=m.Slice()), m.ZeroOrMore()])
+            for node in findall(info.node, m.Assign(targets=[m.AssignTarget(target=sliced)])):
+                target = node.targets[0].target  # type: ignore[attr-defined]
+                return self.idx.error(
+                    "rotary whose frequency table is rearranged in place: the engine's get_rope builds "
+                    "the standard table from rope_parameters", node,
+                    construct=f"class {name}: {code(target)} = ...", rule="engine-rope")
+        return None
+
+    def cache_state(self, plan: PortPlan, classes: list[str]):
+        """The error for a module with projections, outside the attentions mapped to the engine's
+        Attention, that reads or writes the HF cache it is handed (`past_key_values.get_linear_cache`:
+        MiniMax's lightning attention; `past_key_values.layers[i].update_index`: an indexer's key
+        cache): state carried from one forward to the next, which the port would drop (the engine's
+        KV cache holds only what its Attention stores), so every decode step would start afresh."""
+        mapped = {a.cls for a in plan.attentions}
+        # only what a decoder layer builds (the model and the causal LM read the cache's length
+        # for HF's own bookkeeping: get_seq_length)
+        in_layers = {n for c in classes for sub in self.idx.classes[c].submodules.values()
+                     if sub.in_list and sub.ctor in self.idx.classes
+                     for n in self.reachable(self.idx.classes[sub.ctor])}
+        for name in classes:
+            info = self.idx.classes[name]
+            if name in mapped or name not in in_layers or not info.linears():
+                continue
+            for meth in info.node.body.body:
+                if not isinstance(meth, cst.FunctionDef):
+                    continue
+                caches = [p for p in param_names(meth) if p in CACHE_PARAMS and p in self.table.strip_params]
+                for use in (u for p in caches for u in findall(meth, m.Attribute(value=m.Name(p)))):
+                    return self.idx.error(
+                        "cannot port a layer that keeps its own state in the HF cache across calls "
+                        "(linear / recurrent attention, an indexer's key cache): the engine's KV cache "
+                        "holds only its Attention's k/v", use,
+                        construct=f"{name}.{meth.name.value}: {code(use)}", rule="engine-attention")
+        return None
 
     def unmapped_attention(self, classes: list[str]):
         """The error for a decoder whose attention no rule maps to the engine's Attention:

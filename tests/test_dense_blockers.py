@@ -52,3 +52,28 @@ def test_blocked_dense_decoder_names_file_line_and_construct(model_type, tmp_pat
     assert re.search(rf"modeling_{model_type}\.py:\d+: ", lines[0]), lines[0]
     assert where in lines[0] and construct in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# model_type -> (modeling file, class or method the line must name, construct in the message): what
+# once converted into a port that drops or mistranslates part of the model
+REFUSED = {
+    # lightning (linear) attention layers keep their state in the HF cache between calls
+    "minimax": ("modeling_minimax.py", "MiniMaxLightningAttention.forward", "keeps its own state"),
+    # the sparse layers' indexer keeps its own key cache
+    "minimax_m3_vl_text": ("modeling_minimax_m3_vl.py", "MiniMaxM3VLIndexer.forward", "keeps its own state"),
+    # M-RoPE table pre-rotated in place: get_rope's standard table turns channels at other speeds
+    "cohere_compass_text": ("modeling_cohere_compass.py", "class CohereCompassRotaryEmbedding",
+                            "rearranged in place"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_refused_text_model_names_file_line_and_construct(model_type, tmp_path):
+    src, where, construct = REFUSED[model_type]
+    proc = run_porter("convert", model_type, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(rf"{re.escape(src)}:\d+: ", lines[0]), lines[0]
+    assert where in lines[0] and construct in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()

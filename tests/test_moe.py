@@ -84,3 +84,16 @@ def test_other_routing_is_a_diagnostic_not_a_silent_port(model_type, tmp_path):
     assert f"modeling_{model_type}.py:" in proc.stderr and "cannot port mixture of experts" in proc.stderr
     assert "(rule fused-moe)" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_transposed_experts_read_from_the_products():
+    # Aria stores its experts (experts, in, out) and applies them as `x @ W[e]`: FusedMoE loads
+    # them transposed, and the intermediate size is the down weight's middle dimension
+    _, blocks = _blocks("aria_text")
+    assert len(blocks) == 1
+    b = blocks[0]
+    assert b.transposed and (b.gate_up, b.down) == ("gate_up_proj", "down_proj")
+    assert (b.num_experts, b.top_k) == ("config.moe_num_experts", "config.moe_topk")
+    assert (b.hidden_size, b.intermediate_size) == ("config.hidden_size", "config.intermediate_size")
+    assert b.renormalize == "True" and b.activation == '"silu"'
+    assert not any(p.transposed for m in MOE_MODELS for p in _blocks(m)[1])

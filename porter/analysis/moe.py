@@ -49,6 +49,7 @@ class MoePlan:
     ckpt_names: list[str] = field(default_factory=lambda: ["gate_proj", "down_proj", "up_proj"])
     packed: bool = False  # the checkpoint keeps the 3-D tensors (no per-expert un-packing on save)
     scoring_func: str = "softmax"  # or "sigmoid": top-k over sigmoid(logits)
+    transposed: bool = False  # per-expert weights stored (experts, in, out): applied as x @ W[e]
 
 
 def _init_attrs(info: ClassInfo) -> dict[str, cst.BaseExpression]:
@@ -106,6 +107,10 @@ def _resolve(node: cst.BaseExpression, info: ClassInfo, call: cst.Call | None) -
             break
         node = new  # type: ignore[assignment]
     return code(node.visit(_Subst({}, params)))
+
+
+# `x @ self.w[e]`: a per-expert weight applied in the (in, out) layout
+_PER_EXPERT_MATMUL = m.BinaryOperation(operator=m.MatrixMultiply(), right=m.Subscript(value=m.Attribute(value=m.Name("self"))))
 
 
 def _is_topk(node: cst.CSTNode) -> bool:
@@ -206,21 +211,32 @@ class MoeFinder:
         if len(three_d) != 2:
             return None
         gate_up = None
+        transposed = False
         for call in findall(fwd, m.Call(func=m.Attribute(value=m.Call(), attr=m.Name("chunk")))):
             inner = call.func.value  # type: ignore[attr-defined]
             for a in inner.args:
                 if m.matches(a.value, m.Subscript()) and self_attr(a.value.value) in three_d:
                     gate_up = self_attr(a.value.value)
+        # `(x @ self.gate_up_proj[e]).chunk(2)`: weights stored (experts, in, out) (Aria), the
+        # transpose of FusedMoE's (experts, out, in); both products must be written that way
+        for call in findall(fwd, m.Call(func=m.Attribute(value=_PER_EXPERT_MATMUL, attr=m.Name("chunk")))):
+            if gate_up is None and self_attr(call.func.value.right.value) in three_d:  # type: ignore[attr-defined]
+                gate_up, transposed = self_attr(call.func.value.right.value), True  # type: ignore[attr-defined]
         if gate_up is None:
             return None
         down = next(a for a in three_d if a != gate_up)
+        if transposed and not any(self_attr(p.right.value) == down  # type: ignore[attr-defined]
+                                  for p in findall(fwd, _PER_EXPERT_MATMUL)):
+            return None
         act = None
         for a, v in attrs.items():
             if m.matches(v, m.Subscript(value=m.Name("ACT2FN"))):
                 act = v.slice[0].slice.value  # type: ignore[attr-defined]
         if act is None:
             return None
-        return {"gate_up": gate_up, "down": down, "shape": three_d[down], "act": act}
+        # the intermediate size: (experts, hidden, intermediate) as FusedMoE stores it, else transposed
+        inter = three_d[down][1 if transposed else 2]
+        return {"gate_up": gate_up, "down": down, "intermediate": inter, "act": act, "transposed": transposed}
 
     # -- the block ----------------------------------------------------------------------------
     def block(self, info: ClassInfo) -> MoePlan | None:
@@ -261,13 +277,14 @@ class MoeFinder:
             num_experts=_resolve(r["shape"][0], r_cls, r_sub.call),
             hidden_size=_resolve(r["shape"][1], r_cls, r_sub.call),
             top_k=_resolve(r["top_k"], r_cls, r_sub.call),
-            intermediate_size=_resolve(e["shape"][2], e_cls, e_sub.call),
+            intermediate_size=_resolve(e["intermediate"], e_cls, e_sub.call),
             renormalize="False" if renorm is None else _resolve(renorm, r_cls, r_sub.call),
             activation=_resolve(e["act"], e_cls, e_sub.call),
             gate_up=e["gate_up"],
             down=e["down"],
             line=info.line,
             scoring_func=r["scoring"],
+            transposed=e["transposed"],
         )
 
 
@@ -303,3 +320,4 @@ def unported_experts(idx: ModelIndex, classes: list[str], moes: list[MoePlan]) -
         if name not in done and finder.experts(idx.classes[name]) is not None:
             return idx.classes[name]
     return None
+

@@ -44,6 +44,18 @@ class AExperts(nn.Module):
 '''
 
 
+# the same experts stored (experts, in, out) and applied as `x @ W[e]` (Aria)
+_ROUTER_T = _ROUTER.replace(
+    "torch.empty(self.num_experts, 2 * config.intermediate_size, config.hidden_size)",
+    "torch.empty(self.num_experts, config.hidden_size, 2 * config.intermediate_size)").replace(
+    "torch.empty(self.num_experts, config.hidden_size, config.intermediate_size)",
+    "torch.empty(self.num_experts, config.intermediate_size, config.hidden_size)").replace(
+    "nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx])",
+    "(hidden_states[token_idx] @ self.gate_up_proj[expert_idx])").replace(
+    "nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])",
+    "(self.act_fn(gate) * up) @ self.down_proj[expert_idx]")
+
+
 class FusedMoe(Rule):
     code = "PT100"
     name = "fused-moe"
@@ -55,7 +67,8 @@ class FusedMoe(Rule):
         "MLPs and the weighted sum in one kernel, its experts sharded across tensor-parallel ranks "
         "like the engine's own ports. Experts count, top-k, sizes, renormalisation and activation "
         "are read from the router and experts code (a router ranking sigmoids of the logits, "
-        "without correction bias, routes with `scoring_func='sigmoid'`); the checkpoint's per-expert names "
+        "without correction bias, routes with `scoring_func='sigmoid'`; experts applied as `x @ W[e]`, stored "
+        "(experts, in, out), load transposed: `is_fused_checkpoint_transposed`); the checkpoint's per-expert names "
         "(`ckpt_names`) from transformers' conversion mapping. The router and experts classes go."
     )
     examples = [
@@ -105,6 +118,27 @@ class FusedMoe(Rule):
         "        return self.experts(hidden_states=hidden_states, router_logits=router_logits)\n",
     ))
 
+    # experts stored (experts, in, out) and applied as `x @ W[e]` (Aria): the engine's loader
+    # transposes the packed tensors; the intermediate size is the down weight's middle dimension
+    examples.append(Example(
+        "from torch import nn\n" + _ROUTER_T + "\n\nclass ASparseMoeBlock(nn.Module):\n"
+        "    def __init__(self, config):\n        super().__init__()\n"
+        "        self.gate = ATopKRouter(config)\n        self.experts = AExperts(config)\n\n"
+        "    def forward(self, hidden_states):\n"
+        "        _, top_k_weights, top_k_index = self.gate(hidden_states)\n"
+        "        return self.experts(hidden_states, top_k_index, top_k_weights)\n",
+        "from torch import nn\n" + _ROUTER_T + "\n\nclass ASparseMoeBlock(nn.Module):\n"
+        "    def __init__(self, config):\n        super().__init__()\n"
+        '        self.gate = GateLinear(config.hidden_size, config.num_local_experts, prefix=f"{prefix}.gate")\n'
+        "        self.experts = FusedMoEFactory(num_experts=config.num_local_experts, "
+        "top_k=config.num_experts_per_tok, hidden_size=config.hidden_size, "
+        "intermediate_size=config.intermediate_size, renormalize=True, activation=config.hidden_act, "
+        'quant_config=quant_config, prefix=f"{prefix}.experts", is_fused_checkpoint_transposed=True)\n\n'
+        "    def forward(self, hidden_states):\n"
+        "        router_logits, _ = self.gate(hidden_states)\n"
+        "        return self.experts(hidden_states=hidden_states, router_logits=router_logits)\n",
+    ))
+
     @classmethod
     def applies(cls, ctx) -> bool:
         return bool(ctx.plan.moes)
@@ -132,6 +166,9 @@ class FusedMoe(Rule):
                 # the engine's idiom for top-k over sigmoids (its CPU router has no plain sigmoid
                 # top-k): grouped top-k with one group, i.e. top-k over all experts
                 ckpt = f", use_grouped_topk=True, num_expert_group=1, topk_group=1, scoring_func={mp.scoring_func!r}" + ckpt
+            if mp.transposed:
+                # stored (experts, in, out): the engine's loader transposes the packed tensors
+                ckpt += ", is_fused_checkpoint_transposed=True"
             return updated.with_changes(value=cst.parse_expression(
                 f"{self.ctx.use('FusedMoE')}(num_experts={mp.num_experts}, top_k={mp.top_k}, "
                 f"hidden_size={mp.hidden_size}, intermediate_size={mp.intermediate_size}, "

@@ -53,11 +53,16 @@ def is_config_field(cfg, name: str) -> bool:
 def causal_config_type(model_type: str, hf_architecture: str) -> str:
     """The model type whose config builds HF_ARCHITECTURE, when it is not MODEL_TYPE's own: the
     port of modeling_gemma3.py is model type gemma3, but its Gemma3ForCausalLM is built from
-    gemma3_text's config (gemma3's is the multimodal one). "" when MODEL_TYPE's own config does."""
+    gemma3_text's config (gemma3's is the multimodal one). "" when MODEL_TYPE's own config does.
+    The auto table can map the multimodal model type itself to the text model (emu3 ->
+    Emu3ForCausalLM): then the class's own config (Emu3TextConfig, model_type emu3_text_model) says."""
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
 
     if causal.get(model_type) == hf_architecture:
-        return ""
+        cfg = getattr(getattr(transformers, hf_architecture, None), "config_class", None)
+        own = getattr(cfg, "model_type", "") or ""
+        return own if own and own != model_type else ""
     return next((mt for mt, cls in causal.items() if cls == hf_architecture), "")
 
 
