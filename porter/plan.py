@@ -447,7 +447,9 @@ class Planner:
         if (rearranged := self.rearranged_rope(plan)) is not None:
             raise rearranged
         kept = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
-        if (stateful := self.cache_state(plan, kept)) is not None:
+        # beside an attention the engine runs (with none mapped, the KV cache update is the
+        # attention's own, and unmapped_attention below names what keeps it from the engine)
+        if plan.attentions and (stateful := self.cache_state(plan, kept)) is not None:
             raise stateful
         plan.moes = find_moe_blocks(self.idx, classes)
         if (stray := unported_experts(self.idx, classes, plan.moes)) is not None:
