@@ -474,7 +474,8 @@ class Planner:
             raise self.idx.error(
                 "cannot port mixture of experts: per-expert weights without a router the engine's "
                 "FusedMoE reproduces (softmax top-k, or top-k of sigmoids, over one projection, its indices and weights "
-                "passed to the experts as returned)", stray.node, construct=f"class {stray.name}",
+                "passed to the experts as returned) or experts it computes (ACT2FN(gate) * up of one chunked "
+                "gate/up weight)", stray.node, construct=f"class {stray.name}",
                 rule="fused-moe")
         fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
