@@ -403,7 +403,47 @@ class Planner:
         if partial and not any(n.endswith("ForCausalLM") for n in self.idx.classes):
             return self._build(None, list(self.idx.classes), partial)
         lm = self.causal_lm()
+        self.refuse_recurrent_state(lm)
         return self._build(lm, self.reachable(lm), partial)
+
+    def stateful_flag(self, info: ClassInfo, seen: frozenset[str] = frozenset()) -> tuple[ClassInfo, cst.CSTNode] | None:
+        """`_is_stateful = True` in the body of INFO or of a base of it in this file (HF's
+        PreTrainedModel flag for a model that carries a recurrent state across generation steps)."""
+        flag = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name("_is_stateful"))],
+                                                    value=m.Name("True"))])
+        for st in info.node.body.body:
+            if m.matches(st, flag):
+                return info, st
+        for b in info.bases:
+            if b in self.idx.classes and b not in seen:
+                if (found := self.stateful_flag(self.idx.classes[b], seen | {info.name})) is not None:
+                    return found
+        return None
+
+    def refuse_recurrent_state(self, lm: ClassInfo) -> None:
+        """A causal LM whose model is `_is_stateful` (Mamba / RNN / linear-attention layers: jamba,
+        zamba2, xlstm, mamba, ...) keeps a per-sequence state from one step to the next in HF's
+        cache object. The port keeps only the engine's KV cache: those layers would restart from
+        nothing at every decode step (and run over all of a batch's sequences as one), so the
+        port stops here. Names the first method threading the state (`cache_params`), else the flag."""
+        if self.idx.identifiers and "_is_stateful" not in self.idx.identifiers:
+            return
+        found = self.stateful_flag(lm)
+        if found is None:
+            return
+        holder, node = found
+        construct = f"class {holder.name}: _is_stateful = True"
+        for info in self.idx.classes.values():  # file order
+            fn = next((f for f in info.node.body.body if isinstance(f, cst.FunctionDef)
+                       and "cache_params" in param_names(f)), None)
+            if fn is not None:
+                node, construct = fn, f"{info.name}.{fn.name.value}(cache_params)"
+                break
+        raise self.idx.error(
+            "recurrent state carried from one step to the next (the model is `_is_stateful`: Mamba / RNN / "
+            "linear-attention layers keep a per-sequence state in HF's cache object); the port keeps no "
+            "state between the engine's steps and no rule maps it to the engine's state cache",
+            node, construct=construct)
 
     def _build(self, lm: ClassInfo | None, classes: list[str], partial: bool) -> PortPlan:
         base = None
@@ -456,7 +496,8 @@ class Planner:
             raise self.idx.error(
                 "cannot port mixture of experts: per-expert weights without a router the engine's "
                 "FusedMoE reproduces (softmax top-k, or top-k of sigmoids, over one projection, its indices and weights "
-                "passed to the experts as returned)", stray.node, construct=f"class {stray.name}",
+                "passed to the experts as returned) or experts it computes (ACT2FN(gate) * up of one chunked "
+                "gate/up weight)", stray.node, construct=f"class {stray.name}",
                 rule="fused-moe")
         fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
@@ -842,7 +883,13 @@ class Planner:
         return per_head_split_helper(info, attr) is not None
 
     def merged_outputs(self, fwd: cst.FunctionDef, attr: str) -> int | None:
-        """`y = self.proj(x); a, b = y.chunk(2, dim=-1)`: a column projection packing 2 outputs."""
+        """`y = self.proj(x); a, b = y.chunk(2, dim=-1)`, or `a, b = self.proj(x).chunk(2, dim=-1)`
+        (ModernBERT's Wi): a column projection packing 2 outputs."""
+        for node in findall(fwd, m.Call(func=m.Attribute(value=m.Call(
+                func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))), attr=m.Name("chunk")))):
+            args = node.args  # type: ignore[attr-defined]
+            if args and isinstance(args[0].value, cst.Integer):
+                return int(args[0].value.value)
         local = self._locals(fwd)
         out_name = next((n for n, v in local.items() if m.matches(v, m.Call(
             func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))), None)
@@ -895,6 +942,7 @@ class Planner:
         kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}
         rope_helper = None
         fwd = info.method("forward")
+        self.refuse_reused_attention(info, fwd)
         # PT029 folds the product into the op (one projection per tensor only: a packed one's
         # product would scale k and v too)
         if len(set(qkv)) == 3 and (pre := query_prescale(fwd, qkv[0], call)) is not None:
@@ -969,6 +1017,22 @@ class Planner:
             rope_theta=rope_theta,
             rope_dim=rope_dim,
         )
+
+    def refuse_reused_attention(self, info: ClassInfo, fwd: cst.FunctionDef) -> None:
+        """`past_key_values.update(k, v, self.layer_idx + cycle_offset)` (HRM-text): the cache slot
+        is computed, one attention module runs several times per token (a recurrence over the same
+        stack) and writes a slot for each run. The engine's Attention owns one KV cache per module,
+        so every run after the first would overwrite the cache the others read at decode time."""
+        for call in findall(fwd, m.Call(func=m.Attribute(attr=m.Name("update")))):
+            pos = [a.value for a in call.args if a.keyword is None]  # type: ignore[attr-defined]
+            slot = pos[2] if len(pos) >= 3 else next(
+                (a.value for a in call.args if a.keyword is not None and a.keyword.value == "layer_idx"), None)  # type: ignore[attr-defined]
+            if isinstance(slot, cst.BinaryOperation):
+                raise self.idx.error(
+                    "one attention module, several KV-cache slots (its cache index is computed: the module runs "
+                    "more than once per token); the engine's Attention keeps one KV cache per module, and "
+                    "each run would overwrite the others'", call,
+                    construct=f"{info.name}.forward: {code(call)}", rule="engine-attention")
 
     def sinusoid_theta(self, info: ClassInfo) -> str | None:
         """The base of a sinusoidal rotary table `__init__` builds (`self.t = nn.Buffer(make(max_pos, dim))`

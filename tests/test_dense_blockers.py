@@ -1,4 +1,5 @@
-"""Issue 6: the dense decoders porter does not port yet fail with one line naming file:line and the
+"""Issue 6: the dense decoders porter does not port yet (and the hybrid and recurrent ones it must
+not port silently) fail with one line naming file:line and the
 construct that blocks them (what `porter coverage` lists), and write nothing."""
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ BLOCKED = {
     "granite_swa": ("GraniteSWAAttention.forward", "rotary applied only under a test of HF-only plumbing"),
     "granitemoe_swa": ("GraniteMoeSWAAttention.forward",
                        "rotary applied only under a test of HF-only plumbing"),
+    # recurrent state across steps (`_is_stateful`): once converted into ports that dropped the
+    # Mamba / xLSTM layers (built through a table, a helper method, or defined under a module-level
+    # `if`) and referred to classes they never defined
+    "jamba": ("JambaMambaMixer.forward(cache_params)", "recurrent state carried from one step to the next"),
+    "zamba2": ("Zamba2MambaMixer.forward(cache_params)", "recurrent state carried from one step to the next"),
+    "xlstm": ("xLSTMModel.forward(cache_params)", "recurrent state carried from one step to the next"),
+    # one attention module run H_cycles * L_cycles times per token, one KV-cache slot per run: once
+    # converted into a port whose single engine Attention per module each run overwrote
+    "hrm_text": ("HrmTextAttention.forward: past_key_values.update(", "several KV-cache slots"),
+    # experts FusedMoE does not compute (a clamped swiglu over interleaved gate/up, with biases): once
+    # ported as the HF per-expert loop, every expert on every rank, which vLLM cannot compile
+    "gpt_oss": ("class GptOssExperts", "cannot port mixture of experts"),
 }
 
 

@@ -317,7 +317,21 @@ def unported_experts(idx: ModelIndex, classes: list[str], moes: list[MoePlan]) -
     finder = MoeFinder(idx)
     done = {c for p in moes for c in (p.router_cls, p.experts_cls)}
     for name in classes:
-        if name not in done and finder.experts(idx.classes[name]) is not None:
+        if name not in done and (finder.experts(idx.classes[name]) is not None
+                                 or per_expert_loop(idx.classes[name])):
             return idx.classes[name]
     return None
 
+
+def per_expert_loop(info: ClassInfo) -> bool:
+    """3-D per-expert weights summed with `index_add_`, whatever the expert function (gpt_oss: a
+    clamped swiglu over interleaved gate/up with biases, no ACT2FN): kept as the HF loop, the
+    port would hold every expert on every rank, and its data-dependent loop over the experts hit
+    does not compile (vLLM's default mode fails on it)."""
+    fwd = info.method("forward")
+    if fwd is None or not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("index_add_")))):
+        return False
+    shapes = [s for v in _init_attrs(info).values() if (s := _param_shape(v)) is not None]
+    dims = [len(s[0].elements) if len(s) == 1 and isinstance(s[0], cst.Tuple) else len(s)  # torch.empty((E, I, H))
+            for s in shapes]
+    return dims.count(3) >= 2

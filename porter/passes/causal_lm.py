@@ -8,7 +8,7 @@ import jinja2
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, dotted, find_method, findall, param_names, self_attr
+from porter.analysis.cstutil import code, dotted, find_method, findall, param_names, self_attr, self_call_attr
 from porter.analysis.index import LINEAR_NAMES
 from porter.plan import linear_args
 from porter.passes.base import Example, Rule
@@ -92,6 +92,111 @@ class CausalLmInterface(Rule):
             "default_weight_loader)\n                weight_loader(param, loaded_weight)\n"
             "            loaded_params.add(name)\n        return loaded_params\n",
         ),
+        Example(  # a head module between the base model and the vocab projection (ModernBERT-decoder):
+            # applied in compute_logits, per token
+            "from torch import nn\n"
+            "\n"
+            "\n"
+            "class AModel(nn.Module):\n"
+            "    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+            "\n"
+            "\n"
+            "class AHead(nn.Module):\n"
+            "    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.norm = nn.LayerNorm(config.hidden_size)\n"
+            "\n"
+            "    def forward(self, x):\n"
+            "        return self.norm(x)\n"
+            "\n"
+            "\n"
+            "class AForCausalLM(nn.Module):\n"
+            "    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.model = AModel(config)\n"
+            "        self.head = AHead(config)\n"
+            "        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)\n"
+            "\n"
+            "    def forward(self, input_ids):\n"
+            "        hidden_states = self.model(input_ids=input_ids)\n"
+            "        return self.decoder(self.head(hidden_states[:, -1:, :]))\n",
+            "from torch import nn\n"
+            "\n"
+            "\n"
+            "class AModel(nn.Module):\n"
+            "    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+            "\n"
+            "\n"
+            "class AHead(nn.Module):\n"
+            "    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.norm = nn.LayerNorm(config.hidden_size)\n"
+            "\n"
+            "    def forward(self, x):\n"
+            "        return self.norm(x)\n"
+            "\n"
+            "\n"
+            "class AForCausalLM(nn.Module):\n"
+            "    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ''):\n"
+            "        super().__init__()\n"
+            "        config = vllm_config.model_config.hf_config\n"
+            "        cache_config = vllm_config.cache_config\n"
+            "        quant_config = vllm_config.quant_config\n"
+            "        self.config = config\n"
+            "        self.model = AModel(config)\n"
+            "        self.head = AHead(config)\n"
+            '        self.decoder = ParallelLMHead(config.vocab_size, config.hidden_size, bias=True, quant_config=quant_config, prefix=maybe_prefix(prefix, "decoder"))\n'
+            "        if config.tie_word_embeddings:\n"
+            "            self.decoder = self.decoder.tie_weights(self.model.embed_tokens)\n"
+            "        self.logits_processor = LogitsProcessor(config.vocab_size)\n"
+            "    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:\n"
+            "        return self.model.embed_tokens(input_ids)\n"
+            "    \n"
+            "    \n"
+            "    def forward(\n"
+            "        self,\n"
+            "        input_ids: torch.Tensor | None,\n"
+            "        positions: torch.Tensor,\n"
+            "        intermediate_tensors: IntermediateTensors | None = None,\n"
+            "        inputs_embeds: torch.Tensor | None = None,\n"
+            "    ) -> torch.Tensor:\n"
+            "        return self.model(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)\n"
+            "    \n"
+            "    \n"
+            "    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:\n"
+            "        hidden_states = self.head(hidden_states)\n"
+            "        return self.logits_processor(self.decoder, hidden_states, self.decoder.bias)\n"
+            "    \n"
+            "    \n"
+            "    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:\n"
+            "        stacked_params_mapping = [\n"
+            "            # (param_name, shard_name, shard_id)\n"
+            "        ]\n"
+            "        params_dict = dict(self.named_parameters())\n"
+            "        loaded_params: set[str] = set()\n"
+            "        for name, loaded_weight in weights:\n"
+            '            if "rotary_emb.inv_freq" in name:\n'
+            "                continue\n"
+            '            if self.config.tie_word_embeddings and name.startswith("decoder."):\n'
+            "                continue\n"
+            "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
+            "                if shard_name not in name:\n"
+            "                    continue\n"
+            "                name = name.replace(shard_name, param_name)\n"
+            "                param = params_dict[name]\n"
+            "                param.weight_loader(param, loaded_weight, shard_id)\n"
+            "                break\n"
+            "            else:\n"
+            "                param = params_dict[name]\n"
+            '                weight_loader = getattr(param, "weight_loader", default_weight_loader)\n'
+            "                weight_loader(param, loaded_weight)\n"
+            "            loaded_params.add(name)\n"
+            "        return loaded_params\n",
+        ),
     ]
 
     def leave_ClassDef(self, original, updated):
@@ -116,7 +221,7 @@ class CausalLmInterface(Rule):
             lm_head_bias = linear_args(info.submodules[plan.lm_head].call)[2] != "False"
         methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
                          lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias,
-                         base_positions=self._base_takes_positions())
+                         base_positions=self._base_takes_positions(), pre_head=self._pre_head(info))
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
@@ -212,6 +317,39 @@ class CausalLmInterface(Rule):
             term = inner if op == "*" else f"(1.0 / {inner})"
             scale = term if scale is None else f"{scale} * {term}"
         return scale, soft_cap
+
+    def _pre_head(self, info) -> list[str]:
+        """Modules of the causal LM the hidden states go through on their way into lm_head
+        (`logits = self.decoder(self.lm_head(hidden_states[:, s, :]))`: ModernBERT-decoder's
+        prediction head, dense + activation + norm, before its vocab projection `decoder`), in the
+        order they apply: compute_logits applies them, per token, before the logits processor."""
+        fwd = info.method("forward")
+        lm = self.plan.lm_head
+        if fwd is None or not lm:
+            return []
+        subs = {a for a, s in info.submodules.items()
+                if a not in (lm, self.plan.base_attr) and "Dropout" not in (s.ctor or "")}
+        if not subs:
+            return []
+        local = {n.targets[0].target.value: n.value  # type: ignore[attr-defined]
+                 for n in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name())]))}
+        for call in findall(fwd, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(lm)))):
+            chain: list[str] = []
+            seen: set[str] = set()
+            arg = call.args[0].value if call.args else None  # type: ignore[attr-defined]
+            while arg is not None:
+                if isinstance(arg, cst.Subscript):  # hidden_states[:, slice_indices, :]
+                    arg = arg.value
+                elif isinstance(arg, cst.Name) and arg.value in local and arg.value not in seen:
+                    seen.add(arg.value)
+                    arg = local[arg.value]
+                elif self_call_attr(arg) in subs and arg.args:  # type: ignore[union-attr]
+                    chain.append(self_call_attr(arg))  # type: ignore[arg-type]
+                    arg = arg.args[0].value  # type: ignore[union-attr]
+                else:
+                    break
+            return chain[::-1]
+        return []
 
     def _unportable(self, node):
         return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",

@@ -106,7 +106,10 @@ class TpLinears(Rule):
     why = (
         "Each remaining `nn.Linear` gets the engine's parallel layer by its role in the dataflow: "
         "a projection whose output feeds another projection is column-parallel, the one reading "
-        "it is row-parallel (all-reduce after), a stand-alone one is replicated. Engine linears "
+        "it is row-parallel (all-reduce after), a stand-alone one is replicated. A column "
+        "projection whose output forward chunks into n equal parts (`self.Wi(x).chunk(2)`, or through "
+        "a local) is a `MergedColumnParallelLinear` of n equal outputs, so each rank holds its slice of "
+        "every part and the chunk still splits them. Engine linears "
         "return `(output, bias)`: call sites unpack `y, _ = self.proj(x)` or take `[0]`."
     )
     examples = [
@@ -135,6 +138,22 @@ class TpLinears(Rule):
             "        self.proj = ReplicatedLinear(config.hidden_size, config.hidden_size, "
             'bias=True, quant_config=quant_config, prefix=f"{prefix}.proj")\n\n'
             "    def forward(self, x):\n        return self.proj(x)[0]\n",
+        ),
+        Example(  # one projection packing two outputs, chunked where it is called (ModernBERT's Wi)
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)\n"
+            "        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)\n\n"
+            "    def forward(self, x):\n        a, gate = self.Wi(x).chunk(2, dim=-1)\n"
+            "        return self.Wo(torch.relu(a) * gate)\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.Wi = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, "
+            'bias=False, quant_config=quant_config, prefix=f"{prefix}.Wi")\n'
+            "        self.Wo = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, "
+            'quant_config=quant_config, prefix=f"{prefix}.Wo")\n\n'
+            "    def forward(self, x):\n        a, gate = self.Wi(x)[0].chunk(2, dim=-1)\n"
+            "        return self.Wo(torch.relu(a) * gate)[0]\n",
         ),
     ]
 
