@@ -84,8 +84,14 @@ def test_drift_report_names_what_changed(regen_new_release):
         for target in TARGETS:
             t = m["targets"][target]
             assert t["status"] == "converted" and t["verify"] == "not run"
-            assert f"porter_{target}_{m['model_type']}/modeling_{m['model_type']}.py" in t["files_changed"]
-            assert any(r.startswith("PT010 ") for r in t["rules_output_changed"])
+            module = f"porter_{target}_{m['model_type']}/modeling_{m['model_type']}.py"
+            assert module in t["files_changed"]
+            # the rename reaches the port's code where a kept signature changed with it (its header
+            # names the release in every port; modernbert_decoder's code is the same in both)
+            body = [(root / target / m["model_type"] / module).read_text().splitlines()[5:]
+                    for root in (GENERATED, out)]
+            if body[0] != body[1]:
+                assert any(r.startswith("PT010 ") for r in t["rules_output_changed"])
         assert f"## {m['model_type']}" in md
     assert "-past_key_values +cache" in md
     assert "rules whose output changed" in md

@@ -80,8 +80,8 @@ class CausalLmInterface(Rule):
             "        loaded_params: set[str] = set()\n"
             "        for name, loaded_weight in weights:\n"
             '            if "rotary_emb.inv_freq" in name:\n                continue\n'
-            '            if self.config.tie_word_embeddings and name.startswith("lm_head."):\n'
-            "                continue\n"
+            '            if self.config.tie_word_embeddings and name == "lm_head.weight":\n'
+            "                continue  # the embedding's; a head's own bias still loads\n"
             "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
             "                if shard_name not in name:\n                    continue\n"
             "                name = name.replace(shard_name, param_name)\n"
@@ -181,8 +181,8 @@ class CausalLmInterface(Rule):
             "        for name, loaded_weight in weights:\n"
             '            if "rotary_emb.inv_freq" in name:\n'
             "                continue\n"
-            '            if self.config.tie_word_embeddings and name.startswith("decoder."):\n'
-            "                continue\n"
+            '            if self.config.tie_word_embeddings and name == "decoder.weight":\n'
+            "                continue  # the embedding's; a head's own bias still loads\n"
             "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
             "                if shard_name not in name:\n"
             "                    continue\n"
