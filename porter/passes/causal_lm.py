@@ -80,8 +80,8 @@ class CausalLmInterface(Rule):
             "        loaded_params: set[str] = set()\n"
             "        for name, loaded_weight in weights:\n"
             '            if "rotary_emb.inv_freq" in name:\n                continue\n'
-            '            if self.config.tie_word_embeddings and name == "lm_head.weight":\n'
-            "                continue  # the embedding's; a head's own bias still loads\n"
+            '            if self.config.tie_word_embeddings and name.startswith("lm_head."):\n'
+            "                continue\n"
             "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
             "                if shard_name not in name:\n                    continue\n"
             "                name = name.replace(shard_name, param_name)\n"
@@ -182,7 +182,7 @@ class CausalLmInterface(Rule):
             '            if "rotary_emb.inv_freq" in name:\n'
             "                continue\n"
             '            if self.config.tie_word_embeddings and name == "decoder.weight":\n'
-            "                continue  # the embedding's; a head's own bias still loads\n"
+            "                continue  # the embedding's; the head's own bias still loads\n"
             "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
             "                if shard_name not in name:\n"
             "                    continue\n"
@@ -239,6 +239,7 @@ class CausalLmInterface(Rule):
         interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
                                      if a.interleaved_unless})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
+                    lm_head_bias=lm_head_bias,
                     interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
                     renames=plan.checkpoint_renames, experts=experts,

@@ -418,8 +418,8 @@ class FalconForCausalLM(nn.Module):
         for name, loaded_weight in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; a head's own bias still loads
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v grouped per KV head in the checkpoint ([kv_heads, q_per_kv + 2, head_dim]: each
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it

@@ -322,8 +322,8 @@ class GPT2LMHeadModel(nn.Module):
         for name, loaded_weight in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; a head's own bias still loads
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
             if name.endswith((".c_attn.weight", ".c_fc.weight", ".c_proj.weight")):
                 # a transposed-convention linear (Conv1D: weight [in, out]) -> the engine's [out, in]
                 loaded_weight = loaded_weight.t()

@@ -327,8 +327,8 @@ class GPTBigCodeForCausalLM(nn.Module):
         for name, loaded_weight in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; a head's own bias still loads
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
             if ".c_attn." in name and not getattr(
                 self.get_submodule(name.split(".c_attn.")[0]), "multi_query"
             ):

@@ -319,8 +319,8 @@ class OlmoeForCausalLM(nn.Module):
         for name, loaded_weight in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; a head's own bias still loads
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
             for param_name, shard_name, shard_id in stacked_params_mapping:
                 if shard_name not in name or ".experts." in name:
                     continue

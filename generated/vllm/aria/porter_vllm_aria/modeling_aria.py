@@ -371,8 +371,8 @@ class AriaTextForCausalLM(nn.Module):
             name = re.sub("\\.router\\.", ".gate.", name)
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; a head's own bias still loads
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
             if name.endswith(
                 (
                     ".experts.gate_up_proj",

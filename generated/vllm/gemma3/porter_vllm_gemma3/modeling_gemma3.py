@@ -371,8 +371,8 @@ class Gemma3ForCausalLM(nn.Module):
             name = re.sub("^multi_modal_projector", "model.multi_modal_projector", name)
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; a head's own bias still loads
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
             for param_name, shard_name, shard_id in stacked_params_mapping:
                 if shard_name not in name:
                     continue

@@ -334,8 +334,8 @@ class PersimmonForCausalLM(nn.Module):
         for name, loaded_weight in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; a head's own bias still loads
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v interleaved per head in the checkpoint -> [q; k; v] as QKVParallelLinear loads it
                 qkv = self.get_submodule(name.rsplit(".", 1)[0])
