@@ -25,6 +25,7 @@ from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
 from porter.passes import PASSES, REGISTRY, RewriteContext
+from porter.passes.base import SharedTarget
 from porter.passes.causal_lm import render
 from porter.passes.inline_attention import inline_attention_calls
 from porter.plan import PortPlan, alibi_producers, build_plan
@@ -87,7 +88,11 @@ def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     return idx, plan
 
 
-def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, RewriteContext, list[str]]:
+def rewrite_targets(idx: ModelIndex, plan: PortPlan,
+                    targets: list[Target]) -> list[tuple[str, RewriteContext, list[str]]]:
+    """The rewrite passes for each target: (code, context, rules applied) per target. The rules
+    before the first that reads the target run once for all of them (targets differ only in
+    names and import paths, so this is most of a second target's time)."""
     table = strip_table()
     if alibi := {a.alibi for a in plan.attentions if a.alibi}:
         # an ALiBi bias the engine's Attention adds itself (slopes, PT021): HF-only from here on
@@ -95,13 +100,23 @@ def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, Rewri
         table = dataclasses.replace(
             table, strip_params=table.strip_params | alibi, hf_only_callables=table.hf_only_callables | producers,
             drop_methods=table.drop_methods | {p.split(".", 1)[1] for p in producers if p.startswith("self.")})
-    ctx = RewriteContext(idx=idx, plan=plan, table=table, target=target)
+    ctx = RewriteContext(idx=idx, plan=plan, table=table, target=SharedTarget(targets))  # type: ignore[arg-type]
     for scope, codes in idx.provenance.items():
         ctx.provenance.setdefault(scope, set()).update(codes)
-    module = idx.module
     before = sorted({c for codes in idx.provenance.values() for c in codes})
     applied = [f"{c} {REGISTRY[c].name}" for c in before]  # the rules that ran before indexing
-    for rule_cls in PASSES:
+    split = next((i for i, r in enumerate(PASSES) if r.reads_target), len(PASSES))
+    module = _run_passes(PASSES[:split], idx.module, ctx, applied)
+    out = []
+    for target in targets:
+        own = ctx.fork(target)
+        own_applied = list(applied)
+        out.append((_run_passes(PASSES[split:], module, own, own_applied).code, own, own_applied))
+    return out
+
+
+def _run_passes(passes, module: cst.Module, ctx: RewriteContext, applied: list[str]) -> cst.Module:
+    for rule_cls in passes:
         if not rule_cls.applies(ctx):
             continue
         rule = rule_cls(ctx)
@@ -111,11 +126,11 @@ def rewrite(idx: ModelIndex, plan: PortPlan, target: Target) -> tuple[str, Rewri
             raise
         except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
             raise PorterError(
-                f"cannot port: {type(exc).__name__}: {exc}", file=idx.path, rule=rule_cls.name
+                f"cannot port: {type(exc).__name__}: {exc}", file=ctx.idx.path, rule=rule_cls.name
             ) from None
         if rule.changed:
             applied.append(f"{rule_cls.code} {rule_cls.name}")
-    return module.code, ctx, applied
+    return module
 
 
 def ruff_format(text: str) -> str:
@@ -132,12 +147,18 @@ def ruff_format(text: str) -> str:
 
 
 def convert_one(source: Source, idx: ModelIndex, plan: PortPlan, target: Target) -> Converted:
+    return convert_targets(source, idx, plan, [target])[0]
+
+
+def convert_targets(source: Source, idx: ModelIndex, plan: PortPlan, targets: list[Target]) -> list[Converted]:
+    """One port per target, from one analysis (the shared rewrite passes run once)."""
     with _collector_paused():
-        return _convert_one(source, idx, plan, target)
+        return [_package(source, plan, target, *rewritten)
+                for target, rewritten in zip(targets, rewrite_targets(idx, plan, targets))]
 
 
-def _convert_one(source: Source, idx: ModelIndex, plan: PortPlan, target: Target) -> Converted:
-    body, ctx, applied = rewrite(idx, plan, target)
+def _package(source: Source, plan: PortPlan, target: Target, body: str, ctx: RewriteContext,
+             applied: list[str]) -> Converted:
     pkg = package_name(target.name, source.model_type)
     module_name = f"modeling_{source.model_type}"
     meta = dict(
@@ -290,7 +311,7 @@ def convert(src: str, targets: list[str], out: Path, *, config: str | None = Non
     tgts = [get_target(t) for t in targets]
     source = resolve_release(src, config=config, transformers=transformers)
     idx, plan = analyse(source)
-    results = [convert_one(source, idx, plan, t) for t in tgts]  # all succeed before anything is written
+    results = convert_targets(source, idx, plan, tgts)  # all succeed before anything is written
     if write:
         for conv in results:  # every port may be replaced before any is written
             check_dest(out / conv.target / conv.info.model_type, force)
@@ -305,4 +326,4 @@ def plan_json(src: str, config: str | None = None) -> str:
     return json.dumps(plan.to_dict(), indent=2)
 
 
-__all__ = ["convert", "plan_json", "Converted", "cst"]
+__all__ = ["convert", "convert_one", "convert_targets", "plan_json", "Converted", "cst"]

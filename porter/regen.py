@@ -133,14 +133,14 @@ def committed_ports(root: Path) -> dict[str, dict[str, PortInfo]]:
 
 def _convert(model_type: str, version: str, targets: list[str]):
     """Convert MODEL_TYPE from transformers VERSION for TARGETS: (source, [Converted])."""
-    from porter.convert import analyse, convert_one
+    from porter.convert import analyse, convert_targets
     from porter.rules_data import get_target
     from porter.source import resolve
 
     tree = transformers_tree(version)
     source = resolve(model_type, transformers_dir=tree, transformers_version=version)
     idx, plan = analyse(source)
-    return source, [convert_one(source, idx, plan, get_target(t)) for t in targets]
+    return source, convert_targets(source, idx, plan, [get_target(t) for t in targets])
 
 
 def _port_files(port_dir: Path) -> dict[str, bytes]:

@@ -188,3 +188,30 @@ def test_hand_edited_port_is_not_overwritten_without_force(tmp_path):
     assert mod.read_text().endswith("# my edit\n")
     assert run_porter("convert", "llama", "--target", "vllm", "--out", str(out), "--force").returncode == 0
     assert not mod.read_text().endswith("# my edit\n")
+
+
+def test_targets_share_the_rules_before_the_target_split():
+    """Converting for both targets at once (the shared rules run once) gives each target the port
+    it gets alone; a rule before the split cannot read what differs between targets."""
+    from porter.convert import analyse, convert_one, convert_targets
+    from porter.passes.base import SharedTarget
+    from porter.rules_data import get_target
+    from porter.source import resolve
+
+    targets = [get_target("vllm"), get_target("aphrodite")]
+    source = resolve("qwen2")
+    idx, plan = analyse(source)
+    together = convert_targets(source, idx, plan, targets)
+    for conv, target in zip(together, targets):
+        idx, plan = analyse(source)
+        alone = convert_one(source, idx, plan, target)
+        assert conv.files == alone.files and conv.rules_applied == alone.rules_applied
+        assert conv.provenance == alone.provenance
+    assert together[0].files != together[1].files
+
+    shared = SharedTarget(targets)
+    assert shared.symbols["QKVParallelLinear"].endswith(":QKVParallelLinear")
+    with pytest.raises(AssertionError, match="EngineConfig"):
+        shared.symbols["EngineConfig"]  # VllmConfig / AphroditeConfig
+    with pytest.raises(AttributeError, match="config_kwarg"):
+        shared.config_kwarg  # noqa: B018

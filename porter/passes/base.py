@@ -10,7 +10,9 @@ class/function, so `porter diff` labels hunks with the rules that made them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import libcst as cst
@@ -58,6 +60,50 @@ class RewriteContext:
         self.engine_symbols.add(symbol)
         return self.target.symbols[symbol].split(":")[1]
 
+    def fork(self, target: Target) -> RewriteContext:
+        """This context for one target, after the rules every target shares: its own copy of
+        what the rules recorded (the index, plan and table are read, never changed)."""
+        shared = {"idx", "plan", "table", "target"}
+        return replace(self, target=target, **{
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in shared})
+
+
+class _SharedSymbols(Mapping):
+    """The engine symbols' code names, where every target writes the same name (the module it
+    is imported from is read only by the target-reading rules)."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self._targets = targets
+        self._names = {k: {t.symbols.get(k, ":").split(":")[1] for t in targets}
+                       for t in targets for k in t.symbols}
+
+    def __getitem__(self, key: str) -> str:
+        names = self._names[key]
+        if len(names) != 1 or "" in names:
+            raise AssertionError(f"engine symbol {key!r} differs between targets: only a rule with "
+                                 "reads_target = True may use it")
+        return f"<any target>:{next(iter(names))}"
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class SharedTarget:
+    """What the rules before the first target-reading one see instead of a target: the symbol
+    names every target shares. Any other attribute of a target (its package, config keyword,
+    module paths) raises, so a rule that reads one without declaring `reads_target` fails loudly
+    instead of giving every target the first one's code."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self.symbols = _SharedSymbols(targets)
+
+    def __getattr__(self, attr: str):
+        raise AttributeError(f"target.{attr} differs between targets: only a rule with "
+                             "reads_target = True may read it")
+
 
 class Rule(cst.CSTTransformer):
     code: ClassVar[str] = ""
@@ -71,6 +117,9 @@ class Rule(cst.CSTTransformer):
     # whole in leave_FunctionDef, or only on decorators/signatures, walk none.
     descend_methods: ClassVar[frozenset[str] | None] = None
     descends: ClassVar[bool] = True  # False: the rule works on the module/classes as a whole
+    # True: the rule writes target-specific code (config keyword, import paths). The rules before
+    # the first such one run once for all targets (convert's rewrite forks there).
+    reads_target: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)

@@ -28,6 +28,7 @@ def _indent(text: str) -> str:
 
 class CausalLmInterface(Rule):
     descend_methods = frozenset()
+    reads_target = True
     code = "PT050"
     name = "causal-lm-interface"
     why = (
@@ -580,6 +581,7 @@ class PruneUnreachable(Rule):
 
 class EngineImports(Rule):
     visits_dropped_code = True
+    reads_target = True
     descends = False
     code = "PT070"
     name = "engine-imports"
