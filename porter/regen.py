@@ -15,6 +15,7 @@ PORT.json into a temporary directory and compares it with the committed one byte
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import json
 import os
 import shutil
@@ -169,28 +170,53 @@ class CheckResult:
         return not self.differing and not self.errors
 
 
-def check(root: Path = Path("generated")) -> CheckResult:
+def check(root: Path = Path("generated"), jobs: int | None = None) -> CheckResult:
     """Regenerate each committed port from its recorded transformers version into a temporary
-    directory and compare it with ROOT byte for byte."""
-    from porter.convert import write_port
-
+    directory and compare it with ROOT byte for byte. A model's targets are converted together
+    (one analysis, the shared rules once); models are spread over JOBS processes (default: up to
+    two, one per core)."""
     root = Path(root)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for model_type, by_target in sorted(committed_ports(root).items()):
+        for target, info in sorted(by_target.items()):
+            groups.setdefault((model_type, info.transformers_version), []).append(target)
+    for version in sorted({v for _, v in groups}):
+        try:
+            transformers_tree(version)  # fetched once here, not by two workers at the same time
+        except PorterError:
+            pass  # reported for each of its ports below
+    jobs = max(1, min(jobs or os.cpu_count() or 1, 2, len(groups)))
     res = CheckResult()
     with tempfile.TemporaryDirectory(prefix="porter-check-") as tmp:
-        for model_type, by_target in sorted(committed_ports(root).items()):
-            for target, info in sorted(by_target.items()):
-                res.checked += 1
-                try:
-                    _, (conv,) = _convert(model_type, info.transformers_version, [target])
-                    new_dir = write_port(conv, Path(tmp), force=True)
-                except PorterError as exc:
-                    res.errors.append(f"{root / target / model_type}: {exc.one_line()}")
-                    continue
-                old = _port_files(root / target / model_type)
-                new = _port_files(new_dir)
-                for rel in sorted(set(old) | set(new)):
-                    if old.get(rel) != new.get(rel):
-                        res.differing.append(str(root / target / model_type / rel))
+        work = [(root, model_type, version, targets, Path(tmp)) for (model_type, version), targets in groups.items()]
+        if jobs == 1:
+            parts = [_check_model(*w) for w in work]
+        else:
+            with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+                parts = list(pool.map(_check_model, *zip(*work)))
+    for part in parts:
+        res.checked += part.checked
+        res.differing += part.differing
+        res.errors += part.errors
+    return res
+
+
+def _check_model(root: Path, model_type: str, version: str, targets: list[str], tmp: Path) -> CheckResult:
+    from porter.convert import write_port
+
+    res = CheckResult(checked=len(targets))
+    try:
+        _, convs = _convert(model_type, version, targets)
+        new_dirs = [write_port(conv, tmp, force=True) for conv in convs]
+    except PorterError as exc:
+        res.errors += [f"{root / target / model_type}: {exc.one_line()}" for target in targets]
+        return res
+    for target, new_dir in zip(targets, new_dirs):
+        old = _port_files(root / target / model_type)
+        new = _port_files(new_dir)
+        for rel in sorted(set(old) | set(new)):
+            if old.get(rel) != new.get(rel):
+                res.differing.append(str(root / target / model_type / rel))
     return res
 
 
