@@ -3,7 +3,8 @@
     .venv/bin/python bench/run_all.py                # everything (also: make bench)
     .venv/bin/python bench/run_all.py --only render  # re-render from bench/results.json
 
-Sections: throughput (porter bench per model, all models in this one run), convert (every
+Sections: throughput (porter bench per model, all models in this one run), paired (port and
+native in one engine, timed forward by forward: porter/benchpair.py), convert (every
 port in generated/vllm, both targets, per file: bench/convert_speed.py), verify (one
 `porter verify --tp 1,2` per listed model, wall time). A section that is not run keeps its
 previous numbers in results.json. Not a test: a measurement on a possibly shared machine.
@@ -29,6 +30,7 @@ RESULTS_MD = HERE / "RESULTS.md"
 PLOT = HERE / "throughput.png"
 BENCH_MODELS = ["llama", "qwen2", "opt", "phi", "gpt_neox"]
 VERIFY_MODELS = ["llama", "qwen2", "opt"]
+PAIRED_MODELS = ["llama", "qwen2", "opt"]  # the bench models vLLM has a native class for
 
 
 def log(msg: str) -> None:
@@ -45,6 +47,22 @@ def throughput(models: list[str], repeats: int, sessions: int, enforce_eager: bo
         print(render(res), flush=True)
         out[m] = asdict(res)
         _save_partial("throughput", out)
+    return out
+
+
+def paired(models: list[str], repeats: int) -> dict:
+    from porter.benchpair import render, run
+
+    out = {}
+    for m in models:
+        log(f"paired forward timing: {m} ({repeats} repeats)")
+        out[m] = run(m, repeats)
+        print(render(m, out[m]), flush=True)
+    # the instrument's own floor: the same native class in both slots
+    aa = f"A/A control ({models[0]}: native in both slots)"
+    log(f"paired forward timing: {aa}")
+    out[aa] = run(models[0], repeats, aa=True)
+    print(render(aa, out[aa]), flush=True)
     return out
 
 
@@ -119,13 +137,14 @@ def _save_partial(section: str, value) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="throughput,convert,verify,render",
-                    help="comma-separated sections: throughput, convert, verify, render")
+    ap.add_argument("--only", default="throughput,paired,convert,verify,render",
+                    help="comma-separated sections: throughput, paired, convert, verify, render")
     ap.add_argument("--models", default=",".join(BENCH_MODELS))
     ap.add_argument("--verify-models", default=",".join(VERIFY_MODELS))
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--sessions", type=int, default=5, help="fresh-worker sessions (0: one per repeat)")
     ap.add_argument("--convert-repeats", type=int, default=3)
+    ap.add_argument("--paired-repeats", type=int, default=20)
     ap.add_argument("--compile", action="store_true",
                     help="vLLM paths with enforce_eager=False (inductor on CPU; slow to start)")
     args = ap.parse_args()
@@ -135,6 +154,8 @@ def main() -> None:
     if "throughput" in only:
         _save_partial("throughput", throughput(args.models.split(","), args.repeats,
                                                args.sessions, not args.compile))
+    if "paired" in only:
+        _save_partial("paired", paired(PAIRED_MODELS, args.paired_repeats))
     if "convert" in only:
         log("convert speed")
         _save_partial("convert", convert(args.convert_repeats))
