@@ -6,7 +6,8 @@ leaves a floor of noise: a fresh process keeps its own speed for its life (the s
 decode (bench/findings.md). This instrument removes both, to answer one question: is the
 port's code slower than vLLM's own?
 
-    python -m porter.benchpair MODEL [--repeats N] [--json] [--no-share] [--aa]
+    porter bench MODEL --paired [--repeats N] [--json]
+    python -m porter.benchpair MODEL... [--repeats N] [--json] [--no-share] [--aa]
 
 One vLLM engine (TP=1, eager, fp32, the bench checkpoint and workload) builds a wrapper model
 that holds the port's causal LM and vLLM's native one side by side. Every forward the engine
@@ -153,7 +154,10 @@ def _setup(model: str, tmp: Path, share: bool, aa: bool = False) -> tuple[dict, 
     from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS as native_models
 
     if info.hf_architecture not in native_models:
-        raise SystemExit(f"vLLM has no native class for {info.hf_architecture}")
+        from porter.errors import PorterError
+
+        raise PorterError(f"vLLM has no native class for {info.hf_architecture}: nothing to pair the port with",
+                          file=str(port_dir / "PORT.json"), construct="porter bench --paired")
     mod, cls = native_models[info.hf_architecture]
     wl = Workload()
     cfg = bench_config(info.model_type)

@@ -264,6 +264,7 @@ def bench(
     paths: str = typer.Option("port,native,transformers,hf", "--paths", help="Comma-separated paths to run (port, native, transformers, hf)."),
     as_json: bool = typer.Option(False, "--json"),
     compile_: bool = typer.Option(False, "--compile", help="vLLM paths with enforce_eager=False (inductor on CPU)."),
+    paired: bool = typer.Option(False, "--paired", help="Instead: port and native in one engine, every forward timed for both (porter/benchpair.py); REPEATS rounds of the workload."),
 ) -> None:
     """Prefill/decode tok/s: port vs vLLM native vs Transformers backend vs HF generate (one process each)."""
     from porter.bench import render, run_bench, to_json
@@ -272,6 +273,12 @@ def bench(
     port_dir = resolve_port(model)
     if not (port_dir / "PORT.json").exists():
         _fail(PorterError(f"no port for {model!r} (no {port_dir}/PORT.json)", construct="porter bench"))
+    if paired:
+        from porter import benchpair
+
+        got = benchpair.run(model, repeats)
+        print(json.dumps(got, indent=2) if as_json else benchpair.render(model, got))
+        return
     res = run_bench(model, repeats=repeats, sessions=sessions or None, paths=tuple(paths.split(",")), enforce_eager=not compile_,
                     log=lambda m: sys.stderr.write(f"{m}\n"))
     print(to_json(res) if as_json else render(res))
