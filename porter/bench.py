@@ -478,18 +478,23 @@ def single_path(model: str, path: str, tmp: Path) -> tuple[dict, dict, Workload,
     return spec, env, wl, long, short
 
 
-def _native_exists(hf_architecture: str) -> bool:
-    out = subprocess.run(
+def _native_class(hf_architecture: str) -> str | None:
+    """vLLM's own class for an architecture as "module:Class", or None (looked up in a child
+    process: importing vLLM here would put its start-up logs on this command's stderr)."""
+    proc = subprocess.run(
         [
             sys.executable,
             "-c",
             "import sys; from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS as m;"
-            f"sys.exit(0 if {hf_architecture!r} in m else 1)",
+            "e = m.get(sys.argv[1]); print(f'vllm.model_executor.models.{e[0]}:{e[1]}' if e else '')",
+            hf_architecture,
         ],
         capture_output=True,
+        text=True,
         timeout=300,
     )
-    return out.returncode == 0
+    lines = proc.stdout.strip().splitlines() if proc.returncode == 0 else []
+    return lines[-1] if lines and lines[-1] else None
 
 
 def run_bench(
@@ -532,7 +537,7 @@ def run_bench(
         hf_repeats=min(hf_repeats, repeats),
     )
     paths = tuple(p for p in paths if p in PATHS)
-    if "native" in paths and not _native_exists(info.hf_architecture):
+    if "native" in paths and _native_class(info.hf_architecture) is None:
         log(f"vLLM has no native class for {info.hf_architecture}: no native path")
         res.paths["native"] = {"ready": False, "error": "vLLM has no native class"}
         paths = tuple(p for p in paths if p != "native")

@@ -144,27 +144,24 @@ def run(model: str, repeats: int = 20, share: bool = True, aa: bool = False) -> 
 
 
 def _setup(model: str, tmp: Path, share: bool, aa: bool = False) -> tuple[dict, dict]:
-    from porter.bench import Workload, _env, _special_ids, bench_config, checkpoint
+    from porter.bench import Workload, _env, _native_class, _special_ids, bench_config, checkpoint
     from porter.layout import PortInfo
     from porter.verify import resolve_port
 
     port_dir = resolve_port(model)
     info = PortInfo.load(port_dir)
-    ckpt, params = checkpoint(info.model_type, info.hf_architecture)
-    from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS as native_models
-
-    if info.hf_architecture not in native_models:
+    native = _native_class(info.hf_architecture)
+    if native is None:
         from porter.errors import PorterError
 
         raise PorterError(f"vLLM has no native class for {info.hf_architecture}: nothing to pair the port with",
                           file=str(port_dir / "PORT.json"), construct="porter bench --paired")
-    mod, cls = native_models[info.hf_architecture]
+    ckpt, params = checkpoint(info.model_type, info.hf_architecture)
     wl = Workload()
     cfg = bench_config(info.model_type)
     long, short = wl.prompts(cfg.vocab_size, _special_ids(cfg))
     (tmp / "probe").mkdir()
     env = _env(None, port_dir.resolve(), tmp / "probe", 2)
-    native = f"vllm.model_executor.models.{mod}:{cls}"
     env.update(PORTER_PAIR_PORT=native if aa else f"{info.module}:{info.hf_architecture}",
                PORTER_PAIR_NATIVE=native,
                PORTER_PAIR_SHARE="1" if share else "0")

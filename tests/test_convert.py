@@ -215,3 +215,11 @@ def test_targets_share_the_rules_before_the_target_split():
         shared.symbols["EngineConfig"]  # VllmConfig / AphroditeConfig
     with pytest.raises(AttributeError, match="config_kwarg"):
         shared.config_kwarg  # noqa: B018
+
+
+def test_paired_bench_without_a_native_class_is_one_line_error():
+    # phi: vLLM 0.32 has no native PhiForCausalLM to pair the port with
+    proc = run_porter("bench", "phi", "--paired")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no native class for PhiForCausalLM" in lines[0] and "PORT.json" in lines[0]

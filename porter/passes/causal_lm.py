@@ -26,6 +26,29 @@ def _indent(text: str) -> str:
     return "".join(("    " + line) if line.strip() else line for line in text.splitlines(True))
 
 
+# the base model and head module of PT050's prediction-head example (before and after alike)
+_HEAD_MODULES = (
+    "from torch import nn\n"
+    "\n"
+    "\n"
+    "class AModel(nn.Module):\n"
+    "    def __init__(self, config):\n"
+    "        super().__init__()\n"
+    "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+    "\n"
+    "\n"
+    "class AHead(nn.Module):\n"
+    "    def __init__(self, config):\n"
+    "        super().__init__()\n"
+    "        self.norm = nn.LayerNorm(config.hidden_size)\n"
+    "\n"
+    "    def forward(self, x):\n"
+    "        return self.norm(x)\n"
+    "\n"
+    "\n"
+)
+
+
 class CausalLmInterface(Rule):
     descend_methods = frozenset()
     reads_target = True
@@ -95,25 +118,8 @@ class CausalLmInterface(Rule):
         ),
         Example(  # a head module between the base model and the vocab projection (ModernBERT-decoder):
             # applied in compute_logits, per token
-            "from torch import nn\n"
-            "\n"
-            "\n"
-            "class AModel(nn.Module):\n"
-            "    def __init__(self, config):\n"
-            "        super().__init__()\n"
-            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n"
-            "\n"
-            "\n"
-            "class AHead(nn.Module):\n"
-            "    def __init__(self, config):\n"
-            "        super().__init__()\n"
-            "        self.norm = nn.LayerNorm(config.hidden_size)\n"
-            "\n"
-            "    def forward(self, x):\n"
-            "        return self.norm(x)\n"
-            "\n"
-            "\n"
-            "class AForCausalLM(nn.Module):\n"
+            _HEAD_MODULES
+            + "class AForCausalLM(nn.Module):\n"
             "    def __init__(self, config):\n"
             "        super().__init__()\n"
             "        self.model = AModel(config)\n"
@@ -123,25 +129,8 @@ class CausalLmInterface(Rule):
             "    def forward(self, input_ids):\n"
             "        hidden_states = self.model(input_ids=input_ids)\n"
             "        return self.decoder(self.head(hidden_states[:, -1:, :]))\n",
-            "from torch import nn\n"
-            "\n"
-            "\n"
-            "class AModel(nn.Module):\n"
-            "    def __init__(self, config):\n"
-            "        super().__init__()\n"
-            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n"
-            "\n"
-            "\n"
-            "class AHead(nn.Module):\n"
-            "    def __init__(self, config):\n"
-            "        super().__init__()\n"
-            "        self.norm = nn.LayerNorm(config.hidden_size)\n"
-            "\n"
-            "    def forward(self, x):\n"
-            "        return self.norm(x)\n"
-            "\n"
-            "\n"
-            "class AForCausalLM(nn.Module):\n"
+            _HEAD_MODULES
+            + "class AForCausalLM(nn.Module):\n"
             "    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ''):\n"
             "        super().__init__()\n"
             "        config = vllm_config.model_config.hf_config\n"
