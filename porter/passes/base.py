@@ -62,8 +62,9 @@ class RewriteContext:
 
     def fork(self, target: Target) -> RewriteContext:
         """This context for one target, after the rules every target shares: its own copy of
-        what the rules recorded (the index, plan and table are read, never changed)."""
-        shared = {"idx", "plan", "table", "target"}
+        what the rules recorded. The index, plan and table are read, never changed, and the memo
+        holds facts derived from them alone, so every target shares those."""
+        shared = {"idx", "plan", "table", "target", "memo"}
         return replace(self, target=target, **{
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in shared})
 
@@ -73,9 +74,8 @@ class _SharedSymbols(Mapping):
     is imported from is read only by the target-reading rules)."""
 
     def __init__(self, targets: list[Target]) -> None:
-        self._targets = targets
-        self._names = {k: {t.symbols.get(k, ":").split(":")[1] for t in targets}
-                       for t in targets for k in t.symbols}
+        keys = set().union(*(t.symbols for t in targets))
+        self._names = {k: {t.symbols.get(k, ":").split(":")[1] for t in targets} for k in keys}
 
     def __getitem__(self, key: str) -> str:
         names = self._names[key]
