@@ -185,7 +185,7 @@ def check(root: Path = Path("generated"), jobs: int | None = None) -> CheckResul
             transformers_tree(version)  # fetched once here, not by two workers at the same time
         except PorterError:
             pass  # reported for each of its ports below
-    jobs = max(1, min(jobs or os.cpu_count() or 1, 2, len(groups)))
+    jobs = min(jobs or min(2, os.cpu_count() or 1), len(groups))
     res = CheckResult()
     with tempfile.TemporaryDirectory(prefix="porter-check-") as tmp:
         work = [(root, model_type, version, targets, Path(tmp)) for (model_type, version), targets in groups.items()]
