@@ -176,7 +176,8 @@ def _paired_md(pr: dict | None) -> list[str]:
         cells = []
         for kind in ("prefill", "decode"):
             s = r["summary"].get(kind)
-            cells.append(f"**{s['native_over_port_median']:.4f}** ({s['ci95'][0]:.4f}–{s['ci95'][1]:.4f}); "
+            ci = (s or {}).get("ci95") or [float("nan")] * 2  # none below 5 steps
+            cells.append(f"**{s['native_over_port_median']:.4f}** ({ci[0]:.4f}–{ci[1]:.4f}); "
                          f"{s['native_over_port_sum']:.4f}" if s else "—")
         d = r["summary"].get("decode") or {}
         out.append(f"| {name} | {r['repeats']} | {cells[0]} | {cells[1]} | "
@@ -205,7 +206,7 @@ def _must_show(tp: dict, paired: dict) -> list[str]:
             return f"{'yes' if ok else '**no**'} ({vals[0]:.3f}, {vals[1]:.3f}{ci_text})"
 
         pr = (paired.get(name) or {}).get("summary") or {}
-        if pr:
+        if all(k in pr for k in ("prefill", "decode")):
             vals = [pr[k]["native_over_port_median"] for k in ("prefill", "decode")]
             one = f"{'yes' if min(vals) >= 0.98 else '**no**'} ({vals[0]:.3f}, {vals[1]:.3f})"
         else:

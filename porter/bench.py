@@ -102,6 +102,15 @@ class Workload:
         short = [[rng.choice(ok) for _ in range(self.decode_len)] for _ in range(self.decode_batch)]
         return long, short
 
+    def engine_limits(self) -> dict:
+        """The vLLM engine's size arguments for this workload (every engine path alike)."""
+        max_len = max(self.prefill_len + 1, self.decode_len + self.decode_tokens)
+        return {
+            "max_model_len": -(-(max_len + 16) // 64) * 64,
+            "max_num_seqs": max(self.prefill_batch, self.decode_batch),
+            "max_num_batched_tokens": max(2048, self.prefill_batch * self.prefill_len),
+        }
+
 
 @dataclass
 class BenchResult:
@@ -464,9 +473,7 @@ def single_path(model: str, path: str, tmp: Path) -> tuple[dict, dict, Workload,
     ck = with_architecture(ckpt, tmp / "ck", info.architecture) if path == "port" else ckpt
     spec = {
         "enforce_eager": True,
-        "max_model_len": 192,
-        "max_num_seqs": max(wl.prefill_batch, wl.decode_batch),
-        "max_num_batched_tokens": 2048,
+        **wl.engine_limits(),
         "hf_architecture": info.hf_architecture,
         "kind": "hf" if path == "hf" else "vllm",
         "checkpoint": str(ck),
@@ -541,12 +548,9 @@ def run_bench(
         log(f"vLLM has no native class for {info.hf_architecture}: no native path")
         res.paths["native"] = {"ready": False, "error": "vLLM has no native class"}
         paths = tuple(p for p in paths if p != "native")
-    max_len = max(wl.prefill_len + 1, wl.decode_len + wl.decode_tokens)
     common = {
         "enforce_eager": enforce_eager,
-        "max_model_len": -(-(max_len + 16) // 64) * 64,
-        "max_num_seqs": max(wl.prefill_batch, wl.decode_batch),
-        "max_num_batched_tokens": max(2048, wl.prefill_batch * wl.prefill_len),
+        **wl.engine_limits(),
         "hf_architecture": info.hf_architecture,
     }
     # One paired repeat is noisy here: the ratio of two identical processes measured one after

@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -100,17 +101,13 @@ def _records(model) -> dict:
             "params": sum(1 for _ in model.native.parameters())}
 
 
-def _bootstrap(xs: list[float], n: int = 4000) -> list[float]:
-    import random
+def summarize(records: list, decode_batch: int) -> dict:
+    """Per step kind: a decode step holds one token per running request (at most the decode
+    batch), a prefill step the prompts."""
+    from porter.bench import _bootstrap_median_ci
 
-    rng = random.Random(0)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
-    return [meds[int(0.025 * n)], meds[int(0.975 * n)]]
-
-
-def summarize(records: list, decode_tokens: int) -> dict:
     out = {}
-    for kind, keep in (("prefill", lambda n: n > decode_tokens), ("decode", lambda n: n <= decode_tokens)):
+    for kind, keep in (("prefill", lambda n: n > decode_batch), ("decode", lambda n: n <= decode_batch)):
         rows = [r for r in records if keep(r[0])]
         if len(rows) < 2:
             continue
@@ -119,7 +116,7 @@ def summarize(records: list, decode_tokens: int) -> dict:
         out[kind] = {
             "steps": len(rows),
             "native_over_port_median": statistics.median(ratios),
-            "ci95": _bootstrap(ratios),
+            "ci95": _bootstrap_median_ci(ratios),
             "native_over_port_sum": sum(r[3] for r in rows) / sum(r[2] for r in rows),
             "port_ms_median": 1000 * statistics.median(r[2] for r in rows),
             "native_ms_median": 1000 * statistics.median(r[3] for r in rows),
@@ -165,10 +162,7 @@ def _setup(model: str, tmp: Path, share: bool, aa: bool = False) -> tuple[dict, 
     env.update(PORTER_PAIR_PORT=native if aa else f"{info.module}:{info.hf_architecture}",
                PORTER_PAIR_NATIVE=native,
                PORTER_PAIR_SHARE="1" if share else "0")
-    args = {"checkpoint": str(ckpt), "long": long, "short": short, "params": params,
-            "workload": {"prefill_calls": wl.prefill_calls, "decode_tokens": wl.decode_tokens,
-                         "decode_batch": wl.decode_batch, "prefill_batch": wl.prefill_batch,
-                         "max_len": max(wl.prefill_len + 1, wl.decode_len + wl.decode_tokens)},
+    args = {"checkpoint": str(ckpt), "long": long, "short": short, "params": params, "workload": asdict(wl),
             "port": env["PORTER_PAIR_PORT"], "native": env["PORTER_PAIR_NATIVE"]}
     return env, args
 
@@ -177,30 +171,28 @@ def _child(args: dict) -> dict:
     from vllm import LLM, ModelRegistry, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from porter.bench import Workload
+
     ModelRegistry.register_model(PAIR_ARCH, PairForCausalLM)
-    wl = args["workload"]
+    wl = Workload(**args["workload"])
     llm = LLM(model=args["checkpoint"], hf_overrides={"architectures": [PAIR_ARCH]},
               dtype="float32", enforce_eager=True, tensor_parallel_size=1, skip_tokenizer_init=True,
-              max_model_len=-(-(wl["max_len"] + 16) // 64) * 64,
-              max_num_seqs=max(wl["prefill_batch"], wl["decode_batch"]),
-              max_num_batched_tokens=max(2048, sum(len(p) for p in args["long"])),
-              enable_prefix_caching=False, seed=0)
+              enable_prefix_caching=False, seed=0, **wl.engine_limits())
 
     def go(prompts, max_tokens):
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
     go(args["long"], 1)
-    go(args["short"], wl["decode_tokens"])  # warm-up
+    go(args["short"], wl.decode_tokens)  # warm-up
     llm.apply_model(lambda m: m.records.clear())
     t0 = time.time()
     for _ in range(args["repeats"]):
-        for _ in range(wl["prefill_calls"]):
+        for _ in range(wl.prefill_calls):
             go(args["long"], 1)
-        go(args["short"], wl["decode_tokens"])
+        go(args["short"], wl.decode_tokens)
     got = llm.apply_model(_records)[0]
-    # a decode step holds one token per running request; the prefill steps hold the prompts
-    res = summarize(got["records"], wl["decode_batch"])
+    res = summarize(got["records"], wl.decode_batch)
     return {"summary": res, "shared_tensors": got["shared"], "native_params": got["params"],
             "steps": len(got["records"]), "wall_s": round(time.time() - t0, 1),
             "port_class": args["port"], "native_class": args["native"],
@@ -212,9 +204,10 @@ def render(model: str, r: dict) -> str:
              f"{r['repeats']} repeats, {r['steps']} steps, {r['shared_tensors']}/{r['native_params']} "
              f"native parameters sharing the port's memory, load {r['load1']}"]
     for kind, s in r["summary"].items():
+        ci = s["ci95"] or [float("nan")] * 2  # none below 5 steps
         lines.append(
             f"  {kind:7} t(native)/t(port) median {s['native_over_port_median']:.4f} "
-            f"(95 % CI {s['ci95'][0]:.4f}-{s['ci95'][1]:.4f}; port first {s['median_when_port_first']:.4f}, "
+            f"(95 % CI {ci[0]:.4f}-{ci[1]:.4f}; port first {s['median_when_port_first']:.4f}, "
             f"native first {s['median_when_native_first']:.4f}), sum ratio {s['native_over_port_sum']:.4f}, "
             f"{s['steps']} steps, port {s['port_ms_median']:.2f} ms vs native {s['native_ms_median']:.2f} ms")
     return "\n".join(lines)
