@@ -132,10 +132,12 @@ def rules(
     """The rule catalogue, built from the rule classes themselves (code, name, why, examples)."""
     import textwrap
 
-    from porter.passes import PASSES, REGISTRY
+    from porter.passes import REGISTRY
+    from porter.passes.pipeline import catalogue as rule_catalogue, stage_of
 
-    # the passes in the order they run, then any registered rule that is not (yet) a pass
-    catalogue = list(PASSES) + [r for r in REGISTRY.values() if r not in PASSES]
+    # the pipeline in run order (before indexing, model, config module), then any rule registered
+    # elsewhere (a plugin's)
+    catalogue = rule_catalogue()
     if code:
         rule = REGISTRY.get(code) or next((r for r in REGISTRY.values() if r.name == code), None)
         if rule is None:
@@ -150,10 +152,11 @@ def rules(
         return
     if as_json:
         print(json.dumps([{"code": r.code, "name": r.name, "why": r.why, "examples": len(r.examples),
-                           "pass": r in PASSES} for r in catalogue], indent=2))
+                           "runs": stage_of(r)} for r in catalogue], indent=2))
         return
     for r in catalogue:
-        note = "" if r in PASSES else "  (registered, not in the pass list)"
+        stage = stage_of(r)
+        note = f"  runs: {stage}" if stage else "  (registered, runs in no stage of the pipeline)"
         print(f"{r.code}  {r.name:24} {len(r.examples)} example(s){note}")
         print(textwrap.fill(r.why, 100, initial_indent="    ", subsequent_indent="    "))
 

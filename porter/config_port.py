@@ -15,20 +15,17 @@ engine's transformers does not have is a one-line error with the config file's l
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import libcst as cst
-import libcst.matchers as m
 
-from porter.analysis.cstutil import findall
 from porter.analysis.filecache import derived
 
 from porter.errors import PorterError
-from porter.passes.base import Example, Rule
-
-# decorators that only document (dropped: the engine's transformers need not have them)
-DOC_DECORATORS = frozenset({"auto_docstring"})
+from porter.passes.config._common import ConfigContext
+from porter.passes.config.config_engine_imports import ConfigEngineImports
+from porter.passes.pipeline import CONFIG, run
 
 
 @dataclass
@@ -37,16 +34,6 @@ class ShippedConfig:
     model_type: str  # e.g. apertus1p5_text (what config.json names)
     module_name: str  # e.g. configuration_apertus1p5
     text: str  # the rewritten module
-
-
-@dataclass
-class ConfigContext:
-    """What the config rules need: the classes to keep and the engine's transformers tree."""
-
-    keep: set[str]
-    engine_root: Path | None
-    module_package: str = ""  # e.g. transformers.models.apertus1p5 (for relative imports)
-    problems: list[tuple[int, str]] = field(default_factory=list)  # (line in the source, what)
 
 
 # -- static facts ---------------------------------------------------------------------------------
@@ -175,139 +162,6 @@ def engine_has(engine_root: Path | None, module: str, name: str) -> bool:
     return False
 
 
-# -- the rules ------------------------------------------------------------------------------------
-
-
-class ConfigRule(Rule):
-    """A rule over a configuration module (not the modeling file): its examples run on their own."""
-
-    descends = True
-
-    def __init__(self, ctx: ConfigContext) -> None:  # type: ignore[override]
-        cst.CSTTransformer.__init__(self)
-        self.cctx = ctx
-        self.scope = []
-        self.changed = False
-
-    def visit_ClassDef(self, node):
-        self.scope.append(node.name.value)
-        return True
-
-    def visit_FunctionDef(self, node):
-        self.scope.append(node.name.value)
-        return True
-
-    def mark(self, scope: str | None = None) -> None:
-        self.changed = True
-
-    @classmethod
-    def apply_example(cls, before: str) -> str:
-        ctx = ConfigContext(keep={"AConfig"}, engine_root=None, module_package="transformers.models.a")
-        return cst.parse_module(before).visit(cls(ctx)).code
-
-
-def _absolute(module: cst.ImportFrom, package: str) -> str | None:
-    """`from ...utils import x` inside transformers.models.<m> -> "transformers.utils"."""
-    dots = len(module.relative)
-    if not dots:
-        return None
-    parts = package.split(".")
-    if dots > len(parts):
-        return None
-    base = parts[: len(parts) - dots + 1]
-    tail = cst.Module([]).code_for_node(module.module) if module.module is not None else ""
-    return ".".join(base + ([tail] if tail else []))
-
-
-class ConfigEngineImports(ConfigRule):
-    code = "PT141"
-    name = "config-engine-imports"
-    why = (
-        "A shipped config module lives in the port's package, not in transformers: its relative "
-        "imports (`from ...configuration_utils import PreTrainedConfig`) become absolute imports of "
-        "the engine's transformers (`from transformers.configuration_utils import ...`), and "
-        "decorators that only write documentation (`@auto_docstring`) are dropped. Whether each "
-        "imported name exists in the engine's transformers is checked statically afterwards; a "
-        "newer helper it lacks is reported with its line."
-    )
-    examples = [
-        Example(
-            "from ...configuration_utils import PreTrainedConfig\nfrom ...utils import auto_docstring\n"
-            "\n\n@auto_docstring(checkpoint=\"a/a\")\n@strict\nclass AConfig(PreTrainedConfig):\n"
-            "    model_type = \"a\"\n",
-            "from transformers.configuration_utils import PreTrainedConfig\n"
-            "from transformers.utils import auto_docstring\n"
-            "\n\n@strict\nclass AConfig(PreTrainedConfig):\n    model_type = \"a\"\n",
-        )
-    ]
-
-    def leave_ImportFrom(self, original, updated):
-        target = _absolute(updated, self.cctx.module_package)
-        if target is None:
-            return updated
-        return updated.with_changes(relative=[], module=cst.parse_expression(target))
-
-    def leave_Decorator(self, original, updated):
-        fn = updated.decorator.func if isinstance(updated.decorator, cst.Call) else updated.decorator
-        name = fn.attr.value if isinstance(fn, cst.Attribute) else getattr(fn, "value", None)
-        if name in DOC_DECORATORS:
-            return cst.RemoveFromParent()
-        return updated
-
-
-class ConfigKeepClass(ConfigRule):
-    code = "PT142"
-    name = "config-keep-class"
-    why = (
-        "A configuration module often defines several configs (a multimodal model's vision and "
-        "audio configs beside its text config). The port needs only the config the causal LM "
-        "takes and the in-module classes it derives from; the rest is dropped with the imports "
-        "only it used, so the shipped module does not depend on helpers the port never uses."
-    )
-    examples = [
-        Example(
-            "from x import Helper, PreTrainedConfig\n\n\nclass BConfig(PreTrainedConfig):\n"
-            "    sub = Helper()\n\n\nclass AConfig(PreTrainedConfig):\n    model_type = \"a\"\n\n\n"
-            "__all__ = [\"BConfig\", \"AConfig\"]\n",
-            "from x import PreTrainedConfig\n\n\nclass AConfig(PreTrainedConfig):\n"
-            "    model_type = \"a\"\n\n\n__all__ = [\"AConfig\"]\n",
-        )
-    ]
-    descends = False
-
-    def leave_Module(self, original, updated):
-        body = []
-        for st in updated.body:
-            if isinstance(st, cst.ClassDef) and st.name.value not in self.cctx.keep:
-                self.changed = True
-                continue
-            if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
-                    target=m.Name("__all__"))])])):
-                st = cst.parse_statement(f"__all__ = {sorted(self.cctx.keep)!r}".replace("'", '"')
-                                         ).with_changes(leading_lines=st.leading_lines)
-            body.append(st)
-        used: set[str] = set()
-        for st in body:
-            if not m.matches(st, m.SimpleStatementLine(body=[m.ImportFrom() | m.Import()])):
-                used |= {n.value for n in findall(st, m.Name())}
-        out = []
-        for st in body:
-            if m.matches(st, m.SimpleStatementLine(body=[m.ImportFrom()])):
-                imp = st.body[0]
-                if not isinstance(imp.names, cst.ImportStar):
-                    names = [a for a in imp.names
-                             if (a.asname.name.value if a.asname else cst.Module([]).code_for_node(a.name)) in used]
-                    if not names:
-                        self.changed = True
-                        continue
-                    if len(names) != len(imp.names):
-                        names[-1] = names[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
-                        st = st.with_changes(body=[imp.with_changes(names=names)])
-            out.append(st)
-        return updated.with_changes(body=out)
-
-
-CONFIG_PASSES: list[type[ConfigRule]] = [ConfigEngineImports, ConfigKeepClass]
 
 
 # -- shipping -------------------------------------------------------------------------------------
@@ -343,10 +197,7 @@ def ship_config(source, causal_lm: str, engine_root: Path | None) -> ShippedConf
         todo += [b.id for b in classes[name].bases if isinstance(b, ast.Name)]
     rel_pkg = source.rel_path.rsplit("/", 1)[0].replace("/", ".") if "/" in source.rel_path else "models.x"
     ctx = ConfigContext(keep=keep, engine_root=engine_root, module_package=f"transformers.{rel_pkg}")
-    module = cst.parse_module(text)
-    for rule in CONFIG_PASSES:
-        module = module.visit(rule(ctx))
-    out = module.code
+    out = run(CONFIG, cst.parse_module(text), ctx, path=str(cfg_path)).code
     # every name the shipped module imports from transformers must exist in the engine's
     lines = {}
     for node in ast.walk(tree):

@@ -20,15 +20,14 @@ import libcst as cst
 from porter import __version__
 from porter.analysis.checkpoint_names import module_renamings, weight_renamings
 from porter.analysis.moe import moe_checkpoint_names
-from porter.analysis.cstutil import transform
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
-from porter.passes import PASSES, REGISTRY, RewriteContext
-from porter.passes.base import SharedTarget
-from porter.passes.causal_lm import render
-from porter.passes.inline_attention import inline_attention_calls
+from porter.passes import REGISTRY, RewriteContext
+from porter.passes.base import SharedTarget, SourceContext
+from porter.passes.pipeline import BEFORE_INDEX, MODEL, run
 from porter.plan import PortPlan, alibi_producers, build_plan
+from porter.render import render
 from porter.rules_data import Target, get_target, strip_table
 from porter.config_port import causal_lm_model_type, config_class_for_type, ship_config
 from porter.source import Source, resolve, transformers_root
@@ -65,11 +64,10 @@ def analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
 
 def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
-    pre: dict[str, set[str]] = {}
-    if "softmax" in source.text or "_attn_implementation" in source.text:  # PT152, PT150: before indexing
-        module, pre = inline_attention_calls(module)
+    pre = SourceContext(source.text)
+    module = run(BEFORE_INDEX, module, pre, path=str(source.path))
     idx = build_index(module, str(source.path), source.text)
-    idx.provenance = pre  # the rules that ran before indexing, for `porter diff`
+    idx.provenance = pre.provenance  # the rules that ran before indexing, for `porter diff`
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
     root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
     # modules saved under another name (`.block_sparse_moe.` on disk, `.mlp.` in memory) keep the
@@ -105,32 +103,14 @@ def rewrite_targets(idx: ModelIndex, plan: PortPlan,
         ctx.provenance.setdefault(scope, set()).update(codes)
     before = sorted({c for codes in idx.provenance.values() for c in codes})
     applied = [f"{c} {REGISTRY[c].name}" for c in before]  # the rules that ran before indexing
-    split = next((i for i, r in enumerate(PASSES) if r.reads_target), len(PASSES))
-    module = _run_passes(PASSES[:split], idx.module, ctx, applied)
+    split = next((i for i, r in enumerate(MODEL) if r.reads_target), len(MODEL))
+    module = run(MODEL[:split], idx.module, ctx, applied, path=idx.path)
     out = []
     for target in targets:
         own = ctx.fork(target)
         own_applied = list(applied)
-        out.append((_run_passes(PASSES[split:], module, own, own_applied).code, own, own_applied))
+        out.append((run(MODEL[split:], module, own, own_applied, path=idx.path).code, own, own_applied))
     return out
-
-
-def _run_passes(passes, module: cst.Module, ctx: RewriteContext, applied: list[str]) -> cst.Module:
-    for rule_cls in passes:
-        if not rule_cls.applies(ctx):
-            continue
-        rule = rule_cls(ctx)
-        try:
-            module = transform(module, rule)
-        except PorterError:
-            raise
-        except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
-            raise PorterError(
-                f"cannot port: {type(exc).__name__}: {exc}", file=ctx.idx.path, rule=rule_cls.name
-            ) from None
-        if rule.changed:
-            applied.append(f"{rule_cls.code} {rule_cls.name}")
-    return module
 
 
 def ruff_format(text: str) -> str:

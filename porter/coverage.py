@@ -308,7 +308,7 @@ def _dist_version(*names: str) -> str:
 
 # what porter convert runs: its code, rule tables and templates (not the CLI, verify, bench, ...)
 CONVERT_CODE = ("__init__.py", "errors.py", "source.py", "convert.py", "plan.py", "layout.py",
-                "rules_data.py", "config_port.py", "analysis", "passes")
+                "rules_data.py", "config_port.py", "render.py", "analysis", "passes")
 CONVERT_RULES = ("hf_strip.yaml", "targets.yaml")
 
 

@@ -367,7 +367,7 @@ def _side_by_side(h: Hunk) -> list[tuple[Row | None, Row | None]]:
 
 
 def render_html(d: PortDiff) -> str:
-    from porter.passes import PASSES, REGISTRY
+    from porter.passes.pipeline import catalogue
 
     e = html.escape
     uses: dict[str, int] = {}
@@ -408,8 +408,7 @@ def render_html(d: PortDiff) -> str:
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</table></div>")
     parts.append("<h2 id='rules'>Rules</h2>")
-    ordered = list(PASSES) + [r for r in REGISTRY.values() if r not in PASSES]
-    for r in ordered:
+    for r in catalogue():
         n = uses.get(r.code, 0)
         parts.append(
             f"<div class='rule-entry' id='rule-{e(r.code)}'><span class='code'>{e(r.code)}</span> "

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import run_porter
-from porter.config_port import ConfigContext, ConfigEngineImports, ConfigKeepClass, engine_has
+from porter.config_port import engine_has
+from porter.passes.config._common import ConfigContext
+from porter.passes.config.config_engine_imports import ConfigEngineImports
+from porter.passes.config.config_keep_class import ConfigKeepClass
 from porter.errors import PorterError
 from porter.source import transformers_root
 

@@ -151,7 +151,7 @@ def test_grouped_regroup_in_load_weights_gives_hf_split_heads_q_k_v(layout):
     from transformers import FalconConfig
     from transformers.models.falcon.modeling_falcon import FalconAttention
 
-    from porter.passes.causal_lm import render
+    from porter.render import render
 
     cfg = FalconConfig(hidden_size=128, num_attention_heads=4, bias=True, **layout)
     hf = FalconAttention(cfg, layer_idx=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from types import SimpleNamespace
 from typing import ClassVar
 
 import libcst as cst
@@ -67,6 +68,16 @@ class RewriteContext:
         shared = {"idx", "plan", "table", "target", "memo"}
         return replace(self, target=target, **{
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in shared})
+
+
+@dataclass
+class SourceContext:
+    """What the rules that run before indexing see (pipeline.BEFORE_INDEX): the source text, and
+    no index or plan yet (an empty plan: every class counts as kept)."""
+
+    text: str
+    provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rule codes
+    plan: PortPlan | SimpleNamespace = field(default_factory=lambda: SimpleNamespace(classes=[], causal_lm=""))
 
 
 class _SharedSymbols(Mapping):
@@ -195,6 +206,10 @@ class Rule(cst.CSTTransformer):
         rewrite skips its walk. Each rule's examples must satisfy it (checked with the examples)."""
         return True
 
+    def rewrite(self, module: cst.Module) -> cst.Module:
+        """This rule over a whole module (how pipeline.run applies it)."""
+        return transform(module, self)
+
     @property
     def current_class(self) -> str | None:
         return self.scope[0] if self.scope else None
@@ -244,7 +259,3 @@ class Rule(cst.CSTTransformer):
 
     def kept(self, cls: str | None) -> bool:
         return cls is not None and cls in self.plan.classes
-
-
-def run_rule(rule_cls: type[Rule], module: cst.Module, ctx: RewriteContext) -> cst.Module:
-    return transform(module, rule_cls(ctx))

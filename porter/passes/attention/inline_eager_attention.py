@@ -1,21 +1,20 @@
-"""Attention written inline (scores, softmax, weighted sum) becomes one attention-function call.
-
-This rule runs on the parsed source before it is indexed (porter/convert.py `analyse`): the
-planner and every later rule then see the same `attention_interface(self, q, k, v, mask, ...)`
-call they see in models that dispatch through the attention interface, so roles, fusion, TP and
-the engine `Attention` come from the existing rules.
-"""
+"""PT150 inline-eager-attention: one rule (its `why` says what it does and why)."""
 
 from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr, transform
-from porter.passes.base import Example, Rule
+from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
+from porter.passes.attention._common import BeforeIndexRule, nlines
+from porter.passes.base import Example
 
 SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
+
+
 _MODULES = {"torch", "F", "nn", "math"}
+
+
 _MATMUL_FUNCS = {"torch.matmul", "torch.bmm", "matmul", "bmm"}
 
 
@@ -98,16 +97,11 @@ def _tensor_roots(e: cst.BaseExpression) -> set[str]:
     return {root} if root else set()
 
 
-def _nlines(node: cst.CSTNode) -> int:
-    """Source lines a statement spans, with its leading comments and blank lines."""
-    return len(cst.Module(body=[]).code_for_node(node).splitlines())
-
-
 def _mul(a: str | None, b: str) -> str:
     return b if a is None else f"{a} * {b}"
 
 
-class InlineEagerAttention(Rule):
+class InlineEagerAttention(BeforeIndexRule):
     code = "PT150"
     name = "inline-eager-attention"
     why = (
@@ -123,7 +117,7 @@ class InlineEagerAttention(Rule):
         "`alibi=` (with `alibi_scale=` when the scale is applied after it)."
     )
     visits_dropped_code = True
-    keep_lines = False  # True before indexing: removed lines become blank lines, so later lines keep their number
+    word = "softmax"  # before indexing: only the top-level statements naming it are walked
 
     examples = [
         Example(
@@ -166,10 +160,6 @@ class InlineEagerAttention(Rule):
             "        return self.dense(ctx)\n",
         ),
     ]
-
-    @classmethod
-    def applies(cls, ctx) -> bool:
-        return "softmax" in ctx.idx.identifiers
 
     def visit_ClassDef(self, node):
         self._methods = {st.name.value for st in node.body.body if isinstance(st, cst.FunctionDef)}
@@ -349,7 +339,7 @@ class InlineEagerAttention(Rule):
         # blank lines keep every later line where it was in the source (errors name source lines;
         # the port is formatted afterwards)
         if self.keep_lines:
-            spanned = sum(_nlines(body[k]) for k in region)
+            spanned = sum(nlines(body[k]) for k in region)
             call = call.with_changes(leading_lines=[cst.EmptyLine()] * max(0, spanned - 1))
         else:
             call = call.with_changes(leading_lines=body[first].leading_lines)
@@ -372,7 +362,7 @@ class InlineEagerAttention(Rule):
             pad = 0
             for st in updated.body.body:
                 if isinstance(st, cst.FunctionDef) and st.name.value in gone:
-                    pad += _nlines(st)
+                    pad += nlines(st)
                     self.mark(f"{updated.name.value}.{st.name.value}")
                     continue
                 if pad and self.keep_lines:
@@ -431,79 +421,3 @@ class InlineEagerAttention(Rule):
                 addend(rhs)
         mask = next(iter(sorted(found_mask)), None)
         return scale, alibi, alibi_scaled, mask
-
-
-def _non_eager_test(test: cst.BaseExpression) -> bool:
-    """`self.config._attn_implementation == "sdpa"` (possibly `and ...`): false in the eager reference."""
-    impl = m.Comparison(left=m.Attribute(attr=m.Name("_attn_implementation")), comparisons=[
-        m.ComparisonTarget(m.Equal(), m.SimpleString(m.MatchIfTrue(lambda s: s.strip("\"'") != "eager")))])
-    return m.matches(test, impl) or (m.matches(test, m.BooleanOperation(operator=m.And()))
-                                     and (_non_eager_test(test.left) or _non_eager_test(test.right)))  # type: ignore[attr-defined]
-
-
-class EagerArm(Rule):
-    code = "PT152"
-    name = "eager-arm"
-    why = (
-        "Some attentions branch on the attention implementation inside forward (`if "
-        "self.config._attn_implementation == \"sdpa\" and not output_attentions: ... "
-        "scaled_dot_product_attention(...) else: <inline eager attention>`, Falcon). The port follows "
-        "HF's eager reference, as it does for attention class tables (PT122): a test that a non-eager "
-        "implementation is active is false, and the `if` becomes its `else` arm."
-    )
-    visits_dropped_code = True
-    keep_lines = False
-    examples = [
-        Example(
-            "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
-            "        if self.config._attn_implementation == \"sdpa\" and not self.flag:\n"
-            "            out = F.scaled_dot_product_attention(q, k, v)\n"
-            "        else:\n            out = self.eager(q, k, v, mask)\n        return out\n",
-            "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
-            "        out = self.eager(q, k, v, mask)\n        return out\n",
-        )
-    ]
-
-    @classmethod
-    def applies(cls, ctx) -> bool:
-        return "_attn_implementation" in ctx.idx.identifiers
-
-    def leave_If(self, original, updated):
-        if len(self.scope) < 2 or not _non_eager_test(updated.test) or updated.orelse is None \
-                or isinstance(updated.orelse, cst.If):
-            return updated
-        body = list(updated.orelse.body.body)
-        if self.keep_lines:  # the removed lines become blank lines before the arm
-            gone = _nlines(updated) - sum(_nlines(st) for st in body)
-            body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
-        else:
-            body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
-        return cst.FlattenSentinel(body)
-
-
-def inline_attention_calls(module: cst.Module) -> tuple[cst.Module, dict[str, set[str]]]:
-    """Run PT152, PT150 and PT170 on a parsed module before it is indexed (lines of the source kept);
-    returns the module and the scopes they changed (provenance for `porter diff`)."""
-    from types import SimpleNamespace
-
-    from porter.passes.alibi_arm import AlibiArm  # (it reuses this module's helpers)
-
-    ctx = SimpleNamespace(plan=SimpleNamespace(classes=[], causal_lm=""), provenance={})
-    for rule_cls, word in ((EagerArm, "_attn_implementation"), (InlineEagerAttention, "softmax"),
-                           (AlibiArm, "alibi")):
-        rule = rule_cls(ctx)  # type: ignore[arg-type]
-        rule.keep_lines = True
-        # each rule acts only inside a top-level class or function that names its word (both
-        # keep their state per class): the others are not walked
-        body: list[cst.CSTNode] = []
-        for st in module.body:
-            if not any(n.value == word for n in findall(st, m.Name())):  # type: ignore[attr-defined]
-                body.append(st)
-                continue
-            new = transform(st, rule)
-            if isinstance(new, cst.FlattenSentinel):
-                body.extend(new.nodes)
-            elif not isinstance(new, cst.RemovalSentinel):
-                body.append(new)
-        module = module.with_changes(body=body)
-    return module, ctx.provenance

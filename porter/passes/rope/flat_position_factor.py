@@ -9,10 +9,17 @@ from porter.analysis.cstutil import findall
 from porter.passes.base import Example, Rule
 
 _WHOLE = m.SubscriptElement(m.Slice(lower=None, upper=None, step=None))
+
+
 _NEW = m.SubscriptElement(m.Index(m.Name("None")))
+
+
 # x[:, None, :, None]: positions (batch, seq) against q/k/v (batch, heads, seq, head_dim)
 _HF_BROADCAST = m.Subscript(slice=[_WHOLE, _NEW, _WHOLE, _NEW])
+
+
 _POSITIONS = {"position_ids", "positions"}
+
 
 _BEFORE = (
     "from torch import nn\n\n\n"

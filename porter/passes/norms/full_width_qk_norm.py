@@ -5,10 +5,12 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, code, self_attr
+from porter.analysis.cstutil import code, findall, self_attr
 from porter.passes.base import Example, Rule
 
 HELPER = "tp_full_width_norm"
+
+
 _HELPER_SRC = f'''
 def {HELPER}(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`norm` spans the whole projection; `x` is this rank's slice of it: gather, normalise, split."""

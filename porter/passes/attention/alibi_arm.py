@@ -1,7 +1,4 @@
-"""Attention arms chosen by whether an ALiBi bias was passed become one call taking the bias.
-
-Runs before indexing, after PT150 (porter/passes/inline_attention.py `inline_attention_calls`).
-"""
+"""PT170 alibi-arm: one rule (its `why` says what it does and why)."""
 
 from __future__ import annotations
 
@@ -9,8 +6,8 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import code, findall
-from porter.passes.base import Example, Rule
-from porter.passes.inline_attention import _nlines
+from porter.passes.attention._common import BeforeIndexRule, nlines
+from porter.passes.base import Example
 
 _ATTN = m.Call(func=m.Name("attention_interface"))
 
@@ -45,7 +42,7 @@ def _kwargs(call: cst.Call) -> dict[str, cst.BaseExpression]:
     return {a.keyword.value: a.value for a in call.args if a.keyword is not None}
 
 
-class AlibiArm(Rule):
+class AlibiArm(BeforeIndexRule):
     code = "PT170"
     name = "alibi-arm"
     why = (
@@ -58,7 +55,7 @@ class AlibiArm(Rule):
         "Arms that differ in anything else are left alone."
     )
     visits_dropped_code = True
-    keep_lines = False
+    word = "alibi"  # before indexing: only the top-level statements naming it are walked
     examples = [
         Example(
             "class Attn(nn.Module):\n    def __init__(self, config):\n"
@@ -79,10 +76,6 @@ class AlibiArm(Rule):
             "        out = self.dense(out)\n        return out, p\n",
         ),
     ]
-
-    @classmethod
-    def applies(cls, ctx) -> bool:
-        return "alibi" in ctx.idx.identifiers
 
     def visit_ClassDef(self, node):
         self._attrs: dict[str, cst.BaseExpression] = {}
@@ -120,7 +113,7 @@ class AlibiArm(Rule):
             return updated
         body = list(bias_arm.body)  # type: ignore[attr-defined]
         if self.keep_lines:  # the removed lines become blank lines before the arm
-            gone = _nlines(updated) - sum(_nlines(st) for st in body)
+            gone = nlines(updated) - sum(nlines(st) for st in body)
             body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
         else:
             body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
@@ -154,67 +147,3 @@ class AlibiArm(Rule):
                     code(b.with_changes(leading_lines=())).strip():
                 return False
         return True
-
-
-class AlibiTestByConfig(Rule):
-    code = "PT171"
-    name = "alibi-by-config"
-    descend_methods = frozenset({"forward"})
-    why = (
-        "After PT170 the attention still tests the bias it is passed to choose rotary (`if alibi is "
-        "None: q, k = rotary(...)`). The bias is gone from the port (the engine's Attention adds it "
-        "from slopes), but it was only ever built under a config test (`if self.use_alibi:` in the "
-        "model, `self.use_alibi = config.alibi`): the attention reads that config attribute itself "
-        "(`self.use_alibi = config.alibi` in `__init__`) and tests it instead, so the choice is made by "
-        "the config, never by the input."
-    )
-    examples = [
-        Example(
-            "class Attn(nn.Module):\n    def __init__(self, config):\n        self.head_dim = 32\n\n"
-            "    def forward(self, x, alibi):\n        if alibi is None:\n            x = rotate(x)\n        return x\n",
-            "class Attn(nn.Module):\n    def __init__(self, config):\n        self.head_dim = 32\n"
-            "        self.use_alibi = config.alibi\n\n"
-            "    def forward(self, x, alibi):\n        if not self.use_alibi:\n            x = rotate(x)\n        return x\n",
-            seed={"memo": {"alibi_when": {"Attn": ("alibi", "config.alibi")}}},
-        ),
-    ]
-
-    def _bias(self) -> tuple[str, str] | None:
-        """(bias parameter, config test) of the current attention class."""
-        seeded = self.ctx.memo.get("alibi_when", {}).get(self.current_class or "")
-        if seeded:
-            return seeded
-        attn = self.plan.attention(self.current_class or "")
-        return (attn.alibi, attn.alibi_when) if attn and attn.alibi and attn.alibi_when else None
-
-    @staticmethod
-    def _flag(when: str) -> str:
-        return "use_" + when.rsplit(".", 1)[-1]
-
-    def _tests(self, fn: cst.CSTNode, bias: str) -> list[cst.CSTNode]:
-        return findall(fn, m.Comparison(left=m.Name(bias), comparisons=[
-            m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))]))
-
-    def leave_FunctionDef(self, original, updated):
-        cls = self.current_class
-        super().leave_FunctionDef(original, updated)
-        found = self._bias()
-        if found is None or len(self.scope) != 1 or updated.name.value != "__init__":
-            return updated
-        info = self.ctx.idx.classes.get(cls or "")
-        fwd = info.method("forward") if info else None
-        if fwd is None or not self._tests(fwd, found[0]):
-            return updated
-        st = cst.parse_statement(f"self.{self._flag(found[1])} = {found[1]}\n")
-        self.mark(f"{cls}.__init__")
-        return updated.with_changes(body=updated.body.with_changes(body=[*updated.body.body, st]))
-
-    def leave_Comparison(self, original, updated):
-        found = self._bias()
-        if found is None or self.current_function != "forward" or not self._tests(updated, found[0]) \
-                or len(updated.comparisons) != 1:
-            return updated
-        flag = cst.parse_expression(f"self.{self._flag(found[1])}")
-        if isinstance(updated.comparisons[0].operator, cst.Is):
-            return cst.UnaryOperation(operator=cst.Not(), expression=flag)
-        return flag

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from porter.analysis.cstutil import self_attention_arm
 from porter.passes.base import Example, Rule
 

@@ -1,0 +1,51 @@
+"""What the attention rules share: the base of the rules that run before indexing, and line counts."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import findall, transform
+from porter.passes.base import Rule, SourceContext
+
+
+def nlines(node: cst.CSTNode) -> int:
+    """Source lines a statement spans, with its leading comments and blank lines."""
+    return len(cst.Module(body=[]).code_for_node(node).splitlines())
+
+
+class BeforeIndexRule(Rule):
+    """A rule that also runs on the parsed source before it is indexed (pipeline.BEFORE_INDEX), so
+    the index sees the engine's form of the attention (one call instead of inline math, one arm of
+    a branch). There it keeps the source's line numbers (removed lines become blank lines) and walks
+    only the top-level classes and functions that name its `word`. With a full context (its
+    examples), it is an ordinary rule that applies where its word occurs."""
+
+    word: ClassVar[str] = ""
+    keep_lines = False  # True before indexing: later lines keep their number
+
+    @classmethod
+    def applies(cls, ctx) -> bool:
+        if isinstance(ctx, SourceContext):
+            # the three run on a file that computes attention inline or branches on the implementation
+            return "softmax" in ctx.text or "_attn_implementation" in ctx.text
+        return cls.word in ctx.idx.identifiers
+
+    def rewrite(self, module: cst.Module) -> cst.Module:
+        if not isinstance(self.ctx, SourceContext):
+            return super().rewrite(module)
+        self.keep_lines = True
+        # each rule keeps its state per class: the statements that never name its word are not walked
+        body: list[cst.CSTNode] = []
+        for st in module.body:
+            if not any(n.value == self.word for n in findall(st, m.Name())):  # type: ignore[attr-defined]
+                body.append(st)
+                continue
+            new = transform(st, self)
+            if isinstance(new, cst.FlattenSentinel):
+                body.extend(new.nodes)
+            elif not isinstance(new, cst.RemovalSentinel):
+                body.append(new)
+        return module.with_changes(body=body)

@@ -1,0 +1,73 @@
+"""PT171 alibi-by-config: one rule (its `why` says what it does and why)."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import findall
+from porter.passes.base import Example, Rule
+
+
+class AlibiTestByConfig(Rule):
+    code = "PT171"
+    name = "alibi-by-config"
+    descend_methods = frozenset({"forward"})
+    why = (
+        "After PT170 the attention still tests the bias it is passed to choose rotary (`if alibi is "
+        "None: q, k = rotary(...)`). The bias is gone from the port (the engine's Attention adds it "
+        "from slopes), but it was only ever built under a config test (`if self.use_alibi:` in the "
+        "model, `self.use_alibi = config.alibi`): the attention reads that config attribute itself "
+        "(`self.use_alibi = config.alibi` in `__init__`) and tests it instead, so the choice is made by "
+        "the config, never by the input."
+    )
+    examples = [
+        Example(
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        self.head_dim = 32\n\n"
+            "    def forward(self, x, alibi):\n        if alibi is None:\n            x = rotate(x)\n        return x\n",
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        self.head_dim = 32\n"
+            "        self.use_alibi = config.alibi\n\n"
+            "    def forward(self, x, alibi):\n        if not self.use_alibi:\n            x = rotate(x)\n        return x\n",
+            seed={"memo": {"alibi_when": {"Attn": ("alibi", "config.alibi")}}},
+        ),
+    ]
+
+    def _bias(self) -> tuple[str, str] | None:
+        """(bias parameter, config test) of the current attention class."""
+        seeded = self.ctx.memo.get("alibi_when", {}).get(self.current_class or "")
+        if seeded:
+            return seeded
+        attn = self.plan.attention(self.current_class or "")
+        return (attn.alibi, attn.alibi_when) if attn and attn.alibi and attn.alibi_when else None
+
+    @staticmethod
+    def _flag(when: str) -> str:
+        return "use_" + when.rsplit(".", 1)[-1]
+
+    def _tests(self, fn: cst.CSTNode, bias: str) -> list[cst.CSTNode]:
+        return findall(fn, m.Comparison(left=m.Name(bias), comparisons=[
+            m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))]))
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        found = self._bias()
+        if found is None or len(self.scope) != 1 or updated.name.value != "__init__":
+            return updated
+        info = self.ctx.idx.classes.get(cls or "")
+        fwd = info.method("forward") if info else None
+        if fwd is None or not self._tests(fwd, found[0]):
+            return updated
+        st = cst.parse_statement(f"self.{self._flag(found[1])} = {found[1]}\n")
+        self.mark(f"{cls}.__init__")
+        return updated.with_changes(body=updated.body.with_changes(body=[*updated.body.body, st]))
+
+    def leave_Comparison(self, original, updated):
+        found = self._bias()
+        if found is None or self.current_function != "forward" or not self._tests(updated, found[0]) \
+                or len(updated.comparisons) != 1:
+            return updated
+        flag = cst.parse_expression(f"self.{self._flag(found[1])}")
+        if isinstance(updated.comparisons[0].operator, cst.Is):
+            return cst.UnaryOperation(operator=cst.Not(), expression=flag)
+        return flag

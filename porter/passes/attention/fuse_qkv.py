@@ -1,0 +1,321 @@
+"""PT023 fuse-qkv: one rule (its `why` says what it does and why)."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import (
+    findall,
+    self_call_attr,
+)
+from porter.analysis.grouped_qkv import grouped_split
+from porter.passes._edit import _is_assign_of
+from porter.passes.base import Example, Rule
+from porter.plan import (
+    packed_split_call,
+    per_head_split_helper,
+)
+
+
+class FuseQkv(Rule):
+    descend_methods = frozenset()
+    code = "PT023"
+    name = "fuse-qkv"
+    why = (
+        "vLLM shards attention by heads with one fused `QKVParallelLinear` (`qkv_proj`), so each "
+        "rank holds whole heads of q, k and v and loads the three checkpoint tensors as shards "
+        "'q', 'k', 'v'. The three projections are found by dataflow (what feeds the attention "
+        "call), not by name. In forward, one `qkv_proj` call and a split by per-rank sizes "
+        "replace the three calls. A projection packed per head in the checkpoint (GPT-NeoX's "
+        "`chunk(3)`, or a `_split_heads` helper viewing `(..., heads, 3, head_dim)`) is loaded "
+        "into [q; k; v] order by load_weights, and the helper goes. So is one grouped per KV head "
+        "(`[kv_heads, q_per_kv + 2, head_dim]`: q slots, then one k and one v) in every config arm "
+        "of its helper (Falcon's three layouts, porter/analysis/grouped_qkv.py); its KV heads are "
+        "read from the projection's width (H + 2 * KV heads of head_dim)."
+    )
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, "
+            "config.num_heads, config.num_kv_heads, bias=True, quant_config=quant_config, "
+            'prefix=f"{prefix}.qkv_proj")\n'
+            "        self.q_size = self.qkv_proj.num_heads * self.head_dim\n"
+            "        self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim\n\n"
+            "    def forward(self, x):\n        qkv, _ = self.qkv_proj(x)\n"
+            "        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n    def forward(self, x):\n"
+            "        out, _ = attention_interface(self, self.q_proj(x), self.k_proj(x), "
+            "self.v_proj(x), None, scaling=1.0)\n        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.head_dim = config.head_dim\n"
+            "        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, "
+            "config.num_heads, config.num_kv_heads, bias=True, quant_config=quant_config, "
+            'prefix=f"{prefix}.qkv_proj")\n'
+            "        self.q_size = self.qkv_proj.num_heads * self.head_dim\n"
+            "        self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim\n\n"
+            "    def forward(self, x):\n        qkv, _ = self.qkv_proj(x)\n"
+            "        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=1.0)\n"
+            "        return out\n",
+        ),
+        Example(
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)\n'
+            '        self.q_norm = nn.LayerNorm(self.head_dim)\n'
+            '\n'
+            '    def _split_heads(self, x):\n'
+            '        x = x.view(*x.shape[:-1], -1, 3, self.head_dim)\n'
+            '        return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused = self.qkv(x)\n'
+            '        q, k, v = self._split_heads(fused)\n'
+            '        q = self.q_norm(q)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, config.hidden_size // self.head_dim, config.hidden_size // self.head_dim, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
+            '        self.q_size = self.qkv.num_heads * self.head_dim\n'
+            '        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n'
+            '        self.q_norm = nn.LayerNorm(self.head_dim)\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused, _ = self.qkv(x)\n'
+            '        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n'
+            '        q = self.q_norm(q)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+        ),
+        Example(  # grouped per KV head in every config arm of the helper (Falcon): regrouped when loading
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.num_heads = config.num_heads\n'
+            '        self.head_dim = config.head_dim\n'
+            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, qkv_out)\n'
+            '        self.grouped = config.grouped\n'
+            '\n'
+            '    def _split_heads(self, x):\n'
+            '        b, s, _ = x.shape\n'
+            '        if self.grouped:\n'
+            '            x = x.view(b, s, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)\n'
+            '            return x[:, :, :, :-2], x[:, :, :, [-2]], x[:, :, :, [-1]]\n'
+            '        else:\n'
+            '            x = x.view(b, s, self.num_heads, 3, self.head_dim)\n'
+            '            return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused = self.qkv(x)\n'
+            '        q, k, v = self._split_heads(fused)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.num_heads = config.num_heads\n'
+            '        self.head_dim = config.head_dim\n'
+            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, (qkv_out // self.head_dim - self.num_heads) // 2, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
+            '        self.q_size = self.qkv.num_heads * self.head_dim\n'
+            '        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n'
+            '        self.grouped = config.grouped\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        fused, _ = self.qkv(x)\n'
+            '        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+        ),
+    ]
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        attn = self.plan.attention(cls or "")
+        if not attn or len(self.scope) != 1:
+            return updated
+        if updated.name.value == "__init__":
+            return self._init(attn, updated)
+        if attn.packed and updated.name.value == self._split_helper(attn):
+            return cst.RemoveFromParent()  # the per-head split it did is load_weights' permutation now
+        if updated.name.value == "forward":
+            return self._forward_packed(attn, updated) if attn.packed else self._forward(attn, updated)
+        return updated
+
+    def _split_helper(self, attn) -> str | None:
+        """The method splitting the packed output into heads: per head `(heads, 3, head_dim)`, or
+        grouped per KV head in every config arm (Falcon): its layout is load_weights' job."""
+        info = self.ctx.idx.classes[attn.cls]
+        if attn.grouped:
+            split = grouped_split(info, attn.q, attn.head_dim)
+            return split.helper if split else None
+        return per_head_split_helper(info, attn.q)
+
+    def _forward_packed(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
+        """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
+        out_name, names, body, placed = None, [], [], False
+        split_helper = self._split_helper(attn)
+        stmts: list[cst.BaseStatement] = []
+        for st in fn.body.body:
+            if attn.interleaved_unless and m.matches(st, m.If(test=m.Attribute(
+                    value=m.Name("self"), attr=m.Name(attn.interleaved_unless)))):
+                # both arms split the same projection; the per-head arm's layout is load_weights' job
+                stmts.extend(st.body.body)  # type: ignore[attr-defined]
+                continue
+            stmts.append(st)
+        for st in stmts:
+            split_call = packed_split_call(st, attn.q)
+            if split_call is not None:
+                x = findall(split_call, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q))))[0]
+                names = [e.value.value for e in st.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
+                body.append(cst.SimpleStatementLine([cst.Assign(
+                    targets=[cst.AssignTarget(cst.parse_expression("qkv, _"))], value=x)]))
+                body.append(cst.parse_statement(
+                    f"{names[0]}, {names[1]}, {names[2]} = qkv.split("
+                    "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
+                placed = True
+                continue
+            if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call(
+                    func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q))))])):
+                out_name = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
+                # engine linears return (output, bias)
+                body.append(st.with_changes(body=[st.body[0].with_changes(targets=[cst.AssignTarget(  # type: ignore[attr-defined]
+                    cst.parse_expression(f"{out_name}, _"))])]))
+                continue
+            if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
+                    targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Attribute(
+                        value=m.Name(out_name), attr=m.Name("chunk"))) | m.Call(func=m.Attribute(
+                            value=m.Name("self"), attr=m.Name(split_helper or "")),
+                            args=[m.Arg(m.Name(out_name))]))])):
+                # per-head interleaved (loaded into q/k/v order by load_weights): split by sizes
+                names = [e.value.value for e in st.body[0].targets[0].target.elements]  # type: ignore[attr-defined]
+                body.append(cst.parse_statement(
+                    f"{names[0]}, {names[1]}, {names[2]} = {out_name}.split("
+                    "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
+                placed = True
+                continue
+            if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
+                    targets=[m.AssignTarget(m.Name())], value=m.Subscript(value=m.Name(out_name)))])):
+                names.append(st.body[0].targets[0].target.value)  # type: ignore[attr-defined]
+                if len(names) == 3 and not placed:
+                    body.append(cst.parse_statement(
+                        f"{names[0]}, {names[1]}, {names[2]} = {out_name}.split("
+                        "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
+                    placed = True
+                continue
+            body.append(st)
+        if not placed:
+            raise self.ctx.idx.error("cannot port attention: packed q/k/v slices not found in forward",
+                                     construct=f"{attn.cls}.forward", rule=self.name)
+        self.mark(f"{attn.cls}.forward")
+        return fn.with_changes(body=fn.body.with_changes(body=body))
+
+    def _init(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
+        body, done = [], False
+        for st in fn.body.body:
+            if any(_is_assign_of(st, a) for a in (attn.q, attn.k, attn.v)):
+                if not done:
+                    name = attn.q if attn.packed else "qkv_proj"
+                    body += [
+                        cst.parse_statement(
+                            f"self.{name} = {self.ctx.use('QKVParallelLinear')}({attn.hidden_size}, "
+                            f"{attn.head_dim}, {attn.num_heads}, {attn.num_kv_heads}, bias={attn.bias}, "
+                            f"quant_config=quant_config, prefix=f\"{{prefix}}.{name}\")\n"
+                        ),
+                        cst.parse_statement(f"self.q_size = self.{name}.num_heads * {attn.head_dim}\n"),
+                        cst.parse_statement(f"self.kv_size = self.{name}.num_kv_heads * {attn.head_dim}\n"),
+                    ]
+                    done = True
+                continue
+            body.append(st)
+        self.mark(f"{attn.cls}.__init__")
+        return fn.with_changes(body=fn.body.with_changes(body=body))
+
+    def _forward(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
+        names = {attn.q: "q", attn.k: "k", attn.v: "v"}
+        body = list(fn.body.body)
+        first = None
+        x_src = None
+        for i, st in enumerate(body):
+            calls = [c for c in findall(st, m.Call()) if self_call_attr(c) in names]
+            if calls and first is None:
+                first = i
+                x_src = calls[0].args[0].value  # type: ignore[attr-defined]
+        if first is None:
+            raise self.ctx.idx.error("cannot port attention: q/k/v calls not found in forward",
+                                     construct=f"{attn.cls}.forward", rule=self.name)
+        # `query_states = self.q_proj(x)` (after flatten-heads) binds the split target directly
+        targets = dict(names)
+        keep: list[tuple[int, cst.BaseStatement]] = []
+        for i, st in enumerate(body):
+            if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call())])):
+                call = st.body[0].value  # type: ignore[attr-defined]
+                attr = self_call_attr(call)
+                if attr in names and len(call.args) == 1:
+                    targets[attr] = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
+                    continue
+            keep.append((i, st))
+
+        class _Replace(cst.CSTTransformer):
+            def leave_Call(self, original, updated):
+                attr = self_call_attr(updated)
+                if attr in names:
+                    return cst.Name(targets[attr])
+                return updated
+
+        qkv_stmt = cst.SimpleStatementLine([cst.Assign(
+            targets=[cst.AssignTarget(cst.parse_expression("qkv, _"))],
+            value=cst.Call(func=cst.parse_expression("self.qkv_proj"), args=[cst.Arg(x_src)]),
+        )])
+        split = cst.parse_statement(
+            f"{targets[attn.q]}, {targets[attn.k]}, {targets[attn.v]} = "
+            "qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+        )
+        before = [st for i, st in keep if i < first]
+        after = [st.visit(_Replace()) for i, st in keep if i >= first]
+        out = before + [qkv_stmt, split] + after
+        self.mark(f"{attn.cls}.forward")
+        return fn.with_changes(body=fn.body.with_changes(body=out))

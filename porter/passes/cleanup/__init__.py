@@ -1,0 +1,1 @@
+"""Cleanup rules: HF-only imports, decorators, base classes, checks, dropout, dead code."""

@@ -1,0 +1,103 @@
+"""PT061 drop-dead-locals: one rule (its `why` says what it does and why)."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import assigned_names, dotted, findall
+from porter.passes.base import Example, Rule
+
+_SHAPE_PURE = {"size", "shape", "dim", "view", "reshape", "transpose", "contiguous", "unsqueeze"}
+
+
+class DropDeadLocals(Rule):
+    descend_methods = frozenset()
+    code = "PT061"
+    name = "drop-dead-locals"
+    why = (
+        "After the HF plumbing and the head reshapes are gone, some locals are computed and never "
+        "read (`input_shape`, `hidden_shape`, `bsz, tgt_len, _ = x.size()`), or are assigned to "
+        "themselves. Side-effect-free assignments nobody reads are removed, so the port passes "
+        "`ruff check` and reads like hand-written code."
+    )
+    examples = [
+        Example(
+            "class A(nn.Module):\n    def forward(self, x):\n        shape = x.shape[:-1]\n"
+            "        x = x\n        return self.f(x)\n",
+            "class A(nn.Module):\n    def forward(self, x):\n        return self.f(x)\n",
+        ),
+        Example(  # in a loop's body: the layer type once chose the layer's mask
+            "class M(nn.Module):\n    def forward(self, h):\n"
+            "        for i, layer in enumerate(self.layers):\n"
+            "            layer_type = self.config.layer_types[i]\n            h = layer(h)\n"
+            "        return h\n",
+            "class M(nn.Module):\n    def forward(self, h):\n"
+            "        for i, layer in enumerate(self.layers):\n            h = layer(h)\n"
+            "        return h\n",
+        ),
+    ]
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        if not self.kept(cls) or len(self.scope) != 1:
+            return updated
+        body = self._dead_locals(list(updated.body.body))
+        # and in the body of a top-level loop (`layer_type = self.config.layer_types[i]`, once it
+        # chose a mask), counting reads over the whole method
+        reads = self._reads(body)
+        for i, st in enumerate(body):
+            if isinstance(st, cst.For) and isinstance(st.body, cst.IndentedBlock):
+                inner = self._dead_locals(list(st.body.body), reads)
+                if len(inner) != len(st.body.body) and inner:
+                    body[i] = st.with_changes(body=st.body.with_changes(body=inner))
+        if body == list(updated.body.body):
+            return updated
+        self.mark(f"{cls}.{updated.name.value}")
+        return updated.with_changes(body=updated.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
+
+    @staticmethod
+    def _reads(body: list[cst.BaseStatement]) -> dict[str, int]:
+        reads: dict[str, int] = {}
+        for st in body:
+            for n in findall(st, m.Name()):
+                reads[n.value] = reads.get(n.value, 0) + 1  # type: ignore[attr-defined]
+        return reads
+
+    def _dead_locals(self, body: list[cst.BaseStatement],
+                     outer: dict[str, int] | None = None) -> list[cst.BaseStatement]:
+        """`body` without its dead assignments; `outer`: the reads of the enclosing method (a
+        loop body's local may be read after the loop)."""
+        changed = True
+        while changed:
+            changed = False
+            reads = outer if outer is not None else self._reads(body)
+            new_body = []
+            for st in body:
+                if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])):
+                    assign = st.body[0]  # type: ignore[attr-defined]
+                    names = [n for t in assign.targets for n in assigned_names(t.target) if n != "_"]
+                    value_reads = {n.value for n in findall(assign.value, m.Name())}  # type: ignore[attr-defined]
+                    own = sum(1 for t in assign.targets for n in findall(t.target, m.Name()) if n.value != "_")  # type: ignore[attr-defined]
+                    if m.matches(assign, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Name())) and \
+                            assign.targets[0].target.value == assign.value.value:
+                        changed = True
+                        continue
+                    if names and all(reads.get(n, 0) <= (1 if n not in value_reads else 2) for n in names) \
+                            and own == len(names) and self._pure(assign.value):
+                        changed = True
+                        continue
+                new_body.append(st)
+            body = new_body
+        return body
+
+    def _pure(self, value: cst.BaseExpression) -> bool:
+        for call in findall(value, m.Call()):
+            func = call.func  # type: ignore[attr-defined]
+            if isinstance(func, cst.Attribute) and func.attr.value in _SHAPE_PURE:
+                continue
+            if dotted(func) in self.ctx.table.hf_only_callables:  # HF plumbing queries (rules/hf_strip.yaml)
+                continue
+            return False
+        return True

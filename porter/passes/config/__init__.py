@@ -1,0 +1,1 @@
+"""Rules over a shipped configuration module (day-zero ports)."""

@@ -1,0 +1,1 @@
+"""MLP rules: fused gate/up projection and the engine's activations."""

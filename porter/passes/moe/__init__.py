@@ -1,0 +1,1 @@
+"""Mixture-of-experts rules: the engine's fused MoE, flat tokens, checkpoint module names."""

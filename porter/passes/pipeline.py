@@ -1,0 +1,166 @@
+"""Every rule, in the order it runs, and the one runner (convert, the config port and the example
+tests all call `run`).
+
+Three stages, each a list in run order:
+- BEFORE_INDEX: rewrites of the parsed source before it is indexed, so the index sees the engine's
+  form of the attention (one attention call where HF computes it inline or picks an arm by the
+  attention implementation). They keep the source's line numbers.
+- MODEL: the rewrite passes over the indexed modeling file, reading the plan. The passes before the
+  first one with `reads_target` run once for all targets (convert forks there).
+- CONFIG: the rewrites of a shipped configuration module (day-zero ports, porter/config_port.py).
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.errors import PorterError
+from porter.passes.attention.alibi_arm import AlibiArm
+from porter.passes.attention.alibi_by_config import AlibiTestByConfig
+from porter.passes.attention.attention_sinks import AttentionSinks
+from porter.passes.attention.drop_cross_attention import DropCrossAttention
+from porter.passes.attention.eager_arm import EagerArm
+from porter.passes.attention.engine_attention import EngineAttention
+from porter.passes.attention.flatten_heads import FlattenHeads
+from porter.passes.attention.fold_query_scale import FoldQueryScale
+from porter.passes.attention.fuse_qkv import FuseQkv
+from porter.passes.attention.inline_eager_attention import InlineEagerAttention
+from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
+from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
+from porter.passes.base import REGISTRY, Rule
+from porter.passes.cleanup.drop_autocast import DropAutocast
+from porter.passes.cleanup.drop_dead_locals import DropDeadLocals
+from porter.passes.cleanup.drop_dropout import DropDropout
+from porter.passes.cleanup.drop_hf_imports import DropHfImports
+from porter.passes.cleanup.drop_input_checks import DropInputChecks
+from porter.passes.cleanup.drop_unused_buffers import DropUnusedBuffers
+from porter.passes.cleanup.prune_unreachable import PruneUnreachable
+from porter.passes.cleanup.replace_base_classes import ReplaceBaseClasses
+from porter.passes.cleanup.strip_decorators import StripDecorators
+from porter.passes.config.config_engine_imports import ConfigEngineImports
+from porter.passes.config.config_keep_class import ConfigKeepClass
+from porter.passes.mlp.engine_activation import EngineActivation
+from porter.passes.mlp.engine_activation_class import EngineActivationClass
+from porter.passes.mlp.fuse_gate_up import FuseGateUp
+from porter.passes.moe.checkpoint_module_names import CheckpointModuleNames
+from porter.passes.moe.flat_tokens import FlatTokens
+from porter.passes.moe.fused_moe import FusedMoe
+from porter.passes.norms.engine_norms import EngineNorms
+from porter.passes.norms.full_width_qk_norm import FullWidthQkNorm
+from porter.passes.norms.norm_across_tp_ranks import NormAcrossTpRanks
+from porter.passes.plumbing.causal_lm_interface import CausalLmInterface
+from porter.passes.plumbing.compile_base_model import CompileBaseModel
+from porter.passes.plumbing.drop_batch_collapse import DropBatchCollapse
+from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
+from porter.passes.plumbing.engine_imports import EngineImports
+from porter.passes.plumbing.fix_call_arity import FixCallArity
+from porter.passes.plumbing.match_callee_params import MatchCalleeParams
+from porter.passes.plumbing.strip_hf_params import StripHfParams
+from porter.passes.plumbing.thread_positions import ThreadPositions
+from porter.passes.plumbing.thread_prefix import ThreadPrefix
+from porter.passes.plumbing.unwrap_outputs import UnwrapOutputs
+from porter.passes.rope.engine_rope import EngineRope
+from porter.passes.rope.flat_position_factor import FlatPositionFactor
+from porter.passes.rope.one_tensor_rope import OneTensorRope
+from porter.passes.rope.partial_rotary import PartialRotary
+from porter.passes.tp.tp_linears import TpLinears
+from porter.passes.tp.vocab_embedding import VocabEmbedding
+
+BEFORE_INDEX: list[type[Rule]] = [
+    EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
+    InlineEagerAttention,
+    AlibiArm,  # after PT150: picks the arm of the `attention_interface` call PT150 made
+]
+
+MODEL: list[type[Rule]] = [
+    DropHfImports,
+    StripDecorators,
+    ReplaceBaseClasses,
+    DropCrossAttention,
+    PreferAttentionFunction,
+    DropInputChecks,
+    ResolveAttentionTable,
+    DropAutocast,
+    PartialRotary,
+    OneTensorRope,  # before EngineRope: takes the one-tensor rotary calls it would otherwise see
+    EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
+    FoldQueryScale,  # before EngineAttention replaces the call whose `scaling=1.0` it reads
+    EngineAttention,
+    AttentionSinks,
+    AlibiTestByConfig,  # before StripHfParams drops the bias parameter its tests read
+    StripHfParams,
+    DropHfDataflow,
+    DropDropout,
+    DropBatchCollapse,
+    FlattenHeads,
+    FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
+    FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions
+    FusedMoe,
+    FuseQkv,
+    FuseGateUp,
+    TpLinears,
+    VocabEmbedding,
+    EngineNorms,
+    NormAcrossTpRanks,
+    # after FuseQkv (works on the split of the fused projection) and after PT120, which takes the
+    # norms it recognises (incl. replicated KV heads); this one takes the remaining flat q/k norms
+    FullWidthQkNorm,
+    EngineActivation,
+    EngineActivationClass,
+    UnwrapOutputs,
+    FixCallArity,
+    ThreadPositions,
+    MatchCalleeParams,
+    CheckpointModuleNames,
+    ThreadPrefix,
+    CausalLmInterface,
+    CompileBaseModel,
+    DropUnusedBuffers,
+    DropDeadLocals,  # late: the rules above leave locals nothing reads any more
+    PruneUnreachable,  # after every rule that can remove a use of a class or helper
+    EngineImports,  # last: imports exactly the engine symbols the rules above used
+]
+
+CONFIG: list[type[Rule]] = [
+    ConfigEngineImports,
+    ConfigKeepClass,  # after the imports are absolute: drops the imports only dropped classes used
+]
+
+STAGES: dict[str, list[type[Rule]]] = {
+    "before indexing": BEFORE_INDEX, "model": MODEL, "config module": CONFIG}
+PIPELINE: list[type[Rule]] = [r for rules in STAGES.values() for r in rules]
+
+# a registered rule missing from PIPELINE must be named here with the reason (none today)
+NOT_IN_PIPELINE: dict[str, str] = {}
+
+
+def stage_of(rule: type[Rule]) -> str | None:
+    """Where a rule runs ("before indexing", "model", "config module"), None when it runs nowhere."""
+    return next((name for name, rules in STAGES.items() if rule in rules), None)
+
+
+def catalogue() -> list[type[Rule]]:
+    """Every registered rule: the pipeline in run order, then any registered elsewhere (a plugin's)."""
+    return PIPELINE + [r for r in REGISTRY.values() if r not in PIPELINE]
+
+
+def run(rules: list[type[Rule]], module: cst.Module, ctx, applied: list[str] | None = None,
+        path: str | None = None) -> cst.Module:
+    """Each rule that applies to `ctx`, in order, over `module`; the rules that changed something
+    are appended to `applied` ("PT023 fuse-qkv"). A rule's unexpected failure is a one-line error
+    naming the file and the rule."""
+    for rule_cls in rules:
+        if not rule_cls.applies(ctx):
+            continue
+        rule = rule_cls(ctx)
+        try:
+            module = rule.rewrite(module)
+        except PorterError:
+            raise
+        except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
+            raise PorterError(
+                f"cannot port: {type(exc).__name__}: {exc}", file=path, rule=rule_cls.name
+            ) from None
+        if rule.changed and applied is not None:
+            applied.append(f"{rule_cls.code} {rule_cls.name}")
+    return module

@@ -1,0 +1,86 @@
+"""PT033 match-callee-params: one rule (its `why` says what it does and why)."""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.cstutil import loop_module, param_names, self_attr
+from porter.passes.base import Example, Rule
+
+
+class MatchCalleeParams(Rule):
+    descend_methods = frozenset({"forward"})
+    code = "PT033"
+    name = "match-callee-params"
+    why = (
+        "HF modules forward `**kwargs` and pass `position_ids=` to sub-modules that never read "
+        "them. Once signatures are stripped, a keyword argument the called module's forward does "
+        "not accept would fail at run time: it is dropped from the call."
+    )
+    examples = [
+        Example(
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def forward(self, x):\n"
+            "        return x\n\n\nclass Layer(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.mlp = MLP(config)\n\n"
+            "    def forward(self, x, positions):\n"
+            "        return self.mlp(x, positions=positions)\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def forward(self, x):\n"
+            "        return x\n\n\nclass Layer(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.mlp = MLP(config)\n\n"
+            "    def forward(self, x, positions):\n        return self.mlp(x)\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass Layer(nn.Module):\n"
+            "    def forward(self, x, positions):\n        return x\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.layers = nn.ModuleList([Layer(config) for _ in "
+            "range(config.num_hidden_layers)])\n\n    def forward(self, x, positions):\n"
+            "        for layer in self.layers:\n"
+            "            x = layer(x, positions=positions, use_cache=True)\n        return x\n",
+            "from torch import nn\n\n\nclass Layer(nn.Module):\n"
+            "    def forward(self, x, positions):\n        return x\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.layers = nn.ModuleList([Layer(config) for _ in "
+            "range(config.num_hidden_layers)])\n\n    def forward(self, x, positions):\n"
+            "        for layer in self.layers:\n            x = layer(x, positions=positions)\n"
+            "        return x\n",
+        ),
+    ]
+
+    def visit_Module(self, node: cst.Module) -> None:
+        self._accepts: dict[str, set[str] | None] = {}
+        for st in node.body:
+            if isinstance(st, cst.ClassDef):
+                for item in st.body.body:
+                    if isinstance(item, cst.FunctionDef) and item.name.value == "forward":
+                        star = item.params.star_kwarg is not None
+                        self._accepts[st.name.value] = None if star else set(param_names(item))
+        self._loop_vars: dict[str, str] = {}
+
+    def visit_For(self, node: cst.For) -> None:
+        bound = loop_module(node)
+        if bound:
+            self._loop_vars[bound[0]] = bound[1]
+
+    def leave_Call(self, original, updated):
+        info = self.ctx.idx.classes.get(self.current_class or "")
+        if not info or self.current_function == "__init__":
+            return updated
+        attr = self_attr(updated.func)
+        if attr is None and isinstance(updated.func, cst.Name):
+            attr = self._loop_vars.get(updated.func.value)
+        sub = info.submodules.get(attr or "")
+        mp = self.plan.moe(info.name)
+        if mp is not None and attr in (mp.router, mp.experts):
+            return updated  # now the engine's GateLinear / FusedMoE, not the HF class
+        accepts = self._accepts.get(sub.ctor) if sub else None
+        if accepts is None:
+            return updated
+        args = [a for a in updated.args if a.keyword is None or a.keyword.value in accepts]
+        if len(args) == len(updated.args):
+            return updated
+        if args:
+            args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        return updated.with_changes(args=args)

@@ -1,0 +1,217 @@
+"""PT020 engine-rope: one rule (its `why` says what it does and why)."""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import (
+    findall,
+    param_names,
+)
+from porter.errors import PorterError
+from porter.passes._edit import _append_to_init, _is_assign_of
+from porter.passes.base import Example, Rule
+
+_ROPE_TABLE_BY_KEY = m.Subscript(value=m.Attribute(attr=m.Name("rope_parameters")),
+                                 slice=[m.SubscriptElement(slice=m.Index(value=m.Name()))])
+
+
+def _rope_by_layer_type(ctx) -> bool:
+    """The HF rotary module builds one table per layer type (`config.rope_parameters[layer_type]`)."""
+    classes = ctx.idx.classes
+    return any(findall(classes[c].node, _ROPE_TABLE_BY_KEY)
+               for c in ctx.plan.rotary_classes if c in classes)
+
+
+class EngineRope(Rule):
+    descend_methods = frozenset({"forward"})
+    code = "PT020"
+    name = "engine-rope"
+    why = (
+        "HF computes cos/sin once per model (a RotaryEmbedding module) and threads them to every "
+        "attention as `position_embeddings`. The engine's `get_rope` module lives in the attention "
+        "and rotates flat q/k in place from `positions`: `q, k = self.rotary_emb(positions, q, k)`. "
+        "The HF rotary module is removed; its layout (NeoX halves or GPT-J interleaved) is read from "
+        "the source's rotate helper; rope_theta, scaling and partial factor come from "
+        "`config.rope_parameters` at run time."
+    )
+    examples = [
+        Example(
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+            "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n\n"
+            "    def forward(self, x, position_embeddings):\n        q = self.q_proj(x)\n"
+            "        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        cos, sin = position_embeddings\n"
+            "        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+            "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, "
+            "config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, "
+            "config.num_kv_heads * self.head_dim)\n"
+            "        self.rotary_emb = get_rope(self.head_dim, "
+            "max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters, "
+            "is_neox_style=True)\n\n    def forward(self, x, position_embeddings):\n"
+            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        cos, sin = position_embeddings\n"
+            "        q, k = self.rotary_emb(positions, q, k)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
+        Example(
+            "from torch import nn\n\n\nclass ARotaryEmbedding(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.inv_freq = 1.0 / config.rope_theta\n\n"
+            "    def forward(self, x, position_ids):\n        return self.inv_freq\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.rotary_emb = ARotaryEmbedding(config)\n"
+            "        self.norm = nn.LayerNorm(config.hidden_size)\n",
+            "from torch import nn\n\n\nclass ARotaryEmbedding(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.inv_freq = 1.0 / config.rope_theta\n\n"
+            "    def forward(self, x, position_ids):\n        return self.inv_freq\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.norm = nn.LayerNorm(config.hidden_size)\n",
+        ),
+        Example(  # one rotary table per layer type (gemma3): each layer takes its own
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'def apply_rotary_pos_emb(q, k, cos, sin):\n'
+            '    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n'
+            '\n'
+            '\n'
+            'class ARotaryEmbedding(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        for layer_type in set(config.layer_types):\n'
+            '            base = config.rope_parameters[layer_type]["rope_theta"]\n'
+            '            setattr(self, f"{layer_type}_inv_freq", 1.0 / base)\n'
+            '\n'
+            '    def forward(self, x, position_ids, layer_type):\n'
+            '        return x\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config, layer_idx):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n'
+            '        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '\n'
+            '    def forward(self, x, position_embeddings):\n'
+            '        q = self.q_proj(x)\n'
+            '        k = self.k_proj(x)\n'
+            '        v = self.v_proj(x)\n'
+            '        cos, sin = position_embeddings\n'
+            '        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n'
+            '        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'def apply_rotary_pos_emb(q, k, cos, sin):\n'
+            '    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n'
+            '\n'
+            '\n'
+            'class ARotaryEmbedding(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        for layer_type in set(config.layer_types):\n'
+            '            base = config.rope_parameters[layer_type]["rope_theta"]\n'
+            '            setattr(self, f"{layer_type}_inv_freq", 1.0 / base)\n'
+            '\n'
+            '    def forward(self, x, position_ids, layer_type):\n'
+            '        return x\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config, layer_idx):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n'
+            '        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n'
+            '        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters[config.layer_types[layer_idx]], is_neox_style=True)\n'
+            '\n'
+            '    def forward(self, x, position_embeddings):\n'
+            '        q = self.q_proj(x)\n'
+            '        k = self.k_proj(x)\n'
+            '        v = self.v_proj(x)\n'
+            '        cos, sin = position_embeddings\n'
+            '        q, k = self.rotary_emb(positions, q, k)\n'
+            '        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n'
+            '        return out\n',
+        ),
+    ]
+
+    def leave_FunctionDef(self, original, updated):
+        cls = self.current_class
+        super().leave_FunctionDef(original, updated)
+        attn = self.plan.attention(cls or "")
+        if not self.kept(cls) or len(self.scope) != 1:
+            return updated
+        if attn and attn.rope and updated.name.value == "__init__":
+            neox = "True" if attn.rope == "neox" else "False"
+            params = "config.rope_parameters"
+            if _rope_by_layer_type(self.ctx):
+                # one rotary table per layer type (gemma3: local and global theta): this layer's
+                if "layer_idx" not in param_names(updated):
+                    raise PorterError(
+                        "rotary parameters chosen per layer type, but the attention is not told its "
+                        "layer (no layer_idx parameter)", file=self.ctx.idx.path,
+                        line=self.ctx.idx.classes[cls].line, construct=f"{cls}.__init__",
+                        rule=self.name)
+                params = "config.rope_parameters[config.layer_types[layer_idx]]"
+            if attn.rope_theta:  # a table built in the source (PT151): its base and rotated dims
+                params = f'{{"rope_theta": {attn.rope_theta}, "rope_dim": {attn.rope_dim}}}'
+            st = cst.parse_statement(
+                f"self.rotary_emb = {self.ctx.use('get_rope')}({attn.head_dim}, "
+                f"max_position=config.max_position_embeddings, "
+                f"rope_parameters={params}, is_neox_style={neox})\n"
+            )
+            self.mark(f"{cls}.__init__")
+            return _append_to_init(updated, [st])
+        if updated.name.value == "__init__":
+            # drop `self.rotary_emb = XRotaryEmbedding(...)` in other classes
+            info = self.ctx.idx.classes.get(cls or "")
+            body = []
+            for st in updated.body.body:
+                rotary_attr = None
+                if info:
+                    for attr, sub in info.submodules.items():
+                        if sub.ctor in self.plan.rotary_classes and _is_assign_of(st, attr):
+                            rotary_attr = attr
+                if rotary_attr:
+                    self.ctx.removed_attrs.add((cls, rotary_attr))
+                    self.mark(f"{cls}.__init__")
+                    continue
+                body.append(st)
+            return updated.with_changes(body=updated.body.with_changes(body=body))
+        return updated
+
+    def leave_Call(self, original, updated):
+        attn = self.plan.attention(self.current_class or "")
+        if attn and attn.rope_helper and m.matches(updated.func, m.Name(attn.rope_helper)):
+            q, k = updated.args[0].value, updated.args[1].value
+            self.ctx.needs_positions.add(attn.cls)
+            return cst.parse_expression("self.rotary_emb(positions, Q, K)").with_changes(
+                args=[cst.Arg(cst.Name("positions")), cst.Arg(q), cst.Arg(k)]
+            )
+        return updated

@@ -1,0 +1,1 @@
+"""Tensor-parallel layer rules: parallel linears and the vocab-parallel embedding."""
