@@ -242,7 +242,35 @@ class InlineEagerAttention(BeforeIndexRule):
             return None
         soft = _simple_assign(body[i_s])
         probs = _target(soft)  # type: ignore[arg-type]
-        # forwards: the weighted sum and what only reshapes it
+        found = self._forwards(body, i_s, probs)
+        if found is None:
+            return None
+        derived, out_names, v_name, end = found
+        region = {i_s} | {j for j in range(i_s + 1, end + 1) if _writes(body[j]) & (derived | set(out_names))}
+        back = self._backwards(body, i_s, soft, v_name, region)  # type: ignore[arg-type]
+        if back is None:
+            return None
+        score_steps, qk = back
+        scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, derived | set(out_names))
+        if scale is False:
+            return None
+        first = min(region)
+        if not self._take_readers(body, region, first, end, set(qk) | {v_name} | derived | set(out_names)):
+            return None
+        args = f"self, {qk[0]}, {qk[1]}, {v_name}, {mask or 'None'}"
+        if scale is not None:
+            args += f", scaling={scale}"
+        if alibi is not None:
+            args += f", alibi={alibi}"
+            if alibi_scaled and scale is not None:
+                args += f", alibi_scale={scale}"
+        call = cst.parse_statement(f"{out_names[-1]}, {probs} = attention_interface({args})\n")
+        return self._replace_region(body, region, first, end, call)
+
+    def _forwards(self, body: list[cst.BaseStatement], i_s: int, probs: str):
+        """From the softmax forwards: the weighted sum and what only reshapes it. Returns (names
+        derived from the probabilities, the output's names, v's name, index of the last output
+        statement), or None."""
         derived, out_names, v_name, end = {probs}, [], None, None
         for j in range(i_s + 1, len(body)):
             small = _simple_assign(body[j])
@@ -266,8 +294,11 @@ class InlineEagerAttention(BeforeIndexRule):
                 derived.add(t)
         if v_name is None or end is None:
             return None
-        # backwards: scores up to their matmul, then shape-only rebindings of q, k, v
-        region = {i_s} | {j for j in range(i_s + 1, end + 1) if _writes(body[j]) & (derived | set(out_names))}
+        return derived, out_names, v_name, end
+
+    def _backwards(self, body: list[cst.BaseStatement], i_s: int, soft, v_name: str, region: set[int]):
+        """From the softmax backwards: the scores up to their matmul, then shape-only rebindings of
+        q, k, v (added to `region`). Returns (the score steps, (q, k)), or None."""
         need = _tensor_roots(findall(soft.value, SOFTMAX)[0].args[0].value)  # type: ignore[union-attr,attr-defined]
         score_steps: list[cst.CSTNode] = [soft]  # type: ignore[list-item]
         qk: tuple[str, str] | None = None
@@ -312,30 +343,30 @@ class InlineEagerAttention(BeforeIndexRule):
             region.add(k)
         if qk is None:
             return None
-        scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, derived | set(out_names))
-        if scale is False:
-            return None
-        first = min(region)
+        return score_steps, qk
+
+    @staticmethod
+    def _take_readers(body: list[cst.BaseStatement], region: set[int], first: int, end: int,
+                      tensors: set[str]) -> bool:
+        """The statements between the region's first and last that read what it computes go with it
+        (added to `region`); False when one rebinds its tensors or is read outside."""
         inner = set().union(*(_writes(body[k]) for k in region))
         for k in range(first, end + 1):
             if k in region:
                 continue
-            if _writes(body[k]) & (set(qk) | {v_name} | derived | set(out_names)):
-                return None
+            if _writes(body[k]) & tensors:
+                return False
             if names_in(body[k]) & inner:  # `input_dtype = scores.dtype`: goes with the region if nothing else reads it
                 small = _simple_assign(body[k])
                 outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j != k))
                 if small is None or _target(small) in outside:
-                    return None
+                    return False
                 region.add(k)
-        args = f"self, {qk[0]}, {qk[1]}, {v_name}, {mask or 'None'}"
-        if scale is not None:
-            args += f", scaling={scale}"
-        if alibi is not None:
-            args += f", alibi={alibi}"
-            if alibi_scaled and scale is not None:
-                args += f", alibi_scale={scale}"
-        call = cst.parse_statement(f"{out_names[-1]}, {probs} = attention_interface({args})\n")
+        return True
+
+    def _replace_region(self, body: list[cst.BaseStatement], region: set[int], first: int, end: int,
+                        call: cst.BaseStatement) -> list[cst.BaseStatement]:
+        """The block with the region's statements replaced by the one attention call."""
         # blank lines keep every later line where it was in the source (errors name source lines;
         # the port is formatted afterwards)
         if self.keep_lines:
