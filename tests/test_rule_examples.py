@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from porter.passes import PASSES, REGISTRY
+from porter.passes import REGISTRY
 from porter.passes.examples import apply_rule
+from porter.passes.pipeline import PIPELINE
 
 CASES = [
     pytest.param(rule, i, ex, id=f"{rule.code}-{rule.name}-{i}")
@@ -26,5 +27,5 @@ def test_every_rule_has_examples_and_a_why():
 
 
 def test_every_pass_is_registered_once():
-    assert len({r.code for r in PASSES}) == len(PASSES)
-    assert set(PASSES) <= set(REGISTRY.values())
+    assert len({r.code for r in PIPELINE}) == len(PIPELINE)
+    assert set(PIPELINE) <= set(REGISTRY.values())

@@ -17,6 +17,17 @@ def _non_eager_test(test: cst.BaseExpression) -> bool:
                                      and (_non_eager_test(test.left) or _non_eager_test(test.right)))  # type: ignore[attr-defined]
 
 
+_UNCHANGED_PT152 = (
+    'class Attn(nn.Module):\n'
+    '    def forward(self, q, k, v, mask):\n'
+    '        if self.config._attn_implementation == "eager":\n'
+    '            out = self.eager(q, k, v, mask)\n'
+    '        else:\n'
+    '            out = F.scaled_dot_product_attention(q, k, v)\n'
+    '        return out\n'
+)
+
+
 class EagerArm(BeforeIndexRule):
     code = "PT152"
     name = "eager-arm"
@@ -37,7 +48,10 @@ class EagerArm(BeforeIndexRule):
             "        else:\n            out = self.eager(q, k, v, mask)\n        return out\n",
             "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
             "        out = self.eager(q, k, v, mask)\n        return out\n",
-        )
+        ),
+        # must leave unchanged: a test that the eager implementation is active is true in
+        # the eager reference: its `if` arm is not replaced by the `else` arm
+        Example(_UNCHANGED_PT152, _UNCHANGED_PT152),
     ]
 
     def leave_If(self, original, updated):

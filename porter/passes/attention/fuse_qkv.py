@@ -18,6 +18,22 @@ from porter.plan import (
 )
 
 
+_UNCHANGED_PT023 = (
+    'from torch import nn\n'
+    '\n'
+    '\n'
+    'class Mixer(nn.Module):\n'
+    '    def __init__(self, config):\n'
+    '        super().__init__()\n'
+    '        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)\n'
+    '        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)\n'
+    '        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)\n'
+    '\n'
+    '    def forward(self, x):\n'
+    '        return self.q_proj(x) * self.k_proj(x).sigmoid() + self.v_proj(x)\n'
+)
+
+
 class FuseQkv(Rule):
     descend_methods = frozenset()
     code = "PT023"
@@ -169,6 +185,9 @@ class FuseQkv(Rule):
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
         ),
+        # must leave unchanged: projections named q/k/v that do not feed an attention call
+        # are not fused (roles come from dataflow, not names)
+        Example(_UNCHANGED_PT023, _UNCHANGED_PT023),
     ]
 
     def leave_FunctionDef(self, original, updated):

@@ -13,6 +13,17 @@ def _only_raises(block: cst.BaseSuite) -> bool:
     return all(m.matches(s, m.SimpleStatementLine(body=[m.Raise()])) for s in block.body)  # type: ignore[attr-defined]
 
 
+_UNCHANGED_PT125 = (
+    'class M(nn.Module):\n'
+    '    def forward(self, input_ids):\n'
+    '        if input_ids.dim() == 1:\n'
+    '            input_ids = input_ids.unsqueeze(0)\n'
+    '        elif input_ids.dim() != 2:\n'
+    "            raise ValueError('rank')\n"
+    '        return self.wte(input_ids)\n'
+)
+
+
 class DropInputChecks(Rule):
     descend_methods = frozenset()
     code = "PT125"
@@ -37,7 +48,9 @@ class DropInputChecks(Rule):
             "        return self.wte(input_ids)\n",
             "class M(nn.Module):\n    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):\n"
             "        return self.wte(input_ids)\n",
-        )
+        ),
+        # must leave unchanged: a check whose arm also computes (reshapes the input) is kept
+        Example(_UNCHANGED_PT125, _UNCHANGED_PT125),
     ]
 
     def leave_FunctionDef(self, original, updated):

@@ -17,6 +17,23 @@ def _assign_attr(st: cst.CSTNode) -> str | None:
     return None
 
 
+_UNCHANGED_PT024 = (
+    'from torch import nn\n'
+    '\n'
+    '\n'
+    'class MLP(nn.Module):\n'
+    '    def __init__(self, config):\n'
+    '        super().__init__()\n'
+    '        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)\n'
+    '        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)\n'
+    '        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)\n'
+    '        self.act_fn = ACT2FN[config.hidden_act]\n'
+    '\n'
+    '    def forward(self, x):\n'
+    '        return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))\n'
+)
+
+
 class FuseGateUp(Rule):
     descend_methods = frozenset({"forward"})
     code = "PT024"
@@ -49,6 +66,10 @@ class FuseGateUp(Rule):
             "    def forward(self, x):\n"
             "        return self.down_proj(self.act_fn(self.gate_up_proj(x)[0]))\n",
         ),
+        # must leave unchanged: a gate and an up projection that are added, not multiplied
+        # after the activation, are not fused (the engine's act-and-mul would change the
+        # math)
+        Example(_UNCHANGED_PT024, _UNCHANGED_PT024),
     ]
 
     def leave_FunctionDef(self, original, updated):
