@@ -1,4 +1,4 @@
-"""What the attention rules share: the base of the rules that run before indexing, and line counts."""
+"""What the attention rules share: the base of the rules that run before indexing; line counts."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class BeforeIndexRule(Rule):
     @classmethod
     def applies(cls, ctx) -> bool:
         if isinstance(ctx, SourceContext):
-            # the three run on a file that computes attention inline or branches on the implementation
+            # they run on a file that computes attention inline or branches on the implementation
             return "softmax" in ctx.text or "_attn_implementation" in ctx.text
         return cls.word in ctx.idx.identifiers
 
@@ -37,10 +37,11 @@ class BeforeIndexRule(Rule):
         if not isinstance(self.ctx, SourceContext):
             return super().rewrite(module)
         self.keep_lines = True
-        # each rule keeps its state per class: the statements that never name its word are not walked
+        # a rule keeps its state per class: statements that never name its word are not walked
         body: list[cst.CSTNode] = []
         for st in module.body:
-            if not any(n.value == self.word for n in findall(st, m.Name())):  # type: ignore[attr-defined]
+            names = findall(st, m.Name())
+            if not any(n.value == self.word for n in names):  # type: ignore[attr-defined]
                 body.append(st)
                 continue
             new = transform(st, self)

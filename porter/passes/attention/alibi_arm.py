@@ -1,4 +1,4 @@
-"""PT170 alibi-arm: one rule (its `why` says what it does and why)."""
+"""PT170 alibi-arm: the rule `AlibiArm`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

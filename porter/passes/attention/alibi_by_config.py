@@ -1,4 +1,4 @@
-"""PT171 alibi-by-config: one rule (its `why` says what it does and why)."""
+"""PT171 alibi-by-config: the rule `AlibiTestByConfig`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT152 eager-arm: one rule (its `why` says what it does and why)."""
+"""PT152 eager-arm: the rule `EagerArm`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,18 +1,13 @@
-"""PT021 engine-attention: one rule (its `why` says what it does and why)."""
+"""PT021 engine-attention: the rule `EngineAttention`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cstutil import (
-    assigned_names,
-    dotted,
-)
-from porter.passes._edit import _append_to_init
+from porter.analysis.cstutil import assigned_names, dotted
+from porter.passes._edit import append_to_init
 from porter.passes.base import Example, Rule
-from porter.plan import (
-    attention_call_names,
-)
+from porter.plan import attention_call_names
 
 ALIBI_HELPER = "alibi_slopes"
 
@@ -134,7 +129,7 @@ class EngineAttention(Rule):
             f"quant_config=quant_config, {sw}prefix=f\"{{prefix}}.attn\")\n"
         )
         self.mark(f"{cls}.__init__")
-        return _append_to_init(updated, [st])
+        return append_to_init(updated, [st])
 
     def leave_Assign(self, original, updated):
         attn = self.plan.attention(self.current_class or "")

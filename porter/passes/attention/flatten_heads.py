@@ -1,16 +1,11 @@
-"""PT022 flatten-heads: one rule (its `why` says what it does and why)."""
+"""PT022 flatten-heads: the rule `FlattenHeads`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import (
-    dotted,
-    findall,
-    param_names,
-    self_call_attr,
-)
+from porter.analysis.cstutil import dotted, findall, param_names, self_call_attr
 from porter.passes.base import Example, Rule
 from porter.passes.norms._head_spanning import head_spanning_norms
 

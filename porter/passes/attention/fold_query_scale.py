@@ -1,19 +1,12 @@
-"""PT029 fold-query-scale: one rule (its `why` says what it does and why)."""
+"""PT029 fold-query-scale: the rule `FoldQueryScale`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst.matchers as m
 
-from porter.analysis.cstutil import (
-    code,
-    dotted,
-    findall,
-)
+from porter.analysis.cstutil import code, dotted, findall
 from porter.passes.base import Example, Rule
-from porter.plan import (
-    attention_call_names,
-    query_prescale,
-)
+from porter.plan import attention_call_names, query_prescale
 
 
 class FoldQueryScale(Rule):

@@ -1,22 +1,15 @@
-"""PT023 fuse-qkv: one rule (its `why` says what it does and why)."""
+"""PT023 fuse-qkv: the rule `FuseQkv`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import (
-    findall,
-    self_call_attr,
-)
+from porter.analysis.cstutil import findall, self_call_attr
 from porter.analysis.grouped_qkv import grouped_split
-from porter.passes._edit import _is_assign_of
+from porter.passes._edit import is_assign_of
 from porter.passes.base import Example, Rule
-from porter.plan import (
-    packed_split_call,
-    per_head_split_helper,
-)
-
+from porter.plan import packed_split_call, per_head_split_helper
 
 _UNCHANGED_PT023 = (
     'from torch import nn\n'
@@ -275,7 +268,7 @@ class FuseQkv(Rule):
     def _init(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         body, done = [], False
         for st in fn.body.body:
-            if any(_is_assign_of(st, a) for a in (attn.q, attn.k, attn.v)):
+            if any(is_assign_of(st, a) for a in (attn.q, attn.k, attn.v)):
                 if not done:
                     name = attn.q if attn.packed else "qkv_proj"
                     body += [

@@ -1,4 +1,4 @@
-"""PT150 inline-eager-attention: one rule (its `why` says what it does and why)."""
+"""PT150 inline-eager-attention: the rule `InlineEagerAttention`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT061 drop-dead-locals: one rule (its `why` says what it does and why)."""
+"""PT061 drop-dead-locals: the rule `DropDeadLocals`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT012 drop-dropout: one rule (its `why` says what it does and why)."""
+"""PT012 drop-dropout: the rule `DropDropout`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT001 drop-hf-imports: one rule (its `why` says what it does and why)."""
+"""PT001 drop-hf-imports: the rule `DropHfImports`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

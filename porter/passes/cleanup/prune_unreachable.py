@@ -1,14 +1,11 @@
-"""PT060 prune-unreachable: one rule (its `why` says what it does and why)."""
+"""PT060 prune-unreachable: the rule `PruneUnreachable`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import (
-    dotted,
-    findall,
-)
+from porter.analysis.cstutil import dotted, findall
 from porter.analysis.index import LINEAR_NAMES
 from porter.passes.base import Example, Rule
 

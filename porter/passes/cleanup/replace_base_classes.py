@@ -1,4 +1,4 @@
-"""PT003 replace-base-classes: one rule (its `why` says what it does and why)."""
+"""PT003 replace-base-classes: the rule `ReplaceBaseClasses`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

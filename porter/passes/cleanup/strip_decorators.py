@@ -1,4 +1,4 @@
-"""PT002 strip-decorators: one rule (its `why` says what it does and why)."""
+"""PT002 strip-decorators: the rule `StripDecorators`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

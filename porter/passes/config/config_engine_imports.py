@@ -1,4 +1,4 @@
-"""PT141 config-engine-imports: one rule (its `why` says what it does and why)."""
+"""PT141 config-engine-imports: the rule `ConfigEngineImports`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

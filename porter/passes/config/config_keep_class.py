@@ -1,4 +1,4 @@
-"""PT142 config-keep-class: one rule (its `why` says what it does and why)."""
+"""PT142 config-keep-class: the rule `ConfigKeepClass`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

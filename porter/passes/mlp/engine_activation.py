@@ -1,4 +1,4 @@
-"""PT028 engine-activation: one rule (its `why` says what it does and why)."""
+"""PT028 engine-activation: the rule `EngineActivation`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

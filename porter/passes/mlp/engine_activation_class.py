@@ -1,4 +1,4 @@
-"""PT140 engine-activation-class: one rule (its `why` says what it does and why)."""
+"""PT140 engine-activation-class: the rule `EngineActivationClass`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT024 fuse-gate-up: one rule (its `why` says what it does and why)."""
+"""PT024 fuse-gate-up: the rule `FuseGateUp`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

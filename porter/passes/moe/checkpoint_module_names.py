@@ -1,4 +1,4 @@
-"""PT102 checkpoint-module-names: one rule (its `why` says what it does and why)."""
+"""PT102 checkpoint-module-names: the rule `CheckpointModuleNames`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

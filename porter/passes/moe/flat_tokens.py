@@ -1,4 +1,4 @@
-"""PT101 flat-tokens: one rule (its `why` says what it does and why)."""
+"""PT101 flat-tokens: the rule `FlatTokens`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT100 fused-moe: one rule (its `why` says what it does and why)."""
+"""PT100 fused-moe: the rule `FusedMoe`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

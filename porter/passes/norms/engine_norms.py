@@ -1,4 +1,4 @@
-"""PT027 engine-norms: one rule (its `why` says what it does and why)."""
+"""PT027 engine-norms: the rule `EngineNorms`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

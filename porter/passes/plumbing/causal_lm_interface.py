@@ -1,4 +1,4 @@
-"""PT050 causal-lm-interface: one rule (its `why` says what it does and why)."""
+"""PT050 causal-lm-interface: the rule `CausalLmInterface`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
-"""PT052 compile-base-model: one rule (its `why` says what it does and why)."""
+"""PT052 compile-base-model: the rule `CompileBaseModel`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cstutil import (
-    find_method,
-    param_names,
-)
+from porter.analysis.cstutil import find_method, param_names
 from porter.passes.base import Example, Rule
 
 

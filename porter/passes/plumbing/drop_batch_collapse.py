@@ -1,4 +1,4 @@
-"""PT013 drop-batch-collapse: one rule (its `why` says what it does and why)."""
+"""PT013 drop-batch-collapse: the rule `DropBatchCollapse`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT011 drop-hf-dataflow: one rule (its `why` says what it does and why)."""
+"""PT011 drop-hf-dataflow: the rule `DropHfDataflow`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
-"""PT070 engine-imports: one rule (its `why` says what it does and why)."""
+"""PT070 engine-imports: the rule `EngineImports`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import (
-    code,
-    dotted,
-    findall,
-)
+from porter.analysis.cstutil import code, dotted, findall
 from porter.passes.base import Example, Rule
 
 

@@ -1,4 +1,4 @@
-"""PT032 fix-call-arity: one rule (its `why` says what it does and why)."""
+"""PT032 fix-call-arity: the rule `FixCallArity`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT033 match-callee-params: one rule (its `why` says what it does and why)."""
+"""PT033 match-callee-params: the rule `MatchCalleeParams`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT031 thread-positions: one rule (its `why` says what it does and why)."""
+"""PT031 thread-positions: the rule `ThreadPositions`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

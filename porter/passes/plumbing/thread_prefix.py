@@ -1,4 +1,4 @@
-"""PT040 thread-prefix: one rule (its `why` says what it does and why)."""
+"""PT040 thread-prefix: the rule `ThreadPrefix`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

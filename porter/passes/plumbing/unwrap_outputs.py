@@ -1,4 +1,4 @@
-"""PT030 unwrap-outputs: one rule (its `why` says what it does and why)."""
+"""PT030 unwrap-outputs: the rule `UnwrapOutputs`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

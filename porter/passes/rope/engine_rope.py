@@ -1,16 +1,13 @@
-"""PT020 engine-rope: one rule (its `why` says what it does and why)."""
+"""PT020 engine-rope: the rule `EngineRope`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import (
-    findall,
-    param_names,
-)
+from porter.analysis.cstutil import findall, param_names
 from porter.errors import PorterError
-from porter.passes._edit import _append_to_init, _is_assign_of
+from porter.passes._edit import append_to_init, is_assign_of
 from porter.passes.base import Example, Rule
 
 _ROPE_TABLE_BY_KEY = m.Subscript(value=m.Attribute(attr=m.Name("rope_parameters")),
@@ -187,7 +184,7 @@ class EngineRope(Rule):
                 f"rope_parameters={params}, is_neox_style={neox})\n"
             )
             self.mark(f"{cls}.__init__")
-            return _append_to_init(updated, [st])
+            return append_to_init(updated, [st])
         if updated.name.value == "__init__":
             # drop `self.rotary_emb = XRotaryEmbedding(...)` in other classes
             info = self.ctx.idx.classes.get(cls or "")
@@ -196,7 +193,7 @@ class EngineRope(Rule):
                 rotary_attr = None
                 if info:
                     for attr, sub in info.submodules.items():
-                        if sub.ctor in self.plan.rotary_classes and _is_assign_of(st, attr):
+                        if sub.ctor in self.plan.rotary_classes and is_assign_of(st, attr):
                             rotary_attr = attr
                 if rotary_attr:
                     self.ctx.removed_attrs.add((cls, rotary_attr))

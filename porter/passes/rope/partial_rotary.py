@@ -1,4 +1,4 @@
-"""PT019 partial-rotary: one rule (its `why` says what it does and why)."""
+"""PT019 partial-rotary: the rule `PartialRotary`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT025 tp-linears: one rule (its `why` says what it does and why)."""
+"""PT025 tp-linears: the rule `TpLinears`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PT026 vocab-embedding: one rule (its `why` says what it does and why)."""
+"""PT026 vocab-embedding: the rule `VocabEmbedding`; its `why` says what it rewrites and why."""
 
 from __future__ import annotations
 
