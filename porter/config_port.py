@@ -8,7 +8,8 @@ imports of the engine's transformers — each imported name checked to exist the
 and written into the port as ``configuration_<model_type>.py``. The plugin's ``register()`` hands it
 to ``AutoConfig.register`` before the engine reads the checkpoint's config.
 
-Rules PT141 (config-engine-imports) and PT142 (config-keep-class) do the rewriting; a name the
+Rules PT141 (config-engine-imports) and PT142 (config-keep-class), in porter/passes/config/ and run
+by the pipeline's runner (its CONFIG stage), do the rewriting; a name the
 engine's transformers does not have is a one-line error with the config file's line.
 """
 
