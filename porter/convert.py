@@ -30,7 +30,7 @@ from porter.plan import PortPlan, alibi_producers, build_plan
 from porter.render import render
 from porter.rules_data import Target, get_target, strip_table
 from porter.config_port import causal_lm_model_type, config_class_for_type, ship_config
-from porter.source import Source, resolve, transformers_root
+from porter.source import Source, resolve, transformers_root, transformers_tree
 
 
 @dataclass
@@ -280,8 +280,6 @@ def resolve_release(src: str, *, config: str | None = None, transformers: str | 
     read statically: the release need not be installable next to the engine."""
     if not transformers:
         return resolve(src, config=config)
-    from porter.regen import transformers_tree
-
     tree = transformers_tree(transformers)
     return resolve(src, config=config, transformers_dir=tree, transformers_version=transformers)
 

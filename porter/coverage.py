@@ -678,7 +678,7 @@ def run_coverage(
     for rel in releases:
         if rel == installed_version:
             continue
-        from porter.regen import transformers_tree
+        from porter.source import transformers_tree
 
         tree = transformers_tree(rel)
         dz_all[rel] = (tree, [c for c in discover(tree, day_zero=True) if c.model_type not in installed_types])
@@ -814,7 +814,7 @@ def _verify_row(row: dict, out: Path, cache_dir: Path | None, step) -> dict:
         base = (cache_dir / "ports") if cache_dir else Path(tmp := tempfile.mkdtemp(prefix="porter-cov-"))
         release = row.get("release")
         if release:
-            from porter.regen import transformers_tree
+            from porter.source import transformers_tree
 
             src = row["model_type"] if row.get("config_only") else str(transformers_tree(release) / row["source"])
         else:

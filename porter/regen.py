@@ -1,7 +1,8 @@
 """Regenerate the committed ports from a transformers release, and report the drift.
 
 Conversion is static, so a release need not be installed: its wheel is fetched with pip into a
-cache and only ``transformers/models/**`` is unpacked from it (never imported). ``regen`` converts
+cache and only ``transformers/models/**`` is unpacked from it, never imported
+(``porter.source.transformers_tree``). ``regen`` converts
 every committed port's model type (both targets) from that release, writes the ports, and writes
 ``DRIFT.md`` / ``DRIFT.json``: per model, the source sha256 before and after, which forward
 signatures changed in the HF source, which rules' outputs changed (rules applied, per-scope
@@ -18,96 +19,20 @@ import ast
 import concurrent.futures
 import json
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from porter import __version__
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo
+from porter.source import transformers_tree
 
 TARGETS = ("vllm", "aphrodite")
 DRIFT_MD = "DRIFT.md"
 DRIFT_JSON = "DRIFT.json"
 IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 IGNORED_SUFFIXES = (".pyc", ".egg-info")
-# what is unpacked from a release's wheel besides models/**: the checkpoint renamings
-TREE_FILES = ("transformers/conversion_mapping.py",)
-TREE_LAYOUT = "layout 2: models/** + conversion_mapping.py"
-
-
-# -- the transformers tree of a release ------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    if os.environ.get("PORTER_CACHE"):
-        return Path(os.environ["PORTER_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "porter"
-
-
-def fetch_wheel(version: str) -> Path:
-    """The transformers wheel of VERSION, downloaded with pip once and then kept in the cache."""
-    wheels = cache_dir() / "wheels"
-    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
-    if found:
-        return found[0]
-    wheels.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-         "--disable-pip-version-check", f"transformers=={version}", "-d", str(wheels)],
-        capture_output=True, text=True,
-    )
-    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
-    if proc.returncode != 0 or not found:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines()
-                 if ln.strip() and not ln.startswith("WARNING")]
-        why = lines[-1].strip() if lines else f"pip exit {proc.returncode}"
-        raise PorterError(f"cannot fetch transformers {version}: {why}", construct="--transformers")
-    return found[0]
-
-
-def transformers_tree(version: str) -> Path:
-    """A transformers package directory for VERSION: the installed one when it is that version,
-    else ``models/**`` and ``conversion_mapping.py`` unpacked from the release's wheel (cached;
-    never imported)."""
-    from porter.source import installed_transformers_version, transformers_root
-
-    if version == installed_transformers_version():
-        root = transformers_root()
-        if root is not None:
-            return root
-    dest = cache_dir() / "transformers" / version
-    pkg = dest / "transformers"
-    marker = dest / ".complete"
-    if marker.is_file() and marker.read_text().startswith(f"{TREE_LAYOUT}\n"):
-        return pkg
-    wheel = fetch_wheel(version)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.new-", dir=dest.parent))
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.infolist():
-                name = member.filename
-                if member.is_dir() or not (name.startswith("transformers/models/") or name in TREE_FILES):
-                    continue
-                if ".." in Path(name).parts or not name.endswith(".py"):
-                    continue
-                target = tmp / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(zf.read(member))
-        (tmp / ".complete").write_text(f"{TREE_LAYOUT}\n{wheel.name}\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except (OSError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PorterError(f"cannot unpack {wheel.name}: {exc}", construct="--transformers") from None
-    return pkg
 
 
 # -- committed ports -----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_list_is_read_without_importing_transformers_or_vllm():
     code = (
         "import sys; from porter import coverage as c; "
         "cs = c.discover(c._package_dir('transformers')); reg = c.vllm_registry(c._package_dir('vllm')); "
-        "from porter.regen import transformers_tree; "
+        "from porter.source import transformers_tree; "
         "dz = [c.discover(transformers_tree(r), day_zero=True) for r in c.day_zero_releases()]; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'vllm', 'torch')); "
         "print(len(cs), len(reg), bad)"
@@ -217,7 +217,7 @@ def test_committed_exclusions_have_reasons(committed):
 
 @pytest.fixture(scope="module")
 def release_tree():
-    from porter.regen import transformers_tree
+    from porter.source import transformers_tree
 
     (release,) = cov.day_zero_releases()[:1] or pytest.skip("no day_zero_releases in rules/coverage.yaml")
     return release, transformers_tree(release)
