@@ -204,6 +204,9 @@ def machine() -> dict:
         info["avx512"] = "avx512f" in flags
     except (OSError, subprocess.SubprocessError):
         pass
+    from porter.verify.cpu import cpu_features
+
+    info["cpu_features"] = cpu_features()  # AVX2/AVX-512/AMX flags and the vLLM kernel build
     try:
         info["mem_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
@@ -761,7 +764,8 @@ def render(res: BenchResult) -> str:
         f"prefill: {res.workload['prefill_batch']} x {res.workload['prefill_len']} tokens, "
         f"max_tokens=1; decode: {res.workload['decode_batch']} x "
         f"{res.workload['decode_len']}-token prompts, {res.workload['decode_tokens']} tokens, greedy",
-        f"machine: {res.machine.get('Model name', '?')}, {res.machine.get('cpus')} CPUs; "
+        f"machine: {res.machine.get('Model name', '?')}, {res.machine.get('cpus')} CPUs, "
+        f"{_cpu_text(res.machine)}; "
         f"load average (1 min) min/median/max "
         f"{res.load.get('min', 0):.2f}/{res.load.get('median', 0):.2f}/{res.load.get('max', 0):.2f}",
         "",
@@ -787,6 +791,13 @@ def render(res: BenchResult) -> str:
     if res.summary.get("ratios"):
         lines.append("(median of paired per-repeat ratios [min..max], bootstrap 95 % interval)")
     return "\n".join(lines)
+
+
+def _cpu_text(machine: dict) -> str:
+    from porter.verify.cpu import describe
+
+    feats = machine.get("cpu_features")
+    return describe(feats) if feats else f"AVX-512: {machine.get('avx512', '?')}"
 
 
 def _ratio_text(r: dict) -> str:

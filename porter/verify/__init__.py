@@ -16,6 +16,7 @@ from pathlib import Path
 
 from porter.layout import PORT_JSON, PortInfo
 from porter.verify.compare import compare
+from porter.verify.cpu import cpu_features
 from porter.verify.engine import EngineRun, run_engine
 from porter.verify.report import (
     EXIT_INPUT,
@@ -108,7 +109,7 @@ def run_verify(
     compiled: bool = False,
 ) -> VerifyReport:
     port_dir = Path(port_dir)
-    report = VerifyReport(port_dir=str(port_dir), tps=list(tps))
+    report = VerifyReport(port_dir=str(port_dir), tps=list(tps), cpu=cpu_features())
     t_all = time.time()
     with _progress_sink(progress) as say:
         try:

@@ -94,9 +94,12 @@ def engine_api(target: str) -> _EngineApi:
         )
     else:
         # The wheel is a CUDA build; on the CPU its layers look their kernels up under
-        # torch.ops._C, which vLLM's CPU extension registers. Both must happen before import.
+        # torch.ops._C, which vLLM's CPU extension registers (the build for this CPU, chosen as
+        # vLLM chooses it: porter/verify/cpu.py). Both must happen before import.
+        from porter.verify.cpu import load_kernels
+
         os.environ.setdefault("APHRODITE_TARGET_DEVICE", "cpu")
-        importlib.import_module("vllm._C")
+        load_kernels()
         from aphrodite import ModelRegistry
         from aphrodite.config import AphroditeConfig, ModelConfig
         from aphrodite.config.aphrodite import set_current_aphrodite_config
