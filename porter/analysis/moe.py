@@ -19,6 +19,7 @@ the fused kernel. What the kernel needs is read from the source, not from names:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import libcst as cst
@@ -28,7 +29,7 @@ from porter.analysis.cstutil import findall, code, dotted, param_names, self_att
 from porter.analysis.index import ClassInfo, ModelIndex
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoePlan:
     cls: str  # the block
     router: str  # attribute of the router module in the block
@@ -293,22 +294,26 @@ def find_moe_blocks(idx: ModelIndex, classes: list[str]) -> list[MoePlan]:
     return [p for name in classes if (p := finder.block(idx.classes[name])) is not None]
 
 
-def moe_checkpoint_names(plan, transformers_dir, keys: list[str]) -> None:
+def moe_checkpoint_names(moes: list[MoePlan], transformers_dir, keys: list[str]) -> tuple[list[MoePlan], list[tuple[str, str]]]:
     """What the checkpoint calls one expert's projections, from transformers' conversion mapping
-    (read statically): `FusedMoE`'s `ckpt_names` and its load mapping."""
+    (read statically): `FusedMoE`'s `ckpt_names` and its load mapping. Returns the blocks with
+    their checkpoint names, and the checkpoint renamings they add (regex, replacement)."""
     from porter.analysis.checkpoint_names import expert_checkpoint_names
 
-    for p in plan.moes:
+    out, renames = [], []
+    for p in moes:
         names = expert_checkpoint_names(transformers_dir, keys, p.gate_up, p.down)
         if names is not None:
-            p.ckpt_names = list(names)
+            p = dataclasses.replace(p, ckpt_names=list(names))
         else:
             # saved as in memory: one [experts, 2 * intermediate, hidden] tensor, which FusedMoE's
             # own loader splits (it knows the packed names gate_up_proj / down_proj)
-            p.packed = True
+            p = dataclasses.replace(p, packed=True)
+        out.append(p)
         if p.router != "gate":
             # the port calls the router `gate`, as the engine's MoE ports do
-            plan.checkpoint_renames.append((rf"\.{p.router}\.", ".gate."))
+            renames.append((rf"\.{p.router}\.", ".gate."))
+    return out, renames
 
 
 def unported_experts(idx: ModelIndex, classes: list[str], moes: list[MoePlan]) -> ClassInfo | None:
