@@ -114,10 +114,6 @@ def _resolve(node: cst.BaseExpression, info: ClassInfo, call: cst.Call | None) -
 _PER_EXPERT_MATMUL = m.BinaryOperation(operator=m.MatrixMultiply(), right=m.Subscript(value=m.Attribute(value=m.Name("self"))))
 
 
-def _is_topk(node: cst.CSTNode) -> bool:
-    return m.matches(node, m.Call(func=m.Attribute(attr=m.Name("topk"))))
-
-
 class MoeFinder:
     def __init__(self, idx: ModelIndex) -> None:
         self.idx = idx
