@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
+	$(BIN)/lint-imports  # the layers of [tool.importlinter] in pyproject.toml, and no import circles
 	$(BIN)/ruff check porter tests generated
 	$(BIN)/ruff check --extend-select A002 porter  # a parameter named like a builtin (compile) once hid a bug
 	$(BIN)/ruff format --check generated
