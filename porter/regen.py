@@ -275,8 +275,6 @@ def regen(
     """Regenerate every committed port under ROOT from transformers VERSION (None: the version
     each port records) into OUT (default ROOT), write DRIFT.md / DRIFT.json there, return the
     drift as data."""
-    from porter.convert import write_port
-
     root = Path(root)
     out = Path(out) if out is not None else root
     say = log or (lambda msg: None)
@@ -284,78 +282,11 @@ def regen(
     if version:
         transformers_tree(version)  # a release that cannot be fetched fails once, up front
     names = _rule_names()
-    models = []
-    for model_type, by_target in sorted(ports.items()):
-        targets = sorted(by_target, key=TARGETS.index)
-        first = by_target[targets[0]]
-        before_version = first.transformers_version
-        after_version = version or before_version
-        entry: dict = {
-            "model_type": model_type,
-            "source": first.source,
-            "transformers": {"before": before_version, "after": after_version},
-            "source_sha256": {"before": first.source_sha256, "after": None},
-            "source_changed": None,
-            "signatures_changed": {},
-            "targets": {},
-            "error": None,
-        }
-        say(f"{model_type}: transformers {before_version} -> {after_version}")
-        # the port as porter makes it now from the recorded release (for per-scope provenance)
-        old_source, old_convs = None, {}
-        try:
-            old_source, convs = _convert(model_type, before_version, targets)
-            old_convs = {c.target: c for c in convs}
-        except PorterError as exc:
-            entry["before_error"] = exc.one_line()
-        try:
-            if old_convs and after_version == before_version:
-                new_source, new_list = old_source, [old_convs[t] for t in targets]
-            else:
-                new_source, new_list = _convert(model_type, after_version, targets)
-        except PorterError as exc:
-            entry["error"] = exc.one_line()
-            for t in targets:
-                entry["targets"][t] = {"status": "failed", "error": exc.one_line(), "verify": "not run"}
-            models.append(entry)
-            say(f"{model_type}: FAILED: {exc.one_line()}")
-            continue
-        entry["source"] = new_source.rel_path
-        entry["source_sha256"]["after"] = new_source.sha256
-        entry["source_changed"] = new_source.sha256 != first.source_sha256
-        if old_source is not None:
-            old_sig, new_sig = _signatures(old_source.text), _signatures(new_source.text)
-            for scope in sorted(set(old_sig) | set(new_sig)):
-                a, b = old_sig.get(scope), new_sig.get(scope)
-                if a != b:
-                    entry["signatures_changed"][scope] = {
-                        "removed": [p for p in (a or []) if p not in (b or [])],
-                        "added": [p for p in (b or []) if p not in (a or [])],
-                        **({"scope": "added"} if a is None else {}),
-                        **({"scope": "removed"} if b is None else {}),
-                    }
-        for conv in new_list:
-            old_files = _port_files(root / conv.target / model_type)
-            td = _target_drift(old_convs.get(conv.target), old_files, conv, names)
-            try:
-                write_port(conv, out, force=force)
-            except PorterError as exc:
-                td["status"] = "failed"
-                td["error"] = exc.one_line()
-                entry["error"] = entry["error"] or exc.one_line()
-            td["verify"] = "not run"
-            entry["targets"][conv.target] = td
-        if verify and "vllm" in entry["targets"] and entry["targets"]["vllm"]["status"] == "converted":
-            from porter.verify import run_verify
-
-            say(f"{model_type}: verify vllm TP={','.join(map(str, tps))}")
-            report = run_verify(out / "vllm" / model_type, list(tps))
-            entry["targets"]["vllm"]["verify"] = {
-                "exit_code": report.exit_code, "passed": report.passed, "reason": report.reason,
-                "tps": list(tps),
-            }
-        models.append(entry)
-        say(f"{model_type}: converted ({', '.join(targets)})")
+    models = [
+        _regen_model(model_type, by_target, version, root, out, names, force=force,
+                     tps=tps if verify else None, say=say)
+        for model_type, by_target in sorted(ports.items())
+    ]
     drift = {
         "porter_version": __version__,
         "transformers": version or "recorded",
@@ -366,6 +297,91 @@ def regen(
     (out / DRIFT_JSON).write_text(json.dumps(drift, indent=2, sort_keys=True) + "\n")
     (out / DRIFT_MD).write_text(render_drift_md(drift))
     return drift
+
+
+def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str | None, root: Path,
+                 out: Path, names: dict[str, str], *, force: bool, tps: tuple[int, ...] | None, say) -> dict:
+    """One model's drift entry: its targets converted from VERSION (or the recorded release)
+    and written to OUT, compared with the port porter makes now from the recorded release;
+    verified (vllm, at TPS) unless TPS is None."""
+    from porter.convert import write_port
+
+    targets = sorted(by_target, key=TARGETS.index)
+    first = by_target[targets[0]]
+    before_version = first.transformers_version
+    after_version = version or before_version
+    entry: dict = {
+        "model_type": model_type,
+        "source": first.source,
+        "transformers": {"before": before_version, "after": after_version},
+        "source_sha256": {"before": first.source_sha256, "after": None},
+        "source_changed": None,
+        "signatures_changed": {},
+        "targets": {},
+        "error": None,
+    }
+    say(f"{model_type}: transformers {before_version} -> {after_version}")
+    # the port as porter makes it now from the recorded release (for per-scope provenance)
+    old_source, old_convs = None, {}
+    try:
+        old_source, convs = _convert(model_type, before_version, targets)
+        old_convs = {c.target: c for c in convs}
+    except PorterError as exc:
+        entry["before_error"] = exc.one_line()
+    try:
+        if old_convs and after_version == before_version:
+            new_source, new_list = old_source, [old_convs[t] for t in targets]
+        else:
+            new_source, new_list = _convert(model_type, after_version, targets)
+    except PorterError as exc:
+        entry["error"] = exc.one_line()
+        for t in targets:
+            entry["targets"][t] = {"status": "failed", "error": exc.one_line(), "verify": "not run"}
+        say(f"{model_type}: FAILED: {exc.one_line()}")
+        return entry
+    entry["source"] = new_source.rel_path
+    entry["source_sha256"]["after"] = new_source.sha256
+    entry["source_changed"] = new_source.sha256 != first.source_sha256
+    if old_source is not None:
+        entry["signatures_changed"] = _signature_changes(old_source.text, new_source.text)
+    for conv in new_list:
+        old_files = _port_files(root / conv.target / model_type)
+        td = _target_drift(old_convs.get(conv.target), old_files, conv, names)
+        try:
+            write_port(conv, out, force=force)
+        except PorterError as exc:
+            td["status"] = "failed"
+            td["error"] = exc.one_line()
+            entry["error"] = entry["error"] or exc.one_line()
+        td["verify"] = "not run"
+        entry["targets"][conv.target] = td
+    if tps is not None and "vllm" in entry["targets"] and entry["targets"]["vllm"]["status"] == "converted":
+        from porter.verify import run_verify
+
+        say(f"{model_type}: verify vllm TP={','.join(map(str, tps))}")
+        report = run_verify(out / "vllm" / model_type, list(tps))
+        entry["targets"]["vllm"]["verify"] = {
+            "exit_code": report.exit_code, "passed": report.passed, "reason": report.reason,
+            "tps": list(tps),
+        }
+    say(f"{model_type}: converted ({', '.join(targets)})")
+    return entry
+
+
+def _signature_changes(old_text: str, new_text: str) -> dict[str, dict]:
+    """scope -> the parameters removed and added between two versions of a module's source."""
+    old_sig, new_sig = _signatures(old_text), _signatures(new_text)
+    changed: dict[str, dict] = {}
+    for scope in sorted(set(old_sig) | set(new_sig)):
+        a, b = old_sig.get(scope), new_sig.get(scope)
+        if a != b:
+            changed[scope] = {
+                "removed": [p for p in (a or []) if p not in (b or [])],
+                "added": [p for p in (b or []) if p not in (a or [])],
+                **({"scope": "added"} if a is None else {}),
+                **({"scope": "removed"} if b is None else {}),
+            }
+    return changed
 
 
 def render_drift_md(drift: dict) -> str:

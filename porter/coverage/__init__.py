@@ -26,7 +26,7 @@ The package, one module per job, each importing only those above it in this list
 - ``registry``: vLLM's own registry (native / Transformers backend / dropped), read statically
 - ``cache``: porter's fingerprint, the cache keys, the on-disk cache
 - ``worker``: one conversion (in a worker process), its diagnostic completed from the source
-- ``verdicts``: verifying converted rows, settled verdicts, carrying them over
+- ``verify_rows``: verifying converted rows, settled verdicts, carrying them over
 - ``summary``: the JSON report: final statuses, counts, blocked groups, exclusions, day-zero sections
 - ``markdown``: COVERAGE.md
 - ``sweep``: ``run_coverage``, which runs them in that order
@@ -46,7 +46,7 @@ from porter.coverage.discover import Candidate, discover
 from porter.coverage.markdown import render_md
 from porter.coverage.registry import vllm_registry
 from porter.coverage.sweep import run_coverage
-from porter.coverage.verdicts import record_verification
+from porter.coverage.verify_rows import record_verification
 from porter.coverage.worker import convert_task, locate
 
 __all__ = [

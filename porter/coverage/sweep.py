@@ -26,7 +26,7 @@ from porter.coverage.discover import Candidate, discover
 from porter.coverage.markdown import render_md
 from porter.coverage.registry import vllm_registry
 from porter.coverage.summary import build_report, day_zero_section, final_status
-from porter.coverage.verdicts import previous_verifications, settled, verify_rows
+from porter.coverage.verify_rows import previous_verifications, settled, verify_rows
 from porter.coverage.worker import complete, convert_task
 
 
