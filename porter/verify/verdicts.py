@@ -86,7 +86,7 @@ def release_tree(version: str) -> Path | None:
     for pkg in sorted(env_dir(version).glob("lib/python*/site-packages/transformers")):
         if pkg.is_dir():
             return pkg
-    from porter.regen import cache_dir
+    from porter.source import cache_dir
 
     pkg = cache_dir() / "transformers" / version / "transformers"
     return pkg if (pkg.parent / ".complete").is_file() else None
