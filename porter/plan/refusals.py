@@ -211,7 +211,7 @@ _ATTN = _ATTN_HEAD + (
 )
 
 
-def _attn(init: str = "", forward: str = "", functions: str = "") -> str:
+def attention_example(init: str = "", forward: str = "", functions: str = "") -> str:
     """A small attention with q/k/v/o projections, with lines added to its __init__ and forward."""
     return _ATTN.format(init=init, forward=forward) + functions
 
@@ -219,7 +219,7 @@ def _attn(init: str = "", forward: str = "", functions: str = "") -> str:
 ROTARY_PER_TENSOR = Refusal(
     "rotary applied one tensor per call (q and k rotated separately, cos/sin from a "
     "sinusoidal buffer): no rule maps it to the engine's get_rope",
-    _attn(forward="        q = apply_rotary(q, sin)\n",
+    attention_example(forward="        q = apply_rotary(q, sin)\n",
           functions="\n\ndef apply_rotary(x, sin):\n    return x * sin\n"),
     "<example>:17: rotary applied one tensor per call (q and k rotated separately, cos/sin from a sinusoidal "
     "buffer): no rule maps it to the engine's get_rope in Attn.forward: apply_rotary (rule engine-rope)",
@@ -230,7 +230,7 @@ ROTARY_UNDER_HF_TEST = Refusal(
     "rotary applied only under a test of HF-only plumbing (the model hands its NoPE layers "
     "no cos/sin): no rule maps a per-layer choice of rotary, and dropping the test drops the "
     "rotary from every layer",
-    _attn(forward="        if past_key_values is not None:\n            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
+    attention_example(forward="        if past_key_values is not None:\n            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
           functions="\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n    return q * cos, k * sin\n"),
     "<example>:17: rotary applied only under a test of HF-only plumbing (the model hands its NoPE layers no "
     "cos/sin): no rule maps a per-layer choice of rotary, and dropping the test drops the rotary from every "
@@ -241,7 +241,7 @@ ROTARY_UNDER_HF_TEST = Refusal(
 ROTARY_OTHER_WAY = Refusal(
     "rotary that turns the other way (rotate_half returns cat(x2, -x1); the "
     "engine's get_rope rotates cat(-x2, x1)): no rule maps it",
-    _attn(forward="        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
+    attention_example(forward="        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
           functions="\n\ndef rotate_half(x):\n    x1, x2 = x.chunk(2, dim=-1)\n    return torch.cat((x2, -x1), dim=-1)\n"
                     "\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
                     "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n"),
@@ -252,7 +252,7 @@ ROTARY_OTHER_WAY = Refusal(
 
 ROTARY_WITHOUT_CONFIG = Refusal(
     "rotary attention without a config argument",
-    _attn(forward="        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
+    attention_example(forward="        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
           functions="\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n    return q * cos, k * sin\n"
           ).replace("def __init__(self, config):", "def __init__(self, hidden):"),
     "<example>:5: rotary attention without a config argument in class Attn (rule engine-rope)",
@@ -263,7 +263,7 @@ ROTARY_WITHOUT_CONFIG = Refusal(
 
 QKV_NOT_FOUND = Refusal(
     "cannot port attention: q/k/v projections not found",
-    _attn().replace("        v = self.v_proj(x)\n", "        v = x\n"),
+    attention_example().replace("        v = self.v_proj(x)\n", "        v = x\n"),
     "<example>:17: cannot port attention: q/k/v projections not found in Attn.forward (rule fuse-qkv)",
     rule="fuse-qkv",
 )
@@ -271,7 +271,7 @@ QKV_NOT_FOUND = Refusal(
 PACKED_NOT_SLICED = Refusal(
     "cannot port attention: one q/k/v projection, but its output "
     "is not sliced into q, k, v by head counts",
-    _attn().replace("        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n",
+    attention_example().replace("        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n",
                     "        qkv = self.q_proj(x)\n        q, k, v = torch.tensor_split(qkv, 3, dim=-1)\n"),
     "<example>:16: cannot port attention: one q/k/v projection, but its output is not sliced into q, k, v by "
     "head counts in Attn.forward (rule fuse-qkv)",
@@ -280,14 +280,14 @@ PACKED_NOT_SLICED = Refusal(
 
 NOT_THREE_PROJECTIONS = Refusal(
     "cannot port attention: q/k/v are not three projections",
-    _attn().replace("        v = self.v_proj(x)\n", "        v = self.k_proj(x)\n"),
+    attention_example().replace("        v = self.v_proj(x)\n", "        v = self.k_proj(x)\n"),
     "<example>:17: cannot port attention: q/k/v are not three projections in Attn.forward (rule fuse-qkv)",
     rule="fuse-qkv",
 )
 
 NO_HEAD_SIZE = Refusal(
     "attention has no per-head size (self.head_dim / self.head_size)",
-    _attn().replace("        self.head_dim = 8\n", ""),
+    attention_example().replace("        self.head_dim = 8\n", ""),
     "<example>:5: attention has no per-head size (self.head_dim / self.head_size) in class Attn (rule fuse-qkv)",
     rule="fuse-qkv",
 )
@@ -296,7 +296,7 @@ REUSED_ATTENTION = Refusal(
     "one attention module, several KV-cache slots (its cache index is computed: the module runs "
     "more than once per token); the engine's Attention keeps one KV cache per module, and "
     "each run would overwrite the others'",
-    _attn(init="        self.layer_idx = 0\n",
+    attention_example(init="        self.layer_idx = 0\n",
           forward="        past_key_values.update(k, v, self.layer_idx + 1)\n"),
     "<example>:18: one attention module, several KV-cache slots (its cache index is computed: the module runs "
     "more than once per token); the engine's Attention keeps one KV cache per module, and each run would "
@@ -322,7 +322,7 @@ def reused_attention(p: Planner, info: ClassInfo, fwd: cst.FunctionDef) -> None:
 MASK_FROM_PROJECTIONS = Refusal(
     "attention mask computed from the layer's own projections (an input-dependent bias on the "
     "scores): the engine's Attention takes no mask; no rule maps it",
-    _attn().replace("attention_interface(self, q, k, v, None)", "attention_interface(self, q, k, v, self.o_proj(v))"),
+    attention_example().replace("attention_interface(self, q, k, v, None)", "attention_interface(self, q, k, v, self.o_proj(v))"),
     "<example>:17: attention mask computed from the layer's own projections (an input-dependent bias on the "
     "scores): the engine's Attention takes no mask; no rule maps it in Attn.forward: "
     "attention_mask=self.o_proj(v) from o_proj (rule engine-attention)",
@@ -332,7 +332,7 @@ MASK_FROM_PROJECTIONS = Refusal(
 TWO_ATTENTION_CALLS = Refusal(
     "two attention calls one after the other in one forward (the layer attends twice): the "
     "engine's Attention runs once per layer and caches one key/value per token; no rule maps it",
-    _attn(forward="        v, _ = attention_interface(self, q, k, v, None)\n"),
+    attention_example(forward="        v, _ = attention_interface(self, q, k, v, None)\n"),
     "<example>:18: two attention calls one after the other in one forward (the layer attends twice): the "
     "engine's Attention runs once per layer and caches one key/value per token; no rule maps it in "
     "Attn.forward: attention_interface (rule engine-attention)",
@@ -365,7 +365,7 @@ SHARDED_NORM = Refusal(
     "norm over a width that tensor parallelism splits (the attention output before its "
     "output projection, or a column-parallel projection's output): each rank would normalise "
     "its own part; no rule gathers it",
-    _attn(init="        self.sub_norm = nn.LayerNorm(32)\n").replace(
+    attention_example(init="        self.sub_norm = nn.LayerNorm(32)\n").replace(
         "return self.o_proj(out)", "return self.o_proj(self.sub_norm(out))"),
     "<example>:12: norm over a width that tensor parallelism splits (the attention output before its output "
     "projection, or a column-parallel projection's output): each rank would normalise its own part; no rule "
@@ -400,7 +400,7 @@ OWN_CACHE_STATE = Refusal(
     "cannot port a layer that keeps its own state in the HF cache across calls "
     "(linear / recurrent attention, an indexer's key cache): the engine's KV cache "
     "holds only its Attention's k/v",
-    _attn() + "\n\nclass Mixer(nn.Module):\n    def __init__(self, config):\n        self.proj = nn.Linear(32, 32)\n\n"
+    attention_example() + "\n\nclass Mixer(nn.Module):\n    def __init__(self, config):\n        self.proj = nn.Linear(32, 32)\n\n"
     "    def forward(self, x, past_key_values=None):\n        state = past_key_values.get_linear_cache(0)\n"
     "        return self.proj(x) + state\n\n\n"
     "class Layer(nn.Module):\n    def __init__(self, config):\n        self.attn = Attn(config)\n"
@@ -460,8 +460,8 @@ ATTENTION_FROM_NO_LINEAR = Refusal(
 ATTENTION_IN_HELPER = Refusal(
     "attention computed in a helper method, not in forward: no rule inlines it into forward",
     _NO_ATTENTION_LM.format(init="        self.proj = nn.Linear(8, 8)\n",
-                            forward="        return self._attn(self.proj(x))\n\n"
-                                    "    def _attn(self, q):\n        return attention_interface(self, q, q, q, None)"),
+                            forward="        return self.attention_example(self.proj(x))\n\n"
+                                    "    def attention_example(self, q):\n        return attention_interface(self, q, q, q, None)"),
     "<example>:13: attention computed in a helper method, not in forward: no rule inlines it into forward in "
     "Attn._attn (rule engine-attention)",
     rule="engine-attention", whole_file=True,
