@@ -460,8 +460,8 @@ ATTENTION_FROM_NO_LINEAR = Refusal(
 ATTENTION_IN_HELPER = Refusal(
     "attention computed in a helper method, not in forward: no rule inlines it into forward",
     _NO_ATTENTION_LM.format(init="        self.proj = nn.Linear(8, 8)\n",
-                            forward="        return self.attention_example(self.proj(x))\n\n"
-                                    "    def attention_example(self, q):\n        return attention_interface(self, q, q, q, None)"),
+                            forward="        return self._attn(self.proj(x))\n\n"
+                                    "    def _attn(self, q):\n        return attention_interface(self, q, q, q, None)"),
     "<example>:13: attention computed in a helper method, not in forward: no rule inlines it into forward in "
     "Attn._attn (rule engine-attention)",
     rule="engine-attention", whole_file=True,
