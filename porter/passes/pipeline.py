@@ -63,6 +63,8 @@ from porter.passes.rope.engine_rope import EngineRope
 from porter.passes.rope.flat_position_factor import FlatPositionFactor
 from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
+from porter.passes.rope.per_layer_rope import PerLayerRope
+from porter.passes.rope.reversed_rope import ReversedRope
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
@@ -84,6 +86,7 @@ MODEL: list[type[Rule]] = [
     PartialRotary,
     OneTensorRope,  # before EngineRope: takes the one-tensor rotary calls it would otherwise see
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
+    PerLayerRope,  # after EngineRope (its get_rope, built in some layers only), before the dataflow pass
     FoldQueryScale,  # before EngineAttention replaces the call whose `scaling=1.0` it reads
     EngineAttention,
     AttentionSinks,
@@ -114,6 +117,7 @@ MODEL: list[type[Rule]] = [
     CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,
+    ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
     CompileBaseModel,
     DropUnusedBuffers,
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more

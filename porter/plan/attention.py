@@ -7,9 +7,11 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, findall, param_names, resolve_cross_attention, self_call_attr
+from porter.analysis.cstutil import code, findall, names_in, param_names, resolve_cross_attention, self_call_attr
 from porter.analysis.grouped_qkv import grouped_split
 from porter.analysis.index import ClassInfo, ModelIndex
+from porter.analysis.layer_rope import layer_rope
+from porter.analysis.reversed_rope import sign_cancels, turns_back
 from porter.analysis.layouts import (
     head_size_attr, heads_of, init_attrs, linear_args, local_bindings, packed_split_call,
     per_head_split_helper, query_prescale, rope_guard,
@@ -155,6 +157,8 @@ class AttentionPlanning:
         if len(set(qkv)) == 3 and (pre := query_prescale(fwd, qkv[0], call)) is not None:
             kw["scaling"] = code(pre[2])
         rope_helper, rope, rope_theta, rope_dim = self.rotary(info, fwd)
+        per_layer = self.layer_rope_choice(info, fwd, rope_helper)
+        reversed_rope = rope == "neox" and self.rotary_reversed(info, rope_helper)
         return AttentionPlan(
             cls=info.name,
             q=qkv[0],
@@ -177,6 +181,10 @@ class AttentionPlanning:
             alibi_scale=kw.get("alibi_scale"),
             rope_theta=rope_theta,
             rope_dim=rope_dim,
+            rope_when=per_layer.when if per_layer else None,
+            rope_params=per_layer.params if per_layer else None,
+            rope_tables=f"{per_layer.model_cls}.{per_layer.tables[0]}" if per_layer else None,
+            rope_reversed=reversed_rope,
         )
 
     # -- rotary ----------------------------------------------------------------------------------
@@ -196,7 +204,8 @@ class AttentionPlanning:
         elif rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4:
             call = next(c for c in findall(fwd, m.Call(func=m.Name(rope_helper))))
             raise refusals.ROTARY_PER_TENSOR.error(self, call, f"{info.name}.forward: {rope_helper}")  # type: ignore[arg-type]
-        if rope_helper and (guard := rope_guard(fwd, rope_helper, self.table.strip_params)) is not None:
+        if rope_helper and (guard := rope_guard(fwd, rope_helper, self.table.strip_params)) is not None and \
+                self.layer_rope_choice(info, fwd, rope_helper) is None:
             # the test goes with the HF plumbing (PT011 drops the whole block): no layer would rotate
             raise refusals.ROTARY_UNDER_HF_TEST.error(self, guard, f"{info.name}.forward: if {code(guard.test)}")  # type: ignore[arg-type]
         if rope_helper:
@@ -207,7 +216,7 @@ class AttentionPlanning:
 
     def rotary_style(self, rope_helper: str) -> str:
         """"gptj" (pairs of adjacent dims: a `::2` slice in the helper or what it calls), else
-        "neox" (halves); refuses a `rotate_half` that turns the other way."""
+        "neox" (halves); a `rotate_half` that turns the other way is `rotary_reversed`'s."""
         rope = "neox"
         helper_text = code(self.idx.functions[rope_helper])
         rot = self.idx.functions.get("rotate_half")
@@ -215,16 +224,25 @@ class AttentionPlanning:
             func=m.Name())) if c.func.value in self.idx.functions]  # type: ignore[attr-defined]
         if "::2" in helper_text or (rot is not None and "::2" in code(rot)) or any("::2" in code(f) for f in called):
             rope = "gptj"
-        if rope == "neox" and rot is not None:
-            # the engine rotates the halves as (-x2, x1); a helper returning (x2, -x1) turns the
-            # other way, which get_rope cannot express
-            for cat in findall(rot, m.Call(func=m.Attribute(attr=m.Name("cat")), args=[
-                    m.Arg(value=m.Tuple(elements=[m.Element(), m.Element()])), m.ZeroOrMore()])):
-                first, second = (e.value for e in cat.args[0].value.elements)  # type: ignore[attr-defined]
-                if m.matches(second, m.UnaryOperation(operator=m.Minus())) and not m.matches(
-                        first, m.UnaryOperation(operator=m.Minus())):
-                    raise refusals.ROTARY_OTHER_WAY.error(self, cat, f"rotate_half: {code(cat)}")  # type: ignore[arg-type]
         return rope
+
+    def rotary_reversed(self, info: ClassInfo, rope_helper: str | None) -> bool:
+        """A `rotate_half` returning (x2, -x1) turns the other way round from the engine's (-x2, x1):
+        True when a sign folded into q/k cancels (PT241), else the refusal."""
+        cat = turns_back(self.idx.functions.get("rotate_half"))
+        if cat is None or rope_helper is None:
+            return False
+        if not sign_cancels(self.idx, info, rope_helper, self.attention_call_names(), self.table.strip_params):
+            raise refusals.ROTARY_OTHER_WAY.error(self, cat, f"rotate_half: {code(cat)}")  # type: ignore[arg-type]
+        return True
+
+    def layer_rope_choice(self, info: ClassInfo, fwd: cst.FunctionDef, rope_helper: str | None):
+        """The per-layer rotary choice behind `if position_embeddings is not None:` (PT240), or None."""
+        guard = rope_guard(fwd, rope_helper, self.table.strip_params) if rope_helper else None
+        hf = names_in(guard.test) & set(self.table.strip_params) if guard is not None else set()
+        if len(hf) != 1 or "layer_idx" not in param_names(info.method("__init__")):  # type: ignore[arg-type]
+            return None
+        return layer_rope(self.idx, info.name, hf.pop(), self.is_rotary)  # type: ignore[attr-defined]
 
     def sinusoid_theta(self, info: ClassInfo) -> str | None:
         """The base of a sinusoidal rotary table `__init__` builds (`self.t = nn.Buffer(make(max_pos, dim))`

@@ -116,6 +116,12 @@ class AttentionPlan(Sealable):
     # attention sinks: the `s_aux=` of the HF call (one learned logit per head, the engine's
     # Attention(sinks=...)); PT160 shards the parameter per TP rank
     sinks: str | None = None
+    # rotary in some layers only (PT240): the test of `config` and `layer_idx` true for those, their
+    # rope_parameters, and "Model.attr", the model's per-base rotary modules (removed)
+    rope_when: str | None = None
+    rope_params: str | None = None
+    rope_tables: str | None = None
+    rope_reversed: bool = False  # rotates by -theta (PT241: the second half of each q/k head negated when loading)
 
 
 @dataclass
@@ -177,11 +183,13 @@ class PortPlan(Sealable):
             if not d[key]:
                 del d[key]
         for a in d["attentions"]:
-            for key in ("alibi", "alibi_scale", "alibi_when", "rope_theta", "rope_dim"):
+            for key in ("alibi", "alibi_scale", "alibi_when", "rope_theta", "rope_dim", "rope_when", "rope_params",
+                        "rope_tables"):
                 if a[key] is None:
                     del a[key]
-            if not a["grouped"]:
-                del a["grouped"]
+            for key in ("grouped", "rope_reversed"):
+                if not a[key]:
+                    del a[key]
         for att in d["attentions"]:  # (idem: only where there are sinks)
             if att.get("sinks") is None:
                 att.pop("sinks", None)

@@ -228,25 +228,27 @@ ROTARY_PER_TENSOR = Refusal(
 
 ROTARY_UNDER_HF_TEST = Refusal(
     "rotary applied only under a test of HF-only plumbing (the model hands its NoPE layers "
-    "no cos/sin): no rule maps a per-layer choice of rotary, and dropping the test drops the "
-    "rotary from every layer",
+    "no cos/sin): the loop over the layers does not choose their tables by config as PT240 "
+    "reads it, and dropping the test drops the rotary from every layer",
     attention_example(forward="        if past_key_values is not None:\n            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
           functions="\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n    return q * cos, k * sin\n"),
     "<example>:17: rotary applied only under a test of HF-only plumbing (the model hands its NoPE layers no "
-    "cos/sin): no rule maps a per-layer choice of rotary, and dropping the test drops the rotary from every "
-    "layer in Attn.forward: if past_key_values is not None (rule engine-rope)",
+    "cos/sin): the loop over the layers does not choose their tables by config as PT240 reads it, and dropping "
+    "the test drops the rotary from every layer in Attn.forward: if past_key_values is not None (rule engine-rope)",
     rule="engine-rope",
 )
 
 ROTARY_OTHER_WAY = Refusal(
-    "rotary that turns the other way (rotate_half returns cat(x2, -x1); the "
-    "engine's get_rope rotates cat(-x2, x1)): no rule maps it",
-    attention_example(forward="        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
+    "rotary that turns the other way (rotate_half returns cat(x2, -x1); the engine's get_rope "
+    "rotates cat(-x2, x1)), and q/k pass through more than RMS norms to the attention: a sign "
+    "folded into their projections (PT241) would not cancel",
+    attention_example(forward="        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n        q = q.flip(-1)\n",
           functions="\n\ndef rotate_half(x):\n    x1, x2 = x.chunk(2, dim=-1)\n    return torch.cat((x2, -x1), dim=-1)\n"
                     "\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
                     "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n"),
-    "<example>:24: rotary that turns the other way (rotate_half returns cat(x2, -x1); the engine's get_rope "
-    "rotates cat(-x2, x1)): no rule maps it in rotate_half: torch.cat((x2, -x1), dim=-1) (rule engine-rope)",
+    "<example>:25: rotary that turns the other way (rotate_half returns cat(x2, -x1); the engine's get_rope "
+    "rotates cat(-x2, x1)), and q/k pass through more than RMS norms to the attention: a sign folded into "
+    "their projections (PT241) would not cancel in rotate_half: torch.cat((x2, -x1), dim=-1) (rule engine-rope)",
     rule="engine-rope",
 )
 
