@@ -31,8 +31,10 @@ from porter.source import transformers_tree
 TARGETS = ("vllm", "aphrodite")
 DRIFT_MD = "DRIFT.md"
 DRIFT_JSON = "DRIFT.json"
-IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
-IGNORED_SUFFIXES = (".pyc", ".egg-info")
+# Python's bytecode cache, written by any import of the port; nothing else is ignored (a build/ or
+# *.egg-info left by installing the port is a difference: the port's flit_core build writes none)
+IGNORED_PARTS = {"__pycache__"}
+IGNORED_SUFFIXES = (".pyc",)
 
 
 # -- committed ports -----------------------------------------------------------------------------
