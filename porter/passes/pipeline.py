@@ -63,6 +63,8 @@ from porter.passes.rope.engine_rope import EngineRope
 from porter.passes.rope.flat_position_factor import FlatPositionFactor
 from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
+from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
+from porter.passes.ssm.mamba_state_interface import MambaStateInterface
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
@@ -114,6 +116,8 @@ MODEL: list[type[Rule]] = [
     CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,
+    EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
+    MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more
