@@ -124,6 +124,9 @@ def _package(source: Source, plan: PortPlan, target: Target, body: str, ctx: Rew
         hf_architecture=plan.causal_lm, architecture=plan.architecture, package=pkg,
         module=f"{pkg}.{module_name}", class_name=plan.causal_lm, plugin_group=target.plugin_group,
         registry_module=target.package, config_class="", config_model_type="",
+        # an attention-free state-space model: the engine sets up its state cache (mamba_block_size) by a
+        # table keyed by architecture, which names only its own ports
+        arch_config=target.symbols["MambaModelConfig"] if plan.ssm and not plan.attentions else "",
     )
     port_text = ruff_format(render("header.py.j2", **meta) + "\n" + body)
     shipped = ship_config(source, plan.causal_lm, transformers_root())

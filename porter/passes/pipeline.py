@@ -65,6 +65,8 @@ from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
 from porter.passes.rope.per_layer_rope import PerLayerRope
 from porter.passes.rope.reversed_rope import ReversedRope
+from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
+from porter.passes.ssm.mamba_state_interface import MambaStateInterface
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
@@ -118,6 +120,8 @@ MODEL: list[type[Rule]] = [
     ThreadPrefix,
     CausalLmInterface,
     ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
+    EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
+    MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more

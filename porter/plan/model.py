@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from porter.analysis.moe import MoePlan
+from porter.analysis.ssm import SsmPlan
 from porter.rules_data import StripTable
 
 _DERIVED = {"derived": True}
@@ -158,6 +159,7 @@ class PortPlan(Sealable):
     transposed_linears: list[str] = field(default_factory=list)
     moes: list[MoePlan] = field(default_factory=list)  # router + experts blocks (porter/analysis/moe.py)
     module_renames: dict[str, str] = field(default_factory=dict)  # in-memory attr -> checkpoint attr
+    ssm: list[SsmPlan] = field(default_factory=list)  # state-space mixers built as the engine's layer (porter/analysis/ssm.py)
     # -- derived (not in PORT.json) -------------------------------------------------------------
     # the strip table the passes use: rules/hf_strip.yaml, widened by what this model makes
     # HF-only (an ALiBi bias the engine's Attention adds itself, and the callables building it)
@@ -179,7 +181,7 @@ class PortPlan(Sealable):
         for f in dataclasses.fields(self):
             if f.metadata.get("derived"):
                 del d[f.name]
-        for key in ("moes", "module_renames", "transposed_linears"):  # only where there are any (other ports' PORT.json unchanged)
+        for key in ("moes", "module_renames", "transposed_linears", "ssm"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
         for a in d["attentions"]:

@@ -16,6 +16,8 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.checkpoint_names import module_renamings, weight_renamings
+from porter.analysis.ssm import checkpoint_renames as ssm_checkpoint_renames
+from porter.analysis.ssm import find_mamba2_mixers
 from porter.analysis.config_source import causal_lm_model_type, config_class_for_type
 from porter.analysis.cstutil import code, dotted, findall, resolve_cross_attention, self_attr
 from porter.analysis.dataflow import ATTN, forward_flow
@@ -52,12 +54,13 @@ class Planner(AttentionPlanning):
                                                 names=", ".join(c.name for c in found))
         return found[0]
 
-    def reachable(self, root: ClassInfo) -> list[str]:
+    def reachable(self, root: ClassInfo, stop: frozenset[str] = frozenset()) -> list[str]:
+        """The file classes ROOT builds, directly or through others (not through those in STOP)."""
         seen: list[str] = []
         todo = [root.name]
         while todo:
             name = todo.pop()
-            if name in seen or name not in self.idx.classes:
+            if name in seen or name not in self.idx.classes or name in stop:
                 continue
             seen.append(name)
             info = self.idx.classes[name]
@@ -113,11 +116,15 @@ class Planner(AttentionPlanning):
         snippet (rule examples); `origin` (the resolved source) gives the checkpoint's names and
         the architecture of a config-only model type."""
         if partial and not any(n.endswith("ForCausalLM") for n in self.idx.classes):
-            plan = self.draft(None, list(self.idx.classes), partial)
+            ssm = find_mamba2_mixers(self.idx, list(self.idx.classes))
+            plan = self.draft(None, [c for c in self.idx.classes if c not in {p.cls for p in ssm}], partial)
         else:
             lm = self.causal_lm()
-            refusals.recurrent_state(self, lm)
-            plan = self.draft(lm, self.reachable(lm), partial)
+            ssm = find_mamba2_mixers(self.idx, self.reachable(lm))
+            classes = self.reachable(lm, stop=frozenset(p.cls for p in ssm))  # the engine's layer replaces each mixer
+            refusals.recurrent_state(self, lm, classes, mapped=bool(ssm))
+            plan = self.draft(lm, classes, partial)
+        plan.ssm = ssm
         if origin is not None:
             self.checkpoint_names(plan, origin)
         derive(plan, self.idx, self.table)
@@ -200,6 +207,8 @@ class Planner(AttentionPlanning):
         if (text := causal_lm_model_type(origin, plan.causal_lm)) and text not in keys:
             keys.append(text)  # the text model of a multimodal family (aria_text) is saved under its own type
         plan.module_renames, plan.checkpoint_renames = module_renamings(weight_renamings(root, keys))
+        # `.mixer.A_log` -> the engine layer's `.mixer.A` (its loader stores -exp of it)
+        plan.checkpoint_renames = [*plan.checkpoint_renames, *ssm_checkpoint_renames(plan.ssm)]
         if plan.moes:
             plan.moes, renames = moe_checkpoint_names(plan.moes, root, keys)
             plan.checkpoint_renames = [*plan.checkpoint_renames, *renames]

@@ -20,6 +20,7 @@ from porter.analysis.dataflow import ATTN
 from porter.analysis.index import LINEAR_NAMES, ClassInfo, table_class
 from porter.analysis.layouts import engine_has_activation_class
 from porter.analysis.moe import MoePlan, unported_experts
+from porter.analysis.ssm import mamba1_note, recurrent_blocker
 from porter.errors import PorterError
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def table_chosen_classes(p: Planner, classes: list[str]) -> None:
 RECURRENT_STATE = Refusal(
     "recurrent state carried from one step to the next (the model is `_is_stateful`: Mamba / RNN / "
     "linear-attention layers keep a per-sequence state in HF's cache object); the port keeps no "
-    "state between the engine's steps and no rule maps it to the engine's state cache",
+    "state between the engine's steps and no rule maps it to the engine's state cache{note}",
     "class AForCausalLM:\n    _is_stateful = True\n",
     "<example>:2: recurrent state carried from one step to the next (the model is `_is_stateful`: Mamba / "
     "RNN / linear-attention layers keep a per-sequence state in HF's cache object); the port keeps no "
@@ -129,16 +130,23 @@ def _stateful_flag(p: Planner, info: ClassInfo, seen: frozenset[str] = frozenset
     return None
 
 
-def recurrent_state(p: Planner, lm: ClassInfo) -> None:
+def recurrent_state(p: Planner, lm: ClassInfo, classes: list[str], mapped: bool = False) -> None:
     """A causal LM whose model is `_is_stateful` (Mamba / RNN / linear-attention layers: jamba,
     zamba2, xlstm, mamba, ...) keeps a per-sequence state from one step to the next in HF's
     cache object. The port keeps only the engine's KV cache: those layers would restart from
     nothing at every decode step (and run over all of a batch's sequences as one), so the
-    port stops here. Names the first method threading the state (`cache_params`), else the flag."""
+    port stops here. Names the first method threading the state (`cache_params`), else the flag;
+    says so where the layer is a Mamba-1 scan, which the engine cannot run on this CPU. MAPPED: the
+    file's Mamba-2 mixers are the engine's MambaMixer2 (porter/analysis/ssm.py); then only a kept
+    class (of CLASSES) that still reads the state stops it."""
     if p.idx.identifiers and "_is_stateful" not in p.idx.identifiers:
         return
     found = _stateful_flag(p, lm)
     if found is None:
+        return
+    if mapped:
+        if (blocker := recurrent_blocker(p.idx, classes)) is not None:
+            raise blocker
         return
     holder, node = found
     construct = f"class {holder.name}: _is_stateful = True"
@@ -148,7 +156,7 @@ def recurrent_state(p: Planner, lm: ClassInfo) -> None:
         if fn is not None:
             node, construct = fn, f"{info.name}.{fn.name.value}(cache_params)"
             break
-    raise RECURRENT_STATE.error(p, node, construct)
+    raise RECURRENT_STATE.error(p, node, construct, note=mamba1_note(p.idx, list(p.idx.classes)))
 
 
 STRAY_EXPERTS = Refusal(
