@@ -19,6 +19,8 @@ from pathlib import Path
 from porter.layout import PortInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# the KV cache each engine allocates: None is VLLM_CPU_KVCACHE_SPACE=1 (1 GiB per rank)
+KV_CACHE_BYTES: int | None = None
 PROBE_DIST = "porter_verify_probe"
 
 
@@ -49,8 +51,14 @@ class EngineRun:
     compilation_mode: str | None = None
 
 
-def _env(tp: int, pythonpath: list[Path], probe_dir: Path) -> dict:
+def _env(tp: int, pythonpath: list[Path], probe_dir: Path, *, eager: bool = False) -> dict:
     env = dict(os.environ)
+    if eager:
+        # an eager run (enforce_eager) still has vLLM compile a few helpers with inductor on the
+        # first batch (logprob ranks, the TP embedding mask, MoE routing): seconds per start for
+        # kernels of a handful of tokens. Without dynamo they run as plain PyTorch; llama's
+        # logprobs and tokens are bit for bit the same at TP=1 and 2 (measured in issue 21)
+        env["TORCHDYNAMO_DISABLE"] = "1"
     env.update(
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model sends describe_model by pickle
@@ -61,6 +69,8 @@ def _env(tp: int, pythonpath: list[Path], probe_dir: Path) -> dict:
         # 15 s less per start at TP=1, 7 s at TP=2 on this machine's 2 cores
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
     )
+    if KV_CACHE_BYTES:  # the engine takes kv_cache_memory_bytes instead
+        del env["VLLM_CPU_KVCACHE_SPACE"]
     ncpu = os.cpu_count() or 1
     if tp == 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get(
@@ -106,6 +116,7 @@ def run_engine(
             "top_logprobs": top_logprobs,
             "max_model_len": max_model_len,
             "enforce_eager": enforce_eager,
+            "kv_cache_bytes": KV_CACHE_BYTES,
         }
         (tmp / "req.json").write_text(json.dumps(req))
         pythonpath = [site] + ([port.path] if port is not None and port.path else [])
@@ -117,7 +128,7 @@ def run_engine(
                 str(tmp / "req.json"),
                 str(tmp / "res.json"),
             ],
-            env=_env(tp, pythonpath, probe_dir),
+            env=_env(tp, pythonpath, probe_dir, eager=enforce_eager),
             cwd=str(tmp),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
