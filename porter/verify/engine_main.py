@@ -48,7 +48,6 @@ def run(req: dict) -> dict:
         max_model_len=req["max_model_len"],
         max_num_seqs=len(req["prompts"]),
         seed=0,
-        **({"kv_cache_memory_bytes": req["kv_cache_bytes"]} if req.get("kv_cache_bytes") else {}),
     )
     t_start = time.time() - t0
     stage("engine ready; reading the model class")
