@@ -55,6 +55,7 @@ from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
+from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
 from porter.passes.plumbing.strip_hf_params import StripHfParams
 from porter.passes.plumbing.thread_positions import ThreadPositions
 from porter.passes.plumbing.thread_prefix import ThreadPrefix
@@ -76,6 +77,7 @@ BEFORE_INDEX: list[type[Rule]] = [
 
 MODEL: list[type[Rule]] = [
     DropHfImports,
+    ModuleListComprehension,  # early: the rules below read a layer list in its comprehension form
     StripDecorators,
     ReplaceBaseClasses,
     DropCrossAttention,
