@@ -65,6 +65,7 @@ from porter.passes.rope.flat_position_factor import FlatPositionFactor
 from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
 from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
+from porter.passes.ssm.engine_short_conv import EngineShortConv
 from porter.passes.ssm.mamba_state_interface import MambaStateInterface
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
@@ -119,6 +120,7 @@ MODEL: list[type[Rule]] = [
     ThreadPrefix,
     CausalLmInterface,
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
+    EngineShortConv,  # (idem)
     MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,
