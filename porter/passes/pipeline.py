@@ -55,6 +55,7 @@ from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
+from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
 from porter.passes.plumbing.strip_hf_params import StripHfParams
 from porter.passes.plumbing.thread_positions import ThreadPositions
 from porter.passes.plumbing.thread_prefix import ThreadPrefix
@@ -66,6 +67,7 @@ from porter.passes.rope.partial_rotary import PartialRotary
 from porter.passes.rope.per_layer_rope import PerLayerRope
 from porter.passes.rope.reversed_rope import ReversedRope
 from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
+from porter.passes.ssm.engine_short_conv import EngineShortConv
 from porter.passes.ssm.mamba_state_interface import MambaStateInterface
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
@@ -78,6 +80,7 @@ BEFORE_INDEX: list[type[Rule]] = [
 
 MODEL: list[type[Rule]] = [
     DropHfImports,
+    ModuleListComprehension,  # early: the rules below read a layer list in its comprehension form
     StripDecorators,
     ReplaceBaseClasses,
     DropCrossAttention,
@@ -121,6 +124,7 @@ MODEL: list[type[Rule]] = [
     CausalLmInterface,
     ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
+    EngineShortConv,  # (idem)
     MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,

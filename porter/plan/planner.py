@@ -69,6 +69,9 @@ class Planner(AttentionPlanning):
             # a module chosen by a branch (`if moe_layer: self.mlp = Moe(c) else: self.mlp = Mlp(c)`)
             todo.extend(n for c in (findall(init, m.Call(func=m.Name())) if init else [])
                         if (n := c.func.value) in self.idx.classes)  # type: ignore[attr-defined]
+            # ... or picked into a local first (`cls = BambaMLP if n == 1 else None`, then `cls(config)`)
+            todo.extend(n for e in (findall(init, m.IfExp()) if init else []) for b in (e.body, e.orelse)  # type: ignore[attr-defined]
+                        if isinstance(b, cst.Name) and (n := b.value) in self.idx.classes)
             todo.extend(b for b in info.bases if b in self.idx.classes and not b.endswith("PreTrainedModel"))
         order = list(self.idx.classes)
         return sorted(seen, key=order.index)
