@@ -5,11 +5,13 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
+from porter.analysis.causal_buffer import buffer_of, causal_buffers, mask_fill
 from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
 from porter.passes.attention._common import BeforeIndexRule, nlines
 from porter.passes.base import Example
 
-SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
+SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")
+                 | m.Call(func=m.Attribute(attr=m.Name("Softmax")) | m.Name("Softmax")))  # nn.Softmax(dim=-1)(w)
 
 
 _MODULES = {"torch", "F", "nn", "math"}
@@ -101,6 +103,17 @@ def _mul(a: str | None, b: str) -> str:
     return b if a is None else f"{a} * {b}"
 
 
+_UNCHANGED_WHERE = (
+    "class Attn(nn.Module):\n"
+    "    def forward(self, q, k, v, keep):\n"
+    "        w = torch.matmul(q, k.transpose(-1, -2))\n"
+    "        w = torch.where(keep, w, torch.finfo(w.dtype).min)\n"
+    "        w = nn.functional.softmax(w, dim=-1)\n"
+    "        out = torch.matmul(w, v)\n"
+    "        return out, w\n"
+)
+
+
 class InlineEagerAttention(BeforeIndexRule):
     code = "PT150"
     name = "inline-eager-attention"
@@ -159,6 +172,44 @@ class InlineEagerAttention(BeforeIndexRule):
             "        ctx, p = attention_interface(self, q, k, v, attention_mask, scaling=self.inv_norm_factor, alibi=alibi)\n"
             "        return self.dense(ctx)\n",
         ),
+        # a causal buffer masks the scores through `torch.where`; GPT-Neo's local layers band it
+        # (a sliding window), and nothing scales the scores (scaling=1.0)
+        Example(
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config, attention_type):\n"
+            "        self.config = config\n        self.attention_type = attention_type\n"
+            "        n = config.max_position_embeddings\n"
+            "        bias = torch.tril(torch.ones((n, n), dtype=bool)).view(1, 1, n, n)\n"
+            "        if attention_type == \"local\":\n"
+            "            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))\n"
+            "        self.bias = nn.Buffer(bias, persistent=False)\n\n"
+            "    def forward(self, q, k, v, attention_mask):\n"
+            "        w = torch.matmul(q, k.transpose(-1, -2))\n"
+            "        query_length, key_length = q.size(-2), k.size(-2)\n"
+            "        causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]\n"
+            "        mask_value = torch.finfo(w.dtype).min\n"
+            "        mask_value = torch.tensor(mask_value, dtype=w.dtype, device=w.device)\n"
+            "        w = torch.where(causal_mask, w, mask_value)\n"
+            "        w = nn.Softmax(dim=-1)(w)\n"
+            "        out = torch.matmul(w, v)\n"
+            "        return out, w\n",
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config, attention_type):\n"
+            "        self.config = config\n        self.attention_type = attention_type\n"
+            "        n = config.max_position_embeddings\n"
+            "        bias = torch.tril(torch.ones((n, n), dtype=bool)).view(1, 1, n, n)\n"
+            "        if attention_type == \"local\":\n"
+            "            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))\n"
+            "        self.bias = nn.Buffer(bias, persistent=False)\n\n"
+            "    def forward(self, q, k, v, attention_mask):\n"
+            "        query_length, key_length = q.size(-2), k.size(-2)\n"
+            "        out, w = attention_interface(self, q, k, v, None, scaling=1.0, "
+            "sliding_window=self.config.window_size if self.attention_type == \"local\" else None)\n"
+            "        return out, w\n",
+        ),
+        # must leave unchanged: `torch.where` masks the scores with a tensor that is no causal buffer
+        # of the class (what it lets through is unknown, so no engine mask reproduces it)
+        Example(_UNCHANGED_WHERE, _UNCHANGED_WHERE),
     ]
 
     def visit_ClassDef(self, node):
@@ -166,6 +217,7 @@ class InlineEagerAttention(BeforeIndexRule):
         self._dropouts: set[str] = set()
         self._region_calls: set[str] = set()
         self._helpers: dict[str, tuple[list[cst.Param], cst.Call]] = {}
+        self._buffers = causal_buffers(node)
         for a in findall(node, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
                                         value=m.Call(func=m.Attribute(attr=m.Name("Dropout")) | m.Name("Dropout")))):
             self._dropouts.add(a.targets[0].target.attr.value)  # type: ignore[attr-defined]
@@ -252,14 +304,16 @@ class InlineEagerAttention(BeforeIndexRule):
             return None
         score_steps, qk = back
         scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, derived | set(out_names))
-        if scale is False:
+        window = self._causal_where(score_steps)
+        if window is False:
             return None
         first = min(region)
         if not self._take_readers(body, region, first, end, set(qk) | {v_name} | derived | set(out_names)):
             return None
         args = f"self, {qk[0]}, {qk[1]}, {v_name}, {mask or 'None'}"
-        if scale is not None:
-            args += f", scaling={scale}"
+        args += f", scaling={scale or '1.0'}"  # no factor on the scores: the engine must not scale them either
+        if window:
+            args += f", sliding_window={window}"
         if alibi is not None:
             args += f", alibi={alibi}"
             if alibi_scaled and scale is not None:
@@ -357,9 +411,8 @@ class InlineEagerAttention(BeforeIndexRule):
             if _writes(body[k]) & tensors:
                 return False
             if names_in(body[k]) & inner:  # `input_dtype = scores.dtype`: goes with the region if nothing else reads it
-                small = _simple_assign(body[k])
                 outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j != k))
-                if small is None or _target(small) in outside:
+                if not m.matches(body[k], m.SimpleStatementLine(body=[m.Assign()])) or _writes(body[k]) & outside:
                     return False
                 region.add(k)
         return True
@@ -407,6 +460,29 @@ class InlineEagerAttention(BeforeIndexRule):
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
             self._region_calls = set()
         return super().leave_ClassDef(original, updated)
+
+    def _causal_where(self, steps) -> str | None | bool:
+        """`w = torch.where(causal_mask, w, min)` among the score steps, where `causal_mask` slices a
+        causal buffer of the class (porter/analysis/causal_buffer.py): the sliding window of a banded
+        buffer, None for the plain triangle (the engine is causal) or no such step, False when a
+        `where` masks the scores with something else."""
+        bound = {_target(st): st.value for st in steps if isinstance(st, cst.Assign)}
+        window: str | None = None
+        for st in steps:
+            for c in findall(st.value, m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("where")))):
+                args = [a.value for a in c.args]  # type: ignore[attr-defined]
+                if len(args) != 3:
+                    return False
+                cond, fill = args[0], args[2]
+                cond = bound.get(cond.value, cond) if isinstance(cond, cst.Name) else cond
+                buf = self._buffers.get(buffer_of(cond) or "")
+                fills = [fill, *(v for t, v in bound.items() if isinstance(fill, cst.Name) and t == fill.value)]
+                fills += [st2.value for st2 in steps if isinstance(fill, cst.Name) and isinstance(st2, cst.Assign)
+                          and _target(st2) == fill.value]
+                if buf is None or not any(mask_fill(f) for f in fills):
+                    return False
+                window = buf.window
+        return window
 
     def _scores(self, steps, params: list[str], later: set[str]):
         """(scale, alibi, alibi scaled, mask) from the statements between the score matmul and the
