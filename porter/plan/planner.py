@@ -305,7 +305,7 @@ class Planner(AttentionPlanning):
             qkv.append(src[0])
         packed = len(set(qkv)) == 1
         if packed:
-            interleaved, grouped, sizes = self.packed_sizes(info, call, qkv)
+            interleaved, grouped, blocked, sizes = self.packed_sizes(info, call, qkv)
         elif len(set(qkv)) != 3:
             raise refusals.NOT_THREE_PROJECTIONS.error(self, call, f"{info.name}.forward")
         o = next((a for a in sorted(lin) if ATTN in flow.module_inputs.get(a, set())), None)
@@ -314,6 +314,7 @@ class Planner(AttentionPlanning):
             ap.packed = True
             ap.interleaved = bool(interleaved)
             ap.grouped = not interleaved and grouped is not None
+            ap.blocked = blocked
             if not interleaved:
                 ap.interleaved_unless = self.per_head_unless(info, qkv[0])
             ap.num_heads, ap.num_kv_heads = sizes
