@@ -247,7 +247,8 @@ class Planner(AttentionPlanning):
                 plan.lm_head = attr
                 plan.linears.append(LinearPlan(info.name, attr, "lm_head", sub.line))
             return
-        fwd = info.method("forward")
+        # (what self-attention runs: an `if` on a cross-attention flag keeps its false arm, BioGPT)
+        fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
         if fwd is None:
             return
         attn_names = self.attention_call_names()

@@ -31,6 +31,12 @@ def _simple_assign(st: cst.CSTNode) -> cst.Assign | cst.AugAssign | None:
     return None
 
 
+def _raise_check(st: cst.CSTNode) -> bool:
+    """`if w.size() != (b, h, n, m): raise ValueError(...)`: a check that computes nothing."""
+    return isinstance(st, cst.If) and st.orelse is None and all(
+        m.matches(x, m.SimpleStatementLine(body=[m.Raise()])) for x in st.body.body)
+
+
 def _target(small: cst.Assign | cst.AugAssign) -> str:
     t = small.targets[0].target if isinstance(small, cst.Assign) else small.target
     return t.value  # type: ignore[union-attr]
@@ -207,6 +213,34 @@ class InlineEagerAttention(BeforeIndexRule):
             "sliding_window=self.config.window_size if self.attention_type == \"local\" else None)\n"
             "        return out, w\n",
         ),
+        # BART-era (XGLM): shape checks that only raise go with the region, a clamp of the masked
+        # scores at the lowest value changes nothing, and the weights returned are a reshape of the
+        # probabilities; the query was scaled by hand before (PT029 folds it): scaling=1.0
+        Example(
+            "class Attn(nn.Module):\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        n = k.size(1)\n"
+            "        w = torch.bmm(q, k.transpose(1, 2))\n"
+            "        if w.size() != (b, t, n):\n            raise ValueError(\"bad size\")\n"
+            "        if attention_mask is not None:\n"
+            "            if attention_mask.size() != (b, 1, t, n):\n                raise ValueError(\"bad mask\")\n"
+            "            w = w.view(b, h, t, n) + attention_mask\n"
+            "            w = torch.max(w, torch.full((), torch.finfo(w.dtype).min))\n"
+            "            w = w.view(b * h, t, n)\n"
+            "        w = nn.functional.softmax(w, dim=-1)\n"
+            "        w_reshaped = w.view(b, h, t, n)\n        w = w_reshaped.view(b * h, t, n)\n"
+            "        out = torch.bmm(w, v)\n"
+            "        if out.size() != (b * h, t, d):\n            raise ValueError(\"bad output\")\n"
+            "        out = out.view(b, h, t, d).transpose(1, 2)\n"
+            "        return self.o_proj(out), w_reshaped\n",
+            "class Attn(nn.Module):\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        n = k.size(1)\n"
+            "        out, w_reshaped = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
+            "        return self.o_proj(out), w_reshaped\n",
+        ),
         # must leave unchanged: `torch.where` masks the scores with a tensor that is no causal buffer
         # of the class (what it lets through is unknown, so no engine mask reproduces it)
         Example(_UNCHANGED_WHERE, _UNCHANGED_WHERE),
@@ -318,7 +352,12 @@ class InlineEagerAttention(BeforeIndexRule):
             args += f", alibi={alibi}"
             if alibi_scaled and scale is not None:
                 args += f", alibi_scale={scale}"
-        call = cst.parse_statement(f"{out_names[-1]}, {probs} = attention_interface({args})\n")
+        # the weights HF returns may be a reshape of the probabilities (XGLM's `attn_weights_reshaped`)
+        after = set().union(set(), *(names_in(st) for st in body[end + 1:]))
+        weights = [d for d in sorted(derived) if d in after]
+        if len(weights) > 1:
+            return None
+        call = cst.parse_statement(f"{out_names[-1]}, {weights[0] if weights else probs} = attention_interface({args})\n")
         return self._replace_region(body, region, first, end, call)
 
     def _forwards(self, body: list[cst.BaseStatement], i_s: int, probs: str):
@@ -333,6 +372,8 @@ class InlineEagerAttention(BeforeIndexRule):
                 if _writes(body[j]) & (derived | set(out_names)):
                     break
                 continue
+            if _raise_check(body[j]):
+                continue  # a shape check: goes with the region (_take_readers)
             if small is None or not self._pure(small.value):
                 break
             mm = _matmul(small.value)
@@ -366,7 +407,7 @@ class InlineEagerAttention(BeforeIndexRule):
                 if small is None:  # `if attention_mask is not None: w = w + attention_mask`
                     if not isinstance(st, cst.If) or st.orelse is not None:
                         return None
-                    inner = [_simple_assign(s) for s in st.body.body]
+                    inner = [_simple_assign(s) for s in st.body.body if not _raise_check(s)]
                     if not all(inner) or not all(self._pure(s.value) for s in inner):  # type: ignore[union-attr]
                         return None
                     region.add(k)
@@ -391,7 +432,7 @@ class InlineEagerAttention(BeforeIndexRule):
             if not w & need:
                 continue
             small = _simple_assign(st)
-            if small is None or not self._pure(small.value) or _target(small) not in _reads(small) \
+            if small is None or not self._pure(small.value) or _root(small.value) != _target(small) \
                     or _matmul(small.value) is not None:
                 break  # where q/k/v come from: outside the region
             region.add(k)
@@ -405,13 +446,15 @@ class InlineEagerAttention(BeforeIndexRule):
         """The statements between the region's first and last that read what it computes go with it
         (added to `region`); False when one rebinds its tensors or is read outside."""
         inner = set().union(*(_writes(body[k]) for k in region))
+        region |= {k for k in range(first, end + 1) if _raise_check(body[k]) and names_in(body[k]) & inner}
         for k in range(first, end + 1):
             if k in region:
                 continue
             if _writes(body[k]) & tensors:
                 return False
             if names_in(body[k]) & inner:  # `input_dtype = scores.dtype`: goes with the region if nothing else reads it
-                outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j != k))
+                # (read later outside the region: statements before it read an earlier binding)
+                outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j > k))
                 if not m.matches(body[k], m.SimpleStatementLine(body=[m.Assign()])) or _writes(body[k]) & outside:
                     return False
                 region.add(k)
