@@ -27,6 +27,7 @@ from porter.passes.attention.fuse_qkv import FuseQkv
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
+from porter.passes.attention.upcast_arm import UpcastArm
 from porter.passes.base import REGISTRY, Rule
 from porter.passes.cleanup.drop_autocast import DropAutocast
 from porter.passes.cleanup.drop_dead_locals import DropDeadLocals
@@ -53,6 +54,7 @@ from porter.passes.plumbing.compile_base_model import CompileBaseModel
 from porter.passes.plumbing.drop_batch_collapse import DropBatchCollapse
 from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.engine_imports import EngineImports
+from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
 from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
@@ -74,6 +76,7 @@ from porter.passes.tp.vocab_embedding import VocabEmbedding
 
 BEFORE_INDEX: list[type[Rule]] = [
     EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
+    UpcastArm,  # before PT150: one softmax where HF upcasts in an arm of its own
     InlineEagerAttention,
     AlibiArm,  # after PT150: picks the arm of the `attention_interface` call PT150 made
 ]
@@ -103,6 +106,7 @@ MODEL: list[type[Rule]] = [
     FlattenHeads,
     FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
     FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions
+    FlatPositionLookup,  # a position table looked up by (batch, seq) positions (XGLM)
     FusedMoe,
     FuseQkv,
     FuseGateUp,

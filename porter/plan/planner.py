@@ -259,7 +259,8 @@ class Planner(AttentionPlanning):
                 plan.lm_head = attr
                 plan.linears.append(LinearPlan(info.name, attr, "lm_head", sub.line))
             return
-        fwd = info.method("forward")
+        # (what self-attention runs: an `if` on a cross-attention flag keeps its false arm, BioGPT)
+        fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
         if fwd is None:
             return
         attn_names = self.attention_call_names()
@@ -317,7 +318,7 @@ class Planner(AttentionPlanning):
             qkv.append(src[0])
         packed = len(set(qkv)) == 1
         if packed:
-            interleaved, grouped, sizes = self.packed_sizes(info, call, qkv)
+            interleaved, grouped, blocked, sizes = self.packed_sizes(info, call, qkv)
         elif len(set(qkv)) != 3:
             raise refusals.NOT_THREE_PROJECTIONS.error(self, call, f"{info.name}.forward")
         o = next((a for a in sorted(lin) if ATTN in flow.module_inputs.get(a, set())), None)
@@ -326,6 +327,7 @@ class Planner(AttentionPlanning):
             ap.packed = True
             ap.interleaved = bool(interleaved)
             ap.grouped = not interleaved and grouped is not None
+            ap.blocked = blocked
             if not interleaved:
                 ap.interleaved_unless = self.per_head_unless(info, qkv[0])
             ap.num_heads, ap.num_kv_heads = sizes

@@ -160,6 +160,8 @@ class DropHfDataflow(Rule):
                     self.ctx.single_return.add(self._cls)
                     return small.with_changes(value=self._strip_args(kept[0].value))
                 return small.with_changes(value=self._strip_args(value.with_changes(elements=kept)))
+            if self._single_return_call(value):  # `return self.attention(x)`: passes the one tensor on (GPT-Neo)
+                self.ctx.single_return.add(self._cls)
             return small.with_changes(value=self._strip_args(value))
         if isinstance(small, cst.Expr):
             if self._is_tainted(small.value):
