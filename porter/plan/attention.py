@@ -192,7 +192,7 @@ class AttentionPlanning:
             rope_dim=rope_dim,
             rope_when=per_layer.when if per_layer else None,
             rope_params=per_layer.params if per_layer else None,
-            rope_tables=f"{per_layer.model_cls}.{per_layer.tables[0]}" if per_layer else None,
+            rope_tables=f"{per_layer.model_cls}.{per_layer.tables[0]}" if per_layer and per_layer.tables else None,
             rope_reversed=reversed_rope,
         )
 
