@@ -17,7 +17,7 @@ from porter.analysis.cstutil import (
 )
 from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.grouped_qkv import grouped_split
-from porter.analysis.moe import MoePlan, find_moe_blocks, unported_experts
+from porter.analysis.moe import MoePlan, compact_moe, find_moe_blocks, unported_experts
 from porter.analysis.index import (
     EMBEDDING_NAMES,
     LAYER_NORM_NAMES,
@@ -138,6 +138,7 @@ class PortPlan:
                 del moe["scoring_func"]
             if not moe.get("transposed"):  # (idem: only where the experts are stored transposed)
                 moe.pop("transposed", None)
+            compact_moe(moe)
         return d
 
     def attention(self, cls: str) -> AttentionPlan | None:

@@ -43,6 +43,7 @@ from porter.passes.mlp.engine_activation import EngineActivation
 from porter.passes.mlp.engine_activation_class import EngineActivationClass
 from porter.passes.mlp.fuse_gate_up import FuseGateUp
 from porter.passes.moe.checkpoint_module_names import CheckpointModuleNames
+from porter.passes.moe.correction_bias import CorrectionBias
 from porter.passes.moe.flat_tokens import FlatTokens
 from porter.passes.moe.fused_moe import FusedMoe
 from porter.passes.norms.engine_norms import EngineNorms
@@ -96,6 +97,7 @@ MODEL: list[type[Rule]] = [
     FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
     FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions
     FusedMoe,
+    CorrectionBias,  # after PT100: places the bias the FusedMoE it built reads
     FuseQkv,
     FuseGateUp,
     TpLinears,
