@@ -500,7 +500,8 @@ class Planner:
                 "passed to the experts as returned) or experts it computes (ACT2FN(gate) * up of one chunked "
                 "gate/up weight)", stray.node, construct=f"class {stray.name}",
                 rule="fused-moe")
-        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
+        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)  # become FusedMoE / GateLinear
+                 if not (p.routing_function and c == p.router_cls)}  # (or a GateLinear routing as its HF self)
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None and not plan.attentions and not partial:
             blocker = self.unmapped_attention(plan.classes)

@@ -92,14 +92,26 @@ def test_engine_routing_read_from_the_router():
                    for p in _blocks(m)[1])
 
 
-@pytest.mark.parametrize("model_type", ["phimoe"])
+def test_router_the_engine_cannot_express_routes_with_its_own_code():
+    # a renormalisation clamped below (ernie4_5_moe), a sparsemixer (phimoe), a soft cap on the
+    # logits (laguna): the router's own code after the logits is FusedMoE's custom_routing_function
+    for model_type, weight in (("ernie4_5_moe", "weight"), ("phimoe", "weight"), ("laguna", "weight")):
+        b = _blocks(model_type)[1][0]
+        assert b.routing_function and b.router_logits == "router_logits" and b.router_weight == weight
+        assert b.route_outputs == [1, 2] and b.correction_bias is None
+    assert _blocks("phimoe")[1][0].router_dims == ["config.hidden_size", "config.num_local_experts"]
+    assert not any(p.routing_function for m in MOE_MODELS + ["glm4_moe", "hy_v3"] for p in _blocks(m)[1])
+
+
+@pytest.mark.parametrize("model_type", ["inkling_text"])
 def test_other_routing_is_a_diagnostic_not_a_silent_port(model_type, tmp_path):
-    # sparsemixer (phimoe): not what the engine's router computes, so convert stops with file:line
+    # inkling's router also returns gammas that weigh its shared experts in the block: FusedMoE's
+    # router returns weights and indices only, so convert stops with file:line
     from conftest import run_porter
 
     proc = run_porter("convert", model_type, "--out", str(tmp_path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"modeling_{model_type}.py:" in proc.stderr and "cannot port mixture of experts" in proc.stderr
+    assert "modeling_inkling.py:" in proc.stderr and "cannot port mixture of experts" in proc.stderr
     assert "(rule fused-moe)" in proc.stderr
     assert not any(tmp_path.iterdir())
 

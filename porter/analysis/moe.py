@@ -58,11 +58,19 @@ class MoePlan:
     n_group: str | None = None  # grouped top-k: groups of experts, and how many groups are kept
     topk_group: str | None = None
     routed_scaling: str | None = None  # the top-k weights' scalar factor
+    # a router the engine's cannot express: kept, a GateLinear whose `route` (its own code after the
+    # logits, assigned to `router_logits`) is FusedMoE's custom_routing_function; route_outputs:
+    # the positions of (weights, indices) among what its forward returned
+    routing_function: bool = False
+    router_logits: str = ""
+    route_outputs: list[int] = field(default_factory=list)
+    router_dims: list[str] = field(default_factory=list)
 
 
 # routing fields left out of PORT.json where they hold their default (other ports' PORT.json unchanged)
 _ROUTING_DEFAULTS = {"router_weight": "weight", "correction_bias": None, "n_group": None, "topk_group": None,
-                     "routed_scaling": None}
+                     "routed_scaling": None, "routing_function": False, "router_logits": "", "route_outputs": [],
+                     "router_dims": []}
 
 
 def compact_moe(d: dict) -> None:
@@ -143,14 +151,28 @@ class MoeFinder:
     # -- the router: one logit per expert, then the engine's routing (porter/analysis/moe_router.py)
     def router(self, info: ClassInfo) -> Routing | None:
         fwd = info.method("forward")
-        if fwd is None or not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("topk")))):
+        if fwd is None:
             return None
         linears = {a: s.call for a, s in info.submodules.items() if s.ctor in LINEAR_NAMES}
+        routing = read_router(info, _init_attrs(info), linears, self._linear_base(info))
         # a module of the file inside the router (ernie4_5_moe's moe_statics adds a correction
-        # bias to the scores top-k ranks): what it computes is not read here
-        if any(sub.ctor in self.idx.classes for sub in info.submodules.values()):
+        # bias to the scores top-k ranks): only as part of the router's own code (a routing function)
+        if routing is not None and not routing.function and any(
+                sub.ctor in self.idx.classes for sub in info.submodules.values()):
             return None
-        return read_router(info, _init_attrs(info), linears)
+        return routing
+
+    def _linear_base(self, info: ClassInfo) -> list[cst.BaseExpression] | None:
+        """(in, out) of a router that is a bias-free nn.Linear itself (`super().__init__(h, e, bias=False)`)."""
+        init = info.method("__init__")
+        if init is None or not any(self.idx.qualify(b) in LINEAR_NAMES for b in info.bases):
+            return None
+        for call in findall(init, m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__")))):
+            pos = [a.value for a in call.args if a.keyword is None]  # type: ignore[attr-defined]
+            bias = next((a.value for a in call.args if a.keyword and a.keyword.value == "bias"), None)  # type: ignore[attr-defined]
+            if len(pos) == 2 and m.matches(bias, m.Name("False")):
+                return pos
+        return None
 
     # -- the experts: 3-D weights indexed per expert, outputs summed with index_add_ ------------
     def experts(self, info: ClassInfo) -> dict | None:
@@ -215,6 +237,17 @@ class MoeFinder:
                 or not isinstance(routes[0].targets[0].target, cst.Tuple):  # type: ignore[attr-defined]
             return None
         returned = [el.value for el in routes[0].targets[0].target.elements]  # type: ignore[attr-defined]
+        if r.function:  # which of the router's outputs the experts read, from the block's own call
+            names = [t.value if isinstance(t, cst.Name) else None for t in returned]
+            args = [a.value.value if isinstance(a.value, cst.Name) else "" for a in calls[0].args[1:3]]
+            if not all(a in names for a in args):
+                return None
+            r.outputs = (names.index(args[1]), names.index(args[0]))
+            # what else the router returns (inkling's shared-expert gammas) the block must not read
+            others = {n for n in names if n and n != "_" and n not in args}
+            if any(n.value in others for st in fwd.body.body if st is not _statement_of(fwd, routes[0])
+                   for n in findall(st, m.Name())):  # type: ignore[attr-defined]
+                return None
         w_pos, i_pos = r.outputs
         # the experts read the router's top-k indices and weights as the router returned them
         if len(returned) <= max(w_pos, i_pos) or not all(
@@ -261,7 +294,17 @@ class MoeFinder:
             n_group=res(r.n_group),
             topk_group=res(r.topk_group),
             routed_scaling=res(r.scale),
+            routing_function=r.function,
+            router_logits=r.logits,
+            route_outputs=list(r.outputs) if r.function else [],
+            # (function) the gate's (hidden, experts) as the router's own __init__ reads them
+            router_dims=[_resolve(r.shape[1], r_cls, None), _resolve(r.shape[0], r_cls, None)] if r.function else [],
         )
+
+
+def _statement_of(fwd: cst.FunctionDef, node: cst.CSTNode) -> cst.CSTNode | None:
+    """The top-level statement of FWD that holds NODE."""
+    return next((st for st in fwd.body.body if any(n is node for n in findall(st, m.Assign()))), None)  # type: ignore[attr-defined]
 
 
 def find_moe_blocks(idx: ModelIndex, classes: list[str]) -> list[MoePlan]:

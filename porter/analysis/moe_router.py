@@ -49,6 +49,8 @@ class Routing:
     topk_group: cst.BaseExpression | None = None
     scale: cst.BaseExpression | None = None
     outputs: tuple[int, int] = (1, 2)  # positions of (weights, indices) in the returned tuple
+    function: bool = False  # not the engine's router: the router's own code as custom_routing_function
+    logits: str = ""  # (function) the local the router assigns its logits to
     facts: dict = field(default_factory=dict)
 
 
@@ -87,6 +89,9 @@ class RouterReader:
         self.bias: str | None = None
         self.top_k: cst.BaseExpression | None = None
         self.group: dict[str, cst.BaseExpression] = {}
+        self.logits_at: list[str] = []  # the locals the projection is assigned to
+        self.returns = 0
+        self.base_linear: list[cst.BaseExpression] | None = None  # (in, out) of an nn.Linear base class
 
     # -- tensors held by the router --------------------------------------------------------
     def _param_dims(self, attr: str | None) -> list[cst.BaseExpression] | None:
@@ -203,6 +208,10 @@ class RouterReader:
             if dims is None or len(dims) != 2:
                 return None
             return self._logits(self_attr(w), dims)  # type: ignore[arg-type]
+        # the router is an nn.Linear itself: `super().forward(x)`
+        if m.matches(func, m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("forward"))) \
+                and self.base_linear is not None and first is not None and first.kind == "x" and len(node.args) == 1:
+            return self._logits("weight", [self.base_linear[1], self.base_linear[0]])
         if (attr := self_attr(func)) in self.linears and first is not None and first.kind == "x" and len(node.args) == 1:
             ctor = self.linears[attr]
             bias = _kw(ctor, "bias", 2)
@@ -325,6 +334,8 @@ class RouterReader:
             v = self.value(s.value)
             if isinstance(t, cst.Name):
                 self.env[t.value] = v
+                if v is not None and v.kind == "logits":
+                    self.logits_at.append(t.value)
             elif isinstance(t, cst.Tuple) and v is not None and v.kind == "topk" and len(t.elements) == 2:
                 for i, el in enumerate(t.elements):
                     if isinstance(el.value, cst.Name):
@@ -360,6 +371,9 @@ class RouterReader:
     def conditional(self, st: cst.If) -> None:
         """`if self.flag: w /= w.sum(...)` renormalises under that flag; a branch that only casts
         (`if self.wg.weight.dtype == torch.float32: x = x.float()`) changes nothing read here."""
+        training = m.Attribute(value=m.Name("self"), attr=m.Name("training"))
+        if st.orelse is None and m.matches(st.test, training | m.BooleanOperation(left=training, operator=m.And())):
+            return  # training only (the engine runs the model in eval mode)
         before = dict(self.env)
         self.run(st.body.body)  # type: ignore[attr-defined]
         after, self.env = self.env, before
@@ -387,6 +401,7 @@ class RouterReader:
                 self.env[name] = None
 
     def returned(self, node: cst.BaseExpression | None) -> None:
+        self.returns += 1
         if not isinstance(node, cst.Tuple) or self.routing is not None:
             self.routing = None
             return
@@ -465,9 +480,61 @@ def _all_names(node: cst.CSTNode) -> set[str]:
     return {n.value for n in walk(node) if type(n) is cst.Name}  # type: ignore[attr-defined]
 
 
-def read_router(info, attrs: dict[str, cst.BaseExpression], linears: dict[str, cst.Call]) -> Routing | None:
-    """The routing a router class computes, or None when any step of it is not the engine's."""
+def read_router(info, attrs: dict[str, cst.BaseExpression], linears: dict[str, cst.Call],
+                base_linear: list[cst.BaseExpression] | None = None) -> Routing | None:
+    """The routing a router class computes, or None when any step of it is not the engine's.
+
+    A router whose steps after the projection are not the engine's (a clamped renormalisation, a
+    sparsemixer) but which computes its logits once, from one projection used nowhere else, and
+    returns its weights and indices from one final `return`, is read as a routing *function*
+    (`Routing.function`): the port keeps its own code after the logits as the engine's
+    `custom_routing_function` (passes/moe/routing_function.py), run on the logits the gate computed."""
     fwd = info.method("forward")
     if fwd is None:
         return None
-    return RouterReader(info, attrs, linears).read(fwd)
+    reader = RouterReader(info, attrs, linears)
+    reader.base_linear = base_linear
+    routing = reader.read(fwd)
+    if routing is not None:
+        return routing
+    last = fwd.body.body[-1] if fwd.body.body else None  # type: ignore[attr-defined]
+    if len(reader.logits_at) != 1 or reader.weight is None or reader.returns != 1 or not m.matches(
+            last, m.SimpleStatementLine(body=[m.Return(value=m.Tuple())])):
+        return None
+    held = reader.weight.partition(".")[0]
+    uses = [n for n in _all_attrs(fwd) if n == held]
+    if len(uses) > 1 or (reader.base_linear is not None and len(findall_super(fwd)) != 1):
+        return None  # the projection's weight read again after the logits
+    top_k = _function_top_k(fwd)
+    if top_k is None:
+        return None
+    r = Routing(weight=reader.weight, shape=reader.shape, top_k=top_k)  # type: ignore[arg-type]
+    r.function, r.logits = True, reader.logits_at[0]
+    return r
+
+
+def _function_top_k(fwd: cst.FunctionDef) -> cst.BaseExpression | None:
+    """How many experts a routing function picks: the k of its one top-k call, or the `top_k=` it
+    hands the helper that picks them (phimoe's sparsemixer)."""
+    from porter.analysis.cstutil import findall
+
+    topks = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("topk"))))
+    if len(topks) == 1:
+        return _kw(topks[0], "k", 0 if dotted(topks[0].func) != "torch.topk" else 1)  # type: ignore[arg-type, attr-defined]
+    if topks:
+        return None
+    ks = [a.value for c in findall(fwd, m.Call()) for a in c.args  # type: ignore[attr-defined]
+          if a.keyword is not None and a.keyword.value in ("top_k", "k")]
+    return ks[0] if len(ks) == 1 else None
+
+
+def _all_attrs(node: cst.CSTNode) -> list[str]:
+    from porter.analysis.cstutil import walk
+
+    return [a for n in walk(node) if (a := self_attr(n)) is not None]  # type: ignore[arg-type]
+
+
+def findall_super(node: cst.CSTNode) -> list[cst.CSTNode]:
+    from porter.analysis.cstutil import findall
+
+    return findall(node, m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("forward"))))

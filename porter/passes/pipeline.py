@@ -46,6 +46,7 @@ from porter.passes.moe.checkpoint_module_names import CheckpointModuleNames
 from porter.passes.moe.correction_bias import CorrectionBias
 from porter.passes.moe.flat_tokens import FlatTokens
 from porter.passes.moe.fused_moe import FusedMoe
+from porter.passes.moe.routing_function import RoutingFunction
 from porter.passes.norms.engine_norms import EngineNorms
 from porter.passes.norms.full_width_qk_norm import FullWidthQkNorm
 from porter.passes.norms.norm_across_tp_ranks import NormAcrossTpRanks
@@ -98,6 +99,7 @@ MODEL: list[type[Rule]] = [
     FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions
     FusedMoe,
     CorrectionBias,  # after PT100: places the bias the FusedMoE it built reads
+    RoutingFunction,  # after PT100: the router it kept routes with its own code
     FuseQkv,
     FuseGateUp,
     TpLinears,

@@ -165,6 +165,15 @@ class FusedMoe(Rule):
             return updated
         fn = self.current_function
         attr = self_attr(updated.targets[0].target)
+        if fn == "__init__" and attr == mp.router and mp.routing_function:
+            # the router stays (a GateLinear routing with its own code: PT201)
+            call = updated.value
+            return updated.with_changes(
+                targets=[cst.AssignTarget(cst.parse_expression("self.gate"))],
+                value=call.with_changes(args=[*call.args[:-1], call.args[-1].with_changes(  # type: ignore[attr-defined]
+                    comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))), cst.Arg(
+                    cst.parse_expression('f"{prefix}.gate"'), keyword=cst.Name("prefix"),
+                    equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))]))
         if fn == "__init__" and attr == mp.router:
             # named `gate` as in the engine's own MoE ports (load_weights maps the checkpoint's name)
             return updated.with_changes(
@@ -184,6 +193,8 @@ class FusedMoe(Rule):
             if mp.transposed:
                 # stored (experts, in, out): the engine's loader transposes the packed tensors
                 ckpt += ", is_fused_checkpoint_transposed=True"
+            if mp.routing_function:
+                ckpt += ", custom_routing_function=self.gate.route"
             return updated.with_changes(value=cst.parse_expression(
                 f"{self.ctx.use('FusedMoE')}(num_experts={mp.num_experts}, top_k={mp.top_k}, "
                 f"hidden_size={mp.hidden_size}, intermediate_size={mp.intermediate_size}, "
