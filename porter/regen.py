@@ -1,7 +1,8 @@
 """Regenerate the committed ports from a transformers release, and report the drift.
 
 Conversion is static, so a release need not be installed: its wheel is fetched with pip into a
-cache and only ``transformers/models/**`` is unpacked from it (never imported). ``regen`` converts
+cache and only ``transformers/models/**`` is unpacked from it, never imported
+(``porter.source.transformers_tree``). ``regen`` converts
 every committed port's model type (both targets) from that release, writes the ports, and writes
 ``DRIFT.md`` / ``DRIFT.json``: per model, the source sha256 before and after, which forward
 signatures changed in the HF source, which rules' outputs changed (rules applied, per-scope
@@ -18,96 +19,22 @@ import ast
 import concurrent.futures
 import json
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from porter import __version__
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo
+from porter.source import transformers_tree
 
 TARGETS = ("vllm", "aphrodite")
 DRIFT_MD = "DRIFT.md"
 DRIFT_JSON = "DRIFT.json"
-IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
-IGNORED_SUFFIXES = (".pyc", ".egg-info")
-# what is unpacked from a release's wheel besides models/**: the checkpoint renamings
-TREE_FILES = ("transformers/conversion_mapping.py",)
-TREE_LAYOUT = "layout 2: models/** + conversion_mapping.py"
-
-
-# -- the transformers tree of a release ------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    if os.environ.get("PORTER_CACHE"):
-        return Path(os.environ["PORTER_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "porter"
-
-
-def fetch_wheel(version: str) -> Path:
-    """The transformers wheel of VERSION, downloaded with pip once and then kept in the cache."""
-    wheels = cache_dir() / "wheels"
-    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
-    if found:
-        return found[0]
-    wheels.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-         "--disable-pip-version-check", f"transformers=={version}", "-d", str(wheels)],
-        capture_output=True, text=True,
-    )
-    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
-    if proc.returncode != 0 or not found:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines()
-                 if ln.strip() and not ln.startswith("WARNING")]
-        why = lines[-1].strip() if lines else f"pip exit {proc.returncode}"
-        raise PorterError(f"cannot fetch transformers {version}: {why}", construct="--transformers")
-    return found[0]
-
-
-def transformers_tree(version: str) -> Path:
-    """A transformers package directory for VERSION: the installed one when it is that version,
-    else ``models/**`` and ``conversion_mapping.py`` unpacked from the release's wheel (cached;
-    never imported)."""
-    from porter.source import installed_transformers_version, transformers_root
-
-    if version == installed_transformers_version():
-        root = transformers_root()
-        if root is not None:
-            return root
-    dest = cache_dir() / "transformers" / version
-    pkg = dest / "transformers"
-    marker = dest / ".complete"
-    if marker.is_file() and marker.read_text().startswith(f"{TREE_LAYOUT}\n"):
-        return pkg
-    wheel = fetch_wheel(version)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.new-", dir=dest.parent))
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.infolist():
-                name = member.filename
-                if member.is_dir() or not (name.startswith("transformers/models/") or name in TREE_FILES):
-                    continue
-                if ".." in Path(name).parts or not name.endswith(".py"):
-                    continue
-                target = tmp / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(zf.read(member))
-        (tmp / ".complete").write_text(f"{TREE_LAYOUT}\n{wheel.name}\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except (OSError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PorterError(f"cannot unpack {wheel.name}: {exc}", construct="--transformers") from None
-    return pkg
+# Python's bytecode cache, written by any import of the port; nothing else is ignored (a build/ or
+# *.egg-info left by installing the port is a difference: the port's flit_core build writes none)
+IGNORED_PARTS = {"__pycache__"}
+IGNORED_SUFFIXES = (".pyc",)
 
 
 # -- committed ports -----------------------------------------------------------------------------
@@ -350,8 +277,6 @@ def regen(
     """Regenerate every committed port under ROOT from transformers VERSION (None: the version
     each port records) into OUT (default ROOT), write DRIFT.md / DRIFT.json there, return the
     drift as data."""
-    from porter.convert import write_port
-
     root = Path(root)
     out = Path(out) if out is not None else root
     say = log or (lambda msg: None)
@@ -359,78 +284,11 @@ def regen(
     if version:
         transformers_tree(version)  # a release that cannot be fetched fails once, up front
     names = _rule_names()
-    models = []
-    for model_type, by_target in sorted(ports.items()):
-        targets = sorted(by_target, key=TARGETS.index)
-        first = by_target[targets[0]]
-        before_version = first.transformers_version
-        after_version = version or before_version
-        entry: dict = {
-            "model_type": model_type,
-            "source": first.source,
-            "transformers": {"before": before_version, "after": after_version},
-            "source_sha256": {"before": first.source_sha256, "after": None},
-            "source_changed": None,
-            "signatures_changed": {},
-            "targets": {},
-            "error": None,
-        }
-        say(f"{model_type}: transformers {before_version} -> {after_version}")
-        # the port as porter makes it now from the recorded release (for per-scope provenance)
-        old_source, old_convs = None, {}
-        try:
-            old_source, convs = _convert(model_type, before_version, targets)
-            old_convs = {c.target: c for c in convs}
-        except PorterError as exc:
-            entry["before_error"] = exc.one_line()
-        try:
-            if old_convs and after_version == before_version:
-                new_source, new_list = old_source, [old_convs[t] for t in targets]
-            else:
-                new_source, new_list = _convert(model_type, after_version, targets)
-        except PorterError as exc:
-            entry["error"] = exc.one_line()
-            for t in targets:
-                entry["targets"][t] = {"status": "failed", "error": exc.one_line(), "verify": "not run"}
-            models.append(entry)
-            say(f"{model_type}: FAILED: {exc.one_line()}")
-            continue
-        entry["source"] = new_source.rel_path
-        entry["source_sha256"]["after"] = new_source.sha256
-        entry["source_changed"] = new_source.sha256 != first.source_sha256
-        if old_source is not None:
-            old_sig, new_sig = _signatures(old_source.text), _signatures(new_source.text)
-            for scope in sorted(set(old_sig) | set(new_sig)):
-                a, b = old_sig.get(scope), new_sig.get(scope)
-                if a != b:
-                    entry["signatures_changed"][scope] = {
-                        "removed": [p for p in (a or []) if p not in (b or [])],
-                        "added": [p for p in (b or []) if p not in (a or [])],
-                        **({"scope": "added"} if a is None else {}),
-                        **({"scope": "removed"} if b is None else {}),
-                    }
-        for conv in new_list:
-            old_files = _port_files(root / conv.target / model_type)
-            td = _target_drift(old_convs.get(conv.target), old_files, conv, names)
-            try:
-                write_port(conv, out, force=force)
-            except PorterError as exc:
-                td["status"] = "failed"
-                td["error"] = exc.one_line()
-                entry["error"] = entry["error"] or exc.one_line()
-            td["verify"] = "not run"
-            entry["targets"][conv.target] = td
-        if verify and "vllm" in entry["targets"] and entry["targets"]["vllm"]["status"] == "converted":
-            from porter.verify import run_verify
-
-            say(f"{model_type}: verify vllm TP={','.join(map(str, tps))}")
-            report = run_verify(out / "vllm" / model_type, list(tps))
-            entry["targets"]["vllm"]["verify"] = {
-                "exit_code": report.exit_code, "passed": report.passed, "reason": report.reason,
-                "tps": list(tps),
-            }
-        models.append(entry)
-        say(f"{model_type}: converted ({', '.join(targets)})")
+    models = [
+        _regen_model(model_type, by_target, version, root, out, names, force=force,
+                     tps=tps if verify else None, say=say)
+        for model_type, by_target in sorted(ports.items())
+    ]
     drift = {
         "porter_version": __version__,
         "transformers": version or "recorded",
@@ -441,6 +299,91 @@ def regen(
     (out / DRIFT_JSON).write_text(json.dumps(drift, indent=2, sort_keys=True) + "\n")
     (out / DRIFT_MD).write_text(render_drift_md(drift))
     return drift
+
+
+def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str | None, root: Path,
+                 out: Path, names: dict[str, str], *, force: bool, tps: tuple[int, ...] | None, say) -> dict:
+    """One model's drift entry: its targets converted from VERSION (or the recorded release)
+    and written to OUT, compared with the port porter makes now from the recorded release;
+    verified (vllm, at TPS) unless TPS is None."""
+    from porter.convert import write_port
+
+    targets = sorted(by_target, key=TARGETS.index)
+    first = by_target[targets[0]]
+    before_version = first.transformers_version
+    after_version = version or before_version
+    entry: dict = {
+        "model_type": model_type,
+        "source": first.source,
+        "transformers": {"before": before_version, "after": after_version},
+        "source_sha256": {"before": first.source_sha256, "after": None},
+        "source_changed": None,
+        "signatures_changed": {},
+        "targets": {},
+        "error": None,
+    }
+    say(f"{model_type}: transformers {before_version} -> {after_version}")
+    # the port as porter makes it now from the recorded release (for per-scope provenance)
+    old_source, old_convs = None, {}
+    try:
+        old_source, convs = _convert(model_type, before_version, targets)
+        old_convs = {c.target: c for c in convs}
+    except PorterError as exc:
+        entry["before_error"] = exc.one_line()
+    try:
+        if old_convs and after_version == before_version:
+            new_source, new_list = old_source, [old_convs[t] for t in targets]
+        else:
+            new_source, new_list = _convert(model_type, after_version, targets)
+    except PorterError as exc:
+        entry["error"] = exc.one_line()
+        for t in targets:
+            entry["targets"][t] = {"status": "failed", "error": exc.one_line(), "verify": "not run"}
+        say(f"{model_type}: FAILED: {exc.one_line()}")
+        return entry
+    entry["source"] = new_source.rel_path
+    entry["source_sha256"]["after"] = new_source.sha256
+    entry["source_changed"] = new_source.sha256 != first.source_sha256
+    if old_source is not None:
+        entry["signatures_changed"] = _signature_changes(old_source.text, new_source.text)
+    for conv in new_list:
+        old_files = _port_files(root / conv.target / model_type)
+        td = _target_drift(old_convs.get(conv.target), old_files, conv, names)
+        try:
+            write_port(conv, out, force=force)
+        except PorterError as exc:
+            td["status"] = "failed"
+            td["error"] = exc.one_line()
+            entry["error"] = entry["error"] or exc.one_line()
+        td["verify"] = "not run"
+        entry["targets"][conv.target] = td
+    if tps is not None and "vllm" in entry["targets"] and entry["targets"]["vllm"]["status"] == "converted":
+        from porter.verify import run_verify
+
+        say(f"{model_type}: verify vllm TP={','.join(map(str, tps))}")
+        report = run_verify(out / "vllm" / model_type, list(tps))
+        entry["targets"]["vllm"]["verify"] = {
+            "exit_code": report.exit_code, "passed": report.passed, "reason": report.reason,
+            "tps": list(tps),
+        }
+    say(f"{model_type}: converted ({', '.join(targets)})")
+    return entry
+
+
+def _signature_changes(old_text: str, new_text: str) -> dict[str, dict]:
+    """scope -> the parameters removed and added between two versions of a module's source."""
+    old_sig, new_sig = _signatures(old_text), _signatures(new_text)
+    changed: dict[str, dict] = {}
+    for scope in sorted(set(old_sig) | set(new_sig)):
+        a, b = old_sig.get(scope), new_sig.get(scope)
+        if a != b:
+            changed[scope] = {
+                "removed": [p for p in (a or []) if p not in (b or [])],
+                "added": [p for p in (b or []) if p not in (a or [])],
+                **({"scope": "added"} if a is None else {}),
+                **({"scope": "removed"} if b is None else {}),
+            }
+    return changed
 
 
 def render_drift_md(drift: dict) -> str:

@@ -101,9 +101,6 @@ class Target:
     plugin_group: str
     symbols: dict  # neutral name -> "module:attr"
 
-    def module_of(self, symbol: str) -> str:
-        return self.symbols[symbol].split(":")[0]
-
 
 def strip_table(rules_dir: Path | None = None) -> StripTable:
     return _strip_table(rules_dir or active_rules_dir())

@@ -1,4 +1,10 @@
-"""Find and read the file to port. Static only: the file is read as text, never imported."""
+"""Find and read the file to port. Static only: the file is read as text, never imported.
+
+The file comes from the installed transformers, a path, or (``transformers_tree``) a release's
+wheel fetched with pip into porter's cache, of which only ``transformers/models/**`` and the
+checkpoint renamings are unpacked: `convert --transformers`, `regen` and `coverage` read
+releases the engine's environment does not have.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,13 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +27,10 @@ from porter.analysis.auto_mappings import read_mappings
 from porter.errors import PorterError
 
 MAX_SOURCE_BYTES = 5 * 1024 * 1024  # HF's largest modeling files are ~0.3 MB
+
+# what is unpacked from a release's wheel besides models/**: the checkpoint renamings
+TREE_FILES = ("transformers/conversion_mapping.py",)
+TREE_LAYOUT = "layout 2: models/** + conversion_mapping.py"
 
 
 @dataclass(frozen=True)
@@ -196,3 +212,71 @@ def check_syntax(text: str, name: str) -> None:
         raise PorterError(f"syntax error: {exc.msg}", file=name, line=exc.lineno) from None
     except (RecursionError, MemoryError):
         raise PorterError("syntax error: expressions nested too deeply to parse", file=name) from None
+
+
+# -- the transformers tree of a release (its wheel, read statically) ----------------------------
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PORTER_CACHE"):
+        return Path(os.environ["PORTER_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "porter"
+
+
+def fetch_wheel(version: str) -> Path:
+    """The transformers wheel of VERSION, downloaded with pip once and then kept in the cache."""
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+         "--disable-pip-version-check", f"transformers=={version}", "-d", str(wheels)],
+        capture_output=True, text=True,
+    )
+    found = sorted(wheels.glob(f"transformers-{version}-*.whl"))
+    if proc.returncode != 0 or not found:
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines()
+                 if ln.strip() and not ln.startswith("WARNING")]
+        why = lines[-1].strip() if lines else f"pip exit {proc.returncode}"
+        raise PorterError(f"cannot fetch transformers {version}: {why}", construct="--transformers")
+    return found[0]
+
+
+def transformers_tree(version: str) -> Path:
+    """A transformers package directory for VERSION: the installed one when it is that version,
+    else ``models/**`` and ``conversion_mapping.py`` unpacked from the release's wheel (cached;
+    never imported)."""
+    if version == installed_transformers_version():
+        root = transformers_root()
+        if root is not None:
+            return root
+    dest = cache_dir() / "transformers" / version
+    pkg = dest / "transformers"
+    marker = dest / ".complete"
+    if marker.is_file() and marker.read_text().startswith(f"{TREE_LAYOUT}\n"):
+        return pkg
+    wheel = fetch_wheel(version)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.new-", dir=dest.parent))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.infolist():
+                name = member.filename
+                if member.is_dir() or not (name.startswith("transformers/models/") or name in TREE_FILES):
+                    continue
+                if ".." in Path(name).parts or not name.endswith(".py"):
+                    continue
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(member))
+        (tmp / ".complete").write_text(f"{TREE_LAYOUT}\n{wheel.name}\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except (OSError, zipfile.BadZipFile) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PorterError(f"cannot unpack {wheel.name}: {exc}", construct="--transformers") from None
+    return pkg

@@ -29,3 +29,71 @@ def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None) -> 
 @pytest.fixture
 def porter_cli():
     return run_porter
+
+
+# ---------------------------------------------------------------------------------------------
+# which committed vLLM ports the engine verifies in this run (tests/test_verify_harness.py)
+# ---------------------------------------------------------------------------------------------
+# Every port whose digest has no valid verdict in generated/verdicts/ (new or changed ports, new
+# versions of vllm, torch or transformers), plus PORTER_VERDICT_SAMPLE (default 6) ports drawn
+# with PORTER_VERDICT_SEED (default: a fresh one, printed) among those with one.
+# PORTER_VERIFY_ALL=1 verifies every port (make test-full). The controller decides once and hands
+# the list to the xdist workers in PORTER_VERIFY_SELECTION (set it to replay a given list).
+VERDICT_SAMPLE_DEFAULT = 6
+
+
+def verify_plan() -> dict:
+    """The run's plan: seed, sample size, selection, and every port's verdict status."""
+    import json
+    import random
+
+    from porter.verify.verdicts import select, statuses
+
+    if os.environ.get("PORTER_VERIFY_PLAN"):  # decided by the controller (or a parent run)
+        return json.loads(os.environ["PORTER_VERIFY_PLAN"])
+    seed = int(os.environ.get("PORTER_VERDICT_SEED") or random.SystemRandom().randrange(2**31))
+    sample = int(os.environ.get("PORTER_VERDICT_SAMPLE") or VERDICT_SAMPLE_DEFAULT)
+    verify_all = os.environ.get("PORTER_VERIFY_ALL", "") not in ("", "0")
+    status = statuses(GENERATED / "vllm")
+    chosen, sampled = select(status, sample, seed, verify_all)
+    if os.environ.get("PORTER_VERIFY_SELECTION"):  # replay a given list
+        chosen = sorted(m for m in os.environ["PORTER_VERIFY_SELECTION"].split(",") if m)
+    return {"seed": seed, "sample": sample, "all": verify_all, "selection": chosen,
+            "sampled": sampled, "status": status}
+
+
+def _plan_lines(plan: dict) -> list[str]:
+    status = plan["status"]
+    others = sorted(m for m in plan["selection"] if status.get(m) != "valid")
+    counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
+    head = (f"verdicts: PORTER_VERIFY_ALL=1: all {len(plan['selection'])} ports verified" if plan["all"]
+            else f"verdicts: PORTER_VERDICT_SEED={plan['seed']}: {len(plan['selection'])} of "
+                 f"{len(status)} ports verified in the engine")
+    return [
+        f"{head} (store: {', '.join(f'{n} {s}' for s, n in counts.items())})",
+        f"verdicts: without a valid verdict: {', '.join(others) or 'none'}",
+        f"verdicts: sampled among the valid (PORTER_VERDICT_SAMPLE={plan['sample']}): "
+        f"{', '.join(plan['sampled']) or 'none'}",
+    ]
+
+
+def pytest_configure(config):
+    import json
+
+    plan = verify_plan()
+    # xdist workers start after this and inherit the environment: they verify the same list
+    os.environ["PORTER_VERIFY_PLAN"] = json.dumps(plan)
+    config._porter_verify_plan = plan
+
+
+def pytest_sessionstart(session):
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        for line in _plan_lines(session.config._porter_verify_plan):
+            tr.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    plan = config._porter_verify_plan
+    terminalreporter.write_line(
+        _plan_lines(plan)[0] + "; replay with PORTER_VERIFY_SELECTION=" + ",".join(plan["selection"]))

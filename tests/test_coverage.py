@@ -22,7 +22,7 @@ DIAG = re.compile(r"^models/[\w./-]+\.py:\d+: \S")
 
 @pytest.fixture(scope="module")
 def tf_root():
-    root = cov._package_dir("transformers")
+    root = cov.package_dir("transformers")
     assert root is not None
     return root
 
@@ -41,8 +41,8 @@ def committed():
 def test_list_is_read_without_importing_transformers_or_vllm():
     code = (
         "import sys; from porter import coverage as c; "
-        "cs = c.discover(c._package_dir('transformers')); reg = c.vllm_registry(c._package_dir('vllm')); "
-        "from porter.regen import transformers_tree; "
+        "cs = c.discover(c.package_dir('transformers')); reg = c.vllm_registry(c.package_dir('vllm')); "
+        "from porter.source import transformers_tree; "
         "dz = [c.discover(transformers_tree(r), day_zero=True) for r in c.day_zero_releases()]; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'vllm', 'torch')); "
         "print(len(cs), len(reg), bad)"
@@ -78,7 +78,7 @@ def test_discover_classifies_from_the_files(candidates, tf_root):
 
 
 def test_vllm_registry_kinds():
-    reg = cov.vllm_registry(cov._package_dir("vllm"))
+    reg = cov.vllm_registry(cov.package_dir("vllm"))
     assert reg["LlamaForCausalLM"]["kind"] == "native" and reg["LlamaForCausalLM"]["file_exists"]
     assert reg["GPTNeoXForCausalLM"]["kind"] == "transformers-backend"
     assert reg["PersimmonForCausalLM"]["kind"] == "dropped"
@@ -88,10 +88,10 @@ def test_vllm_registry_kinds():
 
 def test_locate_gives_a_line_to_a_diagnostic_without_one():
     text = "import x\nfrom y import ACT2FN\n\nclass A(nn.Module):\n    def forward(self):\n        ACT2FN['x']\n\nclass FooLMHeadModel(A):\n    pass\n"
-    assert cov._locate(text, "ACT2FN", "FooLMHeadModel") == 6  # first use, not the import
-    assert cov._locate(text, "A.forward", "FooLMHeadModel") == 5
-    assert cov._locate(text, "module", "FooLMHeadModel") == 8
-    assert cov._locate(text, None, "FooLMHeadModel") == 8
+    assert cov.locate(text, "ACT2FN", "FooLMHeadModel") == 6  # first use, not the import
+    assert cov.locate(text, "A.forward", "FooLMHeadModel") == 5
+    assert cov.locate(text, "module", "FooLMHeadModel") == 8
+    assert cov.locate(text, None, "FooLMHeadModel") == 8
 
 
 def test_convert_only_sweep_on_a_few_model_types(tmp_path, committed):
@@ -144,7 +144,7 @@ def test_cli_coverage(tmp_path):
 def test_committed_coverage_is_a_full_sweep(committed, candidates):
     assert not committed["partial"]
     listed = {r["model_type"] for r in committed["rows"]} | {e["model_type"] for e in committed["exclusions"]}
-    if committed["transformers_version"] == cov._dist_version("transformers"):
+    if committed["transformers_version"] == cov.dist_version("transformers"):
         # every causal-LM entry of the installed transformers is either a row or an exclusion
         assert listed == {c.model_type for c in candidates}
         assert {r["model_type"] for r in committed["rows"]} == {c.model_type for c in candidates if not c.excluded}
@@ -217,7 +217,7 @@ def test_committed_exclusions_have_reasons(committed):
 
 @pytest.fixture(scope="module")
 def release_tree():
-    from porter.regen import transformers_tree
+    from porter.source import transformers_tree
 
     (release,) = cov.day_zero_releases()[:1] or pytest.skip("no day_zero_releases in rules/coverage.yaml")
     return release, transformers_tree(release)
@@ -284,7 +284,7 @@ def test_day_zero_sweep_on_a_few_model_types(tmp_path, release_tree):
 
     rules = load_rules()
     info = PortInfo.load(out / "vllm" / "exaone")
-    key = cov._verify_key(cov._files_digest(info.files), rules["models"]["exaone"], rules)
+    key = cov.verify_key(cov.files_digest(info.files), rules["models"]["exaone"], rules)
     cov.Cache(cache).put("verify", key, {"status": "passed", "passed": True, "exit_code": 0, "tps": [1, 2],
                                          "port": "committed", "max_abs_dlogprob": 4.5e-05, "key": key})
     only = ["exaone", "dory", "apertus1p5_text"]

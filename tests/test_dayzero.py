@@ -128,7 +128,7 @@ def test_setup_builds_the_envs_the_committed_ports_need():
     assert versions_needed(root) == [RELEASE] != [installed_transformers_version()]
     makefile = (root.parent / "Makefile").read_text()
     assert "$(BIN)/python -m porter.verify.hfenv generated" in makefile
-    assert "test: $(STAMP) hf-envs" in makefile
+    assert "test: $(TEST_STAMP) hf-envs" in makefile and "test-full: $(TEST_STAMP) hf-envs" in makefile
 
 
 def test_aphrodite_structural_check_of_a_day_zero_port_is_one_line_exit_2():

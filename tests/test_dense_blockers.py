@@ -18,8 +18,6 @@ BLOCKED = {
     # softmax through a module built on the spot (`nn.Softmax(dim=-1)(scores)`): once converted into
     # a port with no engine Attention at all (the engine refused it: no KV-cache group)
     "codegen": ("CodeGenAttention._attn", "attention computed inline"),
-    # rotate_half returns cat(x2, -x1): rotary the other way round (once a port 9.28 away from HF)
-    "nanochat": ("rotate_half", "rotary that turns the other way"),
     # the mask handed to the attention call is computed from the layer's own projections (Doge's
     # dynamic mask attention: exp(A * softplus(dt_proj(v))) added to the scores, top-k kept): once
     # converted into a port whose engine attention call left that mask out
@@ -35,11 +33,6 @@ BLOCKED = {
     # an `if token_type_ids is not None` block, so it went with it and `self.dropout(hidden_states)`
     # lost its input (once a port calling `self.dropout()` with no argument)
     "ctrl": ("CTRLModel.forward", "every input was computed from HF-only plumbing"),
-    # `if position_embeddings is not None:` around the rotary (per-layer theta, NoPE layers get
-    # None): the test went with the HF plumbing and took the rotary of every layer with it
-    "granite_swa": ("GraniteSWAAttention.forward", "rotary applied only under a test of HF-only plumbing"),
-    "granitemoe_swa": ("GraniteMoeSWAAttention.forward",
-                       "rotary applied only under a test of HF-only plumbing"),
     # recurrent state across steps (`_is_stateful`): once converted into ports that dropped the
     # Mamba / xLSTM layers (built through a table, a helper method, or defined under a module-level
     # `if`) and referred to classes they never defined

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from porter.analysis.cstutil import assigned_names, children, dotted, loop_module, names_in, param_names, self_call_attr
+from porter.analysis.cstutil import assigned_names, children, loop_module, names_in, param_names, self_call_attr
 
 ATTN = "@attn"
 _METADATA = {"dtype", "device"}
@@ -146,7 +146,3 @@ def forward_flow(
             f.env[p] = {f"param:{p}"}
     f.run(list(fn.body.body))
     return f.flow
-
-
-def call_name(node: cst.Call) -> str | None:
-    return dotted(node.func)

@@ -298,8 +298,4 @@ def is_module_subclass(idx: ModelIndex, info: ClassInfo, seen: frozenset[str] = 
     return False
 
 
-def matches_call(node: cst.CSTNode, qualified: set[str], idx: ModelIndex) -> bool:
-    return isinstance(node, cst.Call) and idx.qualify(dotted(node.func)) in qualified
-
-
 __all__ = ["ModelIndex", "ClassInfo", "Submodule", "build_index", "parse", "m"]

@@ -19,6 +19,7 @@ the fused kernel. What the kernel needs is read from the source, not from names:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import libcst as cst
@@ -29,7 +30,7 @@ from porter.analysis.index import LINEAR_NAMES, ClassInfo, ModelIndex
 from porter.analysis.moe_router import Routing, read_router
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoePlan:
     cls: str  # the block
     router: str  # attribute of the router module in the block
@@ -75,7 +76,8 @@ _ROUTING_DEFAULTS = {"router_weight": "weight", "correction_bias": None, "n_grou
 
 def compact_moe(d: dict) -> None:
     for key, default in _ROUTING_DEFAULTS.items():
-        if d.get(key, default) == default:
+        value = d.get(key, default)
+        if value == default or (default == [] and not value):  # (a sealed plan's lists are tuples)
             d.pop(key, None)
 
 
@@ -138,10 +140,6 @@ def _resolve(node: cst.BaseExpression, info: ClassInfo, call: cst.Call | None) -
 
 # `x @ self.w[e]`: a per-expert weight applied in the (in, out) layout
 _PER_EXPERT_MATMUL = m.BinaryOperation(operator=m.MatrixMultiply(), right=m.Subscript(value=m.Attribute(value=m.Name("self"))))
-
-
-def _is_topk(node: cst.CSTNode) -> bool:
-    return m.matches(node, m.Call(func=m.Attribute(attr=m.Name("topk"))))
 
 
 class MoeFinder:
@@ -312,26 +310,30 @@ def find_moe_blocks(idx: ModelIndex, classes: list[str]) -> list[MoePlan]:
     return [p for name in classes if (p := finder.block(idx.classes[name])) is not None]
 
 
-def moe_checkpoint_names(plan, transformers_dir, keys: list[str]) -> None:
+def moe_checkpoint_names(moes: list[MoePlan], transformers_dir, keys: list[str]) -> tuple[list[MoePlan], list[tuple[str, str]]]:
     """What the checkpoint calls one expert's projections, from transformers' conversion mapping
-    (read statically): `FusedMoE`'s `ckpt_names` and its load mapping."""
+    (read statically): `FusedMoE`'s `ckpt_names` and its load mapping. Returns the blocks with
+    their checkpoint names, and the checkpoint renamings they add (regex, replacement)."""
     from porter.analysis.checkpoint_names import expert_checkpoint_names
 
-    for p in plan.moes:
+    out, renames = [], []
+    for p in moes:
         names = expert_checkpoint_names(transformers_dir, keys, p.gate_up, p.down)
         if names is not None:
-            p.ckpt_names = list(names)
+            p = dataclasses.replace(p, ckpt_names=list(names))
         else:
             # saved as in memory: one [experts, 2 * intermediate, hidden] tensor, which FusedMoE's
             # own loader splits (it knows the packed names gate_up_proj / down_proj)
-            p.packed = True
+            p = dataclasses.replace(p, packed=True)
+        out.append(p)
         inner = p.router_weight.rpartition(".")[0]  # an nn.Linear inside the router (`router.gate.weight`)
         if p.router != "gate" or inner:
             # the port calls the router `gate`, a GateLinear holding the weight itself, as the
             # engine's MoE ports do
             src = rf"\.{p.router}\." + (rf"{inner}\." if inner else "")
-            if (src, ".gate.") not in plan.checkpoint_renames:
-                plan.checkpoint_renames.append((src, ".gate."))
+            if (src, ".gate.") not in renames:
+                renames.append((src, ".gate."))
+    return out, renames
 
 
 def unported_experts(idx: ModelIndex, classes: list[str], moes: list[MoePlan]) -> ClassInfo | None:

@@ -20,7 +20,7 @@ import libcst as cst
 
 from porter.analysis.cstutil import EXPRESSION_LEVEL, transform
 from porter.analysis.index import ModelIndex
-from porter.plan import PortPlan
+from porter.plan.model import PortPlan
 from porter.rules_data import StripTable, Target
 
 REGISTRY: dict[str, type[Rule]] = {}
@@ -44,8 +44,8 @@ class Example:
 @dataclass
 class RewriteContext:
     idx: ModelIndex
-    plan: PortPlan
-    table: StripTable
+    plan: PortPlan  # sealed: read, never changed
+    table: StripTable  # the plan's strip table (plan.strip)
     target: Target
     provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rule codes
     engine_symbols: set[str] = field(default_factory=set)  # neutral names the port uses
@@ -54,7 +54,6 @@ class RewriteContext:
     removed_attrs: set[tuple[str, str]] = field(default_factory=set)  # (class, attr) modules removed
     removed_names: set[str] = field(default_factory=set)  # names bound by removed HF imports
     extra_taint: dict[str, set[str]] = field(default_factory=dict)  # class -> locals dropped by a rule
-    memo: dict = field(default_factory=dict)  # facts derived once per conversion from idx/plan
 
     def use(self, symbol: str) -> str:
         """Record that the port uses an engine symbol; returns the name to write in code."""
@@ -63,9 +62,9 @@ class RewriteContext:
 
     def fork(self, target: Target) -> RewriteContext:
         """This context for one target, after the rules every target shares: its own copy of
-        what the rules recorded. The index, plan and table are read, never changed, and the memo
-        holds facts derived from them alone, so every target shares those."""
-        shared = {"idx", "plan", "table", "target", "memo"}
+        what the rules recorded. The index, plan and table are read, never changed (the plan is
+        sealed, and holds the facts derived from the index), so every target shares those."""
+        shared = {"idx", "plan", "table", "target"}
         return replace(self, target=target, **{
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in shared})
 

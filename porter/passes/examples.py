@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import libcst as cst
 
 from porter.analysis.index import build_index, parse
 from porter.passes.base import RewriteContext, Rule
 from porter.passes.pipeline import run
 from porter.plan import build_plan
+from porter.plan.model import seal
 from porter.rules_data import get_target, strip_table
 
 
@@ -19,13 +22,15 @@ def apply_rule(rule_cls: type[Rule], before: str, target: str = "vllm", seed: di
     module = parse(before, "<example>")
     idx = build_index(module, "<example>")
     plan = build_plan(idx, strip_table(), "example", "<example>", partial=True)
-    ctx = RewriteContext(idx=idx, plan=plan, table=strip_table(), target=get_target(target))
+    # a fact of the plan the snippet cannot show: the plan with it, sealed again
+    recorded = {f.name for f in dataclasses.fields(RewriteContext)}
+    plan_seed = {k: v for k, v in (seed or {}).items() if k not in recorded}
+    if plan_seed:
+        plan = seal(dataclasses.replace(plan, **{
+            k: {**getattr(plan, k), **v} if isinstance(v, dict) else v for k, v in plan_seed.items()}))
+    ctx = RewriteContext(idx=idx, plan=plan, table=plan.strip, target=get_target(target))
     for key, value in (seed or {}).items():
-        target = ctx if hasattr(ctx, key) else plan  # plan: a fact the snippet cannot show
-        current = getattr(target, key)
-        if hasattr(current, "update"):
-            current.update(value)
-        else:
-            setattr(target, key, value)
+        if key not in plan_seed:
+            getattr(ctx, key).update(value)  # what an earlier rule would have recorded
     assert rule_cls.applies(ctx), f"{rule_cls.code}: applies() is False on this example"
     return run([rule_cls], module, ctx, path="<example>").code

@@ -65,6 +65,10 @@ from porter.passes.rope.engine_rope import EngineRope
 from porter.passes.rope.flat_position_factor import FlatPositionFactor
 from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
+from porter.passes.rope.per_layer_rope import PerLayerRope
+from porter.passes.rope.reversed_rope import ReversedRope
+from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
+from porter.passes.ssm.mamba_state_interface import MambaStateInterface
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
@@ -86,6 +90,7 @@ MODEL: list[type[Rule]] = [
     PartialRotary,
     OneTensorRope,  # before EngineRope: takes the one-tensor rotary calls it would otherwise see
     EngineRope,  # before the dataflow pass: it consumes cos/sin and removes the rotary module
+    PerLayerRope,  # after EngineRope (its get_rope, built in some layers only), before the dataflow pass
     FoldQueryScale,  # before EngineAttention replaces the call whose `scaling=1.0` it reads
     EngineAttention,
     AttentionSinks,
@@ -118,6 +123,9 @@ MODEL: list[type[Rule]] = [
     CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,
+    ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
+    EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
+    MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from porter.layout import PORT_JSON, PortInfo
+from porter.verify import verdicts
 from porter.verify.compare import compare
+from porter.verify.cpu import cpu_features
 from porter.verify.engine import EngineRun, run_engine
 from porter.verify.report import (
     EXIT_INPUT,
@@ -108,14 +110,18 @@ def run_verify(
     compiled: bool = False,
 ) -> VerifyReport:
     port_dir = Path(port_dir)
-    report = VerifyReport(port_dir=str(port_dir), tps=list(tps))
+    report = VerifyReport(port_dir=str(port_dir), tps=list(tps), cpu=cpu_features())
     t_all = time.time()
+    # what the verdict depends on, as it was when the run started (porter/verify/verdicts.py)
+    inputs = verdicts.inputs(port_dir) if verdicts.is_committed(port_dir) else None
     with _progress_sink(progress) as say:
         try:
             _run(report, port_dir, list(tps), against_native, say, compiled)
         except VerifyInputError as e:
             report.exit_code, report.reason = EXIT_INPUT, str(e)
     report.timings["total"] = round(time.time() - t_all, 2)
+    written = verdicts.record(port_dir, report, inputs, compiled=compiled)
+    report.verdict = str(written.relative_to(verdicts.REPO)) if written else ""
     return report
 
 

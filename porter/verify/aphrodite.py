@@ -10,7 +10,8 @@ the in-process structural checks a port is checked the way Aphrodite itself woul
   which must add PORT.json's ``architecture`` to Aphrodite's ``ModelRegistry``; the registry
   entry must resolve to the port's ``module:Class``.
 - **import**: the port module imports under Aphrodite (``APHRODITE_TARGET_DEVICE=cpu`` and
-  ``import vllm._C`` first, as the wheel needs on the CPU), and imports nothing from vLLM.
+  vLLM's CPU kernels first, the build vLLM picks for this CPU: porter/verify/cpu.py), and
+  imports nothing from vLLM.
 
 Both run in one fresh subprocess (``python -m porter.verify.aphrodite --child PORT_DIR``) so
 that nothing registered there leaks into the caller, and nothing the caller registered
@@ -231,9 +232,12 @@ def _child(port_dir: Path) -> dict:
     imp: dict = {"module": info.module}
     result = {"plugin": plugin, "import": imp}
 
-    # Aphrodite on the CPU: the device setting and vLLM's kernels (torch.ops._C) come first.
+    # Aphrodite on the CPU: the device setting and vLLM's kernels (torch.ops._C, the build for
+    # this CPU as vLLM picks it) come first.
+    from porter.verify.cpu import load_kernels
+
     os.environ.setdefault("APHRODITE_TARGET_DEVICE", "cpu")
-    importlib.import_module("vllm._C")
+    load_kernels()
     import aphrodite.plugins as ap_plugins
     from aphrodite import ModelRegistry
 

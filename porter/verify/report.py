@@ -89,6 +89,9 @@ class VerifyReport:
     # converted from a release newer than the engine's
     hf_side: str = ""
     experts_routed: dict[str, list[int]] = field(default_factory=dict)  # MoE router -> experts used (HF)
+    # the machine's CPU: arch, AVX2/AVX-512/AMX flags, the vLLM kernel build (porter/verify/cpu.py)
+    cpu: dict = field(default_factory=dict)
+    verdict: str = ""  # where the verdict of this run was written (porter/verify/verdicts.py), if anywhere
 
     @property
     def passed(self) -> bool:
@@ -113,6 +116,8 @@ class VerifyReport:
             "results": [r.to_dict() for r in self.results],
             "timings_s": self.timings,
             "hf_side": self.hf_side,
+            "cpu": self.cpu,
+            **({"verdict": self.verdict} if self.verdict else {}),
         }
 
 
@@ -181,6 +186,10 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
             )
     if report.results:
         console.print(table)
+    if report.cpu:
+        from porter.verify.cpu import describe
+
+        console.print(f"CPU: {describe(report.cpu)}")
     if report.hf_side and report.hf_side != "in-process":
         console.print(f"HF reference: {report.hf_side}")
     for name, experts in report.experts_routed.items():
@@ -203,4 +212,6 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
         EXIT_INPUT: "ERROR (input / load)",
     }[report.exit_code]
     console.print(f"{verdict} (exit {report.exit_code}): {report.reason}")
+    if report.verdict:
+        console.print(f"verdict written: {report.verdict}")
     return buf.getvalue()

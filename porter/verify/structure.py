@@ -1,8 +1,8 @@
 """Structural verification: build a port in-process on the CPU and compare it with the engine.
 
 No engine is started and no forward pass runs. For one target engine (vLLM or Aphrodite) this
-module builds a model class under that engine's own config objects, the way the engine's
-loader would, and checks what can be checked without kernels:
+module builds a model class under that engine's own config objects, the way the engine's loader
+would (porter.verify.inprocess), and checks what can be checked without kernels:
 
 - the port's ``named_parameters()`` (names and shapes) equal the engine's native class for the
   same config (the native class is resolved through the engine's ``ModelRegistry``);
@@ -19,12 +19,10 @@ porter.verify.structure PORT_DIR [PORT_DIR ...] --json`` is that process.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -33,7 +31,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TARGETS = ("vllm", "aphrodite")
+from porter.verify.inprocess import (
+    StructureInputError,
+    build_inprocess as build_inprocess,  # part of this module's interface too
+    build_with_config,
+    engine_api,
+    engine_context,
+    register_unknown,
+    resolve_native,
+)
 
 # Why Aphrodite never runs forward here (issue 9): stated in every Aphrodite report.
 APHRODITE_NO_FORWARD = (
@@ -41,168 +47,6 @@ APHRODITE_NO_FORWARD = (
     "kernels, and its engine dies in a Triton-only path on the CPU; only structure, "
     "weight loading and loaded values are checked"
 )
-
-
-class StructureInputError(Exception):
-    """Bad input (no PORT.json, unknown target, port class not found): exit code 2."""
-
-
-# --------------------------------------------------------------------------------------------
-# The engine, by target: the names differ, the steps are the same.
-
-
-@dataclass
-class _EngineApi:
-    target: str
-    kwarg: str  # the model constructor's keyword: vllm_config / aphrodite_config
-    ModelConfig: Any
-    EngineConfig: Any
-    set_current: Any
-    init_distributed_environment: Any
-    initialize_model_parallel: Any
-    model_parallel_is_initialized: Any
-    registry: Any
-
-
-_ENGINES: dict[str, _EngineApi] = {}
-
-
-def engine_api(target: str) -> _EngineApi:
-    """Import the target engine's config, distributed and registry entry points (once)."""
-    if target not in TARGETS:
-        raise StructureInputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
-    if target in _ENGINES:
-        return _ENGINES[target]
-    other = [t for t in TARGETS if t != target and t in _ENGINES]
-    if other:
-        raise RuntimeError(f"{other[0]} is already set up in this process; use one per target")
-    if target == "vllm":
-        from vllm import ModelRegistry
-        from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
-        from vllm.distributed import parallel_state as ps
-
-        api = _EngineApi(
-            "vllm",
-            "vllm_config",
-            ModelConfig,
-            VllmConfig,
-            set_current_vllm_config,
-            ps.init_distributed_environment,
-            ps.initialize_model_parallel,
-            ps.model_parallel_is_initialized,
-            ModelRegistry,
-        )
-    else:
-        # The wheel is a CUDA build; on the CPU its layers look their kernels up under
-        # torch.ops._C, which vLLM's CPU extension registers. Both must happen before import.
-        os.environ.setdefault("APHRODITE_TARGET_DEVICE", "cpu")
-        importlib.import_module("vllm._C")
-        from aphrodite import ModelRegistry
-        from aphrodite.config import AphroditeConfig, ModelConfig
-        from aphrodite.config.aphrodite import set_current_aphrodite_config
-        from aphrodite.distributed import parallel_state as ps
-
-        api = _EngineApi(
-            "aphrodite",
-            "aphrodite_config",
-            ModelConfig,
-            AphroditeConfig,
-            set_current_aphrodite_config,
-            ps.init_distributed_environment,
-            ps.initialize_model_parallel,
-            ps.model_parallel_is_initialized,
-            ModelRegistry,
-        )
-    _ENGINES[target] = api
-    return api
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ensure_distributed(api: _EngineApi) -> None:
-    """World size 1 over gloo on the loopback, once per process."""
-    if api.model_parallel_is_initialized():
-        return
-    api.init_distributed_environment(
-        world_size=1,
-        rank=0,
-        local_rank=0,
-        distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-        backend="gloo",
-    )
-    api.initialize_model_parallel(1)
-
-
-def _checkpoint_architectures(checkpoint_dir: Path) -> list[str]:
-    cfg = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    return list(cfg.get("architectures") or [])
-
-
-def _register_unknown(api: _EngineApi, checkpoint_dir: Path, cls) -> None:
-    """The engine's ModelConfig rejects a config.json naming an architecture it does not know
-    (a port's own name, e.g. PorterLlamaForCausalLM): register ``cls`` under such names. A name
-    the engine already serves is never overridden."""
-    known = set(api.registry.get_supported_archs())
-    for arch in _checkpoint_architectures(checkpoint_dir):
-        if arch not in known and cls is not None:
-            api.registry.register_model(arch, cls)
-
-
-def engine_config(target: str, checkpoint_dir: Path, cls=None):
-    """A fresh engine config for ``checkpoint_dir`` (one per model: attention prefixes must be
-    unique within a config)."""
-    api = engine_api(target)
-    _register_unknown(api, Path(checkpoint_dir), cls)
-    model_config = api.ModelConfig(
-        model=str(checkpoint_dir), dtype="float32", skip_tokenizer_init=True
-    )
-    return api.EngineConfig(model_config=model_config)
-
-
-@contextlib.contextmanager
-def _engine_context(api: _EngineApi, config) -> Iterator[None]:
-    import torch
-
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(config.model_config.dtype)
-    try:
-        with api.set_current(config), torch.device("cpu"):
-            _ensure_distributed(api)
-            yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def _build(target: str, checkpoint_dir: Path, cls):
-    api = engine_api(target)
-    config = engine_config(target, checkpoint_dir, cls)
-    with _engine_context(api, config):
-        model = cls(**{api.kwarg: config})
-    return model, config
-
-
-def build_inprocess(target: str, checkpoint_dir: Path, cls):
-    """Build ``cls`` on the CPU under the target engine's config for ``checkpoint_dir``."""
-    return _build(target, Path(checkpoint_dir), cls)[0]
-
-
-def resolve_native(target: str, checkpoint_dir: Path, native_arch: str):
-    """The engine's own class for ``native_arch``, or (None, why) when it has none.
-
-    An architecture the engine serves through its Transformers backend has no native file to
-    compare names with; one it dropped is not served at all."""
-    api = engine_api(target)
-    if native_arch not in api.registry.get_supported_archs():
-        return None, f"{target} does not serve {native_arch}"
-    config = engine_config(target, checkpoint_dir)
-    cls, _arch = api.registry.resolve_model_cls([native_arch], config.model_config)
-    if ".models.transformers" in cls.__module__:
-        return None, f"{target} serves {native_arch} through its Transformers backend only"
-    return cls, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +165,7 @@ def _load_and_check(target: str, model, config, checkpoint_dir: Path) -> LoadChe
             if p.is_floating_point():
                 p.data.fill_(float("nan"))
     try:
-        with _engine_context(engine_api(target), config):
+        with engine_context(engine_api(target), config):
             returned = model.load_weights(iter_safetensors(checkpoint_dir))
     except Exception as e:  # noqa: BLE001 (reported: the rest of the report still counts)
         check.error = f"{type(e).__name__}: {e}"
@@ -388,7 +232,7 @@ def checkpoint_faults(target: str, model, config, checkpoint_dir: Path, hf_archi
 
     def parameter_of(name: str, tensor) -> str:
         try:
-            with _engine_context(engine_api(target), config):
+            with engine_context(engine_api(target), config):
                 got = model.load_weights([(name, tensor)])
         except Exception as e:  # noqa: BLE001 (what the port does with it is the finding)
             return f"no parameter: the port's load_weights raises {type(e).__name__}: {e}"
@@ -429,8 +273,6 @@ def compare_structure(
 ) -> StructureReport:
     """Build ``port_cls`` and the engine's native ``native_arch`` for the checkpoint's config,
     compare parameter trees, load the checkpoint into both and compare what was loaded."""
-    import torch
-
     t0 = time.time()
     checkpoint_dir = Path(checkpoint_dir)
     report = StructureReport(
@@ -443,7 +285,7 @@ def compare_structure(
         report.forward_not_run_because = APHRODITE_NO_FORWARD
         report.notes.append(APHRODITE_NO_FORWARD)
     # A config.json naming the port's own architecture must resolve before any ModelConfig.
-    _register_unknown(engine_api(target), checkpoint_dir, port_cls)
+    register_unknown(engine_api(target), checkpoint_dir, port_cls)
 
     native = None
     try:
@@ -453,50 +295,23 @@ def compare_structure(
             report.notes.append(f"no native class to compare with: {why}")
         else:
             report.native_class = _qualname(native_cls)
-            native, native_config = _build(target, checkpoint_dir, native_cls)
+            native, native_config = build_with_config(target, checkpoint_dir, native_cls)
     except Exception as e:  # noqa: BLE001 (reported; the port's own checks still run)
         report.errors.append(f"building the native class failed: {type(e).__name__}: {e}")
 
     try:
-        port, port_config = _build(target, checkpoint_dir, port_cls)
+        port, port_config = build_with_config(target, checkpoint_dir, port_cls)
     except Exception as e:  # noqa: BLE001 (a port that does not build is a finding)
         report.errors.append(f"building the port failed: {type(e).__name__}: {e}")
         report.seconds = round(time.time() - t0, 3)
         return report
-    port_shapes = _shapes(port)
-    report.port_params = len(port_shapes)
-
-    if native is not None:
-        native_shapes = _shapes(native)
-        report.native_params = len(native_shapes)
-        report.only_in_port = sorted(set(port_shapes) - set(native_shapes))
-        report.only_in_native = sorted(set(native_shapes) - set(port_shapes))
-        report.shape_mismatch = {
-            n: {"port": port_shapes[n], "native": native_shapes[n]}
-            for n in sorted(set(port_shapes) & set(native_shapes))
-            if port_shapes[n] != native_shapes[n]
-        }
-        report.params_equal = not (
-            report.only_in_port or report.only_in_native or report.shape_mismatch
-        )
+    _compare_params(report, port, native)
 
     report.port_load = _load_and_check(target, port, port_config, checkpoint_dir)
     if native is not None and compare_values:
         report.native_load = _load_and_check(target, native, native_config, checkpoint_dir)
         if report.native_load.error is None and report.port_load.error is None:
-            port_p = dict(port.named_parameters())
-            native_p = dict(native.named_parameters())
-            for name in sorted(set(port_p) & set(native_p)):
-                a, b = port_p[name].data, native_p[name].data
-                if a.shape != b.shape:
-                    continue  # already reported as a shape mismatch
-                report.tensors_compared += 1
-                if not torch.equal(a, b):
-                    diff = (a.float() - b.float()).abs()
-                    # NaN on either side (unwritten) shows as inf: never equal.
-                    diff = torch.nan_to_num(diff, nan=float("inf"))
-                    report.tensors_differ[name] = float(diff.max())
-            report.tensors_equal = not report.tensors_differ
+            _compare_loaded(report, port, native)
 
     if check_checkpoint:  # a checkpoint the user gave: is it the one the model expects?
         try:
@@ -509,6 +324,45 @@ def compare_structure(
     report.ok = not report.failures()
     report.seconds = round(time.time() - t0, 3)
     return report
+
+
+def _compare_params(report: StructureReport, port, native) -> None:
+    """The port's parameter names and shapes against the native class's (when there is one)."""
+    port_shapes = _shapes(port)
+    report.port_params = len(port_shapes)
+    if native is None:
+        return
+    native_shapes = _shapes(native)
+    report.native_params = len(native_shapes)
+    report.only_in_port = sorted(set(port_shapes) - set(native_shapes))
+    report.only_in_native = sorted(set(native_shapes) - set(port_shapes))
+    report.shape_mismatch = {
+        n: {"port": port_shapes[n], "native": native_shapes[n]}
+        for n in sorted(set(port_shapes) & set(native_shapes))
+        if port_shapes[n] != native_shapes[n]
+    }
+    report.params_equal = not (
+        report.only_in_port or report.only_in_native or report.shape_mismatch
+    )
+
+
+def _compare_loaded(report: StructureReport, port, native) -> None:
+    """Each tensor both loaded (same name and shape), element for element."""
+    import torch
+
+    port_p = dict(port.named_parameters())
+    native_p = dict(native.named_parameters())
+    for name in sorted(set(port_p) & set(native_p)):
+        a, b = port_p[name].data, native_p[name].data
+        if a.shape != b.shape:
+            continue  # already reported as a shape mismatch
+        report.tensors_compared += 1
+        if not torch.equal(a, b):
+            diff = (a.float() - b.float()).abs()
+            # NaN on either side (unwritten) shows as inf: never equal.
+            diff = torch.nan_to_num(diff, nan=float("inf"))
+            report.tensors_differ[name] = float(diff.max())
+    report.tensors_equal = not report.tensors_differ
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,17 +28,13 @@ class AlibiTestByConfig(Rule):
             "class Attn(nn.Module):\n    def __init__(self, config):\n        self.head_dim = 32\n"
             "        self.use_alibi = config.alibi\n\n"
             "    def forward(self, x, alibi):\n        if not self.use_alibi:\n            x = rotate(x)\n        return x\n",
-            seed={"memo": {"alibi_when": {"Attn": ("alibi", "config.alibi")}}},
+            seed={"alibi_tests": {"Attn": ("alibi", "config.alibi")}},
         ),
     ]
 
     def _bias(self) -> tuple[str, str] | None:
         """(bias parameter, config test) of the current attention class."""
-        seeded = self.ctx.memo.get("alibi_when", {}).get(self.current_class or "")
-        if seeded:
-            return seeded
-        attn = self.plan.attention(self.current_class or "")
-        return (attn.alibi, attn.alibi_when) if attn and attn.alibi and attn.alibi_when else None
+        return self.plan.alibi_tests.get(self.current_class or "")
 
     @staticmethod
     def _flag(when: str) -> str:

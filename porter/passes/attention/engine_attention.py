@@ -7,7 +7,7 @@ import libcst as cst
 from porter.analysis.cstutil import assigned_names, dotted
 from porter.passes._edit import append_to_init
 from porter.passes.base import Example, Rule
-from porter.plan import attention_call_names
+from porter.analysis.layouts import attention_call_names
 
 ALIBI_HELPER = "alibi_slopes"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import dotted, findall, param_names, self_call_attr
+from porter.analysis.cstutil import findall, self_call_attr
 from porter.passes.base import Example, Rule
-from porter.passes.norms._head_spanning import head_spanning_norms
 
 
 class FlattenHeads(Rule):
@@ -135,7 +134,7 @@ class FlattenHeads(Rule):
         head_local = isinstance(arg, cst.Name) and arg.value in getattr(self, "_head_locals", ())
         if attr is not None and arg is not None and (self._is_shape_op(arg) or head_local) \
                 and attr not in self._linears() \
-                and attr not in head_spanning_norms(self.ctx, self.current_class or ""):
+                and attr not in self.plan.head_norms.get(self.current_class or "", {}):
             # a per-head module (q_norm over head_dim): split heads around it, keep flat outside
             return self._around_heads(updated, self._strip_shape(arg), "self.head_dim")
         if attr is not None and len(updated.args) == 1 and isinstance(original.args[0].value, cst.Name) \
@@ -145,35 +144,10 @@ class FlattenHeads(Rule):
             return self._around_heads(updated, updated.args[0].value, head_dim)
         if self._is_shape_op(updated):
             return updated.func.value  # type: ignore[attr-defined]
-        if attr is not None and updated.args and attr in self._layout_helpers():
+        if attr is not None and updated.args and attr in self.plan.layout_helpers.get(self.current_class or "", ()):
             self._dropped_helpers.add(attr)
             return updated.args[0].value  # `self._split_heads(q, heads, dim)`: a head layout of q
         return updated
-
-    _LAYOUT_CALLS = frozenset({"view", "reshape", "permute", "transpose", "contiguous", "size", "flatten",
-                               "unflatten", "len", "ValueError"})
-
-    def _layout_helpers(self) -> set[str]:
-        """Methods that only change the layout of their first argument and return one tensor
-        (GPT-J's `_split_heads(x, heads, dim, rotary)` / `_merge_heads`): on flat tokens, the identity."""
-        cls = self.current_class or ""
-        memo = self.ctx.memo.setdefault("layout_helpers", {})
-        if cls not in memo:
-            info = self.ctx.idx.classes.get(cls)
-            out = set()
-            for st in info.node.body.body if info else []:
-                if not isinstance(st, cst.FunctionDef) or st.name.value in ("forward", "__init__") \
-                        or len(param_names(st)) < 2:
-                    continue
-                calls = findall(st, m.Call())
-                names = {(c.func.attr.value if isinstance(c.func, cst.Attribute) else dotted(c.func))  # type: ignore[attr-defined]
-                         for c in calls}
-                rets = findall(st, m.Return())
-                if calls and names <= self._LAYOUT_CALLS and rets and not any(
-                        isinstance(r.value, cst.Tuple) for r in rets):  # type: ignore[attr-defined]
-                    out.add(st.name.value)
-            memo[cls] = out
-        return memo[cls]
 
     def visit_ClassDef(self, node):
         self._dropped_helpers: set[str] = set()
@@ -207,7 +181,7 @@ class FlattenHeads(Rule):
         if sub is None or attr in self._linears():
             return False
         is_norm = sub.ctor in self.plan.norms or "norm" in (sub.ctor or "").lower()
-        return is_norm and attr not in head_spanning_norms(self.ctx, self.current_class or "")
+        return is_norm and attr not in self.plan.head_norms.get(self.current_class or "", {})
 
     def _linears(self) -> set[str]:
         info = self.ctx.idx.classes.get(self.current_class or "")

@@ -6,7 +6,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import code, dotted, findall
 from porter.passes.base import Example, Rule
-from porter.plan import attention_call_names, query_prescale
+from porter.analysis.layouts import attention_call_names, query_prescale
 
 
 class FoldQueryScale(Rule):

@@ -9,7 +9,7 @@ from porter.analysis.cstutil import findall, self_call_attr
 from porter.analysis.grouped_qkv import grouped_split
 from porter.passes._edit import is_assign_of
 from porter.passes.base import Example, Rule
-from porter.plan import packed_split_call, per_head_split_helper
+from porter.analysis.layouts import packed_split_call, per_head_split_helper
 
 _UNCHANGED_PT023 = (
     'from torch import nn\n'

@@ -7,7 +7,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import dotted, findall, self_call_attr
 from porter.passes.base import Example, Rule
-from porter.plan import attention_call_names
+from porter.analysis.layouts import attention_call_names
 
 
 class PreferAttentionFunction(Rule):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.passes.base import Example, Rule
-from porter.plan import table_activation_class
+from porter.analysis.layouts import table_activation_class
 
 
 class EngineActivationClass(Rule):

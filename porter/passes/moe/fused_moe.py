@@ -181,7 +181,7 @@ class FusedMoe(Rule):
                 value=cst.parse_expression(
                     f"{self.ctx.use('GateLinear')}({mp.hidden_size}, {mp.num_experts}, prefix=f\"{{prefix}}.gate\")"))
         if fn == "__init__" and attr == mp.experts:
-            ckpt = "" if mp.ckpt_names == ["gate_proj", "down_proj", "up_proj"] else \
+            ckpt = "" if list(mp.ckpt_names) == ["gate_proj", "down_proj", "up_proj"] else \
                 f", ckpt_names={tuple(mp.ckpt_names)!r}"
             if mp.scoring_func != "softmax" or mp.correction_bias or mp.n_group or mp.routed_scaling:
                 # the engine's grouped top-k router: sigmoid scores, a correction bias, groups of

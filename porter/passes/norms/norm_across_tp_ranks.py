@@ -7,7 +7,6 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, self_attr
 from porter.passes.base import Example, Rule
-from porter.passes.norms._head_spanning import head_spanning_norms
 
 HELPER = "_norm_across_tp_ranks"
 
@@ -75,7 +74,7 @@ class NormAcrossTpRanks(Rule):
         if not self.kept(cls) or self.current_function != "forward":
             return updated
         attr = self_attr(updated.func)
-        norm = head_spanning_norms(self.ctx, cls).get(attr or "")
+        norm = self.plan.head_norms.get(cls, {}).get(attr or "")
         if norm is None or len(updated.args) != 1:
             return updated
         attn = self.plan.attention(cls)
@@ -93,7 +92,7 @@ class NormAcrossTpRanks(Rule):
     def leave_ClassDef(self, original, updated):
         cls = self.current_class
         super().leave_ClassDef(original, updated)
-        if not self.kept(cls) or not head_spanning_norms(self.ctx, cls):
+        if not self.kept(cls) or not self.plan.head_norms.get(cls or ""):
             return updated
         if not findall(updated, m.Attribute(value=m.Name("self"), attr=m.Name(HELPER))):
             return updated

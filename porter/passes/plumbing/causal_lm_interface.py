@@ -15,7 +15,7 @@ from porter.analysis.cstutil import (
     self_call_attr,
 )
 from porter.passes.base import Example, Rule
-from porter.plan import linear_args
+from porter.analysis.layouts import linear_args
 from porter.render import render
 
 # the base model and head module of PT050's prediction-head example (before and after alike)

@@ -7,7 +7,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import code, self_attr, self_call_attr
 from porter.passes.base import Example, Rule
-from porter.plan import linear_args
+from porter.analysis.layouts import linear_args
 
 LINEAR_CLASS = {"column": "ColumnParallelLinear", "row": "RowParallelLinear", "replicated": "ReplicatedLinear"}
 

@@ -1,0 +1,168 @@
+"""Per-layer rotary: which layers rotate, and with which table, read from how the model hands
+each layer its cos/sin.
+
+Some models give only some layers rotary (the others have no position encoding, NoPE): the
+attention rotates under `if position_embeddings is not None:` and the model passes each layer
+either a table or None, chosen by a config list (`theta = config.layer_rope_theta[i]`,
+`tables[theta] if theta else None`). The engine's ports build the rotary only in the layers that
+use it (`self.use_rope = ...; if self.use_rope: self.rotary_emb = get_rope(...)`), so the port
+needs the choice and the table as expressions of `config` and `layer_idx`. This module follows
+the cos/sin argument from the attention up the callers to the loop over the layers, and reads
+both there; anything it cannot follow exactly gives None (the planner then refuses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, findall, loop_module, names_in, param_names, self_attr
+from porter.analysis.index import ClassInfo, ModelIndex
+
+
+@dataclass(frozen=True)
+class LayerRope:
+    when: str  # the test, of `config` and `layer_idx`, true for the layers that rotate
+    params: str  # their rope_parameters, of `config` and `layer_idx`
+    model_cls: str  # the class that builds the tables (and loops over the layers)
+    tables: tuple[str, ...]  # its attributes holding the rotary modules (removed in the port)
+
+
+class _Subst(cst.CSTTransformer):
+    """Locals by their values, `self.config` by `config`, the loop's index by `layer_idx`."""
+
+    def __init__(self, local: dict[str, cst.BaseExpression], index: str | None) -> None:
+        self.local, self.index, self.depth = local, index, 0
+
+    def leave_Attribute(self, original, updated):
+        if m.matches(updated, m.Attribute(value=m.Name("self"), attr=m.Name("config"))):
+            return cst.Name("config")
+        return updated
+
+    def leave_Name(self, original, updated):
+        if updated.value == self.index:
+            return cst.Name("layer_idx")
+        if updated.value in self.local and self.depth < 8:
+            self.depth += 1
+            return self.local[updated.value].visit(self)
+        return updated
+
+
+def _caller_args(idx: ModelIndex, cls: str, param: str):
+    """(caller class, its forward, the expression passed for `param`, the loop index name) for
+    every call of an instance of `cls` in another class's forward."""
+    fwd_params = [p for p in param_names(idx.classes[cls].method("forward")) if p != "self"]
+    for info in idx.classes.values():
+        fwd = info.method("forward")
+        if fwd is None:
+            continue
+        for attr, sub in info.submodules.items():
+            if sub.ctor != cls:
+                continue
+            calls = [(c, None) for c in findall(fwd, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))]
+            for loop in findall(fwd, m.For()):
+                lm = loop_module(loop)  # type: ignore[arg-type]
+                if lm and lm[1] == attr:
+                    target = loop.target  # type: ignore[attr-defined]
+                    index = code(target.elements[0].value) if isinstance(target, cst.Tuple) else None
+                    calls += [(c, index) for c in findall(loop.body, m.Call(func=m.Name(lm[0])))]  # type: ignore[attr-defined]
+            for call, index in calls:
+                yield info, fwd, _arg(call, param, fwd_params), index
+
+
+def _arg(call: cst.Call, param: str, params: list[str]) -> cst.BaseExpression | None:
+    for i, a in enumerate(call.args):
+        if a.keyword is not None and a.keyword.value == param:
+            return a.value
+        if a.keyword is None and a.star == "" and i < len(params) and params[i] == param:
+            return a.value
+    return None
+
+
+def _locals(fn: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+    out: dict[str, cst.BaseExpression] = {}
+    for node in findall(fn, m.Assign(targets=[m.AssignTarget(m.Name())])):
+        out.setdefault(node.targets[0].target.value, node.value)  # type: ignore[attr-defined]
+    return out
+
+
+def layer_rope(idx: ModelIndex, cls: str, param: str, is_rotary) -> LayerRope | None:
+    """The per-layer rotary choice for attention `cls`, rotated only when its forward parameter
+    `param` (cos/sin) is given; `is_rotary(ClassInfo)` tells a rotary module."""
+    found = [(info, fwd, arg, index) for info, fwd, arg, index in _caller_args(idx, cls, param) if arg is not None]
+    if len(found) != 1:
+        return None
+    info, fwd, arg, index = found[0]
+    if isinstance(arg, cst.Name) and arg.value in param_names(fwd):  # handed on unchanged: one level up
+        return layer_rope(idx, info.name, arg.value, is_rotary)
+    local = _locals(fwd)
+    while isinstance(arg, cst.Name) and arg.value in local:
+        arg = local.pop(arg.value)
+    if not m.matches(arg, m.IfExp(orelse=m.Name("None"))) or index is None:
+        return None
+    subst = _Subst(_locals(fwd), index)
+    when = arg.test.visit(subst)  # type: ignore[attr-defined]
+    if not names_in(when) <= {"config", "layer_idx"}:
+        return None
+    table = _table(idx, info, fwd, arg.body, subst, is_rotary)  # type: ignore[attr-defined]
+    if table is None:
+        return None
+    params, attrs = table
+    return LayerRope(code(when), params, info.name, attrs)
+
+
+def _table(idx: ModelIndex, info: ClassInfo, fwd: cst.FunctionDef, body: cst.BaseExpression,
+           subst: _Subst, is_rotary) -> tuple[str, tuple[str, ...]] | None:
+    """(rope_parameters, rotary attributes) of the table a layer is handed: `tables[key]` where
+    `tables = {r.config.rope_parameters[NAME]: r(...) for r in self.rotary_embs}` and `__init__`
+    builds each `r` from a copy of the config with `rope_parameters = {**config.rope_parameters,
+    NAME: value}`: the layer's table is the config's with NAME set to the key."""
+    local = _locals(fwd)
+    if not m.matches(body, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index())])):
+        return None
+    comp = local.get(body.value.value)  # type: ignore[attr-defined]
+    if not m.matches(comp, m.DictComp(for_in=m.CompFor(target=m.Name(), iter=m.Attribute(value=m.Name("self")),
+                                                       ifs=[], inner_for_in=None))):
+        return None
+    r = comp.for_in.target.value  # type: ignore[attr-defined]
+    attr = self_attr(comp.for_in.iter)  # type: ignore[attr-defined]
+    key = m.Subscript(value=m.Attribute(value=m.Attribute(value=m.Name(r), attr=m.Name("config")),
+                                        attr=m.Name("rope_parameters")),
+                      slice=[m.SubscriptElement(m.Index(m.SimpleString()))])
+    if not m.matches(comp.key, key) or not m.matches(comp.value, m.Call(func=m.Name(r))):  # type: ignore[attr-defined]
+        return None
+    name = comp.key.slice[0].slice.value.value  # type: ignore[attr-defined]
+    if not _built_per_value(idx, info, attr, name, is_rotary):
+        return None
+    layer_key = body.slice[0].slice.value.visit(subst)  # type: ignore[attr-defined]
+    if not names_in(layer_key) <= {"config", "layer_idx"}:
+        return None
+    return f"{{**config.rope_parameters, {name}: {code(layer_key)}}}", (attr,)
+
+
+def _built_per_value(idx: ModelIndex, info: ClassInfo, attr: str, name: str, is_rotary) -> bool:
+    """`__init__` fills `self.<attr>` with rotary modules only in a loop `for v in ...:` whose body
+    builds each from a config whose `rope_parameters` is `{**config.rope_parameters, NAME: v}`."""
+    init = info.method("__init__")
+    appends = m.Call(func=m.Attribute(value=m.Attribute(value=m.Name("self"), attr=m.Name(attr)), attr=m.Name("append")))
+    loops = [f for f in findall(init, m.For(target=m.Name())) if findall(f, appends)] if init else []
+    if len(loops) != 1:
+        return False
+    loop = loops[0]
+    v = loop.target.value  # type: ignore[attr-defined]
+    for call in findall(loop, appends):
+        built = call.args[0].value  # type: ignore[attr-defined]
+        if not (isinstance(built, cst.Call) and isinstance(built.func, cst.Name)
+                and built.func.value in idx.classes and is_rotary(idx.classes[built.func.value])
+                and len(built.args) == 1 and isinstance(built.args[0].value, cst.Name)):
+            return False
+        cfg = built.args[0].value.value
+        table = m.Dict(elements=[
+            m.StarredDictElement(m.Attribute(value=m.Name("config"), attr=m.Name("rope_parameters"))),
+            m.DictElement(key=m.SimpleString(name), value=m.Name(v))])
+        assigns = findall(loop, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name(cfg), attr=m.Name("rope_parameters")))]))
+        if len(assigns) != 1 or not m.matches(assigns[0].value, table):  # type: ignore[attr-defined]
+            return False
+    return True

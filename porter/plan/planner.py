@@ -1,0 +1,340 @@
+"""Phase 2 — plan: decide what the port is, once (the data: porter/plan/model.py).
+
+`build_plan` finds the causal LM and the classes it reaches, classifies them (norms the engine
+has, rotary modules, attentions, MLPs, mixture-of-experts blocks), gives every linear its
+tensor-parallel role, reads the checkpoint's names (renamings, expert names) and the
+architecture the port registers, derives the facts the passes read, and seals the plan. What it
+cannot port it refuses (porter/plan/refusals.py). Nothing changes the plan after this.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.checkpoint_names import module_renamings, weight_renamings
+from porter.analysis.ssm import checkpoint_renames as ssm_checkpoint_renames
+from porter.analysis.ssm import find_mamba2_mixers
+from porter.analysis.config_source import causal_lm_model_type, config_class_for_type
+from porter.analysis.cstutil import code, dotted, findall, resolve_cross_attention, self_attr
+from porter.analysis.dataflow import ATTN, forward_flow
+from porter.analysis.index import EMBEDDING_NAMES, ClassInfo, ModelIndex, is_transposed_linear
+from porter.analysis.layouts import alibi_condition, attention_call_names
+from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
+from porter.layout import port_architecture
+from porter.plan import refusals
+from porter.plan.attention import AttentionPlanning
+from porter.plan.facts import derive
+from porter.plan.model import LinearPlan, PortPlan, seal
+from porter.rules_data import StripTable
+
+if TYPE_CHECKING:
+    from porter.source import Source
+
+
+class Planner(AttentionPlanning):
+    def __init__(self, idx: ModelIndex, table: StripTable, model_type: str, source: str) -> None:
+        self.idx = idx
+        self.table = table
+        self.model_type = model_type
+        self.source = source
+
+    # -- discovery -------------------------------------------------------------------------
+    def causal_lm(self) -> ClassInfo:
+        found = [c for n, c in self.idx.classes.items() if n.endswith("ForCausalLM")]
+        if not found:  # the older naming (GPT2LMHeadModel), registered as the causal LM of its type
+            found = [c for n, c in self.idx.classes.items() if n.endswith("LMHeadModel")]
+        if not found:
+            raise refusals.NO_CAUSAL_LM.error(self, None, "module")
+        if len(found) > 1:
+            raise refusals.TWO_CAUSAL_LMS.error(self, found[1].node, f"class {found[1].name}",
+                                                names=", ".join(c.name for c in found))
+        return found[0]
+
+    def reachable(self, root: ClassInfo, stop: frozenset[str] = frozenset()) -> list[str]:
+        """The file classes ROOT builds, directly or through others (not through those in STOP)."""
+        seen: list[str] = []
+        todo = [root.name]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in self.idx.classes or name in stop:
+                continue
+            seen.append(name)
+            info = self.idx.classes[name]
+            todo.extend(s.ctor for s in info.submodules.values() if s.ctor in self.idx.classes)
+            init = info.method("__init__")
+            # a module chosen by a branch (`if moe_layer: self.mlp = Moe(c) else: self.mlp = Mlp(c)`)
+            todo.extend(n for c in (findall(init, m.Call(func=m.Name())) if init else [])
+                        if (n := c.func.value) in self.idx.classes)  # type: ignore[attr-defined]
+            todo.extend(b for b in info.bases if b in self.idx.classes and not b.endswith("PreTrainedModel"))
+        order = list(self.idx.classes)
+        return sorted(seen, key=order.index)
+
+    def is_rmsnorm(self, info: ClassInfo) -> str | None:
+        fwd = info.method("forward")
+        if fwd is None:
+            return None
+        text = code(fwd)
+        if "rsqrt" not in text or "pow(2)" not in text:
+            return None
+        if findall(fwd, m.BinaryOperation(operator=m.Subtract())):
+            return None  # mean-centred: a LayerNorm written by hand, kept as the HF class
+        if findall(fwd, m.BinaryOperation(left=m.Float() | m.Integer(), operator=m.Add())):
+            return "GemmaRMSNorm"
+        return "RMSNorm"
+
+    def holds_projections(self, cls: str, seen: frozenset[str] = frozenset()) -> bool:
+        """A file class that builds linears (itself or through its sub-modules)."""
+        info = self.idx.classes.get(cls)
+        if info is None or cls in seen:
+            return False
+        return bool(info.linears()) or any(
+            self.holds_projections(s.ctor, seen | {cls}) for s in info.submodules.values())
+
+    def is_rotary(self, info: ClassInfo) -> bool:
+        init = info.method("__init__")
+        if init is None or info.method("forward") is None:
+            return False
+        # inverse frequencies, or a sinusoidal table it gathers sin/cos from (GPT-J in transformers 5.24;
+        # in 5.19 the attention itself builds the table)
+        return "inv_freq" in code(init) or (self.sinusoid_theta(info) is not None
+                                            and not self.holds_projections(info.name))
+
+    @cached_property
+    def _attention_call_names(self) -> frozenset[str]:
+        return frozenset(attention_call_names(self.idx))
+
+    def attention_call_names(self) -> set[str]:
+        return set(self._attention_call_names)
+
+    # -- planning --------------------------------------------------------------------------
+    def build(self, partial: bool = False, origin: Source | None = None) -> PortPlan:
+        """The plan for the file's causal LM, finished and sealed. `partial` plans every class of a
+        snippet (rule examples); `origin` (the resolved source) gives the checkpoint's names and
+        the architecture of a config-only model type."""
+        if partial and not any(n.endswith("ForCausalLM") for n in self.idx.classes):
+            ssm = find_mamba2_mixers(self.idx, list(self.idx.classes))
+            plan = self.draft(None, [c for c in self.idx.classes if c not in {p.cls for p in ssm}], partial)
+        else:
+            lm = self.causal_lm()
+            ssm = find_mamba2_mixers(self.idx, self.reachable(lm))
+            classes = self.reachable(lm, stop=frozenset(p.cls for p in ssm))  # the engine's layer replaces each mixer
+            refusals.recurrent_state(self, lm, classes, mapped=bool(ssm))
+            plan = self.draft(lm, classes, partial)
+        plan.ssm = ssm
+        if origin is not None:
+            self.checkpoint_names(plan, origin)
+        derive(plan, self.idx, self.table)
+        return seal(plan)
+
+    def draft(self, lm: ClassInfo | None, classes: list[str], partial: bool) -> PortPlan:
+        """The plan of CLASSES (those LM reaches), before the checkpoint's names."""
+        base = None
+        if lm is not None:
+            lm_sub = [s for s in lm.submodules.values() if s.ctor in self.idx.classes]
+            if not lm_sub:
+                raise refusals.NO_BASE_MODEL.error(self, lm.node, f"class {lm.name}")
+            base = lm_sub[0]
+        plan = PortPlan(
+            model_type=self.model_type,
+            source=self.source,
+            causal_lm=lm.name if lm else "",
+            architecture=port_architecture(lm.name) if lm else "",
+            base_attr=base.attr if base else "",
+            embed_path="",
+            lm_head=None,
+            tie_condition="config.tie_word_embeddings",
+            classes=classes,
+            top_classes=[base.ctor] if base else [],
+        )
+        refusals.table_chosen_classes(self, classes)
+        self.classify(plan, classes, lm)
+        refusals.rearranged_rope(self, plan)
+        kept = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
+        # beside an attention the engine runs (with none mapped, the KV cache update is the
+        # attention's own, and unmapped_attention below names what keeps it from the engine)
+        if plan.attentions:
+            refusals.own_cache_state(self, plan, kept)
+        plan.moes = find_moe_blocks(self.idx, classes)
+        refusals.stray_experts(self, classes, plan.moes)
+        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)  # become FusedMoE / GateLinear
+                 if not (p.routing_function and c == p.router_cls)}  # (or a GateLinear routing as its HF self)
+        plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
+        if lm is not None and not plan.attentions and not partial:
+            # (a decoder with no attention at all, a recurrent one, is not refused here)
+            refusals.unmapped_attention(self, plan.classes)
+        if lm is not None:
+            plan.embed_path = self.embed_path(plan, lm)
+        self.weights(plan)
+        return plan
+
+    def classify(self, plan: PortPlan, classes: list[str], lm: ClassInfo | None) -> None:
+        """Norms the engine has, rotary modules (both replaced), and the plan of every other class."""
+        for name in classes:
+            info = self.idx.classes[name]
+            kind = self.is_rmsnorm(info)
+            if kind:
+                plan.norms[name] = kind
+                continue
+            if self.is_rotary(info):
+                plan.rotary_classes.append(name)
+                continue
+            self.plan_class(plan, info, is_lm=(lm is not None and name == lm.name))
+
+    def weights(self, plan: PortPlan) -> None:
+        """What loading reads from the plan: ALiBi tests, stacked (fused) parameters, transposed linears."""
+        for a in plan.attentions:
+            if a.alibi:
+                a.alibi_when = alibi_condition(self.idx, plan.classes, a.alibi)
+        for a in plan.attentions:
+            if a.packed:
+                continue  # fused in the checkpoint too: QKVParallelLinear splits it when loading
+            plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
+        for g in plan.gate_ups:
+            plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
+        plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
+        plan.transposed_linears = sorted({a for c in plan.classes for a in self.transposed_linears(self.idx.classes[c])})
+
+    def checkpoint_names(self, plan: PortPlan, origin: Source) -> None:
+        """Modules saved under another name (`.block_sparse_moe.` on disk, `.mlp.` in memory) keep
+        the checkpoint's name in the port (what the engine's native port calls them too); experts'
+        names as saved; and a config-only model type (exaone builds LlamaForCausalLM) registered
+        under its own name, so it never collides with the port of the family it borrows from."""
+        root = origin.path.resolve().parents[2] if origin.rel_path.startswith("models/") else None
+        keys = [origin.model_type, plan.causal_lm]
+        if (text := causal_lm_model_type(origin, plan.causal_lm)) and text not in keys:
+            keys.append(text)  # the text model of a multimodal family (aria_text) is saved under its own type
+        plan.module_renames, plan.checkpoint_renames = module_renamings(weight_renamings(root, keys))
+        # `.mixer.A_log` -> the engine layer's `.mixer.A` (its loader stores -exp of it)
+        plan.checkpoint_renames = [*plan.checkpoint_renames, *ssm_checkpoint_renames(plan.ssm)]
+        if plan.moes:
+            plan.moes, renames = moe_checkpoint_names(plan.moes, root, keys)
+            plan.checkpoint_renames = [*plan.checkpoint_renames, *renames]
+        own = config_class_for_type(origin)
+        if own is not None:
+            plan.architecture = port_architecture(own.removesuffix("Config") + "ForCausalLM")
+
+    def transposed_linears(self, info: ClassInfo) -> set[str]:
+        """Attributes `__init__` binds to a transposed-convention linear (Conv1D), outside any
+        cross-attention arm."""
+        init = resolve_cross_attention(info.method("__init__"), self.table.cross_attention_flags)
+        out = set()
+        for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+                                           value=m.Call())) if init else []:
+            if is_transposed_linear(self.idx.qualify(dotted(node.value.func))):  # type: ignore[attr-defined]
+                out.add(self_attr(node.targets[0].target))  # type: ignore[attr-defined]
+        return out
+
+    def embed_path(self, plan: PortPlan, lm: ClassInfo) -> str:
+        # Walk from the causal LM down the submodule tree to the vocab embedding.
+        def walk(cls: str, path: str) -> str | None:
+            info = self.idx.classes[cls]
+            for attr, sub in info.submodules.items():
+                if f"{cls}.{attr}" in plan.vocab_embeddings:
+                    return f"{path}{attr}"
+                if sub.ctor in self.idx.classes and not sub.in_list:
+                    found = walk(sub.ctor, f"{path}{attr}.")
+                    if found:
+                        return found
+            return None
+
+        found = walk(lm.name, "")
+        if not found:
+            raise refusals.NO_EMBEDDING.error(self, lm.node, f"class {lm.name}")
+        return found
+
+    # -- one class -------------------------------------------------------------------------
+    def plan_class(self, plan: PortPlan, info: ClassInfo, is_lm: bool) -> None:
+        self.plan_embeddings(plan, info)
+        linears = info.linears()
+        if not linears:
+            return
+        if is_lm:
+            for attr, sub in linears.items():
+                plan.lm_head = attr
+                plan.linears.append(LinearPlan(info.name, attr, "lm_head", sub.line))
+            return
+        fwd = info.method("forward")
+        if fwd is None:
+            return
+        attn_names = self.attention_call_names()
+
+        def is_attn_call(call: cst.Call) -> bool:
+            return dotted(call.func) in attn_names
+
+        opaque = {a for a, sub in info.submodules.items() if self.holds_projections(sub.ctor)}
+        flow = forward_flow(fwd, set(info.submodules), is_attn_call, self.table.strip_params, set(linears), opaque)
+        lin = set(linears)
+        roles: dict[str, str] = {}
+        if flow.attention_calls:
+            refusals.unmapped_attention_op(self, info, fwd, flow, lin | opaque)
+            self.plan_attention(plan, info, flow, lin, roles)
+        for attr in sorted(lin - set(roles)):
+            if flow.module_inputs.get(attr, set()) & (lin | {ATTN}):
+                roles[attr] = "row"
+        for attr in sorted(lin - set(roles)):
+            feeds_row = any(attr in flow.module_inputs.get(r, set()) for r, k in roles.items() if k == "row")
+            roles[attr] = "column" if feeds_row else "replicated"
+            if feeds_row and (n := self.merged_outputs(fwd, attr)):
+                roles[attr] = f"merged:{n}"
+        refusals.sharded_norm(self, info, flow, roles)
+        for attr, role in roles.items():
+            if role != "qkv":
+                plan.linears.append(LinearPlan(info.name, attr, role, linears[attr].line))
+        gu = self.gate_up_pattern(info, fwd, roles)
+        if gu:
+            plan.gate_ups.append(gu)
+
+    def plan_embeddings(self, plan: PortPlan, info: ClassInfo) -> None:
+        """The vocab embeddings INFO builds (nn.Embedding of the vocab size, or a subclass of it)."""
+        for attr, sub in info.submodules.items():
+            first = code(sub.call.args[0].value) if sub.call.args else ""
+            if "vocab_size" not in first:
+                continue
+            if sub.ctor in EMBEDDING_NAMES:
+                plan.vocab_embeddings.append(f"{info.name}.{attr}")
+            elif sub.ctor in self.idx.classes and any(
+                    self.idx.qualify(b) in EMBEDDING_NAMES for b in self.idx.classes[sub.ctor].bases):
+                # a scaled word embedding (nn.Embedding subclass) becomes a VocabParallelEmbedding subclass
+                plan.vocab_embeddings.append(f"{info.name}.{attr}")
+                if sub.ctor not in plan.vocab_embedding_classes:
+                    plan.vocab_embedding_classes.append(sub.ctor)
+
+    def plan_attention(self, plan: PortPlan, info: ClassInfo, flow, lin: set[str], roles: dict[str, str]) -> None:
+        """The attention of INFO's forward: its q/k/v (three projections or one packed), its output
+        projection, and the plan of the rest (porter/plan/attention.py)."""
+        call, per_arg = flow.attention_calls[0]
+        qkv = []
+        for origins in per_arg[1:4]:
+            src = sorted(origins & lin)
+            if len(src) != 1:
+                raise refusals.QKV_NOT_FOUND.error(self, call, f"{info.name}.forward")
+            qkv.append(src[0])
+        packed = len(set(qkv)) == 1
+        if packed:
+            interleaved, grouped, sizes = self.packed_sizes(info, call, qkv)
+        elif len(set(qkv)) != 3:
+            raise refusals.NOT_THREE_PROJECTIONS.error(self, call, f"{info.name}.forward")
+        o = next((a for a in sorted(lin) if ATTN in flow.module_inputs.get(a, set())), None)
+        ap = self.attention_plan(info, call, qkv, o)
+        if packed:
+            ap.packed = True
+            ap.interleaved = bool(interleaved)
+            ap.grouped = not interleaved and grouped is not None
+            if not interleaved:
+                ap.interleaved_unless = self.per_head_unless(info, qkv[0])
+            ap.num_heads, ap.num_kv_heads = sizes
+        plan.attentions.append(ap)
+        for a in qkv:
+            roles[a] = "qkv"
+        if o:
+            roles[o] = "row"
+
+
+def build_plan(idx: ModelIndex, table: StripTable, model_type: str, source: str,
+               partial: bool = False, origin: Source | None = None) -> PortPlan:
+    """The finished, sealed plan of a model file (porter/plan/model.py)."""
+    return Planner(idx, table, model_type, source).build(partial=partial, origin=origin)

@@ -1,0 +1,66 @@
+"""Issue 26: state-space layers. Which HF mixers porter maps to the engine's MambaMixer2 (read from
+the installed transformers' modeling files, never imported), the sizes it reads from them, and the
+one-line refusal of what the engine cannot run on this CPU (Mamba-1's selective scan)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import run_porter
+
+from porter.analysis.index import build_index, parse
+from porter.analysis.ssm import find_mamba2_mixers
+from porter.source import resolve
+
+
+def _mixers(model_type: str):
+    src = resolve(model_type)
+    idx = build_index(parse(src.text, str(src.path)), str(src.path), src.text)
+    return find_mamba2_mixers(idx, list(idx.classes))
+
+
+# model_type -> (mixer class, builder, attribute, HF gated norm over the full width)
+MAMBA2 = {
+    "mamba2": ("Mamba2Mixer", "Mamba2Block", "mixer", True),
+    "bamba": ("BambaMixer", "BambaDecoderLayer", "mamba", True),
+    "granitemoehybrid": ("GraniteMoeHybridMambaLayer", "GraniteMoeHybridDecoderLayer", "mamba", True),
+    "zamba2": ("Zamba2MambaMixer", "Zamba2MambaDecoderLayer", "mamba", False),  # its norm views per group
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(MAMBA2))
+def test_mamba2_mixer_recognised_with_its_sizes_over_the_config(model_type):
+    cls, host, attr, full_width = MAMBA2[model_type]
+    (p,) = _mixers(model_type)
+    assert (p.cls, p.host, p.attr, p.norm_full_width) == (cls, host, attr, full_width)
+    # every size is written over the builder's config: no `self.` left, none missing
+    assert set(p.args) == {"hidden_size", "ssm_state_size", "conv_kernel_size", "intermediate_size",
+                           "use_conv_bias", "use_bias", "n_groups", "num_heads", "head_dim",
+                           "rms_norm_eps", "activation"}
+    assert not any("self." in v for v in p.args.values()), p.args
+    assert p.params["A"] == "A_log"  # loaded as the engine's A (-exp), renamed by load_weights
+
+
+def test_mamba2_sizes_resolved_through_init_attributes():
+    (p,) = _mixers("mamba2")
+    # `self.intermediate_size = int(config.expand * self.hidden_size)`, itself over `self.hidden_size`
+    assert p.args["intermediate_size"] == "int(config.expand * config.hidden_size)"
+    assert p.args["ssm_state_size"] == "config.state_size"
+    assert p.args["num_heads"] == "config.num_heads"  # the dt part of in_proj's split
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba", "jamba"])
+def test_mamba1_mixer_is_not_taken_for_mamba2(model_type):
+    assert _mixers(model_type) == []
+
+
+@pytest.mark.parametrize("model_type,where", [("mamba", "MambaMixer.forward(cache_params)"),
+                                              ("falcon_mamba", "FalconMambaMixer.forward(cache_params)")])
+def test_mamba1_refused_in_one_line_saying_the_engine_cannot_run_it_here(model_type, where, tmp_path):
+    proc = run_porter("convert", model_type, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert re.search(rf"modeling_{model_type}\.py:\d+: ", line), line
+    assert where in line and "Mamba-1 selective scan" in line and "selective_scan_fwd" in line, line
+    assert not (tmp_path / "out").exists()
