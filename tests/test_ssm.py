@@ -64,3 +64,13 @@ def test_mamba1_refused_in_one_line_saying_the_engine_cannot_run_it_here(model_t
     assert re.search(rf"modeling_{model_type}\.py:\d+: ", line), line
     assert where in line and "Mamba-1 selective scan" in line and "selective_scan_fwd" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type,cls", [("lfm2", "Lfm2ShortConv"), ("lfm2_moe", "Lfm2MoeShortConv")])
+def test_short_conv_recognised_reading_what_the_engine_reads_from_the_config(model_type, cls):
+    (p,) = _mixers(model_type)
+    assert (p.cls, p.kind, p.attr) == (cls, "short_conv", "conv")
+    # the engine's ShortConv reads its kernel and bias from the config: HF's layer reads the same
+    assert p.args["conv_kernel_size"] == "config.conv_L_cache"
+    assert p.args["bias"] == p.args["in_bias"] == p.args["out_bias"] == "config.conv_bias"
+    assert (p.args["config"], p.args["dim"], p.args["layer_idx"]) == ("config", "config.hidden_size", "layer_idx")

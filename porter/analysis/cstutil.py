@@ -321,6 +321,9 @@ def cross_attention_arm(test: cst.BaseExpression, flags: frozenset[str]) -> bool
         return True
     if m.matches(test, m.UnaryOperation(operator=m.Not())) and flag(test.expression):  # type: ignore[attr-defined]
         return False
+    if m.matches(test, m.BooleanOperation(operator=m.And())) and (  # `is_cross_attention and cache is not None`
+            cross_attention_arm(test.left, flags) is True or cross_attention_arm(test.right, flags) is True):  # type: ignore[attr-defined]
+        return True  # (false for self-attention, like the flag)
     return None
 
 
@@ -331,6 +334,15 @@ class _KeepSelfAttention(cst.CSTTransformer):
 
     def leave_If(self, original, updated):
         return self_attention_arm(updated, self.flags)
+
+    def leave_IfExp(self, original, updated):
+        return self_attention_value(updated, self.flags)
+
+
+def self_attention_value(node: cst.IfExp, flags: frozenset[str]) -> cst.BaseExpression:
+    """`key_value_states if is_cross_attention else hidden_states` -> `hidden_states`."""
+    arm = cross_attention_arm(node.test, flags)
+    return node if arm is None else node.orelse if arm else node.body
 
 
 def self_attention_arm(node: cst.If, flags: frozenset[str]):

@@ -219,6 +219,8 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
             inner = value.args[0].value if value.args else None
             if isinstance(inner, cst.ListComp) and isinstance(inner.elt, cst.Call):
                 value, in_list = inner.elt, True
+            elif isinstance(inner, cst.Name) and (built := appended_module(init, inner.value)) is not None:
+                value, in_list = built, True  # `layers.append(Layer(...))` in a loop, then nn.ModuleList(layers)
         if not isinstance(value, cst.Call):
             continue
         name = dotted(value.func) or table_class(idx, value.func)
@@ -235,6 +237,17 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
                 line=info.line,  # refined from Python's parser in build_index
                 in_list=in_list,
             )
+
+
+def appended_module(fn: cst.FunctionDef, name: str) -> cst.Call | None:
+    """`NAME.append(Module(...))`, the one statement of a `for` loop in FN (a module list built by
+    appending, then wrapped in `nn.ModuleList(NAME)`): the call building each element."""
+    for loop in findall(fn, m.For()):
+        body = loop.body.body  # type: ignore[attr-defined]
+        if len(body) == 1 and m.matches(body[0], m.SimpleStatementLine(body=[m.Expr(m.Call(
+                func=m.Attribute(value=m.Name(name), attr=m.Name("append")), args=[m.Arg(m.Call())]))])):
+            return body[0].body[0].value.args[0].value  # type: ignore[attr-defined]
+    return None
 
 
 def plain_linear_subclass(idx: ModelIndex, info: ClassInfo) -> bool:

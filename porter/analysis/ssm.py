@@ -31,7 +31,7 @@ class SsmPlan:
     cls: str  # the HF mixer class (the port builds the engine's layer instead)
     host: str  # the class that builds it
     attr: str  # the host's attribute holding it
-    kind: str  # "mamba2"
+    kind: str  # "mamba2" (the engine's MambaMixer2) | "short_conv" (its ShortConv)
     args: dict[str, str]  # engine keyword -> expression over the host's __init__ locals
     # HF's gated norm normalises over the full width (the engine's per group of n_groups)
     norm_full_width: bool = True
@@ -249,20 +249,78 @@ def in_host_scope(info: ClassInfo, call: cst.Call, exprs: dict[str, cst.BaseExpr
 
 
 def find_mamba2_mixers(idx: ModelIndex, classes: list[str]) -> list[SsmPlan]:
-    """Every Mamba-2 mixer that a class of CLASSES builds as `self.<attr> = Mixer(...)`."""
+    """Every state-space mixer the engine has a layer for (a Mamba-2 mixer, a gated short
+    convolution) that a class of CLASSES builds as `self.<attr> = Mixer(...)`."""
     found: list[SsmPlan] = []
     for host in classes:
         hinfo = idx.classes[host]
         for sub in hinfo.submodules.values():
             info = idx.classes.get(sub.ctor)
-            if info is None or (roles := mamba2_roles(idx, info)) is None:
+            if info is None:
+                continue
+            if (roles := mamba2_roles(idx, info)) is not None:
+                kind = "mamba2"
+            elif (roles := short_conv_roles(idx, info)) is not None:
+                kind = "short_conv"
+            else:
                 continue
             args = in_host_scope(info, sub.call, roles["args"])
             if args is None:
                 continue
-            found.append(SsmPlan(cls=info.name, host=host, attr=sub.attr, kind="mamba2", args=args,
-                                 norm_full_width=roles["norm_full_width"], params=roles["params"], line=info.line))
+            found.append(SsmPlan(cls=info.name, host=host, attr=sub.attr, kind=kind, args=args,
+                                 norm_full_width=roles.get("norm_full_width", False), params=roles["params"],
+                                 line=info.line))
     return found
+
+
+def _product_of(fwd: cst.FunctionDef, a: str, b: str) -> bool:
+    """`a * b` (either order) somewhere in FWD."""
+    return any({code(n.left), code(n.right)} == {a, b}  # type: ignore[attr-defined]
+               for n in findall(fwd, m.BinaryOperation(operator=m.Multiply())))
+
+
+def short_conv_roles(idx: ModelIndex, info: ClassInfo) -> dict | None:
+    """A gated short convolution (LFM2's): one projection chunked in three (B, C, x), `B * x`
+    convolved by a depthwise `nn.Conv1d`, `C *` the result, an output projection. The engine's
+    ShortConv computes exactly that, and reads its kernel size and bias from the config as
+    `config.conv_L_cache` and `config.conv_bias`; the arguments are the config, the width and the
+    layer index (SHAPE holds what its state cache is sized from)."""
+    fwd, init = info.method("forward"), info.method("__init__")
+    convs = [s for s in info.submodules.values() if s.ctor == CONV1D]
+    linears = info.linears()
+    if fwd is None or init is None or len(convs) != 1 or len(linears) != 2:
+        return None
+    conv = convs[0]
+    ckw = _kwargs(conv.call)
+    channels = _arg(conv.call, 0, "in_channels")
+    if "groups" not in ckw or channels is None or code(ckw["groups"]) != code(channels):
+        return None
+    chunk = None
+    for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Tuple())], value=m.Call(
+            func=m.Attribute(attr=m.Name("chunk")), args=[m.Arg(m.Integer("3")), m.ZeroOrMore()]))):
+        els = node.targets[0].target.elements  # type: ignore[attr-defined]
+        if all(isinstance(e.value, cst.Name) for e in els):
+            chunk = [e.value.value for e in els]
+    if chunk is None or not _product_of(fwd, chunk[0], chunk[2]):
+        return None  # the engine's ShortConv convolves B * x (the first and last thirds)
+    if not any(chunk[1] in {code(n.left), code(n.right)}  # type: ignore[attr-defined]
+               for n in findall(fwd, m.BinaryOperation(operator=m.Multiply()))):
+        return None
+    in_proj = next((a for a in linears if a != "out_proj" and code(_arg(linears[a].call, 1, "out_features") or cst.Name("x"))
+                    .startswith("3")), None)
+    out_proj = next((a for a in linears if a != in_proj), None)
+    if in_proj is None or out_proj is None:
+        return None
+    init_params = info.method("__init__").params.params[1:]  # type: ignore[union-attr]
+    if len(init_params) < 2:
+        return None
+    return {"args": {"config": cst.Name(init_params[0].name.value), "dim": channels,
+                     "layer_idx": cst.Name(init_params[1].name.value),
+                     # read by the engine from the config: checked against HF's by the rule
+                     "conv_kernel_size": ckw.get("kernel_size"), "bias": ckw.get("bias", cst.Name("True")),
+                     "in_bias": _arg(linears[in_proj].call, 2, "bias") or cst.Name("True"),
+                     "out_bias": _arg(linears[out_proj].call, 2, "bias") or cst.Name("True")},
+            "params": {"conv": conv.attr, "in_proj": in_proj, "out_proj": out_proj}}
 
 
 def reads_state(info: ClassInfo) -> cst.CSTNode | None:

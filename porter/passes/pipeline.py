@@ -27,6 +27,7 @@ from porter.passes.attention.fuse_qkv import FuseQkv
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
+from porter.passes.attention.upcast_arm import UpcastArm
 from porter.passes.base import REGISTRY, Rule
 from porter.passes.cleanup.drop_autocast import DropAutocast
 from porter.passes.cleanup.drop_dead_locals import DropDeadLocals
@@ -55,8 +56,10 @@ from porter.passes.plumbing.compile_base_model import CompileBaseModel
 from porter.passes.plumbing.drop_batch_collapse import DropBatchCollapse
 from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.engine_imports import EngineImports
+from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
+from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
 from porter.passes.plumbing.strip_hf_params import StripHfParams
 from porter.passes.plumbing.thread_positions import ThreadPositions
 from porter.passes.plumbing.thread_prefix import ThreadPrefix
@@ -68,18 +71,21 @@ from porter.passes.rope.partial_rotary import PartialRotary
 from porter.passes.rope.per_layer_rope import PerLayerRope
 from porter.passes.rope.reversed_rope import ReversedRope
 from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
+from porter.passes.ssm.engine_short_conv import EngineShortConv
 from porter.passes.ssm.mamba_state_interface import MambaStateInterface
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
 BEFORE_INDEX: list[type[Rule]] = [
     EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
+    UpcastArm,  # before PT150: one softmax where HF upcasts in an arm of its own
     InlineEagerAttention,
     AlibiArm,  # after PT150: picks the arm of the `attention_interface` call PT150 made
 ]
 
 MODEL: list[type[Rule]] = [
     DropHfImports,
+    ModuleListComprehension,  # early: the rules below read a layer list in its comprehension form
     StripDecorators,
     ReplaceBaseClasses,
     DropCrossAttention,
@@ -102,6 +108,7 @@ MODEL: list[type[Rule]] = [
     FlattenHeads,
     FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
     FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions
+    FlatPositionLookup,  # a position table looked up by (batch, seq) positions (XGLM)
     FusedMoe,
     CorrectionBias,  # after PT100: places the bias the FusedMoE it built reads
     RoutingFunction,  # after PT100: the router it kept routes with its own code
@@ -125,6 +132,7 @@ MODEL: list[type[Rule]] = [
     CausalLmInterface,
     ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
+    EngineShortConv,  # (idem)
     MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
+from porter.analysis.blocked_qkv import blocked_split
 from porter.analysis.cstutil import code, findall, names_in, param_names, resolve_cross_attention, self_call_attr
 from porter.analysis.grouped_qkv import grouped_split
 from porter.analysis.index import ClassInfo, ModelIndex
@@ -30,7 +31,7 @@ class AttentionPlanning:
 
     # -- q/k/v -----------------------------------------------------------------------------------
     def packed_sizes(self, info: ClassInfo, call: cst.Call, qkv: list[str]):
-        """(interleaved, grouped, (heads, kv heads)) of one projection packing q, k and v."""
+        """(interleaved, grouped, blocked, (heads, kv heads)) of one projection packing q, k and v."""
         interleaved = self.chunked_per_head(info, qkv[0])
         grouped = None
         if interleaved:
@@ -39,13 +40,21 @@ class AttentionPlanning:
             per = code(node.right) if isinstance(node, cst.BinaryOperation) and isinstance(
                 node.operator, cst.Multiply) and code(node.left) == "3" else f"({out_f}) // 3"
             heads = heads_of(per, head_size_attr(info))
-            return interleaved, grouped, (heads, heads)
+            return interleaved, grouped, None, (heads, heads)
         if (grouped := self.grouped_sizes(info, qkv[0])) is not None:
-            return interleaved, grouped, grouped
+            return interleaved, grouped, None, grouped
+        if (blocked := blocked_split(info, qkv[0], call)) is not None:  # CodeGen's mp_num blocks
+            _, out_f, _ = linear_args(info.submodules[qkv[0]].call)
+            node = cst.parse_expression(out_f)  # `self.embed_dim * 3`
+            three = [code(x) == "3" for x in (node.left, node.right)] if isinstance(node, cst.BinaryOperation) \
+                and isinstance(node.operator, cst.Multiply) else [False, False]
+            per = code(node.left) if three[1] else code(node.right) if three[0] else f"({out_f}) // 3"  # type: ignore[attr-defined]
+            heads = heads_of(per, head_size_attr(info))
+            return interleaved, grouped, (blocked.blocks, *blocked.slots), (heads, heads)
         sizes = self.packed_qkv_sizes(info, qkv[0])
         if sizes is None:
             raise refusals.PACKED_NOT_SLICED.error(self, call, f"{info.name}.forward")  # type: ignore[arg-type]
-        return interleaved, grouped, sizes
+        return interleaved, grouped, None, sizes
 
     def packed_qkv_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
         """Heads and KV heads of a packed q/k/v projection, read from how forward slices it.

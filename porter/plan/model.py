@@ -107,6 +107,9 @@ class AttentionPlan(Sealable):
     # packed grouped per KV head ([kv_heads, q_per_kv + 2, head_dim], Falcon's `_split_heads` arms):
     # regrouped into [q; k; v] when loading
     grouped: bool = False
+    # packed in blocks ([blocks, 3, heads / blocks * head_dim], CodeGen's mp_num): (blocks, slot of
+    # q, of k, of v), regrouped into [q; k; v] when loading (porter/analysis/blocked_qkv.py)
+    blocked: tuple[int, int, int, int] | None = None
     alibi: str | None = None  # forward parameter carrying an ALiBi bias (PT150 `alibi=`): slopes in the engine's Attention
     alibi_scale: str | None = None  # the scale HF applies to scores and bias together (after the bias is added)
     # the config test under which the model builds the bias (`if self.use_alibi: alibi = build(...)`,
@@ -186,7 +189,7 @@ class PortPlan(Sealable):
                 del d[key]
         for a in d["attentions"]:
             for key in ("alibi", "alibi_scale", "alibi_when", "rope_theta", "rope_dim", "rope_when", "rope_params",
-                        "rope_tables"):
+                        "rope_tables", "blocked"):
                 if a[key] is None:
                     del a[key]
             for key in ("grouped", "rope_reversed"):

@@ -69,6 +69,9 @@ class Planner(AttentionPlanning):
             # a module chosen by a branch (`if moe_layer: self.mlp = Moe(c) else: self.mlp = Mlp(c)`)
             todo.extend(n for c in (findall(init, m.Call(func=m.Name())) if init else [])
                         if (n := c.func.value) in self.idx.classes)  # type: ignore[attr-defined]
+            # ... or picked into a local first (`cls = BambaMLP if n == 1 else None`, then `cls(config)`)
+            todo.extend(n for e in (findall(init, m.IfExp()) if init else []) for b in (e.body, e.orelse)  # type: ignore[attr-defined]
+                        if isinstance(b, cst.Name) and (n := b.value) in self.idx.classes)
             todo.extend(b for b in info.bases if b in self.idx.classes and not b.endswith("PreTrainedModel"))
         order = list(self.idx.classes)
         return sorted(seen, key=order.index)
@@ -257,7 +260,8 @@ class Planner(AttentionPlanning):
                 plan.lm_head = attr
                 plan.linears.append(LinearPlan(info.name, attr, "lm_head", sub.line))
             return
-        fwd = info.method("forward")
+        # (what self-attention runs: an `if` on a cross-attention flag keeps its false arm, BioGPT)
+        fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
         if fwd is None:
             return
         attn_names = self.attention_call_names()
@@ -315,7 +319,7 @@ class Planner(AttentionPlanning):
             qkv.append(src[0])
         packed = len(set(qkv)) == 1
         if packed:
-            interleaved, grouped, sizes = self.packed_sizes(info, call, qkv)
+            interleaved, grouped, blocked, sizes = self.packed_sizes(info, call, qkv)
         elif len(set(qkv)) != 3:
             raise refusals.NOT_THREE_PROJECTIONS.error(self, call, f"{info.name}.forward")
         o = next((a for a in sorted(lin) if ATTN in flow.module_inputs.get(a, set())), None)
@@ -324,6 +328,7 @@ class Planner(AttentionPlanning):
             ap.packed = True
             ap.interleaved = bool(interleaved)
             ap.grouped = not interleaved and grouped is not None
+            ap.blocked = blocked
             if not interleaved:
                 ap.interleaved_unless = self.per_head_unless(info, qkv[0])
             ap.num_heads, ap.num_kv_heads = sizes

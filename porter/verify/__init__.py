@@ -174,10 +174,10 @@ def hf_side(info: PortInfo, work: Path):
                       info.architecture, info.config_model_type)
 
 
-def _run_in(
-    report: VerifyReport, info: PortInfo, tps: list[int], against_native: bool, say: Progress,
-    tmp: Path, *, compiled: bool,
-) -> None:
+def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path) -> LocalHF | OtherEnvHF:
+    """The HF side on the tiny config: its prompts and reference continuations, refused as bad
+    input when they would prove little (too few distinct tokens, MoE routers that send the
+    prompts to fewer than 2 experts)."""
     say(f"building tiny {info.model_type} reference")
     t0 = time.time()
     try:
@@ -212,6 +212,15 @@ def _run_in(
                 f"MoE routers {one or routers} send the test prompts to fewer than 2 experts "
                 f"({report.experts_routed}): change the init in rules/tiny_configs.yaml")
     report.timings["reference"] = round(time.time() - t0, 2)
+    return hf
+
+
+def _run_in(
+    report: VerifyReport, info: PortInfo, tps: list[int], against_native: bool, say: Progress,
+    tmp: Path, *, compiled: bool,
+) -> None:
+    hf = _reference(report, info, say, tmp)
+    spec, prompts, refs = hf.spec, hf.prompts, hf.refs
     hf_tokens = [r["tokens"] for r in refs]
     max_model_len = -(-(max(report.prompt_lengths) + spec.max_new_tokens) // 32) * 32
 

@@ -49,9 +49,16 @@ class EngineRun:
     compilation_mode: str | None = None
 
 
-def _env(tp: int, pythonpath: list[Path], probe_dir: Path) -> dict:
+def _env(tp: int, pythonpath: list[Path], probe_dir: Path, *, eager: bool = False) -> dict:
     env = dict(os.environ)
+    if eager:
+        # an eager run (enforce_eager) still has vLLM compile a few helpers with inductor on the
+        # first batch (logprob ranks, the TP embedding mask, MoE routing): seconds per start for
+        # kernels of a handful of tokens. Without dynamo they run as plain PyTorch; llama's
+        # logprobs and tokens are bit for bit the same at TP=1 and 2 (measured in issue 21)
+        env["TORCHDYNAMO_DISABLE"] = "1"
     env.update(
+        # 1 GiB; 256 MiB (kv_cache_memory_bytes) measured the same: 11.8 vs 11.9 CPU s at TP=1
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model sends describe_model by pickle
         VLLM_WORKER_MULTIPROC_METHOD="spawn",
@@ -117,83 +124,104 @@ def run_engine(
                 str(tmp / "req.json"),
                 str(tmp / "res.json"),
             ],
-            env=_env(tp, pythonpath, probe_dir),
+            env=_env(tp, pythonpath, probe_dir, eager=enforce_eager),
             cwd=str(tmp),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group: cleaned up as a whole below
         )
-        tail: deque[str] = deque(maxlen=300)
-        errors: list[str] = []
+        log = _EngineLog(proc, progress)
+        timed_out = _wait(proc, log, timeout_s)
+        return _engine_run(tp, tmp / "res.json", probe_dir, log, timed_out, proc.returncode,
+                           time.time() - t0)
 
-        def pump():
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                if line.startswith("PORTER-STAGE "):
-                    if progress:
-                        progress(line[len("PORTER-STAGE ") :])
-                else:
-                    tail.append(line)
-                    if len(errors) < 200 and _ERROR_LINE.search(line):
-                        errors.append(line)
-                    if progress and ("Loading weights" in line or "init engine" in line):
-                        progress(line.split("]", 1)[-1].strip()[:100])
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        timed_out = False
+class _EngineLog:
+    """The engine's output, read on a thread: stage lines go to PROGRESS, the rest to a tail,
+    the lines that name an exception to ``errors``."""
+
+    def __init__(self, proc: subprocess.Popen, progress: Callable[[str], None] | None):
+        self.proc, self.progress = proc, progress
+        self.tail: deque[str] = deque(maxlen=300)
+        self.errors: list[str] = []
+        self.reader = threading.Thread(target=self._pump, daemon=True)
+        self.reader.start()
+
+    def _pump(self) -> None:
+        progress = self.progress
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("PORTER-STAGE "):
+                if progress:
+                    progress(line[len("PORTER-STAGE ") :])
+            else:
+                self.tail.append(line)
+                if len(self.errors) < 200 and _ERROR_LINE.search(line):
+                    self.errors.append(line)
+                if progress and ("Loading weights" in line or "init engine" in line):
+                    progress(line.split("]", 1)[-1].strip()[:100])
+
+
+def _wait(proc: subprocess.Popen, log: _EngineLog, timeout_s: float) -> bool:
+    """Wait for the engine (at most TIMEOUT_S), then kill its process group; whether it timed out."""
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the engine's own group only
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            reader.join(timeout=5)
-        wall = time.time() - t0
-        log_tail = "\n".join(tail)
-        res_path = tmp / "res.json"
-        if not res_path.exists():
-            why = "timed out" if timed_out else f"exited with code {proc.returncode}"
-            return EngineRun(
-                tp,
-                False,
-                f"engine process {why} without a result"
-                + (f": {root_cause(errors)}" if root_cause(errors) else ""),
-                wall_s=wall,
-                log_tail=log_tail,
-                workers=_probe_records(probe_dir),
-            )
-        res = json.loads(res_path.read_text())
-        if not res.get("ok"):
-            cause = root_cause(errors)
-            error = res.get("error")
-            if cause and cause not in (error or ""):
-                error = f"{cause} (engine: {error})"
-            return EngineRun(
-                tp,
-                False,
-                error,
-                wall_s=wall,
-                log_tail=log_tail + "\n" + res.get("traceback", ""),
-                workers=_probe_records(probe_dir),
-            )
+            os.killpg(proc.pid, signal.SIGKILL)  # the engine's own group only
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.reader.join(timeout=5)
+    return timed_out
+
+
+def _engine_run(tp: int, res_path: Path, probe_dir: Path, log: _EngineLog, timed_out: bool,
+                returncode: int | None, wall: float) -> EngineRun:
+    """The run as the engine process left it: its result, or why there is none."""
+    log_tail = "\n".join(log.tail)
+    errors = log.errors
+    if not res_path.exists():
+        why = "timed out" if timed_out else f"exited with code {returncode}"
         return EngineRun(
             tp,
-            True,
-            None,
-            res["workers"],
-            res["results"],
-            wall,
-            res.get("engine_start_s"),
-            log_tail,
-            res.get("compilation_mode"),
+            False,
+            f"engine process {why} without a result"
+            + (f": {root_cause(errors)}" if root_cause(errors) else ""),
+            wall_s=wall,
+            log_tail=log_tail,
+            workers=_probe_records(probe_dir),
         )
+    res = json.loads(res_path.read_text())
+    if not res.get("ok"):
+        cause = root_cause(errors)
+        error = res.get("error")
+        if cause and cause not in (error or ""):
+            error = f"{cause} (engine: {error})"
+        return EngineRun(
+            tp,
+            False,
+            error,
+            wall_s=wall,
+            log_tail=log_tail + "\n" + res.get("traceback", ""),
+            workers=_probe_records(probe_dir),
+        )
+    return EngineRun(
+        tp,
+        True,
+        None,
+        res["workers"],
+        res["results"],
+        wall,
+        res.get("engine_start_s"),
+        log_tail,
+        res.get("compilation_mode"),
+    )
 
 
 _ERROR_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")

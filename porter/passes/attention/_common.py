@@ -20,7 +20,7 @@ class BeforeIndexRule(Rule):
     """A rule that also runs on the parsed source before it is indexed (pipeline.BEFORE_INDEX), so
     the index sees the engine's form of the attention (one call instead of inline math, one arm of
     a branch). There it keeps the source's line numbers (removed lines become blank lines) and walks
-    only the top-level classes and functions that name its `word`. With a full context (its
+    only the top-level classes and functions that name its `word` (in any case: `nn.Softmax`). With a full context (its
     examples), it is an ordinary rule that applies where its word occurs."""
 
     word: ClassVar[str] = ""
@@ -30,8 +30,8 @@ class BeforeIndexRule(Rule):
     def applies(cls, ctx) -> bool:
         if isinstance(ctx, SourceContext):
             # they run on a file that computes attention inline or branches on the implementation
-            return "softmax" in ctx.text or "_attn_implementation" in ctx.text
-        return cls.word in ctx.idx.identifiers
+            return "softmax" in ctx.text.lower() or "_attn_implementation" in ctx.text
+        return any(i.lower() == cls.word for i in ctx.idx.identifiers)  # `softmax` or `nn.Softmax`
 
     def rewrite(self, module: cst.Module) -> cst.Module:
         if not isinstance(self.ctx, SourceContext):
@@ -41,7 +41,7 @@ class BeforeIndexRule(Rule):
         body: list[cst.CSTNode] = []
         for st in module.body:
             names = findall(st, m.Name())
-            if not any(n.value == self.word for n in names):  # type: ignore[attr-defined]
+            if not any(n.value.lower() == self.word for n in names):  # type: ignore[attr-defined]
                 body.append(st)
                 continue
             new = transform(st, self)

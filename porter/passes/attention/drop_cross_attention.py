@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from porter.analysis.cstutil import self_attention_arm
+from porter.analysis.cstutil import self_attention_arm, self_attention_value
 from porter.passes.base import Example, Rule
 
 
@@ -14,7 +14,9 @@ class DropCrossAttention(Rule):
         "encoder-decoder cross-attention a constructor flag (`is_cross_attention=True`, only when "
         "`config.add_cross_attention`) switches on, with its own projections (`q_attn`) fed by "
         "`encoder_hidden_states`. A decoder-only engine port has no encoder: every `if` on the flag "
-        "(a table in rules/hf_strip.yaml) keeps its false arm, in `__init__` and `forward` alike, so "
+        "(a table in rules/hf_strip.yaml) keeps its false arm (also when the flag is a local, or one term of an `and`: BioGPT's "
+        "`is_cross_attention and past_key_values is not None`; a conditional expression on it keeps "
+        "its `else` value), in `__init__` and `forward` alike, so "
         "the projections and the q/k/v split the port sees are the self-attention ones."
     )
     @classmethod
@@ -36,10 +38,26 @@ class DropCrossAttention(Rule):
             "        self.c_attn = nn.Linear(8, 24)\n\n"
             "    def forward(self, x, encoder_hidden_states=None):\n"
             "        q, k, v = self.c_attn(x).split(8, dim=-1)\n        return q, k, v\n",
-        )
+        ),
+        Example(  # the flag a local, in a conjunction and a conditional expression (BioGPT)
+            "class Attn(nn.Module):\n    def forward(self, x, key_value_states=None, cache=None):\n"
+            "        is_cross_attention = key_value_states is not None\n"
+            "        states = key_value_states if is_cross_attention else x\n"
+            "        if is_cross_attention and cache is not None:\n            k = cache.keys\n"
+            "        else:\n            k = self.k_proj(states)\n        return k\n",
+            "class Attn(nn.Module):\n    def forward(self, x, key_value_states=None, cache=None):\n"
+            "        is_cross_attention = key_value_states is not None\n"
+            "        states = x\n"
+            "        k = self.k_proj(states)\n        return k\n",
+        ),
     ]
 
     def leave_If(self, original, updated):
         if not self.kept(self.current_class):
             return updated
         return self_attention_arm(updated, self.ctx.table.cross_attention_flags)
+
+    def leave_IfExp(self, original, updated):
+        if not self.kept(self.current_class):
+            return updated
+        return self_attention_value(updated, self.ctx.table.cross_attention_flags)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, self_call_attr
+from porter.analysis.cstutil import code, findall, self_call_attr
 from porter.analysis.grouped_qkv import grouped_split
 from porter.passes._edit import is_assign_of
 from porter.passes.base import Example, Rule
@@ -41,7 +41,8 @@ class FuseQkv(Rule):
         "into [q; k; v] order by load_weights, and the helper goes. So is one grouped per KV head "
         "(`[kv_heads, q_per_kv + 2, head_dim]`: q slots, then one k and one v) in every config arm "
         "of its helper (Falcon's three layouts, porter/analysis/grouped_qkv.py); its KV heads are "
-        "read from the projection's width (H + 2 * KV heads of head_dim)."
+        "read from the projection's width (H + 2 * KV heads of head_dim). So is one in blocks "
+        "(CodeGen's `mp_num`: each block one slice of q, v and k, porter/analysis/blocked_qkv.py)."
     )
     examples = [
         Example(
@@ -131,6 +132,41 @@ class FuseQkv(Rule):
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
         ),
+        Example(  # in mp_num blocks of [q, v, k] slices (CodeGen): regrouped when loading, split in q, k, v order
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = nn.Linear(config.hidden_size, config.hidden_size * 3, bias=False)\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        qkv = self.qkv(x)\n'
+            '        mp_num = 4\n'
+            '        qkv_split = qkv.reshape(qkv.shape[:-1] + (mp_num, -1))\n'
+            '        q, v, k = torch.split(qkv_split, config.hidden_size // mp_num, dim=-1)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+            'from torch import nn\n'
+            '\n'
+            '\n'
+            'class Attn(nn.Module):\n'
+            '    def __init__(self, config):\n'
+            '        super().__init__()\n'
+            '        self.head_dim = config.head_dim\n'
+            '        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, config.hidden_size // self.head_dim, config.hidden_size // self.head_dim, bias=False, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
+            '        self.q_size = self.qkv.num_heads * self.head_dim\n'
+            '        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n'
+            '\n'
+            '    def forward(self, x):\n'
+            '        qkv, _ = self.qkv(x)\n'
+            '        mp_num = 4\n'
+            '        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n'
+            '        out, _ = attention_interface(self, q, k, v, None)\n'
+            '        return out\n',
+        ),
         Example(  # grouped per KV head in every config arm of the helper (Falcon): regrouped when loading
             'from torch import nn\n'
             '\n'
@@ -209,6 +245,7 @@ class FuseQkv(Rule):
     def _forward_packed(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
         out_name, names, body, placed = None, [], [], False
+        blocked_view: str | None = None
         split_helper = self._split_helper(attn)
         stmts: list[cst.BaseStatement] = []
         for st in fn.body.body:
@@ -249,6 +286,13 @@ class FuseQkv(Rule):
                     "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
                 placed = True
                 continue
+            if out_name and attn.blocked and (done := self._blocked(attn, st, out_name, blocked_view)) is not None:
+                if isinstance(done, str):
+                    blocked_view = done  # the blocked view goes: load_weights regroups the blocks
+                else:
+                    body.append(done)
+                    placed = True
+                continue
             if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
                     targets=[m.AssignTarget(m.Name())], value=m.Subscript(value=m.Name(out_name)))])):
                 names.append(st.body[0].targets[0].target.value)  # type: ignore[attr-defined]
@@ -264,6 +308,27 @@ class FuseQkv(Rule):
                                      construct=f"{attn.cls}.forward", rule=self.name)
         self.mark(f"{attn.cls}.forward")
         return fn.with_changes(body=fn.body.with_changes(body=body))
+
+    @staticmethod
+    def _blocked(attn, st: cst.BaseStatement, out_name: str, view: str | None) -> str | cst.BaseStatement | None:
+        """CodeGen's blocks (`attn.blocked`): `view = qkv.reshape(qkv.shape[:-1] + (mp_num, -1))` (`view =
+        qkv` once PT022 flattened the heads) -> its name (the statement goes); `query, value, key =
+        torch.split(view, local_dim, dim=-1)` (`qkv.split(local_dim, dim=-1)`, transformers 5.24) -> one
+        split of the (regrouped) projection by per-rank sizes, in q, k, v order."""
+        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget()])])):
+            return None
+        a = st.body[0]  # type: ignore[attr-defined]
+        if view is None and isinstance(a.targets[0].target, cst.Name) and m.matches(a.value, m.Call(
+                func=m.Attribute(value=m.Name(out_name), attr=m.Name("reshape") | m.Name("view"))) | m.Name(out_name)):
+            return a.targets[0].target.value
+        viewed = m.Name(view or out_name) | m.Name(out_name)
+        if isinstance(a.targets[0].target, cst.Tuple) and m.matches(a.value, m.Call(
+                func=m.Attribute(value=m.Name("torch"), attr=m.Name("split")), args=[m.Arg(viewed), m.ZeroOrMore()])
+                | m.Call(func=m.Attribute(value=viewed, attr=m.Name("split")))):
+            names = [code(e.value) for e in a.targets[0].target.elements]
+            q, k, v = (names[i] for i in attn.blocked[1:])
+            return cst.parse_statement(f"{q}, {k}, {v} = {out_name}.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n")
+        return None
 
     def _init(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         body, done = [], False

@@ -5,11 +5,13 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
+from porter.analysis.causal_buffer import buffer_of, causal_buffers, mask_fill
 from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
 from porter.passes.attention._common import BeforeIndexRule, nlines
 from porter.passes.base import Example
 
-SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
+SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")
+                 | m.Call(func=m.Attribute(attr=m.Name("Softmax")) | m.Name("Softmax")))  # nn.Softmax(dim=-1)(w)
 
 
 _MODULES = {"torch", "F", "nn", "math"}
@@ -27,6 +29,12 @@ def _simple_assign(st: cst.CSTNode) -> cst.Assign | cst.AugAssign | None:
         if isinstance(target, cst.Name):
             return small
     return None
+
+
+def _raise_check(st: cst.CSTNode) -> bool:
+    """`if w.size() != (b, h, n, m): raise ValueError(...)`: a check that computes nothing."""
+    return isinstance(st, cst.If) and st.orelse is None and all(
+        m.matches(x, m.SimpleStatementLine(body=[m.Raise()])) for x in st.body.body)
 
 
 def _target(small: cst.Assign | cst.AugAssign) -> str:
@@ -101,6 +109,17 @@ def _mul(a: str | None, b: str) -> str:
     return b if a is None else f"{a} * {b}"
 
 
+_UNCHANGED_WHERE = (
+    "class Attn(nn.Module):\n"
+    "    def forward(self, q, k, v, keep):\n"
+    "        w = torch.matmul(q, k.transpose(-1, -2))\n"
+    "        w = torch.where(keep, w, torch.finfo(w.dtype).min)\n"
+    "        w = nn.functional.softmax(w, dim=-1)\n"
+    "        out = torch.matmul(w, v)\n"
+    "        return out, w\n"
+)
+
+
 class InlineEagerAttention(BeforeIndexRule):
     code = "PT150"
     name = "inline-eager-attention"
@@ -159,6 +178,72 @@ class InlineEagerAttention(BeforeIndexRule):
             "        ctx, p = attention_interface(self, q, k, v, attention_mask, scaling=self.inv_norm_factor, alibi=alibi)\n"
             "        return self.dense(ctx)\n",
         ),
+        # a causal buffer masks the scores through `torch.where`; GPT-Neo's local layers band it
+        # (a sliding window), and nothing scales the scores (scaling=1.0)
+        Example(
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config, attention_type):\n"
+            "        self.config = config\n        self.attention_type = attention_type\n"
+            "        n = config.max_position_embeddings\n"
+            "        bias = torch.tril(torch.ones((n, n), dtype=bool)).view(1, 1, n, n)\n"
+            "        if attention_type == \"local\":\n"
+            "            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))\n"
+            "        self.bias = nn.Buffer(bias, persistent=False)\n\n"
+            "    def forward(self, q, k, v, attention_mask):\n"
+            "        w = torch.matmul(q, k.transpose(-1, -2))\n"
+            "        query_length, key_length = q.size(-2), k.size(-2)\n"
+            "        causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]\n"
+            "        mask_value = torch.finfo(w.dtype).min\n"
+            "        mask_value = torch.tensor(mask_value, dtype=w.dtype, device=w.device)\n"
+            "        w = torch.where(causal_mask, w, mask_value)\n"
+            "        w = nn.Softmax(dim=-1)(w)\n"
+            "        out = torch.matmul(w, v)\n"
+            "        return out, w\n",
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config, attention_type):\n"
+            "        self.config = config\n        self.attention_type = attention_type\n"
+            "        n = config.max_position_embeddings\n"
+            "        bias = torch.tril(torch.ones((n, n), dtype=bool)).view(1, 1, n, n)\n"
+            "        if attention_type == \"local\":\n"
+            "            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))\n"
+            "        self.bias = nn.Buffer(bias, persistent=False)\n\n"
+            "    def forward(self, q, k, v, attention_mask):\n"
+            "        query_length, key_length = q.size(-2), k.size(-2)\n"
+            "        out, w = attention_interface(self, q, k, v, None, scaling=1.0, "
+            "sliding_window=self.config.window_size if self.attention_type == \"local\" else None)\n"
+            "        return out, w\n",
+        ),
+        # BART-era (XGLM): shape checks that only raise go with the region, a clamp of the masked
+        # scores at the lowest value changes nothing, and the weights returned are a reshape of the
+        # probabilities; the query was scaled by hand before (PT029 folds it): scaling=1.0
+        Example(
+            "class Attn(nn.Module):\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        n = k.size(1)\n"
+            "        w = torch.bmm(q, k.transpose(1, 2))\n"
+            "        if w.size() != (b, t, n):\n            raise ValueError(\"bad size\")\n"
+            "        if attention_mask is not None:\n"
+            "            if attention_mask.size() != (b, 1, t, n):\n                raise ValueError(\"bad mask\")\n"
+            "            w = w.view(b, h, t, n) + attention_mask\n"
+            "            w = torch.max(w, torch.full((), torch.finfo(w.dtype).min))\n"
+            "            w = w.view(b * h, t, n)\n"
+            "        w = nn.functional.softmax(w, dim=-1)\n"
+            "        w_reshaped = w.view(b, h, t, n)\n        w = w_reshaped.view(b * h, t, n)\n"
+            "        out = torch.bmm(w, v)\n"
+            "        if out.size() != (b * h, t, d):\n            raise ValueError(\"bad output\")\n"
+            "        out = out.view(b, h, t, d).transpose(1, 2)\n"
+            "        return self.o_proj(out), w_reshaped\n",
+            "class Attn(nn.Module):\n"
+            "    def forward(self, x, attention_mask):\n"
+            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        n = k.size(1)\n"
+            "        out, w_reshaped = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
+            "        return self.o_proj(out), w_reshaped\n",
+        ),
+        # must leave unchanged: `torch.where` masks the scores with a tensor that is no causal buffer
+        # of the class (what it lets through is unknown, so no engine mask reproduces it)
+        Example(_UNCHANGED_WHERE, _UNCHANGED_WHERE),
     ]
 
     def visit_ClassDef(self, node):
@@ -166,6 +251,7 @@ class InlineEagerAttention(BeforeIndexRule):
         self._dropouts: set[str] = set()
         self._region_calls: set[str] = set()
         self._helpers: dict[str, tuple[list[cst.Param], cst.Call]] = {}
+        self._buffers = causal_buffers(node)
         for a in findall(node, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
                                         value=m.Call(func=m.Attribute(attr=m.Name("Dropout")) | m.Name("Dropout")))):
             self._dropouts.add(a.targets[0].target.attr.value)  # type: ignore[attr-defined]
@@ -252,19 +338,26 @@ class InlineEagerAttention(BeforeIndexRule):
             return None
         score_steps, qk = back
         scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, derived | set(out_names))
-        if scale is False:
+        window = self._causal_where(score_steps)
+        if window is False:
             return None
         first = min(region)
         if not self._take_readers(body, region, first, end, set(qk) | {v_name} | derived | set(out_names)):
             return None
         args = f"self, {qk[0]}, {qk[1]}, {v_name}, {mask or 'None'}"
-        if scale is not None:
-            args += f", scaling={scale}"
+        args += f", scaling={scale or '1.0'}"  # no factor on the scores: the engine must not scale them either
+        if window:
+            args += f", sliding_window={window}"
         if alibi is not None:
             args += f", alibi={alibi}"
             if alibi_scaled and scale is not None:
                 args += f", alibi_scale={scale}"
-        call = cst.parse_statement(f"{out_names[-1]}, {probs} = attention_interface({args})\n")
+        # the weights HF returns may be a reshape of the probabilities (XGLM's `attn_weights_reshaped`)
+        after = set().union(set(), *(names_in(st) for st in body[end + 1:]))
+        weights = [d for d in sorted(derived) if d in after]
+        if len(weights) > 1:
+            return None
+        call = cst.parse_statement(f"{out_names[-1]}, {weights[0] if weights else probs} = attention_interface({args})\n")
         return self._replace_region(body, region, first, end, call)
 
     def _forwards(self, body: list[cst.BaseStatement], i_s: int, probs: str):
@@ -279,6 +372,8 @@ class InlineEagerAttention(BeforeIndexRule):
                 if _writes(body[j]) & (derived | set(out_names)):
                     break
                 continue
+            if _raise_check(body[j]):
+                continue  # a shape check: goes with the region (_take_readers)
             if small is None or not self._pure(small.value):
                 break
             mm = _matmul(small.value)
@@ -312,7 +407,7 @@ class InlineEagerAttention(BeforeIndexRule):
                 if small is None:  # `if attention_mask is not None: w = w + attention_mask`
                     if not isinstance(st, cst.If) or st.orelse is not None:
                         return None
-                    inner = [_simple_assign(s) for s in st.body.body]
+                    inner = [_simple_assign(s) for s in st.body.body if not _raise_check(s)]
                     if not all(inner) or not all(self._pure(s.value) for s in inner):  # type: ignore[union-attr]
                         return None
                     region.add(k)
@@ -337,7 +432,7 @@ class InlineEagerAttention(BeforeIndexRule):
             if not w & need:
                 continue
             small = _simple_assign(st)
-            if small is None or not self._pure(small.value) or _target(small) not in _reads(small) \
+            if small is None or not self._pure(small.value) or _root(small.value) != _target(small) \
                     or _matmul(small.value) is not None:
                 break  # where q/k/v come from: outside the region
             region.add(k)
@@ -351,15 +446,16 @@ class InlineEagerAttention(BeforeIndexRule):
         """The statements between the region's first and last that read what it computes go with it
         (added to `region`); False when one rebinds its tensors or is read outside."""
         inner = set().union(*(_writes(body[k]) for k in region))
+        region |= {k for k in range(first, end + 1) if _raise_check(body[k]) and names_in(body[k]) & inner}
         for k in range(first, end + 1):
             if k in region:
                 continue
             if _writes(body[k]) & tensors:
                 return False
             if names_in(body[k]) & inner:  # `input_dtype = scores.dtype`: goes with the region if nothing else reads it
-                small = _simple_assign(body[k])
-                outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j != k))
-                if small is None or _target(small) in outside:
+                # (read later outside the region: statements before it read an earlier binding)
+                outside = set().union(*(names_in(st) for j, st in enumerate(body) if j not in region and j > k))
+                if not m.matches(body[k], m.SimpleStatementLine(body=[m.Assign()])) or _writes(body[k]) & outside:
                     return False
                 region.add(k)
         return True
@@ -407,6 +503,29 @@ class InlineEagerAttention(BeforeIndexRule):
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
             self._region_calls = set()
         return super().leave_ClassDef(original, updated)
+
+    def _causal_where(self, steps) -> str | None | bool:
+        """`w = torch.where(causal_mask, w, min)` among the score steps, where `causal_mask` slices a
+        causal buffer of the class (porter/analysis/causal_buffer.py): the sliding window of a banded
+        buffer, None for the plain triangle (the engine is causal) or no such step, False when a
+        `where` masks the scores with something else."""
+        bound = {_target(st): st.value for st in steps if isinstance(st, cst.Assign)}
+        window: str | None = None
+        for st in steps:
+            for c in findall(st.value, m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("where")))):
+                args = [a.value for a in c.args]  # type: ignore[attr-defined]
+                if len(args) != 3:
+                    return False
+                cond, fill = args[0], args[2]
+                cond = bound.get(cond.value, cond) if isinstance(cond, cst.Name) else cond
+                buf = self._buffers.get(buffer_of(cond) or "")
+                fills = [fill, *(v for t, v in bound.items() if isinstance(fill, cst.Name) and t == fill.value)]
+                fills += [st2.value for st2 in steps if isinstance(fill, cst.Name) and isinstance(st2, cst.Assign)
+                          and _target(st2) == fill.value]
+                if buf is None or not any(mask_fill(f) for f in fills):
+                    return False
+                window = buf.window
+        return window
 
     def _scores(self, steps, params: list[str], later: set[str]):
         """(scale, alibi, alibi scaled, mask) from the statements between the score matmul and the

@@ -48,7 +48,9 @@ class DropDeadLocals(Rule):
         # chose a mask), counting reads over the whole method
         reads = self._reads(body)
         for i, st in enumerate(body):
-            if isinstance(st, cst.For) and isinstance(st.body, cst.IndentedBlock):
+            # (and of an `if` without `else`: GPT-Neo's `attn_implementation = ...` once it keyed the
+            # attention table, transformers 5.24)
+            if isinstance(st, (cst.For, cst.If)) and isinstance(st.body, cst.IndentedBlock):
                 inner = self._dead_locals(list(st.body.body), reads)
                 if len(inner) != len(st.body.body) and inner:
                     body[i] = st.with_changes(body=st.body.with_changes(body=inner))

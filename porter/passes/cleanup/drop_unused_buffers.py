@@ -33,7 +33,9 @@ class DropUnusedBuffers(Rule):
             "class M(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
             "        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)\n"
             "        n = config.max_position_embeddings\n"
-            "        self.bias = nn.Buffer(torch.tril(torch.ones((n, n))), persistent=False)\n"
+            "        bias = torch.tril(torch.ones((n, n)))\n"
+            "        if config.local:\n            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window))\n"
+            "        self.bias = nn.Buffer(bias, persistent=False)\n"
             "        self.scale = nn.Buffer(torch.tensor(2.0), persistent=False)\n\n"
             "    def forward(self, input_ids):\n        return self.wte(input_ids) * self.scale\n",
             "class M(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
@@ -63,8 +65,7 @@ class DropUnusedBuffers(Rule):
             body.append(st)
         if len(body) == len(init.body.body):
             return super().leave_ClassDef(original, updated)
-        used = set().union(*(names_in(st) for st in body if not self._local_of(st, freed)))
-        body = [st for st in body if not (self._local_of(st, freed) and self._local_of(st, freed) not in used)]
+        body = self._drop_locals(body, freed)
         new_init = init.with_changes(body=init.body.with_changes(body=body))
         updated = updated.with_changes(body=updated.body.with_changes(body=[
             new_init if st is init else st for st in updated.body.body]))
@@ -78,9 +79,31 @@ class DropUnusedBuffers(Rule):
             return self_attr(st.body[0].targets[0].target)  # type: ignore[attr-defined]
         return None
 
-    @staticmethod
-    def _local_of(st: cst.CSTNode, names: set[str]) -> str | None:
+    @classmethod
+    def _drop_locals(cls, body: list[cst.BaseStatement], freed: set[str]) -> list[cst.BaseStatement]:
+        """The statements that only compute locals the dropped buffers read (GPT-Neo's `bias`, then
+        banded under `if attention_type == "local":`, and the `max_positions` it was sized by) go,
+        transitively, unless a kept statement reads one of them."""
+        while True:
+            gone = {i for i, st in enumerate(body) if (w := cls._locals_of(st)) and w <= freed}
+            while True:
+                read = set().union(*(names_in(st) for i, st in enumerate(body) if i not in gone))
+                keep = {i for i in gone if cls._locals_of(body[i]) & read}  # type: ignore[operator]
+                if not keep:
+                    break
+                gone -= keep
+            if not gone:
+                return body
+            freed = freed | set().union(*(names_in(body[i]) for i in gone))
+            body = [st for i, st in enumerate(body) if i not in gone]
+
+    @classmethod
+    def _locals_of(cls, st: cst.CSTNode) -> set[str] | None:
+        """The locals a statement assigns when that is all it does (`x = ...`, or an `if` without
+        `else` whose body only does that); None otherwise."""
         if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
-            name = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
-            return name if name in names else None
+            return {st.body[0].targets[0].target.value}  # type: ignore[attr-defined]
+        if isinstance(st, cst.If) and st.orelse is None:
+            inner = [cls._locals_of(s) for s in st.body.body]
+            return set().union(*inner) if all(inner) else None
         return None

@@ -208,6 +208,7 @@ class CausalLmInterface(Rule):
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
         grouped = sorted({f".{a.q}." for a in plan.attentions if a.grouped})
+        blocked = sorted({(f".{a.q}.", *a.blocked) for a in plan.attentions if a.blocked})
         experts = []
         for mp in plan.moes:
             gate, down, up = mp.ckpt_names
@@ -223,6 +224,7 @@ class CausalLmInterface(Rule):
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
                     lm_head_bias=lm_head_bias,
                     interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
+                    blocked=blocked,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
                     renames=plan.checkpoint_renames, experts=experts, stacked_clash=_stacked_clash(ctx),
                     # engine activation classes (PT140) hold persistent buffers the checkpoint carries

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, code, dotted, findall, names_in, self_attr
+from porter.analysis.cstutil import assigned_names, code, dotted, findall, loop_module, names_in, self_attr
 from porter.passes.base import Example, Rule
 
 
@@ -39,6 +39,7 @@ class DropHfDataflow(Rule):
         self._cls = scope_cls
         self.tainted: set[str] = set(self.ctx.table.strip_params) | set(self.ctx.extra_taint.get(scope_cls, ()))
         self.defined: set[str] = {p.name.value for p in updated.params.params}
+        self._loop_vars: dict[str, str] = {}  # loop variable -> the module list it runs over
         body = self._block(list(updated.body.body))
         if not body:
             body = [cst.SimpleStatementLine([cst.Pass()])]
@@ -74,6 +75,18 @@ class DropHfDataflow(Rule):
                 out.append(new)
         return out
 
+    def _orelse(self, orelse: cst.If | cst.Else | None) -> cst.If | cst.Else | None:
+        """The `elif` / `else` arms of a kept `if`, rewritten as its body is (an arm left empty: `pass`)."""
+        if isinstance(orelse, cst.If):
+            kept = self._statement(orelse)
+            if kept is None:  # an HF-only `elif`: what follows it still runs when its test is false
+                return self._orelse(orelse.orelse)
+            return kept  # type: ignore[return-value]
+        if isinstance(orelse, cst.Else):
+            body = self._block(list(orelse.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+            return orelse.with_changes(body=orelse.body.with_changes(body=body))
+        return orelse
+
     def _bound_names(self, node: cst.CSTNode) -> set[str]:
         out: set[str] = set()
         for a in findall(node, m.AssignTarget()):
@@ -97,8 +110,10 @@ class DropHfDataflow(Rule):
             body = self._block(list(st.body.body))
             if not body:
                 return None
-            return st.with_changes(body=st.body.with_changes(body=body))
+            return st.with_changes(body=st.body.with_changes(body=body), orelse=self._orelse(st.orelse))
         if isinstance(st, (cst.For, cst.While, cst.With)):
+            if isinstance(st, cst.For) and (bound := loop_module(st)) is not None:
+                self._loop_vars[bound[0]] = bound[1]
             body = self._block(list(st.body.body))
             return st.with_changes(body=st.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
         if isinstance(st, cst.SimpleStatementLine):
@@ -145,6 +160,8 @@ class DropHfDataflow(Rule):
                     self.ctx.single_return.add(self._cls)
                     return small.with_changes(value=self._strip_args(kept[0].value))
                 return small.with_changes(value=self._strip_args(value.with_changes(elements=kept)))
+            if self._single_return_call(value):  # `return self.attention(x)`: passes the one tensor on (GPT-Neo)
+                self.ctx.single_return.add(self._cls)
             return small.with_changes(value=self._strip_args(value))
         if isinstance(small, cst.Expr):
             if self._is_tainted(small.value):
@@ -154,7 +171,10 @@ class DropHfDataflow(Rule):
 
     def _single_return_call(self, value: cst.BaseExpression) -> bool:
         info = self.ctx.idx.classes.get(self._cls or "")
-        sub = info.submodules.get(self_attr(value.func) or "") if info and isinstance(value, cst.Call) else None  # type: ignore[attr-defined]
+        func = value.func if isinstance(value, cst.Call) else None  # type: ignore[attr-defined]
+        # a sub-module, or the loop variable over a module list (`for layer in self.layers: layer(...)`)
+        attr = self_attr(func) or (self._loop_vars.get(func.value) if isinstance(func, cst.Name) else None)
+        sub = info.submodules.get(attr or "") if info else None
         return sub is not None and sub.ctor in self.ctx.single_return
 
     def _reshape_to_hf_shape(self, targets: list, value: cst.BaseExpression) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import assigned_names, findall, param_names
 
 from porter.passes.base import Example, Rule
 
@@ -24,7 +27,15 @@ class StripHfParams(Rule):
             "        return self.f(x, position_ids)\n",
             "class A(nn.Module):\n    def forward(self, x, positions=None):\n"
             "        return self.f(x, positions)\n",
-        )
+        ),
+        Example(  # a local already named `positions` (BioGPT's position embeddings) is renamed first
+            "class A(nn.Module):\n    def forward(self, x, position_ids=None):\n"
+            "        positions = self.embed_positions(x, position_ids=position_ids)\n"
+            "        return x + positions\n",
+            "class A(nn.Module):\n    def forward(self, x, positions=None):\n"
+            "        positions_embeds = self.embed_positions(x, positions=positions)\n"
+            "        return x + positions_embeds\n",
+        ),
     ]
 
     def _in_forward(self) -> bool:
@@ -51,7 +62,21 @@ class StripHfParams(Rule):
         )
         return updated.with_changes(params=new_params, returns=None)
 
+    def visit_FunctionDef(self, node):
+        """A local of forward named like what a parameter is renamed to (BioGPT binds `positions` to
+        its position embeddings beside `position_ids`) is renamed first (`positions_embeds`), so the
+        engine's `positions` stays the positions."""
+        if len(self.scope) == 1 and node.name.value == "forward":
+            renamed = {self.ctx.table.rename_params[p] for p in param_names(node) if p in self.ctx.table.rename_params}
+            bound = {n for a in findall(node.body, m.AssignTarget()) for n in assigned_names(a.target)}  # type: ignore[attr-defined]
+            self._clash = renamed & bound
+            self._not_locals = {id(a.keyword) for a in findall(node, m.Arg(keyword=m.Name()))} | {
+                id(a.attr) for a in findall(node, m.Attribute())}
+        return super().visit_FunctionDef(node)
+
     def leave_Name(self, original, updated):
+        if self._in_forward() and updated.value in getattr(self, "_clash", ()) and id(original) not in self._not_locals:
+            return updated.with_changes(value=f"{updated.value}_embeds")
         if self._in_forward() and updated.value in self.ctx.table.rename_params:
             return updated.with_changes(value=self.ctx.table.rename_params[updated.value])
         return updated

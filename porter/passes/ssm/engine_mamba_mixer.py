@@ -87,10 +87,11 @@ class EngineMambaMixer(Rule):
 
     @classmethod
     def applies(cls, ctx) -> bool:
-        return bool(ctx.plan.ssm)
+        return any(p.kind == "mamba2" for p in ctx.plan.ssm)
 
     def _mixer(self, attr: str | None):
-        return next((p for p in self.plan.ssm if p.host == self.current_class and p.attr == attr), None)
+        return next((p for p in self.plan.ssm if p.kind == "mamba2" and p.host == self.current_class
+                     and p.attr == attr), None)
 
     def leave_SimpleStatementLine(self, original, updated):
         if self.current_function != "__init__" or len(updated.body) != 1 or not isinstance(updated.body[0], cst.Assign):

@@ -14,7 +14,7 @@ from porter.render import render
 SHAPE_ARGS = {
     "mamba2": {"intermediate_size": "intermediate_size", "n_groups": "n_groups", "num_heads": "num_heads",
                "head_dim": "head_dim", "state_size": "ssm_state_size", "conv_kernel": "conv_kernel_size"},
-    "short_conv": {"intermediate_size": "hidden_size", "conv_kernel": "conv_kernel_size"},
+    "short_conv": {"intermediate_size": "dim", "conv_kernel": "conv_kernel_size"},
 }
 
 _LM_BEFORE = (
@@ -98,8 +98,9 @@ class MambaStateInterface(Rule):
                          shape_calc=self.ctx.use("MambaStateShapeCalculator"),
                          copy_calc=self.ctx.use("MambaStateCopyFuncCalculator"))
         marker = "IsHybrid" if self.plan.attentions else "IsAttentionFree"
-        bases = [*updated.bases, *(cst.Arg(cst.Name(self.ctx.use(b))) for b in (
-            "HasInnerState", marker, "SupportsMambaPrefixCaching"))]
+        # (the engine's own ports of Mamba-2 layers support prefix caching; of short convolutions, not)
+        markers = ["HasInnerState", marker] + (["SupportsMambaPrefixCaching"] if kind == "mamba2" else [])
+        bases = [*updated.bases, *(cst.Arg(cst.Name(self.ctx.use(b))) for b in markers)]
         bases = [b.with_changes(comma=cst.MaybeSentinel.DEFAULT) for b in bases]
         body = [*updated.body.body, *cst.parse_module(methods).body]
         return updated.with_changes(bases=bases, body=updated.body.with_changes(body=body))
