@@ -252,19 +252,8 @@ class MoeFinder:
                 m.matches(a.value, m.Name(t.value)) for a, t in zip(calls[0].args[1:3], (returned[i_pos], returned[w_pos]))
                 if isinstance(t, cst.Name)) or not all(isinstance(t, cst.Name) for t in (returned[i_pos], returned[w_pos])):
             return None
-        bias = None
-        if r.bias is not None and r.bias.startswith("self."):
-            bias = "gate"
-        elif r.bias is not None:
-            # a bias the block holds and hands to its router: `self.gate(x, self.bias)`
-            args = routes[0].value.args  # type: ignore[attr-defined]
-            arg = args[r.bias_param].value if 0 <= r.bias_param < len(args) and args[r.bias_param].keyword is None else None
-            bias = self_attr(arg) if arg is not None else None
-            held = _init_attrs(info).get(bias)
-            if bias is None or held is None or not m.matches(held, m.Call(
-                    func=m.Attribute(attr=m.Name("Parameter") | m.Name("Buffer")))):
-                return None
-        elif len(routes[0].value.args) != 1:  # type: ignore[attr-defined]
+        bias = _block_bias(info, r, routes[0].value)  # type: ignore[attr-defined]
+        if bias == "":
             return None
 
         def res(node):
@@ -298,6 +287,22 @@ class MoeFinder:
             # (function) the gate's (hidden, experts) as the router's own __init__ reads them
             router_dims=[_resolve(r.shape[1], r_cls, None), _resolve(r.shape[0], r_cls, None)] if r.function else [],
         )
+
+
+def _block_bias(info: ClassInfo, r: Routing, call: cst.Call) -> str | None:
+    """Where the correction bias lives: "gate" (the router's own), the block attribute the block
+    hands its router (`self.gate(x, self.bias)`), None (no bias), "" (not read)."""
+    if r.bias is not None and r.bias.startswith("self."):
+        return "gate"
+    if r.bias is None:
+        return None if len(call.args) == 1 else ""
+    args = call.args
+    arg = args[r.bias_param].value if 0 <= r.bias_param < len(args) and args[r.bias_param].keyword is None else None
+    bias = self_attr(arg) if arg is not None else None
+    held = _init_attrs(info).get(bias or "")
+    if bias is None or held is None or not m.matches(held, m.Call(func=m.Attribute(attr=m.Name("Parameter") | m.Name("Buffer")))):
+        return ""
+    return bias
 
 
 def _statement_of(fwd: cst.FunctionDef, node: cst.CSTNode) -> cst.CSTNode | None:
