@@ -73,15 +73,45 @@ def test_tiny_reference_routes_prompts_to_several_experts(model_type):
         assert len(experts) >= 2, (name, experts)
 
 
-@pytest.mark.parametrize("model_type", ["glm4_moe", "phimoe"])
+def test_engine_routing_read_from_the_router():
+    # issue 24: sigmoid scores, a correction bias (the router's own, or one the block hands to it),
+    # grouped top-k and a scaled weight are the engine's grouped top-k router, read from dataflow
+    b = _blocks("glm4_moe")[1][0]
+    assert (b.scoring_func, b.correction_bias, b.renormalize) == ("sigmoid", "gate", "config.norm_topk_prob")
+    assert (b.n_group, b.topk_group, b.routed_scaling) == ("config.n_group", "config.topk_group",
+                                                           "config.routed_scaling_factor")
+    b = _blocks("hy_v3")[1][0]  # the bias lives on the block: `self.gate(x, self.e_score_correction_bias)`
+    assert (b.correction_bias, b.n_group, b.routed_scaling) == ("e_score_correction_bias", None,
+                                                                "config.router_scaling_factor")
+    b = _blocks("afmoe")[1][0]  # the router's projection is an nn.Linear: `router.gate.weight`
+    assert (b.router_weight, b.correction_bias, b.renormalize) == ("gate.weight", "expert_bias", "True")
+    b = _blocks("hunyuan_v1_moe")[1][0]  # softmax top-k, renormalised, through `gate.wg`
+    assert (b.scoring_func, b.router_weight, b.correction_bias) == ("softmax", "wg.weight", None)
+    for m in MOE_MODELS:  # the plain routers read as before: no bias, groups or scale
+        assert all(p.correction_bias is None and p.n_group is None and p.routed_scaling is None
+                   for p in _blocks(m)[1])
+
+
+def test_router_the_engine_cannot_express_routes_with_its_own_code():
+    # a renormalisation clamped below (ernie4_5_moe), a sparsemixer (phimoe), a soft cap on the
+    # logits (laguna): the router's own code after the logits is FusedMoE's custom_routing_function
+    for model_type, weight in (("ernie4_5_moe", "weight"), ("phimoe", "weight"), ("laguna", "weight")):
+        b = _blocks(model_type)[1][0]
+        assert b.routing_function and b.router_logits == "router_logits" and b.router_weight == weight
+        assert b.route_outputs == [1, 2] and b.correction_bias is None
+    assert _blocks("phimoe")[1][0].router_dims == ["config.hidden_size", "config.num_local_experts"]
+    assert not any(p.routing_function for m in MOE_MODELS + ["glm4_moe", "hy_v3"] for p in _blocks(m)[1])
+
+
+@pytest.mark.parametrize("model_type", ["inkling_text"])
 def test_other_routing_is_a_diagnostic_not_a_silent_port(model_type, tmp_path):
-    # sigmoid scores with a correction bias and grouped top-k (glm4_moe), sparsemixer (phimoe):
-    # not what a plain softmax top-k FusedMoE computes, so convert stops with file:line
+    # inkling's router also returns gammas that weigh its shared experts in the block: FusedMoE's
+    # router returns weights and indices only, so convert stops with file:line
     from conftest import run_porter
 
     proc = run_porter("convert", model_type, "--out", str(tmp_path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"modeling_{model_type}.py:" in proc.stderr and "cannot port mixture of experts" in proc.stderr
+    assert "modeling_inkling.py:" in proc.stderr and "cannot port mixture of experts" in proc.stderr
     assert "(rule fused-moe)" in proc.stderr
     assert not any(tmp_path.iterdir())
 

@@ -190,4 +190,9 @@ def module_renamings(renames: list[tuple[str, str]]) -> tuple[dict[str, str], li
             attrs[b.group(1)] = a.group(1)
         else:
             rest.append((src, dst))
+    # a renaming of one tensor that only repeats a module rename (minimax_m2's
+    # `.block_sparse_moe.e_score_correction_bias` -> `.mlp.e_score_correction_bias`): the port keeps
+    # the checkpoint's module name, so the tensor needs no renaming
+    rest = [(src, dst) for src, dst in rest
+            if not any(src.replace(f".{ckpt}.", f".{mem}.") == dst for mem, ckpt in attrs.items())]
     return attrs, rest

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, code, dotted, param_names, self_attr, self_call_attr
-from porter.analysis.index import ClassInfo, ModelIndex
+from porter.analysis.cstutil import findall, code, param_names, self_attr, self_call_attr
+from porter.analysis.index import LINEAR_NAMES, ClassInfo, ModelIndex
+from porter.analysis.moe_router import Routing, read_router
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,33 @@ class MoePlan:
     packed: bool = False  # the checkpoint keeps the 3-D tensors (no per-expert un-packing on save)
     scoring_func: str = "softmax"  # or "sigmoid": top-k over sigmoid(logits)
     transposed: bool = False  # per-expert weights stored (experts, in, out): applied as x @ W[e]
+    router_weight: str = "weight"  # the router's projection weight, relative to the router module
+    # a score-correction bias: "gate" (the router's own, kept on the port's gate as the engine's
+    # ports do) or the block attribute the block hands to its router
+    correction_bias: str | None = None
+    n_group: str | None = None  # grouped top-k: groups of experts, and how many groups are kept
+    topk_group: str | None = None
+    routed_scaling: str | None = None  # the top-k weights' scalar factor
+    # a router the engine's cannot express: kept, a GateLinear whose `route` (its own code after the
+    # logits, assigned to `router_logits`) is FusedMoE's custom_routing_function; route_outputs:
+    # the positions of (weights, indices) among what its forward returned
+    routing_function: bool = False
+    router_logits: str = ""
+    route_outputs: list[int] = field(default_factory=list)
+    router_dims: list[str] = field(default_factory=list)
+
+
+# routing fields left out of PORT.json where they hold their default (other ports' PORT.json unchanged)
+_ROUTING_DEFAULTS = {"router_weight": "weight", "correction_bias": None, "n_group": None, "topk_group": None,
+                     "routed_scaling": None, "routing_function": False, "router_logits": "", "route_outputs": [],
+                     "router_dims": []}
+
+
+def compact_moe(d: dict) -> None:
+    for key, default in _ROUTING_DEFAULTS.items():
+        value = d.get(key, default)
+        if value == default or (default == [] and not value):  # (a sealed plan's lists are tuples)
+            d.pop(key, None)
 
 
 def _init_attrs(info: ClassInfo) -> dict[str, cst.BaseExpression]:
@@ -118,85 +146,31 @@ class MoeFinder:
     def __init__(self, idx: ModelIndex) -> None:
         self.idx = idx
 
-    # -- the router: one logit per expert from a weight (E, H), then top-k --------------------
-    def router(self, info: ClassInfo) -> dict | None:
+    # -- the router: one logit per expert, then the engine's routing (porter/analysis/moe_router.py)
+    def router(self, info: ClassInfo) -> Routing | None:
         fwd = info.method("forward")
         if fwd is None:
             return None
-        topks = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("topk"))))
-        if not topks:
-            return None
-        attrs = _init_attrs(info)
-        weight = None
-        for call in findall(fwd, m.Call(func=m.Attribute(attr=m.Name("linear")))):
-            w = call.args[1].value if len(call.args) >= 2 else None  # type: ignore[attr-defined]
-            # the weight, maybe cast for the product (`self.weight.float()`: the port's dtype)
-            while m.matches(w, m.Call(func=m.Attribute(attr=m.Name("float") | m.Name("to")))):
-                w = w.func.value  # type: ignore[union-attr]
-            if w is not None and self_attr(w) in attrs:
-                weight = self_attr(w)
-        shape = _param_shape(attrs[weight]) if weight else None
-        if shape is None or len(shape) != 2:
-            return None
-        # the engine's FusedMoE routes with softmax top-k, or top-k over per-expert sigmoids;
-        # other scorings (correction biases, grouped top-k, scaled weights) are not this router
-        softmaxes = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")))
-        sigmoids = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("sigmoid")) | m.Name("sigmoid")))
-        if len(topks) != 1 or any(m.matches(v, m.Call(func=m.Attribute(attr=m.Name("Buffer"))))
-                                  for v in attrs.values()):
-            return None
+        linears = {a: s.call for a, s in info.submodules.items() if s.ctor in LINEAR_NAMES}
+        routing = read_router(info, _init_attrs(info), linears, self._linear_base(info))
         # a module of the file inside the router (ernie4_5_moe's moe_statics adds a correction
-        # bias to the scores top-k ranks): not what FusedMoE's top-k computes
-        if any(sub.ctor in self.idx.classes for sub in info.submodules.values()):
+        # bias to the scores top-k ranks): only as part of the router's own code (a routing function)
+        if routing is not None and not routing.function and any(
+                sub.ctor in self.idx.classes for sub in info.submodules.values()):
             return None
-        topk = topks[0]
-        scoring = "softmax"
-        if sigmoids:
-            scoring = "sigmoid"
-            params = [a for a, v in attrs.items() if _param_shape(v) is not None]
-            if softmaxes or len(sigmoids) != 1 or params != [weight] or not self._feeds_topk(fwd, topk, sigmoids[0]):
-                return None
-        elif not softmaxes:
-            return None
-        k_arg = next((a.value for a in topk.args if a.keyword is not None and a.keyword.value == "k"), None)  # type: ignore[attr-defined]
-        pos = [a.value for a in topk.args if a.keyword is None]  # type: ignore[attr-defined]
-        if k_arg is None:
-            # torch.topk(x, k, ...) or x.topk(k, ...)
-            k_arg = pos[1] if dotted(topk.func) == "torch.topk" and len(pos) > 1 else (pos[0] if pos else None)  # type: ignore[attr-defined]
-        if k_arg is None:
-            return None
-        return {"weight": weight, "shape": shape, "top_k": k_arg, "renormalize": self._renormalize(fwd, topk),
-                "scoring": scoring}
+        return routing
 
-    @staticmethod
-    def _feeds_topk(fwd: cst.FunctionDef, topk: cst.Call, score: cst.Call) -> bool:
-        """Whether SCORE is what top-k ranks: its first argument (x.topk: its receiver), or a
-        name bound to SCORE just for that."""
-        src = topk.args[0].value if dotted(topk.func) == "torch.topk" and topk.args else topk.func.value  # type: ignore[attr-defined]
-        if src is score or src.deep_equals(score):
-            return True
-        if isinstance(src, cst.Name):
-            for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name(src.value))])):
-                if node.value.deep_equals(score):  # type: ignore[attr-defined]
-                    return True
-        return False
-
-    def _renormalize(self, fwd: cst.FunctionDef, topk: cst.Call) -> cst.BaseExpression | None:
-        text_after = False
-        renorm: cst.BaseExpression | None = None
-        for st in fwd.body.body:
-            if not text_after:
-                text_after = bool(findall(st, m.Call(func=m.Attribute(attr=m.Name("topk")))))
-                continue
-            div = m.AugAssign(operator=m.DivideAssign(), value=m.Call(func=m.Attribute(attr=m.Name("sum"))))
-            div |= m.Assign(value=m.BinaryOperation(operator=m.Divide(),
-                                                    right=m.Call(func=m.Attribute(attr=m.Name("sum")))))
-            softmax = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax"))
-            if isinstance(st, cst.If) and findall(st.body, div):
-                renorm = st.test
-            elif findall(st, div) or findall(st, softmax):
-                renorm = cst.Name("True")
-        return renorm
+    def _linear_base(self, info: ClassInfo) -> list[cst.BaseExpression] | None:
+        """(in, out) of a router that is a bias-free nn.Linear itself (`super().__init__(h, e, bias=False)`)."""
+        init = info.method("__init__")
+        if init is None or not any(self.idx.qualify(b) in LINEAR_NAMES for b in info.bases):
+            return None
+        for call in findall(init, m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__")))):
+            pos = [a.value for a in call.args if a.keyword is None]  # type: ignore[attr-defined]
+            bias = next((a.value for a in call.args if a.keyword and a.keyword.value == "bias"), None)  # type: ignore[attr-defined]
+            if len(pos) == 2 and m.matches(bias, m.Name("False")):
+                return pos
+        return None
 
     # -- the experts: 3-D weights indexed per expert, outputs summed with index_add_ ------------
     def experts(self, info: ClassInfo) -> dict | None:
@@ -254,35 +228,86 @@ class MoeFinder:
         r_attr, r_cls, r_sub, r = router
         e_attr, e_cls, e_sub, e = experts
         # dataflow: the experts call reads what the router call returned
-        routed = set()
-        for node in findall(fwd, m.Assign(value=m.Call())):
-            if self_call_attr(node.value) == r_attr:  # type: ignore[attr-defined]
-                routed |= {n.value for t in node.targets for n in findall(t, m.Name())}  # type: ignore[attr-defined]
         calls = [c for c in findall(fwd, m.Call()) if self_call_attr(c) == e_attr]
-        # the experts read the router's top-k indices and weights as the router returned them
-        if len(calls) != 1 or not all(
-                isinstance(a.value, cst.Name) and a.value.value in routed for a in calls[0].args[1:3]) \
-                or len(calls[0].args) != 3:  # type: ignore[attr-defined]
+        routes = [n for n in findall(fwd, m.Assign(value=m.Call()))
+                  if self_call_attr(n.value) == r_attr]  # type: ignore[attr-defined]
+        if len(calls) != 1 or len(calls[0].args) != 3 or len(routes) != 1 \
+                or not isinstance(routes[0].targets[0].target, cst.Tuple):  # type: ignore[attr-defined]
             return None
-        renorm = r["renormalize"]
+        returned = [el.value for el in routes[0].targets[0].target.elements]  # type: ignore[attr-defined]
+        if r.function:  # which of the router's outputs the experts read, from the block's own call
+            names = [t.value if isinstance(t, cst.Name) else None for t in returned]
+            args = [a.value.value if isinstance(a.value, cst.Name) else "" for a in calls[0].args[1:3]]
+            if not all(a in names for a in args):
+                return None
+            r.outputs = (names.index(args[1]), names.index(args[0]))
+            # what else the router returns (inkling's shared-expert gammas) the block must not read
+            others = {n for n in names if n and n != "_" and n not in args}
+            if any(n.value in others for st in fwd.body.body if st is not _statement_of(fwd, routes[0])
+                   for n in findall(st, m.Name())):  # type: ignore[attr-defined]
+                return None
+        w_pos, i_pos = r.outputs
+        # the experts read the router's top-k indices and weights as the router returned them
+        if len(returned) <= max(w_pos, i_pos) or not all(
+                m.matches(a.value, m.Name(t.value)) for a, t in zip(calls[0].args[1:3], (returned[i_pos], returned[w_pos]))
+                if isinstance(t, cst.Name)) or not all(isinstance(t, cst.Name) for t in (returned[i_pos], returned[w_pos])):
+            return None
+        bias = _block_bias(info, r, routes[0].value)  # type: ignore[attr-defined]
+        if bias == "":
+            return None
+
+        def res(node):
+            return None if node is None else _resolve(node, r_cls, r_sub.call)
+
         return MoePlan(
             cls=info.name,
             router=r_attr,
             router_cls=r_cls.name,
             experts=e_attr,
             experts_cls=e_cls.name,
-            num_experts=_resolve(r["shape"][0], r_cls, r_sub.call),
-            hidden_size=_resolve(r["shape"][1], r_cls, r_sub.call),
-            top_k=_resolve(r["top_k"], r_cls, r_sub.call),
+            num_experts=res(r.shape[0]),
+            hidden_size=res(r.shape[1]),
+            top_k=res(r.top_k),
             intermediate_size=_resolve(e["intermediate"], e_cls, e_sub.call),
-            renormalize="False" if renorm is None else _resolve(renorm, r_cls, r_sub.call),
+            renormalize="False" if r.renormalize is None else res(r.renormalize),
             activation=_resolve(e["act"], e_cls, e_sub.call),
             gate_up=e["gate_up"],
             down=e["down"],
             line=info.line,
-            scoring_func=r["scoring"],
+            scoring_func=r.scoring,
             transposed=e["transposed"],
+            router_weight=r.weight,
+            correction_bias=bias,
+            n_group=res(r.n_group),
+            topk_group=res(r.topk_group),
+            routed_scaling=res(r.scale),
+            routing_function=r.function,
+            router_logits=r.logits,
+            route_outputs=list(r.outputs) if r.function else [],
+            # (function) the gate's (hidden, experts) as the router's own __init__ reads them
+            router_dims=[_resolve(r.shape[1], r_cls, None), _resolve(r.shape[0], r_cls, None)] if r.function else [],
         )
+
+
+def _block_bias(info: ClassInfo, r: Routing, call: cst.Call) -> str | None:
+    """Where the correction bias lives: "gate" (the router's own), the block attribute the block
+    hands its router (`self.gate(x, self.bias)`), None (no bias), "" (not read)."""
+    if r.bias is not None and r.bias.startswith("self."):
+        return "gate"
+    if r.bias is None:
+        return None if len(call.args) == 1 else ""
+    args = call.args
+    arg = args[r.bias_param].value if 0 <= r.bias_param < len(args) and args[r.bias_param].keyword is None else None
+    bias = self_attr(arg) if arg is not None else None
+    held = _init_attrs(info).get(bias or "")
+    if bias is None or held is None or not m.matches(held, m.Call(func=m.Attribute(attr=m.Name("Parameter") | m.Name("Buffer")))):
+        return ""
+    return bias
+
+
+def _statement_of(fwd: cst.FunctionDef, node: cst.CSTNode) -> cst.CSTNode | None:
+    """The top-level statement of FWD that holds NODE."""
+    return next((st for st in fwd.body.body if any(n is node for n in findall(st, m.Assign()))), None)  # type: ignore[attr-defined]
 
 
 def find_moe_blocks(idx: ModelIndex, classes: list[str]) -> list[MoePlan]:
@@ -306,9 +331,13 @@ def moe_checkpoint_names(moes: list[MoePlan], transformers_dir, keys: list[str])
             # own loader splits (it knows the packed names gate_up_proj / down_proj)
             p = dataclasses.replace(p, packed=True)
         out.append(p)
-        if p.router != "gate":
-            # the port calls the router `gate`, as the engine's MoE ports do
-            renames.append((rf"\.{p.router}\.", ".gate."))
+        inner = p.router_weight.rpartition(".")[0]  # an nn.Linear inside the router (`router.gate.weight`)
+        if p.router != "gate" or inner:
+            # the port calls the router `gate`, a GateLinear holding the weight itself, as the
+            # engine's MoE ports do
+            src = rf"\.{p.router}\." + (rf"{inner}\." if inner else "")
+            if (src, ".gate.") not in renames:
+                renames.append((src, ".gate."))
     return out, renames
 
 

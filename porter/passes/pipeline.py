@@ -45,8 +45,10 @@ from porter.passes.mlp.engine_activation import EngineActivation
 from porter.passes.mlp.engine_activation_class import EngineActivationClass
 from porter.passes.mlp.fuse_gate_up import FuseGateUp
 from porter.passes.moe.checkpoint_module_names import CheckpointModuleNames
+from porter.passes.moe.correction_bias import CorrectionBias
 from porter.passes.moe.flat_tokens import FlatTokens
 from porter.passes.moe.fused_moe import FusedMoe
+from porter.passes.moe.routing_function import RoutingFunction
 from porter.passes.norms.engine_norms import EngineNorms
 from porter.passes.norms.full_width_qk_norm import FullWidthQkNorm
 from porter.passes.norms.norm_across_tp_ranks import NormAcrossTpRanks
@@ -110,6 +112,8 @@ MODEL: list[type[Rule]] = [
     FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions
     FlatPositionLookup,  # a position table looked up by (batch, seq) positions (XGLM)
     FusedMoe,
+    CorrectionBias,  # after PT100: places the bias the FusedMoE it built reads
+    RoutingFunction,  # after PT100: the router it kept routes with its own code
     FuseQkv,
     FuseGateUp,
     ActThenMul,  # after FuseGateUp: splits the act-and-mul it made where the engine has no such kernel

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from porter.analysis.moe import MoePlan
+from porter.analysis.moe import MoePlan, compact_moe
 from porter.analysis.ssm import SsmPlan
 from porter.rules_data import StripTable
 
@@ -209,6 +209,7 @@ class PortPlan(Sealable):
                 del moe["scoring_func"]
             if not moe.get("transposed"):  # (idem: only where the experts are stored transposed)
                 moe.pop("transposed", None)
+            compact_moe(moe)
         return d
 
     def attention(self, cls: str) -> AttentionPlan | None:

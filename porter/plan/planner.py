@@ -164,7 +164,8 @@ class Planner(AttentionPlanning):
             refusals.own_cache_state(self, plan, kept)
         plan.moes = find_moe_blocks(self.idx, classes)
         refusals.stray_experts(self, classes, plan.moes)
-        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)}  # become FusedMoE / GateLinear
+        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)  # become FusedMoE / GateLinear
+                 if not (p.routing_function and c == p.router_cls)}  # (or a GateLinear routing as its HF self)
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None and not plan.attentions and not partial:
             # (a decoder with no attention at all, a recurrent one, is not refused here)

@@ -161,17 +161,17 @@ def recurrent_state(p: Planner, lm: ClassInfo, classes: list[str], mapped: bool 
 
 STRAY_EXPERTS = Refusal(
     "cannot port mixture of experts: per-expert weights without a router the engine's "
-    "FusedMoE reproduces (softmax top-k, or top-k of sigmoids, over one projection, its indices and weights "
-    "passed to the experts as returned) or experts it computes (ACT2FN(gate) * up of one chunked "
-    "gate/up weight)",
+    "FusedMoE reproduces (logits from one projection, then the engine's routing or the router's own code "
+    "returning only the indices and weights the experts read) or experts it computes (ACT2FN(gate) * up "
+    "of one chunked gate/up weight)",
     _ATTN_HEAD + "class Experts(nn.Module):\n    def __init__(self, config):\n"
     "        self.gate_up = nn.Parameter(torch.empty(4, 16, 8))\n        self.down = nn.Parameter(torch.empty(4, 8, 8))\n\n"
     "    def forward(self, x, idx, w):\n        out = torch.zeros_like(x)\n        out.index_add_(0, idx, x)\n"
     "        return out\n",
     "<example>:5: cannot port mixture of experts: per-expert weights without a router the engine's FusedMoE "
-    "reproduces (softmax top-k, or top-k of sigmoids, over one projection, its indices and weights passed to "
-    "the experts as returned) or experts it computes (ACT2FN(gate) * up of one chunked gate/up weight) in "
-    "class Experts (rule fused-moe)",
+    "reproduces (logits from one projection, then the engine's routing or the router's own code returning only "
+    "the indices and weights the experts read) or experts it computes (ACT2FN(gate) * up of one chunked gate/up "
+    "weight) in class Experts (rule fused-moe)",
     rule="fused-moe",
 )
 

@@ -37,6 +37,9 @@ class TinySpec:
     min_distinct_tokens: int
     cpu_head_dims: list[int] = field(default_factory=list)
     config_model_type: str = ""  # the model_type of the config class (default: model_type)
+    # buffers given N(0, std) too, by the end of their name (a router's score-correction bias,
+    # zeros in a fresh model, would rank nothing)
+    noised_buffers: list[str] = field(default_factory=list)
 
     @property
     def config_type(self) -> str:
@@ -100,6 +103,7 @@ def tiny_spec(model_type: str, rules: dict | None = None, config_model_type: str
         min_distinct_tokens=int(p["min_distinct_tokens"]),
         cpu_head_dims=list(rules.get("cpu_head_dims", [])),
         config_model_type=config_model_type,
+        noised_buffers=list(init.get("buffers") or []),
     )
 
 
@@ -168,6 +172,10 @@ def build_model(spec: TinySpec, hf_architecture: str):
         for _name, p in model.named_parameters():  # tied parameters appear once
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.std
             p.copy_(noise + 1.0 if id(p) in norm_params else noise)
+        buffers = torch.Generator().manual_seed(spec.seed + 1)  # the parameters' draws unchanged
+        for name, b in model.named_buffers():
+            if any(name.endswith(end) for end in spec.noised_buffers):
+                b.copy_(torch.randn(b.shape, generator=buffers, dtype=torch.float32) * spec.std)
     return model
 
 

@@ -55,6 +55,17 @@ _ROUTER_T = _ROUTER.replace(
     "(self.act_fn(gate) * up) @ self.down_proj[expert_idx]")
 
 
+def _routing_extras(mp) -> str:
+    """The correction bias (the gate's own, or the one the block holds) and the weights' scale."""
+    out = ""
+    if mp.correction_bias:
+        held = "gate.e_score_correction_bias" if mp.correction_bias == "gate" else mp.correction_bias
+        out += f", e_score_correction_bias=self.{held}"
+    if mp.routed_scaling:
+        out += f", routed_scaling_factor={mp.routed_scaling}"
+    return out
+
+
 class FusedMoe(Rule):
     code = "PT100"
     name = "fused-moe"
@@ -66,7 +77,9 @@ class FusedMoe(Rule):
         "MLPs and the weighted sum in one kernel, its experts sharded across tensor-parallel ranks "
         "like the engine's own ports. Experts count, top-k, sizes, renormalisation and activation "
         "are read from the router and experts code (a router ranking sigmoids of the logits, "
-        "without correction bias, routes with `scoring_func='sigmoid'`; experts applied as `x @ W[e]`, stored "
+        "routes with `scoring_func='sigmoid'`; a score-correction bias, grouped top-k and a scaled weight "
+        "with the engine's grouped top-k: `e_score_correction_bias`, `num_expert_group`, `topk_group`, "
+        "`routed_scaling_factor`, as read by porter/analysis/moe_router.py; experts applied as `x @ W[e]`, stored "
         "(experts, in, out), load transposed: `is_fused_checkpoint_transposed`); the checkpoint's per-expert names "
         "(`ckpt_names`) from transformers' conversion mapping. The router and experts classes go."
     )
@@ -152,6 +165,15 @@ class FusedMoe(Rule):
             return updated
         fn = self.current_function
         attr = self_attr(updated.targets[0].target)
+        if fn == "__init__" and attr == mp.router and mp.routing_function:
+            # the router stays (a GateLinear routing with its own code: PT201)
+            call = updated.value
+            return updated.with_changes(
+                targets=[cst.AssignTarget(cst.parse_expression("self.gate"))],
+                value=call.with_changes(args=[*call.args[:-1], call.args[-1].with_changes(  # type: ignore[attr-defined]
+                    comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))), cst.Arg(
+                    cst.parse_expression('f"{prefix}.gate"'), keyword=cst.Name("prefix"),
+                    equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))]))
         if fn == "__init__" and attr == mp.router:
             # named `gate` as in the engine's own MoE ports (load_weights maps the checkpoint's name)
             return updated.with_changes(
@@ -161,22 +183,29 @@ class FusedMoe(Rule):
         if fn == "__init__" and attr == mp.experts:
             ckpt = "" if list(mp.ckpt_names) == ["gate_proj", "down_proj", "up_proj"] else \
                 f", ckpt_names={tuple(mp.ckpt_names)!r}"
-            if mp.scoring_func != "softmax":
-                # the engine's idiom for top-k over sigmoids (its CPU router has no plain sigmoid
-                # top-k): grouped top-k with one group, i.e. top-k over all experts
-                ckpt = f", use_grouped_topk=True, num_expert_group=1, topk_group=1, scoring_func={mp.scoring_func!r}" + ckpt
+            if mp.scoring_func != "softmax" or mp.correction_bias or mp.n_group or mp.routed_scaling:
+                # the engine's grouped top-k router: sigmoid scores, a correction bias, groups of
+                # experts, a scaled weight (one group, i.e. top-k over all experts, when the
+                # router has no groups: the engine's idiom for a sigmoid or biased top-k)
+                ckpt = (f", use_grouped_topk=True, num_expert_group={mp.n_group or 1}, "
+                        f"topk_group={mp.topk_group or 1}, scoring_func={mp.scoring_func!r}"
+                        + _routing_extras(mp) + ckpt)
             if mp.transposed:
                 # stored (experts, in, out): the engine's loader transposes the packed tensors
                 ckpt += ", is_fused_checkpoint_transposed=True"
+            if mp.routing_function:
+                ckpt += ", custom_routing_function=self.gate.route"
             return updated.with_changes(value=cst.parse_expression(
                 f"{self.ctx.use('FusedMoE')}(num_experts={mp.num_experts}, top_k={mp.top_k}, "
                 f"hidden_size={mp.hidden_size}, intermediate_size={mp.intermediate_size}, "
                 f"renormalize={mp.renormalize}, activation={mp.activation}, quant_config=quant_config, "
                 f"prefix=f\"{{prefix}}.{attr}\"{ckpt})"))
         if fn == "forward" and self_call_attr(updated.value) == mp.router:
-            # the router returns its logits (and a bias slot): top-k happens inside FusedMoE
+            # the router returns its logits (and a bias slot): top-k happens inside FusedMoE, which
+            # holds the correction bias the router was handed
             target = cst.parse_expression("router_logits, _")
-            call = updated.value.with_changes(func=cst.parse_expression("self.gate"))  # type: ignore[attr-defined]
+            call = updated.value.with_changes(  # type: ignore[attr-defined]
+                func=cst.parse_expression("self.gate"), args=updated.value.args[:1])  # type: ignore[attr-defined]
             return updated.with_changes(targets=[cst.AssignTarget(target)], value=call)
         return updated
 

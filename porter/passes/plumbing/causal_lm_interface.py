@@ -214,7 +214,7 @@ class CausalLmInterface(Rule):
             gate, down, up = mp.ckpt_names
             e = dict(attr=mp.experts, gate=gate, down=down, up=up, packed=mp.packed,
                      gate_up_param=mp.gate_up, down_param=mp.down,
-                     num_experts=mp.num_experts.replace("config.", "self.config.", 1))
+                     num_experts=_experts_count(mp.num_experts))
             if e not in experts:
                 experts.append(e)
         if any(not e["packed"] for e in experts):
@@ -226,7 +226,7 @@ class CausalLmInterface(Rule):
                     interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
                     blocked=blocked,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
-                    renames=plan.checkpoint_renames, experts=experts,
+                    renames=plan.checkpoint_renames, experts=experts, stacked_clash=_stacked_clash(ctx),
                     # engine activation classes (PT140) hold persistent buffers the checkpoint carries
                     load_buffers=any(s.startswith("act_class_") for s in ctx.engine_symbols))
         ctx.use("default_weight_loader")
@@ -403,3 +403,36 @@ class CausalLmInterface(Rule):
             f"self.logits_processor = {ctx.use('LogitsProcessor')}({logits_size}{extra})\n"))
         params = cst.parse_module(f"def f(self, *, {cfg}: {ctx.use('EngineConfig')}, prefix: str = ''): pass\n").body[0].params  # type: ignore[attr-defined]
         return fn.with_changes(params=params, body=fn.body.with_changes(body=body), returns=None)
+
+
+def _experts_count(num_experts: str) -> str:
+    """The block's expert count as load_weights reads it: over `self.config`; a count per layer
+    (hunyuan_v1_moe: `config.num_experts[layer_idx]` where it is a list) as its largest, so the
+    mapping names every expert of every layer."""
+    from porter.analysis.cstutil import names_in
+
+    node = cst.parse_expression(num_experts)
+    if num_experts.startswith("config.") and "layer_idx" not in names_in(node):
+        return num_experts.replace("config.", "self.config.", 1)  # (the committed ports' form)
+
+    class _SelfConfig(cst.CSTTransformer):
+        def leave_Name(self, original, updated):
+            return cst.parse_expression("self.config") if updated.value == "config" else updated
+
+    over_self = cst.Module([]).code_for_node(node.visit(_SelfConfig()))
+    if "layer_idx" in names_in(node):
+        return f"max({over_self} for layer_idx in range(self.config.num_hidden_layers))"
+    return over_self
+
+
+def _stacked_clash(ctx) -> bool:
+    """Whether a linear that is no shard of a fused projection is named like one (afmoe's
+    attention output gate `self_attn.gate_proj` beside the MLP's fused gate/up): then a stacked
+    mapping applies only where the fused parameter exists."""
+    plan = ctx.plan
+    shards = {orig for _, orig, _ in plan.stacked_params}
+    fused = {(g.cls, n) for g in plan.gate_ups for n in (g.gate, g.up)} | {
+        (a.cls, n) for a in plan.attentions for n in (a.q, a.k, a.v)}
+    return any(attr in shards and (name, attr) not in fused
+               for name in plan.classes if name in ctx.idx.classes
+               for attr in ctx.idx.classes[name].linears())
