@@ -226,7 +226,6 @@ class BambaDecoderLayer(nn.Module):
 
         if self.block_type == "linear_attention":
             hidden_states = self.mamba(hidden_states)
-            self_attn_weights = None
         elif self.block_type == "full_attention":
             hidden_states = self.self_attn(hidden_states=hidden_states, positions=positions)
 
