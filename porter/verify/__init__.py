@@ -8,7 +8,6 @@ Usage: ``report = run_verify(Path("generated/vllm/opt"), tps=[1, 2])``, then
 from __future__ import annotations
 
 import contextlib
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,14 +50,10 @@ def _progress_sink(progress: Progress | None):
     if progress is not None:
         yield progress
         return
-    if sys.stderr.isatty():
-        from rich.console import Console
+    from porter.progress import progress as shown
 
-        console = Console(stderr=True)
-        with console.status("porter verify") as status:
-            yield lambda text: status.update(f"porter verify: {text}")
-        return
-    yield lambda text: None
+    with shown("porter verify") as say:  # a status line on a terminal, else a line per stage
+        yield say
 
 
 def registered_class(info: PortInfo) -> str | None:
