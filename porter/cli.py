@@ -97,6 +97,11 @@ def verify(
     against_native: bool = typer.Option(False, help="Also run the engine's native port on the same checkpoint."),
     compiled: bool = typer.Option(False, "--compile", help="Run the engine without enforce_eager: vLLM compiles the port's base model."),
     as_json: bool = typer.Option(False, "--json"),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="A real HF checkpoint folder (config.json, safetensors, tokenizer): "
+        "the engine builds the port from it; prompts are real text; TPs the heads do not allow are skipped."),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="With --checkpoint: your prompts, one a line (or a JSON list of strings)."),
 ) -> None:
     """Run the port in the real engine and compare with Hugging Face (exit 0 pass, 1 mismatch, 2 error)."""
     tps = _parse_tp(tp)
@@ -119,7 +124,16 @@ def verify(
 
         code = structure.main([str(port_dir)] + (["--json"] if as_json else []))
         raise typer.Exit(code)
-    report = run_verify(port_dir, tps, against_native=against_native, compiled=compiled)
+    if prompts is not None and checkpoint is None:
+        _fail(PorterError("--prompts goes with --checkpoint (the tiny checkpoint has no tokenizer)",
+                          construct="--prompts"))
+    if checkpoint is not None and target != "vllm":
+        _fail(PorterError("--checkpoint runs the port in vLLM; Aphrodite's engine cannot run on this CPU",
+                          construct="--checkpoint"))
+    report = run_verify(port_dir, tps, against_native=against_native, compiled=compiled,
+                        checkpoint=checkpoint, prompts_file=prompts)
+    if checkpoint is not None and not report.results and report.exit_code == 2 and not as_json:
+        _fail(PorterError(report.reason))  # a bad checkpoint or prompts file: one line, exit 2
     print(render_report(report, json=as_json))
     raise typer.Exit(report.exit_code)
 
