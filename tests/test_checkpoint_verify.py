@@ -133,3 +133,16 @@ def test_script_entry_has_no_traceback_on_missing_folder(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and "no such checkpoint folder" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_report_shows_skipped_tps_and_answers():
+    from porter.verify.report import VerifyReport, render_report
+
+    rep = VerifyReport(port_dir="generated/vllm/llama", tps=[1], checkpoint="ckpt",
+                       skipped_tps={"2": "9 attention heads do not divide among 2 ranks"},
+                       chat_template=True, prompt_texts=["What is [the] capital?"],
+                       reference_texts=["Paris."], engine_texts={"port TP=1": ["Lyon."]})
+    text = render_report(rep)
+    assert "TP=2 skipped: 9 attention heads do not divide among 2 ranks" in text
+    assert "[0] 'What is [the] capital?' -> 'Paris.'" in text and "port TP=1: 'Lyon.'" in text
+    assert render_report(rep, json=True).count('"skipped_tps"') == 1
