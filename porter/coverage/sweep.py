@@ -26,7 +26,7 @@ from porter.coverage.discover import Candidate, discover
 from porter.coverage.markdown import render_md
 from porter.coverage.registry import vllm_registry
 from porter.coverage.summary import build_report, day_zero_section, final_status
-from porter.coverage.verify_rows import previous_verifications, settled, verify_rows
+from porter.coverage.verify_rows import from_verdict, previous_verifications, settled, verify_rows
 from porter.coverage.worker import complete, convert_task
 
 
@@ -229,6 +229,8 @@ class Sweep:
                     got = None
                 if got is None and vkey in self.previous:
                     got = self.previous[vkey]
+                if got is None and committed and committed.get("matches_conversion"):
+                    got = from_verdict(self.out / committed["path"], vkey)
                 if got is not None:
                     row["verify"] = {**got, "carried_over": True}
             rows.append(row)

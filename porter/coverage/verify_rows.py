@@ -61,6 +61,26 @@ def previous_verifications(path: Path) -> dict[str, dict]:
     return out
 
 
+def from_verdict(port_dir: Path, key: str | None) -> dict | None:
+    """A committed port's row verdict read from the verdict store (generated/verdicts/): the
+    engine run the test suite or `porter verify` made of these same port files, sources, tiny
+    config and versions; None unless that verdict holds (passed at TP=1 and TP=2)."""
+    from porter.verify import verdicts
+
+    generated = port_dir.parent.parent
+    if verdicts.status(port_dir, tuple(TPS), generated) != "valid":
+        return None
+    v = verdicts.load(port_dir, generated)
+    runs = [v["tp"][str(tp)] for tp in TPS]
+    deltas = [r["max_abs_dlogprob"] for r in runs if isinstance(r.get("max_abs_dlogprob"), (int, float))]
+    return {
+        "status": "passed", "passed": True, "exit_code": 0, "reason": None, "tps": list(TPS),
+        "port": "committed", "max_abs_dlogprob": max(deltas) if deltas else None,
+        "seconds": 0, "key": key, "verdict": f"generated/verdicts/{v['port']}.json",
+        "date": max(r.get("date") or "" for r in runs),
+    }
+
+
 def _verify_row(row: dict, out: Path, cache_dir: Path | None, step) -> dict:
     """Verify the committed port when it is what porter makes now, else a fresh one in the cache."""
     import tempfile
