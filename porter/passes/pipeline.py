@@ -40,6 +40,7 @@ from porter.passes.cleanup.replace_base_classes import ReplaceBaseClasses
 from porter.passes.cleanup.strip_decorators import StripDecorators
 from porter.passes.config.config_engine_imports import ConfigEngineImports
 from porter.passes.config.config_keep_class import ConfigKeepClass
+from porter.passes.mlp.act_then_mul import ActThenMul
 from porter.passes.mlp.engine_activation import EngineActivation
 from porter.passes.mlp.engine_activation_class import EngineActivationClass
 from porter.passes.mlp.fuse_gate_up import FuseGateUp
@@ -73,6 +74,7 @@ from porter.passes.rope.reversed_rope import ReversedRope
 from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
 from porter.passes.ssm.engine_short_conv import EngineShortConv
 from porter.passes.ssm.mamba_state_interface import MambaStateInterface
+from porter.passes.tp.gather_before_norm import GatherBeforeNorm
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
@@ -114,7 +116,9 @@ MODEL: list[type[Rule]] = [
     RoutingFunction,  # after PT100: the router it kept routes with its own code
     FuseQkv,
     FuseGateUp,
+    ActThenMul,  # after FuseGateUp: splits the act-and-mul it made where the engine has no such kernel
     TpLinears,
+    GatherBeforeNorm,  # after TpLinears: the row-parallel projection it built takes the gathered width
     VocabEmbedding,
     EngineNorms,
     NormAcrossTpRanks,

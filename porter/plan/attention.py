@@ -103,8 +103,10 @@ class AttentionPlanning:
         """`q, k, v = self.c_attn(x).split((Q, K, K), dim=-1)` (or a list of the three sizes), with
         Q = heads * head_dim and K = kv_heads * head_dim: heads and KV heads."""
         fwd = resolve_cross_attention(info.method("forward"), self.table.cross_attention_flags)
+        local = local_bindings(fwd)  # `qkv = self.c_attn(x)` then `q, k, v = qkv.split(...)`: the same split
+        bound = {n for n, v in local.items() if self_call_attr(v) == attr}
         for st in findall(fwd, m.SimpleStatementLine()):
-            call = packed_split_call(st, attr)
+            call = packed_split_call(st, attr) or _split_of_name(st, bound)
             if call is None or not call.args:
                 continue
             sizes = call.args[0].value
@@ -192,7 +194,7 @@ class AttentionPlanning:
             rope_dim=rope_dim,
             rope_when=per_layer.when if per_layer else None,
             rope_params=per_layer.params if per_layer else None,
-            rope_tables=f"{per_layer.model_cls}.{per_layer.tables[0]}" if per_layer else None,
+            rope_tables=f"{per_layer.model_cls}.{per_layer.tables[0]}" if per_layer and per_layer.tables else None,
             rope_reversed=reversed_rope,
         )
 
@@ -331,3 +333,13 @@ class AttentionPlanning:
                     continue
                 return GateUpPlan(info.name, gate, up, act, info.line)
         return None
+
+
+def _split_of_name(st: cst.CSTNode, names: set[str]) -> cst.Call | None:
+    """`q, k, v = qkv.split(ARG, dim=...)` where `qkv` is one of NAMES (bound to the projection)."""
+    if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Tuple(
+            elements=[m.Element(m.Name()), m.Element(m.Name()), m.Element(m.Name())]))], value=m.Call(
+                func=m.Attribute(value=m.Name(), attr=m.Name("split"))))])):
+        return None
+    call = st.body[0].value  # type: ignore[attr-defined]
+    return call if call.func.value.value in names else None

@@ -135,6 +135,7 @@ class GateUpPlan(Sealable):
     up: str
     act: str  # attribute holding the activation
     line: int
+    unfused: bool = False  # the config's activation has no act-and-mul kernel in the engine (PT243)
 
 
 @dataclass
@@ -163,6 +164,8 @@ class PortPlan(Sealable):
     moes: list[MoePlan] = field(default_factory=list)  # router + experts blocks (porter/analysis/moe.py)
     module_renames: dict[str, str] = field(default_factory=dict)  # in-memory attr -> checkpoint attr
     ssm: list[SsmPlan] = field(default_factory=list)  # state-space mixers built as the engine's layer (porter/analysis/ssm.py)
+    # (class, norm, row-parallel linear): a norm over a width TP splits, gathered before it (PT242)
+    gathered_norms: list[tuple[str, str, str]] = field(default_factory=list)
     # -- derived (not in PORT.json) -------------------------------------------------------------
     # the strip table the passes use: rules/hf_strip.yaml, widened by what this model makes
     # HF-only (an ALiBi bias the engine's Attention adds itself, and the callables building it)
@@ -184,7 +187,7 @@ class PortPlan(Sealable):
         for f in dataclasses.fields(self):
             if f.metadata.get("derived"):
                 del d[f.name]
-        for key in ("moes", "module_renames", "transposed_linears", "ssm"):  # only where there are any (other ports' PORT.json unchanged)
+        for key in ("moes", "module_renames", "transposed_linears", "ssm", "gathered_norms"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
         for a in d["attentions"]:
@@ -198,6 +201,9 @@ class PortPlan(Sealable):
         for att in d["attentions"]:  # (idem: only where there are sinks)
             if att.get("sinks") is None:
                 att.pop("sinks", None)
+        for g in d["gate_ups"]:  # (idem: only where the activation is not fused with the multiply)
+            if not g["unfused"]:
+                del g["unfused"]
         for moe in d.get("moes", []):  # the scoring only when it is not the default softmax (idem)
             if moe.get("scoring_func") == "softmax":
                 del moe["scoring_func"]

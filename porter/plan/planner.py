@@ -18,7 +18,7 @@ import libcst.matchers as m
 from porter.analysis.checkpoint_names import module_renamings, weight_renamings
 from porter.analysis.ssm import checkpoint_renames as ssm_checkpoint_renames
 from porter.analysis.ssm import find_mamba2_mixers
-from porter.analysis.config_source import causal_lm_model_type, config_class_for_type
+from porter.analysis.config_source import causal_lm_model_type, config_class_for_type, config_default
 from porter.analysis.cstutil import code, dotted, findall, resolve_cross_attention, self_attr
 from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.index import EMBEDDING_NAMES, ClassInfo, ModelIndex, is_transposed_linear
@@ -130,6 +130,7 @@ class Planner(AttentionPlanning):
         plan.ssm = ssm
         if origin is not None:
             self.checkpoint_names(plan, origin)
+            self.unfused_activations(plan, origin)
         derive(plan, self.idx, self.table)
         return seal(plan)
 
@@ -220,6 +221,19 @@ class Planner(AttentionPlanning):
         if own is not None:
             plan.architecture = port_architecture(own.removesuffix("Config") + "ForCausalLM")
 
+    def unfused_activations(self, plan: PortPlan, origin: Source) -> None:
+        """A gated MLP's `ACT2FN[config.X]` whose config defaults X to an activation the engine has no
+        act-and-mul kernel for (BitNet's relu2): the activation and the multiply stay apart (PT243)."""
+        for g in plan.gate_ups:
+            init = self.idx.classes[g.cls].method("__init__")
+            for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self"), attr=m.Name(
+                    g.act)))], value=m.Subscript(value=m.Name("ACT2FN")))) if init else []:
+                key = node.value.slice[0].slice.value  # type: ignore[attr-defined]
+                attr = key.attr.value if m.matches(key, m.Attribute(value=m.Name("config"))) else None
+                default = config_default(origin, plan.causal_lm, attr) if attr else None
+                if default is not None and default.lower() not in self.table.engine_act_and_mul:
+                    g.unfused = True
+
     def transposed_linears(self, info: ClassInfo) -> set[str]:
         """Attributes `__init__` binds to a transposed-convention linear (Conv1D), outside any
         cross-attention arm."""
@@ -284,7 +298,7 @@ class Planner(AttentionPlanning):
             roles[attr] = "column" if feeds_row else "replicated"
             if feeds_row and (n := self.merged_outputs(fwd, attr)):
                 roles[attr] = f"merged:{n}"
-        refusals.sharded_norm(self, info, flow, roles)
+        plan.gathered_norms += [(info.name, norm, row) for norm, row in refusals.sharded_norm(self, info, flow, roles)]
         for attr, role in roles.items():
             if role != "qkv":
                 plan.linears.append(LinearPlan(info.name, attr, role, linears[attr].line))

@@ -374,23 +374,28 @@ def unmapped_attention_op(p: Planner, info: ClassInfo, fwd: cst.FunctionDef, flo
 SHARDED_NORM = Refusal(
     "norm over a width that tensor parallelism splits (the attention output before its "
     "output projection, or a column-parallel projection's output): each rank would normalise "
-    "its own part; no rule gathers it",
+    "its own part, and it feeds no single row-parallel projection that could take the width "
+    "gathered (PT242)",
     attention_example(init="        self.sub_norm = nn.LayerNorm(32)\n").replace(
-        "return self.o_proj(out)", "return self.o_proj(self.sub_norm(out))"),
+        "return self.o_proj(out)", "return self.o_proj(out) + self.sub_norm(out)"),
     "<example>:12: norm over a width that tensor parallelism splits (the attention output before its output "
-    "projection, or a column-parallel projection's output): each rank would normalise its own part; no rule "
-    "gathers it in Attn.sub_norm: nn.LayerNorm(32) over the attention output (rule tp-linears)",
+    "projection, or a column-parallel projection's output): each rank would normalise its own part, and it "
+    "feeds no single row-parallel projection that could take the width gathered (PT242) in Attn.sub_norm: "
+    "nn.LayerNorm(32) over the attention output (rule tp-linears)",
     rule="tp-linears",
 )
 
 
-def sharded_norm(p: Planner, info: ClassInfo, flow, roles: dict[str, str]) -> None:
+def sharded_norm(p: Planner, info: ClassInfo, flow, roles: dict[str, str]) -> list[tuple[str, str]]:
     """A norm over a width that tensor parallelism splits: the attention output before its
     output projection, or a column-parallel projection's output (an MLP's intermediate) before
     the row-parallel one (BitNet's attn_sub_norm / ffn_sub_norm). Each rank would normalise its
-    own part with its own statistics; no rule gathers the width (PT120 does it for q/k norms
-    only). A norm sized by the head (`Norm(head_dim)`, applied per head) sees whole heads."""
+    own part with its own statistics: when the norm feeds one row-parallel projection, PT242
+    gathers the width before the norm and that projection takes the whole width (returned:
+    (norm, row projection)); otherwise the refusal. A norm sized by the head (`Norm(head_dim)`,
+    applied per head) sees whole heads."""
     sharded = {a for a, r in roles.items() if r == "column" or r.startswith("merged:")}
+    gathered = []
     for attr, sub in info.submodules.items():
         if "norm" not in (sub.ctor or "").rsplit(".", 1)[-1].lower() or not sub.call.args:
             continue
@@ -399,9 +404,15 @@ def sharded_norm(p: Planner, info: ClassInfo, flow, roles: dict[str, str]) -> No
             continue
         fed = flow.module_inputs.get(attr, set())
         src = sorted(fed & sharded) or (["the attention output"] if ATTN in fed else [])
-        if src:
+        rows = [r for r, k in roles.items() if k == "row" and attr in flow.module_inputs.get(r, set())]
+        if src and len(rows) == 1 and sub.call.func is not None and len(
+                [c for c in findall(info.method("forward"), m.Call(func=m.Attribute(  # type: ignore[arg-type]
+                    value=m.Name("self"), attr=m.Name(attr))))]) == 1:
+            gathered.append((attr, rows[0]))
+        elif src:
             raise SHARDED_NORM.error(p, sub.call, f"{info.name}.{attr}: {code(sub.call.func)}({width}) over "
                                                   f"{', '.join(src)}")
+    return gathered
 
 
 # -- state and attention the engine does not run ----------------------------------------------------

@@ -8,7 +8,6 @@ Usage: ``report = run_verify(Path("generated/vllm/opt"), tps=[1, 2])``, then
 from __future__ import annotations
 
 import contextlib
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,14 +50,10 @@ def _progress_sink(progress: Progress | None):
     if progress is not None:
         yield progress
         return
-    if sys.stderr.isatty():
-        from rich.console import Console
+    from porter.progress import progress as shown
 
-        console = Console(stderr=True)
-        with console.status("porter verify") as status:
-            yield lambda text: status.update(f"porter verify: {text}")
-        return
-    yield lambda text: None
+    with shown("porter verify") as say:  # a status line on a terminal, else a line per stage
+        yield say
 
 
 def registered_class(info: PortInfo) -> str | None:
@@ -108,15 +103,22 @@ def run_verify(
     against_native: bool = False,
     progress: Progress | None = None,
     compiled: bool = False,
+    checkpoint: Path | None = None,
+    prompts_file: Path | None = None,
 ) -> VerifyReport:
+    """Verify the port on its tiny seeded checkpoint, or with ``checkpoint`` on that real HF
+    checkpoint folder and real text (``prompts_file``, else porter's own prompts)."""
     port_dir = Path(port_dir)
     report = VerifyReport(port_dir=str(port_dir), tps=list(tps), cpu=cpu_features())
     t_all = time.time()
     # what the verdict depends on, as it was when the run started (porter/verify/verdicts.py)
-    inputs = verdicts.inputs(port_dir) if verdicts.is_committed(port_dir) else None
+    # (a run on a real checkpoint is not the port's verdict: that is the tiny seeded one)
+    inputs = (verdicts.inputs(port_dir) if verdicts.is_committed(port_dir) and checkpoint is None
+              else None)
     with _progress_sink(progress) as say:
         try:
-            _run(report, port_dir, list(tps), against_native, say, compiled)
+            _run(report, port_dir, list(tps), against_native, say, compiled,
+                 real=(Path(checkpoint), prompts_file) if checkpoint is not None else None)
         except VerifyInputError as e:
             report.exit_code, report.reason = EXIT_INPUT, str(e)
     report.timings["total"] = round(time.time() - t_all, 2)
@@ -127,7 +129,7 @@ def run_verify(
 
 def _run(
     report: VerifyReport, port_dir: Path, tps: list[int], against_native: bool, say: Progress,
-    compiled: bool = False,
+    compiled: bool = False, real: tuple[Path, Path | None] | None = None,
 ) -> None:
     if not tps or any(t < 1 for t in tps):
         raise VerifyInputError(f"bad TP list {tps}")
@@ -146,9 +148,13 @@ def _run(
         report.expected_class = registered_class(info)
     except SyntaxError as e:
         raise VerifyInputError(f"{info.package}/__init__.py does not parse: {e}") from e
+    if real is not None:
+        from porter.verify.checkpoint import check_real
+
+        tps, real = check_real(report, info, tps, *real, say)
 
     with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
-        _run_in(report, info, tps, against_native, say, Path(tmp), compiled=compiled)
+        _run_in(report, info, tps, against_native, say, Path(tmp), compiled=compiled, real=real)
     _verdict(report, info)
 
 
@@ -174,17 +180,11 @@ def hf_side(info: PortInfo, work: Path):
                       info.architecture, info.config_model_type)
 
 
-def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path) -> LocalHF | OtherEnvHF:
-    """The HF side on the tiny config: its prompts and reference continuations, refused as bad
-    input when they would prove little (too few distinct tokens, MoE routers that send the
-    prompts to fewer than 2 experts)."""
-    say(f"building tiny {info.model_type} reference")
-    t0 = time.time()
+def _tiny_reference(report: VerifyReport, info: PortInfo, tmp: Path) -> LocalHF | OtherEnvHF:
     try:
         hf = hf_side(info, tmp)
         report.hf_side = (f"transformers {info.transformers_version} ({hf.python})"
                           if isinstance(hf, OtherEnvHF) else "in-process")
-        spec, prompts, refs = hf.spec, hf.prompts, hf.refs
     except VerifyInputError:
         raise
     except Exception as e:  # the HF model itself fails on the tiny config: no reference to compare
@@ -192,6 +192,24 @@ def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path) -
         raise VerifyInputError(
             f"the HF reference ({info.hf_architecture} on the tiny config of rules/tiny_configs.yaml) "
             f"failed: {type(e).__name__}: {first}") from e
+    return hf
+
+
+def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path,
+               real: tuple[Path, list[str]] | None = None):
+    """The HF side on the tiny config: its prompts and reference continuations, refused as bad
+    input when they would prove little (too few distinct tokens, MoE routers that send the
+    prompts to fewer than 2 experts). With REAL (a checkpoint folder and prompt texts): that
+    folder's model and text (porter/verify/checkpoint.py)."""
+    t0 = time.time()
+    if real is not None:
+        from porter.verify.checkpoint import real_reference
+
+        hf = real_reference(report, info, say, *real)
+    else:
+        say(f"building tiny {info.model_type} reference")
+        hf = _tiny_reference(report, info, tmp)
+    spec, prompts, refs = hf.spec, hf.prompts, hf.refs
     report.prompt_lengths = [len(p) for p in prompts]
     report.distinct_tokens = [len(set(r["tokens"])) for r in refs]
     few = [i for i, n in enumerate(report.distinct_tokens) if n < spec.min_distinct_tokens]
@@ -217,9 +235,9 @@ def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path) -
 
 def _run_in(
     report: VerifyReport, info: PortInfo, tps: list[int], against_native: bool, say: Progress,
-    tmp: Path, *, compiled: bool,
+    tmp: Path, *, compiled: bool, real: tuple[Path, list[str]] | None = None,
 ) -> None:
-    hf = _reference(report, info, say, tmp)
+    hf = _reference(report, info, say, tmp, real)
     spec, prompts, refs = hf.spec, hf.prompts, hf.refs
     hf_tokens = [r["tokens"] for r in refs]
     max_model_len = -(-(max(report.prompt_lengths) + spec.max_new_tokens) // 32) * 32
@@ -250,6 +268,8 @@ def _run_in(
             enforce_eager=not compiled,
         )
         side = _side(run)
+        if run.ok and hasattr(hf, "decode"):  # a real checkpoint: the text a user would read
+            report.engine_texts[f"{label} TP={tp}"] = [hf.decode(r["tokens"]) for r in run.results]
         if run.ok:
             if [r["prompt"] for r in run.results] != prompts:
                 side.started, side.error = False, "engine returned results for other prompts"

@@ -160,7 +160,7 @@ class _EngineLog:
                 self.tail.append(line)
                 if len(self.errors) < 200 and _ERROR_LINE.search(line):
                     self.errors.append(line)
-                if progress and ("Loading weights" in line or "init engine" in line):
+                if progress and any(m in line for m in _MILESTONES):
                     progress(line.split("]", 1)[-1].strip()[:100])
 
 
@@ -224,6 +224,9 @@ def _engine_run(tp: int, res_path: Path, probe_dir: Path, log: _EngineLog, timed
     )
 
 
+# vLLM's log lines worth showing while the engine starts (the rest goes to the log tail)
+_MILESTONES = ("Starting to load model", "Loading weights", "Model loading took", "init engine",
+               "GPU KV cache size", "KV cache size", "Maximum concurrency")
 _ERROR_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 _WRAPPERS = (
     "See root cause",

@@ -92,6 +92,13 @@ class VerifyReport:
     # the machine's CPU: arch, AVX2/AVX-512/AMX flags, the vLLM kernel build (porter/verify/cpu.py)
     cpu: dict = field(default_factory=dict)
     verdict: str = ""  # where the verdict of this run was written (porter/verify/verdicts.py), if anywhere
+    # a run on a real checkpoint (verify --checkpoint DIR, porter/verify/checkpoint.py)
+    checkpoint: str = ""
+    skipped_tps: dict[str, str] = field(default_factory=dict)  # TP -> why the model cannot run it
+    chat_template: bool = False
+    prompt_texts: list[str] = field(default_factory=list)
+    reference_texts: list[str] = field(default_factory=list)  # HF greedy answers, up to EOS
+    engine_texts: dict[str, list[str]] = field(default_factory=dict)  # "port TP=1" -> answers
 
     @property
     def passed(self) -> bool:
@@ -118,6 +125,11 @@ class VerifyReport:
             "hf_side": self.hf_side,
             "cpu": self.cpu,
             **({"verdict": self.verdict} if self.verdict else {}),
+            **({"checkpoint": {
+                "dir": self.checkpoint, "skipped_tps": self.skipped_tps,
+                "chat_template": self.chat_template, "prompts": self.prompt_texts,
+                "hf_texts": self.reference_texts, "engine_texts": self.engine_texts,
+            }} if self.checkpoint else {}),
         }
 
 
@@ -149,6 +161,20 @@ def _side_cells(side: EngineSide, threshold: float) -> list[str]:
         colour(c.max_delta_decode),
         _tokens(c) if c.tokens_equal else f"[red]{_tokens(c)}[/]",
     ]
+
+
+def _print_checkpoint(console, report: VerifyReport) -> None:
+    if not report.checkpoint:
+        return
+    for tp, why in report.skipped_tps.items():
+        console.print(f"TP={tp} skipped: {why}", markup=False)
+    how = "its chat template" if report.chat_template else "its tokenizer (no chat template)"
+    console.print(f"prompts through {how}; greedy answers (HF):")
+    for i, (prompt, text) in enumerate(zip(report.prompt_texts, report.reference_texts)):
+        console.print(f"  [{i}] {prompt!r} -> {text!r}", markup=False, soft_wrap=True)
+        for run, texts in report.engine_texts.items():
+            if i < len(texts) and texts[i] != text:
+                console.print(f"      {run}: {texts[i]!r}", markup=False, soft_wrap=True)
 
 
 def render_report(report: VerifyReport, json: bool = False) -> str:
@@ -206,6 +232,7 @@ def render_report(report: VerifyReport, json: bool = False) -> str:
                     f"TP={r.tp} {label}: first |Δ| > {report.threshold:g} at {c.first_over}"
                 )
                 console.print(f"TP={r.tp} {label}: largest |Δ| at {c.worst}")
+    _print_checkpoint(console, report)
     verdict = {
         EXIT_PASS: "PASS",
         EXIT_NUMERICAL: "FAIL (numerical)",

@@ -134,8 +134,10 @@ class FlattenHeads(Rule):
         head_local = isinstance(arg, cst.Name) and arg.value in getattr(self, "_head_locals", ())
         if attr is not None and arg is not None and (self._is_shape_op(arg) or head_local) \
                 and attr not in self._linears() \
-                and attr not in self.plan.head_norms.get(self.current_class or "", {}):
-            # a per-head module (q_norm over head_dim): split heads around it, keep flat outside
+                and attr not in self.plan.head_norms.get(self.current_class or "", {}) \
+                and not any(c == self.current_class and n == attr for c, n, _ in self.plan.gathered_norms):
+            # a per-head module (q_norm over head_dim; not one over the whole width: PT242's), split
+            # heads around it, keep flat outside
             return self._around_heads(updated, self._strip_shape(arg), "self.head_dim")
         if attr is not None and len(updated.args) == 1 and isinstance(original.args[0].value, cst.Name) \
                 and self._per_head_norm(attr):
@@ -181,7 +183,8 @@ class FlattenHeads(Rule):
         if sub is None or attr in self._linears():
             return False
         is_norm = sub.ctor in self.plan.norms or "norm" in (sub.ctor or "").lower()
-        return is_norm and attr not in self.plan.head_norms.get(self.current_class or "", {})
+        whole_width = any(c == self.current_class and n == attr for c, n, _ in self.plan.gathered_norms)
+        return is_norm and not whole_width and attr not in self.plan.head_norms.get(self.current_class or "", {})
 
     def _linears(self) -> set[str]:
         info = self.ctx.idx.classes.get(self.current_class or "")

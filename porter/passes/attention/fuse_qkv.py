@@ -45,6 +45,23 @@ class FuseQkv(Rule):
         "(CodeGen's `mp_num`: each block one slice of q, v and k, porter/analysis/blocked_qkv.py)."
     )
     examples = [
+        Example(  # the projection's output named first, then split into three equal widths (Qwen-1's c_attn)
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.hidden_size = config.hidden_size\n        self.head_dim = config.head_dim\n"
+            "        self.c_attn = nn.Linear(config.hidden_size, 3 * self.hidden_size)\n\n"
+            "    def forward(self, x):\n        mixed = self.c_attn(x)\n"
+            "        q, k, v = mixed.split(self.hidden_size, dim=2)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=1.0)\n        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.hidden_size = config.hidden_size\n        self.head_dim = config.head_dim\n"
+            "        self.c_attn = QKVParallelLinear(config.hidden_size, self.head_dim, self.hidden_size // self.head_dim, "
+            "self.hidden_size // self.head_dim, bias=True, quant_config=quant_config, prefix=f\"{prefix}.c_attn\")\n"
+            "        self.q_size = self.c_attn.num_heads * self.head_dim\n"
+            "        self.kv_size = self.c_attn.num_kv_heads * self.head_dim\n\n"
+            "    def forward(self, x):\n        mixed, _ = self.c_attn(x)\n"
+            "        q, k, v = mixed.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=1.0)\n        return out\n",
+        ),
         Example(
             "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
             "        super().__init__()\n        self.head_dim = config.head_dim\n"
@@ -276,7 +293,7 @@ class FuseQkv(Rule):
                 continue
             if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
                     targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Attribute(
-                        value=m.Name(out_name), attr=m.Name("chunk"))) | m.Call(func=m.Attribute(
+                        value=m.Name(out_name), attr=m.Name("chunk") | m.Name("split"))) | m.Call(func=m.Attribute(
                             value=m.Name("self"), attr=m.Name(split_helper or "")),
                             args=[m.Arg(m.Name(out_name))]))])):
                 # per-head interleaved (loaded into q/k/v order by load_weights): split by sizes

@@ -15,8 +15,6 @@ SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")
 
 
 _MODULES = {"torch", "F", "nn", "math"}
-
-
 _MATMUL_FUNCS = {"torch.matmul", "torch.bmm", "matmul", "bmm"}
 
 
@@ -241,6 +239,27 @@ class InlineEagerAttention(BeforeIndexRule):
             "        out, w_reshaped = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
             "        return self.o_proj(out), w_reshaped\n",
         ),
+        # in a helper (Qwen-1's `_attn`): the sizes only the mask read go dead; the caller gets the call
+        Example(
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config):\n        n = config.max_position_embeddings\n"
+            "        self.bias = nn.Buffer(torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n), persistent=False)\n\n"
+            "    def _attn(self, q, k, v, attention_mask=None):\n"
+            "        w = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(v.size(-1))\n"
+            "        query_length, key_length = q.size(-2), k.size(-2)\n"
+            "        causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]\n"
+            "        w = torch.where(causal_mask, w, torch.finfo(w.dtype).min)\n"
+            "        if attention_mask is not None:\n            w = w + attention_mask\n"
+            "        w = F.softmax(w.float(), dim=-1).type(v.dtype)\n"
+            "        out = torch.matmul(w, v)\n        return out, w\n\n"
+            "    def forward(self, q, k, v, attention_mask):\n        out, _ = self._attn(q, k, v, attention_mask)\n"
+            "        return out\n",
+            "class Attn(nn.Module):\n"
+            "    def __init__(self, config):\n        n = config.max_position_embeddings\n"
+            "        self.bias = nn.Buffer(torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n), persistent=False)\n\n"
+            "    def forward(self, q, k, v, attention_mask):\n        out, _ = attention_interface("
+            "self, q, k, v, attention_mask, scaling=1 / math.sqrt(v.size(-1)))\n        return out\n",
+        ),
         # must leave unchanged: `torch.where` masks the scores with a tensor that is no causal buffer
         # of the class (what it lets through is unknown, so no engine mask reproduces it)
         Example(_UNCHANGED_WHERE, _UNCHANGED_WHERE),
@@ -273,6 +292,7 @@ class InlineEagerAttention(BeforeIndexRule):
         """A method that now only returns an attention call (`a, w = attention_interface(self, q, k, v, mask, ...)`,
         `return a, w`: GPT-J's `_attn`): its callers in the class get the call itself."""
         body = [st for st in fn.body.body if not m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))]
+        body = [st for i, st in enumerate(body) if not self._dead_pure(st, body[i + 1:])]
         if len(body) != 2 or not m.matches(body[0], m.SimpleStatementLine(body=[m.Assign(
                 targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Name("attention_interface")))])):
             return
@@ -283,6 +303,12 @@ class InlineEagerAttention(BeforeIndexRule):
         p = fn.params
         params = [x for x in (*p.posonly_params, *p.params)][1:]
         self._helpers[fn.name.value] = (params, assign.value)
+
+    def _dead_pure(self, st: cst.CSTNode, rest: list[cst.CSTNode]) -> bool:
+        """Sizes nothing after reads any more (`query_length, key_length = q.size(-2), k.size(-2)`)."""
+        small = st.body[0] if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])) else None  # type: ignore[attr-defined]
+        return small is not None and self._pure(small.value) and \
+            not _writes(st) & set().union(set(), *(names_in(r) for r in rest))
 
     def leave_Call(self, original, updated):
         name = self_call_attr(updated)

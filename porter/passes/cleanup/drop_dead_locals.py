@@ -36,6 +36,18 @@ class DropDeadLocals(Rule):
             "        for i, layer in enumerate(self.layers):\n            h = layer(h)\n"
             "        return h\n",
         ),
+        Example(  # in an `if`'s arms: the attention weights HF returned beside a mixer's output
+            "class L(nn.Module):\n    def forward(self, h):\n"
+            "        if self.kind == 'mamba':\n            h = self.mamba(h)\n            w = None\n"
+            "        elif self.kind == 'attention':\n            h = self.attn(h)\n"
+            "        else:\n            h = self.mlp(h)\n"
+            "        return h\n",
+            "class L(nn.Module):\n    def forward(self, h):\n"
+            "        if self.kind == 'mamba':\n            h = self.mamba(h)\n"
+            "        elif self.kind == 'attention':\n            h = self.attn(h)\n"
+            "        else:\n            h = self.mlp(h)\n"
+            "        return h\n",
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -54,10 +66,28 @@ class DropDeadLocals(Rule):
                 inner = self._dead_locals(list(st.body.body), reads)
                 if len(inner) != len(st.body.body) and inner:
                     body[i] = st.with_changes(body=st.body.with_changes(body=inner))
+            elif isinstance(st, cst.If):  # and in an `if`'s arms (`attn_weights = None` beside a mixer call)
+                if not (new := self._in_arms(st, reads)).deep_equals(st):
+                    body[i] = new
         if body == list(updated.body.body):
             return updated
         self.mark(f"{cls}.{updated.name.value}")
         return updated.with_changes(body=updated.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
+
+    def _in_arms(self, st: cst.If, reads: dict[str, int]) -> cst.If:
+        """ST with the dead locals of each of its arms (`elif`s and `else` too) dropped; an arm keeps
+        at least one statement."""
+        def arm(block: cst.IndentedBlock) -> cst.IndentedBlock:
+            inner = self._dead_locals(list(block.body), reads)
+            return block.with_changes(body=inner) if inner and len(inner) != len(block.body) else block
+        if not isinstance(st.body, cst.IndentedBlock):
+            return st
+        orelse = st.orelse
+        if isinstance(orelse, cst.If):
+            orelse = self._in_arms(orelse, reads)
+        elif isinstance(orelse, cst.Else) and isinstance(orelse.body, cst.IndentedBlock):
+            orelse = orelse.with_changes(body=arm(orelse.body))
+        return st.with_changes(body=arm(st.body), orelse=orelse)
 
     @staticmethod
     def _reads(body: list[cst.BaseStatement]) -> dict[str, int]:
