@@ -25,6 +25,7 @@ from porter.passes.attention.flatten_heads import FlattenHeads
 from porter.passes.attention.fold_query_scale import FoldQueryScale
 from porter.passes.attention.fuse_qkv import FuseQkv
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
+from porter.passes.attention.output_attentions_arm import OutputAttentionsArm
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
 from porter.passes.attention.upcast_arm import UpcastArm
@@ -81,6 +82,7 @@ from porter.passes.tp.vocab_embedding import VocabEmbedding
 BEFORE_INDEX: list[type[Rule]] = [
     EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
     UpcastArm,  # before PT150: one softmax where HF upcasts in an arm of its own
+    OutputAttentionsArm,  # before PT150: no reshaped copy of the weights between softmax and sum
     InlineEagerAttention,
     AlibiArm,  # after PT150: picks the arm of the `attention_interface` call PT150 made
 ]

@@ -33,7 +33,7 @@ class AttentionPlanning:
     def packed_sizes(self, info: ClassInfo, call: cst.Call, qkv: list[str]):
         """(interleaved, grouped, blocked, (heads, kv heads)) of one projection packing q, k and v."""
         interleaved = self.chunked_per_head(info, qkv[0])
-        grouped = None
+        grouped = blocked = None
         if interleaved:
             _, out_f, _ = linear_args(info.submodules[qkv[0]].call)
             node = cst.parse_expression(out_f)
@@ -43,14 +43,15 @@ class AttentionPlanning:
             return interleaved, grouped, None, (heads, heads)
         if (grouped := self.grouped_sizes(info, qkv[0])) is not None:
             return interleaved, grouped, None, grouped
-        if (blocked := blocked_split(info, qkv[0], call)) is not None:  # CodeGen's mp_num blocks
+        if self.chunked_flat(info, qkv[0]) or (blocked := blocked_split(info, qkv[0], call)) is not None:
+            # thirds of the output (MPT's chunk(3)), or CodeGen's mp_num blocks
             _, out_f, _ = linear_args(info.submodules[qkv[0]].call)
             node = cst.parse_expression(out_f)  # `self.embed_dim * 3`
             three = [code(x) == "3" for x in (node.left, node.right)] if isinstance(node, cst.BinaryOperation) \
                 and isinstance(node.operator, cst.Multiply) else [False, False]
             per = code(node.left) if three[1] else code(node.right) if three[0] else f"({out_f}) // 3"  # type: ignore[attr-defined]
             heads = heads_of(per, head_size_attr(info))
-            return interleaved, grouped, (blocked.blocks, *blocked.slots), (heads, heads)
+            return interleaved, grouped, (blocked.blocks, *blocked.slots) if blocked else None, (heads, heads)
         sizes = self.packed_qkv_sizes(info, qkv[0])
         if sizes is None:
             raise refusals.PACKED_NOT_SLICED.error(self, call, f"{info.name}.forward")  # type: ignore[arg-type]
@@ -148,8 +149,22 @@ class AttentionPlanning:
             return False
         if findall(fwd, m.Call(func=m.Attribute(value=m.Name(out_name), attr=m.Name("chunk")),
                                args=[m.Arg(m.Integer("3")), m.ZeroOrMore()])):
-            return True
+            # per head only through a view by heads first; a chunk of the flat output is [q; k; v] (MPT)
+            return not self.chunked_flat(info, attr)
         return per_head_split_helper(info, attr) is not None
+
+    def chunked_flat(self, info: ClassInfo, attr: str) -> bool:
+        """`qkv = self.proj(x)` (maybe clamped: MPT's clip_qkv) and `q, k, v = qkv.chunk(3, dim=2)`
+        with no view in between: the projection's output is [q; k; v], thirds of it."""
+        fwd = info.method("forward")
+        views = m.Call(func=m.Attribute(attr=m.Name("view") | m.Name("reshape") | m.Name("unflatten")))
+        names = {a.targets[0].target.value for a in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name())]))  # type: ignore[attr-defined]
+                 if findall(a.value, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr))))}  # type: ignore[attr-defined]
+        binds = [a for a in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name())]))
+                 if a.targets[0].target.value in names]  # type: ignore[attr-defined]
+        chunks = findall(fwd, m.Call(func=m.Attribute(value=m.Name(m.MatchIfTrue(lambda n: n in names)), attr=m.Name("chunk")),
+                                     args=[m.Arg(m.Integer("3")), m.ZeroOrMore()]))
+        return bool(binds and chunks) and not any(findall(a.value, views) for a in binds)  # type: ignore[attr-defined]
 
     # -- the attention -----------------------------------------------------------------------------
     def attention_plan(self, info: ClassInfo, call: cst.Call, qkv: list[str], o: str | None) -> AttentionPlan:

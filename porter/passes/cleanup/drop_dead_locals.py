@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, dotted, findall
+from porter.analysis.cstutil import assigned_names, dotted, findall, self_attr
 from porter.passes.base import Example, Rule
 
 _SHAPE_PURE = {"size", "shape", "dim", "view", "reshape", "transpose", "contiguous", "unsqueeze"}
@@ -48,6 +48,14 @@ class DropDeadLocals(Rule):
             "        else:\n            h = self.mlp(h)\n"
             "        return h\n",
         ),
+        Example(  # a method only returning what a module function builds (MPT's ALiBi tensor) is pure
+            "def build_bias(n, length):\n    bias = torch.arange(1 - length, 1)\n    return bias * n\n\n\n"
+            "class M(nn.Module):\n    def build(self, n, length):\n        return build_bias(n, length)\n\n"
+            "    def forward(self, h):\n        bias = self.build(self.n, self.length)\n        return self.f(h)\n",
+            "def build_bias(n, length):\n    bias = torch.arange(1 - length, 1)\n    return bias * n\n\n\n"
+            "class M(nn.Module):\n    def build(self, n, length):\n        return build_bias(n, length)\n\n"
+            "    def forward(self, h):\n        return self.f(h)\n",
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -60,13 +68,13 @@ class DropDeadLocals(Rule):
         # chose a mask), counting reads over the whole method
         reads = self._reads(body)
         for i, st in enumerate(body):
-            # (and of an `if` without `else`: GPT-Neo's `attn_implementation = ...` once it keyed the
-            # attention table, transformers 5.24)
-            if isinstance(st, (cst.For, cst.If)) and isinstance(st.body, cst.IndentedBlock):
+            if isinstance(st, cst.For) and isinstance(st.body, cst.IndentedBlock):
                 inner = self._dead_locals(list(st.body.body), reads)
                 if len(inner) != len(st.body.body) and inner:
                     body[i] = st.with_changes(body=st.body.with_changes(body=inner))
-            elif isinstance(st, cst.If):  # and in an `if`'s arms (`attn_weights = None` beside a mixer call)
+            # and in an `if`'s arms (`attn_weights = None` beside a mixer call; transformers 5.24's
+            # GPT-Neo: `attn_implementation = ...` once it keyed the attention table)
+            elif isinstance(st, cst.If):
                 if not (new := self._in_arms(st, reads)).deep_equals(st):
                     body[i] = new
         if body == list(updated.body.body):
@@ -131,5 +139,25 @@ class DropDeadLocals(Rule):
                 continue
             if dotted(func) in self.ctx.table.hf_only_callables:  # HF plumbing queries (rules/hf_strip.yaml)
                 continue
+            if self._pure_builder(func):
+                continue
             return False
         return True
+
+    def _pure_builder(self, func: cst.BaseExpression) -> bool:
+        """`self.build_mpt_alibi_tensor(...)`: a method of the class that only returns what a function
+        of the module builds, a function that binds only its own locals (MPT's ALiBi tensor, once
+        the engine's Attention takes its slopes and nothing reads the tensor)."""
+        attr = self_attr(func)
+        info = self.ctx.idx.classes.get(self.current_class or "")
+        meth = info.method(attr) if info is not None and attr else None
+        if meth is None or attr in info.submodules:  # type: ignore[union-attr]
+            return False
+        body = [st for st in meth.body.body if not m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))]
+        if len(body) != 1 or not m.matches(body[0], m.SimpleStatementLine(body=[m.Return(m.Call(func=m.Name()))])):
+            return False
+        fn = self.ctx.idx.functions.get(body[0].body[0].value.func.value)  # type: ignore[attr-defined]
+        if fn is None:
+            return False
+        return not findall(fn, m.AugAssign() | m.AssignTarget(target=m.Attribute() | m.Subscript()) | m.Global()
+                           | m.Nonlocal())
