@@ -33,6 +33,7 @@ _STRIP_SCHEMA = {
     "cross_attention_flags": list,
     "transposed_linears": list,
     "engine_act_and_mul": list,
+    "latent_attention_model_types": list,
 }
 _TARGET_SCHEMA = {
     "package": str,
@@ -92,6 +93,7 @@ class StripTable:
     cross_attention_flags: frozenset[str] = frozenset()
     transposed_linears: frozenset[str] = frozenset()
     engine_act_and_mul: frozenset[str] = frozenset()
+    latent_attention_model_types: frozenset[str] = frozenset()  # the engine runs its MLA layer for these
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def strip_table(rules_dir: Path | None = None) -> StripTable:
 def _strip_table(rules_dir: Path) -> StripTable:
     path = rules_dir / "hf_strip.yaml"
     data = _load("hf_strip.yaml", rules_dir)
+    data.setdefault("latent_attention_model_types", [])
     _check(data, _STRIP_SCHEMA, path)
     for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
                 "transposed_linears", "engine_act_and_mul"):
@@ -130,6 +133,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         cross_attention_flags=frozenset(data["cross_attention_flags"]),
         transposed_linears=frozenset(data["transposed_linears"]),
         engine_act_and_mul=frozenset(data["engine_act_and_mul"]),
+        latent_attention_model_types=frozenset(data["latent_attention_model_types"]),
     )
 
 

@@ -25,6 +25,7 @@ from porter.passes.attention.flatten_heads import FlattenHeads
 from porter.passes.attention.fold_query_scale import FoldQueryScale
 from porter.passes.attention.fuse_qkv import FuseQkv
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
+from porter.passes.attention.latent_attention import LatentAttention
 from porter.passes.attention.output_attentions_arm import OutputAttentionsArm
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
@@ -93,6 +94,7 @@ MODEL: list[type[Rule]] = [
     StripDecorators,
     ReplaceBaseClasses,
     DropCrossAttention,
+    LatentAttention,  # early: the engine's MLA layer replaces the whole attention (its rotary, its call)
     PreferAttentionFunction,
     DropInputChecks,
     ResolveAttentionTable,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from porter.analysis.latent_attention import LatentAttention
 from porter.analysis.moe import MoePlan, compact_moe
 from porter.analysis.ssm import SsmPlan
 from porter.rules_data import StripTable
@@ -166,6 +167,8 @@ class PortPlan(Sealable):
     ssm: list[SsmPlan] = field(default_factory=list)  # state-space mixers built as the engine's layer (porter/analysis/ssm.py)
     # (class, norm, row-parallel linear): a norm over a width TP splits, gathered before it (PT242)
     gathered_norms: list[tuple[str, str, str]] = field(default_factory=list)
+    # multi-head latent attentions built as the engine's MLA layer (porter/analysis/latent_attention.py)
+    latent_attentions: list[LatentAttention] = field(default_factory=list)
     # -- derived (not in PORT.json) -------------------------------------------------------------
     # the strip table the passes use: rules/hf_strip.yaml, widened by what this model makes
     # HF-only (an ALiBi bias the engine's Attention adds itself, and the callables building it)
@@ -187,7 +190,7 @@ class PortPlan(Sealable):
         for f in dataclasses.fields(self):
             if f.metadata.get("derived"):
                 del d[f.name]
-        for key in ("moes", "module_renames", "transposed_linears", "ssm", "gathered_norms"):  # only where there are any (other ports' PORT.json unchanged)
+        for key in ("moes", "module_renames", "transposed_linears", "ssm", "gathered_norms", "latent_attentions"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
         for a in d["attentions"]:
@@ -214,6 +217,9 @@ class PortPlan(Sealable):
 
     def attention(self, cls: str) -> AttentionPlan | None:
         return next((a for a in self.attentions if a.cls == cls), None)
+
+    def latent_attention(self, cls: str) -> LatentAttention | None:
+        return next((a for a in self.latent_attentions if a.cls == cls), None)
 
     def gate_up(self, cls: str) -> GateUpPlan | None:
         return next((g for g in self.gate_ups if g.cls == cls), None)

@@ -24,6 +24,7 @@ from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.index import EMBEDDING_NAMES, ClassInfo, ModelIndex, is_transposed_linear
 from porter.analysis.layouts import alibi_condition, attention_call_names
 from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
+from porter.analysis.latent_attention import latent_attention
 from porter.layout import port_architecture
 from porter.plan import refusals
 from porter.plan.attention import AttentionPlanning
@@ -156,6 +157,8 @@ class Planner(AttentionPlanning):
         )
         refusals.table_chosen_classes(self, classes)
         self.classify(plan, classes, lm)
+        if lm is not None:
+            refusals.latent_model_type(self, plan)
         refusals.rearranged_rope(self, plan)
         kept = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
         # beside an attention the engine runs (with none mapped, the KV cache update is the
@@ -167,7 +170,7 @@ class Planner(AttentionPlanning):
         fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)  # become FusedMoE / GateLinear
                  if not (p.routing_function and c == p.router_cls)}  # (or a GateLinear routing as its HF self)
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
-        if lm is not None and not plan.attentions and not partial:
+        if lm is not None and not plan.attentions and not plan.latent_attentions and not partial:
             # (a decoder with no attention at all, a recurrent one, is not refused here)
             refusals.unmapped_attention(self, plan.classes)
         if lm is not None:
@@ -186,6 +189,9 @@ class Planner(AttentionPlanning):
             if self.is_rotary(info):
                 plan.rotary_classes.append(name)
                 continue
+            if (latent := latent_attention(self.idx, info)) is not None:
+                plan.latent_attentions.append(latent)  # the engine's MLA layer builds its projections (PT280)
+                continue
             self.plan_class(plan, info, is_lm=(lm is not None and name == lm.name))
 
     def weights(self, plan: PortPlan) -> None:
@@ -197,6 +203,9 @@ class Planner(AttentionPlanning):
             if a.packed:
                 continue  # fused in the checkpoint too: QKVParallelLinear splits it when loading
             plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
+        for la in plan.latent_attentions:
+            if la.q_a:  # the low-rank query and the KV latent: one replicated projection in the engine
+                plan.stacked_params += [("fused_qkv_a_proj", la.q_a, "0"), ("fused_qkv_a_proj", la.kv_a, "1")]
         for g in plan.gate_ups:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))

@@ -114,6 +114,8 @@ def run_engine(
             "max_model_len": max_model_len,
             "enforce_eager": enforce_eager,
         }
+        if "kv_lora_rank" in json.loads((Path(checkpoint) / "config.json").read_text()):
+            req["latent_attention"] = True  # (engine_main picks the CPU MLA backend)
         (tmp / "req.json").write_text(json.dumps(req))
         pythonpath = [site] + ([port.path] if port is not None and port.path else [])
         proc = subprocess.Popen(

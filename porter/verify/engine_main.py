@@ -48,6 +48,9 @@ def run(req: dict) -> dict:
         max_model_len=req["max_model_len"],
         max_num_seqs=len(req["prompts"]),
         seed=0,
+        # latent attention: the reference CPU MLA backend, which every CPU runs in float32 (the AMX
+        # one, preferred where the CPU has AMX tiles, takes bfloat16 weights only)
+        **({"attention_config": {"backend": "CPU_MLA"}} if req.get("latent_attention") else {}),
     )
     t_start = time.time() - t0
     stage("engine ready; reading the model class")

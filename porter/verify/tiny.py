@@ -128,7 +128,8 @@ def check_config(cfg, spec: TinySpec) -> None:
     if cfg.vocab_size < 512:
         problems.append(f"vocab_size {cfg.vocab_size} < 512")
     kv = getattr(cfg, "num_key_value_heads", None)
-    if kv is not None and kv >= cfg.num_attention_heads:
+    # (latent attention caches one latent for all heads: its kv heads count is HF's repeat factor only)
+    if kv is not None and kv >= cfg.num_attention_heads and getattr(cfg, "kv_lora_rank", None) is None:
         problems.append(f"num_key_value_heads {kv} >= num_attention_heads: GQA not exercised")
     longest = max(spec.prompt_lengths)
     window = getattr(cfg, "sliding_window", None)

@@ -227,6 +227,8 @@ class CausalLmInterface(Rule):
                     blocked=blocked,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
                     renames=plan.checkpoint_renames, experts=experts, stacked_clash=_stacked_clash(ctx),
+                    latent_q_lora=next((f"self.{a.q_lora_config}" for a in plan.latent_attentions
+                                        if a.q_a and a.q and (a.q_lora_config or "").startswith("config.")), None),
                     # engine activation classes (PT140) hold persistent buffers the checkpoint carries
                     load_buffers=any(s.startswith("act_class_") for s in ctx.engine_symbols))
         ctx.use("default_weight_loader")

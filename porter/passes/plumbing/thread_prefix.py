@@ -64,6 +64,7 @@ class ThreadPrefix(Rule):
         needs |= {lp.cls for lp in self.plan.linears}
         needs |= {v.split(".")[0] for v in self.plan.vocab_embeddings}
         needs |= {p.cls for p in self.plan.moes}
+        needs |= {a.cls for a in self.plan.latent_attentions}  # builds the engine's MLA layer (PT280)
         needs |= {p.host for p in self.plan.ssm}  # builds the engine's state-space layer (PT260)
         changed = True
         while changed:
