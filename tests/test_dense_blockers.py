@@ -12,12 +12,12 @@ from conftest import run_porter
 # model_type -> (class or method the line must name, construct in the message)
 BLOCKED = {
     # (falcon, the blocker this test was written for, ports now: grouped q/k/v, PT170/PT171)
-    # BioGPT's k and v come from either the cache (an encoder-decoder cache's cross-attention arm)
-    # or its projections: the dataflow finds no single projection behind them
-    "biogpt": ("BioGptAttention.forward", "q/k/v projections not found"),
-    # softmax through a module built on the spot (`nn.Softmax(dim=-1)(scores)`): once converted into
-    # a port with no engine Attention at all (the engine refused it: no KV-cache group)
-    "codegen": ("CodeGenAttention._attn", "attention computed inline"),
+    # (biogpt and codegen, blocked here once, port now: the self-attention arm of a cross-attention
+    # flag, PT150's softmax module built on the spot, codegen's mp_num blocks of q/v/k)
+    # a positional `torch.baddbmm` and the last layer's `dense_bias` handed on to `bias_dropout_add`
+    "gpt_neox_japanese": ("GPTNeoXJapaneseAttention._attn", "attention computed inline"),
+    # a stored softmax module (`self.softmax`) over scores with a relative position bias
+    "cpmant": ("CpmAntAttention.forward", "attention computed inline"),
     # the mask handed to the attention call is computed from the layer's own projections (Doge's
     # dynamic mask attention: exp(A * softplus(dt_proj(v))) added to the scores, top-k kept): once
     # converted into a port whose engine attention call left that mask out
