@@ -14,7 +14,7 @@ WORKFLOW = ROOT / ".github" / "workflows" / "regenerate.yml"
 
 
 def dry_run(target: str, tmp_path: Path) -> list[str]:
-    proc = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'fresh-venv'}"], cwd=ROOT,
+    proc = subprocess.run(["make", "-n", "--no-print-directory", target, f"VENV={tmp_path / 'fresh-venv'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
