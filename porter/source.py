@@ -76,7 +76,7 @@ def resolve(
     if not src.strip():
         raise PorterError("SRC is empty: give a modeling_*.py path or a model_type", construct="SRC")
     path = Path(src)
-    if path.is_dir():
+    if path.is_dir() and not src.endswith(".py"):  # a repository's folder (a `modeling_x.py/` is a mistake)
         return resolve_repo(path, config=config, version=version)
     if not src.endswith(".py") and "/" not in src and not path.exists():
         if root is None:

@@ -124,3 +124,26 @@ def test_repository_folder_resolves_statically():
     assert (src.path.name, src.model_type, src.causal_lm, src.remote) == (
         MODELING, "qwenlike", "QWenLikeLMHeadModel", True)
     assert src.config_path == GOOD / CONFIG
+
+
+def test_remote_reference_runs_the_repository_code_in_a_subprocess(tmp_path):
+    """verify's HF side for remote code: the folder's config class shrunk to the tiny sizes, the model
+    built by transformers' remote-code loading in a subprocess (which says it executes the code),
+    its greedy continuations, and logprob rows from the checkpoint it wrote that agree with them."""
+    from porter.verify.remote_side import NOTICE, RemoteHF
+
+    said = []
+    hf = RemoteHF(GOOD, tmp_path / "hf", "PorterQWenLikeLMHeadModel", tiny={"num_hidden_layers": 3},
+                  say=said.append)
+    assert said == [f"{NOTICE}: {GOOD.resolve()} (trust_remote_code, in a subprocess: {hf.python})"]
+    assert hf.spec.model_type == "qwenlike"
+    assert hf.spec.config_kwargs["hidden_size"] == 128 and hf.spec.config_kwargs["num_hidden_layers"] == 3
+    assert "num_key_value_heads" not in hf.spec.config_kwargs  # not a field of this config class
+    assert all(len(set(r["tokens"])) >= hf.spec.min_distinct_tokens for r in hf.refs)
+    seqs = [p + r["tokens"] for p, r in zip(hf.prompts, hf.refs)]
+    rows = hf.logprobs(seqs)
+    for p, r, row in zip(hf.prompts, hf.refs, rows):
+        assert row.shape == (len(p) + len(r["tokens"]), 512)
+        assert [int(row[len(p) - 1 + j].argmax()) for j in range(len(r["tokens"]))] == r["tokens"]
+    ckpt = hf.checkpoint(tmp_path / "view", "PorterQWenLikeLMHeadModel")
+    assert (ckpt / "model.safetensors").exists()
