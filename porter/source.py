@@ -42,6 +42,8 @@ class Source:
     rel_path: str  # relative to the transformers package when it lives there
     transformers_version: str
     config_path: Path | None
+    causal_lm: str = ""  # the class to port when the folder's auto_map names it (remote code)
+    remote: bool = False  # a model repository's code (issue 23): checked, never run
 
 
 def transformers_root() -> Path | None:
@@ -74,6 +76,8 @@ def resolve(
     if not src.strip():
         raise PorterError("SRC is empty: give a modeling_*.py path or a model_type", construct="SRC")
     path = Path(src)
+    if path.is_dir() and not src.endswith(".py"):  # a repository's folder (a `modeling_x.py/` is a mistake)
+        return resolve_repo(path, config=config, version=version)
     if not src.endswith(".py") and "/" not in src and not path.exists():
         if root is None:
             raise PorterError(f"model type {src!r} given but transformers is not installed")
@@ -118,6 +122,23 @@ def resolve(
         transformers_version=version,
         config_path=cfg if cfg.is_file() else None,
     )
+
+
+def resolve_repo(folder: Path, *, config: str | None, version: str) -> Source:
+    """A model repository's folder (remote code, porter/remote.py), read statically."""
+    from porter import remote
+
+    files = remote.repo_files(folder)
+    cfg = Path(config) if config else files.config
+    for path in (files.modeling, *([cfg] if cfg else [])):
+        check_syntax(read_python(path), str(path))
+        remote.check_module(path, folder)
+    causal_lm = remote.causal_lm_class(files.modeling, files.causal_lm)
+    _, model_type = remote.check_config_class(files.modeling, cfg, causal_lm)
+    text = read_python(files.modeling)
+    return Source(path=files.modeling, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                  model_type=model_type, rel_path=files.modeling.name, transformers_version=version,
+                  config_path=cfg, causal_lm=causal_lm, remote=True)
 
 
 def special_module_names(root: Path) -> dict[str, str]:

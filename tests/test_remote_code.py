@@ -37,3 +37,113 @@ def test_fixture_is_a_correct_hf_model(name):
     incremental = torch.cat(steps, dim=1)
     assert full.shape == (2, 12, cfg.vocab_size)
     assert (full - incremental).abs().max().item() < 1e-5
+
+
+# -- bad remote code: one line naming file:line and the construct, exit 2, nothing written ----------
+
+GOOD = REMOTE / "qwenlike"
+MODELING, CONFIG = "modeling_qwenlike.py", "configuration_qwenlike.py"
+
+
+def _edit(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def _bad_folder(tmp_path, edits: dict[str, tuple[str, str]], drop: tuple[str, ...] = ()):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    for f in GOOD.iterdir():
+        if f.is_file() and f.name not in drop:
+            text = f.read_text()
+            if f.name in edits:
+                text = _edit(text, *edits[f.name])
+            (folder / f.name).write_text(text)
+    return folder
+
+
+def _line_of(path, needle: str) -> int:
+    return next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if needle in ln)
+
+
+_TOP = "from .configuration_qwenlike import QWenLikeConfig\n"
+BAD = {
+    "exec": ({MODELING: ("        mixed_x_layer = self.c_attn(hidden_states)\n",
+                         "        mixed_x_layer = self.c_attn(hidden_states)\n        exec('pass')\n")},
+             MODELING, "exec('pass')", "exec() runs code porter cannot read statically in exec(...)"),
+    "eval": ({CONFIG: ("        self.vocab_size = vocab_size\n", "        self.vocab_size = eval('vocab_size')\n")},
+             CONFIG, "eval(", "eval() runs code porter cannot read statically in eval(...)"),
+    "side_effect": ({MODELING: (_TOP, _TOP + "print('loading')\n")}, MODELING, "print('loading')",
+                    "module-level call print(...): importing the module would do something"),
+    "side_effect_loop": ({CONFIG: ("class QWenLikeConfig", "for _ in range(3):\n    pass\n\n\nclass QWenLikeConfig")},
+                         CONFIG, "for _ in range(3)", "module-level for statement"),
+    "missing_package": ({MODELING: (_TOP, _TOP + "import porter_no_such_package_xyz\n")}, MODELING,
+                        "import porter_no_such_package_xyz",
+                        "imports package 'porter_no_such_package_xyz', which is not installed"),
+    "missing_helper": ({MODELING: (_TOP, _TOP + "from .qwen_helpers import fast_rope\n")}, MODELING,
+                       "from .qwen_helpers", "imports .qwen_helpers, which the folder does not hold"),
+    "missing_config_class": ({CONFIG: ("class QWenLikeConfig(", "class OtherConfig(")}, MODELING, None,
+                             "QWenLikeLMHeadModel takes config class QWenLikeConfig, which configuration_qwenlike.py "
+                             "does not define"),
+    "config_without_model_type": ({CONFIG: ('    model_type = "qwenlike"\n', "")}, CONFIG, "class QWenLikeConfig",
+                                  "config class QWenLikeConfig declares no model_type"),
+    "auto_map_class_missing": ({"config.json": ("modeling_qwenlike.QWenLikeLMHeadModel",
+                                                "modeling_qwenlike.QWenLikeForCausalLM")}, MODELING, None,
+                               "auto_map names causal LM QWenLikeForCausalLM, which the file does not define"),
+    "no_causal_lm": ({MODELING: ("class QWenLikeLMHeadModel(", "class QWenLikeHead(")}, MODELING, None,
+                     "no causal LM: no auto_map['AutoModelForCausalLM'] and no *ForCausalLM/*LMHeadModel class"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_remote_code_is_refused_with_file_and_line(tmp_path, case):
+    import subprocess
+    import sys
+
+    edits, file, needle, message = BAD[case]
+    drop = ("config.json",) if case == "no_causal_lm" else ()
+    folder = _bad_folder(tmp_path, edits, drop)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "porter", "convert", str(folder), "--target", "vllm",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    where = f"{folder / file}:{_line_of(folder / file, needle)}: " if needle else f"{folder / file}: "
+    assert lines[0].startswith(f"porter: error: {where}"), lines[0]
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_repository_folder_resolves_statically():
+    """auto_map names the causal LM (not a *ForCausalLM) and the config class; the model type is the
+    config class's."""
+    from porter.source import resolve
+
+    src = resolve(str(GOOD))
+    assert (src.path.name, src.model_type, src.causal_lm, src.remote) == (
+        MODELING, "qwenlike", "QWenLikeLMHeadModel", True)
+    assert src.config_path == GOOD / CONFIG
+
+
+def test_remote_reference_runs_the_repository_code_in_a_subprocess(tmp_path):
+    """verify's HF side for remote code: the folder's config class shrunk to the tiny sizes, the model
+    built by transformers' remote-code loading in a subprocess (which says it executes the code),
+    its greedy continuations, and logprob rows from the checkpoint it wrote that agree with them."""
+    from porter.verify.remote_side import NOTICE, RemoteHF
+
+    said = []
+    hf = RemoteHF(GOOD, tmp_path / "hf", "PorterQWenLikeLMHeadModel", tiny={"num_hidden_layers": 3},
+                  say=said.append)
+    assert said == [f"{NOTICE}: {GOOD.resolve()} (trust_remote_code, in a subprocess: {hf.python})"]
+    assert hf.spec.model_type == "qwenlike"
+    assert hf.spec.config_kwargs["hidden_size"] == 128 and hf.spec.config_kwargs["num_hidden_layers"] == 3
+    assert "num_key_value_heads" not in hf.spec.config_kwargs  # not a field of this config class
+    assert all(len(set(r["tokens"])) >= hf.spec.min_distinct_tokens for r in hf.refs)
+    seqs = [p + r["tokens"] for p, r in zip(hf.prompts, hf.refs)]
+    rows = hf.logprobs(seqs)
+    for p, r, row in zip(hf.prompts, hf.refs, rows):
+        assert row.shape == (len(p) + len(r["tokens"]), 512)
+        assert [int(row[len(p) - 1 + j].argmax()) for j in range(len(r["tokens"]))] == r["tokens"]
+    ckpt = hf.checkpoint(tmp_path / "view", "PorterQWenLikeLMHeadModel")
+    assert (ckpt / "model.safetensors").exists()

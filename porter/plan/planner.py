@@ -45,6 +45,9 @@ class Planner(AttentionPlanning):
 
     # -- discovery -------------------------------------------------------------------------
     def causal_lm(self) -> ClassInfo:
+        named = getattr(self, "named_causal_lm", "")  # remote code: config.json's auto_map names it
+        if named in self.idx.classes:
+            return self.idx.classes[named]
         found = [c for n, c in self.idx.classes.items() if n.endswith("ForCausalLM")]
         if not found:  # the older naming (GPT2LMHeadModel), registered as the causal LM of its type
             found = [c for n, c in self.idx.classes.items() if n.endswith("LMHeadModel")]
@@ -119,6 +122,7 @@ class Planner(AttentionPlanning):
         """The plan for the file's causal LM, finished and sealed. `partial` plans every class of a
         snippet (rule examples); `origin` (the resolved source) gives the checkpoint's names and
         the architecture of a config-only model type."""
+        self.named_causal_lm = origin.causal_lm if origin is not None else ""
         if partial and not any(n.endswith("ForCausalLM") for n in self.idx.classes):
             ssm = find_mamba2_mixers(self.idx, list(self.idx.classes))
             plan = self.draft(None, [c for c in self.idx.classes if c not in {p.cls for p in ssm}], partial)

@@ -161,6 +161,13 @@ def build_model(spec: TinySpec, hf_architecture: str):
     cfg._attn_implementation = "eager"
     torch.manual_seed(spec.seed)
     model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    return seed_weights(model, spec)
+
+
+def seed_weights(model, spec: TinySpec):
+    """Every parameter N(0, std) from the spec's seed (norm weights around 1), in eval mode."""
+    import torch
+
     model.eval()
     gen = torch.Generator().manual_seed(spec.seed)
     norm_params = set()

@@ -1,0 +1,223 @@
+"""Remote code (issue 23): a model repository's folder, read statically.
+
+A repository ships ``modeling_X.py`` and ``configuration_X.py`` (and maybe helper modules and a
+``config.json`` whose ``auto_map`` names the classes), loaded by transformers with
+``trust_remote_code=True``. ``porter convert DIR`` reads them as text and never imports or runs
+them: the modeling file and the config file come from ``auto_map`` (else the folder's one
+``modeling_*.py`` and the config module it imports relatively), the model type from the config
+class's ``model_type``, the architecture from ``auto_map["AutoModelForCausalLM"]``.
+
+Code porter would have to run to know what it does is refused, one line naming file:line and
+the construct, before anything is written: ``exec``/``eval``/``compile``/``__import__``, a statement
+at module level that does something when the module is imported, an import of a package this
+environment does not have, a relative import of a module the folder does not hold, a missing or
+mismatched config class, a modeling file with no causal LM.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+from porter.analysis.config_source import class_defs, class_model_type, config_class_of
+from porter.errors import PorterError
+
+DYNAMIC_CALLS = frozenset({"exec", "eval", "compile", "__import__"})
+CAUSAL_AUTO = "AutoModelForCausalLM"
+
+
+@dataclasses.dataclass(frozen=True)
+class RepoFiles:
+    modeling: Path
+    config: Path | None
+    causal_lm: str  # "" when neither auto_map nor the file's naming says
+
+
+def _auto_map(folder: Path) -> dict[str, str]:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PorterError(f"config.json does not parse: {exc}", file=str(path)) from None
+    amap = data.get("auto_map") if isinstance(data, dict) else None
+    if amap is None:
+        return {}
+    if not isinstance(amap, dict) or not all(isinstance(v, (str, list)) for v in amap.values()):
+        raise PorterError("auto_map is not an object of \"module.Class\" strings", file=str(path),
+                          construct="auto_map")
+    # AutoTokenizer maps to a list; a "repo--module.Class" entry names another repository
+    return {k: v.split("--")[-1] for k, v in amap.items() if isinstance(v, str)}
+
+
+def _module_file(folder: Path, ref: str, key: str) -> tuple[Path, str]:
+    module, _, cls = ref.rpartition(".")
+    path = folder / f"{module.replace('.', '/')}.py"
+    if not module or not path.is_file():
+        raise PorterError(f"auto_map[{key!r}] names {ref!r}, but the folder has no {module or '?'}.py",
+                          file=str(folder / "config.json"), construct="auto_map")
+    return path, cls
+
+
+def repo_files(folder: Path) -> RepoFiles:
+    """The modeling file, config file and causal-LM class of a repository folder."""
+    amap = _auto_map(folder)
+    causal_lm = ""
+    if CAUSAL_AUTO in amap:
+        modeling, causal_lm = _module_file(folder, amap[CAUSAL_AUTO], CAUSAL_AUTO)
+    else:
+        found = sorted(folder.glob("modeling_*.py"))
+        if len(found) != 1:
+            what = "no modeling_*.py" if not found else f"{len(found)} modeling_*.py files"
+            raise PorterError(f"{what} and no auto_map[{CAUSAL_AUTO!r}] in config.json: "
+                              "cannot tell which file to port", file=str(folder))
+        modeling = found[0]
+    config = _module_file(folder, amap["AutoConfig"], "AutoConfig")[0] if "AutoConfig" in amap else None
+    if config is None:
+        config = _relative_config(folder, modeling)
+    return RepoFiles(modeling=modeling, config=config, causal_lm=causal_lm)
+
+
+def _relative_config(folder: Path, modeling: Path) -> Path | None:
+    """The configuration module the modeling file imports relatively (`from .configuration_x import
+    XConfig`)."""
+    tree = ast.parse(modeling.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module \
+                and node.module.startswith("configuration_"):
+            path = folder / f"{node.module}.py"
+            if path.is_file():
+                return path
+    return None
+
+
+# -- what porter refuses to read --------------------------------------------------------------------
+
+
+def _side_effect(st: ast.stmt) -> str | None:
+    """What a module-level statement does when the module is imported, or None for a definition."""
+    if isinstance(st, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                       ast.Assign, ast.AnnAssign, ast.Pass)):
+        return None
+    if isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant):
+        return None  # a docstring
+    if isinstance(st, ast.If):
+        return next((s for s in map(_side_effect, [*st.body, *st.orelse]) if s), None)
+    if isinstance(st, ast.Try):
+        inner = [*st.body, *st.orelse, *st.finalbody, *(s for h in st.handlers for s in h.body)]
+        return next((s for s in map(_side_effect, inner) if s), None)
+    if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
+        return f"module-level call {ast.unparse(st.value.func)}(...)"
+    return f"module-level {type(st).__name__.lower()} statement"
+
+
+def _installed(top: str) -> bool:
+    try:
+        return importlib.util.find_spec(top) is not None  # a top-level name: found, never imported
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_imports(tree: ast.Module, path: Path, folder: Path) -> None:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            tops = [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops = [node.module.split(".")[0]]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level != 1 or not node.module:
+                raise PorterError("relative import outside the folder", file=str(path),
+                                  line=node.lineno, construct=f"from {'.' * node.level}{node.module or ''} import")
+            if not (folder / f"{node.module.replace('.', '/')}.py").is_file():
+                raise PorterError(f"imports .{node.module}, which the folder does not hold",
+                                  file=str(path), line=node.lineno, construct=f"from .{node.module} import")
+            continue
+        else:
+            continue
+        if _guarded(tree, node):
+            continue  # `try: import flash_attn except ImportError:` runs without it
+        for top in tops:
+            if not _installed(top):
+                raise PorterError(f"imports package {top!r}, which is not installed", file=str(path),
+                                  line=node.lineno, construct=f"import {top}")
+
+
+def _guarded(tree: ast.Module, node: ast.stmt) -> bool:
+    """NODE sits in the body of a `try` whose handlers catch ImportError (or everything)."""
+    for t in ast.walk(tree):
+        if isinstance(t, ast.Try) and any(n is node for s in t.body for n in ast.walk(s)):
+            for h in t.handlers:
+                names = {ast.unparse(h.type)} if h.type is not None else {"*"}
+                if names & {"*", "ImportError", "ModuleNotFoundError", "Exception"} or \
+                        any("ImportError" in n for n in names):
+                    return True
+    return False
+
+
+def check_module(path: Path, folder: Path) -> None:
+    """Refuse remote code porter would have to run to read (one line, file:line, the construct)."""
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text, filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in DYNAMIC_CALLS:
+            raise PorterError(f"{node.func.id}() runs code porter cannot read statically", file=str(path),
+                              line=node.lineno, construct=f"{node.func.id}(...)")
+    for st in tree.body:
+        what = _side_effect(st)
+        if what is not None:
+            raise PorterError(f"{what}: importing the module would do something (porter never runs it)",
+                              file=str(path), line=st.lineno, construct=ast.unparse(st).splitlines()[0][:60])
+    _check_imports(tree, path, folder)
+
+
+def check_config_class(modeling: Path, config: Path | None, causal_lm: str) -> tuple[str, str]:
+    """(config class, model_type) the causal LM takes, from the config module: refused when missing
+    or mismatched."""
+    cls = config_class_of(modeling.read_text(encoding="utf-8"), causal_lm)
+    if config is None:
+        raise PorterError(f"no configuration module for {causal_lm} (no auto_map['AutoConfig'], no "
+                          "relative import of a configuration_*.py)", file=str(modeling),
+                          construct="config class")
+    tree = ast.parse(config.read_text(encoding="utf-8"))
+    classes = class_defs(tree)
+    if cls is None:  # `config_class = XConfig` on the pretrained base
+        cls = _config_class_attr(modeling)
+    if cls is None or cls not in classes:
+        raise PorterError(f"{causal_lm} takes config class {cls or '?'}, which {config.name} does not define",
+                          file=str(modeling), construct="config class")
+    model_type = class_model_type(tree, cls)
+    if not model_type:
+        node = classes[cls]
+        raise PorterError(f"config class {cls} declares no model_type", file=str(config),
+                          line=node.lineno, construct=f"class {cls}")
+    return cls, model_type
+
+
+def _config_class_attr(modeling: Path) -> str | None:
+    tree = ast.parse(modeling.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "config_class"
+                                                for t in node.targets) and isinstance(node.value, ast.Name):
+            return node.value.id
+    return None
+
+
+def causal_lm_class(modeling: Path, named: str) -> str:
+    """The causal LM: auto_map's class (which the file must define), else the file's one
+    `*ForCausalLM` / `*LMHeadModel` class."""
+    classes = class_defs(ast.parse(modeling.read_text(encoding="utf-8")))
+    if named:
+        if named not in classes:
+            raise PorterError(f"auto_map names causal LM {named}, which the file does not define",
+                              file=str(modeling), construct=CAUSAL_AUTO)
+        return named
+    found = [n for n in classes if n.endswith("ForCausalLM")] or [n for n in classes if n.endswith("LMHeadModel")]
+    if len(found) != 1:
+        raise PorterError("no causal LM: no auto_map['AutoModelForCausalLM'] and "
+                          f"{'no' if not found else 'more than one'} *ForCausalLM/*LMHeadModel class",
+                          file=str(modeling), construct="causal LM")
+    return found[0]
