@@ -14,13 +14,29 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from porter.analysis.latent_attention import LatentAttention
 from porter.analysis.moe import MoePlan, compact_moe
 from porter.analysis.ssm import SsmPlan
 from porter.rules_data import StripTable
 
+if TYPE_CHECKING:
+    from porter.analysis.index import ClassInfo, ModelIndex
+
 _DERIVED = {"derived": True}
+
+
+class PlanningContext(Protocol):
+    """What a refusal check (porter/plan/refusals.py) reads from the planner that calls it."""
+
+    idx: ModelIndex
+    table: StripTable
+    model_type: str
+
+    def reachable(self, root: ClassInfo, stop: frozenset[str] = ...) -> list[str]: ...
+
+    def attention_call_names(self) -> set[str]: ...
 
 
 class FrozenDict(dict):

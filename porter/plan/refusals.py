@@ -24,8 +24,7 @@ from porter.analysis.ssm import mamba1_note, recurrent_blocker
 from porter.errors import PorterError
 
 if TYPE_CHECKING:
-    from porter.plan.model import PortPlan
-    from porter.plan.planner import Planner
+    from porter.plan.model import PlanningContext as Planner, PortPlan
 
 # forward() parameters the HF cache object travels in (those of rules/hf_strip.yaml's strip_params)
 CACHE_PARAMS = frozenset({"past_key_values", "past_key_value", "cache", "layer_past"})
