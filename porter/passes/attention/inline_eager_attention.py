@@ -6,106 +6,12 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.causal_buffer import buffer_of, causal_buffers, mask_fill
-from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
+from porter.analysis.cstutil import code, findall, names_in, self_call_attr
 from porter.passes.attention._common import BeforeIndexRule, nlines
+from porter.passes.attention._inline_dataflow import (
+    SOFTMAX, _matmul, _mul, _raise_check, _reads, _root, _simple_assign, _target, _tensor_roots, _writes,
+)
 from porter.passes.base import Example
-
-SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")
-                 | m.Call(func=m.Attribute(attr=m.Name("Softmax")) | m.Name("Softmax")))  # nn.Softmax(dim=-1)(w)
-
-
-_MODULES = {"torch", "F", "nn", "math"}
-_MATMUL_FUNCS = {"torch.matmul", "torch.bmm", "matmul", "bmm"}
-
-
-def _simple_assign(st: cst.CSTNode) -> cst.Assign | cst.AugAssign | None:
-    if isinstance(st, cst.SimpleStatementLine) and len(st.body) == 1 \
-            and isinstance(st.body[0], (cst.Assign, cst.AugAssign)):
-        small = st.body[0]
-        target = small.targets[0].target if isinstance(small, cst.Assign) and len(small.targets) == 1 \
-            else getattr(small, "target", None)
-        if isinstance(target, cst.Name):
-            return small
-    return None
-
-
-def _raise_check(st: cst.CSTNode) -> bool:
-    """`if w.size() != (b, h, n, m): raise ValueError(...)`: a check that computes nothing."""
-    return isinstance(st, cst.If) and st.orelse is None and all(
-        m.matches(x, m.SimpleStatementLine(body=[m.Raise()])) for x in st.body.body)
-
-
-def _target(small: cst.Assign | cst.AugAssign) -> str:
-    t = small.targets[0].target if isinstance(small, cst.Assign) else small.target
-    return t.value  # type: ignore[union-attr]
-
-
-def _writes(st: cst.CSTNode) -> set[str]:
-    out: set[str] = set()
-    for a in findall(st, m.Assign() | m.AugAssign()):
-        targets = [t.target for t in a.targets] if isinstance(a, cst.Assign) else [a.target]  # type: ignore[attr-defined]
-        for t in targets:
-            out |= names_in(t) if isinstance(t, (cst.Tuple, cst.List)) else ({t.value} if isinstance(t, cst.Name) else set())
-    return out
-
-
-def _reads(small: cst.Assign | cst.AugAssign) -> set[str]:
-    out = names_in(small.value)
-    if isinstance(small, cst.AugAssign):
-        out.add(_target(small))
-    return out
-
-
-def _matmul(value: cst.BaseExpression) -> tuple[cst.BaseExpression, cst.BaseExpression, cst.Call | None] | None:
-    """(a, b, baddbmm-call) of `a @ b`, `torch.matmul(a, b)`, `torch.bmm(a, b)`, `bias.baddbmm(batch1=a, batch2=b)`
-    found in the expression (the outermost one)."""
-    for node in findall(value, m.BinaryOperation(operator=m.MatrixMultiply()) | m.Call()):
-        if isinstance(node, cst.BinaryOperation):
-            return node.left, node.right, None
-        name = dotted(node.func)  # type: ignore[attr-defined]
-        args = node.args  # type: ignore[attr-defined]
-        pos = [a.value for a in args if a.keyword is None]
-        kw = {a.keyword.value: a.value for a in args if a.keyword is not None}
-        if name in _MATMUL_FUNCS and len(pos) == 2:
-            return pos[0], pos[1], None
-        if isinstance(node.func, cst.Attribute) and node.func.attr.value == "baddbmm" \
-                and "batch1" in kw and "batch2" in kw:  # type: ignore[attr-defined]
-            return kw["batch1"], kw["batch2"], node  # type: ignore[return-value]
-    return None
-
-
-def _root(e: cst.BaseExpression) -> str | None:
-    """`key.transpose(-1, -2)` -> "key": the name a chain of method calls / attributes starts from."""
-    while True:
-        if isinstance(e, cst.Name):
-            return e.value
-        if isinstance(e, cst.Call) and isinstance(e.func, cst.Attribute):
-            e = e.func.value
-        elif isinstance(e, cst.Attribute):
-            e = e.value
-        elif isinstance(e, cst.Subscript):
-            e = e.value
-        else:
-            return None
-
-
-def _tensor_roots(e: cst.BaseExpression) -> set[str]:
-    """The tensors an expression computes from: both sides of an operator, the object a method chain
-    starts from (`w.view(b, h, n, -1)` -> {"w"}; the arguments are sizes)."""
-    if isinstance(e, cst.BinaryOperation):
-        return _tensor_roots(e.left) | _tensor_roots(e.right)
-    if isinstance(e, cst.Call) and (not isinstance(e.func, cst.Attribute) or (dotted(e.func) or "").split(".")[0] in _MODULES):
-        out: set[str] = set()
-        for a in e.args:
-            out |= _tensor_roots(a.value)
-        return out
-    root = _root(e)
-    return {root} if root else set()
-
-
-def _mul(a: str | None, b: str) -> str:
-    return b if a is None else f"{a} * {b}"
-
 
 _UNCHANGED_WHERE = (
     "class Attn(nn.Module):\n"
