@@ -34,8 +34,10 @@ $(REAL_MODEL): $(TEST_STAMP)
 real-model: $(REAL_MODEL)
 
 # day-zero ports (converted from a transformers newer than the engine's) get their HF reference
-# from a venv of that release + the local CPU torch: .venv-transformers-<version>, built from
-# nothing when missing (a probe of an existing one takes seconds)
+# from a venv of that release + the local CPU torch: .venv-transformers-<version>, one for each
+# release of the committed ports and of day_zero_releases (rules/coverage.yaml), built from nothing
+# when missing (a probe of an existing one takes seconds): transformers with --no-deps, its other
+# requirements resolved as usual (kernels, which it only probes for at run time, is left out)
 hf-envs: $(STAMP)
 	$(BIN)/python -m porter.verify.hfenv generated
 

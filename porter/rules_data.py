@@ -168,3 +168,25 @@ def get_target(name: str) -> Target:
             construct="--target",
         )
     return all_targets[name]
+
+
+COVERAGE_RULES = "coverage.yaml"  # rules/: the day-zero releases the sweep also covers
+
+
+def day_zero_releases() -> list[str]:
+    """The newer transformers releases `porter coverage` also sweeps (rules/coverage.yaml,
+    ``day_zero_releases``): a model type only such a release has is a day-zero port. The
+    release matrix (`porter regen`'s DRIFT.md) and the reference venvs (porter/verify/hfenv.py)
+    cover them too."""
+    path = active_rules_dir() / COVERAGE_RULES
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError:
+        return []
+    except yaml.YAMLError:
+        raise PorterError("malformed YAML rules table", file=str(path)) from None
+    rel = data.get("day_zero_releases") or []
+    if not isinstance(rel, list) or not all(isinstance(v, str) and v.strip() for v in rel):
+        raise PorterError("day_zero_releases must be a list of version strings", file=str(path),
+                          construct="day_zero_releases")
+    return [v.strip() for v in rel]

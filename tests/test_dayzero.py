@@ -131,6 +131,19 @@ def test_setup_builds_the_envs_the_committed_ports_need():
     assert "test: $(TEST_STAMP) hf-envs" in makefile and "test-full: $(TEST_STAMP) hf-envs" in makefile
 
 
+def test_release_env_requirements_come_from_the_wheel_less_the_runtime_probed_kernels():
+    # transformers 5.25 requires kernels>=0.19.1,<0.20, which the package index here lacks:
+    # its venv gets transformers with --no-deps and every other requirement resolved normally
+    from porter.source import fetch_wheel
+    from porter.verify.hfenv import RUNTIME_OPTIONAL, requirements
+
+    reqs = requirements(fetch_wheel("5.25.0"))
+    names = {r.split("<")[0].split(">")[0].split("=")[0].split("!")[0].strip() for r in reqs}
+    assert "kernels" in RUNTIME_OPTIONAL and "kernels" not in names
+    assert {"huggingface-hub", "tokenizers", "safetensors", "numpy"} <= names
+    assert not any("extra" in r for r in reqs)
+
+
 def test_aphrodite_structural_check_of_a_day_zero_port_is_one_line_exit_2():
     proc = run_porter("verify", "exaone", "--target", "aphrodite")
     assert proc.returncode == 2

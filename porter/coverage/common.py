@@ -8,11 +8,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from porter.rules_data import COVERAGE_RULES, day_zero_releases  # noqa: F401  (re-exported)
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".porter-cache" / "coverage"
 COVERAGE_MD = "COVERAGE.md"
 COVERAGE_JSON = "COVERAGE.json"
-COVERAGE_RULES = "coverage.yaml"  # rules/: the day-zero releases the sweep also covers
 TARGETS = ("vllm", "aphrodite")
 TPS = (1, 2)
 SCHEMA = 1
@@ -43,31 +44,6 @@ def dist_version(*names: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     return "unknown"
-
-
-def day_zero_releases() -> list[str]:
-    """The newer transformers releases `porter coverage` also sweeps (rules/coverage.yaml,
-    ``day_zero_releases``): a model type only such a release has is a day-zero port."""
-    import yaml
-
-    from porter.rules_data import active_rules_dir
-
-    path = active_rules_dir() / COVERAGE_RULES
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError:
-        return []
-    except yaml.YAMLError:
-        from porter.errors import PorterError
-
-        raise PorterError("malformed YAML rules table", file=str(path)) from None
-    rel = data.get("day_zero_releases") or []
-    if not isinstance(rel, list) or not all(isinstance(v, str) and v.strip() for v in rel):
-        from porter.errors import PorterError
-
-        raise PorterError("day_zero_releases must be a list of version strings", file=str(path),
-                          construct="day_zero_releases")
-    return [v.strip() for v in rel]
 
 
 def progress(total: int, label: str):

@@ -5,7 +5,15 @@ A port converted from a transformers release newer than the engine's (``porter c
 transformers does not know the model. The reference and the tiny checkpoint are made in a small
 venv of that release instead (``.venv-transformers-<version>`` beside porter's own), and pass to the
 engine side through files (porter/verify/hf_side.py). ``python -m porter.verify.hfenv ROOT`` builds
-every venv the committed ports under ROOT need (the Makefile's setup runs it).
+every venv the committed ports under ROOT need, and one for every day-zero release of
+rules/coverage.yaml (the Makefile's test setup runs it; `make demo` does not).
+
+transformers itself is installed with ``--no-deps``; its requirements, read from the release's
+wheel, are installed with pip's ordinary resolution, except those in RUNTIME_OPTIONAL: packages
+transformers probes for at run time (with a version check) and never needs on this CPU path.
+transformers 5.25 requires kernels>=0.19.1,<0.20, which the package index here lacks; without it
+``is_kernels_available()`` is False and the hub-kernel paths (GPU attention kernels) stay off, as
+they would be on this CPU with any kernels installed.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH = "torch==2.13.0"  # the engine's torch; the CPU wheel on this machine's wheel folder
+# requirements of transformers that are probed at run time, never imported unconditionally
+RUNTIME_OPTIONAL = frozenset({"kernels"})
 
 
 class HFEnvError(Exception):
@@ -51,10 +61,18 @@ def ensure_env(version: str, log=lambda msg: None) -> Path:
             return python
     d = env_dir(version)
     log(f"building {d} (transformers {version}, CPU {TORCH})")
+    from porter.errors import PorterError
+    from porter.source import fetch_wheel
+
+    try:
+        wheel = fetch_wheel(version)
+    except PorterError as exc:
+        raise HFEnvError(f"cannot build {d}: {exc.message}") from None
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     steps = [
         [sys.executable, "-m", "venv", "--clear", str(d)],
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", TORCH,
-         f"transformers=={version}"],
+        [*pip, TORCH, *requirements(wheel)],
+        [*pip, "--no-deps", str(wheel)],
     ]
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -67,6 +85,29 @@ def ensure_env(version: str, log=lambda msg: None) -> Path:
     if probe[1] is not None:
         raise HFEnvError(f"{d} got a CUDA torch ({probe[1]}); the CPU wheel was expected")
     return python
+
+
+def requirements(wheel: Path) -> list[str]:
+    """The unconditional requirements of a transformers wheel (its METADATA's Requires-Dist without
+    an extra), less RUNTIME_OPTIONAL."""
+    import zipfile
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        msg = Parser().parsestr(zf.read(meta).decode("utf-8"), headersonly=True)
+    out = []
+    for line in msg.get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if req.marker is not None and "extra" in str(req.marker):
+            continue
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        if req.name.lower() not in RUNTIME_OPTIONAL:
+            out.append(str(req))
+    return out
 
 
 def versions_needed(root: Path) -> list[str]:
@@ -86,7 +127,9 @@ def versions_needed(root: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0]) if args else REPO / "generated"
-    for version in versions_needed(root):
+    from porter.rules_data import day_zero_releases
+
+    for version in sorted(set(versions_needed(root)) | set(day_zero_releases())):
         try:
             python = ensure_env(version, log=lambda m: print(m, flush=True))
         except HFEnvError as exc:
