@@ -34,6 +34,7 @@ _STRIP_SCHEMA = {
     "transposed_linears": list,
     "engine_act_and_mul": list,
     "latent_attention_model_types": list,
+    "absent_params": list,
 }
 _TARGET_SCHEMA = {
     "package": str,
@@ -94,6 +95,7 @@ class StripTable:
     transposed_linears: frozenset[str] = frozenset()
     engine_act_and_mul: frozenset[str] = frozenset()
     latent_attention_model_types: frozenset[str] = frozenset()  # the engine runs its MLA layer for these
+    absent_params: frozenset[str] = frozenset()  # stripped inputs a plain generation never gives (None)
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,10 @@ def _strip_table(rules_dir: Path) -> StripTable:
     path = rules_dir / "hf_strip.yaml"
     data = _load("hf_strip.yaml", rules_dir)
     data.setdefault("latent_attention_model_types", [])
+    data.setdefault("absent_params", [])
     _check(data, _STRIP_SCHEMA, path)
     for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
-                "transposed_linears", "engine_act_and_mul"):
+                "transposed_linears", "engine_act_and_mul", "absent_params"):
         if not all(isinstance(x, str) for x in data[key]):
             raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
     return StripTable(
@@ -134,6 +137,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         transposed_linears=frozenset(data["transposed_linears"]),
         engine_act_and_mul=frozenset(data["engine_act_and_mul"]),
         latent_attention_model_types=frozenset(data["latent_attention_model_types"]),
+        absent_params=frozenset(data["absent_params"]),
     )
 
 

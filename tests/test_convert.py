@@ -170,6 +170,23 @@ def test_attention_without_qkv_names_file_line_and_rule(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_qkv_from_different_inputs_is_refused(tmp_path):
+    """CTRL's attention takes q, k and v as three parameters: one fused projection is exact only
+    because its caller passes one tensor for all three; a caller passing two refuses."""
+    ctrl = (Path(__import__("porter.source", fromlist=["x"]).transformers_root()) / "models" / "ctrl"
+            / "modeling_ctrl.py").read_text()
+    broken = ctrl.replace("            normed,\n            normed,\n            normed,\n",
+                          "            normed,\n            x,\n            normed,\n")
+    assert broken != ctrl
+    src = tmp_path / "modeling_ctrl.py"
+    src.write_text(broken)
+    proc = run_porter("convert", str(src), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert f"{src}:" in line and "different inputs" in line and "MultiHeadAttention.forward" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_type_and_target(tmp_path):
     proc = run_porter("convert", "no_such_model", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "unknown model_type 'no_such_model'" in proc.stderr

@@ -368,6 +368,33 @@ class FuseQkv(Rule):
         self.mark(f"{attn.cls}.__init__")
         return fn.with_changes(body=fn.body.with_changes(body=body))
 
+    def _one_input(self, attn, fn: cst.FunctionDef) -> None:
+        """One fused projection reads one input: q, k and v must project the same tensor. Different
+        parameters of forward (CTRL's `forward(self, v, k, q)`) are the same tensor when every caller
+        passes the same expression for them (`self.multi_head_attention(normed, normed, normed)`)."""
+        bound = [(a.targets[0].target.value, a.value.value) for a in findall(fn, m.Assign(  # type: ignore[attr-defined]
+            targets=[m.AssignTarget(m.Name())], value=m.Name()))]
+        alias = {t: v for t, v in bound if [x for x, _ in bound].count(t) == 1}  # `current_states = hidden_states`
+        inputs = {a: [alias.get(x, x) for c in findall(fn, m.Call()) if self_call_attr(c) == a and c.args
+                      for x in [code(c.args[0].value)]]  # type: ignore[attr-defined]
+                  for a in (attn.q, attn.k, attn.v)}
+        if len({x for xs in inputs.values() for x in xs}) <= 1:
+            return
+        params = [p.name.value for p in fn.params.params][1:]
+        names = [xs[0] for xs in inputs.values() if len(xs) == 1]
+        callers = [c for info in self.ctx.idx.classes.values() for sub, s in info.submodules.items() if s.ctor == attn.cls
+                   for c in findall(info.node, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(sub))))]
+        if len(names) == 3 and set(names) <= set(params) and callers:
+            def passed(call: cst.Call, name: str) -> str | None:
+                kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}
+                pos = [code(a.value) for a in call.args if a.keyword is None and not a.star]
+                i = params.index(name)
+                return pos[i] if i < len(pos) else kw.get(name)
+            if all(len({passed(c, n) for n in names}) == 1 and passed(c, names[0]) for c in callers):  # type: ignore[arg-type]
+                return
+        raise self.ctx.idx.error("q, k and v projected from different inputs: one fused qkv projection reads one",
+                                 fn, construct=f"{attn.cls}.forward", rule=self.name)
+
     def _forward(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         names = {attn.q: "q", attn.k: "k", attn.v: "v"}
         body = list(fn.body.body)
@@ -381,6 +408,7 @@ class FuseQkv(Rule):
         if first is None:
             raise self.ctx.idx.error("cannot port attention: q/k/v calls not found in forward",
                                      construct=f"{attn.cls}.forward", rule=self.name)
+        self._one_input(attn, fn)
         # `query_states = self.q_proj(x)` (after flatten-heads) binds the split target directly
         targets = dict(names)
         keep: list[tuple[int, cst.BaseStatement]] = []

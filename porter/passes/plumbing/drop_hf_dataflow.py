@@ -28,7 +28,15 @@ class DropHfDataflow(Rule):
             "        x = self.layer(x, attention_mask=mask)\n        return x, mask\n",
             "class A(nn.Module):\n    def forward(self, x, positions):\n"
             "        x = self.layer(x)\n        return x\n",
-        )
+        ),
+        # an input the engine never has is None: HF's `else` arm is what runs (CTRL)
+        Example(
+            "class A(nn.Module):\n    def forward(self, x, token_type_ids):\n"
+            "        if token_type_ids is not None:\n            t = self.w(token_type_ids)\n"
+            "        else:\n            t = 0\n        return self.drop(x + t)\n",
+            "class A(nn.Module):\n    def forward(self, x, token_type_ids):\n"
+            "        t = 0\n        return self.drop(x + t)\n",
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -70,10 +78,25 @@ class DropHfDataflow(Rule):
     def _block(self, stmts: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
         out: list[cst.BaseStatement] = []
         for st in stmts:
+            arm = self._absent_arm(st)
+            if arm is not None:  # the arm HF runs when the input is not given
+                out.extend(self._block(arm))
+                continue
             new = self._statement(st)
             if new is not None:
                 out.append(new)
         return out
+
+    def _absent_arm(self, st: cst.BaseStatement) -> list[cst.BaseStatement] | None:
+        """`if token_type_ids is not None: A else: B` (an input the engine never has, rules/hf_strip.yaml
+        absent_params): HF runs B when it is not given; `is None` runs A."""
+        if not isinstance(st, cst.If) or not isinstance(st.orelse, cst.Else) or not m.matches(st.test, m.Comparison(
+                left=m.Name(), comparisons=[m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))])):
+            return None
+        if st.test.left.value not in self.ctx.table.absent_params:  # type: ignore[attr-defined]
+            return None
+        none_arm = st.body if isinstance(st.test.comparisons[0].operator, cst.Is) else st.orelse.body  # type: ignore[attr-defined]
+        return list(none_arm.body)
 
     def _orelse(self, orelse: cst.If | cst.Else | None) -> cst.If | cst.Else | None:
         """The `elif` / `else` arms of a kept `if`, rewritten as its body is (an arm left empty: `pass`)."""
