@@ -11,6 +11,8 @@ from conftest import run_porter
 
 from porter.analysis.index import build_index, parse
 from porter.analysis.ssm import find_mamba2_mixers
+from porter.plan import build_plan
+from porter.rules_data import strip_table
 from porter.source import resolve
 
 
@@ -74,3 +76,15 @@ def test_short_conv_recognised_reading_what_the_engine_reads_from_the_config(mod
     assert p.args["conv_kernel_size"] == "config.conv_L_cache"
     assert p.args["bias"] == p.args["in_bias"] == p.args["out_bias"] == "config.conv_bias"
     assert (p.args["config"], p.args["dim"], p.args["layer_idx"]) == ("config", "config.hidden_size", "layer_idx")
+
+
+def test_granitemoehybrid_rotary_chosen_by_config_for_every_attention_layer():
+    """`self.rotary_emb = R(config) if config.position_embedding_type == "rope" else None` in the
+    model, the layers handed its table only under `if self.rotary_emb is not None:`: each attention
+    rotates exactly when the config says rope, with the config's rope_parameters (as the engine's
+    own granitemoehybrid port decides)."""
+    src = resolve("granitemoehybrid")
+    idx = build_index(parse(src.text, str(src.path)), str(src.path), src.text)
+    attn = build_plan(idx, strip_table(), "granitemoehybrid", str(src.path)).attention("GraniteMoeHybridAttention")
+    assert (attn.rope_when, attn.rope_params) == ('config.position_embedding_type == "rope"', "config.rope_parameters")
+    assert attn.rope_tables == "GraniteMoeHybridModel.rotary_emb"

@@ -221,6 +221,8 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
                 value, in_list = inner.elt, True
             elif isinstance(inner, cst.Name) and (built := appended_module(init, inner.value)) is not None:
                 value, in_list = built, True  # `layers.append(Layer(...))` in a loop, then nn.ModuleList(layers)
+        if isinstance(value, cst.IfExp) and isinstance(value.body, cst.Call) and m.matches(value.orelse, m.Name("None")):
+            value = value.body  # `Module(config) if config.n > 0 else None`: built when the config asks
         if not isinstance(value, cst.Call):
             continue
         name = dotted(value.func) or table_class(idx, value.func)

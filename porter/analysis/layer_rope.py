@@ -97,6 +97,8 @@ def layer_rope(idx: ModelIndex, cls: str, param: str, is_rotary) -> LayerRope | 
     info, fwd, arg, index = found[0]
     if isinstance(arg, cst.Name) and arg.value in param_names(fwd):  # handed on unchanged: one level up
         return layer_rope(idx, info.name, arg.value, is_rotary)
+    if isinstance(arg, cst.Name) and (optional := _optional_table(idx, info, fwd, arg.value, is_rotary)):
+        return optional
     local = _locals(fwd)
     while isinstance(arg, cst.Name) and arg.value in local:
         arg = local.pop(arg.value)
@@ -166,3 +168,33 @@ def _built_per_value(idx: ModelIndex, info: ClassInfo, attr: str, name: str, is_
         if len(assigns) != 1 or not m.matches(assigns[0].value, table):  # type: ignore[attr-defined]
             return False
     return True
+
+
+def _optional_table(idx: ModelIndex, info: ClassInfo, fwd: cst.FunctionDef, name: str,
+                    is_rotary) -> LayerRope | None:
+    """One table for every layer, or none, chosen by config: `__init__` builds `self.R =
+    Rotary(config) if TEST else None`, and the forward hands the layers NAME, bound `NAME = None`
+    and then only under `if self.R is not None:` to `self.R(...)`. Every layer rotates when TEST
+    holds, with the config's own rope_parameters."""
+    init = info.method("__init__")
+    binds = findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name(name))]))
+    if init is None or len(binds) != 2 or not m.matches(binds[0].value, m.Name("None")):  # type: ignore[attr-defined]
+        return None
+    guarded = [st for st in findall(fwd, m.If(test=m.Comparison(
+        left=m.Attribute(value=m.Name("self")), comparisons=[m.ComparisonTarget(m.IsNot(), m.Name("None"))]),
+        orelse=None)) if binds[1] in findall(st, m.Assign())]  # type: ignore[attr-defined]
+    if len(guarded) != 1:
+        return None
+    attr = self_attr(guarded[0].test.left)  # type: ignore[attr-defined]
+    if not m.matches(binds[1].value, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attr)))):  # type: ignore[attr-defined]
+        return None
+    built = [a.value for a in findall(init, m.Assign(targets=[m.AssignTarget(  # type: ignore[attr-defined]
+        m.Attribute(value=m.Name("self"), attr=m.Name(attr)))]))]
+    if len(built) != 1 or not m.matches(built[0], m.IfExp(body=m.Call(func=m.Name(), args=[m.Arg(m.Name("config"))]),
+                                                          orelse=m.Name("None"))):
+        return None
+    rotary = idx.classes.get(built[0].body.func.value)  # type: ignore[attr-defined]
+    when = built[0].test  # type: ignore[attr-defined]
+    if rotary is None or not is_rotary(rotary) or not names_in(when) <= {"config"}:
+        return None
+    return LayerRope(code(when), "config.rope_parameters", info.name, (attr,))

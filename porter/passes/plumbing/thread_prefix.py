@@ -52,6 +52,32 @@ class ThreadPrefix(Rule):
             "quant_config=quant_config, "
             'prefix=f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)])\n',
         ),
+        Example(
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)\n\n"
+            "    def forward(self, x):\n        return self.fc2(self.fc1(x))\n\n\n"
+            "class Layer(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.mlp = MLP(config) if config.ffn_dim > 0 else None\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.layer = Layer(config)\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n"
+            "    def __init__(self, config, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)\n\n"
+            "    def forward(self, x):\n        return self.fc2(self.fc1(x))\n\n\n"
+            "class Layer(nn.Module):\n"
+            "    def __init__(self, config, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n"
+            "        self.mlp = MLP(config, cache_config=cache_config, quant_config=quant_config, "
+            'prefix=f"{prefix}.mlp") if config.ffn_dim > 0 else None\n\n\nclass AModel(nn.Module):\n'
+            "    def __init__(self, config, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n"
+            '        self.layer = Layer(config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.layer")\n',
+        ),
     ]
 
     def __init__(self, ctx) -> None:
@@ -120,11 +146,15 @@ class ThreadPrefix(Rule):
             return updated
         value = updated.value
         top = cls == self.plan.causal_lm
+        pfx = f'maybe_prefix(prefix, "{attr}")' if top else f'f"{{prefix}}.{attr}"'
         if isinstance(value, cst.Call) and dotted(value.func) in self._needs:
-            pfx = f'maybe_prefix(prefix, "{attr}")' if top else f'f"{{prefix}}.{attr}"'
             if top:
                 self.ctx.use("maybe_prefix")
             return updated.with_changes(value=self._with_kwargs(value, pfx))
+        if not top and isinstance(value, cst.IfExp) and m.matches(value.orelse, m.Name("None")) \
+                and isinstance(value.body, cst.Call) and dotted(value.body.func) in self._needs:
+            # `Module(config) if config.n > 0 else None`: the module, when built, is named as well
+            return updated.with_changes(value=value.with_changes(body=self._with_kwargs(value.body, pfx)))
         if isinstance(value, cst.Call) and m.matches(
             value, m.Call(args=[m.Arg(m.ListComp(elt=m.Call()))])
         ):

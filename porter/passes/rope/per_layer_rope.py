@@ -67,6 +67,26 @@ _AFTER = (_ROTARY + _ATTN_INIT
               rot="            cos, sin = position_embeddings\n            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n")
           + _MODEL.format(tables="\n", by_theta=_BY_THETA))
 
+# one table or none for every layer, by config (granitemoehybrid's position_embedding_type)
+_OPTIONAL = (
+    "\n\nclass Model(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.layers = nn.ModuleList([Attn(config, i) for i in range(config.num_hidden_layers)])\n"
+    "{table}"
+    "    def forward(self, h, position_ids):\n        position_embeddings = None\n"
+    "        if self.rotary_emb is not None:\n"
+    "            position_embeddings = self.rotary_emb(h, position_ids)\n"
+    "        for layer in self.layers:\n            h = layer(h, position_embeddings=position_embeddings)\n"
+    "        return h\n"
+)
+_OPTIONAL_ROT = "            cos, sin = position_embeddings\n            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n"
+_OPTIONAL_BEFORE = (_ROTARY + _ATTN_INIT + _GET + _ATTN_FWD.format(rot=_OPTIONAL_ROT) + _OPTIONAL.format(
+    table='        self.rotary_emb = ARotaryEmbedding(config) if config.position_embedding_type == "rope" else None\n\n'))
+_OPTIONAL_AFTER = (_ROTARY + _ATTN_INIT
+                   + '        self.use_rope = config.position_embedding_type == "rope"\n        if self.use_rope:\n'
+                   + "    " + _GET
+                   + _ATTN_FWD.replace("if position_embeddings is not None:", "if self.use_rope:").format(rot=_OPTIONAL_ROT)
+                   + _OPTIONAL.format(table="\n"))
+
 
 class PerLayerRope(Rule):
     descend_methods = frozenset()  # works on __init__ and forward as a whole
@@ -82,9 +102,11 @@ class PerLayerRope(Rule):
         "ports do, the attention builds its rotary only when it uses it (`self.use_rope = ...; if "
         "self.use_rope: self.rotary_emb = get_rope(..., rope_parameters={**config.rope_parameters, "
         "'rope_theta': <this layer's>})`) and rotates under `if self.use_rope:`; the model's tables "
-        "and the loop that builds them go."
+        "and the loop that builds them go. A model that builds one table or none by config (`self.rotary_emb = "
+        "R(config) if config.position_embedding_type == 'rope' else None`, handed to every layer under `if "
+        "self.rotary_emb is not None:`) is the same choice with one table: the config's rope_parameters."
     )
-    examples = [Example(_BEFORE, _AFTER)]
+    examples = [Example(_BEFORE, _AFTER), Example(_OPTIONAL_BEFORE, _OPTIONAL_AFTER)]
 
     @classmethod
     def applies(cls, ctx) -> bool:
