@@ -91,49 +91,87 @@ def test_falcon_port_chooses_alibi_or_rotary_by_config_and_regroups_when_loading
 
 
 _GROUPED = '''
+from torch import nn
+
+
 class Attn(nn.Module):
     def __init__(self, config):
-        self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, OUT)
-
-    def _split(self, x):
-        b, s, _ = x.shape
-        if self.a:
-            x = x.view(b, s, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
-            return x[:, :, :, :-2], x[:, :, :, [-2]], x[:, :, :, [-1]]
-        else:
-            ARM
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.num_kv_heads = config.num_kv_heads if config.grouped else 1
+        self.grouped = config.grouped
+        self.qkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
 
     def forward(self, h):
-        fused = self.qkv(h)
-        q, k, v = self._split(fused)
-        return q, k, v
+        input_shape = h.shape[:-1]
+        fused = self.qkv(h).view(*input_shape, -1, self.head_dim)
+        if self.grouped:
+            GROUPED
+        else:
+            ONE
+        out, _ = attention_interface(self, q, k, v, None)
+        return out
 '''
+_G = ("g = fused.view(*input_shape, self.num_kv_heads, -1, self.head_dim)\n"
+      "            q = g[..., :-2, :].flatten(-3, -2)\n"
+      "            k, v = g[..., -2, :], g[..., -1, :]")
+_ONE = "q, k, v = fused.split([self.num_heads, 1, 1], dim=-2)"
 
 
-@pytest.mark.parametrize("arm, heads", [
-    ("x = x.view(b, s, self.num_heads, 3, self.head_dim)\n"
-     "            return x[..., 0, :], x[..., 1, :], x[..., 2, :]", "self.num_heads"),
-    ("x = x.view(b, s, self.num_heads + 2, self.head_dim)\n"
-     "            return x[..., :-2, :], x[..., [-2], :], x[..., [-1], :]", "self.num_heads"),
-    # the arms disagree on the query heads: not one grouped layout
-    ("x = x.view(b, s, self.n_head + 2, self.head_dim)\n"
-     "            return x[..., :-2, :], x[..., [-2], :], x[..., [-1], :]", None),
+@pytest.mark.parametrize("grouped, one, heads", [
+    (_G, _ONE, "self.num_heads"),  # transformers 5.25's falcon, inline
+    (_G, "q, k, v = fused[..., :-2, :], fused[..., -2:-1, :], fused[..., -1:, :]", "self.num_heads"),
+    # the groups as a 5-d view by per-group slots, k/v broadcast to the query heads (5.19's _split_heads)
+    ("g = fused.reshape(*input_shape, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)\n"
+     "            q = g[:, :, :, :-2].flatten(2, 3)\n"
+     "            k = torch.broadcast_to(g[:, :, :, [-2]], g[:, :, :, :-2].shape).flatten(2, 3)\n"
+     "            v = torch.broadcast_to(g[:, :, :, [-1]], g[:, :, :, :-2].shape).flatten(2, 3)", _ONE, "self.num_heads"),
     # v before k: another layout
-    ("x = x.view(b, s, self.num_heads + 2, self.head_dim)\n"
-     "            return x[..., :-2, :], x[..., [-1], :], x[..., [-2], :]", None),
-    # q/k/v cut by sizes, not per group
-    ("return x[..., :self.q], x[..., self.q:self.q + self.k], x[..., self.q + self.k:]", None),
+    ("g = fused.view(*input_shape, self.num_kv_heads, -1, self.head_dim)\n"
+     "            q = g[..., :-2, :].flatten(-3, -2)\n"
+     "            v, k = g[..., -2, :], g[..., -1, :]", _ONE, None),
+    # [q; k; v] cut by head counts in every arm: the split by sizes, not a grouped layout
+    ("q, k, v = fused.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)", _ONE, None),
+    # q heads taken from the wrong end: no layout
+    (_G, "q, k, v = fused[..., 2:, :], fused[..., :1, :], fused[..., 1:2, :]", None),
 ])
-def test_grouped_split_every_arm_the_same_grouped_layout(arm, heads):
-    from porter.analysis.grouped_qkv import grouped_split
+def test_grouped_layout_is_what_forward_computes(grouped, one, heads):
     from porter.analysis.index import build_index, parse
+    from porter.analysis.qkv_layout import fused_layout
+    import libcst as cst
 
-    src = _GROUPED.replace("ARM", arm).replace("OUT", "3 * config.hidden_size")
+    src = _GROUPED.replace("GROUPED", grouped).replace("ONE", one)
     info = build_index(parse(src, "<t>"), "<t>").classes["Attn"]
-    split = grouped_split(info, "qkv", "self.head_dim")
-    assert (split.num_heads if split else None) == heads
-    assert split is None or split.helper == "_split"
+    call = cst.parse_expression("attention_interface(self, q, k, v, None)")
+    layout = fused_layout(info, "qkv", call, "self.head_dim",
+                          ("config.hidden_size", "(self.num_heads + 2 * self.num_kv_heads) * self.head_dim"))
+    assert (layout.num_heads if layout else None) == heads
+    assert layout is None or (layout.names == ("q", "k", "v") and layout.out_name == "fused")
+
+
+def test_falcon_of_5_19_and_5_25_has_one_grouped_layout():
+    """5.25 rewrote falcon's `_split_heads` inline (split, unflatten + unbind, a 5-d view): the
+    layout forward computes is the same, so the plan and the load_weights regrouping are too."""
+    from porter.analysis.index import build_index, parse
+    from porter.analysis.layouts import linear_args
+    from porter.analysis.qkv_layout import fused_layout
+    from porter.source import transformers_tree
+    import libcst as cst
+
+    seen = {}
+    for version, names in (("5.19.0", ("query_layer", "key_layer", "value_layer")),
+                           ("5.25.0", ("query_states", "key_states", "value_states"))):
+        path = transformers_tree(version) / "models" / "falcon" / "modeling_falcon.py"
+        text = path.read_text()
+        idx = build_index(parse(text, str(path)), str(path), text)
+        info = idx.classes["FalconAttention"]
+        call = cst.parse_expression(f"attention_interface(self, {', '.join(names)}, None)")
+        in_f, out_f, _ = linear_args(info.submodules["query_key_value"].call)
+        layout = fused_layout(info, "query_key_value", call, "self.head_dim", (in_f, out_f))
+        assert layout is not None and layout.names == names and layout.out_name == "fused_qkv", version
+        seen[version] = (layout.kind, layout.num_heads)
+        assert layout.helpers == (("_split_heads",) if version == "5.19.0" else ())
+    assert seen["5.19.0"] == seen["5.25.0"] == ("grouped", "self.num_heads")
 
 
 @pytest.mark.parametrize("layout", [

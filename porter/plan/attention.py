@@ -9,7 +9,7 @@ import libcst.matchers as m
 
 from porter.analysis.blocked_qkv import blocked_split
 from porter.analysis.cstutil import code, findall, names_in, param_names, resolve_cross_attention, self_call_attr
-from porter.analysis.grouped_qkv import grouped_split
+from porter.analysis.qkv_layout import fused_layout
 from porter.analysis.index import ClassInfo, ModelIndex
 from porter.analysis.layer_rope import layer_rope
 from porter.analysis.reversed_rope import sign_cancels, turns_back
@@ -41,7 +41,7 @@ class AttentionPlanning:
                 node.operator, cst.Multiply) and code(node.left) == "3" else f"({out_f}) // 3"
             heads = heads_of(per, head_size_attr(info))
             return interleaved, grouped, None, (heads, heads)
-        if (grouped := self.grouped_sizes(info, qkv[0])) is not None:
+        if (grouped := self.grouped_sizes(info, qkv[0], call)) is not None:
             return interleaved, grouped, None, grouped
         if self.chunked_flat(info, qkv[0]) or (blocked := blocked_split(info, qkv[0], call)) is not None:
             # thirds of the output (MPT's chunk(3)), or CodeGen's mp_num blocks
@@ -89,16 +89,16 @@ class AttentionPlanning:
         kv_size = code(upper.right)
         return heads_of(q_size, "self.head_dim"), heads_of(kv_size, "self.head_dim")
 
-    def grouped_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
-        """Heads and KV heads of a packed projection split by a helper grouped per KV head
-        (porter/analysis/grouped_qkv.py): the KV heads from its width, H + 2 * KV heads of head_dim."""
+    def grouped_sizes(self, info: ClassInfo, attr: str, call: cst.Call) -> tuple[str, str] | None:
+        """Heads and KV heads of a packed projection grouped per KV head, as forward computes it
+        (porter/analysis/qkv_layout.py): the KV heads from its width, H + 2 * KV heads of head_dim."""
         hd = head_size_attr(info)
-        split = grouped_split(info, attr, hd)
-        if split is None:
+        in_f, out_f, _ = linear_args(info.submodules[attr].call)
+        layout = fused_layout(info, attr, call, hd, (in_f, out_f))
+        if layout is None or layout.kind != "grouped":
             return None
-        _, out_f, _ = linear_args(info.submodules[attr].call)
         out = out_f if isinstance(cst.parse_expression(out_f), (cst.Name, cst.Attribute)) else f"({out_f})"
-        return split.num_heads, f"({out} // {hd} - {split.num_heads}) // 2"
+        return layout.num_heads, f"({out} // {hd} - {layout.num_heads}) // 2"
 
     def split_qkv_sizes(self, info: ClassInfo, attr: str) -> tuple[str, str] | None:
         """`q, k, v = self.c_attn(x).split((Q, K, K), dim=-1)` (or a list of the three sizes), with

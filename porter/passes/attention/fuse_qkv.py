@@ -6,10 +6,12 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import code, findall, self_call_attr
-from porter.analysis.grouped_qkv import grouped_split
+from porter.analysis.qkv_layout import FusedLayout, fused_layout
 from porter.passes._edit import is_assign_of
 from porter.passes.base import Example, Rule
-from porter.analysis.layouts import packed_split_call, per_head_split_helper
+from porter.analysis.cstutil import dotted
+from porter.analysis.layout_interp import bound_in
+from porter.analysis.layouts import attention_call_names, linear_args, packed_split_call, per_head_split_helper
 
 _UNCHANGED_PT023 = (
     'from torch import nn\n'
@@ -39,9 +41,10 @@ class FuseQkv(Rule):
         "replace the three calls. A projection packed per head in the checkpoint (GPT-NeoX's "
         "`chunk(3)`, or a `_split_heads` helper viewing `(..., heads, 3, head_dim)`) is loaded "
         "into [q; k; v] order by load_weights, and the helper goes. So is one grouped per KV head "
-        "(`[kv_heads, q_per_kv + 2, head_dim]`: q slots, then one k and one v) in every config arm "
-        "of its helper (Falcon's three layouts, porter/analysis/grouped_qkv.py); its KV heads are "
-        "read from the projection's width (H + 2 * KV heads of head_dim). So is one in blocks "
+        "(`[kv_heads, q_per_kv + 2, head_dim]`: q slots, then one k and one v) in every config arm, "
+        "read from what forward computes on index arrays, however it is spelled (Falcon's three "
+        "layouts, in a helper or inline: porter/analysis/qkv_layout.py); the statements computing "
+        "the split go; its KV heads are read from the projection's width (H + 2 * KV heads of head_dim). So is one in blocks "
         "(CodeGen's `mp_num`: each block one slice of q, v and k, porter/analysis/blocked_qkv.py)."
     )
     examples = [
@@ -184,7 +187,7 @@ class FuseQkv(Rule):
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
         ),
-        Example(  # grouped per KV head in every config arm of the helper (Falcon): regrouped when loading
+        Example(  # grouped per KV head in every config arm, as forward computes it (Falcon): regrouped when loading
             'from torch import nn\n'
             '\n'
             '\n'
@@ -193,22 +196,19 @@ class FuseQkv(Rule):
             '        super().__init__()\n'
             '        self.num_heads = config.num_heads\n'
             '        self.head_dim = config.head_dim\n'
-            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.num_kv_heads = config.num_kv_heads if config.grouped else 1\n'
+            '        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim\n'
             '        self.qkv = nn.Linear(config.hidden_size, qkv_out)\n'
             '        self.grouped = config.grouped\n'
             '\n'
-            '    def _split_heads(self, x):\n'
-            '        b, s, _ = x.shape\n'
-            '        if self.grouped:\n'
-            '            x = x.view(b, s, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)\n'
-            '            return x[:, :, :, :-2], x[:, :, :, [-2]], x[:, :, :, [-1]]\n'
-            '        else:\n'
-            '            x = x.view(b, s, self.num_heads, 3, self.head_dim)\n'
-            '            return x[..., 0, :], x[..., 1, :], x[..., 2, :]\n'
-            '\n'
             '    def forward(self, x):\n'
-            '        fused = self.qkv(x)\n'
-            '        q, k, v = self._split_heads(fused)\n'
+            '        fused = self.qkv(x).view(*x.shape[:-1], -1, self.head_dim)\n'
+            '        if self.grouped:\n'
+            '            g = fused.view(*x.shape[:-1], self.num_kv_heads, -1, self.head_dim)\n'
+            '            q = g[..., :-2, :].flatten(-3, -2)\n'
+            '            k, v = g[..., -2, :], g[..., -1, :]\n'
+            '        else:\n'
+            '            q, k, v = fused.split([self.num_heads, 1, 1], dim=-2)\n'
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
             'from torch import nn\n'
@@ -219,7 +219,8 @@ class FuseQkv(Rule):
             '        super().__init__()\n'
             '        self.num_heads = config.num_heads\n'
             '        self.head_dim = config.head_dim\n'
-            '        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * self.head_dim\n'
+            '        self.num_kv_heads = config.num_kv_heads if config.grouped else 1\n'
+            '        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim\n'
             '        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, (qkv_out // self.head_dim - self.num_heads) // 2, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
             '        self.q_size = self.qkv.num_heads * self.head_dim\n'
             '        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n'
@@ -255,12 +256,25 @@ class FuseQkv(Rule):
         grouped per KV head in every config arm (Falcon): its layout is load_weights' job."""
         info = self.ctx.idx.classes[attn.cls]
         if attn.grouped:
-            split = grouped_split(info, attn.q, attn.head_dim)
-            return split.helper if split else None
+            layout = self._layout(attn)
+            return layout.helpers[0] if layout and layout.helpers else None
         return per_head_split_helper(info, attn.q)
+
+    def _layout(self, attn) -> FusedLayout | None:
+        """The grouped layout of the packed projection, as forward computes it (porter/analysis/qkv_layout.py)."""
+        info = self.ctx.idx.classes[attn.cls]
+        fwd = info.method("forward")
+        names = attention_call_names(self.ctx.idx)
+        calls = [c for c in findall(fwd, m.Call()) if dotted(c.func) in names] if fwd else []  # type: ignore[attr-defined]
+        if not calls:
+            return None
+        in_f, out_f, _ = linear_args(info.submodules[attn.q].call)
+        return fused_layout(info, attn.q, calls[0], attn.head_dim, (in_f, out_f))  # type: ignore[arg-type]
 
     def _forward_packed(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
         """`qkv = self.qkv_proj(x); q = qkv[..., :Q]; k = ...; v = ...` -> one split by per-rank sizes."""
+        if attn.grouped:
+            return self._forward_grouped(attn, fn)
         out_name, names, body, placed = None, [], [], False
         blocked_view: str | None = None
         split_helper = self._split_helper(attn)
@@ -325,6 +339,35 @@ class FuseQkv(Rule):
                                      construct=f"{attn.cls}.forward", rule=self.name)
         self.mark(f"{attn.cls}.forward")
         return fn.with_changes(body=fn.body.with_changes(body=body))
+
+    def _forward_grouped(self, attn, fn: cst.FunctionDef) -> cst.FunctionDef:
+        """The statements that compute the grouped split (porter/analysis/qkv_layout.py: from the
+        one binding the projection's output to the one binding q, k and v) -> the projection call
+        and one split of its [q; k; v] output (load_weights regroups the checkpoint) by per-rank sizes."""
+        layout = self._layout(attn)
+        body = list(fn.body.body)  # type: ignore[attr-defined]
+        proj = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q)))
+        ok = layout is not None and layout.out_name is not None and layout.last < len(body) and m.matches(
+            body[layout.first], m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name(layout.out_name))])]))
+        if not ok or not findall(body[layout.first], proj) or not set(layout.names) <= bound_in(body[layout.last]):  # type: ignore[union-attr]
+            raise self.ctx.idx.error("cannot port attention: the grouped q/k/v split is not where forward computed it",
+                                     construct=f"{attn.cls}.forward", rule=self.name)
+        assert layout is not None
+        first = body[layout.first]
+        call = findall(first, proj)[0]
+        out = layout.out_name
+        split = cst.parse_statement(f"{', '.join(layout.names)} = {out}.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n")
+        new: list[cst.BaseStatement] = []
+        for i, st in enumerate(body):
+            if i == layout.first:  # engine linears return (output, bias)
+                new.append(first.with_changes(body=[first.body[0].with_changes(  # type: ignore[attr-defined]
+                    targets=[cst.AssignTarget(cst.parse_expression(f"{out}, _"))], value=call)]))
+            if i == layout.last:
+                new.append(split)
+            elif i not in layout.chain:
+                new.append(st)
+        self.mark(f"{attn.cls}.forward")
+        return fn.with_changes(body=fn.body.with_changes(body=new))
 
     @staticmethod
     def _blocked(attn, st: cst.BaseStatement, out_name: str, view: str | None) -> str | cst.BaseStatement | None:
