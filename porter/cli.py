@@ -89,6 +89,22 @@ def plan(
         _fail(exc)
 
 
+def _reference_env(tiny: list[str], reference_transformers: str | None) -> None:
+    """`--tiny` and `--reference-transformers`, handed to the HF side (and the verdict store,
+    which records no verdict of a run with tiny overrides) as the environment it reads."""
+    import os
+
+    if tiny:
+        from porter.verify.remote_side import parse_tiny
+
+        try:
+            os.environ["PORTER_TINY_OVERRIDES"] = json.dumps(parse_tiny(tiny))
+        except ValueError as exc:
+            _fail(PorterError(str(exc), construct="--tiny"))
+    if reference_transformers:
+        os.environ["PORTER_REFERENCE_TRANSFORMERS"] = reference_transformers
+
+
 @app.command()
 def verify(
     port: str = typer.Argument(..., help="A port directory, or a model_type with a port in generated/<target>/."),
@@ -102,9 +118,15 @@ def verify(
         "the engine builds the port from it; prompts are real text; TPs the heads do not allow are skipped."),
     prompts: Path | None = typer.Option(
         None, "--prompts", help="With --checkpoint: your prompts, one a line (or a JSON list of strings)."),
+    tiny: list[str] = typer.Option(
+        [], "--tiny", help="key=value: override a field of the tiny config (repeatable; the run records no verdict)."),
+    reference_transformers: str | None = typer.Option(
+        None, "--reference-transformers", help="A port of remote code: run its HF reference under this "
+        "transformers release's venv (code written for an older release)."),
 ) -> None:
     """Run the port in the real engine and compare with Hugging Face (exit 0 pass, 1 mismatch, 2 error)."""
     tps = _parse_tp(tp)
+    _reference_env(tiny, reference_transformers)
     if target not in TARGETS_ALL:
         _fail(PorterError(f"unknown target {target!r}", construct="--target"))
     from porter.layout import PortInfo

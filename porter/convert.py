@@ -27,6 +27,7 @@ from porter.plan import PortPlan, build_plan
 from porter.render import render
 from porter.rules_data import Target, get_target, strip_table
 from porter.config_port import ship_config
+from porter.remote import recorded
 from porter.source import Source, resolve, transformers_root, transformers_tree
 
 
@@ -146,6 +147,7 @@ def _package(source: Source, plan: PortPlan, target: Target, body: str, ctx: Rew
         files={k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(files.items())},
         rules_applied=applied, plan=plan.to_dict(),
         config_class=meta.get("config_class", ""), config_model_type=meta.get("config_model_type", ""),
+        remote=recorded(source.path.parent) if source.remote else {},
     )
     prov = {k: sorted(v) for k, v in sorted(ctx.provenance.items())}
     return Converted(target.name, plan, files, applied, prov, info)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PORT_JSON = "PORT.json"
-OPTIONAL_FIELDS = ("config_class", "config_model_type")
+OPTIONAL_FIELDS = ("config_class", "config_model_type", "remote")
 
 
 def package_name(target: str, model_type: str) -> str:
@@ -48,6 +48,9 @@ class PortInfo:
     # a day-zero port ships the config class the engine's transformers lacks (omitted when empty)
     config_class: str = ""  # e.g. porter_vllm_dory.configuration_dory:DoryConfig
     config_model_type: str = ""  # the model_type its config.json names
+    # a port of remote code (issue 23): {"folder": the repository folder (relative to porter's
+    # repository when inside it), "files": {name: sha256}}, the source its HF reference runs
+    remote: dict = field(default_factory=dict)
     path: Path | None = None  # the port directory (not serialised)
 
     @classmethod

@@ -121,10 +121,39 @@ def check(root: Path = Path("generated"), jobs: int | None = None) -> CheckResul
         else:
             with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
                 parts = list(pool.map(_check_model, *zip(*work)))
+        parts.append(_check_remote(root, Path(tmp)))
     for part in parts:
         res.checked += part.checked
         res.differing += part.differing
         res.errors += part.errors
+    return res
+
+
+def _check_remote(root: Path, tmp: Path) -> CheckResult:
+    """The committed ports of remote code (ROOT/remote/<target>/<model_type>/, issue 23), each
+    converted again from the repository folder its PORT.json records and compared byte for byte
+    (regen leaves them alone: their source is not in any transformers release)."""
+    from porter.convert import analyse, convert_targets, write_port
+    from porter.remote import recorded_folder
+    from porter.rules_data import get_target
+    from porter.source import resolve
+
+    res = CheckResult()
+    for pdir in sorted((root / "remote").glob(f"*/*/{PORT_JSON}")):
+        pdir = pdir.parent
+        res.checked += 1
+        try:
+            info = PortInfo.load(pdir)
+            source = resolve(str(recorded_folder(info.remote)))
+            idx, plan = analyse(source)
+            (conv,) = convert_targets(source, idx, plan, [get_target(info.target)])
+            new_dir = write_port(conv, tmp / "remote", force=True)
+        except (PorterError, OSError, KeyError, ValueError) as exc:
+            why = exc.one_line() if isinstance(exc, PorterError) else f"{type(exc).__name__}: {exc}"
+            res.errors.append(f"{pdir}: {why}")
+            continue
+        old, new = _port_files(pdir), _port_files(new_dir)
+        res.differing += [str(pdir / rel) for rel in sorted(set(old) | set(new)) if old.get(rel) != new.get(rel)]
     return res
 
 

@@ -221,3 +221,46 @@ def causal_lm_class(modeling: Path, named: str) -> str:
                           f"{'no' if not found else 'more than one'} *ForCausalLM/*LMHeadModel class",
                           file=str(modeling), construct="causal LM")
     return found[0]
+
+
+# -- the recorded source of a remote-code port ----------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_SUFFIXES = (".py",)
+
+
+def source_files(folder: Path) -> list[Path]:
+    """The files of a repository folder a reference loads: its Python modules and config.json."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and (p.suffix in SOURCE_SUFFIXES or p.name == "config.json"))
+
+
+def recorded(folder: Path) -> dict:
+    """What PORT.json records of a remote port's source: the folder (relative to porter's
+    repository when it is inside it) and the sha256 of each of its source files."""
+    import hashlib
+
+    folder = Path(folder).resolve()
+    try:
+        where = folder.relative_to(REPO).as_posix()
+    except ValueError:
+        where = str(folder)
+    return {"folder": where,
+            "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source_files(folder)}}
+
+
+def recorded_folder(remote: dict) -> Path:
+    folder = Path(remote["folder"])
+    return folder if folder.is_absolute() else REPO / folder
+
+
+def changed_sources(remote: dict) -> list[str]:
+    """The recorded source files that are missing or differ now (the port came from other code)."""
+    import hashlib
+
+    folder = recorded_folder(remote)
+    now = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source_files(folder)} \
+        if folder.is_dir() else {}
+    was = remote.get("files") or {}
+    return sorted(n for n in set(was) | set(now) if was.get(n) != now.get(n))

@@ -238,3 +238,18 @@ def position_factor_helpers(idx: ModelIndex, classes: list[str]) -> frozenset[st
                     first.value, m.Name(m.MatchIfTrue(lambda n: n in _POSITIONS)))
                 called[name] = called.get(name, True) and ok
     return frozenset(n for n, ok in called.items() if ok)
+
+
+def scale_in_head_size(scale: str, call: cst.Call, head_size: str) -> str:
+    """A scale hand-written attention computes from q/k/v's last dimension (`1 / math.sqrt(
+    value.size(-1))`, `query.shape[-1] ** -0.5`): that dimension is the head size, which the
+    engine's Attention is built with (the tensors do not exist in __init__)."""
+    tensors = {a.value.value for a in call.args[1:4] if isinstance(a.value, cst.Name)}
+    last = m.Call(func=m.Attribute(value=m.Name(m.MatchIfTrue(lambda n: n in tensors)), attr=m.Name("size")),
+                  args=[m.Arg(m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1")))]) | m.Subscript(
+        value=m.Attribute(value=m.Name(m.MatchIfTrue(lambda n: n in tensors)), attr=m.Name("shape")),
+        slice=[m.SubscriptElement(m.Index(m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1"))))])
+    expr = cst.parse_expression(scale)
+    if not findall(expr, last):
+        return scale
+    return code(m.replace(expr, last, cst.parse_expression(head_size)))

@@ -15,7 +15,7 @@ from porter.analysis.layer_rope import layer_rope
 from porter.analysis.reversed_rope import sign_cancels, turns_back
 from porter.analysis.layouts import (
     head_size_attr, heads_of, init_attrs, linear_args, local_bindings, packed_split_call,
-    per_head_split_helper, query_prescale, rope_guard,
+    per_head_split_helper, query_prescale, rope_guard, scale_in_head_size,
 )
 from porter.plan import refusals
 from porter.plan.model import AttentionPlan, GateUpPlan
@@ -196,7 +196,7 @@ class AttentionPlanning:
             num_kv_heads=heads_of(k_out, hd),
             hidden_size=q_in,
             bias=bias,
-            scale=kw.get("scaling", f"{hd}**-0.5"),
+            scale=scale_in_head_size(kw.get("scaling", f"{hd}**-0.5"), call, hd),
             sliding_window=kw.get("sliding_window"),
             softcap=kw.get("softcap"),
             sinks=kw.get("s_aux"),
@@ -236,9 +236,18 @@ class AttentionPlanning:
             raise refusals.ROTARY_UNDER_HF_TEST.error(self, guard, f"{info.name}.forward: if {code(guard.test)}")  # type: ignore[arg-type]
         if rope_helper:
             rope = self.rotary_style(rope_helper)
+            if rope_theta is None and (built := self.module_rope()) is not None:
+                rope_theta, rope_dim = built  # a cos/sin cache module of remote code, built from config
         if rope and "config" not in param_names(info.method("__init__")):
             raise refusals.ROTARY_WITHOUT_CONFIG.error(self, info.node, f"class {info.name}")  # type: ignore[arg-type]
         return rope_helper, rope, rope_theta, rope_dim
+
+    def module_rope(self) -> tuple[str, str] | None:
+        """(base, dims) of a rotary module computing its inverse frequencies from constructor
+        arguments the model passes from config (porter/analysis/rotary_module.py)."""
+        from porter.analysis.rotary_module import module_rope
+
+        return module_rope(self.idx, [n for n, c in self.idx.classes.items() if self.is_rotary(c)])  # type: ignore[attr-defined]
 
     def rotary_style(self, rope_helper: str) -> str:
         """"gptj" (pairs of adjacent dims: a `::2` slice in the helper or what it calls), else

@@ -26,7 +26,18 @@ def derive(plan: PortPlan, idx: ModelIndex, table: StripTable) -> None:
 
 def strip_for(plan: PortPlan, idx: ModelIndex, table: StripTable) -> StripTable:
     """The strip table of this model: an ALiBi bias the engine's Attention adds itself (slopes,
-    PT021) is HF-only from here on, and so are the callables that build it."""
+    PT021) is HF-only from here on, and so are the callables that build it; so is a cos/sin cache
+    threaded down the layers under a name of the model's own (remote code's `rotary_pos_emb`) once
+    the engine rotates from positions (porter/analysis/rotary_module.py)."""
+    from porter.analysis.rotary_module import table_params
+
+    tables = set()
+    for a in plan.attentions:
+        if a.rope and a.rope_helper:
+            tables |= table_params(idx.classes[a.cls].method("forward"), a.rope_helper)
+    tables -= table.strip_params | set(table.rename_params)
+    if tables:
+        table = dataclasses.replace(table, strip_params=table.strip_params | tables)
     alibi = {a.alibi for a in plan.attentions if a.alibi}
     if not alibi:
         return table

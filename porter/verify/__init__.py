@@ -158,12 +158,15 @@ def _run(
     _verdict(report, info)
 
 
-def hf_side(info: PortInfo, work: Path):
+def hf_side(info: PortInfo, work: Path, say: Progress = print):
     """The HF reference for the port: in this process when the port's transformers release is the
-    installed one, else in the venv of that release (porter/verify/hfenv.py)."""
+    installed one, else in the venv of that release (porter/verify/hfenv.py); for a port of remote
+    code, that code run in a subprocess (porter/verify/remote_side.py)."""
     from porter.source import installed_transformers_version
     from porter.verify.hfenv import env_dir, env_python
 
+    if info.remote:
+        return remote_hf(info, work, say)
     version = info.transformers_version
     if version in ("", "unknown", installed_transformers_version()):
         from porter.verify.tiny import causal_config_type
@@ -180,11 +183,40 @@ def hf_side(info: PortInfo, work: Path):
                       info.architecture, info.config_model_type)
 
 
-def _tiny_reference(report: VerifyReport, info: PortInfo, tmp: Path) -> LocalHF | OtherEnvHF:
+def remote_hf(info: PortInfo, work: Path, say: Progress):
+    """The reference of a remote-code port: the recorded repository folder, unchanged since
+    convert, its code run in a subprocess under the engine's python or, with
+    PORTER_REFERENCE_TRANSFORMERS (`porter verify --reference-transformers X`), the venv of release X."""
+    import json
+    import os
+
+    from porter.remote import changed_sources, recorded_folder
+    from porter.verify.hfenv import env_dir, env_python
+    from porter.verify.remote_side import RemoteHF, parse_tiny
+
+    folder = recorded_folder(info.remote)
+    changed = changed_sources(info.remote)
+    if changed:
+        raise VerifyInputError(f"the port's source files in {folder} are missing or changed since "
+                               f"convert: {', '.join(changed)} (convert again)")
+    python = None
+    if version := os.environ.get("PORTER_REFERENCE_TRANSFORMERS"):
+        python = env_python(version)
+        if not python.is_file():
+            raise VerifyInputError(f"--reference-transformers {version}: {env_dir(version)} is missing "
+                                   "(python -m porter.verify.hfenv builds it)")
+    tiny = json.loads(os.environ.get("PORTER_TINY_OVERRIDES") or "{}")
+    if isinstance(tiny, list):
+        tiny = parse_tiny(tiny)
+    return RemoteHF(folder, work / "hf", info.architecture, tiny=tiny, python=python, say=say)
+
+
+def _tiny_reference(report: VerifyReport, info: PortInfo, tmp: Path, say: Progress = print):
     try:
-        hf = hf_side(info, tmp)
+        hf = hf_side(info, tmp, say)
         report.hf_side = (f"transformers {info.transformers_version} ({hf.python})"
-                          if isinstance(hf, OtherEnvHF) else "in-process")
+                          if isinstance(hf, OtherEnvHF) else
+                          f"remote code, in a subprocess ({hf.python})" if info.remote else "in-process")
     except VerifyInputError:
         raise
     except Exception as e:  # the HF model itself fails on the tiny config: no reference to compare
@@ -208,7 +240,7 @@ def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path,
         hf = real_reference(report, info, say, *real)
     else:
         say(f"building tiny {info.model_type} reference")
-        hf = _tiny_reference(report, info, tmp)
+        hf = _tiny_reference(report, info, tmp, say)
     spec, prompts, refs = hf.spec, hf.prompts, hf.refs
     report.prompt_lengths = [len(p) for p in prompts]
     report.distinct_tokens = [len(set(r["tokens"])) for r in refs]

@@ -156,8 +156,13 @@ class RemoteHF:
     def checkpoint(self, out_dir: Path, architecture: str) -> Path:
         from porter.verify.tiny import with_architecture
 
-        ckpt = self.work / "ckpt"
-        return with_architecture(ckpt, out_dir, architecture)
+        ckpt = with_architecture(self.work / "ckpt", out_dir, architecture)
+        # the engine reads the config with the port's registered config class, never the
+        # repository's code: no auto_map pointing at it
+        cfg = json.loads((ckpt / "config.json").read_text())
+        if cfg.pop("auto_map", None) is not None:
+            (ckpt / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        return ckpt
 
     def logprobs(self, seqs: list[list[int]]) -> list:
         import torch

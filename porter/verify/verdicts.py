@@ -38,6 +38,7 @@ from porter.layout import PORT_JSON, PortInfo
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = REPO / "generated"
 STORE = "verdicts"  # generated/verdicts/<target>/<model_type>.json
+REMOTE = GENERATED / "remote"  # remote-code ports: generated/remote/<target>/<model_type>/
 TINY_COMMON = ("defaults", "init", "prompts", "cpu_head_dims")
 DEFAULT_TPS = (1, 2)
 
@@ -115,21 +116,40 @@ def inputs(port_dir: Path, tiny_rules: dict | None = None, tree: Path | None = N
         info = PortInfo.load(port_dir)
     except (OSError, ValueError, TypeError):  # an unreadable PORT.json: no digest, verify says why
         return None
-    tree = tree or release_tree(info.transformers_version)
-    if tree is None or not (tree / info.source).is_file():
-        return None
+    if info.remote:
+        hf_source = remote_source(info)
+        if hf_source is None:
+            return None
+    else:
+        tree = tree or release_tree(info.transformers_version)
+        if tree is None or not (tree / info.source).is_file():
+            return None
+        hf_source = {f"transformers/{p.relative_to(tree).as_posix()}": _sha(p) for p in source_files(info, tree)}
     rules = tiny_rules if tiny_rules is not None else load_rules()
     entry = (rules.get("models") or {}).get(info.model_type)
     if isinstance(entry, dict):  # the structural check's keys never reach the engine run
         entry = {k: v for k, v in entry.items() if k != "structure"}
     return {
         "port": port_files(port_dir),
-        "hf_source": {f"transformers/{p.relative_to(tree).as_posix()}": _sha(p)
-                      for p in source_files(info, tree)},
+        "hf_source": hf_source,
         "tiny": {"entry": entry, **{k: rules.get(k) for k in TINY_COMMON}},
         "threshold": THRESHOLD,
-        "versions": {**installed_versions(), "transformers_release": info.transformers_version},
+        "versions": {**installed_versions(), "transformers_release": info.transformers_version,
+                     **({"reference_transformers": os.environ["PORTER_REFERENCE_TRANSFORMERS"]}
+                        if info.remote and os.environ.get("PORTER_REFERENCE_TRANSFORMERS") else {})},
     }
+
+
+def remote_source(info: PortInfo) -> dict | None:
+    """The source files of a remote-code port's repository folder as they are now (the HF
+    reference runs them), or None when the folder is gone."""
+    from porter.remote import recorded_folder
+    from porter.remote import source_files as repo_files
+
+    folder = recorded_folder(info.remote)
+    if not folder.is_dir():
+        return None
+    return {f"remote/{info.remote['folder']}/{p.name}": _sha(p) for p in repo_files(folder)}
 
 
 def digest_of(inp: dict | None) -> str | None:
@@ -142,15 +162,26 @@ def digest(port_dir: Path, tiny_rules: dict | None = None, tree: Path | None = N
     return digest_of(inputs(port_dir, tiny_rules, tree))
 
 
-def is_committed(port_dir: Path, generated: Path = GENERATED) -> bool:
-    """PORT_DIR is generated/<target>/<model_type>/ of this repository."""
+def root_of(port_dir: Path, generated: Path = GENERATED) -> Path:
+    """The generated tree a port belongs to: GENERATED, or for the committed ports of remote code
+    (generated/remote/<target>/<model_type>/, which regen and coverage leave alone: their source is
+    a repository folder, not transformers) generated/remote, with a verdict store of its own."""
     p = Path(port_dir).resolve()
-    return (p / PORT_JSON).is_file() and p.parent.parent == Path(generated).resolve()
+    if Path(generated).resolve() == GENERATED.resolve() and p.parent.parent == REMOTE.resolve():
+        return REMOTE
+    return Path(generated)
+
+
+def is_committed(port_dir: Path, generated: Path = GENERATED) -> bool:
+    """PORT_DIR is generated/<target>/<model_type>/ (or generated/remote/<target>/<model_type>/)
+    of this repository."""
+    p = Path(port_dir).resolve()
+    return (p / PORT_JSON).is_file() and p.parent.parent == root_of(p, generated).resolve()
 
 
 def verdict_path(port_dir: Path, generated: Path = GENERATED) -> Path:
     p = Path(port_dir).resolve()
-    return Path(generated) / STORE / p.parent.name / f"{p.name}.json"
+    return root_of(p, generated) / STORE / p.parent.name / f"{p.name}.json"
 
 
 def load(port_dir: Path, generated: Path = GENERATED) -> dict | None:

@@ -134,6 +134,7 @@ class FlattenHeads(Rule):
         head_local = isinstance(arg, cst.Name) and arg.value in getattr(self, "_head_locals", ())
         if attr is not None and arg is not None and (self._is_shape_op(arg) or head_local) \
                 and attr not in self._linears() \
+                and attr not in self.plan.layout_helpers.get(self.current_class or "", ()) \
                 and attr not in self.plan.head_norms.get(self.current_class or "", {}) \
                 and not any(c == self.current_class and n == attr for c, n, _ in self.plan.gathered_norms):
             # a per-head module (q_norm over head_dim; not one over the whole width: PT242's), split

@@ -11,6 +11,11 @@ from porter.passes.base import Example, Rule
 _BUFFER = m.Call(func=m.Attribute(value=m.Name("nn"), attr=m.Name("Buffer")),
                  args=[m.ZeroOrMore(), m.Arg(keyword=m.Name("persistent"), value=m.Name("False")), m.ZeroOrMore()])
 
+# remote code's older spelling: `self.register_buffer("bias", torch.tril(...), persistent=False)`
+_REGISTER = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("register_buffer")),
+                   args=[m.Arg(m.SimpleString(), keyword=None), m.Arg(keyword=None),
+                         m.Arg(keyword=m.Name("persistent"), value=m.Name("False"))])
+
 
 class DropUnusedBuffers(Rule):
     descend_methods = frozenset()
@@ -26,7 +31,7 @@ class DropUnusedBuffers(Rule):
     )
     @classmethod
     def applies(cls, ctx) -> bool:
-        return "Buffer" in ctx.idx.identifiers
+        return "Buffer" in ctx.idx.identifiers or "register_buffer" in ctx.idx.identifiers
 
     examples = [
         Example(
@@ -42,7 +47,17 @@ class DropUnusedBuffers(Rule):
             "        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)\n"
             "        self.scale = nn.Buffer(torch.tensor(2.0), persistent=False)\n\n"
             "    def forward(self, input_ids):\n        return self.wte(input_ids) * self.scale\n",
-        )
+        ),
+        Example(  # remote code registers it by name
+            "class M(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        n = config.max_position_embeddings\n"
+            "        self.register_buffer(\"bias\", torch.tril(torch.ones((n, n))), persistent=False)\n"
+            "        self.register_buffer(\"scale\", torch.tensor(2.0), persistent=False)\n\n"
+            "    def forward(self, x):\n        return x * self.scale\n",
+            "class M(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.register_buffer(\"scale\", torch.tensor(2.0), persistent=False)\n\n"
+            "    def forward(self, x):\n        return x * self.scale\n",
+        ),
     ]
 
     def leave_ClassDef(self, original, updated):
@@ -60,7 +75,7 @@ class DropUnusedBuffers(Rule):
         for st in init.body.body:
             attr = self._buffer_attr(st)
             if attr and attr not in read:
-                freed |= names_in(st.body[0].value)  # type: ignore[attr-defined]
+                freed |= names_in(self._buffer_value(st))
                 continue
             body.append(st)
         if len(body) == len(init.body.body):
@@ -77,7 +92,14 @@ class DropUnusedBuffers(Rule):
         if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
                 m.Attribute(value=m.Name("self")))], value=_BUFFER)])):
             return self_attr(st.body[0].targets[0].target)  # type: ignore[attr-defined]
+        if m.matches(st, m.SimpleStatementLine(body=[m.Expr(_REGISTER)])):
+            return st.body[0].value.args[0].value.evaluated_value  # type: ignore[attr-defined]
         return None
+
+    @staticmethod
+    def _buffer_value(st: cst.CSTNode) -> cst.BaseExpression:
+        value = st.body[0].value  # type: ignore[attr-defined]
+        return value.args[1].value if m.matches(value, _REGISTER) else value
 
     @classmethod
     def _drop_locals(cls, body: list[cst.BaseStatement], freed: set[str]) -> list[cst.BaseStatement]:

@@ -203,7 +203,8 @@ class CausalLmInterface(Rule):
             lm_head_bias = linear_args(info.submodules[plan.lm_head].call)[2] != "False"
         methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
                          lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias,
-                         base_positions=self._base_takes_positions(), pre_head=self._pre_head(info))
+                         base_positions=self._base_takes("positions"), base_embeds=self._base_takes("inputs_embeds"),
+                         pre_head=self._pre_head(info))
         ctx.use("IntermediateTensors")
         stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
@@ -346,14 +347,15 @@ class CausalLmInterface(Rule):
         self._module = node
         return super().visit_Module(node) if hasattr(super(), "visit_Module") else True
 
-    def _base_takes_positions(self) -> bool:
-        """The base model's forward (as the earlier rules left it) has a `positions` parameter; one
-        without positional encoding in its layers (Bloom: ALiBi in the Attention) has none."""
+    def _base_takes(self, param: str) -> bool:
+        """The base model's forward (as the earlier rules left it) has parameter PARAM: one without
+        positional encoding in its layers (Bloom: ALiBi in the Attention) has no `positions`; remote
+        code's base model may take no `inputs_embeds`."""
         base = self.plan.top_classes[0] if self.plan.top_classes else None
         for st in getattr(self, "_module", cst.Module(body=[])).body:
             if isinstance(st, cst.ClassDef) and st.name.value == base:
                 fwd = find_method(st, "forward")
-                return fwd is None or "positions" in param_names(fwd)
+                return fwd is None or param in param_names(fwd)
         return True
 
     def _base_call(self, info) -> str | None:

@@ -135,6 +135,8 @@ class DropHfDataflow(Rule):
                 return None
             return st.with_changes(body=st.body.with_changes(body=body), orelse=self._orelse(st.orelse))
         if isinstance(st, (cst.For, cst.While, cst.With)):
+            if isinstance(st, cst.For):
+                st = self._zip_without_hf(st)
             if isinstance(st, cst.For) and (bound := loop_module(st)) is not None:
                 self._loop_vars[bound[0]] = bound[1]
             body = self._block(list(st.body.body))
@@ -149,6 +151,29 @@ class DropHfDataflow(Rule):
                 return None
             return st.with_changes(body=small_out)
         return st
+
+    def _zip_without_hf(self, st: cst.For) -> cst.For:
+        """`for layer, past in zip(self.layers, past_key_values):` -> `for layer in self.layers:`
+        (a tuple cache zipped with the layers: its loop variable is HF-only too)."""
+        it, target = st.iter, st.target
+        if not (m.matches(it, m.Call(func=m.Name("zip"))) and isinstance(target, cst.Tuple)
+                and len(target.elements) == len(it.args)  # type: ignore[attr-defined]
+                and not any(a.star or a.keyword for a in it.args)):  # type: ignore[attr-defined]
+            return st
+        pairs = list(zip(it.args, target.elements))  # type: ignore[attr-defined]
+        kept = [(a, t) for a, t in pairs if not self._is_tainted(a.value)]
+        if len(kept) == len(pairs) or not kept:
+            return st
+        for a, t in pairs:
+            if (a, t) not in kept:
+                self.tainted.update(assigned_names(t.value))
+        if len(kept) == 1:
+            return st.with_changes(iter=kept[0][0].value, target=kept[0][1].value)
+        args = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) if i == len(kept) - 1 else a
+                for i, (a, _) in enumerate(kept)]
+        elts = [t.with_changes(comma=cst.MaybeSentinel.DEFAULT) if i == len(kept) - 1 else t
+                for i, (_, t) in enumerate(kept)]
+        return st.with_changes(iter=it.with_changes(args=args), target=target.with_changes(elements=elts))
 
     def _small(self, small: cst.BaseSmallStatement) -> cst.BaseSmallStatement | None:
         if isinstance(small, (cst.Assign, cst.AnnAssign)):
@@ -219,7 +244,9 @@ class DropHfDataflow(Rule):
                 if len(args) == len(updated.args):
                     return updated
                 if not args and self_attr(updated.func) and rule._cls != rule.plan.causal_lm and any(
-                        not a.star and a.keyword is None for a in updated.args):
+                        not a.star and a.keyword is None for a in updated.args) and \
+                        (rule._cls, self_attr(updated.func)) not in rule.ctx.removed_attrs:
+                    # (a module another rule removed goes with its call: `self.rotary_emb(seq_len)`)
                     rule._lost_input(original)
                 if args:
                     args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)

@@ -1,0 +1,146 @@
+"""Rotary modules of remote code (issue 23), read by what they compute.
+
+Remote code of its time builds the rotary as a module of its own that returns a cos/sin cache
+(`self.rotary_emb(seq_len)`, sized by a sequence length and sliced or indexed by positions), and
+passes that cache down the layers as a forward argument of any name (`rotary_pos_emb`). What it
+computes is the standard rotary: inverse frequencies `1 / BASE ** (arange(0, DIM, 2) / DIM)` from
+its constructor's arguments. The engine's `get_rope` computes the same from positions, so:
+
+- :func:`table_params`: the attention forward's parameters the cos/sin given to its rotary helper
+  come from (through unpacking and slicing): HF-only once the engine rotates from positions;
+- :func:`module_rope`: (base, rotated dims) of such a module, as expressions of `config` read from
+  where the model builds it (`RotaryEmbedding(head_dim, base=config.rotary_emb_base)`), for a
+  config class with no `rope_parameters`.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, findall, names_in, param_names
+from porter.analysis.index import ModelIndex
+
+
+def _root(e: cst.BaseExpression) -> str | None:
+    """The tensor an expression reads (`cos[:, -n:]` -> cos, `x.to(q.dtype)` -> x)."""
+    while True:
+        if isinstance(e, cst.Name):
+            return e.value
+        if isinstance(e, cst.Subscript):
+            e = e.value
+        elif isinstance(e, cst.Call) and isinstance(e.func, cst.Attribute):
+            e = e.func.value
+        else:
+            return None
+
+
+def _sources(fwd: cst.FunctionDef) -> dict[str, set[str]]:
+    """local -> the names its value is read from (element by element for `a, b = x, y`)."""
+    out: dict[str, set[str]] = {}
+    for node in findall(fwd, m.Assign()):
+        for t in node.targets:  # type: ignore[attr-defined]
+            tgt, val = t.target, node.value  # type: ignore[attr-defined]
+            if isinstance(tgt, cst.Name):
+                pairs = [(tgt, val)]
+            elif isinstance(tgt, cst.Tuple) and isinstance(val, cst.Tuple) and len(val.elements) == len(tgt.elements):
+                pairs = [(a.value, b.value) for a, b in zip(tgt.elements, val.elements)]
+            elif isinstance(tgt, cst.Tuple):
+                pairs = [(a.value, val) for a in tgt.elements]
+            else:
+                continue
+            for name, value in pairs:
+                if isinstance(name, cst.Name) and (r := _root(value)) is not None:
+                    out.setdefault(name.value, set()).add(r)
+    return out
+
+
+def table_params(fwd: cst.FunctionDef | None, helper: str) -> set[str]:
+    """Parameters of FWD the cos/sin arguments of its `helper(q, k, cos, sin)` calls come from."""
+    if fwd is None:
+        return set()
+    params = set(param_names(fwd)) - {"self"}
+    sources = _sources(fwd)
+    found: set[str] = set()
+    for call in findall(fwd, m.Call(func=m.Name(helper))):
+        todo = [r for a in call.args[2:] if (r := _root(a.value)) is not None]  # type: ignore[attr-defined]
+        seen: set[str] = set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in params:
+                found.add(name)
+            todo += sources.get(name, ())
+    return found
+
+
+_POWER = m.BinaryOperation(operator=m.Power(), right=m.BinaryOperation(operator=m.Divide()))
+_ARANGE = m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("arange")))
+
+
+def _inv_freq(init: cst.FunctionDef) -> tuple[str, str] | None:
+    """(base, dim) parameter names of `BASE ** (torch.arange(0, DIM, 2)... / DIM)` in __init__."""
+    params = set(param_names(init))
+    for p in findall(init, _POWER):
+        base, ratio = p.left, p.right  # type: ignore[attr-defined]
+        aranges = findall(ratio.left, _ARANGE)
+        if not (isinstance(base, cst.Name) and base.value in params and aranges
+                and isinstance(ratio.right, cst.Name) and ratio.right.value in params):
+            continue
+        a = aranges[0].args  # type: ignore[attr-defined]
+        if len(a) >= 3 and code(a[0].value) == "0" and code(a[2].value) == "2" \
+                and code(a[1].value) == ratio.right.value:
+            return base.value, ratio.right.value
+    return None
+
+
+def _bound(ctor: cst.Call, init: cst.FunctionDef, param: str) -> cst.BaseExpression | None:
+    """The argument CTOR passes for INIT's parameter PARAM (else its default)."""
+    names = [p.name.value for p in init.params.params]
+    for i, a in enumerate(ctor.args):
+        if (a.keyword is not None and a.keyword.value == param) or \
+                (a.keyword is None and not a.star and i + 1 < len(names) and names[i + 1] == param):
+            return a.value
+    default = next((p.default for p in init.params.params if p.name.value == param), None)
+    return default
+
+
+def _in_config_terms(e: cst.BaseExpression, local: dict[str, cst.BaseExpression]) -> str | None:
+    """E with the locals of the building __init__ replaced by their values: an expression of
+    `config` and literals only, else None."""
+
+    class _Sub(cst.CSTTransformer):
+        def leave_Name(self, original, updated):
+            return local[updated.value] if updated.value in local else updated
+
+    for _ in range(3):
+        e = e.visit(_Sub())  # type: ignore[assignment]
+    if names_in(e) - {"config"}:
+        return None
+    return code(e)
+
+
+def module_rope(idx: ModelIndex, rotary_classes: list[str]) -> tuple[str, str] | None:
+    """(base, dims) of the rotary module the model builds from config (see the module docstring)."""
+    from porter.analysis.layouts import local_bindings
+
+    for cls in rotary_classes:
+        info = idx.classes.get(cls)
+        init = info.method("__init__") if info else None
+        found = _inv_freq(init) if init is not None else None
+        if found is None:
+            continue
+        for owner in idx.classes.values():
+            for sub in owner.submodules.values():
+                oinit = owner.method("__init__")
+                if sub.ctor != cls or oinit is None or not isinstance(sub.call, cst.Call):
+                    continue
+                base, dim = (_bound(sub.call, init, p) for p in found)  # type: ignore[arg-type]
+                if base is None or dim is None:
+                    return None
+                local = local_bindings(oinit)
+                theta, dims = _in_config_terms(base, local), _in_config_terms(dim, local)
+                return (theta, dims) if theta and dims else None
+    return None
