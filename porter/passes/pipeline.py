@@ -27,6 +27,7 @@ from porter.passes.attention.fuse_qkv import FuseQkv
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.latent_attention import LatentAttention
 from porter.passes.attention.output_attentions_arm import OutputAttentionsArm
+from porter.passes.attention.per_head_scale import PerHeadScale
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
 from porter.passes.attention.upcast_arm import UpcastArm
@@ -111,6 +112,7 @@ MODEL: list[type[Rule]] = [
     DropHfDataflow,
     DropDropout,
     DropBatchCollapse,
+    PerHeadScale,  # before FlattenHeads: the head split around a per-head product stays
     FlattenHeads,
     FlatTokens,  # after FlattenHeads: what is left of `b, s, h = x.shape` restores a batch
     FlatPositionFactor,  # module helpers the kept forwards call with the (flat) positions

@@ -78,6 +78,31 @@ class ThreadPrefix(Rule):
             "        super().__init__()\n"
             '        self.layer = Layer(config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.layer")\n',
         ),
+        Example(
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)\n\n"
+            "    def forward(self, x):\n        return self.fc2(self.fc1(x))\n\n\n"
+            "class Layer(nn.Module):\n    def __init__(self, config, layer_idx):\n"
+            "        super().__init__()\n        self.pre = MLP(config)\n"
+            "        self.mlp = MLP(config) if layer_idx else None\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n"
+            "    def __init__(self, config, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n"
+            "        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)\n\n"
+            "    def forward(self, x):\n        return self.fc2(self.fc1(x))\n\n\n"
+            "class Layer(nn.Module):\n"
+            "    def __init__(self, config, layer_idx, cache_config: CacheConfig | None = None, "
+            'quant_config: QuantizationConfig | None = None, prefix: str = ""):\n'
+            "        super().__init__()\n"
+            "        self.pre = MLP(config, cache_config=cache_config, quant_config=quant_config, "
+            'prefix=f"{prefix}.pre")\n'
+            "        self.mlp = MLP(config, cache_config=cache_config, quant_config=quant_config, "
+            'prefix=f"{prefix}.mlp") if layer_idx else None\n',
+        ),
     ]
 
     def __init__(self, ctx) -> None:
@@ -147,14 +172,11 @@ class ThreadPrefix(Rule):
         value = updated.value
         top = cls == self.plan.causal_lm
         pfx = f'maybe_prefix(prefix, "{attr}")' if top else f'f"{{prefix}}.{attr}"'
-        if isinstance(value, cst.Call) and dotted(value.func) in self._needs:
+        threaded = self._thread(value, pfx)
+        if threaded is not None:
             if top:
                 self.ctx.use("maybe_prefix")
-            return updated.with_changes(value=self._with_kwargs(value, pfx))
-        if not top and isinstance(value, cst.IfExp) and m.matches(value.orelse, m.Name("None")) \
-                and isinstance(value.body, cst.Call) and dotted(value.body.func) in self._needs:
-            # `Module(config) if config.n > 0 else None`: the module, when built, is named as well
-            return updated.with_changes(value=value.with_changes(body=self._with_kwargs(value.body, pfx)))
+            return updated.with_changes(value=threaded)
         if isinstance(value, cst.Call) and m.matches(
             value, m.Call(args=[m.Arg(m.ListComp(elt=m.Call()))])
         ):
@@ -167,6 +189,16 @@ class ThreadPrefix(Rule):
                     value=value.with_changes(args=[value.args[0].with_changes(value=new_comp)])
                 )
         return updated
+
+    def _thread(self, value: cst.BaseExpression, pfx: str) -> cst.BaseExpression | None:
+        """`Mod(...)`, or either branch of `A(...) if c else B(...)`, with the engine kwargs."""
+        if isinstance(value, cst.Call) and dotted(value.func) in self._needs:
+            return self._with_kwargs(value, pfx)
+        if isinstance(value, cst.IfExp):
+            body, orelse = self._thread(value.body, pfx), self._thread(value.orelse, pfx)
+            if body is not None or orelse is not None:
+                return value.with_changes(body=body or value.body, orelse=orelse or value.orelse)
+        return None
 
     def _with_kwargs(self, call: cst.Call, prefix_expr: str) -> cst.Call:
         args = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in call.args]

@@ -250,7 +250,16 @@ class GraniteMoeSWADecoderLayer(nn.Module):
             prefix=f"{prefix}.block_sparse_moe",
         )
         self.residual_multiplier = config.residual_multiplier  # Only diff with mixtral!
-        self.shared_mlp = None if config.shared_intermediate_size == 0 else GraniteMoeSWAMLP(config)
+        self.shared_mlp = (
+            None
+            if config.shared_intermediate_size == 0
+            else GraniteMoeSWAMLP(
+                config,
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=f"{prefix}.shared_mlp",
+            )
+        )
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
         residual = hidden_states

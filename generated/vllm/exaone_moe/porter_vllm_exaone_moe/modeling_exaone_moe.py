@@ -247,9 +247,13 @@ class ExaoneMoeDecoderLayer(nn.Module):
             prefix=f"{prefix}.self_attn",
         )
         self.mlp = (
-            ExaoneMoeSparseMoEBlock(config)
+            ExaoneMoeSparseMoEBlock(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
+            )
             if config.mlp_layer_types[layer_idx] == "sparse"
-            else ExaoneMoeMLP(config)
+            else ExaoneMoeMLP(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
+            )
         )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

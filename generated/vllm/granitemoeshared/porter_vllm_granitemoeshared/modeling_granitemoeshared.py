@@ -225,7 +225,14 @@ class GraniteMoeSharedDecoderLayer(nn.Module):
         )
         self.residual_multiplier = config.residual_multiplier  # Only diff with mixtral!
         self.shared_mlp = (
-            None if config.shared_intermediate_size == 0 else GraniteMoeSharedMLP(config)
+            None
+            if config.shared_intermediate_size == 0
+            else GraniteMoeSharedMLP(
+                config,
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=f"{prefix}.shared_mlp",
+            )
         )
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):

@@ -242,7 +242,13 @@ class HYV3DecoderLayer(nn.Module):
             prefix=f"{prefix}.self_attn",
         )
         self.mlp = (
-            HYV3MoE(config) if config.mlp_layer_types[layer_idx] == "sparse" else HYV3MLP(config)
+            HYV3MoE(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
+            )
+            if config.mlp_layer_types[layer_idx] == "sparse"
+            else HYV3MLP(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
+            )
         )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
