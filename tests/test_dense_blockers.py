@@ -39,9 +39,6 @@ BLOCKED = {
     # one attention module run H_cycles * L_cycles times per token, one KV-cache slot per run: once
     # converted into a port whose single engine Attention per module each run overwrote
     "hrm_text": ("HrmTextAttention.forward: past_key_values.update(", "several KV-cache slots"),
-    # experts FusedMoE does not compute (a clamped swiglu over interleaved gate/up, with biases): once
-    # ported as the HF per-expert loop, every expert on every rank, which vLLM cannot compile
-    "gpt_oss": ("class GptOssExperts", "cannot port mixture of experts"),
 }
 
 

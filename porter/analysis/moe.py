@@ -27,6 +27,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, code, param_names, self_attr, self_call_attr
 from porter.analysis.index import LINEAR_NAMES, ClassInfo, ModelIndex
+from porter.analysis.moe_oai import swigluoai_experts
 from porter.analysis.moe_router import Routing, read_router
 
 
@@ -66,12 +67,16 @@ class MoePlan:
     router_logits: str = ""
     route_outputs: list[int] = field(default_factory=list)
     router_dims: list[str] = field(default_factory=list)
+    router_bias: bool = False  # the router's projection has a bias (the gate's, loaded with it)
+    # experts with biases: (gate_up bias, down bias) attributes; the swigluoai activation's (alpha, limit)
+    expert_bias: list[str] = field(default_factory=list)
+    swiglu: list[str] = field(default_factory=list)
 
 
 # routing fields left out of PORT.json where they hold their default (other ports' PORT.json unchanged)
 _ROUTING_DEFAULTS = {"router_weight": "weight", "correction_bias": None, "n_group": None, "topk_group": None,
                      "routed_scaling": None, "routing_function": False, "router_logits": "", "route_outputs": [],
-                     "router_dims": []}
+                     "router_dims": [], "router_bias": False, "expert_bias": [], "swiglu": []}
 
 
 def compact_moe(d: dict) -> None:
@@ -98,7 +103,8 @@ def _param_shape(value: cst.BaseExpression) -> list[cst.BaseExpression] | None:
     inner = value.args[0].value if value.args else None  # type: ignore[attr-defined]
     if not m.matches(inner, m.Call(func=m.Attribute(value=m.Name("torch")))):
         return None
-    return [a.value for a in inner.args if a.keyword is None]  # type: ignore[union-attr]
+    dims = [a.value for a in inner.args if a.keyword is None]  # type: ignore[union-attr]
+    return [e.value for e in dims[0].elements] if len(dims) == 1 and isinstance(dims[0], cst.Tuple) else dims
 
 
 class _Subst(cst.CSTTransformer):
@@ -181,6 +187,9 @@ class MoeFinder:
         three_d = {a: s for a, v in attrs.items() if (s := _param_shape(v)) is not None and len(s) == 3}
         if len(three_d) != 2:
             return None
+        two_d = {a: s for a, v in attrs.items() if (s := _param_shape(v)) is not None and len(s) == 2}
+        if two_d:  # biases beside the weights: only the engine's swigluoai experts (gpt_oss) are read
+            return swigluoai_experts(info, three_d, two_d)
         gate_up = None
         transposed = False
         for call in findall(fwd, m.Call(func=m.Attribute(value=m.Call(), attr=m.Name("chunk")))):
@@ -286,6 +295,9 @@ class MoeFinder:
             route_outputs=list(r.outputs) if r.function else [],
             # (function) the gate's (hidden, experts) as the router's own __init__ reads them
             router_dims=[_resolve(r.shape[1], r_cls, None), _resolve(r.shape[0], r_cls, None)] if r.function else [],
+            router_bias=r.linear_bias is not None,
+            expert_bias=e.get("bias", []),
+            swiglu=[_resolve(c, e_cls, e_sub.call) for c in e.get("swiglu", [])],
         )
 
 
@@ -362,6 +374,4 @@ def per_expert_loop(info: ClassInfo) -> bool:
     if fwd is None or not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("index_add_")))):
         return False
     shapes = [s for v in _init_attrs(info).values() if (s := _param_shape(v)) is not None]
-    dims = [len(s[0].elements) if len(s) == 1 and isinstance(s[0], cst.Tuple) else len(s)  # torch.empty((E, I, H))
-            for s in shapes]
-    return dims.count(3) >= 2
+    return [len(s) for s in shapes].count(3) >= 2  # (torch.empty((E, I, H)) read as its three dims)

@@ -51,6 +51,7 @@ class Routing:
     outputs: tuple[int, int] = (1, 2)  # positions of (weights, indices) in the returned tuple
     function: bool = False  # not the engine's router: the router's own code as custom_routing_function
     logits: str = ""  # (function) the local the router assigns its logits to
+    linear_bias: str | None = None  # the projection's own bias (`F.linear(x, self.weight, self.bias)`)
     facts: dict = field(default_factory=dict)
 
 
@@ -92,6 +93,7 @@ class RouterReader:
         self.logits_at: list[str] = []  # the locals the projection is assigned to
         self.returns = 0
         self.base_linear: list[cst.BaseExpression] | None = None  # (in, out) of an nn.Linear base class
+        self.linear_bias: str | None = None
 
     # -- tensors held by the router --------------------------------------------------------
     def _param_dims(self, attr: str | None) -> list[cst.BaseExpression] | None:
@@ -200,13 +202,15 @@ class RouterReader:
         if recv is not None and recv.kind == "x" and name in ("view", "reshape"):
             return recv
         # the projection: F.linear(x, self.weight) or a bias-free nn.Linear of the router
-        if name == "linear" and first is not None and first.kind == "x" and len(node.args) == 2:
+        if name == "linear" and first is not None and first.kind == "x" and len(node.args) in (2, 3):
             w = node.args[1].value
             while m.matches(w, m.Call(func=m.Attribute(attr=m.Name("float") | m.Name("to") | m.Name("type")))):
                 w = w.func.value  # type: ignore[union-attr]
             dims = self._param_dims(self_attr(w))
-            if dims is None or len(dims) != 2:
+            bias = self_attr(node.args[2].value) if len(node.args) == 3 else None
+            if dims is None or len(dims) != 2 or (len(node.args) == 3 and len(self._param_dims(bias) or ()) != 1):
                 return None
+            self.linear_bias = bias
             return self._logits(self_attr(w), dims)  # type: ignore[arg-type]
         # the router is an nn.Linear itself: `super().forward(x)`
         if m.matches(func, m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("forward"))) \
@@ -445,7 +449,8 @@ class RouterReader:
         if len(ops) != len(weights.ops) or [o for o, _ in weights.ops] not in ([], ["renorm"], ["scale"], ["renorm", "scale"]):
             return None
         r = Routing(weight=self.weight, shape=self.shape, top_k=self.top_k, scoring=scoring,  # type: ignore[arg-type]
-                    renormalize=ops.get("renorm"), scale=ops.get("scale"), outputs=outputs)
+                    renormalize=ops.get("renorm"), scale=ops.get("scale"), outputs=outputs,
+                    linear_bias=self.linear_bias)
         if base.kind == "choice":
             r.bias = self.bias
             if self.bias is not None and not self.bias.startswith("self."):
@@ -498,7 +503,7 @@ def read_router(info, attrs: dict[str, cst.BaseExpression], linears: dict[str, c
     if routing is not None:
         return routing
     last = fwd.body.body[-1] if fwd.body.body else None  # type: ignore[attr-defined]
-    if len(reader.logits_at) != 1 or reader.weight is None or reader.returns != 1 or not m.matches(
+    if len(reader.logits_at) != 1 or reader.weight is None or reader.returns != 1 or reader.linear_bias or not m.matches(
             last, m.SimpleStatementLine(body=[m.Return(value=m.Tuple())])):
         return None
     held = reader.weight.partition(".")[0]

@@ -49,6 +49,7 @@ from porter.passes.mlp.engine_activation_class import EngineActivationClass
 from porter.passes.mlp.fuse_gate_up import FuseGateUp
 from porter.passes.moe.checkpoint_module_names import CheckpointModuleNames
 from porter.passes.moe.correction_bias import CorrectionBias
+from porter.passes.moe.device_fast_path import DeviceFastPath
 from porter.passes.moe.flat_tokens import FlatTokens
 from porter.passes.moe.fused_moe import FusedMoe
 from porter.passes.moe.routing_function import RoutingFunction
@@ -87,6 +88,7 @@ BEFORE_INDEX: list[type[Rule]] = [
     OutputAttentionsArm,  # before PT150: no reshaped copy of the weights between softmax and sum
     InlineEagerAttention,
     AlibiArm,  # after PT150: picks the arm of the `attention_interface` call PT150 made
+    DeviceFastPath,  # a router's CUDA-only arm: the index reads the reference arm
 ]
 
 MODEL: list[type[Rule]] = [

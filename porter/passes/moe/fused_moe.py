@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.cstutil import self_attr, self_call_attr
 from porter.passes.base import Example, Rule
@@ -53,6 +54,60 @@ _ROUTER_T = _ROUTER.replace(
     "(hidden_states[token_idx] @ self.gate_up_proj[expert_idx])").replace(
     "nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])",
     "(self.act_fn(gate) * up) @ self.down_proj[expert_idx]")
+
+
+_OAI = '''
+class ARouter(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
+
+    def forward(self, hidden_states):
+        router_logits = F.linear(hidden_states, self.weight, self.bias)
+        top_value, top_index = torch.topk(router_logits, self.top_k, dim=-1)
+        scores = torch.nn.functional.softmax(top_value, dim=1, dtype=top_value.dtype)
+        return router_logits, scores, top_index
+
+
+class AExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, 2 * config.intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(self.num_experts, 2 * config.intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty((self.num_experts, config.intermediate_size, config.hidden_size)))
+        self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        self.alpha = config.swiglu_alpha
+        self.limit = config.swiglu_limit
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        gated_output = (up + 1) * glu
+        return gated_output
+
+    def forward(self, hidden_states, router_indices, routing_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.num_experts):
+            token_idx, pos = torch.where(router_indices == e)
+            gate_up = hidden_states[token_idx] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+            gated = self._apply_gate(gate_up)
+            h = gated @ self.down_proj[e] + self.down_proj_bias[e]
+            out.index_add_(0, token_idx, h * routing_weights[token_idx, pos, None])
+        return out
+'''
+_OAI_BLOCK = (
+    "\n\nclass AMLP(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.router = ARouter(config)\n        self.experts = AExperts(config)\n\n"
+    "    def forward(self, hidden_states):\n"
+    "        _, scores, index = self.router(hidden_states)\n"
+    "        out = self.experts(hidden_states, index, scores)\n"
+    "        return out, scores\n"
+)
 
 
 def _routing_extras(mp) -> str:
@@ -151,6 +206,24 @@ class FusedMoe(Rule):
         "        return self.experts(hidden_states=hidden_states, router_logits=router_logits)\n",
     ))
 
+    # gpt_oss: a router projection with a bias, softmax over its top-k logits; experts with biases
+    # and the clamped SwiGLU over interleaved gate/up: the engine's swigluoai, whose constants the
+    # port checks against the configuration's
+    examples.append(Example("from torch import nn\n" + _OAI + _OAI_BLOCK, "from torch import nn\n" + _OAI + (
+        "\n\nclass AMLP(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+        '        self.gate = GateLinear(config.hidden_size, config.num_local_experts, bias=True, prefix=f"{prefix}.gate")\n'
+        "        if (config.swiglu_alpha, config.swiglu_limit) != (1.702, 7.0):\n"
+        "            raise ValueError(f\"the engine's swigluoai experts compute alpha 1.702, limit 7.0, "
+        "not {(config.swiglu_alpha, config.swiglu_limit)}\")\n"
+        "        self.experts = FusedMoEFactory(num_experts=config.num_local_experts, top_k=config.num_experts_per_tok, "
+        "hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, renormalize=True, "
+        'activation="swigluoai", quant_config=quant_config, prefix=f"{prefix}.experts", '
+        "is_fused_checkpoint_transposed=True, has_bias=True)\n\n"
+        "    def forward(self, hidden_states):\n"
+        "        router_logits, _ = self.gate(hidden_states)\n"
+        "        out = self.experts(hidden_states=hidden_states, router_logits=router_logits)\n"
+        "        return out\n")))
+
     @classmethod
     def applies(cls, ctx) -> bool:
         return bool(ctx.plan.moes)
@@ -176,10 +249,11 @@ class FusedMoe(Rule):
                     equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))]))
         if fn == "__init__" and attr == mp.router:
             # named `gate` as in the engine's own MoE ports (load_weights maps the checkpoint's name)
+            bias = ", bias=True" if mp.router_bias else ""
             return updated.with_changes(
                 targets=[cst.AssignTarget(cst.parse_expression("self.gate"))],
                 value=cst.parse_expression(
-                    f"{self.ctx.use('GateLinear')}({mp.hidden_size}, {mp.num_experts}, prefix=f\"{{prefix}}.gate\")"))
+                    f"{self.ctx.use('GateLinear')}({mp.hidden_size}, {mp.num_experts}{bias}, prefix=f\"{{prefix}}.gate\")"))
         if fn == "__init__" and attr == mp.experts:
             ckpt = "" if list(mp.ckpt_names) == ["gate_proj", "down_proj", "up_proj"] else \
                 f", ckpt_names={tuple(mp.ckpt_names)!r}"
@@ -195,12 +269,16 @@ class FusedMoe(Rule):
                 ckpt += ", is_fused_checkpoint_transposed=True"
             if mp.routing_function:
                 ckpt += ", custom_routing_function=self.gate.route"
-            return updated.with_changes(value=cst.parse_expression(
+            if mp.expert_bias:
+                ckpt += ", has_bias=True"
+            experts = updated.with_changes(value=cst.parse_expression(
                 f"{self.ctx.use('FusedMoE')}(num_experts={mp.num_experts}, top_k={mp.top_k}, "
                 f"hidden_size={mp.hidden_size}, intermediate_size={mp.intermediate_size}, "
                 f"renormalize={mp.renormalize}, activation={mp.activation}, quant_config=quant_config, "
                 f"prefix=f\"{{prefix}}.{attr}\"{ckpt})"))
+            return experts
         if fn == "forward" and self_call_attr(updated.value) == mp.router:
+            self._routed = {n.value for n in m.findall(original.targets[0].target, m.Name())}
             # the router returns its logits (and a bias slot): top-k happens inside FusedMoE, which
             # holds the correction bias the router was handed
             target = cst.parse_expression("router_logits, _")
@@ -208,6 +286,33 @@ class FusedMoe(Rule):
                 func=cst.parse_expression("self.gate"), args=updated.value.args[:1])  # type: ignore[attr-defined]
             return updated.with_changes(targets=[cst.AssignTarget(target)], value=call)
         return updated
+
+    def leave_Return(self, original, updated):
+        # `return hidden_states, router_scores` (gpt_oss): what the router returned beside its
+        # logits is gone (FusedMoE routes); every caller discards it, the block returns its output
+        mp = self.plan.moe(self.current_class or "")
+        routed = getattr(self, "_routed", set())
+        if mp is None or self.current_function != "forward" or not isinstance(updated.value, cst.Tuple) \
+                or len(updated.value.elements) < 2 or not all(
+                    m.matches(e.value, m.Name(m.MatchIfTrue(lambda n: n in routed))) for e in updated.value.elements[1:]):
+            return updated
+        self.ctx.single_return.add(mp.cls)
+        return updated.with_changes(value=updated.value.elements[0].value)
+
+    def leave_SimpleStatementLine(self, original, updated):
+        mp = self.plan.moe(self.current_class or "")
+        if mp is None or not mp.swiglu or self.current_function != "__init__" or not m.matches(
+                original, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
+                    m.Attribute(value=m.Name("self"), attr=m.Name(mp.experts)))])])):
+            return updated
+        # the engine's swigluoai computes with its own constants: a model with others is refused
+        alpha, limit = mp.swiglu
+        guard = cst.parse_statement(
+            f"if ({alpha}, {limit}) != (1.702, 7.0):\n"
+            f"    raise ValueError(f\"the engine's swigluoai experts compute alpha 1.702, limit 7.0, "
+            f"not {{({alpha}, {limit})}}\")\n")
+        return cst.FlattenSentinel([guard.with_changes(leading_lines=updated.leading_lines),
+                                    updated.with_changes(leading_lines=[])])
 
     def leave_Call(self, original, updated):
         mp = self.plan.moe(self.current_class or "")
