@@ -15,6 +15,7 @@ class ARouter(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(config.n_experts, config.hidden_size))
         self.norm_min = config.norm_min
+        self.scale = nn.Buffer(torch.ones(config.n_experts))
 
     def forward(self, hidden_states):
         router_logits = F.linear(hidden_states.float(), self.weight.float())
@@ -35,6 +36,7 @@ class ARouter(GateLinear):
     def __init__(self, config, prefix: str = ""):
         super().__init__(config.hidden_size, config.n_experts, prefix=prefix)
         self.norm_min = config.norm_min
+        self.scale = nn.Parameter(torch.ones(config.n_experts), requires_grad=False)
 
     def route(self, hidden_states, gating_output, topk, renormalize):
         router_logits = gating_output
@@ -130,6 +132,15 @@ def _gate_init(fn: cst.FunctionDef, mp: MoePlan) -> cst.FunctionDef:
         elif m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Attribute(
                 value=m.Name("self"), attr=m.Name(weight)))])])):
             continue
+        elif m.matches(st, _HELD_BUFFER):
+            # a persistent buffer the routing reads (kolibri1's correction bias), in the checkpoint:
+            # a parameter the loader fills
+            value = st.body[0].value  # type: ignore[attr-defined]
+            st = st.with_changes(body=[st.body[0].with_changes(value=value.with_changes(  # type: ignore[attr-defined]
+                func=value.func.with_changes(attr=cst.Name("Parameter")), args=[
+                    value.args[0].with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))),
+                    cst.Arg(cst.Name("False"), keyword=cst.Name("requires_grad"),
+                            equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))]))])
         body.append(st)
     params = fn.params
     if "prefix" not in [p.name.value for p in params.params]:
@@ -137,6 +148,12 @@ def _gate_init(fn: cst.FunctionDef, mp: MoePlan) -> cst.FunctionDef:
             cst.Name("prefix"), annotation=cst.Annotation(cst.Name("str")), default=cst.SimpleString('""'),
             equal=cst.AssignEqual(cst.SimpleWhitespace(" "), cst.SimpleWhitespace(" ")))])
     return fn.with_changes(params=params, body=fn.body.with_changes(body=body))
+
+
+# `self.b = nn.Buffer(t)` (persistent: saved with the checkpoint)
+_HELD_BUFFER = m.SimpleStatementLine(body=[m.Assign(
+    targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+    value=m.Call(func=m.Attribute(attr=m.Name("Buffer")), args=[m.Arg(keyword=None)]))])
 
 
 class _Route(cst.CSTTransformer):
