@@ -180,8 +180,31 @@ def init_attrs(info: ClassInfo) -> dict[str, cst.BaseExpression]:
 
 
 def head_size_attr(info: ClassInfo) -> str:
-    """`self.head_dim`, or `self.head_size` where the class names its per-head size so."""
-    return "self.head_dim" if "head_dim" in init_attrs(info) else "self.head_size"
+    """`self.head_dim`, or `self.head_size` where the class names its per-head size so (or, where it
+    stores neither, the size its head split computes: `split_head_size`)."""
+    attrs = init_attrs(info)
+    if "head_dim" not in attrs and "head_size" not in attrs and (derived := split_head_size(info)):
+        return derived
+    return "self.head_dim" if "head_dim" in attrs else "self.head_size"
+
+
+def split_head_size(info: ClassInfo) -> str | None:
+    """A class that stores no per-head size but splits heads by shape (OpenAI GPT's `split_heads`:
+    `x.view(*x.size()[:-1], self.n_head, x.size(-1) // self.n_head)`) of the thirds of its fused
+    projection (`x.split(self.split_size, dim=2)`): `self.split_size // self.n_head`."""
+    heads = set()
+    for t in findall(info.node, m.Tuple()):
+        elems = [e.value for e in t.elements]  # type: ignore[attr-defined]
+        attrs = {self_attr(e) for e in elems} - {None}
+        for e in elems:
+            if m.matches(e, m.BinaryOperation(operator=m.FloorDivide())) and self_attr(e.right) in attrs:  # type: ignore[attr-defined]
+                heads.add(self_attr(e.right))  # type: ignore[attr-defined]
+    fwd = info.method("forward")
+    widths = {self_attr(c.args[0].value) for c in findall(fwd, m.Call(func=m.Attribute(attr=m.Name("split"))))  # type: ignore[attr-defined]
+              if c.args} - {None} if fwd else set()  # type: ignore[attr-defined]
+    if len(heads) != 1 or len(widths) != 1:
+        return None
+    return f"(self.{widths.pop()} // self.{heads.pop()})"
 
 
 def local_bindings(fwd: cst.FunctionDef) -> dict[str, cst.BaseExpression]:

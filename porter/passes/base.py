@@ -58,7 +58,13 @@ class RewriteContext:
     def use(self, symbol: str) -> str:
         """Record that the port uses an engine symbol; returns the name to write in code."""
         self.engine_symbols.add(symbol)
-        return self.target.symbols[symbol].split(":")[1]
+        return self.bound_name(symbol)
+
+    def bound_name(self, symbol: str) -> str:
+        """The name the port's import binds an engine symbol to: its own, or `Engine<name>` where the
+        source defines a class of that name (OpenAI GPT's `class Attention`)."""
+        name = self.target.symbols[symbol].split(":")[1]
+        return f"Engine{name}" if name in self.idx.classes else name
 
     def fork(self, target: Target) -> RewriteContext:
         """This context for one target, after the rules every target shares: its own copy of

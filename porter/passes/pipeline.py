@@ -44,6 +44,7 @@ from porter.passes.cleanup.strip_decorators import StripDecorators
 from porter.passes.config.config_engine_imports import ConfigEngineImports
 from porter.passes.config.config_keep_class import ConfigKeepClass
 from porter.passes.mlp.act_then_mul import ActThenMul
+from porter.passes.mlp.activation_table import ActivationTable
 from porter.passes.mlp.engine_activation import EngineActivation
 from porter.passes.mlp.engine_activation_class import EngineActivationClass
 from porter.passes.mlp.fuse_gate_up import FuseGateUp
@@ -134,6 +135,7 @@ MODEL: list[type[Rule]] = [
     # norms it recognises (incl. replicated KV heads); this one takes the remaining flat q/k norms
     FullWidthQkNorm,
     EngineActivation,
+    ActivationTable,
     EngineActivationClass,
     UnwrapOutputs,
     FixCallArity,

@@ -15,7 +15,7 @@ from porter.analysis.layer_rope import layer_rope
 from porter.analysis.reversed_rope import sign_cancels, turns_back
 from porter.analysis.layouts import (
     head_size_attr, heads_of, init_attrs, linear_args, local_bindings, packed_split_call,
-    per_head_split_helper, query_prescale, rope_guard, scale_in_head_size,
+    per_head_split_helper, query_prescale, rope_guard, scale_in_head_size, split_head_size,
 )
 from porter.plan import refusals
 from porter.plan.model import AttentionPlan, GateUpPlan
@@ -170,9 +170,9 @@ class AttentionPlanning:
     def attention_plan(self, info: ClassInfo, call: cst.Call, qkv: list[str], o: str | None) -> AttentionPlan:
         attrs = init_attrs(info)
         head_attr = next((a for a in ("head_dim", "head_size") if a in attrs), None)
-        if head_attr is None:
+        hd = f"self.{head_attr}" if head_attr else split_head_size(info)
+        if hd is None:
             raise refusals.NO_HEAD_SIZE.error(self, info.node, f"class {info.name}")  # type: ignore[arg-type]
-        hd = f"self.{head_attr}"
         q_in, q_out, bias = linear_args(info.submodules[qkv[0]].call)
         _, k_out, _ = linear_args(info.submodules[qkv[1]].call)
         kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}

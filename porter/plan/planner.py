@@ -23,6 +23,7 @@ from porter.analysis.cstutil import code, dotted, findall, resolve_cross_attenti
 from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.index import EMBEDDING_NAMES, ClassInfo, ModelIndex, is_transposed_linear
 from porter.analysis.layouts import alibi_condition, attention_call_names
+from porter.plan.alibi_slopes import check_alibi_max_bias
 from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
 from porter.analysis.latent_attention import latent_attention
 from porter.layout import port_architecture
@@ -203,6 +204,7 @@ class Planner(AttentionPlanning):
         for a in plan.attentions:
             if a.alibi:
                 a.alibi_when = alibi_condition(self.idx, plan.classes, a.alibi)
+                check_alibi_max_bias(self, plan.classes, a.alibi)
         for a in plan.attentions:
             if a.packed:
                 continue  # fused in the checkpoint too: QKVParallelLinear splits it when loading

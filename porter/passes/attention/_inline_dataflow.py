@@ -6,7 +6,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import dotted, findall, names_in
+from porter.analysis.cstutil import code, dotted, findall, names_in
 
 SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")
                  | m.Call(func=m.Attribute(attr=m.Name("Softmax")) | m.Name("Softmax")))  # nn.Softmax(dim=-1)(w)
@@ -103,3 +103,19 @@ def _tensor_roots(e: cst.BaseExpression) -> set[str]:
 
 def _mul(a: str | None, b: str) -> str:
     return b if a is None else f"{a} * {b}"
+
+
+def _blend(value: cst.BaseExpression) -> tuple[cst.BaseExpression, cst.BaseExpression] | None:
+    """`w * b + fill * (1 - b)` (either order of each sum and product): the scores kept where b is 1,
+    `fill` where it is 0. Returns (b, fill)."""
+    if not m.matches(value, m.BinaryOperation(operator=m.Add(), left=m.BinaryOperation(operator=m.Multiply()),
+                                              right=m.BinaryOperation(operator=m.Multiply()))):
+        return None
+    for keep, other in ((value.left, value.right), (value.right, value.left)):  # type: ignore[attr-defined]
+        for fill, inv in ((other.left, other.right), (other.right, other.left)):
+            if not m.matches(inv, m.BinaryOperation(operator=m.Subtract(), left=m.Integer("1") | m.Float("1.0"))):
+                continue
+            b = inv.right
+            if code(keep.left) == code(b) or code(keep.right) == code(b):
+                return b, fill
+    return None

@@ -6,23 +6,13 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.causal_buffer import buffer_of, causal_buffers, mask_fill
-from porter.analysis.cstutil import code, findall, names_in, self_call_attr
+from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
 from porter.passes.attention._common import BeforeIndexRule, nlines
 from porter.passes.attention._inline_dataflow import (
-    SOFTMAX, _matmul, _mul, _raise_check, _reads, _root, _simple_assign, _target, _tensor_roots, _writes,
+    _MATMUL_FUNCS, SOFTMAX, _blend, _matmul, _mul, _raise_check, _reads, _root, _simple_assign, _target, _tensor_roots, _writes,
 )
-from porter.passes.base import Example
-
-_UNCHANGED_WHERE = (
-    "class Attn(nn.Module):\n"
-    "    def forward(self, q, k, v, keep):\n"
-    "        w = torch.matmul(q, k.transpose(-1, -2))\n"
-    "        w = torch.where(keep, w, torch.finfo(w.dtype).min)\n"
-    "        w = nn.functional.softmax(w, dim=-1)\n"
-    "        out = torch.matmul(w, v)\n"
-    "        return out, w\n"
-)
-
+from porter.passes.attention._inline_examples import EXAMPLES
+from porter.rules_data import strip_table
 
 class InlineEagerAttention(BeforeIndexRule):
     code = "PT150"
@@ -42,140 +32,14 @@ class InlineEagerAttention(BeforeIndexRule):
     visits_dropped_code = True
     word = "softmax"  # before indexing: only the top-level statements naming it are walked
 
-    examples = [
-        Example(
-            "class Attn(nn.Module):\n"
-            "    def __init__(self, config):\n        self.attn_dropout = nn.Dropout(config.attn_pdrop)\n\n"
-            "    def forward(self, x, attention_mask):\n"
-            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
-            "        q = q.to(torch.float32)\n"
-            "        w = torch.matmul(q, k.transpose(-1, -2))\n"
-            "        w = w / self.scale_attn\n"
-            "        if attention_mask is not None:\n            w = w + attention_mask\n"
-            "        w = nn.functional.softmax(w, dim=-1)\n"
-            "        w = self.attn_dropout(w)\n"
-            "        out = torch.matmul(w, v)\n"
-            "        return self.o_proj(out), w\n",
-            "class Attn(nn.Module):\n"
-            "    def __init__(self, config):\n        self.attn_dropout = nn.Dropout(config.attn_pdrop)\n\n"
-            "    def forward(self, x, attention_mask):\n"
-            "        q = self.q_proj(x)\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
-            "        out, w = attention_interface(self, q, k, v, attention_mask, scaling=1 / self.scale_attn)\n"
-            "        return self.o_proj(out), w\n",
-        ),
-        Example(
-            "class Attn(nn.Module):\n"
-            "    def _merge_heads(self, x):\n        return x.transpose(1, 2).flatten(2)\n\n"
-            "    def forward(self, x, alibi, attention_mask):\n"
-            "        q, k, v = self._reshape(self.qkv(x))\n"
-            "        q = q.reshape(b * self.num_heads, -1, self.head_dim)\n"
-            "        k = k.reshape(b * self.num_heads, -1, self.head_dim).transpose(-1, -2)\n"
-            "        s = alibi.baddbmm(batch1=q, batch2=k, beta=self.beta, alpha=self.inv_norm_factor)\n"
-            "        w = s.view(b, self.num_heads, n, -1) + attention_mask\n"
-            "        p = F.softmax(w, dim=-1, dtype=torch.float32)\n"
-            "        ctx = torch.bmm(p.view(b * self.num_heads, n, -1), v)\n"
-            "        ctx = self._merge_heads(ctx)\n"
-            "        return self.dense(ctx)\n",
-            "class Attn(nn.Module):\n"
-            "    def forward(self, x, alibi, attention_mask):\n"
-            "        q, k, v = self._reshape(self.qkv(x))\n"
-            "        ctx, p = attention_interface(self, q, k, v, attention_mask, scaling=self.inv_norm_factor, alibi=alibi)\n"
-            "        return self.dense(ctx)\n",
-        ),
-        # a causal buffer masks the scores through `torch.where`; GPT-Neo's local layers band it
-        # (a sliding window), and nothing scales the scores (scaling=1.0)
-        Example(
-            "class Attn(nn.Module):\n"
-            "    def __init__(self, config, attention_type):\n"
-            "        self.config = config\n        self.attention_type = attention_type\n"
-            "        n = config.max_position_embeddings\n"
-            "        bias = torch.tril(torch.ones((n, n), dtype=bool)).view(1, 1, n, n)\n"
-            "        if attention_type == \"local\":\n"
-            "            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))\n"
-            "        self.bias = nn.Buffer(bias, persistent=False)\n\n"
-            "    def forward(self, q, k, v, attention_mask):\n"
-            "        w = torch.matmul(q, k.transpose(-1, -2))\n"
-            "        query_length, key_length = q.size(-2), k.size(-2)\n"
-            "        causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]\n"
-            "        mask_value = torch.finfo(w.dtype).min\n"
-            "        mask_value = torch.tensor(mask_value, dtype=w.dtype, device=w.device)\n"
-            "        w = torch.where(causal_mask, w, mask_value)\n"
-            "        w = nn.Softmax(dim=-1)(w)\n"
-            "        out = torch.matmul(w, v)\n"
-            "        return out, w\n",
-            "class Attn(nn.Module):\n"
-            "    def __init__(self, config, attention_type):\n"
-            "        self.config = config\n        self.attention_type = attention_type\n"
-            "        n = config.max_position_embeddings\n"
-            "        bias = torch.tril(torch.ones((n, n), dtype=bool)).view(1, 1, n, n)\n"
-            "        if attention_type == \"local\":\n"
-            "            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))\n"
-            "        self.bias = nn.Buffer(bias, persistent=False)\n\n"
-            "    def forward(self, q, k, v, attention_mask):\n"
-            "        query_length, key_length = q.size(-2), k.size(-2)\n"
-            "        out, w = attention_interface(self, q, k, v, None, scaling=1.0, "
-            "sliding_window=self.config.window_size if self.attention_type == \"local\" else None)\n"
-            "        return out, w\n",
-        ),
-        # BART-era (XGLM): shape checks that only raise go with the region, a clamp of the masked
-        # scores at the lowest value changes nothing, and the weights returned are a reshape of the
-        # probabilities; the query was scaled by hand before (PT029 folds it): scaling=1.0
-        Example(
-            "class Attn(nn.Module):\n"
-            "    def forward(self, x, attention_mask):\n"
-            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
-            "        n = k.size(1)\n"
-            "        w = torch.bmm(q, k.transpose(1, 2))\n"
-            "        if w.size() != (b, t, n):\n            raise ValueError(\"bad size\")\n"
-            "        if attention_mask is not None:\n"
-            "            if attention_mask.size() != (b, 1, t, n):\n                raise ValueError(\"bad mask\")\n"
-            "            w = w.view(b, h, t, n) + attention_mask\n"
-            "            w = torch.max(w, torch.full((), torch.finfo(w.dtype).min))\n"
-            "            w = w.view(b * h, t, n)\n"
-            "        w = nn.functional.softmax(w, dim=-1)\n"
-            "        w_reshaped = w.view(b, h, t, n)\n        w = w_reshaped.view(b * h, t, n)\n"
-            "        out = torch.bmm(w, v)\n"
-            "        if out.size() != (b * h, t, d):\n            raise ValueError(\"bad output\")\n"
-            "        out = out.view(b, h, t, d).transpose(1, 2)\n"
-            "        return self.o_proj(out), w_reshaped\n",
-            "class Attn(nn.Module):\n"
-            "    def forward(self, x, attention_mask):\n"
-            "        q = self.q_proj(x) * self.scaling\n        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
-            "        n = k.size(1)\n"
-            "        out, w_reshaped = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
-            "        return self.o_proj(out), w_reshaped\n",
-        ),
-        # in a helper (Qwen-1's `_attn`): the sizes only the mask read go dead; the caller gets the call
-        Example(
-            "class Attn(nn.Module):\n"
-            "    def __init__(self, config):\n        n = config.max_position_embeddings\n"
-            "        self.bias = nn.Buffer(torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n), persistent=False)\n\n"
-            "    def _attn(self, q, k, v, attention_mask=None):\n"
-            "        w = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(v.size(-1))\n"
-            "        query_length, key_length = q.size(-2), k.size(-2)\n"
-            "        causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]\n"
-            "        w = torch.where(causal_mask, w, torch.finfo(w.dtype).min)\n"
-            "        if attention_mask is not None:\n            w = w + attention_mask\n"
-            "        w = F.softmax(w.float(), dim=-1).type(v.dtype)\n"
-            "        out = torch.matmul(w, v)\n        return out, w\n\n"
-            "    def forward(self, q, k, v, attention_mask):\n        out, _ = self._attn(q, k, v, attention_mask)\n"
-            "        return out\n",
-            "class Attn(nn.Module):\n"
-            "    def __init__(self, config):\n        n = config.max_position_embeddings\n"
-            "        self.bias = nn.Buffer(torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n), persistent=False)\n\n"
-            "    def forward(self, q, k, v, attention_mask):\n        out, _ = attention_interface("
-            "self, q, k, v, attention_mask, scaling=1 / math.sqrt(v.size(-1)))\n        return out\n",
-        ),
-        # must leave unchanged: `torch.where` masks the scores with a tensor that is no causal buffer
-        # of the class (what it lets through is unknown, so no engine mask reproduces it)
-        Example(_UNCHANGED_WHERE, _UNCHANGED_WHERE),
-    ]
+    examples = EXAMPLES
 
     def visit_ClassDef(self, node):
         self._methods = {st.name.value for st in node.body.body if isinstance(st, cst.FunctionDef)}
         self._dropouts: set[str] = set()
         self._region_calls: set[str] = set()
         self._helpers: dict[str, tuple[list[cst.Param], cst.Call]] = {}
+        self._packs: dict[str, str] = {}  # helper -> "list" | "tuple": it returns its output packed
         self._buffers = causal_buffers(node)
         for a in findall(node, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
                                         value=m.Call(func=m.Attribute(attr=m.Name("Dropout")) | m.Name("Dropout")))):
@@ -199,16 +63,36 @@ class InlineEagerAttention(BeforeIndexRule):
         `return a, w`: GPT-J's `_attn`): its callers in the class get the call itself."""
         body = [st for st in fn.body.body if not m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))]
         body = [st for i, st in enumerate(body) if not self._dead_pure(st, body[i + 1:])]
-        if len(body) != 2 or not m.matches(body[0], m.SimpleStatementLine(body=[m.Assign(
+        flags = set(strip_table().strip_params) & {x.name.value for x in fn.params.params}
+        body = [st for st in body if not (isinstance(st, cst.If) and st.orelse is None  # `if output_attentions:`
+                                          and m.matches(st.test, m.Name(m.MatchIfTrue(lambda n: n in flags))))]
+        if len(body) not in (2, 3) or not m.matches(body[0], m.SimpleStatementLine(body=[m.Assign(
                 targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Name("attention_interface")))])):
             return
         assign = body[0].body[0]  # type: ignore[attr-defined]
-        if not m.matches(body[1], m.SimpleStatementLine(body=[m.Return(m.Tuple())])) or \
-                code(body[1].body[0].value) != code(assign.targets[0].target):  # type: ignore[attr-defined]
+        if len(body) == 3:
+            kind = self._packed_return(assign, body[1], body[2])
+            if kind is None:
+                return
+            self._packs[fn.name.value] = kind
+        if len(body) == 2 and (not m.matches(body[1], m.SimpleStatementLine(body=[m.Return(m.Tuple())])) or
+                               code(body[1].body[0].value) != code(assign.targets[0].target)):  # type: ignore[attr-defined]
             return
         p = fn.params
         params = [x for x in (*p.posonly_params, *p.params)][1:]
         self._helpers[fn.name.value] = (params, assign.value)
+
+    @staticmethod
+    def _packed_return(assign: cst.Assign, packs: cst.BaseStatement, ret: cst.BaseStatement) -> str | None:
+        """`outputs = [a]` then `return outputs` after `a, w = attention_interface(...)` (OpenAI GPT):
+        "list" (or "tuple"), the pack its callers get back."""
+        out = assign.targets[0].target.elements[0].value  # type: ignore[attr-defined]
+        pack = packs.body[0] if m.matches(packs, m.SimpleStatementLine(body=[m.Assign(  # type: ignore[attr-defined]
+            targets=[m.AssignTarget(m.Name())], value=m.List() | m.Tuple())])) else None
+        if pack is None or len(pack.value.elements) != 1 or code(pack.value.elements[0].value) != code(out) \
+                or not m.matches(ret, m.SimpleStatementLine(body=[m.Return(m.Name(pack.targets[0].target.value))])):
+            return None
+        return "list" if isinstance(pack.value, cst.List) else "tuple"
 
     def _dead_pure(self, st: cst.CSTNode, rest: list[cst.CSTNode]) -> bool:
         """Sizes nothing after reads any more (`query_length, key_length = q.size(-2), k.size(-2)`)."""
@@ -216,10 +100,33 @@ class InlineEagerAttention(BeforeIndexRule):
         return small is not None and self._pure(small.value) and \
             not _writes(st) & set().union(set(), *(names_in(r) for r in rest))
 
+    def leave_SimpleStatementLine(self, original, updated):
+        """`attn_outputs = self._attn(...)` of a helper returning `[a]`: the call, and the list of its output
+        on the same line (`a, _ = attention_interface(...); attn_outputs = [a]`)."""
+        call = updated.body[0].value if m.matches(updated, m.SimpleStatementLine(body=[m.Assign(
+            targets=[m.AssignTarget(m.Name())], value=m.Call())])) else None  # type: ignore[attr-defined]
+        name = self_call_attr(call) if call is not None else None
+        if name not in getattr(self, "_packs", {}) or self.current_function == name:
+            return updated
+        new = self._bind_call(call, name)  # type: ignore[arg-type]
+        if new is None:
+            return updated
+        used = names_in(self._helpers[name][1]) | names_in(updated)
+        out = next(n for n in ("attn_output", "attn_output_", "attn_output__") if n not in used)
+        pack = f"[{out}]" if self._packs[name] == "list" else f"({out},)"
+        target = updated.body[0].targets[0].target.value  # type: ignore[attr-defined]
+        return updated.with_changes(body=[cst.parse_statement(f"{out}, _ = 0\n").body[0].with_changes(value=new),
+                                          cst.parse_statement(f"{target} = {pack}\n").body[0]])
+
     def leave_Call(self, original, updated):
         name = self_call_attr(updated)
-        if name not in getattr(self, "_helpers", {}) or self.current_function == name:
+        if name not in getattr(self, "_helpers", {}) or self.current_function == name or name in self._packs:
             return updated
+        new = self._bind_call(updated, name)
+        return updated if new is None else new
+
+    def _bind_call(self, updated: cst.Call, name: str) -> cst.Call | None:
+        """The helper's attention call with the caller's arguments bound to its parameters."""
         params, call = self._helpers[name]
         pos = [a.value for a in updated.args if a.keyword is None]
         kw = {a.keyword.value: a.value for a in updated.args if a.keyword is not None}
@@ -227,7 +134,7 @@ class InlineEagerAttention(BeforeIndexRule):
         for i, prm in enumerate(params):
             value = pos[i] if i < len(pos) else kw.get(prm.name.value, prm.default)
             if value is None:
-                return updated
+                return None
             bound[prm.name.value] = value
 
         class _Bind(cst.CSTTransformer):
@@ -260,6 +167,8 @@ class InlineEagerAttention(BeforeIndexRule):
             return None
         soft = _simple_assign(body[i_s])
         probs = _target(soft)  # type: ignore[arg-type]
+        self._packed: tuple[cst.BaseExpression, str] | None = None
+        self._conds: dict[int, str] = {}  # id(score step) -> the test it runs under
         found = self._forwards(body, i_s, probs)
         if found is None:
             return None
@@ -274,7 +183,8 @@ class InlineEagerAttention(BeforeIndexRule):
         if window is False:
             return None
         first = min(region)
-        if not self._take_readers(body, region, first, end, set(qk) | {v_name} | derived | set(out_names)):
+        last = end - 1 if self._packed else end  # a packing statement stays: no reader of the region
+        if not self._take_readers(body, region, first, last, set(qk) | {v_name} | derived | set(out_names)):
             return None
         args = f"self, {qk[0]}, {qk[1]}, {v_name}, {mask or 'None'}"
         args += f", scaling={scale or '1.0'}"  # no factor on the scores: the engine must not scale them either
@@ -290,6 +200,10 @@ class InlineEagerAttention(BeforeIndexRule):
         if len(weights) > 1:
             return None
         call = cst.parse_statement(f"{out_names[-1]}, {weights[0] if weights else probs} = attention_interface({args})\n")
+        if self._packed is not None:  # the list statement stays, holding the call's output
+            region.discard(end)
+            node, fresh = self._packed
+            body = [*body[:end], body[end].deep_replace(node, cst.Name(fresh)), *body[end + 1:]]  # type: ignore[list-item]
         return self._replace_region(body, region, first, end, call)
 
     def _forwards(self, body: list[cst.BaseStatement], i_s: int, probs: str):
@@ -312,8 +226,11 @@ class InlineEagerAttention(BeforeIndexRule):
             t = _target(small)
             if v_name is None and mm is not None and (_root(mm[0]) in derived) != (_root(mm[1]) in derived):
                 v_name = _root(mm[1]) if _root(mm[0]) in derived else _root(mm[0])
-                out_names.append(t)
+                packed = self._packed_output(small.value, body)
+                out_names.append(packed or t)
                 end = j
+                if packed:  # `outputs = [torch.matmul(w, v)]` (OpenAI GPT): the list keeps the call's output
+                    break
             elif reads & set(out_names):
                 out_names.append(t)
                 end = j
@@ -322,6 +239,20 @@ class InlineEagerAttention(BeforeIndexRule):
         if v_name is None or end is None:
             return None
         return derived, out_names, v_name, end
+
+    def _packed_output(self, value: cst.BaseExpression, body: list[cst.BaseStatement]) -> str | None:
+        """The weighted sum is an element of a list or tuple (`outputs = [torch.matmul(w, v)]`): a
+        fresh name for the call's output, which the statement keeps in its place (`self._packed`)."""
+        if not isinstance(value, (cst.List, cst.Tuple)):
+            return None
+        found = [e.value for e in value.elements if _matmul(e.value) is not None]
+        if len(found) != 1 or not (m.matches(found[0], m.BinaryOperation(operator=m.MatrixMultiply()))
+                                   or isinstance(found[0], cst.Call) and dotted(found[0].func) in _MATMUL_FUNCS):
+            return None  # the element is the matmul itself, not an expression around one
+        used = set().union(set(), *(names_in(st) for st in body))
+        fresh = next(n for n in ("attn_output", "attn_output_", "attn_output__") if n not in used)
+        self._packed = (found[0], fresh)
+        return fresh
 
     def _backwards(self, body: list[cst.BaseStatement], i_s: int, soft, v_name: str, region: set[int]):
         """From the softmax backwards: the scores up to their matmul, then shape-only rebindings of
@@ -344,6 +275,8 @@ class InlineEagerAttention(BeforeIndexRule):
                         return None
                     region.add(k)
                     score_steps[:0] = inner  # type: ignore[misc]
+                    if not any("mask" in n for n in names_in(st.test)):  # `if self.scale:` scales only when it holds
+                        self._conds.update({id(s): code(st.test) for s in inner})
                     continue
                 if not self._pure(small.value):
                     return None
@@ -406,7 +339,7 @@ class InlineEagerAttention(BeforeIndexRule):
         for k, st in enumerate(body):
             if k == end:
                 out.append(call)
-            elif k not in region:
+            if k not in region:
                 out.append(st)
             if k in region:
                 self._region_calls |= {a for c in findall(st, m.Call()) if (a := self_call_attr(c)) in self._methods}
@@ -443,7 +376,17 @@ class InlineEagerAttention(BeforeIndexRule):
         `where` masks the scores with something else."""
         bound = {_target(st): st.value for st in steps if isinstance(st, cst.Assign)}
         window: str | None = None
+        slices = {t for t, v in bound.items() if buffer_of(v)}
         for st in steps:
+            if (blend := _blend(st.value)) is not None:  # `w * b + -1e4 * (1 - b)` (OpenAI GPT)
+                b, fill = blend
+                buf = self._buffers.get(buffer_of(bound.get(b.value, b) if isinstance(b, cst.Name) else b) or "")
+                if buf is None or not mask_fill(fill):
+                    return False
+                window = buf.window
+                continue
+            if names_in(st.value) & slices and not findall(st.value, m.Call(func=m.Attribute(attr=m.Name("where")))):
+                return False  # a buffer slice read some other way: what it lets through is unknown
             for c in findall(st.value, m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("where")))):
                 args = [a.value for a in c.args]  # type: ignore[attr-defined]
                 if len(args) != 3:
@@ -493,7 +436,11 @@ class InlineEagerAttention(BeforeIndexRule):
                 op, rhs = value.operator, value.right
             else:
                 continue
-            if isinstance(op, (cst.Divide, cst.DivideAssign)):
+            cond = self._conds.get(id(small))
+            if cond is not None and isinstance(op, (cst.Divide, cst.DivideAssign, cst.Multiply, cst.MultiplyAssign)):
+                factor = f"1 / {code(rhs)}" if isinstance(op, (cst.Divide, cst.DivideAssign)) else code(rhs)
+                scale = _mul(scale, f"({factor} if {cond} else 1.0)")
+            elif isinstance(op, (cst.Divide, cst.DivideAssign)):
                 scale = _mul(scale, f"1 / {code(rhs)}") if scale is None else f"{scale} / {code(rhs)}"
             elif isinstance(op, (cst.Multiply, cst.MultiplyAssign)):
                 if alibi is not None:

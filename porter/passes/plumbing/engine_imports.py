@@ -61,7 +61,7 @@ class EngineImports(Rule):
                 self._first_use(leftover[0]), construct=leftover[0], rule=self.name)
         header, rest = [], []
         # a name the engine's import binds (Bloom's `from torch.nn import LayerNorm` beside the engine's LayerNorm)
-        engine_names = {self.ctx.target.symbols[s].split(":")[1] for s in self.ctx.engine_symbols} & used
+        engine_names = {self.ctx.bound_name(s) for s in self.ctx.engine_symbols} & used
         for st in updated.body:
             if m.matches(st, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
                 imp = st.body[0]  # type: ignore[attr-defined]
@@ -80,8 +80,8 @@ class EngineImports(Rule):
         by_module: dict[str, list[str]] = {}
         for sym in sorted(self.ctx.engine_symbols):
             mod, attr = self.ctx.target.symbols[sym].split(":")
-            if attr in used:
-                by_module.setdefault(mod, []).append(attr)
+            if (bound := self.ctx.bound_name(sym)) in used:
+                by_module.setdefault(mod, []).append(attr if bound == attr else f"{attr} as {bound}")
         for mod in sorted(by_module):
             header.append(cst.parse_statement(f"from {mod} import {', '.join(sorted(by_module[mod]))}\n"))
         # keep a leading docstring first
