@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +35,7 @@ _STRIP_SCHEMA = {
     "engine_act_and_mul": list,
     "latent_attention_model_types": list,
     "absent_params": list,
+    "engine_state_layers": dict,
 }
 _TARGET_SCHEMA = {
     "package": str,
@@ -96,6 +97,7 @@ class StripTable:
     engine_act_and_mul: frozenset[str] = frozenset()
     latent_attention_model_types: frozenset[str] = frozenset()  # the engine runs its MLA layer for these
     absent_params: frozenset[str] = frozenset()  # stripped inputs a plain generation never gives (None)
+    engine_state_layers: dict = field(default_factory=dict)  # model type -> what the engine runs of its state layer
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
     data = _load("hf_strip.yaml", rules_dir)
     data.setdefault("latent_attention_model_types", [])
     data.setdefault("absent_params", [])
+    data.setdefault("engine_state_layers", {})
     _check(data, _STRIP_SCHEMA, path)
     for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
                 "transposed_linears", "engine_act_and_mul", "absent_params"):
@@ -138,6 +141,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         engine_act_and_mul=frozenset(data["engine_act_and_mul"]),
         latent_attention_model_types=frozenset(data["latent_attention_model_types"]),
         absent_params=frozenset(data["absent_params"]),
+        engine_state_layers=dict(data["engine_state_layers"]),
     )
 
 

@@ -88,3 +88,47 @@ def test_granitemoehybrid_rotary_chosen_by_config_for_every_attention_layer():
     attn = build_plan(idx, strip_table(), "granitemoehybrid", str(src.path)).attention("GraniteMoeHybridAttention")
     assert (attn.rope_when, attn.rope_params) == ('config.position_embedding_type == "rope"', "config.rope_parameters")
     assert attn.rope_tables == "GraniteMoeHybridModel.rotary_emb"
+
+
+@pytest.mark.parametrize("model_type,limit", [("mamba2", "config.time_step_limit"), ("bamba", "config.time_step_limit"),
+                                              ("granitemoehybrid", "config.time_step_limit"),
+                                              ("zamba2", '(config.time_step_min, float("inf"))')])
+def test_time_step_limit_read_over_the_config(model_type, limit):
+    """HF clamps dt to `dt_limit` after its softplus; the engine's MambaMixer2 to (0, inf) only."""
+    (p,) = _mixers(model_type)
+    assert p.dt_limit == limit
+
+
+def test_time_step_floor_computed_by_hf_is_refused_in_one_line():
+    from porter.errors import PorterError
+    from porter.passes.examples import apply_rule
+    from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
+
+    before = EngineMambaMixer.examples[0].before.replace(
+        "self.time_step_limit = config.time_step_limit", 'self.time_step_limit = (config.time_step_min, float("inf"))')
+    with pytest.raises(PorterError) as err:
+        apply_rule(EngineMambaMixer, before)
+    line = str(err.value)
+    assert "\n" not in line and 'clamps its time step to (config.time_step_min, float("inf"))' in line, line
+    assert "(0, inf) only" in line and "class Mixer" in line, line
+
+
+@pytest.mark.parametrize("model_type,says", [
+    ("jamba", "JambaMambaMixer is a Mamba-1 selective scan, which the engine runs with `selective_scan_fwd`, missing "
+              "from its CPU build"),
+    ("zamba", "ZambaMambaMixer is a Mamba-1 selective scan"),  # per-head x_proj / dt_proj weights
+    ("qwen3_next", "has an engine layer that runs on this CPU"),
+    ("kimi_linear", "Triton / GPU kernels only (no CPU path in the build): it cannot be run or verified here"),
+    ("olmo_hybrid", "Triton kernels only (no CPU path in the build): it cannot be run or verified here"),
+    ("zamba2", 'Zamba2MambaMixer, a Mamba-2 mixer, clamps its time step to (config.time_step_min, float("inf"))'),
+    ("nemotron_h", "NemotronHMamba2Mixer, a Mamba-2 mixer, clamps its time step"),
+])
+def test_state_layers_the_engine_cannot_run_here_refused_saying_so(model_type, says, tmp_path):
+    proc = run_porter("convert", model_type, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert re.search(rf"modeling_{model_type}\.py:\d+: ", line), line
+    assert says in line, line
+    if model_type == "olmo_hybrid":  # a gated delta-net is not taken for a Mamba-1 scan
+        assert "Mamba-1" not in line, line
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,9 @@ class SsmPlan:
     norm_full_width: bool = True
     params: dict[str, str] = field(default_factory=dict)  # engine parameter -> HF parameter name
     line: int = 0
+    # the bounds HF clamps the time step to (`dt_limit=`), over the builder's config; the engine's
+    # MambaMixer2 clamps to (0, inf) only
+    dt_limit: str | None = None
 
 
 def _kwargs(call: cst.Call) -> dict[str, cst.BaseExpression]:
@@ -159,7 +162,16 @@ def mamba2_roles(idx: ModelIndex, info: ClassInfo) -> dict | None:
         return None
     params = {"A": a_log[0], "D": self_attr(kw.get("D")) or "D", "dt_bias": self_attr(kw.get("dt_bias")) or "dt_bias",
               "conv1d": conv.attr, "in_proj": in_proj, "out_proj": out_proj, "norm": norm}
-    return {"args": args, "params": params, "norm_full_width": not _norm_grouped(norm_cls)}
+    return {"args": args, "params": params, "norm_full_width": not _norm_grouped(norm_cls), "dt_limit": _dt_limit(fwd)}
+
+
+def _dt_limit(fwd: cst.FunctionDef) -> cst.BaseExpression | None:
+    """What the mixer hands its scan as `dt_limit` (`dt_limit=self.time_step_limit`, or in a dict
+    of keywords `{"dt_limit": ...}`): the bounds the time step is clamped to after its softplus."""
+    found = [a.value for a in findall(fwd, m.Arg(keyword=m.Name("dt_limit")))]  # type: ignore[attr-defined]
+    found += [e.value for e in findall(fwd, m.DictElement(key=m.SimpleString()))  # type: ignore[attr-defined]
+              if e.key.evaluated_value == "dt_limit"]  # type: ignore[attr-defined]
+    return found[0] if found and all(code(f) == code(found[0]) for f in found) else None
 
 
 def _kwargs_in(fwd: cst.FunctionDef, key: str) -> dict[str, cst.BaseExpression]:
@@ -267,9 +279,13 @@ def find_mamba2_mixers(idx: ModelIndex, classes: list[str]) -> list[SsmPlan]:
             args = in_host_scope(info, sub.call, roles["args"])
             if args is None:
                 continue
+            limit = None
+            if roles.get("dt_limit") is not None:  # unresolved: kept as HF wrote it (the rule refuses it)
+                over = in_host_scope(info, sub.call, {"dt_limit": roles["dt_limit"]})
+                limit = over["dt_limit"] if over else code(roles["dt_limit"])
             found.append(SsmPlan(cls=info.name, host=host, attr=sub.attr, kind=kind, args=args,
                                  norm_full_width=roles.get("norm_full_width", False), params=roles["params"],
-                                 line=info.line))
+                                 line=info.line, dt_limit=limit))
     return found
 
 
@@ -370,11 +386,67 @@ def mamba1_note(idx: ModelIndex, classes: list[str]) -> str:
         if fwd is None or len(convs) != 1 or mamba2_roles(idx, info) is not None:
             continue
         text = code(info.node)
-        if "torch.exp(" in text and len(info.linears()) >= 3:
+        if "torch.exp(" in text and _time_step_projected(fwd, info):
             return (f"; {name} is a Mamba-1 selective scan, which the engine runs with `selective_scan_fwd`, "
                     "missing from its CPU build: it cannot be run or verified here")
     return ""
 
 
-__all__ = ["SsmPlan", "checkpoint_renames", "find_mamba2_mixers", "mamba1_note", "mamba2_roles", "reads_state",
+def _time_step_projected(fwd: cst.FunctionDef, info: ClassInfo) -> bool:
+    """Mamba-1's time step: one projection's output split (`dt, B, C = torch.split(self.x_proj(x),
+    ...)`) and a part of it projected again (`self.dt_proj(dt)`, `self.dt_proj.weight @ dt`, Zamba's
+    per-head `self.dt_proj_weight[:, None] @ dt`). A gated delta-net projects its gates from the
+    hidden states themselves, never from another projection's output."""
+    linears = set(info.linears())
+
+    def projects(node: cst.CSTNode, reads: set[str] | None = None) -> bool:
+        """NODE applies a projection of the module (to a name of READS, when given)."""
+        def given(x: cst.CSTNode) -> bool:
+            return reads is None or bool(findall(x, m.Name(m.MatchIfTrue(lambda n: n in reads))))
+        calls = [c for c in findall(node, m.Call()) if self_call_attr(c) in linears and given(c)]
+        products = [b for b in findall(node, m.BinaryOperation(operator=m.MatrixMultiply()))
+                    if findall(b.left, m.Attribute(value=m.Name("self"))) and given(b.right)]  # type: ignore[attr-defined]
+        return bool(calls or products)
+
+    projected = {n.targets[0].target.value for n in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Name())]))  # type: ignore[attr-defined]
+                 if projects(n.value)}  # type: ignore[attr-defined]
+    for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Tuple())], value=m.Call())):
+        call = node.value  # type: ignore[attr-defined]
+        source = call.args[0].value if dotted(call.func) == "torch.split" and call.args else \
+            call.func.value if m.matches(call.func, m.Attribute(attr=m.Name("split"))) else None  # type: ignore[attr-defined]
+        if source is None or not (projects(source) or (isinstance(source, cst.Name) and source.value in projected)):
+            continue
+        parts = {e.value.value for e in node.targets[0].target.elements if isinstance(e.value, cst.Name)}  # type: ignore[attr-defined]
+        if any(projects(st, parts) for st in findall(fwd, m.Assign()) if st is not node):
+            return True
+    return False
+
+
+def dt_limit_note(idx: ModelIndex, classes: list[str]) -> str:
+    """A clause for a Mamba-2 mixer among CLASSES whose time step HF clamps to bounds it computes
+    (`self.time_step_limit = (config.time_step_min, float("inf"))`): the engine's MambaMixer2
+    clamps it to (0, inf) only, so PT260 refuses it wherever it is built."""
+    for name in classes:
+        info = idx.classes[name]
+        roles = mamba2_roles(idx, info)
+        init = info.method("__init__")
+        if roles is None or roles["dt_limit"] is None or init is None:
+            continue
+        limit = roles["dt_limit"]
+        if (attr := self_attr(limit)) is not None and attr in (bound := _init_bindings(init)):
+            limit = bound[attr]
+        if not m.matches(limit, m.Attribute(value=m.Name())):
+            return (f"; {name}, a Mamba-2 mixer, clamps its time step to {code(limit)}, and the engine's "
+                    "MambaMixer2 clamps it to (0, inf) only")
+    return ""
+
+
+def engine_layer_note(table, model_type: str) -> str:
+    """What the engine can run of a model type's state layer no rule maps (rules/hf_strip.yaml
+    `engine_state_layers`: the engine's layer and whether its CPU build runs it), as a clause."""
+    note = table.engine_state_layers.get(model_type)
+    return f"; {note}" if note else ""
+
+
+__all__ = ["SsmPlan", "checkpoint_renames", "dt_limit_note", "engine_layer_note", "find_mamba2_mixers", "mamba1_note", "mamba2_roles", "reads_state",
            "recurrent_blocker", "in_host_scope", "param_names"]

@@ -209,6 +209,9 @@ class PortPlan(Sealable):
         for key in ("moes", "module_renames", "transposed_linears", "ssm", "gathered_norms", "latent_attentions"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
+        for s in d.get("ssm", []):
+            if s["dt_limit"] is None:  # (short convolutions: none; their PORT.json unchanged)
+                del s["dt_limit"]
         for a in d["attentions"]:
             for key in ("alibi", "alibi_scale", "alibi_when", "rope_theta", "rope_dim", "rope_when", "rope_params",
                         "rope_tables", "blocked"):

@@ -20,7 +20,7 @@ from porter.analysis.dataflow import ATTN
 from porter.analysis.index import LINEAR_NAMES, ClassInfo, table_class
 from porter.analysis.layouts import engine_has_activation_class
 from porter.analysis.moe import MoePlan, unported_experts
-from porter.analysis.ssm import mamba1_note, recurrent_blocker
+from porter.analysis.ssm import dt_limit_note, engine_layer_note, mamba1_note, recurrent_blocker
 from porter.errors import PorterError
 
 if TYPE_CHECKING:
@@ -155,7 +155,9 @@ def recurrent_state(p: Planner, lm: ClassInfo, classes: list[str], mapped: bool 
         if fn is not None:
             node, construct = fn, f"{info.name}.{fn.name.value}(cache_params)"
             break
-    raise RECURRENT_STATE.error(p, node, construct, note=mamba1_note(p.idx, list(p.idx.classes)))
+    note = mamba1_note(p.idx, list(p.idx.classes)) or dt_limit_note(p.idx, list(p.idx.classes)) \
+        or engine_layer_note(p.table, p.model_type)
+    raise RECURRENT_STATE.error(p, node, construct, note=note)
 
 
 STRAY_EXPERTS = Refusal(

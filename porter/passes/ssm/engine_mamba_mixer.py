@@ -5,6 +5,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.cstutil import dotted, self_attr, self_call_attr
+from porter.errors import PorterError
 from porter.passes.base import Example, Rule
 
 _MIXER = (
@@ -18,6 +19,7 @@ _MIXER = (
     "        self.n_groups = config.n_groups\n"
     "        self.state = config.state_size\n"
     "        self.intermediate_size = int(config.expand * self.hidden_size)\n"
+    "        self.time_step_limit = config.time_step_limit\n"
     "        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.state\n"
     "        self.conv1d = nn.Conv1d(in_channels=self.conv_dim, out_channels=self.conv_dim, bias=True,\n"
     "                                kernel_size=config.conv_kernel, groups=self.conv_dim)\n"
@@ -34,7 +36,8 @@ _MIXER = (
     "        x, B, C = torch.split(xbc, [self.intermediate_size, self.n_groups * self.state,\n"
     "                                    self.n_groups * self.state], dim=-1)\n"
     "        y = scan(x.view(1, 1, self.num_heads, self.head_dim), dt, A,\n"
-    "                 B.view(1, 1, self.n_groups, self.state), C, D=self.D, dt_bias=self.dt_bias)\n"
+    "                 B.view(1, 1, self.n_groups, self.state), C, D=self.D, dt_bias=self.dt_bias,\n"
+    "                 dt_limit=self.time_step_limit)\n"
     "        return self.out_proj(self.norm(y, gate))\n"
     "\n"
     "\n"
@@ -54,7 +57,10 @@ class EngineMambaMixer(Rule):
         "recurrent update. The builder constructs `MambaMixer2` with the sizes the HF mixer's "
         "`__init__` computes, written over the builder's config (the HF class is dropped), and "
         "calls it with the hidden states alone. Where HF's gated norm normalises the full width, "
-        "a config with several groups gets the engine's norm over one group, as HF computes it."
+        "a config with several groups gets the engine's norm over one group, as HF computes it. HF clamps "
+        "the time step to `dt_limit`, the engine to (0, inf): a limit read from the config is checked when "
+        "the port is built (another one is refused there, in one line); a limit HF computes otherwise is "
+        "refused at convert."
     )
     examples = [
         Example(
@@ -70,6 +76,9 @@ class EngineMambaMixer(Rule):
             + "class Block(nn.Module):\n"
             "    def __init__(self, config, layer_idx):\n"
             "        super().__init__()\n"
+            '        if tuple(config.time_step_limit) != (0.0, float("inf")):\n'
+            '            raise ValueError(f"time_step_limit {config.time_step_limit}: the engine\'s MambaMixer2 clamps '
+            'the time step to (0, inf) only")\n'
             "        self.mixer = MambaMixer2(hidden_size=config.hidden_size, ssm_state_size=config.state_size, "
             "conv_kernel_size=config.conv_kernel, intermediate_size=int(config.expand * config.hidden_size), "
             "use_conv_bias=True, use_bias=False, n_groups=config.n_groups, num_heads=config.num_heads, "
@@ -100,18 +109,37 @@ class EngineMambaMixer(Rule):
         p = self._mixer(self_attr(assign.targets[0].target))
         if p is None or not isinstance(assign.value, cst.Call) or dotted(assign.value.func) != p.cls:
             return updated
+        guard = self._dt_limit_guard(p)
         args = ", ".join(f"{k}={v}" for k, v in p.args.items())
         call = (f"{self.ctx.use('MambaMixer2')}({args}, "
                 f"model_config={self.ctx.use('get_current_engine_config')}().model_config, "
                 f'cache_config=cache_config, quant_config=quant_config, prefix=f"{{prefix}}.{p.attr}")')
         new = updated.with_changes(body=[assign.with_changes(value=cst.parse_expression(call))])
-        if not p.norm_full_width:
-            return new
-        norm = cst.parse_statement(
-            f"if {p.args['n_groups']} != 1:  # HF's gated norm: one group over the full width\n"
-            f"    self.{p.attr}.norm = {self.ctx.use('Mixer2RMSNormGated')}({p.args['intermediate_size']}, 1, "
-            f"eps={p.args['rms_norm_eps']})\n")
-        return cst.FlattenSentinel([new, norm])
+        lines = [*guard, new]
+        if p.norm_full_width:
+            lines.append(cst.parse_statement(
+                f"if {p.args['n_groups']} != 1:  # HF's gated norm: one group over the full width\n"
+                f"    self.{p.attr}.norm = {self.ctx.use('Mixer2RMSNormGated')}({p.args['intermediate_size']}, 1, "
+                f"eps={p.args['rms_norm_eps']})\n"))
+        return cst.FlattenSentinel(lines) if len(lines) > 1 else new
+
+    def _dt_limit_guard(self, p) -> list[cst.BaseStatement]:
+        """HF clamps the time step to `dt_limit`; the engine's MambaMixer2 to (0, inf) only. A limit
+        read from the config as one attribute: the port refuses, when it is built, a config that sets
+        another; a limit HF computes (a floor of `config.time_step_min`): refused here."""
+        if p.dt_limit is None:
+            return []
+        limit = cst.parse_expression(p.dt_limit)
+        if not (isinstance(limit, cst.Attribute) and isinstance(limit.value, cst.Name)):
+            raise PorterError(
+                f"Mamba-2 mixer clamps its time step to {p.dt_limit} (HF's dt_limit): the engine's MambaMixer2 "
+                "clamps it to (0, inf) only, and no rule carries another bound", file=self.ctx.idx.path,
+                line=p.line, construct=f"class {p.cls}", rule=self.name)
+        attr = limit.attr.value
+        return [cst.parse_statement(
+            f'if tuple({p.dt_limit}) != (0.0, float("inf")):\n'
+            f'    raise ValueError(f"{attr} {{{p.dt_limit}}}: the engine\'s MambaMixer2 clamps the time step to '
+            f'(0, inf) only")\n')]
 
     def leave_Call(self, original, updated):
         if self.current_function != "forward" or self._mixer(self_call_attr(updated)) is None:

@@ -250,6 +250,10 @@ class GraniteMoeHybridDecoderLayer(nn.Module):
         self.mamba = None
 
         if config.layers_block_type[layer_idx] == "linear_attention":
+            if tuple(config.time_step_limit) != (0.0, float("inf")):
+                raise ValueError(
+                    f"time_step_limit {config.time_step_limit}: the engine's MambaMixer2 clamps the time step to (0, inf) only"
+                )
             self.mamba = MambaMixer2(
                 hidden_size=config.hidden_size,
                 ssm_state_size=config.mamba_d_state,

@@ -187,6 +187,10 @@ class BambaDecoderLayer(nn.Module):
 
         self.block_type = layer_type
         if layer_type == "linear_attention":
+            if tuple(config.time_step_limit) != (0.0, float("inf")):
+                raise ValueError(
+                    f"time_step_limit {config.time_step_limit}: the engine's MambaMixer2 clamps the time step to (0, inf) only"
+                )
             self.mamba = MambaMixer2(
                 hidden_size=config.hidden_size,
                 ssm_state_size=config.mamba_d_state,

@@ -63,6 +63,10 @@ class Mamba2Block(nn.Module):
         self.layer_idx = layer_idx
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        if tuple(config.time_step_limit) != (0.0, float("inf")):
+            raise ValueError(
+                f"time_step_limit {config.time_step_limit}: the engine's MambaMixer2 clamps the time step to (0, inf) only"
+            )
         self.mixer = MambaMixer2(
             hidden_size=config.hidden_size,
             ssm_state_size=config.state_size,
