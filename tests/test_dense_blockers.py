@@ -26,10 +26,6 @@ BLOCKED = {
     # across heads h and h + heads/2 (once a port calling one engine Attention twice, whose second
     # call would overwrite the values the first cached)
     "diffllama": ("DiffLlamaAttention.forward", "two attention calls one after the other"),
-    # the embedding sum `inputs_embeds + pos_embeds + token_type_embeds` reads a name bound only in
-    # an `if token_type_ids is not None` block, so it went with it and `self.dropout(hidden_states)`
-    # lost its input (once a port calling `self.dropout()` with no argument)
-    "ctrl": ("CTRLModel.forward", "every input was computed from HF-only plumbing"),
     # recurrent state across steps (`_is_stateful`): once converted into ports that dropped the
     # Mamba / xLSTM layers (built through a table, a helper method, or defined under a module-level
     # `if`) and referred to classes they never defined
