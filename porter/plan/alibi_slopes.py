@@ -17,7 +17,7 @@ from porter.plan.refusals import Refusal
 
 if TYPE_CHECKING:
     from porter.analysis.index import ModelIndex
-    from porter.plan.planner import Planner
+    from porter.plan.model import PlanningContext as Planner
 
 ALIBI_MAX_BIAS = Refusal(
     "ALiBi slopes of a maximum bias {value}, not 8: the engine's Attention computes 2^(-8i/n)",
