@@ -16,6 +16,18 @@ def nlines(node: cst.CSTNode) -> int:
     return len(cst.Module(body=[]).code_for_node(node).splitlines())
 
 
+def in_place_of(replaced: cst.CSTNode, body: list[cst.BaseStatement], keep_lines: bool) -> list[cst.BaseStatement]:
+    """`body` (the statements of the arm that stays) put where `replaced` stood: with keep_lines the
+    removed lines become blank lines before the arm, else the arm takes `replaced`'s leading lines."""
+    body = list(body)
+    if keep_lines:
+        gone = nlines(replaced) - sum(nlines(st) for st in body)
+        body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
+    else:
+        body[0] = body[0].with_changes(leading_lines=replaced.leading_lines)
+    return body
+
+
 class BeforeIndexRule(Rule):
     """A rule that also runs on the parsed source before it is indexed (pipeline.BEFORE_INDEX), so
     the index sees the engine's form of the attention (one call instead of inline math, one arm of

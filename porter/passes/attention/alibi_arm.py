@@ -6,7 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import code, findall
-from porter.passes.attention._common import BeforeIndexRule, nlines
+from porter.passes.attention._common import BeforeIndexRule, in_place_of
 from porter.passes.base import Example
 
 _ATTN = m.Call(func=m.Name("attention_interface"))
@@ -112,11 +112,7 @@ class AlibiArm(BeforeIndexRule):
         if not self._same_but_call(list(plain_arm.body), list(bias_arm.body)):  # type: ignore[attr-defined]
             return updated
         body = list(bias_arm.body)  # type: ignore[attr-defined]
-        if self.keep_lines:  # the removed lines become blank lines before the arm
-            gone = nlines(updated) - sum(nlines(st) for st in body)
-            body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
-        else:
-            body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
+        body = in_place_of(updated, body, self.keep_lines)
         body = [body[0], *(st.with_changes(leading_lines=()) for st in body[1:])] if not self.keep_lines else body
         return cst.FlattenSentinel(body)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.passes.attention._common import BeforeIndexRule, nlines
+from porter.passes.attention._common import BeforeIndexRule, in_place_of
 from porter.passes.base import Example
 
 
@@ -59,9 +59,5 @@ class EagerArm(BeforeIndexRule):
                 or isinstance(updated.orelse, cst.If):
             return updated
         body = list(updated.orelse.body.body)
-        if self.keep_lines:  # the removed lines become blank lines before the arm
-            gone = nlines(updated) - sum(nlines(st) for st in body)
-            body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
-        else:
-            body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
+        body = in_place_of(updated, body, self.keep_lines)
         return cst.FlattenSentinel(body)

@@ -6,7 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import assigned_names, findall
-from porter.passes.attention._common import BeforeIndexRule, nlines
+from porter.passes.attention._common import BeforeIndexRule, in_place_of
 from porter.passes.base import Example
 
 def _bound(node: cst.CSTNode) -> set[str]:
@@ -49,9 +49,5 @@ class OutputAttentionsArm(BeforeIndexRule):
         body = list(updated.orelse.body.body)
         if not findall(updated.orelse, m.Assign()) or _bound(updated.orelse) - _bound(updated.body):
             return updated  # the else arm binds what the flagged arm does (`w_reshaped = None`)
-        if self.keep_lines:  # the removed lines become blank lines before the arm
-            gone = nlines(updated) - sum(nlines(st) for st in body)
-            body[0] = body[0].with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *body[0].leading_lines])
-        else:
-            body[0] = body[0].with_changes(leading_lines=updated.leading_lines)
+        body = in_place_of(updated, body, self.keep_lines)
         return cst.FlattenSentinel(body)

@@ -6,7 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import code, findall
-from porter.passes.attention._common import BeforeIndexRule, nlines
+from porter.passes.attention._common import BeforeIndexRule, in_place_of
 from porter.passes.base import Example
 
 _HALF = m.Attribute(value=m.Name("torch"), attr=m.Name("float16") | m.Name("bfloat16") | m.Name("half"))
@@ -77,10 +77,4 @@ class UpcastArm(BeforeIndexRule):
         a, b = _assign(half[0]), _assign(plain[0])
         if a is None or b is None or a[0] != b[0] or not _same_softmax(a[1], b[1]):
             return updated
-        st = plain[0]
-        if self.keep_lines:  # the removed lines become blank lines before the arm
-            gone = nlines(updated) - nlines(st)
-            st = st.with_changes(leading_lines=[*([cst.EmptyLine()] * gone), *st.leading_lines])
-        else:
-            st = st.with_changes(leading_lines=updated.leading_lines)
-        return st
+        return in_place_of(updated, plain, self.keep_lines)[0]
