@@ -30,6 +30,22 @@ from porter.verify.tiny import (
 )
 
 
+
+def run_side(python: Path, module: str, args: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    """Run `python -m porter.verify.<module> ARGS` with porter itself and nothing of the engine's
+    environment on the path; a failure is one VerifyInputError naming `what` and the side's own
+    last line (`<module> error: ...`)."""
+    repo = str(Path(__file__).resolve().parents[2])
+    full = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (env or {})
+    full["PYTHONPATH"] = repo
+    proc = subprocess.run([str(python), "-m", f"porter.verify.{module}", *args],
+                          capture_output=True, text=True, env=full, cwd=repo)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if ln.startswith(f"{module} error:")),
+                   lines[-1] if lines else f"exit {proc.returncode}")
+        raise VerifyInputError(f"{what}: {why}")
+
 class LocalHF:
     def __init__(self, model_type: str, hf_architecture: str, config_model_type: str = "") -> None:
         self.spec = tiny_spec(model_type, config_model_type=config_model_type)
@@ -63,16 +79,7 @@ class OtherEnvHF:
         self.refs = data["refs"]
 
     def _run(self, command: str) -> None:
-        repo = str(Path(__file__).resolve().parents[2])
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env["PYTHONPATH"] = repo  # porter itself; nothing of the engine's environment
-        proc = subprocess.run([str(self.python), "-m", "porter.verify.hf_side", command, *self.args],
-                              capture_output=True, text=True, env=env, cwd=repo)
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            why = next((ln for ln in reversed(lines) if ln.startswith("hf_side error:")),
-                       lines[-1] if lines else f"exit {proc.returncode}")
-            raise VerifyInputError(f"HF side ({self.python}) {command}: {why}")
+        run_side(self.python, "hf_side", [command, *self.args], f"HF side ({self.python}) {command}")
 
     def checkpoint(self, out_dir: Path, architecture: str) -> Path:
         ckpt = self.work / "ckpt"

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -139,19 +137,11 @@ class RemoteHF:
         self.prompts, self.refs = data["prompts"], data["refs"]
 
     def _run(self, command: str) -> None:
-        from porter.verify.tiny import VerifyInputError
+        from porter.verify.hfref import run_side
 
-        repo = str(Path(__file__).resolve().parents[2])
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env["PYTHONPATH"] = repo
-        env["HF_MODULES_CACHE"] = str(self.work / "hf_modules")  # the copied remote code, per run
-        proc = subprocess.run([str(self.python), "-m", "porter.verify.remote_side", command, *self.args],
-                              capture_output=True, text=True, env=env, cwd=repo)
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            why = next((ln for ln in reversed(lines) if ln.startswith("remote_side error:")),
-                       lines[-1] if lines else f"exit {proc.returncode}")
-            raise VerifyInputError(f"HF side of the remote code ({self.folder}) {command}: {why}")
+        run_side(self.python, "remote_side", [command, *self.args],
+                 f"HF side of the remote code ({self.folder}) {command}",
+                 env={"HF_MODULES_CACHE": str(self.work / "hf_modules")})  # the copied remote code, per run
 
     def checkpoint(self, out_dir: Path, architecture: str) -> Path:
         from porter.verify.tiny import with_architecture
