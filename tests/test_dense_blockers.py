@@ -59,10 +59,12 @@ REFUSED = {
     # keeps its own key cache, the refusal it met first before the mask check came)
     "minimax_m3_vl_text": ("modeling_minimax_m3_vl.py", "MiniMaxM3VLAttention.forward",
                            "attention mask computed from the layer's own projections"),
-    # rotary under `if position_embeddings is not None` (NoPE layers); its M-RoPE table is also
-    # pre-rotated in place, which get_rope's standard table would turn at other speeds
-    "cohere_compass_text": ("modeling_cohere_compass.py", "CohereCompassAttention.forward",
-                            "rotary applied only under a test of HF-only plumbing"),
+    # (cohere_compass_text, refused here once for its rotary under `if position_embeddings is not
+    # None` and its table pre-rotated in place, ports now: PT240 by layer type, PT244)
+    # KV sharing: the last layers attend over an earlier layer's keys and values, handed in through
+    # `shared_kv_states` (besides AltUp's stacked hidden states and the per-layer inputs)
+    "gemma3n_text": ("modeling_gemma3n.py", "Gemma3nTextAttention.forward",
+                     "keys and values taken from another layer"),
 }
 
 

@@ -102,6 +102,9 @@ def layer_rope(idx: ModelIndex, cls: str, param: str, is_rotary) -> LayerRope | 
     local = _locals(fwd)
     while isinstance(arg, cst.Name) and arg.value in local:
         arg = local.pop(arg.value)
+    if index is not None and (by_type := _by_layer_type(idx, info, local, arg, _Subst(_locals(fwd), index),
+                                                        is_rotary)) is not None:
+        return by_type
     if not m.matches(arg, m.IfExp(orelse=m.Name("None"))) or index is None:
         return None
     subst = _Subst(_locals(fwd), index)
@@ -113,6 +116,46 @@ def layer_rope(idx: ModelIndex, cls: str, param: str, is_rotary) -> LayerRope | 
         return None
     params, attrs = table
     return LayerRope(code(when), params, info.name, attrs)
+
+
+def _by_layer_type(idx: ModelIndex, info: ClassInfo, local: dict[str, cst.BaseExpression],
+                   arg: cst.BaseExpression, subst: _Subst, is_rotary) -> LayerRope | None:
+    """`tables[KEY]` where `tables = {t: (self.rotary(h, pos, t) if TEST else None) for t in ...}`
+    and the one rotary module builds its table from `config.rope_parameters[t]` (one table per
+    layer type, None for the NoPE types): the layer rotates when TEST holds for t = KEY, with the
+    rope_parameters of its key."""
+    if not m.matches(arg, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index())])):
+        return None
+    comp = local.get(arg.value.value)  # type: ignore[attr-defined]
+    rotary = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name()))
+    if not m.matches(comp, m.DictComp(key=m.Name(), value=m.IfExp(body=rotary, orelse=m.Name("None")),
+                                      for_in=m.CompFor(target=m.Name(), ifs=[], inner_for_in=None))):
+        return None
+    t = comp.key.value  # type: ignore[attr-defined]
+    call = comp.value.body  # type: ignore[attr-defined]
+    if comp.for_in.target.value != t or not any(m.matches(a.value, m.Name(t)) for a in call.args):  # type: ignore[attr-defined]
+        return None
+    sub = info.submodules.get(self_attr(call.func) or "")
+    rot = idx.classes.get(sub.ctor) if sub else None
+    if rot is None or not is_rotary(rot) or not findall(rot.node, m.Subscript(
+            value=m.Attribute(attr=m.Name("rope_parameters")), slice=[m.SubscriptElement(m.Index(m.Name()))])):
+        return None
+    key = arg.slice[0].slice.value.visit(subst)  # type: ignore[attr-defined]
+    test = _Rename(t, key)
+    when = comp.value.test.visit(test).visit(subst)  # type: ignore[attr-defined]
+    if not names_in(when) <= {"config", "layer_idx", "None"} or not names_in(key) <= {"config", "layer_idx"}:
+        return None
+    return LayerRope(code(when), f"config.rope_parameters[{code(key)}]", info.name, ())
+
+
+class _Rename(cst.CSTTransformer):
+    """A comprehension's variable by the expression it stands for."""
+
+    def __init__(self, name: str, value: cst.BaseExpression) -> None:
+        self.name, self.value = name, value
+
+    def leave_Name(self, original, updated):
+        return self.value if updated.value == self.name else updated
 
 
 def _table(idx: ModelIndex, info: ClassInfo, fwd: cst.FunctionDef, body: cst.BaseExpression,

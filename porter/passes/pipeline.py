@@ -76,6 +76,7 @@ from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
 from porter.passes.rope.per_layer_rope import PerLayerRope
 from porter.passes.rope.reversed_rope import ReversedRope
+from porter.passes.rope.rope_order import RopeOrder
 from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
 from porter.passes.ssm.engine_short_conv import EngineShortConv
 from porter.passes.ssm.mamba_state_interface import MambaStateInterface
@@ -145,6 +146,7 @@ MODEL: list[type[Rule]] = [
     ThreadPrefix,
     CausalLmInterface,
     ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
+    RopeOrder,  # (idem: moves q/k rows in that load_weights)
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
     EngineShortConv,  # (idem)
     MambaStateInterface,  # after PT050 built the causal LM it adds to

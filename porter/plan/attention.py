@@ -178,6 +178,7 @@ class AttentionPlanning:
         kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}
         fwd = info.method("forward")
         refusals.reused_attention(self, info, fwd)  # type: ignore[arg-type]
+        refusals.shared_kv(self, info, fwd)  # type: ignore[arg-type]
         # PT029 folds the product into the op (one projection per tensor only: a packed one's
         # product would scale k and v too)
         if len(set(qkv)) == 3 and (pre := query_prescale(fwd, qkv[0], call)) is not None:
@@ -229,7 +230,10 @@ class AttentionPlanning:
             rope_theta, rope_dim = sinusoid
         elif rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4:
             call = next(c for c in findall(fwd, m.Call(func=m.Name(rope_helper))))
-            raise refusals.ROTARY_PER_TENSOR.error(self, call, f"{info.name}.forward: {rope_helper}")  # type: ignore[arg-type]
+            how = ("q and k each viewed as complex pairs and multiplied by a complex table"
+                   if findall(self.idx.functions[rope_helper], m.Attribute(attr=m.Name("view_as_complex")))
+                   else "q and k rotated separately, cos/sin from a sinusoidal buffer")
+            raise refusals.ROTARY_PER_TENSOR.error(self, call, f"{info.name}.forward: {rope_helper}", how=how)  # type: ignore[arg-type]
         if rope_helper and (guard := rope_guard(fwd, rope_helper, self.table.strip_params)) is not None and \
                 self.layer_rope_choice(info, fwd, rope_helper) is None:
             # the test goes with the HF plumbing (PT011 drops the whole block): no layer would rotate

@@ -143,6 +143,9 @@ class AttentionPlan(Sealable):
     rope_params: str | None = None
     rope_tables: str | None = None
     rope_reversed: bool = False  # rotates by -theta (PT241: the second half of each q/k head negated when loading)
+    # the rotary table is the standard one in another order (PT244): statements of `config` and
+    # `layer_idx` that compute that order (`order`), replayed in the attention, rows moved when loading
+    rope_order: str | None = None
 
 
 @dataclass
@@ -214,7 +217,7 @@ class PortPlan(Sealable):
                 del s["dt_limit"]
         for a in d["attentions"]:
             for key in ("alibi", "alibi_scale", "alibi_when", "rope_theta", "rope_dim", "rope_when", "rope_params",
-                        "rope_tables", "blocked"):
+                        "rope_tables", "blocked", "rope_order"):
                 if a[key] is None:
                     del a[key]
             for key in ("grouped", "rope_reversed"):

@@ -26,6 +26,7 @@ from porter.analysis.layouts import alibi_condition, attention_call_names
 from porter.plan.alibi_slopes import check_alibi_max_bias
 from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
 from porter.analysis.latent_attention import latent_attention
+from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
 from porter.plan import refusals
 from porter.plan.attention import AttentionPlanning
@@ -164,6 +165,7 @@ class Planner(AttentionPlanning):
         self.classify(plan, classes, lm)
         if lm is not None:
             refusals.latent_model_type(self, plan)
+        self.rope_orders(plan)
         refusals.rearranged_rope(self, plan)
         kept = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
         # beside an attention the engine runs (with none mapped, the KV cache update is the
@@ -182,6 +184,29 @@ class Planner(AttentionPlanning):
             plan.embed_path = self.embed_path(plan, lm)
         self.weights(plan)
         return plan
+
+    def rope_orders(self, plan: PortPlan) -> None:
+        """The order of a rotary table that is the standard one rearranged (PT244), set on every
+        attention that rotates, when each is admitted: q and k go from their projections to the
+        rotation and the attention through nothing that reads a head's channels one by one."""
+        rotating = [a for a in plan.attentions if a.rope]
+        if len(plan.rotary_classes) != 1 or not rotating:
+            return
+        rotary = self.idx.classes[plan.rotary_classes[0]]
+        keyed = findall(rotary.node, m.Subscript(value=m.Attribute(attr=m.Name("rope_parameters")),
+                                                 slice=[m.SubscriptElement(m.Index(m.Name()))]))
+        orders = {}
+        for a in rotating:
+            # the layer's table, as engine-rope (PT020) and per-layer-rope (PT240) build it
+            params = a.rope_params or ("config.rope_parameters[config.layer_types[layer_idx]]" if keyed
+                                       else "config.rope_parameters")
+            order = table_order(rotary, params, "half")  # (PT244's helper takes half)
+            if order is None or not recomposed_in_order(rotary) or not rows_move_freely(
+                    self.idx.classes[a.cls], {a.q, a.k, a.v, a.o or ""}):
+                return
+            orders[a.cls] = "\n".join(order)
+        for a in rotating:
+            a.rope_order = orders[a.cls]
 
     def classify(self, plan: PortPlan, classes: list[str], lm: ClassInfo | None) -> None:
         """Norms the engine has, rotary modules (both replaced), and the plan of every other class."""

@@ -206,6 +206,8 @@ def rearranged_rope(p: Planner, plan: PortPlan) -> None:
         # a slice of a tensor (`t[:n] = ...`), not a dict entry (`self.rope_type[layer_type] = ...`)
         sliced = m.Subscript(slice=[m.ZeroOrMore(), m.SubscriptElement(slice=m.Slice()), m.ZeroOrMore()])
         for node in findall(info.node, m.Assign(targets=[m.AssignTarget(target=sliced)])):
+            if plan.attentions and all(a.rope_order for a in plan.attentions if a.rope):
+                break  # the standard table in another order: PT244 moves q/k rows when loading
             target = node.targets[0].target  # type: ignore[attr-defined]
             raise REARRANGED_ROPE.error(p, node, f"class {name}: {code(target)} = ...")
 
@@ -225,9 +227,8 @@ def attention_example(init: str = "", forward: str = "", functions: str = "") ->
     return _ATTN.format(init=init, forward=forward) + functions
 
 
-ROTARY_PER_TENSOR = Refusal(
-    "rotary applied one tensor per call (q and k rotated separately, cos/sin from a "
-    "sinusoidal buffer): no rule maps it to the engine's get_rope",
+ROTARY_PER_TENSOR = Refusal(  # how: the helper's (or a complex product: pairs times a complex table)
+    "rotary applied one tensor per call ({how}): no rule maps it to the engine's get_rope",
     attention_example(forward="        q = apply_rotary(q, sin)\n",
           functions="\n\ndef apply_rotary(x, sin):\n    return x * sin\n"),
     "<example>:17: rotary applied one tensor per call (q and k rotated separately, cos/sin from a sinusoidal "
@@ -370,6 +371,30 @@ def reused_attention(p: Planner, info: ClassInfo, fwd: cst.FunctionDef) -> None:
             (a.value for a in call.args if a.keyword is not None and a.keyword.value == "layer_idx"), None)  # type: ignore[attr-defined]
         if isinstance(slot, cst.BinaryOperation):
             raise REUSED_ATTENTION.error(p, call, f"{info.name}.forward: {code(call)}")
+
+
+SHARED_KV = Refusal(
+    "keys and values taken from another layer (KV sharing: the layer reads the k/v a forward "
+    "argument hands it instead of projecting its own); the engine's Attention caches and reads "
+    "only its own layer's; no rule maps it",
+    attention_example().replace("past_key_values=None)", "past_key_values=None, shared_kv=None)").replace(
+        "        k = self.k_proj(x)\n        v = self.v_proj(x)\n",
+        "        if self.shared:\n            k, v = shared_kv[0]\n"
+        "        else:\n            k = self.k_proj(x)\n            v = self.v_proj(x)\n"),
+    "<example>:16: keys and values taken from another layer (KV sharing: the layer reads the k/v a forward "
+    "argument hands it instead of projecting its own); the engine's Attention caches and reads only its "
+    "own layer's; no rule maps it in Attn.forward: k, v = shared_kv[0] (rule engine-attention)",
+    rule="engine-attention",
+)
+
+
+def shared_kv(p: Planner, info: ClassInfo, fwd: cst.FunctionDef) -> None:
+    """`key_states, value_states = shared_kv_states[self.kv_shared_layer_index]` (Gemma3n): the
+    k/v reaching the attention are another layer's, handed in through an argument (not the cache)."""
+    params = set(param_names(fwd)) - {"self"} - set(p.table.strip_params)
+    for node in findall(fwd, m.Assign(targets=[m.AssignTarget(m.Tuple(elements=[m.Element(m.Name()), m.Element(m.Name())]))],
+                                      value=m.Subscript(value=m.Name(m.MatchIfTrue(lambda n: n in params))))):
+        raise SHARED_KV.error(p, node, f"{info.name}.forward: {code(node).strip()}")
 
 
 MASK_FROM_PROJECTIONS = Refusal(

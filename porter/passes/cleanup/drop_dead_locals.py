@@ -48,6 +48,15 @@ class DropDeadLocals(Rule):
             "        else:\n            h = self.mlp(h)\n"
             "        return h\n",
         ),
+        Example(  # an `else` that only set a local nobody reads goes (CohereCompass's text positions)
+            "class M(nn.Module):\n    def forward(self, h, pos):\n"
+            "        if pos.ndim == 3:\n            text = pos[0]\n            pos = pos[1:]\n"
+            "        else:\n            text = None\n"
+            "        return self.f(h, pos)\n",
+            "class M(nn.Module):\n    def forward(self, h, pos):\n"
+            "        if pos.ndim == 3:\n            pos = pos[1:]\n"
+            "        return self.f(h, pos)\n",
+        ),
         Example(  # a method only returning what a module function builds (MPT's ALiBi tensor) is pure
             "def build_bias(n, length):\n    bias = torch.arange(1 - length, 1)\n    return bias * n\n\n\n"
             "class M(nn.Module):\n    def build(self, n, length):\n        return build_bias(n, length)\n\n"
@@ -75,7 +84,7 @@ class DropDeadLocals(Rule):
             # and in an `if`'s arms (`attn_weights = None` beside a mixer call; transformers 5.24's
             # GPT-Neo: `attn_implementation = ...` once it keyed the attention table)
             elif isinstance(st, cst.If):
-                if not (new := self._in_arms(st, reads)).deep_equals(st):
+                if not (new := self._in_arms(st, self._set_in_arms(st, reads))).deep_equals(st):
                     body[i] = new
         if body == list(updated.body.body):
             return updated
@@ -84,7 +93,7 @@ class DropDeadLocals(Rule):
 
     def _in_arms(self, st: cst.If, reads: dict[str, int]) -> cst.If:
         """ST with the dead locals of each of its arms (`elif`s and `else` too) dropped; an arm keeps
-        at least one statement."""
+        at least one statement, but an `else` left with none goes."""
         def arm(block: cst.IndentedBlock) -> cst.IndentedBlock:
             inner = self._dead_locals(list(block.body), reads)
             return block.with_changes(body=inner) if inner and len(inner) != len(block.body) else block
@@ -94,8 +103,17 @@ class DropDeadLocals(Rule):
         if isinstance(orelse, cst.If):
             orelse = self._in_arms(orelse, reads)
         elif isinstance(orelse, cst.Else) and isinstance(orelse.body, cst.IndentedBlock):
-            orelse = orelse.with_changes(body=arm(orelse.body))
+            orelse = None if not self._dead_locals(list(orelse.body.body), reads) else orelse.with_changes(
+                body=arm(orelse.body))
         return st.with_changes(body=arm(st.body), orelse=orelse)
+
+    @staticmethod
+    def _set_in_arms(st: cst.If, reads: dict[str, int]) -> dict[str, int]:
+        """READS, a local the arms set n times (`t = x[0]` / `else: t = None`) counted once as set."""
+        sets: dict[str, int] = {}
+        for a in findall(st, m.Assign(targets=[m.AssignTarget(m.Name())])):
+            sets[a.targets[0].target.value] = sets.get(a.targets[0].target.value, 0) + 1  # type: ignore[attr-defined]
+        return {n: c - (sets[n] - 1 if sets.get(n, 0) > 1 else 0) for n, c in reads.items()}
 
     @staticmethod
     def _reads(body: list[cst.BaseStatement]) -> dict[str, int]:

@@ -86,6 +86,40 @@ _OPTIONAL_AFTER = (_ROTARY + _ATTN_INIT
                    + "    " + _GET
                    + _ATTN_FWD.replace("if position_embeddings is not None:", "if self.use_rope:").format(rot=_OPTIONAL_ROT)
                    + _OPTIONAL.format(table="\n"))
+# one rotary module with a table per layer type, None for the NoPE types (CohereCompass)
+_BY_TYPE_ROTARY = (
+    "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+    "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+    "class ARotaryEmbedding(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        for t in set(config.layer_types):\n"
+    "            setattr(self, f\"{t}_inv_freq\", 1.0 / config.rope_parameters[t][\"rope_theta\"])\n\n"
+    "    def forward(self, x, position_ids, t):\n        inv_freq = getattr(self, f\"{t}_inv_freq\")\n"
+    "        return (position_ids * inv_freq).cos(), (position_ids * inv_freq).sin()\n\n\n"
+)
+_BY_TYPE_MODEL = (
+    "\n\nclass Model(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.layers = nn.ModuleList([Attn(config, i) for i in range(config.num_hidden_layers)])\n"
+    "        self.rotary_emb = ARotaryEmbedding(config)\n\n"
+    "    def forward(self, h, position_ids):\n"
+    "        tables = {\n            t: (self.rotary_emb(h, position_ids, t) "
+    "if self.config.rope_parameters[t] is not None else None)\n"
+    "            for t in dict.fromkeys(self.config.layer_types)\n        }\n"
+    "        for i, layer in enumerate(self.layers):\n"
+    "            h = layer(h, position_embeddings=tables[self.config.layer_types[i]])\n"
+    "        return h\n"
+)
+_BY_TYPE_PARAMS = "config.rope_parameters[config.layer_types[layer_idx]]"
+_BY_TYPE_BEFORE = (_BY_TYPE_ROTARY + _ATTN_INIT + _GET.replace("config.rope_parameters,", _BY_TYPE_PARAMS + ",")
+                   + _ATTN_FWD.format(rot="            cos, sin = position_embeddings\n"
+                                          "            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n")
+                   + _BY_TYPE_MODEL)
+_BY_TYPE_AFTER = (_BY_TYPE_ROTARY + _ATTN_INIT
+                  + f"        self.use_rope = {_BY_TYPE_PARAMS} is not None\n        if self.use_rope:\n"
+                  + "    " + _GET.replace("config.rope_parameters,", _BY_TYPE_PARAMS + ",")
+                  + _ATTN_FWD.replace("if position_embeddings is not None:", "if self.use_rope:").format(
+                      rot="            cos, sin = position_embeddings\n"
+                          "            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n")
+                  + _BY_TYPE_MODEL)
 
 
 class PerLayerRope(Rule):
@@ -96,7 +130,8 @@ class PerLayerRope(Rule):
         "Some models rotate q/k in some layers only (the others have no position encoding, NoPE): "
         "the model hands each layer a cos/sin table or None, chosen by a config list "
         "(`theta = config.layer_rope_theta[i]; tables[theta] if theta else None`, one table per "
-        "distinct base), and the attention rotates under `if position_embeddings is not None:`. "
+        "distinct base; or `tables[config.layer_types[i]]` where `tables = {t: (rotary(..., t) if "
+        "config.rope_parameters[t] is not None else None) for t in ...}`), and the attention rotates under `if position_embeddings is not None:`. "
         "The planner follows that argument from the attention to the loop over the layers and reads "
         "the choice and the table as expressions of `config` and `layer_idx`. As the engine's own "
         "ports do, the attention builds its rotary only when it uses it (`self.use_rope = ...; if "
@@ -106,7 +141,8 @@ class PerLayerRope(Rule):
         "R(config) if config.position_embedding_type == 'rope' else None`, handed to every layer under `if "
         "self.rotary_emb is not None:`) is the same choice with one table: the config's rope_parameters."
     )
-    examples = [Example(_BEFORE, _AFTER), Example(_OPTIONAL_BEFORE, _OPTIONAL_AFTER)]
+    examples = [Example(_BEFORE, _AFTER), Example(_OPTIONAL_BEFORE, _OPTIONAL_AFTER),
+                Example(_BY_TYPE_BEFORE, _BY_TYPE_AFTER)]
 
     @classmethod
     def applies(cls, ctx) -> bool:
