@@ -13,7 +13,7 @@ from porter.rules_data import strip_table
 
 
 def test_every_refusal_has_an_example():
-    assert len(REFUSALS) == 26
+    assert REFUSALS and all(r.example.strip() for r in REFUSALS)
     assert len({r.reason for r in REFUSALS}) == len(REFUSALS)
 
 
