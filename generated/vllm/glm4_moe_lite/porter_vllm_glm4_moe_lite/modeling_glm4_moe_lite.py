@@ -304,9 +304,13 @@ class Glm4MoeLiteDecoderLayer(nn.Module):
         )
 
         self.mlp = (
-            Glm4MoeLiteMoE(config)
+            Glm4MoeLiteMoE(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
+            )
             if config.mlp_layer_types[layer_idx] == "sparse"
-            else Glm4MoeLiteMLP(config)
+            else Glm4MoeLiteMLP(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
+            )
         )
 
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
