@@ -302,13 +302,12 @@ _LATENT_FILE = _ATTN_HEAD + (
 
 LATENT_MODEL_TYPE = Refusal(
     "cannot port latent attention under model type {model_type!r}: no verified engine MLA path for it "
-    "(the engine's MLA layer serves only the DeepSeek-style model types it lists, and on this CPU it "
-    "measured 1e+01 from HF for deepseek_v3; rules/hf_strip.yaml latent_attention_model_types)",
+    "(the engine's MLA layer serves only the DeepSeek-style model types it lists, and porter lists those "
+    "it verified: rules/hf_strip.yaml latent_attention_model_types)",
     _LATENT_FILE,
     "<example>:14: cannot port latent attention under model type 'example': no verified engine MLA path "
-    "for it (the engine's MLA layer serves only the DeepSeek-style model types it lists, and on this CPU it "
-    "measured 1e+01 from HF for deepseek_v3; rules/hf_strip.yaml latent_attention_model_types) in class Attn "
-    "(rule latent-attention)",
+    "for it (the engine's MLA layer serves only the DeepSeek-style model types it lists, and porter lists "
+    "those it verified: rules/hf_strip.yaml latent_attention_model_types) in class Attn (rule latent-attention)",
     rule="latent-attention",
     whole_file=True,
 )
