@@ -90,4 +90,6 @@ class RenameEngineClashes(Rule):
             return module
         for c in sorted(clash):
             self.mark(c)
+        if hasattr(self.ctx, "renamed"):  # the index reads the source's lines under the new names
+            self.ctx.renamed.update({new: old for old, new in names.items()})
         return module.visit(_Rename(names))  # type: ignore[return-value]
