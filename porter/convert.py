@@ -64,7 +64,7 @@ def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = parse(source.text, str(source.path))
     pre = SourceContext(source.text)
     module = run(BEFORE_INDEX, module, pre, path=str(source.path))
-    idx = build_index(module, str(source.path), source.text)
+    idx = build_index(module, str(source.path), source.text, renamed=pre.renamed)
     idx.provenance = pre.provenance  # the rules that ran before indexing, for `porter diff`
     # the plan, finished (checkpoint names, architecture) and sealed: the passes only read it
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path, origin=source)

@@ -177,8 +177,15 @@ def _ast_lines(tree: ast.Module) -> dict[str, int]:
     return out
 
 
-def build_index(module: cst.Module, path: str, text: str | None = None) -> ModelIndex:
+def build_index(module: cst.Module, path: str, text: str | None = None,
+                renamed: dict[str, str] | None = None) -> ModelIndex:
+    """`renamed`: classes a rule before indexing renamed (new name -> the source's), so their lines
+    are still read from the source text."""
     ast_lines, identifiers = _ast_facts(module.code if text is None else text)
+    for new, old in (renamed or {}).items():
+        ast_lines.update({new + key[len(old):] if not key.startswith("class ") else f"class {new}": line
+                          for key, line in list(ast_lines.items())
+                          if key == f"class {old}" or key.startswith(f"{old}.")})
     indexer = _Indexer(ast_lines)
     indexer.run(module)
     idx = ModelIndex(

@@ -276,3 +276,43 @@ def scale_in_head_size(scale: str, call: cst.Call, head_size: str) -> str:
     if not findall(expr, last):
         return scale
     return code(m.replace(expr, last, cst.parse_expression(head_size)))
+
+
+def _dims_after(chain: list[tuple[str, list[str]]]) -> list[str] | None:
+    """The dims of a [batch, seq, width] tensor after `unflatten(-1, (3, X))` and the
+    unsqueeze/transpose/squeeze/permute calls of CHAIN ("3" marks the thirds), or None."""
+    dims = ["b", "s", "w"]
+    for name, args in chain:
+        try:
+            ints = [int(a) for a in args if a.lstrip("-").isdigit()]
+            if name == "unflatten" and ints[:1] == [-1] and args[1:2] and args[1].startswith("(3,"):
+                dims[-1:] = ["3", "h"]
+            elif name == "unsqueeze" and len(ints) == 1:
+                dims.insert(ints[0] if ints[0] >= 0 else len(dims) + 1 + ints[0], "1")
+            elif name == "squeeze" and len(ints) == 1 and dims[ints[0]] == "1":
+                del dims[ints[0]]
+            elif name == "transpose" and len(ints) == 2:
+                dims[ints[0]], dims[ints[1]] = dims[ints[1]], dims[ints[0]]
+            elif name == "permute" and len(ints) == len(dims):
+                dims = [dims[i] for i in ints]
+            else:
+                return None
+        except (IndexError, ValueError):
+            return None
+    return dims
+
+
+def thirds_to_front(value: cst.BaseExpression, out_name: str) -> bool:
+    """`out.unflatten(-1, (3, X))[.unsqueeze(0).transpose(0, -2).squeeze(-2)]` (Baichuan's cut of
+    its packed W_pack): the projection's output, [q; k; v], with its thirds moved to the front, so
+    that `out[0]`, `out[1]`, `out[2]` are q, k and v (followed by what each call does to the dims)."""
+    chain: list[tuple[str, list[str]]] = []
+    node = value
+    while isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute):
+        chain.append((node.func.attr.value, [code(a.value).replace(" ", "") for a in node.args]))
+        node = node.func.value
+    if not (isinstance(node, cst.Name) and node.value == out_name and chain):
+        return False
+    chain.reverse()
+    dims = _dims_after(chain)
+    return chain[0][0] == "unflatten" and dims is not None and dims[0] == "3"

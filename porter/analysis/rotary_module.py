@@ -63,7 +63,7 @@ def table_params(fwd: cst.FunctionDef | None, helper: str) -> set[str]:
     sources = _sources(fwd)
     found: set[str] = set()
     for call in findall(fwd, m.Call(func=m.Name(helper))):
-        todo = [r for a in call.args[2:] if (r := _root(a.value)) is not None]  # type: ignore[attr-defined]
+        todo = [r for a in call.args[2:4] if (r := _root(a.value)) is not None]  # type: ignore[attr-defined]
         seen: set[str] = set()
         while todo:
             name = todo.pop()
@@ -107,19 +107,43 @@ def _bound(ctor: cst.Call, init: cst.FunctionDef, param: str) -> cst.BaseExpress
     return default
 
 
-def _in_config_terms(e: cst.BaseExpression, local: dict[str, cst.BaseExpression]) -> str | None:
-    """E with the locals of the building __init__ replaced by their values: an expression of
-    `config` and literals only, else None."""
+def _in_config_terms(e: cst.BaseExpression, local: dict[str, cst.BaseExpression],
+                     attrs: dict[str, cst.BaseExpression]) -> str | None:
+    """E with the locals and `self.X` attributes of the building __init__ replaced by their values:
+    an expression of `config` and literals only, else None."""
+
+    def wrapped(v: cst.BaseExpression) -> cst.BaseExpression:
+        return v.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()]) \
+            if isinstance(v, cst.BinaryOperation) and not v.lpar else v
 
     class _Sub(cst.CSTTransformer):
-        def leave_Name(self, original, updated):
-            return local[updated.value] if updated.value in local else updated
+        def visit_Attribute(self, node):
+            return False  # `config.head_dim`: its attribute name is no local
 
-    for _ in range(3):
+        def leave_Attribute(self, original, updated):
+            if m.matches(updated, m.Attribute(value=m.Name("self"))) and updated.attr.value in attrs:
+                return wrapped(attrs[updated.attr.value])
+            if isinstance(updated.value, cst.Name) and updated.value.value in local:
+                return updated.with_changes(value=wrapped(local[updated.value.value]))
+            return updated
+
+        def leave_Name(self, original, updated):
+            return wrapped(local[updated.value]) if updated.value in local else updated
+
+    for _ in range(4):
         e = e.visit(_Sub())  # type: ignore[assignment]
     if names_in(e) - {"config"}:
         return None
+    if isinstance(e, cst.BinaryOperation) and e.lpar:
+        e = e.with_changes(lpar=[], rpar=[])
     return code(e)
+
+
+def _self_attrs(init: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+    out: dict[str, cst.BaseExpression] = {}
+    for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
+        out.setdefault(node.targets[0].target.attr.value, node.value)  # type: ignore[attr-defined]
+    return out
 
 
 def module_rope(idx: ModelIndex, rotary_classes: list[str]) -> tuple[str, str] | None:
@@ -140,7 +164,7 @@ def module_rope(idx: ModelIndex, rotary_classes: list[str]) -> tuple[str, str] |
                 base, dim = (_bound(sub.call, init, p) for p in found)  # type: ignore[arg-type]
                 if base is None or dim is None:
                     return None
-                local = local_bindings(oinit)
-                theta, dims = _in_config_terms(base, local), _in_config_terms(dim, local)
+                local, attrs = local_bindings(oinit), _self_attrs(oinit)
+                theta, dims = _in_config_terms(base, local, attrs), _in_config_terms(dim, local, attrs)
                 return (theta, dims) if theta and dims else None
     return None

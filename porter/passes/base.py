@@ -62,9 +62,9 @@ class RewriteContext:
 
     def bound_name(self, symbol: str) -> str:
         """The name the port's import binds an engine symbol to: its own, or `Engine<name>` where the
-        source defines a class of that name (OpenAI GPT's `class Attention`)."""
+        port keeps a class of the file under that name (a class the engine layer replaces goes)."""
         name = self.target.symbols[symbol].split(":")[1]
-        return f"Engine{name}" if name in self.idx.classes else name
+        return f"Engine{name}" if name in self.idx.classes and name in self.plan.classes else name
 
     def fork(self, target: Target) -> RewriteContext:
         """This context for one target, after the rules every target shares: its own copy of
@@ -82,6 +82,7 @@ class SourceContext:
 
     text: str
     provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rule codes
+    renamed: dict[str, str] = field(default_factory=dict)  # a class's new name -> its name in the source (PT014)
     plan: PortPlan | SimpleNamespace = field(default_factory=lambda: SimpleNamespace(classes=[], causal_lm=""))
 
 

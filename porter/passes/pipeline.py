@@ -66,6 +66,7 @@ from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
 from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
+from porter.passes.plumbing.rename_engine_clashes import RenameEngineClashes
 from porter.passes.plumbing.strip_hf_params import StripHfParams
 from porter.passes.plumbing.thread_positions import ThreadPositions
 from porter.passes.plumbing.thread_prefix import ThreadPrefix
@@ -85,6 +86,7 @@ from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
 BEFORE_INDEX: list[type[Rule]] = [
+    RenameEngineClashes,  # first: every later rule and the index see the file's classes by their port names
     EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
     UpcastArm,  # before PT150: one softmax where HF upcasts in an arm of its own
     OutputAttentionsArm,  # before PT150: no reshaped copy of the weights between softmax and sum

@@ -16,6 +16,7 @@ from porter.analysis.reversed_rope import sign_cancels, turns_back
 from porter.analysis.layouts import (
     head_size_attr, heads_of, init_attrs, linear_args, local_bindings, packed_split_call,
     per_head_split_helper, query_prescale, rope_guard, scale_in_head_size, split_head_size,
+    thirds_to_front,
 )
 from porter.plan import refusals
 from porter.plan.model import AttentionPlan, GateUpPlan
@@ -164,6 +165,8 @@ class AttentionPlanning:
                  if a.targets[0].target.value in names]  # type: ignore[attr-defined]
         chunks = findall(fwd, m.Call(func=m.Attribute(value=m.Name(m.MatchIfTrue(lambda n: n in names)), attr=m.Name("chunk")),
                                      args=[m.Arg(m.Integer("3")), m.ZeroOrMore()]))
+        if any(thirds_to_front(a.value, a.targets[0].target.value) for a in binds[1:]):  # type: ignore[attr-defined]
+            return True  # `proj = proj.unflatten(-1, (3, H))...`, thirds to the front (Baichuan)
         return bool(binds and chunks) and not any(findall(a.value, views) for a in binds)  # type: ignore[attr-defined]
 
     # -- the attention -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import findall, self_call_attr
+from porter.analysis.layouts import thirds_to_front
 from porter.passes.base import Example, Rule
 
 
@@ -125,6 +126,12 @@ class FlattenHeads(Rule):
                 if self._is_shape_op(a.value)  # type: ignore[attr-defined]
             }
         return descend
+
+    def visit_Assign(self, node: cst.Assign) -> bool | None:
+        # `out = out.unflatten(-1, (3, H)).unsqueeze(0).transpose(0, -2)...`: PT023 reads the whole
+        # cut of the packed projection (its thirds) and replaces it
+        target = node.targets[0].target if len(node.targets) == 1 else None
+        return not (isinstance(target, cst.Name) and thirds_to_front(node.value, target.value))
 
     def leave_Call(self, original, updated):
         if not self.plan.attention(self.current_class or "") or self.current_function != "forward":

@@ -11,7 +11,9 @@ from porter.passes._edit import is_assign_of
 from porter.passes.base import Example, Rule
 from porter.analysis.cstutil import dotted
 from porter.analysis.layout_interp import bound_in
-from porter.analysis.layouts import attention_call_names, linear_args, packed_split_call, per_head_split_helper
+from porter.analysis.layouts import (
+    attention_call_names, linear_args, packed_split_call, per_head_split_helper, thirds_to_front,
+)
 
 _UNCHANGED_PT023 = (
     'from torch import nn\n'
@@ -316,6 +318,11 @@ class FuseQkv(Rule):
                     f"{names[0]}, {names[1]}, {names[2]} = {out_name}.split("
                     "[self.q_size, self.kv_size, self.kv_size], dim=-1)\n"))
                 placed = True
+                continue
+            if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
+                    targets=[m.AssignTarget(m.Name(out_name))])])) and thirds_to_front(st.body[0].value, out_name):  # type: ignore[attr-defined]
+                # `out = out.unflatten(-1, (3, H))...`, thirds to the front: `out[0]`, `out[1]`,
+                # `out[2]` (below) are q, k and v, as the split by sizes makes them
                 continue
             if out_name and attn.blocked and (done := self._blocked(attn, st, out_name, blocked_view)) is not None:
                 if isinstance(done, str):

@@ -22,6 +22,14 @@ class DropDeadLocals(Rule):
         "`ruff check` and reads like hand-written code."
     )
     examples = [
+        Example(  # an `if` binding only a batch shape nothing reads (remote code's base model)
+            "class M(nn.Module):\n    def forward(self, input_ids, inputs_embeds):\n"
+            "        if input_ids is not None:\n            b, s = input_ids.shape\n"
+            "        else:\n            b, s, _ = inputs_embeds.shape\n"
+            "        return self.embed(input_ids)\n",
+            "class M(nn.Module):\n    def forward(self, input_ids, inputs_embeds):\n"
+            "        return self.embed(input_ids)\n",
+        ),
         Example(
             "class A(nn.Module):\n    def forward(self, x):\n        shape = x.shape[:-1]\n"
             "        x = x\n        return self.f(x)\n",
@@ -146,9 +154,33 @@ class DropDeadLocals(Rule):
                             and own == len(names) and self._pure(assign.value):
                         changed = True
                         continue
+                if isinstance(st, cst.If) and self._dead_if(st, reads):
+                    changed = True
+                    continue
                 new_body.append(st)
             body = new_body
         return body
+
+    def _dead_if(self, st: cst.If, reads: dict[str, int]) -> bool:
+        """An `if` whose every arm only binds locals nothing reads after it, from pure values, under a
+        pure test (`if input_ids is not None: batch_size, seq_length = input_ids.shape else: ...`,
+        a batch shape the engine's flat tokens do not have)."""
+        arms, node = [], st
+        while isinstance(node, cst.If):
+            arms.append(node.body)
+            if not self._pure(node.test):
+                return False
+            node = node.orelse
+        if isinstance(node, cst.Else):
+            arms.append(node.body)
+        names: set[str] = set()
+        for block in arms:
+            for s in getattr(block, "body", [None]):
+                if not m.matches(s, m.SimpleStatementLine(body=[m.Assign()])) or not self._pure(s.body[0].value):  # type: ignore[union-attr]
+                    return False
+                names |= {n for t in s.body[0].targets for n in assigned_names(t.target)}  # type: ignore[union-attr]
+        inside = self._reads([st])
+        return bool(names) and all(reads.get(n, 0) - inside.get(n, 0) <= 0 for n in names)
 
     def _pure(self, value: cst.BaseExpression) -> bool:
         for call in findall(value, m.Call()):

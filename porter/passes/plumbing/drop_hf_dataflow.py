@@ -184,7 +184,10 @@ class DropHfDataflow(Rule):
             if self._reshape_to_hf_shape(targets, value):
                 return None  # `x = x.view(output_shape)`, the shape HF-only: x keeps its (flat) value
             new_value = self._strip_args(value)
-            if self._is_tainted(new_value):
+            bound = {n for t in targets for n in assigned_names(t)}
+            if self._is_tainted(new_value) or (isinstance(value, cst.Call) and bound
+                                               and bound <= self.ctx.table.strip_params):
+                # (or a call binds HF plumbing by name: `attention_mask = self._prepare_mask(...)`)
                 for t in targets:
                     self.tainted.update(assigned_names(t))
                 return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, param_names
+from porter.analysis.cstutil import assigned_names, findall, param_names
 from porter.errors import PorterError
 from porter.passes._edit import append_to_init, is_assign_of
 from porter.passes.base import Example, Rule
@@ -184,7 +184,9 @@ class EngineRope(Rule):
                 f"rope_parameters={params}, is_neox_style={neox})\n"
             )
             self.mark(f"{cls}.__init__")
-            return append_to_init(updated, [st])
+            return append_to_init(self._without_own_rotary(cls, original, updated), [st])
+        if attn and attn.rope and updated.name.value == "forward" and self._own_rotary(cls):
+            return self._without_own_rotary(cls, original, updated)
         if updated.name.value == "__init__":
             # drop `self.rotary_emb = XRotaryEmbedding(...)` in other classes
             info = self.ctx.idx.classes.get(cls or "")
@@ -202,6 +204,34 @@ class EngineRope(Rule):
                 body.append(st)
             return updated.with_changes(body=updated.body.with_changes(body=body))
         return updated
+
+    def _own_rotary(self, cls: str | None) -> set[str]:
+        """The attention's own rotary modules (remote code's `self.rotary_emb = RotaryEmbedding(
+        head_dim)` in the attention, called for its cos/sin cache)."""
+        info = self.ctx.idx.classes.get(cls or "")
+        return {a for a, sub in info.submodules.items() if sub.ctor in self.plan.rotary_classes} if info else set()
+
+    def _without_own_rotary(self, cls: str | None, original: cst.FunctionDef, fn: cst.FunctionDef) -> cst.FunctionDef:
+        """FN without the attention's own rotary module: its construction in __init__, and in
+        forward the statements binding its cos/sin (their names go with the HF plumbing, PT011).
+        Read in ORIGINAL, the function before this rule's own `self.rotary_emb(positions, q, k)`."""
+        own = self._own_rotary(cls)
+        body = []
+        for st, was in zip(fn.body.body, original.body.body):
+            assign = was.body[0] if isinstance(was, cst.SimpleStatementLine) and len(was.body) == 1 else None
+            if isinstance(assign, cst.Assign) and (
+                    any(is_assign_of(was, a) for a in own) or any(
+                        m.matches(c.func, m.Attribute(value=m.Name("self"), attr=m.Name(a)))
+                        for c in findall(assign.value, m.Call()) for a in own)):
+                if fn.name.value == "forward":
+                    names = {n for t in assign.targets for n in assigned_names(t.target)}
+                    self.ctx.extra_taint.setdefault(cls or "", set()).update(names)
+                continue
+            body.append(st)
+        if len(body) == len(fn.body.body):
+            return fn
+        self.mark(f"{cls}.{fn.name.value}")
+        return fn.with_changes(body=fn.body.with_changes(body=body))
 
     def leave_Call(self, original, updated):
         attn = self.plan.attention(self.current_class or "")

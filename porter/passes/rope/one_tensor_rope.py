@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, findall, names_in, self_call_attr
+from porter.analysis.cstutil import assigned_names, findall, names_in, param_names, self_call_attr
 from porter.passes.base import Example, Rule
 
 
@@ -79,7 +79,10 @@ class OneTensorRope(Rule):
 
     @classmethod
     def applies(cls, ctx) -> bool:
-        return any(a.rope_theta for a in ctx.plan.attentions)
+        # a helper rotating one tensor per call (`x, sin, cos`), not remote code's cos/sin cache
+        # module, whose table is also read from the source (porter/analysis/rotary_module.py)
+        return any(a.rope_theta and a.rope_helper in ctx.idx.functions
+                   and len(param_names(ctx.idx.functions[a.rope_helper])) < 4 for a in ctx.plan.attentions)
 
     def leave_ClassDef(self, original, updated):
         attn = self.plan.attention(updated.name.value)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/openai/modeling_openai.py
 # Source sha256: ac11d062e8911cacd9faf98ce5ecc12aa8f0f33f540423674ab1ce89a7abab3a
-# Rules applied: PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT143, PT030, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT014, PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT143, PT030, PT040, PT050, PT052, PT126, PT061, PT060, PT070
 
 # Copyright 2018 The OpenAI Team Authors and HuggingFace Inc. team.
 # Copyright (c) 2018, NVIDIA CORPORATION.  All rights reserved.
@@ -29,7 +29,7 @@ from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_fn
-from aphrodite.model_executor.layers.attention import Attention as EngineAttention
+from aphrodite.model_executor.layers.attention import Attention
 from aphrodite.model_executor.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -50,7 +50,7 @@ from torch.nn import LayerNorm
 ACT_FNS = {"relu": "relu", "silu": "silu", "gelu": "gelu_new", "swish": "silu"}
 
 
-class Attention(nn.Module):
+class OpenAIGPTAttention(nn.Module):
     def __init__(
         self,
         nx,
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         )
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        self.attn = EngineAttention(
+        self.attn = Attention(
             self.c_attn.num_heads,
             (self.split_size // self.n_head),
             scale=(1 / math.sqrt((self.split_size // self.n_head)) if self.scale else 1.0),
@@ -148,7 +148,7 @@ class Block(nn.Module):
     ):
         super().__init__()
         nx = config.n_embd
-        self.attn = Attention(
+        self.attn = OpenAIGPTAttention(
             nx,
             n_positions,
             config,

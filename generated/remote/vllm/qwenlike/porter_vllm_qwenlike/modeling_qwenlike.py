@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_qwenlike.py
 # Source sha256: 7f0aeebfd9d4322f41541636b45d92954282572a46621ee5a6b43219c68ffb30
-# Rules applied: PT150, PT001, PT003, PT151, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT030, PT032, PT031, PT040, PT050, PT052, PT126, PT061, PT060, PT070
 
 """A Qwen-1-style causal LM, written for porter's tests (remote-code style): one fused `c_attn`
 projection cut with `split`, a rotary object called with the sequence length, its own RMSNorm,
