@@ -289,7 +289,10 @@ def regen(
         _fail(exc)
     dest = out or root or Path("generated")
     print(f"{dest / rg.DRIFT_MD}: {len(drift['models'])} model(s), failed: {', '.join(drift['failed']) or 'none'}")
-    if drift["failed"]:
+    cells = drift.get("matrix", {}).get("failed", [])
+    if cells:
+        print(f"release matrix: failed: {', '.join(f'{m} from {r}' for m, r in cells)}")
+    if drift["failed"] or cells:
         raise typer.Exit(1)
 
 

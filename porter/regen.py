@@ -302,10 +302,12 @@ def regen(
     tps: tuple[int, ...] = (1, 2),
     force: bool = False,
     log=None,
+    matrix: bool = True,
 ) -> dict:
     """Regenerate every committed port under ROOT from transformers VERSION (None: the version
     each port records) into OUT (default ROOT), write DRIFT.md / DRIFT.json there, return the
-    drift as data."""
+    drift as data. With MATRIX, DRIFT.md also gets the release matrix (porter/coverage/matrix.py):
+    every committed model type converted from every release of rules/coverage.yaml."""
     root = Path(root)
     out = Path(out) if out is not None else root
     say = log or (lambda msg: None)
@@ -324,6 +326,10 @@ def regen(
         "models": models,
         "failed": [m["model_type"] for m in models if m["error"]],
     }
+    if matrix:
+        from porter.coverage.matrix import release_matrix
+
+        drift["matrix"] = release_matrix(sorted(ports), log=say)
     out.mkdir(parents=True, exist_ok=True)
     (out / DRIFT_JSON).write_text(json.dumps(drift, indent=2, sort_keys=True) + "\n")
     (out / DRIFT_MD).write_text(render_drift_md(drift))
@@ -441,6 +447,10 @@ def render_drift_md(drift: dict) -> str:
         changed = {None: "?", True: "yes", False: "no"}[m["source_changed"]]
         lines.append(f"| {m['model_type']} | {m['transformers']['before']} → {m['transformers']['after']} "
                      f"| {changed} | {status('vllm')} | {status('aphrodite')} | {vtxt} |")
+    if drift.get("matrix"):
+        from porter.coverage.matrix import render_matrix_md
+
+        lines += ["", *render_matrix_md(drift["matrix"])]
     for m in drift["models"]:
         lines += ["", f"## {m['model_type']}", ""]
         lines.append(f"- source: `{m['source']}`")

@@ -230,7 +230,7 @@ def dz_candidates(release_tree, candidates):
 
 
 def test_day_zero_releases_are_data(tmp_path, monkeypatch):
-    assert cov.day_zero_releases() == ["5.24.0"]  # rules/coverage.yaml
+    assert cov.day_zero_releases() == ["5.24.0", "5.25.0"]  # rules/coverage.yaml
     monkeypatch.setenv("PORTER_RULES_DIR", str(tmp_path))
     assert cov.day_zero_releases() == []  # no table: no day-zero section
     (tmp_path / cov.COVERAGE_RULES).write_text("day_zero_releases: 5.24.0\n")

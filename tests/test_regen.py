@@ -111,6 +111,44 @@ def test_drift_report_names_what_changed(regen_new_release):
     assert "rules whose output changed" in md
 
 
+DAY_ZERO = "5.25.0"
+
+
+def _release(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def test_regen_from_5_25_fails_no_model_and_the_release_matrix_converts_every_model(tmp_path):
+    """`porter regen --transformers 5.25.0` converts every committed model type (5.25 rewrote
+    falcon's q/k/v split inline and moved its ALiBi bias into the mask), and the release matrix in
+    DRIFT.md converts each from every release of rules/coverage.yaml (5.16.0 ... 5.25.0): a day-zero
+    model type is absent only from the releases before its own. The matrix converts the vllm target
+    in two processes, each (model, files read) once, cached under .porter-cache/coverage/matrix/."""
+    out = tmp_path / "generated"
+    proc = run_porter("regen", "--transformers", DAY_ZERO, "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    drift = json.loads((out / "DRIFT.json").read_text())
+    assert drift["failed"] == []
+    mx = drift["matrix"]
+    assert mx["failed"] == []
+    assert mx["releases"][0] == "5.16.0" and mx["releases"][-1] == DAY_ZERO
+    assert {"5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.24.0"} <= set(mx["releases"])
+    assert sorted(mx["rows"]) == sorted(MODELS)
+    for model, cells in mx["rows"].items():
+        recorded = json.loads((GENERATED / "vllm" / model / "PORT.json").read_text())["transformers_version"]
+        for release, cell in cells.items():
+            want = "absent" if _release(release) < _release(recorded) else "converted"
+            assert cell["status"] == want, (model, release, cell)
+    md = (out / "DRIFT.md").read_text()
+    assert "## Release matrix" in md and "| falcon | " + " | ".join(["✓"] * len(mx["releases"])) + " |" in md
+    # falcon from 5.25: the grouped q/k/v plan and the ALiBi of 5.19's port
+    plan = json.loads((out / "vllm" / "falcon" / "PORT.json").read_text())["plan"]["attentions"][0]
+    committed = json.loads((GENERATED / "vllm" / "falcon" / "PORT.json").read_text())["plan"]["attentions"][0]
+    for key in ("grouped", "packed", "interleaved", "num_heads", "num_kv_heads", "alibi", "alibi_when",
+                "alibi_scale", "rope", "q", "o"):
+        assert plan[key] == committed[key], key
+
+
 def test_regen_unknown_release_is_one_line_error(tmp_path):
     proc = run_porter("regen", "--transformers", "0.0.0.999", "--out", str(tmp_path))
     assert proc.returncode == 2

@@ -6,12 +6,13 @@ evaluated forgets what either arm binds."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import libcst as cst
 import numpy as np
 
-from porter.analysis.cstutil import assigned_names, param_names
+from porter.analysis.cstutil import assigned_names, dotted, param_names
 from porter.analysis.symeval import (
     Frame, Obj, Opaque, Unknown, binop, compare, is_tensor_method, is_torch_call, subscript,
     tensor_method, torch_function,
@@ -185,6 +186,11 @@ class Interp:
             base = self.expr(f.value, env)
             args, kw = self._args(c, env)
             return tensor_method(base, f.attr.value, args, kw)
+        if dotted(f) == "math.sqrt":
+            args, _ = self._args(c, env)
+            if len(args) != 1 or not isinstance(args[0], (int, float)) or args[0] < 0:
+                raise Unknown("math.sqrt")
+            return math.sqrt(args[0])
         if isinstance(f, cst.Name) and f.value in ("len", "tuple", "list", "int"):
             args, _ = self._args(c, env)
             if len(args) != 1:

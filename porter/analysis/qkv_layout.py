@@ -350,3 +350,28 @@ def describe(layout: FusedLayout, fwd: cst.FunctionDef) -> str:
     """One line for diagnostics and tests."""
     body = fwd.body.body  # type: ignore[attr-defined]
     return f"{layout.kind}: heads {layout.num_heads}; split by {code(body[layout.last]).strip().splitlines()[0]}"
+
+
+def same_value_attr(model: ClassInfo, value: cst.BaseExpression, attn: ClassInfo) -> str | None:
+    """The first `self.` attribute of ATTN's `__init__` whose value is VALUE's, read in MODEL's
+    `__init__` context (`1 / math.sqrt(self.config.hidden_size // self.num_heads)` in Falcon's
+    model is the attention's `self.inv_norm_factor`), for both sample chains; None if none is."""
+    found: list[set[str]] | None = None
+    for factors in CHAINS:
+        config = _Config({}, {}, _chain(factors))
+        try:
+            m_run = _Run(model, "", config)
+            env = m_run.init()
+            want = m_run.interp.expr(value, env)
+            a_run = _Run(attn, "", config)
+            a_run.init()
+        except Unknown:
+            return None
+        if not isinstance(want, (int, float)) or isinstance(want, bool):
+            return None
+        names = {n for n, v in a_run.attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and abs(v - want) <= 1e-12 * max(1.0, abs(want))}
+        found = names if found is None else found & names
+    from porter.analysis.layouts import init_attrs
+
+    return next((n for n in init_attrs(attn) if n in (found or set())), None)

@@ -29,6 +29,7 @@ from porter.analysis.latent_attention import latent_attention
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
 from porter.plan import refusals
+from porter.plan.mask_bias import mask_bias
 from porter.plan.attention import AttentionPlanning
 from porter.plan.facts import derive
 from porter.plan.model import LinearPlan, PortPlan, seal
@@ -230,6 +231,7 @@ class Planner(AttentionPlanning):
             if a.alibi:
                 a.alibi_when = alibi_condition(self.idx, plan.classes, a.alibi)
                 check_alibi_max_bias(self, plan.classes, a.alibi)
+        mask_bias(self, plan, plan.classes)  # type: ignore[arg-type]
         for a in plan.attentions:
             if a.packed:
                 continue  # fused in the checkpoint too: QKVParallelLinear splits it when loading

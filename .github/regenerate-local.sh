@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The weekly regeneration workflow (.github/workflows/regenerate.yml), step by step, on this
+# machine: in a scratch clone of this repository (never in the work tree), set up, find the
+# release, regenerate the ports from it (`porter regen`: the ports, generated/DRIFT.md with the
+# release matrix), test everything with every port verified in the engine (`make test-full`),
+# and commit the result on a branch of the scratch clone (what the workflow proposes as a pull
+# request). Exit status: non-zero when regen or the tests failed, as the workflow's last step.
+#
+#   .github/regenerate-local.sh [RELEASE] [--scratch DIR] [--venv DIR] [--no-tests]
+#
+# RELEASE: the transformers release (default: the newest, asked of the package index with pip).
+# --scratch DIR: where to clone (default: a new temporary directory; kept afterwards).
+# --venv DIR: use this porter venv (a symlink) instead of building one with `make setup`; the
+#   day-zero reference venvs beside it (.venv-transformers-*) are linked too.
+# --no-tests: stop after `porter regen` (the drift report, no engine runs).
+set -uo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+release="" scratch="" venv="" tests=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --scratch) scratch="$2"; shift 2 ;;
+    --venv) venv="$2"; shift 2 ;;
+    --no-tests) tests=0; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) release="$1"; shift ;;
+  esac
+done
+scratch="${scratch:-$(mktemp -d /tmp/porter-regen-XXXXXX)}"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "scratch clone: $scratch/porter"
+git clone -q --no-hardlinks "$here" "$scratch/porter" || exit 1
+cd "$scratch/porter" || exit 1
+
+step "set up porter and the engines"
+if [ -n "$venv" ]; then
+  ln -sfn "$venv" .venv
+  for d in "$(dirname "$venv")"/.venv-transformers-*; do [ -e "$d" ] && ln -sfn "$d" .; done
+  # the venv's porter is another checkout's: run this clone's code (python -m porter from here)
+  export PYTHONPATH="$PWD"
+else
+  make setup || exit 1
+fi
+
+step "find the transformers release"
+if [ -z "$release" ]; then
+  release="$(.venv/bin/python -m pip index versions transformers 2>/dev/null \
+    | sed -n 's/^transformers (\(.*\))$/\1/p' | head -n 1)"
+fi
+if [ -z "$release" ]; then
+  echo "could not determine the newest transformers release" >&2
+  exit 1
+fi
+echo "transformers $release"
+
+step "regenerate the ports (porter regen --transformers $release)"
+.venv/bin/python -m porter regen --transformers "$release"
+regen_status=$?
+
+test_status=0
+if [ "$tests" = 1 ]; then
+  step "test everything (make test-full)"
+  make test-full
+  test_status=$?
+fi
+
+step "commit on branch porter/regen-transformers-$release (the workflow's pull request)"
+git checkout -q -b "porter/regen-transformers-$release"
+git add generated
+git -c user.name=porter -c user.email=porter@localhost commit -q \
+  -m "generated: regenerate ports from transformers $release" || echo "(nothing changed)"
+git --no-pager show --stat --oneline HEAD | head -40
+echo
+echo "drift report: $scratch/porter/generated/DRIFT.md"
+
+if [ "$regen_status" != 0 ] || [ "$test_status" != 0 ]; then
+  echo "porter regen exit $regen_status; make test-full exit $test_status (see generated/DRIFT.md)" >&2
+  exit 1
+fi
