@@ -50,8 +50,10 @@ def _load(args):
     # the checkpoint's own config class (a config-only model type such as exaone builds
     # LlamaForCausalLM from an ExaoneConfig, as transformers' auto table does)
     config = transformers.AutoConfig.from_pretrained(work / "ckpt")
+    # use_kernels=False: the modeling file's own code, never a hub kernel (transformers 5.25 made
+    # kernels the default of from_pretrained; earlier releases default to False)
     model = cls.from_pretrained(work / "ckpt", config=config, attn_implementation="eager",
-                                dtype=torch.float32)
+                                dtype=torch.float32, use_kernels=False)
     model.eval()
     return model
 
