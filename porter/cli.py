@@ -292,7 +292,7 @@ def regen(
     cells = drift.get("matrix", {}).get("failed", [])
     if cells:
         print(f"release matrix: failed: {', '.join(f'{m} from {r}' for m, r in cells)}")
-    if drift["failed"] or cells:
+    if drift["failed"]:  # (the matrix's failures are the other releases': reported, not this run's)
         raise typer.Exit(1)
 
 
