@@ -14,7 +14,8 @@ MODELS = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.jso
 TARGETS = ["vllm", "aphrodite"]
 
 
-def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the porter CLI as a user would (a fresh process)."""
     return subprocess.run(
         [sys.executable, "-m", "porter", *args],
@@ -22,7 +23,7 @@ def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None) -> 
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
-        timeout=600,
+        timeout=timeout,
     )
 
 

@@ -43,7 +43,8 @@ def test_check_names_the_file_that_differs(tmp_path):
 @pytest.fixture(scope="module")
 def regen_new_release(tmp_path_factory):
     out = tmp_path_factory.mktemp("regen") / "generated"
-    proc = run_porter("regen", "--transformers", NEW_RELEASE, "--out", str(out))
+    # (and the release matrix: every committed model from 8 releases, ~600 conversions)
+    proc = run_porter("regen", "--transformers", NEW_RELEASE, "--out", str(out), timeout=1800)
     return proc, out
 
 
