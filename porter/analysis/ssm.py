@@ -91,6 +91,41 @@ def _view_tail(fwd: cst.FunctionDef, names: set[str]) -> tuple[cst.BaseExpressio
     return None
 
 
+class _AsSelf(cst.CSTTransformer):
+    """`module.x` -> `self.x`: a module function's reads of the mixer it is handed, in the mixer's scope."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__()
+        self.module = module
+
+    def leave_Name(self, original, updated):
+        return updated.with_changes(value="self") if updated.value == self.module else updated
+
+
+def _callee_view_tail(idx: ModelIndex, fwd: cst.FunctionDef, name: str) -> tuple[cst.BaseExpression, ...] | None:
+    """Where the mixer hands NAME to a module function of the file together with itself (5.25's
+    `mamba2_scan_forward(self, hidden_states, B, C, dt, cache)`: a hub kernel may replace it, and
+    without one the function's own code is what runs), the view of NAME in that function (`x.view(b,
+    l, X, Y)` of NAME or of a name split from it), with its reads of the mixer read as `self.`."""
+    for call in findall(fwd, m.Call(func=m.Name())):
+        fn = idx.functions.get(call.func.value)  # type: ignore[attr-defined]
+        if fn is None:
+            continue
+        given = dict(zip(param_names(fn), [a.value for a in call.args if a.keyword is None and not a.star]))  # type: ignore[attr-defined]
+        given |= {a.keyword.value: a.value for a in call.args if a.keyword is not None}  # type: ignore[attr-defined]
+        module = next((p for p, v in given.items() if m.matches(v, m.Name("self"))), None)
+        param = next((p for p, v in given.items() if m.matches(v, m.Name(name))), None)
+        if module is None or param is None:
+            continue
+        split = {e.value.value for node in findall(fn, m.Assign(targets=[m.AssignTarget(m.Tuple())]))
+                 if findall(node.value, m.Name(param))  # type: ignore[attr-defined]
+                 for e in node.targets[0].target.elements if isinstance(e.value, cst.Name)}  # type: ignore[attr-defined]
+        tail = _view_tail(fn, {param} | split)
+        if tail is not None:
+            return tuple(t.visit(_AsSelf(module)) for t in tail)  # type: ignore[misc]
+    return None
+
+
 def mamba2_roles(idx: ModelIndex, info: ClassInfo) -> dict | None:
     """The roles of a Mamba-2 mixer's parts and the expressions (in its own `__init__` scope) the
     engine's MambaMixer2 takes; None when INFO is not one."""
@@ -124,8 +159,8 @@ def mamba2_roles(idx: ModelIndex, info: ClassInfo) -> dict | None:
     if inner is None or out_proj is None or norm is None or norm not in info.submodules:
         return None
     (x, b, _c), (_, group_state, _) = inner
-    heads = _view_tail(fwd, {x})
-    groups = _view_tail(fwd, {b})
+    heads = _view_tail(fwd, {x}) or _callee_view_tail(idx, fwd, x)
+    groups = _view_tail(fwd, {b}) or _callee_view_tail(idx, fwd, b)
     if heads is None or groups is None:
         return None
     n_groups, state = groups

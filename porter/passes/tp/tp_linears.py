@@ -67,6 +67,20 @@ class TpLinears(Rule):
             "    def forward(self, x):\n        a, gate = self.Wi(x)[0].chunk(2, dim=-1)\n"
             "        return self.Wo(torch.relu(a) * gate)[0]\n",
         ),
+        Example(  # a projection the config may leave out: the engine's layer in its arm
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=False) if config.fc1 else None\n"
+            "        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=False)\n\n"
+            "    def forward(self, x):\n        return self.fc2(torch.relu(self.fc1(x)))\n",
+            "from torch import nn\n\n\nclass MLP(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n"
+            "        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, bias=False, "
+            'quant_config=quant_config, prefix=f"{prefix}.fc1") if config.fc1 else None\n'
+            "        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=False, "
+            'quant_config=quant_config, prefix=f"{prefix}.fc2")\n\n    def forward(self, x):\n'
+            "        return self.fc2(torch.relu(self.fc1(x)[0]))[0]\n",
+        ),
     ]
 
     def _role(self, attr: str | None) -> str | None:
@@ -96,11 +110,14 @@ class TpLinears(Rule):
                 f"quant_config=quant_config, prefix=f\"{{prefix}}.{attr}\")")
             return updated.with_changes(value=new)
         if fn == "__init__" and role in LINEAR_CLASS and isinstance(updated.value, cst.Call):
-            in_f, out_f, bias = linear_args(updated.value)
-            new = cst.parse_expression(
-                f"{self.ctx.use(LINEAR_CLASS[role])}({in_f}, {out_f}, bias={bias}, "
-                f"quant_config=quant_config, prefix=f\"{{prefix}}.{attr}\")")
-            return updated.with_changes(value=new)
+            return updated.with_changes(value=self._engine_linear(updated.value, role, attr))
+        if fn == "__init__" and role in LINEAR_CLASS and isinstance(updated.value, cst.IfExp):
+            # `nn.Linear(...) if config.flag else None`: a projection the config may leave out
+            cond = updated.value
+            for arm, other in (("body", cond.orelse), ("orelse", cond.body)):
+                if isinstance(getattr(cond, arm), cst.Call) and m.matches(other, m.Name("None")):
+                    new = self._engine_linear(getattr(cond, arm), role, attr)
+                    return updated.with_changes(value=cond.with_changes(**{arm: new}))
         if fn != "__init__" and isinstance(original.value, cst.Call) and m.matches(
                 updated.targets[0].target, m.Name()) and self._role(self_call_attr(original.value)) in LINEAR_CLASS:
             # y = self.proj(x)  ->  y, _ = self.proj(x)
@@ -109,6 +126,12 @@ class TpLinears(Rule):
                                lpar=[], rpar=[])
             return updated.with_changes(targets=[cst.AssignTarget(target)], value=value)
         return updated
+
+    def _engine_linear(self, call: cst.Call, role: str, attr: str | None) -> cst.BaseExpression:
+        in_f, out_f, bias = linear_args(call)
+        return cst.parse_expression(
+            f"{self.ctx.use(LINEAR_CLASS[role])}({in_f}, {out_f}, bias={bias}, "
+            f"quant_config=quant_config, prefix=f\"{{prefix}}.{attr}\")")
 
     def leave_Call(self, original, updated):
         if self.current_function in (None, "__init__") or not self.kept(self.current_class):
