@@ -176,6 +176,9 @@ def mamba2_roles(idx: ModelIndex, info: ClassInfo) -> dict | None:
         eps = next((p.default for p in ninit.params.params if p.name.value == "eps" and p.default), None)
     act = next((a.value for c in findall(fwd, m.Call()) for a in c.args  # type: ignore[attr-defined]
                 if a.keyword is not None and a.keyword.value == "activation"), None)
+    group_size = _kwargs(norm_call).get("group_size")
+    if group_size is not None and code(group_size) != f"{code(_arg(linears[out_proj].call, 0, 'in_features'))} // {code(n_groups)}":
+        return None  # a norm grouped otherwise than by the mixer's groups (the engine's norm groups by n_groups)
     in_call, out_call = linears[in_proj].call, linears[out_proj].call
     bias = _arg(in_call, 2, "bias")
     if code(bias or cst.Name("True")) != code(_arg(out_call, 2, "bias") or cst.Name("True")):
