@@ -127,3 +127,24 @@ def test_transposed_experts_read_from_the_products():
     assert (b.hidden_size, b.intermediate_size) == ("config.hidden_size", "config.intermediate_size")
     assert b.renormalize == "True" and b.activation == '"silu"'
     assert not any(p.transposed for m in MOE_MODELS for p in _blocks(m)[1])
+
+
+def test_checkpoint_renamings_chained_and_split_qkv_day_zero():
+    # sarvam_moe (5.24.0): `.attention.` -> `.self_attn.` keeps the checkpoint's module name in the
+    # port, so the renamings after it that name `.self_attn.` are read as `.attention.`; its fused
+    # `query_key_value` (Split(dim=0) into q_proj, k_proj, v_proj) loads whole into qkv_proj
+    from porter.analysis.checkpoint_names import split_qkv_renamings
+    from porter.source import transformers_tree
+
+    root = transformers_tree("5.24.0")
+    attrs, rest = module_renamings(weight_renamings(root, ["sarvam_moe"]))
+    assert attrs == {"self_attn": "attention"}
+    assert (r"\.attention\.dense\.", ".attention.o_proj.") in rest
+    assert not any("self_attn" in s or "self_attn" in d for s, d in rest)
+    assert split_qkv_renamings(root, ["sarvam_moe"], "q_proj", "k_proj", "v_proj", "qkv_proj") == \
+        [(r"\.query_key_value\.", ".qkv_proj.")]
+    assert split_qkv_renamings(root, ["sarvam_moe"], "q_proj", "v_proj", "k_proj", "qkv_proj") == []  # order
+    assert split_qkv_renamings(root, ["mixtral"], "q_proj", "k_proj", "v_proj", "qkv_proj") == []
+    # minicpm5_moe (5.25.0): a renaming appended after the table (`mapping[...].append(WeightRenaming(...))`)
+    assert weight_renamings(transformers_tree("5.25.0"), ["minicpm5_moe"])[-1] == \
+        ("self_attn.q_proj", "self_attn.q_gate_proj")

@@ -22,9 +22,16 @@ _Tables = tuple[tuple[tuple[ast.AST | None, ast.AST], ...], tuple[ast.stmt, ...]
 def _derive_tables(tree: ast.Module) -> _Tables:
     pairs = tuple(pair for node in ast.walk(tree) if isinstance(node, ast.Dict)
                   for pair in zip(node.keys, node.values))
-    stmts = tuple(sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign))),
+    stmts = tuple(sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign)) or _appends(n)),
                          key=lambda n: (n.lineno, n.col_offset)))
     return pairs, stmts
+
+
+def _appends(node: ast.AST) -> bool:
+    """`table["key"].append(call)` / `.extend([...])` as a statement."""
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) \
+        and isinstance(node.value.func, ast.Attribute) and node.value.func.attr in ("append", "extend") \
+        and _subscript_key(node.value.func.value) is not None
 
 
 def _tables(path: Path) -> _Tables:
@@ -94,6 +101,14 @@ def _conversion_entries(transformers_dir: Path | None, keys: list[str]) -> list[
     # then, in source order, what the table builder does to it after the literal:
     # `mapping["flint"] = mapping["qwen2_moe"].copy()`, `mapping["flint"] += [WeightRenaming(...)]`
     for node in stmts:
+        if isinstance(node, ast.Expr):  # `table["key"].append(WeightRenaming(...))`, `.extend([...])`
+            call, key = node.value, _subscript_key(node.value.func.value)
+            added = call.args[0] if len(call.args) == 1 else None
+            items = [added] if call.func.attr == "append" else \
+                (added.elts if isinstance(added, ast.List) else [])
+            if key in entries:
+                entries[key] = entries[key] + [c for c in items if isinstance(c, ast.Call)]
+            continue
         target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
             getattr(node, "target", None)
         key = _subscript_key(target)
@@ -195,4 +210,40 @@ def module_renamings(renames: list[tuple[str, str]]) -> tuple[dict[str, str], li
     # the checkpoint's module name, so the tensor needs no renaming
     rest = [(src, dst) for src, dst in rest
             if not any(src.replace(f".{ckpt}.", f".{mem}.") == dst for mem, ckpt in attrs.items())]
+    # transformers applies the renamings one after another, so a later one may name a module by
+    # the name an earlier one gave it (sarvam_moe: `.attention.` -> `.self_attn.`, then
+    # `.self_attn.dense.` -> `.self_attn.o_proj.`); the port keeps the checkpoint's module name,
+    # so such a renaming is read in checkpoint terms (`.attention.dense.` -> `.attention.o_proj.`)
+    for mem, ckpt in attrs.items():
+        rest = [(src.replace(rf"\.{mem}\.", rf"\.{ckpt}\."), dst.replace(f".{mem}.", f".{ckpt}."))
+                for src, dst in rest]
     return attrs, rest
+
+
+def split_qkv_renamings(transformers_dir: Path | None, keys: list[str], q: str, k: str, v: str,
+                        packed: str) -> list[tuple[str, str]]:
+    """A checkpoint that stores q, k and v as one tensor which transformers splits when loading
+    (`WeightConverter(source_patterns="query_key_value", target_patterns=["q_proj", "k_proj",
+    "v_proj"], operations=[Split(dim=0)])`: rows in that order, each as many as its target has):
+    the engine's packed q/k/v projection loads exactly that tensor as a whole (its loader splits it
+    by the q, k and v sizes), so the tensor is renamed to it. Only this exact form is read."""
+    out: list[tuple[str, str]] = []
+    for call in _conversion_entries(transformers_dir, keys):
+        if getattr(call.func, "id", None) != "WeightConverter":
+            continue
+        kw = {a.arg: a.value for a in call.keywords}
+        ops = kw.get("operations")
+        sources, targets = _strings(kw.get("source_patterns")), _strings(kw.get("target_patterns"))
+        if not (isinstance(ops, ast.List) and len(ops.elts) == 1 and isinstance(op := ops.elts[0], ast.Call)
+                and getattr(op.func, "id", None) == "Split" and _split_dim(op) == 0):
+            continue
+        if targets == [q, k, v] and len(sources) == 1 and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sources[0]):
+            out.append((rf"\.{sources[0]}\.", f".{packed}."))
+    return out
+
+
+def _split_dim(op: ast.Call) -> int | None:
+    dims = [a for a in op.args] + [k.value for k in op.keywords if k.arg == "dim"]
+    if not dims:
+        return 0
+    return dims[0].value if len(dims) == 1 and isinstance(dims[0], ast.Constant) else None

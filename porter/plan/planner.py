@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.checkpoint_names import module_renamings, weight_renamings
+from porter.analysis.checkpoint_names import module_renamings, split_qkv_renamings, weight_renamings
 from porter.analysis.ssm import checkpoint_renames as ssm_checkpoint_renames
 from porter.analysis.ssm import find_mamba2_mixers
 from porter.analysis.config_source import causal_lm_model_type, config_class_for_type, config_default
@@ -254,6 +254,11 @@ class Planner(AttentionPlanning):
         if (text := causal_lm_model_type(origin, plan.causal_lm)) and text not in keys:
             keys.append(text)  # the text model of a multimodal family (aria_text) is saved under its own type
         plan.module_renames, plan.checkpoint_renames = module_renamings(weight_renamings(root, keys))
+        # q, k, v stored as one tensor transformers splits when loading: the packed projection loads it whole
+        for a in plan.attentions:
+            if not a.packed:
+                plan.checkpoint_renames += [r for r in split_qkv_renamings(root, keys, a.q, a.k, a.v, "qkv_proj")
+                                            if r not in plan.checkpoint_renames]
         # `.mixer.A_log` -> the engine layer's `.mixer.A` (its loader stores -exp of it)
         plan.checkpoint_renames = [*plan.checkpoint_renames, *ssm_checkpoint_renames(plan.ssm)]
         if plan.moes:
