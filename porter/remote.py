@@ -197,6 +197,28 @@ def check_config_class(modeling: Path, config: Path | None, causal_lm: str) -> t
     return cls, model_type
 
 
+def _json_line(path: Path, key: str) -> int | None:
+    """The line of config.json where KEY is first written (for the diagnostic)."""
+    needle = json.dumps(key) + ":"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return next((i for i, ln in enumerate(lines, 1) if needle in ln.replace('" :', '":')), None)
+
+
+def check_repo_config(folder: Path, causal_lm: str, config_cls: str, model_type: str) -> None:
+    """config.json agrees with the config class the causal LM takes: auto_map['AutoConfig'] names
+    that class, and a model_type it records is the class's (else transformers would build another)."""
+    path = folder / "config.json"
+    named = _auto_map(folder).get("AutoConfig", "").rpartition(".")[2]
+    if named and named != config_cls:
+        raise PorterError(f"auto_map['AutoConfig'] names {named}, but {causal_lm} takes config class {config_cls}",
+                          file=str(path), line=_json_line(path, "AutoConfig"), construct="auto_map")
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    written = data.get("model_type") if isinstance(data, dict) else None
+    if written is not None and written != model_type:
+        raise PorterError(f"config.json's model_type {written!r} is not {config_cls}'s {model_type!r}",
+                          file=str(path), line=_json_line(path, "model_type"), construct="model_type")
+
+
 def _config_class_attr(modeling: Path) -> str | None:
     tree = ast.parse(modeling.read_text(encoding="utf-8"))
     for node in ast.walk(tree):

@@ -134,7 +134,8 @@ def resolve_repo(folder: Path, *, config: str | None, version: str) -> Source:
         check_syntax(read_python(path), str(path))
         remote.check_module(path, folder)
     causal_lm = remote.causal_lm_class(files.modeling, files.causal_lm)
-    _, model_type = remote.check_config_class(files.modeling, cfg, causal_lm)
+    config_cls, model_type = remote.check_config_class(files.modeling, cfg, causal_lm)
+    remote.check_repo_config(folder, causal_lm, config_cls, model_type)
     text = read_python(files.modeling)
     return Source(path=files.modeling, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
                   model_type=model_type, rel_path=files.modeling.name, transformers_version=version,

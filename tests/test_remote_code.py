@@ -90,6 +90,12 @@ BAD = {
     "auto_map_class_missing": ({"config.json": ("modeling_qwenlike.QWenLikeLMHeadModel",
                                                 "modeling_qwenlike.QWenLikeForCausalLM")}, MODELING, None,
                                "auto_map names causal LM QWenLikeForCausalLM, which the file does not define"),
+    "auto_map_config_mismatch": ({"config.json": ("configuration_qwenlike.QWenLikeConfig",
+                                                  "configuration_qwenlike.OtherConfig")}, "config.json",
+                                 '"AutoConfig"', "auto_map['AutoConfig'] names OtherConfig, but QWenLikeLMHeadModel "
+                                 "takes config class QWenLikeConfig"),
+    "model_type_mismatch": ({"config.json": ('"model_type": "qwenlike"', '"model_type": "otherlike"')}, "config.json",
+                            '"model_type"', "config.json's model_type 'otherlike' is not QWenLikeConfig's 'qwenlike'"),
     "no_causal_lm": ({MODELING: ("class QWenLikeLMHeadModel(", "class QWenLikeHead(")}, MODELING, None,
                      "no causal LM: no auto_map['AutoModelForCausalLM'] and no *ForCausalLM/*LMHeadModel class"),
 }

@@ -214,10 +214,12 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
     if init is None:
         return
 
-    for node in findall(init, m.Assign()):
-        if len(node.targets) != 1:
+    for node in findall(init, m.Assign() | m.AnnAssign(value=m.DoesNotMatch(None))):
+        # `self.transformer: MPTModel = MPTModel(config)` builds a submodule as a plain assignment does
+        targets = [node.target] if isinstance(node, cst.AnnAssign) else [t.target for t in node.targets]
+        if len(targets) != 1:
             continue
-        attr = self_attr(node.targets[0].target)
+        attr = self_attr(targets[0])
         if attr is None:
             continue
         value = node.value

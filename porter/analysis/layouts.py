@@ -203,8 +203,22 @@ def split_head_size(info: ClassInfo) -> str | None:
     widths = {self_attr(c.args[0].value) for c in findall(fwd, m.Call(func=m.Attribute(attr=m.Name("split"))))  # type: ignore[attr-defined]
               if c.args} - {None} if fwd else set()  # type: ignore[attr-defined]
     if len(heads) != 1 or len(widths) != 1:
-        return None
+        return split_shape_attr(info)
     return f"(self.{widths.pop()} // self.{heads.pop()})"
+
+
+def split_shape_attr(info: ClassInfo) -> str | None:
+    """The per-head size a class names otherwise (ChatGLM's `hidden_size_per_attention_head`): the last
+    of the two `__init__` attributes each head split of forward ends its shape with
+    (`q.view(q.size()[:-1] + (self.heads, self.X))`), when every such split names the same one."""
+    fwd, attrs = info.method("forward"), init_attrs(info)
+    lasts = set()
+    for c in findall(fwd, m.Call(func=m.Attribute(attr=m.Name("view") | m.Name("reshape")))) if fwd else []:
+        for t in findall(c, m.Tuple()):
+            names = [self_attr(e.value) for e in t.elements]  # type: ignore[attr-defined]
+            if len(names) == 2 and all(n in attrs for n in names):
+                lasts.add(names[1])
+    return f"self.{lasts.pop()}" if len(lasts) == 1 else None
 
 
 def local_bindings(fwd: cst.FunctionDef) -> dict[str, cst.BaseExpression]:

@@ -65,6 +65,7 @@ from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
+from porter.passes.plumbing.plain_attribute_assign import PlainAttributeAssign
 from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
 from porter.passes.plumbing.rename_engine_clashes import RenameEngineClashes
 from porter.passes.plumbing.strip_hf_params import StripHfParams
@@ -99,6 +100,7 @@ MODEL: list[type[Rule]] = [
     DropHfImports,
     ModuleListComprehension,  # early: the rules below read a layer list in its comprehension form
     StripDecorators,
+    PlainAttributeAssign,  # early: the rules below read submodule builds as plain assignments
     ReplaceBaseClasses,
     DropCrossAttention,
     LatentAttention,  # early: the engine's MLA layer replaces the whole attention (its rotary, its call)
