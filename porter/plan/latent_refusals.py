@@ -33,13 +33,16 @@ _LATENT_FILE = _ATTN_HEAD + (
 )
 
 LATENT_MODEL_TYPE = Refusal(
-    "cannot port latent attention under model type {model_type!r}: no verified engine MLA path for it "
-    "(the engine's MLA layer serves only the DeepSeek-style model types it lists, and porter lists those "
-    "it verified: rules/hf_strip.yaml latent_attention_model_types)",
+    "cannot port latent attention under model type {model_type!r}: not verified for it (the engine's MLA "
+    "layer serves only the DeepSeek-style model types it lists, other types get ordinary attention over "
+    "the decompressed keys and values; porter lists the types it verified each way: rules/hf_strip.yaml "
+    "latent_attention_model_types, latent_decompressed_model_types)",
     _LATENT_FILE,
-    "<example>:14: cannot port latent attention under model type 'example': no verified engine MLA path "
-    "for it (the engine's MLA layer serves only the DeepSeek-style model types it lists, and porter lists "
-    "those it verified: rules/hf_strip.yaml latent_attention_model_types) in class Attn (rule latent-attention)",
+    "<example>:14: cannot port latent attention under model type 'example': not verified for it (the "
+    "engine's MLA layer serves only the DeepSeek-style model types it lists, other types get ordinary "
+    "attention over the decompressed keys and values; porter lists the types it verified each way: "
+    "rules/hf_strip.yaml latent_attention_model_types, latent_decompressed_model_types) in class Attn "
+    "(rule latent-attention)",
     rule="latent-attention",
     whole_file=True,
 )
