@@ -34,6 +34,7 @@ _STRIP_SCHEMA = {
     "transposed_linears": list,
     "engine_act_and_mul": list,
     "latent_attention_model_types": list,
+    "latent_decompressed_model_types": list,
     "absent_params": list,
     "engine_state_layers": dict,
 }
@@ -96,6 +97,7 @@ class StripTable:
     transposed_linears: frozenset[str] = frozenset()
     engine_act_and_mul: frozenset[str] = frozenset()
     latent_attention_model_types: frozenset[str] = frozenset()  # the engine runs its MLA layer for these
+    latent_decompressed_model_types: frozenset[str] = frozenset()  # ... attention over decompressed k/v for these
     absent_params: frozenset[str] = frozenset()  # stripped inputs a plain generation never gives (None)
     engine_state_layers: dict = field(default_factory=dict)  # model type -> what the engine runs of its state layer
 
@@ -119,6 +121,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
     path = rules_dir / "hf_strip.yaml"
     data = _load("hf_strip.yaml", rules_dir)
     data.setdefault("latent_attention_model_types", [])
+    data.setdefault("latent_decompressed_model_types", [])
     data.setdefault("absent_params", [])
     data.setdefault("engine_state_layers", {})
     _check(data, _STRIP_SCHEMA, path)
@@ -140,6 +143,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         transposed_linears=frozenset(data["transposed_linears"]),
         engine_act_and_mul=frozenset(data["engine_act_and_mul"]),
         latent_attention_model_types=frozenset(data["latent_attention_model_types"]),
+        latent_decompressed_model_types=frozenset(data["latent_decompressed_model_types"]),
         absent_params=frozenset(data["absent_params"]),
         engine_state_layers=dict(data["engine_state_layers"]),
     )

@@ -92,6 +92,17 @@ def test_engine_routing_read_from_the_router():
                    for p in _blocks(m)[1])
 
 
+def test_router_keyed_by_a_config_string_is_read_branch_by_branch():
+    # issue 25: DeepSeek-V2 picks its top-k by `self.topk_method` ("greedy" / "group_limited_greedy",
+    # the latter masking the groups with 0.0, below every softmax score): one grouped top-k whose
+    # groups are the config's where that branch's test holds, one group elsewhere
+    b = _blocks("deepseek_v2")[1][0]
+    grouped = 'config.topk_method == "group_limited_greedy"'
+    assert (b.scoring_func, b.correction_bias, b.renormalize) == ("softmax", None, "False")
+    assert (b.n_group, b.topk_group) == (f"config.n_group if {grouped} else 1", f"config.topk_group if {grouped} else 1")
+    assert b.routed_scaling == "config.routed_scaling_factor" and not b.routing_function
+
+
 def test_router_the_engine_cannot_express_routes_with_its_own_code():
     # a renormalisation clamped below (ernie4_5_moe), a sparsemixer (phimoe), a soft cap on the
     # logits (laguna): the router's own code after the logits is FusedMoE's custom_routing_function

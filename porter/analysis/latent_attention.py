@@ -161,6 +161,7 @@ def _complete(idx, info, fwd, kv_a, kv_norm, kv_b, hidden, sized, norms) -> Late
     o = next((a for a, s in sized.items() if a not in (kv_a, kv_b) and s[1] == hidden), None)
     rest = {a: s for a, s in sized.items() if a not in (kv_a, kv_b, o)}
     q = q_a = q_b = q_norm = None
+    singles = []
     for a, s in rest.items():
         if s[0] != hidden:
             continue
@@ -169,7 +170,10 @@ def _complete(idx, info, fwd, kv_a, kv_norm, kv_b, hidden, sized, norms) -> Late
         if pair is not None and norm is not None:
             q_a, q_b, q_norm = a, pair, norm
         else:
-            q = a
+            singles.append(a)
+    # the query: the one projection of the hidden states whose output forward splits [nope, rope]
+    split = [a for a in singles if (out := _output_of([fwd], a)) and _split_sizes(fwd, out[1])]
+    q = split[0] if len(split) == 1 else None
     query = _output_of([fwd], q_b or q or "")
     q_sizes = _split_sizes(fwd, query[1]) if query else None
     if None in (kv_sizes, v_sizes, q_sizes, o) or (q is None and q_a is None):

@@ -28,7 +28,8 @@ import libcst.matchers as m
 from porter.analysis.cstutil import findall, code, param_names, self_attr, self_call_attr
 from porter.analysis.index import LINEAR_NAMES, ClassInfo, ModelIndex
 from porter.analysis.moe_oai import swigluoai_experts
-from porter.analysis.moe_router import Routing, read_router
+from porter.analysis.moe_branches import read_routing as read_router
+from porter.analysis.moe_router import Routing
 
 
 @dataclass(frozen=True)

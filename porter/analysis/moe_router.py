@@ -94,6 +94,7 @@ class RouterReader:
         self.returns = 0
         self.base_linear: list[cst.BaseExpression] | None = None  # (in, out) of an nn.Linear base class
         self.linear_bias: str | None = None
+        self.branch: int | None = None  # the branch of a keyed if/elif chain read (keyed_branch)
 
     # -- tensors held by the router --------------------------------------------------------
     def _param_dims(self, attr: str | None) -> list[cst.BaseExpression] | None:
@@ -279,8 +280,10 @@ class RouterReader:
         if name == "masked_fill" and recv is not None and recv.kind in ("choice", "scores") and len(node.args) == 2:
             mask = self.value(node.args[0].value)
             fill = node.args[1].value
-            if mask is not None and mask.kind == "not-smask" and m.matches(
-                    fill, m.Call(func=m.Name("float"), args=[m.Arg(m.SimpleString('"-inf"') | m.SimpleString("'-inf'"))])):
+            neg_inf = m.Call(func=m.Name("float"), args=[m.Arg(m.SimpleString('"-inf"') | m.SimpleString("'-inf'"))])
+            # 0 below every softmax / sigmoid score: the kept experts rank first, as with -inf
+            zero = m.Float("0.0") | m.Integer("0") if recv.kind == "scores" else neg_inf
+            if mask is not None and mask.kind == "not-smask" and m.matches(fill, neg_inf | zero):
                 return V("masked", recv, by=mask.of)
             return None
         return None
@@ -379,6 +382,9 @@ class RouterReader:
         if st.orelse is None and m.matches(st.test, training | m.BooleanOperation(left=training, operator=m.And())):
             return  # training only (the engine runs the model in eval mode)
         before = dict(self.env)
+        if (chosen := keyed_branch(st, self.branch)) is not None:
+            self.run(chosen)  # one branch of a keyed chain, read as if it were the only one
+            return
         self.run(st.body.body)  # type: ignore[attr-defined]
         after, self.env = self.env, before
         if st.orelse is not None:
@@ -471,6 +477,37 @@ class RouterReader:
         return self.routing
 
 
+def keyed_tests(st: cst.If) -> list[cst.BaseExpression] | None:
+    """The tests of an `if self.a == "x": ... elif self.a == "y": ...` chain (one attribute against
+    distinct literals, no `else`: one branch runs, or none), or None."""
+    tests, node = [], st
+    while isinstance(node, cst.If):
+        if not m.matches(node.test, m.Comparison(left=m.Attribute(value=m.Name("self")), comparisons=[
+                m.ComparisonTarget(operator=m.Equal(), comparator=m.SimpleString())])):
+            return None
+        tests.append(node.test)
+        node = node.orelse  # type: ignore[assignment]
+    if node is not None or len({code_of(t.left) for t in tests}) != 1 or \
+            len({t.comparisons[0].comparator.value for t in tests}) != len(tests):  # type: ignore[attr-defined]
+        return None
+    return tests
+
+
+def keyed_branch(st: cst.If, branch: int | None) -> list | None:
+    """The statements of branch `branch` of a keyed chain (keyed_tests), or None."""
+    tests = keyed_tests(st)
+    if tests is None or branch is None or not 0 <= branch < len(tests) or len(tests) < 2:
+        return None
+    node = st
+    for _ in range(branch):
+        node = node.orelse  # type: ignore[assignment]
+    return list(node.body.body)  # type: ignore[attr-defined]
+
+
+def code_of(node: cst.CSTNode) -> str:
+    return cst.Module(body=[]).code_for_node(node)
+
+
 _AUG = {cst.DivideAssign: cst.Divide, cst.MultiplyAssign: cst.Multiply}
 
 
@@ -486,7 +523,7 @@ def _all_names(node: cst.CSTNode) -> set[str]:
 
 
 def read_router(info, attrs: dict[str, cst.BaseExpression], linears: dict[str, cst.Call],
-                base_linear: list[cst.BaseExpression] | None = None) -> Routing | None:
+                base_linear: list[cst.BaseExpression] | None = None, branch: int | None = None) -> Routing | None:
     """The routing a router class computes, or None when any step of it is not the engine's.
 
     A router whose steps after the projection are not the engine's (a clamped renormalisation, a
@@ -498,7 +535,7 @@ def read_router(info, attrs: dict[str, cst.BaseExpression], linears: dict[str, c
     if fwd is None:
         return None
     reader = RouterReader(info, attrs, linears)
-    reader.base_linear = base_linear
+    reader.base_linear, reader.branch = base_linear, branch
     routing = reader.read(fwd)
     if routing is not None:
         return routing

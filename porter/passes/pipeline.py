@@ -26,6 +26,7 @@ from porter.passes.attention.fold_query_scale import FoldQueryScale
 from porter.passes.attention.fuse_qkv import FuseQkv
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.latent_attention import LatentAttention
+from porter.passes.attention.latent_decompressed import LatentDecompressed
 from porter.passes.attention.output_attentions_arm import OutputAttentionsArm
 from porter.passes.attention.per_head_scale import PerHeadScale
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
@@ -104,6 +105,7 @@ MODEL: list[type[Rule]] = [
     ReplaceBaseClasses,
     DropCrossAttention,
     LatentAttention,  # early: the engine's MLA layer replaces the whole attention (its rotary, its call)
+    LatentDecompressed,  # ... or ordinary attention over decompressed k/v where the engine has no MLA for the type
     PreferAttentionFunction,
     DropInputChecks,
     ResolveAttentionTable,

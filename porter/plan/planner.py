@@ -28,7 +28,7 @@ from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
 from porter.analysis.latent_attention import latent_attention
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
-from porter.plan import refusals
+from porter.plan import latent_refusals, refusals
 from porter.plan.mask_bias import mask_bias
 from porter.plan.attention import AttentionPlanning
 from porter.plan.facts import derive
@@ -165,7 +165,7 @@ class Planner(AttentionPlanning):
         refusals.table_chosen_classes(self, classes)
         self.classify(plan, classes, lm)
         if lm is not None:
-            refusals.latent_model_type(self, plan)
+            latent_refusals.latent_model_type(self, plan)
         self.rope_orders(plan)
         refusals.rearranged_rope(self, plan)
         kept = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
@@ -237,7 +237,8 @@ class Planner(AttentionPlanning):
                 continue  # fused in the checkpoint too: QKVParallelLinear splits it when loading
             plan.stacked_params += [("qkv_proj", a.q, "q"), ("qkv_proj", a.k, "k"), ("qkv_proj", a.v, "v")]
         for la in plan.latent_attentions:
-            if la.q_a:  # the low-rank query and the KV latent: one replicated projection in the engine
+            if la.q_a and self.model_type not in self.table.latent_decompressed_model_types:
+                # the low-rank query and the KV latent: one replicated projection in the engine's MLA layer
                 plan.stacked_params += [("fused_qkv_a_proj", la.q_a, "0"), ("fused_qkv_a_proj", la.kv_a, "1")]
         for g in plan.gate_ups:
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]

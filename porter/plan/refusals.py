@@ -280,47 +280,6 @@ QKV_NOT_FOUND = Refusal(
     rule="fuse-qkv",
 )
 
-_LATENT_FILE = _ATTN_HEAD + (
-    "class Norm(nn.Module):\n    def __init__(self, n):\n        super().__init__()\n"
-    "        self.weight = nn.Parameter(torch.ones(n))\n\n    def forward(self, x):\n        return self.weight * x\n\n\n"
-    "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
-    "        self.q_proj = nn.Linear(config.hidden_size, config.heads * 96, bias=False)\n"
-    "        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, config.kv_lora_rank + 64, bias=False)\n"
-    "        self.kv_a_layernorm = Norm(config.kv_lora_rank)\n"
-    "        self.kv_b_proj = nn.Linear(config.kv_lora_rank, config.heads * 64, bias=False)\n"
-    "        self.o_proj = nn.Linear(config.heads * 32, config.hidden_size, bias=False)\n\n"
-    "    def forward(self, x, mask):\n        q = self.q_proj(x)\n"
-    "        q_pass, q_rot = torch.split(q, [32, 64], dim=-1)\n        c = self.kv_a_proj_with_mqa(x)\n"
-    "        kv, k_rot = torch.split(c, [config.kv_lora_rank, 64], dim=-1)\n"
-    "        kv = self.kv_b_proj(self.kv_a_layernorm(kv))\n        k, v = torch.split(kv, [32, 32], dim=-1)\n"
-    "        out, _ = attention_interface(self, q, k, v, mask, scaling=0.1)\n        return self.o_proj(out)\n\n\n"
-    "class Model(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
-    "        self.attn = Attn(config)\n\n\n"
-    "class XForCausalLM(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
-    "        self.model = Model(config)\n        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)\n"
-)
-
-LATENT_MODEL_TYPE = Refusal(
-    "cannot port latent attention under model type {model_type!r}: no verified engine MLA path for it "
-    "(the engine's MLA layer serves only the DeepSeek-style model types it lists, and porter lists those "
-    "it verified: rules/hf_strip.yaml latent_attention_model_types)",
-    _LATENT_FILE,
-    "<example>:14: cannot port latent attention under model type 'example': no verified engine MLA path "
-    "for it (the engine's MLA layer serves only the DeepSeek-style model types it lists, and porter lists "
-    "those it verified: rules/hf_strip.yaml latent_attention_model_types) in class Attn (rule latent-attention)",
-    rule="latent-attention",
-    whole_file=True,
-)
-
-
-def latent_model_type(p: Planner, plan: PortPlan) -> None:
-    """Latent attention only where the engine builds its MLA cache for the checkpoint's model type."""
-    for la in plan.latent_attentions:
-        if p.model_type not in p.table.latent_attention_model_types:
-            info = p.idx.classes[la.cls]
-            raise LATENT_MODEL_TYPE.error(p, info.node, f"class {la.cls}", model_type=p.model_type)
-
-
 PACKED_NOT_SLICED = Refusal(
     "cannot port attention: one q/k/v projection, but its output "
     "is not sliced into q, k, v by head counts",

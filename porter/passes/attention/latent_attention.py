@@ -178,7 +178,7 @@ class LatentAttention(Rule):
 
     @classmethod
     def applies(cls, ctx) -> bool:
-        return bool(ctx.plan.latent_attentions)
+        return bool(ctx.plan.latent_attentions) and ctx.plan.model_type not in ctx.table.latent_decompressed_model_types
 
     def leave_ClassDef(self, original, updated):
         la = self.plan.latent_attention(original.name.value)
@@ -189,7 +189,7 @@ class LatentAttention(Rule):
         fwd = next(f for f in updated.body.body if m.matches(f, m.FunctionDef(name=m.Name("forward"))))
         self.ctx.single_return.add(la.cls)
         self.ctx.needs_positions.add(la.cls)
-        body = [self._init(la, init, fwd), self._forward(fwd)]  # (HF's helper methods go: the engine's layer computes)
+        body = [self._init(la, init, fwd), self._forward(la, fwd)]  # (HF's helper methods go: the engine's layer computes)
         return updated.with_changes(body=updated.body.with_changes(body=body))
 
     def _init(self, la: Latent, init: cst.FunctionDef, fwd: cst.FunctionDef) -> cst.FunctionDef:
@@ -246,7 +246,8 @@ class LatentAttention(Rule):
                 f"self.{la.kv_b} = {_linear(col, *self._args(calls[la.kv_b]), la.kv_b)}",
                 f"self.{la.o} = {_linear(row, *self._args(calls[la.o]), la.o)}"]
 
-    def _layer(self, la: Latent, fwd: cst.FunctionDef) -> list[str]:
+    def _scale(self, la: Latent, fwd: cst.FunctionDef) -> str:
+        """The softmax scale HF's forward hands its attention call."""
         names = attention_call_names(self.ctx.idx)
         call = next((c for c in findall(fwd, m.Call()) if dotted(c.func) in names), None)  # type: ignore[attr-defined]
         scale = next((code(a.value) for a in call.args if a.keyword and a.keyword.value == "scaling"), None) \
@@ -254,6 +255,19 @@ class LatentAttention(Rule):
         if scale is None:
             raise self.ctx.idx.error(f"cannot port latent attention: no softmax scale passed in {la.cls}.forward",
                                      fwd, rule=self.name)
+        return scale
+
+    def _rope(self, la: Latent) -> list[str]:
+        return [
+            'if config.rope_parameters["rope_type"] == "yarn":\n'
+            "    # YaRN with DeepSeek's mscale ratio on cos/sin, as the engine's DeepSeek-V2 port builds it\n"
+            '    config.rope_parameters["rope_type"] = "deepseek_yarn"',
+            f"self.rotary_emb = {self.ctx.use('get_rope')}({la.rope_dim}, max_position=config.max_position_embeddings, "
+            f"rope_parameters=config.rope_parameters, is_neox_style={la.neox})",
+        ]
+
+    def _layer(self, la: Latent, fwd: cst.FunctionDef) -> list[str]:
+        scale = self._scale(la, fwd)
         q_lora = la.q_lora if la.q_a else "None"
         tp = self.ctx.use("get_tensor_model_parallel_world_size")
         mods = ", ".join(f"{k}=self.{v}" if v else f"{k}=None" for k, v in (
@@ -261,18 +275,14 @@ class LatentAttention(Rule):
             ("fused_qkv_a_proj", "fused_qkv_a_proj"), ("kv_a_proj_with_mqa", la.kv_a),
             ("q_a_layernorm", la.q_norm), ("q_b_proj", la.q_b), ("q_proj", la.q)))
         return [
-            'if config.rope_parameters["rope_type"] == "yarn":\n'
-            "    # YaRN with DeepSeek's mscale ratio on cos/sin, as the engine's DeepSeek-V2 port builds it\n"
-            '    config.rope_parameters["rope_type"] = "deepseek_yarn"',
-            f"self.rotary_emb = {self.ctx.use('get_rope')}({la.rope_dim}, max_position=config.max_position_embeddings, "
-            f"rope_parameters=config.rope_parameters, is_neox_style={la.neox})",
+            *self._rope(la),
             f"self.mla_attn = {self.ctx.use('MultiHeadLatentAttentionWrapper')}({la.hidden}, {la.heads} // {tp}(), "
             f"{scale}, {la.nope_dim}, {la.rope_dim}, {la.v_dim}, {q_lora}, {la.kv_lora}, "
             f"{self.ctx.use('MLAModules')}({mods}, indexer=None, is_sparse=False, topk_indices_buffer=None), "
             "cache_config=cache_config, quant_config=quant_config, prefix=prefix)",
         ]
 
-    def _forward(self, fwd: cst.FunctionDef) -> cst.FunctionDef:
+    def _forward(self, la: Latent, fwd: cst.FunctionDef) -> cst.FunctionDef:
         x = fwd.params.params[1].name.value
         new = cst.parse_statement(
             f"def forward(self, {x}: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:\n"

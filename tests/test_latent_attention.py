@@ -1,0 +1,47 @@
+"""Issue 25: multi-head latent attention beyond what the engine's MLA layer computes is refused
+naming what it also uses; the read of the latent parts picks the query by its split."""
+
+from __future__ import annotations
+
+import pytest
+
+from porter.analysis.index import build_index, parse
+from porter.analysis.latent_attention import latent_attention
+from porter.analysis.latent_extras import latent_extras
+from porter.source import resolve
+
+
+def _latent(model_type: str):
+    src = resolve(model_type)
+    idx = build_index(parse(src.text, str(src.path)), str(src.path), src.text)
+    found = [(info, la) for info in idx.classes.values() if (la := latent_attention(idx, info)) is not None]
+    assert len(found) == 1
+    return found[0]
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "glm4_moe_lite", "axk1", "minicpm3", "youtu"])
+def test_mla_layer_computes_all_of_the_deepseek_family(model_type):
+    info, la = _latent(model_type)
+    assert latent_extras(info, la) == []
+    assert la.q_a == "q_a_proj" and la.kv_a == "kv_a_proj_with_mqa" and la.kv_b == "kv_b_proj"
+
+
+def test_gate_indexer_and_sinks_are_named_not_read_as_the_query():
+    # hy_v4's gate_proj is a projection of the hidden states too: it is not split [nope, rope], so not
+    # the query; its indexer's output reaches `indices=` (sparse attention)
+    info, la = _latent("hy_v4")
+    assert la.q is None and la.q_a == "q_a_proj"
+    extras = latent_extras(info, la)
+    assert "module self.gate_proj" in extras and "parameter self.sinks" in extras
+    assert any(e.startswith("module self.indexer whose output selects the keys") and
+               "'Sparse Attention is not supported on CPU'" in e for e in extras)
+
+
+def test_rescaled_latents_are_named(tmp_path):
+    from conftest import run_porter
+
+    proc = run_porter("convert", "longcat_flash", "--out", str(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "modeling_longcat_flash.py:" in proc.stderr and "(rule latent-attention)" in proc.stderr
+    assert "the scale `k_pass * self.mla_scale_kv_lora`" in proc.stderr
+    assert not any(tmp_path.iterdir())
