@@ -65,6 +65,10 @@ REFUSED = {
     # `shared_kv_states` (besides AltUp's stacked hidden states and the per-layer inputs)
     "gemma3n_text": ("modeling_gemma3n.py", "Gemma3nTextAttention.forward",
                      "keys and values taken from another layer"),
+    # the same for gemma4's shared KV layers (its v also the k in full layers, attention_k_eq_v):
+    # named before the q/k/v origins, which the shared arm leaves ambiguous
+    "gemma4_text": ("modeling_gemma4.py", "Gemma4TextAttention.forward",
+                    "keys and values taken from another layer"),
 }
 
 

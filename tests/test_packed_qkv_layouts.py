@@ -130,8 +130,8 @@ _ONE = "q, k, v = fused.split([self.num_heads, 1, 1], dim=-2)"
     ("g = fused.view(*input_shape, self.num_kv_heads, -1, self.head_dim)\n"
      "            q = g[..., :-2, :].flatten(-3, -2)\n"
      "            v, k = g[..., -2, :], g[..., -1, :]", _ONE, None),
-    # [q; k; v] cut by head counts in every arm: the split by sizes, not a grouped layout
-    ("q, k, v = fused.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)", _ONE, None),
+    # [q; k; v] cut by head counts in every arm: flat (the engine's own packing), not grouped
+    ("q, k, v = fused.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)", _ONE, "flat"),
     # q heads taken from the wrong end: no layout
     (_G, "q, k, v = fused[..., 2:, :], fused[..., :1, :], fused[..., 1:2, :]", None),
 ])
@@ -145,7 +145,10 @@ def test_grouped_layout_is_what_forward_computes(grouped, one, heads):
     call = cst.parse_expression("attention_interface(self, q, k, v, None)")
     layout = fused_layout(info, "qkv", call, "self.head_dim",
                           ("config.hidden_size", "(self.num_heads + 2 * self.num_kv_heads) * self.head_dim"))
-    assert (layout.num_heads if layout else None) == heads
+    if heads == "flat":
+        assert layout is not None and (layout.kind, layout.num_heads) == ("flat", "self.num_heads")
+    else:
+        assert (layout.num_heads if layout else None) == heads and (layout is None or layout.kind == "grouped")
     assert layout is None or (layout.names == ("q", "k", "v") and layout.out_name == "fused")
 
 
@@ -228,3 +231,27 @@ def test_grouped_regroup_in_load_weights_gives_hf_split_heads_q_k_v(layout):
     per = hk.shape[2] // kv
     torch.testing.assert_close(k, hk[:, :, ::per].reshape(1, 5, -1))
     torch.testing.assert_close(v, hv[:, :, ::per].reshape(1, 5, -1))
+
+
+def test_ergo_fused_projection_split_by_head_counts_is_flat(tmp_path):
+    """ergo (5.25) views its one q/k/v projection to heads and splits it by head counts on the
+    head axis: read by interpretation as flat [q; k; v] (the engine's packing), with its query
+    heads the config's own (the attention holds no heads count); convert then stops further on
+    (its NoPE layers' rotary), not at the q/k/v split."""
+    from conftest import run_porter
+    from porter.analysis.index import build_index, parse
+    from porter.analysis.layouts import linear_args
+    from porter.analysis.qkv_layout import fused_layout
+    from porter.source import transformers_tree
+    import libcst as cst
+
+    path = transformers_tree("5.25.0") / "models" / "ergo" / "modeling_ergo.py"
+    text = path.read_text()
+    info = build_index(parse(text, str(path)), str(path), text).classes["ErgoAttention"]
+    in_f, out_f, _ = linear_args(info.submodules["qkv_proj"].call)
+    call = cst.parse_expression("attention_interface(self, query_states, key_states, value_states, None)")
+    layout = fused_layout(info, "qkv_proj", call, "self.head_dim", (in_f, out_f))
+    assert layout is not None and (layout.kind, layout.num_heads) == ("flat", "self.config.num_attention_heads")
+    assert layout.out_name == "qkv_states" and layout.names == ("query_states", "key_states", "value_states")
+    proc = run_porter("convert", "ergo", "--transformers", "5.25.0", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "(rule fuse-qkv)" not in proc.stderr, proc.stderr

@@ -375,4 +375,12 @@ def per_expert_loop(info: ClassInfo) -> bool:
     if fwd is None or not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("index_add_")))):
         return False
     shapes = [s for v in _init_attrs(info).values() if (s := _param_shape(v)) is not None]
-    return [len(s) for s in shapes].count(3) >= 2  # (torch.empty((E, I, H)) read as its three dims)
+    if [len(s) for s in shapes].count(3) >= 2:  # (torch.empty((E, I, H)) read as its three dims)
+        return True
+    # dbrx: the experts' weights held flat, (E * I, H), by a module inside, and read per expert
+    # as `self.mlp.w1.view(-1, I, H)[e]` in a loop summing with `index_add_`
+    per_expert_view = m.Subscript(value=m.Call(func=m.Attribute(
+        value=m.Attribute(value=m.Attribute(value=m.Name("self")) | m.Name("self")),
+        attr=m.Name("view") | m.Name("reshape"))))
+    return any(findall(loop, m.Call(func=m.Attribute(attr=m.Name("index_add_"))))
+               and len(findall(loop, per_expert_view)) >= 2 for loop in findall(fwd, m.For()))

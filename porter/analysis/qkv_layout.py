@@ -38,7 +38,7 @@ CHAINS = ((2, 3, 2, 2, 3, 2, 2, 3), (3, 2, 2, 3, 2, 2, 3, 2))  # factors from th
 
 @dataclass(frozen=True)
 class FusedLayout:
-    kind: str  # "grouped"
+    kind: str  # "grouped" or "flat"
     num_heads: str  # the `self.` attribute holding the total query heads in every world
     helpers: tuple[str, ...]  # methods of the class the split runs (they go with it)
     first: int  # forward's top-level statement binding the projection's output
@@ -55,6 +55,7 @@ class _World:
     attrs: dict[str, object]
     trace: list[dict]
     called: tuple[str, ...]
+    ints: dict[str, int]  # the config's sizes in this world
 
 
 class _Config:
@@ -231,7 +232,8 @@ def _world(info: ClassInfo, attr: str, names: list[str], head_dim: str, linear: 
     k, v = _distinct_heads(k, heads), _distinct_heads(v, heads)
     if k is None or v is None:
         raise Unknown("k/v heads are not grouped as GQA repeats them")
-    return _World((q, k, v), out_f, dict(run.attrs), trace, tuple(dict.fromkeys(run.interp.called)))
+    return _World((q, k, v), out_f, dict(run.attrs), trace, tuple(dict.fromkeys(run.interp.called)),
+                  dict(config.ints))
 
 
 def _worlds(info: ClassInfo, attr: str, names: list[str], head_dim: str, linear: tuple[str, str],
@@ -270,6 +272,10 @@ def _heads_attr(info: ClassInfo, worlds: list[_World]) -> str | None:
     for name in init_attrs(info):
         if all(w.attrs.get(name) == w.rows[0].shape[0] and not isinstance(w.attrs.get(name), bool) for w in worlds):
             return f"self.{name}"
+    # else the config's own size, read through the config the attention holds (ergo)
+    for name in worlds[0].ints:
+        if all("config" in w.attrs and w.ints.get(name) == w.rows[0].shape[0] for w in worlds):
+            return f"self.config.{name}"
     return None
 
 
@@ -330,8 +336,11 @@ def _fused_layout(info: ClassInfo, attr: str, call: cst.Call, head_dim: str,
     worlds = [w for r in runs for w in r]  # type: ignore[union-attr]
     d_of = [w.rows[0].shape[1] for w in worlds]
     kinds = [_grouped(w, d) for w, d in zip(worlds, d_of)]
-    if not all(g for g, _ in kinds) or all(f for _, f in kinds):
-        return None  # not grouped in some world, or flat [q; k; v] in all (the split by sizes)
+    # grouped per KV head in every world (Falcon), or flat [q; k; v] in every world however the
+    # code splits it (ergo: a view to heads split by head counts)
+    kind = "flat" if all(f for _, f in kinds) else "grouped" if all(g for g, _ in kinds) else None
+    if kind is None:
+        return None
     heads = _heads_attr(info, worlds)
     region = _region(worlds)
     if heads is None or region is None:
@@ -343,7 +352,7 @@ def _fused_layout(info: ClassInfo, attr: str, call: cst.Call, head_dim: str,
     if m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
         out_name = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
     helpers = tuple(dict.fromkeys(h for w in worlds for h in w.called))
-    return FusedLayout("grouped", heads, helpers, first, last, chain, out_name, qkv_names)
+    return FusedLayout(kind, heads, helpers, first, last, chain, out_name, qkv_names)
 
 
 def describe(layout: FusedLayout, fwd: cst.FunctionDef) -> str:

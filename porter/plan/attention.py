@@ -53,7 +53,7 @@ class AttentionPlanning:
             per = code(node.left) if three[1] else code(node.right) if three[0] else f"({out_f}) // 3"  # type: ignore[attr-defined]
             heads = heads_of(per, head_size_attr(info))
             return interleaved, grouped, (blocked.blocks, *blocked.slots) if blocked else None, (heads, heads)
-        sizes = self.packed_qkv_sizes(info, qkv[0])
+        sizes = self.packed_qkv_sizes(info, qkv[0]) or self.grouped_sizes(info, qkv[0], call, kind="flat")
         if sizes is None:
             raise refusals.PACKED_NOT_SLICED.error(self, call, f"{info.name}.forward")  # type: ignore[arg-type]
         return interleaved, grouped, None, sizes
@@ -90,13 +90,14 @@ class AttentionPlanning:
         kv_size = code(upper.right)
         return heads_of(q_size, "self.head_dim"), heads_of(kv_size, "self.head_dim")
 
-    def grouped_sizes(self, info: ClassInfo, attr: str, call: cst.Call) -> tuple[str, str] | None:
-        """Heads and KV heads of a packed projection grouped per KV head, as forward computes it
+    def grouped_sizes(self, info: ClassInfo, attr: str, call: cst.Call, kind: str = "grouped") -> tuple[str, str] | None:
+        """Heads and KV heads of a packed projection grouped per KV head (or flat [q; k; v] split
+        other than by slices or sizes: KIND "flat"), as forward computes it
         (porter/analysis/qkv_layout.py): the KV heads from its width, H + 2 * KV heads of head_dim."""
         hd = head_size_attr(info)
         in_f, out_f, _ = linear_args(info.submodules[attr].call)
         layout = fused_layout(info, attr, call, hd, (in_f, out_f))
-        if layout is None or layout.kind != "grouped":
+        if layout is None or layout.kind != kind:
             return None
         out = out_f if isinstance(cst.parse_expression(out_f), (cst.Name, cst.Attribute)) else f"({out_f})"
         return layout.num_heads, f"({out} // {hd} - {layout.num_heads}) // 2"

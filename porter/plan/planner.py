@@ -376,7 +376,8 @@ class Planner(AttentionPlanning):
         qkv = []
         for origins in per_arg[1:4]:
             src = sorted(origins & lin)
-            if len(src) != 1:
+            if len(src) != 1:  # (k/v handed in from another layer (gemma4) say so first)
+                refusals.shared_kv(self, info, info.method("forward"))  # type: ignore[arg-type]
                 raise refusals.QKV_NOT_FOUND.error(self, call, f"{info.name}.forward")
             qkv.append(src[0])
         packed = len(set(qkv)) == 1

@@ -46,7 +46,9 @@ class FuseQkv(Rule):
         "(`[kv_heads, q_per_kv + 2, head_dim]`: q slots, then one k and one v) in every config arm, "
         "read from what forward computes on index arrays, however it is spelled (Falcon's three "
         "layouts, in a helper or inline: porter/analysis/qkv_layout.py); the statements computing "
-        "the split go; its KV heads are read from the projection's width (H + 2 * KV heads of head_dim). So is one in blocks "
+        "the split go; its KV heads are read from the projection's width (H + 2 * KV heads of head_dim). So is one "
+        "found flat [q; k; v] that way but split otherwise than by slices or sizes (ergo: viewed to heads, split "
+        "by head counts): the engine's packing, no regrouping. So is one in blocks "
         "(CodeGen's `mp_num`: each block one slice of q, v and k, porter/analysis/blocked_qkv.py)."
     )
     examples = [
@@ -234,6 +236,28 @@ class FuseQkv(Rule):
             '        out, _ = attention_interface(self, q, k, v, None)\n'
             '        return out\n',
         ),
+        Example(  # flat [q; k; v] viewed to heads and split by head counts (ergo): the split by sizes
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.config = config\n        self.head_dim = config.head_dim\n"
+            "        self.qkv = nn.Linear(config.hidden_size, (config.num_heads + 2 * config.num_kv_heads) * self.head_dim)\n\n"
+            "    def forward(self, x):\n        input_shape = x.shape[:-1]\n"
+            "        fused = self.qkv(x).view(*input_shape, -1, self.head_dim)\n"
+            "        kv = self.config.num_kv_heads\n"
+            "        q, k, v = fused.split((self.config.num_heads, kv, kv), dim=-2)\n"
+            "        out, _ = attention_interface(self, q, k, v, None)\n        return out\n",
+            "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.config = config\n        self.head_dim = config.head_dim\n"
+            "        self.qkv = QKVParallelLinear(config.hidden_size, self.head_dim, self.config.num_heads, "
+            "(((config.num_heads + 2 * config.num_kv_heads) * self.head_dim) // self.head_dim - self.config.num_heads) // 2, "
+            'bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv")\n'
+            "        self.q_size = self.qkv.num_heads * self.head_dim\n"
+            "        self.kv_size = self.qkv.num_kv_heads * self.head_dim\n\n"
+            "    def forward(self, x):\n        input_shape = x.shape[:-1]\n"
+            "        fused, _ = self.qkv(x)\n"
+            "        kv = self.config.num_kv_heads\n"
+            "        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
+            "        out, _ = attention_interface(self, q, k, v, None)\n        return out\n",
+        ),
         # must leave unchanged: projections named q/k/v that do not feed an attention call
         # are not fused (roles come from dataflow, not names)
         Example(_UNCHANGED_PT023, _UNCHANGED_PT023),
@@ -341,6 +365,10 @@ class FuseQkv(Rule):
                     placed = True
                 continue
             body.append(st)
+        if not placed and (layout := self._layout(attn)) is not None and layout.kind == "flat":
+            # [q; k; v] as the engine packs it, split some other way (a view to heads split by
+            # head counts): the statements computing the split go, as for a grouped layout
+            return self._forward_grouped(attn, fn)
         if not placed:
             raise self.ctx.idx.error("cannot port attention: packed q/k/v slices not found in forward",
                                      construct=f"{attn.cls}.forward", rule=self.name)
