@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, findall, loop_module, names_in, param_names, self_attr
+from porter.analysis.cstutil import assigned_names, code, findall, loop_module, names_in, param_names, self_attr
 from porter.analysis.index import ClassInfo, ModelIndex
 
 
@@ -126,7 +126,7 @@ def _by_layer_type(idx: ModelIndex, info: ClassInfo, local: dict[str, cst.BaseEx
     rope_parameters of its key."""
     if not m.matches(arg, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index())])):
         return None
-    comp = local.get(arg.value.value)  # type: ignore[attr-defined]
+    comp = local.get(arg.value.value) or _filled_by_loop(info.method("forward"), arg.value.value)  # type: ignore[attr-defined]
     rotary = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name()))
     if not m.matches(comp, m.DictComp(key=m.Name(), value=m.IfExp(body=rotary, orelse=m.Name("None")),
                                       for_in=m.CompFor(target=m.Name(), ifs=[], inner_for_in=None))):
@@ -146,6 +146,64 @@ def _by_layer_type(idx: ModelIndex, info: ClassInfo, local: dict[str, cst.BaseEx
     if not names_in(when) <= {"config", "layer_idx", "None"} or not names_in(key) <= {"config", "layer_idx"}:
         return None
     return LayerRope(code(when), f"config.rope_parameters[{code(key)}]", info.name, ())
+
+
+def _filled_by_loop(fwd: cst.FunctionDef | None, name: str) -> cst.DictComp | None:
+    """`NAME = {}` (alone or in a tuple of empty dicts) and then one loop `for t in ITER:` whose
+    `if TEST: ... else: ...` sets `NAME[t]` once in each arm, to None in one and to a value in the
+    other, and NAME nowhere else: the same dict as `{t: (VALUE if not TEST else None) for t in ITER}`
+    (the test negated exactly: `is` / `is not`, `==` / `!=`, else `not (...)`)."""
+    if fwd is None:
+        return None
+    item = m.Subscript(value=m.Name(name), slice=[m.SubscriptElement(m.Index(m.Name()))])
+    sets = findall(fwd, m.Assign(targets=[m.AssignTarget(item)]))
+    binds = [a for a in findall(fwd, m.Assign()) if name in {n for t in a.targets  # type: ignore[attr-defined]
+                                                           for n in assigned_names(t.target)}]
+    if len(sets) != 2 or len(binds) != 1 or not _empty_dict_for(binds[0], name):
+        return None
+    loops = [f for f in findall(fwd, m.For(target=m.Name(), orelse=None)) if sets[0] in findall(f, m.Assign())]
+    if len(loops) != 1 or not all(s in findall(loops[0], m.Assign()) for s in sets):
+        return None
+    loop = loops[0]
+    t = loop.target.value  # type: ignore[attr-defined]
+    arms = [st for st in loop.body.body if isinstance(st, cst.If)]  # type: ignore[attr-defined]
+    if len(arms) != 1 or not isinstance(arms[0].orelse, cst.Else):
+        return None
+    branch = arms[0]
+    values = []
+    for block in (branch.body, branch.orelse.body):  # type: ignore[union-attr]
+        got = [a for a in findall(block, m.Assign(targets=[m.AssignTarget(item)])) if a in sets]
+        if len(got) != 1 or got[0].targets[0].target.slice[0].slice.value.value != t:  # type: ignore[attr-defined]
+            return None
+        values.append(got[0].value)  # type: ignore[attr-defined]
+    if m.matches(values[0], m.Name("None")):
+        test, value = _negated(branch.test), values[1]
+    elif m.matches(values[1], m.Name("None")):
+        test, value = branch.test, values[0]
+    else:
+        return None
+    return cst.DictComp(key=cst.Name(t), value=cst.IfExp(test=test, body=value, orelse=cst.Name("None")),
+                        for_in=cst.CompFor(target=cst.Name(t), iter=loop.iter))
+
+
+def _empty_dict_for(assign: cst.Assign, name: str) -> bool:
+    """`NAME = {}`, or `..., NAME, ... = ..., {}, ...` (the element at NAME's place an empty dict)."""
+    target, value = assign.targets[0].target, assign.value
+    if isinstance(target, cst.Name):
+        return m.matches(value, m.Dict(elements=[]))
+    if isinstance(target, cst.Tuple) and isinstance(value, cst.Tuple) and len(target.elements) == len(value.elements):
+        return any(m.matches(te.value, m.Name(name)) and m.matches(ve.value, m.Dict(elements=[]))
+                   for te, ve in zip(target.elements, value.elements))
+    return False
+
+
+def _negated(test: cst.BaseExpression) -> cst.BaseExpression:
+    flips = {cst.Is: cst.IsNot, cst.IsNot: cst.Is, cst.Equal: cst.NotEqual, cst.NotEqual: cst.Equal}
+    if isinstance(test, cst.Comparison) and len(test.comparisons) == 1 and type(test.comparisons[0].operator) in flips:
+        op = flips[type(test.comparisons[0].operator)]()
+        return test.with_changes(comparisons=[test.comparisons[0].with_changes(operator=op)])
+    return cst.UnaryOperation(operator=cst.Not(), expression=test.with_changes(
+        lpar=[cst.LeftParen()], rpar=[cst.RightParen()]))
 
 
 class _Rename(cst.CSTTransformer):

@@ -193,8 +193,8 @@ class MoeFinder:
             return swigluoai_experts(info, three_d, two_d)
         gate_up = None
         transposed = False
-        for call in findall(fwd, m.Call(func=m.Attribute(value=m.Call(), attr=m.Name("chunk")))):
-            inner = call.func.value  # type: ignore[attr-defined]
+        chunked = [c.func.value for c in findall(fwd, m.Call(func=m.Attribute(value=m.Call(), attr=m.Name("chunk"))))]  # type: ignore[attr-defined]
+        for inner in chunked + _chunked_by_method(info, fwd):
             for a in inner.args:
                 if m.matches(a.value, m.Subscript()) and self_attr(a.value.value) in three_d:
                     gate_up = self_attr(a.value.value)
@@ -300,6 +300,23 @@ class MoeFinder:
             expert_bias=e.get("bias", []),
             swiglu=[_resolve(c, e_cls, e_sub.call) for c in e.get("swiglu", [])],
         )
+
+
+def _chunked_by_method(info: ClassInfo, fwd: cst.FunctionDef) -> list[cst.Call]:
+    """`self.M(CALL)` where the class's method M chunks its one argument in two (`g, u =
+    x.chunk(2, dim=-1)`) and returns the product of the activation of one half and the other
+    (BeamExperts' `_apply_gate`, casts aside): CALL is the product the experts chunk."""
+    out = []
+    for call in findall(fwd, m.Call(func=m.Attribute(value=m.Name("self")), args=[m.Arg(m.Call(), keyword=None)])):
+        method = info.method(self_attr(call.func) or "")  # type: ignore[attr-defined]
+        params = [p for p in param_names(method) if p != "self"] if method else []
+        if len(params) != 1 or not findall(method, m.Call(func=m.Attribute(  # type: ignore[arg-type]
+                value=m.Name(params[0]), attr=m.Name("chunk")), args=[m.Arg(m.Integer("2")), m.ZeroOrMore()])):
+            continue
+        if findall(method, m.BinaryOperation(operator=m.Multiply(), left=m.Call(  # type: ignore[arg-type]
+                func=m.Attribute(value=m.Name("self"))))):
+            out.append(call.args[0].value)  # type: ignore[attr-defined]
+    return out
 
 
 def _block_bias(info: ClassInfo, r: Routing, call: cst.Call) -> str | None:

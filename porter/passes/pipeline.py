@@ -28,6 +28,7 @@ from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.latent_attention import LatentAttention
 from porter.passes.attention.latent_decompressed import LatentDecompressed
 from porter.passes.attention.output_attentions_arm import OutputAttentionsArm
+from porter.passes.attention.per_head_bias import PerHeadBias
 from porter.passes.attention.per_head_scale import PerHeadScale
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
@@ -117,6 +118,7 @@ MODEL: list[type[Rule]] = [
     FoldQueryScale,  # before EngineAttention replaces the call whose `scaling=1.0` it reads
     EngineAttention,
     AttentionSinks,
+    PerHeadBias,  # after EngineAttention: reads what its self.attn(...) returns
     AlibiTestByConfig,  # before StripHfParams drops the bias parameter its tests read
     StripHfParams,
     DropHfDataflow,

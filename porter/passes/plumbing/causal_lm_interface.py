@@ -278,6 +278,8 @@ class CausalLmInterface(Rule):
                 continue
             names.add(target)
             if isinstance(value, cst.BinaryOperation) and isinstance(value.operator, (cst.Multiply, cst.Divide)):
+                # `logits.float() / cap`: the cast to float32 is the logits processor's own
+                value = value.with_changes(left=_uncast(value.left), right=_uncast(value.right))
                 left_is = m.matches(value.left, m.Name()) and value.left.value in names  # type: ignore[attr-defined]
                 other = value.right if left_is else value.left
                 if not ({n.value for n in findall(other, m.Name())} & names):  # type: ignore[attr-defined]
@@ -442,3 +444,10 @@ def _stacked_clash(ctx) -> bool:
     return any(attr in shards and (name, attr) not in fused
                for name in plan.classes if name in ctx.idx.classes
                for attr in ctx.idx.classes[name].linears())
+
+
+def _uncast(node: cst.BaseExpression) -> cst.BaseExpression:
+    """`x.float()` -> `x` (a cast without arguments); anything else unchanged."""
+    if m.matches(node, m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("float")), args=[])):
+        return node.func.value  # type: ignore[attr-defined]
+    return node

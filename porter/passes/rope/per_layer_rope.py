@@ -121,6 +121,20 @@ _BY_TYPE_AFTER = (_BY_TYPE_ROTARY + _ATTN_INIT
                           "            q, k = apply_rotary_pos_emb(q, k, cos, sin)\n")
                   + _BY_TYPE_MODEL)
 
+# the same tables filled by a loop over the layer types, None in one arm of a test (Beam)
+_BY_TYPE_LOOP_MODEL = _BY_TYPE_MODEL.replace(
+    "        tables = {\n            t: (self.rotary_emb(h, position_ids, t) "
+    "if self.config.rope_parameters[t] is not None else None)\n"
+    "            for t in dict.fromkeys(self.config.layer_types)\n        }\n",
+    "        tables, scales = {}, {}\n        for t in set(self.config.layer_types):\n"
+    "            if self.config.rope_parameters[t] is None:\n"
+    "                tables[t] = None\n                scales[t] = 2.0\n"
+    "            else:\n                tables[t] = self.rotary_emb(h, position_ids, t)\n"
+    "                scales[t] = None\n")
+_BY_TYPE_LOOP_BEFORE = _BY_TYPE_BEFORE.replace(_BY_TYPE_MODEL, _BY_TYPE_LOOP_MODEL)
+_BY_TYPE_LOOP_AFTER = _BY_TYPE_AFTER.replace(_BY_TYPE_MODEL, _BY_TYPE_LOOP_MODEL)
+assert _BY_TYPE_LOOP_MODEL != _BY_TYPE_MODEL
+
 
 class PerLayerRope(Rule):
     descend_methods = frozenset()  # works on __init__ and forward as a whole
@@ -131,7 +145,8 @@ class PerLayerRope(Rule):
         "the model hands each layer a cos/sin table or None, chosen by a config list "
         "(`theta = config.layer_rope_theta[i]; tables[theta] if theta else None`, one table per "
         "distinct base; or `tables[config.layer_types[i]]` where `tables = {t: (rotary(..., t) if "
-        "config.rope_parameters[t] is not None else None) for t in ...}`), and the attention rotates under `if position_embeddings is not None:`. "
+        "config.rope_parameters[t] is not None else None) for t in ...}`, or the same dict filled by a loop over the "
+        "types that sets `tables[t] = None` in one arm of a test and the table in the other), and the attention rotates under `if position_embeddings is not None:`. "
         "The planner follows that argument from the attention to the loop over the layers and reads "
         "the choice and the table as expressions of `config` and `layer_idx`. As the engine's own "
         "ports do, the attention builds its rotary only when it uses it (`self.use_rope = ...; if "
@@ -142,7 +157,7 @@ class PerLayerRope(Rule):
         "self.rotary_emb is not None:`) is the same choice with one table: the config's rope_parameters."
     )
     examples = [Example(_BEFORE, _AFTER), Example(_OPTIONAL_BEFORE, _OPTIONAL_AFTER),
-                Example(_BY_TYPE_BEFORE, _BY_TYPE_AFTER)]
+                Example(_BY_TYPE_BEFORE, _BY_TYPE_AFTER), Example(_BY_TYPE_LOOP_BEFORE, _BY_TYPE_LOOP_AFTER)]
 
     @classmethod
     def applies(cls, ctx) -> bool:
