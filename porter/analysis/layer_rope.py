@@ -111,7 +111,7 @@ def layer_rope(idx: ModelIndex, cls: str, param: str, is_rotary) -> LayerRope | 
     when = arg.test.visit(subst)  # type: ignore[attr-defined]
     if not names_in(when) <= {"config", "layer_idx", "None"}:
         return None
-    table = _table(idx, info, fwd, arg.body, subst, is_rotary)  # type: ignore[attr-defined]
+    table = _table(idx, info, fwd, arg.body, subst, is_rotary) or _one_table(idx, info, fwd, arg.body, is_rotary)  # type: ignore[attr-defined]
     if table is None:
         return None
     params, attrs = table
@@ -243,6 +243,21 @@ def _table(idx: ModelIndex, info: ClassInfo, fwd: cst.FunctionDef, body: cst.Bas
     if not names_in(layer_key) <= {"config", "layer_idx"}:
         return None
     return f"{{**config.rope_parameters, {name}: {code(layer_key)}}}", (attr,)
+
+
+def _one_table(idx: ModelIndex, info: ClassInfo, fwd: cst.FunctionDef, body: cst.BaseExpression,
+               is_rotary) -> tuple[str, tuple[str, ...]] | None:
+    """(rope_parameters, rotary attributes) of the one table the model builds (`t = self.R(h, pos)`,
+    `self.R = Rotary(config)` or `Rotary(config=config)`) and hands the layers that rotate: the
+    config's own rope_parameters (LaraMini: `t if layer_type == "sliding_attention" else None`)."""
+    value = _locals(fwd).get(body.value) if isinstance(body, cst.Name) else None
+    attr = self_attr(value.func) if m.matches(value, m.Call(func=m.Attribute(value=m.Name("self")))) else None  # type: ignore[union-attr]
+    sub = info.submodules.get(attr or "")
+    rot = idx.classes.get(sub.ctor) if sub and sub.ctor else None
+    if rot is None or not is_rotary(rot) or len(sub.call.args) != 1 or not m.matches(  # type: ignore[union-attr]
+            sub.call.args[0].value, m.Name("config")):  # type: ignore[union-attr]
+        return None
+    return "config.rope_parameters", (attr,)  # type: ignore[return-value]
 
 
 def _built_per_value(idx: ModelIndex, info: ClassInfo, attr: str, name: str, is_rotary) -> bool:

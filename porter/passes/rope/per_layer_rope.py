@@ -135,6 +135,25 @@ _BY_TYPE_LOOP_BEFORE = _BY_TYPE_BEFORE.replace(_BY_TYPE_MODEL, _BY_TYPE_LOOP_MOD
 _BY_TYPE_LOOP_AFTER = _BY_TYPE_AFTER.replace(_BY_TYPE_MODEL, _BY_TYPE_LOOP_MODEL)
 assert _BY_TYPE_LOOP_MODEL != _BY_TYPE_MODEL
 
+# one table, handed only to the layers of one type (LaraMini)
+_ONE_TABLE_MODEL = (
+    "\n\nclass Model(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.layers = nn.ModuleList([Attn(config, i) for i in range(config.num_hidden_layers)])\n"
+    "{table}"
+    "    def forward(self, h, position_ids):\n        table = self.rotary_emb(h, position_ids)\n"
+    "        for i, layer in enumerate(self.layers):\n"
+    "            layer_type = self.config.layer_types[i]\n"
+    "            h = layer(h, position_embeddings=table if layer_type == \"sliding_attention\" else None)\n"
+    "        return h\n"
+)
+_ONE_TABLE_BEFORE = (_ROTARY + _ATTN_INIT + _GET + _ATTN_FWD.format(rot=_OPTIONAL_ROT)
+                     + _ONE_TABLE_MODEL.format(table="        self.rotary_emb = ARotaryEmbedding(config=config)\n\n"))
+_ONE_TABLE_AFTER = (_ROTARY + _ATTN_INIT
+                    + '        self.use_rope = config.layer_types[layer_idx] == "sliding_attention"\n'
+                    + "        if self.use_rope:\n    " + _GET
+                    + _ATTN_FWD.replace("if position_embeddings is not None:", "if self.use_rope:").format(rot=_OPTIONAL_ROT)
+                    + _ONE_TABLE_MODEL.format(table="\n"))
+
 
 class PerLayerRope(Rule):
     descend_methods = frozenset()  # works on __init__ and forward as a whole
@@ -154,10 +173,12 @@ class PerLayerRope(Rule):
         "'rope_theta': <this layer's>})`) and rotates under `if self.use_rope:`; the model's tables "
         "and the loop that builds them go. A model that builds one table or none by config (`self.rotary_emb = "
         "R(config) if config.position_embedding_type == 'rope' else None`, handed to every layer under `if "
-        "self.rotary_emb is not None:`) is the same choice with one table: the config's rope_parameters."
+        "self.rotary_emb is not None:`) is the same choice with one table: the config's rope_parameters; so is one table handed to some layers "
+        "only (`t = self.rotary_emb(h, pos)`, `t if layer_type == 'sliding_attention' else None`)."
     )
     examples = [Example(_BEFORE, _AFTER), Example(_OPTIONAL_BEFORE, _OPTIONAL_AFTER),
-                Example(_BY_TYPE_BEFORE, _BY_TYPE_AFTER), Example(_BY_TYPE_LOOP_BEFORE, _BY_TYPE_LOOP_AFTER)]
+                Example(_BY_TYPE_BEFORE, _BY_TYPE_AFTER), Example(_BY_TYPE_LOOP_BEFORE, _BY_TYPE_LOOP_AFTER),
+                Example(_ONE_TABLE_BEFORE, _ONE_TABLE_AFTER)]
 
     @classmethod
     def applies(cls, ctx) -> bool:
