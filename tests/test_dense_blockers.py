@@ -69,7 +69,31 @@ REFUSED = {
     # named before the q/k/v origins, which the shared arm leaves ambiguous
     "gemma4_text": ("modeling_gemma4.py", "Gemma4TextAttention.forward",
                     "keys and values taken from another layer"),
+    # rotary from a complex table, q and k each viewed as complex pairs (besides its chunked attention,
+    # NoPE layers with a temperature-tuned query scale and its input-weighted MoE)
+    "llama4_text": ("modeling_llama4.py", "Llama4TextAttention.forward: apply_rotary_emb", "complex pairs"),
 }
+
+# (release, model_type) -> (modeling file, where, construct): day-zero models of issue 30 left refused
+DAY_ZERO_REFUSED = {
+    # (beam, refused here for its rotary choice filled by a loop over the layer types, ports now: PT240, PT161)
+    # gated delta-net layers keep a recurrent state (5.24.0 marks the model `_is_stateful`; in 5.25.0
+    # PT240 reads its one table handed to the sliding layers, and the layer's own state is what blocks)
+    ("5.24.0", "lara_mini"): ("modeling_lara_mini.py", "LaraMiniPreTrainedModel", "recurrent state carried"),
+    ("5.25.0", "lara_mini"): ("modeling_lara_mini.py", "LaraMiniGatedDeltaNet.forward", "keeps its own state"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(DAY_ZERO_REFUSED), ids=lambda k: f"{k[1]}-{k[0]}")
+def test_refused_day_zero_model_names_file_line_and_construct(key, tmp_path):
+    (release, model_type), (src, where, construct) = key, DAY_ZERO_REFUSED[key]
+    proc = run_porter("convert", model_type, "--transformers", release, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(rf"{re.escape(src)}:\d+: ", lines[0]), lines[0]
+    assert where in lines[0] and construct in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
