@@ -22,6 +22,16 @@ def _split(node: cst.BaseExpression) -> tuple[cst.BaseExpression, cst.BaseExpres
     return node.func.value, width.value  # type: ignore[attr-defined]
 
 
+def _one_per_head(node: cst.BaseExpression) -> bool:
+    """A factor with a trailing axis of one (`g.unsqueeze(-1)`, `g[..., None]`): one value per head,
+    broadcast over its width. A factor of the output's own shape (Beam's gate, which PT161 already
+    made flat like the engine's output) multiplies element by element, flat as well as in heads."""
+    if m.matches(node, m.Call(func=m.Attribute(attr=m.Name("unsqueeze")), args=[m.Arg(_MINUS_ONE)])):
+        return True
+    return isinstance(node, cst.Subscript) and bool(node.slice) and m.matches(
+        node.slice[-1], m.SubscriptElement(m.Index(m.Name("None"))))
+
+
 _ATTN = (
     "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n"
     "        super().__init__()\n        self.head_dim = config.head_dim\n"
@@ -64,6 +74,9 @@ class PerHeadScale(Rule):
                 _ATTN + "        if g is not None:\n"
                 "            out = (out.unflatten(-1, (-1, self.head_dim)) * g.unsqueeze(-1)).flatten(-2)\n"
                 "        out = out.reshape(*shape, -1).contiguous()\n        return out * g2\n"),
+        # a factor of the output's own shape, element by element: flat in the engine too, unchanged
+        Example(_ATTN + "        out = out * torch.sigmoid(g)\n        return out.reshape(*shape, -1)\n",
+                _ATTN + "        out = out * torch.sigmoid(g)\n        return out.reshape(*shape, -1)\n"),
         # once merged back to one row per token, a product is not per head: unchanged
         Example(_ATTN + "        out = out.reshape(*shape, -1)\n        out = out * g\n        return out\n",
                 _ATTN + "        out = out.reshape(*shape, -1)\n        out = out * g\n        return out\n"),
@@ -110,8 +123,11 @@ class PerHeadScale(Rule):
         if not isinstance(target, cst.Name) or target.value not in getattr(self, "_in_heads", ()):
             return False
         prod = node.value
-        return isinstance(prod, cst.BinaryOperation) and isinstance(prod.operator, cst.Multiply) and (
-            m.matches(prod.left, m.Name(target.value)) != m.matches(prod.right, m.Name(target.value)))
+        if not (isinstance(prod, cst.BinaryOperation) and isinstance(prod.operator, cst.Multiply) and (
+                m.matches(prod.left, m.Name(target.value)) != m.matches(prod.right, m.Name(target.value)))):
+            return False
+        other = prod.right if m.matches(prod.left, m.Name(target.value)) else prod.left
+        return _one_per_head(other)
 
     def leave_Call(self, original, updated):
         if self.current_function != "forward" or not self._in_attention():
