@@ -122,7 +122,31 @@ def check(root: Path = Path("generated"), jobs: int | None = None) -> CheckResul
             with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
                 parts = list(pool.map(_check_model, *zip(*work)))
         parts.append(_check_remote(root, Path(tmp)))
+        parts += [_check_release(rel, Path(tmp) / rel.name) for rel in release_roots(root)]
     for part in parts:
+        res.checked += part.checked
+        res.differing += part.differing
+        res.errors += part.errors
+    return res
+
+
+def release_roots(root: Path) -> list[Path]:
+    """ROOT/releases/<version>/: the committed ports of an older transformers release, kept beside
+    the installed release's ports of the same model types (issue 22). regen and coverage leave
+    them alone (they stay ports of that release); `regen --check` converts them again from it."""
+    rel = Path(root) / "releases"
+    return sorted(p for p in rel.iterdir() if p.is_dir()) if rel.is_dir() else []
+
+
+def _check_release(rel_root: Path, tmp: Path) -> CheckResult:
+    res = CheckResult()
+    for model_type, by_target in sorted(committed_ports(rel_root).items()):
+        version = {info.transformers_version for info in by_target.values()}
+        if version != {rel_root.name}:
+            res.errors.append(f"{rel_root / model_type}: converted from transformers {sorted(version)}, "
+                              f"not {rel_root.name}")
+            continue
+        part = _check_model(rel_root, model_type, rel_root.name, sorted(by_target), tmp)
         res.checked += part.checked
         res.differing += part.differing
         res.errors += part.errors

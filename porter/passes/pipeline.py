@@ -19,6 +19,7 @@ from porter.passes.attention.alibi_arm import AlibiArm
 from porter.passes.attention.alibi_by_config import AlibiTestByConfig
 from porter.passes.attention.attention_sinks import AttentionSinks
 from porter.passes.attention.drop_cross_attention import DropCrossAttention
+from porter.passes.attention.drop_kv_repeat import DropKvRepeat
 from porter.passes.attention.eager_arm import EagerArm
 from porter.passes.attention.engine_attention import EngineAttention
 from porter.passes.attention.flatten_heads import FlattenHeads
@@ -119,6 +120,7 @@ MODEL: list[type[Rule]] = [
     EngineAttention,
     AttentionSinks,
     PerHeadBias,  # after EngineAttention: reads what its self.attn(...) returns
+    DropKvRepeat,  # after EngineAttention: reads the k and v of the engine call it made
     AlibiTestByConfig,  # before StripHfParams drops the bias parameter its tests read
     StripHfParams,
     DropHfDataflow,

@@ -111,13 +111,15 @@ def requirements(wheel: Path) -> list[str]:
 
 
 def versions_needed(root: Path) -> list[str]:
-    """The transformers releases of the committed vLLM ports that differ from the installed one."""
+    """The transformers releases of the committed vLLM ports (those of ROOT/releases/<version>/ too)
+    that differ from the installed one."""
     from porter.layout import PORT_JSON, PortInfo
     from porter.source import installed_transformers_version
 
     here = installed_transformers_version()
     out = set()
-    for p in sorted((Path(root) / "vllm").glob(f"*/{PORT_JSON}")):
+    ports = [*(Path(root) / "vllm").glob(f"*/{PORT_JSON}"), *(Path(root) / "releases").glob(f"*/vllm/*/{PORT_JSON}")]
+    for p in sorted(ports):
         v = PortInfo.load(p.parent).transformers_version
         if v != here:
             out.add(v)

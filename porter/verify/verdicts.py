@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 GENERATED = REPO / "generated"
 STORE = "verdicts"  # generated/verdicts/<target>/<model_type>.json
 REMOTE = GENERATED / "remote"  # remote-code ports: generated/remote/<target>/<model_type>/
+RELEASES = GENERATED / "releases"  # ports of older releases: generated/releases/<version>/<target>/<model_type>/
 TINY_COMMON = ("defaults", "init", "prompts", "cpu_head_dims")
 DEFAULT_TPS = (1, 2)
 
@@ -165,10 +166,14 @@ def digest(port_dir: Path, tiny_rules: dict | None = None, tree: Path | None = N
 def root_of(port_dir: Path, generated: Path = GENERATED) -> Path:
     """The generated tree a port belongs to: GENERATED, or for the committed ports of remote code
     (generated/remote/<target>/<model_type>/, which regen and coverage leave alone: their source is
-    a repository folder, not transformers) generated/remote, with a verdict store of its own."""
+    a repository folder, not transformers) generated/remote, with a verdict store of its own; for
+    the ports of an older transformers release kept beside those of the installed one
+    (generated/releases/<version>/<target>/<model_type>/, issue 22) generated/releases/<version>."""
     p = Path(port_dir).resolve()
     if Path(generated).resolve() == GENERATED.resolve() and p.parent.parent == REMOTE.resolve():
         return REMOTE
+    if Path(generated).resolve() == GENERATED.resolve() and p.parent.parent.parent == RELEASES.resolve():
+        return RELEASES / p.parent.parent.name  # generated/releases/<version>: a store of its own
     return Path(generated)
 
 

@@ -14,7 +14,9 @@ class DropHfImports(Rule):
     name = "drop-hf-imports"
     why = (
         "A port must import under the engine without transformers' private modules: relative "
-        "imports (`from ...cache_utils import Cache`), the module logger and `__all__` go; the "
+        "imports (`from ...cache_utils import Cache`), the module logger and `__all__` go, and so "
+        "do module-level calls on an object HF imports (transformers 4.x's "
+        "`ALL_LAYERNORM_LAYERS.append(LlamaRMSNorm)` registers a class in HF's own list); the "
         "imports the port needs are added back from the target's symbol map by engine-imports."
     )
     examples = [
@@ -22,7 +24,12 @@ class DropHfImports(Rule):
             "import torch\nfrom ...cache_utils import Cache\nlogger = logging.get_logger(__name__)\n"
             "__all__ = ['A']\n",
             "import torch\n",
-        )
+        ),
+        Example(
+            "from ...pytorch_utils import ALL_LAYERNORM_LAYERS\nclass N(nn.Module):\n    pass\n"
+            "ALL_LAYERNORM_LAYERS.append(N)\n",
+            "class N(nn.Module):\n    pass\n",
+        ),
     ]
 
     def leave_ImportFrom(self, original, updated):
@@ -60,6 +67,12 @@ class DropHfImports(Rule):
             return cst.RemoveFromParent()
         if self.scope:
             return updated
+        # `ALL_LAYERNORM_LAYERS.append(N)`: a call on an object imported from transformers only
+        # registers something in HF's own state; its value is discarded
+        if m.matches(updated, m.SimpleStatementLine(body=[m.Expr(m.Call(func=m.Attribute(value=m.Name())))])):
+            recv = updated.body[0].value.func.value.value  # type: ignore[attr-defined]
+            if recv in self.ctx.removed_names:
+                return cst.RemoveFromParent()
         if m.matches(
             updated,
             m.SimpleStatementLine(

@@ -18,7 +18,7 @@ class DropHfDataflow(Rule):
         "statements that assign from a stripped name or an HF-only helper (create_causal_mask, "
         "DynamicCache), `if` blocks that test one, the keyword arguments that pass one on, "
         "`if positions is None` blocks (the engine always passes positions), input-validation "
-        "raises and `if self.training` blocks. Locals that nothing reads afterwards are removed. "
+        "raises and `if self.training` blocks (their `else` is what inference runs). Locals that nothing reads afterwards are removed. "
         "Taint is followed through the statements in order, so the rule removes exactly the HF plumbing."
     )
     examples = [
@@ -36,6 +36,16 @@ class DropHfDataflow(Rule):
             "        else:\n            t = 0\n        return self.drop(x + t)\n",
             "class A(nn.Module):\n    def forward(self, x, token_type_ids):\n"
             "        t = 0\n        return self.drop(x + t)\n",
+        ),
+        # transformers 4.x gradient checkpointing: inference runs the `else` arm
+        Example(
+            "class A(nn.Module):\n    def forward(self, x):\n"
+            "        for layer in self.layers:\n"
+            "            if self.gradient_checkpointing and self.training:\n"
+            "                out = self._gradient_checkpointing_func(layer.__call__, x)\n"
+            "            else:\n                out = layer(x)\n            x = out[0]\n        return x\n",
+            "class A(nn.Module):\n    def forward(self, x):\n"
+            "        for layer in self.layers:\n            out = layer(x)\n            x = out[0]\n        return x\n",
         ),
     ]
 
@@ -66,6 +76,8 @@ class DropHfDataflow(Rule):
             name = dotted(call.func) or ""  # type: ignore[attr-defined]
             if name.split(".")[0] in self.ctx.table.hf_only_callables or name in self.ctx.table.hf_only_callables:
                 return True
+            if name.startswith("self.") and name[5:] in self.ctx.table.drop_methods:
+                return True  # a method the port drops (4.x's `self._update_causal_mask(...)`): HF-only
         for attr in findall(node, m.Attribute(value=m.Name("self"))):
             if (self._cls, self_attr(attr)) in self.ctx.removed_attrs:
                 return True
@@ -79,6 +91,8 @@ class DropHfDataflow(Rule):
         out: list[cst.BaseStatement] = []
         for st in stmts:
             arm = self._absent_arm(st)
+            if arm is None and self._training_test(st) and isinstance(st.orelse, cst.Else):  # type: ignore[attr-defined]
+                arm = list(st.orelse.body.body)  # type: ignore[attr-defined]  # gradient checkpointing's `else`
             if arm is not None:  # the arm HF runs when the input is not given
                 out.extend(self._block(arm))
                 continue
@@ -97,6 +111,13 @@ class DropHfDataflow(Rule):
             return None
         none_arm = st.body if isinstance(st.test.comparisons[0].operator, cst.Is) else st.orelse.body  # type: ignore[attr-defined]
         return list(none_arm.body)
+
+    @staticmethod
+    def _training_test(st: cst.BaseStatement) -> bool:
+        """`if self.training:` / `if X and self.training:`: a branch only training runs."""
+        training = m.Attribute(value=m.Name("self"), attr=m.Name("training"))
+        return isinstance(st, cst.If) and (m.matches(st.test, training) or m.matches(st.test, m.BooleanOperation(
+            operator=m.And(), left=training) | m.BooleanOperation(operator=m.And(), right=training)))
 
     def _orelse(self, orelse: cst.If | cst.Else | None) -> cst.If | cst.Else | None:
         """The `elif` / `else` arms of a kept `if`, rewritten as its body is (an arm left empty: `pass`)."""
@@ -124,9 +145,7 @@ class DropHfDataflow(Rule):
                 # names first bound in an HF-only branch are HF-only; re-bound ones keep their value
                 self.tainted.update(self._bound_names(st) - self.defined)
                 return None
-            training = m.Attribute(value=m.Name("self"), attr=m.Name("training"))
-            if m.matches(st.test, training) or m.matches(st.test, m.BooleanOperation(
-                    operator=m.And(), left=training) | m.BooleanOperation(operator=m.And(), right=training)):
+            if self._training_test(st):
                 return None  # training-only branch (LayerDrop and the like)
             if all(m.matches(s, m.SimpleStatementLine(body=[m.Raise()])) for s in st.body.body) and st.orelse is None:
                 return None
