@@ -44,6 +44,7 @@ from porter.passes.cleanup.drop_unused_buffers import DropUnusedBuffers
 from porter.passes.cleanup.prune_unreachable import PruneUnreachable
 from porter.passes.cleanup.replace_base_classes import ReplaceBaseClasses
 from porter.passes.cleanup.strip_decorators import StripDecorators
+from porter.passes.cleanup.unported_arm import UnportedArm
 from porter.passes.config.config_engine_imports import ConfigEngineImports
 from porter.passes.config.config_keep_class import ConfigKeepClass
 from porter.passes.mlp.act_then_mul import ActThenMul
@@ -138,6 +139,7 @@ MODEL: list[type[Rule]] = [
     FuseGateUp,
     ActThenMul,  # after FuseGateUp: splits the act-and-mul it made where the engine has no such kernel
     TpLinears,
+    UnportedArm,  # after the fused / parallel linears: an arm reading the weights they replaced
     GatherBeforeNorm,  # after TpLinears: the row-parallel projection it built takes the gathered width
     VocabEmbedding,
     EngineNorms,

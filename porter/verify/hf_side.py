@@ -42,7 +42,6 @@ def _reference(args) -> None:
 
 
 def _load(args):
-    import torch
     import transformers
 
     work = Path(args.workdir)
@@ -50,10 +49,15 @@ def _load(args):
     # the checkpoint's own config class (a config-only model type such as exaone builds
     # LlamaForCausalLM from an ExaoneConfig, as transformers' auto table does)
     config = transformers.AutoConfig.from_pretrained(work / "ckpt")
+    from porter.verify.tiny import fp32_kwargs
+
     # use_kernels=False: the modeling file's own code, never a hub kernel (transformers 5.25 made
-    # kernels the default of from_pretrained; earlier releases default to False)
-    model = cls.from_pretrained(work / "ckpt", config=config, attn_implementation="eager",
-                                dtype=torch.float32, use_kernels=False)
+    # kernels the default of from_pretrained; earlier releases default to False, and the 4.x
+    # releases before `dtype` have no such keyword)
+    kwargs = fp32_kwargs()
+    if "dtype" in kwargs:
+        kwargs["use_kernels"] = False
+    model = cls.from_pretrained(work / "ckpt", config=config, attn_implementation="eager", **kwargs)
     model.eval()
     return model
 

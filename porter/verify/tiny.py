@@ -149,6 +149,17 @@ def check_config(cfg, spec: TinySpec) -> None:
         raise VerifyInputError(f"tiny config for {spec.model_type}: " + "; ".join(problems))
 
 
+def fp32_kwargs() -> dict:
+    """The keyword that asks transformers for fp32 weights: `dtype` (4.56 and later) or `torch_dtype`
+    (the older releases a port of an older release is verified against)."""
+    import torch
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: torch.float32}
+
+
 def build_model(spec: TinySpec, hf_architecture: str):
     """The HF model for ``hf_architecture`` with seeded N(0, std) weights, fp32, eager attention."""
     import torch
@@ -160,7 +171,7 @@ def build_model(spec: TinySpec, hf_architecture: str):
         raise VerifyInputError(f"transformers has no class {hf_architecture}")
     cfg._attn_implementation = "eager"
     torch.manual_seed(spec.seed)
-    model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    model = cls._from_config(cfg, attn_implementation="eager", **fp32_kwargs())
     return seed_weights(model, spec)
 
 
