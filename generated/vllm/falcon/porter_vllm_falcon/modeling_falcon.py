@@ -151,6 +151,10 @@ class FalconAttention(nn.Module):
             prefix=f"{prefix}.attn",
         )
         self.use_alibi = config.alibi
+        if config.alibi:
+            raise ValueError(
+                "porter: transformers' FalconAttention adds the ALiBi bias twice in eager attention (to its scores and in the mask the model folds it into) and once in SDPA: no single reference for config.alibi=True"
+            )
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
         fused_qkv, _ = self.query_key_value(

@@ -1,0 +1,64 @@
+"""Issue 22: ports of an older transformers release's modeling files (4.45.2, the style most remote
+code was written in), kept beside the installed release's ports of the same model types.
+
+They live in generated/releases/<version>/<target>/<model_type>/ with their verdicts in
+generated/releases/<version>/verdicts/ (`porter verify` of such a port runs its HF reference in
+that release's venv, .venv-transformers-<version>, built from nothing when missing). Here: each
+converts again from the release's wheel to the committed bytes, and each has a valid verdict of
+TP=1 and TP=2; a port without one is verified in the engine (all of them with PORTER_VERIFY_ALL=1),
+so CI re-runs nothing for byte-identical inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import GENERATED, verify_plan
+from porter.layout import PortInfo
+from porter.regen import _check_release, release_roots
+from porter.verify import THRESHOLD, render_report, run_verify
+from porter.verify.verdicts import status as verdict_status
+
+ROOTS = release_roots(GENERATED)
+PORTS = sorted(p for r in ROOTS for p in (r / "vllm").iterdir() if (p / "PORT.json").is_file())
+
+
+def _selection() -> list:
+    if verify_plan()["all"]:
+        return PORTS
+    return [p for p in PORTS if verdict_status(p) != "valid"]
+
+
+def test_release_ports_of_transformers_4_45_2():
+    names = {(r.name, p.name) for r in ROOTS for p in (r / "vllm").iterdir()}
+    assert {("4.45.2", "qwen2"), ("4.45.2", "llama")} <= names, sorted(names)
+    for p in PORTS:
+        assert PortInfo.load(p).transformers_version == p.parent.parent.name
+        assert (p.parent.parent / "aphrodite" / p.name / "PORT.json").is_file()  # both targets
+
+
+def test_release_ports_convert_from_their_wheel_to_the_committed_bytes(tmp_path):
+    for rel in ROOTS:
+        res = _check_release(rel, tmp_path / rel.name)
+        assert res.ok and res.checked, (res.errors, res.differing)
+
+
+def test_release_ports_have_valid_verdicts_or_are_verified_now():
+    for p in PORTS:
+        if p not in _selection():
+            assert verdict_status(p) == "valid", p
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("port_dir", _selection(), ids=lambda p: f"{p.parent.parent.name}-{p.name}")
+def test_release_port_matches_its_release_at_tp1_and_tp2(port_dir):
+    report = run_verify(port_dir, tps=[1, 2])
+    text = render_report(report, json=False)
+    assert report.exit_code == 0, text
+    assert [r.tp for r in report.results] == [1, 2]
+    for r in report.results:
+        c = r.port.comparison
+        assert c is not None and c.max_delta <= THRESHOLD and c.tokens_equal, text
+    rel = port_dir.parent.parent
+    assert report.verdict == f"generated/releases/{rel.name}/verdicts/vllm/{port_dir.name}.json", report.verdict
+    assert verdict_status(port_dir) == "valid"
