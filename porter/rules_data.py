@@ -36,6 +36,7 @@ _STRIP_SCHEMA = {
     "latent_attention_model_types": list,
     "latent_decompressed_model_types": list,
     "absent_params": list,
+    "rope_config_fields": list,
     "engine_state_layers": dict,
 }
 _TARGET_SCHEMA = {
@@ -99,6 +100,7 @@ class StripTable:
     latent_attention_model_types: frozenset[str] = frozenset()  # the engine runs its MLA layer for these
     latent_decompressed_model_types: frozenset[str] = frozenset()  # ... attention over decompressed k/v for these
     absent_params: frozenset[str] = frozenset()  # stripped inputs a plain generation never gives (None)
+    rope_config_fields: frozenset[str] = frozenset()  # 4.x config fields transformers 5 keeps in rope_parameters
     engine_state_layers: dict = field(default_factory=dict)  # model type -> what the engine runs of its state layer
 
 
@@ -123,10 +125,11 @@ def _strip_table(rules_dir: Path) -> StripTable:
     data.setdefault("latent_attention_model_types", [])
     data.setdefault("latent_decompressed_model_types", [])
     data.setdefault("absent_params", [])
+    data.setdefault("rope_config_fields", [])
     data.setdefault("engine_state_layers", {})
     _check(data, _STRIP_SCHEMA, path)
     for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
-                "transposed_linears", "engine_act_and_mul", "absent_params"):
+                "transposed_linears", "engine_act_and_mul", "absent_params", "rope_config_fields"):
         if not all(isinstance(x, str) for x in data[key]):
             raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
     return StripTable(
@@ -145,6 +148,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         latent_attention_model_types=frozenset(data["latent_attention_model_types"]),
         latent_decompressed_model_types=frozenset(data["latent_decompressed_model_types"]),
         absent_params=frozenset(data["absent_params"]),
+        rope_config_fields=frozenset(data["rope_config_fields"]),
         engine_state_layers=dict(data["engine_state_layers"]),
     )
 

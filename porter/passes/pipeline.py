@@ -76,6 +76,7 @@ from porter.passes.plumbing.strip_hf_params import StripHfParams
 from porter.passes.plumbing.thread_positions import ThreadPositions
 from porter.passes.plumbing.thread_prefix import ThreadPrefix
 from porter.passes.plumbing.unwrap_outputs import UnwrapOutputs
+from porter.passes.rope.drop_rope_config_reads import DropRopeConfigReads
 from porter.passes.rope.engine_rope import EngineRope
 from porter.passes.rope.flat_position_factor import FlatPositionFactor
 from porter.passes.rope.one_tensor_rope import OneTensorRope
@@ -164,6 +165,7 @@ MODEL: list[type[Rule]] = [
     MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,
+    DropRopeConfigReads,  # late: once no kept code reads the copy
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more
     PruneUnreachable,  # after every rule that can remove a use of a class or helper
     EngineImports,  # last: imports exactly the engine symbols the rules above used
