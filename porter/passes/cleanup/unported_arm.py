@@ -36,7 +36,7 @@ class UnportedArm(Rule):
         "transformers 4.x Llama computes its projections in an arm of its own when "
         "`config.pretraining_tp > 1` (slices of `self.q_proj.weight`, `self.gate_proj.weight` through "
         "`F.linear`). Once the projections are the engine's fused parallel linears those weights do "
-        "not exist (or are one rank's shard), so that arm cannot run in the port: forward keeps the `else` arm, and __init__ "
+        "not exist, so that arm cannot run in the port: forward keeps the `else` arm, and __init__ "
         "refuses a config that takes the other one, with the reason (at load, never a silent "
         "approximation)."
     )
@@ -91,12 +91,11 @@ class UnportedArm(Rule):
         return fn.with_changes(body=fn.body.with_changes(body=out))
 
     def _missing(self, st: cst.If, attrs: dict[str, str]) -> set[str]:
-        """The `self.X` whose weights the `if` arm reads (`self.X.weight`) and __init__ no longer sets,
-        or sets to one of the engine's linears (a weight sharded across TP ranks, not HF's)."""
-        linears = {self.ctx.bound_name(s) for s in self.ctx.target.symbols if s.endswith("Linear")}
+        """The `self.X` whose weights the `if` arm reads (`self.X.weight`) and __init__ no longer sets
+        (the fused projections replaced them)."""
         out = set()
         for node in findall(st.body, m.Attribute(value=m.Attribute(value=m.Name("self")), attr=m.Name("weight"))):
             a = node.value.attr.value  # type: ignore[attr-defined]
-            if a not in attrs or attrs[a] in linears:
+            if a not in attrs:
                 out.add(a)
         return out
