@@ -50,8 +50,12 @@ def test_release_ports_have_valid_verdicts_or_are_verified_now():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("port_dir", _selection(), ids=lambda p: f"{p.parent.parent.name}-{p.name}")
-def test_release_port_matches_its_release_at_tp1_and_tp2(port_dir):
+def test_release_ports_without_a_valid_verdict_match_their_release_at_tp1_and_tp2():
+    for port_dir in _selection():  # none when every verdict is valid: nothing to re-run
+        _verify(port_dir)
+
+
+def _verify(port_dir):
     report = run_verify(port_dir, tps=[1, 2])
     text = render_report(report, json=False)
     assert report.exit_code == 0, text
