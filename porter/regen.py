@@ -27,6 +27,7 @@ from porter import __version__
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo
 from porter.source import transformers_tree
+from packaging.version import Version
 
 TARGETS = ("vllm", "aphrodite")
 DRIFT_MD = "DRIFT.md"
@@ -339,15 +340,22 @@ def regen(
     if version:
         transformers_tree(version)  # a release that cannot be fetched fails once, up front
     names = _rule_names()
+    # a port converted from a release newer than VERSION (a day-zero port of a later release) is
+    # not regenerated from an older one: it is listed as skipped, with the release it records
+    skipped = {mt: _recorded(by_target) for mt, by_target in ports.items()
+               if version and Version(_recorded(by_target)) > Version(version)}
+    for model_type, recorded in sorted(skipped.items()):
+        say(f"{model_type}: skipped (ported from transformers {recorded}, newer than {version})")
     models = [
         _regen_model(model_type, by_target, version, root, out, names, force=force,
                      tps=tps if verify else None, say=say)
-        for model_type, by_target in sorted(ports.items())
+        for model_type, by_target in sorted(ports.items()) if model_type not in skipped
     ]
     drift = {
         "porter_version": __version__,
         "transformers": version or "recorded",
         "models": models,
+        "skipped": [{"model_type": mt, "transformers": v} for mt, v in sorted(skipped.items())],
         "failed": [m["model_type"] for m in models if m["error"]],
     }
     if matrix:
@@ -358,6 +366,11 @@ def regen(
     (out / DRIFT_JSON).write_text(json.dumps(drift, indent=2, sort_keys=True) + "\n")
     (out / DRIFT_MD).write_text(render_drift_md(drift))
     return drift
+
+
+def _recorded(by_target: dict[str, PortInfo]) -> str:
+    """The transformers release a model type's committed ports record (the first target's)."""
+    return by_target[sorted(by_target, key=TARGETS.index)[0]].transformers_version
 
 
 def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str | None, root: Path,
@@ -471,6 +484,10 @@ def render_drift_md(drift: dict) -> str:
         changed = {None: "?", True: "yes", False: "no"}[m["source_changed"]]
         lines.append(f"| {m['model_type']} | {m['transformers']['before']} → {m['transformers']['after']} "
                      f"| {changed} | {status('vllm')} | {status('aphrodite')} | {vtxt} |")
+    if drift.get("skipped"):
+        lines.append("")
+        lines.append(f"Not regenerated, ported from a release newer than {release}: "
+                     + ", ".join(f"{s['model_type']} ({s['transformers']})" for s in drift["skipped"]) + ".")
     if drift.get("matrix"):
         from porter.coverage.matrix import render_matrix_md
 

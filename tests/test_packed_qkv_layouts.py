@@ -79,8 +79,12 @@ def test_falcon_fused_projection_grouped_per_kv_head_in_every_config_arm():
 def test_falcon_port_chooses_alibi_or_rotary_by_config_and_regroups_when_loading():
     text = next(Path(__file__).resolve().parents[1].joinpath("generated", "vllm", "falcon").rglob(
         "modeling_falcon.py")).read_text()
+    # config.alibi=True is refused when the model is built (PT171: transformers' eager and SDPA
+    # paths add the bias a different number of times, so there is no single reference)
+    assert "no single reference for config.alibi=True" in text
+    code = text.replace("config.alibi=True", "")
     # the input never decides: no bias parameter, no `alibi is None`
-    assert "alibi is None" not in text and "alibi=" not in text and "build_alibi_tensor" not in text
+    assert "alibi is None" not in code and "alibi=" not in code and "build_alibi_tensor" not in code
     assert "self.use_alibi = config.alibi" in text and "if not self.use_alibi:\n" in text
     assert re.search(r"alibi_slopes=alibi_slopes\(self\.query_key_value\.total_num_heads, self\.inv_norm_factor\)"
                      r"\s+if config\.alibi\s+else None", text)

@@ -21,10 +21,11 @@ WORKFLOW = ROOT / ".github" / "workflows" / "regenerate.yml"
 def test_check_passes_on_the_committed_ports():
     proc = run_porter("regen", "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # every transformers port for each target, and the remote-code ports (reconverted from the
-    # fixture folder each records)
+    # every transformers port for each target, the remote-code ports (reconverted from the
+    # fixture folder each records) and the ports of older releases (generated/releases/<version>/)
     remote = list((GENERATED / "remote").glob("*/*/PORT.json"))
-    assert f"{len(MODELS) * len(TARGETS) + len(remote)} port(s)" in proc.stdout
+    releases = list((GENERATED / "releases").glob("*/*/*/PORT.json"))
+    assert f"{len(MODELS) * len(TARGETS) + len(remote) + len(releases)} port(s)" in proc.stdout
 
 
 def test_check_names_the_file_that_differs(tmp_path):
@@ -53,8 +54,16 @@ def test_regen_newer_release_converts_every_committed_model(regen_new_release):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     drift = json.loads((out / "DRIFT.json").read_text())
     assert drift["failed"] == []
-    assert sorted(m["model_type"] for m in drift["models"]) == sorted(MODELS)
-    for model in MODELS:
+    # a port of a release newer than this one (a later day-zero port) is skipped, not downgraded
+    newer = {m: v for m in MODELS
+             if _release(v := json.loads((GENERATED / "vllm" / m / "PORT.json").read_text())[
+                 "transformers_version"]) > _release(NEW_RELEASE)}
+    assert newer, "no committed port of a release newer than the one regenerated here"
+    assert drift["skipped"] == [{"model_type": m, "transformers": v} for m, v in sorted(newer.items())]
+    assert sorted(m["model_type"] for m in drift["models"]) == sorted(set(MODELS) - set(newer))
+    md = (out / "DRIFT.md").read_text()
+    assert all(f"{m} ({v})" in md for m, v in newer.items())
+    for model in sorted(set(MODELS) - set(newer)):
         for target in TARGETS:
             info = json.loads((out / target / model / "PORT.json").read_text())
             assert info["transformers_version"] == NEW_RELEASE
@@ -115,6 +124,15 @@ def test_drift_report_names_what_changed(regen_new_release):
 DAY_ZERO = "5.25.0"
 
 
+# cells of the release matrix porter refuses, with the reason it gives: cohere_compass's rotary of
+# 5.17 and 5.18 takes its three M-RoPE axes of positions from the model (5.19's copies one axis to
+# three itself), so porter cannot show from the file that its pre-rotated table only permutes rows
+KNOWN_GAPS = {
+    ("cohere_compass", "5.17.0"): "rotary whose frequency table is rearranged in place",
+    ("cohere_compass", "5.18.0"): "rotary whose frequency table is rearranged in place",
+}
+
+
 def _release(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split("."))
 
@@ -123,7 +141,8 @@ def test_release_matrix_in_drift_md_converts_every_model_from_every_release(rege
     """The release matrix `porter regen` writes into DRIFT.md: every committed model type converted
     from every release of rules/coverage.yaml (5.16.0 ... 5.25.0); a day-zero model type is absent
     only from the releases before its own. The matrix converts the vllm target in two processes,
-    each (model, files read) once, cached under .porter-cache/coverage/matrix/. No cell fails:
+    each (model, files read) once, cached under .porter-cache/coverage/matrix/. No cell fails but
+    the refusals named in KNOWN_GAPS; an older release converts a model type or lacks it;
     bamba and mamba2 convert from 5.25.0 too (5.25 moved the mamba2 mixer's scan into a module
     function decorated for hub kernels; porter reads the function's own code: test_ssm_releases.py)."""
     _, out = regen_new_release
@@ -132,11 +151,21 @@ def test_release_matrix_in_drift_md_converts_every_model_from_every_release(rege
     assert mx["releases"][0] == "5.16.0" and mx["releases"][-1] == DAY_ZERO
     assert {"5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.24.0"} <= set(mx["releases"])
     assert sorted(mx["rows"]) == sorted(MODELS)
+    from porter.source import installed_transformers_version
+
+    engine = _release(installed_transformers_version())
     for model, cells in mx["rows"].items():
         recorded = json.loads((GENERATED / "vllm" / model / "PORT.json").read_text())["transformers_version"]
         for release, cell in cells.items():
-            want = "absent" if _release(release) < _release(recorded) else "converted"
-            assert cell["status"] == want, (model, release, cell)
+            if (model, release) in KNOWN_GAPS:
+                assert cell["status"] == "failed" and KNOWN_GAPS[model, release] in cell["error"], cell
+            elif _release(release) >= _release(recorded):
+                assert cell["status"] == "converted", (model, release, cell)
+            elif _release(recorded) > engine:  # a day-zero model type: absent before its release
+                assert cell["status"] == "absent", (model, release, cell)
+            else:  # an older release converts the model type, or does not have it yet
+                assert cell["status"] in ("converted", "absent"), (model, release, cell)
+    assert sorted(tuple(f) for f in mx["failed"]) == sorted(KNOWN_GAPS)
     md = (out / "DRIFT.md").read_text()
     assert "## Release matrix" in md and "| falcon | " + " | ".join(["✓"] * len(mx["releases"])) + " |" in md
 

@@ -78,6 +78,7 @@ from porter.passes.plumbing.thread_prefix import ThreadPrefix
 from porter.passes.plumbing.unwrap_outputs import UnwrapOutputs
 from porter.passes.rope.drop_rope_config_reads import DropRopeConfigReads
 from porter.passes.rope.engine_rope import EngineRope
+from porter.passes.rope.yarn_mscale import YarnMscale
 from porter.passes.rope.flat_position_factor import FlatPositionFactor
 from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
@@ -166,6 +167,7 @@ MODEL: list[type[Rule]] = [
     CompileBaseModel,
     DropUnusedBuffers,
     DropRopeConfigReads,  # late: once no kept code reads the copy
+    YarnMscale,  # a rotary helper of transformers' utilities the port writes itself
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more
     PruneUnreachable,  # after every rule that can remove a use of a class or helper
     EngineImports,  # last: imports exactly the engine symbols the rules above used

@@ -151,6 +151,33 @@ def _built(value: cst.BaseExpression) -> cst.Call | None:
     return value if isinstance(value, cst.Call) else None
 
 
+def _module_assigns(st: cst.BaseStatement, mods: set[str]) -> dict[str, cst.Call] | None:
+    """The attention's projections and norms statement ST builds: `self.<mod> = <call>` (or a
+    conditional expression with one call arm), or an `if` whose arms hold only such statements
+    (an older spelling of the optional low-rank query); None when ST builds anything else."""
+    if isinstance(st, cst.If):
+        out: dict[str, cst.Call] = {}
+        arms = [st.body.body]
+        orelse = st.orelse
+        while orelse is not None:
+            arms.append(orelse.body.body)
+            orelse = orelse.orelse if isinstance(orelse, cst.If) else None
+        for arm in arms:
+            for inner in arm:
+                found = _module_assigns(inner, mods)
+                if found is None:
+                    return None
+                out.update(found)
+        return out
+    if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(
+            targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])])):  # type: ignore[attr-defined]
+        return None
+    assign = st.body[0]  # type: ignore[attr-defined]
+    attr = self_attr(assign.targets[0].target)
+    call = _built(assign.value)
+    return {attr: call} if attr in mods and call is not None else None
+
+
 def _linear(kind: str, in_f: str, out_f: str, bias: str, attr: str, extra: str = "") -> str:
     return (f"{kind}(\n    {in_f},\n    {out_f},\n    bias={bias},\n{extra}    quant_config=quant_config,\n"
             f'    prefix=f"{{prefix}}.{attr}",\n)')
@@ -198,11 +225,9 @@ class LatentAttention(Rule):
         kept: list[cst.BaseStatement] = []
         at = None
         for st in init.body.body:
-            assign = st.body[0] if m.matches(st, m.SimpleStatementLine(body=[m.Assign(
-                targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])])) else None  # type: ignore[attr-defined]
-            attr = self_attr(assign.targets[0].target) if assign is not None else None
-            if attr in mods and (call := _built(assign.value)) is not None:  # type: ignore[union-attr]
-                calls[attr] = call  # type: ignore[index]
+            found = _module_assigns(st, mods)
+            if found:
+                calls.update(found)
                 at = len(kept) if at is None else at
                 continue
             kept.append(st)
