@@ -346,11 +346,22 @@ def regen(
                if version and Version(_recorded(by_target)) > Version(version)}
     for model_type, recorded in sorted(skipped.items()):
         say(f"{model_type}: skipped (ported from transformers {recorded}, newer than {version})")
-    models = [
-        _regen_model(model_type, by_target, version, root, out, names, force=force,
-                     tps=tps if verify else None, say=say)
-        for model_type, by_target in sorted(ports.items()) if model_type not in skipped
-    ]
+    todo = [(mt, by_target) for mt, by_target in sorted(ports.items()) if mt not in skipped]
+    models, known = [], {}
+    if verify:  # one engine at a time
+        done = [_regen_model(mt, bt, version, root, out, names, force=force, tps=tps, say=say) for mt, bt in todo]
+    else:  # conversions only: two processes (a conversion is one busy core)
+        with concurrent.futures.ProcessPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+            futures = [pool.submit(_regen_model_quiet, mt, bt, version, root, out, names, force) for mt, bt in todo]
+            done = []
+            for fut in futures:
+                entry, cells, said = fut.result()
+                for msg in said:
+                    say(msg)
+                done.append((entry, cells))
+    for entry, cells in done:
+        models.append(entry)
+        known.update({(entry["model_type"], r): c for r, c in cells.items()})
     drift = {
         "porter_version": __version__,
         "transformers": version or "recorded",
@@ -361,7 +372,8 @@ def regen(
     if matrix:
         from porter.coverage.matrix import release_matrix
 
-        drift["matrix"] = release_matrix(sorted(ports), log=say)
+        # (the cells this run already converted, the recorded release's and VERSION's, are reused)
+        drift["matrix"] = release_matrix(sorted(ports), log=say, known=known)
     out.mkdir(parents=True, exist_ok=True)
     (out / DRIFT_JSON).write_text(json.dumps(drift, indent=2, sort_keys=True) + "\n")
     (out / DRIFT_MD).write_text(render_drift_md(drift))
@@ -373,11 +385,21 @@ def _recorded(by_target: dict[str, PortInfo]) -> str:
     return by_target[sorted(by_target, key=TARGETS.index)[0]].transformers_version
 
 
+def _regen_model_quiet(model_type, by_target, version, root, out, names, force):
+    """_regen_model in a worker process: (entry, release matrix cells, what it would have said)."""
+    said: list[str] = []
+    entry, cells = _regen_model(model_type, by_target, version, root, out, names, force=force, tps=None,
+                                say=said.append)
+    return entry, cells, said
+
+
 def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str | None, root: Path,
-                 out: Path, names: dict[str, str], *, force: bool, tps: tuple[int, ...] | None, say) -> dict:
+                 out: Path, names: dict[str, str], *, force: bool, tps: tuple[int, ...] | None,
+                 say) -> tuple[dict, dict[str, dict]]:
     """One model's drift entry: its targets converted from VERSION (or the recorded release)
     and written to OUT, compared with the port porter makes now from the recorded release;
-    verified (vllm, at TPS) unless TPS is None."""
+    verified (vllm, at TPS) unless TPS is None. With it, the release matrix's cells of the
+    releases converted here ({release: {"status": "converted"}}, the vllm target among them)."""
     from porter.convert import write_port
 
     targets = sorted(by_target, key=TARGETS.index)
@@ -397,9 +419,12 @@ def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str |
     say(f"{model_type}: transformers {before_version} -> {after_version}")
     # the port as porter makes it now from the recorded release (for per-scope provenance)
     old_source, old_convs = None, {}
+    cells: dict[str, dict] = {}
     try:
         old_source, convs = _convert(model_type, before_version, targets)
         old_convs = {c.target: c for c in convs}
+        if "vllm" in old_convs:
+            cells[before_version] = {"status": "converted"}
     except PorterError as exc:
         entry["before_error"] = exc.one_line()
     try:
@@ -412,7 +437,7 @@ def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str |
         for t in targets:
             entry["targets"][t] = {"status": "failed", "error": exc.one_line(), "verify": "not run"}
         say(f"{model_type}: FAILED: {exc.one_line()}")
-        return entry
+        return entry, cells
     entry["source"] = new_source.rel_path
     entry["source_sha256"]["after"] = new_source.sha256
     entry["source_changed"] = new_source.sha256 != first.source_sha256
@@ -439,7 +464,9 @@ def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str |
             "tps": list(tps),
         }
     say(f"{model_type}: converted ({', '.join(targets)})")
-    return entry
+    if "vllm" in targets:
+        cells[after_version] = {"status": "converted"}
+    return entry, cells
 
 
 def _signature_changes(old_text: str, new_text: str) -> dict[str, dict]:

@@ -29,8 +29,12 @@ def test_check_passes_on_the_committed_ports():
 
 
 def test_check_names_the_file_that_differs(tmp_path):
+    # (a few committed ports, each target: the check of the whole tree is the test above)
     root = tmp_path / "generated"
-    shutil.copytree(GENERATED, root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for target in TARGETS:
+        for model in ("llama", "opt", "gpt2"):
+            shutil.copytree(GENERATED / target / model, root / target / model,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     edited = root / "vllm" / "llama" / "porter_vllm_llama" / "modeling_llama.py"
     edited.write_text(edited.read_text().replace("QKVParallelLinear(", "QKVParallelLinear( ", 1))
     proc = run_porter("regen", "--check", "--root", str(root))

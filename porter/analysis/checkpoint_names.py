@@ -247,3 +247,20 @@ def _split_dim(op: ast.Call) -> int | None:
     if not dims:
         return 0
     return dims[0].value if len(dims) == 1 and isinstance(dims[0], ast.Constant) else None
+
+
+def mapping_digest_text(transformers_dir: Path, model_type: str, text: str) -> str:
+    """What the readers above can take from the conversion mapping for a model whose files are
+    TEXT: every entry whose key is MODEL_TYPE or occurs in TEXT (a class name, a text model type),
+    the entries they alias, each as the readers resolve it. Two releases whose mapping differs only
+    elsewhere give the same text (the release matrix converts such a model once)."""
+    pairs, _ = _tables(transformers_dir / "conversion_mapping.py")
+    strings = {k.value for k, _ in pairs if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    keys = {k for k in strings if k == model_type or k in text}
+    for key, value in pairs:  # the base pattern an entry names (qwen3_moe -> qwen2_moe)
+        if isinstance(key, ast.Constant) and key.value in keys and isinstance(value, ast.Constant) \
+                and isinstance(value.value, str):
+            keys.add(value.value)
+    out = [ast.dump(k) + ast.dump(v) for k, v in pairs if isinstance(k, ast.Constant) and k.value in keys]
+    out += [k + ":" + ",".join(ast.dump(c) for c in _conversion_entries(transformers_dir, [k])) for k in sorted(keys)]
+    return "\n".join(out)

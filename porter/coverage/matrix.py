@@ -5,8 +5,8 @@ Conversion is static (each release's wheel is read, never imported) and only the
 converted: the rules shared by both targets run there, and a model type whose files are the same
 in two releases is converted once. Results are cached under ``.porter-cache/coverage/matrix/``
 by porter's fingerprint and the digest of the files read (the modeling file, its model type's
-directory, the checkpoint renamings), so an unchanged tree costs a digest per cell. A model type
-a release does not have yet (a day-zero port before its release) is "absent", not a failure.
+directory, the conversion-mapping entries that can concern it), so an unchanged tree costs a
+digest per cell. A model type a release does not have yet (a day-zero port before its release) is "absent", not a failure.
 `porter regen` writes the table into DRIFT.md.
 """
 
@@ -51,14 +51,20 @@ def _digest(tree: Path, model_type: str) -> str | None:
         source = resolve(model_type, transformers_dir=tree)
     except PorterError:
         return None
+    from porter.analysis.checkpoint_names import mapping_digest_text
+
     h = hashlib.sha256(model_type.encode())
-    files = {source.path, tree / "conversion_mapping.py"}
+    files = {source.path}
     for d in {source.path.parent, tree / "models" / model_type}:
         files |= set(d.glob("*.py")) if d.is_dir() else set()
+    text = []
     for p in sorted(files):
         if p.is_file():
             h.update(str(p.relative_to(tree)).encode())
             h.update(p.read_bytes())
+            text.append(p.read_text(encoding="utf-8", errors="replace"))
+    # of conversion_mapping.py (which changes every release), only what can concern this model
+    h.update(mapping_digest_text(tree, model_type, "\n".join(text)).encode())
     return h.hexdigest()
 
 
@@ -88,15 +94,19 @@ def _cell(model_type: str, release: str, fingerprint: str, cache_dir: Path | Non
 
 
 def release_matrix(model_types: list[str], releases: list[str] | None = None,
-                   cache_dir: Path | None = CACHE_DIR, log=lambda msg: None, jobs: int | None = None) -> dict:
-    """{"releases": [...], "rows": {model_type: {release: cell}}, "failed": [[model_type, release], ...]}."""
+                   cache_dir: Path | None = CACHE_DIR, log=lambda msg: None, jobs: int | None = None,
+                   known: dict[tuple[str, str], dict] | None = None) -> dict:
+    """{"releases": [...], "rows": {model_type: {release: cell}}, "failed": [[model_type, release], ...]}.
+    KNOWN: cells the caller already converted ((model_type, release) -> cell; `porter regen`'s own
+    conversions of the recorded release and of the one it regenerates from), not converted again."""
     from porter.source import transformers_tree
 
     releases = matrix_releases() if releases is None else releases
     for r in releases:
         transformers_tree(r)  # a release that cannot be fetched fails once, up front
     fingerprint = porter_fingerprint()
-    work = [(mt, r) for mt in model_types for r in releases]
+    known = known or {}
+    work = [(mt, r) for mt in model_types for r in releases if (mt, r) not in known]
     jobs = max(1, min(jobs or min(2, os.cpu_count() or 1), len(work)))
     args = [[mt for mt, _ in work], [r for _, r in work], [fingerprint] * len(work), [cache_dir] * len(work)]
     if jobs == 1:
@@ -104,9 +114,11 @@ def release_matrix(model_types: list[str], releases: list[str] | None = None,
     else:  # two processes: a conversion is one busy core
         with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
             cells = list(pool.map(_cell, *args, chunksize=4))
+    got = {**dict(zip(work, cells)), **{k: v for k, v in known.items() if k[1] in releases}}
     rows: dict[str, dict[str, dict]] = {mt: {} for mt in model_types}
     failed = []
-    for (mt, r), cell in zip(work, cells):
+    for mt, r in ((mt, r) for mt in model_types for r in releases):
+        cell = got[mt, r]
         rows[mt][r] = cell
         if cell["status"] == "failed":
             failed.append([mt, r])
