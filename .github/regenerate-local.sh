@@ -11,7 +11,8 @@
 # RELEASE: the transformers release (default: the newest, asked of the package index with pip).
 # --scratch DIR: where to clone (default: a new temporary directory; kept afterwards).
 # --venv DIR: use this porter venv (a symlink) instead of building one with `make setup`; the
-#   day-zero reference venvs beside it (.venv-transformers-*) are linked too.
+#   day-zero reference venvs beside it (.venv-transformers-*) are linked too, and make is never
+#   run (the tests run as `make test-full` runs them, without its setup steps).
 # --no-tests: stop after `porter regen` (the drift report, no engine runs).
 set -uo pipefail
 
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
     --scratch) scratch="$2"; shift 2 ;;
     --venv) venv="$2"; shift 2 ;;
     --no-tests) tests=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) release="$1"; shift ;;
   esac
 done
@@ -61,8 +62,15 @@ regen_status=$?
 
 test_status=0
 if [ "$tests" = 1 ]; then
-  step "test everything (make test-full)"
-  make test-full
+  if [ -n "$venv" ]; then
+    # what `make test-full` runs, without make: its setup prerequisites would `pip install -e .`
+    # this clone into the shared venv (the clone's pyproject.toml is newer than the venv's stamp)
+    step "test everything (PORTER_VERIFY_ALL=1 pytest -n 2 tests, as make test-full)"
+    PORTER_VERIFY_ALL=1 .venv/bin/python -m pytest -q -n 2 tests
+  else
+    step "test everything (make test-full)"
+    make test-full
+  fi
   test_status=$?
 fi
 
