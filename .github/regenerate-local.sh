@@ -6,23 +6,27 @@
 # and commit the result on a branch of the scratch clone (what the workflow proposes as a pull
 # request). Exit status: non-zero when regen or the tests failed, as the workflow's last step.
 #
-#   .github/regenerate-local.sh [RELEASE] [--scratch DIR] [--venv DIR] [--no-tests]
+#   .github/regenerate-local.sh [RELEASE] [--scratch DIR] [--venv DIR] [--cache DIR] [--no-tests]
 #
 # RELEASE: the transformers release (default: the newest, asked of the package index with pip).
 # --scratch DIR: where to clone (default: a new temporary directory; kept afterwards).
 # --venv DIR: use this porter venv (a symlink) instead of building one with `make setup`; the
-#   day-zero reference venvs beside it (.venv-transformers-*) are linked too.
+#   day-zero reference venvs beside it (.venv-transformers-*) are linked too, and make is never
+#   run (the tests run as `make test-full` runs them, without its setup steps).
+# --cache DIR: use this porter cache (a .porter-cache, linked): its entries are keyed by the code
+#   and files they were computed from, so the release matrix reuses the cells computed already.
 # --no-tests: stop after `porter regen` (the drift report, no engine runs).
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
-release="" scratch="" venv="" tests=1
+release="" scratch="" venv="" cache="" tests=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --scratch) scratch="$2"; shift 2 ;;
     --venv) venv="$2"; shift 2 ;;
+    --cache) cache="$2"; shift 2 ;;
     --no-tests) tests=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) release="$1"; shift ;;
   esac
 done
@@ -44,6 +48,10 @@ else
   make setup || exit 1
 fi
 
+if [ -n "$cache" ]; then
+  ln -sfn "$(cd "$cache" && pwd)" .porter-cache
+fi
+
 step "find the transformers release"
 if [ -z "$release" ]; then
   release="$(.venv/bin/python -m pip index versions transformers 2>/dev/null \
@@ -61,8 +69,15 @@ regen_status=$?
 
 test_status=0
 if [ "$tests" = 1 ]; then
-  step "test everything (make test-full)"
-  make test-full
+  if [ -n "$venv" ]; then
+    # what `make test-full` runs, without make: its setup prerequisites would `pip install -e .`
+    # this clone into the shared venv (the clone's pyproject.toml is newer than the venv's stamp)
+    step "test everything (PORTER_VERIFY_ALL=1 pytest -n 2 tests, as make test-full)"
+    PORTER_VERIFY_ALL=1 .venv/bin/python -m pytest -q -n 2 tests
+  else
+    step "test everything (make test-full)"
+    make test-full
+  fi
   test_status=$?
 fi
 

@@ -15,7 +15,8 @@ table; the sizes they use come from the config (read by the other statements rep
 
 When the rotary forward splits cos/sin by these sections again and takes each section from an
 axis of positions (M-RoPE), text-only positions are one row copied to every axis
-(`position_ids.expand(3, -1, -1)`): putting the sections back together in their order restores the
+(`position_ids.expand(3, -1, -1)` in the rotary, or built so by the model before it calls the
+rotary: porter/analysis/position_axes.py): putting the sections back together in their order restores the
 table, which `recomposed_in_order` checks.
 """
 
@@ -104,13 +105,15 @@ def table_order(info: ClassInfo, params: str, half: str) -> list[str] | None:
     return None
 
 
-def recomposed_in_order(info: ClassInfo) -> bool:
+def recomposed_in_order(info: ClassInfo, handed_copies: bool = False) -> bool:
     """Every method that splits a table into sections (`freq.split(sections, dim=-1)`) takes each
     section from one axis of positions copied to every axis (`position_ids.expand(n, -1, -1)` in
-    the forward) and concatenates the sections back in their order."""
+    the forward, or HANDED_COPIES: the model hands the rotary the positions on every axis,
+    porter/analysis/position_axes.py) and concatenates the sections back in their order."""
     fwd = info.method("forward")
-    copies = fwd is not None and bool(findall(fwd, m.Call(func=m.Attribute(attr=m.Name("expand")), args=[
-        m.Arg(m.Integer()), m.AtLeastN(m.Arg(m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1"))), n=1)])))
+    copies = handed_copies or fwd is not None and bool(findall(fwd, m.Call(
+        func=m.Attribute(attr=m.Name("expand")), args=[m.Arg(m.Integer()), m.AtLeastN(
+            m.Arg(m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1"))), n=1)])))
     for fn in findall(info.node, m.FunctionDef()):
         splits = findall(fn, m.Call(func=m.Attribute(attr=m.Name("split"))))
         if not splits:

@@ -26,6 +26,7 @@ from porter.analysis.layouts import alibi_condition, attention_call_names
 from porter.plan.alibi_slopes import check_alibi_max_bias
 from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
 from porter.analysis.latent_attention import latent_attention
+from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
 from porter.plan import latent_refusals, refusals
@@ -202,8 +203,10 @@ class Planner(AttentionPlanning):
             params = a.rope_params or ("config.rope_parameters[config.layer_types[layer_idx]]" if keyed
                                        else "config.rope_parameters")
             order = table_order(rotary, params, "half")  # (PT244's helper takes half)
-            if order is None or not recomposed_in_order(rotary) or not rows_move_freely(
-                    self.idx.classes[a.cls], {a.q, a.k, a.v, a.o or ""}):
+            # M-RoPE sections put back in order: the rotary copies one row of positions to every
+            # axis, or the model hands it the positions on every axis (transformers 5.17/5.18)
+            if order is None or not recomposed_in_order(rotary, hands_copied_axes(self.idx, rotary)) \
+                    or not rows_move_freely(self.idx.classes[a.cls], {a.q, a.k, a.v, a.o or ""}):
                 return
             orders[a.cls] = "\n".join(order)
         for a in rotating:
