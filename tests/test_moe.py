@@ -114,6 +114,18 @@ def test_router_the_engine_cannot_express_routes_with_its_own_code():
     assert not any(p.routing_function for m in MOE_MODELS + ["glm4_moe", "hy_v3"] for p in _blocks(m)[1])
 
 
+def test_router_handed_a_bias_by_its_block_routes_with_its_own_code_bound_to_it():
+    # lfm2_moe: `if self.use_expert_bias: <biased top-k> else: <top-k>`, then the top-k weights over
+    # their sum + 1e-6 (not the engine's renormalisation): a routing function, handed the block's
+    # own correction bias (a local bound once to `self.expert_bias if self.use_expert_bias else None`);
+    # its experts' activation is `F.silu`
+    (b,) = _blocks("lfm2_moe")[1]
+    assert b.routing_function and b.route_outputs == [1, 2] and b.correction_bias is None
+    assert [list(a) for a in b.route_args] == [["expert_bias", "self.expert_bias if self.use_expert_bias else None"]]
+    assert b.activation == '"silu"' and b.top_k == "config.num_experts_per_tok"
+    assert not any(p.route_args for m in MOE_MODELS + ["ernie4_5_moe", "phimoe", "laguna"] for p in _blocks(m)[1])
+
+
 @pytest.mark.parametrize("model_type", ["inkling_text", "dbrx"])
 def test_other_routing_is_a_diagnostic_not_a_silent_port(model_type, tmp_path):
     # inkling's router also returns gammas that weigh its shared experts in the block: FusedMoE's

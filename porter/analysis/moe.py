@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall, code, param_names, self_attr, self_call_attr
+from porter.analysis.cstutil import code, dotted, findall, param_names, self_attr, self_call_attr
 from porter.analysis.index import LINEAR_NAMES, ClassInfo, ModelIndex
 from porter.analysis.moe_oai import swigluoai_experts
 from porter.analysis.moe_branches import read_routing as read_router
@@ -69,6 +69,9 @@ class MoePlan:
     route_outputs: list[int] = field(default_factory=list)
     router_dims: list[str] = field(default_factory=list)
     router_bias: bool = False  # the router's projection has a bias (the gate's, loaded with it)
+    # (function) what else the block hands its router: [forward parameter, block expression over
+    # `self.`], bound to the route with functools.partial (lfm2_moe's `expert_bias`)
+    route_args: list[list[str]] = field(default_factory=list)
     # experts with biases: (gate_up bias, down bias) attributes; the swigluoai activation's (alpha, limit)
     expert_bias: list[str] = field(default_factory=list)
     swiglu: list[str] = field(default_factory=list)
@@ -77,7 +80,8 @@ class MoePlan:
 # routing fields left out of PORT.json where they hold their default (other ports' PORT.json unchanged)
 _ROUTING_DEFAULTS = {"router_weight": "weight", "correction_bias": None, "n_group": None, "topk_group": None,
                      "routed_scaling": None, "routing_function": False, "router_logits": "", "route_outputs": [],
-                     "router_dims": [], "router_bias": False, "expert_bias": [], "swiglu": []}
+                     "router_dims": [], "router_bias": False, "expert_bias": [], "swiglu": [],
+                     "route_args": []}
 
 
 def compact_moe(d: dict) -> None:
@@ -213,6 +217,8 @@ class MoeFinder:
         for a, v in attrs.items():
             if m.matches(v, m.Subscript(value=m.Name("ACT2FN"))):
                 act = v.slice[0].slice.value  # type: ignore[attr-defined]
+            elif (dotted(v) or "").split(".")[-2:] in (["F", "silu"], ["functional", "silu"]):
+                act = cst.SimpleString('"silu"')  # `self.act_fn = F.silu`: the engine's "silu"
         if act is None:
             return None
         # the intermediate size: (experts, hidden, intermediate) as FusedMoE stores it, else transposed
@@ -245,16 +251,10 @@ class MoeFinder:
                 or not isinstance(routes[0].targets[0].target, cst.Tuple):  # type: ignore[attr-defined]
             return None
         returned = [el.value for el in routes[0].targets[0].target.elements]  # type: ignore[attr-defined]
-        if r.function:  # which of the router's outputs the experts read, from the block's own call
-            names = [t.value if isinstance(t, cst.Name) else None for t in returned]
-            args = [a.value.value if isinstance(a.value, cst.Name) else "" for a in calls[0].args[1:3]]
-            if not all(a in names for a in args):
-                return None
-            r.outputs = (names.index(args[1]), names.index(args[0]))
-            # what else the router returns (inkling's shared-expert gammas) the block must not read
-            others = {n for n in names if n and n != "_" and n not in args}
-            if any(n.value in others for st in fwd.body.body if st is not _statement_of(fwd, routes[0])
-                   for n in findall(st, m.Name())):  # type: ignore[attr-defined]
+        route_args: list[list[str]] | None = []
+        if r.function:
+            route_args = _function_outputs(fwd, r, r_cls, calls[0], routes[0], returned)
+            if route_args is None:
                 return None
         w_pos, i_pos = r.outputs
         # the experts read the router's top-k indices and weights as the router returned them
@@ -262,7 +262,7 @@ class MoeFinder:
                 m.matches(a.value, m.Name(t.value)) for a, t in zip(calls[0].args[1:3], (returned[i_pos], returned[w_pos]))
                 if isinstance(t, cst.Name)) or not all(isinstance(t, cst.Name) for t in (returned[i_pos], returned[w_pos])):
             return None
-        bias = _block_bias(info, r, routes[0].value)  # type: ignore[attr-defined]
+        bias = None if route_args else _block_bias(info, r, routes[0].value)  # type: ignore[attr-defined]
         if bias == "":
             return None
 
@@ -297,9 +297,63 @@ class MoeFinder:
             # (function) the gate's (hidden, experts) as the router's own __init__ reads them
             router_dims=[_resolve(r.shape[1], r_cls, None), _resolve(r.shape[0], r_cls, None)] if r.function else [],
             router_bias=r.linear_bias is not None,
+            route_args=route_args or [],
             expert_bias=e.get("bias", []),
             swiglu=[_resolve(c, e_cls, e_sub.call) for c in e.get("swiglu", [])],
         )
+
+
+def _function_outputs(fwd: cst.FunctionDef, r: Routing, r_cls: ClassInfo, call: cst.Call, route: cst.Assign,
+                      returned: list) -> list[list[str]] | None:
+    """A routing function: which of the router's outputs the experts read, from the block's own call
+    (set on R), and what else the block hands the router (_route_args); None where the block reads
+    another of its outputs or hands it something else."""
+    names = [t.value if isinstance(t, cst.Name) else None for t in returned]
+    args = [a.value.value if isinstance(a.value, cst.Name) else "" for a in call.args[1:3]]
+    if not all(a in names for a in args):
+        return None
+    r.outputs = (names.index(args[1]), names.index(args[0]))
+    # what else the router returns (inkling's shared-expert gammas) the block must not read
+    others = {n for n in names if n and n != "_" and n not in args}
+    if any(n.value in others for st in fwd.body.body if st is not _statement_of(fwd, route)
+           for n in findall(st, m.Name())):  # type: ignore[attr-defined]
+        return None
+    return _route_args(fwd, r_cls, route) if len(route.value.args) > 1 else []  # type: ignore[attr-defined]
+
+
+def _route_args(fwd: cst.FunctionDef, r_cls: ClassInfo, route: cst.Assign) -> list[list[str]] | None:
+    """What the block hands its router beside the hidden states (`self.gate(x, expert_bias)`), as
+    [router forward parameter, block expression]: an expression over the block's own attributes, or
+    a local the block binds once to one (`expert_bias = self.expert_bias if self.use_expert_bias else
+    None`). None when an argument is anything else (a value the block computes per call)."""
+    params = [p for p in param_names(r_cls.method("forward")) if p != "self"]  # type: ignore[arg-type]
+    bound = {n.targets[0].target.value: n.value for st in fwd.body.body  # type: ignore[attr-defined]
+             for n in findall(st, m.Assign(targets=[m.AssignTarget(m.Name())]))}
+    counts: dict[str, int] = {}
+    for n in findall(fwd, m.AssignTarget(m.Name())):
+        counts[n.target.value] = counts.get(n.target.value, 0) + 1  # type: ignore[attr-defined]
+    out = []
+    for i, a in enumerate(route.value.args[1:], start=1):  # type: ignore[attr-defined]
+        name = a.keyword.value if a.keyword is not None else (params[i] if i < len(params) else None)
+        value = a.value
+        if isinstance(value, cst.Name) and counts.get(value.value) == 1 and value.value in bound:
+            value = bound[value.value]
+        if name is None or name not in params or not _over_self(value):
+            return None
+        out.append([name, code(value)])
+    return out
+
+
+def _over_self(node: cst.BaseExpression) -> bool:
+    """NODE reads only the block's attributes and constants (no local of its forward)."""
+    attrs = {id(a.value) for a in findall(node, m.Attribute(value=m.Name("self")))}  # type: ignore[attr-defined]
+    return all(id(n) in attrs or n.value in ("self", "None", "True", "False")  # type: ignore[attr-defined]
+               for n in findall(node, m.Name()) if not _is_attr_name(node, n))
+
+
+def _is_attr_name(root: cst.CSTNode, name: cst.CSTNode) -> bool:
+    """NAME is the `.attr` part of an attribute in ROOT (not a value read)."""
+    return any(a.attr is name for a in findall(root, m.Attribute()))  # type: ignore[attr-defined]
 
 
 def _chunked_by_method(info: ClassInfo, fwd: cst.FunctionDef) -> list[cst.Call]:

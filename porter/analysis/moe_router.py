@@ -561,8 +561,10 @@ def _function_top_k(fwd: cst.FunctionDef) -> cst.BaseExpression | None:
     from porter.analysis.cstutil import findall
 
     topks = findall(fwd, m.Call(func=m.Attribute(attr=m.Name("topk"))))
-    if len(topks) == 1:
-        return _kw(topks[0], "k", 0 if dotted(topks[0].func) != "torch.topk" else 1)  # type: ignore[arg-type, attr-defined]
+    ks = [_kw(t, "k", 0 if dotted(t.func) != "torch.topk" else 1) for t in topks]  # type: ignore[arg-type, attr-defined]
+    # one top-k, or one per branch of an `if self.flag: ... else: ...` (lfm2_moe), all of the same k
+    if ks and all(k is not None and k.deep_equals(ks[0]) for k in ks):
+        return ks[0]
     if topks:
         return None
     ks = [a.value for c in findall(fwd, m.Call()) for a in c.args  # type: ignore[attr-defined]

@@ -267,7 +267,10 @@ class FusedMoe(Rule):
             if mp.transposed:
                 # stored (experts, in, out): the engine's loader transposes the packed tensors
                 ckpt += ", is_fused_checkpoint_transposed=True"
-            if mp.routing_function:
+            if mp.routing_function and mp.route_args:  # what the block hands its router, bound
+                bound = ", ".join(f"{name}={value}" for name, value in mp.route_args)
+                ckpt += f", custom_routing_function={self.ctx.use('partial')}(self.gate.route, {bound})"
+            elif mp.routing_function:
                 ckpt += ", custom_routing_function=self.gate.route"
             if mp.expert_bias:
                 ckpt += ", has_bias=True"
@@ -282,8 +285,11 @@ class FusedMoe(Rule):
             # the router returns its logits (and a bias slot): top-k happens inside FusedMoE, which
             # holds the correction bias the router was handed
             target = cst.parse_expression("router_logits, _")
+            first = updated.value.args[0]  # type: ignore[attr-defined]
+            if mp.route_args:  # (the bound arguments dropped: no trailing comma)
+                first = first.with_changes(comma=cst.MaybeSentinel.DEFAULT)
             call = updated.value.with_changes(  # type: ignore[attr-defined]
-                func=cst.parse_expression("self.gate"), args=updated.value.args[:1])  # type: ignore[attr-defined]
+                func=cst.parse_expression("self.gate"), args=[first])
             return updated.with_changes(targets=[cst.AssignTarget(target)], value=call)
         return updated
 
