@@ -45,3 +45,15 @@ def test_rescaled_latents_are_named(tmp_path):
     assert "modeling_longcat_flash.py:" in proc.stderr and "(rule latent-attention)" in proc.stderr
     assert "the scale `k_pass * self.mla_scale_kv_lora`" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_decompressed_port_keeps_the_scale_before_the_head(tmp_path):
+    # minicpm3 (PT281): ordinary attention over the decompressed keys/values; its causal LM divides
+    # the hidden states by config.logits_scaling before lm_head, which the logits processor applies
+    from conftest import run_porter
+
+    proc = run_porter("convert", "minicpm3", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    port = next(tmp_path.rglob("modeling_minicpm3.py")).read_text()
+    assert "scale=(1.0 / self.config.logits_scaling)" in port
+    assert "nn.functional.pad(v, [0, head_size - self.v_head_dim])" in port

@@ -40,6 +40,62 @@ _HEAD_MODULES = (
     "\n"
 )
 
+# PT050's plain example: the causal LM over a base model, its head a bias-free nn.Linear
+_PLAIN = (
+    "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+    "        super().__init__()\n"
+    "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
+    "class AForCausalLM(nn.Module):\n    def __init__(self, config):\n"
+    "        super().__init__()\n        self.model = AModel(config)\n"
+    "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
+    "\n    def forward(self, input_ids):\n"
+    "        return self.lm_head(self.model(input_ids=input_ids))\n"
+)
+_PLAIN_PORT = (
+    "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+    "        super().__init__()\n"
+    "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
+    "class AForCausalLM(nn.Module):\n"
+    "    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ''):\n"
+    "        super().__init__()\n        config = vllm_config.model_config.hf_config\n"
+    "        cache_config = vllm_config.cache_config\n"
+    "        quant_config = vllm_config.quant_config\n        self.config = config\n"
+    "        self.model = AModel(config)\n"
+    "        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, "
+    'quant_config=quant_config, prefix=maybe_prefix(prefix, "lm_head"))\n'
+    "        if config.tie_word_embeddings:\n"
+    "            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)\n"
+    "        self.logits_processor = LogitsProcessor(config.vocab_size)\n"
+    "    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:\n"
+    "        return self.model.embed_tokens(input_ids)\n    \n    \n    def forward(\n"
+    "        self,\n        input_ids: torch.Tensor | None,\n"
+    "        positions: torch.Tensor,\n"
+    "        intermediate_tensors: IntermediateTensors | None = None,\n"
+    "        inputs_embeds: torch.Tensor | None = None,\n    ) -> torch.Tensor:\n"
+    "        return self.model(input_ids=input_ids, positions=positions, "
+    "inputs_embeds=inputs_embeds)\n    \n    \n"
+    "    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:\n"
+    "        return self.logits_processor(self.lm_head, hidden_states)\n    \n    \n"
+    "    def load_weights(self, weights: Iterable[tuple[str, "
+    "torch.Tensor]]) -> set[str]:\n        stacked_params_mapping = [\n"
+    "            # (param_name, shard_name, shard_id)\n        ]\n"
+    "        params_dict = dict(self.named_parameters())\n"
+    "        loaded_params: set[str] = set()\n"
+    "        for name, loaded_weight in weights:\n"
+    '            if "rotary_emb.inv_freq" in name:\n                continue\n'
+    '            if self.config.tie_word_embeddings and name.startswith("lm_head."):\n'
+    "                continue\n"
+    "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
+    "                if shard_name not in name:\n                    continue\n"
+    "                name = name.replace(shard_name, param_name)\n"
+    "                param = params_dict[name]\n"
+    "                param.weight_loader(param, loaded_weight, shard_id)\n"
+    "                break\n            else:\n                param = params_dict[name]\n"
+    '                weight_loader = getattr(param, "weight_loader", '
+    "default_weight_loader)\n                weight_loader(param, loaded_weight)\n"
+    "            loaded_params.add(name)\n        return loaded_params\n"
+)
+
 
 class CausalLmInterface(Rule):
     descend_methods = frozenset()
@@ -53,60 +109,23 @@ class CausalLmInterface(Rule):
         "`embed_input_ids`, and `load_weights` to fill parameters. lm_head becomes "
         "`ParallelLMHead` (tied to the embedding when the config says so); `load_weights` is "
         "rendered from templates/load_weights.py.j2 with the plan's stacked q/k/v and gate/up "
-        "mapping, so the fused layers and their loader always agree."
+        "mapping, so the fused layers and their loader always agree. A scale HF applies to the "
+        "logits (or to the hidden states entering a head without bias, the same thing) and a tanh "
+        "soft cap become the logits processor's `scale=` and `soft_cap=`."
     )
     examples = [
         Example(
-            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
-            "        super().__init__()\n"
-            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
-            "class AForCausalLM(nn.Module):\n    def __init__(self, config):\n"
-            "        super().__init__()\n        self.model = AModel(config)\n"
-            "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
-            "\n    def forward(self, input_ids):\n"
-            "        return self.lm_head(self.model(input_ids=input_ids))\n",
-            "from torch import nn\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
-            "        super().__init__()\n"
-            "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
-            "class AForCausalLM(nn.Module):\n"
-            "    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ''):\n"
-            "        super().__init__()\n        config = vllm_config.model_config.hf_config\n"
-            "        cache_config = vllm_config.cache_config\n"
-            "        quant_config = vllm_config.quant_config\n        self.config = config\n"
-            "        self.model = AModel(config)\n"
-            "        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, "
-            'quant_config=quant_config, prefix=maybe_prefix(prefix, "lm_head"))\n'
-            "        if config.tie_word_embeddings:\n"
-            "            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)\n"
-            "        self.logits_processor = LogitsProcessor(config.vocab_size)\n"
-            "    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:\n"
-            "        return self.model.embed_tokens(input_ids)\n    \n    \n    def forward(\n"
-            "        self,\n        input_ids: torch.Tensor | None,\n"
-            "        positions: torch.Tensor,\n"
-            "        intermediate_tensors: IntermediateTensors | None = None,\n"
-            "        inputs_embeds: torch.Tensor | None = None,\n    ) -> torch.Tensor:\n"
-            "        return self.model(input_ids=input_ids, positions=positions, "
-            "inputs_embeds=inputs_embeds)\n    \n    \n"
-            "    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:\n"
-            "        return self.logits_processor(self.lm_head, hidden_states)\n    \n    \n"
-            "    def load_weights(self, weights: Iterable[tuple[str, "
-            "torch.Tensor]]) -> set[str]:\n        stacked_params_mapping = [\n"
-            "            # (param_name, shard_name, shard_id)\n        ]\n"
-            "        params_dict = dict(self.named_parameters())\n"
-            "        loaded_params: set[str] = set()\n"
-            "        for name, loaded_weight in weights:\n"
-            '            if "rotary_emb.inv_freq" in name:\n                continue\n'
-            '            if self.config.tie_word_embeddings and name.startswith("lm_head."):\n'
-            "                continue\n"
-            "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
-            "                if shard_name not in name:\n                    continue\n"
-            "                name = name.replace(shard_name, param_name)\n"
-            "                param = params_dict[name]\n"
-            "                param.weight_loader(param, loaded_weight, shard_id)\n"
-            "                break\n            else:\n                param = params_dict[name]\n"
-            '                weight_loader = getattr(param, "weight_loader", '
-            "default_weight_loader)\n                weight_loader(param, loaded_weight)\n"
-            "            loaded_params.add(name)\n        return loaded_params\n",
+            _PLAIN,
+            _PLAIN_PORT,
+        ),
+        Example(  # the hidden states scaled on their way into a bias-free head (MiniCPM3): the
+            # same scale of the logits, which the engine's logits processor applies
+            _PLAIN.replace("        return self.lm_head(self.model(input_ids=input_ids))\n",
+                           "        hidden_states = self.model(input_ids=input_ids)\n"
+                           "        hidden_states = hidden_states / self.config.logits_scaling\n"
+                           "        return self.lm_head(hidden_states)\n"),
+            _PLAIN_PORT.replace("LogitsProcessor(config.vocab_size)",
+                                "LogitsProcessor(config.vocab_size, scale=(1.0 / self.config.logits_scaling))"),
         ),
         Example(  # a head module between the base model and the vocab projection (ModernBERT-decoder):
             # applied in compute_logits, per token
@@ -264,7 +283,7 @@ class CausalLmInterface(Rule):
 
         collect(fwd.body.body)
         names: set[str] = set()
-        ops: list[tuple[str, str]] = []
+        ops: list[tuple[str, str]] = self._pre_head_scale(info, stmts)
         for small in stmts:
             if not (isinstance(small, cst.Assign) and len(small.targets) == 1
                     and isinstance(small.targets[0].target, cst.Name)):
@@ -342,6 +361,47 @@ class CausalLmInterface(Rule):
                     break
             return chain[::-1]
         return []
+
+    def _pre_head_scale(self, info, stmts: list) -> list[tuple[str, str]]:
+        """A scale of the hidden states on their way into lm_head (MiniCPM3: `hidden_states =
+        hidden_states / self.config.logits_scaling`, then `self.lm_head(hidden_states[:, s, :])`):
+        through a head without bias, the same scale of the logits. Read back from the lm_head call
+        over the assignments of the name it reads, up to the first that is not such a scale."""
+        lm_call = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(self.plan.lm_head)))
+        at = next((i for i, st in enumerate(stmts) if findall(st, lm_call)), None)
+        call = findall(stmts[at], lm_call)[0] if at is not None else None
+        arg = call.args[0].value if call is not None and call.args else None  # type: ignore[attr-defined]
+        arg = arg.value if isinstance(arg, cst.Subscript) else arg
+        if at is None or not isinstance(arg, cst.Name):
+            return []
+        name, ops = arg.value, []
+        for small in reversed(stmts[:at]):
+            if isinstance(small, cst.AugAssign) and m.matches(small.target, m.Name(name)):
+                scaled = (small.operator, _uncast(small.target), small.value)
+            elif (isinstance(small, cst.Assign) and len(small.targets) == 1
+                  and m.matches(small.targets[0].target, m.Name(name))):
+                v = small.value
+                if not isinstance(v, cst.BinaryOperation):
+                    break
+                scaled = (v.operator, _uncast(v.left), v.right)
+            else:
+                continue
+            op, left, other = scaled
+            div = isinstance(op, (cst.Divide, cst.DivideAssign))
+            if not (isinstance(op, (cst.Multiply, cst.MultiplyAssign)) or div):
+                break
+            if not m.matches(left, m.Name(name)) and not div and m.matches(_uncast(other), m.Name(name)):
+                left, other = other, left  # `scale * hidden_states`
+            if not m.matches(left, m.Name(name)) or name in {n.value for n in findall(other, m.Name())}:  # type: ignore[attr-defined]
+                break
+            ops.append(("/" if div else "*", code(other)))
+        head = findall(info.node, m.Assign(targets=[m.AssignTarget(
+            m.Attribute(value=m.Name("self"), attr=m.Name(self.plan.lm_head)))]))
+        if ops and (self._pre_head(info) or not head or linear_args(head[0].value)[2] != "False"):
+            # a head module or a bias after the scale: not a scale of the logits
+            raise self.ctx.idx.error("cannot port the scale of the hidden states before lm_head",
+                                     construct=f"{self.plan.causal_lm}.forward", rule=self.name)
+        return ops
 
     def _unportable(self, node):
         return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",
