@@ -404,7 +404,7 @@ def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str |
 
     targets = sorted(by_target, key=TARGETS.index)
     first = by_target[targets[0]]
-    before_version = first.transformers_version
+    before_version = _recorded(by_target)
     after_version = version or before_version
     entry: dict = {
         "model_type": model_type,

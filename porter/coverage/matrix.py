@@ -60,9 +60,10 @@ def _digest(tree: Path, model_type: str) -> str | None:
     text = []
     for p in sorted(files):
         if p.is_file():
+            data = p.read_bytes()
             h.update(str(p.relative_to(tree)).encode())
-            h.update(p.read_bytes())
-            text.append(p.read_text(encoding="utf-8", errors="replace"))
+            h.update(data)
+            text.append(data.decode("utf-8", errors="replace"))
     # of conversion_mapping.py (which changes every release), only what can concern this model
     h.update(mapping_digest_text(tree, model_type, "\n".join(text)).encode())
     return h.hexdigest()

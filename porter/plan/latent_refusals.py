@@ -9,8 +9,7 @@ from porter.analysis.latent_extras import latent_extras
 from porter.plan.refusals import _ATTN_HEAD, Refusal
 
 if TYPE_CHECKING:
-    from porter.plan.model import PortPlan
-    from porter.plan.planner import Planner
+    from porter.plan.model import PlanningContext as Planner, PortPlan
 
 _LATENT_FILE = _ATTN_HEAD + (
     "class Norm(nn.Module):\n    def __init__(self, n):\n        super().__init__()\n"
