@@ -235,6 +235,8 @@ def _collect_submodules(idx: ModelIndex, info: ClassInfo) -> None:
         if not isinstance(value, cst.Call):
             continue
         name = dotted(value.func) or table_class(idx, value.func)
+        if isinstance(value.func, cst.Name) and (aliased := table_alias(idx, init, value.func.value)) is not None:
+            name = aliased  # `attention_class = X_ATTENTION_CLASSES[...]`, then `attention_class(config)`
         if name is None:
             continue
         ctor = name if name in idx.classes else (idx.qualify(name) or name)
@@ -307,6 +309,15 @@ def table_class(idx: ModelIndex, func: cst.BaseExpression) -> str | None:
                     and el.value.value in idx.classes:  # type: ignore[union-attr]
                 return el.value.value
     return None
+
+
+def table_alias(idx: ModelIndex, fn: cst.FunctionDef, name: str) -> str | None:
+    """NAME bound once in FN, from an attention-implementation table (`attention_class =
+    GPT2_ATTENTION_CLASSES[config._attn_implementation]`, transformers 4.x): the table's eager class."""
+    binds = findall(fn, m.Assign(targets=[m.AssignTarget(m.Name(name))]))
+    if len(binds) != 1 or not isinstance(binds[0].value, cst.Subscript):  # type: ignore[attr-defined]
+        return None
+    return table_class(idx, binds[0].value)  # type: ignore[attr-defined]
 
 
 def is_module_subclass(idx: ModelIndex, info: ClassInfo, seen: frozenset[str] = frozenset()) -> bool:
