@@ -29,6 +29,7 @@ from porter.rules_data import Target, get_target, strip_table
 from porter.config_port import ship_config
 from porter.remote import recorded
 from porter.source import Source, resolve, transformers_root, transformers_tree
+from porter.undefined import check_defined
 
 
 @dataclass
@@ -130,6 +131,7 @@ def _package(source: Source, plan: PortPlan, target: Target, body: str, ctx: Rew
         arch_config=target.symbols["MambaModelConfig"] if plan.ssm and not plan.attentions else "",
     )
     port_text = ruff_format(render("header.py.j2", **meta) + "\n" + body)
+    check_defined(port_text, source.text, str(source.path))
     shipped = ship_config(source, plan.causal_lm, transformers_root())
     files = {f"{pkg}/{module_name}.py": port_text}
     if shipped is not None:

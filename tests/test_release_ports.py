@@ -66,3 +66,21 @@ def _verify(port_dir):
     rel = port_dir.parent.parent
     assert report.verdict == f"generated/releases/{rel.name}/verdicts/vllm/{port_dir.name}.json", report.verdict
     assert verdict_status(port_dir) == "valid"
+
+
+@pytest.mark.parametrize("model_type,construct", [
+    # its expert loop is no construct a rule maps: the port would read `batch_size`, bound by a line
+    # the shape rules removed (it used to be written, and failed at its first forward in the engine)
+    ("mixtral", "MixtralSparseMoeBlock.forward"),
+    # attention class looked up into a local (PT122 resolves it), then attention computed inline
+    # with a head mask: refused there, no longer a port without attention
+    ("gpt2", "GPT2Attention._attn"),
+])
+def test_release_files_porter_cannot_port_are_refused_with_file_and_line(tmp_path, model_type, construct):
+    from porter.convert import convert
+    from porter.errors import PorterError
+
+    with pytest.raises(PorterError) as err:
+        convert(model_type, ["vllm"], tmp_path, transformers="4.45.2")
+    assert f"models/{model_type}/modeling_{model_type}.py:" in str(err.value) and construct in str(err.value)
+    assert not any(tmp_path.iterdir())  # nothing written
