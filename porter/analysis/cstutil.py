@@ -306,6 +306,23 @@ def loop_module(node: cst.For) -> tuple[str, str] | None:
     attr = self_attr(it)
     if attr and isinstance(target, cst.Name):
         return target.value, attr
+    if m.matches(it, m.Call(func=m.Name("range"))) and isinstance(target, cst.Name):
+        return _indexed_element(node, target.value)
+    return None
+
+
+def _indexed_element(node: cst.For, index: str) -> tuple[str, str] | None:
+    """`for index in range(self.num_layers): layer = self.layers[index]` (ChatGLM's remote code):
+    ("layer", "layers") when the loop body opens by binding the element at the loop index."""
+    body = getattr(node.body, "body", [])
+    first = body[0] if body else None
+    if m.matches(first, m.SimpleStatementLine(body=[m.Assign(
+            targets=[m.AssignTarget(m.Name())],
+            value=m.Subscript(slice=[m.SubscriptElement(m.Index(m.Name(index)))]))])):
+        a = first.body[0]  # type: ignore[union-attr]
+        attr = self_attr(a.value.value)  # type: ignore[attr-defined]
+        if attr:
+            return a.targets[0].target.value, attr  # type: ignore[attr-defined]
     return None
 
 

@@ -63,7 +63,9 @@ def table_params(fwd: cst.FunctionDef | None, helper: str) -> set[str]:
     sources = _sources(fwd)
     found: set[str] = set()
     for call in findall(fwd, m.Call(func=m.Name(helper))):
-        todo = [r for a in call.args[2:4] if (r := _root(a.value)) is not None]  # type: ignore[attr-defined]
+        # `helper(q, k, cos, sin)`, or one tensor per call from one cache (`helper(q, rope_cache)`)
+        tables = call.args[2:4] if len(call.args) > 2 else call.args[1:]  # type: ignore[attr-defined]
+        todo = [r for a in tables if (r := _root(a.value)) is not None]
         seen: set[str] = set()
         while todo:
             name = todo.pop()
@@ -80,20 +82,42 @@ _POWER = m.BinaryOperation(operator=m.Power(), right=m.BinaryOperation(operator=
 _ARANGE = m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("arange")))
 
 
-def _inv_freq(init: cst.FunctionDef) -> tuple[str, str] | None:
-    """(base, dim) parameter names of `BASE ** (torch.arange(0, DIM, 2)... / DIM)` in __init__."""
+def pairs_last(fn: cst.FunctionDef) -> bool:
+    """A rotary helper that rotates adjacent pairs: it reshapes the last axis into pairs
+    (`x.reshape(b, np, sq, rot_dim // 2, 2)`) and reads both of each (`xshaped[..., 0]`, `[..., 1]`)."""
+    pairs = any(c.args and m.matches(c.args[-1].value, m.Integer("2"))  # type: ignore[attr-defined]
+                for c in findall(fn, m.Call(func=m.Attribute(attr=m.Name("reshape") | m.Name("view")))))
+    ellipsis = m.SubscriptElement(m.Index(m.Ellipsis()))
+    read = {code(s.slice[1].slice.value) for s in findall(fn, m.Subscript(slice=[ellipsis, m.SubscriptElement(
+        m.Index(m.Integer()))]))}  # type: ignore[attr-defined]
+    return pairs and read == {"0", "1"}
+
+
+def _inv_freq(init: cst.FunctionDef) -> tuple[cst.BaseExpression, str] | None:
+    """(base, dim) of `BASE ** (torch.arange(0, DIM, 2)... / DIM)` in __init__: DIM a parameter,
+    BASE a parameter or a local computed from parameters only (`base = 10000 * rope_ratio`)."""
     params = set(param_names(init))
+    local = {n: v for n, v in _self_free_locals(init).items() if names_in(v) <= params}
     for p in findall(init, _POWER):
         base, ratio = p.left, p.right  # type: ignore[attr-defined]
+        if isinstance(base, cst.Name) and base.value in local:
+            base = local[base.value]
         aranges = findall(ratio.left, _ARANGE)
-        if not (isinstance(base, cst.Name) and base.value in params and aranges
+        if not (names_in(base) and names_in(base) <= params and aranges
                 and isinstance(ratio.right, cst.Name) and ratio.right.value in params):
             continue
         a = aranges[0].args  # type: ignore[attr-defined]
         if len(a) >= 3 and code(a[0].value) == "0" and code(a[2].value) == "2" \
                 and code(a[1].value) == ratio.right.value:
-            return base.value, ratio.right.value
+            return base, ratio.right.value
     return None
+
+
+def _self_free_locals(init: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+    out: dict[str, cst.BaseExpression] = {}
+    for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Name())])):
+        out.setdefault(node.targets[0].target.value, node.value)  # type: ignore[attr-defined]
+    return out
 
 
 def _bound(ctor: cst.Call, init: cst.FunctionDef, param: str) -> cst.BaseExpression | None:
@@ -161,10 +185,28 @@ def module_rope(idx: ModelIndex, rotary_classes: list[str]) -> tuple[str, str] |
                 oinit = owner.method("__init__")
                 if sub.ctor != cls or oinit is None or not isinstance(sub.call, cst.Call):
                     continue
-                base, dim = (_bound(sub.call, init, p) for p in found)  # type: ignore[arg-type]
-                if base is None or dim is None:
+                base_expr, dim_param = found
+                args = {n: _bound(sub.call, init, n) for n in names_in(base_expr) | {dim_param}}  # type: ignore[arg-type]
+                if any(v is None for v in args.values()):
                     return None
+                base, dim = _substitute(base_expr, args), args[dim_param]
                 local, attrs = local_bindings(oinit), _self_attrs(oinit)
                 theta, dims = _in_config_terms(base, local, attrs), _in_config_terms(dim, local, attrs)
                 return (theta, dims) if theta and dims else None
     return None
+
+
+def _substitute(e: cst.BaseExpression, values: dict) -> cst.BaseExpression:
+    """E with each name of VALUES replaced by its value (parenthesised where it is an operation)."""
+    if isinstance(e, cst.Name):
+        return values.get(e.value, e)
+
+    class _Sub(cst.CSTTransformer):
+        def leave_Name(self, original, updated):
+            v = values.get(updated.value)
+            if v is None:
+                return updated
+            return v.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()]) \
+                if isinstance(v, cst.BinaryOperation) and not v.lpar else v
+
+    return e.visit(_Sub())  # type: ignore[return-value]

@@ -13,6 +13,7 @@ from porter.analysis.qkv_layout import fused_layout
 from porter.analysis.index import ClassInfo, ModelIndex
 from porter.analysis.layer_rope import layer_rope
 from porter.analysis.reversed_rope import sign_cancels, turns_back
+from porter.analysis.rotary_module import pairs_last
 from porter.analysis.layouts import (
     head_size_attr, heads_of, init_attrs, linear_args, local_bindings, packed_split_call,
     per_head_split_helper, query_prescale, rope_guard, scale_in_head_size, split_head_size,
@@ -232,6 +233,9 @@ class AttentionPlanning:
         if rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4 and \
                 (sinusoid := self.sinusoidal_rope(info, rope_helper)) is not None:
             rope_theta, rope_dim = sinusoid
+        elif rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4 and \
+                (built := self.module_rope()) is not None:
+            rope_theta, rope_dim = built  # one tensor per call from remote code's cache module (ChatGLM)
         elif rope_helper and len(param_names(self.idx.functions[rope_helper])) < 4:
             call = next(c for c in findall(fwd, m.Call(func=m.Name(rope_helper))))
             how = ("q and k each viewed as complex pairs and multiplied by a complex table"
@@ -265,7 +269,8 @@ class AttentionPlanning:
         rot = self.idx.functions.get("rotate_half")
         called = [self.idx.functions[c.func.value] for c in findall(self.idx.functions[rope_helper], m.Call(  # type: ignore[attr-defined]
             func=m.Name())) if c.func.value in self.idx.functions]  # type: ignore[attr-defined]
-        if "::2" in helper_text or (rot is not None and "::2" in code(rot)) or any("::2" in code(f) for f in called):
+        if "::2" in helper_text or (rot is not None and "::2" in code(rot)) or any("::2" in code(f) for f in called) \
+                or pairs_last(self.idx.functions[rope_helper]):
             rope = "gptj"
         return rope
 

@@ -46,11 +46,19 @@ class DropKvRepeat(Rule):
         "before their attention call; the engine's `Attention` takes the KV heads as they are "
         "(`num_kv_heads`) and shares them across the query heads itself. A statement that rebinds k or v "
         "of the engine call from a module helper that repeats heads (a broadcast of a new axis folded "
-        "into the heads, or `repeat_interleave`) is dropped."
+        "into the heads, or `repeat_interleave`) is dropped; under an `if` without `else` (remote code's "
+        "`if self.multi_query_attention:`), so is what only computed the repeat count, and the `if` when empty."
     )
     examples = [
         Example(
             _ATTN + "        k = repeat_kv(k, 2)\n        v = repeat_kv(v, 2)\n"
+            "        out = self.attn(q, k, v)\n        return out\n",
+            _ATTN + "        out = self.attn(q, k, v)\n        return out\n",
+        ),
+        # a repeat under a test of the attention's own flag (ChatGLM's multi-query), its count computed there
+        Example(
+            _ATTN + "        if self.multi_query:\n            n = self.heads // self.groups\n"
+            "            k = repeat_kv(k, n)\n            v = repeat_kv(v, n)\n"
             "        out = self.attn(q, k, v)\n        return out\n",
             _ATTN + "        out = self.attn(q, k, v)\n        return out\n",
         ),
@@ -88,11 +96,38 @@ class DropKvRepeat(Rule):
             args = call.args  # type: ignore[attr-defined]
             if len(args) == 3:
                 kv.update(a.value.value for a in args[1:] if isinstance(a.value, cst.Name))
-        body = [st for st in updated.body.body if not self._repeat(st, kv)]
-        if len(body) == len(updated.body.body):
+        body, dropped = self._filter(list(updated.body.body), kv)
+        if not dropped:
             return updated
         self.mark(f"{cls}.forward")
         return updated.with_changes(body=updated.body.with_changes(body=body))
+
+    def _filter(self, stmts: list, kv: set[str]) -> tuple[list, bool]:
+        """STMTS without the repeats; inside an `if` without `else` (`if self.multi_query_attention:`),
+        also without what only computed the repeat count there, and the `if` gone when left empty."""
+        out, dropped = [], False
+        for st in stmts:
+            if self._repeat(st, kv):
+                dropped = True
+                continue
+            if isinstance(st, cst.If) and st.orelse is None:
+                inner, d = self._filter(list(st.body.body), kv)
+                if d:
+                    dropped = True
+                    inner = [x for x in inner if not self._dead_count(x, inner)]
+                    if not inner:
+                        continue
+                    st = st.with_changes(body=st.body.with_changes(body=inner))
+            out.append(st)
+        return out, dropped
+
+    @staticmethod
+    def _dead_count(st: cst.BaseStatement, block: list) -> bool:
+        """`n = ...` in BLOCK that nothing in BLOCK reads any more (the repeat count of a dropped repeat)."""
+        if not m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
+            return False
+        name = st.body[0].targets[0].target.value  # type: ignore[attr-defined]
+        return not any(findall(x, m.Name(name)) for x in block if x is not st)
 
     def _repeat(self, st: cst.BaseStatement, kv: set[str]) -> bool:
         """`k = repeat_kv(k, n)` for k an argument of the engine's attention call."""

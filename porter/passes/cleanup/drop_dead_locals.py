@@ -65,6 +65,20 @@ class DropDeadLocals(Rule):
             "        if pos.ndim == 3:\n            pos = pos[1:]\n"
             "        return self.f(h, pos)\n",
         ),
+        Example(  # a mask builder of the HF base class, binding only its own locals (remote code's get_masks)
+            "class Base(PreTrainedModel):\n    def get_masks(self, ids):\n        mask = torch.ones(3, 3)\n"
+            "        mask.tril_()\n        return mask < 0.5\n\n\n"
+            "class M(Base):\n    def forward(self, ids):\n        mask = self.get_masks(ids)\n        return self.f(ids)\n",
+            "class Base(PreTrainedModel):\n    def get_masks(self, ids):\n        mask = torch.ones(3, 3)\n"
+            "        mask.tril_()\n        return mask < 0.5\n\n\n"
+            "class M(Base):\n    def forward(self, ids):\n        return self.f(ids)\n",
+        ),
+        Example(  # must leave unchanged: the base method changes what it was given in place
+            "class Base(PreTrainedModel):\n    def fill(self, ids):\n        ids.zero_()\n        return ids\n\n\n"
+            "class M(Base):\n    def forward(self, ids):\n        x = self.fill(ids)\n        return self.f(ids)\n",
+            "class Base(PreTrainedModel):\n    def fill(self, ids):\n        ids.zero_()\n        return ids\n\n\n"
+            "class M(Base):\n    def forward(self, ids):\n        x = self.fill(ids)\n        return self.f(ids)\n",
+        ),
         Example(  # a method only returning what a module function builds (MPT's ALiBi tensor) is pure
             "def build_bias(n, length):\n    bias = torch.arange(1 - length, 1)\n    return bias * n\n\n\n"
             "class M(nn.Module):\n    def build(self, n, length):\n        return build_bias(n, length)\n\n"
@@ -201,6 +215,8 @@ class DropDeadLocals(Rule):
         attr = self_attr(func)
         info = self.ctx.idx.classes.get(self.current_class or "")
         meth = info.method(attr) if info is not None and attr else None
+        if meth is None and info is not None and attr and attr not in info.submodules:
+            return self._local_only_base_method(info, attr)
         if meth is None or attr in info.submodules:  # type: ignore[union-attr]
             return False
         body = [st for st in meth.body.body if not m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))]
@@ -211,3 +227,25 @@ class DropDeadLocals(Rule):
             return False
         return not findall(fn, m.AugAssign() | m.AssignTarget(target=m.Attribute() | m.Subscript()) | m.Global()
                            | m.Nonlocal())
+
+    def _local_only_base_method(self, info, attr: str) -> bool:
+        """`self.get_masks(input_ids)`, a method of the HF base class (its PreTrainedModel, which the port
+        does not keep) that binds only its own locals and changes nothing it was given (no attribute or
+        item assignment, no in-place call on a parameter): remote code's mask builder."""
+        for base in info.bases:
+            owner = self.ctx.idx.classes.get(base)
+            meth = owner.method(attr) if owner is not None else None
+            if meth is None:
+                continue
+            params = {p.name.value for p in meth.params.params}
+            if findall(meth, m.AugAssign() | m.AssignTarget(target=m.Attribute() | m.Subscript()) | m.Global()
+                       | m.Nonlocal()):
+                return False
+            for call in findall(meth, m.Call(func=m.Attribute())):
+                f = call.func  # type: ignore[attr-defined]
+                if f.attr.value.endswith("_") and not f.attr.value.startswith("__") and (
+                        not isinstance(f.value, cst.Name) or f.value.value in params):
+                    return False
+            return True
+        return False
+

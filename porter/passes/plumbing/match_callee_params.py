@@ -47,6 +47,16 @@ class MatchCalleeParams(Rule):
             "        for layer in self.layers:\n            x = layer(x, positions=positions)\n"
             "        return x\n",
         ),
+        Example(  # an HF-only parameter filled positionally (remote code's mask; PT010 strips the parameter)
+            "from torch import nn\n\n\nclass Enc(nn.Module):\n    def forward(self, h, attention_mask, positions):\n"
+            "        return h\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.encoder = Enc(config)\n\n"
+            "    def forward(self, x, positions):\n        return self.encoder(x, mask, positions)\n",
+            "from torch import nn\n\n\nclass Enc(nn.Module):\n    def forward(self, h, attention_mask, positions):\n"
+            "        return h\n\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n"
+            "        super().__init__()\n        self.encoder = Enc(config)\n\n"
+            "    def forward(self, x, positions):\n        return self.encoder(x, positions)\n",
+        ),
     ]
 
     def visit_Module(self, node: cst.Module) -> None:
@@ -78,9 +88,28 @@ class MatchCalleeParams(Rule):
         accepts = self._accepts.get(sub.ctor) if sub else None
         if accepts is None:
             return updated
-        args = [a for a in updated.args if a.keyword is None or a.keyword.value in accepts]
+        dropped = self._stripped_positions(sub.ctor, updated.args)
+        args = [a for i, a in enumerate(updated.args)
+                if i not in dropped and (a.keyword is None or a.keyword.value in accepts)]
         if len(args) == len(updated.args):
             return updated
         if args:
             args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
         return updated.with_changes(args=args)
+
+    def _stripped_positions(self, ctor: str, args) -> set[int]:
+        """Indexes of positional ARGS that fill a parameter of the callee's HF forward that PT010
+        stripped (remote code passes the mask positionally: `self.encoder(h, full_attention_mask, ...)`)."""
+        orig = self.ctx.idx.classes.get(ctor)
+        fwd = orig.method("forward") if orig else None
+        if fwd is None:
+            return set()
+        names = [p.name.value for p in fwd.params.params][1:]  # after self
+        out = set()
+        for i, a in enumerate(args):
+            if a.keyword is not None or a.star or i >= len(names):
+                break
+            if names[i] in self.ctx.table.strip_params:  # PT010 strips it from every kept forward
+                out.add(i)
+        return out
+
