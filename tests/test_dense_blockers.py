@@ -81,6 +81,9 @@ DAY_ZERO_REFUSED = {
     # PT240 reads its one table handed to the sliding layers, and the layer's own state is what blocks)
     ("5.24.0", "lara_mini"): ("modeling_lara_mini.py", "LaraMiniPreTrainedModel", "recurrent state carried"),
     ("5.25.0", "lara_mini"): ("modeling_lara_mini.py", "LaraMiniGatedDeltaNet.forward", "keeps its own state"),
+    # a learned RMSNorm per expert on each route's output before the routes are summed (FusedMoE sums
+    # them in its kernel); refused before for its rotary on the sliding layers only, which PT240 reads now
+    ("5.25.0", "ergo"): ("modeling_ergo.py", "ErgoExperts.post_expert_norm", "before the weighted sum"),
 }
 
 

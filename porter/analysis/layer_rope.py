@@ -33,7 +33,7 @@ class LayerRope:
 class _Subst(cst.CSTTransformer):
     """Locals by their values, `self.config` by `config`, the loop's index by `layer_idx`."""
 
-    def __init__(self, local: dict[str, cst.BaseExpression], index: str | None) -> None:
+    def __init__(self, local: dict[str, cst.BaseExpression], index: str | dict[str, cst.BaseExpression] | None) -> None:
         self.local, self.index, self.depth = local, index, 0
 
     def leave_Attribute(self, original, updated):
@@ -44,6 +44,8 @@ class _Subst(cst.CSTTransformer):
     def leave_Name(self, original, updated):
         if updated.value == self.index:
             return cst.Name("layer_idx")
+        if isinstance(self.index, dict) and updated.value in self.index:  # zip(A, self.layers): A[layer_idx]
+            return self.index[updated.value]
         if updated.value in self.local and self.depth < 8:
             self.depth += 1
             return self.local[updated.value].visit(self)
@@ -68,8 +70,30 @@ def _caller_args(idx: ModelIndex, cls: str, param: str):
                     target = loop.target  # type: ignore[attr-defined]
                     index = code(target.elements[0].value) if isinstance(target, cst.Tuple) else None
                     calls += [(c, index) for c in findall(loop.body, m.Call(func=m.Name(lm[0])))]  # type: ignore[attr-defined]
+                elif (zipped := _zip_loop(loop, attr)) is not None:  # type: ignore[arg-type]
+                    calls += [(c, zipped[1]) for c in findall(loop.body, m.Call(func=m.Name(zipped[0])))]  # type: ignore[attr-defined]
             for call, index in calls:
                 yield info, fwd, _arg(call, param, fwd_params), index
+
+
+def _zip_loop(loop: cst.For, attr: str) -> tuple[str, dict[str, cst.BaseExpression]] | None:
+    """`for a, layer in zip(A, self.<attr>):` -> ("layer", {"a": A[layer_idx]}): the i-th element
+    of each other sequence goes with layer i (`self.config` read as `config`)."""
+    it, target = loop.iter, loop.target
+    if not (m.matches(it, m.Call(func=m.Name("zip"))) and isinstance(target, cst.Tuple)
+            and all(isinstance(e.value, cst.Name) for e in target.elements)):
+        return None
+    args = [a for a in it.args if a.star == ""]  # type: ignore[attr-defined]
+    at = [i for i, a in enumerate(args) if a.keyword is None and self_attr(a.value) == attr]
+    if len(args) != len(it.args) or len(at) != 1 or any(a.keyword is not None and a.keyword.value != "strict"  # type: ignore[attr-defined]
+                                                        for a in args):
+        return None
+    seqs = [a for a in args if a.keyword is None]
+    if len(seqs) != len(target.elements):
+        return None
+    index = {e.value.value: cst.parse_expression(f"{code(a.value)}[layer_idx]").visit(_Subst({}, None))  # type: ignore[attr-defined]
+             for i, (e, a) in enumerate(zip(target.elements, seqs)) if i != at[0]}
+    return target.elements[at[0]].value.value, index  # type: ignore[attr-defined]
 
 
 def _arg(call: cst.Call, param: str, params: list[str]) -> cst.BaseExpression | None:
@@ -105,6 +129,9 @@ def layer_rope(idx: ModelIndex, cls: str, param: str, is_rotary) -> LayerRope | 
     if index is not None and (by_type := _by_layer_type(idx, info, local, arg, _Subst(_locals(fwd), index),
                                                         is_rotary)) is not None:
         return by_type
+    if index is not None and (by_key := _by_rotary_keys(idx, info, local, arg, _Subst(_locals(fwd), index),
+                                                        is_rotary)) is not None:
+        return by_key
     if not m.matches(arg, m.IfExp(orelse=m.Name("None"))) or index is None:
         return None
     subst = _Subst(_locals(fwd), index)
@@ -314,3 +341,100 @@ def _optional_table(idx: ModelIndex, info: ClassInfo, fwd: cst.FunctionDef, name
     if rotary is None or not is_rotary(rotary) or not names_in(when) <= {"config"}:
         return None
     return LayerRope(code(when), "config.rope_parameters", info.name, (attr,))
+
+
+_LAYER_TYPES = m.Attribute(value=m.Name("config") | m.Attribute(value=m.Name("self"), attr=m.Name("config")),
+                           attr=m.Name("layer_types"))
+_SAME_KEYS = ("sorted", "set", "list", "tuple", "frozenset", "dict.fromkeys")
+
+
+def _by_rotary_keys(idx: ModelIndex, info: ClassInfo, local: dict[str, cst.BaseExpression],
+                    arg: cst.BaseExpression, subst: _Subst, is_rotary) -> LayerRope | None:
+    """`tables.get(KEY)` where `tables = {t: self.R(h, pos, t) for t in self.R.K}`, KEY is the
+    layer's `config.layer_types[layer_idx]`, and the rotary module R fills the dict `self.K` in
+    `__init__` in one loop over the config's layer types that skips the types whose test holds
+    (`p = config.rope_parameters[t]; if p is None: continue; self.K[t] = ...`; Ergo): a layer
+    rotates when that test does not hold for its type, with the rope_parameters of its type."""
+    get = m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("get")), args=[m.Arg(keyword=None, star="")])
+    if not m.matches(arg, get):
+        return None
+    comp = local.get(arg.func.value.value)  # type: ignore[attr-defined]
+    keys = m.Attribute(value=m.Attribute(value=m.Name("self"), attr=m.Name()), attr=m.Name())
+    if not m.matches(comp, m.DictComp(key=m.Name(), value=m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name())),
+                                      for_in=m.CompFor(target=m.Name(), iter=keys, ifs=[], inner_for_in=None))):
+        return None
+    t, call, it = comp.key.value, comp.value, comp.for_in.iter  # type: ignore[attr-defined]
+    if comp.for_in.target.value != t or self_attr(call.func) != self_attr(it.value) \
+            or not any(m.matches(a.value, m.Name(t)) for a in call.args):  # type: ignore[attr-defined]
+        return None
+    sub = info.submodules.get(self_attr(call.func) or "")
+    rot = idx.classes.get(sub.ctor) if sub and sub.ctor else None
+    if rot is None or not is_rotary(rot) or len(sub.call.args) != 1 or not m.matches(  # type: ignore[union-attr]
+            sub.call.args[0].value, m.Name("config")) or not findall(rot.node, m.Subscript(  # type: ignore[union-attr]
+            value=m.Attribute(attr=m.Name("rope_parameters")), slice=[m.SubscriptElement(m.Index(m.Name()))])):
+        return None
+    key = arg.args[0].value.visit(subst)  # type: ignore[attr-defined]
+    kept = _kept_keys(rot, it.attr.value)  # type: ignore[attr-defined]
+    if kept is None or code(key) != "config.layer_types[layer_idx]":
+        return None
+    when = kept[1].visit(_Rename(kept[0], key)).visit(_Subst({}, None))
+    if not names_in(when) <= {"config", "layer_idx", "None"}:
+        return None
+    return LayerRope(code(when), f"config.rope_parameters[{code(key)}]", info.name, ())
+
+
+def _kept_keys(rot: ClassInfo, attr: str) -> tuple[str, cst.BaseExpression] | None:
+    """(t, TEST): `__init__` binds `self.<attr> = {}` and sets `self.<attr>[t] = ...` once, at the
+    top of the body of a loop `for t in <the config's layer types>:`, after nothing but local
+    bindings and `if T: continue`; the class changes the dict nowhere else. TEST (of t) holds for the
+    types set: every T negated, the loop's locals by their values."""
+    init = rot.method("__init__")
+    d = m.Attribute(value=m.Name("self"), attr=m.Name(attr))
+    item = m.Subscript(value=d, slice=[m.SubscriptElement(m.Index(m.Name()))])
+    sets = findall(rot.node, m.Assign(targets=[m.AssignTarget(item)]))
+    binds = findall(rot.node, m.Assign(targets=[m.AssignTarget(d)]))
+    changed = findall(rot.node, m.Call(func=m.Attribute(value=d))) + findall(rot.node, m.Del()) \
+        + findall(rot.node, m.AugAssign(target=item))
+    if init is None or len(sets) != 1 or len(binds) != 1 or changed or not m.matches(binds[0].value, m.Dict(elements=[])):  # type: ignore[attr-defined]
+        return None
+    loops = [f for f in findall(init, m.For(target=m.Name(), orelse=None))
+             if any(sets[0] in findall(st, m.Assign()) for st in f.body.body if isinstance(st, cst.SimpleStatementLine))]  # type: ignore[attr-defined]
+    if len(loops) != 1 or not _all_layer_types(init, loops[0].iter):  # type: ignore[attr-defined]
+        return None
+    t = loops[0].target.value  # type: ignore[attr-defined]
+    if sets[0].targets[0].target.slice[0].slice.value.value != t:  # type: ignore[attr-defined]
+        return None
+    tests, local = [], {}
+    for st in loops[0].body.body:  # type: ignore[attr-defined]
+        if sets[0] in findall(st, m.Assign()):
+            break
+        if m.matches(st, m.If(body=m.IndentedBlock(body=[m.SimpleStatementLine(body=[m.Continue()])]), orelse=None)):
+            tests.append(_negated(st.test.visit(_Subst(local, None))))  # type: ignore[attr-defined]
+        elif m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
+            local[st.body[0].targets[0].target.value] = st.body[0].value.visit(_Subst(local, None))  # type: ignore[attr-defined]
+        else:
+            return None
+    if not tests:
+        return None
+    test = tests[0]
+    for more in tests[1:]:
+        test = cst.BooleanOperation(left=test, operator=cst.And(), right=more)
+    return t, test
+
+
+def _all_layer_types(init: cst.FunctionDef, it: cst.BaseExpression) -> bool:
+    """ITER runs over every one of the config's layer types (`config.layer_types`, through `self.X =
+    sorted(set(config.layer_types))` and other wrappers that keep every element)."""
+    for _ in range(4):
+        if (attr := self_attr(it)) is not None:
+            bound = [a.value for a in findall(init, m.Assign(targets=[m.AssignTarget(  # type: ignore[attr-defined]
+                m.Attribute(value=m.Name("self"), attr=m.Name(attr)))]))]
+            if len(bound) != 1:
+                return False
+            it = bound[0]
+        while isinstance(it, cst.Call) and code(it.func) in _SAME_KEYS and len(it.args) == 1 \
+                and it.args[0].keyword is None and it.args[0].star == "":
+            it = it.args[0].value
+        if m.matches(it, _LAYER_TYPES):
+            return True
+    return False

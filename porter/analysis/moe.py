@@ -443,6 +443,8 @@ def per_expert_loop(info: ClassInfo) -> bool:
     port would hold every expert on every rank, and its data-dependent loop over the experts hit
     does not compile (vLLM's default mode fails on it)."""
     fwd = info.method("forward")
+    if fwd is not None and _masked_per_expert_loop(info, fwd):
+        return True
     if fwd is None or not findall(fwd, m.Call(func=m.Attribute(attr=m.Name("index_add_")))):
         return False
     shapes = [s for v in _init_attrs(info).values() if (s := _param_shape(v)) is not None]
@@ -455,3 +457,15 @@ def per_expert_loop(info: ClassInfo) -> bool:
         attr=m.Name("view") | m.Name("reshape"))))
     return any(findall(loop, m.Call(func=m.Attribute(attr=m.Name("index_add_"))))
                and len(findall(loop, per_expert_view)) >= 2 for loop in findall(fwd, m.For()))
+
+
+def _masked_per_expert_loop(info: ClassInfo, fwd: cst.FunctionDef) -> bool:
+    """A loop over the experts that applies two of the module's 3-D per-expert weights, `x @
+    self.w[e]` (stored (experts, in, out)), and writes each expert's rows back by a mask
+    (`out[mask] = ... @ self.down[e]`, Ergo) rather than with `index_add_`."""
+    three_d = {a for a, v in _init_attrs(info).items() if (s := _param_shape(v)) is not None and len(s) == 3}
+    for loop in findall(fwd, m.For()):
+        used = {self_attr(p.right.value) for p in findall(loop, _PER_EXPERT_MATMUL)}  # type: ignore[attr-defined]
+        if len(used & three_d) >= 2:
+            return True
+    return False

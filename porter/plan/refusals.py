@@ -17,6 +17,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import code, dotted, findall, param_names, self_attr
 from porter.analysis.dataflow import ATTN
+from porter.analysis.expert_route_norm import route_norm_note
 from porter.analysis.index import LINEAR_NAMES, ClassInfo, table_class
 from porter.analysis.layouts import engine_has_activation_class
 from porter.analysis.moe import MoePlan, unported_experts
@@ -179,7 +180,7 @@ STRAY_EXPERTS = Refusal(
 
 def stray_experts(p: Planner, classes: list[str], moes: list[MoePlan]) -> None:
     if (stray := unported_experts(p.idx, classes, moes)) is not None:
-        raise STRAY_EXPERTS.error(p, stray.node, f"class {stray.name}")
+        raise STRAY_EXPERTS.error(p, stray.node, f"class {stray.name}{route_norm_note(p.idx, stray) or ''}")
 
 
 # -- rotary -----------------------------------------------------------------------------------------

@@ -154,6 +154,35 @@ _ONE_TABLE_AFTER = (_ROTARY + _ATTN_INIT
                     + _ATTN_FWD.replace("if position_embeddings is not None:", "if self.use_rope:").format(rot=_OPTIONAL_ROT)
                     + _ONE_TABLE_MODEL.format(table="\n"))
 
+# the rotary module keeps a table only for the types whose rope_parameters are not None (it skips the
+# others in the loop that fills its `rope_type` dict); the model hands each layer `tables.get(type)`,
+# the types zipped with the layers (Ergo)
+_KEYS_ROTARY = (
+    "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+    "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+    "class ARotaryEmbedding(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.config = config\n        self.layer_types = sorted(set(config.layer_types))\n"
+    "        self.rope_type = {}\n        for t in self.layer_types:\n"
+    "            params = self.config.rope_parameters[t]\n            if params is None:\n                continue\n"
+    "            self.rope_type[t] = params[\"rope_type\"]\n"
+    "            setattr(self, f\"{t}_inv_freq\", 1.0 / params[\"rope_theta\"])\n\n"
+    "    def forward(self, x, position_ids, t):\n        inv_freq = getattr(self, f\"{t}_inv_freq\")\n"
+    "        return (position_ids * inv_freq).cos(), (position_ids * inv_freq).sin()\n\n\n"
+)
+_KEYS_MODEL = (
+    "\n\nclass Model(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.layers = nn.ModuleList([Attn(config, i) for i in range(config.num_hidden_layers)])\n"
+    "        self.rotary_emb = ARotaryEmbedding(config=config)\n\n"
+    "    def forward(self, h, position_ids):\n"
+    "        tables = {t: self.rotary_emb(h, position_ids, t) for t in self.rotary_emb.rope_type}\n"
+    "        for layer_type, layer in zip(self.config.layer_types, self.layers, strict=True):\n"
+    "            h = layer(h, position_embeddings=tables.get(layer_type))\n"
+    "        return h\n"
+)
+_KEYS_BEFORE = _BY_TYPE_BEFORE.replace(_BY_TYPE_ROTARY, _KEYS_ROTARY).replace(_BY_TYPE_MODEL, _KEYS_MODEL)
+_KEYS_AFTER = _BY_TYPE_AFTER.replace(_BY_TYPE_ROTARY, _KEYS_ROTARY).replace(_BY_TYPE_MODEL, _KEYS_MODEL)
+assert _KEYS_BEFORE != _BY_TYPE_BEFORE and _KEYS_AFTER != _BY_TYPE_AFTER
+
 
 class PerLayerRope(Rule):
     descend_methods = frozenset()  # works on __init__ and forward as a whole
@@ -165,7 +194,7 @@ class PerLayerRope(Rule):
         "(`theta = config.layer_rope_theta[i]; tables[theta] if theta else None`, one table per "
         "distinct base; or `tables[config.layer_types[i]]` where `tables = {t: (rotary(..., t) if "
         "config.rope_parameters[t] is not None else None) for t in ...}`, or the same dict filled by a loop over the "
-        "types that sets `tables[t] = None` in one arm of a test and the table in the other), and the attention rotates under `if position_embeddings is not None:`. "
+        "types that sets `tables[t] = None` in one arm of a test and the table in the other, or `tables.get(t)` where `tables = {t: rotary(..., t) for t in rotary.rope_type}` and the rotary module fills that dict in one loop over the config's layer types that skips (`if ...: continue`) the types without rotary, the layer types zipped with the layers), and the attention rotates under `if position_embeddings is not None:`. "
         "The planner follows that argument from the attention to the loop over the layers and reads "
         "the choice and the table as expressions of `config` and `layer_idx`. As the engine's own "
         "ports do, the attention builds its rotary only when it uses it (`self.use_rope = ...; if "
@@ -178,7 +207,7 @@ class PerLayerRope(Rule):
     )
     examples = [Example(_BEFORE, _AFTER), Example(_OPTIONAL_BEFORE, _OPTIONAL_AFTER),
                 Example(_BY_TYPE_BEFORE, _BY_TYPE_AFTER), Example(_BY_TYPE_LOOP_BEFORE, _BY_TYPE_LOOP_AFTER),
-                Example(_ONE_TABLE_BEFORE, _ONE_TABLE_AFTER)]
+                Example(_ONE_TABLE_BEFORE, _ONE_TABLE_AFTER), Example(_KEYS_BEFORE, _KEYS_AFTER)]
 
     @classmethod
     def applies(cls, ctx) -> bool:
