@@ -333,7 +333,7 @@ class AttentionPlanning:
         return theta, f"{dims} or {hd}" if guarded else dims
 
     # -- MLP -------------------------------------------------------------------------------------
-    def merged_outputs(self, fwd: cst.FunctionDef, attr: str) -> int | None:
+    def merged_outputs(self, fwd: cst.FunctionDef, attr: str, info: ClassInfo | None = None) -> int | None:
         """`y = self.proj(x); a, b = y.chunk(2, dim=-1)`, or `a, b = self.proj(x).chunk(2, dim=-1)`
         (ModernBERT's Wi): a column projection packing 2 outputs."""
         for node in findall(fwd, m.Call(func=m.Attribute(value=m.Call(
@@ -350,6 +350,26 @@ class AttentionPlanning:
             args = node.args  # type: ignore[attr-defined]
             if args and isinstance(args[0].value, cst.Integer):
                 return int(args[0].value.value)
+        return self._chunked_by_function(fwd, out_name, info) if info is not None else None
+
+    def _chunked_by_function(self, fwd: cst.FunctionDef, out_name: str, info: ClassInfo) -> int | None:
+        """The projection's output handed to `self.activation_func`, bound in __init__ to a function of
+        the module that chunks its argument (`torch.chunk(x, 2, dim=-1)` or `x.chunk(2, ...)`: ChatGLM's
+        `swiglu`): the projection packs that many outputs."""
+        bound = init_attrs(info)
+        for call in findall(fwd, m.Call(func=m.Attribute(value=m.Name("self")), args=[m.Arg(m.Name(out_name))])):
+            value = bound.get(call.func.attr.value)  # type: ignore[attr-defined]
+            fn = self.idx.functions.get(value.value) if isinstance(value, cst.Name) else None
+            params = [p.name.value for p in fn.params.params] if fn is not None else []
+            if not params:
+                continue
+            x = params[0]
+            for c in findall(fn, m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("chunk")),
+                                        args=[m.Arg(m.Name(x)), m.Arg(m.Integer()), m.ZeroOrMore()])):
+                return int(c.args[1].value.value)  # type: ignore[attr-defined]
+            for c in findall(fn, m.Call(func=m.Attribute(value=m.Name(x), attr=m.Name("chunk")),
+                                        args=[m.Arg(m.Integer()), m.ZeroOrMore()])):
+                return int(c.args[0].value.value)  # type: ignore[attr-defined]
         return None
 
     def gate_up_pattern(self, info: ClassInfo, fwd: cst.FunctionDef, roles: dict[str, str]) -> GateUpPlan | None:

@@ -347,7 +347,7 @@ class Planner(AttentionPlanning):
         for attr in sorted(lin - set(roles)):
             feeds_row = any(attr in flow.module_inputs.get(r, set()) for r, k in roles.items() if k == "row")
             roles[attr] = "column" if feeds_row else "replicated"
-            if feeds_row and (n := self.merged_outputs(fwd, attr)):
+            if feeds_row and (n := self.merged_outputs(fwd, attr, info)):
                 roles[attr] = f"merged:{n}"
         plan.gathered_norms += [(info.name, norm, row) for norm, row in refusals.sharded_norm(self, info, flow, roles)]
         for attr, role in roles.items():
