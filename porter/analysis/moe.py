@@ -448,8 +448,15 @@ def per_expert_loop(info: ClassInfo) -> bool:
     shapes = [s for v in _init_attrs(info).values() if (s := _param_shape(v)) is not None]
     if [len(s) for s in shapes].count(3) >= 2:  # (torch.empty((E, I, H)) read as its three dims)
         return True
-    # dbrx: the experts' weights held flat, (E * I, H), by a module inside, and read per expert
-    # as `self.mlp.w1.view(-1, I, H)[e]` in a loop summing with `index_add_`
+    return flat_expert_views(info)
+
+
+def flat_expert_views(info: ClassInfo) -> bool:
+    """dbrx: the experts' weights held flat, (E * I, H), by a module inside, and read per expert
+    as `self.mlp.w1.view(-1, I, H)[e]` in a loop summing with `index_add_`."""
+    fwd = info.method("forward")
+    if fwd is None:
+        return False
     per_expert_view = m.Subscript(value=m.Call(func=m.Attribute(
         value=m.Attribute(value=m.Attribute(value=m.Name("self")) | m.Name("self")),
         attr=m.Name("view") | m.Name("reshape"))))
