@@ -179,16 +179,17 @@ STRAY_EXPERTS = Refusal(
 
 FLAT_EXPERTS = Refusal(
     "cannot port mixture of experts: per-expert weights held flat, (experts * ffn, hidden), and read one "
-    "expert at a time by `.view(...)[e]` in a loop: porter maps only 3-D per-expert weights onto FusedMoE "
-    "(reshaping these into its w13/w2 is not implemented), and kept as the loop the port crashes the engine",
+    "expert at a time by `.view(...)[e]` in a loop, outside a block porter maps onto FusedMoE (a router "
+    "returning logits, the block's routing method, experts computing act(x @ g.T) * (x @ u.T) @ d): kept as "
+    "the loop, the port crashes the engine",
     _ATTN_HEAD + "class Experts(nn.Module):\n    def forward(self, x, idx):\n        out = torch.zeros_like(x)\n"
     "        for e in idx:\n            w1 = self.mlp.w1.view(-1, 8, 8)[e]\n"
     "            w2 = self.mlp.w2.view(-1, 8, 8)[e]\n            out.index_add_(0, idx, x @ w1 @ w2)\n"
     "        return out\n",
     "<example>:5: cannot port mixture of experts: per-expert weights held flat, (experts * ffn, hidden), and "
-    "read one expert at a time by `.view(...)[e]` in a loop: porter maps only 3-D per-expert weights onto "
-    "FusedMoE (reshaping these into its w13/w2 is not implemented), and kept as the loop the port crashes the "
-    "engine in class Experts (rule fused-moe)",
+    "read one expert at a time by `.view(...)[e]` in a loop, outside a block porter maps onto FusedMoE (a "
+    "router returning logits, the block's routing method, experts computing act(x @ g.T) * (x @ u.T) @ d): "
+    "kept as the loop, the port crashes the engine in class Experts (rule fused-moe)",
     rule="fused-moe",
 )
 
