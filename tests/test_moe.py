@@ -10,6 +10,7 @@ import pytest
 from porter.analysis.checkpoint_names import expert_checkpoint_names, module_renamings, weight_renamings
 from porter.analysis.index import build_index, parse
 from porter.analysis.moe import find_moe_blocks
+from porter.analysis.moe_flat import find_flat_blocks
 from porter.source import resolve
 
 MOE_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"]
@@ -18,7 +19,8 @@ MOE_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"]
 def _blocks(model_type: str):
     src = resolve(model_type)
     idx = build_index(parse(src.text, str(src.path)), str(src.path), src.text)
-    return src, find_moe_blocks(idx, list(idx.classes))
+    found = find_moe_blocks(idx, list(idx.classes))
+    return src, found + find_flat_blocks(idx, list(idx.classes), found)
 
 
 @pytest.mark.parametrize("model_type", MOE_MODELS)
@@ -126,13 +128,10 @@ def test_router_handed_a_bias_by_its_block_routes_with_its_own_code_bound_to_it(
     assert not any(p.route_args for m in MOE_MODELS + ["ernie4_5_moe", "phimoe", "laguna"] for p in _blocks(m)[1])
 
 
-@pytest.mark.parametrize("model_type", ["inkling_text", "dbrx"])
+@pytest.mark.parametrize("model_type", ["inkling_text"])
 def test_other_routing_is_a_diagnostic_not_a_silent_port(model_type, tmp_path):
     # inkling's router also returns gammas that weigh its shared experts in the block: FusedMoE's
     # router returns weights and indices only, so convert stops with file:line.
-    # dbrx's experts hold flat (E * I, H) weights in a module inside, read per expert by `.view`
-    # in a loop: kept as that loop, its port reshaped the flat tokens to (T, 1, H) and crashed the
-    # engine (measured: exit -11 at TP=1); convert stops instead
     from conftest import run_porter
 
     proc = run_porter("convert", model_type, "--out", str(tmp_path))
@@ -175,3 +174,17 @@ def test_checkpoint_renamings_chained_and_split_qkv_day_zero():
     # minicpm5_moe (5.25.0): a renaming appended after the table (`mapping[...].append(WeightRenaming(...))`)
     assert weight_renamings(transformers_tree("5.25.0"), ["minicpm5_moe"])[-1] == \
         ("self_attn.q_proj", "self_attn.q_gate_proj")
+
+
+def test_flat_experts_routed_by_the_blocks_own_method():
+    # dbrx: the router returns logits only; the block's `route_tokens_to_experts` takes softmax, top-k
+    # and divides by the p-norm (moe_normalize_expert_weights), kept as FusedMoE's custom routing
+    # function; the experts' module inside holds w1 / v1 / w2 flat, (experts * ffn, hidden), applied
+    # as act(x @ w1.T) * (x @ v1.T) @ w2: gate, up, down (down transposed from FusedMoE's w2)
+    (b,) = _blocks("dbrx")[1]
+    assert (b.cls, b.router, b.router_cls, b.experts_cls) == ("DbrxFFN", "router", "DbrxRouter", "DbrxExperts")
+    assert list(b.flat) == ["mlp", "DbrxExpertGLU", "w1", "v1", "w2"] and b.route_method == "route_tokens_to_experts"
+    assert (b.num_experts, b.top_k) == ("config.ffn_config.moe_num_experts", "config.ffn_config.moe_top_k")
+    assert (b.hidden_size, b.intermediate_size) == ("config.ffn_config.hidden_size", "config.ffn_config.ffn_hidden_size")
+    assert b.renormalize == "False" and b.router_logits == "router_logits" and not b.routing_function
+    assert not any(p.flat or p.route_method for m in MOE_MODELS for p in _blocks(m)[1])

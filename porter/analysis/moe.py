@@ -75,13 +75,18 @@ class MoePlan:
     # experts with biases: (gate_up bias, down bias) attributes; the swigluoai activation's (alpha, limit)
     expert_bias: list[str] = field(default_factory=list)
     swiglu: list[str] = field(default_factory=list)
+    # experts holding their weights flat in a module inside (dbrx, porter/analysis/moe_flat.py):
+    # [inner attribute, its class, gate, up, down weights]; routed by the block's own method
+    # `route_method` (FusedMoE's custom_routing_function), the router a module kept as it is
+    flat: list[str] = field(default_factory=list)
+    route_method: str = ""
 
 
 # routing fields left out of PORT.json where they hold their default (other ports' PORT.json unchanged)
 _ROUTING_DEFAULTS = {"router_weight": "weight", "correction_bias": None, "n_group": None, "topk_group": None,
                      "routed_scaling": None, "routing_function": False, "router_logits": "", "route_outputs": [],
                      "router_dims": [], "router_bias": False, "expert_bias": [], "swiglu": [],
-                     "route_args": []}
+                     "route_args": [], "flat": [], "route_method": ""}
 
 
 def compact_moe(d: dict) -> None:
@@ -407,6 +412,9 @@ def moe_checkpoint_names(moes: list[MoePlan], transformers_dir, keys: list[str])
 
     out, renames = [], []
     for p in moes:
+        if p.flat:  # saved as in memory, flat; the router keeps its own name (and module)
+            out.append(p)
+            continue
         names = expert_checkpoint_names(transformers_dir, keys, p.gate_up, p.down)
         if names is not None:
             p = dataclasses.replace(p, ckpt_names=list(names))
@@ -429,7 +437,7 @@ def unported_experts(idx: ModelIndex, classes: list[str], moes: list[MoePlan]) -
     """A class holding per-expert weights that no recognised block routes to: porting it as
     plain torch would be slow and would not shard, so the port stops there."""
     finder = MoeFinder(idx)
-    done = {c for p in moes for c in (p.router_cls, p.experts_cls)}
+    done = {c for p in moes for c in (p.router_cls, p.experts_cls, *p.flat[1:2])}
     for name in classes:
         if name not in done and (finder.experts(idx.classes[name]) is not None
                                  or per_expert_loop(idx.classes[name])):
@@ -450,8 +458,15 @@ def per_expert_loop(info: ClassInfo) -> bool:
     shapes = [s for v in _init_attrs(info).values() if (s := _param_shape(v)) is not None]
     if [len(s) for s in shapes].count(3) >= 2:  # (torch.empty((E, I, H)) read as its three dims)
         return True
-    # dbrx: the experts' weights held flat, (E * I, H), by a module inside, and read per expert
-    # as `self.mlp.w1.view(-1, I, H)[e]` in a loop summing with `index_add_`
+    return flat_expert_views(info)
+
+
+def flat_expert_views(info: ClassInfo) -> bool:
+    """dbrx: the experts' weights held flat, (E * I, H), by a module inside, and read per expert
+    as `self.mlp.w1.view(-1, I, H)[e]` in a loop summing with `index_add_`."""
+    fwd = info.method("forward")
+    if fwd is None:
+        return False
     per_expert_view = m.Subscript(value=m.Call(func=m.Attribute(
         value=m.Attribute(value=m.Attribute(value=m.Name("self")) | m.Name("self")),
         attr=m.Name("view") | m.Name("reshape"))))

@@ -58,6 +58,7 @@ from porter.passes.moe.device_fast_path import DeviceFastPath
 from porter.passes.moe.flat_tokens import FlatTokens
 from porter.passes.moe.fused_moe import FusedMoe
 from porter.passes.moe.routing_function import RoutingFunction
+from porter.passes.moe.routing_method import RoutingMethod
 from porter.passes.norms.engine_norms import EngineNorms
 from porter.passes.norms.full_width_qk_norm import FullWidthQkNorm
 from porter.passes.norms.norm_across_tp_ranks import NormAcrossTpRanks
@@ -137,6 +138,7 @@ MODEL: list[type[Rule]] = [
     FusedMoe,
     CorrectionBias,  # after PT100: places the bias the FusedMoE it built reads
     RoutingFunction,  # after PT100: the router it kept routes with its own code
+    RoutingMethod,  # after PT100: the block's own routing method it handed FusedMoE
     FuseQkv,
     FuseGateUp,
     ActThenMul,  # after FuseGateUp: splits the act-and-mul it made where the engine has no such kernel

@@ -25,6 +25,7 @@ from porter.analysis.index import EMBEDDING_NAMES, ClassInfo, ModelIndex, is_tra
 from porter.analysis.layouts import alibi_condition, attention_call_names
 from porter.plan.alibi_slopes import check_alibi_max_bias
 from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
+from porter.analysis.moe_flat import find_flat_blocks
 from porter.analysis.latent_attention import latent_attention
 from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
@@ -175,9 +176,10 @@ class Planner(AttentionPlanning):
         if plan.attentions:
             refusals.own_cache_state(self, plan, kept)
         plan.moes = find_moe_blocks(self.idx, classes)
+        plan.moes += find_flat_blocks(self.idx, classes, plan.moes)
         refusals.stray_experts(self, classes, plan.moes)
-        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls)  # become FusedMoE / GateLinear
-                 if not (p.routing_function and c == p.router_cls)}  # (or a GateLinear routing as its HF self)
+        fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls, *p.flat[1:2])  # become FusedMoE / GateLinear
+                 if not ((p.routing_function or p.route_method) and c == p.router_cls)}  # (or a router kept)
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None and not plan.attentions and not plan.latent_attentions and not partial:
             # (a decoder with no attention at all, a recurrent one, is not refused here)

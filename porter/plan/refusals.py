@@ -20,7 +20,7 @@ from porter.analysis.dataflow import ATTN
 from porter.analysis.expert_route_norm import route_norm_note
 from porter.analysis.index import LINEAR_NAMES, ClassInfo, table_class
 from porter.analysis.layouts import engine_has_activation_class
-from porter.analysis.moe import MoePlan, unported_experts
+from porter.analysis.moe import MoePlan, flat_expert_views, unported_experts
 from porter.analysis.ssm import dt_limit_note, engine_layer_note, mamba1_note, recurrent_blocker
 from porter.errors import PorterError
 
@@ -178,9 +178,27 @@ STRAY_EXPERTS = Refusal(
 )
 
 
+FLAT_EXPERTS = Refusal(
+    "cannot port mixture of experts: per-expert weights held flat, (experts * ffn, hidden), and read one "
+    "expert at a time by `.view(...)[e]` in a loop, outside a block porter maps onto FusedMoE (a router "
+    "returning logits, the block's routing method, experts computing act(x @ g.T) * (x @ u.T) @ d): kept as "
+    "the loop, the port crashes the engine",
+    _ATTN_HEAD + "class Experts(nn.Module):\n    def forward(self, x, idx):\n        out = torch.zeros_like(x)\n"
+    "        for e in idx:\n            w1 = self.mlp.w1.view(-1, 8, 8)[e]\n"
+    "            w2 = self.mlp.w2.view(-1, 8, 8)[e]\n            out.index_add_(0, idx, x @ w1 @ w2)\n"
+    "        return out\n",
+    "<example>:5: cannot port mixture of experts: per-expert weights held flat, (experts * ffn, hidden), and "
+    "read one expert at a time by `.view(...)[e]` in a loop, outside a block porter maps onto FusedMoE (a "
+    "router returning logits, the block's routing method, experts computing act(x @ g.T) * (x @ u.T) @ d): "
+    "kept as the loop, the port crashes the engine in class Experts (rule fused-moe)",
+    rule="fused-moe",
+)
+
+
 def stray_experts(p: Planner, classes: list[str], moes: list[MoePlan]) -> None:
     if (stray := unported_experts(p.idx, classes, moes)) is not None:
-        raise STRAY_EXPERTS.error(p, stray.node, f"class {stray.name}{route_norm_note(p.idx, stray) or ''}")
+        refusal = FLAT_EXPERTS if flat_expert_views(stray) else STRAY_EXPERTS
+        raise refusal.error(p, stray.node, f"class {stray.name}{route_norm_note(p.idx, stray) or ''}")
 
 
 # -- rotary -----------------------------------------------------------------------------------------

@@ -296,11 +296,13 @@ def experts_routed(model, prompts: list[list[int]], router_classes: list[str]) -
     hooks = []
 
     def record(name):
-        def hook(_module, _inputs, output):
+        def hook(_module, inputs, output):
             outs = output if isinstance(output, (tuple, list)) else (output,)
-            for t in outs:
-                if isinstance(t, torch.Tensor) and not t.is_floating_point():
-                    routed.setdefault(name, set()).update(int(i) for i in t.flatten().tolist())
+            ints = [t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+            # (experts handed the indices, dbrx's: a block routing with its own method, its router
+            # returning logits only: the integer tensor among their inputs)
+            for t in ints or [t for t in inputs if isinstance(t, torch.Tensor) and not t.is_floating_point()]:
+                routed.setdefault(name, set()).update(int(i) for i in t.flatten().tolist())
         return hook
 
     for name, module in model.named_modules():

@@ -110,6 +110,66 @@ _OAI_BLOCK = (
 )
 
 
+# dbrx: a router returning logits only, a routing method of the block, the experts' weights held flat
+# by a module inside them (porter/analysis/moe_flat.py)
+_FLAT = '''
+class ARouter(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.Linear(config.hidden_size, config.n_experts, bias=False)
+
+    def forward(self, hidden_states):
+        router_logits = self.layer(hidden_states)
+        return router_logits
+
+
+class AGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(config.n_experts * config.ffn_size, config.hidden_size))
+        self.v1 = nn.Parameter(torch.empty(config.n_experts * config.ffn_size, config.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(config.n_experts * config.ffn_size, config.hidden_size))
+        self.act = ACT2FN[config.act]
+
+    def forward(self, x, w1, v1, w2):
+        gate = x.matmul(w1.T)
+        up = x.matmul(v1.T)
+        gate = self.act(gate)
+        return (gate * up).matmul(w2)
+
+
+class AExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.mlp = AGLU(config)
+        self.ffn_size = config.ffn_size
+        self.hidden_size = config.hidden_size
+
+    def forward(self, x, top_k_index, top_k_weights):
+        out = torch.zeros_like(x)
+        shape = (-1, self.ffn_size, self.hidden_size)
+        for e in range(4):
+            pos, token_idx = torch.where(top_k_index == e)
+            w1 = self.mlp.w1.view(shape)[e]
+            v1 = self.mlp.v1.view(shape)[e]
+            w2 = self.mlp.w2.view(shape)[e]
+            h = self.mlp(x[token_idx], w1, v1, w2)
+            out.index_add_(0, token_idx, h * top_k_weights[token_idx, pos, None])
+        return out
+'''
+_FLAT_BLOCK = (
+    "\n\nclass AFFN(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.router = ARouter(config)\n        {experts}\n        self.top_k = config.top_k\n\n"
+    "    def route(self, router_logits):\n"
+    "        probs = torch.nn.functional.softmax(router_logits, dim=1)\n"
+    "        top_value, indices = torch.topk(probs, self.top_k, dim=-1)\n"
+    "        return top_value / torch.norm(top_value, p=2, dim=-1, keepdim=True), indices\n\n"
+    "    def forward(self, hidden_states):\n"
+    "        router_logits = self.router(hidden_states)\n"
+    "        top_k_weights, top_k_index = self.route(router_logits)\n"
+    "        return {call}\n"
+)
+
 def _routing_extras(mp) -> str:
     """The correction bias (the gate's own, or the one the block holds) and the weights' scale."""
     out = ""
@@ -135,7 +195,9 @@ class FusedMoe(Rule):
         "routes with `scoring_func='sigmoid'`; a score-correction bias, grouped top-k and a scaled weight "
         "with the engine's grouped top-k: `e_score_correction_bias`, `num_expert_group`, `topk_group`, "
         "`routed_scaling_factor`, as read by porter/analysis/moe_router.py; experts applied as `x @ W[e]`, stored "
-        "(experts, in, out), load transposed: `is_fused_checkpoint_transposed`); the checkpoint's per-expert names "
+        "(experts, in, out), load transposed: `is_fused_checkpoint_transposed`; experts holding their weights "
+        "flat in a module inside, routed by a method of the block after a router returning logits: the router "
+        "stays, the method is the `custom_routing_function`, PT209); the checkpoint's per-expert names "
         "(`ckpt_names`) from transformers' conversion mapping. The router and experts classes go."
     )
     examples = [
@@ -224,6 +286,18 @@ class FusedMoe(Rule):
         "        out = self.experts(hidden_states=hidden_states, router_logits=router_logits)\n"
         "        return out\n")))
 
+    # dbrx: the router stays (its logits, under its own name), FusedMoE routes with the block's method
+    examples.append(Example(
+        "from torch import nn\n" + _FLAT + _FLAT_BLOCK.format(
+            experts="self.experts = AExperts(config)", call="self.experts(hidden_states, top_k_index, top_k_weights)"),
+        "from torch import nn\n" + _FLAT + _FLAT_BLOCK.format(
+            experts="self.experts = FusedMoEFactory(num_experts=config.n_experts, top_k=config.top_k, "
+            "hidden_size=config.hidden_size, intermediate_size=config.ffn_size, renormalize=False, "
+            'activation=config.act, quant_config=quant_config, prefix=f"{prefix}.experts", '
+            "custom_routing_function=self.route)",
+            call="self.experts(hidden_states=hidden_states, router_logits=router_logits)"),
+    ))
+
     @classmethod
     def applies(cls, ctx) -> bool:
         return bool(ctx.plan.moes)
@@ -247,7 +321,7 @@ class FusedMoe(Rule):
                     comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))), cst.Arg(
                     cst.parse_expression('f"{prefix}.gate"'), keyword=cst.Name("prefix"),
                     equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))]))
-        if fn == "__init__" and attr == mp.router:
+        if fn == "__init__" and attr == mp.router and not mp.route_method:
             # named `gate` as in the engine's own MoE ports (load_weights maps the checkpoint's name)
             bias = ", bias=True" if mp.router_bias else ""
             return updated.with_changes(
@@ -272,6 +346,8 @@ class FusedMoe(Rule):
                 ckpt += f", custom_routing_function={self.ctx.use('partial')}(self.gate.route, {bound})"
             elif mp.routing_function:
                 ckpt += ", custom_routing_function=self.gate.route"
+            elif mp.route_method:  # the block's own routing method (PT209)
+                ckpt += f", custom_routing_function=self.{mp.route_method}"
             if mp.expert_bias:
                 ckpt += ", has_bias=True"
             experts = updated.with_changes(value=cst.parse_expression(
@@ -280,7 +356,7 @@ class FusedMoe(Rule):
                 f"renormalize={mp.renormalize}, activation={mp.activation}, quant_config=quant_config, "
                 f"prefix=f\"{{prefix}}.{attr}\"{ckpt})"))
             return experts
-        if fn == "forward" and self_call_attr(updated.value) == mp.router:
+        if fn == "forward" and self_call_attr(updated.value) == mp.router and not mp.route_method:
             self._routed = {n.value for n in m.findall(original.targets[0].target, m.Name())}
             # the router returns its logits (and a bias slot): top-k happens inside FusedMoE, which
             # holds the correction bias the router was handed
@@ -330,6 +406,6 @@ class FusedMoe(Rule):
         return updated.with_changes(args=[
             cst.Arg(x, keyword=cst.Name("hidden_states"), equal=cst.AssignEqual(
                 cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))),
-            cst.Arg(cst.Name("router_logits"), keyword=cst.Name("router_logits"), equal=cst.AssignEqual(
+            cst.Arg(cst.Name(mp.router_logits if mp.route_method else "router_logits"), keyword=cst.Name("router_logits"), equal=cst.AssignEqual(
                 cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))),
         ])

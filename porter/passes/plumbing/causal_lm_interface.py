@@ -234,12 +234,12 @@ class CausalLmInterface(Rule):
             gate, down, up = mp.ckpt_names
             e = dict(attr=mp.experts, gate=gate, down=down, up=up, packed=mp.packed,
                      gate_up_param=mp.gate_up, down_param=mp.down,
-                     num_experts=_experts_count(mp.num_experts), bias=list(mp.expert_bias))
+                     num_experts=_experts_count(mp.num_experts), bias=list(mp.expert_bias), flat=list(mp.flat))
             if mp.expert_bias:  # (gpt_oss) the swigluoai experts with biases, loaded per rank
                 ctx.use("get_tensor_model_parallel_rank")
             if e not in experts:
                 experts.append(e)
-        if any(not e["packed"] for e in experts):
+        if any(not e["packed"] and not e["flat"] for e in experts):
             ctx.use("fused_moe_make_expert_params_mapping")
         interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
                                      if a.interleaved_unless})
