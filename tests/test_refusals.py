@@ -8,6 +8,7 @@ import pytest
 from porter.analysis.index import build_index, parse
 from porter.errors import PorterError
 from porter.plan import build_plan
+import porter.plan.head_pair_refusals  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.latent_refusals  # noqa: F401 - its refusals join REFUSALS
 from porter.plan.refusals import REFUSALS
 from porter.rules_data import strip_table

@@ -30,7 +30,7 @@ from porter.analysis.latent_attention import latent_attention
 from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
-from porter.plan import latent_refusals, refusals
+from porter.plan import head_pair_refusals, latent_refusals, refusals
 from porter.plan.mask_bias import mask_bias
 from porter.plan.attention import AttentionPlanning
 from porter.plan.facts import derive
@@ -342,6 +342,7 @@ class Planner(AttentionPlanning):
         roles: dict[str, str] = {}
         if flow.attention_calls:
             refusals.unmapped_attention_op(self, info, fwd, flow, lin | opaque)
+            head_pair_refusals.head_pairs(self, info, fwd)
             self.plan_attention(plan, info, flow, lin, roles)
         for attr in sorted(lin - set(roles)):
             if flow.module_inputs.get(attr, set()) & (lin | {ATTN}):
