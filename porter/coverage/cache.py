@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 # what porter convert runs: its code, rule tables and templates (not the CLI, verify, bench, ...);
 # a name is a module (NAME.py) or a package (NAME/), whichever porter has
-CONVERT_CODE = ("__init__", "errors", "source", "convert", "plan", "layout", "rules_data", "config_port",
+CONVERT_CODE = ("__init__", "errors", "source", "convert", "undefined", "remote", "plan", "layout", "rules_data", "config_port",
                 "render", "analysis", "passes")
 CONVERT_RULES = ("hf_strip.yaml", "targets.yaml")
 
