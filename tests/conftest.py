@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +17,18 @@ TARGETS = ["vllm", "aphrodite"]
 
 def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None,
                timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the porter CLI as a user would (a fresh process)."""
-    return subprocess.run(
-        [sys.executable, "-m", "porter", *args],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-    )
+    """Run the porter CLI as a user would (a fresh process, in a session of its own: when the timeout
+    expires, the whole group goes, with the worker processes `porter regen` and coverage start)."""
+    cmd = [sys.executable, "-m", "porter", *args]
+    with subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})}, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture
