@@ -47,6 +47,7 @@ from porter.passes.cleanup.strip_decorators import StripDecorators
 from porter.passes.cleanup.unported_arm import UnportedArm
 from porter.passes.config.config_engine_imports import ConfigEngineImports
 from porter.passes.config.config_keep_class import ConfigKeepClass
+from porter.passes.config.config_layer_count import ConfigLayerCount
 from porter.passes.mlp.act_then_mul import ActThenMul
 from porter.passes.mlp.activation_table import ActivationTable
 from porter.passes.mlp.engine_activation import EngineActivation
@@ -178,6 +179,7 @@ MODEL: list[type[Rule]] = [
 CONFIG: list[type[Rule]] = [
     ConfigEngineImports,
     ConfigKeepClass,  # after the imports are absolute: drops the imports only dropped classes used
+    ConfigLayerCount,
 ]
 
 STAGES: dict[str, list[type[Rule]]] = {

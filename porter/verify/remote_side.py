@@ -41,12 +41,14 @@ def remote_spec(folder: Path, overrides: dict):
     """(TinySpec, config) of the repository's config class, shrunk."""
     import transformers
 
-    from porter.verify.tiny import TinySpec, is_config_field, load_rules
+    from porter.verify.tiny import TinySpec, is_config_field, layer_count_field, load_rules
 
     rules = load_rules()
     base = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
     entry = rules.get("models", {}).get(base.model_type, {})
-    kwargs = {k: v for k, v in rules.get("defaults", {}).items() if is_config_field(base, k)}
+    alias = layer_count_field(base)  # the layer count under the name the config class uses
+    kwargs = {alias if k == "num_hidden_layers" else k: v for k, v in rules.get("defaults", {}).items()
+              if is_config_field(base, alias if k == "num_hidden_layers" else k)}
     kwargs.update(entry.get("config") or {})
     kwargs.update(overrides)
     init = {**rules["init"], **(entry.get("init") or {})}

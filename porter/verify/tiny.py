@@ -53,6 +53,16 @@ def is_config_field(cfg, name: str) -> bool:
     return hasattr(cfg, name) and not (isinstance(prop, property) and prop.fset is None)
 
 
+def layer_count_field(cfg) -> str:
+    """The config field holding the layer count: `num_hidden_layers`, or what a remote-code config calls it
+    when it maps nothing to that name (ChatGLM's `num_layers`; the port's shipped config maps it, PT144)."""
+    from porter.passes.config.config_layer_count import LAYER_COUNT_NAMES
+
+    if hasattr(cfg, "num_hidden_layers"):
+        return "num_hidden_layers"
+    return next((n for n in LAYER_COUNT_NAMES if hasattr(cfg, n)), "num_hidden_layers")
+
+
 def causal_config_type(model_type: str, hf_architecture: str) -> str:
     """The model type whose config builds HF_ARCHITECTURE, when it is not MODEL_TYPE's own: the
     port of modeling_gemma3.py is model type gemma3, but its Gemma3ForCausalLM is built from
@@ -140,11 +150,12 @@ def check_config(cfg, spec: TinySpec) -> None:
         for i in ids if isinstance(ids, list) else [ids]:
             if i is not None and not 0 <= i < cfg.vocab_size:
                 problems.append(f"{name} {i} outside the vocab")
+    layers = getattr(cfg, layer_count_field(cfg))
     layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None and len(layer_types) != cfg.num_hidden_layers:
-        problems.append(f"layer_types has {len(layer_types)} entries for {cfg.num_hidden_layers}")
-    if not 2 <= cfg.num_hidden_layers <= 4:
-        problems.append(f"num_hidden_layers {cfg.num_hidden_layers} not in 2..4")
+    if layer_types is not None and len(layer_types) != layers:
+        problems.append(f"layer_types has {len(layer_types)} entries for {layers}")
+    if not 2 <= layers <= 4:
+        problems.append(f"{layer_count_field(cfg)} {layers} not in 2..4")
     if problems:
         raise VerifyInputError(f"tiny config for {spec.model_type}: " + "; ".join(problems))
 
