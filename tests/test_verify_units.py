@@ -180,3 +180,45 @@ def test_defaults_skip_a_read_only_config_property():
     assert "head_dim" not in spec.config_kwargs and spec.config_kwargs["hidden_size"] == 128
     cfg = build_config(spec)
     assert cfg.head_dim == 32 and cfg.new_decoder_architecture and cfg.num_kv_heads == 2
+
+
+def test_reference_side_needs_none_of_convert_dependencies():
+    """verify's reference side (`python -m porter.verify.hf_side` / `remote_side`) runs under the
+    python of another transformers release's venv, which has torch, transformers and their
+    requirements but none of convert's (libcst, typer, jinja2): every porter module it can import,
+    at module level or inside a function, must do without them (a lazy import of a rule module for a
+    config field name broke day-zero verification on a fresh machine)."""
+    import ast
+
+    from conftest import ROOT
+
+    convert_only = {"libcst", "typer", "jinja2"}
+
+    def path_of(name: str):
+        p = ROOT.joinpath(*name.split("."))
+        return p / "__init__.py" if (p / "__init__.py").is_file() else p.with_suffix(".py")
+
+    seen: set[str] = set()
+    todo = ["porter.verify.hf_side", "porter.verify.remote_side"]
+    offenders = []
+    while todo:
+        name = todo.pop()
+        if name in seen or not path_of(name).is_file():
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # packages run their __init__
+        for node in ast.walk(ast.parse(path_of(name).read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for t in targets:
+                if t.split(".")[0] == "porter":
+                    todo.append(t)
+                elif t.split(".")[0] in convert_only:
+                    offenders.append(f"{name}:{node.lineno} imports {t}")
+    assert "porter.verify.tiny" in seen
+    assert not offenders, offenders

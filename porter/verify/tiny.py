@@ -56,7 +56,7 @@ def is_config_field(cfg, name: str) -> bool:
 def layer_count_field(cfg) -> str:
     """The config field holding the layer count: `num_hidden_layers`, or what a remote-code config calls it
     when it maps nothing to that name (ChatGLM's `num_layers`; the port's shipped config maps it, PT144)."""
-    from porter.passes.config.config_layer_count import LAYER_COUNT_NAMES
+    from porter.config_names import LAYER_COUNT_NAMES
 
     if hasattr(cfg, "num_hidden_layers"):
         return "num_hidden_layers"

@@ -6,12 +6,10 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import findall
+from porter.config_names import LAYER_COUNT_NAMES
 from porter.passes.base import Example
 from porter.passes.config._common import ConfigRule
 
-# what configs that do not say `num_hidden_layers` call their layer count (remote code: ChatGLM's
-# num_layers, MPT's n_layers, GPT-2-style n_layer)
-LAYER_COUNT_NAMES = ("num_layers", "n_layers", "n_layer")
 
 
 def _self_fields(cls: cst.ClassDef) -> set[str]:
