@@ -9,9 +9,12 @@ class's ``model_type``, the architecture from ``auto_map["AutoModelForCausalLM"]
 
 Code porter would have to run to know what it does is refused, one line naming file:line and
 the construct, before anything is written: ``exec``/``eval``/``compile``/``__import__``, a statement
-at module level that does something when the module is imported, an import of a package this
+at module level that does something when the module is imported (a call that only reports, to a
+logger or the warnings module, does nothing the model reads), an import of a package this
 environment does not have, a relative import of a module the folder does not hold, a missing or
-mismatched config class, a modeling file with no causal LM.
+mismatched config class, a modeling file with no causal LM. The causal LM class's methods that its
+``__init__`` and ``forward`` never reach (``chat``, ``stream_chat``, ``process_response``: chat and
+generation helpers) are not read: no port keeps them.
 """
 
 from __future__ import annotations
@@ -98,19 +101,51 @@ def _relative_config(folder: Path, modeling: Path) -> Path | None:
 # -- what porter refuses to read --------------------------------------------------------------------
 
 
-def _side_effect(st: ast.stmt) -> str | None:
-    """What a module-level statement does when the module is imported, or None for a definition."""
+# Module-level calls that only report (a logger's or the warnings module's): importing the module
+# would print, nothing the model computes depends on them, and the port keeps none of them.
+LOG_METHODS = frozenset({"debug", "info", "warning", "warn", "warning_once", "error", "critical", "exception",
+                         "setLevel", "filterwarnings", "simplefilter"})
+LOGGER_FACTORIES = frozenset({"get_logger", "getLogger"})
+
+
+def _loggers(tree: ast.Module) -> set[str]:
+    """Module-level names bound to a logger (`logger = logging.get_logger(__name__)`), plus the
+    `warnings` and `logging` modules themselves."""
+    names = {"warnings", "logging"}
+    for st in tree.body:
+        if isinstance(st, ast.Assign) and isinstance(st.value, ast.Call):
+            func = st.value.func
+            tail = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if tail in LOGGER_FACTORIES:
+                names |= {t.id for t in st.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _reports(call: ast.Call, loggers: set[str]) -> bool:
+    """`logger.warning(...)`, `warnings.warn(...)`: a call that only reports."""
+    f = call.func
+    return isinstance(f, ast.Attribute) and f.attr in LOG_METHODS and isinstance(f.value, ast.Name) and \
+        f.value.id in loggers
+
+
+def _side_effect(st: ast.stmt, loggers: frozenset[str] | set[str] = frozenset()) -> str | None:
+    """What a module-level statement does when the module is imported, or None for a definition
+    (or a call that only reports, to a logger or the warnings module)."""
     if isinstance(st, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
                        ast.Assign, ast.AnnAssign, ast.Pass)):
         return None
     if isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant):
         return None  # a docstring
+    inner: list[ast.stmt] = []
     if isinstance(st, ast.If):
-        return next((s for s in map(_side_effect, [*st.body, *st.orelse]) if s), None)
-    if isinstance(st, ast.Try):
+        inner = [*st.body, *st.orelse]
+    elif isinstance(st, ast.Try):
         inner = [*st.body, *st.orelse, *st.finalbody, *(s for h in st.handlers for s in h.body)]
-        return next((s for s in map(_side_effect, inner) if s), None)
+    if isinstance(st, (ast.If, ast.Try)):
+        return next((s for s in (_side_effect(x, loggers) for x in inner) if s), None)
     if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
+        if _reports(st.value, set(loggers)):
+            return None
         return f"module-level call {ast.unparse(st.value.func)}(...)"
     return f"module-level {type(st).__name__.lower()} statement"
 
@@ -122,8 +157,10 @@ def _installed(top: str) -> bool:
         return False
 
 
-def _check_imports(tree: ast.Module, path: Path, folder: Path) -> None:
+def _check_imports(tree: ast.Module, path: Path, folder: Path, skip: set[int]) -> None:
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             tops = [a.name.split(".")[0] for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -158,20 +195,47 @@ def _guarded(tree: ast.Module, node: ast.stmt) -> bool:
     return False
 
 
-def check_module(path: Path, folder: Path) -> None:
-    """Refuse remote code porter would have to run to read (one line, file:line, the construct)."""
+def hf_api_methods(tree: ast.Module, causal_lm: str) -> list[ast.FunctionDef]:
+    """The methods of the causal LM class the model does not compute with: neither `__init__` nor
+    `forward` reaches them through `self.NAME` (a chat or streaming helper, a response parser).
+    The port keeps none of them (porter writes the causal LM class's methods itself)."""
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == causal_lm), None)
+    if cls is None:
+        return []
+    methods = {n.name: n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    seen: set[str] = set()
+    todo = [n for n in ("__init__", "forward") if n in methods]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(methods[name]):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" \
+                    and node.attr in methods:
+                todo.append(node.attr)
+    return [fn for name, fn in methods.items() if name not in seen]  # type: ignore[misc]
+
+
+def check_module(path: Path, folder: Path, causal_lm: str = "") -> None:
+    """Refuse remote code porter would have to run to read (one line, file:line, the construct).
+    The causal LM class's chat and generation helpers (`hf_api_methods`) are not read: no port keeps them."""
     text = path.read_text(encoding="utf-8")
     tree = ast.parse(text, filename=str(path))
+    skip = {id(n) for fn in hf_api_methods(tree, causal_lm) for n in ast.walk(fn)}
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in DYNAMIC_CALLS:
             raise PorterError(f"{node.func.id}() runs code porter cannot read statically", file=str(path),
                               line=node.lineno, construct=f"{node.func.id}(...)")
+    loggers = _loggers(tree)
     for st in tree.body:
-        what = _side_effect(st)
+        what = _side_effect(st, loggers)
         if what is not None:
             raise PorterError(f"{what}: importing the module would do something (porter never runs it)",
                               file=str(path), line=st.lineno, construct=ast.unparse(st).splitlines()[0][:60])
-    _check_imports(tree, path, folder)
+    _check_imports(tree, path, folder, skip)
 
 
 def check_config_class(modeling: Path, config: Path | None, causal_lm: str) -> tuple[str, str]:

@@ -132,8 +132,9 @@ def resolve_repo(folder: Path, *, config: str | None, version: str) -> Source:
     cfg = Path(config) if config else files.config
     for path in (files.modeling, *([cfg] if cfg else [])):
         check_syntax(read_python(path), str(path))
-        remote.check_module(path, folder)
     causal_lm = remote.causal_lm_class(files.modeling, files.causal_lm)
+    for path in (files.modeling, *([cfg] if cfg else [])):
+        remote.check_module(path, folder, causal_lm if path == files.modeling else "")
     config_cls, model_type = remote.check_config_class(files.modeling, cfg, causal_lm)
     remote.check_repo_config(folder, causal_lm, config_cls, model_type)
     text = read_python(files.modeling)

@@ -56,8 +56,9 @@ def _bad_folder(tmp_path, edits: dict[str, tuple[str, str]], drop: tuple[str, ..
     for f in GOOD.iterdir():
         if f.is_file() and f.name not in drop:
             text = f.read_text()
-            if f.name in edits:
-                text = _edit(text, *edits[f.name])
+            for key in (f.name, f"{f.name}#2"):  # a second edit of the same file
+                if key in edits:
+                    text = _edit(text, *edits[key])
             (folder / f.name).write_text(text)
     return folder
 
@@ -80,6 +81,22 @@ BAD = {
     "missing_package": ({MODELING: (_TOP, _TOP + "import porter_no_such_package_xyz\n")}, MODELING,
                         "import porter_no_such_package_xyz",
                         "imports package 'porter_no_such_package_xyz', which is not installed"),
+    # a method of the causal LM that forward reaches is read like the rest of the model
+    "eval_in_forward_helper": ({MODELING: ("        lm_logits = self.lm_head(outputs.last_hidden_state)\n",
+                                           "        lm_logits = self._head(outputs.last_hidden_state)\n"),
+                                "modeling_qwenlike.py#2": ("    def get_output_embeddings(self):\n",
+                                                           "    def _head(self, h):\n        return eval('self.lm_head')(h)\n\n"
+                                                           "    def get_output_embeddings(self):\n")},
+                               MODELING, "eval('self.lm_head')", "eval() runs code porter cannot read statically"),
+    "missing_package_in_forward_helper": ({MODELING: ("    def get_output_embeddings(self):\n",
+                                                      "    def _prep(self):\n        import porter_no_such_package_xyz\n\n"
+                                                      "    def get_output_embeddings(self):\n"),
+                                           "modeling_qwenlike.py#2": (
+                                              "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n",
+                                              "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
+                                              "        self._prep()\n")},
+                                          MODELING, "import porter_no_such_package_xyz",
+                                          "imports package 'porter_no_such_package_xyz', which is not installed"),
     "missing_helper": ({MODELING: (_TOP, _TOP + "from .qwen_helpers import fast_rope\n")}, MODELING,
                        "from .qwen_helpers", "imports .qwen_helpers, which the folder does not hold"),
     "missing_config_class": ({CONFIG: ("class QWenLikeConfig(", "class OtherConfig(")}, MODELING, None,
@@ -119,6 +136,42 @@ def test_bad_remote_code_is_refused_with_file_and_line(tmp_path, case):
     assert lines[0].startswith(f"porter: error: {where}"), lines[0]
     assert message in lines[0]
     assert not out.exists()
+
+
+_CHATTY = {
+    MODELING: (_TOP, _TOP + "from transformers.utils import logging\n\nlogger = logging.get_logger(__name__)\n\n"
+               "try:\n    from porter_no_such_kernel_xyz import fast_attention\nexcept ImportError:\n"
+               "    fast_attention = None\n    logger.warning('porter_no_such_kernel_xyz is missing: the slow path runs')\n"),
+    "modeling_qwenlike.py#2": ("    def get_output_embeddings(self):\n",
+                               "    def process_response(self, text):\n"
+                               "        return eval(text) if text.startswith('{') else text\n\n"
+                               "    def chat(self, tokenizer, query, **kwargs):\n"
+                               "        from porter_no_such_stream_generator_xyz import init_stream_support\n\n"
+                               "        init_stream_support()\n"
+                               "        out = self.generate(**tokenizer([query], return_tensors='pt'), **kwargs)\n"
+                               "        return self.process_response(tokenizer.decode(out[0]))\n\n"
+                               "    def get_output_embeddings(self):\n"),
+}
+
+
+def test_chat_helpers_module_logging_and_optional_kernels_do_not_block_a_port(tmp_path):
+    """What real repositories carry beside the model (Qwen-1's `chat` importing a package the
+    environment lacks, ChatGLM's `process_response` calling eval, Baichuan's module-level
+    `try: import xformers except ImportError: ...; logger.warning(...)`) is no part of the port:
+    not refused, not kept, and the port is byte for byte the one of the model without them."""
+    from porter.convert import convert
+
+    chatty = _bad_folder(tmp_path, _CHATTY)
+    convert(str(chatty), ["vllm"], tmp_path / "chatty")
+    convert(str(GOOD), ["vllm"], tmp_path / "good")
+    rel = "vllm/qwenlike/porter_vllm_qwenlike/modeling_qwenlike.py"
+
+    def body(root):
+        return [ln for ln in (root / rel).read_text().splitlines() if not ln.startswith(("# Source sha256", "# Rules applied"))]
+
+    port = (tmp_path / "chatty" / rel).read_text()
+    assert "def chat" not in port and "eval(" not in port and "porter_no_such" not in port and "logger" not in port
+    assert body(tmp_path / "chatty") == body(tmp_path / "good")
 
 
 def test_repository_folder_resolves_statically():

@@ -40,6 +40,7 @@ from porter.passes.cleanup.drop_dead_locals import DropDeadLocals
 from porter.passes.cleanup.drop_dropout import DropDropout
 from porter.passes.cleanup.drop_hf_imports import DropHfImports
 from porter.passes.cleanup.drop_input_checks import DropInputChecks
+from porter.passes.cleanup.drop_unused_optional_imports import DropUnusedOptionalImports
 from porter.passes.cleanup.drop_unused_buffers import DropUnusedBuffers
 from porter.passes.cleanup.prune_unreachable import PruneUnreachable
 from porter.passes.cleanup.replace_base_classes import ReplaceBaseClasses
@@ -173,6 +174,7 @@ MODEL: list[type[Rule]] = [
     YarnMscale,  # a rotary helper of transformers' utilities the port writes itself
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more
     PruneUnreachable,  # after every rule that can remove a use of a class or helper
+    DropUnusedOptionalImports,  # after PT060: the code that read an optional kernel is gone
     EngineImports,  # last: imports exactly the engine symbols the rules above used
 ]
 
