@@ -10,12 +10,23 @@ import libcst as cst
 
 from porter.analysis.cstutil import findall
 from porter.passes.attention._common import in_place_of, nlines
-from porter.passes.attention._inline_dataflow import SOFTMAX
+from porter.passes.attention._inline_dataflow import SOFTMAX, _matmul
 
 
 def computes_softmax(fn: cst.FunctionDef) -> bool:
     """The method takes a softmax itself: the scores of an attention computed inline."""
     return bool(findall(fn, SOFTMAX))
+
+
+def score_steps(body: list[cst.BaseStatement]) -> set[int]:
+    """The ids of the statements of a block after the first that computes a matmul (the scores) and
+    before the first that takes a softmax."""
+    lo = next((i for i, st in enumerate(body) if isinstance(st, cst.SimpleStatementLine) and any(
+        isinstance(s, (cst.Assign, cst.AugAssign)) and _matmul(s.value) is not None for s in st.body)), None)
+    hi = next((i for i, st in enumerate(body) if findall(st, SOFTMAX)), None)
+    if lo is None or hi is None:
+        return set()
+    return {id(st) for st in body[lo + 1:hi]}
 
 
 def keep_arms(block: cst.IndentedBlock, pick: Callable[[cst.BaseStatement], list[cst.BaseStatement] | None],

@@ -6,7 +6,7 @@ import libcst as cst
 
 from porter.analysis.cstutil import cross_attention_arm
 from porter.passes.attention._common import BeforeIndexRule
-from porter.passes.attention._score_arms import computes_softmax, keep_arms
+from porter.passes.attention._score_arms import computes_softmax, keep_arms, score_steps
 from porter.passes.base import Example
 from porter.rules_data import strip_table
 
@@ -20,7 +20,7 @@ class InlineSelfAttentionArm(BeforeIndexRule):
         "torch.where(causal_mask, w, min)`. A decoder-only port has no cross-attention (PT123 keeps "
         "the self-attention arm of every such `if`, a table in rules/hf_strip.yaml), but PT150 reads "
         "the scores before that: so in a method that takes the softmax itself, an `if` on a "
-        "cross-attention flag becomes its self-attention arm here (the body under `not flag`, the "
+        "cross-attention flag between the scores' matmul and the softmax becomes its self-attention arm here (the body under `not flag`, the "
         "`else` or nothing under `flag`), and PT150 sees the causal mask among the score steps."
     )
     visits_dropped_code = True
@@ -68,7 +68,8 @@ class InlineSelfAttentionArm(BeforeIndexRule):
         if len(self.scope) < 2 or not getattr(self, "_soft", False):
             return updated
         flags = strip_table().cross_attention_flags
-        new = keep_arms(updated, lambda st: self._arm(st, flags), self.keep_lines)
+        between = score_steps(list(updated.body))  # the `if`s between the scores' matmul and the softmax only
+        new = keep_arms(updated, lambda st: self._arm(st, flags) if id(st) in between else None, self.keep_lines)
         return updated if new is None else new
 
     @staticmethod
