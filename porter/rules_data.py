@@ -36,6 +36,7 @@ _STRIP_SCHEMA = {
     "latent_attention_model_types": list,
     "latent_decompressed_model_types": list,
     "absent_params": list,
+    "false_flags": list,
     "rope_config_fields": list,
     "engine_state_layers": dict,
 }
@@ -100,6 +101,7 @@ class StripTable:
     latent_attention_model_types: frozenset[str] = frozenset()  # the engine runs its MLA layer for these
     latent_decompressed_model_types: frozenset[str] = frozenset()  # ... attention over decompressed k/v for these
     absent_params: frozenset[str] = frozenset()  # stripped inputs a plain generation never gives (None)
+    false_flags: frozenset[str] = frozenset()  # stripped flags whose `else` arm the port's outputs follow
     rope_config_fields: frozenset[str] = frozenset()  # 4.x config fields transformers 5 keeps in rope_parameters
     engine_state_layers: dict = field(default_factory=dict)  # model type -> what the engine runs of its state layer
 
@@ -125,11 +127,12 @@ def _strip_table(rules_dir: Path) -> StripTable:
     data.setdefault("latent_attention_model_types", [])
     data.setdefault("latent_decompressed_model_types", [])
     data.setdefault("absent_params", [])
+    data.setdefault("false_flags", [])
     data.setdefault("rope_config_fields", [])
     data.setdefault("engine_state_layers", {})
     _check(data, _STRIP_SCHEMA, path)
     for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
-                "transposed_linears", "engine_act_and_mul", "absent_params", "rope_config_fields"):
+                "transposed_linears", "engine_act_and_mul", "absent_params", "false_flags", "rope_config_fields"):
         if not all(isinstance(x, str) for x in data[key]):
             raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
     return StripTable(
@@ -148,6 +151,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         latent_attention_model_types=frozenset(data["latent_attention_model_types"]),
         latent_decompressed_model_types=frozenset(data["latent_decompressed_model_types"]),
         absent_params=frozenset(data["absent_params"]),
+        false_flags=frozenset(data["false_flags"]),
         rope_config_fields=frozenset(data["rope_config_fields"]),
         engine_state_layers=dict(data["engine_state_layers"]),
     )

@@ -72,9 +72,6 @@ def _verify(port_dir):
     # its expert loop is no construct a rule maps: the port would read `batch_size`, bound by a line
     # the shape rules removed (it used to be written, and failed at its first forward in the engine)
     ("mixtral", "MixtralSparseMoeBlock.forward"),
-    # attention class looked up into a local (PT122 resolves it), then attention computed inline
-    # with a head mask: refused there, no longer a port without attention
-    ("gpt2", "GPT2Attention._attn"),
 ])
 def test_release_files_porter_cannot_port_are_refused_with_file_and_line(tmp_path, model_type, construct):
     from porter.convert import convert

@@ -328,7 +328,8 @@ def _indexed_element(node: cst.For, index: str) -> tuple[str, str] | None:
 
 def cross_attention_arm(test: cst.BaseExpression, flags: frozenset[str]) -> bool | None:
     """True when `test` is a cross-attention flag (`self.is_cross_attention`, `is_cross_attention`,
-    `config.add_cross_attention`), False when it is its negation, None otherwise."""
+    `config.add_cross_attention`, `encoder_hidden_states is not None`), False when it is its negation,
+    None otherwise."""
     def flag(e: cst.BaseExpression) -> bool:
         if isinstance(e, cst.Name):
             return e.value in flags
@@ -338,6 +339,9 @@ def cross_attention_arm(test: cst.BaseExpression, flags: frozenset[str]) -> bool
         return True
     if m.matches(test, m.UnaryOperation(operator=m.Not())) and flag(test.expression):  # type: ignore[attr-defined]
         return False
+    if m.matches(test, m.Comparison(left=m.Name(), comparisons=[m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))])) \
+            and flag(test.left):  # `encoder_hidden_states is not None`: an input only cross-attention is given
+        return isinstance(test.comparisons[0].operator, cst.IsNot)  # type: ignore[attr-defined]
     if m.matches(test, m.BooleanOperation(operator=m.And())) and (  # `is_cross_attention and cache is not None`
             cross_attention_arm(test.left, flags) is True or cross_attention_arm(test.right, flags) is True):  # type: ignore[attr-defined]
         return True  # (false for self-attention, like the flag)

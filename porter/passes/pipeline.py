@@ -25,7 +25,9 @@ from porter.passes.attention.engine_attention import EngineAttention
 from porter.passes.attention.flatten_heads import FlattenHeads
 from porter.passes.attention.fold_query_scale import FoldQueryScale
 from porter.passes.attention.fuse_qkv import FuseQkv
+from porter.passes.attention.inline_absent_input_arm import InlineAbsentInputArm
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
+from porter.passes.attention.inline_self_attention_arm import InlineSelfAttentionArm
 from porter.passes.attention.latent_attention import LatentAttention
 from porter.passes.attention.latent_decompressed import LatentDecompressed
 from porter.passes.attention.output_attentions_arm import OutputAttentionsArm
@@ -33,6 +35,7 @@ from porter.passes.attention.per_head_bias import PerHeadBias
 from porter.passes.attention.per_head_scale import PerHeadScale
 from porter.passes.attention.prefer_attention_function import PreferAttentionFunction
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
+from porter.passes.attention.scalar_tensor_scale import ScalarTensorScale
 from porter.passes.attention.upcast_arm import UpcastArm
 from porter.passes.base import REGISTRY, Rule
 from porter.passes.cleanup.drop_autocast import DropAutocast
@@ -100,6 +103,9 @@ BEFORE_INDEX: list[type[Rule]] = [
     EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
     UpcastArm,  # before PT150: one softmax where HF upcasts in an arm of its own
     OutputAttentionsArm,  # before PT150: no reshaped copy of the weights between softmax and sum
+    InlineSelfAttentionArm,  # before PT150: the causal mask of self-attention among the score steps
+    InlineAbsentInputArm,  # before PT150: no head-mask product between softmax and weighted sum
+    ScalarTensorScale,  # before PT150: a scale it can hand the engine (no 0-d tensor built like the scores)
     InlineEagerAttention,
     AlibiArm,  # after PT150: picks the arm of the `attention_interface` call PT150 made
     DeviceFastPath,  # a router's CUDA-only arm: the index reads the reference arm

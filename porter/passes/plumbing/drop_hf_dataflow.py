@@ -81,6 +81,8 @@ class DropHfDataflow(Rule):
         for attr in findall(node, m.Attribute(value=m.Name("self"))):
             if (self._cls, self_attr(attr)) in self.ctx.removed_attrs:
                 return True
+            if self_attr(attr) in self.ctx.table.drop_init_attrs:
+                return True  # an attribute only HF sets (4.x's `self.model_parallel`): its branches are HF-only
         return False
 
     def _always_given_none_test(self, test: cst.BaseExpression) -> bool:
@@ -103,7 +105,11 @@ class DropHfDataflow(Rule):
 
     def _absent_arm(self, st: cst.BaseStatement) -> list[cst.BaseStatement] | None:
         """`if token_type_ids is not None: A else: B` (an input the engine never has, rules/hf_strip.yaml
-        absent_params): HF runs B when it is not given; `is None` runs A."""
+        absent_params): HF runs B when it is not given; `is None` runs A. `if use_cache: A else: B`
+        (false_flags): B, what HF returns without a cache."""
+        if isinstance(st, cst.If) and isinstance(st.orelse, cst.Else) and m.matches(st.test, m.Name()) \
+                and st.test.value in self.ctx.table.false_flags:  # type: ignore[attr-defined]
+            return list(st.orelse.body.body)  # `if use_cache: A else: B`: the port returns no cache (B)
         if not isinstance(st, cst.If) or not isinstance(st.orelse, cst.Else) or not m.matches(st.test, m.Comparison(
                 left=m.Name(), comparisons=[m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))])):
             return None
@@ -175,6 +181,13 @@ class DropHfDataflow(Rule):
         """`for layer, past in zip(self.layers, past_key_values):` -> `for layer in self.layers:`
         (a tuple cache zipped with the layers: its loop variable is HF-only too)."""
         it, target = st.iter, st.target
+        if m.matches(it, m.Call(func=m.Name("enumerate"), args=[m.Arg(m.Call(func=m.Name("zip")), keyword=None)])) \
+                and m.matches(target, m.Tuple(elements=[m.Element(m.Name()), m.Element(m.Tuple())])):
+            # `for i, (block, past) in enumerate(zip(self.h, past_key_values)):` (4.x GPT-2)
+            inner = self._zip_without_hf(st.with_changes(iter=it.args[0].value, target=target.elements[1].value))  # type: ignore[attr-defined]
+            new_target = target.elements[1].with_changes(value=inner.target)  # type: ignore[attr-defined]
+            return st.with_changes(iter=it.with_changes(args=[it.args[0].with_changes(value=inner.iter)]),  # type: ignore[attr-defined]
+                                   target=target.with_changes(elements=[target.elements[0], new_target]))  # type: ignore[attr-defined]
         if not (m.matches(it, m.Call(func=m.Name("zip"))) and isinstance(target, cst.Tuple)
                 and len(target.elements) == len(it.args)  # type: ignore[attr-defined]
                 and not any(a.star or a.keyword for a in it.args)):  # type: ignore[attr-defined]
@@ -203,10 +216,17 @@ class DropHfDataflow(Rule):
             if self._reshape_to_hf_shape(targets, value):
                 return None  # `x = x.view(output_shape)`, the shape HF-only: x keeps its (flat) value
             new_value = self._strip_args(value)
+            if isinstance(new_value, cst.Tuple) and any(self._is_tainted(e.value) for e in new_value.elements):
+                # `outputs = (attn_output, present)` (4.x): the tuple of what the port computes
+                kept = [e for e in new_value.elements if not self._is_tainted(e.value)]
+                if kept:
+                    kept[-1] = kept[-1].with_changes(comma=cst.Comma() if len(kept) == 1 else cst.MaybeSentinel.DEFAULT)
+                    new_value = new_value.with_changes(elements=kept)
             bound = {n for t in targets for n in assigned_names(t)}
-            if self._is_tainted(new_value) or (isinstance(value, cst.Call) and bound
-                                               and bound <= self.ctx.table.strip_params):
-                # (or a call binds HF plumbing by name: `attention_mask = self._prepare_mask(...)`)
+            if self._is_tainted(new_value) or ((isinstance(value, cst.Call) or m.matches(value, m.Name("None")))
+                                               and bound and bound <= self.ctx.table.strip_params):
+                # (or a call binds HF plumbing by name: `attention_mask = self._prepare_mask(...)`;
+                # or None does: `encoder_attention_mask = None`)
                 for t in targets:
                     self.tainted.update(assigned_names(t))
                 return None
