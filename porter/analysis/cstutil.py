@@ -352,8 +352,14 @@ class _KeepSelfAttention(cst.CSTTransformer):
     def __init__(self, flags: frozenset[str]) -> None:
         super().__init__()
         self.flags = flags
+        self.links: set[int] = set()
+
+    def visit_If(self, node):
+        note_elif(node, self.links)
 
     def leave_If(self, original, updated):
+        if id(original) in self.links:  # an `elif`: the `if` it belongs to resolves the chain
+            return updated
         return self_attention_arm(updated, self.flags)
 
     def leave_IfExp(self, original, updated):
@@ -366,9 +372,31 @@ def self_attention_value(node: cst.IfExp, flags: frozenset[str]) -> cst.BaseExpr
     return node if arm is None else node.orelse if arm else node.body
 
 
+def note_elif(node: cst.If, links: set[int]) -> None:
+    """Remember the `elif` of NODE (by id): a visitor leaves it to `self_attention_arm` of NODE."""
+    if isinstance(node.orelse, cst.If):
+        links.add(id(node.orelse))
+
+
+def _self_attention_links(node: cst.If, flags: frozenset[str]) -> cst.If:
+    """NODE with each `elif` of its chain on a cross-attention flag resolved: `elif flag: A <rest>`
+    -> `<rest>`, `elif not flag: A <rest>` -> `else: A`."""
+    link = node.orelse
+    if not isinstance(link, cst.If):
+        return node
+    arm = cross_attention_arm(link.test, flags)
+    if arm is None:
+        return node.with_changes(orelse=_self_attention_links(link, flags))
+    if arm is False:
+        return node.with_changes(orelse=cst.Else(body=link.body, leading_lines=link.leading_lines))
+    return _self_attention_links(node.with_changes(orelse=link.orelse), flags)
+
+
 def self_attention_arm(node: cst.If, flags: frozenset[str]):
     """An `if` on a cross-attention flag -> what is left of it for self-attention (its false arm:
-    the body, the `elif`, or nothing); any other `if` unchanged."""
+    the body, the `elif`, or nothing); any other `if` unchanged. The `elif`s of its chain are
+    resolved so too (a visitor calls this on the first `if` of a chain only: `note_elif`)."""
+    node = _self_attention_links(node, flags)
     arm = cross_attention_arm(node.test, flags)
     if arm is None:
         return node

@@ -18,6 +18,7 @@ from porter.errors import PorterError
 from porter.passes.attention.alibi_arm import AlibiArm
 from porter.passes.attention.alibi_by_config import AlibiTestByConfig
 from porter.passes.attention.attention_sinks import AttentionSinks
+from porter.passes.attention.cache_arm import CacheArm
 from porter.passes.attention.drop_cross_attention import DropCrossAttention
 from porter.passes.attention.drop_kv_repeat import DropKvRepeat
 from porter.passes.attention.eager_arm import EagerArm
@@ -74,6 +75,7 @@ from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
 from porter.passes.plumbing.fix_call_arity import FixCallArity
+from porter.passes.plumbing.mask_positions import MaskPositions
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
 from porter.passes.plumbing.plain_attribute_assign import PlainAttributeAssign
 from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
@@ -106,6 +108,7 @@ BEFORE_INDEX: list[type[Rule]] = [
     InlineSelfAttentionArm,  # before PT150: the causal mask of self-attention among the score steps
     InlineAbsentInputArm,  # before PT150: no head-mask product between softmax and weighted sum
     ScalarTensorScale,  # before PT150: a scale it can hand the engine (no 0-d tensor built like the scores)
+    CacheArm,  # before indexing: k and v of the arm without HF's tuple cache (the planner finds their projections)
     InlineEagerAttention,
     AlibiArm,  # after PT150: picks the arm of the `attention_interface` call PT150 made
     DeviceFastPath,  # a router's CUDA-only arm: the index reads the reference arm
@@ -134,6 +137,7 @@ MODEL: list[type[Rule]] = [
     PerHeadBias,  # after EngineAttention: reads what its self.attn(...) returns
     DropKvRepeat,  # after EngineAttention: reads the k and v of the engine call it made
     AlibiTestByConfig,  # before StripHfParams drops the bias parameter its tests read
+    MaskPositions,  # before PT010/PT011: the mask and cache length it reads are HF-only to them
     StripHfParams,
     DropHfDataflow,
     DropDropout,

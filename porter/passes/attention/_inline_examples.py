@@ -131,6 +131,39 @@ EXAMPLES = [
         "        out, w_reshaped = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
         "        return self.o_proj(out), w_reshaped\n",
     ),
+    # OPT 4.x: heads flattened into the batch by a shape helper, the clamp spelled with
+    # `torch.tensor`, and the weights HF returns bound to None (PT222 kept that arm)
+    Example(
+        "class Attn(nn.Module):\n"
+        "    def _shape(self, t, n, b):\n        return t.view(b, n, self.h, self.d).transpose(1, 2).contiguous()\n\n"
+        "    def forward(self, x, attention_mask):\n"
+        "        q = self.q_proj(x) * self.scaling\n"
+        "        k = self._shape(self.k_proj(x), -1, b)\n        v = self._shape(self.v_proj(x), -1, b)\n"
+        "        proj_shape = (b * self.h, -1, self.d)\n"
+        "        q = self._shape(q, t, b).view(*proj_shape)\n"
+        "        k = k.view(*proj_shape)\n        v = v.view(*proj_shape)\n"
+        "        n = k.size(1)\n"
+        "        w = torch.bmm(q, k.transpose(1, 2))\n"
+        "        if attention_mask is not None:\n"
+        "            w = w.view(b, self.h, t, n) + attention_mask\n"
+        "            w = torch.max(w, torch.tensor(torch.finfo(w.dtype).min, device=w.device))\n"
+        "            w = w.view(b * self.h, t, n)\n"
+        "        w = nn.functional.softmax(w, dim=-1)\n"
+        "        w_reshaped = None\n"
+        "        p = nn.functional.dropout(w, p=self.dropout, training=self.training)\n"
+        "        out = torch.bmm(p, v)\n"
+        "        out = out.view(b, self.h, t, self.d).transpose(1, 2).reshape(b, t, self.e)\n"
+        "        return self.o_proj(out), w_reshaped\n",
+        "class Attn(nn.Module):\n"
+        "    def _shape(self, t, n, b):\n        return t.view(b, n, self.h, self.d).transpose(1, 2).contiguous()\n\n"
+        "    def forward(self, x, attention_mask):\n"
+        "        q = self.q_proj(x) * self.scaling\n"
+        "        k = self._shape(self.k_proj(x), -1, b)\n        v = self._shape(self.v_proj(x), -1, b)\n"
+        "        proj_shape = (b * self.h, -1, self.d)\n"
+        "        q = self._shape(q, t, b).view(*proj_shape)\n"
+        "        out, w_reshaped = attention_interface(self, q, k, v, attention_mask, scaling=1.0)\n"
+        "        return self.o_proj(out), w_reshaped\n",
+    ),
     # in a helper (Qwen-1's `_attn`): the sizes only the mask read go dead; the caller gets the call
     Example(
         "class Attn(nn.Module):\n"

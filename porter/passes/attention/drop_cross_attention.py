@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from porter.analysis.cstutil import self_attention_arm, self_attention_value
+from porter.analysis.cstutil import note_elif, self_attention_arm, self_attention_value
 from porter.passes.base import Example, Rule
 
 
@@ -22,6 +22,10 @@ class DropCrossAttention(Rule):
     @classmethod
     def applies(cls, ctx) -> bool:
         return bool(ctx.table.cross_attention_flags & ctx.idx.identifiers)
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self._links: set[int] = set()
 
     examples = [
         Example(
@@ -50,10 +54,23 @@ class DropCrossAttention(Rule):
             "        states = x\n"
             "        k = self.k_proj(states)\n        return k\n",
         ),
+        Example(  # the flag tested again in an `elif` of the chain (transformers 4.x OPT, BART)
+            "class Attn(nn.Module):\n    def forward(self, x, key_value_states=None, cache=None):\n"
+            "        is_cross_attention = key_value_states is not None\n"
+            "        if is_cross_attention and cache is not None:\n            k = cache[0]\n"
+            "        elif is_cross_attention:\n            k = self.k_proj(key_value_states)\n"
+            "        else:\n            k = self.k_proj(x)\n        return k\n",
+            "class Attn(nn.Module):\n    def forward(self, x, key_value_states=None, cache=None):\n"
+            "        is_cross_attention = key_value_states is not None\n"
+            "        k = self.k_proj(x)\n        return k\n",
+        ),
     ]
 
+    def visit_If(self, node):
+        note_elif(node, self._links)
+
     def leave_If(self, original, updated):
-        if not self.kept(self.current_class):
+        if not self.kept(self.current_class) or id(original) in self._links:  # (an `elif`: its `if` resolves it)
             return updated
         return self_attention_arm(updated, self.ctx.table.cross_attention_flags)
 

@@ -14,6 +14,15 @@ from porter.passes.attention._inline_dataflow import (
 from porter.passes.attention._inline_examples import EXAMPLES
 from porter.rules_data import strip_table
 
+def _floor_at_min(value: cst.BaseExpression) -> bool:
+    """`torch.max(w, torch.tensor(torch.finfo(w.dtype).min, ...))` (or `torch.full((), ...)`, or
+    `torch.clamp(w, min=...)`): the scores floored at the dtype's lowest value."""
+    if not isinstance(value, cst.Call) or dotted(value.func) not in ("torch.max", "torch.maximum", "torch.clamp"):
+        return False
+    floor = [a.value for a in value.args[1:] if a.keyword is None or a.keyword.value in ("other", "min")]
+    return len(floor) == 1 and mask_fill(floor[0])
+
+
 class InlineEagerAttention(BeforeIndexRule):
     code = "PT150"
     name = "inline-eager-attention"
@@ -27,7 +36,13 @@ class InlineEagerAttention(BeforeIndexRule):
         "were before the region, so the planner and the engine-attention rule treat it like any "
         "attention call. The scale is the product of what multiplies (or divides) the scores before "
         "the softmax; a bias added to the scores that is not the mask is an ALiBi bias, passed as "
-        "`alibi=` (with `alibi_scale=` when the scale is applied after it)."
+        "`alibi=` (with `alibi_scale=` when the scale is applied after it). BART-era files (XGLM, OPT "
+        "4.x) floor the masked scores at the dtype's lowest value (`torch.max(w, finfo.min)`): their "
+        "additive mask holds 0 where a key is seen and finfo.min where it is not, so the floor leaves "
+        "every seen score as it is and turns the masked ones (which may have overflowed to -inf) into "
+        "finfo.min, whose exponential in the softmax is 0 exactly as the engine's causal mask gives, "
+        "with the diagonal always seen no row is all masked: the step maps to nothing. A weights name "
+        "bound to None in the region (OPT 4.x, after PT222) is what the call binds its weights to."
     )
     visits_dropped_code = True
     word = "softmax"  # before indexing: only the top-level statements naming it are walked
@@ -199,12 +214,30 @@ class InlineEagerAttention(BeforeIndexRule):
         weights = [d for d in sorted(derived) if d in after]
         if len(weights) > 1:
             return None
+        if not weights and (none := self._weights_none(body, i_s, end, after)) is not None:
+            weights = [_target(_simple_assign(body[none]))]  # type: ignore[arg-type]
+            region.add(none)
         call = cst.parse_statement(f"{out_names[-1]}, {weights[0] if weights else probs} = attention_interface({args})\n")
         if self._packed is not None:  # the list statement stays, holding the call's output
             region.discard(end)
             node, fresh = self._packed
             body = [*body[:end], body[end].deep_replace(node, cst.Name(fresh)), *body[end + 1:]]  # type: ignore[list-item]
         return self._replace_region(body, region, first, end, call)
+
+    @staticmethod
+    def _weights_none(body: list[cst.BaseStatement], i_s: int, end: int, after: set[str]) -> int | None:
+        """`w_reshaped = None` between the softmax and the weighted sum, returned after it (OPT 4.x,
+        once PT222 kept the arm where the weights are not asked for): the weights HF returns there;
+        the call binds them instead (the engine returns none either way). Its index, or None."""
+        for k in range(i_s + 1, end):
+            small = _simple_assign(body[k])
+            if small is None or not m.matches(small, m.Assign(value=m.Name("None"))):
+                continue
+            name = _target(small)
+            others = [st for j, st in enumerate(body[i_s + 1:end + 1], i_s + 1) if j != k]
+            if name in after and not any(name in names_in(st) for st in others):
+                return k
+        return None
 
     def _forwards(self, body: list[cst.BaseStatement], i_s: int, probs: str):
         """From the softmax forwards: the weighted sum and what only reshapes it. Returns (names
@@ -424,6 +457,8 @@ class InlineEagerAttention(BeforeIndexRule):
             value = small.value
             for c in findall(value, SOFTMAX):
                 value = c.args[0].value  # type: ignore[attr-defined]
+            if _floor_at_min(value):
+                continue  # `torch.max(w, finfo.min)` after the mask: nothing the engine computes changes (why)
             mm = _matmul(value)
             if mm is not None and mm[2] is not None:  # bias.baddbmm(batch1=q, batch2=k, beta=, alpha=)
                 kw = {a.keyword.value: a.value for a in mm[2].args if a.keyword is not None}

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_baichuanlike.py
 # Source sha256: 08f2b8c78a7d1702aa11b64406e1e98927dd425f47f965cbb6001e0a71b7b303
-# Rules applied: PT014, PT150, PT001, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT014, PT150, PT226, PT001, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
 
 """A Baichuan-style causal LM, written for porter's tests (remote-code style): one packed `W_pack`
 projection cut with `unflatten`, a rotary module holding a cos/sin cache sized by `seq_len` and

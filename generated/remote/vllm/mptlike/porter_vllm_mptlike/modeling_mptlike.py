@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_mptlike.py
 # Source sha256: 24ae53d03b0d6804cf64e26970f86ff815e07dca49da64cdcd3e4777dd5947e0
-# Rules applied: PT150, PT001, PT290, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT226, PT001, PT290, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
 
 """An MPT-style causal LM, written for porter's tests (remote-code style): ALiBi (slopes by
 `alibi_bias_max`, a bias buffer built once for the longest sequence) and a causal-mask buffer,
