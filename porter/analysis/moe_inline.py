@@ -198,31 +198,11 @@ class _Loop:
         return self.added == 1
 
 
-def inline_block(idx: ModelIndex, info: ClassInfo) -> MoePlan | None:  # noqa: C901 - one step per statement
-    fwd = info.method("forward")
-    if fwd is None:
-        return None
-    body = list(fwd.body.body)  # type: ignore[attr-defined]
-    loops = [i for i, st in enumerate(body) if isinstance(st, cst.For)]
-    lists = {a: s for a, s in info.submodules.items() if s.in_list and s.ctor in idx.classes}
-    linears = {a: s.call for a, s in info.submodules.items() if s.ctor in LINEAR_NAMES}
-    if len(loops) != 1 or len(lists) != 1 or len(linears) != 1 or len(info.submodules) != 2:
-        return None
-    (e_attr, e_sub), = lists.items()
-    e_cls = idx.classes[e_sub.ctor]
-    mlp = swiglu_mlp(e_cls)
-    if mlp is None:
-        return None
-    attrs = _init_attrs(info)
-    reader = RouterReader(info, attrs, linears)
-    reader.params = param_names(fwd)
-    args = [p for p in reader.params if p != "self"]
-    if len(args) != 1:
-        return None
-    x = args[0]
-    reader.env[x] = V("x")
-    acc = mask = None
-    for st in body[:loops[0]]:
+def _read_before(reader: RouterReader, stmts: list, x: str) -> tuple[str | None, str | None, str | None] | None:
+    """The statements before the expert loop: the routing (read by READER), the accumulator of
+    zeros, the one-hot mask of the top-k indices; None at any other statement."""
+    acc = mask = mask_of = None
+    for st in stmts:
         if isinstance(st, cst.If):  # training only (router jitter): not part of inference
             if st.orelse is None and m.matches(st.test, _TRAINING | m.BooleanOperation(left=_TRAINING, operator=m.And())):
                 continue
@@ -259,6 +239,36 @@ def inline_block(idx: ModelIndex, info: ClassInfo) -> MoePlan | None:  # noqa: C
         reader.statement(st)
         if not all(reader.env.get(n) is not None for t in targets for n in assigned_names(t)):  # type: ignore[arg-type]
             return None
+    return acc, mask, mask_of
+
+
+def inline_block(idx: ModelIndex, info: ClassInfo) -> MoePlan | None:  # noqa: C901 - one step per statement
+    fwd = info.method("forward")
+    if fwd is None:
+        return None
+    body = list(fwd.body.body)  # type: ignore[attr-defined]
+    loops = [i for i, st in enumerate(body) if isinstance(st, cst.For)]
+    lists = {a: s for a, s in info.submodules.items() if s.in_list and s.ctor in idx.classes}
+    linears = {a: s.call for a, s in info.submodules.items() if s.ctor in LINEAR_NAMES}
+    if len(loops) != 1 or len(lists) != 1 or len(linears) != 1 or len(info.submodules) != 2:
+        return None
+    (e_attr, e_sub), = lists.items()
+    e_cls = idx.classes[e_sub.ctor]
+    mlp = swiglu_mlp(e_cls)
+    if mlp is None:
+        return None
+    attrs = _init_attrs(info)
+    reader = RouterReader(info, attrs, linears)
+    reader.params = param_names(fwd)
+    args = [p for p in reader.params if p != "self"]
+    if len(args) != 1:
+        return None
+    x = args[0]
+    reader.env[x] = V("x")
+    read = _read_before(reader, body[:loops[0]], x)
+    if read is None:
+        return None
+    acc, mask, mask_of = read
     # the weights and indices the loop reads, from the routing read before it
     loop = body[loops[0]]
     weights = {n.value for n in findall(loop, m.Name())} & {n for n, v in reader.env.items() if
@@ -280,26 +290,7 @@ def inline_block(idx: ModelIndex, info: ClassInfo) -> MoePlan | None:  # noqa: C
         return None
     if not _Loop(x, w_name, indices[0], mask, e_attr, acc).run(loop):  # type: ignore[arg-type]
         return None
-    # after the loop: the accumulator reshaped, returned (maybe with the logits)
-    logits = set(reader.logits_at)
-    returned = False
-    for st in body[loops[0] + 1:]:
-        s = st.body[0] if isinstance(st, cst.SimpleStatementLine) and len(st.body) == 1 else None
-        if isinstance(s, cst.Assign) and m.matches(s.targets[0].target, m.Name(acc)) and len(s.targets) == 1 \
-                and m.matches(_strip(s.value, _RESHAPE + _CAST), m.Name(acc)):
-            continue
-        if isinstance(s, cst.Return) and s.value is not None:
-            value = s.value
-            rest = []
-            if isinstance(value, cst.Tuple):
-                value, rest = value.elements[0].value, [el.value for el in value.elements[1:]]
-            if not m.matches(_strip(value, _RESHAPE + _CAST), m.Name(acc)) or not all(
-                    isinstance(r, cst.Name) and r.value in logits for r in rest):
-                return None
-            returned = True
-            continue
-        return None
-    if not returned:
+    if not _returns_sum(body[loops[0] + 1:], acc, set(reader.logits_at)):
         return None
     gate, up, down, inter, act = mlp
     return MoePlan(
@@ -312,6 +303,28 @@ def inline_block(idx: ModelIndex, info: ClassInfo) -> MoePlan | None:  # noqa: C
         activation=_resolve(act, e_cls, e_sub.call),
         gate_up=gate, down=down, line=info.line, ckpt_names=[gate, down, up], inline=True,
     )
+
+
+def _returns_sum(tail: list, acc: str, logits: set[str]) -> bool:
+    """After the loop: the accumulator reshaped, then returned (maybe with the logits)."""
+    returned = False
+    for st in tail:
+        s = st.body[0] if isinstance(st, cst.SimpleStatementLine) and len(st.body) == 1 else None
+        if isinstance(s, cst.Assign) and m.matches(s.targets[0].target, m.Name(acc)) and len(s.targets) == 1 \
+                and m.matches(_strip(s.value, _RESHAPE + _CAST), m.Name(acc)) and not returned:
+            continue
+        if isinstance(s, cst.Return) and s.value is not None and not returned:
+            value = s.value
+            rest = []
+            if isinstance(value, cst.Tuple):
+                value, rest = value.elements[0].value, [el.value for el in value.elements[1:]]
+            if not m.matches(_strip(value, _RESHAPE + _CAST), m.Name(acc)) or not all(
+                    isinstance(r, cst.Name) and r.value in logits for r in rest):
+                return False
+            returned = True
+            continue
+        return False
+    return returned
 
 
 def _list_count(info: ClassInfo, attr: str) -> str | None:

@@ -220,7 +220,12 @@ class MixtralDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, positions: Optional[torch.LongTensor] = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: Optional[torch.LongTensor] = None,
+        output_router_logits: Optional[bool] = False,
+    ):
         """
         Args:
             hidden_states (`torch.FloatTensor`): input to the layer of shape `(batch, seq_len, embed_dim)`
@@ -312,7 +317,13 @@ class MixtralModel(nn.Module):
         input_ids: torch.LongTensor = None,
         positions: Optional[torch.LongTensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
+        output_router_logits: Optional[bool] = None,
     ):
+        output_router_logits = (
+            output_router_logits
+            if output_router_logits is not None
+            else self.config.output_router_logits
+        )
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -320,7 +331,9 @@ class MixtralModel(nn.Module):
         hidden_states = inputs_embeds
 
         for decoder_layer in self.layers:
-            layer_outputs = decoder_layer(hidden_states, positions=positions)
+            layer_outputs = decoder_layer(
+                hidden_states, positions=positions, output_router_logits=output_router_logits
+            )
 
             hidden_states = layer_outputs[0]
 
