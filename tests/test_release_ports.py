@@ -69,9 +69,10 @@ def _verify(port_dir):
 
 
 @pytest.mark.parametrize("model_type,construct", [
-    # its expert loop is no construct a rule maps: the port would read `batch_size`, bound by a line
-    # the shape rules removed (it used to be written, and failed at its first forward in the engine)
-    ("mixtral", "MixtralSparseMoeBlock.forward"),
+    # its inline MoE block adds a sigmoid-gated shared expert to the routed experts' sum: no block
+    # porter maps onto FusedMoE (mixtral's, porter/analysis/moe_inline.py, has none); the port would
+    # read `batch_size`, bound by a line the shape rules removed
+    ("qwen2_moe", "Qwen2MoeSparseMoeBlock.forward"),
 ])
 def test_release_files_porter_cannot_port_are_refused_with_file_and_line(tmp_path, model_type, construct):
     from porter.convert import convert

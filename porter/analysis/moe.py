@@ -80,13 +80,16 @@ class MoePlan:
     # `route_method` (FusedMoE's custom_routing_function), the router a module kept as it is
     flat: list[str] = field(default_factory=list)
     route_method: str = ""
+    # a block routing inline and looping over a list of expert MLPs (transformers 4.x Mixtral,
+    # porter/analysis/moe_inline.py): the block's forward becomes the gate and FusedMoE call
+    inline: bool = False
 
 
 # routing fields left out of PORT.json where they hold their default (other ports' PORT.json unchanged)
 _ROUTING_DEFAULTS = {"router_weight": "weight", "correction_bias": None, "n_group": None, "topk_group": None,
                      "routed_scaling": None, "routing_function": False, "router_logits": "", "route_outputs": [],
                      "router_dims": [], "router_bias": False, "expert_bias": [], "swiglu": [],
-                     "route_args": [], "flat": [], "route_method": ""}
+                     "route_args": [], "flat": [], "route_method": "", "inline": False}
 
 
 def compact_moe(d: dict) -> None:
@@ -415,10 +418,11 @@ def moe_checkpoint_names(moes: list[MoePlan], transformers_dir, keys: list[str])
         if p.flat:  # saved as in memory, flat; the router keeps its own name (and module)
             out.append(p)
             continue
-        names = expert_checkpoint_names(transformers_dir, keys, p.gate_up, p.down)
+        # (inline: one module per expert, saved under its own projections' names, ckpt_names)
+        names = None if p.inline else expert_checkpoint_names(transformers_dir, keys, p.gate_up, p.down)
         if names is not None:
             p = dataclasses.replace(p, ckpt_names=list(names))
-        else:
+        elif not p.inline:
             # saved as in memory: one [experts, 2 * intermediate, hidden] tensor, which FusedMoE's
             # own loader splits (it knows the packed names gate_up_proj / down_proj)
             p = dataclasses.replace(p, packed=True)

@@ -26,6 +26,7 @@ from porter.analysis.layouts import alibi_condition, attention_call_names
 from porter.plan.alibi_slopes import check_alibi_max_bias
 from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
 from porter.analysis.moe_flat import find_flat_blocks
+from porter.analysis.moe_inline import find_inline_blocks
 from porter.analysis.latent_attention import latent_attention
 from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
@@ -177,7 +178,11 @@ class Planner(AttentionPlanning):
             refusals.own_cache_state(self, plan, kept)
         plan.moes = find_moe_blocks(self.idx, classes)
         plan.moes += find_flat_blocks(self.idx, classes, plan.moes)
+        plan.moes += find_inline_blocks(self.idx, classes, plan.moes)
         refusals.stray_experts(self, classes, plan.moes)
+        # an inline block's own router projection becomes the GateLinear (PT100), not a sharded linear
+        gates = {(p.cls, p.router) for p in plan.moes if p.inline}
+        plan.linears = [lp for lp in plan.linears if (lp.cls, lp.attr) not in gates]
         fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls, *p.flat[1:2])  # become FusedMoE / GateLinear
                  if not ((p.routing_function or p.route_method) and c == p.router_cls)}  # (or a router kept)
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]

@@ -251,7 +251,8 @@ def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path,
             f"distinct tokens ({report.distinct_tokens}): equal tokens would prove little; "
             "change the init in rules/tiny_configs.yaml"
         )
-    routers = [mp["experts_cls"] if mp.get("route_method") else mp["router_cls"]  # (the experts read the indices)
+    # (the experts read the indices; an inline block's experts are one module per expert: see experts_routed)
+    routers = [mp["experts_cls"] if mp.get("route_method") or mp.get("inline") else mp["router_cls"]
                for mp in (info.plan or {}).get("moes", [])]
     if routers:
         # each MoE layer must route the test prompts to more than one expert, or the experts'

@@ -97,6 +97,12 @@ def tiny_spec(model_type: str, rules: dict | None = None, config_model_type: str
         raise VerifyInputError(f"transformers has no config class for {model_type!r}: {e}") from e
     kwargs = {k: v for k, v in rules.get("defaults", {}).items() if is_config_field(base, k)}
     kwargs.update(models[model_type].get("config") or {})
+    # a release's own knobs (`releases: {"4.45.2": {config: ...}}`): the reference of a port of an
+    # older release runs in that release's transformers
+    import transformers
+
+    own = (models[model_type].get("releases") or {}).get(transformers.__version__) or {}
+    kwargs.update(own.get("config") or {})
     # config overrides for one run (property tests verify sampled configs): a JSON object
     kwargs.update(json.loads(os.environ.get("PORTER_TINY_OVERRIDES") or "{}"))
     p = rules["prompts"]
@@ -314,6 +320,12 @@ def experts_routed(model, prompts: list[list[int]], router_classes: list[str]) -
             # returning logits only: the integer tensor among their inputs)
             for t in ints or [t for t in inputs if isinstance(t, torch.Tensor) and not t.is_floating_point()]:
                 routed.setdefault(name, set()).update(int(i) for i in t.flatten().tolist())
+            # (one module per expert in a list, `experts.3`, that an inline block calls on the rows routed
+            # to it, maybe none: the expert's index, under its list, when it got any row)
+            parent, _, pos = name.rpartition(".")
+            if not ints and not any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in inputs) \
+                    and pos.isdigit() and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].numel():
+                routed.setdefault(parent, set()).add(int(pos))
         return hook
 
     for name, module in model.named_modules():

@@ -129,7 +129,11 @@ def inputs(port_dir: Path, tiny_rules: dict | None = None, tree: Path | None = N
     rules = tiny_rules if tiny_rules is not None else load_rules()
     entry = (rules.get("models") or {}).get(info.model_type)
     if isinstance(entry, dict):  # the structural check's keys never reach the engine run
-        entry = {k: v for k, v in entry.items() if k != "structure"}
+        entry = {k: v for k, v in entry.items() if k not in ("structure", "releases")}
+        # (a release's own knobs count for that release's port only: others' digests unchanged)
+        own = ((rules.get("models") or {}).get(info.model_type).get("releases") or {}).get(info.transformers_version)
+        if own is not None:
+            entry["release"] = own
     return {
         "port": port_files(port_dir),
         "hf_source": hf_source,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import self_attr, self_call_attr
+from porter.analysis.cstutil import param_names, self_attr, self_call_attr
 from porter.passes.base import Example, Rule
 
 _ROUTER = '''
@@ -170,6 +170,48 @@ _FLAT_BLOCK = (
     "        return {call}\n"
 )
 
+# transformers 4.x Mixtral: the block routes inline (its own nn.Linear gate, softmax, top-k, the
+# weights renormalised) and loops over a list of SwiGLU expert MLPs (porter/analysis/moe_inline.py)
+_INLINE_MLP = """
+class AMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+"""
+_INLINE_INIT = (
+    "\n\nclass ASparseMoeBlock(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.num_experts = config.num_local_experts\n        self.top_k = config.num_experts_per_tok\n"
+    "        self.gate = {gate}\n"
+    "        self.experts = {experts}\n\n"
+    "    def forward(self, hidden_states):\n"
+)
+_INLINE_FORWARD = (
+    "        batch_size, sequence_length, hidden_dim = hidden_states.shape\n"
+    "        hidden_states = hidden_states.view(-1, hidden_dim)\n"
+    "        router_logits = self.gate(hidden_states)\n"
+    "        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)\n"
+    "        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)\n"
+    "        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)\n"
+    "        routing_weights = routing_weights.to(hidden_states.dtype)\n"
+    "        final = torch.zeros((batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype)\n"
+    "        expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)\n"
+    "        for expert_idx in range(self.num_experts):\n"
+    "            expert_layer = self.experts[expert_idx]\n"
+    "            idx, top_x = torch.where(expert_mask[expert_idx])\n"
+    "            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)\n"
+    "            current = expert_layer(current_state) * routing_weights[top_x, idx, None]\n"
+    "            final.index_add_(0, top_x, current.to(hidden_states.dtype))\n"
+    "        final = final.reshape(batch_size, sequence_length, hidden_dim)\n"
+    "        return final, router_logits\n"
+)
+
+
 def _routing_extras(mp) -> str:
     """The correction bias (the gate's own, or the one the block holds) and the weights' scale."""
     out = ""
@@ -298,6 +340,23 @@ class FusedMoe(Rule):
             call="self.experts(hidden_states=hidden_states, router_logits=router_logits)"),
     ))
 
+    # transformers 4.x Mixtral: the inline routing and the expert loop become the gate and FusedMoE,
+    # the experts' checkpoint names their own MLP's (gate, down, up)
+    examples.append(Example(
+        "from torch import nn\n" + _INLINE_MLP + _INLINE_INIT.format(
+            gate="nn.Linear(config.hidden_size, self.num_experts, bias=False)",
+            experts="nn.ModuleList([AMLP(config) for _ in range(self.num_experts)])") + _INLINE_FORWARD,
+        "from torch import nn\n" + _INLINE_MLP + _INLINE_INIT.format(
+            gate='GateLinear(config.hidden_size, config.num_local_experts, prefix=f"{prefix}.gate")',
+            experts="FusedMoEFactory(num_experts=config.num_local_experts, top_k=config.num_experts_per_tok, "
+            "hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, renormalize=True, "
+            'activation=config.hidden_act, quant_config=quant_config, prefix=f"{prefix}.experts", '
+            "ckpt_names=('w1', 'w2', 'w3'))")
+        + "        router_logits, _ = self.gate(hidden_states)\n"
+        "        hidden_states = self.experts(hidden_states=hidden_states, router_logits=router_logits)\n"
+        "        return hidden_states\n",
+    ))
+
     @classmethod
     def applies(cls, ctx) -> bool:
         return bool(ctx.plan.moes)
@@ -368,6 +427,24 @@ class FusedMoe(Rule):
                 func=cst.parse_expression("self.gate"), args=[first])
             return updated.with_changes(targets=[cst.AssignTarget(target)], value=call)
         return updated
+
+    def leave_FunctionDef(self, original, updated):
+        mp = self.plan.moe(self.current_class or "")
+        if mp is not None and mp.inline and len(self.scope) == 2 and self.current_function == "forward":
+            updated = self._inline_forward(mp, original, updated)
+        return super().leave_FunctionDef(original, updated)
+
+    def _inline_forward(self, mp, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        """A block routing inline and looping over its experts (porter/analysis/moe_inline.py): its
+        forward becomes the gate's logits handed to FusedMoE (which routes and sums in its kernel);
+        what it returned beside its output (the router logits) every caller discards."""
+        x = next(p for p in param_names(original) if p != "self")
+        if any(isinstance(r.value, cst.Tuple) for r in m.findall(original, m.Return())):  # type: ignore[attr-defined]
+            self.ctx.single_return.add(mp.cls)
+        body = [cst.parse_statement(f"router_logits, _ = self.gate({x})"),
+                cst.parse_statement(f"{x} = self.{mp.experts}(hidden_states={x}, router_logits=router_logits)"),
+                cst.parse_statement(f"return {x}")]
+        return updated.with_changes(body=updated.body.with_changes(body=body))
 
     def leave_Return(self, original, updated):
         # `return hidden_states, router_scores` (gpt_oss): what the router returned beside its

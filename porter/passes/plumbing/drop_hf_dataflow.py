@@ -18,7 +18,8 @@ class DropHfDataflow(Rule):
         "statements that assign from a stripped name or an HF-only helper (create_causal_mask, "
         "DynamicCache), `if` blocks that test one, the keyword arguments that pass one on, "
         "`if positions is None` blocks (the engine always passes positions), input-validation "
-        "raises and `if self.training` blocks (their `else` is what inference runs). Locals that nothing reads afterwards are removed. "
+        "raises and `if self.training` blocks (their `else` is what inference runs), the arms of a flag "
+        "the port treats as false (`if use_cache: A else: B` keeps B; `if output_router_logits: A` goes). Locals that nothing reads afterwards are removed. "
         "Taint is followed through the statements in order, so the rule removes exactly the HF plumbing."
     )
     examples = [
@@ -36,6 +37,15 @@ class DropHfDataflow(Rule):
             "        else:\n            t = 0\n        return self.drop(x + t)\n",
             "class A(nn.Module):\n    def forward(self, x, token_type_ids):\n"
             "        t = 0\n        return self.drop(x + t)\n",
+        ),
+        # a flag of what HF returns beside the hidden states (rules/hf_strip.yaml false_flags), kept as a
+        # parameter (transformers 4.x Mixtral's output_router_logits): its `if` without `else` never runs
+        Example(
+            "class A(nn.Module):\n    def forward(self, x, output_router_logits=False):\n"
+            "        x, router_logits = self.moe(x)\n        outputs = (x,)\n"
+            "        if output_router_logits:\n            outputs += (router_logits,)\n        return outputs\n",
+            "class A(nn.Module):\n    def forward(self, x, output_router_logits=False):\n"
+            "        x, router_logits = self.moe(x)\n        outputs = (x,)\n        return outputs\n",
         ),
         # transformers 4.x gradient checkpointing: inference runs the `else` arm
         Example(
@@ -110,6 +120,9 @@ class DropHfDataflow(Rule):
         if isinstance(st, cst.If) and isinstance(st.orelse, cst.Else) and m.matches(st.test, m.Name()) \
                 and st.test.value in self.ctx.table.false_flags:  # type: ignore[attr-defined]
             return list(st.orelse.body.body)  # `if use_cache: A else: B`: the port returns no cache (B)
+        if isinstance(st, cst.If) and st.orelse is None and m.matches(st.test, m.Name()) \
+                and st.test.value in self.ctx.table.false_flags:  # type: ignore[attr-defined]
+            return []  # `if output_router_logits: outputs += (router_logits,)`: what the port never returns
         if not isinstance(st, cst.If) or not isinstance(st.orelse, cst.Else) or not m.matches(st.test, m.Comparison(
                 left=m.Name(), comparisons=[m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))])):
             return None
