@@ -5,16 +5,46 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
+from porter.analysis.cstutil import dotted, find_method, findall, self_attr
 from porter.passes.attention._common import BeforeIndexRule, in_place_of
 from porter.passes.base import Example
 
 
-def _non_eager_test(test: cst.BaseExpression) -> bool:
-    """`self.config._attn_implementation == "sdpa"` (possibly `and ...`): false in the eager reference."""
+def _non_eager_test(test: cst.BaseExpression, flags: frozenset[str] = frozenset()) -> bool:
+    """`self.config._attn_implementation == "sdpa"` (possibly `and ...`), or `self.X` where the
+    class's __init__ set `self.X` to such a comparison (`flags`): false in the eager reference."""
     impl = m.Comparison(left=m.Attribute(attr=m.Name("_attn_implementation")), comparisons=[
         m.ComparisonTarget(m.Equal(), m.SimpleString(m.MatchIfTrue(lambda s: s.strip("\"'") != "eager")))])
-    return m.matches(test, impl) or (m.matches(test, m.BooleanOperation(operator=m.And()))
-                                     and (_non_eager_test(test.left) or _non_eager_test(test.right)))  # type: ignore[attr-defined]
+    if m.matches(test, impl) or self_attr(test) in flags:
+        return True
+    return (m.matches(test, m.BooleanOperation(operator=m.And()))
+            and (_non_eager_test(test.left, flags) or _non_eager_test(test.right, flags)))  # type: ignore[attr-defined]
+
+
+def non_eager_flags(module: cst.Module) -> dict[str, frozenset[str]]:
+    """Per class of the module: the attributes its __init__ (or a base class's in the module) sets
+    to a test that a non-eager implementation is active (`self._use_sdpa = config._attn_implementation
+    == "sdpa"`): the value the attribute carries is that test's, false in the eager reference."""
+    classes = {st.name.value: st for st in module.body if isinstance(st, cst.ClassDef)}
+    own: dict[str, set[str]] = {}
+    for name, cls in classes.items():
+        init = find_method(cls, "__init__")
+        sets = findall(cls, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))]))
+        written = [self_attr(node.targets[0].target) for node in sets]  # type: ignore[attr-defined]
+        in_init = {id(node) for node in findall(init, m.Assign())} if init is not None else set()
+        own[name] = {self_attr(node.targets[0].target) for node in sets  # type: ignore[attr-defined]
+                     if id(node) in in_init and _non_eager_test(node.value)}  # type: ignore[attr-defined]
+        own[name] = {a for a in own[name] if a is not None and written.count(a) == 1}  # set once, never changed
+
+    def flags(name: str, seen: frozenset[str] = frozenset()) -> frozenset[str]:
+        out = set(own.get(name, ()))
+        for base in classes[name].bases if name in classes else ():
+            base_name = dotted(base.value)
+            if base_name in classes and base_name not in seen:
+                out |= flags(base_name, seen | {name})
+        return frozenset(out)
+
+    return {name: flags(name) for name in classes}
 
 
 _UNCHANGED_PT152 = (
@@ -36,7 +66,9 @@ class EagerArm(BeforeIndexRule):
         "self.config._attn_implementation == \"sdpa\" and not output_attentions: ... "
         "scaled_dot_product_attention(...) else: <inline eager attention>`, Falcon). The port follows "
         "HF's eager reference, as it does for attention class tables (PT122): a test that a non-eager "
-        "implementation is active is false, and the `if` becomes its `else` arm."
+        "implementation is active is false, and the `if` becomes its `else` arm. An attribute the class's "
+        "__init__ sets once to such a test (4.x Falcon's `self._use_sdpa = config._attn_implementation == "
+        "\"sdpa\"`) carries its value: a test on it is false too."
     )
     visits_dropped_code = True
     word = "_attn_implementation"  # before indexing: only the top-level statements naming it are walked
@@ -49,13 +81,33 @@ class EagerArm(BeforeIndexRule):
             "class Attn(nn.Module):\n    def forward(self, q, k, v, mask):\n"
             "        out = self.eager(q, k, v, mask)\n        return out\n",
         ),
+        # the test stored once in __init__ (4.x Falcon's `self._use_sdpa`): the flag carries its value
+        Example(
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self._use_sdpa = config._attn_implementation == \"sdpa\"\n\n"
+            "    def forward(self, q, k, v, mask):\n"
+            "        if self._use_sdpa and not self.flag:\n"
+            "            out = F.scaled_dot_product_attention(q, k, v)\n"
+            "        else:\n            out = self.eager(q, k, v, mask)\n        return out\n",
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self._use_sdpa = config._attn_implementation == \"sdpa\"\n\n"
+            "    def forward(self, q, k, v, mask):\n"
+            "        out = self.eager(q, k, v, mask)\n        return out\n",
+        ),
         # must leave unchanged: a test that the eager implementation is active is true in
         # the eager reference: its `if` arm is not replaced by the `else` arm
         Example(_UNCHANGED_PT152, _UNCHANGED_PT152),
     ]
 
+    flags: dict[str, frozenset[str]] = {}
+
+    def rewrite(self, module: cst.Module) -> cst.Module:
+        self.flags = non_eager_flags(module)
+        return super().rewrite(module)
+
     def leave_If(self, original, updated):
-        if len(self.scope) < 2 or not _non_eager_test(updated.test) or updated.orelse is None \
+        flags = self.flags.get(self.scope[0], frozenset()) if self.scope else frozenset()
+        if len(self.scope) < 2 or not _non_eager_test(updated.test, flags) or updated.orelse is None \
                 or isinstance(updated.orelse, cst.If):
             return updated
         body = list(updated.orelse.body.body)

@@ -20,6 +20,8 @@ class DropHfDataflow(Rule):
         "`if positions is None` blocks (the engine always passes positions), input-validation "
         "raises and `if self.training` blocks (their `else` is what inference runs), the arms of a flag "
         "the port treats as false (`if use_cache: A else: B` keeps B; `if output_router_logits: A` goes). Locals that nothing reads afterwards are removed. "
+        "Where a sub-module now returns its output alone, `outs[1:]` of its result (the rest of HF's tuple: "
+        "cache, weights) is HF-only, and `(h,) + <HF-only>` keeps `(h,)`. "
         "Taint is followed through the statements in order, so the rule removes exactly the HF plumbing."
     )
     examples = [
@@ -57,6 +59,17 @@ class DropHfDataflow(Rule):
             "class A(nn.Module):\n    def forward(self, x):\n"
             "        for layer in self.layers:\n            out = layer(x)\n            x = out[0]\n        return x\n",
         ),
+        # a sub-module that now returns its output alone (4.x's `return attn_output, layer_past`):
+        # the rest of its tuple was HF-only, and a tuple built from it keeps the port's part
+        Example(
+            "class A(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.attn = Attn(config)\n\n    def forward(self, x):\n        outs = self.attn(x)\n"
+            "        h = outs[0]\n        rest = outs[1:]\n        out = (h,) + rest\n        return out\n",
+            "class A(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.attn = Attn(config)\n\n    def forward(self, x):\n        outs = self.attn(x)\n"
+            "        h = outs[0]\n        out = (h,)\n        return out\n",
+            seed={"single_return": {"Attn"}},
+        ),
     ]
 
     def leave_FunctionDef(self, original, updated):
@@ -68,6 +81,7 @@ class DropHfDataflow(Rule):
         self.tainted: set[str] = set(self.ctx.table.strip_params) | set(self.ctx.extra_taint.get(scope_cls, ()))
         self.defined: set[str] = {p.name.value for p in updated.params.params}
         self._loop_vars: dict[str, str] = {}  # loop variable -> the module list it runs over
+        self._single_names: set[str] = set()  # names bound to a call that now returns one value
         body = self._block(list(updated.body.body))
         if not body:
             body = [cst.SimpleStatementLine([cst.Pass()])]
@@ -228,7 +242,16 @@ class DropHfDataflow(Rule):
                 return None
             if self._reshape_to_hf_shape(targets, value):
                 return None  # `x = x.view(output_shape)`, the shape HF-only: x keeps its (flat) value
+            if self._rest_of_single(value):
+                # `outputs = attn_outputs[1:]` where the callee now returns its output alone: what
+                # followed it in the tuple (cache, weights) was HF-only
+                for t in targets:
+                    self.tainted.update(assigned_names(t))
+                return None
             new_value = self._strip_args(value)
+            if m.matches(new_value, m.BinaryOperation(left=m.Tuple(), operator=m.Add())) \
+                    and self._is_tainted(new_value.right) and not self._is_tainted(new_value.left):  # type: ignore[attr-defined]
+                new_value = new_value.left  # type: ignore[attr-defined]  # `(h,) + outputs[1:]`: the port's part
             if isinstance(new_value, cst.Tuple) and any(self._is_tainted(e.value) for e in new_value.elements):
                 # `outputs = (attn_output, present)` (4.x): the tuple of what the port computes
                 kept = [e for e in new_value.elements if not self._is_tainted(e.value)]
@@ -252,6 +275,9 @@ class DropHfDataflow(Rule):
             for t in targets:  # a re-bound name is clean again
                 self.tainted.difference_update(assigned_names(t))
                 self.defined.update(assigned_names(t))
+                self._single_names.difference_update(assigned_names(t))
+            if len(targets) == 1 and isinstance(targets[0], cst.Name) and self._single_return_call(value):
+                self._single_names.add(targets[0].value)
             if isinstance(small, cst.AnnAssign):
                 return cst.Assign(targets=[cst.AssignTarget(small.target)], value=new_value)
             return small.with_changes(value=new_value)
@@ -271,6 +297,11 @@ class DropHfDataflow(Rule):
                 return None
             return small.with_changes(value=self._strip_args(small.value))
         return small
+
+    def _rest_of_single(self, value: cst.BaseExpression) -> bool:
+        """`x[1:]` where x was bound to a sub-module call that now returns one value."""
+        return m.matches(value, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Slice(
+            lower=m.Integer("1"), upper=None, step=None))])) and value.value.value in self._single_names  # type: ignore[attr-defined]
 
     def _single_return_call(self, value: cst.BaseExpression) -> bool:
         info = self.ctx.idx.classes.get(self._cls or "")

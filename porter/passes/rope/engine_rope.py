@@ -21,6 +21,14 @@ def _rope_by_layer_type(ctx) -> bool:
                for c in ctx.plan.rotary_classes if c in classes)
 
 
+def _guarded_build(st: cst.CSTNode, own: set[str]) -> bool:
+    """`st` is an `if` (no else) whose body only builds the attention's own rotary modules: the
+    module goes with its guard (the engine's rotary replaces it, built where the attention is)."""
+    if not isinstance(st, cst.If) or st.orelse is not None or not own:
+        return False
+    return all(any(is_assign_of(s, a) for a in own) or _guarded_build(s, own) for s in st.body.body)
+
+
 class EngineRope(Rule):
     descend_methods = frozenset({"forward"})
     code = "PT020"
@@ -29,11 +37,52 @@ class EngineRope(Rule):
         "HF computes cos/sin once per model (a RotaryEmbedding module) and threads them to every "
         "attention as `position_embeddings`. The engine's `get_rope` module lives in the attention "
         "and rotates flat q/k in place from `positions`: `q, k = self.rotary_emb(positions, q, k)`. "
-        "The HF rotary module is removed; its layout (NeoX halves or GPT-J interleaved) is read from "
+        "The HF rotary module is removed (with the `if` that only guards its construction, "
+        "4.x Falcon's `if config.rotary:`); its layout (NeoX halves or GPT-J interleaved) is read from "
         "the source's rotate helper; rope_theta, scaling and partial factor come from "
         "`config.rope_parameters` at run time."
     )
     examples = [
+        Example(  # the attention's own rotary module, built under a guard (4.x Falcon's `if config.rotary:`)
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+            "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+            "class ARotaryEmbedding(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.inv_freq = 1.0 / config.rope_theta\n\n"
+            "    def forward(self, x, position_ids):\n        return self.inv_freq\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        if config.rotary:\n            self.rotary_emb = ARotaryEmbedding(config)\n\n"
+            "    def forward(self, x, position_embeddings):\n        q = self.q_proj(x)\n"
+            "        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        cos, sin = position_embeddings\n"
+            "        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
+            "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
+            "class ARotaryEmbedding(nn.Module):\n"
+            "    def __init__(self, config):\n        super().__init__()\n"
+            "        self.inv_freq = 1.0 / config.rope_theta\n\n"
+            "    def forward(self, x, position_ids):\n        return self.inv_freq\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.rotary_emb = get_rope(self.head_dim, "
+            "max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters, "
+            "is_neox_style=True)\n\n"
+            "    def forward(self, x, position_embeddings):\n        q = self.q_proj(x)\n"
+            "        k = self.k_proj(x)\n        v = self.v_proj(x)\n"
+            "        cos, sin = position_embeddings\n"
+            "        q, k = self.rotary_emb(positions, q, k)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
         Example(
             "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
             "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
@@ -218,6 +267,8 @@ class EngineRope(Rule):
         own = self._own_rotary(cls)
         body = []
         for st, was in zip(fn.body.body, original.body.body):
+            if _guarded_build(was, own):  # `if config.rotary: self.rotary_emb = XRotaryEmbedding(...)`
+                continue
             assign = was.body[0] if isinstance(was, cst.SimpleStatementLine) and len(was.body) == 1 else None
             if isinstance(assign, cst.Assign) and (
                     any(is_assign_of(was, a) for a in own) or any(
