@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/opt/modeling_opt.py
 # Source sha256: 156d964ee2383c827a16d2b32c1d66b8a38561706f88a2b01840a4b5a0f7e3b8
-# Rules applied: PT150, PT157, PT220, PT222, PT226, PT001, PT002, PT003, PT123, PT125, PT122, PT020, PT029, PT021, PT038, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT152, PT157, PT220, PT222, PT226, PT001, PT002, PT003, PT123, PT125, PT122, PT020, PT029, PT021, PT038, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
 
 # coding=utf-8
 # Copyright 2022 The Fairseq Authors and The HuggingFace Inc. team. All rights reserved.
