@@ -19,6 +19,8 @@ from porter.analysis.cstutil import dotted, find_method, findall, self_attr, sta
 from porter.errors import PorterError
 
 LINEAR_NAMES = {"torch.nn.Linear"}
+# forward() parameters the HF cache object travels in (those of rules/hf_strip.yaml's strip_params)
+CACHE_PARAMS = frozenset({"past_key_values", "past_key_value", "cache", "layer_past"})
 EMBEDDING_NAMES = {"torch.nn.Embedding"}
 MODULE_LIST_NAMES = {"torch.nn.ModuleList"}
 LAYER_NORM_NAMES = {"torch.nn.LayerNorm"}

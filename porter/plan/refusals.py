@@ -18,7 +18,7 @@ import libcst.matchers as m
 from porter.analysis.cstutil import code, dotted, findall, param_names, self_attr
 from porter.analysis.dataflow import ATTN
 from porter.analysis.expert_route_norm import route_norm_note
-from porter.analysis.index import LINEAR_NAMES, ClassInfo, table_class
+from porter.analysis.index import CACHE_PARAMS, LINEAR_NAMES, ClassInfo, table_class
 from porter.analysis.layouts import engine_has_activation_class
 from porter.analysis.moe import MoePlan, flat_expert_views, unported_experts
 from porter.analysis.ssm import dt_limit_note, engine_layer_note, mamba1_note, recurrent_blocker
@@ -27,8 +27,6 @@ from porter.errors import PorterError
 if TYPE_CHECKING:
     from porter.plan.model import PlanningContext as Planner, PortPlan
 
-# forward() parameters the HF cache object travels in (those of rules/hf_strip.yaml's strip_params)
-CACHE_PARAMS = frozenset({"past_key_values", "past_key_value", "cache", "layer_past"})
 
 REFUSALS: list[Refusal] = []
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from porter.analysis.index import CACHE_PARAMS
 from porter.passes.attention._absent_arms import AbsentArmRule
 from porter.passes.base import Example
-from porter.plan.refusals import CACHE_PARAMS
 from porter.rules_data import strip_table
 
 
