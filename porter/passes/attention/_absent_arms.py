@@ -10,7 +10,8 @@ import libcst.matchers as m
 from porter.analysis.cstutil import param_names
 from porter.passes.attention._common import BeforeIndexRule, nlines
 
-_NONE_TEST = m.Comparison(left=m.Name(), comparisons=[m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))])
+# `X is None` / `X is not None` on a bare name
+NONE_TEST = m.Comparison(left=m.Name(), comparisons=[m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))])
 
 
 class AbsentArmRule(BeforeIndexRule):
@@ -29,7 +30,7 @@ class AbsentArmRule(BeforeIndexRule):
 
     def _none(self, test: cst.BaseExpression) -> bool | None:
         """True for `X is None`, False for `X is not None` on an absent X, else None."""
-        if not m.matches(test, _NONE_TEST) or test.left.value not in getattr(self, "_absent", ()):  # type: ignore[attr-defined]
+        if not m.matches(test, NONE_TEST) or test.left.value not in getattr(self, "_absent", ()):  # type: ignore[attr-defined]
             return None
         return isinstance(test.comparisons[0].operator, cst.Is)  # type: ignore[attr-defined]
 

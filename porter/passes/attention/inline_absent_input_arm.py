@@ -6,13 +6,11 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import assigned_names, findall
+from porter.passes.attention._absent_arms import NONE_TEST
 from porter.passes.attention._common import BeforeIndexRule
 from porter.passes.attention._score_arms import computes_softmax, keep_arms
 from porter.passes.base import Example
 from porter.rules_data import strip_table
-
-_NONE_TEST = m.Comparison(left=m.Name(), comparisons=[m.ComparisonTarget(m.Is() | m.IsNot(), m.Name("None"))])
-
 
 class InlineAbsentInputArm(BeforeIndexRule):
     code = "PT157"
@@ -68,7 +66,7 @@ class InlineAbsentInputArm(BeforeIndexRule):
 
     def _arm(self, st: cst.BaseStatement) -> list[cst.BaseStatement] | None:
         """The arm of `if X is (not) None:` that runs when X is not given."""
-        if not isinstance(st, cst.If) or isinstance(st.orelse, cst.If) or not m.matches(st.test, _NONE_TEST):
+        if not isinstance(st, cst.If) or isinstance(st.orelse, cst.If) or not m.matches(st.test, NONE_TEST):
             return None
         if st.test.left.value not in self._absent:  # type: ignore[attr-defined]
             return None
