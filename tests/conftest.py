@@ -15,13 +15,14 @@ MODELS = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.jso
 TARGETS = ["vllm", "aphrodite"]
 
 
-def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None,
-               timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the porter CLI as a user would (a fresh process, in a session of its own: when the timeout
-    expires, the whole group goes, with the worker processes `porter regen` and coverage start)."""
-    cmd = [sys.executable, "-m", "porter", *args]
+def run_group(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None,
+              timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run CMD in a session of its own and capture its text output; when the timeout expires the
+    whole process group is killed (the engine's workers, the worker processes `porter regen` and
+    coverage start), then TimeoutExpired is raised as `subprocess.run` raises it. ENV replaces the
+    environment when given."""
     with subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, **(env or {})}, start_new_session=True) as proc:
+                          env=env, start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -29,6 +30,13 @@ def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None,
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_porter(*args: str, cwd: Path | None = None, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the porter CLI as a user would (a fresh process; see run_group for the timeout)."""
+    return run_group([sys.executable, "-m", "porter", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                     timeout=timeout)
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, run_porter
+from conftest import ROOT, run_group, run_porter
 
 PORT = str(ROOT / "generated" / "vllm" / "llama")
 
@@ -128,9 +127,8 @@ def test_prompts_file_forms(tmp_path):
 
 
 def test_script_entry_has_no_traceback_on_missing_folder(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "porter", "verify", PORT, "--checkpoint",
-                           str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    proc = run_group([sys.executable, "-m", "porter", "verify", PORT, "--checkpoint", str(tmp_path / "nowhere")],
+                     timeout=300)
     assert proc.returncode == 2 and "no such checkpoint folder" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 

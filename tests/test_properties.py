@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -138,8 +138,8 @@ def _worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def worker_stats(tmp_path_factory):
     out = tmp_path_factory.mktemp("props") / "stats.json"
-    proc = subprocess.run([sys.executable, __file__, "worker", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_group([sys.executable, __file__, "worker", str(out)], timeout=1800,
+                     env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 

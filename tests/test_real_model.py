@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_group
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +36,10 @@ def test_real_checkpoint_is_a_plain_hf_folder(real_checkpoint):
 def test_llama_port_passes_verify_on_the_real_checkpoint(real_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is the capital of France?\nWrite a short poem about the sea.\n")
-    proc = subprocess.run(
+    proc = run_group(
         [sys.executable, "-m", "porter", "verify", "llama", "--checkpoint", str(real_checkpoint),
          "--prompts", str(prompts), "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=3600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        timeout=3600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rep = json.loads(proc.stdout)
     real = rep["checkpoint"]

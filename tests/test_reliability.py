@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_porter
+from conftest import ROOT, run_group, run_porter
 from porter.source import transformers_root
 
 CASES_DIR = Path(__file__).resolve().parent / "bad_inputs"
@@ -194,8 +194,7 @@ def test_bad_input(case, tmp_path):
     args = [a.format(**subst) for a in case["args"]]
     cmd = (NO_DAC if case.get("no_dac") else []) + [sys.executable, "-m", "porter", *args]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    proc = run_group(cmd, cwd=tmp, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     wall = time.time() - t0
     try:
         lines = proc.stderr.splitlines()

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["opt", "llama", "mistral", "qwen2"]
@@ -113,15 +113,7 @@ def results(target: str, tmp_path_factory) -> dict:
     if target not in _RESULTS:
         out = tmp_path_factory.mktemp(f"structure-{target}") / "result.json"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(
-            [sys.executable, __file__, target, str(out)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=900,
-        )
+        proc = run_group([sys.executable, __file__, target, str(out)], env=env, timeout=900)
         if proc.returncode != 0 or not out.exists():
             pytest.fail(f"{target} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         _RESULTS[target] = json.loads(out.read_text())
