@@ -57,3 +57,21 @@ def test_decompressed_port_keeps_the_scale_before_the_head(tmp_path):
     port = next(tmp_path.rglob("modeling_minicpm3.py")).read_text()
     assert "scale=(1.0 / self.config.logits_scaling)" in port
     assert "nn.functional.pad(v, [0, head_size - self.v_head_dim])" in port
+
+
+@pytest.mark.parametrize("model_type", ["axk2", "deepseek_v32", "glm_moe_dsa"])
+def test_sparse_indexer_is_named_whatever_the_query(model_type, tmp_path):
+    # axk2's query comes with an output gate from one projection of cat(latent, normed latent)
+    # (`q_gate_proj`), so latent attention's reader does not take the class whole; its KV side is the
+    # latent one all the same, and the line names the indexer (no CPU backend) and the gate, not the
+    # "q/k/v projections" it lacks
+    from conftest import run_porter
+
+    proc = run_porter("convert", model_type, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"modeling_{model_type}.py:" in line and "(rule latent-attention)" in line, line
+    assert "module self.indexer whose output selects the keys" in line, line
+    assert "'Sparse Attention is not supported on CPU'" in line, line
+    assert ("module self.q_gate_proj" in line) == (model_type == "axk2"), line
+    assert not (tmp_path / "out").exists()

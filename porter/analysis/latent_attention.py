@@ -120,7 +120,9 @@ def _rope_style(idx: ModelIndex, fwd: cst.FunctionDef) -> str:
     return "True"
 
 
-def latent_attention(idx: ModelIndex, info: ClassInfo) -> LatentAttention | None:
+def _shapes(idx: ModelIndex, info: ClassInfo):
+    """The linears (attr -> [in, out] sizes, aliases resolved) and norms (attr -> size) `__init__`
+    builds, or None without `__init__`/`forward`."""
     init, fwd = info.method("__init__"), info.method("forward")
     if init is None or fwd is None:
         return None
@@ -139,6 +141,11 @@ def latent_attention(idx: ModelIndex, info: ClassInfo) -> LatentAttention | None
     sized = {a: [_norm(x, aliases) for x in _args(c)] for a, c in linears.items()}
     norms = {a: _norm(_args(c)[0], aliases) for a, c in built.items()
              if a not in linears and dotted(c.func) in idx.classes and _args(c)}
+    return fwd, aliases, sized, norms
+
+
+def _latent_kv(sized: dict[str, list[str]], norms: dict[str, str], aliases: dict[str, str]):
+    """(kv_a, kv_norm, kv_b, hidden) of the KV side: A: hidden -> P + R, a norm over P, B: P -> ..."""
     for kv_a, (hidden, out) in ((a, s[:2]) for a, s in sized.items()):
         sum_ = cst.parse_expression(out)
         if not (isinstance(sum_, cst.BinaryOperation) and isinstance(sum_.operator, cst.Add)):
@@ -146,10 +153,38 @@ def latent_attention(idx: ModelIndex, info: ClassInfo) -> LatentAttention | None
         latent = _norm(code(sum_.left), aliases)
         kv_norm = next((n for n, w in norms.items() if w == latent), None)
         kv_b = next((a for a, s in sized.items() if a != kv_a and s[0] == latent), None)
-        if kv_norm is None or kv_b is None:
-            continue
-        return _complete(idx, info, fwd, kv_a, kv_norm, kv_b, hidden, sized, norms)
+        if kv_norm is not None and kv_b is not None:
+            return kv_a, kv_norm, kv_b, hidden
     return None
+
+
+def latent_attention(idx: ModelIndex, info: ClassInfo) -> LatentAttention | None:
+    if (shapes := _shapes(idx, info)) is None:
+        return None
+    fwd, aliases, sized, norms = shapes
+    if (kv := _latent_kv(sized, norms, aliases)) is None:
+        return None
+    kv_a, kv_norm, kv_b, hidden = kv
+    return _complete(idx, info, fwd, kv_a, kv_norm, kv_b, hidden, sized, norms)
+
+
+def latent_kv_roles(idx: ModelIndex, info: ClassInfo) -> set[str] | None:
+    """The attributes of a class whose KV side is latent attention's (the latent projection, its norm,
+    the up-projection) but whose query or output the engine's MLA layer does not build as they are:
+    those three, the output projection (heads * v -> hidden) and a low-rank query's first half
+    (hidden -> L with a norm over L). None: no latent KV side."""
+    if (shapes := _shapes(idx, info)) is None:
+        return None
+    _fwd, aliases, sized, norms = shapes
+    if (kv := _latent_kv(sized, norms, aliases)) is None:
+        return None
+    kv_a, kv_norm, kv_b, hidden = kv
+    roles = {kv_a, kv_norm, kv_b}
+    roles |= {a for a, s in sized.items() if a not in roles and s[1] == hidden}
+    for a, s in sized.items():
+        if a not in roles and s[0] == hidden and (norm := next((n for n, w in norms.items() if w == s[1]), None)):
+            roles |= {a, norm}
+    return roles
 
 
 def _complete(idx, info, fwd, kv_a, kv_norm, kv_b, hidden, sized, norms) -> LatentAttention | None:

@@ -21,10 +21,14 @@ SPARSE = ("whose output selects the keys each query attends to: sparse attention
 def latent_extras(info: ClassInfo, la: LatentAttention) -> list[str]:
     """One phrase per module, parameter or scale of the class that forward uses and the engine's
     MLA layer has no place for (empty: the layer computes all of it)."""
+    return extras_beyond(info, {la.kv_a, la.kv_norm, la.kv_b, la.o, la.q, la.q_a, la.q_norm, la.q_b})
+
+
+def extras_beyond(info: ClassInfo, roles: set[str | None]) -> list[str]:
+    """The phrases of `latent_extras` for the attributes outside ROLES (those the MLA layer builds)."""
     init = info.method("__init__")
     if init is None:
         return []
-    roles = {la.kv_a, la.kv_norm, la.kv_b, la.o, la.q, la.q_a, la.q_norm, la.q_b}
     held: dict[str, cst.BaseExpression] = {}
     for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
         assert isinstance(node, cst.Assign)

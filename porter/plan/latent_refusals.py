@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from porter.analysis.latent_extras import latent_extras
+from porter.analysis.latent_attention import latent_kv_roles
+from porter.analysis.latent_extras import extras_beyond, latent_extras
 from porter.plan.refusals import _ATTN_HEAD, Refusal
 
 if TYPE_CHECKING:
+    from porter.analysis.index import ClassInfo
     from porter.plan.model import PlanningContext as Planner, PortPlan
 
 _LATENT_FILE = _ATTN_HEAD + (
@@ -72,3 +74,13 @@ def latent_model_type(p: Planner, plan: PortPlan) -> None:
             raise LATENT_EXTRAS.error(p, info.node, f"class {la.cls}", extras=", ".join(extras))
         if p.model_type not in p.table.latent_attention_model_types | p.table.latent_decompressed_model_types:
             raise LATENT_MODEL_TYPE.error(p, info.node, f"class {la.cls}", model_type=p.model_type)
+
+
+def latent_kv_without_mla(p: Planner, info: ClassInfo) -> None:
+    """A class whose keys and values come from a latent (a projection split into latent + rope, a norm
+    over the latent, an up-projection) but which latent attention's reader did not take as a whole:
+    when it holds modules the engine's MLA layer has no place for (a query fused with an output gate,
+    a sparse-attention indexer), the line names them rather than the q/k/v projections it lacks."""
+    roles = latent_kv_roles(p.idx, info)
+    if roles is not None and (extras := extras_beyond(info, roles)):
+        raise LATENT_EXTRAS.error(p, info.node, f"class {info.name}", extras=", ".join(extras))

@@ -233,6 +233,7 @@ class Planner(AttentionPlanning):
             if (latent := latent_attention(self.idx, info)) is not None:
                 plan.latent_attentions.append(latent)  # the engine's MLA layer builds its projections (PT280)
                 continue
+            latent_refusals.latent_kv_without_mla(self, info)
             self.plan_class(plan, info, is_lm=(lm is not None and name == lm.name))
 
     def weights(self, plan: PortPlan) -> None:
