@@ -75,3 +75,17 @@ def test_sparse_indexer_is_named_whatever_the_query(model_type, tmp_path):
     assert "'Sparse Attention is not supported on CPU'" in line, line
     assert ("module self.q_gate_proj" in line) == (model_type == "axk2"), line
     assert not (tmp_path / "out").exists()
+
+
+def test_mixture_of_attention_heads_is_named(tmp_path):
+    # jetmoe's query comes from `self.experts.map(...)`, a module that routes each token to its top-k
+    # experts (each projecting query heads of its own); the engine has no such attention
+    from conftest import run_porter
+
+    proc = run_porter("convert", "jetmoe", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "modeling_jetmoe.py:" in line and "in JetMoeAttention.forward (rule fuse-qkv)" in line, line
+    assert "a mixture of attention heads (the query comes from `self.experts.map(hidden_states)`" in line, line
+    assert "module self.experts (JetMoeMoA) routes each token to its top-k experts" in line, line
+    assert not (tmp_path / "out").exists()

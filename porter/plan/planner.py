@@ -31,7 +31,7 @@ from porter.analysis.latent_attention import latent_attention
 from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
-from porter.plan import head_pair_refusals, latent_refusals, refusals
+from porter.plan import head_pair_refusals, latent_refusals, refusals, routed_heads
 from porter.plan.mask_bias import mask_bias
 from porter.plan.attention import AttentionPlanning
 from porter.plan.facts import derive
@@ -390,6 +390,7 @@ class Planner(AttentionPlanning):
             src = sorted(origins & lin)
             if len(src) != 1:  # (k/v handed in from another layer (gemma4) say so first)
                 refusals.shared_kv(self, info, info.method("forward"))  # type: ignore[arg-type]
+                routed_heads.routed_query(self, info, info.method("forward"), call)  # type: ignore[arg-type]
                 raise refusals.QKV_NOT_FOUND.error(self, call, f"{info.name}.forward")
             qkv.append(src[0])
         packed = len(set(qkv)) == 1
