@@ -279,19 +279,8 @@ class DropHfDataflow(Rule):
                 for t in targets:
                     self.tainted.update(assigned_names(t))
                 return None
-            narrowed = self._narrowed_call(value)
-            if len(targets) == 1 and isinstance(targets[0], cst.Tuple) and narrowed is not None \
-                    and len(targets[0].elements) == narrowed[0]:
-                # `out, weights, bias = self.attention(...)` where that forward now returns `out, bias`
-                # (GPT-NeoX-Japanese): the names at the dropped positions are HF-only
-                elts = list(targets[0].elements)
-                for i, e in enumerate(elts):
-                    if i not in narrowed[1]:
-                        self.tainted.update(assigned_names(e.value))
-                kept = [e for i, e in enumerate(elts) if i in narrowed[1]]
-                kept[-1] = kept[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
-                targets = [targets[0].with_changes(elements=kept)]
-                small = small.with_changes(targets=[small.targets[0].with_changes(target=targets[0])])  # type: ignore[union-attr]
+            if isinstance(small, cst.Assign) and (narrowed := self._narrow_unpack(small)) is not small:
+                small, targets = narrowed, [narrowed.targets[0].target]
             if len(targets) == 1 and isinstance(targets[0], cst.Tuple) and self._single_return_call(value):
                 # `out, weights = self.self_attn(...)` where that forward now returns `out` alone:
                 # the other names are HF-only (attention weights)
@@ -333,6 +322,20 @@ class DropHfDataflow(Rule):
         """`x[1:]` where x was bound to a sub-module call that now returns one value."""
         return m.matches(value, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Slice(
             lower=m.Integer("1"), upper=None, step=None))])) and value.value.value in self._single_names  # type: ignore[attr-defined]
+
+    def _narrow_unpack(self, small: cst.Assign) -> cst.Assign:
+        """`out, weights, bias = self.attention(...)` where that forward now returns `out, bias`
+        (GPT-NeoX-Japanese): the names at the dropped positions are HF-only, the unpacking binds the rest."""
+        narrowed = self._narrowed_call(small.value)
+        target = small.targets[0].target if len(small.targets) == 1 else None
+        if narrowed is None or not isinstance(target, cst.Tuple) or len(target.elements) != narrowed[0]:
+            return small
+        for i, e in enumerate(target.elements):
+            if i not in narrowed[1]:
+                self.tainted.update(assigned_names(e.value))
+        kept = [e for i, e in enumerate(target.elements) if i in narrowed[1]]
+        kept[-1] = kept[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        return small.with_changes(targets=[small.targets[0].with_changes(target=target.with_changes(elements=kept))])
 
     def _narrowed_call(self, value: cst.BaseExpression) -> tuple[int, tuple[int, ...]] | None:
         """(HF's count, positions kept) of a sub-module call whose forward now returns fewer values."""
