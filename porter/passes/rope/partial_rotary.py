@@ -6,22 +6,10 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import code, names_in
+from porter.analysis.layouts import last_axis_part as _part
 from porter.passes.base import Example, Rule
 
 _CAT = m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("cat")), args=[m.Arg(m.Tuple()), m.ZeroOrMore()])
-
-
-def _part(e: cst.BaseExpression) -> tuple[str, str, str] | None:
-    """`t[..., :n]` -> (t, "rot", n); `t[..., n:]` -> (t, "pass", n): a slice of the last axis."""
-    if not (isinstance(e, cst.Subscript) and isinstance(e.value, cst.Name)) or not e.slice:
-        return None
-    *lead, last = e.slice
-    if any(not m.matches(x, m.SubscriptElement(slice=m.Index(value=m.Ellipsis()))) for x in lead) or not lead:
-        return None
-    sl = last.slice
-    if not isinstance(sl, cst.Slice) or sl.step is not None or (sl.lower is None) == (sl.upper is None):
-        return None
-    return (e.value.value, "rot", code(sl.upper)) if sl.lower is None else (e.value.value, "pass", code(sl.lower))
 
 
 def _cat_last(value: cst.BaseExpression) -> list[cst.BaseExpression] | None:
