@@ -240,3 +240,23 @@ def test_paired_bench_without_a_native_class_is_one_line_error():
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no native class for PhiForCausalLM" in lines[0] and "PORT.json" in lines[0]
+
+
+def test_rotary_on_a_slice_of_each_head_no_rule_folds_is_refused_in_one_line():
+    """The engine's rotary splits each head itself (partial_rotary_factor); a slice of q/k handed to it
+    (a partial-rotary split PT019 does not fold: the rest taken inline) would be rotated as whole heads.
+    Before PT019 read GPT-NeoX-Japanese's four-statement split, its port did exactly that, silently."""
+    from porter.errors import PorterError
+    from porter.passes.examples import apply_rule
+    from porter.passes.rope.engine_rope import EngineRope
+
+    before = EngineRope.examples[0].before.replace(
+        "        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
+        "        q_rot = q[..., : self.n]\n        k_rot = k[..., : self.n]\n"
+        "        q_r, k_r = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)\n"
+        "        q = torch.cat((q_r, q[..., self.n :]), dim=-1)\n        k = torch.cat((k_r, k[..., self.n :]), dim=-1)\n")
+    assert before != EngineRope.examples[0].before
+    with pytest.raises(PorterError) as err:
+        apply_rule(EngineRope, before)
+    line = str(err.value)
+    assert "\n" not in line and "rotary applied to a slice of each head" in line and "Attn.forward" in line, line

@@ -330,3 +330,16 @@ def thirds_to_front(value: cst.BaseExpression, out_name: str) -> bool:
     chain.reverse()
     dims = _dims_after(chain)
     return chain[0][0] == "unflatten" and dims is not None and dims[0] == "3"
+
+
+def last_axis_part(e: cst.BaseExpression) -> tuple[str, str, str] | None:
+    """`t[..., :n]` -> (t, "rot", n); `t[..., n:]` -> (t, "pass", n): a slice of the last axis."""
+    if not (isinstance(e, cst.Subscript) and isinstance(e.value, cst.Name)) or not e.slice:
+        return None
+    *lead, last = e.slice
+    if any(not m.matches(x, m.SubscriptElement(slice=m.Index(value=m.Ellipsis()))) for x in lead) or not lead:
+        return None
+    sl = last.slice
+    if not isinstance(sl, cst.Slice) or sl.step is not None or (sl.lower is None) == (sl.upper is None):
+        return None
+    return (e.value.value, "rot", code(sl.upper)) if sl.lower is None else (e.value.value, "pass", code(sl.lower))

@@ -289,6 +289,7 @@ def _region(worlds: list[_World]) -> tuple[int, int, tuple[int, ...], tuple[str,
         names: tuple[str, ...] = ()
         chain = []
         prev: dict = {}
+        picks: list[str | None] = [None, None, None]  # q, k, v may be bound one statement each (GPT-NeoX-Japanese)
         for i, snap in enumerate(w.trace):
             bound = [n for n, v in snap.items() if isinstance(v, np.ndarray) and (n not in prev or prev[n] is not v)]
             prev = snap
@@ -297,7 +298,8 @@ def _region(worlds: list[_World]) -> tuple[int, int, tuple[int, ...], tuple[str,
             first = i if first is None else first
             chain.append(i)
             held = {n: frozenset(np.unique(v % width).tolist()) for n, v in snap.items() if isinstance(v, np.ndarray)}
-            picks = [next((n for n in bound if held[n] == s), None) for s in sets]
+            picks = [p if p is not None and p not in bound else next((n for n in bound if held[n] == s), None)
+                     for p, s in zip(picks, sets)]
             if all(picks) and len(set(picks)) == 3:
                 last, names = i, tuple(picks)  # type: ignore[assignment]
                 break

@@ -50,6 +50,8 @@ class RewriteContext:
     provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rule codes
     engine_symbols: set[str] = field(default_factory=set)  # neutral names the port uses
     single_return: set[str] = field(default_factory=set)  # classes whose forward now returns one value
+    # classes whose forward now returns fewer values (still a tuple): (HF's count, the positions kept)
+    narrowed_return: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     needs_positions: set[str] = field(default_factory=set)  # classes whose forward reads positions
     removed_attrs: set[tuple[str, str]] = field(default_factory=set)  # (class, attr) modules removed
     removed_names: set[str] = field(default_factory=set)  # names bound by removed HF imports

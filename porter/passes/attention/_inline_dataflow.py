@@ -14,6 +14,7 @@ SOFTMAX = m.Call(func=m.Attribute(attr=m.Name("softmax")) | m.Name("softmax")
 
 _MODULES = {"torch", "F", "nn", "math"}
 _MATMUL_FUNCS = {"torch.matmul", "torch.bmm", "matmul", "bmm"}
+_BADDBMM_FUNCS = {"torch.baddbmm", "baddbmm"}
 
 
 def _simple_assign(st: cst.CSTNode) -> cst.Assign | cst.AugAssign | None:
@@ -55,8 +56,8 @@ def _reads(small: cst.Assign | cst.AugAssign) -> set[str]:
 
 
 def _matmul(value: cst.BaseExpression) -> tuple[cst.BaseExpression, cst.BaseExpression, cst.Call | None] | None:
-    """(a, b, baddbmm-call) of `a @ b`, `torch.matmul(a, b)`, `torch.bmm(a, b)`, `bias.baddbmm(batch1=a, batch2=b)`
-    found in the expression (the outermost one)."""
+    """(a, b, baddbmm-call) of `a @ b`, `torch.matmul(a, b)`, `torch.bmm(a, b)`, `bias.baddbmm(batch1=a, batch2=b)`,
+    `torch.baddbmm(bias, a, b)` found in the expression (the outermost one)."""
     for node in findall(value, m.BinaryOperation(operator=m.MatrixMultiply()) | m.Call()):
         if isinstance(node, cst.BinaryOperation):
             return node.left, node.right, None
@@ -66,10 +67,41 @@ def _matmul(value: cst.BaseExpression) -> tuple[cst.BaseExpression, cst.BaseExpr
         kw = {a.keyword.value: a.value for a in args if a.keyword is not None}
         if name in _MATMUL_FUNCS and len(pos) == 2:
             return pos[0], pos[1], None
-        if isinstance(node.func, cst.Attribute) and node.func.attr.value == "baddbmm" \
+        if name in _BADDBMM_FUNCS:  # torch.baddbmm(input, batch1, batch2, beta=, alpha=)
+            ops = dict(zip(("input", "batch1", "batch2"), pos)) | kw
+            if "batch1" in ops and "batch2" in ops:
+                return ops["batch1"], ops["batch2"], node  # type: ignore[return-value]
+        elif isinstance(node.func, cst.Attribute) and node.func.attr.value == "baddbmm" \
                 and "batch1" in kw and "batch2" in kw:  # type: ignore[attr-defined]
             return kw["batch1"], kw["batch2"], node  # type: ignore[return-value]
     return None
+
+
+def baddbmm_input(call: cst.Call) -> cst.BaseExpression | None:
+    """What a baddbmm adds its product to: `input` of `torch.baddbmm(input, b1, b2)`, the object of
+    `input.baddbmm(batch1=, batch2=)`."""
+    if dotted(call.func) in _BADDBMM_FUNCS:
+        pos = [a.value for a in call.args if a.keyword is None]
+        kw = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+        return pos[0] if pos else kw.get("input")
+    return call.func.value if isinstance(call.func, cst.Attribute) else None
+
+
+_ZEROS = m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("zeros") | m.Name("zeros_like"))
+                | m.Attribute(attr=m.Name("new_zeros")))
+
+
+def adds_nothing(call: cst.Call, bound: dict[str, cst.BaseExpression | None]) -> bool:
+    """The baddbmm's `beta * input` is 0: `beta=0`, or an input that is a tensor of zeros (built by
+    `torch.zeros`/`zeros_like`/`new_zeros`, directly or through the one local name bound to it;
+    `bound` maps a name bound once in the block to its value, None when bound more than once)."""
+    beta = next((a.value for a in call.args if a.keyword is not None and a.keyword.value == "beta"), None)
+    if beta is not None and m.matches(beta, m.Integer("0") | m.Float(m.MatchIfTrue(lambda v: float(v) == 0.0))):
+        return True
+    base = baddbmm_input(call)
+    if isinstance(base, cst.Name):
+        base = bound.get(base.value)
+    return base is not None and m.matches(base, _ZEROS)
 
 
 def _root(e: cst.BaseExpression) -> str | None:
@@ -119,3 +151,15 @@ def _blend(value: cst.BaseExpression) -> tuple[cst.BaseExpression, cst.BaseExpre
             if code(keep.left) == code(b) or code(keep.right) == code(b):
                 return b, fill
     return None
+
+
+def _bound_once(body: list[cst.BaseStatement]) -> dict[str, cst.BaseExpression | None]:
+    """Each local name the statements bind: its value when one single-name assignment binds it,
+    None when it is bound more than once (or some other way)."""
+    out: dict[str, cst.BaseExpression | None] = {}
+    for st in body:
+        small = _simple_assign(st)
+        for name in _writes(st):
+            single = small is not None and isinstance(small, cst.Assign) and _target(small) == name
+            out[name] = small.value if single and name not in out else None  # type: ignore[union-attr]
+    return out

@@ -28,6 +28,16 @@ _UNCHANGED_BLEND = (
     "        return out, w\n"
 )
 
+_UNCHANGED_BADDBMM = (  # torch.baddbmm adds its product to a tensor that is no zeros (an uninitialised one)
+    "class Attn(nn.Module):\n"
+    "    def forward(self, q, k, v, attention_mask):\n"
+    "        s = torch.empty(q.size(0), q.size(1), k.size(1), dtype=q.dtype)\n"
+    "        w = torch.baddbmm(s, q, k.transpose(1, 2), beta=1.0, alpha=self.inv_norm)\n"
+    "        w = nn.functional.softmax(w + attention_mask, dim=-1)\n"
+    "        out = torch.matmul(w, v)\n"
+    "        return out, w\n"
+)
+
 EXAMPLES = [
     Example(
         "class Attn(nn.Module):\n"
@@ -214,6 +224,36 @@ EXAMPLES = [
         "scaling=(1 / math.sqrt(v.size(-1)) if self.scale else 1.0)); attn_outputs = [attn_output]\n"
         "        return attn_outputs[0]\n",
     ),
+    # GPT-NeoX-Japanese: the scores are `torch.baddbmm` (positional) over a zeros buffer, so only the product
+    # scaled by alpha is left (beta * zeros adds nothing); its `_attn` is defined below the forward calling it
+    Example(
+        "class Attn(nn.Module):\n"
+        "    def forward(self, x, attention_mask):\n"
+        "        q, k, v = self._split(self.qkv(x))\n"
+        "        out, w = self._attn(q, k, v, attention_mask)\n"
+        "        return self.dense(self._merge_heads(out)), w\n\n"
+        "    def _merge_heads(self, t):\n        return t.permute(0, 2, 1, 3).flatten(2)\n\n"
+        "    def _attn(self, q, k, v, attention_mask=None):\n"
+        "        b, h, n, d = q.size()\n"
+        "        m = k.size(-2)\n"
+        "        q = q.view(b * h, n, d)\n        k = k.view(b * h, m, d)\n"
+        "        s = torch.zeros(b * h, n, m, dtype=q.dtype, device=k.device)\n"
+        "        w = torch.baddbmm(s, q, k.transpose(1, 2), beta=1.0, alpha=1.0 / self.norm_factor)\n"
+        "        w = w.view(b, h, n, -1)\n"
+        "        if attention_mask is not None:\n            w = w + attention_mask\n"
+        "        w = nn.functional.softmax(w, dim=-1)\n"
+        "        w = w.to(v.dtype)\n"
+        "        out = torch.matmul(w, v)\n"
+        "        return out, w\n",
+        "class Attn(nn.Module):\n"
+        "    def forward(self, x, attention_mask):\n"
+        "        q, k, v = self._split(self.qkv(x))\n"
+        "        out, w = attention_interface(self, q, k, v, attention_mask, scaling=1.0 / self.norm_factor)\n"
+        "        return self.dense(self._merge_heads(out)), w\n\n"
+        "    def _merge_heads(self, t):\n        return t.permute(0, 2, 1, 3).flatten(2)\n",
+    ),
+    # must leave unchanged: a baddbmm whose input is not zeros adds something no engine call computes
+    Example(_UNCHANGED_BADDBMM, _UNCHANGED_BADDBMM),
     # must leave unchanged: a buffer that is no causal triangle blended into the scores
     Example(_UNCHANGED_BLEND, _UNCHANGED_BLEND),
     # must leave unchanged: `torch.where` masks the scores with a tensor that is no causal buffer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import code, findall, self_call_attr
+from porter.analysis.cstutil import code, findall, names_in, self_call_attr
 from porter.analysis.qkv_layout import FusedLayout, fused_layout
 from porter.passes._edit import is_assign_of
 from porter.passes.base import Example, Rule
@@ -258,6 +258,10 @@ class FuseQkv(Rule):
             "        q, k, v = fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n"
             "        out, _ = attention_interface(self, q, k, v, None)\n        return out\n",
         ),
+        Example(  # interleaved per head, q, k and v sliced from the heads one statement each (GPT-NeoX-Japanese)
+            'from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.num_heads = config.num_heads\n        self.head_size = config.hidden_size // config.num_heads\n        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)\n\n    def forward(self, x):\n        qkv = self.qkv(x)\n        qkv = qkv.view(*qkv.size()[:-1], self.num_heads, 3 * self.head_size)\n        q = qkv[..., : self.head_size].permute(0, 2, 1, 3)\n        k = qkv[..., self.head_size : 2 * self.head_size].permute(0, 2, 1, 3)\n        v = qkv[..., 2 * self.head_size :].permute(0, 2, 1, 3)\n        out, _ = attention_interface(self, q, k, v, None)\n        return out\n',
+            'from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n        self.num_heads = config.num_heads\n        self.head_size = config.hidden_size // config.num_heads\n        self.qkv = QKVParallelLinear(config.hidden_size, self.head_size, self.num_heads, ((3 * config.hidden_size) // self.head_size - self.num_heads) // 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.qkv")\n        self.q_size = self.qkv.num_heads * self.head_size\n        self.kv_size = self.qkv.num_kv_heads * self.head_size\n\n    def forward(self, x):\n        qkv, _ = self.qkv(x)\n        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)\n        out, _ = attention_interface(self, q, k, v, None)\n        return out\n',
+        ),
         # must leave unchanged: projections named q/k/v that do not feed an attention call
         # are not fused (roles come from dataflow, not names)
         Example(_UNCHANGED_PT023, _UNCHANGED_PT023),
@@ -384,7 +388,7 @@ class FuseQkv(Rule):
         proj = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q)))
         ok = layout is not None and layout.out_name is not None and layout.last < len(body) and m.matches(
             body[layout.first], m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name(layout.out_name))])]))
-        if not ok or not findall(body[layout.first], proj) or not set(layout.names) <= bound_in(body[layout.last]):  # type: ignore[union-attr]
+        if not ok or not findall(body[layout.first], proj) or not self._split_in_chain(body, layout):  # type: ignore[arg-type]
             raise self.ctx.idx.error("cannot port attention: the grouped q/k/v split is not where forward computed it",
                                      construct=f"{attn.cls}.forward", rule=self.name)
         assert layout is not None
@@ -403,6 +407,19 @@ class FuseQkv(Rule):
                 new.append(st)
         self.mark(f"{attn.cls}.forward")
         return fn.with_changes(body=fn.body.with_changes(body=new))
+
+    @staticmethod
+    def _split_in_chain(body: list[cst.BaseStatement], layout: FusedLayout) -> bool:
+        """q, k and v are bound by the chain's statements (all by its last, or one each: GPT-NeoX-Japanese's
+        three slices), and no statement between its first and last that stays reads what a chain statement
+        after the first bound (the split, put at the last, binds it only there)."""
+        bound: set[str] = set()
+        for i in range(layout.first + 1, layout.last + 1):
+            if i in layout.chain:
+                bound |= bound_in(body[i])
+            elif names_in(body[i]) & bound:
+                return False
+        return set(layout.names) <= bound
 
     @staticmethod
     def _blocked(attn, st: cst.BaseStatement, out_name: str, view: str | None) -> str | cst.BaseStatement | None:

@@ -9,7 +9,7 @@ from porter.analysis.causal_buffer import buffer_of, causal_buffers, mask_fill
 from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
 from porter.passes.attention._common import BeforeIndexRule, nlines
 from porter.passes.attention._inline_dataflow import (
-    _MATMUL_FUNCS, SOFTMAX, _blend, _matmul, _mul, _raise_check, _reads, _root, _simple_assign, _target, _tensor_roots, _writes,
+    _MATMUL_FUNCS, SOFTMAX, _blend, _bound_once, adds_nothing, baddbmm_input, _matmul, _mul, _raise_check, _reads, _root, _simple_assign, _target, _tensor_roots, _writes,
 )
 from porter.passes.attention._inline_examples import EXAMPLES
 from porter.rules_data import strip_table
@@ -116,12 +116,15 @@ class InlineEagerAttention(BeforeIndexRule):
             not _writes(st) & set().union(set(), *(names_in(r) for r in rest))
 
     def leave_SimpleStatementLine(self, original, updated):
+        return self._bind_packed(updated, self.current_function)
+
+    def _bind_packed(self, updated: cst.SimpleStatementLine, caller: str | None) -> cst.SimpleStatementLine:
         """`attn_outputs = self._attn(...)` of a helper returning `[a]`: the call, and the list of its output
         on the same line (`a, _ = attention_interface(...); attn_outputs = [a]`)."""
         call = updated.body[0].value if m.matches(updated, m.SimpleStatementLine(body=[m.Assign(
             targets=[m.AssignTarget(m.Name())], value=m.Call())])) else None  # type: ignore[attr-defined]
         name = self_call_attr(call) if call is not None else None
-        if name not in getattr(self, "_packs", {}) or self.current_function == name:
+        if name not in getattr(self, "_packs", {}) or caller == name:
             return updated
         new = self._bind_call(call, name)  # type: ignore[arg-type]
         if new is None:
@@ -134,11 +137,37 @@ class InlineEagerAttention(BeforeIndexRule):
                                           cst.parse_statement(f"{target} = {pack}\n").body[0]])
 
     def leave_Call(self, original, updated):
+        return self._bind_helper_call(updated, self.current_function)
+
+    def _bind_helper_call(self, updated: cst.Call, caller: str | None) -> cst.Call:
         name = self_call_attr(updated)
-        if name not in getattr(self, "_helpers", {}) or self.current_function == name or name in self._packs:
+        if name not in getattr(self, "_helpers", {}) or caller == name or name in self._packs:
             return updated
         new = self._bind_call(updated, name)
         return updated if new is None else new
+
+    def _bind_late(self, cls: cst.ClassDef) -> cst.ClassDef:
+        """The calls of a helper defined below its caller (GPT-NeoX-Japanese's `_attn` after `forward`):
+        the walk met them before it knew the helper; they get its attention call now."""
+        rule = self
+        late = set(self._helpers) | set(self._packs)
+        if not any(self_call_attr(c) in late for st in cls.body.body if isinstance(st, cst.FunctionDef)
+                   and st.name.value not in late for c in findall(st, m.Call())):
+            return cls
+
+        class _Late(cst.CSTTransformer):
+            def __init__(self, caller: str) -> None:
+                super().__init__()
+                self.caller = caller
+
+            def leave_Call(self, original_node, updated_node):
+                return rule._bind_helper_call(updated_node, self.caller)
+
+            def leave_SimpleStatementLine(self, original_node, updated_node):
+                return rule._bind_packed(updated_node, self.caller)
+
+        body = [st.visit(_Late(st.name.value)) if isinstance(st, cst.FunctionDef) else st for st in cls.body.body]
+        return cls.with_changes(body=cls.body.with_changes(body=body))
 
     def _bind_call(self, updated: cst.Call, name: str) -> cst.Call | None:
         """The helper's attention call with the caller's arguments bound to its parameters."""
@@ -193,7 +222,9 @@ class InlineEagerAttention(BeforeIndexRule):
         if back is None:
             return None
         score_steps, qk = back
-        scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, derived | set(out_names))
+        scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, _bound_once(body[:i_s]))
+        if scale is False:
+            return None
         window = self._causal_where(score_steps)
         if window is False:
             return None
@@ -380,6 +411,8 @@ class InlineEagerAttention(BeforeIndexRule):
 
     def leave_ClassDef(self, original, updated):
         """Helper methods only the region called (`_merge_heads`) go with it."""
+        if len(self.scope) == 1:
+            updated = self._bind_late(updated)
         if len(self.scope) == 1 and self._region_calls:
             still = {self_call_attr(c) for c in findall(updated, m.Call())}
             gone = self._region_calls - still
@@ -396,9 +429,10 @@ class InlineEagerAttention(BeforeIndexRule):
                 body.append(st)
             if not self.keep_lines and body and body[0] is not updated.body.body[0] and isinstance(body[0], cst.FunctionDef):
                 body[0] = body[0].with_changes(leading_lines=())
-            if pad and self.keep_lines:  # the last method: nothing after it in the class to hold its lines
-                return super().leave_ClassDef(original, updated)
-            updated = updated.with_changes(body=updated.body.with_changes(body=body))
+            footer = list(updated.body.footer)
+            if pad and self.keep_lines:  # the last method: the class's trailing blank lines hold its lines
+                footer = [*([cst.EmptyLine(indent=False)] * pad), *footer]
+            updated = updated.with_changes(body=updated.body.with_changes(body=body, footer=footer))
             self._region_calls = set()
         return super().leave_ClassDef(original, updated)
 
@@ -435,7 +469,7 @@ class InlineEagerAttention(BeforeIndexRule):
                 window = buf.window
         return window
 
-    def _scores(self, steps, params: list[str], later: set[str]):
+    def _scores(self, steps, params: list[str], bound: dict[str, cst.BaseExpression | None]):
         """(scale, alibi, alibi scaled, mask) from the statements between the score matmul and the
         softmax; scale False when a step is not a scale, mask or bias."""
         scale: str | None = None
@@ -464,7 +498,11 @@ class InlineEagerAttention(BeforeIndexRule):
                 kw = {a.keyword.value: a.value for a in mm[2].args if a.keyword is not None}
                 if "alpha" in kw:
                     scale = _mul(scale, code(kw["alpha"]))
-                addend(mm[2].func.value)  # type: ignore[attr-defined]
+                if not adds_nothing(mm[2], bound):  # beta * zeros: only the scaled product is left
+                    base = baddbmm_input(mm[2])
+                    if base is None or _root(base) not in params:
+                        return False, None, False, None  # it adds something that is neither zeros nor a bias input
+                    addend(base)
             if isinstance(small, cst.AugAssign):
                 op, rhs = small.operator, small.value
             elif isinstance(value, cst.BinaryOperation):

@@ -21,7 +21,8 @@ class DropHfDataflow(Rule):
         "raises and `if self.training` blocks (their `else` is what inference runs), the arms of a flag "
         "the port treats as false (`if use_cache: A else: B` keeps B; `if output_router_logits: A` goes). Locals that nothing reads afterwards are removed. "
         "Where a sub-module now returns its output alone, `outs[1:]` of its result (the rest of HF's tuple: "
-        "cache, weights) is HF-only, and `(h,) + <HF-only>` keeps `(h,)`. "
+        "cache, weights) is HF-only, and `(h,) + <HF-only>` keeps `(h,)`. Where it now returns fewer values "
+        "but still several (GPT-NeoX-Japanese's `out, self.dense_bias`), its callers' unpacking drops the same positions. "
         "Taint is followed through the statements in order, so the rule removes exactly the HF plumbing."
     )
     examples = [
@@ -69,6 +70,18 @@ class DropHfDataflow(Rule):
             "        self.attn = Attn(config)\n\n    def forward(self, x):\n        outs = self.attn(x)\n"
             "        h = outs[0]\n        out = (h,)\n        return out\n",
             seed={"single_return": {"Attn"}},
+        ),
+        # a sub-module whose forward now returns fewer values, still a tuple (GPT-NeoX-Japanese's attention:
+        # `return out, weights, self.dense_bias` -> `return out, self.dense_bias`): its callers unpack what
+        # is left, the names at the dropped positions are HF-only
+        Example(
+            "class A(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.attn = Attn(config)\n\n    def forward(self, x):\n"
+            "        h, w, b = self.attn(x)\n        h = h + b\n        return h, w\n",
+            "class A(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.attn = Attn(config)\n\n    def forward(self, x):\n"
+            "        h, b = self.attn(x)\n        h = h + b\n        return h\n",
+            seed={"narrowed_return": {"Attn": (3, (0, 2))}},
         ),
     ]
 
@@ -266,6 +279,8 @@ class DropHfDataflow(Rule):
                 for t in targets:
                     self.tainted.update(assigned_names(t))
                 return None
+            if isinstance(small, cst.Assign) and (narrowed := self._narrow_unpack(small)) is not small:
+                small, targets = narrowed, [narrowed.targets[0].target]
             if len(targets) == 1 and isinstance(targets[0], cst.Tuple) and self._single_return_call(value):
                 # `out, weights = self.self_attn(...)` where that forward now returns `out` alone:
                 # the other names are HF-only (attention weights)
@@ -288,6 +303,11 @@ class DropHfDataflow(Rule):
                 if len(kept) == 1:
                     self.ctx.single_return.add(self._cls)
                     return small.with_changes(value=self._strip_args(kept[0].value))
+                if 1 < len(kept) < len(value.elements) and self._cls and not any(isinstance(e, cst.StarredElement) for e in value.elements):
+                    # what its callers unpack narrows with it (PT011 at the unpacking)
+                    self.ctx.narrowed_return[self._cls] = (len(value.elements), tuple(
+                        i for i, e in enumerate(value.elements) if not self._is_tainted(e.value)))
+                    kept[-1] = kept[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
                 return small.with_changes(value=self._strip_args(value.with_changes(elements=kept)))
             if self._single_return_call(value):  # `return self.attention(x)`: passes the one tensor on (GPT-Neo)
                 self.ctx.single_return.add(self._cls)
@@ -302,6 +322,28 @@ class DropHfDataflow(Rule):
         """`x[1:]` where x was bound to a sub-module call that now returns one value."""
         return m.matches(value, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Slice(
             lower=m.Integer("1"), upper=None, step=None))])) and value.value.value in self._single_names  # type: ignore[attr-defined]
+
+    def _narrow_unpack(self, small: cst.Assign) -> cst.Assign:
+        """`out, weights, bias = self.attention(...)` where that forward now returns `out, bias`
+        (GPT-NeoX-Japanese): the names at the dropped positions are HF-only, the unpacking binds the rest."""
+        narrowed = self._narrowed_call(small.value)
+        target = small.targets[0].target if len(small.targets) == 1 else None
+        if narrowed is None or not isinstance(target, cst.Tuple) or len(target.elements) != narrowed[0]:
+            return small
+        for i, e in enumerate(target.elements):
+            if i not in narrowed[1]:
+                self.tainted.update(assigned_names(e.value))
+        kept = [e for i, e in enumerate(target.elements) if i in narrowed[1]]
+        kept[-1] = kept[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        return small.with_changes(targets=[small.targets[0].with_changes(target=target.with_changes(elements=kept))])
+
+    def _narrowed_call(self, value: cst.BaseExpression) -> tuple[int, tuple[int, ...]] | None:
+        """(HF's count, positions kept) of a sub-module call whose forward now returns fewer values."""
+        info = self.ctx.idx.classes.get(self._cls or "")
+        func = value.func if isinstance(value, cst.Call) else None  # type: ignore[attr-defined]
+        attr = self_attr(func) or (self._loop_vars.get(func.value) if isinstance(func, cst.Name) else None)
+        sub = info.submodules.get(attr or "") if info else None
+        return self.ctx.narrowed_return.get(sub.ctor) if sub is not None else None
 
     def _single_return_call(self, value: cst.BaseExpression) -> bool:
         info = self.ctx.idx.classes.get(self._cls or "")

@@ -6,6 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import assigned_names, findall, param_names
+from porter.analysis.layouts import last_axis_part
 from porter.errors import PorterError
 from porter.passes._edit import append_to_init, is_assign_of
 from porter.passes.base import Example, Rule
@@ -284,10 +285,38 @@ class EngineRope(Rule):
         self.mark(f"{cls}.{fn.name.value}")
         return fn.with_changes(body=fn.body.with_changes(body=body))
 
+    def visit_FunctionDef(self, node):
+        self._parts: set[str] = set()  # names now bound to the first part of a last-axis split
+        return super().visit_FunctionDef(node)
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        if not hasattr(self, "_parts"):  # an assignment outside any function (module or class level)
+            self._parts = set()
+        for t in node.targets:
+            pairs = [(t.target, node.value)]
+            if isinstance(t.target, cst.Tuple) and isinstance(node.value, cst.Tuple) \
+                    and len(t.target.elements) == len(node.value.elements):
+                pairs = [(a.value, b.value) for a, b in zip(t.target.elements, node.value.elements)]
+            for target, value in pairs:
+                part = last_axis_part(value)
+                names = set(assigned_names(target))
+                if part is not None and part[1] == "rot" and isinstance(target, cst.Name):
+                    self._parts |= names
+                else:
+                    self._parts -= names
+
     def leave_Call(self, original, updated):
         attn = self.plan.attention(self.current_class or "")
         if attn and attn.rope_helper and m.matches(updated.func, m.Name(attn.rope_helper)):
             q, k = updated.args[0].value, updated.args[1].value
+            if any(last_axis_part(x) is not None or (isinstance(x, cst.Name) and x.value in getattr(self, "_parts", ()))
+                   for x in (q, k)):
+                # the engine's rotary takes whole flat q/k and splits each head itself (PT019 folds the split
+                # it recognises); a slice handed to it would be rotated as if it were whole heads
+                raise self.ctx.idx.error(
+                    "rotary applied to a slice of each head (partial rotary) that no rule folds into the "
+                    "engine's rotary on whole q/k", original, construct=f"{self.current_class}.{self.current_function}",
+                    rule=self.name)
             self.ctx.needs_positions.add(attn.cls)
             return cst.parse_expression("self.rotary_emb(positions, Q, K)").with_changes(
                 args=[cst.Arg(cst.Name("positions")), cst.Arg(q), cst.Arg(k)]
