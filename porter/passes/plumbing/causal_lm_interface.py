@@ -97,6 +97,21 @@ _PLAIN_PORT = (
 )
 
 
+_HELPER_ARM = ("this config makes the model rewrite its own modules with {}, which the port does not "
+               "run (the engine builds its layers and quantisation itself)")
+
+
+def _helper_module_arm(st: cst.If, removed: set[str]) -> str | None:
+    """An arm of the causal LM's __init__ that hands the model itself to a function the port does
+    not have (imported from a module of the model's folder or from transformers, its import gone:
+    `quantize_offline(self, 4)`): that function's name. The port cannot run it: it keeps the test
+    and raises when a config takes it."""
+    for c in findall(st.body, m.Call(func=m.Name())):
+        if dotted(c.func) in removed and any(m.matches(a.value, m.Name("self")) for a in c.args):  # type: ignore[attr-defined]
+            return dotted(c.func)  # type: ignore[attr-defined]
+    return None
+
+
 class CausalLmInterface(Rule):
     descend_methods = frozenset()
     reads_target = True
@@ -244,7 +259,7 @@ class CausalLmInterface(Rule):
         interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
                                      if a.interleaved_unless})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    lm_head_bias=lm_head_bias,
+                    lm_head_bias=lm_head_bias, lm_head_normalized=plan.lm_head_normalized,
                     interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
                     blocked=blocked,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
@@ -460,9 +475,19 @@ class CausalLmInterface(Rule):
                 body.append(cst.parse_statement(
                     f"self.{attr} = {ctx.use('ParallelLMHead')}({out_f}, {in_f}, {bias_kw}"
                     f"quant_config=quant_config, prefix={ctx.use('maybe_prefix')}(prefix, \"{attr}\"))\n"))
+                if plan.lm_head_normalized:  # HF would normalise the shared embedding itself, in place
+                    body.append(cst.parse_statement(
+                        f"if {plan.tie_condition}:\n"
+                        f"    raise ValueError(\"a head that normalises its rows tied to the embedding is not ported\")\n"))
+                    continue
                 body.append(cst.parse_statement(
                     f"if {plan.tie_condition}:\n"
                     f"    self.{attr} = self.{attr}.tie_weights(self.{plan.embed_path})\n"))
+                continue
+            if isinstance(st, cst.If) and st.orelse is None and (helper := _helper_module_arm(st, self.ctx.removed_names)):
+                # (Baichuan2's `if config.quantization_config ...: from .quantizer import ...; quantize_offline(self, 4)`)
+                body.append(st.with_changes(body=cst.IndentedBlock(body=[cst.parse_statement(
+                    f"raise NotImplementedError({_HELPER_ARM.format(helper)!r})\n")])))
                 continue
             body.append(st)
         scale, soft_cap = self._logits_post(ctx.idx.classes[plan.causal_lm])
