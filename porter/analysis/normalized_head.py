@@ -61,7 +61,7 @@ def _writes_weight(node: cst.CSTNode) -> list[cst.BaseExpression]:
 def normalized_head(info: ClassInfo) -> bool:
     """The class computes `linear(h, normalize(self.weight))` in inference (module docstring)."""
     fwd, init = info.method("forward"), info.method("__init__")
-    if fwd is None or init is None:
+    if fwd is None or init is None or _declared_shape(init) is None:
         return False
     body = [st for st in fwd.body.body if not m.matches(st, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))]
     if len(body) != 2 or not isinstance(body[0], cst.If) or not m.matches(body[1], m.SimpleStatementLine(
@@ -110,3 +110,32 @@ def normalized_head(info: ClassInfo) -> bool:
         if test is not None:
             seen_tests.append(self_attr(test) or code(test))
     return True
+
+
+def _declared_shape(init: cst.FunctionDef) -> tuple[str, str] | None:
+    """`self.weight = nn.Parameter(torch.empty((rows, cols)))`: the two parameter names, rows first."""
+    for v in _writes_weight(init):
+        for c in findall(v, m.Call(func=m.Attribute(value=m.Name("torch")))):
+            dims = [a.value for a in c.args if a.keyword is None]  # type: ignore[attr-defined]
+            if len(dims) == 1 and isinstance(dims[0], (cst.Tuple, cst.List)):
+                dims = [e.value for e in dims[0].elements]
+            if len(dims) == 2 and all(isinstance(d, cst.Name) for d in dims):
+                return dims[0].value, dims[1].value  # type: ignore[attr-defined]
+    return None
+
+
+def head_sizes(info: ClassInfo, call: cst.Call) -> tuple[str, str] | None:
+    """(in_features, out_features) as source text: what the call gives the head's weight shape
+    (`[vocab, hidden]`: rows are the vocabulary), bound by the head's own parameter names."""
+    init = info.method("__init__")
+    shape = _declared_shape(init) if init is not None else None
+    if shape is None:
+        return None
+    params = [p.name.value for p in init.params.params][1:]  # type: ignore[union-attr]
+    pos = [a.value for a in call.args if a.keyword is None]
+    kw = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    bound = {p: (pos[i] if i < len(pos) else kw.get(p)) for i, p in enumerate(params)}
+    rows, cols = bound.get(shape[0]), bound.get(shape[1])
+    if rows is None or cols is None:
+        return None
+    return code(cols), code(rows)

@@ -16,6 +16,7 @@ from porter.analysis.cstutil import (
 )
 from porter.passes.base import Example, Rule
 from porter.analysis.layouts import linear_args
+from porter.analysis.normalized_head import head_sizes
 from porter.render import render
 
 # the base model and head module of PT050's prediction-head example (before and after alike)
@@ -233,7 +234,7 @@ class CausalLmInterface(Rule):
             if isinstance(st, cst.FunctionDef) and st.name.value == "__init__":
                 body.append(self._init(st))
         lm_head_bias = False
-        if plan.lm_head and plan.lm_head in info.submodules:
+        if plan.lm_head and plan.lm_head in info.submodules and not plan.lm_head_normalized:
             lm_head_bias = linear_args(info.submodules[plan.lm_head].call)[2] != "False"
         methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
                          lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias,
@@ -470,6 +471,13 @@ class CausalLmInterface(Rule):
                 attr = self_attr(st.body[0].targets[0].target)  # type: ignore[attr-defined]
             if attr is not None and attr == plan.lm_head:
                 in_f, out_f, bias = linear_args(st.body[0].value)  # type: ignore[attr-defined]
+                if plan.lm_head_normalized:  # a head class of the file: its weight's shape, no bias
+                    head = ctx.idx.classes[dotted(st.body[0].value.func)]  # type: ignore[attr-defined]
+                    sizes = head_sizes(head, st.body[0].value)  # type: ignore[attr-defined]
+                    if sizes is None:
+                        raise ctx.idx.error("cannot read the normalised head's vocabulary and hidden sizes", st,
+                                            construct=head.name, rule=self.name)
+                    (in_f, out_f), bias = sizes, "False"
                 logits_size = out_f  # the head's rows (a pruned head has fewer than the vocab)
                 bias_kw = "" if bias == "False" else f"bias={bias}, "
                 body.append(cst.parse_statement(
