@@ -188,6 +188,8 @@ class PortPlan(Sealable):
     gathered_norms: list[tuple[str, str, str]] = field(default_factory=list)
     # multi-head latent attentions built as the engine's MLA layer (porter/analysis/latent_attention.py)
     latent_attentions: list[LatentAttention] = field(default_factory=list)
+    # the head's rows are normalised to unit length before the logits (porter/analysis/normalized_head.py)
+    lm_head_normalized: bool = False
     # -- derived (not in PORT.json) -------------------------------------------------------------
     # the strip table the passes use: rules/hf_strip.yaml, widened by what this model makes
     # HF-only (an ALiBi bias the engine's Attention adds itself, and the callables building it)
@@ -212,6 +214,8 @@ class PortPlan(Sealable):
         for key in ("moes", "module_renames", "transposed_linears", "ssm", "gathered_norms", "latent_attentions"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
+        if not d["lm_head_normalized"]:  # (only where the head normalises: other ports' PORT.json unchanged)
+            del d["lm_head_normalized"]
         for s in d.get("ssm", []):
             if s["dt_limit"] is None:  # (short convolutions: none; their PORT.json unchanged)
                 del s["dt_limit"]

@@ -24,6 +24,7 @@ from porter.analysis.dataflow import ATTN, forward_flow
 from porter.analysis.index import EMBEDDING_NAMES, ClassInfo, ModelIndex, is_transposed_linear
 from porter.analysis.layouts import alibi_condition, attention_call_names
 from porter.plan.alibi_slopes import check_alibi_max_bias
+from porter.analysis.normalized_head import normalized_head
 from porter.analysis.moe import find_moe_blocks, moe_checkpoint_names
 from porter.analysis.moe_flat import find_flat_blocks
 from porter.analysis.moe_inline import find_inline_blocks
@@ -185,6 +186,8 @@ class Planner(AttentionPlanning):
         plan.linears = [lp for lp in plan.linears if (lp.cls, lp.attr) not in gates]
         fused = {c for p in plan.moes for c in (p.router_cls, p.experts_cls, *p.flat[1:2])  # become FusedMoE / GateLinear
                  if not ((p.routing_function or p.route_method) and c == p.router_cls)}  # (or a router kept)
+        if plan.lm_head_normalized:  # the engine's ParallelLMHead replaces it (rows normalised when loading)
+            fused.add(lm.submodules[plan.lm_head].ctor)  # type: ignore[union-attr]
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None and not plan.attentions and not plan.latent_attentions and not partial:
             # (a decoder with no attention at all, a recurrent one, is not refused here)
@@ -326,6 +329,12 @@ class Planner(AttentionPlanning):
     def plan_class(self, plan: PortPlan, info: ClassInfo, is_lm: bool) -> None:
         self.plan_embeddings(plan, info)
         linears = info.linears()
+        if is_lm and not linears:  # a head of the file normalising its rows (Baichuan2's NormHead)
+            for attr, sub in info.submodules.items():
+                if sub.ctor in self.idx.classes and normalized_head(self.idx.classes[sub.ctor]):
+                    plan.lm_head, plan.lm_head_normalized = attr, True
+                    plan.linears.append(LinearPlan(info.name, attr, "lm_head", sub.line))
+                    return
         if not linears:
             return
         if is_lm:

@@ -163,3 +163,42 @@ def _bound_once(body: list[cst.BaseStatement]) -> dict[str, cst.BaseExpression |
             single = small is not None and isinstance(small, cst.Assign) and _target(small) == name
             out[name] = small.value if single and name not in out else None  # type: ignore[union-attr]
     return out
+
+
+def _query_row_slice(small: cst.BaseSmallStatement) -> str | None:
+    """`m = m[:, :, -1:, :]` (any leading `:`): the name a statement rebinds to a slice of its own
+    second-to-last axis (the query rows of a `[..., query, key]` mask), every other axis taken
+    whole; None for anything else (a slice of the keys changes which keys are seen)."""
+    if not isinstance(small, cst.Assign) or len(small.targets) != 1 or not isinstance(small.targets[0].target, cst.Name):
+        return None
+    name, value = small.targets[0].target.value, small.value
+    if not m.matches(value, m.Subscript(value=m.Name(name))):
+        return None
+    idx = [e.slice for e in value.slice]  # type: ignore[attr-defined]
+    whole = m.Slice(lower=None, upper=None, step=None)
+    if len(idx) < 2 or not isinstance(idx[-2], cst.Slice) or not all(m.matches(e, whole) for i, e in enumerate(idx)
+                                                                      if i != len(idx) - 2):
+        return None
+    return name
+
+
+def _query_row_arm(st: cst.CSTNode) -> str | None:
+    """`if q_len == 1: m = m[:, -1:, :]` (nested arms too, `else` included): an arm whose every
+    statement keeps the query rows of one name (`_query_row_slice`) and nothing else; that name."""
+    if not isinstance(st, cst.If):
+        return None
+    found: set[str | None] = set()
+    blocks: list[cst.BaseSuite] = [st.body]
+    orelse = st.orelse
+    while orelse is not None:
+        blocks.append(orelse.body)
+        orelse = orelse.orelse if isinstance(orelse, cst.If) else None
+    for block in blocks:
+        for s in block.body:  # type: ignore[attr-defined]
+            if isinstance(s, cst.If):
+                found.add(_query_row_arm(s))
+            elif isinstance(s, cst.SimpleStatementLine) and len(s.body) == 1:
+                found.add(_query_row_slice(s.body[0]))
+            else:
+                return None
+    return found.pop() if len(found) == 1 and None not in found else None

@@ -38,6 +38,19 @@ _UNCHANGED_BADDBMM = (  # torch.baddbmm adds its product to a tensor that is no 
     "        return out, w\n"
 )
 
+_UNCHANGED_KEY_SLICE = (
+    "class Attn(nn.Module):\n"
+    "    def forward(self, q, k, v, attention_mask):\n"
+    "        w = torch.matmul(q, k.transpose(2, 3))\n"
+    "        if attention_mask is not None:\n"
+    "            if q.size(2) == 1:\n"
+    "                attention_mask = attention_mask[:, :, :, -1:]\n"
+    "            w = w + attention_mask\n"
+    "        w = nn.functional.softmax(w, dim=-1)\n"
+    "        out = torch.matmul(w, v)\n"
+    "        return out, w\n"
+)
+
 EXAMPLES = [
     Example(
         "class Attn(nn.Module):\n"
@@ -254,6 +267,32 @@ EXAMPLES = [
     ),
     # must leave unchanged: a baddbmm whose input is not zeros adds something no engine call computes
     Example(_UNCHANGED_BADDBMM, _UNCHANGED_BADDBMM),
+    # a cache step's arm keeping the mask's last query row (Baichuan2-13B): it only fits the mask to
+    # the one query, which the engine masks itself; the floor at finfo.min changes no seen score
+    Example(
+        "class Attn(nn.Module):\n"
+        "    def forward(self, x, attention_mask):\n"
+        "        q, k, v = self.split(self.W_pack(x))\n"
+        "        w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)\n"
+        "        if attention_mask is not None:\n"
+        "            if q_len == 1:\n"
+        "                if len(attention_mask.size()) == 4:\n"
+        "                    attention_mask = attention_mask[:, :, -1:, :]\n"
+        "                else:\n"
+        "                    attention_mask = attention_mask[:, -1:, :]\n"
+        "            w = w + attention_mask\n"
+        "            w = torch.max(w, torch.tensor(torch.finfo(w.dtype).min))\n"
+        "        w = torch.nn.functional.softmax(w, dim=-1)\n"
+        "        out = torch.matmul(w, v)\n"
+        "        return self.o_proj(out.transpose(1, 2)), w\n",
+        "class Attn(nn.Module):\n"
+        "    def forward(self, x, attention_mask):\n"
+        "        q, k, v = self.split(self.W_pack(x))\n"
+        "        out, w = attention_interface(self, q, k, v, attention_mask, scaling=1 / math.sqrt(self.head_dim))\n"
+        "        return self.o_proj(out.transpose(1, 2)), w\n",
+    ),
+    # must leave unchanged: the arm slices the mask's keys (the last column), not its query rows
+    Example(_UNCHANGED_KEY_SLICE, _UNCHANGED_KEY_SLICE),
     # must leave unchanged: a buffer that is no causal triangle blended into the scores
     Example(_UNCHANGED_BLEND, _UNCHANGED_BLEND),
     # must leave unchanged: `torch.where` masks the scores with a tensor that is no causal buffer

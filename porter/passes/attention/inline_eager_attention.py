@@ -9,7 +9,8 @@ from porter.analysis.causal_buffer import buffer_of, causal_buffers, mask_fill
 from porter.analysis.cstutil import code, dotted, findall, names_in, self_call_attr
 from porter.passes.attention._common import BeforeIndexRule, nlines
 from porter.passes.attention._inline_dataflow import (
-    _MATMUL_FUNCS, SOFTMAX, _blend, _bound_once, adds_nothing, baddbmm_input, _matmul, _mul, _raise_check, _reads, _root, _simple_assign, _target, _tensor_roots, _writes,
+    _MATMUL_FUNCS, SOFTMAX, _blend, _bound_once, adds_nothing, baddbmm_input, _matmul, _mul, _query_row_arm, _raise_check,
+    _reads, _root, _simple_assign, _target, _tensor_roots, _writes,
 )
 from porter.passes.attention._inline_examples import EXAMPLES
 from porter.rules_data import strip_table
@@ -222,7 +223,7 @@ class InlineEagerAttention(BeforeIndexRule):
         if back is None:
             return None
         score_steps, qk = back
-        scale, alibi, alibi_scaled, mask = self._scores(score_steps, params, _bound_once(body[:i_s]))
+        scale, alibi, alibi_scaled, mask, mask_scaled = self._scores(score_steps, params, _bound_once(body[:i_s]))
         if scale is False:
             return None
         window = self._causal_where(score_steps)
@@ -236,6 +237,8 @@ class InlineEagerAttention(BeforeIndexRule):
         args += f", scaling={scale or '1.0'}"  # no factor on the scores: the engine must not scale them either
         if window:
             args += f", sliding_window={window}"
+        if mask_scaled:  # `(w + mask) * s`: a bias folded into the mask is scaled too (porter/plan/mask_bias.py)
+            args += ", mask_scaled=True"
         if alibi is not None:
             args += f", alibi={alibi}"
             if alibi_scaled and scale is not None:
@@ -334,7 +337,11 @@ class InlineEagerAttention(BeforeIndexRule):
                 if small is None:  # `if attention_mask is not None: w = w + attention_mask`
                     if not isinstance(st, cst.If) or st.orelse is not None:
                         return None
-                    inner = [_simple_assign(s) for s in st.body.body if not _raise_check(s)]
+                    stmts = [s for s in st.body.body if not _raise_check(s)]
+                    rows = [s for s in stmts if _query_row_arm(s) is not None]
+                    inner = [_simple_assign(s) for s in stmts if s not in rows]
+                    if not all(self._adds_mask(inner, _query_row_arm(s), need) for s in rows):
+                        return None  # a query-row slice of something the scores do not add as their mask
                     if not all(inner) or not all(self._pure(s.value) for s in inner):  # type: ignore[union-attr]
                         return None
                     region.add(k)
@@ -368,6 +375,16 @@ class InlineEagerAttention(BeforeIndexRule):
         if qk is None:
             return None
         return score_steps, qk
+
+    @staticmethod
+    def _adds_mask(inner, name: str | None, scores: set[str]) -> bool:
+        """`name` (not the scores) is what a later step adds to the scores (`w = w + mask`): an arm
+        keeping its query rows only fits the mask to the queries of a cache step (`if q_len == 1:`);
+        the engine masks each query itself, so the arm goes with the mask."""
+        if name is None or name in scores:
+            return False
+        return any(s is not None and m.matches(s.value, m.BinaryOperation(operator=m.Add(), right=m.Name(name)))
+                   and _root(s.value.left) in scores for s in inner)  # type: ignore[attr-defined]
 
     @staticmethod
     def _take_readers(body: list[cst.BaseStatement], region: set[int], first: int, end: int,
@@ -487,6 +504,7 @@ class InlineEagerAttention(BeforeIndexRule):
                 alibi = root
 
         found_mask: set[str] = set()
+        mask_scaled = False
         for small in steps:
             value = small.value
             for c in findall(value, SOFTMAX):
@@ -501,7 +519,7 @@ class InlineEagerAttention(BeforeIndexRule):
                 if not adds_nothing(mm[2], bound):  # beta * zeros: only the scaled product is left
                     base = baddbmm_input(mm[2])
                     if base is None or _root(base) not in params:
-                        return False, None, False, None  # it adds something that is neither zeros nor a bias input
+                        return False, None, False, None, False  # it adds something that is neither zeros nor a bias input
                     addend(base)
             if isinstance(small, cst.AugAssign):
                 op, rhs = small.operator, small.value
@@ -510,6 +528,8 @@ class InlineEagerAttention(BeforeIndexRule):
             else:
                 continue
             cond = self._conds.get(id(small))
+            if found_mask and isinstance(op, (cst.Divide, cst.DivideAssign, cst.Multiply, cst.MultiplyAssign)):
+                mask_scaled = True
             if cond is not None and isinstance(op, (cst.Divide, cst.DivideAssign, cst.Multiply, cst.MultiplyAssign)):
                 factor = f"1 / {code(rhs)}" if isinstance(op, (cst.Divide, cst.DivideAssign)) else code(rhs)
                 scale = _mul(scale, f"({factor} if {cond} else 1.0)")
@@ -522,4 +542,4 @@ class InlineEagerAttention(BeforeIndexRule):
             elif isinstance(op, (cst.Add, cst.AddAssign)):
                 addend(rhs)
         mask = next(iter(sorted(found_mask)), None)
-        return scale, alibi, alibi_scaled, mask
+        return scale, alibi, alibi_scaled, mask, mask_scaled

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cstutil import dotted
+import libcst.matchers as m
+
+from porter.analysis.cstutil import code, dotted, findall
 from porter.passes.base import Example, Rule
 
 
@@ -54,7 +56,34 @@ class EngineNorms(Rule):
             return updated
         name = dotted(updated.func) or ""
         if name in self.plan.norms:
-            return updated.with_changes(func=cst.Name(self.ctx.use(self.plan.norms[name])))
+            return self._eps_keyword(name, updated).with_changes(func=cst.Name(self.ctx.use(self.plan.norms[name])))
         if self.ctx.idx.qualify(name) == "torch.nn.LayerNorm":
             return updated.with_changes(func=cst.Name(self.ctx.use("LayerNorm")))
         return updated
+
+    def _eps_keyword(self, name: str, call: cst.Call) -> cst.Call:
+        """The file's norm names its epsilon otherwise (`RMSNorm(h, epsilon=...)`, Baichuan2): the
+        keyword that sets the attribute its forward adds to the variance becomes the engine's `eps`;
+        its default, when the call passes none and it is not the engine's 1e-6, is passed."""
+        info = self.ctx.idx.classes.get(name)
+        init, fwd = (info.method("__init__"), info.method("forward")) if info is not None else (None, None)
+        if init is None or fwd is None:
+            return call
+        added = {code(n) for add in findall(fwd, m.BinaryOperation(operator=m.Add())) for n in (add.left, add.right)}  # type: ignore[attr-defined]
+        params = {p.name.value: p for p in init.params.params}
+        for a in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))], value=m.Name())):
+            param = a.value.value  # type: ignore[attr-defined]
+            if code(a.targets[0].target) not in added or param not in params or param == "eps":  # type: ignore[attr-defined]
+                continue
+            args = list(call.args)
+            for i, arg in enumerate(args):
+                if arg.keyword is not None and arg.keyword.value == param:
+                    args[i] = arg.with_changes(keyword=cst.Name("eps"))
+                    return call.with_changes(args=args)
+            index = [p.name.value for p in init.params.params].index(param) - 1  # (self)
+            default = params[param].default
+            if len([x for x in args if x.keyword is None]) <= index and default is not None \
+                    and code(default) not in ("1e-6", "1e-06"):
+                return call.with_changes(args=[*args, cst.Arg(default, keyword=cst.Name("eps"))])
+            return call
+        return call

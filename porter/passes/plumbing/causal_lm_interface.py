@@ -16,6 +16,7 @@ from porter.analysis.cstutil import (
 )
 from porter.passes.base import Example, Rule
 from porter.analysis.layouts import linear_args
+from porter.analysis.normalized_head import head_sizes
 from porter.render import render
 
 # the base model and head module of PT050's prediction-head example (before and after alike)
@@ -95,6 +96,21 @@ _PLAIN_PORT = (
     "default_weight_loader)\n                weight_loader(param, loaded_weight)\n"
     "            loaded_params.add(name)\n        return loaded_params\n"
 )
+
+
+_HELPER_ARM = ("this config makes the model rewrite its own modules with {}, which the port does not "
+               "run (the engine builds its layers and quantisation itself)")
+
+
+def _helper_module_arm(st: cst.If, removed: set[str]) -> str | None:
+    """An arm of the causal LM's __init__ that hands the model itself to a function the port does
+    not have (imported from a module of the model's folder or from transformers, its import gone:
+    `quantize_offline(self, 4)`): that function's name. The port cannot run it: it keeps the test
+    and raises when a config takes it."""
+    for c in findall(st.body, m.Call(func=m.Name())):
+        if dotted(c.func) in removed and any(m.matches(a.value, m.Name("self")) for a in c.args):  # type: ignore[attr-defined]
+            return dotted(c.func)  # type: ignore[attr-defined]
+    return None
 
 
 class CausalLmInterface(Rule):
@@ -218,7 +234,7 @@ class CausalLmInterface(Rule):
             if isinstance(st, cst.FunctionDef) and st.name.value == "__init__":
                 body.append(self._init(st))
         lm_head_bias = False
-        if plan.lm_head and plan.lm_head in info.submodules:
+        if plan.lm_head and plan.lm_head in info.submodules and not plan.lm_head_normalized:
             lm_head_bias = linear_args(info.submodules[plan.lm_head].call)[2] != "False"
         methods = render("causal_lm_methods.py.j2", embed_path=plan.embed_path, base_call=base_call,
                          lm_head=plan.lm_head or "lm_head", lm_head_bias=lm_head_bias,
@@ -244,7 +260,7 @@ class CausalLmInterface(Rule):
         interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
                                      if a.interleaved_unless})
         lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    lm_head_bias=lm_head_bias,
+                    lm_head_bias=lm_head_bias, lm_head_normalized=plan.lm_head_normalized,
                     interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
                     blocked=blocked,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
@@ -455,14 +471,31 @@ class CausalLmInterface(Rule):
                 attr = self_attr(st.body[0].targets[0].target)  # type: ignore[attr-defined]
             if attr is not None and attr == plan.lm_head:
                 in_f, out_f, bias = linear_args(st.body[0].value)  # type: ignore[attr-defined]
+                if plan.lm_head_normalized:  # a head class of the file: its weight's shape, no bias
+                    head = ctx.idx.classes[dotted(st.body[0].value.func)]  # type: ignore[attr-defined]
+                    sizes = head_sizes(head, st.body[0].value)  # type: ignore[attr-defined]
+                    if sizes is None:
+                        raise ctx.idx.error("cannot read the normalised head's vocabulary and hidden sizes", st,
+                                            construct=head.name, rule=self.name)
+                    (in_f, out_f), bias = sizes, "False"
                 logits_size = out_f  # the head's rows (a pruned head has fewer than the vocab)
                 bias_kw = "" if bias == "False" else f"bias={bias}, "
                 body.append(cst.parse_statement(
                     f"self.{attr} = {ctx.use('ParallelLMHead')}({out_f}, {in_f}, {bias_kw}"
                     f"quant_config=quant_config, prefix={ctx.use('maybe_prefix')}(prefix, \"{attr}\"))\n"))
+                if plan.lm_head_normalized:  # HF would normalise the shared embedding itself, in place
+                    body.append(cst.parse_statement(
+                        f"if {plan.tie_condition}:\n"
+                        f"    raise ValueError(\"a head that normalises its rows tied to the embedding is not ported\")\n"))
+                    continue
                 body.append(cst.parse_statement(
                     f"if {plan.tie_condition}:\n"
                     f"    self.{attr} = self.{attr}.tie_weights(self.{plan.embed_path})\n"))
+                continue
+            if isinstance(st, cst.If) and st.orelse is None and (helper := _helper_module_arm(st, self.ctx.removed_names)):
+                # (Baichuan2's `if config.quantization_config ...: from .quantizer import ...; quantize_offline(self, 4)`)
+                body.append(st.with_changes(body=cst.IndentedBlock(body=[cst.parse_statement(
+                    f"raise NotImplementedError({_HELPER_ARM.format(helper)!r})\n")])))
                 continue
             body.append(st)
         scale, soft_cap = self._logits_post(ctx.idx.classes[plan.causal_lm])
