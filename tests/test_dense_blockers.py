@@ -16,8 +16,10 @@ BLOCKED = {
     # flag, PT150's softmax module built on the spot, codegen's mp_num blocks of q/v/k)
     # a positional `torch.baddbmm` and the last layer's `dense_bias` handed on to `bias_dropout_add`
     "gpt_neox_japanese": ("GPTNeoXJapaneseAttention._attn", "attention computed inline"),
-    # a stored softmax module (`self.softmax`) over scores with a relative position bias
-    "cpmant": ("CpmAntAttention.forward", "attention computed inline"),
+    # scores plus a learned relative-position bias (CpmAntSegmentPositionEmbedding's nn.Parameter table
+    # looked up by relative-position buckets), then a stored softmax module: the engine's Attention
+    # takes no score bias (named before the generic "attention computed inline")
+    "cpmant": ("CpmAntAttention.forward", "a learned relative-position bias added to the attention scores"),
     # the mask handed to the attention call is computed from the layer's own projections (Doge's
     # dynamic mask attention: exp(A * softplus(dt_proj(v))) added to the scores, top-k kept): once
     # converted into a port whose engine attention call left that mask out

@@ -31,7 +31,7 @@ from porter.analysis.latent_attention import latent_attention
 from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
-from porter.plan import head_pair_refusals, latent_refusals, refusals
+from porter.plan import head_pair_refusals, latent_refusals, refusals, score_bias_refusals
 from porter.plan.mask_bias import mask_bias
 from porter.plan.attention import AttentionPlanning
 from porter.plan.facts import derive
@@ -188,6 +188,7 @@ class Planner(AttentionPlanning):
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None and not plan.attentions and not plan.latent_attentions and not partial:
             # (a decoder with no attention at all, a recurrent one, is not refused here)
+            score_bias_refusals.score_position_bias(self, plan.classes)  # (names the bias before the softmax)
             refusals.unmapped_attention(self, plan.classes)
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
