@@ -18,8 +18,10 @@ BLOCKED = {
     # scaled by alpha (its `_attn` below forward bound late), PT023 its q/k/v sliced per head one statement
     # each, PT019 its partial rotary split in four statements, PT011 the last layer's `dense_bias` kept in
     # the narrowed `(out, bias)` its layer unpacks)
-    # a stored softmax module (`self.softmax`) over scores with a relative position bias
-    "cpmant": ("CpmAntAttention.forward", "attention computed inline"),
+    # scores plus a learned relative-position bias (CpmAntSegmentPositionEmbedding's nn.Parameter table
+    # looked up by relative-position buckets), then a stored softmax module: the engine's Attention
+    # takes no score bias (named before the generic "attention computed inline")
+    "cpmant": ("CpmAntAttention.forward", "a learned relative-position bias added to the attention scores"),
     # the mask handed to the attention call is computed from the layer's own projections (Doge's
     # dynamic mask attention: exp(A * softplus(dt_proj(v))) added to the scores, top-k kept): once
     # converted into a port whose engine attention call left that mask out

@@ -68,6 +68,7 @@ from porter.passes.moe.routing_method import RoutingMethod
 from porter.passes.norms.engine_norms import EngineNorms
 from porter.passes.norms.full_width_qk_norm import FullWidthQkNorm
 from porter.passes.norms.norm_across_tp_ranks import NormAcrossTpRanks
+from porter.passes.plumbing.arange_positions import ArangePositions
 from porter.passes.plumbing.causal_lm_interface import CausalLmInterface
 from porter.passes.plumbing.compile_base_model import CompileBaseModel
 from porter.passes.plumbing.drop_batch_collapse import DropBatchCollapse
@@ -138,6 +139,7 @@ MODEL: list[type[Rule]] = [
     DropKvRepeat,  # after EngineAttention: reads the k and v of the engine call it made
     AlibiTestByConfig,  # before StripHfParams drops the bias parameter its tests read
     MaskPositions,  # before PT010/PT011: the mask and cache length it reads are HF-only to them
+    ArangePositions,  # (idem: the input and cache length its positions are built from)
     StripHfParams,
     DropHfDataflow,
     DropDropout,

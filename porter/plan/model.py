@@ -181,6 +181,9 @@ class PortPlan(Sealable):
     checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)  # (regex, replacement)
     # attributes holding a linear in the transposed convention (Conv1D): weights transposed when loading
     transposed_linears: list[str] = field(default_factory=list)
+    # "Cls.attr": modules only a cross-attention arm calls (TrOCR's `encoder_attn`, built when
+    # `config.is_decoder`): not built in the port; their checkpoint tensors are skipped when loading
+    cross_attention_modules: list[str] = field(default_factory=list)
     moes: list[MoePlan] = field(default_factory=list)  # router + experts blocks (porter/analysis/moe.py)
     module_renames: dict[str, str] = field(default_factory=dict)  # in-memory attr -> checkpoint attr
     ssm: list[SsmPlan] = field(default_factory=list)  # state-space mixers built as the engine's layer (porter/analysis/ssm.py)
@@ -211,7 +214,7 @@ class PortPlan(Sealable):
         for f in dataclasses.fields(self):
             if f.metadata.get("derived"):
                 del d[f.name]
-        for key in ("moes", "module_renames", "transposed_linears", "ssm", "gathered_norms", "latent_attentions"):  # only where there are any (other ports' PORT.json unchanged)
+        for key in ("moes", "module_renames", "transposed_linears", "cross_attention_modules", "ssm", "gathered_norms", "latent_attentions"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
         if not d["lm_head_normalized"]:  # (only where the head normalises: other ports' PORT.json unchanged)

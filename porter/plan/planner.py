@@ -32,7 +32,7 @@ from porter.analysis.latent_attention import latent_attention
 from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
-from porter.plan import head_pair_refusals, latent_refusals, refusals, routed_heads
+from porter.plan import head_pair_refusals, latent_refusals, refusals, routed_heads, score_bias_refusals
 from porter.plan.mask_bias import mask_bias
 from porter.plan.attention import AttentionPlanning
 from porter.plan.facts import derive
@@ -191,6 +191,7 @@ class Planner(AttentionPlanning):
         plan.classes = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes and c not in fused]
         if lm is not None and not plan.attentions and not plan.latent_attentions and not partial:
             # (a decoder with no attention at all, a recurrent one, is not refused here)
+            score_bias_refusals.score_position_bias(self, plan.classes)  # (names the bias before the softmax)
             refusals.unmapped_attention(self, plan.classes)
         if lm is not None:
             plan.embed_path = self.embed_path(plan, lm)
@@ -258,6 +259,8 @@ class Planner(AttentionPlanning):
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
         plan.transposed_linears = sorted({a for c in plan.classes for a in self.transposed_linears(self.idx.classes[c])})
+        plan.cross_attention_modules = sorted({f"{c}.{a}" for c in plan.classes
+                                              for a in self.cross_attention_modules(self.idx.classes[c])})
 
     def checkpoint_names(self, plan: PortPlan, origin: Source) -> None:
         """Modules saved under another name (`.block_sparse_moe.` on disk, `.mlp.` in memory) keep
@@ -305,6 +308,21 @@ class Planner(AttentionPlanning):
                                            value=m.Call())) if init else []:
             if is_transposed_linear(self.idx.qualify(dotted(node.value.func))):  # type: ignore[attr-defined]
                 out.add(self_attr(node.targets[0].target))  # type: ignore[attr-defined]
+        return out
+
+    def cross_attention_modules(self, info: ClassInfo) -> set[str]:
+        """Sub-modules the class's methods call only in a cross-attention arm (TrOCR's decoder layer
+        builds `encoder_attn` when `config.is_decoder`, and runs it only with `encoder_hidden_states`,
+        which a causal LM never gets): read before those arms are resolved, not after."""
+        flags = self.table.cross_attention_flags
+        out = set()
+        init = resolve_cross_attention(info.method("__init__"), flags)  # (a build under a flag goes already)
+        methods = [f for f in info.node.body.body if isinstance(f, cst.FunctionDef) and f.name.value != "__init__"]
+        for attr in info.submodules:
+            reads = m.Attribute(value=m.Name("self"), attr=m.Name(attr))
+            if init is not None and findall(init, reads) and any(findall(f, reads) for f in methods) and not any(
+                    findall(resolve_cross_attention(f, flags), reads) for f in methods):
+                out.add(attr)
         return out
 
     def embed_path(self, plan: PortPlan, lm: ClassInfo) -> str:

@@ -264,6 +264,7 @@ class CausalLmInterface(Rule):
                     interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
                     blocked=blocked,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
+                    cross_modules=sorted({c.rsplit(".", 1)[1] for c in plan.cross_attention_modules}),
                     renames=plan.checkpoint_renames, experts=experts, stacked_clash=_stacked_clash(ctx),
                     latent_q_lora=next((f"self.{a.q_lora_config}" for a in plan.latent_attentions
                                         if a.q_a and a.q and (a.q_lora_config or "").startswith("config.")), None),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, findall, names_in, param_names, self_attr
+from porter.analysis.cstutil import assigned_names, code, findall, names_in, param_names, self_attr
 from porter.passes.base import Example, Rule
 
 # casts that keep the values: `m.long()`, `x.type_as(m)`, `x.to(torch.long)`, `x.int()`
@@ -140,15 +140,54 @@ class MaskPositions(Rule):
     def applies(cls, ctx) -> bool:
         return "cumsum" in ctx.idx.identifiers
 
+    @staticmethod
+    def find(fn: cst.FunctionDef) -> tuple[str, set[str], list[int]] | None:
+        """(the positions' name, the parameters only they read, the statements computing them)
+        when the forward FN computes the engine's positions itself (PT039 finds them otherwise)."""
+        return mask_positions(fn)
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self._found: dict[str, tuple[str, set[str], list[int], list[str]]] = {}
         for name in self.plan.classes:
             info = ctx.idx.classes.get(name)
             fwd = info.method("forward") if info else None
-            found = mask_positions(fwd) if fwd is not None else None
+            found = self.find(fwd) if fwd is not None else None
             if found is not None:
                 self._found[name] = (*found, [p for p in param_names(fwd) if p != "self"])  # type: ignore[arg-type]
+
+    def leave_If(self, original, updated):
+        """`if config.X: self.pos = A(...) else: self.pos = B(...)` in __init__, A's positions found
+        and B's not: B's forward builds positions the port does not reproduce (its callers now pass
+        the engine's), so that arm refuses at load, with the reason (never a silent approximation)."""
+        if self.current_function != "__init__" or not isinstance(updated.orelse, cst.Else):
+            return updated
+        arms = [updated.body, updated.orelse.body]
+        built = [self._builds(arm) for arm in arms]
+        if None in built or built[0][0] != built[1][0] or \
+                [b[1] in self._found for b in built].count(True) != 1:  # type: ignore[index]
+            return updated
+        which = next(i for i, b in enumerate(built) if b[1] not in self._found)  # type: ignore[index]
+        test = code(updated.test)
+        when = f"`{test}`" if which == 0 else f"not `{test}`"
+        msg = (f"porter: this port does not build {built[which][1]} (chosen when {when}): its forward "  # type: ignore[index]
+               "computes positions the port does not reproduce; the port reads the engine's positions")
+        guard = cst.parse_statement(f"raise ValueError({msg!r})")
+        arm = arms[which].with_changes(body=[guard])
+        self.mark(f"{self.current_class}.__init__")
+        if which == 0:
+            return updated.with_changes(body=arm)
+        return updated.with_changes(orelse=updated.orelse.with_changes(body=arm))
+
+    def _builds(self, arm: cst.BaseSuite) -> tuple[str, str] | None:
+        """(attribute, class) when ARM is one `self.attr = Cls(...)` of a file class."""
+        body = getattr(arm, "body", [])
+        if len(body) != 1 or not m.matches(body[0], m.SimpleStatementLine(body=[m.Assign(
+                targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))], value=m.Call(func=m.Name()))])):
+            return None
+        a = body[0].body[0]  # type: ignore[attr-defined]
+        cls = a.value.func.value
+        return (a.targets[0].target.attr.value, cls) if cls in self.ctx.idx.classes else None
 
     def _callee(self, call: cst.Call) -> str | None:
         info = self.ctx.idx.classes.get(self.current_class or "")
@@ -192,7 +231,7 @@ class MaskPositions(Rule):
         self._clash = False
         if cls not in self._found or len(self.scope) != 1 or updated.name.value != "forward":
             return updated
-        found = mask_positions(original)
+        found = self.find(original)
         if found is None:
             return updated
         pos, gone, steps = found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, findall, param_names
+from porter.analysis.cstutil import assigned_names, findall, names_in, param_names
 
 from porter.passes.base import Example, Rule
 
@@ -17,9 +17,10 @@ class StripHfParams(Rule):
     why = (
         "The engine calls forward on flattened tokens with `positions`; it never passes an "
         "attention mask, a cache, output flags or labels (the Attention layer finds its KV cache "
-        "and batch metadata in the forward context). Those parameters, `**kwargs`, and HF return "
-        "annotations go; `position_ids` becomes `positions`. Both lists are data "
-        "(rules/hf_strip.yaml: strip_params, rename_params)."
+        "and batch metadata in the forward context). Those parameters, `**kwargs`, `*args` (unless "
+        "forward hands it on: TrOCR's pass-through wrapper) and HF return annotations go; "
+        "`position_ids` becomes `positions`. Both lists are data (rules/hf_strip.yaml: strip_params, "
+        "rename_params)."
     )
     examples = [
         Example(
@@ -56,8 +57,11 @@ class StripHfParams(Rule):
             params.append(p)
         if params:
             params[-1] = params[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        star = updated.params.star_arg
+        if not (isinstance(star, cst.Param) and star.name.value in names_in(updated.body)):
+            star = cst.MaybeSentinel.DEFAULT  # `*args` a pass-through wrapper hands on stays (TrOCR's)
         new_params = updated.params.with_changes(
-            params=params, star_kwarg=None, star_arg=cst.MaybeSentinel.DEFAULT,
+            params=params, star_kwarg=None, star_arg=star,
             kwonly_params=[p for p in updated.params.kwonly_params if p.name.value not in t.strip_params],
         )
         return updated.with_changes(params=new_params, returns=None)
