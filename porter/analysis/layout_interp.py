@@ -6,6 +6,8 @@ evaluated forgets what either arm binds."""
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Callable
 
@@ -21,8 +23,10 @@ from porter.analysis.symeval import (
 MAX_DEPTH = 4
 
 
-def bound_in(node: cst.CSTNode) -> set[str]:
-    """Every name an assignment anywhere inside NODE binds."""
+@functools.lru_cache(maxsize=8192)
+def bound_in(node: cst.CSTNode) -> frozenset[str]:
+    """Every name an assignment anywhere inside NODE binds (cached by node: nodes compare and hash by
+    identity, and the interpreters ask of one statement again and again)."""
     out: set[str] = set()
 
     class V(cst.CSTVisitor):
@@ -39,7 +43,7 @@ def bound_in(node: cst.CSTNode) -> set[str]:
             out.update(assigned_names(n.target))  # type: ignore[arg-type]
 
     node.visit(V())
-    return out
+    return frozenset(out)
 
 
 class Interp:
