@@ -335,7 +335,7 @@ class FuseQkv(Rule):
                 body.append(st.with_changes(body=[st.body[0].with_changes(targets=[cst.AssignTarget(  # type: ignore[attr-defined]
                     cst.parse_expression(f"{out_name}, _"))])]))
                 continue
-            if out_name and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
+            if out_name and not attn.blocked and m.matches(st, m.SimpleStatementLine(body=[m.Assign(
                     targets=[m.AssignTarget(m.Tuple())], value=m.Call(func=m.Attribute(
                         value=m.Name(out_name), attr=m.Name("chunk") | m.Name("split"))) | m.Call(func=m.Attribute(
                             value=m.Name("self"), attr=m.Name(split_helper or "")),
