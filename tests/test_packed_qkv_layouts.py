@@ -210,7 +210,7 @@ def test_grouped_regroup_in_load_weights_gives_hf_split_heads_q_k_v(layout):
 
     src = render("load_weights.py.j2", stacked=[], lm_head="lm_head", interleaved=[], interleaved_unless=[],
                  grouped=[".query_key_value."], blocked=[], stacked_clash=False, latent_q_lora=None, transposed="()", renames=[], experts=[], load_buffers=False,
-                 lm_head_bias=False)
+                 lm_head_bias=False, lm_head_normalized=False, cross_modules=[])
     ns: dict = {"torch": torch, "Iterable": Iterable, "default_weight_loader": None}
     exec(src, ns)
     loaded: dict[str, torch.Tensor] = {}
