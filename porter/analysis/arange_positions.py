@@ -60,8 +60,10 @@ def arange_positions(fn: cst.FunctionDef) -> tuple[str, set[str], list[int]] | N
     length it is handed (`arange(past, past + seq_len)`), and what follows reads neither."""
     params = [q for q in param_names(fn) if q != "self"]
     body = list(fn.body.body)  # type: ignore[attr-defined]
-    for src in params:
-        for past in params:
+    read_in_body = names_in(fn.body)
+    used = [q for q in params if q in read_in_body]  # positions of SRC behind PAST read both
+    for src in used:
+        for past in used:
             if past == src:
                 continue
             try:
