@@ -117,13 +117,19 @@ def check(root: Path = Path("generated"), jobs: int | None = None) -> CheckResul
     res = CheckResult()
     with tempfile.TemporaryDirectory(prefix="porter-check-") as tmp:
         work = [(root, model_type, version, targets, Path(tmp)) for (model_type, version), targets in groups.items()]
+        parts = []
+        for rel in release_roots(root):  # the release ports join the same workers
+            rel_work, rel_errors = _release_work(rel, Path(tmp) / rel.name)
+            work += rel_work
+            parts.append(rel_errors)
         if jobs == 1:
-            parts = [_check_model(*w) for w in work]
+            parts += [_check_model(*w) for w in work]
+            parts.append(_check_remote(root, Path(tmp)))
         else:
             with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
-                parts = list(pool.map(_check_model, *zip(*work)))
-        parts.append(_check_remote(root, Path(tmp)))
-        parts += [_check_release(rel, Path(tmp) / rel.name) for rel in release_roots(root)]
+                remote = pool.submit(_check_remote, root, Path(tmp))
+                parts += list(pool.map(_check_model, *zip(*work)))
+                parts.append(remote.result())
     for part in parts:
         res.checked += part.checked
         res.differing += part.differing
@@ -139,15 +145,24 @@ def release_roots(root: Path) -> list[Path]:
     return sorted(p for p in rel.iterdir() if p.is_dir()) if rel.is_dir() else []
 
 
-def _check_release(rel_root: Path, tmp: Path) -> CheckResult:
-    res = CheckResult()
+def _release_work(rel_root: Path, tmp: Path) -> tuple[list[tuple], CheckResult]:
+    """The `_check_model` arguments of each committed port of a release root, and the errors of
+    ports recorded as converted from another release."""
+    work, res = [], CheckResult()
     for model_type, by_target in sorted(committed_ports(rel_root).items()):
         version = {info.transformers_version for info in by_target.values()}
         if version != {rel_root.name}:
             res.errors.append(f"{rel_root / model_type}: converted from transformers {sorted(version)}, "
                               f"not {rel_root.name}")
             continue
-        part = _check_model(rel_root, model_type, rel_root.name, sorted(by_target), tmp)
+        work.append((rel_root, model_type, rel_root.name, sorted(by_target), tmp))
+    return work, res
+
+
+def _check_release(rel_root: Path, tmp: Path) -> CheckResult:
+    """The committed ports of one release root, converted again in this process and compared."""
+    work, res = _release_work(rel_root, tmp)
+    for part in (_check_model(*w) for w in work):
         res.checked += part.checked
         res.differing += part.differing
         res.errors += part.errors
