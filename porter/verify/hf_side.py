@@ -32,7 +32,12 @@ def _reference(args) -> None:
     )
 
     work = Path(args.workdir)
-    spec = tiny_spec(args.model_type, config_model_type=args.config_model_type)
+    from porter.verify.tiny import causal_config_type
+
+    # the config class that builds the causal LM, looked up in this release's auto table (gemma3's
+    # Gemma3ForCausalLM takes gemma3_text's config; its own model type's config is the multimodal one)
+    config_model_type = args.config_model_type or causal_config_type(args.model_type, args.hf_architecture)
+    spec = tiny_spec(args.model_type, config_model_type=config_model_type)
     model = build_model(spec, args.hf_architecture)
     prompts = make_prompts(spec, prompt_vocab(model), _special_ids(model.config))
     refs = hf_reference(model, prompts, spec)

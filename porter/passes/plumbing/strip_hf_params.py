@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, findall, names_in, param_names
+from porter.analysis.cstutil import assigned_names, findall, loop_module, names_in, param_names, self_attr
 
 from porter.passes.base import Example, Rule
 
@@ -36,6 +36,18 @@ class StripHfParams(Rule):
             "class A(nn.Module):\n    def forward(self, x, positions=None):\n"
             "        positions_embeds = self.embed_positions(x, positions=positions)\n"
             "        return x + positions_embeds\n",
+        ),
+        Example(  # a value handed to a sub-module's **kwargs, which HF never reads (5.25's Cohere Compass)
+            "from torch import nn\n\n\nclass Layer(nn.Module):\n    def forward(self, x, **kwargs):\n        return x\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.layers = nn.ModuleList([Layer(config) for _ in range(2)])\n\n"
+            "    def forward(self, x, position_ids=None):\n        text_ids = position_ids[0]\n"
+            "        for layer in self.layers:\n            x = layer(x, position_ids=text_ids)\n        return x\n",
+            "from torch import nn\n\n\nclass Layer(nn.Module):\n    def forward(self, x):\n        return x\n\n\n"
+            "class AModel(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.layers = nn.ModuleList([Layer(config) for _ in range(2)])\n\n"
+            "    def forward(self, x, positions=None):\n        text_ids = positions[0]\n"
+            "        for layer in self.layers:\n            x = layer(x)\n        return x\n",
         ),
     ]
 
@@ -84,6 +96,39 @@ class StripHfParams(Rule):
         if self._in_forward() and updated.value in self.ctx.table.rename_params:
             return updated.with_changes(value=self.ctx.table.rename_params[updated.value])
         return updated
+
+    def visit_For(self, node: cst.For) -> None:
+        bound = loop_module(node)
+        if bound:
+            self._loop_vars = {**getattr(self, "_loop_vars", {}), bound[0]: bound[1]}
+
+    def _unread_positions(self, call: cst.Call) -> bool:
+        """CALL hands a sub-module `position_ids=` something other than forward's own `position_ids`,
+        and the sub-module's HF forward has no such parameter: the value sinks into its `**kwargs`,
+        which HF's eager attention never reads (transformers 5.25's Cohere Compass passes its text row
+        `position_ids[0]`, None for anything but its 4-row layout). The engine's rotary reads the
+        positions PT031 threads, so the keyword goes rather than becoming `positions=`."""
+        info = self.ctx.idx.classes.get(self.current_class or "")
+        attr = self_attr(call.func)
+        if attr is None and isinstance(call.func, cst.Name):
+            attr = getattr(self, "_loop_vars", {}).get(call.func.value)
+        sub = info.submodules.get(attr or "") if info else None
+        callee = self.ctx.idx.classes.get(sub.ctor) if sub else None
+        fwd = callee.method("forward") if callee else None
+        return fwd is not None and fwd.params.star_kwarg is not None and "position_ids" not in param_names(fwd)
+
+    def leave_Call(self, original, updated):
+        if not self._in_forward():
+            return updated
+        drop = [i for i, a in enumerate(original.args)
+                if a.keyword is not None and a.keyword.value == "position_ids"
+                and not m.matches(a.value, m.Name("position_ids"))]
+        if not drop or not self._unread_positions(original):
+            return updated
+        args = [a for i, a in enumerate(updated.args) if i not in drop]
+        if args:
+            args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        return updated.with_changes(args=args)
 
     def leave_Arg(self, original, updated):
         if self._in_forward() and updated.keyword is not None and updated.keyword.value in self.ctx.table.rename_params:
