@@ -200,14 +200,16 @@ def test_regenerate_workflow_passes_actionlint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("model", ["gemma3", "cohere_compass"])
+@pytest.mark.parametrize("model", ["gemma3", "cohere_compass", "dbrx"])
 def test_a_zoo_type_converted_from_5_25_verifies_against_5_25(model, tmp_path):
     """The weekly regeneration against 5.25 moves the zoo to that release's files. gemma3's
     Gemma3ForCausalLM takes gemma3_text's config in 5.25 too: the reference in the 5.25 venv looks
     the config class up in that release's auto table (the composite Gemma3Config has no
     hidden_size). 5.25's Cohere Compass hands its layers `position_ids=position_ids[0]`, None for
     the engine's flat positions, into `**kwargs` HF never reads: the port threads the engine's
-    positions instead (it used to pass None and failed in the engine)."""
+    positions instead (it used to pass None and failed in the engine). 5.25 writes bookkeeping
+    keys (`_name_or_path`, `output_attentions`) into dbrx's nested sub-configs, which the engine's
+    5.19 DbrxFFNConfig rejects: the reference checkpoint leaves them out."""
     out = tmp_path / "out"
     proc = run_porter("convert", model, "--transformers", "5.25.0", "--out", str(out), "--target", "vllm")
     assert proc.returncode == 0, proc.stdout + proc.stderr

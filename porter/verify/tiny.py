@@ -269,6 +269,12 @@ def hf_reference(model, prompts: list[list[int]], spec: TinySpec) -> list[dict]:
     return refs
 
 
+# What a config says about HF's outputs and its own bookkeeping, never about the computation. A
+# newer release (5.25) serialises them into nested sub-configs, and the engine's release rejects them
+# there (5.19's DbrxFFNConfig: "Found unknown kwargs={'_name_or_path': '', 'output_attentions': False}").
+_OUTPUT_ONLY_KEYS = frozenset({"_name_or_path", "output_attentions", "output_hidden_states", "return_dict"})
+
+
 def save_checkpoint(model, out_dir: Path, architecture: str) -> Path:
     """safetensors + config.json naming ``architecture`` (the engine must use that class)."""
     out_dir = Path(out_dir)
@@ -279,6 +285,9 @@ def save_checkpoint(model, out_dir: Path, architecture: str) -> Path:
     cfg["architectures"] = [architecture]
     cfg["torch_dtype"] = "float32"
     cfg["dtype"] = "float32"
+    for key, sub in cfg.items():
+        if isinstance(sub, dict) and "model_type" in sub:  # a nested sub-config (dbrx's attn_config)
+            cfg[key] = {k: v for k, v in sub.items() if k not in _OUTPUT_ONLY_KEYS}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for extra in ("generation_config.json",):
         (out_dir / extra).unlink(missing_ok=True)
