@@ -58,3 +58,27 @@ def test_llama_port_passes_verify_on_the_real_checkpoint(real_checkpoint, tmp_pa
     print(f"[real model] SmolLM2-135M-Instruct TP=1: max |Δ| {c['max_delta']:.2e} "
           f"(prompt {c['max_delta_prompt']:.2e}, decode {c['max_delta_decode']:.2e}), "
           f"{rep['timings_s']}")
+
+
+@pytest.mark.e2e
+def test_a_port_of_a_newer_release_is_verified_on_the_real_checkpoint_by_that_release(real_checkpoint, tmp_path):
+    """The weekly regeneration moves the zoo to a release newer than the engine's (5.25): a port of
+    it is checked on a real checkpoint against that release's model, run by its own python."""
+    out = tmp_path / "out"
+    proc = run_group([sys.executable, "-m", "porter", "convert", "llama", "--transformers", "5.25.0",
+                      "--out", str(out), "--target", "vllm"], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\n")
+    proc = run_group(
+        [sys.executable, "-m", "porter", "verify", str(out / "vllm" / "llama"), "--checkpoint",
+         str(real_checkpoint), "--prompts", str(prompts), "--json"],
+        timeout=3600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rep = json.loads(proc.stdout)
+    real = rep["checkpoint"]
+    assert "transformers 5.25.0" in rep["hf_side"], rep["hf_side"]
+    [tp1] = rep["results"]
+    c = tp1["port"]["comparison"]
+    assert c["tokens_equal"] and c["max_delta"] <= 1e-4, c
+    assert real["engine_texts"]["port TP=1"] == real["hf_texts"] == ["The capital of France is Paris."]

@@ -59,7 +59,7 @@ def hf_answers(real_checkpoint):
                             use_cache=True)
         return tok.decode(out, skip_special_tokens=True)
 
-    from porter.verify.checkpoint import _threads_for_load
+    from porter.verify.realhf import _threads_for_load
 
     chat_ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
     if hasattr(chat_ids, "keys"):

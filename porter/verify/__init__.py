@@ -237,7 +237,7 @@ def _reference(report: VerifyReport, info: PortInfo, say: Progress, tmp: Path,
     if real is not None:
         from porter.verify.checkpoint import real_reference
 
-        hf = real_reference(report, info, say, *real)
+        hf = real_reference(report, info, say, *real, work=tmp)
     else:
         say(f"building tiny {info.model_type} reference")
         hf = _tiny_reference(report, info, tmp, say)

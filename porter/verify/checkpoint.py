@@ -14,17 +14,12 @@ symlink to DIR's), so the engine builds the port, not its native class, from the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from porter.layout import PortInfo
-from porter.verify.tiny import VerifyInputError, experts_routed, hf_logprobs, with_architecture
-
-MAX_NEW_TOKENS = 32
-TOP_LOGPROBS = 20
+from porter.verify.realhf import MAX_NEW_TOKENS, RealHF, RealSpec
+from porter.verify.tiny import VerifyInputError, with_architecture
 # real questions; the answers run past 32 tokens, so every greedy step is text, not what the
 # model says after its end-of-turn token
 DEFAULT_PROMPTS = (
@@ -34,15 +29,6 @@ DEFAULT_PROMPTS = (
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model",
                    "vocab.txt", "spiece.model")
-
-
-@dataclass
-class RealSpec:
-    """What verify reads from a spec (porter.verify.tiny.TinySpec's fields it uses)."""
-
-    max_new_tokens: int = MAX_NEW_TOKENS
-    top_logprobs: int = TOP_LOGPROBS
-    min_distinct_tokens: int = 1  # real text: a short answer is not a weak check
 
 
 def read_prompts(path: Path | None) -> list[str]:
@@ -207,93 +193,67 @@ def split_tps(cfg: dict, tps: list[int]) -> tuple[list[int], dict[int, str]]:
 # -- the HF side ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _threads_for_load():
-    """One torch thread while the machine is oversubscribed (load >= cores): OpenMP threads
-    spinning for a core then cost far more than they bring. Measured here at load ~30 on 2
-    cores, 16 greedy steps of SmolLM2-135M: 2 threads 305 s wall (31 s CPU), 1 thread 28 s
-    (1.6 s CPU). fp32 either way: a different reduction order moves logprobs by ~1e-7."""
-    import torch
+class OtherEnvRealHF:
+    """RealHF run by the python of the port's own transformers release (a port converted from a
+    release newer than the engine's): each question is one `porter.verify.hf_side real-*` run."""
 
-    before = torch.get_num_threads()
-    loaded = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    if loaded:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if loaded:
-            torch.set_num_threads(before)
-
-
-class RealHF:
-    """The HF reference on a real checkpoint: prompts, greedy continuations, logprob rows."""
-
-    python = "in-process"
-
-    def __init__(self, ckpt: Path, info: PortInfo, texts: list[str]) -> None:
-        import torch
-        import transformers
-
-        self.ckpt = Path(ckpt)
+    def __init__(self, python: Path, workdir: Path, ckpt: Path, hf_architecture: str, texts: list[str]) -> None:
+        self.python, self.work, self.ckpt = Path(python), Path(workdir), Path(ckpt)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.args = ["--workdir", str(self.work), "--checkpoint", str(self.ckpt),
+                     "--hf-architecture", hf_architecture]
         self.spec = RealSpec()
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.ckpt))
-        except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise VerifyInputError(f"{self.ckpt}: the tokenizer does not load: "
-                                   f"{type(e).__name__}: {first}") from e
-        cls = getattr(transformers, info.hf_architecture)
-        self.model = cls.from_pretrained(str(self.ckpt), dtype=torch.float32,
-                                         attn_implementation="eager").eval()
-        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.texts = list(texts)
-        self.prompts = [self.encode(t) for t in self.texts]
-        with _threads_for_load():
-            self.refs = [{"prompt": p, "tokens": self.greedy(p)} for p in self.prompts]
+        (self.work / "texts.json").write_text(json.dumps(self.texts))
+        self._run("real-reference")
+        data = json.loads((self.work / "real.json").read_text())
+        self.prompts, self.refs, self.chat = data["prompts"], data["refs"], data["chat"]
+        self._decoded = {tuple(r["tokens"]): t for r, t in zip(self.refs, data["texts"])}
 
-    def encode(self, text: str) -> list[int]:
-        tok = self.tokenizer
-        if self.chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": text}],
-                                          add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # a BatchEncoding
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return [int(i) for i in tok(text)["input_ids"]]
+    def _run(self, command: str) -> None:
+        from porter.verify.hfref import run_side
 
-    def greedy(self, prompt: list[int]) -> list[int]:
-        """MAX_NEW_TOKENS greedy steps with HF's own KV cache (an end-of-turn token does not stop
-        them: the engine runs with ignore_eos). The logprobs verify compares come from one full
-        forward over each whole sequence (``logprobs``), not from these steps."""
-        import torch
-
-        toks: list[int] = []
-        with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
-            while True:
-                toks.append(int(out.logits[0, -1].argmax()))
-                if len(toks) == self.spec.max_new_tokens:
-                    return toks
-                out = self.model(input_ids=torch.tensor([toks[-1:]]), use_cache=True,
-                                 past_key_values=out.past_key_values)
+        run_side(self.python, "hf_side", [command, *self.args], f"HF side ({self.python}) {command}")
 
     def decode(self, tokens: list[int]) -> str:
-        """The answer a user reads: up to the first end-of-sequence token."""
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
-        return self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+        key = tuple(tokens)
+        if key not in self._decoded:
+            (self.work / "decode.json").write_text(json.dumps([list(tokens)]))
+            self._run("real-decode")
+            self._decoded[key] = json.loads((self.work / "decoded.json").read_text())[0]
+        return self._decoded[key]
 
     def checkpoint(self, out_dir: Path, architecture: str) -> Path:
         return with_architecture(self.ckpt, out_dir, architecture)
 
     def logprobs(self, seqs: list[list[int]]) -> list:
-        with _threads_for_load():
-            return [hf_logprobs(self.model, s) for s in seqs]
+        import torch
+
+        (self.work / "sequences.json").write_text(json.dumps(seqs))
+        self._run("real-logprobs")
+        return torch.load(self.work / "rows.pt")
 
     def experts_routed(self, routers: list[str]) -> dict[str, list[int]]:
-        return experts_routed(self.model, self.prompts, routers)
+        (self.work / "routers.json").write_text(json.dumps(routers))
+        self._run("real-routed")
+        return json.loads((self.work / "routed.json").read_text())
+
+
+def _release_python(info: PortInfo) -> Path | None:
+    """The python of the port's transformers release when it is not the engine's (None when it is)."""
+    from porter.source import installed_transformers_version
+    from porter.verify.hfenv import env_dir, env_python
+
+    if info.transformers_version in ("", "unknown", installed_transformers_version()):
+        return None
+    python = env_python(info.transformers_version)
+    if not python.is_file():
+        raise VerifyInputError(
+            f"--checkpoint: the port came from transformers {info.transformers_version}, not the "
+            f"engine's {installed_transformers_version()}: its HF reference runs in "
+            f"{env_dir(info.transformers_version)}, which is missing (make setup builds it; or "
+            "python -m porter.verify.hfenv)")
+    return python
 
 
 # -- the hooks porter.verify calls ----------------------------------------------------------------
@@ -308,13 +268,7 @@ def check_real(report, info: PortInfo, tps: list[int], ckpt: Path, prompts_file:
     if info.target != "vllm":
         raise VerifyInputError(f"--checkpoint runs the port in vLLM; {report.port_dir} is a "
                                f"{info.target} port")
-    from porter.source import installed_transformers_version
-
-    if info.transformers_version not in ("", "unknown", installed_transformers_version()):
-        raise VerifyInputError(
-            f"--checkpoint needs the HF model in the engine's transformers "
-            f"{installed_transformers_version()}; the port came from transformers "
-            f"{info.transformers_version} (day zero): verify it without --checkpoint")
+    _release_python(info)  # (a missing release venv is one line before anything runs)
     cfg = preflight(ckpt, info)  # (silent and quick: a bad checkpoint is one line, nothing else)
     run, skipped = split_tps(cfg, tps)
     report.checkpoint = str(ckpt)
@@ -327,18 +281,27 @@ def check_real(report, info: PortInfo, tps: list[int], ckpt: Path, prompts_file:
     return run, (ckpt, texts)
 
 
-def real_reference(report, info: PortInfo, say, ckpt: Path, texts: list[str]) -> RealHF:
-    say(f"HF reference: {info.hf_architecture} from {ckpt} (eager fp32), "
+def real_reference(report, info: PortInfo, say, ckpt: Path, texts: list[str],
+                   work: Path | None = None) -> RealHF | OtherEnvRealHF:
+    python = _release_python(info)
+    where = "in-process" if python is None else f"transformers {info.transformers_version}, {python}"
+    say(f"HF reference: {info.hf_architecture} from {ckpt} (eager fp32, {where}), "
         f"{len(texts)} prompts x {MAX_NEW_TOKENS} greedy tokens")
     try:
-        hf = RealHF(ckpt, info, texts)
+        if python is None:
+            hf = RealHF(ckpt, info.hf_architecture, texts)
+        else:
+            import tempfile
+
+            hf = OtherEnvRealHF(python, Path(work or tempfile.mkdtemp(prefix="porter-real-")) / "hf-real",
+                                ckpt, info.hf_architecture, texts)
     except VerifyInputError:
         raise
     except Exception as e:  # noqa: BLE001 (HF cannot run the checkpoint: nothing to compare with)
         first = (str(e).strip().splitlines() or [""])[0]
         raise VerifyInputError(f"{ckpt}: the HF reference ({info.hf_architecture}) failed: "
                                f"{type(e).__name__}: {first}") from e
-    report.hf_side = f"{ckpt} ({info.hf_architecture}, eager fp32, in-process)"
+    report.hf_side = f"{ckpt} ({info.hf_architecture}, eager fp32, {where})"
     report.prompt_texts = list(hf.texts)
     report.chat_template = hf.chat
     report.reference_texts = [hf.decode(r["tokens"]) for r in hf.refs]

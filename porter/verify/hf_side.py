@@ -10,6 +10,9 @@ runs under that release's python with porter on PYTHONPATH and imports only port
               along each sequence, from the checkpoint just written)
   routed      WORKDIR/routers.json (MoE router class names) -> WORKDIR/routed.json (the experts
               each router sends the reference prompts to, from the same checkpoint)
+  real-*      the same questions of a real checkpoint (`verify --checkpoint DIR`, porter/verify/
+              realhf.py): WORKDIR/texts.json -> real.json (prompts, greedy tokens, their text),
+              then logprobs, routed, and decode (WORKDIR/decode.json -> decoded.json)
 """
 
 from __future__ import annotations
@@ -54,15 +57,9 @@ def _load(args):
     # the checkpoint's own config class (a config-only model type such as exaone builds
     # LlamaForCausalLM from an ExaoneConfig, as transformers' auto table does)
     config = transformers.AutoConfig.from_pretrained(work / "ckpt")
-    from porter.verify.tiny import fp32_kwargs
+    from porter.verify.tiny import from_pretrained_kwargs
 
-    # use_kernels=False: the modeling file's own code, never a hub kernel (transformers 5.25 made
-    # kernels the default of from_pretrained; earlier releases default to False, and the 4.x
-    # releases before `dtype` have no such keyword)
-    kwargs = fp32_kwargs()
-    if "dtype" in kwargs:
-        kwargs["use_kernels"] = False
-    model = cls.from_pretrained(work / "ckpt", config=config, attn_implementation="eager", **kwargs)
+    model = cls.from_pretrained(work / "ckpt", config=config, **from_pretrained_kwargs())
     model.eval()
     return model
 
@@ -88,17 +85,59 @@ def _routed(args) -> None:
     (work / "routed.json").write_text(json.dumps(experts_routed(model, prompts, routers)))
 
 
+def _real(args, greedy: bool):
+    from porter.verify.realhf import RealHF
+
+    texts = json.loads((Path(args.workdir) / "texts.json").read_text())
+    return RealHF(Path(args.checkpoint), args.hf_architecture, texts, greedy=greedy)
+
+
+def _real_reference(args) -> None:
+    hf = _real(args, greedy=True)
+    (Path(args.workdir) / "real.json").write_text(json.dumps({
+        "prompts": hf.prompts, "refs": hf.refs, "chat": hf.chat, "eos": sorted(hf.eos_ids()),
+        "texts": [hf.decode(r["tokens"]) for r in hf.refs]}))
+
+
+def _real_logprobs(args) -> None:
+    import torch
+
+    work = Path(args.workdir)
+    hf = _real(args, greedy=False)
+    torch.save(hf.logprobs(json.loads((work / "sequences.json").read_text())), work / "rows.pt")
+
+
+def _real_routed(args) -> None:
+    work = Path(args.workdir)
+    hf = _real(args, greedy=False)
+    routers = json.loads((work / "routers.json").read_text())
+    (work / "routed.json").write_text(json.dumps(hf.experts_routed(routers)))
+
+
+def _real_decode(args) -> None:
+    work = Path(args.workdir)
+    hf = _real(args, greedy=False)
+    seqs = json.loads((work / "decode.json").read_text())
+    (work / "decoded.json").write_text(json.dumps([hf.decode(s) for s in seqs]))
+
+
+COMMANDS = {"reference": _reference, "logprobs": _logprobs, "routed": _routed,
+            "real-reference": _real_reference, "real-logprobs": _real_logprobs,
+            "real-routed": _real_routed, "real-decode": _real_decode}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="porter.verify.hf_side")
-    ap.add_argument("command", choices=["reference", "logprobs", "routed"])
+    ap.add_argument("command", choices=sorted(COMMANDS))
     ap.add_argument("--workdir", required=True)
-    ap.add_argument("--model-type", required=True)
+    ap.add_argument("--model-type", default="")
+    ap.add_argument("--checkpoint", default="")  # real-*: the user's checkpoint folder
     ap.add_argument("--config-model-type", default="")
     ap.add_argument("--hf-architecture", required=True)
-    ap.add_argument("--architecture", required=True)
+    ap.add_argument("--architecture", default="")
     args = ap.parse_args(argv)
     try:
-        {"reference": _reference, "logprobs": _logprobs, "routed": _routed}[args.command](args)
+        COMMANDS[args.command](args)
     except Exception as exc:  # one line for the engine side to report (verify exit 2)
         import sys
 

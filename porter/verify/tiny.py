@@ -177,6 +177,17 @@ def fp32_kwargs() -> dict:
     return {key: torch.float32}
 
 
+def from_pretrained_kwargs() -> dict:
+    """from_pretrained's keywords for the reference: fp32, eager attention, and use_kernels=False,
+    the modeling file's own code, never a hub kernel (transformers 5.25 made kernels the default of
+    from_pretrained; earlier releases default to False, and the 4.x releases before `dtype` have no
+    such keyword)."""
+    kwargs = {**fp32_kwargs(), "attn_implementation": "eager"}
+    if "dtype" in kwargs:
+        kwargs["use_kernels"] = False
+    return kwargs
+
+
 def build_model(spec: TinySpec, hf_architecture: str):
     """The HF model for ``hf_architecture`` with seeded N(0, std) weights, fp32, eager attention."""
     import torch
