@@ -28,3 +28,27 @@ def test_refusal_example_fails_with_its_line(refusal):
         build_plan(idx, strip_table(), "example", "<example>", partial=not refusal.whole_file)
     assert str(err.value) == refusal.says
     assert "\n" not in str(err.value)
+
+
+def test_a_softmax_in_a_method_forward_never_reaches_is_not_attention():
+    """Remote code's causal LM samples in its own generation helpers (ChatGLM3's
+    `stream_generate`: softmax over the logits): only what forward reaches is read for inline
+    attention, so the same file with such a helper plans as without it."""
+    from porter.plan.refusals import ATTENTION_INLINE
+
+    base = ATTENTION_INLINE.example
+    helper = ("\n    def forward(self, x):\n        return self.lm_head(self.model(x))\n\n"
+              "    def stream_generate(self, x):\n        return torch.softmax(self.forward(x), dim=-1)\n")
+    # the example's inline attention refused in Attn.forward, as ever ...
+    fixed = base.replace("return torch.softmax(q @ q.T, dim=-1) @ q", "return q")
+    for text, refused in ((base + helper, True), (fixed + helper, False)):
+        idx = build_index(parse(text, "<example>"), "<example>", text)
+        try:
+            build_plan(idx, strip_table(), "example", "<example>", partial=False)
+            got = None
+        except PorterError as e:
+            got = str(e)
+        if refused:
+            assert got is not None and "Attn.forward: torch.softmax" in got, got
+        else:
+            assert got is None or "attention computed inline" not in got, got

@@ -543,6 +543,25 @@ ATTENTION_INLINE = Refusal(
 )
 
 
+def _computing_methods(info) -> list[cst.FunctionDef]:
+    """The methods of a class that its `forward` reaches through `self.NAME` (and forward itself):
+    what the model computes with. A sampling helper of remote code's causal LM (ChatGLM's
+    `stream_generate` takes a softmax over the logits) is not an attention."""
+    methods = {n.name.value: n for n in info.node.body.body if isinstance(n, cst.FunctionDef)}
+    if "forward" not in methods:  # a base or helper class: whatever a subclass's forward calls
+        return list(methods.values())
+    seen: set[str] = set()
+    todo = ["forward"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += [a.attr.value for a in findall(methods[name], m.Attribute(value=m.Name("self"), attr=m.Name()))
+                 if a.attr.value in methods]  # type: ignore[attr-defined]
+    return [fn for n, fn in methods.items() if n in seen]
+
+
 def unmapped_attention(p: Planner, classes: list[str]) -> None:
     """A decoder whose attention no rule maps to the engine's Attention: names the projections
     of an attention function fed by something other than nn.Linear (GPT-2's Conv1D), else the
@@ -559,16 +578,14 @@ def unmapped_attention(p: Planner, classes: list[str]) -> None:
             raise ATTENTION_FROM_NO_LINEAR.error(
                 p, calls[0], f"{name}.forward: {', '.join(ctors) or 'projections not found'}")
     for name in classes:
-        for meth in p.idx.classes[name].node.body.body:
-            if not isinstance(meth, cst.FunctionDef) or meth.name.value == "forward":
+        for meth in _computing_methods(p.idx.classes[name]):
+            if meth.name.value == "forward":
                 continue
             for call in findall(meth, m.Call()):
                 if dotted(call.func) in attn_names:  # type: ignore[attr-defined]
                     raise ATTENTION_IN_HELPER.error(p, call, f"{name}.{meth.name.value}")
     for name in classes:
-        for meth in p.idx.classes[name].node.body.body:
-            if not isinstance(meth, cst.FunctionDef):
-                continue
+        for meth in _computing_methods(p.idx.classes[name]):
             # softmax(x), F.softmax(x), x.softmax(-1), and a module built on the spot: nn.Softmax(dim=-1)(x)
             softmax = m.Attribute(attr=m.Name("softmax")) | m.Name("softmax") | m.Call(
                 func=m.Attribute(attr=m.Name("Softmax")) | m.Name("Softmax"))
