@@ -122,8 +122,11 @@ def test_drift_report_names_what_changed(regen_new_release):
             if body[0] != body[1]:
                 assert any(r.startswith("PT010 ") for r in t["rules_output_changed"])
         assert f"## {m['model_type']}" in md
-    assert "-past_key_values +cache" in md
-    assert "rules whose output changed" in md
+    # ports of a release before 5.24 meet its cache rename (a tree the weekly workflow moved to a
+    # newer release already has it: NEW_RELEASE then regenerates none of its ports, all skipped)
+    if any(_release(m["transformers"]["before"]) < _release("5.24.0") for m in drift["models"]):
+        assert "-past_key_values +cache" in md
+        assert "rules whose output changed" in md
 
 
 DAY_ZERO = "5.25.0"
@@ -134,6 +137,15 @@ DAY_ZERO = "5.25.0"
 # from the model (5.19's copies one axis to three itself), converts since porter runs the model's
 # forward up to the rotary call and sees the positions on every axis (tests/test_position_axes.py)
 KNOWN_GAPS: dict[tuple[str, str], str] = {}
+
+
+def _installed() -> str:
+    from porter.source import installed_transformers_version
+
+    return installed_transformers_version()
+
+
+ENGINE = _installed()
 
 
 def _release(v: str) -> tuple[int, ...]:
@@ -154,17 +166,22 @@ def test_release_matrix_in_drift_md_converts_every_model_from_every_release(rege
     assert mx["releases"][0] == "5.16.0" and mx["releases"][-1] == DAY_ZERO
     assert {"5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.24.0"} <= set(mx["releases"])
     assert sorted(mx["rows"]) == sorted(MODELS)
-    from porter.source import installed_transformers_version
+    from porter.source import transformers_root
 
-    engine = _release(installed_transformers_version())
     for model, cells in mx["rows"].items():
-        recorded = json.loads((GENERATED / "vllm" / model / "PORT.json").read_text())["transformers_version"]
+        info = json.loads((GENERATED / "vllm" / model / "PORT.json").read_text())
+        recorded = info["transformers_version"]
         for release, cell in cells.items():
             if (model, release) in KNOWN_GAPS:
                 assert cell["status"] == "failed" and KNOWN_GAPS[model, release] in cell["error"], cell
             elif _release(release) >= _release(recorded):
                 assert cell["status"] == "converted", (model, release, cell)
-            elif _release(recorded) > engine:  # a day-zero model type: absent before its release
+            elif (info.get("config_class") or not (transformers_root() / info["source"]).is_file()) \
+                    and _release(release) <= _release(ENGINE):
+                # a day-zero model type (the engine's transformers lacks its modeling file or its
+                # config, which the port then ships): absent from the releases up to the engine's
+                # (the zoo may have moved to a newer release since: the weekly workflow regenerates
+                # every port from the newest)
                 assert cell["status"] == "absent", (model, release, cell)
             else:  # an older release converts the model type, or does not have it yet
                 assert cell["status"] in ("converted", "absent"), (model, release, cell)

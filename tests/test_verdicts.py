@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from porter.layout import PortInfo
-from porter.source import transformers_root
 from porter.verify import THRESHOLD, run_verify
 from porter.verify import verdicts as v
 from porter.verify.tiny import load_rules
@@ -31,8 +30,11 @@ def copied(tmp_path):
     shutil.copytree(PORTS / MODEL, port, ignore=shutil.ignore_patterns("__pycache__"))
     info = PortInfo.load(port)
     tree = tmp_path / "transformers"
-    for f in v.source_files(info, transformers_root()):
-        dst = tree / f.relative_to(transformers_root())
+    # the files of the release the port came from (the engine's, or a newer one the weekly
+    # regeneration moved the zoo to)
+    root = v.release_tree(info.transformers_version)
+    for f in v.source_files(info, root):
+        dst = tree / f.relative_to(root)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dst)
     return gen, port, tree
