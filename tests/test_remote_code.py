@@ -97,6 +97,12 @@ BAD = {
                                               "        self._prep()\n")},
                                           MODELING, "import porter_no_such_package_xyz",
                                           "imports package 'porter_no_such_package_xyz', which is not installed"),
+    # positions computed from the cache length by a torch call: shown equal to the engine's by no rule
+    "positions_from_cache_length": ({MODELING: ("        rotary_pos_emb = self.rotary_emb(kv_seq_len)\n",
+                                                "        rotary_pos_emb = self.rotary_emb(kv_seq_len)\n"
+                                                "        position_ids = torch.arange(past_length, kv_seq_len)\n")},
+                                    MODELING, "position_ids = torch.arange(past_length, kv_seq_len)",
+                                    "the positions (positions) computed by a torch call from HF-only values"),
     "missing_helper": ({MODELING: (_TOP, _TOP + "from .qwen_helpers import fast_rope\n")}, MODELING,
                        "from .qwen_helpers", "imports .qwen_helpers, which the folder does not hold"),
     "missing_config_class": ({CONFIG: ("class QWenLikeConfig(", "class OtherConfig(")}, MODELING, None,
