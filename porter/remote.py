@@ -128,7 +128,22 @@ def _reports(call: ast.Call, loggers: set[str]) -> bool:
         f.value.id in loggers
 
 
-def _side_effect(st: ast.stmt, loggers: frozenset[str] | set[str] = frozenset()) -> str | None:
+def _hf_registries(tree: ast.Module) -> set[str]:
+    """Names the module imports from transformers and reads nowhere but as the receiver of a
+    module-level call (`ALL_LAYERNORM_LAYERS.append(XRMSNorm)`, as transformers 4.x's own files do:
+    a class registered in HF's list, which only HF's Trainer reads). Such a call changes nothing the
+    model computes; the port drops it with the import (drop-hf-imports)."""
+    imported = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.level == 0
+                and (n.module or "").split(".")[0] == "transformers" for a in n.names}
+    receivers = {id(st.value.func.value) for st in tree.body if isinstance(st, ast.Expr)
+                 and isinstance(st.value, ast.Call) and isinstance(st.value.func, ast.Attribute)
+                 and isinstance(st.value.func.value, ast.Name)}
+    read_elsewhere = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in receivers}
+    return imported - read_elsewhere
+
+
+def _side_effect(st: ast.stmt, loggers: frozenset[str] | set[str] = frozenset(),
+                 registries: frozenset[str] | set[str] = frozenset()) -> str | None:
     """What a module-level statement does when the module is imported, or None for a definition
     (or a call that only reports, to a logger or the warnings module)."""
     if isinstance(st, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
@@ -142,9 +157,12 @@ def _side_effect(st: ast.stmt, loggers: frozenset[str] | set[str] = frozenset())
     elif isinstance(st, ast.Try):
         inner = [*st.body, *st.orelse, *st.finalbody, *(s for h in st.handlers for s in h.body)]
     if isinstance(st, (ast.If, ast.Try)):
-        return next((s for s in (_side_effect(x, loggers) for x in inner) if s), None)
+        return next((s for s in (_side_effect(x, loggers, registries) for x in inner) if s), None)
     if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
         if _reports(st.value, set(loggers)):
+            return None
+        f = st.value.func
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in registries:
             return None
         return f"module-level call {ast.unparse(st.value.func)}(...)"
     return f"module-level {type(st).__name__.lower()} statement"
@@ -229,13 +247,50 @@ def check_module(path: Path, folder: Path, causal_lm: str = "") -> None:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in DYNAMIC_CALLS:
             raise PorterError(f"{node.func.id}() runs code porter cannot read statically", file=str(path),
                               line=node.lineno, construct=f"{node.func.id}(...)")
-    loggers = _loggers(tree)
+    loggers, registries = _loggers(tree), _hf_registries(tree)
     for st in tree.body:
-        what = _side_effect(st, loggers)
+        what = _side_effect(st, loggers, registries)
         if what is not None:
             raise PorterError(f"{what}: importing the module would do something (porter never runs it)",
                               file=str(path), line=st.lineno, construct=ast.unparse(st).splitlines()[0][:60])
     _check_imports(tree, path, folder, skip)
+
+
+def check_helper_modules(modeling: Path, config: Path | None, causal_lm: str) -> None:
+    """Refuse a causal LM whose classes (or the module functions they call) call a class or function
+    the modeling file imports from another module of the folder (MPT's `from .blocks import
+    MPTBlock`, `from .custom_embedding import SharedEmbedding`): porter ports the modeling file alone.
+    Calls in the causal LM's chat and generation helpers (`hf_api_methods`) do not count."""
+    tree = ast.parse(modeling.read_text(encoding="utf-8"), filename=str(modeling))
+    config_module = config.stem if config is not None else ""
+    # module-level imports (an import inside a method belongs to its arm: Baichuan2's quantizer)
+    local = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for n in ast.walk(fn)}
+    foreign = {(a.asname or a.name): n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and id(n) not in local and n.level == 1 and n.module and n.module != config_module for a in n.names}
+    if not foreign:
+        return
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    skip = {id(n) for fn in hf_api_methods(tree, causal_lm) for n in ast.walk(fn)}
+    seen, todo, hits = set(), [causal_lm], []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defs:
+            continue
+        seen.add(name)
+        for node in ast.walk(defs[name]):
+            if id(node) in skip or not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+                continue
+            callee = node.func.id
+            if callee in foreign:
+                hits.append((node.lineno, callee, name))
+            elif callee in defs:
+                todo.append(callee)
+    if hits:
+        line, callee, where = min(hits)
+        raise PorterError(f"{callee} comes from the folder's {foreign[callee]}.py: porter ports the modeling "
+                          "file alone and does not read the classes and functions it imports from the folder's "
+                          "other modules", file=str(modeling), line=line, construct=f"{where}: {callee}(...)")
 
 
 def check_config_class(modeling: Path, config: Path | None, causal_lm: str) -> tuple[str, str]:

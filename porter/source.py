@@ -136,6 +136,7 @@ def resolve_repo(folder: Path, *, config: str | None, version: str) -> Source:
     for path in (files.modeling, *([cfg] if cfg else [])):
         remote.check_module(path, folder, causal_lm if path == files.modeling else "")
     config_cls, model_type = remote.check_config_class(files.modeling, cfg, causal_lm)
+    remote.check_helper_modules(files.modeling, cfg, causal_lm)
     remote.check_repo_config(folder, causal_lm, config_cls, model_type)
     text = read_python(files.modeling)
     return Source(path=files.modeling, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),

@@ -97,6 +97,12 @@ BAD = {
                                               "        self._prep()\n")},
                                           MODELING, "import porter_no_such_package_xyz",
                                           "imports package 'porter_no_such_package_xyz', which is not installed"),
+    # positions computed from the cache length by a torch call: shown equal to the engine's by no rule
+    "positions_from_cache_length": ({MODELING: ("        rotary_pos_emb = self.rotary_emb(kv_seq_len)\n",
+                                                "        rotary_pos_emb = self.rotary_emb(kv_seq_len)\n"
+                                                "        position_ids = torch.arange(past_length, kv_seq_len)\n")},
+                                    MODELING, "position_ids = torch.arange(past_length, kv_seq_len)",
+                                    "the positions (positions) computed by a torch call from HF-only values"),
     "missing_helper": ({MODELING: (_TOP, _TOP + "from .qwen_helpers import fast_rope\n")}, MODELING,
                        "from .qwen_helpers", "imports .qwen_helpers, which the folder does not hold"),
     "missing_config_class": ({CONFIG: ("class QWenLikeConfig(", "class OtherConfig(")}, MODELING, None,
@@ -206,3 +212,56 @@ def test_remote_reference_runs_the_repository_code_in_a_subprocess(tmp_path):
         assert [int(row[len(p) - 1 + j].argmax()) for j in range(len(r["tokens"]))] == r["tokens"]
     ckpt = hf.checkpoint(tmp_path / "view", "PorterQWenLikeLMHeadModel")
     assert (ckpt / "model.safetensors").exists()
+
+
+def test_a_class_from_another_module_of_the_folder_is_refused_where_the_model_builds_it(tmp_path):
+    """MPT's repositories spread the model over modules (`from .blocks import MPTBlock`,
+    `from .custom_embedding import SharedEmbedding`): porter ports the modeling file alone, so
+    the first build of such a class the causal LM reaches is refused, naming its module, instead
+    of a vague refusal later (the token embedding not found)."""
+    import subprocess
+    import sys
+
+    build = "        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+    folder = _bad_folder(tmp_path, {MODELING: (_TOP, _TOP + "from .qwen_embedding import SharedEmbedding\n"),
+                                    "modeling_qwenlike.py#2": (build, build.replace("nn.Embedding", "SharedEmbedding"))})
+    (folder / "qwen_embedding.py").write_text(
+        "from torch import nn\n\n\nclass SharedEmbedding(nn.Embedding):\n"
+        "    def forward(self, x, unembed=False):\n"
+        "        return nn.functional.linear(x, self.weight) if unembed else super().forward(x)\n")
+    proc = subprocess.run([sys.executable, "-m", "porter", "convert", str(folder), "--target", "vllm",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    line = _line_of(folder / MODELING, "self.wte = SharedEmbedding(")
+    assert proc.stderr.strip().splitlines() == [
+        f"porter: error: {folder / MODELING}:{line}: SharedEmbedding comes from the folder's qwen_embedding.py: "
+        "porter ports the modeling file alone and does not read the classes and functions it imports from the "
+        "folder's other modules in QWenLikeModel: SharedEmbedding(...)"]
+
+
+def test_a_norm_registered_in_hf_list_and_an_attention_table_keyed_by_a_config_field_port(tmp_path):
+    """InternLM2 picks its attention class from a table keyed by its own config field
+    (`INTERNLM2_ATTENTION_CLASSES[config.attn_implementation]`) and, like MiniCPM, registers its norm
+    in transformers' ALL_LAYERNORM_LAYERS at import: neither changes what the model computes; the
+    port is the one of the plain model."""
+    from porter.convert import convert
+
+    attn = "        self.attn = QWenAttention(config)\n"
+    edits = {MODELING: ("from transformers import PreTrainedModel\n", "from transformers import PreTrainedModel\n"
+                        "from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS\n")}
+    edits["modeling_qwenlike.py#2"] = (
+        "class QWenBlock(nn.Module):",
+        'ATTENTION_CLASSES = {"eager": QWenAttention, "flash_attention_2": QWenAttention}\n\n\nclass QWenBlock(nn.Module):')
+    old = _bad_folder(tmp_path, edits)
+    text = (old / MODELING).read_text()
+    (old / MODELING).write_text(_edit(_edit(text, attn, attn.replace(
+        "QWenAttention(config)", "ATTENTION_CLASSES[config.attn_implementation](config)")),
+        "class RotaryEmbedding(nn.Module):", "ALL_LAYERNORM_LAYERS.append(RMSNorm)\n\n\nclass RotaryEmbedding(nn.Module):"))
+    convert(str(old), ["vllm"], tmp_path / "old")
+    convert(str(GOOD), ["vllm"], tmp_path / "good")
+    rel = "vllm/qwenlike/porter_vllm_qwenlike/modeling_qwenlike.py"
+
+    def body(root):
+        return [ln for ln in (root / rel).read_text().splitlines() if not ln.startswith(("# Source sha256", "# Rules applied"))]
+
+    assert body(tmp_path / "old") == body(tmp_path / "good")

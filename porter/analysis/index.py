@@ -291,10 +291,12 @@ def table_class(idx: ModelIndex, func: cst.BaseExpression) -> str | None:
     dict literal: the class of its "eager" entry (HF's reference implementation), if it is a
     class of this file. The key may also be a local the caller computed (transformers 5.24's Falcon:
     `attn_implementation = "flash_attention_2" if ... else config._attn_implementation`) when every
-    key of the table names an attention implementation."""
+    key of the table names an attention implementation, and so may a config field of the remote
+    code's own (InternLM2: `config.attn_implementation`, defaulting to "eager")."""
     by_attr = m.matches(func, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index(
         m.Attribute(attr=m.Name("_attn_implementation"))))]))
-    if not by_attr and not m.matches(func, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index(m.Name()))])):
+    if not by_attr and not m.matches(func, m.Subscript(value=m.Name(), slice=[m.SubscriptElement(m.Index(
+            m.Name() | m.Attribute()))])):
         return None
     table = func.value.value  # type: ignore[attr-defined]
     for st in idx.module.body:

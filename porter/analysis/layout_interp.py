@@ -16,7 +16,7 @@ import numpy as np
 
 from porter.analysis.cstutil import assigned_names, dotted, param_names
 from porter.analysis.symeval import (
-    Frame, Obj, Opaque, Unknown, binop, compare, is_tensor_method, is_torch_call, subscript,
+    Frame, Obj, Opaque, Unknown, binop, compare, einops_rearrange, is_tensor_method, is_torch_call, subscript,
     tensor_method, torch_function,
 )
 
@@ -75,6 +75,8 @@ class Interp:
             return env[e.value]
         if isinstance(e, cst.Ellipsis):
             return Ellipsis
+        if isinstance(e, cst.SimpleString):
+            return e.evaluated_value  # an einops pattern
         if isinstance(e, cst.Attribute):
             return self._attribute(self.expr(e.value, env), e.attr.value)
         if isinstance(e, cst.Subscript):
@@ -190,6 +192,11 @@ class Interp:
             base = self.expr(f.value, env)
             args, kw = self._args(c, env)
             return tensor_method(base, f.attr.value, args, kw)
+        if dotted(f) in ("rearrange", "einops.rearrange"):  # InternLM2's grouped split, in einops
+            args, kw = self._args(c, env)
+            if len(args) != 2:
+                raise Unknown("rearrange")
+            return einops_rearrange(args[0], args[1], kw)
         if dotted(f) == "math.sqrt":
             args, _ = self._args(c, env)
             if len(args) != 1 or not isinstance(args[0], (int, float)) or args[0] < 0:

@@ -229,3 +229,54 @@ def is_torch_call(func: cst.BaseExpression) -> str | None:
 
 def is_tensor_method(name: str) -> bool:
     return name in _TENSOR_METHODS
+
+
+def _pattern_axes(side: str) -> list[list[str]] | None:
+    """`b q (h gs d)` -> [["b"], ["q"], ["h", "gs", "d"]]; None for what this reader does not
+    take (an ellipsis, anonymous or unit axes, nesting)."""
+    groups: list[list[str]] = []
+    current: list[str] | None = None
+    for tok in side.replace("(", " ( ").replace(")", " ) ").split():
+        if tok == "(":
+            if current is not None:
+                return None
+            current = []
+        elif tok == ")":
+            if current is None:
+                return None
+            groups.append(current)
+            current = None
+        elif not tok.isidentifier():
+            return None
+        elif current is not None:
+            current.append(tok)
+        else:
+            groups.append([tok])
+    return groups if current is None else None
+
+
+def einops_rearrange(x, pattern, sizes: dict):
+    """einops' `rearrange(x, "left -> right", **sizes)` on an index array: the input's axes split
+    into the named ones, permuted, merged as the right side groups them (a reshape and a
+    transpose; no axis made or reduced)."""
+    if not isinstance(x, np.ndarray) or not isinstance(pattern, str) or pattern.count("->") != 1 \
+            or not all(isinstance(v, int) for v in sizes.values()):
+        raise Unknown("rearrange")
+    left, right = (_pattern_axes(s) for s in pattern.split("->"))
+    if left is None or right is None or len(left) != x.ndim:
+        raise Unknown("rearrange pattern")
+    names = [a for g in left for a in g]
+    if sorted(names) != sorted(a for g in right for a in g) or len(set(names)) != len(names):
+        raise Unknown("rearrange pattern")
+    size = dict(sizes)
+    for group, dim in zip(left, x.shape, strict=True):
+        unknown = [a for a in group if a not in size]
+        known = int(np.prod([size[a] for a in group if a in size]))
+        if len(unknown) > 1 or known == 0 or dim % known:
+            raise Unknown("rearrange sizes")
+        if unknown:
+            size[unknown[0]] = dim // known
+        elif known != dim:
+            raise Unknown("rearrange sizes")
+    out = x.reshape([size[a] for a in names]).transpose([names.index(a) for g in right for a in g])
+    return out.reshape([int(np.prod([size[a] for a in g])) for g in right])

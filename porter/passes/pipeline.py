@@ -93,6 +93,7 @@ from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
 from porter.passes.rope.per_layer_rope import PerLayerRope
 from porter.passes.rope.reversed_rope import ReversedRope
+from porter.passes.plumbing.base_class_arm import BaseClassArm
 from porter.passes.rope.rope_order import RopeOrder
 from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
 from porter.passes.ssm.engine_short_conv import EngineShortConv
@@ -103,6 +104,7 @@ from porter.passes.tp.vocab_embedding import VocabEmbedding
 
 BEFORE_INDEX: list[type[Rule]] = [
     RenameEngineClashes,  # first: every later rule and the index see the file's classes by their port names
+    BaseClassArm,  # before indexing: the index sees the sub-module build of an `__init__` helper in __init__
     EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
     UpcastArm,  # before PT150: one softmax where HF upcasts in an arm of its own
     OutputAttentionsArm,  # before PT150: no reshaped copy of the weights between softmax and sum

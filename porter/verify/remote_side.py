@@ -63,6 +63,13 @@ def remote_spec(folder: Path, overrides: dict):
     return spec, cfg
 
 
+def _float32(transformers, torch) -> dict:
+    """from_config's dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before (a
+    4.x reference venv passes an unknown `dtype` on to the model's __init__)."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 def _reference(args) -> None:
     import torch
     import transformers
@@ -81,11 +88,16 @@ def _reference(args) -> None:
     spec, cfg = remote_spec(Path(args.folder), json.loads(args.tiny))
     check_config(cfg, spec)
     torch.manual_seed(spec.seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=True, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=True, **_float32(transformers, torch))
     model = seed_weights(model, spec)
     prompts = make_prompts(spec, prompt_vocab(model), _special_ids(model.config))
     refs = hf_reference(model, prompts, spec)
     save_checkpoint(model, work / "ckpt", args.architecture or type(model).__name__)
+    # transformers 4.x saves a model built by from_config without its code: the logprobs side
+    # reloads the config through auto_map, so the folder's modules go beside the weights
+    for py in Path(args.folder).glob("*.py"):
+        if not (work / "ckpt" / py.name).exists():
+            (work / "ckpt" / py.name).write_bytes(py.read_bytes())
     (work / "reference.json").write_text(json.dumps(
         {"spec": dataclasses.asdict(spec), "prompts": prompts, "refs": refs,
          "hf_class": type(model).__name__}))
@@ -104,7 +116,7 @@ def _logprobs(args) -> None:
     # or inverse frequencies, made in __init__ as it wrote them), then the checkpoint's weights;
     # from_pretrained would build on the meta device and leave such buffers unset
     cfg = transformers.AutoConfig.from_pretrained(work / "ckpt", trust_remote_code=True)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=True, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=True, **_float32(transformers, torch))
     state = {}
     for f in sorted((work / "ckpt").glob("*.safetensors")):
         state.update(load_file(f))

@@ -97,18 +97,54 @@ class EagerArm(BeforeIndexRule):
         # must leave unchanged: a test that the eager implementation is active is true in
         # the eager reference: its `if` arm is not replaced by the `else` arm
         Example(_UNCHANGED_PT152, _UNCHANGED_PT152),
+        # an `elif` chain (MiniCPM's remote code): each non-eager arm is false, the eager `else` stays
+        Example(
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self._use_sdpa = config._attn_implementation == \"sdpa\"\n"
+            "        self._use_fa2 = config._attn_implementation == \"flash_attention_2\"\n\n"
+            "    def forward(self, mask):\n"
+            "        if self._use_fa2:\n            mask = None\n"
+            "        elif self._use_sdpa and not self.flag:\n            mask = sdpa_mask(mask)\n"
+            "        else:\n            mask = eager_mask(mask)\n        return mask\n",
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self._use_sdpa = config._attn_implementation == \"sdpa\"\n"
+            "        self._use_fa2 = config._attn_implementation == \"flash_attention_2\"\n\n"
+            "    def forward(self, mask):\n"
+            "        mask = eager_mask(mask)\n        return mask\n",
+        ),
     ]
 
     flags: dict[str, frozenset[str]] = {}
 
     def rewrite(self, module: cst.Module) -> cst.Module:
         self.flags = non_eager_flags(module)
+        self.elifs = set()
         return super().rewrite(module)
+
+    elifs: set[int] = set()
+
+    def visit_If(self, node):
+        if isinstance(node.orelse, cst.If):
+            self.elifs.add(id(node.orelse))  # an `elif`: its parent `if` rewrites it (no statement list here)
+        return True
+
+    def _drop_false_elifs(self, node: cst.If, flags: frozenset[str]) -> cst.If:
+        """`elif <non-eager test>:` arms are false in the eager reference: the chain goes on with
+        what follows them."""
+        orelse = node.orelse
+        if isinstance(orelse, cst.If) and _non_eager_test(orelse.test, flags):
+            return self._drop_false_elifs(node.with_changes(orelse=orelse.orelse), flags)
+        if isinstance(orelse, cst.If):
+            inner = self._drop_false_elifs(orelse, flags)
+            return node if inner is orelse else node.with_changes(orelse=inner)
+        return node
 
     def leave_If(self, original, updated):
         flags = self.flags.get(self.scope[0], frozenset()) if self.scope else frozenset()
-        if len(self.scope) < 2 or not _non_eager_test(updated.test, flags) or updated.orelse is None \
-                or isinstance(updated.orelse, cst.If):
+        if len(self.scope) < 2 or id(original) in self.elifs:
+            return updated
+        updated = self._drop_false_elifs(updated, flags)
+        if not _non_eager_test(updated.test, flags) or updated.orelse is None or isinstance(updated.orelse, cst.If):
             return updated
         body = list(updated.orelse.body.body)
         body = in_place_of(updated, body, self.keep_lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import libcst as cst
 import libcst.matchers as m
 
@@ -383,8 +385,8 @@ class FuseQkv(Rule):
         """The statements that compute the grouped split (porter/analysis/qkv_layout.py: from the
         one binding the projection's output to the one binding q, k and v) -> the projection call
         and one split of its [q; k; v] output (load_weights regroups the checkpoint) by per-rank sizes."""
-        layout = self._layout(attn)
         body = list(fn.body.body)  # type: ignore[attr-defined]
+        layout = self._aligned(attn, self._layout(attn), body)
         proj = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(attn.q)))
         ok = layout is not None and layout.out_name is not None and layout.last < len(body) and m.matches(
             body[layout.first], m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name(layout.out_name))])]))
@@ -407,6 +409,25 @@ class FuseQkv(Rule):
                 new.append(st)
         self.mark(f"{attn.cls}.forward")
         return fn.with_changes(body=fn.body.with_changes(body=new))
+
+    def _aligned(self, attn, layout: FusedLayout | None, body: list[cst.BaseStatement]) -> FusedLayout | None:
+        """The layout's statement numbers are the source forward's; a rule before this one may have
+        dropped a statement above them (a check that only warns): they move with the statement
+        binding the projection's output, found by its code."""
+        fwd = self.ctx.idx.classes[attn.cls].method("forward")
+        if layout is None or fwd is None or layout.first >= len(fwd.body.body):  # type: ignore[attr-defined]
+            return layout
+
+        def text(st: cst.CSTNode) -> str:
+            return code(st.with_changes(leading_lines=())).strip()  # type: ignore[attr-defined]
+
+        want = text(fwd.body.body[layout.first])  # type: ignore[attr-defined]
+        hits = [i for i, st in enumerate(body) if text(st) == want]
+        if len(hits) != 1 or hits[0] == layout.first:
+            return layout
+        d = hits[0] - layout.first
+        return dataclasses.replace(layout, first=layout.first + d, last=layout.last + d,
+                                   chain=tuple(c + d for c in layout.chain))
 
     @staticmethod
     def _split_in_chain(body: list[cst.BaseStatement], layout: FusedLayout) -> bool:

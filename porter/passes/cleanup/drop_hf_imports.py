@@ -25,6 +25,13 @@ class DropHfImports(Rule):
             "__all__ = ['A']\n",
             "import torch\n",
         ),
+        Example(  # a check that only warns (remote code) goes like one that only logs
+            "import warnings\nclass A(nn.Module):\n    def forward(self, x, **kwargs):\n"
+            "        if 'padding_mask' in kwargs:\n            warnings.warn('deprecated')\n"
+            "        return x\n",
+            "import warnings\nclass A(nn.Module):\n    def forward(self, x, **kwargs):\n"
+            "        return x\n",
+        ),
         Example(
             "from ...pytorch_utils import ALL_LAYERNORM_LAYERS\nclass N(nn.Module):\n    pass\n"
             "ALL_LAYERNORM_LAYERS.append(N)\n",
@@ -51,7 +58,10 @@ class DropHfImports(Rule):
         return updated
 
     def _logs(self, node: cst.CSTNode) -> bool:
-        return bool(findall(node, m.Call(func=m.Attribute(value=m.Name("logger")))))
+        """A statement that reports: HF's logger, or the warnings module (remote code's
+        `if "padding_mask" in kwargs: warnings.warn(...)` reads an argument the port drops)."""
+        return bool(findall(node, m.Call(func=m.Attribute(value=m.Name("logger"))
+                                         | m.Attribute(value=m.Name("warnings"), attr=m.Name("warn")))))
 
     def leave_If(self, original, updated):
         # `if cond: logger.warning(...)`: the HF logger is not part of the port

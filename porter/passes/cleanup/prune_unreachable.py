@@ -76,7 +76,11 @@ class PruneUnreachable(Rule):
                     parts = [st.body, st.params, *st.decorators]
                 else:
                     parts = [st]
-                names_of[id(st)] = {n.value for part in parts for n in findall(part, m.Name())}  # type: ignore[attr-defined]
+                # `X.helper` reads the attribute of X, not the module's `helper` (MiniCPM's dead
+                # `_make_causal_mask` returns `AttentionMaskConverter._make_causal_mask(...)`)
+                attrs = {id(a.attr) for part in parts for a in findall(part, m.Attribute())}  # type: ignore[attr-defined]
+                names_of[id(st)] = {n.value for part in parts for n in findall(part, m.Name())  # type: ignore[attr-defined]
+                                    if id(n) not in attrs}
             return names_of[id(st)]
 
         def function_class(st) -> bool:

@@ -143,6 +143,19 @@ class CausalLmInterface(Rule):
             _PLAIN_PORT.replace("LogitsProcessor(config.vocab_size)",
                                 "LogitsProcessor(config.vocab_size, scale=(1.0 / self.config.logits_scaling))"),
         ),
+        Example(  # the scale inside the head call, in the `else` of an arm that slices the head's
+            # weight (MiniCPM's remote code: `pretraining_tp > 1`, the same product in slices)
+            _PLAIN.replace("        return self.lm_head(self.model(input_ids=input_ids))\n",
+                           "        hidden_states = self.model(input_ids=input_ids)\n"
+                           "        if self.config.pretraining_tp > 1:\n"
+                           "            logits = F.linear(hidden_states, self.lm_head.weight)\n"
+                           "        else:\n"
+                           "            logits = self.lm_head(hidden_states / (self.config.hidden_size / self.config.dim_model_base))\n"
+                           "        return logits.float()\n"),
+            _PLAIN_PORT.replace("LogitsProcessor(config.vocab_size)",
+                                "LogitsProcessor(config.vocab_size, scale=(1.0 / (self.config.hidden_size / "
+                                "self.config.dim_model_base)))"),
+        ),
         Example(  # a head module between the base model and the vocab projection (ModernBERT-decoder):
             # applied in compute_logits, per token
             _HEAD_MODULES
@@ -290,11 +303,18 @@ class CausalLmInterface(Rule):
         stripped = self.ctx.table.strip_params
         stmts: list[cst.BaseSmallStatement] = []
 
+        head_call = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(lm)))
+
         def collect(block) -> None:
             for st in block:
                 if isinstance(st, cst.If):
                     if not (set(n.value for n in findall(st.test, m.Name())) & stripped):  # type: ignore[attr-defined]
-                        collect(st.body.body)
+                        # the arm that calls lm_head (MiniCPM's `else` after a `pretraining_tp > 1` arm
+                        # slicing its weight: the same product, in slices)
+                        other = st.orelse.body.body if isinstance(st.orelse, cst.Else) else None
+                        use_else = other is not None and not findall(st.body, head_call) and any(
+                            findall(x, head_call) for x in other)
+                        collect(other if use_else else st.body.body)
                 elif isinstance(st, cst.SimpleStatementLine):
                     stmts.extend(st.body)
 
@@ -389,9 +409,19 @@ class CausalLmInterface(Rule):
         call = findall(stmts[at], lm_call)[0] if at is not None else None
         arg = call.args[0].value if call is not None and call.args else None  # type: ignore[attr-defined]
         arg = arg.value if isinstance(arg, cst.Subscript) else arg
+        ops: list[tuple[str, str]] = []
+        if isinstance(arg, cst.BinaryOperation) and isinstance(arg.operator, (cst.Multiply, cst.Divide)):
+            # the scale inside the call (MiniCPM: `self.lm_head(hidden_states / (hidden / dim_model_base))`)
+            left, other = _uncast(arg.left), arg.right
+            if isinstance(arg.operator, cst.Multiply) and not isinstance(left, cst.Name):
+                left, other = _uncast(arg.right), arg.left
+            if isinstance(left, cst.Name) and left.value not in {n.value for n in findall(other, m.Name())}:  # type: ignore[attr-defined]
+                bare = other.with_changes(lpar=[], rpar=[]) if hasattr(other, "lpar") else other
+                ops.append(("/" if isinstance(arg.operator, cst.Divide) else "*", code(bare)))
+                arg = left
         if at is None or not isinstance(arg, cst.Name):
             return []
-        name, ops = arg.value, []
+        name = arg.value
         for small in reversed(stmts[:at]):
             if isinstance(small, cst.AugAssign) and m.matches(small.target, m.Name(name)):
                 scaled = (small.operator, _uncast(small.target), small.value)

@@ -23,6 +23,8 @@ class DropHfDataflow(Rule):
         "Where a sub-module now returns its output alone, `outs[1:]` of its result (the rest of HF's tuple: "
         "cache, weights) is HF-only, and `(h,) + <HF-only>` keeps `(h,)`. Where it now returns fewer values "
         "but still several (GPT-NeoX-Japanese's `out, self.dense_bias`), its callers' unpacking drops the same positions. "
+        "A torch function handed an HF-only operand by position computes from it: its value is HF-only "
+        "(the engine's positions so computed are refused: no rule shows they are the engine's). "
         "Taint is followed through the statements in order, so the rule removes exactly the HF plumbing."
     )
     examples = [
@@ -31,6 +33,16 @@ class DropHfDataflow(Rule):
             "        mask = create_causal_mask(x)\n        if positions is None:\n            positions = 0\n"
             "        x = self.layer(x, attention_mask=mask)\n        return x, mask\n",
             "class A(nn.Module):\n    def forward(self, x, positions):\n"
+            "        x = self.layer(x)\n        return x\n",
+        ),
+        # a torch function handed an HF-only operand by position computes from it: its value is
+        # HF's (a causal mask sized by the cache length), not the call without that operand
+        Example(
+            "class A(nn.Module):\n    def forward(self, x, past_key_values):\n"
+            "        past = past_key_values[0][0].shape[2]\n"
+            "        mask = torch.triu(torch.full((3, past + 3), -1e9), diagonal=past + 1)\n"
+            "        x = self.layer(x, attention_mask=mask)\n        return x\n",
+            "class A(nn.Module):\n    def forward(self, x, past_key_values):\n"
             "        x = self.layer(x)\n        return x\n",
         ),
         # an input the engine never has is None: HF's `else` arm is what runs (CTRL)
@@ -261,6 +273,16 @@ class DropHfDataflow(Rule):
                 for t in targets:
                     self.tainted.update(assigned_names(t))
                 return None
+            if self._computed_from_hf(value):
+                # `position_ids = torch.arange(past, past + seq_len)` with `past` read from the cache:
+                # stripping the function's operands would change what it computes; the value is
+                # HF's (the engine passes `positions` itself: that name stays the engine's)
+                engine = set(self.ctx.table.rename_params.values())
+                bound = {n for t in targets for n in assigned_names(t)}
+                if bound & engine:
+                    self._hf_positions(value, sorted(bound & engine)[0])
+                self.tainted.update(bound)
+                return None
             new_value = self._strip_args(value)
             if m.matches(new_value, m.BinaryOperation(left=m.Tuple(), operator=m.Add())) \
                     and self._is_tainted(new_value.right) and not self._is_tainted(new_value.left):  # type: ignore[attr-defined]
@@ -360,6 +382,14 @@ class DropHfDataflow(Rule):
         args = value.args  # type: ignore[attr-defined]
         return bool(args) and all(self._is_tainted(a.value) for a in args)
 
+    def _computed_from_hf(self, value: cst.BaseExpression) -> bool:
+        """A torch function handed an HF-only operand by position (`torch.arange(past, past +
+        seq_len)`, `torch.full((q, past + q), ...)`): unlike a module's plumbing argument, the
+        operand is what it computes from."""
+        return any((dotted(c.func) or "").startswith("torch.")  # type: ignore[attr-defined]
+                   and any(a.keyword is None and not a.star and self._is_tainted(a.value) for a in c.args)  # type: ignore[attr-defined]
+                   for c in findall(value, m.Call()))
+
     def _strip_args(self, node: cst.BaseExpression) -> cst.BaseExpression:
         if not any(a.star == "**" or self._is_tainted(a.value)
                    for c in findall(node, m.Call()) for a in c.args):  # type: ignore[attr-defined]
@@ -381,6 +411,18 @@ class DropHfDataflow(Rule):
                 return updated.with_changes(args=args)
 
         return node.visit(_Args())
+
+    def _hf_positions(self, value: cst.BaseExpression, name: str) -> None:
+        """The engine's positions bound from HF-only values (`position_ids = torch.arange(past, past +
+        seq_len)`, past read from the cache): no rule shows they are the engine's positions."""
+        info = self.ctx.idx.classes.get(self._cls or "")
+        fwd = info.method("forward") if info else None
+        text = code(value)
+        node = next((c for c in findall(fwd, m.Call()) if code(c) in text), None) if fwd else None
+        raise self.ctx.idx.error(
+            f"the positions ({name}) computed by a torch call from HF-only values (the cache length, the "
+            "input's shape): no rule shows they are the engine's positions", node,
+            construct=f"{self._cls}.forward", rule=self.name)
 
     def _lost_input(self, call: cst.Call) -> None:
         """A sub-module call whose every positional input was computed from HF-only plumbing (CTRL:
