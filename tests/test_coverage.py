@@ -168,23 +168,34 @@ def test_committed_coverage_is_a_full_sweep(committed, candidates):
         assert {r["model_type"] for r in committed["rows"]} == {c.model_type for c in candidates if not c.excluded}
 
 
+def _committed_versions() -> dict[str, str]:
+    """port name -> the transformers release each committed vLLM port was converted from."""
+    return {p.name: json.loads((p / "PORT.json").read_text())["transformers_version"]
+            for p in (GENERATED / "vllm").iterdir() if (p / "PORT.json").exists()}
+
+
 def test_every_committed_port_is_listed_as_converted(committed):
     # the main sweep covers the installed transformers; a day-zero port (converted from a newer
     # release, `porter convert X --transformers 5.24.0`) is a row of that release's day-zero
-    # section (test_committed_coverage_has_the_day_zero_sections)
-    ports = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.json").exists()
-                   and json.loads((p / "PORT.json").read_text())["transformers_version"]
-                   == committed["transformers_version"])
-    assert ports
+    # section (test_committed_coverage_has_the_day_zero_sections). A tree the weekly workflow
+    # regenerated from a newer release holds ports of that release for the main sweep's model
+    # types too: each is its model type's row, naming the release it came from
+    versions = _committed_versions()
     by_port = {r["port_name"]: r for r in committed["rows"]}
+    ports = sorted(n for n, v in versions.items() if v == committed["transformers_version"] or n in by_port)
+    assert ports
     for name in ports:
         row = by_port.get(name)
         assert row is not None, f"generated/vllm/{name} is not in COVERAGE.json: run porter coverage"
         assert row["status"] in CONVERTED and row["status"] != "verify failed", row
         assert row["committed"] and row["committed"]["path"] == f"vllm/{name}"
+        assert row["committed"]["transformers_version"] == versions[name], name
         assert (GENERATED / "aphrodite" / name / "PORT.json").exists()
         if row["status"] == "verified":
             assert row["verify"]["passed"] and row["verify"]["tps"] == [1, 2]
+    # the others are day-zero ports: rows of a day-zero section
+    dz_ports = {r["port_name"] for sec in committed["day_zero"] for r in sec["rows"]}
+    assert set(versions) - set(ports) <= dz_ports, sorted(set(versions) - set(ports) - dz_ports)
     # no row claims a committed port that is not there
     for r in committed["rows"]:
         if r["committed"]:
@@ -351,13 +362,15 @@ def test_committed_coverage_has_the_day_zero_sections(committed, dz_candidates, 
         if r["status"] == "blocked":
             assert r["construct"] and DIAG.match(r["diagnostic"]), r["diagnostic"]
             assert isinstance(r["line"], int) and r["line"] > 0
-    # every committed port of that release is a row, converted as committed and verified at TP=1,2
-    ports = sorted(p.name for p in (GENERATED / "vllm").iterdir() if (p / "PORT.json").exists()
-                   and json.loads((p / "PORT.json").read_text())["transformers_version"] == release)
-    assert ports
-    by_port = {r["port_name"]: r for r in rows}
-    for name in ports:
-        row = by_port.get(name)
+    # every committed day-zero port (a model type the installed transformers lacks) is a row of
+    # its release's section, converted as committed and verified at TP=1,2 (the weekly workflow's
+    # tree moves the ports of the older day-zero releases to the newest one)
+    main = {r["port_name"] for r in committed["rows"]}
+    day_zero_ports = {n: v for n, v in _committed_versions().items() if n not in main}
+    assert day_zero_ports
+    for name, version in sorted(day_zero_ports.items()):
+        assert version in secs, f"generated/vllm/{name}: transformers {version} is not a day-zero release"
+        row = {r["port_name"]: r for r in secs[version]["rows"]}.get(name)
         assert row is not None, f"generated/vllm/{name} is not in COVERAGE.json's day zero: run porter coverage"
         assert row["committed"]["path"] == f"vllm/{name}" and row["committed"]["matches_conversion"], name
         assert row["status"] == "verified" and row["verify"]["tps"] == [1, 2], row

@@ -15,7 +15,8 @@ def _md_blocked(groups: dict[str, list[str]]) -> list[str]:
     return L
 
 
-def _md_rows(rows: list[dict], notes: bool = False) -> list[str]:
+def _md_rows(rows: list[dict], version: str, notes: bool = False) -> list[str]:
+    """VERSION: the release of the main sweep (a committed port of another one says which)."""
     head = "| model_type | HF class | status | diagnostic | vLLM native | committed port |"
     rule = "|---|---|---|---|---|---|"
     L = [head + (" why a row |" if notes else ""), rule + ("---|" if notes else "")]
@@ -33,7 +34,9 @@ def _md_rows(rows: list[dict], notes: bool = False) -> list[str]:
         cm = r["committed"]
         if cm:
             port = "yes, verified" if r["status"] == "verified" else "yes, not verified"
-            if cm.get("matches_conversion") is False:
+            if r.get("release") is None and cm.get("transformers_version") != version:
+                port += f" (converted from transformers {cm.get('transformers_version')})"
+            elif cm.get("matches_conversion") is False:
                 port += " (differs from what porter makes now)"
         else:
             port = "no"
@@ -86,7 +89,7 @@ def _md_day_zero(sec: dict, rep: dict) -> list[str]:
         "",
         f"### Architectures ({rel})",
         "",
-        *_md_rows(sec["rows"], notes=True),
+        *_md_rows(sec["rows"], rep["transformers_version"], notes=True),
         "",
         f"### Excluded ({rel})",
         "",
@@ -145,7 +148,7 @@ def render_md(rep: dict) -> str:
         "through vLLM's Transformers backend (no model file of its own); `dropped` = removed from vLLM; "
         "`none` = not in vLLM's registry.",
         "",
-        *_md_rows(rep["rows"], notes=any(r.get("note") for r in rep["rows"])),
+        *_md_rows(rep["rows"], rep["transformers_version"], notes=any(r.get("note") for r in rep["rows"])),
         "",
         "## Excluded",
         "",

@@ -136,6 +136,11 @@ class Sweep:
     jobs: int
     log: Log
 
+    @property
+    def installed(self) -> str:
+        """The release of the main sweep (the installed transformers)."""
+        return dist_version("transformers")
+
     def section(self, kept: list[Candidate], tf_root: Path, release: str | None, label: str
                 ) -> tuple[list[dict], dict]:
         """Convert KEPT and make its rows: (rows, conversion timings)."""
@@ -227,8 +232,16 @@ class Sweep:
                 got = self.cache.get("verify", vkey) if vkey else None
                 if got is not None and not settled(got):
                     got = None
+                if committed and not release and committed["transformers_version"] != self.installed:
+                    # regenerated from a newer release (the weekly workflow's tree): the row's
+                    # verification is that committed port's own verdict, when it holds
+                    got = from_verdict(self.out / committed["path"], vkey)
+                    if got is not None:
+                        got["port"] = f"committed (transformers {committed['transformers_version']})"
                 if got is None and vkey in self.previous:
-                    got = self.previous[vkey]
+                    got = dict(self.previous[vkey])
+                    if not (committed and committed.get("matches_conversion")):
+                        got.pop("verdict", None)  # a verdict of another port than this conversion
                 if got is None and committed and committed.get("matches_conversion"):
                     got = from_verdict(self.out / committed["path"], vkey)
                 if got is not None:
