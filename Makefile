@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.porter-setup-3
 TEST_STAMP := $(VENV)/.porter-test-1
 
-.PHONY: setup hf-envs real-model demo test test-full lint clean bench
+.PHONY: setup hf-envs real-model demo test test-full verify-all lint clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -57,6 +57,12 @@ test: $(TEST_STAMP) hf-envs $(REAL_MODEL)
 # every committed port verified in the engine, whatever its verdict (the weekly regeneration runs it)
 test-full: $(TEST_STAMP) hf-envs $(REAL_MODEL)
 	PORTER_VERIFY_ALL=1 $(BIN)/python -m pytest -q -n 2 tests
+
+# every committed port (the zoo, the release ports, the remote-code ports) verified in the engine,
+# whatever its verdict, each run writing its verdict: the weekly regeneration runs it on the
+# regenerated tree before `porter coverage` (which reads the verdicts) and `make test`
+verify-all: $(TEST_STAMP) hf-envs
+	PORTER_VERIFY_ALL=1 $(BIN)/python -m pytest -q -n 2 tests/test_verify_harness.py tests/test_release_ports.py tests/test_remote_ports.py
 
 # measurements, not tests: regenerates bench/RESULTS.md, bench/results.json, bench/throughput.png
 bench: $(STAMP)

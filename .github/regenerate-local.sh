@@ -2,9 +2,11 @@
 # The weekly regeneration workflow (.github/workflows/regenerate.yml), step by step, on this
 # machine: in a scratch clone of this repository (never in the work tree), set up, find the
 # release, regenerate the ports from it (`porter regen`: the ports, generated/DRIFT.md with the
-# release matrix), test everything with every port verified in the engine (`make test-full`),
+# release matrix), verify every port in the engine (`make verify-all`, writing the verdicts),
+# sweep the coverage of the regenerated tree (`porter coverage`), test everything (`make test`),
 # and commit the result on a branch of the scratch clone (what the workflow proposes as a pull
-# request). Exit status: non-zero when regen or the tests failed, as the workflow's last step.
+# request). Exit status: non-zero when regen, a verification, the coverage or the tests failed,
+# as the workflow's last step.
 #
 #   .github/regenerate-local.sh [RELEASE] [--scratch DIR] [--venv DIR] [--cache DIR] [--no-tests]
 #
@@ -12,10 +14,10 @@
 # --scratch DIR: where to clone (default: a new temporary directory; kept afterwards).
 # --venv DIR: use this porter venv (a symlink) instead of building one with `make setup`; the
 #   day-zero reference venvs beside it (.venv-transformers-*) are linked too, and make is never
-#   run (the tests run as `make test-full` runs them, without its setup steps).
+#   run (the tests run as `make verify-all` and `make test` run them, without their setup steps).
 # --cache DIR: use this porter cache (a .porter-cache, linked): its entries are keyed by the code
 #   and files they were computed from, so the release matrix reuses the cells computed already.
-# --no-tests: stop after `porter regen` (the drift report, no engine runs).
+# --no-tests: stop after `porter regen` (the drift report, no engine runs, no coverage).
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     --venv) venv="$2"; shift 2 ;;
     --cache) cache="$2"; shift 2 ;;
     --no-tests) tests=0; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) release="$1"; shift ;;
   esac
 done
@@ -67,16 +69,27 @@ step "regenerate the ports (porter regen --transformers $release)"
 .venv/bin/python -m porter regen --transformers "$release"
 regen_status=$?
 
-test_status=0
+verify_status=0 coverage_status=0 test_status=0
 if [ "$tests" = 1 ]; then
+  # what `make verify-all` and `make test` run; with --venv without make: their setup
+  # prerequisites would `pip install -e .` this clone into the shared venv (the clone's
+  # pyproject.toml is newer than the venv's stamp)
+  step "verify every port in the engine, writing the verdicts (make verify-all)"
   if [ -n "$venv" ]; then
-    # what `make test-full` runs, without make: its setup prerequisites would `pip install -e .`
-    # this clone into the shared venv (the clone's pyproject.toml is newer than the venv's stamp)
-    step "test everything (PORTER_VERIFY_ALL=1 pytest -n 2 tests, as make test-full)"
-    PORTER_VERIFY_ALL=1 .venv/bin/python -m pytest -q -n 2 tests
+    PORTER_VERIFY_ALL=1 .venv/bin/python -m pytest -q -n 2 \
+      tests/test_verify_harness.py tests/test_release_ports.py tests/test_remote_ports.py
   else
-    step "test everything (make test-full)"
-    make test-full
+    make verify-all
+  fi
+  verify_status=$?
+  step "coverage of the regenerated tree (porter coverage --jobs 2)"
+  .venv/bin/python -m porter coverage --jobs 2
+  coverage_status=$?
+  step "test everything (make test)"
+  if [ -n "$venv" ]; then
+    .venv/bin/python -m pytest -q -n 2 tests
+  else
+    make test
   fi
   test_status=$?
 fi
@@ -90,7 +103,8 @@ git --no-pager show --stat --oneline HEAD | head -40
 echo
 echo "drift report: $scratch/porter/generated/DRIFT.md"
 
-if [ "$regen_status" != 0 ] || [ "$test_status" != 0 ]; then
-  echo "porter regen exit $regen_status; make test-full exit $test_status (see generated/DRIFT.md)" >&2
+if [ "$regen_status" != 0 ] || [ "$verify_status" != 0 ] || [ "$coverage_status" != 0 ] || [ "$test_status" != 0 ]; then
+  echo "porter regen exit $regen_status; make verify-all exit $verify_status;" \
+    "porter coverage exit $coverage_status; make test exit $test_status (see generated/DRIFT.md)" >&2
   exit 1
 fi

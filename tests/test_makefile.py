@@ -40,13 +40,19 @@ def test_the_tests_set_up_their_extras_and_verify_by_verdict(tmp_path):
     assert test[-1].endswith("-m pytest -q -n 2 tests") and "PORTER_VERIFY_ALL" not in test[-1]
     full = dry_run("test-full", tmp_path)
     assert full[-1].startswith("PORTER_VERIFY_ALL=1 ") and full[-1].endswith("-m pytest -q -n 2 tests")
+    every = dry_run("verify-all", tmp_path)
+    assert every[-1].startswith("PORTER_VERIFY_ALL=1 ") and "tests/test_verify_harness.py" in every[-1]
 
 
-def test_the_weekly_regeneration_runs_the_full_suite():
+def test_the_weekly_regeneration_verifies_every_port_then_sweeps_and_tests():
     wf = yaml.safe_load(WORKFLOW.read_text())
     steps = [s for job in wf["jobs"].values() for s in job["steps"]]
     runs = "\n".join(s.get("run", "") for s in steps)
-    assert "make test-full" in runs
+    # regenerate, verify every port (writing the verdicts), sweep the coverage that reads them,
+    # then the whole suite, in that order
+    order = [runs.index(x) for x in ("porter regen --transformers", "make verify-all", "porter coverage --jobs 2",
+                                     "make test\n")]
+    assert order == sorted(order), order
     assert "schedule" in wf.get("on", wf.get(True, {}))  # (YAML reads the key `on` as True)
 
 
