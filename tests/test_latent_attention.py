@@ -89,3 +89,81 @@ def test_mixture_of_attention_heads_is_named(tmp_path):
     assert "a mixture of attention heads (the query comes from `self.experts.map(hidden_states)`" in line, line
     assert "module self.experts (JetMoeMoA) routes each token to its top-k experts" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def _latent_of(src):
+    idx = build_index(parse(src.text, str(src.path)), str(src.path), src.text)
+    found = [(idx, info, la) for info in idx.classes.values() if (la := latent_attention(idx, info)) is not None]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_what_surrounds_dots3_latent_attention_is_read_from_its_dataflow():
+    # transformers 5.25's dots3_note: a per-head sigmoid gate (g_proj: hidden -> heads), both normed latents
+    # rescaled, the shared rope key normed before the rotary, and a DSA indexer whose top-k is
+    # min(config.index_topk, keys): every key within that bound (PT282 checks it at load)
+    from porter.analysis.latent_around import latent_around
+    from porter.source import transformers_tree
+
+    idx, info, la = _latent_of(resolve("dots3_note", transformers_dir=transformers_tree("5.25.0")))
+    around = latent_around(idx, info, la)
+    assert (around.gate, around.q_scale, around.kv_scale, around.k_rope_norm) == (
+        "g_proj", "self.q_lora_scale", "self.kv_lora_scale", "k_rope_only_layernorm")
+    assert (around.indexer, around.indexer_cls, around.index_topk) == ("indexer", "Dots3NoteTextIndexer", "config.index_topk")
+    assert latent_extras(info, la, around.roles()) == []
+    # without them, what the engine's MLA layer has no place for is named, as before
+    assert {"module self.g_proj", "module self.k_rope_only_layernorm"} <= set(latent_extras(info, la))
+
+
+def test_an_indexer_without_a_bound_it_selects_every_key_within_stays_refused():
+    # glm_moe_dsa's indexer (its top-k not `min(self.<bound>, keys)` read from the config) and hy_v4's: no
+    # bound, so nothing around them is kept; longcat_flash's query rescale multiplies the split parts, not
+    # the normed latent: named still
+    from porter.analysis.latent_around import latent_around
+
+    for model_type in ("glm_moe_dsa", "hy_v4"):
+        idx, info, la = _latent_of(resolve(model_type))
+        assert latent_around(idx, info, la).indexer is None, model_type
+    idx, info, la = _latent_of(resolve("longcat_flash"))
+    around = latent_around(idx, info, la)
+    assert around.q_scale is None and "the scale `q_pass * self.mla_scale_q_lora`" in latent_extras(info, la, around.roles())
+
+
+def test_dots3_port_keeps_no_indexer_and_refuses_a_longer_max_model_len_at_load(tmp_path):
+    from conftest import run_porter
+
+    proc = run_porter("convert", "dots3_note", "--transformers", "5.25.0", "--target", "all", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for target, accessor in (("vllm", "get_current_vllm_config"), ("aphrodite", "get_current_aphrodite_config")):
+        port = next((tmp_path / target).rglob("modeling_dots3_note.py")).read_text()
+        assert "Indexer" not in port and "self.indexer" not in port
+        assert f"and {accessor}().model_config.max_model_len > config.index_topk" in port
+        assert 'if any(part in ["indexer"] for part in name.split(".")):' in port  # its tensors skipped
+        assert "* self.q_lora_scale" in port and "* self.kv_lora_scale" in port
+        assert "k_pe = self.k_rope_only_layernorm(" in port
+        assert "gate.sigmoid().unsqueeze(-1)" in port and "per_layer_sliding_window=self.sliding_window" in port
+        assert "**config.rope_parameters[config.layer_types[layer_idx]]" in port
+
+
+def test_dots3_port_loads_within_index_topk_and_refuses_beyond_it_in_the_engine(tmp_path):
+    # the committed port on the tiny checkpoint the release's transformers writes (index_topk 128): the
+    # engine serves it at max_model_len 128 (the bound: every key selected) and refuses 256 at load,
+    # naming both numbers, rather than serving sparse attention as dense past the bound
+    from pathlib import Path
+
+    from porter.layout import PortInfo
+    from porter.verify import hf_side
+    from porter.verify.engine import run_engine
+
+    port = Path(__file__).resolve().parents[1] / "generated" / "vllm" / "dots3_note"
+    info = PortInfo.load(port)
+    info.path = port
+    hf = hf_side(info, tmp_path)
+    ckpt = hf.checkpoint(tmp_path / "ckpt", info.architecture)
+    prompt = hf.prompts[0]
+    within = run_engine(ckpt, 1, [prompt], port=info, max_tokens=2, top_logprobs=1, max_model_len=128)
+    assert within.ok, within.error
+    beyond = run_engine(ckpt, 1, [prompt], port=info, max_tokens=2, top_logprobs=1, max_model_len=256)
+    assert not beyond.ok
+    text = (beyond.error or "") + beyond.log_tail
+    assert "at most index_topk=128 tokens" in text and "max_model_len=256 is above it" in text, text[-2000:]

@@ -18,10 +18,11 @@ SPARSE = ("whose output selects the keys each query attends to: sparse attention
           "CPU backend does not run, 'Sparse Attention is not supported on CPU'")
 
 
-def latent_extras(info: ClassInfo, la: LatentAttention) -> list[str]:
+def latent_extras(info: ClassInfo, la: LatentAttention, around: set[str] | None = None) -> list[str]:
     """One phrase per module, parameter or scale of the class that forward uses and the engine's
-    MLA layer has no place for (empty: the layer computes all of it)."""
-    return extras_beyond(info, {la.kv_a, la.kv_norm, la.kv_b, la.o, la.q, la.q_a, la.q_norm, la.q_b})
+    MLA layer has no place for (empty: the layer computes all of it); AROUND: the attributes of what
+    the decompressed port computes around the projections (porter/analysis/latent_around.py)."""
+    return extras_beyond(info, {la.kv_a, la.kv_norm, la.kv_b, la.o, la.q, la.q_a, la.q_norm, la.q_b, *(around or ())})
 
 
 def extras_beyond(info: ClassInfo, roles: set[str | None]) -> list[str]:

@@ -31,6 +31,7 @@ from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.inline_self_attention_arm import InlineSelfAttentionArm
 from porter.passes.attention.latent_attention import LatentAttention
 from porter.passes.attention.latent_decompressed import LatentDecompressed
+from porter.passes.attention.latent_indexer_guard import LatentIndexerGuard
 from porter.passes.attention.output_attentions_arm import OutputAttentionsArm
 from porter.passes.attention.per_head_bias import PerHeadBias
 from porter.passes.attention.per_head_scale import PerHeadScale
@@ -181,6 +182,7 @@ MODEL: list[type[Rule]] = [
     RopeOrder,  # (idem: moves q/k rows in that load_weights)
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
     EngineShortConv,  # (idem)
+    LatentIndexerGuard,  # (idem); the statement building an indexer PT281 kept becomes its bound's check
     MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from porter.analysis.latent_around import LatentAround, latent_around
 from porter.analysis.latent_attention import latent_kv_roles
 from porter.analysis.latent_extras import extras_beyond, latent_extras
 from porter.plan.refusals import _ATTN_HEAD, Refusal
@@ -70,7 +71,14 @@ def latent_model_type(p: Planner, plan: PortPlan) -> None:
     types porter verified it for (the engine builds its MLA cache only for those it lists)."""
     for la in plan.latent_attentions:
         info = p.idx.classes[la.cls]
-        if extras := latent_extras(info, la):
+        around = None
+        if p.model_type in p.table.latent_decompressed_model_types:
+            # computed over the decompressed keys/values (PT281), ordinary code around the projections
+            # is kept: a per-head gate, rescaled latents, a rope-key norm, an indexer identity within a bound
+            around = latent_around(p.idx, info, la)
+            if around != LatentAround():
+                plan.latent_arounds[la.cls] = around
+        if extras := latent_extras(info, la, around.roles() if around else set()):
             raise LATENT_EXTRAS.error(p, info.node, f"class {la.cls}", extras=", ".join(extras))
         if p.model_type not in p.table.latent_attention_model_types | p.table.latent_decompressed_model_types:
             raise LATENT_MODEL_TYPE.error(p, info.node, f"class {la.cls}", model_type=p.model_type)

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from porter.analysis.latent_around import LatentAround
 from porter.analysis.latent_attention import LatentAttention
 from porter.analysis.moe import MoePlan, compact_moe
 from porter.analysis.ssm import SsmPlan
@@ -191,6 +192,8 @@ class PortPlan(Sealable):
     gathered_norms: list[tuple[str, str, str]] = field(default_factory=list)
     # multi-head latent attentions built as the engine's MLA layer (porter/analysis/latent_attention.py)
     latent_attentions: list[LatentAttention] = field(default_factory=list)
+    # latent attention class -> what the decompressed port computes around it (porter/analysis/latent_around.py)
+    latent_arounds: dict[str, LatentAround] = field(default_factory=dict)
     # the head's rows are normalised to unit length before the logits (porter/analysis/normalized_head.py)
     lm_head_normalized: bool = False
     # -- derived (not in PORT.json) -------------------------------------------------------------
@@ -214,7 +217,7 @@ class PortPlan(Sealable):
         for f in dataclasses.fields(self):
             if f.metadata.get("derived"):
                 del d[f.name]
-        for key in ("moes", "module_renames", "transposed_linears", "cross_attention_modules", "ssm", "gathered_norms", "latent_attentions"):  # only where there are any (other ports' PORT.json unchanged)
+        for key in ("moes", "module_renames", "transposed_linears", "cross_attention_modules", "ssm", "gathered_norms", "latent_attentions", "latent_arounds"):  # only where there are any (other ports' PORT.json unchanged)
             if not d[key]:
                 del d[key]
         if not d["lm_head_normalized"]:  # (only where the head normalises: other ports' PORT.json unchanged)

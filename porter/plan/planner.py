@@ -170,6 +170,10 @@ class Planner(AttentionPlanning):
         self.classify(plan, classes, lm)
         if lm is not None:
             latent_refusals.latent_model_type(self, plan)
+            # an indexer whose top-k is every key within the bound the port checks at load: not built
+            unbuilt = {a.indexer_cls for a in plan.latent_arounds.values() if a.indexer_cls}
+            classes = [c for c in classes if c not in unbuilt]
+            plan.linears = [lp for lp in plan.linears if lp.cls not in unbuilt]
         self.rope_orders(plan)
         refusals.rearranged_rope(self, plan)
         kept = [c for c in classes if c not in plan.norms and c not in plan.rotary_classes]
@@ -271,6 +275,8 @@ class Planner(AttentionPlanning):
         keys = [origin.model_type, plan.causal_lm]
         if (text := causal_lm_model_type(origin, plan.causal_lm)) and text not in keys:
             keys.append(text)  # the text model of a multimodal family (aria_text) is saved under its own type
+        # transformers also keys its conversions by a module's class (5.25: "Dots3NoteTextModel" -> qwen2_moe's experts)
+        keys += [c for c in plan.top_classes if c not in keys]
         plan.module_renames, plan.checkpoint_renames = module_renamings(weight_renamings(root, keys))
         # q, k, v stored as one tensor transformers splits when loading: the packed projection loads it whole
         for a in plan.attentions:

@@ -50,7 +50,11 @@ def is_config_field(cfg, name: str) -> bool:
     """NAME can be set on CFG's class: an attribute, but not a read-only property (Falcon's derived
     `head_dim`)."""
     prop = getattr(type(cfg), name, None)
-    return hasattr(cfg, name) and not (isinstance(prop, property) and prop.fset is None)
+    try:
+        present = hasattr(cfg, name)
+    except Exception:  # a per-layer attribute of a heterogeneous config (dots3_note's defaults) refuses a global read
+        present = name in (getattr(cfg, "per_layer_attributes", None) or ())
+    return present and not (isinstance(prop, property) and prop.fset is None)
 
 
 def layer_count_field(cfg) -> str:
@@ -145,7 +149,8 @@ def check_config(cfg, spec: TinySpec) -> None:
         problems.append(f"vocab_size {cfg.vocab_size} < 512")
     kv = getattr(cfg, "num_key_value_heads", None)
     # (latent attention caches one latent for all heads: its kv heads count is HF's repeat factor only)
-    if kv is not None and kv >= cfg.num_attention_heads and getattr(cfg, "kv_lora_rank", None) is None:
+    latent = cfg.to_dict().get("kv_lora_rank") is not None  # (a per-layer attribute of a heterogeneous config: no global read)
+    if kv is not None and kv >= cfg.num_attention_heads and not latent:
         problems.append(f"num_key_value_heads {kv} >= num_attention_heads: GQA not exercised")
     longest = max(spec.prompt_lengths)
     window = getattr(cfg, "sliding_window", None)

@@ -220,7 +220,7 @@ class LatentAttention(Rule):
         return updated.with_changes(body=updated.body.with_changes(body=body))
 
     def _init(self, la: Latent, init: cst.FunctionDef, fwd: cst.FunctionDef) -> cst.FunctionDef:
-        mods = {la.kv_a, la.kv_norm, la.kv_b, la.o, la.q, la.q_a, la.q_norm, la.q_b} - {None}
+        mods = self._mods(la)
         calls: dict[str, cst.Call] = {}
         kept: list[cst.BaseStatement] = []
         at = None
@@ -234,6 +234,10 @@ class LatentAttention(Rule):
         built = [cst.parse_statement(s) for s in self._modules(la, calls)]
         body = [*kept[:at], *built, *kept[at:], *[cst.parse_statement(s) for s in self._layer(la, fwd)]]
         return init.with_changes(body=init.body.with_changes(body=body))
+
+    def _mods(self, la: Latent) -> set[str]:
+        """The attributes whose `__init__` statements `_modules` builds anew."""
+        return {la.kv_a, la.kv_norm, la.kv_b, la.o, la.q, la.q_a, la.q_norm, la.q_b} - {None}  # type: ignore[return-value]
 
     def _args(self, call: cst.Call) -> tuple[str, str, str]:
         pos = [code(a.value) for a in call.args if a.keyword is None]

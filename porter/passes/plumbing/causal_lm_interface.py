@@ -278,6 +278,7 @@ class CausalLmInterface(Rule):
                     blocked=blocked,
                     transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
                     cross_modules=sorted({c.rsplit(".", 1)[1] for c in plan.cross_attention_modules}),
+                    indexers=sorted({a.indexer for a in plan.latent_arounds.values() if a.indexer}),
                     renames=plan.checkpoint_renames, experts=experts, stacked_clash=_stacked_clash(ctx),
                     latent_q_lora=next((f"self.{a.q_lora_config}" for a in plan.latent_attentions
                                         if a.q_a and a.q and (a.q_lora_config or "").startswith("config.")), None),

@@ -234,6 +234,7 @@ class DeepseekV3Attention(nn.Module):
             rope_parameters=config.rope_parameters,
             is_neox_style=not self.config.rope_interleave,
         )
+        self.rope_by_head = config.rope_parameters["rope_type"] == "deepseek_yarn"
         self.num_local_heads = self.num_heads // get_tensor_model_parallel_world_size()
         self.attn = Attention(
             self.num_local_heads,
@@ -260,10 +261,22 @@ class DeepseekV3Attention(nn.Module):
         k_nope, v = kv.view(
             -1, self.num_local_heads, self.qk_nope_head_dim + self.v_head_dim
         ).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        # rotated as [tokens, heads, rope dims] (the engine's DeepSeek YaRN reads that layout)
-        q_pe, k_pe = self.rotary_emb(
-            positions, q_pe.contiguous(), k_pe.reshape(-1, 1, self.qk_rope_head_dim).contiguous()
-        )
+        if self.rope_by_head:  # the engine's DeepSeek YaRN reads [tokens, heads, rope dims]
+            q_pe, k_pe = self.rotary_emb(
+                positions,
+                q_pe.contiguous(),
+                k_pe.reshape(-1, 1, self.qk_rope_head_dim).contiguous(),
+            )
+        else:  # its rotary kernel on the CPU reads [tokens, heads * rope dims]
+            q_pe, k_pe = self.rotary_emb(
+                positions,
+                q_pe.reshape(-1, self.num_local_heads * self.qk_rope_head_dim),
+                k_pe.reshape(-1, self.qk_rope_head_dim).contiguous(),
+            )
+            q_pe, k_pe = (
+                q_pe.view(-1, self.num_local_heads, self.qk_rope_head_dim),
+                k_pe.view(-1, 1, self.qk_rope_head_dim),
+            )
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe.expand(-1, self.num_local_heads, -1)), dim=-1)
         # values padded to the q/k head size (the engine's Attention has one), cut back after it
