@@ -65,14 +65,12 @@ REFUSED = {
                            "attention mask computed from the layer's own projections"),
     # (cohere_compass_text, refused here once for its rotary under `if position_embeddings is not
     # None` and its table pre-rotated in place, ports now: PT240 by layer type, PT244)
-    # KV sharing: the last layers attend over an earlier layer's keys and values, handed in through
-    # `shared_kv_states` (besides AltUp's stacked hidden states and the per-layer inputs)
-    "gemma3n_text": ("modeling_gemma3n.py", "Gemma3nTextAttention.forward",
-                     "keys and values taken from another layer"),
-    # the same for gemma4's shared KV layers (its v also the k in full layers, attention_k_eq_v):
-    # named before the q/k/v origins, which the shared arm leaves ambiguous
-    "gemma4_text": ("modeling_gemma4.py", "Gemma4TextAttention.forward",
-                    "keys and values taken from another layer"),
+    # (KV sharing, refused here once, ports now: PT291/PT293, the engine's kv_sharing_target_layer_name;
+    # gemma4_unified_text is verified.) gemma3n's AltUp keeps several copies of the hidden states, each
+    # projected by its own linear of a list (besides the per-layer inputs)
+    "gemma3n_text": ("modeling_gemma3n.py", "class Gemma3nTextModel", "a list of linears under one attribute"),
+    # gemma4's shared KV layers and its v taken from k (PT292) port; its mixture of experts does not
+    "gemma4_text": ("modeling_gemma4.py", "class Gemma4TextExperts", "per-expert weights without a router"),
     # rotary from a complex table, q and k each viewed as complex pairs (besides its chunked attention,
     # NoPE layers with a temperature-tuned query scale and its input-weighted MoE)
     "llama4_text": ("modeling_llama4.py", "Llama4TextAttention.forward: apply_rotary_emb", "complex pairs"),

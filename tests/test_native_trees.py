@@ -51,3 +51,31 @@ def test_port_trees_equal_vllm_native():
 @pytest.mark.parametrize("target", ["vllm", "aphrodite"])
 def test_moe_port_trees_equal_native(target):
     _check_trees(target, MOE)
+
+
+_GEMMA4_UNIFIED = """
+import json, sys, tempfile
+from pathlib import Path
+from porter.verify.structure import compare_structure, find_port_class, make_checkpoint
+if __name__ == "__main__":
+    info, cls = find_port_class(Path("generated/vllm/gemma4_unified"))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_checkpoint("gemma4_unified", Path(tmp) / "ckpt", hf_architecture=info.hf_architecture)
+        r = compare_structure("vllm", ckpt, cls, "Gemma4ForCausalLM")
+    print(json.dumps({k: r.__dict__[k] for k in ("native_class", "params_equal", "port_params", "native_params",
+                                                 "tensors_equal", "tensors_compared", "errors")}))
+"""
+
+
+@pytest.mark.e2e
+def test_gemma4_unified_tree_equals_vllm_gemma4():
+    """Issue 25: vLLM serves Gemma4UnifiedForCausalLM only inside its multimodal class, and its text stack
+    is vLLM's gemma4: the port (KV-shared layers with q_proj alone, v rows loaded from k_proj) builds the
+    same parameters on the tiny gemma4_unified checkpoint, and loads the same tensors into them."""
+    proc = subprocess.run([sys.executable, "-c", _GEMMA4_UNIFIED], capture_output=True, text=True, cwd=ROOT,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["native_class"] == "vllm.model_executor.models.gemma4:Gemma4ForCausalLM", r
+    assert r["params_equal"] is True and r["port_params"] == r["native_params"] == 41, r
+    assert r["tensors_equal"] is True and r["tensors_compared"] == 41 and r["errors"] == [], r

@@ -29,6 +29,9 @@ from porter.passes.attention.fuse_qkv import FuseQkv
 from porter.passes.attention.inline_absent_input_arm import InlineAbsentInputArm
 from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.inline_self_attention_arm import InlineSelfAttentionArm
+from porter.passes.attention.kv_sharing import KvSharing
+from porter.passes.attention.kv_sharing_attention import KvSharingAttention
+from porter.passes.attention.kv_sharing_load import KvSharingLoad
 from porter.passes.attention.latent_attention import LatentAttention
 from porter.passes.attention.latent_decompressed import LatentDecompressed
 from porter.passes.attention.latent_indexer_guard import LatentIndexerGuard
@@ -39,6 +42,7 @@ from porter.passes.attention.prefer_attention_function import PreferAttentionFun
 from porter.passes.attention.resolve_attention_table import ResolveAttentionTable
 from porter.passes.attention.scalar_tensor_scale import ScalarTensorScale
 from porter.passes.attention.upcast_arm import UpcastArm
+from porter.passes.attention.value_from_key import ValueFromKey
 from porter.passes.base import REGISTRY, Rule
 from porter.passes.cleanup.drop_autocast import DropAutocast
 from porter.passes.cleanup.drop_dead_locals import DropDeadLocals
@@ -74,8 +78,10 @@ from porter.passes.plumbing.causal_lm_interface import CausalLmInterface
 from porter.passes.plumbing.compile_base_model import CompileBaseModel
 from porter.passes.plumbing.drop_batch_collapse import DropBatchCollapse
 from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
+from porter.passes.plumbing.drop_pass_through import DropPassThrough
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
+from porter.passes.plumbing.load_buffers import LoadBuffers
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.mask_positions import MaskPositions
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
@@ -125,6 +131,8 @@ MODEL: list[type[Rule]] = [
     PlainAttributeAssign,  # early: the rules below read submodule builds as plain assignments
     ReplaceBaseClasses,
     DropCrossAttention,
+    DropPassThrough,  # before PT010 strips the HF-only arguments that mark the call
+    KvSharing,  # before PT010/PT011: the k/v a forward argument hands over are the engine cache's
     LatentAttention,  # early: the engine's MLA layer replaces the whole attention (its rotary, its call)
     LatentDecompressed,  # ... or ordinary attention over decompressed k/v where the engine has no MLA for the type
     PreferAttentionFunction,
@@ -157,6 +165,7 @@ MODEL: list[type[Rule]] = [
     RoutingFunction,  # after PT100: the router it kept routes with its own code
     RoutingMethod,  # after PT100: the block's own routing method it handed FusedMoE
     FuseQkv,
+    KvSharingAttention,  # after PT023 (its fused projection) and PT021 (its Attention): where layers read another's k/v
     FuseGateUp,
     ActThenMul,  # after FuseGateUp: splits the act-and-mul it made where the engine has no such kernel
     TpLinears,
@@ -178,6 +187,8 @@ MODEL: list[type[Rule]] = [
     CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,
+    KvSharingLoad,  # after CausalLmInterface: the load_weights it wrote loads a reading layer's own q_proj
+    ValueFromKey,  # after CausalLmInterface: loads k's weights into the v rows of the load_weights it wrote
     ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
     RopeOrder,  # (idem: moves q/k rows in that load_weights)
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
@@ -186,6 +197,7 @@ MODEL: list[type[Rule]] = [
     MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,
+    LoadBuffers,  # after PT126 and the rules that take buffers into engine layers: the persistent ones left
     DropRopeConfigReads,  # late: once no kept code reads the copy
     YarnMscale,  # a rotary helper of transformers' utilities the port writes itself
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more

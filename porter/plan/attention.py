@@ -11,6 +11,7 @@ from porter.analysis.blocked_qkv import blocked_split
 from porter.analysis.cstutil import code, findall, names_in, param_names, resolve_cross_attention, self_call_attr
 from porter.analysis.qkv_layout import fused_layout
 from porter.analysis.index import ClassInfo, ModelIndex
+from porter.analysis.kv_sharing import kv_sharing
 from porter.analysis.layer_rope import layer_rope
 from porter.analysis.reversed_rope import sign_cancels, turns_back
 from porter.analysis.rotary_module import pairs_last
@@ -183,7 +184,9 @@ class AttentionPlanning:
         kw = {a.keyword.value: code(a.value) for a in call.args if a.keyword is not None}
         fwd = info.method("forward")
         refusals.reused_attention(self, info, fwd)  # type: ignore[arg-type]
-        refusals.shared_kv(self, info, fwd)  # type: ignore[arg-type]
+        share = kv_sharing(fwd, set(self.table.strip_params))  # type: ignore[arg-type]
+        if share is None or share.writer is None:
+            refusals.shared_kv(self, info, fwd)  # type: ignore[arg-type]
         # PT029 folds the product into the op (one projection per tensor only: a packed one's
         # product would scale k and v too)
         if len(set(qkv)) == 3 and (pre := query_prescale(fwd, qkv[0], call)) is not None:
@@ -217,6 +220,11 @@ class AttentionPlanning:
             rope_params=per_layer.params if per_layer else None,
             rope_tables=f"{per_layer.model_cls}.{per_layer.tables[0]}" if per_layer and per_layer.tables else None,
             rope_reversed=reversed_rope,
+            kv_shared_when=share.shared_when if share else None,
+            kv_read_key=share.read_key if share else None,
+            kv_write_when=share.write_when if share else None,
+            kv_write_key=share.write_key if share else None,
+            kv_param=share.param if share else None,
         )
 
     # -- rotary ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def strip_for(plan: PortPlan, idx: ModelIndex, table: StripTable) -> StripTable:
     for a in plan.attentions:
         if a.rope and a.rope_helper:
             tables |= table_params(idx.classes[a.cls].method("forward"), a.rope_helper)
+    tables |= {a.kv_param for a in plan.attentions if a.kv_param}  # KV sharing: the engine's cache hands k/v over (PT291)
     tables -= table.strip_params | set(table.rename_params)
     if tables:
         table = dataclasses.replace(table, strip_params=table.strip_params | tables)

@@ -143,6 +143,16 @@ class AttentionPlan(Sealable):
     rope_when: str | None = None
     rope_params: str | None = None
     rope_tables: str | None = None
+    # KV sharing (PT291, porter/analysis/kv_sharing.py): in the layers where `kv_shared_when` holds, k/v
+    # are the ones an earlier layer stored under the same key (`kv_read_key` / `kv_write_key`, stored
+    # where `kv_write_when` holds): the engine's Attention reads that layer's cache
+    kv_shared_when: str | None = None
+    kv_read_key: str | None = None
+    kv_write_when: str | None = None
+    kv_write_key: str | None = None
+    kv_param: str | None = None  # the forward parameter that hands the k/v over (HF-only in a port)
+    # v is k's projection (no v projection built) where this test of the layer holds (PT292)
+    v_from_k: str | None = None
     rope_reversed: bool = False  # rotates by -theta (PT241: the second half of each q/k head negated when loading)
     # the rotary table is the standard one in another order (PT244): statements of `config` and
     # `layer_idx` that compute that order (`order`), replayed in the attention, rows moved when loading
@@ -227,7 +237,8 @@ class PortPlan(Sealable):
                 del s["dt_limit"]
         for a in d["attentions"]:
             for key in ("alibi", "alibi_scale", "alibi_when", "rope_theta", "rope_dim", "rope_when", "rope_params",
-                        "rope_tables", "blocked", "rope_order"):
+                        "rope_tables", "blocked", "rope_order", "kv_shared_when", "kv_read_key",
+                        "kv_write_when", "kv_write_key", "kv_param", "v_from_k"):
                 if a[key] is None:
                     del a[key]
             for key in ("grouped", "rope_reversed"):

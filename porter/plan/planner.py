@@ -32,7 +32,8 @@ from porter.analysis.latent_attention import latent_attention
 from porter.analysis.position_axes import hands_copied_axes
 from porter.analysis.rope_order import recomposed_in_order, rows_move_freely, table_order
 from porter.layout import port_architecture
-from porter.plan import head_pair_refusals, latent_refusals, refusals, routed_heads, score_bias_refusals
+from porter.analysis.value_from_key import value_from_key
+from porter.plan import head_pair_refusals, linear_list_refusals, latent_refusals, refusals, routed_heads, score_bias_refusals
 from porter.plan.mask_bias import mask_bias
 from porter.plan.attention import AttentionPlanning
 from porter.plan.facts import derive
@@ -361,6 +362,7 @@ class Planner(AttentionPlanning):
                     return
         if not linears:
             return
+        linear_list_refusals.linear_list(self, info, linears)
         if is_lm:
             for attr, sub in linears.items():
                 plan.lm_head = attr
@@ -418,9 +420,14 @@ class Planner(AttentionPlanning):
         """The attention of INFO's forward: its q/k/v (three projections or one packed), its output
         projection, and the plan of the rest (porter/plan/attention.py)."""
         call, per_arg = flow.attention_calls[0]
-        qkv = []
+        qkv: list[str] = []
+        v_from_k = None
         for origins in per_arg[1:4]:
             src = sorted(origins & lin)
+            if len(src) == 2 and len(qkv) == 2 and qkv[1] in src:  # v falls back to k's projection (PT292)
+                v = next(s for s in src if s != qkv[1])
+                if (v_from_k := value_from_key(info.method("__init__"), info.method("forward"), qkv[1], v)):  # type: ignore[arg-type]
+                    src = [v]
             if len(src) != 1:  # (k/v handed in from another layer (gemma4) say so first)
                 refusals.shared_kv(self, info, info.method("forward"))  # type: ignore[arg-type]
                 routed_heads.routed_query(self, info, info.method("forward"), call)  # type: ignore[arg-type]
@@ -433,6 +440,7 @@ class Planner(AttentionPlanning):
             raise refusals.NOT_THREE_PROJECTIONS.error(self, call, f"{info.name}.forward")
         o = next((a for a in sorted(lin) if ATTN in flow.module_inputs.get(a, set())), None)
         ap = self.attention_plan(info, call, qkv, o)
+        ap.v_from_k = v_from_k
         if packed:
             ap.packed = True
             ap.interleaved = bool(interleaved)

@@ -350,17 +350,17 @@ def reused_attention(p: Planner, info: ClassInfo, fwd: cst.FunctionDef) -> None:
 
 SHARED_KV = Refusal(
     "keys and values taken from another layer (KV sharing: the layer reads the k/v a forward "
-    "argument hands it instead of projecting its own); the engine's Attention can read another "
-    "layer's cache (kv_sharing_target_layer_name), but no rule maps the source layer to it",
+    "argument hands it instead of projecting its own), but no `if` of forward stores them into it "
+    "(`arg[key] = k, v`): PT291 cannot tell whose cache the engine's Attention reads",
     attention_example().replace("past_key_values=None)", "past_key_values=None, shared_kv=None)").replace(
         "        k = self.k_proj(x)\n        v = self.v_proj(x)\n",
         "        if self.shared:\n            k, v = shared_kv[0]\n"
         "        else:\n            k = self.k_proj(x)\n            v = self.v_proj(x)\n"),
     "<example>:16: keys and values taken from another layer (KV sharing: the layer reads the k/v a forward "
-    "argument hands it instead of projecting its own); the engine's Attention can read another layer's cache "
-    "(kv_sharing_target_layer_name), but no rule maps the source layer to it in Attn.forward: "
-    "k, v = shared_kv[0] (rule engine-attention)",
-    rule="engine-attention",
+    "argument hands it instead of projecting its own), but no `if` of forward stores them into it "
+    "(`arg[key] = k, v`): PT291 cannot tell whose cache the engine's Attention reads in Attn.forward: "
+    "k, v = shared_kv[0] (rule kv-sharing)",
+    rule="kv-sharing",
 )
 
 

@@ -52,8 +52,9 @@ def is_config_field(cfg, name: str) -> bool:
     prop = getattr(type(cfg), name, None)
     try:
         present = hasattr(cfg, name)
-    except Exception:  # a per-layer attribute of a heterogeneous config (dots3_note's defaults) refuses a global read
-        present = name in (getattr(cfg, "per_layer_attributes", None) or ())
+    except Exception:  # a per-layer attribute of a heterogeneous config (dots3_note, Gemma-4) refuses a global read
+        per_layer = getattr(cfg, "per_layer_attributes", None)
+        present = per_layer is None or name in per_layer
     return present and not (isinstance(prop, property) and prop.fset is None)
 
 
@@ -135,19 +136,27 @@ def build_config(spec: TinySpec):
     return cfg
 
 
-def _head_dim(cfg) -> int:
-    hd = getattr(cfg, "head_dim", None)
-    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+def _per_layer(cfg, name: str) -> list:
+    """NAME of each layer: a config whose layers differ (transformers' `per_layer_config`, Gemma-4's
+    head size and KV heads per layer type) refuses the global read; else the one value."""
+    layers = getattr(cfg, "per_layer_config", None)
+    if layers is not None:
+        return [getattr(layers[i], name, None) for i in range(getattr(cfg, layer_count_field(cfg)))]
+    return [getattr(cfg, name, None)]
+
+
+def _head_dims(cfg) -> list[int]:
+    return [int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads for hd in _per_layer(cfg, "head_dim")]
 
 
 def check_config(cfg, spec: TinySpec) -> None:
     problems = []
-    hd = _head_dim(cfg)
-    if spec.cpu_head_dims and hd not in spec.cpu_head_dims:
-        problems.append(f"head_dim {hd} has no CPU attention kernel ({spec.cpu_head_dims})")
+    for hd in sorted(set(_head_dims(cfg))):
+        if spec.cpu_head_dims and hd not in spec.cpu_head_dims:
+            problems.append(f"head_dim {hd} has no CPU attention kernel ({spec.cpu_head_dims})")
     if cfg.vocab_size < 512:
         problems.append(f"vocab_size {cfg.vocab_size} < 512")
-    kv = getattr(cfg, "num_key_value_heads", None)
+    kv = max((k for k in _per_layer(cfg, "num_key_value_heads") if k is not None), default=None)
     # (latent attention caches one latent for all heads: its kv heads count is HF's repeat factor only)
     latent = cfg.to_dict().get("kv_lora_rank") is not None  # (a per-layer attribute of a heterogeneous config: no global read)
     if kv is not None and kv >= cfg.num_attention_heads and not latent:

@@ -41,9 +41,39 @@ class EngineRope(Rule):
         "The HF rotary module is removed (with the `if` that only guards its construction, "
         "4.x Falcon's `if config.rotary:`); its layout (NeoX halves or GPT-J interleaved) is read from "
         "the source's rotate helper; rope_theta, scaling and partial factor come from "
-        "`config.rope_parameters` at run time."
+        "`config.rope_parameters` at run time. A helper rotating one tensor per call (Gemma-4's "
+        "`x = apply_rotary_pos_emb(x, cos, sin)`) becomes `self.rotary_emb(positions, x, None)[0]`."
     )
     examples = [
+        Example(  # a helper rotating one tensor per call (Gemma-4): the engine's rotary on that tensor alone
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):\n"
+            "    return x * cos.unsqueeze(unsqueeze_dim) + rotate_half(x) * sin.unsqueeze(unsqueeze_dim)\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n\n"
+            "    def forward(self, x, position_embeddings):\n        cos, sin = position_embeddings\n"
+            "        q = apply_rotary_pos_emb(self.q_proj(x), cos, sin, unsqueeze_dim=2)\n"
+            "        k = apply_rotary_pos_emb(self.k_proj(x), cos, sin, unsqueeze_dim=2)\n        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+            "from torch import nn\n\n\ndef apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):\n"
+            "    return x * cos.unsqueeze(unsqueeze_dim) + rotate_half(x) * sin.unsqueeze(unsqueeze_dim)\n\n\n"
+            "class Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.head_dim = config.head_dim\n"
+            "        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * self.head_dim)\n"
+            "        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim)\n"
+            "        self.rotary_emb = get_rope(self.head_dim, "
+            "max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters, "
+            "is_neox_style=True)\n\n"
+            "    def forward(self, x, position_embeddings):\n        cos, sin = position_embeddings\n"
+            "        q = self.rotary_emb(positions, self.q_proj(x), None)[0]\n"
+            "        k = self.rotary_emb(positions, self.k_proj(x), None)[0]\n        v = self.v_proj(x)\n"
+            "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
+            "        return out\n",
+        ),
         Example(  # the attention's own rotary module, built under a guard (4.x Falcon's `if config.rotary:`)
             "from torch import nn\n\n\ndef apply_rotary_pos_emb(q, k, cos, sin):\n"
             "    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin\n\n\n"
@@ -318,7 +348,19 @@ class EngineRope(Rule):
                     "engine's rotary on whole q/k", original, construct=f"{self.current_class}.{self.current_function}",
                     rule=self.name)
             self.ctx.needs_positions.add(attn.cls)
+            if _rotates_one(self.ctx.idx.functions.get(attn.rope_helper)):  # `x = apply(x, cos, sin)` (Gemma-4)
+                return cst.parse_expression("self.rotary_emb(positions, X, None)[0]").with_changes(value=cst.Call(
+                    func=cst.parse_expression("self.rotary_emb"),
+                    args=[cst.Arg(cst.Name("positions")), cst.Arg(q), cst.Arg(cst.Name("None"))]))
             return cst.parse_expression("self.rotary_emb(positions, Q, K)").with_changes(
                 args=[cst.Arg(cst.Name("positions")), cst.Arg(q), cst.Arg(k)]
             )
         return updated
+
+
+def _rotates_one(helper: cst.FunctionDef | None) -> bool:
+    """The rotary helper rotates one tensor per call: every `return` hands back one expression, not a
+    pair (Gemma-4's `apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)`). The engine's rotary then
+    rotates that tensor alone: `self.rotary_emb(positions, x, None)[0]`."""
+    returns = findall(helper, m.Return()) if helper is not None else []
+    return bool(returns) and not any(isinstance(r.value, cst.Tuple) or r.value is None for r in returns)  # type: ignore[attr-defined]
