@@ -156,7 +156,7 @@ def _in_config_terms(e: cst.BaseExpression, local: dict[str, cst.BaseExpression]
 
     for _ in range(4):
         e = e.visit(_Sub())  # type: ignore[assignment]
-    if names_in(e) - {"config"}:
+    if names_in(e) - {"config", "None", "int"}:
         return None
     if isinstance(e, cst.BinaryOperation) and e.lpar:
         e = e.with_changes(lpar=[], rpar=[])
@@ -164,10 +164,25 @@ def _in_config_terms(e: cst.BaseExpression, local: dict[str, cst.BaseExpression]
 
 
 def _self_attrs(init: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+    """`self.X` -> its value in __init__; an attribute each arm of a top-level `if T: ... else: ...`
+    assigns (Qwen-1's `self.rotary_ndims`, None or a part of the head by `config.rotary_pct`) is
+    `(A if T else B)`."""
     out: dict[str, cst.BaseExpression] = {}
+    for st in init.body.body:
+        if not isinstance(st, cst.If) or not isinstance(st.orelse, cst.Else):
+            continue
+        arms = [_arm_attrs(st.body), _arm_attrs(st.orelse.body)]
+        for name in sorted(set(arms[0]) & set(arms[1])):
+            out[name] = cst.IfExp(test=st.test, body=arms[0][name], orelse=arms[1][name],
+                                  lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
     for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
         out.setdefault(node.targets[0].target.attr.value, node.value)  # type: ignore[attr-defined]
     return out
+
+
+def _arm_attrs(block: cst.BaseSuite) -> dict[str, cst.BaseExpression]:
+    return {n.targets[0].target.attr.value: n.value  # type: ignore[attr-defined]
+            for n in findall(block, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))]))}
 
 
 def module_rope(idx: ModelIndex, rotary_classes: list[str]) -> tuple[str, str] | None:
