@@ -10,6 +10,7 @@ from porter.errors import PorterError
 from porter.plan import build_plan
 import porter.plan.head_pair_refusals  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.latent_refusals  # noqa: F401 - its refusals join REFUSALS
+import porter.plan.rotary_refusals  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.routed_heads  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.score_bias_refusals  # noqa: F401 - its refusals join REFUSALS
 from porter.plan.refusals import REFUSALS

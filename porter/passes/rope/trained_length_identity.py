@@ -135,8 +135,8 @@ class TrainedLengthIdentity(Rule):
             def leave_Name(self, original_node, updated_node):
                 return cst.Integer("1") if updated_node.value in ones else updated_node
 
-            def visit_Attribute(self, node):
-                return False  # `config.ntk_alpha`: an attribute name is no local
+            def leave_Attribute(self, original_node, updated_node):
+                return updated_node.with_changes(attr=original_node.attr)  # `config.ntk_alpha`: an attribute name is no local
 
             def leave_Arg(self, original_node, updated_node):
                 return updated_node.with_changes(keyword=original_node.keyword)  # `ntk_alpha=`: a keyword is no local
