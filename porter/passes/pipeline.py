@@ -21,6 +21,7 @@ from porter.passes.attention.attention_sinks import AttentionSinks
 from porter.passes.attention.cache_arm import CacheArm
 from porter.passes.attention.drop_cross_attention import DropCrossAttention
 from porter.passes.attention.drop_kv_repeat import DropKvRepeat
+from porter.passes.attention.drop_uncalled_attention import DropUncalledAttention
 from porter.passes.attention.eager_arm import EagerArm
 from porter.passes.attention.engine_attention import EngineAttention
 from porter.passes.attention.flatten_heads import FlattenHeads
@@ -141,6 +142,7 @@ MODEL: list[type[Rule]] = [
     PerLayerRope,  # after EngineRope (its get_rope, built in some layers only), before the dataflow pass
     FoldQueryScale,  # before EngineAttention replaces the call whose `scaling=1.0` it reads
     EngineAttention,
+    DropUncalledAttention,  # after EngineAttention, before PT126: the causal buffer only such a method read goes
     AttentionSinks,
     PerHeadBias,  # after EngineAttention: reads what its self.attn(...) returns
     DropKvRepeat,  # after EngineAttention: reads the k and v of the engine call it made
