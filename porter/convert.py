@@ -67,6 +67,7 @@ def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     module = run(BEFORE_INDEX, module, pre, path=str(source.path))
     idx = build_index(module, str(source.path), source.text, renamed=pre.renamed)
     idx.provenance = pre.provenance  # the rules that ran before indexing, for `porter diff`
+    idx.trained_length = pre.trained_length  # what PT300 showed exact within a trained length (PT297 guards it)
     # the plan, finished (checkpoint names, architecture) and sealed: the passes only read it
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path, origin=source)
     return idx, plan
@@ -80,6 +81,7 @@ def rewrite_targets(idx: ModelIndex, plan: PortPlan,
     ctx = RewriteContext(idx=idx, plan=plan, table=plan.strip, target=SharedTarget(targets))  # type: ignore[arg-type]
     for scope, codes in idx.provenance.items():
         ctx.provenance.setdefault(scope, set()).update(codes)
+    ctx.trained_length.update(idx.trained_length)
     before = sorted({c for codes in idx.provenance.values() for c in codes})
     applied = [f"{c} {REGISTRY[c].name}" for c in before]  # the rules that ran before indexing
     split = next((i for i, r in enumerate(MODEL) if r.reads_target), len(MODEL))

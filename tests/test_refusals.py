@@ -11,6 +11,7 @@ from porter.plan import build_plan
 import porter.plan.head_pair_refusals  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.latent_refusals  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.linear_list_refusals  # noqa: F401 - its refusals join REFUSALS
+import porter.plan.rotary_refusals  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.routed_heads  # noqa: F401 - its refusals join REFUSALS
 import porter.plan.score_bias_refusals  # noqa: F401 - its refusals join REFUSALS
 from porter.plan.refusals import REFUSALS

@@ -265,3 +265,58 @@ def test_a_norm_registered_in_hf_list_and_an_attention_table_keyed_by_a_config_f
         return [ln for ln in (root / rel).read_text().splitlines() if not ln.startswith(("# Source sha256", "# Rules applied"))]
 
     assert body(tmp_path / "old") == body(tmp_path / "good")
+
+
+# -- trained length: Qwen-1's dynamic NTK and logn attention (PT300, PT297) --------------------------
+
+NTK = REMOTE / "qwenntklike"
+
+
+def _ntk_logits(ids, **overrides):
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(NTK, trust_remote_code=True, **overrides)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_ntk_fixture_stretches_past_its_trained_length_only():
+    """The fixture's dynamic NTK and logn attention change its logits only past config.seq_length, as
+    PT300 shows statically (so its port, verified within the trained length, computes no less)."""
+    ids = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(3))
+    plain = {"use_dynamic_ntk": False, "use_logn_attn": False}
+    within = (_ntk_logits(ids, seq_length=12) - _ntk_logits(ids, seq_length=12, **plain)).abs().max().item()
+    past = (_ntk_logits(ids, seq_length=8) - _ntk_logits(ids, seq_length=8, **plain)).abs().max().item()
+    assert within == 0.0
+    assert past > 1e-3, past
+
+
+def _ntk_variant(tmp_path, old: str, new: str):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    for f in NTK.iterdir():
+        if f.is_file():
+            text = f.read_text()
+            (folder / f.name).write_text(_edit(text, old, new) if f.name == "modeling_qwenntklike.py" else text)
+    return folder
+
+
+def test_a_length_factor_that_is_not_one_within_the_trained_length_is_refused(tmp_path):
+    """An NTK factor that would be 2 at every length is not the identity PT300 shows: it is still handed to
+    the rotary module, whose base it raises, so the port stops there with file:line."""
+    import subprocess
+    import sys
+
+    folder = _ntk_variant(tmp_path, "+ 1) - 1, 1)", "+ 1) - 1, 2)")
+    proc = subprocess.run([sys.executable, "-m", "porter", "convert", str(folder), "--target", "vllm",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    line = _line_of(folder / "modeling_qwenntklike.py", "self.rotary_emb(kv_len, ntk_alpha=ntk_alpha)")
+    assert proc.stderr.strip().splitlines() == [
+        f"porter: error: {folder / 'modeling_qwenntklike.py'}:{line}: rotary module NtkRotaryEmbedding handed "
+        "`ntk_alpha`, which its inverse frequencies are computed from (dynamic NTK scaling): the engine's get_rope "
+        "computes them from the base and dims alone, and no rule shows the value is the module's default in "
+        "QWenNtkAttention: self.rotary_emb(kv_len, ntk_alpha=ntk_alpha) (rule engine-rope)"]
+    assert not (tmp_path / "out").exists()

@@ -71,6 +71,7 @@ class ModelIndex:
     # rule that can only act on some name skip its walk when the file never mentions it
     identifiers: frozenset[str] = frozenset()
     provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rules run before indexing (PT150, PT152)
+    trained_length: dict[str, list[str]] = field(default_factory=dict)  # PT300's record, for PT297
 
     def qualify(self, name: str | None) -> str | None:
         """Resolve a dotted local name through the file's imports (`nn.Linear` -> torch.nn.Linear)."""

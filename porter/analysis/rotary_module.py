@@ -156,7 +156,7 @@ def _in_config_terms(e: cst.BaseExpression, local: dict[str, cst.BaseExpression]
 
     for _ in range(4):
         e = e.visit(_Sub())  # type: ignore[assignment]
-    if names_in(e) - {"config"}:
+    if names_in(e) - {"config", "None", "int"}:
         return None
     if isinstance(e, cst.BinaryOperation) and e.lpar:
         e = e.with_changes(lpar=[], rpar=[])
@@ -164,10 +164,25 @@ def _in_config_terms(e: cst.BaseExpression, local: dict[str, cst.BaseExpression]
 
 
 def _self_attrs(init: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+    """`self.X` -> its value in __init__; an attribute each arm of a top-level `if T: ... else: ...`
+    assigns (Qwen-1's `self.rotary_ndims`, None or a part of the head by `config.rotary_pct`) is
+    `(A if T else B)`."""
     out: dict[str, cst.BaseExpression] = {}
+    for st in init.body.body:
+        if not isinstance(st, cst.If) or not isinstance(st.orelse, cst.Else):
+            continue
+        arms = [_arm_attrs(st.body), _arm_attrs(st.orelse.body)]
+        for name in sorted(set(arms[0]) & set(arms[1])):
+            out[name] = cst.IfExp(test=st.test, body=arms[0][name], orelse=arms[1][name],
+                                  lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
     for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
         out.setdefault(node.targets[0].target.attr.value, node.value)  # type: ignore[attr-defined]
     return out
+
+
+def _arm_attrs(block: cst.BaseSuite) -> dict[str, cst.BaseExpression]:
+    return {n.targets[0].target.attr.value: n.value  # type: ignore[attr-defined]
+            for n in findall(block, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))]))}
 
 
 def module_rope(idx: ModelIndex, rotary_classes: list[str]) -> tuple[str, str] | None:
@@ -210,3 +225,78 @@ def _substitute(e: cst.BaseExpression, values: dict) -> cst.BaseExpression:
                 if isinstance(v, cst.BinaryOperation) and not v.lpar else v
 
     return e.visit(_Sub())  # type: ignore[return-value]
+
+
+def _inv_attr(init: cst.FunctionDef) -> str | None:
+    """The attribute __init__ assigns its inverse frequencies to (`self.inv_freq = 1.0 / (base ** ...)`)."""
+    for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])):
+        if findall(node.value, _POWER):  # type: ignore[attr-defined]
+            return code(node.targets[0].target)  # type: ignore[attr-defined]
+    return None
+
+
+def _reads(e: cst.CSTNode) -> set[str]:
+    """Local names and `self.X` attributes E reads."""
+    return names_in(e) | {code(a) for a in findall(e, m.Attribute(value=m.Name("self")))}
+
+
+def _taints(methods: dict[str, cst.FunctionDef], name: str, param: str, target: str,
+            seen: set[tuple[str, str]]) -> bool:
+    """PARAM of method NAME reaches an assignment of TARGET (through locals, attributes of self,
+    and the class's own methods it is handed to)."""
+    if (name, param) in seen or name not in methods:
+        return False
+    seen.add((name, param))
+    fn = methods[name]
+    tainted = {param}
+    for _ in range(2):  # assignments in loops or arms read in any order
+        for node in findall(fn, m.Assign()):
+            if _reads(node.value) & tainted:  # type: ignore[attr-defined]
+                for t in node.targets:  # type: ignore[attr-defined]
+                    if code(t.target) == target:
+                        return True
+                    tainted |= set(names_in(t.target)) if isinstance(t.target, cst.Name) else {code(t.target)}
+    for call in findall(fn, m.Call(func=m.Attribute(value=m.Name("self")))):
+        callee = call.func.attr.value  # type: ignore[attr-defined]
+        params = [p.name.value for p in methods[callee].params.params][1:] if callee in methods else []
+        for i, a in enumerate(call.args):  # type: ignore[attr-defined]
+            if not (_reads(a.value) & tainted):
+                continue
+            p = a.keyword.value if a.keyword is not None else (params[i] if i < len(params) else None)
+            if p is not None and _taints(methods, callee, p, target, seen):
+                return True
+    return False
+
+
+def value_arguments(idx: ModelIndex, rotary_classes: list[str]) -> list[tuple[cst.Call, str, str, str]]:
+    """Calls of a rotary module that hand it something its inverse frequencies are computed from
+    (Qwen-1's `self.rotary_emb(n, ntk_alpha=ntk_alpha)`, whose forward raises the base by it), other
+    than that parameter's own default: (call, owner class, rotary class, parameter). The engine's
+    rotary computes the frequencies from the base and dims alone."""
+    out = []
+    for cls in rotary_classes:
+        info = idx.classes.get(cls)
+        init, fwd = (info.method("__init__"), info.method("forward")) if info else (None, None)
+        target = _inv_attr(init) if init is not None else None
+        if target is None or fwd is None:
+            continue
+        methods = {f.name.value: f for f in info.node.body.body if isinstance(f, cst.FunctionDef)}  # type: ignore[union-attr]
+        params = fwd.params.params[1:]
+        for owner in idx.classes.values():
+            attrs = [a for a, sub in owner.submodules.items() if sub.ctor == cls]
+            for call in findall(owner.node, m.Call(func=m.Attribute(value=m.Name("self")))):
+                if call.func.attr.value not in attrs:  # type: ignore[attr-defined]
+                    continue
+                for i, a in enumerate(call.args):  # type: ignore[attr-defined]
+                    p = next((x for x in params if a.keyword is not None and x.name.value == a.keyword.value),
+                             params[i] if a.keyword is None and i < len(params) else None)
+                    if p is None:
+                        continue
+                    default = p.default
+                    if default is not None and isinstance(a.value, (cst.Integer, cst.Float)) and \
+                            isinstance(default, (cst.Integer, cst.Float)) and \
+                            float(a.value.value) == float(default.value):
+                        continue  # the default itself (PT300 leaves the literal 1 where it showed the factor is 1)
+                    if _taints(methods, "forward", p.name.value, target, set()):
+                        out.append((call, owner.name, cls, p.name.value))
+    return out

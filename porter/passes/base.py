@@ -56,6 +56,8 @@ class RewriteContext:
     removed_attrs: set[tuple[str, str]] = field(default_factory=set)  # (class, attr) modules removed
     removed_names: set[str] = field(default_factory=set)  # names bound by removed HF imports
     extra_taint: dict[str, set[str]] = field(default_factory=dict)  # class -> locals dropped by a rule
+    # config field of a trained length -> what PT300 showed to be the identity within it ("what in where")
+    trained_length: dict[str, list[str]] = field(default_factory=dict)
 
     def use(self, symbol: str) -> str:
         """Record that the port uses an engine symbol; returns the name to write in code."""
@@ -85,6 +87,7 @@ class SourceContext:
     text: str
     provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rule codes
     renamed: dict[str, str] = field(default_factory=dict)  # a class's new name -> its name in the source (PT014)
+    trained_length: dict[str, list[str]] = field(default_factory=dict)  # what PT300 recorded (RewriteContext's)
     plan: PortPlan | SimpleNamespace = field(default_factory=lambda: SimpleNamespace(classes=[], causal_lm=""))
 
 

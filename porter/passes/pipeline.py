@@ -21,6 +21,7 @@ from porter.passes.attention.attention_sinks import AttentionSinks
 from porter.passes.attention.cache_arm import CacheArm
 from porter.passes.attention.drop_cross_attention import DropCrossAttention
 from porter.passes.attention.drop_kv_repeat import DropKvRepeat
+from porter.passes.attention.drop_uncalled_attention import DropUncalledAttention
 from porter.passes.attention.eager_arm import EagerArm
 from porter.passes.attention.engine_attention import EngineAttention
 from porter.passes.attention.flatten_heads import FlattenHeads
@@ -82,6 +83,7 @@ from porter.passes.plumbing.drop_pass_through import DropPassThrough
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
 from porter.passes.plumbing.load_buffers import LoadBuffers
+from porter.passes.plumbing.failing_init_arm import FailingInitArm
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.mask_positions import MaskPositions
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
@@ -91,6 +93,7 @@ from porter.passes.plumbing.rename_engine_clashes import RenameEngineClashes
 from porter.passes.plumbing.strip_hf_params import StripHfParams
 from porter.passes.plumbing.thread_positions import ThreadPositions
 from porter.passes.plumbing.thread_prefix import ThreadPrefix
+from porter.passes.plumbing.trained_length_guard import TrainedLengthGuard
 from porter.passes.plumbing.unwrap_outputs import UnwrapOutputs
 from porter.passes.rope.drop_rope_config_reads import DropRopeConfigReads
 from porter.passes.rope.engine_rope import EngineRope
@@ -100,6 +103,7 @@ from porter.passes.rope.one_tensor_rope import OneTensorRope
 from porter.passes.rope.partial_rotary import PartialRotary
 from porter.passes.rope.per_layer_rope import PerLayerRope
 from porter.passes.rope.reversed_rope import ReversedRope
+from porter.passes.rope.trained_length_identity import TrainedLengthIdentity
 from porter.passes.plumbing.base_class_arm import BaseClassArm
 from porter.passes.rope.rope_order import RopeOrder
 from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
@@ -112,6 +116,8 @@ from porter.passes.tp.vocab_embedding import VocabEmbedding
 BEFORE_INDEX: list[type[Rule]] = [
     RenameEngineClashes,  # first: every later rule and the index see the file's classes by their port names
     BaseClassArm,  # before indexing: the index sees the sub-module build of an `__init__` helper in __init__
+    FailingInitArm,  # before indexing: the index never sees the sub-modules of an arm the port cannot build
+    TrainedLengthIdentity,  # before indexing: the planner reads the rotary call with its length factor the literal 1
     EagerArm,  # first: the `else` arm it keeps may hold the inline attention PT150 replaces
     UpcastArm,  # before PT150: one softmax where HF upcasts in an arm of its own
     OutputAttentionsArm,  # before PT150: no reshaped copy of the weights between softmax and sum
@@ -145,6 +151,7 @@ MODEL: list[type[Rule]] = [
     PerLayerRope,  # after EngineRope (its get_rope, built in some layers only), before the dataflow pass
     FoldQueryScale,  # before EngineAttention replaces the call whose `scaling=1.0` it reads
     EngineAttention,
+    DropUncalledAttention,  # after EngineAttention, before PT126: the causal buffer only such a method read goes
     AttentionSinks,
     PerHeadBias,  # after EngineAttention: reads what its self.attn(...) returns
     DropKvRepeat,  # after EngineAttention: reads the k and v of the engine call it made
@@ -190,6 +197,7 @@ MODEL: list[type[Rule]] = [
     KvSharingLoad,  # after CausalLmInterface: the load_weights it wrote loads a reading layer's own q_proj
     ValueFromKey,  # after CausalLmInterface: loads k's weights into the v rows of the load_weights it wrote
     ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
+    TrainedLengthGuard,  # after CausalLmInterface: into the __init__ it wrote (reads PT300's record)
     RopeOrder,  # (idem: moves q/k rows in that load_weights)
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
     EngineShortConv,  # (idem)

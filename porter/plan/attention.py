@@ -267,7 +267,15 @@ class AttentionPlanning:
         arguments the model passes from config (porter/analysis/rotary_module.py)."""
         from porter.analysis.rotary_module import module_rope
 
-        return module_rope(self.idx, [n for n, c in self.idx.classes.items() if self.is_rotary(c)])  # type: ignore[attr-defined]
+        from porter.analysis.rotary_module import value_arguments
+        from porter.plan.rotary_refusals import ROTARY_MODULE_VALUE_ARG
+
+        classes = [n for n, c in self.idx.classes.items() if self.is_rotary(c)]  # type: ignore[attr-defined]
+        built = module_rope(self.idx, classes)
+        if built is not None:
+            for call, owner, cls, param in value_arguments(self.idx, classes):
+                raise ROTARY_MODULE_VALUE_ARG.error(self, call, f"{owner}: {code(call)}", cls=cls, param=param)  # type: ignore[arg-type]
+        return built
 
     def rotary_style(self, rope_helper: str) -> str:
         """"gptj" (pairs of adjacent dims: a `::2` slice in the helper or what it calls), else

@@ -130,6 +130,12 @@ def _tensor_roots(e: cst.BaseExpression) -> set[str]:
             out |= _tensor_roots(a.value)
         return out
     root = _root(e)
+    if root in _MODULES:  # a method chain on a torch function's result (`torch.full([], x).to(d)`): its tensors
+        inner = e
+        while isinstance(inner, (cst.Call, cst.Attribute, cst.Subscript)):
+            if isinstance(inner, cst.Call) and (dotted(inner.func) or "").split(".")[0] in _MODULES:
+                return _tensor_roots(inner)
+            inner = inner.func if isinstance(inner, cst.Call) else inner.value
     return {root} if root else set()
 
 

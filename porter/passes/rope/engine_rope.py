@@ -301,6 +301,10 @@ class EngineRope(Rule):
             if _guarded_build(was, own):  # `if config.rotary: self.rotary_emb = XRotaryEmbedding(...)`
                 continue
             assign = was.body[0] if isinstance(was, cst.SimpleStatementLine) and len(was.body) == 1 else None
+            if isinstance(assign, cst.Assign) and m.matches(assign.value, m.Call(  # the engine's call PT151 wrote
+                    func=m.Attribute(value=m.Name("self")), args=[m.Arg(m.Name("positions")), m.Arg(), m.Arg()])):
+                body.append(st)
+                continue
             if isinstance(assign, cst.Assign) and (
                     any(is_assign_of(was, a) for a in own) or any(
                         m.matches(c.func, m.Attribute(value=m.Name("self"), attr=m.Name(a)))
