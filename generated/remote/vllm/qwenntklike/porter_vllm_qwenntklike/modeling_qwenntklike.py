@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_qwenntklike.py
 # Source sha256: 98faf87508d33d0779a59cf813a85cdc3b30feb74b911a4240ddf92fce8eb9a5
-# Rules applied: PT150, PT296, PT001, PT003, PT151, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT297, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT300, PT001, PT003, PT151, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT297, PT052, PT126, PT061, PT060, PT070
 
 """A Qwen-1-style causal LM that stretches its context past its trained length, written for porter's
 tests (remote-code style): one fused `c_attn` cut with `split`, a rotary module of the attention called
