@@ -44,7 +44,7 @@ def _targets(target: str) -> list[str]:
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="A modeling_*.py path, or a model_type (e.g. opt, llama)."),
+    src: str = typer.Argument(..., help="A modeling_*.py path, a remote-code repository folder (modeling_*.py, configuration_*.py, config.json), or a model_type (e.g. opt, llama)."),
     target: str = typer.Option("all", help="vllm | aphrodite | all"),
     out: Path = typer.Option(Path("generated"), help="Root directory; ports land in OUT/<target>/<model_type>/."),
     config: str | None = typer.Option(None, help="configuration_*.py to read statically."),
