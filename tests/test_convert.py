@@ -254,12 +254,14 @@ def test_rotary_on_a_slice_of_each_head_no_rule_folds_is_refused_in_one_line():
     from porter.passes.examples import apply_rule
     from porter.passes.rope.engine_rope import EngineRope
 
-    before = EngineRope.examples[0].before.replace(
-        "        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n",
+    pair = "        q, k = apply_rotary_pos_emb(q, k, cos, sin)\n"
+    (example,) = [e for e in EngineRope.examples if pair in e.before][:1]  # the q/k pair's example
+    before = example.before.replace(
+        pair,
         "        q_rot = q[..., : self.n]\n        k_rot = k[..., : self.n]\n"
         "        q_r, k_r = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)\n"
         "        q = torch.cat((q_r, q[..., self.n :]), dim=-1)\n        k = torch.cat((k_r, k[..., self.n :]), dim=-1)\n")
-    assert before != EngineRope.examples[0].before
+    assert before != example.before
     with pytest.raises(PorterError) as err:
         apply_rule(EngineRope, before)
     line = str(err.value)
