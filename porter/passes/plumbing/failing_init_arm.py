@@ -62,7 +62,7 @@ class FailingInitArm(Rule):
         self._defined = {f.name.value for c in classes for f in c.body.body if isinstance(f, cst.FunctionDef)}
         self._assigned = {a.target.attr.value for a in findall(module, m.AssignTarget(  # type: ignore[attr-defined]
             m.Attribute(value=m.Name("self"))))}
-        self._pos = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
+        self._module, self._pos = module, None  # positions resolved only once an arm is found (rare)
         if not isinstance(self.ctx, SourceContext):
             return super().rewrite(module)
         self.keep_lines = True
@@ -82,6 +82,8 @@ class FailingInitArm(Rule):
             if missing is None:
                 body.append(st)
                 continue
+            if self._pos is None:
+                self._pos = MetadataWrapper(self._module, unsafe_skip_copy=True).resolve(PositionProvider)
             line = self._pos[was].start.line if was in self._pos else 0
             why = (f"porter: this config takes the arm of {cls}.__init__ (source line {line}) that calls "
                    f"self.{missing}(...), which no class of the file defines: the port does not build it")
