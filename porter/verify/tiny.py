@@ -139,8 +139,10 @@ def build_config(spec: TinySpec):
 def _per_layer(cfg, name: str) -> list:
     """NAME of each layer: a config whose layers differ (transformers' `per_layer_config`, Gemma-4's
     head size and KV heads per layer type) refuses the global read; else the one value."""
-    layers = getattr(cfg, "per_layer_config", None)
-    if layers is not None:
+    # (every config of transformers >= 5.19 has the `per_layer_config` view; only a heterogeneous one has
+    # layers that differ, and the view of a remote-code config without `num_hidden_layers` cannot be read)
+    if getattr(cfg, "is_heterogeneous", False):
+        layers = cfg.per_layer_config
         return [getattr(layers[i], name, None) for i in range(getattr(cfg, layer_count_field(cfg)))]
     return [getattr(cfg, name, None)]
 
