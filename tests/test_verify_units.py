@@ -229,18 +229,12 @@ def test_a_remote_config_without_num_hidden_layers_is_read_as_one_layer_kind():
     `num_hidden_layers`: a remote-code config that calls it `num_layers` (ChatGLM) is not
     heterogeneous, and its head size is its one global value (the fresh-clone CI of stop 40 failed
     here on the chatglmlike fixture)."""
-    import importlib.util
-    import sys
+    from transformers import AutoConfig
 
     from conftest import ROOT
     from porter.verify.tiny import _head_dims, _per_layer
 
-    path = ROOT / "tests" / "fixtures" / "remote" / "chatglmlike" / "configuration_chatglmlike.py"
-    spec = importlib.util.spec_from_file_location("configuration_chatglmlike_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    cfg = module.ChatGLMLikeConfig()
+    cfg = AutoConfig.from_pretrained(ROOT / "tests" / "fixtures" / "remote" / "chatglmlike", trust_remote_code=True)
     assert not hasattr(cfg, "num_hidden_layers")
     assert _per_layer(cfg, "num_key_value_heads") == [None]
     assert _head_dims(cfg) == [128 // 4]

@@ -142,8 +142,7 @@ def _per_layer(cfg, name: str) -> list:
     # (every config of transformers >= 5.19 has the `per_layer_config` view; only a heterogeneous one has
     # layers that differ, and the view of a remote-code config without `num_hidden_layers` cannot be read)
     if getattr(cfg, "is_heterogeneous", False):
-        layers = cfg.per_layer_config
-        return [getattr(layers[i], name, None) for i in range(getattr(cfg, layer_count_field(cfg)))]
+        return [getattr(layer, name, None) for layer in cfg.per_layer_config]
     return [getattr(cfg, name, None)]
 
 
