@@ -48,10 +48,13 @@ from porter.passes.base import REGISTRY, Rule
 from porter.passes.cleanup.drop_autocast import DropAutocast
 from porter.passes.cleanup.drop_dead_locals import DropDeadLocals
 from porter.passes.cleanup.drop_dropout import DropDropout
+from porter.passes.cleanup.drop_dropout_modules import DropDropoutModules
 from porter.passes.cleanup.drop_hf_imports import DropHfImports
 from porter.passes.cleanup.drop_input_checks import DropInputChecks
+from porter.passes.cleanup.drop_stale_comments import DropStaleComments
 from porter.passes.cleanup.drop_unused_optional_imports import DropUnusedOptionalImports
 from porter.passes.cleanup.drop_unused_buffers import DropUnusedBuffers
+from porter.passes.cleanup.drop_unread_attributes import DropUnreadAttributes
 from porter.passes.cleanup.prune_unreachable import PruneUnreachable
 from porter.passes.cleanup.replace_base_classes import ReplaceBaseClasses
 from porter.passes.cleanup.strip_decorators import StripDecorators
@@ -208,8 +211,11 @@ MODEL: list[type[Rule]] = [
     LoadBuffers,  # after PT126 and the rules that take buffers into engine layers: the persistent ones left
     DropRopeConfigReads,  # late: once no kept code reads the copy
     YarnMscale,  # a rotary helper of transformers' utilities the port writes itself
+    DropDropoutModules,  # late, before PT060 (it removes the helper it inlines) and PT310 (the probabilities it drops)
     DropDeadLocals,  # late: the rules above leave locals nothing reads any more
     PruneUnreachable,  # after every rule that can remove a use of a class or helper
+    DropUnreadAttributes,  # after PT060: once no kept code reads what HF's plumbing read (is_causal, padding_idx)
+    DropStaleComments,  # after every rule that removes code: the names the port no longer has
     DropUnusedOptionalImports,  # after PT060: the code that read an optional kernel is gone
     EngineImports,  # last: imports exactly the engine symbols the rules above used
 ]
