@@ -33,6 +33,7 @@ _STRIP_SCHEMA = {
     "cross_attention_flags": list,
     "transposed_linears": list,
     "engine_act_and_mul": list,
+    "engine_add_norms": list,
     "latent_attention_model_types": list,
     "latent_decompressed_model_types": list,
     "absent_params": list,
@@ -98,6 +99,7 @@ class StripTable:
     cross_attention_flags: frozenset[str] = frozenset()
     transposed_linears: frozenset[str] = frozenset()
     engine_act_and_mul: frozenset[str] = frozenset()
+    engine_add_norms: frozenset[str] = frozenset()  # engine norms taking the residual: norm(x, r) (PT330)
     latent_attention_model_types: frozenset[str] = frozenset()  # the engine runs its MLA layer for these
     latent_decompressed_model_types: frozenset[str] = frozenset()  # ... attention over decompressed k/v for these
     absent_params: frozenset[str] = frozenset()  # stripped inputs a plain generation never gives (None)
@@ -130,9 +132,10 @@ def _strip_table(rules_dir: Path) -> StripTable:
     data.setdefault("false_flags", [])
     data.setdefault("rope_config_fields", [])
     data.setdefault("engine_state_layers", {})
+    data.setdefault("engine_add_norms", [])
     _check(data, _STRIP_SCHEMA, path)
     for key in ("strip_params", "hf_only_callables", "drop_decorators", "drop_methods", "cross_attention_flags",
-                "transposed_linears", "engine_act_and_mul", "absent_params", "false_flags", "rope_config_fields"):
+                "transposed_linears", "engine_act_and_mul", "engine_add_norms", "absent_params", "false_flags", "rope_config_fields"):
         if not all(isinstance(x, str) for x in data[key]):
             raise PorterError(f"rules table key {key!r} must list strings", file=str(path))
     return StripTable(
@@ -148,6 +151,7 @@ def _strip_table(rules_dir: Path) -> StripTable:
         cross_attention_flags=frozenset(data["cross_attention_flags"]),
         transposed_linears=frozenset(data["transposed_linears"]),
         engine_act_and_mul=frozenset(data["engine_act_and_mul"]),
+        engine_add_norms=frozenset(data["engine_add_norms"]),
         latent_attention_model_types=frozenset(data["latent_attention_model_types"]),
         latent_decompressed_model_types=frozenset(data["latent_decompressed_model_types"]),
         absent_params=frozenset(data["absent_params"]),

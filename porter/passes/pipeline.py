@@ -64,6 +64,7 @@ from porter.passes.config.config_keep_class import ConfigKeepClass
 from porter.passes.config.config_layer_count import ConfigLayerCount
 from porter.passes.mlp.act_then_mul import ActThenMul
 from porter.passes.mlp.activation_table import ActivationTable
+from porter.passes.mlp.chunked_act_and_mul import ChunkedActAndMul
 from porter.passes.mlp.engine_activation import EngineActivation
 from porter.passes.mlp.engine_activation_class import EngineActivationClass
 from porter.passes.mlp.fuse_gate_up import FuseGateUp
@@ -76,6 +77,7 @@ from porter.passes.moe.routing_function import RoutingFunction
 from porter.passes.moe.routing_method import RoutingMethod
 from porter.passes.norms.engine_norms import EngineNorms
 from porter.passes.norms.full_width_qk_norm import FullWidthQkNorm
+from porter.passes.norms.fused_add_norm import FusedAddNorm
 from porter.passes.norms.norm_across_tp_ranks import NormAcrossTpRanks
 from porter.passes.plumbing.arange_positions import ArangePositions
 from porter.passes.plumbing.causal_lm_interface import CausalLmInterface
@@ -190,10 +192,12 @@ MODEL: list[type[Rule]] = [
     EngineActivation,
     ActivationTable,
     EngineActivationClass,
+    ChunkedActAndMul,  # after PT025 built the merged projection and PT028/PT143/PT140 the plain activation
     UnwrapOutputs,
     FixCallArity,
     ThreadPositions,
     MatchCalleeParams,
+    FusedAddNorm,  # after PT031/PT032/PT033 settle the layer calls and forwards: it adds `residual` to both
     CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,

@@ -218,6 +218,8 @@ class PortPlan(Sealable):
     position_factors: frozenset[str] = field(default=frozenset(), metadata=_DERIVED)
     # attention class -> (its ALiBi bias parameter, the config test the model builds the bias under) (PT171)
     alibi_tests: dict[str, tuple[str, str]] = field(default_factory=dict, metadata=_DERIVED)
+    # config fields an `ACT2FN[config.X]` reads whose default the engine has no act-and-mul kernel for (PT331)
+    unfusable_activations: frozenset[str] = field(default=frozenset(), metadata=_DERIVED)
 
     def moe(self, cls: str) -> MoePlan | None:
         return next((p for p in self.moes if p.cls == cls), None)

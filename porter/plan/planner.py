@@ -92,10 +92,14 @@ class Planner(AttentionPlanning):
         fwd = info.method("forward")
         if fwd is None:
             return None
-        text = code(fwd)
+        # with the methods of its own it calls (Gemma's `output = self._norm(x.float())`)
+        helpers = [h for c in findall(fwd, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name())))
+                   if (h := info.method(c.func.attr.value)) is not None]  # type: ignore[attr-defined]
+        parts = [fwd, *helpers]
+        text = "\n".join(code(p) for p in parts)
         if "rsqrt" not in text or "pow(2)" not in text:
             return None
-        if findall(fwd, m.BinaryOperation(operator=m.Subtract())):
+        if any(findall(p, m.BinaryOperation(operator=m.Subtract())) for p in parts):
             return None  # mean-centred: a LayerNorm written by hand, kept as the HF class
         if findall(fwd, m.BinaryOperation(left=m.Float() | m.Integer(), operator=m.Add())):
             return "GemmaRMSNorm"
@@ -296,6 +300,12 @@ class Planner(AttentionPlanning):
     def unfused_activations(self, plan: PortPlan, origin: Source) -> None:
         """A gated MLP's `ACT2FN[config.X]` whose config defaults X to an activation the engine has no
         act-and-mul kernel for (BitNet's relu2): the activation and the multiply stay apart (PT243)."""
+        keys = {k.attr.value for c in plan.classes if (init := self.idx.classes[c].method("__init__")) is not None
+                for node in findall(init, m.Subscript(value=m.Name("ACT2FN")))
+                if m.matches(k := node.slice[0].slice.value, m.Attribute(value=m.Name("config"), attr=m.Name()))}  # type: ignore[attr-defined]
+        plan.unfusable_activations = frozenset(
+            k for k in keys if (d := config_default(origin, plan.causal_lm, k)) is not None
+            and d.lower() not in self.table.engine_act_and_mul)
         for g in plan.gate_ups:
             init = self.idx.classes[g.cls].method("__init__")
             for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self"), attr=m.Name(

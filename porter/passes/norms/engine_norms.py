@@ -17,7 +17,9 @@ class EngineNorms(Rule):
     why = (
         "RMSNorm classes (recognised by their forward: `x * rsqrt(mean(x^2) + eps)`, and `(1 + w)` "
         "for the zero-centred kind) and `nn.LayerNorm` become the engine's `RMSNorm` / "
-        "`GemmaRMSNorm` / `LayerNorm`, which have the same parameters and fused kernels."
+        "`GemmaRMSNorm` / `LayerNorm`, which have the same parameters and fused kernels. The forward "
+        "is read with the methods of its own it calls (Gemma's `self._norm(x.float())`); a width the "
+        "file's norm takes by another keyword (`dim=`) is passed as the engine's `hidden_size`."
     )
     examples = [
         Example(
@@ -49,6 +51,21 @@ class EngineNorms(Rule):
             "        self.input_layernorm = GemmaRMSNorm(config.hidden_size, "
             "eps=config.rms_norm_eps)\n",
         ),
+        # Gemma's norm computes in a method of its own and takes its width as `dim`
+        Example(
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n    def __init__(self, dim, eps=1e-6):\n"
+            "        super().__init__()\n\n    def _norm(self, x):\n"
+            "        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n\n"
+            "    def forward(self, x):\n        return self._norm(x.float()) * (1.0 + self.weight.float())\n\n\n"
+            "class ALayer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.q_norm = ARMSNorm(dim=config.head_dim, eps=config.rms_norm_eps)\n",
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n    def __init__(self, dim, eps=1e-6):\n"
+            "        super().__init__()\n\n    def _norm(self, x):\n"
+            "        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n\n"
+            "    def forward(self, x):\n        return self._norm(x.float()) * (1.0 + self.weight.float())\n\n\n"
+            "class ALayer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.q_norm = GemmaRMSNorm(hidden_size=config.head_dim, eps=config.rms_norm_eps)\n",
+        ),
     ]
 
     def leave_Call(self, original, updated):
@@ -56,10 +73,21 @@ class EngineNorms(Rule):
             return updated
         name = dotted(updated.func) or ""
         if name in self.plan.norms:
-            return self._eps_keyword(name, updated).with_changes(func=cst.Name(self.ctx.use(self.plan.norms[name])))
+            call = self._size_keyword(name, self._eps_keyword(name, updated))
+            return call.with_changes(func=cst.Name(self.ctx.use(self.plan.norms[name])))
         if self.ctx.idx.qualify(name) == "torch.nn.LayerNorm":
             return updated.with_changes(func=cst.Name(self.ctx.use("LayerNorm")))
         return updated
+
+    def _size_keyword(self, name: str, call: cst.Call) -> cst.Call:
+        """The width passed by the file's own keyword (Gemma-3's `Gemma3RMSNorm(dim=config.head_dim)`):
+        the engine's norms call their first argument `hidden_size`."""
+        init = self.ctx.idx.classes[name].method("__init__") if name in self.ctx.idx.classes else None
+        first = init.params.params[1].name.value if init is not None and len(init.params.params) > 1 else None
+        if first is None or first == "hidden_size":
+            return call
+        return call.with_changes(args=[a.with_changes(keyword=cst.Name("hidden_size"))
+                                       if a.keyword is not None and a.keyword.value == first else a for a in call.args])
 
     def _eps_keyword(self, name: str, call: cst.Call) -> cst.Call:
         """The file's norm names its epsilon otherwise (`RMSNorm(h, epsilon=...)`, Baichuan2): the
