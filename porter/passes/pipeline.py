@@ -32,7 +32,6 @@ from porter.passes.attention.inline_eager_attention import InlineEagerAttention
 from porter.passes.attention.inline_self_attention_arm import InlineSelfAttentionArm
 from porter.passes.attention.kv_sharing import KvSharing
 from porter.passes.attention.kv_sharing_attention import KvSharingAttention
-from porter.passes.attention.kv_sharing_load import KvSharingLoad
 from porter.passes.attention.latent_attention import LatentAttention
 from porter.passes.attention.latent_decompressed import LatentDecompressed
 from porter.passes.attention.latent_indexer_guard import LatentIndexerGuard
@@ -87,7 +86,6 @@ from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.drop_pass_through import DropPassThrough
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
-from porter.passes.plumbing.load_buffers import LoadBuffers
 from porter.passes.plumbing.failing_init_arm import FailingInitArm
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.mask_positions import MaskPositions
@@ -201,18 +199,16 @@ MODEL: list[type[Rule]] = [
     CheckpointModuleNames,
     ThreadPrefix,
     CausalLmInterface,
-    KvSharingLoad,  # after CausalLmInterface: the load_weights it wrote loads a reading layer's own q_proj
-    ValueFromKey,  # after CausalLmInterface: loads k's weights into the v rows of the load_weights it wrote
-    ReversedRope,  # after CausalLmInterface: folds a sign into the load_weights it wrote
+    ValueFromKey,  # after CausalLmInterface: hands k's weights on as the v shard in the load filter it wrote
+    ReversedRope,  # after CausalLmInterface: folds a sign into the load filter it wrote
     TrainedLengthGuard,  # after CausalLmInterface: into the __init__ it wrote (reads PT300's record)
-    RopeOrder,  # (idem: moves q/k rows in that load_weights)
+    RopeOrder,  # (idem: moves q/k rows in that filter)
     EngineMambaMixer,  # reads the target (its config accessor): after the first rule that does
     EngineShortConv,  # (idem)
     LatentIndexerGuard,  # (idem); the statement building an indexer PT281 kept becomes its bound's check
     MambaStateInterface,  # after PT050 built the causal LM it adds to
     CompileBaseModel,
     DropUnusedBuffers,
-    LoadBuffers,  # after PT126 and the rules that take buffers into engine layers: the persistent ones left
     DropRopeConfigReads,  # late: once no kept code reads the copy
     YarnMscale,  # a rotary helper of transformers' utilities the port writes itself
     DropDropoutModules,  # late, before PT060 (it removes the helper it inlines) and PT310 (the probabilities it drops)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
+from porter.passes._edit import FILTER, add_to_filter
 from porter.passes.base import Example, Rule
 from porter.plan.model import AttentionPlan
 
 _LOOP = (
-    "        for name, loaded_weight in weights:\n"
-    "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
-    "                if shard_name not in name:\n                    continue\n"
-    "                name = name.replace(shard_name, param_name)\n                param = params_dict[name]\n"
-    "                param.weight_loader(param, loaded_weight, shard_id)\n"
+    "        for name, loaded_weight in weights:\n{also}"
+    "            yield name, loaded_weight\n"
+)
+_ALSO = (
+    "            if \".k_proj.\" in name and self.get_submodule(name.rsplit(\".\", 2)[0]).k_is_v:\n"
+    "                # v is k's projection here: the k tensor also loads into the v rows\n"
+    "                yield name.replace(\".k_proj.\", \".v_proj.\"), loaded_weight.detach()\n"
 )
 _HEAD = (
     "from torch import nn\n\n\nclass Attn(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
@@ -25,9 +28,7 @@ _LM = (
     "\n\nclass AModel(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
     "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
     "class AForCausalLM(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
-    "        self.model = AModel(config)\n\n    def load_weights(self, weights):\n"
-    "        stacked_params_mapping = [(\".qkv_proj\", \".q_proj\", \"q\"), (\".qkv_proj\", \".k_proj\", \"k\"), "
-    "(\".qkv_proj\", \".v_proj\", \"v\")]\n        params_dict = dict(self.named_parameters())\n" + _LOOP
+    "        self.model = AModel(config)\n\n    def port_weights(self, weights):\n" + _LOOP
 )
 _PLAN = AttentionPlan(
     cls="Attn", q="q_proj", k="k_proj", v="v_proj", o=None, head_dim="self.head_dim", num_heads="config.num_heads",
@@ -44,17 +45,14 @@ class ValueFromKey(Rule):
         "nn.Linear(...) if not self.use_alternative_attention else None`) and take the keys' projection, "
         "before its norm and rotary, as values (`v = self.v_proj(x) if self.v_proj is not None else k`), "
         "found by dataflow (porter/analysis/value_from_key.py). As in vLLM's gemma4, such a layer keeps the "
-        "fused `qkv_proj` and load_weights loads the checkpoint's k_proj into both its k and its v rows, so "
-        "v is k's projection exactly: forward takes the v of the split, and the loader tests the layer's own "
-        "attribute on the module the weight belongs to."
+        "fused `qkv_proj` and the filter in front of the loader (`port_weights`) hands the checkpoint's k_proj "
+        "on a second time as the v shard, so its k and its v rows both hold it and v is k's projection exactly: "
+        "forward takes the v of the split, and the filter tests the layer's own attribute on the module the "
+        "weight belongs to."
     )
     examples = [Example(
-        _HEAD + "        value = v if self.v_proj is not None else k\n        return self.attn(q, k, value)\n" + _LM,
-        _HEAD + "        value = v\n        return self.attn(q, k, value)\n" + _LM.replace(
-            "                param.weight_loader(param, loaded_weight, shard_id)\n",
-            "                param.weight_loader(param, loaded_weight, shard_id)\n"
-            "                if shard_id == \"k\" and self.get_submodule(name.rsplit(\".\", 2)[0]).k_is_v:\n"
-            "                    param.weight_loader(param, loaded_weight, \"v\")  # v is k's projection here\n"),
+        _HEAD + "        value = v if self.v_proj is not None else k\n        return self.attn(q, k, value)\n" + _LM.replace("{also}", ""),
+        _HEAD + "        value = v\n        return self.attn(q, k, value)\n" + _LM.replace("{also}", _ALSO),
         seed={"attentions": [_PLAN], "classes": ["Attn", "AModel", "AForCausalLM"]})]
 
     @classmethod
@@ -74,19 +72,22 @@ class ValueFromKey(Rule):
         if attn is not None and attn.v_from_k and updated.name.value == "forward":
             self.mark(f"{cls}.forward")
             return updated.visit(_PickV(attn.v))
-        if cls == self.plan.causal_lm and updated.name.value == "load_weights":
+        if cls == self.plan.causal_lm and updated.name.value == FILTER:
             tests = {a.v_from_k for a in self.plan.attentions if a.v_from_k}
-            if len(tests) != 1:
+            pairs = {(a.k, a.v) for a in self.plan.attentions if a.v_from_k}
+            if len(tests) != 1 or len(pairs) != 1:
                 raise self.ctx.idx.error("cannot port values taken from the keys: attention classes test it "
-                                         "differently", construct=f"{cls}.load_weights", rule=self.name)
+                                         "differently", construct=f"{cls}.{FILTER}", rule=self.name)
+            (k, v), = pairs
             test = cst.parse_expression(tests.pop()).visit(_OnModule())
-            load = m.SimpleStatementLine(body=[m.Expr(m.Call(func=m.Attribute(attr=m.Name("weight_loader")),
-                                                             args=[m.Arg(), m.Arg(), m.Arg(m.Name("shard_id"))]))])
-            out = updated.visit(_AlsoV(load, test))
-            if out.deep_equals(updated):
-                raise self.ctx.idx.error("cannot port values taken from the keys: no stacked shard load in "
-                                         "load_weights", construct=f"{cls}.load_weights", rule=self.name)
-            self.mark(f"{cls}.load_weights")
+            also = cst.parse_statement(_ALSO.replace("            ", "", 1).replace("\n            ", "\n")
+                                       .replace(".k_proj.", f".{k}.").replace(".v_proj.", f".{v}."))
+            also = also.with_changes(test=also.test.with_changes(right=test))  # type: ignore[attr-defined]
+            out = add_to_filter(updated, [also])
+            if out is None:
+                raise self.ctx.idx.error("cannot port values taken from the keys: no filter in front of the "
+                                         "loader", construct=f"{cls}.{FILTER}", rule=self.name)
+            self.mark(f"{cls}.{FILTER}")
             return out
         return updated
 
@@ -110,21 +111,3 @@ class _OnModule(cst.CSTTransformer):
         if updated.value == "self":
             return cst.parse_expression('self.get_submodule(name.rsplit(".", 2)[0])')
         return updated
-
-
-class _AlsoV(cst.CSTTransformer):
-    def __init__(self, load: m.BaseMatcherNode, test: cst.BaseExpression) -> None:
-        super().__init__()
-        self.load, self.test = load, test
-
-    def leave_IndentedBlock(self, original, updated):
-        body: list[cst.BaseStatement] = []
-        for st in updated.body:
-            body.append(st)
-            if m.matches(st, self.load):
-                also = cst.parse_statement('if shard_id == "k" and TEST:\n'
-                                           '    param.weight_loader(param, loaded_weight, "v")  # v is k\'s projection here\n')
-                body.append(also.with_changes(test=cst.parse_expression(
-                    'shard_id == "k" and X').with_changes(right=self.test)))
-        return updated.with_changes(body=body) if len(body) != len(updated.body) else updated
-

@@ -17,6 +17,7 @@ from porter.analysis.cstutil import (
 from porter.passes.base import Example, Rule
 from porter.analysis.layouts import linear_args
 from porter.analysis.normalized_head import head_sizes
+from porter.passes.plumbing import _weights_mapper as _wm
 from porter.render import render
 
 # the base model and head module of PT050's prediction-head example (before and after alike)
@@ -57,6 +58,10 @@ _PLAIN_PORT = (
     "        super().__init__()\n"
     "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n\n\n"
     "class AForCausalLM(nn.Module):\n"
+    "    \n    \n"
+    "    hf_to_vllm_mapper = WeightsMapper(\n        orig_to_new_regex={\n"
+    "            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model\n"
+    "            re.compile(\"^(?!(?:lm_head|model)\\\\.)\"): \"model.\",\n        },\n    )\n"
     "    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ''):\n"
     "        super().__init__()\n        config = vllm_config.model_config.hf_config\n"
     "        cache_config = vllm_config.cache_config\n"
@@ -77,24 +82,9 @@ _PLAIN_PORT = (
     "inputs_embeds=inputs_embeds)\n    \n    \n"
     "    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:\n"
     "        return self.logits_processor(self.lm_head, hidden_states)\n    \n    \n"
-    "    def load_weights(self, weights: Iterable[tuple[str, "
-    "torch.Tensor]]) -> set[str]:\n        stacked_params_mapping = [\n"
-    "            # (param_name, shard_name, shard_id)\n        ]\n"
-    "        params_dict = dict(self.named_parameters())\n"
-    "        loaded_params: set[str] = set()\n"
-    "        for name, loaded_weight in weights:\n"
-    '            if "rotary_emb.inv_freq" in name:\n                continue\n'
-    '            if self.config.tie_word_embeddings and name.startswith("lm_head."):\n'
-    "                continue\n"
-    "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
-    "                if shard_name not in name:\n                    continue\n"
-    "                name = name.replace(shard_name, param_name)\n"
-    "                param = params_dict[name]\n"
-    "                param.weight_loader(param, loaded_weight, shard_id)\n"
-    "                break\n            else:\n                param = params_dict[name]\n"
-    '                weight_loader = getattr(param, "weight_loader", '
-    "default_weight_loader)\n                weight_loader(param, loaded_weight)\n"
-    "            loaded_params.add(name)\n        return loaded_params\n"
+    "    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:\n"
+    "        loader = AutoWeightsLoader(self)\n"
+    "        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)\n"
 )
 
 
@@ -171,6 +161,10 @@ class CausalLmInterface(Rule):
             "        return self.decoder(self.head(hidden_states[:, -1:, :]))\n",
             _HEAD_MODULES
             + "class AForCausalLM(nn.Module):\n"
+            "    \n    \n"
+            "    hf_to_vllm_mapper = WeightsMapper(\n        orig_to_new_regex={\n"
+            "            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model\n"
+            "            re.compile(\"^(?!(?:decoder|head|model)\\\\.)\"): \"model.\",\n        },\n    )\n"
             "    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ''):\n"
             "        super().__init__()\n"
             "        config = vllm_config.model_config.hf_config\n"
@@ -203,29 +197,8 @@ class CausalLmInterface(Rule):
             "    \n"
             "    \n"
             "    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:\n"
-            "        stacked_params_mapping = [\n"
-            "            # (param_name, shard_name, shard_id)\n"
-            "        ]\n"
-            "        params_dict = dict(self.named_parameters())\n"
-            "        loaded_params: set[str] = set()\n"
-            "        for name, loaded_weight in weights:\n"
-            '            if "rotary_emb.inv_freq" in name:\n'
-            "                continue\n"
-            '            if self.config.tie_word_embeddings and name == "decoder.weight":\n'
-            "                continue  # the embedding's; the head's own bias still loads\n"
-            "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
-            "                if shard_name not in name:\n"
-            "                    continue\n"
-            "                name = name.replace(shard_name, param_name)\n"
-            "                param = params_dict[name]\n"
-            "                param.weight_loader(param, loaded_weight, shard_id)\n"
-            "                break\n"
-            "            else:\n"
-            "                param = params_dict[name]\n"
-            '                weight_loader = getattr(param, "weight_loader", default_weight_loader)\n'
-            "                weight_loader(param, loaded_weight)\n"
-            "            loaded_params.add(name)\n"
-            "        return loaded_params\n",
+            "        loader = AutoWeightsLoader(self)\n"
+            "        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)\n",
         ),
     ]
 
@@ -254,42 +227,57 @@ class CausalLmInterface(Rule):
                          base_positions=self._base_takes("positions"), base_embeds=self._base_takes("inputs_embeds"),
                          pre_head=self._pre_head(info))
         ctx.use("IntermediateTensors")
-        stacked = [(f, o, s if s.isdigit() else repr(s)) for f, o, s in plan.stacked_params]
+        lw = self._load_weights(lm_head_bias)
+        for fn in cst.parse_module(methods + "\n\n" + lw).body:
+            if isinstance(fn, cst.SimpleStatementLine):  # the WeightsMapper(s): after the packed modules mapping
+                body.insert(sum(isinstance(st, cst.SimpleStatementLine) for st in body), fn)
+            else:
+                body.append(fn)
+        self.mark(plan.causal_lm)
+        del t
+        return updated.with_changes(body=updated.body.with_changes(body=body))
+
+    def _load_weights(self, lm_head_bias: bool) -> str:
+        """The port's WeightsMapper, load_weights and (when it needs one) its port_weights filter."""
+        ctx, plan = self.ctx, self.plan
         interleaved = sorted({f".{a.q}." for a in plan.attentions if a.interleaved})
         grouped = sorted({f".{a.q}." for a in plan.attentions if a.grouped})
         blocked = sorted({(f".{a.q}.", *a.blocked) for a in plan.attentions if a.blocked})
+        interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
+                                     if a.interleaved_unless})
         experts = []
         for mp in plan.moes:
-            gate, down, up = mp.ckpt_names
-            e = dict(attr=mp.experts, gate=gate, down=down, up=up, packed=mp.packed,
-                     gate_up_param=mp.gate_up, down_param=mp.down,
+            e = dict(attr=mp.experts, gate_up_param=mp.gate_up, down_param=mp.down,
                      num_experts=_experts_count(mp.num_experts), bias=list(mp.expert_bias), flat=list(mp.flat))
             if mp.expert_bias:  # (gpt_oss) the swigluoai experts with biases, loaded per rank
                 ctx.use("get_tensor_model_parallel_rank")
             if e not in experts:
                 experts.append(e)
-        if any(not e["packed"] and not e["flat"] for e in experts):
-            ctx.use("fused_moe_make_expert_params_mapping")
-        interleaved_unless = sorted({(f".{a.q}.", a.interleaved_unless) for a in plan.attentions
-                                     if a.interleaved_unless})
-        lw = render("load_weights.py.j2", stacked=stacked, lm_head=plan.lm_head or "lm_head",
-                    lm_head_bias=lm_head_bias, lm_head_normalized=plan.lm_head_normalized,
-                    interleaved=interleaved, interleaved_unless=interleaved_unless, grouped=grouped,
-                    blocked=blocked,
-                    transposed=repr(tuple(f".{a}.weight" for a in plan.transposed_linears)),
-                    cross_modules=sorted({c.rsplit(".", 1)[1] for c in plan.cross_attention_modules}),
-                    indexers=sorted({a.indexer for a in plan.latent_arounds.values() if a.indexer}),
-                    renames=plan.checkpoint_renames, experts=experts, stacked_clash=_stacked_clash(ctx),
-                    latent_q_lora=next((f"self.{a.q_lora_config}" for a in plan.latent_attentions
-                                        if a.q_a and a.q and (a.q_lora_config or "").startswith("config.")), None),
-                    # engine activation classes (PT140) hold persistent buffers the checkpoint carries
-                    load_buffers=any(s.startswith("act_class_") for s in ctx.engine_symbols))
-        ctx.use("default_weight_loader")
-        for fn in cst.parse_module(methods + "\n\n" + lw).body:
-            body.append(fn)
-        self.mark(plan.causal_lm)
-        del t
-        return updated.with_changes(body=updated.body.with_changes(body=body))
+        flat = [e for e in experts if e["flat"]]
+        packed_bias = [e for e in experts if e["bias"] and not e["flat"]]
+        latent_q_lora = any(a.q_a and a.q and (a.q_lora_config or "").startswith("config.")
+                            for a in plan.latent_attentions)
+        own = [why for why, on in (("a linear named like a shard", _stacked_clash(ctx)),
+                                   ("the KV latent projection without a low-rank query", latent_q_lora),
+                                   ("a KV-sharing layer's own q_proj", any(a.kv_shared_when for a in plan.attentions)))
+               if on]
+        transposed = repr(tuple(f".{a}.weight" for a in plan.transposed_linears))
+        # rules after this one add to the filter: their transforms of q/k (PT241, PT242) and v (PT292)
+        later = any(a.rope_reversed or a.rope_order or a.v_from_k for a in plan.attentions)
+        direct = bool(flat or packed_bias or own)
+        filt = bool(interleaved or grouped or blocked or interleaved_unless or direct or later
+                    or plan.checkpoint_renames or plan.lm_head_normalized or transposed != "()")
+        ctx.use("AutoWeightsLoader")
+        ctx.use("WeightsMapper")
+        if own:
+            ctx.use("default_weight_loader")
+        return render("load_weights.py.j2", mapper_attr=f"hf_to_{ctx.target.package}_mapper",
+                      stacked=_wm.stacked_keys(ctx), drops=_wm.dropped_modules(ctx), base_prefix=_wm.base_prefix(ctx),
+                      renames=plan.checkpoint_renames, ignore_suffixes=_wm.ignored_suffixes(ctx), filter=filt,
+                      direct=direct, own_params=", ".join(own), lm_head=plan.lm_head or "lm_head",
+                      lm_head_bias=lm_head_bias, lm_head_normalized=plan.lm_head_normalized,
+                      transposed=transposed, interleaved=interleaved, grouped=grouped, blocked=blocked,
+                      interleaved_unless=interleaved_unless, flat=flat, packed_bias=packed_bias)
 
     def _logits_post(self, info) -> tuple[str | None, str | None]:
         """What HF's forward does to the logits after lm_head: a scale and/or a tanh soft cap.
@@ -520,8 +508,14 @@ class CausalLmInterface(Rule):
                         f"if {plan.tie_condition}:\n"
                         f"    raise ValueError(\"a head that normalises its rows tied to the embedding is not ported\")\n"))
                     continue
+                tie = plan.tie_condition
+                if tie == "config.tie_word_embeddings" and "model_should_use_tied_lm_head" in ctx.target.symbols:
+                    # (Aphrodite's own ports: a checkpoint with its own quantized head keeps it untied)
+                    body.append(cst.parse_statement(
+                        f"self.use_tied_lm_head = {ctx.use('model_should_use_tied_lm_head')}(config, quant_config)\n"))
+                    tie = "self.use_tied_lm_head"
                 body.append(cst.parse_statement(
-                    f"if {plan.tie_condition}:\n"
+                    f"if {tie}:\n"
                     f"    self.{attr} = self.{attr}.tie_weights(self.{plan.embed_path})\n"))
                 continue
             if isinstance(st, cst.If) and st.orelse is None and (helper := _helper_module_arm(st, self.ctx.removed_names)):

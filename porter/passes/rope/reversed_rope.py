@@ -5,21 +5,19 @@ from __future__ import annotations
 import textwrap
 
 import libcst as cst
-import libcst.matchers as m
 
 from porter.errors import PorterError
+from porter.passes._edit import FILTER, add_to_filter
 from porter.passes.base import Example, Rule
 
-_STACKED_LOOP = m.For(target=m.Tuple(elements=[m.Element(m.Name("param_name")), m.ZeroOrMore()]))
 
 _LOAD = (
     "class LM(nn.Module):\n"
-    "    def load_weights(self, weights):\n"
+    "    def port_weights(self, weights):\n"
     "        for name, loaded_weight in weights:\n"
     "            if \"rotary_emb.inv_freq\" in name:\n                continue\n"
     "{fold}"
-    "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
-    "                break\n"
+    "            yield name, loaded_weight\n"
 )
 _ATTN = (
     "from torch import nn\n\n\ndef rotate_half(x):\n"
@@ -53,7 +51,7 @@ _FOLD = (
 
 
 class ReversedRope(Rule):
-    descend_methods = frozenset()  # works on load_weights as a whole
+    descend_methods = frozenset()  # works on load_weights' filter as a whole
     code = "PT241"
     name = "reversed-rope"
     why = (
@@ -76,23 +74,16 @@ class ReversedRope(Rule):
     def leave_FunctionDef(self, original, updated):
         cls = self.current_class
         super().leave_FunctionDef(original, updated)
-        if updated.name.value != "load_weights" or len(self.scope) != 1:
+        if updated.name.value != FILTER or len(self.scope) != 1:
             return updated
         projs = list(dict.fromkeys(f".{p}." for a in self.plan.attentions if a.rope_reversed for p in (a.q, a.k)))
         if any(a.rope_reversed and a.packed for a in self.plan.attentions):
             raise PorterError("rotary that turns the other way in a packed q/k/v projection: no rule "
                               "negates half of q and k in it", file=self.ctx.idx.path, rule=self.name)
         fold = cst.parse_module(textwrap.dedent(_FOLD.format(projs="(" + ", ".join(f'"{p}"' for p in projs) + ")"))).body
-        outer = next((st for st in updated.body.body if isinstance(st, cst.For)), None)
-        if outer is None or not any(m.matches(st, _STACKED_LOOP) for st in outer.body.body):
-            raise PorterError("load_weights without the stacked-parameter loop: cannot fold the rotary's "
-                              "sign into q/k", file=self.ctx.idx.path, rule=self.name)
-        inner: list[cst.BaseStatement] = []
-        for st in outer.body.body:
-            if m.matches(st, _STACKED_LOOP):
-                inner.extend(fold)
-            inner.append(st)
-        new_outer = outer.with_changes(body=outer.body.with_changes(body=inner))
-        self.mark(f"{cls}.load_weights")
-        return updated.with_changes(body=updated.body.with_changes(
-            body=[new_outer if st is outer else st for st in updated.body.body]))
+        out = add_to_filter(updated, list(fold))
+        if out is None:
+            raise PorterError("load_weights without its filter: cannot fold the rotary's sign into q/k",
+                              file=self.ctx.idx.path, rule=self.name)
+        self.mark(f"{cls}.{FILTER}")
+        return out

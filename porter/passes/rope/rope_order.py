@@ -9,10 +9,10 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import findall
 from porter.errors import PorterError
+from porter.passes._edit import FILTER, add_to_filter
 from porter.passes.base import Example, Rule
 
 HELPER = "rotary_order"
-_STACKED_LOOP = m.For(target=m.Tuple(elements=[m.Element(m.Name("param_name")), m.ZeroOrMore()]))
 _GET_ROPE = m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self"), attr=m.Name("rotary_emb")))],
                      value=m.Call(func=m.Name("get_rope")))
 _ORDER = (
@@ -56,11 +56,10 @@ _ATTN = (
     "        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)\n"
     "        return self.o_proj(out)\n\n\n"
     "class LM(nn.Module):\n"
-    "    def load_weights(self, weights):\n"
+    "    def port_weights(self, weights):\n"
     "        for name, loaded_weight in weights:\n"
     "{fold}"
-    "            for param_name, shard_name, shard_id in stacked_params_mapping:\n"
-    "                break\n"
+    "            yield name, loaded_weight\n"
 )
 _HELPER = (
     "def {name}(config, layer_idx: int, half: int) -> list[int]:\n"
@@ -93,7 +92,7 @@ def _helper_src(order: str) -> str:
 
 
 class RopeOrder(Rule):
-    descend_methods = frozenset()  # works on __init__ and load_weights as a whole
+    descend_methods = frozenset()  # works on __init__ and load_weights' filter as a whole
     code = "PT244"
     name = "rope-order"
     why = (
@@ -127,7 +126,7 @@ class RopeOrder(Rule):
         if attn and attn.rope_order and updated.name.value == "__init__":
             self.mark(f"{cls}.__init__")
             return updated.with_changes(body=self._after_rope(updated.body))
-        if updated.name.value == "load_weights":
+        if updated.name.value == FILTER:
             return self._fold(cls, updated)
         return updated
 
@@ -149,19 +148,12 @@ class RopeOrder(Rule):
                               "the rows of q and k in it", file=self.ctx.idx.path, rule=self.name)
         fold = cst.parse_module(textwrap.dedent(_FOLD.format(
             name=HELPER, projs="(" + ", ".join(f'"{p}"' for p in projs) + ")"))).body
-        outer = next((st for st in fn.body.body if isinstance(st, cst.For)), None)
-        if outer is None or not any(m.matches(st, _STACKED_LOOP) for st in outer.body.body):
-            raise PorterError("load_weights without the stacked-parameter loop: cannot move the rotary's "
-                              "rows of q/k", file=self.ctx.idx.path, rule=self.name)
-        inner: list[cst.BaseStatement] = []
-        for st in outer.body.body:
-            if m.matches(st, _STACKED_LOOP):
-                inner.extend(fold)
-            inner.append(st)
-        self.mark(f"{cls}.load_weights")
-        new_outer = outer.with_changes(body=outer.body.with_changes(body=inner))
-        return fn.with_changes(body=fn.body.with_changes(
-            body=[new_outer if st is outer else st for st in fn.body.body]))
+        out = add_to_filter(fn, list(fold))
+        if out is None:
+            raise PorterError("load_weights without its filter: cannot move the rotary's rows of q/k",
+                              file=self.ctx.idx.path, rule=self.name)
+        self.mark(f"{cls}.{FILTER}")
+        return out
 
     def leave_Module(self, original, updated):
         attn = next((a for a in self.plan.attentions if a.rope_order), None)
