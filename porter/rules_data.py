@@ -194,6 +194,26 @@ def get_target(name: str) -> Target:
     return all_targets[name]
 
 
+LORA_RULES = "lora.yaml"  # rules/: the model types whose native class takes LoRA adapters (PT322)
+_LORA_ROLES = ("input_embeddings", "output_embeddings")
+
+
+@lru_cache(maxsize=4)
+def _lora_table(rules_dir: Path) -> dict[str, tuple[str, ...]]:
+    path = rules_dir / LORA_RULES
+    table = _load(LORA_RULES, rules_dir).get("lora") or {}
+    if not isinstance(table, dict) or not all(
+            isinstance(v, list) and set(v) <= set(_LORA_ROLES) for v in table.values()):
+        raise PorterError(f"lora must map model types to lists of {_LORA_ROLES}", file=str(path), construct="lora")
+    return {str(k): tuple(v) for k, v in table.items()}
+
+
+def lora_roles(model_type: str) -> tuple[str, ...] | None:
+    """The embedding roles the native class of MODEL_TYPE names for LoRA (rules/lora.yaml), None
+    when that class takes no LoRA adapters."""
+    return _lora_table(active_rules_dir()).get(model_type)
+
+
 COVERAGE_RULES = "coverage.yaml"  # rules/: the day-zero releases the sweep also covers
 
 

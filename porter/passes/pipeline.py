@@ -86,10 +86,13 @@ from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.drop_pass_through import DropPassThrough
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
+from porter.passes.plumbing.lora_interface import LoraInterface
 from porter.passes.plumbing.failing_init_arm import FailingInitArm
 from porter.passes.plumbing.fix_call_arity import FixCallArity
 from porter.passes.plumbing.mask_positions import MaskPositions
 from porter.passes.plumbing.match_callee_params import MatchCalleeParams
+from porter.passes.plumbing.pipeline_head import PipelineHead
+from porter.passes.plumbing.pipeline_stages import PipelineStages
 from porter.passes.plumbing.plain_attribute_assign import PlainAttributeAssign
 from porter.passes.plumbing.module_list_comprehension import ModuleListComprehension
 from porter.passes.plumbing.rename_engine_clashes import RenameEngineClashes
@@ -207,6 +210,9 @@ MODEL: list[type[Rule]] = [
     EngineShortConv,  # (idem)
     LatentIndexerGuard,  # (idem); the statement building an indexer PT281 kept becomes its bound's check
     MambaStateInterface,  # after PT050 built the causal LM it adds to
+    PipelineStages,  # after the rules that write the base model's forward, before PT052 reads its arguments
+    PipelineHead,  # after PT320 (it acts only where the base model was staged) and the rules writing load_weights
+    LoraInterface,  # after PT050 and the rules writing packed_modules_mapping
     CompileBaseModel,
     DropUnusedBuffers,
     DropRopeConfigReads,  # late: once no kept code reads the copy

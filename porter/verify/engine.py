@@ -97,8 +97,13 @@ def run_engine(
     progress: Callable[[str], None] | None = None,
     timeout_s: float = 900.0,
     enforce_eager: bool = True,
+    pp: int = 1,
 ) -> EngineRun:
-    """One engine start for ``checkpoint`` at ``tp``; ``port`` None runs without the port plugin."""
+    """One engine start for ``checkpoint`` at ``tp`` (and ``pp`` pipeline stages); ``port`` None runs
+    without the port plugin. PP > 1 runs traced (vLLM's CPU runner allocates the stages' intermediate
+    tensors only when it does not enforce eager), with dynamo's eager backend: no inductor build."""
+    if pp > 1:
+        enforce_eager = False
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="porter-verify-engine-") as tmp:
         tmp = Path(tmp)
@@ -113,6 +118,7 @@ def run_engine(
             "top_logprobs": top_logprobs,
             "max_model_len": max_model_len,
             "enforce_eager": enforce_eager,
+            "pp": pp,
         }
         if "kv_lora_rank" in json.loads((Path(checkpoint) / "config.json").read_text()):
             req["latent_attention"] = True  # (engine_main picks the CPU MLA backend)
@@ -126,7 +132,7 @@ def run_engine(
                 str(tmp / "req.json"),
                 str(tmp / "res.json"),
             ],
-            env=_env(tp, pythonpath, probe_dir, eager=enforce_eager),
+            env=_env(tp * pp, pythonpath, probe_dir, eager=enforce_eager),
             cwd=str(tmp),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

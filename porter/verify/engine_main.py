@@ -36,13 +36,16 @@ def run(req: dict) -> dict:
 
     from porter.verify.probe import describe_model
 
-    stage(f"starting engine (TP={req['tp']})")
+    pp = req.get("pp", 1)
+    stage(f"starting engine (TP={req['tp']}" + (f", PP={pp})" if pp > 1 else ")"))
     llm = LLM(
         model=req["checkpoint"],
         dtype="float32",
         # False: vLLM compiles the @support_torch_compile base model (inductor on the CPU)
         enforce_eager=req.get("enforce_eager", True),
         tensor_parallel_size=req["tp"],
+        # pipeline stages: traced once by dynamo, run by its eager backend (engine.run_engine)
+        **({"pipeline_parallel_size": pp, "compilation_config": {"mode": 2, "backend": "eager"}} if pp > 1 else {}),
         gpu_memory_utilization=0.2,
         skip_tokenizer_init=True,
         max_model_len=req["max_model_len"],

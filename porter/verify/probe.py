@@ -96,4 +96,9 @@ def describe_model(model) -> dict:
     record["module"] = type(model).__module__
     record["name"] = type(model).__qualname__
     record["rank"] = _rank()
+    from vllm.distributed import get_pp_group
+
+    if get_pp_group().world_size > 1:  # the layers this pipeline stage holds
+        held = next(((mod.start_layer, mod.end_layer) for mod in model.modules() if hasattr(mod, "end_layer")), None)
+        record["pp_stage"] = [get_pp_group().rank_in_group, held]
     return record

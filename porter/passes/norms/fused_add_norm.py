@@ -293,6 +293,7 @@ class FusedAddNorm(Rule):
                     value=norm.with_changes(args=[*norm.args, cst.Arg(cst.Name(residual))]))])
             body.append(st)
         self.mark(f"{cls.name.value}.forward")
+        self.ctx.fused_residual[cls.name.value] = residual
         return _replace_method(cls, fwd, fwd.with_changes(body=fwd.body.with_changes(body=body)))
 
     # -- the layer -------------------------------------------------------------------------------
