@@ -13,6 +13,8 @@ import re
 import libcst as cst
 import libcst.matchers as m
 
+from porter.analysis.cstutil import findall
+
 # buffers that older transformers releases saved in checkpoints and no release builds any more (the
 # masked-attention fill value of GPT-2 and its descendants): ignored when nothing of the port takes them
 LEGACY_CHECKPOINT_BUFFERS = ("masked_bias",)
@@ -28,6 +30,14 @@ def holders(idx, cls: str) -> list[str] | None:
                 if sub.in_list:
                     return None
                 found.add(attr)
+        # every assignment builds one (the index keeps an attribute's first: DeepSeek's `self.mlp` is
+        # the MoE in one arm and the dense MLP in the other)
+        init = info.method("__init__")
+        for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])) if init else []:
+            if findall(node.value, m.Call(func=m.Name(cls))):
+                if findall(node.value, m.ListComp() | m.GeneratorExp()):
+                    return None
+                found.add(node.targets[0].target.attr.value)  # type: ignore[attr-defined]
     return sorted(found) or None
 
 

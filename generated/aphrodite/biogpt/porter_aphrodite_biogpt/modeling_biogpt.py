@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/biogpt/modeling_biogpt.py
 # Source sha256: 37e27e35d0df337506fca681afcccedc992fb7dc30fd93822931af63dbe0373d
-# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/biogpt/modular_biogpt.py.
@@ -25,12 +25,14 @@
 # limitations under the License.
 
 from collections.abc import Iterable
+import re
 import math
 
 import torch
 import torch.nn as nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
+from aphrodite.distributed import get_pp_group
 from aphrodite.model_executor.layers.activation import get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
 from aphrodite.model_executor.layers.linear import (
@@ -44,9 +46,18 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
+from itertools import islice
 from torch.nn import LayerNorm
 
 
@@ -106,7 +117,6 @@ class BioGptAttention(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self.dropout = dropout
         self.head_dim = embed_dim // num_heads
         self.config = config
 
@@ -116,9 +126,6 @@ class BioGptAttention(nn.Module):
                 f" and `num_heads`: {num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
-        self.is_causal = is_causal
-        self.layer_idx = layer_idx
         self.qkv_proj = QKVParallelLinear(
             embed_dim,
             self.head_dim,
@@ -180,9 +187,7 @@ class BioGptDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.dropout = config.hidden_dropout_prob
         self.activation_fn = get_act_fn(config.hidden_act)
-        self.activation_dropout = config.activation_dropout
 
         self.self_attn_layer_norm = LayerNorm(self.embed_dim)
 
@@ -229,7 +234,9 @@ class BioGptDecoderLayer(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0, "positions": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0, "positions": 0, "intermediate_tensors": 0}
+)
 class BioGptModel(nn.Module):
     def __init__(
         self,
@@ -240,48 +247,63 @@ class BioGptModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.layerdrop = config.layerdrop
-        self.dropout = config.hidden_dropout_prob
         self.embed_dim = config.hidden_size
         self.padding_idx = config.pad_token_id
         embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
 
-        self.embed_tokens = BioGptScaledWordEmbedding(
-            config.vocab_size, self.embed_dim, self.padding_idx, embed_scale=embed_scale
-        )
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.embed_tokens = BioGptScaledWordEmbedding(
+                config.vocab_size, self.embed_dim, self.padding_idx, embed_scale=embed_scale
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
         self.embed_positions = BioGptLearnedPositionalEmbedding(
             config.max_position_embeddings, self.embed_dim
         )
 
-        self.layers = nn.ModuleList(
-            [
-                BioGptDecoderLayer(
-                    config,
-                    layer_idx=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.layers.{i}",
-                )
-                for i in range(config.num_hidden_layers)
-            ]
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: BioGptDecoderLayer(
+                config,
+                layer_idx=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.layers",
         )
-        self.layer_norm = LayerNorm(self.embed_dim)
+        if get_pp_group().is_last_rank:
+            self.layer_norm = LayerNorm(self.embed_dim)
+        else:
+            self.layer_norm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.embed_dim
+        )
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         positions: torch.LongTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-
         positions_embeds = self.embed_positions(positions=positions)
-        hidden_states = inputs_embeds + positions_embeds
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
+            hidden_states = inputs_embeds + positions_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        for idx, decoder_layer in enumerate(self.layers):
+        for idx, decoder_layer in enumerate(
+            islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.layer_norm(hidden_states)
 
@@ -290,6 +312,19 @@ class BioGptModel(nn.Module):
 
 class BioGptForCausalLM(nn.Module):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:biogpt|output_projection)\\.)"): "biogpt.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+            ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+            ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+        },
+    )
 
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
@@ -310,7 +345,8 @@ class BioGptForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "output_projection"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.output_projection = self.output_projection.tie_weights(self.biogpt.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -330,29 +366,5 @@ class BioGptForCausalLM(nn.Module):
         return self.logits_processor(self.output_projection, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("output_projection."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_aphrodite_mapper)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/bloom/modeling_bloom.py
 # Source sha256: bf005d666e289dabfe70ce1941c918c80f9f61fbd573d63f9fa779a81b4df4ec
-# Rules applied: PT150, PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2022 HuggingFace Inc. team and BigScience workshop.
 #
@@ -20,6 +20,7 @@
 """PyTorch BLOOM model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
@@ -44,31 +45,14 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
-
-
-def dropout_add(
-    x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool
-) -> torch.Tensor:
-    """
-    Dropout add function
-
-    Args:
-        x (`torch.tensor`):
-            input tensor
-        residual (`torch.tensor`):
-            residual tensor
-        prob (`float`):
-            dropout probability
-        training (`bool`):
-            training mode
-    """
-    out = F.dropout(x, p=prob, training=training)
-    out = residual + out
-    return out
 
 
 def bloom_gelu_forward(x: torch.Tensor) -> torch.Tensor:
@@ -145,8 +129,6 @@ class BloomAttention(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.n_head
         self.head_dim = self.hidden_size // self.num_heads
-        self.split_size = self.hidden_size
-        self.hidden_dropout = config.hidden_dropout
 
         if self.head_dim * self.num_heads != self.hidden_size:
             raise ValueError(
@@ -156,8 +138,6 @@ class BloomAttention(nn.Module):
 
         # Layer-wise attention scaling
         self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
-        self.beta = 1.0
-        self.layer_idx = layer_idx
         self.query_key_value = QKVParallelLinear(
             self.hidden_size,
             self.head_dim,
@@ -176,7 +156,6 @@ class BloomAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense",
         )
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.attn = Attention(
             self.query_key_value.num_heads,
             self.head_dim,
@@ -189,9 +168,7 @@ class BloomAttention(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor):
-        fused_qkv, _ = self.query_key_value(
-            hidden_states
-        )  # [batch_size, seq_length, 3 x hidden_size]
+        fused_qkv, _ = self.query_key_value(hidden_states)
         query_layer, key_layer, value_layer = fused_qkv.split(
             [self.q_size, self.kv_size, self.kv_size], dim=-1
         )
@@ -210,7 +187,7 @@ class BloomAttention(nn.Module):
         else:
             output_tensor, _ = self.dense(context_layer)
 
-        output_tensor = dropout_add(output_tensor, residual, self.hidden_dropout, self.training)
+        output_tensor = residual + output_tensor
         return output_tensor
 
 
@@ -242,7 +219,6 @@ class BloomMLP(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense_4h_to_h",
         )
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor):
         hidden_states = self.gelu_impl(self.dense_h_to_4h(hidden_states)[0])
@@ -258,7 +234,7 @@ class BloomMLP(nn.Module):
         else:
             intermediate_output, _ = self.dense_4h_to_h(hidden_states)
 
-        output = dropout_add(intermediate_output, residual, self.hidden_dropout, self.training)
+        output = residual + intermediate_output
 
         return output
 
@@ -293,10 +269,8 @@ class BloomBlock(nn.Module):
         self.apply_residual_connection_post_layernorm = (
             config.apply_residual_connection_post_layernorm
         )
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(self, hidden_states: torch.Tensor):
-        # hidden_states: [batch_size, seq_length, hidden_size]
 
         # Layer norm at the beginning of the transformer layer.
         layernorm_output = self.input_layernorm(hidden_states)
@@ -401,6 +375,13 @@ class BloomModel(nn.Module):
 
 
 class BloomForCausalLM(nn.Module):
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -419,7 +400,8 @@ class BloomForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -439,38 +421,30 @@ class BloomForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_aphrodite_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v interleaved per head in the checkpoint -> [q; k; v] as QKVParallelLinear loads it
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                heads, size = qkv.total_num_heads, qkv.head_size
-                loaded_weight = (
-                    loaded_weight.view(heads, 3, size, *loaded_weight.shape[1:])
-                    .transpose(0, 1)
-                    .reshape(loaded_weight.shape)
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = (
+                        rows.view(qkv.total_num_heads, 3, -1, *rows.shape[1:])
+                        .transpose(0, 1)
+                        .reshape(rows.shape)
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight
 
 
 def alibi_slopes(total_num_heads: int, scale: float = 1.0) -> list[float]:

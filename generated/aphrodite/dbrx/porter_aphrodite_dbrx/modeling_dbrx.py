@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/dbrx/modeling_dbrx.py
 # Source sha256: 639411f27a4b23f080113166727fa91d42499cd99daf20c49c662aebd8128743
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT013, PT022, PT100, PT209, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT013, PT022, PT100, PT209, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT040, PT050, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/dbrx/modular_dbrx.py.
@@ -25,6 +25,7 @@
 # limitations under the License.
 
 from collections.abc import Iterable
+import re
 
 import torch
 from torch import nn
@@ -44,8 +45,12 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
 
@@ -67,17 +72,13 @@ class DbrxAttention(nn.Module):
         self.hidden_size = config.d_model
         self.num_heads = config.n_heads
         self.head_dim = self.hidden_size // self.num_heads
-        self.max_position_embeddings = config.max_seq_len
-        self.layer_idx = layer_idx
 
         attn_config = config.attn_config
         self.attention_dropout = attn_config.attn_pdrop
         self.clip_qkv = attn_config.clip_qkv
         self.num_key_value_heads = attn_config.kv_n_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.rope_theta = attn_config.rope_theta
-        self.is_causal = True
         self.Wqkv = QKVParallelLinear(
             self.hidden_size,
             self.head_dim,
@@ -137,7 +138,6 @@ class DbrxRouter(nn.Module):
     ):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.moe_jitter_eps = config.moe_jitter_eps
         self.layer = ReplicatedLinear(
             self.hidden_size,
             config.moe_num_experts,
@@ -210,8 +210,6 @@ class DbrxNormAttentionNorm(nn.Module):
         prefix: str = "",
     ):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.resid_pdrop = config.resid_pdrop
         self.norm_1 = LayerNorm(config.d_model, bias=False)
         self.attn = DbrxAttention(
             config=config,
@@ -246,8 +244,6 @@ class DbrxBlock(nn.Module):
     ):
         super().__init__()
         self.hidden_size = config.d_model
-        self.resid_pdrop = config.resid_pdrop
-        self.layer_idx = layer_idx
         self.norm_attn_norm = DbrxNormAttentionNorm(
             config=config,
             layer_idx=layer_idx,
@@ -291,9 +287,7 @@ class DbrxModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.emb_pdrop = config.emb_pdrop
         self.wte = VocabParallelEmbedding(
             config.vocab_size, config.d_model, quant_config=quant_config, prefix=f"{prefix}.wte"
         )
@@ -332,6 +326,13 @@ class DbrxModel(nn.Module):
 
 
 class DbrxForCausalLM(nn.Module):
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -351,7 +352,8 @@ class DbrxForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
         self.router_aux_loss_coef = config.ffn_config.moe_loss_weight
         self.num_experts = config.ffn_config.moe_num_experts
@@ -376,16 +378,20 @@ class DbrxForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        loaded: set[str] = set()  # what port_weights loads itself
+        return (
+            loader.load_weights(
+                self.port_weights(weights, loaded), mapper=self.hf_to_aphrodite_mapper
+            )
+            | loaded
+        )
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], loaded: set[str]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if name.endswith((".experts.mlp.w1", ".experts.mlp.v1", ".experts.mlp.w2")):
                 # experts held flat in the checkpoint, (experts * ffn, hidden) each: one slice per expert loads
                 # as FusedMoE's w1 (gate) / w3 (up) / w2 (down, stored (ffn, hidden) per expert: transposed)
@@ -396,7 +402,7 @@ class DbrxForCausalLM(nn.Module):
                     "w2": ("w2_weight", "w2"),
                 }[proj]
                 name = f"{module.rpartition('.')[0]}.routed_experts.{target}"
-                param = params_dict[name]
+                param = self.get_parameter(name)
                 for expert_id, expert in enumerate(
                     loaded_weight.view(
                         self.config.ffn_config.moe_num_experts, -1, loaded_weight.shape[-1]
@@ -404,18 +410,6 @@ class DbrxForCausalLM(nn.Module):
                 ):
                     expert = expert.t() if shard_id == "w2" else expert
                     param.weight_loader(param, expert, name, shard_id=shard_id, expert_id=expert_id)
-                loaded_params.add(name)
+                loaded.add(name)
                 continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name or ".experts." in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+            yield name, loaded_weight

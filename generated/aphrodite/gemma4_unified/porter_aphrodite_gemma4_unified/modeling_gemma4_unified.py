@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gemma4_unified/modeling_gemma4_unified.py
 # Source sha256: 93c425e0ccbb4cea6dfc78ff21190b57256a2c5923964b8ffbd9370abeacac75
-# Rules applied: PT001, PT002, PT003, PT291, PT020, PT021, PT010, PT011, PT022, PT023, PT293, PT024, PT025, PT026, PT030, PT032, PT031, PT033, PT040, PT050, PT294, PT292, PT052, PT295, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT291, PT020, PT021, PT010, PT011, PT022, PT023, PT293, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT040, PT050, PT292, PT320, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/gemma4_unified/modular_gemma4_unified.py.
@@ -30,9 +30,10 @@ import torch
 from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig, get_current_aphrodite_config
-from aphrodite.distributed import get_tensor_model_parallel_world_size
+from aphrodite.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from aphrodite.model_executor.layers.activation import get_act_and_mul_fn
 from aphrodite.model_executor.layers.attention import Attention
+from aphrodite.model_executor.layers.layernorm import RMSNorm
 from aphrodite.model_executor.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -47,29 +48,18 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
-
-
-class Gemma4UnifiedRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.with_scale = with_scale
-
-        if self.with_scale:
-            self.weight = nn.Parameter(torch.ones(dim), requires_grad=True)
-
-    def _norm(self, hidden_states: torch.Tensor):
-        mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
-        # Use torch.pow() (over torch.sqrt() or torch.rsqrt()) to address compiler differences between Torch and JAX
-        return hidden_states * torch.pow(mean_squared, -0.5)
-
-    def forward(self, hidden_states: torch.Tensor):
-        normed_output = self._norm(hidden_states.float())
-        if self.with_scale:
-            normed_output = normed_output * self.weight.float()
-        return normed_output.type_as(hidden_states)
+from itertools import islice
 
 
 class Gemma4UnifiedTextAttention(nn.Module):
@@ -86,17 +76,13 @@ class Gemma4UnifiedTextAttention(nn.Module):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx] if hasattr(config, "layer_types") else None
         self.config = config
-        self.layer_idx = layer_idx
         self.is_sliding = self.layer_type == "sliding_attention"
         self.sliding_window = config.sliding_window if self.is_sliding else None
 
         layer_config = config.per_layer_config[layer_idx]
         self.head_dim = layer_config.head_dim
         self.use_alternative_attention = config.attention_k_eq_v and not self.is_sliding
-        self.num_key_value_groups = config.num_attention_heads // layer_config.num_key_value_heads
         self.scaling = 1.0
-        self.attention_dropout = self.config.attention_dropout
-        self.is_causal = config.use_bidirectional_attention != "all"
 
         # Shared kv cache
         first_kv_shared_layer_idx = self.config.num_hidden_layers - getattr(
@@ -132,14 +118,12 @@ class Gemma4UnifiedTextAttention(nn.Module):
             )
             self.q_size = self.qkv_proj.num_heads * self.head_dim
             self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim
-        self.q_norm = Gemma4UnifiedRMSNorm(dim=self.head_dim, eps=config.rms_norm_eps)
+        self.q_norm = RMSNorm(hidden_size=self.head_dim, eps=config.rms_norm_eps)
 
         # Layers sharing kv states don't need any weight matrices
         if not self.is_kv_shared_layer:
-            self.k_norm = Gemma4UnifiedRMSNorm(dim=self.head_dim, eps=config.rms_norm_eps)
-            self.v_norm = Gemma4UnifiedRMSNorm(
-                self.head_dim, eps=config.rms_norm_eps, with_scale=False
-            )
+            self.k_norm = RMSNorm(hidden_size=self.head_dim, eps=config.rms_norm_eps)
+            self.v_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, with_scale=False)
 
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim,
@@ -180,8 +164,6 @@ class Gemma4UnifiedTextAttention(nn.Module):
         query_states = self.rotary_emb(positions, query_states, None)[0]
 
         # For layers with shared KV (from kv sharing point onwards), we reuse the same keys/values states as the last non-sharing layer.
-        # We cannot simply reuse the cached state if we have a Cache, as sliding layers will not remember the full states in their Cache
-        # once we are past the sliding window - so we always use `shared_kv_states` instead, even when past_key_values is not None
         if self.is_kv_shared_layer:
             key_states, value_states = None, None
         else:
@@ -261,18 +243,11 @@ class Gemma4UnifiedTextDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.mlp",
         )
-        self.input_layernorm = Gemma4UnifiedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Gemma4UnifiedRMSNorm(
-            config.hidden_size, eps=config.rms_norm_eps
-        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-        self.pre_feedforward_layernorm = Gemma4UnifiedRMSNorm(
-            config.hidden_size, eps=config.rms_norm_eps
-        )
-        self.post_feedforward_layernorm = Gemma4UnifiedRMSNorm(
-            config.hidden_size, eps=config.rms_norm_eps
-        )
-        self.layer_idx = layer_idx
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layer_scalar = nn.Buffer(torch.ones(1))
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
@@ -303,14 +278,15 @@ class Gemma4UnifiedTextScaledWordEmbedding(VocabParallelEmbedding):
         self, num_embeddings: int, embedding_dim: int, padding_idx: int, embed_scale: float = 1.0
     ):
         super().__init__(num_embeddings, embedding_dim)
-        self.scalar_embed_scale = embed_scale
         self.embed_scale = nn.Buffer(torch.tensor(embed_scale), persistent=False)
 
     def forward(self, input_ids: torch.Tensor):
         return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class Gemma4UnifiedTextModel(nn.Module):
     def __init__(
         self,
@@ -325,45 +301,62 @@ class Gemma4UnifiedTextModel(nn.Module):
         self.vocab_size = config.vocab_size
 
         # Gemma4Unified downcasts the below to bfloat16, causing sqrt(3072)=55.4256 to become 55.5. See https://github.com/huggingface/transformers/pull/29402
-        self.embed_tokens = Gemma4UnifiedTextScaledWordEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            self.padding_idx,
-            embed_scale=self.config.hidden_size**0.5,
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.embed_tokens = Gemma4UnifiedTextScaledWordEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                self.padding_idx,
+                embed_scale=self.config.hidden_size**0.5,
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: Gemma4UnifiedTextDecoderLayer(
+                config,
+                extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.layers",
         )
-        self.layers = nn.ModuleList(
-            [
-                Gemma4UnifiedTextDecoderLayer(
-                    config,
-                    layer_idx,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.layers.{layer_idx}",
-                )
-                for layer_idx in range(config.num_hidden_layers)
-            ]
-        )
-        self.norm = Gemma4UnifiedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if get_pp_group().is_last_rank:
+            self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.norm = PPMissingLayer()
         self.unique_layer_types = set(self.config.layer_types)
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.hidden_size
+        )
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         positions: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
-
-        if input_ids is not None:
-            inputs_embeds = self.embed_tokens(input_ids)
-
-        # embed positions
-        hidden_states = inputs_embeds
         for layer_type in self.unique_layer_types:
             pass
+        if get_pp_group().is_first_rank:
+            if input_ids is not None:
+                inputs_embeds = self.embed_tokens(input_ids)
+
+            # embed positions
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
         # decoder layers
-        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for i, decoder_layer in enumerate(
+            islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.norm(hidden_states)
 
@@ -375,6 +368,34 @@ class Gemma4UnifiedForCausalLM(nn.Module):
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
+
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|model)\\.)"): "model.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+            ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+            ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+            ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+            ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+        },
+    )
+    # checkpoint name -> module name (transformers' conversion mapping), before port_weights reads the names
+    checkpoint_renames = WeightsMapper(
+        orig_to_new_regex={
+            re.compile("vision_embedder\\.patch_ln1"): "embed_vision.patch_ln1",
+            re.compile("vision_embedder\\.patch_dense"): "embed_vision.patch_dense",
+            re.compile("vision_embedder\\.patch_ln2"): "embed_vision.patch_ln2",
+            re.compile("vision_embedder\\.pos_embedding"): "embed_vision.pos_embedding",
+            re.compile("vision_embedder\\.pos_norm"): "embed_vision.pos_norm",
+            re.compile(
+                "embed_vision\\.embedding_projection"
+            ): "embed_vision.multimodal_embedder.embedding_projection",
+        },
+    )
 
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
@@ -395,7 +416,8 @@ class Gemma4UnifiedForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(
             config.vocab_size, soft_cap=self.config.final_logit_softcapping
@@ -417,58 +439,36 @@ class Gemma4UnifiedForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-            (".gate_up_proj", ".gate_proj", 0),
-            (".gate_up_proj", ".up_proj", 1),
-        ]
-        params_dict = dict(self.named_parameters())
-        params_dict.update(self.named_buffers())  # persistent buffers the checkpoint carries
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub("vision_embedder\\.patch_ln1", "embed_vision.patch_ln1", name)
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub("vision_embedder\\.patch_dense", "embed_vision.patch_dense", name)
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub("vision_embedder\\.patch_ln2", "embed_vision.patch_ln2", name)
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub("vision_embedder\\.pos_embedding", "embed_vision.pos_embedding", name)
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub("vision_embedder\\.pos_norm", "embed_vision.pos_norm", name)
-            # checkpoint name -> module name (transformers' conversion mapping)
-            name = re.sub(
-                "embed_vision\\.embedding_projection",
-                "embed_vision.multimodal_embedder.embedding_projection",
-                name,
+        loader = AutoWeightsLoader(self)
+        loaded: set[str] = set()  # what port_weights loads itself
+        return (
+            loader.load_weights(
+                self.port_weights(weights, loaded), mapper=self.hf_to_aphrodite_mapper
             )
-            if "rotary_emb.inv_freq" in name:
+            | loaded
+        )
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], loaded: set[str]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
+        params = dict(self.named_parameters())
+        for name, loaded_weight in self.checkpoint_renames.apply(weights):
+            if name in params and any(
+                shard in name for shard in self.hf_to_aphrodite_mapper.orig_to_new_stacked
+            ):
+                # a module of its own that shares a fused shard's name (a KV-sharing layer's own q_proj): loaded as itself
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, loaded_weight)
+                loaded.add(name)
                 continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                if name.replace(shard_name, param_name) not in params_dict:
-                    continue  # a layer reading another layer's k/v projects q alone (not fused)
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                if (
-                    shard_id == "k"
-                    and self.get_submodule(name.rsplit(".", 2)[0]).use_alternative_attention
-                ):
-                    param.weight_loader(param, loaded_weight, "v")  # v is k's projection here
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+            if (
+                ".k_proj." in name
+                and self.get_submodule(name.rsplit(".", 2)[0]).use_alternative_attention
+            ):
+                # v is k's projection here: the k tensor also loads into the v rows
+                yield name.replace(".k_proj.", ".v_proj."), loaded_weight.detach()
+            yield name, loaded_weight
 
 
 def kv_sharing_target(key) -> str:

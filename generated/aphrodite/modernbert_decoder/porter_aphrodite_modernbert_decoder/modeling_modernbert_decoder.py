@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/modernbert_decoder/modeling_modernbert_decoder.py
 # Source sha256: 080a93fb19a5ebc07f780d4c7ca825638252a508ca6a9503bef969913a916eac
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT033, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT331, PT030, PT032, PT031, PT033, PT040, PT050, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/modernbert_decoder/modular_modernbert_decoder.py.
@@ -25,12 +25,13 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 from collections.abc import Iterable
+import re
 
 import torch
 from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
-from aphrodite.model_executor.layers.activation import get_act_fn
+from aphrodite.model_executor.layers.activation import get_act_and_mul_fn, get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
 from aphrodite.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -45,8 +46,12 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
 
@@ -107,7 +112,7 @@ class ModernBertDecoderMLP(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.Wi",
         )
-        self.act = get_act_fn(config.hidden_activation)
+        self.act = get_act_and_mul_fn(config.hidden_activation)
         self.drop = nn.Dropout(config.mlp_dropout)
         self.Wo = RowParallelLinear(
             config.intermediate_size,
@@ -118,8 +123,7 @@ class ModernBertDecoderMLP(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor):
-        input, gate = self.Wi(hidden_states)[0].chunk(2, dim=-1)
-        return self.Wo(self.act(input) * gate)[0]
+        return self.Wo(self.act(self.Wi(hidden_states)[0]))[0]
 
 
 class ModernBertDecoderAttention(nn.Module):
@@ -137,15 +141,11 @@ class ModernBertDecoderAttention(nn.Module):
         prefix: str = "",
     ):
         super().__init__()
-        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.num_heads = config.num_attention_heads
         self.all_head_size = self.head_dim * self.num_heads
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = self.config.attention_dropout
-        self.is_causal = True
 
         if config.hidden_size % config.num_attention_heads != 0:
             raise ValueError(
@@ -170,7 +170,6 @@ class ModernBertDecoderAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.Wo",
         )
-        self.out_drop = nn.Dropout(config.attention_dropout)
 
         self.sliding_window = (
             config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
@@ -215,7 +214,6 @@ class ModernBertDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.attn_norm = (
             LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
             if layer_idx != 0
@@ -330,6 +328,19 @@ class ModernBertDecoderModel(nn.Module):
 class ModernBertDecoderForCausalLM(nn.Module):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:decoder|lm_head|model)\\.)"): "model.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".attn.q_proj.": (".attn.qkv_proj.", "q"),
+            ".attn.k_proj.": (".attn.qkv_proj.", "k"),
+            ".attn.v_proj.": (".attn.qkv_proj.", "v"),
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -355,7 +366,8 @@ class ModernBertDecoderForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "decoder"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.decoder = self.decoder.tie_weights(self.model.embeddings.tok_embeddings)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -376,29 +388,5 @@ class ModernBertDecoderForCausalLM(nn.Module):
         return self.logits_processor(self.decoder, hidden_states, self.decoder.bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name == "decoder.weight":
-                continue  # the embedding's; the head's own bias still loads
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_aphrodite_mapper)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/mpt/modeling_mpt.py
 # Source sha256: 083d007b3711ed845c664a2cbaf3b1e57e68e68ffa8ba8866b8267d7b7a93777
-# Rules applied: PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT033, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT033, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2023 HuggingFace Inc. team and MosaicML NLP team.
 #
@@ -20,6 +20,7 @@
 """PyTorch MPT model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
@@ -28,6 +29,7 @@ from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.distributed import (
+    get_pp_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
@@ -43,9 +45,18 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
+from itertools import islice
 from torch.nn import LayerNorm
 
 
@@ -92,13 +103,10 @@ class MptAttention(nn.Module):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.n_heads = config.n_heads
-        self.max_seq_length = config.max_seq_len
         self.head_dim = self.hidden_size // self.n_heads
         self.softmax_scale = config.attn_config.softmax_scale
         if self.softmax_scale is None:
             self.softmax_scale = 1 / math.sqrt(self.hidden_size / self.n_heads)
-
-        self.attn_dropout_p = config.attn_config.attn_pdrop
         self.clip_qkv = config.attn_config.clip_qkv
         self.Wqkv = QKVParallelLinear(
             self.hidden_size,
@@ -118,7 +126,6 @@ class MptAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.out_proj",
         )
-        self.layer_idx = layer_idx
         self.attn = Attention(
             self.Wqkv.num_heads,
             self.head_dim,
@@ -171,7 +178,6 @@ class MptMLP(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.down_proj",
         )
-        self.hidden_dropout = config.attn_config.attn_pdrop
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor):
         hidden_states = self.act(self.up_proj(hidden_states)[0])
@@ -217,11 +223,7 @@ class MptBlock(nn.Module):
             config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.ffn"
         )
 
-        self.dropout_rate = config.attn_config.attn_pdrop
-        self.resid_attn_dropout = nn.Dropout(self.dropout_rate)
-
     def forward(self, hidden_states: torch.Tensor):
-        # hidden_states: [batch_size, seq_length, hidden_size]
         # Layer norm at the beginning of the transformer layer.
         layernorm_output = self.norm_1(hidden_states)
 
@@ -242,7 +244,9 @@ class MptBlock(nn.Module):
         return output
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class MptModel(nn.Module):
     def __init__(
         self,
@@ -258,28 +262,41 @@ class MptModel(nn.Module):
         self.num_heads = config.n_heads
 
         # Embedding + LN Embedding
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, self.hidden_size, quant_config=quant_config, prefix=f"{prefix}.wte"
-        )
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.wte = VocabParallelEmbedding(
+                config.vocab_size,
+                self.hidden_size,
+                quant_config=quant_config,
+                prefix=f"{prefix}.wte",
+            )
+        else:
+            self.wte = PPMissingLayer()
 
         # Transformer blocks
-        self.blocks = nn.ModuleList(
-            [
-                MptBlock(
-                    config,
-                    layer_idx=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.blocks.{i}",
-                )
-                for i in range(config.n_layers)
-            ]
+        self.start_layer, self.end_layer, self.blocks = make_layers(
+            config.n_layers,
+            lambda prefix: MptBlock(
+                config,
+                layer_idx=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.blocks",
         )
 
         # Final Layer Norm
-        self.norm_f = LayerNorm(self.hidden_size, eps=config.layer_norm_epsilon)
+        if get_pp_group().is_last_rank:
+            self.norm_f = LayerNorm(self.hidden_size, eps=config.layer_norm_epsilon)
+        else:
+            self.norm_f = PPMissingLayer()
         # backward compatibility with weights on the Hub
         self.norm_f.bias = None
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.hidden_size
+        )
 
     def build_mpt_alibi_tensor(self, num_heads, sequence_length, alibi_bias_max=8, device=None):
         return build_mpt_alibi_tensor(num_heads, sequence_length, alibi_bias_max, device)
@@ -288,6 +305,7 @@ class MptModel(nn.Module):
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.LongTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, input_ids_length)`):
@@ -302,16 +320,20 @@ class MptModel(nn.Module):
 
             [What are input IDs?](../glossary#input-ids)
         """
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.wte(input_ids)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        hidden_states = inputs_embeds
-
-        for block in self.blocks:
+        for block in islice(self.blocks, self.start_layer, self.end_layer):
             outputs = block(hidden_states)
 
             hidden_states = outputs
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         # Add last hidden state
         hidden_states = self.norm_f(hidden_states)
@@ -320,6 +342,13 @@ class MptModel(nn.Module):
 
 
 class MptForCausalLM(nn.Module):
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -338,7 +367,8 @@ class MptForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -358,29 +388,8 @@ class MptForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_aphrodite_mapper)
 
 
 def alibi_slopes(total_num_heads: int, scale: float = 1.0) -> list[float]:

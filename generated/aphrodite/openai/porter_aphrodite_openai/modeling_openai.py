@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/openai/modeling_openai.py
 # Source sha256: ac11d062e8911cacd9faf98ce5ecc12aa8f0f33f540423674ab1ce89a7abab3a
-# Rules applied: PT014, PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT143, PT030, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT014, PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT143, PT030, PT040, PT050, PT052, PT126, PT311, PT061, PT060, PT070
 
 # Copyright 2018 The OpenAI Team Authors and HuggingFace Inc. team.
 # Copyright (c) 2018, NVIDIA CORPORATION.  All rights reserved.
@@ -21,6 +21,7 @@
 """PyTorch OpenAI GPT model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
@@ -41,8 +42,12 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
 
@@ -85,8 +90,6 @@ class OpenAIGPTAttention(nn.Module):
         self.c_proj = RowParallelLinear(
             nx, n_state, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj"
         )
-        self.attn_dropout = nn.Dropout(config.attn_pdrop)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.attn = Attention(
             self.c_attn.num_heads,
             (self.split_size // self.n_head),
@@ -128,7 +131,6 @@ class MLP(nn.Module):
             n_state, nx, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj"
         )
         self.act = get_act_fn(ACT_FNS[config.afn])
-        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
         h = self.act(self.c_fc(x)[0])
@@ -198,7 +200,6 @@ class OpenAIGPTModel(nn.Module):
             prefix=f"{prefix}.tokens_embed",
         )
         self.positions_embed = nn.Embedding(config.n_positions, config.n_embd)
-        self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(
             [
                 Block(
@@ -233,6 +234,13 @@ class OpenAIGPTModel(nn.Module):
 
 
 class OpenAIGPTLMHeadModel(nn.Module):
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -251,7 +259,8 @@ class OpenAIGPTLMHeadModel(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.transformer.tokens_embed)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -273,29 +282,15 @@ class OpenAIGPTLMHeadModel(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self, ignore_unexpected_suffixes=[".masked_bias"])
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_aphrodite_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if name.endswith((".c_attn.weight", ".c_fc.weight", ".c_proj.weight")):
                 # a transposed-convention linear (Conv1D: weight [in, out]) -> the engine's [out, in]
                 loaded_weight = loaded_weight.t()
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+            yield name, loaded_weight

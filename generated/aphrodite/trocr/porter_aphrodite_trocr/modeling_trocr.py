@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/trocr/modeling_trocr.py
 # Source sha256: db8619557da48ff1c9b692f4c3a8a28217608d1f0f08e3e4115c607c4fabf81a
-# Rules applied: PT150, PT222, PT001, PT002, PT003, PT123, PT125, PT020, PT029, PT021, PT039, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT222, PT001, PT002, PT003, PT123, PT125, PT020, PT029, PT021, PT039, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2021 The Fairseq Authors and The HuggingFace Inc. team. All rights reserved.
 #
@@ -20,6 +20,7 @@
 """PyTorch TrOCR decoder model (based on RoBERTa)."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
@@ -40,8 +41,12 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
 
@@ -168,10 +173,7 @@ class TrOCRAttention(nn.Module):
     ):
         super().__init__()
         self.embed_dim = embed_dim
-        self.kdim = kdim if kdim is not None else embed_dim
-        self.vdim = vdim if vdim is not None else embed_dim
         self.num_heads = num_heads
-        self.dropout = dropout
         self.head_dim = embed_dim // num_heads
         if not (self.head_dim * num_heads == self.embed_dim):
             raise ValueError(
@@ -179,8 +181,6 @@ class TrOCRAttention(nn.Module):
                 f" {num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
-        self.layer_idx = layer_idx
         self.qkv_proj = QKVParallelLinear(
             embed_dim,
             self.head_dim,
@@ -243,9 +243,7 @@ class TrOCRDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.dropout = config.dropout
         self.activation_fn = get_act_fn(config.activation_function)
-        self.activation_dropout = config.activation_dropout
 
         self.self_attn_layer_norm = LayerNorm(self.embed_dim)
 
@@ -316,8 +314,6 @@ class TrOCRDecoder(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.dropout = config.dropout
-        self.layerdrop = config.decoder_layerdrop
         self.padding_idx = config.pad_token_id
         embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
 
@@ -449,6 +445,25 @@ class TrOCRDecoderWrapper(nn.Module):
 class TrOCRForCausalLM(nn.Module):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:model|output_projection)\\.)"): "model.",
+            re.compile(
+                "(^|\\.)(encoder_attn|encoder_attn_layer_norm)\\."
+            ): None,  # cross-attention the port does not build (it runs only with an encoder)
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".encoder_attn.q_proj.": (".encoder_attn.qkv_proj.", "q"),
+            ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+            ".encoder_attn.k_proj.": (".encoder_attn.qkv_proj.", "k"),
+            ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+            ".encoder_attn.v_proj.": (".encoder_attn.qkv_proj.", "v"),
+            ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -469,7 +484,8 @@ class TrOCRForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "output_projection"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.output_projection = self.output_projection.tie_weights(
                 self.model.decoder.embed_tokens
             )
@@ -491,31 +507,5 @@ class TrOCRForCausalLM(nn.Module):
         return self.logits_processor(self.output_projection, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if any(part in ["encoder_attn", "encoder_attn_layer_norm"] for part in name.split(".")):
-                continue  # a cross-attention module the port does not build (it runs only with an encoder)
-            if self.config.tie_word_embeddings and name.startswith("output_projection."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_aphrodite_mapper)

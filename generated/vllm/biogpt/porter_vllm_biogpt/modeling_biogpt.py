@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/biogpt/modeling_biogpt.py
 # Source sha256: 37e27e35d0df337506fca681afcccedc992fb7dc30fd93822931af63dbe0373d
-# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/biogpt/modular_biogpt.py.
@@ -25,12 +25,15 @@
 # limitations under the License.
 
 from collections.abc import Iterable
+import re
 import math
 
 import torch
 import torch.nn as nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -45,8 +48,16 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -106,7 +117,6 @@ class BioGptAttention(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self.dropout = dropout
         self.head_dim = embed_dim // num_heads
         self.config = config
 
@@ -116,9 +126,6 @@ class BioGptAttention(nn.Module):
                 f" and `num_heads`: {num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
-        self.is_causal = is_causal
-        self.layer_idx = layer_idx
         self.qkv_proj = QKVParallelLinear(
             embed_dim,
             self.head_dim,
@@ -180,9 +187,7 @@ class BioGptDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.dropout = config.hidden_dropout_prob
         self.activation_fn = get_act_fn(config.hidden_act)
-        self.activation_dropout = config.activation_dropout
 
         self.self_attn_layer_norm = LayerNorm(self.embed_dim)
 
@@ -229,7 +234,9 @@ class BioGptDecoderLayer(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0, "positions": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0, "positions": 0, "intermediate_tensors": 0}
+)
 class BioGptModel(nn.Module):
     def __init__(
         self,
@@ -240,56 +247,84 @@ class BioGptModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.layerdrop = config.layerdrop
-        self.dropout = config.hidden_dropout_prob
         self.embed_dim = config.hidden_size
         self.padding_idx = config.pad_token_id
         embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
 
-        self.embed_tokens = BioGptScaledWordEmbedding(
-            config.vocab_size, self.embed_dim, self.padding_idx, embed_scale=embed_scale
-        )
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.embed_tokens = BioGptScaledWordEmbedding(
+                config.vocab_size, self.embed_dim, self.padding_idx, embed_scale=embed_scale
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
         self.embed_positions = BioGptLearnedPositionalEmbedding(
             config.max_position_embeddings, self.embed_dim
         )
 
-        self.layers = nn.ModuleList(
-            [
-                BioGptDecoderLayer(
-                    config,
-                    layer_idx=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.layers.{i}",
-                )
-                for i in range(config.num_hidden_layers)
-            ]
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: BioGptDecoderLayer(
+                config,
+                layer_idx=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.layers",
         )
-        self.layer_norm = LayerNorm(self.embed_dim)
+        if get_pp_group().is_last_rank:
+            self.layer_norm = LayerNorm(self.embed_dim)
+        else:
+            self.layer_norm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.embed_dim
+        )
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         positions: torch.LongTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-
         positions_embeds = self.embed_positions(positions=positions)
-        hidden_states = inputs_embeds + positions_embeds
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
+            hidden_states = inputs_embeds + positions_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        for idx, decoder_layer in enumerate(self.layers):
+        for idx, decoder_layer in enumerate(
+            islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.layer_norm(hidden_states)
 
         return hidden_states
 
 
-class BioGptForCausalLM(nn.Module):
+class BioGptForCausalLM(nn.Module, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:biogpt|output_projection)\\.)"): "biogpt.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+            ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+            ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+        },
+    )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -304,15 +339,21 @@ class BioGptForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "biogpt"),
         )
-        self.output_projection = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "output_projection"),
-        )
-        if config.tie_word_embeddings:
-            self.output_projection = self.output_projection.tie_weights(self.biogpt.embed_tokens)
+        if get_pp_group().is_last_rank:
+            self.output_projection = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "output_projection"),
+            )
+            if config.tie_word_embeddings:
+                self.output_projection = self.output_projection.tie_weights(
+                    self.biogpt.embed_tokens
+                )
+        else:
+            self.output_projection = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.biogpt.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.biogpt.embed_tokens(input_ids)
@@ -324,35 +365,16 @@ class BioGptForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.biogpt(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
+        return self.biogpt(
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.output_projection, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("output_projection."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

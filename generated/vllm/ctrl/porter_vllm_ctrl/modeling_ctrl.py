@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/ctrl/modeling_ctrl.py
 # Source sha256: 31db026222300a510b37224a6f1a63d510e8d53adbbdb855de2467c4d9b7c7ee
-# Rules applied: PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2018 Salesforce and HuggingFace Inc. team.
 # Copyright (c) 2018, NVIDIA CORPORATION.  All rights reserved.
@@ -21,6 +21,7 @@
 """PyTorch CTRL model."""
 
 from collections.abc import Iterable
+import re
 
 import numpy as np
 import torch
@@ -36,8 +37,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 
@@ -75,7 +75,6 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = config.n_head
         self.d_model_size = config.n_embd
         self.layer_idx = layer_idx
-        self.is_causal = True
 
         self.head_dim = int(self.d_model_size / self.num_heads)
         self.scaling = self.head_dim**-0.5
@@ -146,9 +145,6 @@ class EncoderLayer(nn.Module):
         self.layernorm1 = LayerNorm(config.n_embd, eps=1e-6)
         self.layernorm2 = LayerNorm(config.n_embd, eps=1e-6)
 
-        self.dropout1 = nn.Dropout(config.resid_pdrop)
-        self.dropout2 = nn.Dropout(config.resid_pdrop)
-
     def forward(self, x):
         normed = self.layernorm1(x)
         attn_output = self.multi_head_attention(normed, normed, normed)
@@ -174,13 +170,10 @@ class CTRLModel(nn.Module):
         self.config = config
 
         self.d_model_size = config.n_embd
-        self.num_layers = config.n_layer
 
         self.w = VocabParallelEmbedding(
             config.vocab_size, config.n_embd, quant_config=quant_config, prefix=f"{prefix}.w"
         )
-
-        self.dropout = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(
             [
                 EncoderLayer(
@@ -250,6 +243,19 @@ class CTRLModel(nn.Module):
 class CTRLLMHeadModel(nn.Module):
     packed_modules_mapping = {"qkv_proj": ["Wq", "Wk", "Wv"]}
 
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".multi_head_attention.Wq.": (".multi_head_attention.qkv_proj.", "q"),
+            ".multi_head_attention.Wk.": (".multi_head_attention.qkv_proj.", "k"),
+            ".multi_head_attention.Wv.": (".multi_head_attention.qkv_proj.", "v"),
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -291,29 +297,5 @@ class CTRLLMHeadModel(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states, self.lm_head.bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".Wq", "q"),
-            (".qkv_proj", ".Wk", "k"),
-            (".qkv_proj", ".Wv", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; the head's own bias still loads
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

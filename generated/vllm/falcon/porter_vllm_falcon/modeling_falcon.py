@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/falcon/modeling_falcon.py
 # Source sha256: 5e116c9e849538053f655c67f0a594406344dbf1d0b79ec8e04e70cf9c3a99a0
-# Rules applied: PT150, PT152, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT152, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2023 the Falcon authors and HuggingFace Inc. team.  All rights reserved.
 #
@@ -20,15 +20,20 @@
 """PyTorch Falcon model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -44,31 +49,17 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
-
-
-# Copied from transformers.models.bloom.modeling_bloom.dropout_add
-def dropout_add(
-    x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool
-) -> torch.Tensor:
-    """
-    Dropout add function
-
-    Args:
-        x (`torch.tensor`):
-            input tensor
-        residual (`torch.tensor`):
-            residual tensor
-        prob (`float`):
-            dropout probability
-        training (`bool`):
-            training mode
-    """
-    out = F.dropout(x, p=prob, training=training)
-    out = residual + out
-    return out
 
 
 class FalconAttention(nn.Module):
@@ -86,11 +77,6 @@ class FalconAttention(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
-        self.split_size = self.hidden_size
-        self.hidden_dropout = config.hidden_dropout
-        self.max_position_embeddings = config.max_position_embeddings
-
-        self.is_causal = True
         self.layer_idx = layer_idx
 
         if self.head_dim * self.num_heads != self.hidden_size:
@@ -128,7 +114,6 @@ class FalconAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense",
         )
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.num_kv_heads = (
             config.num_kv_heads if (self.new_decoder_architecture or not self.multi_query) else 1
         )
@@ -157,9 +142,7 @@ class FalconAttention(nn.Module):
             )
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
-        fused_qkv, _ = self.query_key_value(
-            hidden_states
-        )  # [batch_size, seq_length, 3 x hidden_size]
+        fused_qkv, _ = self.query_key_value(hidden_states)
         query_layer, key_layer, value_layer = fused_qkv.split(
             [self.q_size, self.kv_size, self.kv_size], dim=-1
         )
@@ -200,7 +183,6 @@ class FalconMLP(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense_4h_to_h",
         )
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(self, x: torch.Tensor):
         x = self.act(self.dense_h_to_4h(x)[0])
@@ -231,7 +213,6 @@ class FalconDecoderLayer(nn.Module):
         self.mlp = FalconMLP(
             config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
         )
-        self.hidden_dropout = config.hidden_dropout
         self.config = config
 
         if config.num_ln_in_parallel_attn is None and config.new_decoder_architecture:
@@ -265,12 +246,7 @@ class FalconDecoderLayer(nn.Module):
             if self.config.parallel_attn:
                 mlp_layernorm_out = attention_layernorm_out
             else:
-                residual = dropout_add(
-                    attention_output,
-                    residual,
-                    self.config.attention_dropout,
-                    training=self.training,
-                )
+                residual = residual + attention_output
                 mlp_layernorm_out = self.post_attention_layernorm(residual)
 
         if (
@@ -286,14 +262,14 @@ class FalconDecoderLayer(nn.Module):
         if self.config.new_decoder_architecture or self.config.parallel_attn:
             mlp_output += attention_output
 
-        output = dropout_add(
-            mlp_output, residual, self.config.hidden_dropout, training=self.training
-        )
+        output = residual + mlp_output
 
         return output
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class FalconModel(nn.Module):
     def __init__(
         self,
@@ -310,35 +286,46 @@ class FalconModel(nn.Module):
         self.use_alibi = config.alibi
 
         # Embedding + LN Embedding
-        self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size,
-            self.embed_dim,
-            quant_config=quant_config,
-            prefix=f"{prefix}.word_embeddings",
-        )
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.word_embeddings = VocabParallelEmbedding(
+                config.vocab_size,
+                self.embed_dim,
+                quant_config=quant_config,
+                prefix=f"{prefix}.word_embeddings",
+            )
+        else:
+            self.word_embeddings = PPMissingLayer()
 
         # Transformer blocks
-        self.h = nn.ModuleList(
-            [
-                FalconDecoderLayer(
-                    config,
-                    layer_idx=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.h.{i}",
-                )
-                for i in range(config.num_hidden_layers)
-            ]
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: FalconDecoderLayer(
+                config,
+                layer_idx=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.h",
         )
 
         # Final Layer Norm
-        self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        if get_pp_group().is_last_rank:
+            self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        else:
+            self.ln_f = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.embed_dim
+        )
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         positions: torch.LongTensor | None = None,
         inputs_embeds: torch.LongTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, input_ids_length)`):
@@ -353,16 +340,22 @@ class FalconModel(nn.Module):
 
             [What are input IDs?](../glossary#input-ids)
         """
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.word_embeddings(input_ids)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        hidden_states = inputs_embeds
-
-        for i, block in enumerate(self.h):
+        for i, block in enumerate(
+            islice(self.h, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             outputs = block(hidden_states, positions=positions)
 
             hidden_states = outputs
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         # Add last hidden state
         hidden_states = self.ln_f(hidden_states)
@@ -370,7 +363,14 @@ class FalconModel(nn.Module):
         return hidden_states
 
 
-class FalconForCausalLM(nn.Module):
+class FalconForCausalLM(nn.Module, SupportsPP):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -383,15 +383,19 @@ class FalconForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.word_embeddings(input_ids)
@@ -404,50 +408,44 @@ class FalconForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.transformer(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_vllm_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v grouped per KV head in the checkpoint ([kv_heads, q_per_kv + 2, head_dim]: each
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                groups = loaded_weight.view(
-                    qkv.total_num_kv_heads, -1, qkv.head_size, *loaded_weight.shape[1:]
-                )
-                loaded_weight = torch.cat(
-                    [
-                        groups[:, :-2].flatten(0, 2),
-                        groups[:, -2].flatten(0, 1),
-                        groups[:, -1].flatten(0, 1),
-                    ]
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = rows.view(qkv.total_num_kv_heads, -1, qkv.head_size, *rows.shape[1:])
+                    rows = torch.cat(
+                        [
+                            rows[:, :-2].flatten(0, 2),
+                            rows[:, -2].flatten(0, 1),
+                            rows[:, -1].flatten(0, 1),
+                        ]
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight
 
 
 def alibi_slopes(total_num_heads: int, scale: float = 1.0) -> list[float]:

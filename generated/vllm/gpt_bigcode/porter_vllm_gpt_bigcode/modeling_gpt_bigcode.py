@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_bigcode/modeling_gpt_bigcode.py
 # Source sha256: a46457eacc917a0354c17d8b05b4280815205c29393706a8f7fe18b257b9fd92
-# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2023 The Bigcode team and HuggingFace Inc. team.
 # Licensed under the Apache License, Version 2.0 (the "License");
@@ -19,6 +19,7 @@
 """PyTorch GPTBigCode model."""
 
 from collections.abc import Iterable
+import re
 
 import torch
 from torch import nn
@@ -38,8 +39,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 
@@ -55,34 +55,21 @@ class GPTBigCodeAttention(nn.Module):
     ):
         super().__init__()
         self.config = config
-
-        self.mask_value = None
         self.multi_query = config.multi_query
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         self.kv_heads = 1 if self.multi_query else self.num_heads
         self.kv_dim = self.kv_heads * self.head_dim
-        self.num_key_value_groups = self.num_heads // self.kv_heads
-        self.split_size = self.embed_dim
-        self.is_causal = True
 
         if self.head_dim * self.num_heads != self.embed_dim:
             raise ValueError(
                 f"`embed_dim` must be divisible by num_heads (got `embed_dim`: {self.embed_dim} and `num_heads`:"
                 f" {self.num_heads})."
             )
-
-        self.scale_attn_weights = config.scale_attn_weights
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        self.is_cross_attention = is_cross_attention
 
         self.layer_idx = layer_idx
-        self.attention_softmax_in_fp32 = config.attention_softmax_in_fp32
-        self.scale_attention_softmax_in_fp32 = (
-            config.scale_attention_softmax_in_fp32 and config.attention_softmax_in_fp32
-        )
-        self.attn_pdrop = config.attn_pdrop
         self.c_attn = QKVParallelLinear(
             self.embed_dim,
             self.head_dim,
@@ -102,9 +89,6 @@ class GPTBigCodeAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.c_proj",
         )
-
-        self.attn_dropout = config.attn_pdrop
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.attn = Attention(
             self.c_attn.num_heads,
             self.head_dim,
@@ -150,7 +134,6 @@ class GPTBigCodeMLP(nn.Module):
             prefix=f"{prefix}.c_proj",
         )
         self.act = get_act_fn(config.activation_function)
-        self.dropout = nn.Dropout(config.resid_pdrop)
 
     # Copied from transformers.models.gpt2.modeling_gpt2.GPT2MLP.forward
     def forward(self, hidden_states: tuple[torch.FloatTensor] | None):
@@ -224,8 +207,6 @@ class GPTBigCodeModel(nn.Module):
             config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
         )
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
-
-        self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(
             [
                 GPTBigCodeBlock(
@@ -279,6 +260,13 @@ class GPTBigCodeModel(nn.Module):
 
 
 class GPTBigCodeForCausalLM(nn.Module):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -319,37 +307,29 @@ class GPTBigCodeForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self, ignore_unexpected_suffixes=[".masked_bias"])
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_vllm_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if ".c_attn." in name and not getattr(
                 self.get_submodule(name.split(".c_attn.")[0]), "multi_query"
             ):
                 # per head interleaved in the checkpoint unless `multi_query` -> [q; k; v] for QKVParallelLinear
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                heads, size = qkv.total_num_heads, qkv.head_size
-                loaded_weight = (
-                    loaded_weight.view(heads, 3, size, *loaded_weight.shape[1:])
-                    .transpose(0, 1)
-                    .reshape(loaded_weight.shape)
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = (
+                        rows.view(qkv.total_num_heads, 3, -1, *rows.shape[1:])
+                        .transpose(0, 1)
+                        .reshape(rows.shape)
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight

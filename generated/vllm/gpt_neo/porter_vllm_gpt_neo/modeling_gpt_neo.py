@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_neo/modeling_gpt_neo.py
 # Source sha256: 778b5c12c5bae25224f2785b116084add135987c6fb98bbfc8f1e0a63d44f532
-# Rules applied: PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT126, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2021 The Eleuther AI and HuggingFace Inc. team. All rights reserved.
 #
@@ -20,11 +20,14 @@
 """PyTorch GPT Neo model."""
 
 from collections.abc import Iterable
+import re
 
 import torch
 from torch import nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -39,8 +42,16 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -61,10 +72,6 @@ class GPTNeoSelfAttention(nn.Module):
         # window_size tokens. This is implemented by updating the causal mask such that for each token
         # all other tokens are masked except the previous window_size tokens.
         self.attention_type = attention_type
-
-        self.attn_dropout = nn.Dropout(float(config.attention_dropout))
-        self.resid_dropout = nn.Dropout(float(config.resid_dropout))
-        self.is_causal = True
         self.layer_id = layer_id
 
         self.embed_dim = config.hidden_size
@@ -175,7 +182,6 @@ class GPTNeoMLP(nn.Module):
             prefix=f"{prefix}.c_proj",
         )
         self.act = get_act_fn(config.activation_function)
-        self.dropout = nn.Dropout(float(config.resid_dropout))
 
     def forward(self, hidden_states):
         hidden_states, _ = self.c_fc(hidden_states)
@@ -232,7 +238,9 @@ class GPTNeoBlock(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class GPTNeoModel(nn.Module):
     def __init__(
         self,
@@ -245,30 +253,40 @@ class GPTNeoModel(nn.Module):
         self.config = config
 
         self.embed_dim = config.hidden_size
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
-        )
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.wte = VocabParallelEmbedding(
+                config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
+            )
+        else:
+            self.wte = PPMissingLayer()
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
-        self.drop = nn.Dropout(float(config.embed_dropout))
-        self.h = nn.ModuleList(
-            [
-                GPTNeoBlock(
-                    config,
-                    layer_id=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.h.{i}",
-                )
-                for i in range(config.num_layers)
-            ]
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_layers,
+            lambda prefix: GPTNeoBlock(
+                config,
+                layer_id=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.h",
         )
-        self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        if get_pp_group().is_last_rank:
+            self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        else:
+            self.ln_f = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.embed_dim
+        )
 
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, input_ids_length)`):
@@ -285,23 +303,44 @@ class GPTNeoModel(nn.Module):
             [What are input IDs?](../glossary#input-ids)
         """
 
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
-
         position_embeds = self.wpe(positions)
-        hidden_states = inputs_embeds + position_embeds
-        for i, block in enumerate(self.h):
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.wte(input_ids)
+            hidden_states = inputs_embeds + position_embeds
+
+            seq_length = inputs_embeds.shape[1]
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for i, block in enumerate(
+            islice(self.h, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             outputs = block(hidden_states)
 
             hidden_states = outputs
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.ln_f(hidden_states)
 
         return hidden_states
 
 
-class GPTNeoForCausalLM(nn.Module):
+class GPTNeoForCausalLM(nn.Module, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".attention.q_proj.": (".attention.qkv_proj.", "q"),
+            ".attention.k_proj.": (".attention.qkv_proj.", "k"),
+            ".attention.v_proj.": (".attention.qkv_proj.", "v"),
+        },
+    )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -315,15 +354,19 @@ class GPTNeoForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -336,36 +379,15 @@ class GPTNeoForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.transformer(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self, ignore_unexpected_suffixes=[".masked_bias"])
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_neox_japanese/modeling_gpt_neox_japanese.py
 # Source sha256: c832f2163e1b8af2370891854d1386789f63a8aa17c3dfe0080f6b45cc47c2bc
-# Rules applied: PT150, PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2022 ABEJA, Inc. and The HuggingFace Inc. team. All rights reserved.
 #
@@ -20,13 +20,16 @@
 """PyTorch GPTNeoX model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
 import torch
 from torch import Tensor, nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -42,8 +45,16 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -64,8 +75,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
 
         self.layer_idx = layer_idx
         partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
-        self.rotary_ndims = int(self.head_size * partial_rotary_factor)
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.norm_factor = math.sqrt(self.head_size)
         self.query_key_value = QKVParallelLinear(
             config.hidden_size,
@@ -85,8 +94,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense",
         )
-        # Activate bias if the last layer
-        self.use_bias = use_bias
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if use_bias else None
         self.rotary_emb = get_rope(
             self.head_size,
@@ -149,7 +156,7 @@ def bias_dropout_add(
     """
     if bias is not None:
         x = x + bias
-    out = torch.nn.functional.dropout(x, p=prob, training=training)
+    out = x
     if residual is not None:
         out = residual + out
     return out
@@ -245,7 +252,9 @@ class GPTNeoXJapaneseLayer(nn.Module):
         return attn_output
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class GPTNeoXJapaneseModel(nn.Module):
     def __init__(
         self,
@@ -257,31 +266,42 @@ class GPTNeoXJapaneseModel(nn.Module):
         super().__init__()
         self.config = config
 
-        self.embed_in = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=f"{prefix}.embed_in",
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.embed_in = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=f"{prefix}.embed_in",
+            )
+        else:
+            self.embed_in = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: GPTNeoXJapaneseLayer(
+                config=config,
+                layer_number=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.layers",
         )
-        self.layers = nn.ModuleList(
-            [
-                GPTNeoXJapaneseLayer(
-                    config=config,
-                    layer_number=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.layers.{i}",
-                )
-                for i in range(config.num_hidden_layers)
-            ]
+        if get_pp_group().is_last_rank:
+            self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.final_layer_norm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.hidden_size
         )
-        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         positions: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
         r"""
         Example:
@@ -299,21 +319,34 @@ class GPTNeoXJapaneseModel(nn.Module):
         >>> last_hidden_states = outputs.last_hidden_state
         ```
         """
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_in(input_ids)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_in(input_ids)
-
-        hidden_states = inputs_embeds
-        for i, layer in enumerate(self.layers):
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for i, layer in enumerate(
+            islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             outputs = layer(hidden_states, positions=positions)
             hidden_states = outputs
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.final_layer_norm(hidden_states)
 
         return hidden_states
 
 
-class GPTNeoXJapaneseForCausalLM(nn.Module):
+class GPTNeoXJapaneseForCausalLM(nn.Module, SupportsPP):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:embed_out|gpt_neox_japanese)\\.)"): "gpt_neox_japanese.",
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -327,15 +360,21 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "gpt_neox_japanese"),
         )
-        self.embed_out = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "embed_out"),
-        )
-        if config.tie_word_embeddings:
-            self.embed_out = self.embed_out.tie_weights(self.gpt_neox_japanese.embed_in)
+        if get_pp_group().is_last_rank:
+            self.embed_out = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "embed_out"),
+            )
+            if config.tie_word_embeddings:
+                self.embed_out = self.embed_out.tie_weights(self.gpt_neox_japanese.embed_in)
+        else:
+            self.embed_out = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = (
+            self.gpt_neox_japanese.make_empty_intermediate_tensors
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.gpt_neox_japanese.embed_in(input_ids)
@@ -348,47 +387,41 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.gpt_neox_japanese(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.embed_out, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_vllm_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("embed_out."):
-                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v grouped per KV head in the checkpoint ([kv_heads, q_per_kv + 2, head_dim]: each
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                groups = loaded_weight.view(
-                    qkv.total_num_kv_heads, -1, qkv.head_size, *loaded_weight.shape[1:]
-                )
-                loaded_weight = torch.cat(
-                    [
-                        groups[:, :-2].flatten(0, 2),
-                        groups[:, -2].flatten(0, 1),
-                        groups[:, -1].flatten(0, 1),
-                    ]
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = rows.view(qkv.total_num_kv_heads, -1, qkv.head_size, *rows.shape[1:])
+                    rows = torch.cat(
+                        [
+                            rows[:, :-2].flatten(0, 2),
+                            rows[:, -2].flatten(0, 1),
+                            rows[:, -1].flatten(0, 1),
+                        ]
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gptj/modeling_gptj.py
 # Source sha256: cf25408a1d9d73e2fff9d7825c78aaf8cee5dae12184cbcab610180335696f0b
-# Rules applied: PT150, PT001, PT002, PT003, PT122, PT151, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT122, PT151, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT126, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2021 The EleutherAI and HuggingFace Teams. All rights reserved.
 #
@@ -20,13 +20,16 @@
 """PyTorch GPT-J model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
 import torch
 from torch import nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -42,8 +45,16 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -58,12 +69,6 @@ class GPTJAttention(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.max_positions = config.max_position_embeddings
-
-        self.attn_dropout = nn.Dropout(config.attn_pdrop)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
-
-        self.is_causal = True
         self.layer_idx = layer_idx
 
         self.embed_dim = config.hidden_size
@@ -94,7 +99,6 @@ class GPTJAttention(nn.Module):
             prefix=f"{prefix}.out_proj",
         )
         self.rotary_dim = config.rotary_dim
-        self.pos_embd_dim = self.rotary_dim or self.embed_dim
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
@@ -152,7 +156,6 @@ class GPTJMLP(nn.Module):
         )
 
         self.act = get_act_fn(config.activation_function)
-        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: torch.FloatTensor | None):
         hidden_states, _ = self.fc_in(hidden_states)
@@ -200,7 +203,9 @@ class GPTJBlock(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class GPTJModel(nn.Module):
     def __init__(
         self,
@@ -213,30 +218,39 @@ class GPTJModel(nn.Module):
         self.config = config
 
         self.embed_dim = config.n_embd
-        self.vocab_size = config.vocab_size
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.wte = VocabParallelEmbedding(
+                config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
+            )
+        else:
+            self.wte = PPMissingLayer()
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.n_layer,
+            lambda prefix: GPTJBlock(
+                config,
+                layer_idx=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.h",
         )
-        self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(
-            [
-                GPTJBlock(
-                    config,
-                    layer_idx=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.h.{i}",
-                )
-                for i in range(config.n_layer)
-            ]
+        if get_pp_group().is_last_rank:
+            self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        else:
+            self.ln_f = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.embed_dim
         )
-        self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         positions: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
         r"""
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_dim)`, *optional*):
@@ -244,23 +258,44 @@ class GPTJModel(nn.Module):
             is useful if you want more control over how to convert *input_ids* indices into associated vectors than the
             model's internal embedding lookup matrix.
         """
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.wte(input_ids)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
+            seq_length = inputs_embeds.shape[1]
 
-        hidden_states = inputs_embeds
-        for i, block in enumerate(self.h):
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for i, block in enumerate(
+            islice(self.h, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             outputs = block(hidden_states, positions=positions)
 
             hidden_states = outputs
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.ln_f(hidden_states)
 
         return hidden_states
 
 
-class GPTJForCausalLM(nn.Module):
+class GPTJForCausalLM(nn.Module, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".attn.q_proj.": (".attn.qkv_proj.", "q"),
+            ".attn.k_proj.": (".attn.qkv_proj.", "k"),
+            ".attn.v_proj.": (".attn.qkv_proj.", "v"),
+        },
+    )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -274,16 +309,20 @@ class GPTJForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.n_embd,
-            bias=True,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.n_embd,
+                bias=True,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -296,36 +335,15 @@ class GPTJForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.transformer(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states, self.lm_head.bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the embedding's; the head's own bias still loads
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/persimmon/modeling_persimmon.py
 # Source sha256: 6094e4f57220983d3925d233949dbfd103519320dbfff423132f918ce4fab3bd
-# Rules applied: PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2023 EleutherAI and the HuggingFace Inc. team. All rights reserved.
 #
@@ -25,11 +25,14 @@
 """PyTorch Persimmon model."""
 
 from collections.abc import Iterable
+import re
 
 import torch
 from torch import nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -45,8 +48,16 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -96,14 +107,10 @@ class PersimmonAttention(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
 
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
-
-        self.rotary_ndims = int(self.head_dim * config.rope_parameters["partial_rotary_factor"])
-        self.is_causal = True
 
         if (self.head_dim * self.num_heads) != self.hidden_size:
             raise ValueError(
@@ -142,7 +149,6 @@ class PersimmonAttention(nn.Module):
                 eps=config.layer_norm_eps,
                 elementwise_affine=True,
             )
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
@@ -161,7 +167,6 @@ class PersimmonAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
 
-        # [batch_size, seq_length, 3 x hidden_size]
         fused_qkv, _ = self.query_key_value(hidden_states)
         query_states, key_states, value_states = fused_qkv.split(
             [self.q_size, self.kv_size, self.kv_size], dim=-1
@@ -172,7 +177,6 @@ class PersimmonAttention(nn.Module):
                 query_states.unflatten(-1, (-1, self.head_dim))
             ).flatten(-2)
             key_states = self.k_layernorm(key_states.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        # [batch_size, seq_length, num_heads, head_dim // config.partial_rotary_factor]
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 
         attn_output = self.attn(query_states, key_states, value_states)
@@ -204,7 +208,6 @@ class PersimmonDecoderLayer(nn.Module):
         )
         self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
         residual = hidden_states
@@ -224,7 +227,9 @@ class PersimmonDecoderLayer(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class PersimmonModel(nn.Module):
     """
     Transformer decoder consisting of *config.num_hidden_layers* layers. Each layer is a [`PersimmonDecoderLayer`]
@@ -242,50 +247,71 @@ class PersimmonModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
 
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=f"{prefix}.embed_tokens",
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=f"{prefix}.embed_tokens",
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: PersimmonDecoderLayer(
+                config,
+                extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.layers",
         )
-        self.layers = nn.ModuleList(
-            [
-                PersimmonDecoderLayer(
-                    config,
-                    layer_idx,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.layers.{layer_idx}",
-                )
-                for layer_idx in range(config.num_hidden_layers)
-            ]
+        if get_pp_group().is_last_rank:
+            self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.final_layernorm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.hidden_size
         )
-        self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         positions: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        hidden_states = inputs_embeds
-
-        for decoder_layer in self.layers:
+        for decoder_layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.final_layernorm(hidden_states)
 
         return hidden_states
 
 
-class PersimmonForCausalLM(nn.Module):
+class PersimmonForCausalLM(nn.Module, SupportsPP):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|model)\\.)"): "model.",
+        },
+    )
+
     # Copied from transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__ with LLAMA->PERSIMMON,Llama->Persimmon
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -300,15 +326,19 @@ class PersimmonForCausalLM(nn.Module):
             prefix=maybe_prefix(prefix, "model"),
         )
         self.vocab_size = config.vocab_size
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -320,41 +350,38 @@ class PersimmonForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_vllm_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v interleaved per head in the checkpoint -> [q; k; v] as QKVParallelLinear loads it
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                heads, size = qkv.total_num_heads, qkv.head_size
-                loaded_weight = (
-                    loaded_weight.view(heads, 3, size, *loaded_weight.shape[1:])
-                    .transpose(0, 1)
-                    .reshape(loaded_weight.shape)
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = (
+                        rows.view(qkv.total_num_heads, 3, -1, *rows.shape[1:])
+                        .transpose(0, 1)
+                        .reshape(rows.shape)
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_internlmlike.py
 # Source sha256: a5eca01d30ef06a69f4c055275ca9e8bb4cf73ebafa9ec47307492c1a100f1ff
-# Rules applied: PT063, PT150, PT226, PT001, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT063, PT150, PT226, PT001, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT052, PT061, PT060, PT310, PT070
 
 """An InternLM2-style causal LM, written for porter's tests (remote-code style): one `wqkv`
 projection grouped per KV head (its q heads, then one k and one v) split with einops, the rotary
@@ -13,6 +13,7 @@ MiniCPM's head: the hidden states divided by hidden_size / dim_model_base inside
 the `else` of a `pretraining_tp` arm that slices the head's weight."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
+from aphrodite.distributed import get_pp_group
 from aphrodite.model_executor.layers.activation import get_act_and_mul_fn
 from aphrodite.model_executor.layers.attention import Attention
 from aphrodite.model_executor.layers.layernorm import RMSNorm
@@ -35,9 +37,17 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
+from itertools import islice
 
 
 class InternLMLikeMLP(nn.Module):
@@ -83,8 +93,6 @@ class InternLMLikeAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
         self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.max_position_embeddings = config.max_position_embeddings
         self.wqkv = QKVParallelLinear(
             self.hidden_size,
             self.head_dim,
@@ -171,7 +179,7 @@ class InternLMLikeDecoderLayer(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "intermediate_tensors": 0})
 class InternLMLikeModel(nn.Module):
     def __init__(
         self,
@@ -182,24 +190,31 @@ class InternLMLikeModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.tok_embeddings = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=f"{prefix}.tok_embeddings",
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.tok_embeddings = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=f"{prefix}.tok_embeddings",
+            )
+        else:
+            self.tok_embeddings = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: InternLMLikeDecoderLayer(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=prefix
+            ),
+            prefix=f"{prefix}.layers",
         )
-        self.layers = nn.ModuleList(
-            [
-                InternLMLikeDecoderLayer(
-                    config,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.layers.{_}",
-                )
-                for _ in range(config.num_hidden_layers)
-            ]
+        if get_pp_group().is_last_rank:
+            self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.norm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.hidden_size
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def _decoder_mask(self, attention_mask, shape, dtype, past):
         bsz, seq_len = shape
@@ -211,16 +226,38 @@ class InternLMLikeModel(nn.Module):
             mask = torch.clamp(mask + padding, min=torch.finfo(dtype).min)
         return mask
 
-    def forward(self, input_ids=None, positions=None):
-        hidden_states = self.tok_embeddings(input_ids)
-        for layer in self.layers:
+    def forward(
+        self,
+        input_ids=None,
+        positions=None,
+        intermediate_tensors: IntermediateTensors | None = None,
+    ):
+        if get_pp_group().is_first_rank:
+            hidden_states = self.tok_embeddings(input_ids)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden_states = layer(hidden_states, positions=positions)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
         hidden_states = self.norm(hidden_states)
         return hidden_states
 
 
 class InternLMLikeForCausalLM(nn.Module):
     packed_modules_mapping = {"gate_up_proj": ["w1", "w3"]}
+
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:model|output)\\.)"): "model.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".feed_forward.w1.": (".feed_forward.gate_up_proj.", 0),
+            ".feed_forward.w3.": (".feed_forward.gate_up_proj.", 1),
+        },
+    )
 
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
@@ -241,7 +278,8 @@ class InternLMLikeForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "output"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.output = self.output.tie_weights(self.model.tok_embeddings)
         self.logits_processor = LogitsProcessor(
             config.vocab_size, scale=(1.0 / (self.config.hidden_size / self.config.dim_model_base))
@@ -263,42 +301,31 @@ class InternLMLikeForCausalLM(nn.Module):
         return self.logits_processor(self.output, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".gate_up_proj", ".w1", 0),
-            (".gate_up_proj", ".w3", 1),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_aphrodite_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("output."):
-                continue
             if any(packed in name for packed in [".wqkv."]):
                 # q/k/v grouped per KV head in the checkpoint ([kv_heads, q_per_kv + 2, head_dim]: each
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                groups = loaded_weight.view(
-                    qkv.total_num_kv_heads, -1, qkv.head_size, *loaded_weight.shape[1:]
-                )
-                loaded_weight = torch.cat(
-                    [
-                        groups[:, :-2].flatten(0, 2),
-                        groups[:, -2].flatten(0, 1),
-                        groups[:, -1].flatten(0, 1),
-                    ]
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = rows.view(qkv.total_num_kv_heads, -1, qkv.head_size, *rows.shape[1:])
+                    rows = torch.cat(
+                        [
+                            rows[:, :-2].flatten(0, 2),
+                            rows[:, -2].flatten(0, 1),
+                            rows[:, -1].flatten(0, 1),
+                        ]
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight

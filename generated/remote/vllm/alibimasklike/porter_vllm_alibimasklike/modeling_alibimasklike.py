@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_alibimasklike.py
 # Source sha256: 6c1af63289d7654ba4dacde70dfd98b5a8c8e60e507ff3b21920473ec246db3b
-# Rules applied: PT150, PT226, PT001, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT226, PT001, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT061, PT060, PT310, PT070
 
 """A Baichuan2-13B-style causal LM, written for porter's tests (remote-code style): one fused
 `W_pack` q/k/v projection, a tuple KV cache per layer, no rotary: an ALiBi bias the model builds
@@ -14,6 +14,7 @@ softmax, its own RMSNorm (whose epsilon keyword is `eps_value`), and a head that
 rows (once, on the first call in inference)."""
 
 from collections.abc import Iterable
+import re
 
 import math
 from typing import Optional
@@ -37,8 +38,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 
@@ -175,7 +175,6 @@ class AlibiMaskLikeModel(nn.Module):
         prefix: str = "",
     ):
         super().__init__()
-        self.n_heads = config.num_attention_heads
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size,
             config.hidden_size,
@@ -211,6 +210,18 @@ class AlibiMaskLikeModel(nn.Module):
 
 class AlibiMaskLikeForCausalLM(nn.Module):
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|model)\\.)"): "model.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+            ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+        },
+    )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -250,34 +261,18 @@ class AlibiMaskLikeForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".gate_up_proj", ".gate_proj", 0),
-            (".gate_up_proj", ".up_proj", 1),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_vllm_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
             if name == "lm_head.weight":
                 # HF's head multiplies by its rows scaled to unit length: normalised once, before the split
                 loaded_weight = torch.nn.functional.normalize(loaded_weight)
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+            yield name, loaded_weight
 
 
 def alibi_slopes(total_num_heads: int, scale: float = 1.0) -> list[float]:

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_chatglmlike.py
 # Source sha256: 6a8bb385390dc43d10d5652548d92cb7780ae5c53e440a9c4777eb77a575d803
-# Rules applied: PT150, PT001, PT003, PT151, PT020, PT021, PT264, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT003, PT151, PT020, PT021, PT264, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT040, PT050, PT052, PT061, PT060, PT310, PT070
 
 """A ChatGLM-style causal LM, written for porter's tests (remote-code style): one fused
 `query_key_value` projection for multi-query attention (a few key/value groups shared by all query
@@ -11,6 +11,7 @@ stacked cos/sin cache, its own RMSNorm, hand-written attention with a boolean ma
 cache per layer; the causal LM is `...ForConditionalGeneration`, named in config.json's auto_map."""
 
 from collections.abc import Iterable
+import re
 
 import math
 from typing import Optional
@@ -34,8 +35,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 
@@ -233,7 +233,6 @@ class ChatGLMLikeModel(nn.Module):
             prefix=f"{prefix}.word_embeddings",
         )
         self.num_layers = config.num_layers
-        self.seq_length = config.seq_length
         self.encoder = GLMTransformer(
             config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.encoder"
         )
@@ -246,6 +245,13 @@ class ChatGLMLikeModel(nn.Module):
 
 
 class ChatGLMLikeForConditionalGeneration(nn.Module):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:output_layer|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -284,26 +290,5 @@ class ChatGLMLikeForConditionalGeneration(nn.Module):
         return self.logits_processor(self.output_layer, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("output_layer."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

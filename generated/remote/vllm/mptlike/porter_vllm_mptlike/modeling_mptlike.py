@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_mptlike.py
 # Source sha256: 24ae53d03b0d6804cf64e26970f86ff815e07dca49da64cdcd3e4777dd5947e0
-# Rules applied: PT150, PT226, PT001, PT290, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT226, PT001, PT290, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT126, PT061, PT060, PT310, PT070
 
 """An MPT-style causal LM, written for porter's tests (remote-code style): ALiBi (slopes by
 `alibi_bias_max`, a bias buffer built once for the longest sequence) and a causal-mask buffer,
@@ -11,14 +11,20 @@ LayerNorm without bias, hand-written attention, a tuple KV cache per block; the 
 its base model with a type annotation (`self.transformer: MPTModel = MPTModel(config)`)."""
 
 from collections.abc import Iterable
+import re
 
 import math
 
 import torch
 from torch import nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
 from vllm.model_executor.layers.linear import (
@@ -32,8 +38,15 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -146,7 +159,7 @@ class MPTBlock(nn.Module):
         return x
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0})
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "intermediate_tensors": 0})
 class MPTModel(nn.Module):
     def __init__(
         self,
@@ -158,22 +171,25 @@ class MPTModel(nn.Module):
         super().__init__()
         self.config = config
         self.n_heads = config.n_heads
-        self.max_seq_len = config.max_seq_len
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, config.d_model, quant_config=quant_config, prefix=f"{prefix}.wte"
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.wte = VocabParallelEmbedding(
+                config.vocab_size, config.d_model, quant_config=quant_config, prefix=f"{prefix}.wte"
+            )
+        else:
+            self.wte = PPMissingLayer()
+        self.start_layer, self.end_layer, self.blocks = make_layers(
+            config.n_layers,
+            lambda prefix: MPTBlock(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=prefix
+            ),
+            prefix=f"{prefix}.blocks",
         )
-        self.blocks = nn.ModuleList(
-            [
-                MPTBlock(
-                    config,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.blocks.{_}",
-                )
-                for _ in range(config.n_layers)
-            ]
-        )
-        self.norm_f = LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
+        if get_pp_group().is_last_rank:
+            self.norm_f = LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
+        else:
+            self.norm_f = PPMissingLayer()
         self.register_buffer(
             "causal_mask",
             torch.tril(torch.ones(config.max_seq_len, config.max_seq_len, dtype=torch.bool)).view(
@@ -181,16 +197,33 @@ class MPTModel(nn.Module):
             ),
             persistent=False,
         )
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["x"], config.d_model
+        )
 
-    def forward(self, input_ids: torch.LongTensor):
-        x = self.wte(input_ids)
-        for block in self.blocks:
+    def forward(
+        self, input_ids: torch.LongTensor, intermediate_tensors: IntermediateTensors | None = None
+    ):
+        if get_pp_group().is_first_rank:
+            x = self.wte(input_ids)
+        else:
+            x = intermediate_tensors["x"]
+        for block in islice(self.blocks, self.start_layer, self.end_layer):
             x = block(x, causal_mask=self.causal_mask)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"x": x})
         x = self.norm_f(x)
         return x
 
 
-class MPTForCausalLM(nn.Module):
+class MPTForCausalLM(nn.Module, SupportsPP):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -203,15 +236,19 @@ class MPTForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.d_model,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.d_model,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -223,37 +260,14 @@ class MPTForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.transformer(
-            input_ids=input_ids,
-        )
+        return self.transformer(input_ids=input_ids, intermediate_tensors=intermediate_tensors)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self, ignore_unexpected_suffixes=[".masked_bias"])
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
 
 
 def alibi_slopes(total_num_heads: int, scale: float = 1.0) -> list[float]:

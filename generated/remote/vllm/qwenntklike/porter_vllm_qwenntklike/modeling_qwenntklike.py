@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_qwenntklike.py
 # Source sha256: 98faf87508d33d0779a59cf813a85cdc3b30feb74b911a4240ddf92fce8eb9a5
-# Rules applied: PT150, PT300, PT001, PT003, PT151, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT297, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT300, PT001, PT003, PT151, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT297, PT320, PT321, PT052, PT126, PT061, PT060, PT310, PT070
 
 """A Qwen-1-style causal LM that stretches its context past its trained length, written for porter's
 tests (remote-code style): one fused `c_attn` cut with `split`, a rotary module of the attention called
@@ -12,6 +12,7 @@ by a logn table past the trained length, its own RMSNorm, attention written out 
 a tuple KV cache (`layer_past`)."""
 
 from collections.abc import Iterable
+import re
 
 import math
 from typing import Optional
@@ -19,8 +20,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
@@ -35,8 +38,15 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -53,8 +63,6 @@ class QWenNtkAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
         self.seq_length = config.seq_length
-        self.use_dynamic_ntk = config.use_dynamic_ntk
-        self.use_logn_attn = config.use_logn_attn
         self.c_attn = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -73,7 +81,6 @@ class QWenNtkAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.c_proj",
         )
-        self._ntk_alpha = 1.0
         n = config.max_position_embeddings
         logn = [
             math.log(p, self.seq_length) if p > self.seq_length else 1.0 for p in range(1, n + 1)
@@ -162,7 +169,7 @@ class QWenNtkBlock(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"positions": 0, "input_ids": 0})
+@support_torch_compile(dynamic_arg_dims={"positions": 0, "input_ids": 0, "intermediate_tensors": 0})
 class QWenNtkLikeModel(nn.Module):
     def __init__(
         self,
@@ -173,31 +180,58 @@ class QWenNtkLikeModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.wte"
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.wte = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=f"{prefix}.wte",
+            )
+        else:
+            self.wte = PPMissingLayer()
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: QWenNtkBlock(
+                config, cache_config=cache_config, quant_config=quant_config, prefix=prefix
+            ),
+            prefix=f"{prefix}.h",
         )
-        self.h = nn.ModuleList(
-            [
-                QWenNtkBlock(
-                    config,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.h.{_}",
-                )
-                for _ in range(config.num_hidden_layers)
-            ]
+        if get_pp_group().is_last_rank:
+            self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        else:
+            self.ln_f = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.hidden_size
         )
-        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(self, positions: torch.Tensor, input_ids: Optional[torch.LongTensor] = None):
-        hidden_states = self.wte(input_ids)
-        for block in self.h:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        input_ids: Optional[torch.LongTensor] = None,
+        intermediate_tensors: IntermediateTensors | None = None,
+    ):
+        if get_pp_group().is_first_rank:
+            hidden_states = self.wte(input_ids)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for block in islice(self.h, self.start_layer, self.end_layer):
             hidden_states = block(hidden_states, positions=positions)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
         hidden_states = self.ln_f(hidden_states)
         return hidden_states
 
 
-class QWenNtkLikeLMHeadModel(nn.Module):
+class QWenNtkLikeLMHeadModel(nn.Module, SupportsPP):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -215,15 +249,19 @@ class QWenNtkLikeLMHeadModel(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -235,32 +273,13 @@ class QWenNtkLikeLMHeadModel(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.transformer(input_ids=input_ids, positions=positions)
+        return self.transformer(
+            input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self, ignore_unexpected_suffixes=[".masked_bias"])
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

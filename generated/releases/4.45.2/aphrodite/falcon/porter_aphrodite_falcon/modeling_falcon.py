@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/falcon/modeling_falcon.py
 # Source sha256: 5326f273b466e4999822fe7fffc42c920f777167d29693bf01948722e2ca022f
-# Rules applied: PT150, PT152, PT157, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT036, PT061, PT060, PT070
+# Rules applied: PT150, PT152, PT157, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT036, PT311, PT061, PT060, PT310, PT312, PT070
 
 # coding=utf-8
 # Copyright 2023 the Falcon authors and HuggingFace Inc. team.  All rights reserved.
@@ -21,6 +21,7 @@
 """PyTorch Falcon model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 from typing import TYPE_CHECKING, Optional
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.nn import functional as F
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.distributed import (
@@ -49,36 +49,18 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
 
 
 if TYPE_CHECKING:
     pass
-
-
-# Copied from transformers.models.bloom.modeling_bloom.dropout_add
-def dropout_add(
-    x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool
-) -> torch.Tensor:
-    """
-    Dropout add function
-
-    Args:
-        x (`torch.tensor`):
-            input tensor
-        residual (`torch.tensor`):
-            residual tensor
-        prob (`float`):
-            dropout probability
-        training (`bool`):
-            training mode
-    """
-    out = F.dropout(x, p=prob, training=training)
-    out = residual + out
-    return out
 
 
 class FalconAttention(nn.Module):
@@ -96,11 +78,6 @@ class FalconAttention(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
-        self.split_size = self.hidden_size
-        self.hidden_dropout = config.hidden_dropout
-        self.max_position_embeddings = config.max_position_embeddings
-        self.is_causal = True
-        self._use_sdpa = config._attn_implementation == "sdpa"
         self.layer_idx = layer_idx
 
         if self.head_dim * self.num_heads != self.hidden_size:
@@ -138,7 +115,6 @@ class FalconAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense",
         )
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.num_kv_heads = (
             config.num_kv_heads if (self.new_decoder_architecture or not self.multi_query) else 1
         )
@@ -167,9 +143,7 @@ class FalconAttention(nn.Module):
             )
 
     def forward(self, hidden_states: torch.Tensor, positions: Optional[torch.LongTensor] = None):
-        fused_qkv, _ = self.query_key_value(
-            hidden_states
-        )  # [batch_size, seq_length, 3 x hidden_size]
+        fused_qkv, _ = self.query_key_value(hidden_states)
         query_layer, key_layer, value_layer = fused_qkv.split(
             [self.q_size, self.kv_size, self.kv_size], dim=-1
         )
@@ -209,7 +183,6 @@ class FalconMLP(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense_4h_to_h",
         )
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(self, x: torch.Tensor):
         x = self.act(self.dense_h_to_4h(x)[0])
@@ -240,7 +213,6 @@ class FalconDecoderLayer(nn.Module):
         self.mlp = FalconMLP(
             config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
         )
-        self.hidden_dropout = config.hidden_dropout
         self.config = config
 
         if config.num_ln_in_parallel_attn is None and config.new_decoder_architecture:
@@ -276,12 +248,7 @@ class FalconDecoderLayer(nn.Module):
             if self.config.parallel_attn:
                 mlp_layernorm_out = attention_layernorm_out
             else:
-                residual = dropout_add(
-                    attention_output,
-                    residual,
-                    self.config.attention_dropout,
-                    training=self.training,
-                )
+                residual = residual + attention_output
                 mlp_layernorm_out = self.post_attention_layernorm(residual)
 
         if (
@@ -297,9 +264,7 @@ class FalconDecoderLayer(nn.Module):
         if self.config.new_decoder_architecture or self.config.parallel_attn:
             mlp_output += attention_output
 
-        output = dropout_add(
-            mlp_output, residual, self.config.hidden_dropout, training=self.training
-        )
+        output = residual + mlp_output
         outputs = (output,)
 
         return outputs  # hidden_states, past_kv, attentions
@@ -342,8 +307,6 @@ class FalconModel(nn.Module):
                 for i in range(config.num_hidden_layers)
             ]
         )
-        self._use_flash_attention_2 = config._attn_implementation == "flash_attention_2"
-        self._use_sdpa = config._attn_implementation == "sdpa"
 
         # Final Layer Norm
         self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
@@ -371,6 +334,13 @@ class FalconModel(nn.Module):
 
 
 class FalconForCausalLM(nn.Module):
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -389,7 +359,8 @@ class FalconForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -411,43 +382,34 @@ class FalconForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_aphrodite_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v grouped per KV head in the checkpoint ([kv_heads, q_per_kv + 2, head_dim]: each
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                groups = loaded_weight.view(
-                    qkv.total_num_kv_heads, -1, qkv.head_size, *loaded_weight.shape[1:]
-                )
-                loaded_weight = torch.cat(
-                    [
-                        groups[:, :-2].flatten(0, 2),
-                        groups[:, -2].flatten(0, 1),
-                        groups[:, -1].flatten(0, 1),
-                    ]
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = rows.view(qkv.total_num_kv_heads, -1, qkv.head_size, *rows.shape[1:])
+                    rows = torch.cat(
+                        [
+                            rows[:, :-2].flatten(0, 2),
+                            rows[:, -2].flatten(0, 1),
+                            rows[:, -1].flatten(0, 1),
+                        ]
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight
 
 
 def alibi_slopes(total_num_heads: int, scale: float = 1.0) -> list[float]:

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/gpt2/modeling_gpt2.py
 # Source sha256: 57750b9faf5a72f596966d7f6541ad7a04294ea206c9af03a4702c60b1b4f3f6
-# Rules applied: PT150, PT156, PT157, PT158, PT001, PT002, PT003, PT123, PT124, PT125, PT122, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT040, PT050, PT052, PT126, PT061, PT060, PT070
+# Rules applied: PT150, PT156, PT157, PT158, PT001, PT002, PT003, PT123, PT124, PT125, PT122, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT040, PT050, PT052, PT126, PT311, PT061, PT060, PT310, PT070
 
 # coding=utf-8
 # Copyright 2018 The OpenAI Team Authors and HuggingFace Inc. team.
@@ -22,6 +22,7 @@
 """PyTorch OpenAI GPT-2 model."""
 
 from collections.abc import Iterable
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -42,8 +43,12 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
 
@@ -72,12 +77,10 @@ class GPT2Attention(nn.Module):
             )
 
         self.scale_attn_weights = config.scale_attn_weights
-        self.is_cross_attention = is_cross_attention
 
         # Layer-wise attention scaling, reordering, and upcasting
         self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
         self.layer_idx = layer_idx
-        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
         self.c_attn = QKVParallelLinear(
             self.embed_dim,
             self.head_dim,
@@ -96,10 +99,6 @@ class GPT2Attention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.c_proj",
         )
-
-        self.attn_dropout = nn.Dropout(config.attn_pdrop)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        self.is_causal = True
         self.attn = Attention(
             self.c_attn.num_heads,
             self.head_dim,
@@ -148,7 +147,6 @@ class GPT2MLP(nn.Module):
             prefix=f"{prefix}.c_proj",
         )
         self.act = get_act_fn(config.activation_function)
-        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: Optional[Tuple[torch.FloatTensor]]):
         hidden_states, _ = self.c_fc(hidden_states)
@@ -225,8 +223,6 @@ class GPT2Model(nn.Module):
             config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
         )
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
-
-        self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(
             [
                 GPT2Block(
@@ -240,7 +236,6 @@ class GPT2Model(nn.Module):
             ]
         )
         self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-        self._attn_implementation = config._attn_implementation
 
     def forward(
         self,
@@ -266,6 +261,13 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|transformer)\\.)"): "transformer.",
+        },
+    )
+
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
         config = aphrodite_config.model_config.hf_config
@@ -284,7 +286,8 @@ class GPT2LMHeadModel(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -306,29 +309,15 @@ class GPT2LMHeadModel(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self, ignore_unexpected_suffixes=[".masked_bias"])
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_aphrodite_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
             if name.endswith((".c_attn.weight", ".c_fc.weight", ".c_proj.weight")):
                 # a transposed-convention linear (Conv1D: weight [in, out]) -> the engine's [out, in]
                 loaded_weight = loaded_weight.t()
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+            yield name, loaded_weight

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/mixtral/modeling_mixtral.py
 # Source sha256: adcc1d1e18321fa67f1886a08c5a5804333510919e2202f69d3cee56a8c09221
-# Rules applied: PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT022, PT101, PT100, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT036, PT061, PT060, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT022, PT101, PT100, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT322, PT052, PT036, PT311, PT061, PT060, PT310, PT070
 
 # coding=utf-8
 # Copyright 2023 Mistral AI and the HuggingFace Inc. team. All rights reserved.
@@ -26,6 +26,7 @@
 """PyTorch Mixtral model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 from typing import Optional
@@ -36,11 +37,7 @@ from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.attention import Attention
-from aphrodite.model_executor.layers.fused_moe import (
-    FusedMoEFactory,
-    GateLinear,
-    fused_moe_make_expert_params_mapping,
-)
+from aphrodite.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
 from aphrodite.model_executor.layers.layernorm import RMSNorm
 from aphrodite.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from aphrodite.model_executor.layers.logits_processor import LogitsProcessor
@@ -50,8 +47,13 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.interfaces import SupportsLoRA
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 
 
@@ -73,16 +75,11 @@ class MixtralAttention(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
 
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
         self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.max_position_embeddings = config.max_position_embeddings
-        self.is_causal = True
-        self.attention_dropout = config.attention_dropout
 
         if (self.head_dim * self.num_heads) != self.hidden_size:
             raise ValueError(
@@ -160,10 +157,7 @@ class MixtralSparseMoeBlock(nn.Module):
         prefix: str = "",
     ):
         super().__init__()
-        self.hidden_dim = config.hidden_size
-        self.ffn_dim = config.intermediate_size
         self.num_experts = config.num_local_experts
-        self.top_k = config.num_experts_per_tok
 
         # gating
         self.gate = GateLinear(
@@ -181,9 +175,6 @@ class MixtralSparseMoeBlock(nn.Module):
             prefix=f"{prefix}.experts",
             ckpt_names=("w1", "w2", "w3"),
         )
-
-        # Jitter parameters
-        self.jitter_noise = config.router_jitter_noise
 
     def forward(self, hidden_states: torch.Tensor):
         router_logits, _ = self.gate(hidden_states)
@@ -287,7 +278,6 @@ class MixtralModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
@@ -308,7 +298,6 @@ class MixtralModel(nn.Module):
                 for layer_idx in range(config.num_hidden_layers)
             ]
         )
-        self._attn_implementation = config._attn_implementation
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     # Ignore copy
@@ -341,11 +330,27 @@ class MixtralModel(nn.Module):
         return hidden_states
 
 
-class MixtralForCausalLM(nn.Module):
+class MixtralForCausalLM(nn.Module, SupportsLoRA):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["w1", "w3"],
     }
+    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
+
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|model)\\.)"): "model.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+            ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+            ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+            ".w1.": (".gate_up_proj.", 0),
+            ".w3.": (".gate_up_proj.", 1),
+        },
+    )
 
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
@@ -366,7 +371,8 @@ class MixtralForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.router_aux_loss_coef = config.router_aux_loss_coef
         self.num_experts = config.num_local_experts
@@ -389,51 +395,5 @@ class MixtralForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-            (".gate_up_proj", ".w1", 0),
-            (".gate_up_proj", ".w3", 1),
-        ]
-        # (param_name, weight_name, expert_id, shard_id): one checkpoint tensor per expert and projection
-        expert_params_mapping = [
-            *fused_moe_make_expert_params_mapping(
-                self,
-                ckpt_gate_proj_name="w1",
-                ckpt_down_proj_name="w2",
-                ckpt_up_proj_name="w3",
-                num_experts=self.config.num_local_experts,
-            ),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name or ".experts." in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                for param_name, weight_name, expert_id, shard_id in expert_params_mapping:
-                    if weight_name not in name:
-                        continue
-                    name = name.replace(weight_name, param_name)
-                    param = params_dict[name]
-                    param.weight_loader(
-                        param, loaded_weight, name, shard_id=shard_id, expert_id=expert_id
-                    )
-                    break
-                else:
-                    param = params_dict[name]
-                    weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                    weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_aphrodite_mapper)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/opt/modeling_opt.py
 # Source sha256: 156d964ee2383c827a16d2b32c1d66b8a38561706f88a2b01840a4b5a0f7e3b8
-# Rules applied: PT150, PT152, PT157, PT220, PT222, PT226, PT001, PT002, PT003, PT123, PT125, PT122, PT020, PT029, PT021, PT038, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT052, PT061, PT060, PT070
+# Rules applied: PT150, PT152, PT157, PT220, PT222, PT226, PT001, PT002, PT003, PT123, PT125, PT122, PT020, PT029, PT021, PT038, PT010, PT011, PT012, PT013, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT322, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # coding=utf-8
 # Copyright 2022 The Fairseq Authors and The HuggingFace Inc. team. All rights reserved.
@@ -21,6 +21,7 @@
 """PyTorch OPT model."""
 
 from collections.abc import Iterable
+import re
 
 from typing import Optional
 
@@ -43,8 +44,13 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.utils import maybe_prefix
+from aphrodite.model_executor.models.interfaces import SupportsLoRA
+from aphrodite.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+    model_should_use_tied_lm_head,
+)
 from aphrodite.sequence import IntermediateTensors
 from torch.nn import LayerNorm
 
@@ -82,11 +88,9 @@ class OPTAttention(nn.Module):
         self.config = config
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.dropout = config.attention_dropout
         self.enable_bias = config.enable_bias
 
         self.head_dim = self.embed_dim // self.num_heads
-        self.is_causal = True
 
         if (self.head_dim * self.num_heads) != self.embed_dim:
             raise ValueError(
@@ -94,7 +98,6 @@ class OPTAttention(nn.Module):
                 f" and `num_heads`: {self.num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
         self.qkv_proj = QKVParallelLinear(
             self.embed_dim,
             self.head_dim,
@@ -157,7 +160,6 @@ class OPTDecoderLayer(nn.Module):
         )
 
         self.do_layer_norm_before = config.do_layer_norm_before
-        self.dropout = config.dropout
         self.activation_fn = get_act_fn(config.activation_function)
 
         self.self_attn_layer_norm = LayerNorm(
@@ -253,11 +255,6 @@ class OPTDecoder(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.dropout = config.dropout
-        self.layerdrop = config.layerdrop
-        self.padding_idx = config.pad_token_id
-        self.max_target_positions = config.max_position_embeddings
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size,
@@ -312,7 +309,6 @@ class OPTDecoder(nn.Module):
                 for _ in range(config.num_hidden_layers)
             ]
         )
-        self._use_flash_attention_2 = config._attn_implementation == "flash_attention_2"
 
     def forward(
         self,
@@ -378,7 +374,6 @@ class OPTDecoder(nn.Module):
 
         hidden_states = inputs_embeds + pos_embeds
 
-        # check if head_mask has a correct number of layers specified if desired
         for mask_name in ["head_mask"]:
             pass
 
@@ -417,7 +412,6 @@ class OPTModel(nn.Module):
         inputs_embeds: Optional[torch.FloatTensor] = None,
     ):
 
-        # decoder outputs consists of (dec_features, past_key_value, dec_hidden, dec_attn)
         decoder_outputs = self.decoder(
             input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions
         )
@@ -425,8 +419,21 @@ class OPTModel(nn.Module):
         return decoder_outputs
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(nn.Module, SupportsLoRA):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    hf_to_aphrodite_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|model)\\.)"): "model.",
+        },
+        orig_to_new_stacked={
+            # checkpoint module: (the port's fused module, shard)
+            ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+            ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+            ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+        },
+    )
 
     def __init__(self, *, aphrodite_config: AphroditeConfig, prefix: str = ""):
         super().__init__()
@@ -446,7 +453,8 @@ class OPTForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "lm_head"),
         )
-        if config.tie_word_embeddings:
+        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
+        if self.use_tied_lm_head:
             self.lm_head = self.lm_head.tie_weights(self.model.decoder.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -468,29 +476,5 @@ class OPTForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-            (".qkv_proj", ".q_proj", "q"),
-            (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"),
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_aphrodite_mapper)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/gpt_neox_japanese/modeling_gpt_neox_japanese.py
 # Source sha256: 12cb5e9513138dc0f0b06b7a278a5ef04304fb4446b6059eccae37c5928d21e7
-# Rules applied: PT150, PT157, PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT040, PT050, PT052, PT036, PT061, PT060, PT070
+# Rules applied: PT150, PT157, PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT040, PT050, PT052, PT036, PT311, PT061, PT060, PT310, PT070
 
 # coding=utf-8
 # Copyright 2022 ABEJA, Inc. and The HuggingFace Inc. team. All rights reserved.
@@ -21,6 +21,7 @@
 """PyTorch GPTNeoX model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 from typing import Optional
@@ -45,8 +46,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 
@@ -66,7 +66,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.head_size = self.hidden_size // self.num_attention_heads
 
         self.layer_idx = layer_idx
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.norm_factor = math.sqrt(self.head_size)
         self.query_key_value = QKVParallelLinear(
             config.hidden_size,
@@ -86,8 +85,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.dense",
         )
-        # Activate bias if the last layer
-        self.use_bias = use_bias
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if use_bias else None
         self.rotary_emb = get_rope(
             self.head_size,
@@ -152,7 +149,7 @@ def bias_dropout_add(
     """
     if bias is not None:
         x = x + bias
-    out = torch.nn.functional.dropout(x, p=prob, training=training)
+    out = x
     if residual is not None:
         out = residual + out
     return out
@@ -323,6 +320,13 @@ class GPTNeoXJapaneseModel(nn.Module):
 
 
 class GPTNeoXJapaneseForCausalLM(nn.Module):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:embed_out|gpt_neox_japanese)\\.)"): "gpt_neox_japanese.",
+        },
+    )
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -364,40 +368,31 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
         return self.logits_processor(self.embed_out, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(self.port_weights(weights), mapper=self.hf_to_vllm_mapper)
+
+    def port_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("embed_out."):
-                continue
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v grouped per KV head in the checkpoint ([kv_heads, q_per_kv + 2, head_dim]: each
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it
-                qkv = self.get_submodule(name.rsplit(".", 1)[0])
-                groups = loaded_weight.view(
-                    qkv.total_num_kv_heads, -1, qkv.head_size, *loaded_weight.shape[1:]
-                )
-                loaded_weight = torch.cat(
-                    [
-                        groups[:, :-2].flatten(0, 2),
-                        groups[:, -2].flatten(0, 1),
-                        groups[:, -1].flatten(0, 1),
-                    ]
-                )
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+                module, _, leaf = name.rpartition(".")
+                qkv = self.get_submodule(module)
+                # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
+                # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
+                dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
+                if dim is not None:
+                    rows = loaded_weight.movedim(dim, 0)
+                    rows = rows.view(qkv.total_num_kv_heads, -1, qkv.head_size, *rows.shape[1:])
+                    rows = torch.cat(
+                        [
+                            rows[:, :-2].flatten(0, 2),
+                            rows[:, -2].flatten(0, 1),
+                            rows[:, -1].flatten(0, 1),
+                        ]
+                    )
+                    loaded_weight = rows.movedim(0, dim)
+            yield name, loaded_weight

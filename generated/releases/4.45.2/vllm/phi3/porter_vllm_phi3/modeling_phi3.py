@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/phi3/modeling_phi3.py
 # Source sha256: a20524ee19187fc2a4ca977af252c9299925e9a7eb55da2eebca853e7c5c4f6d
-# Rules applied: PT063, PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT036, PT061, PT060, PT070
+# Rules applied: PT063, PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT331, PT030, PT032, PT040, PT050, PT322, PT052, PT036, PT311, PT061, PT060, PT310, PT070
 
 # coding=utf-8
 # Copyright 2024 Microsoft and the HuggingFace Inc. team. All rights reserved.
@@ -22,6 +22,7 @@
 """PyTorch Phi-3 model."""
 
 from collections.abc import Iterable
+import re
 
 import math
 from typing import Optional
@@ -31,7 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.layers.activation import get_act_and_mul_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
@@ -46,8 +47,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsLoRA
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 
@@ -77,13 +78,12 @@ class Phi3MLP(nn.Module):
             prefix=f"{prefix}.down_proj",
         )
 
-        self.activation_fn = get_act_fn(config.hidden_act)
+        self.activation_fn = get_act_and_mul_fn(config.hidden_act)
 
     def forward(self, hidden_states: torch.FloatTensor):
         up_states, _ = self.gate_up_proj(hidden_states)
 
-        gate, up_states = up_states.chunk(2, dim=-1)
-        up_states = up_states * self.activation_fn(gate)
+        up_states = self.activation_fn(up_states)
 
         return self.down_proj(up_states)[0]
 
@@ -101,18 +101,11 @@ class Phi3Attention(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
-
-        self.attention_dropout = config.attention_dropout
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
         self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.max_position_embeddings = config.max_position_embeddings
-        self.original_max_position_embeddings = config.original_max_position_embeddings
         self.rope_scaling = config.rope_scaling
-        self.is_causal = True
 
         if (self.head_dim * self.num_heads) != self.hidden_size:
             raise ValueError(
@@ -201,9 +194,6 @@ class Phi3DecoderLayer(nn.Module):
             config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
         )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-        self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
-        self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, positions: Optional[torch.LongTensor] = None):
@@ -267,7 +257,6 @@ class Phi3Model(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
@@ -276,7 +265,6 @@ class Phi3Model(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.embed_tokens",
         )
-        self.embed_dropout = nn.Dropout(config.embd_pdrop)
         self.layers = nn.ModuleList(
             [
                 Phi3DecoderLayer(
@@ -289,7 +277,6 @@ class Phi3Model(nn.Module):
                 for layer_idx in range(config.num_hidden_layers)
             ]
         )
-        self._attn_implementation = config._attn_implementation
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
@@ -313,7 +300,16 @@ class Phi3Model(nn.Module):
         return hidden_states
 
 
-class Phi3ForCausalLM(nn.Module):
+class Phi3ForCausalLM(nn.Module, SupportsLoRA):
+    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
+            re.compile("^(?!(?:lm_head|model)\\.)"): "model.",
+        },
+    )
+
     # Copied from transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__ with Llama->Phi3
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -354,26 +350,5 @@ class Phi3ForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked_params_mapping = [
-            # (param_name, shard_name, shard_id)
-        ]
-        params_dict = dict(self.named_parameters())
-        loaded_params: set[str] = set()
-        for name, loaded_weight in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            for param_name, shard_name, shard_id in stacked_params_mapping:
-                if shard_name not in name:
-                    continue
-                name = name.replace(shard_name, param_name)
-                param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
-                break
-            else:
-                param = params_dict[name]
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, loaded_weight)
-            loaded_params.add(name)
-        return loaded_params
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
