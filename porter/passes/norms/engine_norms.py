@@ -19,7 +19,8 @@ class EngineNorms(Rule):
         "for the zero-centred kind) and `nn.LayerNorm` become the engine's `RMSNorm` / "
         "`GemmaRMSNorm` / `LayerNorm`, which have the same parameters and fused kernels. The forward "
         "is read with the methods of its own it calls (Gemma's `self._norm(x.float())`); a width the "
-        "file's norm takes by another keyword (`dim=`) is passed as the engine's `hidden_size`."
+        "file's norm takes by another keyword (`dim=`) is passed as the engine's `hidden_size`, the flag "
+        "it builds its weight under (`with_scale=`) as the engine's `has_weight`."
     )
     examples = [
         Example(
@@ -66,6 +67,25 @@ class EngineNorms(Rule):
             "class ALayer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
             "        self.q_norm = GemmaRMSNorm(hidden_size=config.head_dim, eps=config.rms_norm_eps)\n",
         ),
+        # a norm that builds its weight only under a flag (Gemma 4's value norm: `with_scale=False`)
+        Example(
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n"
+            "    def __init__(self, hidden_size, eps=1e-6, with_scale=True):\n"
+            "        super().__init__()\n        self.eps = eps\n        self.with_scale = with_scale\n"
+            "        if self.with_scale:\n            self.weight = nn.Parameter(torch.ones(hidden_size))\n\n"
+            "    def forward(self, x):\n        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n"
+            "        if self.with_scale:\n            out = out * self.weight\n        return out\n\n\n"
+            "class ALayer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.v_norm = ARMSNorm(config.head_dim, eps=config.rms_norm_eps, with_scale=False)\n",
+            "from torch import nn\n\n\nclass ARMSNorm(nn.Module):\n"
+            "    def __init__(self, hidden_size, eps=1e-6, with_scale=True):\n"
+            "        super().__init__()\n        self.eps = eps\n        self.with_scale = with_scale\n"
+            "        if self.with_scale:\n            self.weight = nn.Parameter(torch.ones(hidden_size))\n\n"
+            "    def forward(self, x):\n        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n"
+            "        if self.with_scale:\n            out = out * self.weight\n        return out\n\n\n"
+            "class ALayer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+            "        self.v_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps, has_weight=False)\n",
+        ),
     ]
 
     def leave_Call(self, original, updated):
@@ -73,7 +93,7 @@ class EngineNorms(Rule):
             return updated
         name = dotted(updated.func) or ""
         if name in self.plan.norms:
-            call = self._size_keyword(name, self._eps_keyword(name, updated))
+            call = self._weight_keyword(name, self._size_keyword(name, self._eps_keyword(name, updated)))
             return call.with_changes(func=cst.Name(self.ctx.use(self.plan.norms[name])))
         if self.ctx.idx.qualify(name) == "torch.nn.LayerNorm":
             return updated.with_changes(func=cst.Name(self.ctx.use("LayerNorm")))
@@ -88,6 +108,26 @@ class EngineNorms(Rule):
             return call
         return call.with_changes(args=[a.with_changes(keyword=cst.Name("hidden_size"))
                                        if a.keyword is not None and a.keyword.value == first else a for a in call.args])
+
+    def _weight_keyword(self, name: str, call: cst.Call) -> cst.Call:
+        """The flag the file's norm builds its weight under (Gemma 4's `with_scale`: `if self.with_scale:
+        self.weight = ...`, the forward scaling only then) is the engine's `has_weight`."""
+        init = self.ctx.idx.classes[name].method("__init__") if name in self.ctx.idx.classes else None
+        if init is None:
+            return call
+        params = {p.name.value for p in init.params.params}
+        copies = {a.targets[0].target.attr.value: a.value.value  # type: ignore[attr-defined]
+                  for a in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))],
+                                                  value=m.Name())) if a.value.value in params}  # type: ignore[attr-defined]
+        weight = m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self"), attr=m.Name("weight")))])
+        for test in (st.test for st in findall(init, m.If()) if findall(st.body, weight)):  # type: ignore[attr-defined]
+            flag = test.value if isinstance(test, cst.Name) else copies.get(test.attr.value) \
+                if m.matches(test, m.Attribute(value=m.Name("self"))) else None  # type: ignore[attr-defined]
+            if flag in params:
+                return call.with_changes(args=[a.with_changes(keyword=cst.Name("has_weight"))
+                                               if a.keyword is not None and a.keyword.value == flag else a
+                                               for a in call.args])
+        return call
 
     def _eps_keyword(self, name: str, call: cst.Call) -> cst.Call:
         """The file's norm names its epsilon otherwise (`RMSNorm(h, epsilon=...)`, Baichuan2): the

@@ -123,7 +123,7 @@ class Gemma4UnifiedTextAttention(nn.Module):
         # Layers sharing kv states don't need any weight matrices
         if not self.is_kv_shared_layer:
             self.k_norm = RMSNorm(hidden_size=self.head_dim, eps=config.rms_norm_eps)
-            self.v_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, with_scale=False)
+            self.v_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, has_weight=False)
 
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim,
