@@ -21,6 +21,7 @@ from porter.analysis.ssm import find_mamba2_mixers
 from porter.analysis.config_source import causal_lm_model_type, config_class_for_type, config_default
 from porter.analysis.cstutil import code, dotted, findall, resolve_cross_attention, self_attr
 from porter.analysis.dataflow import ATTN, forward_flow
+from porter.analysis.holders import holders
 from porter.analysis.index import EMBEDDING_NAMES, ClassInfo, ModelIndex, is_transposed_linear
 from porter.analysis.layouts import alibi_condition, attention_call_names
 from porter.plan.alibi_slopes import check_alibi_max_bias
@@ -101,6 +102,9 @@ class Planner(AttentionPlanning):
             return None
         if any(findall(p, m.BinaryOperation(operator=m.Subtract())) for p in parts):
             return None  # mean-centred: a LayerNorm written by hand, kept as the HF class
+        init = info.method("__init__")
+        if init is not None and all(isinstance(p.default, cst.Float) for p in init.params.params[1:]):
+            return None  # no width to build it with (NanoChat's weightless `__init__(self, eps=1e-6)`): the HF class
         if findall(fwd, m.BinaryOperation(left=m.Float() | m.Integer(), operator=m.Add())):
             return "GemmaRMSNorm"
         return "RMSNorm"
@@ -264,7 +268,10 @@ class Planner(AttentionPlanning):
             if la.q_a and self.model_type not in self.table.latent_decompressed_model_types:
                 # the low-rank query and the KV latent: one replicated projection in the engine's MLA layer
                 plan.stacked_params += [("fused_qkv_a_proj", la.q_a, "0"), ("fused_qkv_a_proj", la.kv_a, "1")]
+        experts = frozenset((moe.cls, moe.experts) for moe in plan.moes)
         for g in plan.gate_ups:
+            if experts and holders(self.idx, g.cls, experts) == [] and holders(self.idx, g.cls) != []:
+                continue  # built only as the experts the fused MoE layer loads (Mixtral's w1/w3 before 5.0)
             plan.stacked_params += [("gate_up_proj", g.gate, "0"), ("gate_up_proj", g.up, "1")]
         plan.stacked_params = list(dict.fromkeys(plan.stacked_params))
         plan.transposed_linears = sorted({a for c in plan.classes for a in self.transposed_linears(self.idx.classes[c])})

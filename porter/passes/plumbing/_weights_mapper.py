@@ -14,31 +14,11 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cstutil import findall
+from porter.analysis.holders import holders
 
 # buffers that older transformers releases saved in checkpoints and no release builds any more (the
 # masked-attention fill value of GPT-2 and its descendants): ignored when nothing of the port takes them
 LEGACY_CHECKPOINT_BUFFERS = ("masked_bias",)
-
-
-def holders(idx, cls: str) -> list[str] | None:
-    """The attribute names under which the file's classes hold a CLS module, or None when one holds it
-    in a list (its names carry an index: no fixed segment names its tensors)."""
-    found: set[str] = set()
-    for info in idx.classes.values():
-        for attr, sub in info.submodules.items():
-            if sub.ctor == cls:
-                if sub.in_list:
-                    return None
-                found.add(attr)
-        # every assignment builds one (the index keeps an attribute's first: DeepSeek's `self.mlp` is
-        # the MoE in one arm and the dense MLP in the other)
-        init = info.method("__init__")
-        for node in findall(init, m.Assign(targets=[m.AssignTarget(m.Attribute(value=m.Name("self")))])) if init else []:
-            if findall(node.value, m.Call(func=m.Name(cls))):
-                if findall(node.value, m.ListComp() | m.GeneratorExp()):
-                    return None
-                found.add(node.targets[0].target.attr.value)  # type: ignore[attr-defined]
-    return sorted(found) or None
 
 
 def stacked_keys(ctx) -> list[tuple[str, str, str]]:
@@ -56,12 +36,14 @@ def stacked_keys(ctx) -> list[tuple[str, str, str]]:
     for g in plan.gate_ups:
         owners.setdefault(("gate_up_proj", g.gate, "0"), set()).add(g.cls)
         owners.setdefault(("gate_up_proj", g.up, "1"), set()).add(g.cls)
+    experts = frozenset((moe.cls, moe.experts) for moe in plan.moes)
     keys: list[tuple[str, str, str]] = []
     for fused, orig, shard in plan.stacked_params:
         shard_id = shard if shard.isdigit() else repr(shard)
+        owned = sorted(owners.get((fused, orig, shard), ()))
         attrs: list[str] | None = []
-        for cls in sorted(owners.get((fused, orig, shard), ())):
-            held = holders(ctx.idx, cls)
+        for cls in owned:
+            held = holders(ctx.idx, cls, experts)
             attrs = None if held is None or attrs is None else attrs + held
         if not attrs:
             keys.append((f".{orig}.", f".{fused}.", shard_id))
