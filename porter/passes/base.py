@@ -58,6 +58,8 @@ class RewriteContext:
     extra_taint: dict[str, set[str]] = field(default_factory=dict)  # class -> locals dropped by a rule
     # config field of a trained length -> what PT300 showed to be the identity within it ("what in where")
     trained_length: dict[str, list[str]] = field(default_factory=dict)
+    # config properties of the source's transformers the engine's lacks (PT340): name -> its getter
+    config_properties: dict = field(default_factory=dict)
 
     def use(self, symbol: str) -> str:
         """Record that the port uses an engine symbol; returns the name to write in code."""

@@ -143,6 +143,16 @@ class CausalLmInterface(Rule):
             _PLAIN_PORT.replace("LogitsProcessor(config.vocab_size)",
                                 "LogitsProcessor(config.vocab_size, scale=(1.0 / self.config.logits_scaling))"),
         ),
+        Example(  # the same after transformers 5.25's position selection helper (not a scale: the
+            # engine selects the positions it samples), which must not hide the scale before it
+            _PLAIN.replace("        return self.lm_head(self.model(input_ids=input_ids))\n",
+                           "        hidden_states = self.model(input_ids=input_ids)\n"
+                           "        hidden_states = hidden_states / self.config.logits_scaling\n"
+                           "        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)\n"
+                           "        return self.lm_head(hidden_states)\n"),
+            _PLAIN_PORT.replace("LogitsProcessor(config.vocab_size)",
+                                "LogitsProcessor(config.vocab_size, scale=(1.0 / self.config.logits_scaling))"),
+        ),
         Example(  # the scale inside the head call, in the `else` of an arm that slices the head's
             # weight (MiniCPM's remote code: `pretraining_tp > 1`, the same product in slices)
             _PLAIN.replace("        return self.lm_head(self.model(input_ids=input_ids))\n",
@@ -389,6 +399,9 @@ class CausalLmInterface(Rule):
             while arg is not None:
                 if isinstance(arg, cst.Subscript):  # hidden_states[:, slice_indices, :]
                     arg = arg.value
+                elif isinstance(arg, cst.Call) and arg.args and isinstance(arg.args[0].value, cst.Name) \
+                        and self._selects_positions(arg, arg.args[0].value.value):
+                    arg = arg.args[0].value
                 elif isinstance(arg, cst.Name) and arg.value in local and arg.value not in seen:
                     seen.add(arg.value)
                     arg = local[arg.value]
@@ -429,7 +442,17 @@ class CausalLmInterface(Rule):
             elif (isinstance(small, cst.Assign) and len(small.targets) == 1
                   and m.matches(small.targets[0].target, m.Name(name))):
                 v = small.value
+                if self._selects_positions(v, name) or m.matches(v, m.Call(func=m.Attribute(
+                        value=m.Name(name), attr=m.Name("to") | m.Name("float") | m.Name("contiguous")))):
+                    # `hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)`; a move or cast
+                    # (`.to(self.lm_head.weight.device)`): the logits processor computes in float32
+                    continue
                 if not isinstance(v, cst.BinaryOperation):
+                    if name in {n.value for n in findall(v, m.Name())} and self_call_attr(v) is None:  # type: ignore[attr-defined]
+                        # neither where the hidden states come from nor a head module (compute_logits
+                        # applies those): a step the port would leave out
+                        raise self.ctx.idx.error("cannot port what forward does to the hidden states before lm_head",
+                                                 construct=f"{self.plan.causal_lm}.forward", rule=self.name)
                     break
                 scaled = (v.operator, _uncast(v.left), v.right)
             else:
@@ -450,6 +473,17 @@ class CausalLmInterface(Rule):
             raise self.ctx.idx.error("cannot port the scale of the hidden states before lm_head",
                                      construct=f"{self.plan.causal_lm}.forward", rule=self.name)
         return ops
+
+    def _selects_positions(self, value: cst.BaseExpression, name: str) -> bool:
+        """VALUE picks the positions HF computes logits for out of NAME: a call that takes NAME first
+        and otherwise only HF's plumbing (`slice_logits_to_keep(hidden_states, logits_to_keep)`, the
+        helper 5.25 writes instead of `hidden_states[:, slice_indices, :]`). The engine hands
+        compute_logits the positions it samples, so the selection is the engine's own."""
+        if not (isinstance(value, cst.Call) and value.args and value.args[0].keyword is None
+                and m.matches(value.args[0].value, m.Name(name))):
+            return False
+        rest = {n.value for a in value.args[1:] for n in findall(a.value, m.Name())}  # type: ignore[attr-defined]
+        return bool(rest) and rest <= set(self.ctx.table.strip_params) and name not in rest
 
     def _unportable(self, node):
         return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",
