@@ -15,6 +15,7 @@ from porter.analysis.cstutil import (
     self_call_attr,
 )
 from porter.passes.base import Example, Rule
+from porter.passes.plumbing._positions import selects_positions
 from porter.analysis.layouts import linear_args
 from porter.analysis.normalized_head import head_sizes
 from porter.render import render
@@ -400,7 +401,7 @@ class CausalLmInterface(Rule):
                 if isinstance(arg, cst.Subscript):  # hidden_states[:, slice_indices, :]
                     arg = arg.value
                 elif isinstance(arg, cst.Call) and arg.args and isinstance(arg.args[0].value, cst.Name) \
-                        and self._selects_positions(arg, arg.args[0].value.value):
+                        and selects_positions(arg, arg.args[0].value.value, self.ctx.table.strip_params):
                     arg = arg.args[0].value
                 elif isinstance(arg, cst.Name) and arg.value in local and arg.value not in seen:
                     seen.add(arg.value)
@@ -442,17 +443,14 @@ class CausalLmInterface(Rule):
             elif (isinstance(small, cst.Assign) and len(small.targets) == 1
                   and m.matches(small.targets[0].target, m.Name(name))):
                 v = small.value
-                if self._selects_positions(v, name) or m.matches(v, m.Call(func=m.Attribute(
+                if selects_positions(v, name, self.ctx.table.strip_params) or m.matches(v, m.Call(func=m.Attribute(
                         value=m.Name(name), attr=m.Name("to") | m.Name("float") | m.Name("contiguous")))):
                     # `hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)`; a move or cast
                     # (`.to(self.lm_head.weight.device)`): the logits processor computes in float32
                     continue
                 if not isinstance(v, cst.BinaryOperation):
                     if name in {n.value for n in findall(v, m.Name())} and self_call_attr(v) is None:  # type: ignore[attr-defined]
-                        # neither where the hidden states come from nor a head module (compute_logits
-                        # applies those): a step the port would leave out
-                        raise self.ctx.idx.error("cannot port what forward does to the hidden states before lm_head",
-                                                 construct=f"{self.plan.causal_lm}.forward", rule=self.name)
+                        raise self._unportable(v, "to the hidden states before")  # a step the port would drop
                     break
                 scaled = (v.operator, _uncast(v.left), v.right)
             else:
@@ -474,19 +472,8 @@ class CausalLmInterface(Rule):
                                      construct=f"{self.plan.causal_lm}.forward", rule=self.name)
         return ops
 
-    def _selects_positions(self, value: cst.BaseExpression, name: str) -> bool:
-        """VALUE picks the positions HF computes logits for out of NAME: a call that takes NAME first
-        and otherwise only HF's plumbing (`slice_logits_to_keep(hidden_states, logits_to_keep)`, the
-        helper 5.25 writes instead of `hidden_states[:, slice_indices, :]`). The engine hands
-        compute_logits the positions it samples, so the selection is the engine's own."""
-        if not (isinstance(value, cst.Call) and value.args and value.args[0].keyword is None
-                and m.matches(value.args[0].value, m.Name(name))):
-            return False
-        rest = {n.value for a in value.args[1:] for n in findall(a.value, m.Name())}  # type: ignore[attr-defined]
-        return bool(rest) and rest <= set(self.ctx.table.strip_params) and name not in rest
-
-    def _unportable(self, node):
-        return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",
+    def _unportable(self, node, where: str = "to the logits after"):
+        return self.ctx.idx.error(f"cannot port what forward does {where} lm_head",
                                   construct=f"{self.plan.causal_lm}.forward", rule=self.name)
 
     def visit_Module(self, node):
