@@ -20,7 +20,7 @@ from porter.analysis.config_source import class_defs
 
 
 @dataclass(frozen=True)
-class ConfigProperty:
+class ConfigGetter:
     cls: str  # the config class that defines it
     name: str  # the property
     params: str  # the getter's one parameter (self)
@@ -58,7 +58,7 @@ def _defined(classes: dict[str, ast.ClassDef], cls: str) -> set[str]:
     return out
 
 
-def _properties(text: str, tree: ast.Module, cls: str, path: str = "") -> list[ConfigProperty]:
+def _properties(text: str, tree: ast.Module, cls: str, path: str = "") -> list[ConfigGetter]:
     node = class_defs(tree)[cls]
     lines = text.splitlines()
     out = []
@@ -79,13 +79,13 @@ def _properties(text: str, tree: ast.Module, cls: str, path: str = "") -> list[C
         body = "\n".join(lines[first.lineno - 1: st.end_lineno])
         indent = len(lines[first.lineno - 1]) - len(lines[first.lineno - 1].lstrip())
         body = "\n".join(ln[indent:] if ln.strip() else "" for ln in body.splitlines())
-        out.append(ConfigProperty(cls=cls, name=st.name, params=me, body=body, line=st.lineno,
+        out.append(ConfigGetter(cls=cls, name=st.name, params=me, body=body, line=st.lineno,
                                   calls=tuple(sorted(called)), reads=tuple(sorted({n.attr for n in selfs} - called)),
                                   path=path))
     return out
 
 
-def missing_properties(config_path: Path | None, rel_path: str, engine_root: Path | None) -> dict[str, ConfigProperty]:
+def missing_properties(config_path: Path | None, rel_path: str, engine_root: Path | None) -> dict[str, ConfigGetter]:
     """The properties of the source release's config classes that the engine's transformers defines
     the same class without (by name): {property: what it computes}. Empty when the source is the
     engine's own file, or when the engine lacks the class (a day-zero port ships the class whole)."""
@@ -100,7 +100,7 @@ def missing_properties(config_path: Path | None, rel_path: str, engine_root: Pat
         engine = class_defs(ast.parse(engine_path.read_text(encoding="utf-8")))
     except (OSError, SyntaxError, UnicodeDecodeError):
         return {}
-    out: dict[str, ConfigProperty] = {}
+    out: dict[str, ConfigGetter] = {}
     for cls in class_defs(tree):
         if cls not in engine:
             continue

@@ -1,4 +1,4 @@
-"""Where HF picks the positions it computes logits for (PT050 reads through it)."""
+"""Steps between the base model and lm_head that leave what the logits see as it is (PT050 reads through them)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,10 @@ def selects_positions(value: cst.BaseExpression, name: str, plumbing) -> bool:
         return False
     rest = {n.value for a in value.args[1:] for n in findall(a.value, m.Name())}  # type: ignore[attr-defined]
     return bool(rest) and rest <= set(plumbing) and name not in rest
+
+
+def passes_through(value: cst.BaseExpression, name: str, plumbing) -> bool:
+    """`NAME = VALUE` leaves the hidden states as the logits processor sees them: a position selection,
+    or a move or cast (`.to(self.lm_head.weight.device)`; the logits processor computes in float32)."""
+    return selects_positions(value, name, plumbing) or m.matches(value, m.Call(func=m.Attribute(
+        value=m.Name(name), attr=m.Name("to") | m.Name("float") | m.Name("contiguous"))))

@@ -15,7 +15,7 @@ from porter.analysis.cstutil import (
     self_call_attr,
 )
 from porter.passes.base import Example, Rule
-from porter.passes.plumbing._positions import selects_positions
+from porter.passes.plumbing._positions import passes_through, selects_positions
 from porter.analysis.layouts import linear_args
 from porter.analysis.normalized_head import head_sizes
 from porter.render import render
@@ -402,7 +402,7 @@ class CausalLmInterface(Rule):
                     arg = arg.value
                 elif isinstance(arg, cst.Call) and arg.args and isinstance(arg.args[0].value, cst.Name) \
                         and selects_positions(arg, arg.args[0].value.value, self.ctx.table.strip_params):
-                    arg = arg.args[0].value
+                    arg = arg.args[0].value  # slice_logits_to_keep(hidden_states, logits_to_keep)
                 elif isinstance(arg, cst.Name) and arg.value in local and arg.value not in seen:
                     seen.add(arg.value)
                     arg = local[arg.value]
@@ -443,11 +443,8 @@ class CausalLmInterface(Rule):
             elif (isinstance(small, cst.Assign) and len(small.targets) == 1
                   and m.matches(small.targets[0].target, m.Name(name))):
                 v = small.value
-                if selects_positions(v, name, self.ctx.table.strip_params) or m.matches(v, m.Call(func=m.Attribute(
-                        value=m.Name(name), attr=m.Name("to") | m.Name("float") | m.Name("contiguous")))):
-                    # `hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)`; a move or cast
-                    # (`.to(self.lm_head.weight.device)`): the logits processor computes in float32
-                    continue
+                if passes_through(v, name, self.ctx.table.strip_params):
+                    continue  # `hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)`, `.to(device)`
                 if not isinstance(v, cst.BinaryOperation):
                     if name in {n.value for n in findall(v, m.Name())} and self_call_attr(v) is None:  # type: ignore[attr-defined]
                         raise self._unportable(v, "to the hidden states before")  # a step the port would drop

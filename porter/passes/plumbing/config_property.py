@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
 
-from porter.analysis.config_properties import ConfigProperty as Prop
+from porter.analysis.config_properties import ConfigGetter
 from porter.analysis.cstutil import dotted
 from porter.errors import PorterError
 from porter.passes.base import Example, Rule
 
 PREFIX = "config_"  # the function's name: the property's, after this
 
-_PROP = Prop(cls="AConfig", name="kv_modes", params="self", line=3, calls=(), reads=("n", "shared"),
+_PROP = ConfigGetter(cls="AConfig", name="kv_modes", params="self", line=3, calls=(), reads=("n", "shared"),
              body='first = self.n - self.shared\nreturn [None if i < first else "reuse" for i in range(self.n)]')
 _BEFORE = (
     "class Layer(nn.Module):\n    def __init__(self, config, i):\n"
@@ -28,17 +27,26 @@ _AFTER = (
 )
 
 
-class _Getter(cst.CSTTransformer):
-    """The getter's body as a function of the config: `self` renamed, other missing properties called."""
+class _Reads(cst.CSTTransformer):
+    """`<a config>.P` of a missing property P -> `config_P(<the config>)`, recording each P it calls."""
 
-    def __init__(self, me: str, missing: set[str]) -> None:
+    def __init__(self, missing) -> None:
         super().__init__()
-        self.me, self.missing = me, missing
+        self.missing, self.used = missing, []
 
     def leave_Attribute(self, original, updated):
-        if m.matches(updated, m.Attribute(value=m.Name("config"))) and updated.attr.value in self.missing:
-            return cst.parse_expression(f"{PREFIX}{updated.attr.value}(config)")
+        if updated.attr.value in self.missing and (dotted(updated.value) or "").split(".")[-1].endswith("config"):
+            self.used.append(updated.attr.value)
+            return cst.Call(func=cst.Name(PREFIX + updated.attr.value), args=[cst.Arg(updated.value)])
         return updated
+
+
+class _Rename(cst.CSTTransformer):
+    """The getter's own parameter (`self`) renamed `config`."""
+
+    def __init__(self, me: str) -> None:
+        super().__init__()
+        self.me = me
 
     def leave_Name(self, original, updated):
         return updated.with_changes(value="config") if updated.value == self.me else updated
@@ -67,22 +75,11 @@ class ConfigProperty(Rule):
 
     def leave_Module(self, original, updated):
         props = self.ctx.config_properties
-        read = m.Attribute(attr=m.OneOf(*(m.Name(n) for n in props)))
-        used: list[str] = []
-
-        class _Reads(cst.CSTTransformer):
-            def leave_Attribute(self, original, updated):
-                if m.matches(updated, read) and (dotted(updated.value) or "").split(".")[-1].endswith("config"):
-                    used.append(updated.attr.value)
-                    return cst.Call(func=cst.Name(PREFIX + updated.attr.value), args=[cst.Arg(updated.value)])
-                return updated
-
-        new = updated.visit(_Reads())
-        if not used:
-            return updated
-        todo, helpers, done = list(dict.fromkeys(used)), [], set()
-        while todo:
-            name = todo.pop(0)
+        reads = _Reads(props)
+        new = updated.visit(reads)
+        helpers, done = [], set()
+        while reads.used:  # what the module calls, then what those functions call
+            name = reads.used.pop(0)
             if name in done:
                 continue
             done.add(name)
@@ -92,13 +89,12 @@ class ConfigProperty(Rule):
                     f"cannot port {prop.cls}.{name}, a config property the engine's transformers lacks: "
                     f"its getter {'calls ' + ', '.join(prop.calls) if prop.calls else 'reads private state'}",
                     file=prop.path or None, line=prop.line, rule=self.name)
-            todo += [r for r in prop.reads if r in props]
             fn = cst.parse_module(
                 f"def {PREFIX}{name}(config):\n"
                 f'    """{prop.cls}.{name} of the source\'s transformers, a property the engine\'s '
                 f'{prop.cls} lacks."""\n'
                 + "".join(f"    {ln}\n" if ln else "\n" for ln in prop.body.splitlines())).body[0]
-            helpers.append(fn.visit(_Getter(prop.params, set(props))).with_changes(
+            helpers.append(fn.visit(_Rename(prop.params)).visit(reads).with_changes(
                 leading_lines=[cst.EmptyLine(), cst.EmptyLine()]))
             self.mark(f"{PREFIX}{name}")
-        return new.with_changes(body=[*new.body, *helpers])
+        return new.with_changes(body=[*new.body, *helpers]) if helpers else updated
