@@ -60,6 +60,8 @@ class RewriteContext:
     trained_length: dict[str, list[str]] = field(default_factory=dict)
     # model class -> the residual PT330 threads through its layer loop (of the hidden width: it is a sum of it)
     fused_residual: dict[str, str] = field(default_factory=dict)
+    # config properties of the source's transformers the engine's lacks (PT340): name -> its getter
+    config_properties: dict = field(default_factory=dict)
 
     def use(self, symbol: str) -> str:
         """Record that the port uses an engine symbol; returns the name to write in code."""

@@ -81,6 +81,7 @@ from porter.passes.norms.norm_across_tp_ranks import NormAcrossTpRanks
 from porter.passes.plumbing.arange_positions import ArangePositions
 from porter.passes.plumbing.causal_lm_interface import CausalLmInterface
 from porter.passes.plumbing.compile_base_model import CompileBaseModel
+from porter.passes.plumbing.config_property import ConfigProperty
 from porter.passes.plumbing.drop_batch_collapse import DropBatchCollapse
 from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.drop_pass_through import DropPassThrough
@@ -138,6 +139,7 @@ BEFORE_INDEX: list[type[Rule]] = [
 
 MODEL: list[type[Rule]] = [
     DropHfImports,
+    ConfigProperty,  # first: the rules below read `config.X` as the engine's config has it
     ModuleListComprehension,  # early: the rules below read a layer list in its comprehension form
     StripDecorators,
     PlainAttributeAssign,  # early: the rules below read submodule builds as plain assignments

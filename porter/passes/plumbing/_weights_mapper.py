@@ -13,7 +13,6 @@ import re
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import findall
 from porter.analysis.holders import holders
 
 # buffers that older transformers releases saved in checkpoints and no release builds any more (the

@@ -15,6 +15,7 @@ from porter.analysis.cstutil import (
     self_call_attr,
 )
 from porter.passes.base import Example, Rule
+from porter.passes.plumbing._positions import passes_through, selects_positions
 from porter.analysis.layouts import linear_args
 from porter.analysis.normalized_head import head_sizes
 from porter.passes.plumbing import _weights_mapper as _wm
@@ -129,6 +130,16 @@ class CausalLmInterface(Rule):
             _PLAIN.replace("        return self.lm_head(self.model(input_ids=input_ids))\n",
                            "        hidden_states = self.model(input_ids=input_ids)\n"
                            "        hidden_states = hidden_states / self.config.logits_scaling\n"
+                           "        return self.lm_head(hidden_states)\n"),
+            _PLAIN_PORT.replace("LogitsProcessor(config.vocab_size)",
+                                "LogitsProcessor(config.vocab_size, scale=(1.0 / self.config.logits_scaling))"),
+        ),
+        Example(  # the same after transformers 5.25's position selection helper (not a scale: the
+            # engine selects the positions it samples), which must not hide the scale before it
+            _PLAIN.replace("        return self.lm_head(self.model(input_ids=input_ids))\n",
+                           "        hidden_states = self.model(input_ids=input_ids)\n"
+                           "        hidden_states = hidden_states / self.config.logits_scaling\n"
+                           "        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)\n"
                            "        return self.lm_head(hidden_states)\n"),
             _PLAIN_PORT.replace("LogitsProcessor(config.vocab_size)",
                                 "LogitsProcessor(config.vocab_size, scale=(1.0 / self.config.logits_scaling))"),
@@ -377,6 +388,9 @@ class CausalLmInterface(Rule):
             while arg is not None:
                 if isinstance(arg, cst.Subscript):  # hidden_states[:, slice_indices, :]
                     arg = arg.value
+                elif isinstance(arg, cst.Call) and arg.args and isinstance(arg.args[0].value, cst.Name) \
+                        and selects_positions(arg, arg.args[0].value.value, self.ctx.table.strip_params):
+                    arg = arg.args[0].value  # slice_logits_to_keep(hidden_states, logits_to_keep)
                 elif isinstance(arg, cst.Name) and arg.value in local and arg.value not in seen:
                     seen.add(arg.value)
                     arg = local[arg.value]
@@ -417,7 +431,11 @@ class CausalLmInterface(Rule):
             elif (isinstance(small, cst.Assign) and len(small.targets) == 1
                   and m.matches(small.targets[0].target, m.Name(name))):
                 v = small.value
+                if passes_through(v, name, self.ctx.table.strip_params):
+                    continue  # `hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)`, `.to(device)`
                 if not isinstance(v, cst.BinaryOperation):
+                    if name in {n.value for n in findall(v, m.Name())} and self_call_attr(v) is None:  # type: ignore[attr-defined]
+                        raise self._unportable(v, "to the hidden states before")  # a step the port would drop
                     break
                 scaled = (v.operator, _uncast(v.left), v.right)
             else:
@@ -439,8 +457,8 @@ class CausalLmInterface(Rule):
                                      construct=f"{self.plan.causal_lm}.forward", rule=self.name)
         return ops
 
-    def _unportable(self, node):
-        return self.ctx.idx.error("cannot port what forward does to the logits after lm_head",
+    def _unportable(self, node, where: str = "to the logits after"):
+        return self.ctx.idx.error(f"cannot port what forward does {where} lm_head",
                                   construct=f"{self.plan.causal_lm}.forward", rule=self.name)
 
     def visit_Module(self, node):
