@@ -94,7 +94,7 @@ def test_falcon_port_chooses_alibi_or_rotary_by_config_and_regroups_when_loading
     # one split by per-rank sizes; the grouped layout is load_weights' job
     assert "_split_heads" not in text and "FalconLinear" not in text
     assert "[self.q_size, self.kv_size, self.kv_size]" in text
-    assert "groups[:, :-2].flatten(0, 2)" in text and "qkv.total_num_kv_heads" in text
+    assert "rows[:, :-2].flatten(0, 2)" in text and "qkv.total_num_kv_heads" in text
 
 
 _GROUPED = '''

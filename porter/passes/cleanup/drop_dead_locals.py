@@ -56,6 +56,17 @@ class DropDeadLocals(Rule):
             "        else:\n            h = self.mlp(h)\n"
             "        return h\n",
         ),
+        Example(  # in an arm, a local read only by another dead one (CodeGen's first pipeline stage)
+            "class M(nn.Module):\n    def forward(self, ids, h):\n"
+            "        if get_pp_group().is_first_rank:\n            x = self.embed(ids)\n"
+            "            length = x.shape[1]\n            out_shape = (-1, length, x.size(-1))\n"
+            "        else:\n            x = h\n"
+            "        return x\n",
+            "class M(nn.Module):\n    def forward(self, ids, h):\n"
+            "        if get_pp_group().is_first_rank:\n            x = self.embed(ids)\n"
+            "        else:\n            x = h\n"
+            "        return x\n",
+        ),
         Example(  # an `else` that only set a local nobody reads goes (CohereCompass's text positions)
             "class M(nn.Module):\n    def forward(self, h, pos):\n"
             "        if pos.ndim == 3:\n            text = pos[0]\n            pos = pos[1:]\n"
@@ -150,9 +161,13 @@ class DropDeadLocals(Rule):
         """`body` without its dead assignments; `outer`: the reads of the enclosing method (a
         loop body's local may be read after the loop)."""
         changed = True
+        removed: list[cst.BaseStatement] = []
         while changed:
             changed = False
-            reads = outer if outer is not None else self._reads(body)
+            # the enclosing method's reads, less those of what is gone (`output_shape = (-1, seq_length, ...)`
+            # read the `seq_length` before it)
+            reads = self._reads(body) if outer is None else {
+                n: c - self._reads(removed).get(n, 0) for n, c in outer.items()}
             new_body = []
             for st in body:
                 if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])):
@@ -163,13 +178,16 @@ class DropDeadLocals(Rule):
                     if m.matches(assign, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Name())) and \
                             assign.targets[0].target.value == assign.value.value:
                         changed = True
+                        removed.append(st)
                         continue
                     if names and all(reads.get(n, 0) <= (1 if n not in value_reads else 2) for n in names) \
                             and own == len(names) and self._pure(assign.value):
                         changed = True
+                        removed.append(st)
                         continue
                 if isinstance(st, cst.If) and self._dead_if(st, reads):
                     changed = True
+                    removed.append(st)
                     continue
                 new_body.append(st)
             body = new_body

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/nanochat/modeling_nanochat.py
 # Source sha256: 4f6895cf055be5fb4f773d2cca4e34f50076738f592dd9916ed687fec4539f43
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT330, PT040, PT050, PT241, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT028, PT030, PT032, PT031, PT040, PT050, PT241, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/nanochat/modular_nanochat.py.
@@ -33,7 +33,6 @@ from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.model_executor.layers.activation import get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
-from aphrodite.model_executor.layers.layernorm import RMSNorm
 from aphrodite.model_executor.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -53,6 +52,21 @@ from aphrodite.model_executor.models.utils import (
     model_should_use_tied_lm_head,
 )
 from aphrodite.sequence import IntermediateTensors
+
+
+class NanoChatRMSNorm(torch.nn.Module):
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self._norm(x.float()).type_as(x)
+
+    def extra_repr(self):
+        return f"eps={self.eps}"
 
 
 class NanoChatAttention(nn.Module):
@@ -91,8 +105,8 @@ class NanoChatAttention(nn.Module):
             prefix=f"{prefix}.o_proj",
         )
 
-        self.q_norm = RMSNorm(hidden_size=config.rms_norm_eps)
-        self.k_norm = RMSNorm(hidden_size=config.rms_norm_eps)
+        self.q_norm = NanoChatRMSNorm(eps=config.rms_norm_eps)
+        self.k_norm = NanoChatRMSNorm(eps=config.rms_norm_eps)
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
@@ -181,27 +195,22 @@ class NanoChatDecoderLayer(nn.Module):
             config, cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.mlp"
         )
 
-        self.input_layernorm = RMSNorm(hidden_size=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size=config.rms_norm_eps)
+        self.input_layernorm = NanoChatRMSNorm(eps=config.rms_norm_eps)
+        self.post_attention_layernorm = NanoChatRMSNorm(eps=config.rms_norm_eps)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        positions: torch.LongTensor | None = None,
-        residual: torch.Tensor | None = None,
-    ):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+    def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None = None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
         # Self Attention
         hidden_states = self.self_attn(hidden_states=hidden_states, positions=positions)
+        hidden_states = residual + hidden_states
 
         # Fully Connected
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(hidden_states)
-        return hidden_states, residual
+        hidden_states = residual + hidden_states
+        return hidden_states
 
 
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
@@ -236,7 +245,7 @@ class NanoChatModel(nn.Module):
             ]
         )
 
-        self.norm = RMSNorm(hidden_size=config.rms_norm_eps)
+        self.norm = NanoChatRMSNorm(eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -251,13 +260,10 @@ class NanoChatModel(nn.Module):
         hidden_states = inputs_embeds
 
         hidden_states = self.norm(hidden_states)  # Additional norm before the layers
-        residual = None
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states, residual = decoder_layer(
-                hidden_states, positions=positions, residual=residual
-            )
+            hidden_states = decoder_layer(hidden_states, positions=positions)
 
-        hidden_states, _ = self.norm(hidden_states, residual)
+        hidden_states = self.norm(hidden_states)
         return hidden_states
 
 

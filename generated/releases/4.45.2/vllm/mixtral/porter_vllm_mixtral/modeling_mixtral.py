@@ -326,10 +326,7 @@ class MixtralModel(nn.Module):
 
 
 class MixtralForCausalLM(nn.Module, SupportsLoRA):
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["w1", "w3"],
-    }
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
 
     hf_to_vllm_mapper = WeightsMapper(
@@ -342,8 +339,6 @@ class MixtralForCausalLM(nn.Module, SupportsLoRA):
             ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
             ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
             ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
-            ".w1.": (".gate_up_proj.", 0),
-            ".w3.": (".gate_up_proj.", 1),
         },
     )
 
