@@ -37,7 +37,11 @@ def _check_trees(target: str, models: list[str]) -> None:
         assert r["native_class"] and r["native_class"].startswith(f"{target}.model_executor.models."), r
         assert r["params_equal"] is True, (r["only_in_port"], r["only_in_native"], r["shape_mismatch"])
         assert r["port_params"] == r["native_params"] > 0
-        assert r["port_load"]["not_returned"] == [] and r["port_load"]["unwritten"] == {}
+        # every parameter written; the names load_weights returns are the native class's (Aphrodite's
+        # FusedMoE reports its experts without the `routed_experts` level, native and port alike)
+        assert r["port_load"]["unwritten"] == {}
+        assert r["port_load"]["not_returned"] == r["native_load"]["not_returned"], r["port_load"]
+        assert r["port_load"]["unknown_returned"] == r["native_load"]["unknown_returned"], r["port_load"]
         assert r["tensors_equal"] is True and r["tensors_compared"] == r["port_params"], r["tensors_differ"]
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -308,8 +308,6 @@ class GPTNeoModel(nn.Module):
             if inputs_embeds is None:
                 inputs_embeds = self.wte(input_ids)
             hidden_states = inputs_embeds + position_embeds
-
-            seq_length = inputs_embeds.shape[1]
         else:
             hidden_states = intermediate_tensors["hidden_states"]
         for i, block in enumerate(

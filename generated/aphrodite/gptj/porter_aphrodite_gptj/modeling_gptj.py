@@ -262,8 +262,6 @@ class GPTJModel(nn.Module):
             if inputs_embeds is None:
                 inputs_embeds = self.wte(input_ids)
 
-            seq_length = inputs_embeds.shape[1]
-
             hidden_states = inputs_embeds
         else:
             hidden_states = intermediate_tensors["hidden_states"]
