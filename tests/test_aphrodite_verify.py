@@ -78,18 +78,22 @@ def test_committed_port_passes_against_aphrodite(model):
 
 
 class _SwapKV(cst.CSTTransformer):
-    """In load_weights only: the shard ids "k" and "v" of the stacked mapping trade places."""
+    """In the port's WeightsMapper only: the shard ids "k" and "v" of the stacked mapping trade places."""
 
     def __init__(self):
         self.depth = 0
         self.swapped = 0
 
-    def visit_FunctionDef(self, node):
-        if node.name.value == "load_weights":
+    @staticmethod
+    def _mapper(node) -> bool:
+        return any(isinstance(t.target, cst.Name) and t.target.value.endswith("_mapper") for t in node.targets)
+
+    def visit_Assign(self, node):
+        if self._mapper(node):
             self.depth += 1
 
-    def leave_FunctionDef(self, original, updated):
-        if original.name.value == "load_weights":
+    def leave_Assign(self, original, updated):
+        if self._mapper(original):
             self.depth -= 1
         return updated
 

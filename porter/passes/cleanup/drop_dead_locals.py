@@ -56,6 +56,13 @@ class DropDeadLocals(Rule):
             "        else:\n            h = self.mlp(h)\n"
             "        return h\n",
         ),
+        Example(  # a local named like an attribute it reads (GPT-2 before 5.0: `device = input_ids.device ...`)
+            "class M(nn.Module):\n    def forward(self, ids, embeds):\n"
+            "        device = ids.device if ids is not None else embeds.device\n"
+            "        return self.embed(ids)\n",
+            "class M(nn.Module):\n    def forward(self, ids, embeds):\n"
+            "        return self.embed(ids)\n",
+        ),
         Example(  # in an arm, a local read only by another dead one (CodeGen's first pipeline stage)
             "class M(nn.Module):\n    def forward(self, ids, h):\n"
             "        if get_pp_group().is_first_rank:\n            x = self.embed(ids)\n"
@@ -152,8 +159,8 @@ class DropDeadLocals(Rule):
     def _reads(body: list[cst.BaseStatement]) -> dict[str, int]:
         reads: dict[str, int] = {}
         for st in body:
-            for n in findall(st, m.Name()):
-                reads[n.value] = reads.get(n.value, 0) + 1  # type: ignore[attr-defined]
+            for n in _variables(st):
+                reads[n] = reads.get(n, 0) + 1
         return reads
 
     def _dead_locals(self, body: list[cst.BaseStatement],
@@ -173,7 +180,7 @@ class DropDeadLocals(Rule):
                 if m.matches(st, m.SimpleStatementLine(body=[m.Assign()])):
                     assign = st.body[0]  # type: ignore[attr-defined]
                     names = [n for t in assign.targets for n in assigned_names(t.target) if n != "_"]
-                    value_reads = {n.value for n in findall(assign.value, m.Name())}  # type: ignore[attr-defined]
+                    value_reads = set(_variables(assign.value))
                     own = sum(1 for t in assign.targets for n in findall(t.target, m.Name()) if n.value != "_")  # type: ignore[attr-defined]
                     if m.matches(assign, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Name())) and \
                             assign.targets[0].target.value == assign.value.value:
@@ -267,3 +274,26 @@ class DropDeadLocals(Rule):
             return True
         return False
 
+
+class _Variables(cst.CSTVisitor):
+    """The names a node uses as variables: not an attribute's name (`x.device`) nor a keyword's."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.names.append(node.value)
+
+    def visit_Attribute(self, node: cst.Attribute) -> bool:
+        node.value.visit(self)
+        return False
+
+    def visit_Arg(self, node: cst.Arg) -> bool:
+        node.value.visit(self)
+        return False
+
+
+def _variables(node: cst.CSTNode) -> list[str]:
+    v = _Variables()
+    node.visit(v)
+    return v.names

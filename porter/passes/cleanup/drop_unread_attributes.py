@@ -68,6 +68,22 @@ _MODULE_ARG = (  # must leave unchanged: a parameter that may hold a module (its
 )
 
 
+_FED_LOCAL = (  # a local only the dropped attribute read goes with it (GPT-NeoX's partial_rotary_factor)
+    "from torch import nn\n\n\n"
+    "class AAttention(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        factor = config.rope_parameters.get('partial_rotary_factor', 1.0)\n"
+    "        self.rotary_ndims = int(config.head_dim * factor)\n"
+    "        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
+    "    def forward(self, x):\n        return self.o_proj(x)\n"
+)
+_FED_LOCAL_AFTER = (
+    "from torch import nn\n\n\n"
+    "class AAttention(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+    "        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)\n\n"
+    "    def forward(self, x):\n        return self.o_proj(x)\n"
+)
+
+
 class DropUnreadAttributes(Rule):
     descends = False
     code = "PT310"
@@ -86,7 +102,7 @@ class DropUnreadAttributes(Rule):
         "name (`getattr(self, name)`, `vars(self)`)."
     )
     examples = [Example(_BEFORE, _AFTER), Example(_READ_ELSEWHERE, _READ_ELSEWHERE),
-                Example(_MODULE_ARG, _MODULE_ARG)]
+                Example(_MODULE_ARG, _MODULE_ARG), Example(_FED_LOCAL, _FED_LOCAL_AFTER)]
 
     def leave_Module(self, original, updated):
         if self._dynamic(updated):
@@ -141,11 +157,34 @@ class DropUnreadAttributes(Rule):
         for f in cls.body.body:
             if isinstance(f, cst.FunctionDef) and f.name.value == "__init__":
                 kept = [st for st in f.body.body if not (m.matches(st, _SELF_ASSIGN) and self._target(st) in gone)]
+                kept = self._unfed_locals(f, kept)
                 if len(kept) != len(f.body.body):
                     self.mark(f"{cls.name.value}.__init__")
                     f = f.with_changes(body=f.body.with_changes(body=kept or [cst.SimpleStatementLine([cst.Pass()])]))
             body.append(f)
         return cls.with_changes(body=cls.body.with_changes(body=body))
+
+    @staticmethod
+    def _unfed_locals(init: cst.FunctionDef, kept: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        """KEPT without the plain locals only the dropped assignments read (GPT-NeoX's
+        `partial_rotary_factor = ...`, read by `self.rotary_ndims = ...` alone)."""
+        env = _Env(init)
+        ids = {id(st) for st in kept}
+        removed = [st for st in init.body.body if id(st) not in ids]
+        fed = {n.value for st in removed for n in findall(st, m.Name())}  # type: ignore[attr-defined]
+        local = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])
+        bound = [n.value for t in findall(init, m.AssignTarget() | m.AugAssign() | m.AnnAssign() | m.For())  # type: ignore[attr-defined]
+                 for n in findall(getattr(t, "target"), m.Name())]
+        while True:
+            reads: dict[str, int] = {}
+            for st in kept:
+                for n in findall(st, m.Name()):
+                    reads[n.value] = reads.get(n.value, 0) + 1  # type: ignore[attr-defined]
+            dead = [st for st in kept if m.matches(st, local) and (name := st.body[0].targets[0].target.value) in fed  # type: ignore[attr-defined]
+                    and reads.get(name, 0) == 1 and bound.count(name) == 1 and env.read_only(st.body[0].value)]  # type: ignore[attr-defined]
+            if not dead:
+                return kept
+            kept = [st for st in kept if not any(st is x for x in dead)]
 
     @staticmethod
     def _target(st: cst.SimpleStatementLine) -> str | None:
@@ -234,6 +273,13 @@ class _Env:
             return False
         return all(m.matches(c.func, m.Name()) and c.func.value in _PURE_BUILTINS  # type: ignore[attr-defined]
                    for c in findall(value, m.Call()))
+
+    def read_only(self, value: cst.BaseExpression) -> bool:
+        """Effect-free, or a read of a config field's dict (`config.rope_parameters.get("x", 1.0)`)."""
+        if m.matches(value, m.Call(func=m.Attribute(attr=m.Name("get")))) and \
+                self.config_field(value.func.value):  # type: ignore[attr-defined]
+            return all(self.effect_free(a.value) for a in value.args)  # type: ignore[attr-defined]
+        return self.effect_free(value)
 
     def config_field(self, value: cst.BaseExpression) -> bool:
         """`config.x`, `config.attn_config.y`, `config.layer_types[i]`, `self.config.z`: a field of the HF

@@ -91,7 +91,6 @@ class GPTNeoXAttention(nn.Module):
         super().__init__()
         self.config = config
         self.head_size = config.hidden_size // config.num_attention_heads
-        partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
         self.scaling = self.head_size**-0.5
         self.layer_idx = layer_idx
         self.query_key_value = QKVParallelLinear(

@@ -74,7 +74,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.head_size = self.hidden_size // self.num_attention_heads
 
         self.layer_idx = layer_idx
-        partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
         self.norm_factor = math.sqrt(self.head_size)
         self.query_key_value = QKVParallelLinear(
             config.hidden_size,

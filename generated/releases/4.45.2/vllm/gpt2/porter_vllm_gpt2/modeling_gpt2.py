@@ -239,8 +239,6 @@ class GPT2Model(nn.Module):
         inputs_embeds: Optional[torch.FloatTensor] = None,
     ):
 
-        device = input_ids.device if input_ids is not None else inputs_embeds.device
-
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         position_embeds = self.wpe(positions)
