@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from engine_checkpoints import tiny
 
 from porter.verify import THRESHOLD
 
@@ -42,22 +43,6 @@ def _port(tmp_path, model_type):
     return conv, info
 
 
-def _tiny(info, out):
-    """The tiny HF model of the port's model type with its `structure` overrides, its prompts,
-    and its checkpoint written for the port (architecture: the port's class) and for native."""
-    from porter.verify.tiny import (_special_ids, build_model, causal_config_type, load_rules,
-                                    make_prompts, prompt_vocab, save_checkpoint, tiny_spec,
-                                    with_architecture)
-
-    spec = tiny_spec(info.model_type, config_model_type=info.config_model_type
-                     or causal_config_type(info.model_type, info.hf_architecture))
-    spec.config_kwargs.update(load_rules()["models"][info.model_type].get("structure") or {})
-    model = build_model(spec, info.hf_architecture)
-    prompts = make_prompts(spec, prompt_vocab(model), _special_ids(model.config))
-    ckpt = save_checkpoint(model, out / "ckpt", info.architecture)
-    return spec, model, prompts, ckpt, with_architecture(ckpt, out / "native-ckpt", info.hf_architecture)
-
-
 def _adapter(model, targets, out):
     """A rank-RANK adapter on ``targets`` with random A and B, saved to ``out``; returns the HF
     model with it merged (the base model is left as it was)."""
@@ -79,7 +64,7 @@ def test_lora_adapter_port_native_and_merged_hf_agree(tmp_path, model_type):
 
     conv, info = _port(tmp_path, model_type)
     assert any(r.startswith("PT322") for r in conv.rules_applied), conv.rules_applied
-    spec, model, prompts, ckpt, native_ckpt = _tiny(info, tmp_path)
+    spec, model, prompts, ckpt, native_ckpt = tiny(info, tmp_path)
     merged = _adapter(model, TARGETS[model_type], tmp_path / "adapter")
     refs = [r["tokens"] for r in hf_reference(merged, prompts, spec)]
     assert refs != [r["tokens"] for r in hf_reference(model, prompts, spec)], \
@@ -112,7 +97,7 @@ def test_lora_served_by_port_exactly_where_by_native(tmp_path, model_type, targe
     conv, info = _port(tmp_path, model_type)
     declares = any(r.startswith("PT322") for r in conv.rules_applied)
     assert declares == (model_type == "mixtral"), conv.rules_applied
-    spec, model, prompts, ckpt, native_ckpt = _tiny(info, tmp_path)
+    spec, model, prompts, ckpt, native_ckpt = tiny(info, tmp_path)
     _adapter(model, targets, tmp_path / "adapter")
     kw = dict(max_tokens=2, top_logprobs=1, max_model_len=256, lora=(tmp_path / "adapter", RANK))
     port = run_engine(ckpt, 1, prompts[:1], port=info, **kw)

