@@ -103,3 +103,40 @@ def w8a8(ckpt: Path, out: Path, model) -> tuple[Path, int]:
     cfg = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head", "re:.*\\.gate$"],
                              format="int-quantized", quantization_status="compressed")
     return _rewrite(ckpt, out, cfg.model_dump(mode="json"), tensors), len(targets)
+
+
+def _pack(q, axis: int):
+    """Eight 4-bit values (0..15) per int32 along ``axis``, the lowest bits first (GPTQ's packing)."""
+    import torch
+
+    q = q.to(torch.int32).movedim(axis, 0)
+    q = q.reshape(q.shape[0] // 8, 8, *q.shape[1:])
+    packed = torch.zeros(q.shape[0], *q.shape[2:], dtype=torch.int32)
+    for j in range(8):
+        packed |= q[:, j] << (4 * j)
+    return packed.movedim(0, axis)
+
+
+def gptq(ckpt: Path, out: Path, model, group_size: int = 32) -> tuple[Path, int]:
+    """GPTQ 4-bit (symmetric, groups of ``group_size`` inputs, no act-order) of every projection:
+    qweight [in/8, out] and qzeros [in/group, out/8] packed int32 (zeros stored minus one, GPTQ's
+    own convention), scales [in/group, out] in float16 and g_idx [in], with the config GPTQ
+    checkpoints carry. The weights are rounded to the nearest level (no calibration)."""
+    import torch
+
+    tensors = _load(ckpt)
+    targets = projections(model, tensors)
+    for name, transposed in targets.items():
+        w = tensors.pop(name + ".weight").float()
+        w = w if transposed else w.t()  # [in, out]
+        n_in, n_out = w.shape
+        groups = w.reshape(n_in // group_size, group_size, n_out)
+        scale = (groups.abs().amax(dim=1) / 7).clamp(min=1e-8)  # [in/group, out]
+        q = torch.clamp(torch.round(groups / scale[:, None]) + 8, 0, 15).reshape(n_in, n_out)
+        tensors[name + ".qweight"] = _pack(q, 0)
+        tensors[name + ".qzeros"] = _pack(torch.full((n_in // group_size, n_out), 7), 1)
+        tensors[name + ".scales"] = scale.to(torch.float16)
+        tensors[name + ".g_idx"] = torch.arange(n_in, dtype=torch.int32) // group_size
+    cfg = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
+           "sym": True, "checkpoint_format": "gptq", "lm_head": False}
+    return _rewrite(ckpt, out, cfg, tensors), len(targets)

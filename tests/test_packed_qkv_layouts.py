@@ -216,7 +216,7 @@ def test_grouped_regroup_in_load_weights_gives_hf_split_heads_q_k_v(layout):
     exec(src, ns)
 
     class Qkv(nn.Module):
-        total_num_kv_heads, head_size = kv, d
+        total_num_heads, total_num_kv_heads, head_size = heads, kv, d
 
         def __init__(self):
             super().__init__()

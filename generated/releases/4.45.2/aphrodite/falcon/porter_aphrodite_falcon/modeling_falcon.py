@@ -393,6 +393,7 @@ class FalconForCausalLM(nn.Module):
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v grouped per KV head in the checkpoint ([kv_heads, q_per_kv + 2, head_dim]: each
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it
+                # (-1: a head's width in the tensor's rows, fewer where they are packed, as GPTQ's qzeros)
                 module, _, leaf = name.rpartition(".")
                 qkv = self.get_submodule(module)
                 # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
@@ -400,7 +401,12 @@ class FalconForCausalLM(nn.Module):
                 dim = getattr(getattr(qkv, leaf, None), "output_dim", None)
                 if dim is not None:
                     rows = loaded_weight.movedim(dim, 0)
-                    rows = rows.view(qkv.total_num_kv_heads, -1, qkv.head_size, *rows.shape[1:])
+                    rows = rows.view(
+                        qkv.total_num_kv_heads,
+                        qkv.total_num_heads // qkv.total_num_kv_heads + 2,
+                        -1,
+                        *rows.shape[1:],
+                    )
                     rows = torch.cat(
                         [
                             rows[:, :-2].flatten(0, 2),
