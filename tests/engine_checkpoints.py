@@ -1,7 +1,6 @@
 """Tiny checkpoints the engine tests serve through a port and through the engine's native class:
-the model type's tiny HF model with its `structure` overrides (rules/tiny_configs.yaml: what the
-native classes assert off), and quantized copies of its checkpoint made here with the
-`compressed-tensors` package (W8A8 int8, GPTQ-packed 4-bit)."""
+the model type's tiny HF model as porter.verify.structure builds it, and quantized copies of its
+checkpoint made here with the `compressed-tensors` package (W8A8 int8, GPTQ-packed 4-bit)."""
 
 from __future__ import annotations
 
@@ -23,16 +22,13 @@ def committed_port(model_type: str, target: str = "vllm"):
 
 
 def tiny(info, out: Path):
-    """The tiny HF model of the port's model type with its `structure` overrides, its prompts, and
-    its checkpoint written for the port (architecture: the port's class) and for native."""
-    from porter.verify.tiny import (_special_ids, build_model, causal_config_type, load_rules,
-                                    make_prompts, prompt_vocab, save_checkpoint, tiny_spec,
-                                    with_architecture)
+    """The port's tiny HF model as the structural check builds it (its `structure` overrides),
+    its prompts, and its checkpoint written for the port (architecture: the port's class) and for
+    native."""
+    from porter.verify.structure import structure_model
+    from porter.verify.tiny import _special_ids, make_prompts, prompt_vocab, save_checkpoint, with_architecture
 
-    spec = tiny_spec(info.model_type, config_model_type=info.config_model_type
-                     or causal_config_type(info.model_type, info.hf_architecture))
-    spec.config_kwargs.update(load_rules()["models"][info.model_type].get("structure") or {})
-    model = build_model(spec, info.hf_architecture)
+    spec, model = structure_model(info.model_type, info.hf_architecture)
     prompts = make_prompts(spec, prompt_vocab(model), _special_ids(model.config))
     ckpt = save_checkpoint(model, out / "ckpt", info.architecture)
     return spec, model, prompts, ckpt, with_architecture(ckpt, out / "native-ckpt", info.hf_architecture)

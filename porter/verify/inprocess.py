@@ -135,15 +135,19 @@ def register_unknown(api: _EngineApi, checkpoint_dir: Path, cls) -> None:
             api.registry.register_model(arch, cls)
 
 
+def is_quantized(checkpoint_dir: Path) -> bool:
+    """The checkpoint's config carries a quantization (GPTQ, compressed-tensors, ...)."""
+    return "quantization_config" in json.loads((Path(checkpoint_dir) / "config.json").read_text())
+
+
 def engine_config(target: str, checkpoint_dir: Path, cls=None):
     """A fresh engine config for ``checkpoint_dir`` (one per model: attention prefixes must be
     unique within a config)."""
     api = engine_api(target)
     register_unknown(api, Path(checkpoint_dir), cls)
     # a quantized checkpoint in bfloat16: the engine's quantization methods take half dtypes only
-    quantized = "quantization_config" in json.loads((Path(checkpoint_dir) / "config.json").read_text())
     model_config = api.ModelConfig(
-        model=str(checkpoint_dir), dtype="bfloat16" if quantized else "float32",
+        model=str(checkpoint_dir), dtype="bfloat16" if is_quantized(checkpoint_dir) else "float32",
         skip_tokenizer_init=True,
     )
     return api.EngineConfig(model_config=model_config)

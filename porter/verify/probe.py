@@ -113,7 +113,6 @@ def describe_model(model) -> dict:
     record["module"] = type(model).__module__
     record["name"] = type(model).__qualname__
     record["rank"] = _rank()
-    record["quant_methods"] = _quant_methods(model)
     from vllm.distributed import get_pp_group
 
     if get_pp_group().world_size > 1:  # the layers this pipeline stage holds

@@ -37,6 +37,7 @@ from porter.verify.inprocess import (
     build_with_config,
     engine_api,
     engine_context,
+    is_quantized,
     register_unknown,
     resolve_native,
 )
@@ -407,6 +408,21 @@ def find_port_class(port_dir: Path, *, prepare_engine: bool = True):
     raise StructureInputError(f"{port_dir}: {info.module} has none of the classes {names}")
 
 
+def structure_model(model_type: str, hf_architecture: str | None = None, overrides: dict | None = None):
+    """The tiny HF model of ``model_type`` (and its spec) that ``porter verify`` builds
+    (rules/tiny_configs.yaml), with the model's ``structure`` keys (what the engine's native classes
+    assert off) and ``overrides`` on top."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from porter.verify.tiny import build_model, causal_config_type, load_rules, tiny_spec
+
+    hf_architecture = hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    spec = tiny_spec(model_type, config_model_type=causal_config_type(model_type, hf_architecture))
+    spec.config_kwargs.update(load_rules()["models"][model_type].get("structure") or {})
+    spec.config_kwargs.update(overrides or {})
+    return spec, build_model(spec, hf_architecture)
+
+
 def make_checkpoint(
     model_type: str,
     out_dir: Path,
@@ -415,24 +431,14 @@ def make_checkpoint(
     architecture: str | None = None,
     overrides: dict | None = None,
 ) -> Path:
-    """A tiny HF safetensors checkpoint of ``model_type``: the config and seeded weights that
-    ``porter verify`` builds (rules/tiny_configs.yaml), with the model's ``structure`` keys there
-    and ``overrides`` on top; ``architecture`` (default: the HF one) is written into config.json."""
+    """A tiny HF safetensors checkpoint of ``structure_model``; ``architecture`` (default: the HF
+    one) is written into config.json."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from porter.verify.tiny import (
-        build_model,
-        causal_config_type,
-        load_rules,
-        save_checkpoint,
-        tiny_spec,
-    )
+    from porter.verify.tiny import save_checkpoint
 
     hf_architecture = hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
-    spec = tiny_spec(model_type, config_model_type=causal_config_type(model_type, hf_architecture))
-    spec.config_kwargs.update(load_rules()["models"][model_type].get("structure") or {})
-    spec.config_kwargs.update(overrides or {})
-    model = build_model(spec, hf_architecture)
+    _spec, model = structure_model(model_type, hf_architecture, overrides)
     return save_checkpoint(model, out_dir, architecture or hf_architecture)
 
 
@@ -454,9 +460,8 @@ def check_port(port_dir: Path, checkpoint_dir: Path | None = None) -> StructureR
         if checkpoint_dir is not None:
             # a quantized checkpoint's tensors (qweight, scales, ...) are not the HF model's: they
             # are checked by loading them, into the port and into the native class
-            quantized = "quantization_config" in json.loads((Path(checkpoint_dir) / "config.json").read_text())
             report = compare_structure(info.target, Path(checkpoint_dir), cls, info.hf_architecture,
-                                       check_checkpoint=not quantized)
+                                       check_checkpoint=not is_quantized(checkpoint_dir))
         else:
             with tempfile.TemporaryDirectory(prefix="porter-structure-") as tmp:
                 ckpt = make_checkpoint(
