@@ -117,6 +117,7 @@ from porter.passes.ssm.engine_mamba_mixer import EngineMambaMixer
 from porter.passes.ssm.engine_short_conv import EngineShortConv
 from porter.passes.ssm.mamba_state_interface import MambaStateInterface
 from porter.passes.tp.gather_before_norm import GatherBeforeNorm
+from porter.passes.tp.one_all_reduce import OneAllReduce
 from porter.passes.tp.tp_linears import TpLinears
 from porter.passes.tp.vocab_embedding import VocabEmbedding
 
@@ -200,6 +201,7 @@ MODEL: list[type[Rule]] = [
     FixCallArity,
     ThreadPositions,
     MatchCalleeParams,
+    OneAllReduce,  # after TpLinears (the row-parallel projections) and UnwrapOutputs (what the blocks return)
     FusedAddNorm,  # after PT031/PT032/PT033 settle the layer calls and forwards: it adds `residual` to both
     CheckpointModuleNames,
     ThreadPrefix,

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/falcon/modeling_falcon.py
 # Source sha256: 5e116c9e849538053f655c67f0a594406344dbf1d0b79ec8e04e70cf9c3a99a0
-# Rules applied: PT150, PT152, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT312, PT070
+# Rules applied: PT150, PT152, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT332, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2023 the Falcon authors and HuggingFace Inc. team.  All rights reserved.
 #
@@ -32,6 +32,7 @@ from aphrodite.distributed import (
     get_pp_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
 )
 from aphrodite.model_executor.layers.activation import get_act_fn
 from aphrodite.model_executor.layers.attention import Attention
@@ -113,6 +114,8 @@ class FalconAttention(nn.Module):
             bias=config.bias,
             quant_config=quant_config,
             prefix=f"{prefix}.dense",
+            reduce_results=not (config.new_decoder_architecture or config.parallel_attn),
+            skip_bias_add=config.new_decoder_architecture or config.parallel_attn,
         )
         self.num_kv_heads = (
             config.num_kv_heads if (self.new_decoder_architecture or not self.multi_query) else 1
@@ -182,6 +185,8 @@ class FalconMLP(nn.Module):
             bias=config.bias,
             quant_config=quant_config,
             prefix=f"{prefix}.dense_4h_to_h",
+            reduce_results=not (config.new_decoder_architecture or config.parallel_attn),
+            skip_bias_add=config.new_decoder_architecture or config.parallel_attn,
         )
 
     def forward(self, x: torch.Tensor):
@@ -261,6 +266,11 @@ class FalconDecoderLayer(nn.Module):
 
         if self.config.new_decoder_architecture or self.config.parallel_attn:
             mlp_output += attention_output
+            mlp_output = tensor_model_parallel_all_reduce(mlp_output)
+            if self.self_attention.dense.bias is not None:
+                mlp_output = mlp_output + self.self_attention.dense.bias
+            if self.mlp.dense_4h_to_h.bias is not None:
+                mlp_output = mlp_output + self.mlp.dense_4h_to_h.bias
 
         output = residual + mlp_output
 

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 4.45.2, models/falcon/modeling_falcon.py
 # Source sha256: 5326f273b466e4999822fe7fffc42c920f777167d29693bf01948722e2ca022f
-# Rules applied: PT150, PT152, PT157, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT036, PT311, PT061, PT060, PT310, PT312, PT070
+# Rules applied: PT150, PT152, PT157, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT332, PT040, PT050, PT052, PT036, PT311, PT061, PT060, PT310, PT312, PT070
 
 # coding=utf-8
 # Copyright 2023 the Falcon authors and HuggingFace Inc. team.  All rights reserved.
@@ -31,7 +31,11 @@ import torch.utils.checkpoint
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -106,6 +110,8 @@ class FalconAttention(nn.Module):
             bias=config.bias,
             quant_config=quant_config,
             prefix=f"{prefix}.dense",
+            reduce_results=not (config.new_decoder_architecture or config.parallel_attn),
+            skip_bias_add=config.new_decoder_architecture or config.parallel_attn,
         )
         self.num_kv_heads = (
             config.num_kv_heads if (self.new_decoder_architecture or not self.multi_query) else 1
@@ -174,6 +180,8 @@ class FalconMLP(nn.Module):
             bias=config.bias,
             quant_config=quant_config,
             prefix=f"{prefix}.dense_4h_to_h",
+            reduce_results=not (config.new_decoder_architecture or config.parallel_attn),
+            skip_bias_add=config.new_decoder_architecture or config.parallel_attn,
         )
 
     def forward(self, x: torch.Tensor):
@@ -255,6 +263,11 @@ class FalconDecoderLayer(nn.Module):
 
         if self.config.new_decoder_architecture or self.config.parallel_attn:
             mlp_output += attention_output
+            mlp_output = tensor_model_parallel_all_reduce(mlp_output)
+            if self.self_attention.dense.bias is not None:
+                mlp_output = mlp_output + self.self_attention.dense.bias
+            if self.mlp.dense_4h_to_h.bias is not None:
+                mlp_output = mlp_output + self.mlp.dense_4h_to_h.bias
 
         output = residual + mlp_output
         outputs = (output,)
