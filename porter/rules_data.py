@@ -214,6 +214,22 @@ def lora_roles(model_type: str) -> tuple[str, ...] | None:
     return _lora_table(active_rules_dir()).get(model_type)
 
 
+EAGLE3_RULES = "eagle3.yaml"  # rules/: the model types whose native class is an EAGLE-3 target (PT333)
+
+
+@lru_cache(maxsize=4)
+def _eagle3_table(rules_dir: Path) -> frozenset[str]:
+    table = _load(EAGLE3_RULES, rules_dir).get("eagle3") or []
+    if not isinstance(table, list) or not all(isinstance(v, str) for v in table):
+        raise PorterError("eagle3 must list model types", file=str(rules_dir / EAGLE3_RULES), construct="eagle3")
+    return frozenset(table)
+
+
+def eagle3_target(model_type: str) -> bool:
+    """Whether the native class of MODEL_TYPE is an EAGLE-3 target (rules/eagle3.yaml)."""
+    return model_type in _eagle3_table(active_rules_dir())
+
+
 COVERAGE_RULES = "coverage.yaml"  # rules/: the day-zero releases the sweep also covers
 
 

@@ -87,6 +87,7 @@ from porter.passes.plumbing.drop_hf_dataflow import DropHfDataflow
 from porter.passes.plumbing.drop_pass_through import DropPassThrough
 from porter.passes.plumbing.engine_imports import EngineImports
 from porter.passes.plumbing.flat_position_lookup import FlatPositionLookup
+from porter.passes.plumbing.eagle3_hooks import Eagle3Hooks
 from porter.passes.plumbing.lora_interface import LoraInterface
 from porter.passes.plumbing.failing_init_arm import FailingInitArm
 from porter.passes.plumbing.fix_call_arity import FixCallArity
@@ -217,6 +218,7 @@ MODEL: list[type[Rule]] = [
     PipelineStages,  # after the rules that write the base model's forward, before PT052 reads its arguments
     PipelineHead,  # after PT320 (it acts only where the base model was staged) and the rules writing load_weights
     LoraInterface,  # after PT050 and the rules writing packed_modules_mapping
+    Eagle3Hooks,  # after PT320/PT321 (the staged base model and causal LM it hooks)
     CompileBaseModel,
     DropUnusedBuffers,
     DropRopeConfigReads,  # late: once no kept code reads the copy

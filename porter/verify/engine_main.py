@@ -56,6 +56,7 @@ def run(req: dict) -> dict:
         # one, preferred where the CPU has AMX tiles, takes bfloat16 weights only)
         **({"attention_config": {"backend": "CPU_MLA"}} if req.get("latent_attention") else {}),
         **({"enable_lora": True, "max_loras": 1, "max_lora_rank": lora["rank"]} if lora else {}),
+        **({"speculative_config": req["speculative"]} if req.get("speculative") else {}),
     )
     t_start = time.time() - t0
     stage("engine ready; reading the model class")

@@ -9,6 +9,10 @@ It wraps the model loader so that, for the model the engine really builds, verif
     parameter as loaded (before the engine repacks quantized weights).
 The record is kept on the model (read back with ``LLM.apply_model(describe_model)``) and also
 written to ``$PORTER_VERIFY_PROBE_DIR/load-<pid>.json`` so it survives a failed start.
+
+With PORTER_VERIFY_AUX=1, the first forward of a model that returns EAGLE-3's auxiliary hidden
+states beside its own (an EAGLE-3 target, under `speculative_config`) saves them, with the token
+ids it ran on, to ``$PORTER_VERIFY_PROBE_DIR/aux-rank<r>.pt`` (what the draft was handed).
 """
 
 from __future__ import annotations
@@ -102,9 +106,30 @@ def register() -> None:
         finally:
             del model.load_weights
             setattr(model, _ATTR, state.get("record"))
+            if os.environ.get("PORTER_VERIFY_AUX") == "1":
+                _save_first_aux(model)
 
     load_weights._porter_probe = True
     DefaultModelLoader.load_weights = load_weights
+
+
+def _save_first_aux(model) -> None:
+    import torch
+
+    def hook(module, args, kwargs, output):
+        out = os.environ.get("PORTER_VERIFY_PROBE_DIR")
+        if handle.saved or not out or not (isinstance(output, tuple) and len(output) == 2
+                                           and isinstance(output[1], list)):
+            return None
+        handle.saved = True
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        torch.save({"input_ids": None if ids is None else ids.detach().cpu(),
+                    "aux": [t.detach().float().cpu() for t in output[1]]},
+                   os.path.join(out, f"aux-rank{_rank()}.pt"))
+        return None
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    handle.saved = False
 
 
 def describe_model(model) -> dict:

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/cohere2_moe/modeling_cohere2_moe.py
 # Source sha256: 3098ca2db82cbf02e7c64c72b8f10be0f41895d3841a91459b58f8284a4b90e1
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT101, PT100, PT201, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT101, PT100, PT201, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT333, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/cohere2_moe/modular_cohere2_moe.py.
@@ -50,6 +50,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import EagleModelMixin, SupportsEagle3
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -336,7 +337,9 @@ class Cohere2MoeDecoderLayer(nn.Module):
 @support_torch_compile(
     dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
 )
-class Cohere2MoeModel(nn.Module):
+class Cohere2MoeModel(nn.Module, EagleModelMixin):
+    supports_aux_hidden_states_over_pp = True
+
     def __init__(
         self,
         config,
@@ -395,19 +398,32 @@ class Cohere2MoeModel(nn.Module):
             hidden_states = inputs_embeds
         else:
             hidden_states = intermediate_tensors["hidden_states"]
+        remote_aux = self.collect_remote_aux_hidden_states(intermediate_tensors)
+        aux_hidden_states: list[torch.Tensor] = []
+        if get_pp_group().is_first_rank:
+            self._maybe_add_hidden_state(aux_hidden_states, self.start_layer, hidden_states, None)
 
         for i, decoder_layer in enumerate(
             islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
         ):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+            self._maybe_add_hidden_state(aux_hidden_states, i + 1, hidden_states, None)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states})
+            return IntermediateTensors(
+                {
+                    "hidden_states": hidden_states,
+                    **self.pack_local_aux_hidden_states(aux_hidden_states),
+                }
+            )
 
         hidden_states = self.norm(hidden_states)
+        aux_hidden_states = remote_aux + aux_hidden_states
+        if len(aux_hidden_states) > 0:
+            return hidden_states, aux_hidden_states
         return hidden_states
 
 
-class Cohere2MoeForCausalLM(nn.Module):
+class Cohere2MoeForCausalLM(nn.Module, SupportsEagle3):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/granite_swa/modeling_granite_swa.py
 # Source sha256: d8ee32bfb15e83dc3bbe6c4014942ec7d9de2a5edfc10039b1d77fc74103fe5d
-# Rules applied: PT001, PT002, PT003, PT020, PT240, PT021, PT160, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT322, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT240, PT021, PT160, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT322, PT333, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/granite_swa/modular_granite_swa.py.
@@ -48,7 +48,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from aphrodite.model_executor.model_loader.weight_utils import sharded_weight_loader
-from aphrodite.model_executor.models.interfaces import SupportsLoRA
+from aphrodite.model_executor.models.interfaces import EagleModelMixin, SupportsEagle3, SupportsLoRA
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -244,7 +244,9 @@ class GraniteSWADecoderLayer(nn.Module):
 @support_torch_compile(
     dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
 )
-class GraniteSWAModel(nn.Module):
+class GraniteSWAModel(nn.Module, EagleModelMixin):
+    supports_aux_hidden_states_over_pp = True
+
     def __init__(
         self,
         config,
@@ -303,20 +305,33 @@ class GraniteSWAModel(nn.Module):
             hidden_states = inputs_embeds
         else:
             hidden_states = intermediate_tensors["hidden_states"]
+        remote_aux = self.collect_remote_aux_hidden_states(intermediate_tensors)
+        aux_hidden_states: list[torch.Tensor] = []
+        if get_pp_group().is_first_rank:
+            self._maybe_add_hidden_state(aux_hidden_states, self.start_layer, hidden_states, None)
 
         for i, decoder_layer in enumerate(
             islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
         ):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+            self._maybe_add_hidden_state(aux_hidden_states, i + 1, hidden_states, None)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states})
+            return IntermediateTensors(
+                {
+                    "hidden_states": hidden_states,
+                    **self.pack_local_aux_hidden_states(aux_hidden_states),
+                }
+            )
 
         hidden_states = self.norm(hidden_states)
+        aux_hidden_states = remote_aux + aux_hidden_states
+        if len(aux_hidden_states) > 0:
+            return hidden_states, aux_hidden_states
 
         return hidden_states
 
 
-class GraniteSWAForCausalLM(nn.Module, SupportsLoRA):
+class GraniteSWAForCausalLM(nn.Module, SupportsLoRA, SupportsEagle3):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/jais2/modeling_jais2.py
 # Source sha256: 95ab68bd88d1a263bb543a874044f212ca32e608fc17430eb4fe4002d0907531
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT031, PT040, PT050, PT320, PT333, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/jais2/modular_jais2.py.
@@ -47,6 +47,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import EagleModelMixin, SupportsEagle3
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -201,7 +202,9 @@ class Jais2DecoderLayer(nn.Module):
 @support_torch_compile(
     dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
 )
-class Jais2Model(nn.Module):
+class Jais2Model(nn.Module, EagleModelMixin):
+    supports_aux_hidden_states_over_pp = True
+
     def __init__(
         self,
         config,
@@ -257,17 +260,32 @@ class Jais2Model(nn.Module):
             hidden_states = inputs_embeds
         else:
             hidden_states = intermediate_tensors["hidden_states"]
+        remote_aux = self.collect_remote_aux_hidden_states(intermediate_tensors)
+        aux_hidden_states: list[torch.Tensor] = []
+        if get_pp_group().is_first_rank:
+            self._maybe_add_hidden_state(aux_hidden_states, self.start_layer, hidden_states, None)
 
-        for decoder_layer in islice(self.layers, self.start_layer, self.end_layer):
+        for idx, decoder_layer in enumerate(
+            islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+            self._maybe_add_hidden_state(aux_hidden_states, idx + 1, hidden_states, None)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states})
+            return IntermediateTensors(
+                {
+                    "hidden_states": hidden_states,
+                    **self.pack_local_aux_hidden_states(aux_hidden_states),
+                }
+            )
 
         hidden_states = self.norm(hidden_states)
+        aux_hidden_states = remote_aux + aux_hidden_states
+        if len(aux_hidden_states) > 0:
+            return hidden_states, aux_hidden_states
         return hidden_states
 
 
-class Jais2ForCausalLM(nn.Module):
+class Jais2ForCausalLM(nn.Module, SupportsEagle3):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
     hf_to_aphrodite_mapper = WeightsMapper(

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_oss/modeling_gpt_oss.py
 # Source sha256: 5813a1eab9077ca096309b016600f5e3c6b1f4710504d86c088e67480ad627a8
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT160, PT010, PT011, PT022, PT101, PT100, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT330, PT040, PT050, PT320, PT321, PT322, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT160, PT010, PT011, PT022, PT101, PT100, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT330, PT040, PT050, PT320, PT321, PT322, PT333, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/gpt_oss/modular_gpt_oss.py.
@@ -48,7 +48,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
-from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
+from vllm.model_executor.models.interfaces import (
+    EagleModelMixin,
+    SupportsEagle3,
+    SupportsLoRA,
+    SupportsPP,
+)
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -217,7 +222,9 @@ class GptOssDecoderLayer(nn.Module):
 @support_torch_compile(
     dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
 )
-class GptOssModel(nn.Module):
+class GptOssModel(nn.Module, EagleModelMixin):
+    supports_aux_hidden_states_over_pp = True
+
     def __init__(
         self,
         config,
@@ -276,19 +283,35 @@ class GptOssModel(nn.Module):
         else:
             hidden_states = intermediate_tensors["hidden_states"]
             residual = intermediate_tensors["residual"]
+        remote_aux = self.collect_remote_aux_hidden_states(intermediate_tensors)
+        aux_hidden_states: list[torch.Tensor] = []
+        if get_pp_group().is_first_rank:
+            self._maybe_add_hidden_state(
+                aux_hidden_states, self.start_layer, hidden_states, residual
+            )
         for i, decoder_layer in enumerate(
             islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
         ):
             hidden_states, residual = decoder_layer(
                 hidden_states, positions=positions, residual=residual
             )
+            self._maybe_add_hidden_state(aux_hidden_states, i + 1, hidden_states, residual)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+            return IntermediateTensors(
+                {
+                    "hidden_states": hidden_states,
+                    "residual": residual,
+                    **self.pack_local_aux_hidden_states(aux_hidden_states),
+                }
+            )
         hidden_states, _ = self.norm(hidden_states, residual)
+        aux_hidden_states = remote_aux + aux_hidden_states
+        if len(aux_hidden_states) > 0:
+            return hidden_states, aux_hidden_states
         return hidden_states
 
 
-class GptOssForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
+class GptOssForCausalLM(nn.Module, SupportsPP, SupportsLoRA, SupportsEagle3):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
     hf_to_vllm_mapper = WeightsMapper(

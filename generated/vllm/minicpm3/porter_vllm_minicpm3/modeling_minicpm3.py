@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/minicpm3/modeling_minicpm3.py
 # Source sha256: 37dca562988b29d4f1dc98eec99034d6c9607ec8ed734139fa1924a4f8a49144
-# Rules applied: PT001, PT002, PT003, PT281, PT020, PT010, PT011, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT320, PT321, PT322, PT052, PT311, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT281, PT020, PT010, PT011, PT024, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT320, PT321, PT322, PT333, PT052, PT311, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/minicpm3/modular_minicpm3.py.
@@ -51,7 +51,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
+from vllm.model_executor.models.interfaces import (
+    EagleModelMixin,
+    SupportsEagle3,
+    SupportsLoRA,
+    SupportsPP,
+)
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -312,7 +317,9 @@ class MiniCPM3DecoderLayer(nn.Module):
 @support_torch_compile(
     dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
 )
-class MiniCPM3Model(nn.Module):
+class MiniCPM3Model(nn.Module, EagleModelMixin):
+    supports_aux_hidden_states_over_pp = True
+
     def __init__(
         self,
         config,
@@ -369,17 +376,32 @@ class MiniCPM3Model(nn.Module):
             hidden_states = inputs_embeds
         else:
             hidden_states = intermediate_tensors["hidden_states"]
+        remote_aux = self.collect_remote_aux_hidden_states(intermediate_tensors)
+        aux_hidden_states: list[torch.Tensor] = []
+        if get_pp_group().is_first_rank:
+            self._maybe_add_hidden_state(aux_hidden_states, self.start_layer, hidden_states, None)
 
-        for decoder_layer in islice(self.layers, self.start_layer, self.end_layer):
+        for idx, decoder_layer in enumerate(
+            islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+            self._maybe_add_hidden_state(aux_hidden_states, idx + 1, hidden_states, None)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states})
+            return IntermediateTensors(
+                {
+                    "hidden_states": hidden_states,
+                    **self.pack_local_aux_hidden_states(aux_hidden_states),
+                }
+            )
 
         hidden_states = self.norm(hidden_states)
+        aux_hidden_states = remote_aux + aux_hidden_states
+        if len(aux_hidden_states) > 0:
+            return hidden_states, aux_hidden_states
         return hidden_states
 
 
-class MiniCPM3ForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
+class MiniCPM3ForCausalLM(nn.Module, SupportsPP, SupportsLoRA, SupportsEagle3):
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
     embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
 

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.24.0, models/deepseek_v3/modeling_deepseek_v3.py
 # Source sha256: 0d3b525a22455e77f9aa582e9cbbb2ed8be283401d22d4fa755e0738e2438106
-# Rules applied: PT001, PT002, PT003, PT281, PT020, PT010, PT011, PT013, PT100, PT200, PT024, PT025, PT026, PT027, PT030, PT032, PT330, PT040, PT050, PT320, PT321, PT322, PT052, PT311, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT281, PT020, PT010, PT011, PT013, PT100, PT200, PT024, PT025, PT026, PT027, PT030, PT032, PT330, PT040, PT050, PT320, PT321, PT322, PT333, PT052, PT311, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/deepseek_v3/modular_deepseek_v3.py.
@@ -38,7 +38,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
+from vllm.model_executor.models.interfaces import (
+    EagleModelMixin,
+    SupportsEagle3,
+    SupportsLoRA,
+    SupportsPP,
+)
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -351,7 +356,9 @@ class DeepseekV3DecoderLayer(nn.Module):
 @support_torch_compile(
     dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
 )
-class DeepseekV3Model(nn.Module):
+class DeepseekV3Model(nn.Module, EagleModelMixin):
+    supports_aux_hidden_states_over_pp = True
+
     def __init__(
         self,
         config,
@@ -409,19 +416,37 @@ class DeepseekV3Model(nn.Module):
         else:
             hidden_states = intermediate_tensors["hidden_states"]
             residual = intermediate_tensors["residual"]
-        for decoder_layer in islice(self.layers, self.start_layer, self.end_layer):
+        remote_aux = self.collect_remote_aux_hidden_states(intermediate_tensors)
+        aux_hidden_states: list[torch.Tensor] = []
+        if get_pp_group().is_first_rank:
+            self._maybe_add_hidden_state(
+                aux_hidden_states, self.start_layer, hidden_states, residual
+            )
+        for idx, decoder_layer in enumerate(
+            islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             hidden_states, residual = decoder_layer(
                 hidden_states, positions=positions, residual=residual
             )
+            self._maybe_add_hidden_state(aux_hidden_states, idx + 1, hidden_states, residual)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+            return IntermediateTensors(
+                {
+                    "hidden_states": hidden_states,
+                    "residual": residual,
+                    **self.pack_local_aux_hidden_states(aux_hidden_states),
+                }
+            )
 
         hidden_states, _ = self.norm(hidden_states, residual)
+        aux_hidden_states = remote_aux + aux_hidden_states
+        if len(aux_hidden_states) > 0:
+            return hidden_states, aux_hidden_states
 
         return hidden_states
 
 
-class DeepseekV3ForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
+class DeepseekV3ForCausalLM(nn.Module, SupportsPP, SupportsLoRA, SupportsEagle3):
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
     hf_to_vllm_mapper = WeightsMapper(
