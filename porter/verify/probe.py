@@ -118,10 +118,9 @@ def _save_first_aux(model) -> None:
 
     def hook(module, args, kwargs, output):
         out = os.environ.get("PORTER_VERIFY_PROBE_DIR")
-        if handle.saved or not out or not (isinstance(output, tuple) and len(output) == 2
-                                           and isinstance(output[1], list)):
+        if not out or not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list)):
             return None
-        handle.saved = True
+        handle.remove()  # the first such forward only: the later ones run unhooked
         ids = kwargs.get("input_ids", args[0] if args else None)
         torch.save({"input_ids": None if ids is None else ids.detach().cpu(),
                     "aux": [t.detach().float().cpu() for t in output[1]]},
@@ -129,7 +128,6 @@ def _save_first_aux(model) -> None:
         return None
 
     handle = model.register_forward_hook(hook, with_kwargs=True)
-    handle.saved = False
 
 
 def describe_model(model) -> dict:

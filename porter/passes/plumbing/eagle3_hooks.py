@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import find_method, findall, names_in
+from porter.analysis.cstutil import code, find_method, findall, names_in
 from porter.passes.base import Example, Rule
 from porter.passes.plumbing.pipeline_stages import PipelineStages
 from porter.rules_data import eagle3_target
@@ -165,9 +165,9 @@ class Eagle3Hooks(Rule):
         else:
             index = "idx"
             new_loop = loop.with_changes(  # type: ignore[call-arg]
-                target=cst.parse_expression(f"idx, {cst.Module(body=[]).code_for_node(loop.target)}"),  # type: ignore[attr-defined]
+                target=cst.parse_expression(f"idx, {code(loop.target)}"),  # type: ignore[attr-defined]
                 iter=cst.parse_expression(
-                    f"enumerate({cst.Module(body=[]).code_for_node(loop.iter)}, start=self.start_layer)"),  # type: ignore[attr-defined]
+                    f"enumerate({code(loop.iter)}, start=self.start_layer)"),  # type: ignore[attr-defined]
             )
         pp_group = f"{self.ctx.use('get_pp_group')}()"
         add = f"self._maybe_add_hidden_state(aux_hidden_states, {{}}, {hidden}, {residual})\n"
@@ -178,8 +178,9 @@ class Eagle3Hooks(Rule):
         ]
         new_loop = new_loop.with_changes(body=new_loop.body.with_changes(  # type: ignore[attr-defined]
             body=[*new_loop.body.body, cst.parse_statement(add.format(f"{index} + 1"))]))  # type: ignore[attr-defined]
-        packed = pp.deep_replace(self._dict(pp), self._dict(pp).with_changes(elements=[  # type: ignore[union-attr]
-            *self._dict(pp).elements,  # type: ignore[union-attr]
+        handed = self._dict(pp)
+        packed = pp.deep_replace(handed, handed.with_changes(elements=[  # type: ignore[union-attr,arg-type]
+            *handed.elements,  # type: ignore[union-attr]
             cst.StarredDictElement(cst.parse_expression("self.pack_local_aux_hidden_states(aux_hidden_states)")),
         ]))
         out = tail[-1].body[0].value.value  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import find_method, findall, names_in, param_names, self_attr
+from porter.analysis.cstutil import code, find_method, findall, names_in, param_names, self_attr
 from porter.passes.base import Example, Rule
 
 _FILE = (
@@ -90,7 +90,6 @@ def _config_reads(expr: cst.BaseExpression) -> bool:
 
 
 def _atoms(expr: cst.BaseExpression, out: list[str]) -> None:
-    code = cst.Module(body=[]).code_for_node
     if isinstance(expr, cst.BooleanOperation):
         _atoms(expr.left, out)
         _atoms(expr.right, out)
@@ -106,7 +105,7 @@ def _holds(expr: cst.BaseExpression, env: dict[str, bool]) -> bool:
         return (left and _holds(expr.right, env)) if isinstance(expr.operator, cst.And) else (left or _holds(expr.right, env))
     if isinstance(expr, cst.UnaryOperation) and isinstance(expr.operator, cst.Not):
         return not _holds(expr.expression, env)
-    return env[cst.Module(body=[]).code_for_node(expr)]
+    return env[code(expr)]
 
 
 def _exclusive(a, b) -> bool:
@@ -212,8 +211,8 @@ class OneAllReduce(Rule):
             reduce: cst.BaseExpression = cst.Name("False")
             skip: cst.BaseExpression = cst.Name("True")
         else:
-            skip = cst.parse_expression(cst.Module(body=[]).code_for_node(cond)).visit(_ConfigTo(config))  # type: ignore[assignment]
-            reduce = cst.parse_expression("not (" + cst.Module(body=[]).code_for_node(skip) + ")")
+            skip = cond.visit(_ConfigTo(config))  # type: ignore[assignment]
+            reduce = cst.parse_expression("not (" + code(skip) + ")")
         eq = cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace(""))
         comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
         args = [*call.args[:-1], call.args[-1].with_changes(comma=comma)] if call.args else []
@@ -320,7 +319,6 @@ def _added(st, outputs: set[str]) -> tuple[str, str] | None:
 
 
 def _conjunction(path) -> cst.BaseExpression | None:
-    code = cst.Module(body=[]).code_for_node
     parts = [code(t) if taken else f"not ({code(t)})" for t, taken in path]
     return cst.parse_expression(" and ".join(f"({p})" if len(path) > 1 else p for p in parts)) if parts else None
 
