@@ -22,6 +22,7 @@ MODELS = ["opt", "llama", "mistral", "qwen2"]
 # Parameters of the tiny checkpoint each port is checked with (rules/tiny_configs.yaml): what Aphrodite's
 # own port builds for the same config.
 EXPECTED_PARAMS = {"opt": 30, "llama": 15, "mistral": 15, "qwen2": 17}
+MISSING_INTERFACES = {"opt": ["pp"]}
 
 
 def verify_aphrodite(port: str):
@@ -44,6 +45,13 @@ def test_committed_port_passes_against_aphrodite(model):
     assert r["params_equal"] is True
     assert r["port_params"] == r["native_params"] == EXPECTED_PARAMS[model]
     assert r["only_in_port"] == r["only_in_native"] == [] and r["shape_mismatch"] == {}
+
+    # the engine's interfaces Aphrodite's own class has (pipeline parallel, LoRA, EAGLE-3): the port's
+    # too, but OPT's pipeline stages (its layers sit one level deeper, under model.decoder: PT320
+    # does not stage them), which the report names
+    assert r["interfaces_missing"] == MISSING_INTERFACES.get(model, []), r["interfaces_missing"]
+    assert set(r["native_interfaces"]) - set(r["port_interfaces"]) == set(r["interfaces_missing"])
+    assert ("pp" in r["port_interfaces"]) is (model != "opt"), r["port_interfaces"]
 
     # load_weights fills every parameter (NaN probe) and returns every name
     load = r["port_load"]

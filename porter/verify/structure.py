@@ -94,6 +94,10 @@ class StructureReport:
     tensors_compared: int = 0
     tensors_differ: dict[str, float] = field(default_factory=dict)  # name -> max |port-native|
     tensors_equal: bool | None = None
+    # the engine's interfaces (its supports_<name> predicates) each class satisfies
+    port_interfaces: list[str] = field(default_factory=list)
+    native_interfaces: list[str] = field(default_factory=list)
+    interfaces_missing: list[str] = field(default_factory=list)  # native's, not the port's
     forward_run: bool = False
     forward_not_run_because: str | None = None  # Aphrodite: why (APHRODITE_NO_FORWARD)
     # Aphrodite, in a fresh process (porter.verify.aphrodite): its plugin loader registering
@@ -140,6 +144,15 @@ class StructureReport:
         if self.plugin is not None:
             out += self.plugin.failures()
         return out
+
+
+# The interfaces a port can carry (the engine's supports_<name>): pipeline parallel, LoRA, EAGLE-3.
+INTERFACES = ("pp", "lora", "eagle3")
+
+
+def _interfaces(target: str, cls) -> list[str]:
+    mod = importlib.import_module(f"{target}.model_executor.models.interfaces")
+    return [n for n in INTERFACES if getattr(mod, f"supports_{n}")(cls)]
 
 
 def _qualname(cls) -> str:
@@ -285,6 +298,7 @@ def compare_structure(
         port_class=_qualname(port_cls),
         native_arch=native_arch,
     )
+    report.port_interfaces = _interfaces(target, port_cls)
     if target == "aphrodite":
         report.forward_not_run_because = APHRODITE_NO_FORWARD
         report.notes.append(APHRODITE_NO_FORWARD)
@@ -299,6 +313,7 @@ def compare_structure(
             report.notes.append(f"no native class to compare with: {why}")
         else:
             report.native_class = _qualname(native_cls)
+            report.native_interfaces = _interfaces(target, native_cls)
             native, native_config = build_with_config(target, checkpoint_dir, native_cls)
     except Exception as e:  # noqa: BLE001 (reported; the port's own checks still run)
         report.errors.append(f"building the native class failed: {type(e).__name__}: {e}")
@@ -310,6 +325,9 @@ def compare_structure(
         report.seconds = round(time.time() - t0, 3)
         return report
     _compare_params(report, port, native)
+    if missing := [n for n in report.native_interfaces if n not in report.port_interfaces]:
+        report.interfaces_missing = missing
+        report.notes.append(f"the native class supports {missing}, the port does not")
 
     report.port_load = _load_and_check(target, port, port_config, checkpoint_dir)
     if native is not None and compare_values:

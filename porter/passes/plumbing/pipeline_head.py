@@ -37,6 +37,18 @@ _HEAD_PP = (
     "                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)\n"
     "        else:\n            self.lm_head = PPMissingLayer()\n"
 )
+_TIED = "        self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)\n"
+_HEAD_APH = (
+    "        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)\n" + _TIED
+    + "        if self.use_tied_lm_head:\n            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)\n"
+)
+_HEAD_APH_PP = _TIED + (
+    "        if get_pp_group().is_last_rank:\n"
+    "            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)\n"
+    "            if self.use_tied_lm_head:\n"
+    "                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)\n"
+    "        else:\n            self.lm_head = PPMissingLayer()\n"
+)
 _MAKE = "        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors\n"
 _CHECK = "            if is_pp_missing_parameter(name, self):\n                continue\n"
 
@@ -92,6 +104,10 @@ class PipelineHead(Rule):
         Example(_lm("nn.Module", _HEAD, "", "", ""),
                 _lm("nn.Module, SupportsPP", _HEAD_PP, _MAKE, ", intermediate_tensors=intermediate_tensors", _CHECK),
                 seed={"lm_head": "lm_head"}),  # (the planner reads the head from HF's nn.Linear, gone here)
+        # Aphrodite's head: the tie flag, read between the head's statements, is set before them on every rank
+        Example(_lm("nn.Module", _HEAD_APH, "", "", ""),
+                _lm("nn.Module, SupportsPP", _HEAD_APH_PP, _MAKE, ", intermediate_tensors=intermediate_tensors", _CHECK),
+                seed={"lm_head": "lm_head"}),
     ]
 
     @classmethod
@@ -134,16 +150,28 @@ class PipelineHead(Rule):
         if not at:
             raise ValueError("no statement builds the head")
         lo, hi = at[0], at[-1]
+        reads_head = m.Attribute(value=m.Name("self"), attr=m.Name(head))
+        hoisted, kept = [], []
         for s in body[lo:hi + 1]:
-            if any(self_attr(t.target) not in (head,) for a in findall(s, m.Assign()) for t in a.targets):  # type: ignore[attr-defined]
-                raise ValueError("the head's statements build something else too")
+            built = {self_attr(t.target) for a in findall(s, m.Assign()) for t in a.targets}  # type: ignore[attr-defined]
+            if not built or head in built:  # (a statement that builds nothing stays with the head's, as it stood)
+                if built - {head}:
+                    raise ValueError("the head's statements build something else too")
+                kept.append(s)
+            elif None not in built and not findall(s, reads_head):
+                # between the head's statements, a setting of its own that the head reads (Aphrodite's
+                # `self.use_tied_lm_head = model_should_use_tied_lm_head(...)`): built before, on every rank
+                hoisted.append(s)
+            else:
+                raise ValueError("a statement among the head's is not the head's")
         arm = cst.parse_statement(
             f"if {self.ctx.use('get_pp_group')}().is_last_rank:\n    pass\n"
             f"else:\n    self.{head} = {self.ctx.use('PPMissingLayer')}()\n")
-        arm = arm.with_changes(body=arm.body.with_changes(body=body[lo:hi + 1]))  # type: ignore[attr-defined]
+        arm = arm.with_changes(body=arm.body.with_changes(body=kept))  # type: ignore[attr-defined]
         make = cst.parse_statement(
             f"self.make_empty_intermediate_tensors = self.{self.plan.base_attr}.make_empty_intermediate_tensors\n")
-        return init.with_changes(body=init.body.with_changes(body=[*body[:lo], arm, *body[hi + 1:], make]))
+        return init.with_changes(body=init.body.with_changes(
+            body=[*body[:lo], *hoisted, arm, *body[hi + 1:], make]))
 
     def _forward(self, fwd: cst.FunctionDef) -> cst.FunctionDef:
         base = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(self.plan.base_attr)))

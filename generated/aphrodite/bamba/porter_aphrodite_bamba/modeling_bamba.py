@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/bamba/modeling_bamba.py
 # Source sha256: 65c04f2e1b22813517f6bf7813e29de31c5153c7a36d3087e37274d56cad0672
-# Rules applied: PT001, PT262, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT330, PT040, PT050, PT260, PT261, PT320, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT262, PT002, PT003, PT020, PT021, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT330, PT040, PT050, PT260, PT261, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/bamba/modular_bamba.py.
@@ -62,6 +62,7 @@ from aphrodite.model_executor.models.interfaces import (
     HasInnerState,
     IsHybrid,
     SupportsMambaPrefixCaching,
+    SupportsPP,
 )
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
@@ -327,7 +328,7 @@ class BambaModel(nn.Module):
         return hidden_states
 
 
-class BambaForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
+class BambaForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCaching, SupportsPP):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
@@ -367,17 +368,21 @@ class BambaForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCa
             prefix=maybe_prefix(prefix, "model"),
         )
         self.vocab_size = config.vocab_size
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.z_loss_coefficient = config.z_loss_coefficient
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -389,7 +394,12 @@ class BambaForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCa
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/biogpt/modeling_biogpt.py
 # Source sha256: 37e27e35d0df337506fca681afcccedc992fb7dc30fd93822931af63dbe0373d
-# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT033, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/biogpt/modular_biogpt.py.
@@ -46,6 +46,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -310,7 +311,7 @@ class BioGptModel(nn.Module):
         return hidden_states
 
 
-class BioGptForCausalLM(nn.Module):
+class BioGptForCausalLM(nn.Module, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
     hf_to_aphrodite_mapper = WeightsMapper(
@@ -339,16 +340,22 @@ class BioGptForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "biogpt"),
         )
-        self.output_projection = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "output_projection"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.output_projection = self.output_projection.tie_weights(self.biogpt.embed_tokens)
+        if get_pp_group().is_last_rank:
+            self.output_projection = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "output_projection"),
+            )
+            if self.use_tied_lm_head:
+                self.output_projection = self.output_projection.tie_weights(
+                    self.biogpt.embed_tokens
+                )
+        else:
+            self.output_projection = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.biogpt.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.biogpt.embed_tokens(input_ids)
@@ -360,7 +367,12 @@ class BioGptForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.biogpt(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
+        return self.biogpt(
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.output_projection, hidden_states)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/falcon/modeling_falcon.py
 # Source sha256: 5e116c9e849538053f655c67f0a594406344dbf1d0b79ec8e04e70cf9c3a99a0
-# Rules applied: PT150, PT152, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT332, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT312, PT070
+# Rules applied: PT150, PT152, PT170, PT001, PT002, PT003, PT122, PT020, PT021, PT171, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT332, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2023 the Falcon authors and HuggingFace Inc. team.  All rights reserved.
 #
@@ -48,6 +48,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -373,7 +374,7 @@ class FalconModel(nn.Module):
         return hidden_states
 
 
-class FalconForCausalLM(nn.Module):
+class FalconForCausalLM(nn.Module, SupportsPP):
     hf_to_aphrodite_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -393,16 +394,20 @@ class FalconForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.word_embeddings(input_ids)
@@ -415,7 +420,10 @@ class FalconForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.transformer(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

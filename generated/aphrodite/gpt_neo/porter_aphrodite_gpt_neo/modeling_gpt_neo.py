@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_neo/modeling_gpt_neo.py
 # Source sha256: 778b5c12c5bae25224f2785b116084add135987c6fb98bbfc8f1e0a63d44f532
-# Rules applied: PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT052, PT126, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT122, PT020, PT021, PT010, PT011, PT012, PT022, PT101, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT126, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2021 The Eleuther AI and HuggingFace Inc. team. All rights reserved.
 #
@@ -40,6 +40,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -324,7 +325,7 @@ class GPTNeoModel(nn.Module):
         return hidden_states
 
 
-class GPTNeoForCausalLM(nn.Module):
+class GPTNeoForCausalLM(nn.Module, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
     hf_to_aphrodite_mapper = WeightsMapper(
@@ -352,16 +353,20 @@ class GPTNeoForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -374,7 +379,10 @@ class GPTNeoForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.transformer(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

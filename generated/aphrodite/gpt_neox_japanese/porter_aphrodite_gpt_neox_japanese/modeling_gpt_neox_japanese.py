@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_neox_japanese/modeling_gpt_neox_japanese.py
 # Source sha256: c832f2163e1b8af2370891854d1386789f63a8aa17c3dfe0080f6b45cc47c2bc
-# Rules applied: PT150, PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT019, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2022 ABEJA, Inc. and The HuggingFace Inc. team. All rights reserved.
 #
@@ -43,6 +43,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -338,7 +339,7 @@ class GPTNeoXJapaneseModel(nn.Module):
         return hidden_states
 
 
-class GPTNeoXJapaneseForCausalLM(nn.Module):
+class GPTNeoXJapaneseForCausalLM(nn.Module, SupportsPP):
     hf_to_aphrodite_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -359,16 +360,22 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "gpt_neox_japanese"),
         )
-        self.embed_out = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "embed_out"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.embed_out = self.embed_out.tie_weights(self.gpt_neox_japanese.embed_in)
+        if get_pp_group().is_last_rank:
+            self.embed_out = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "embed_out"),
+            )
+            if self.use_tied_lm_head:
+                self.embed_out = self.embed_out.tie_weights(self.gpt_neox_japanese.embed_in)
+        else:
+            self.embed_out = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = (
+            self.gpt_neox_japanese.make_empty_intermediate_tensors
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.gpt_neox_japanese.embed_in(input_ids)
@@ -381,7 +388,10 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.gpt_neox_japanese(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/mamba2/modeling_mamba2.py
 # Source sha256: e73984c26f40674f9f006102ce66cfafe0b99bc6d9ad43bae97a882bbb370938
-# Rules applied: PT001, PT002, PT003, PT020, PT010, PT011, PT026, PT027, PT030, PT040, PT050, PT260, PT261, PT320, PT052, PT060, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT010, PT011, PT026, PT027, PT030, PT040, PT050, PT260, PT261, PT320, PT321, PT052, PT060, PT070
 
 # Copyright 2024 state-spaces/mamba2 org and HuggingFace Inc. team.
 #
@@ -44,6 +44,7 @@ from aphrodite.model_executor.models.interfaces import (
     HasInnerState,
     IsAttentionFree,
     SupportsMambaPrefixCaching,
+    SupportsPP,
 )
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
@@ -184,7 +185,9 @@ class Mamba2Model(nn.Module):
         return hidden_states
 
 
-class Mamba2ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching):
+class Mamba2ForCausalLM(
+    nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching, SupportsPP
+):
     hf_to_aphrodite_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -210,16 +213,20 @@ class Mamba2ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMamba
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "backbone"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.backbone.embeddings)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.backbone.embeddings)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.backbone.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.embeddings(input_ids)
@@ -231,7 +238,11 @@ class Mamba2ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMamba
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        return self.backbone(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/mpt/modeling_mpt.py
 # Source sha256: 083d007b3711ed845c664a2cbaf3b1e57e68e68ffa8ba8866b8267d7b7a93777
-# Rules applied: PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT033, PT040, PT050, PT320, PT052, PT311, PT061, PT060, PT310, PT312, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT125, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT033, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2023 HuggingFace Inc. team and MosaicML NLP team.
 #
@@ -45,6 +45,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -341,7 +342,7 @@ class MptModel(nn.Module):
         return hidden_states
 
 
-class MptForCausalLM(nn.Module):
+class MptForCausalLM(nn.Module, SupportsPP):
     hf_to_aphrodite_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -361,16 +362,20 @@ class MptForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -382,7 +387,11 @@ class MptForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.transformer(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        return self.transformer(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

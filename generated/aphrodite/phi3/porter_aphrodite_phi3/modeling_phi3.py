@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/phi3/modeling_phi3.py
 # Source sha256: abccc63ef9c4606f338a0a96cd21c6e178241f2c3143a3a370084555de128c7a
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT331, PT030, PT032, PT031, PT330, PT040, PT050, PT320, PT322, PT333, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT331, PT030, PT032, PT031, PT330, PT040, PT050, PT320, PT321, PT322, PT333, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/phi3/modular_phi3.py.
@@ -48,7 +48,12 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from aphrodite.model_executor.models.interfaces import EagleModelMixin, SupportsEagle3, SupportsLoRA
+from aphrodite.model_executor.models.interfaces import (
+    EagleModelMixin,
+    SupportsEagle3,
+    SupportsLoRA,
+    SupportsPP,
+)
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -299,7 +304,7 @@ class Phi3Model(nn.Module, EagleModelMixin):
         return hidden_states
 
 
-class Phi3ForCausalLM(nn.Module, SupportsLoRA, SupportsEagle3):
+class Phi3ForCausalLM(nn.Module, SupportsPP, SupportsLoRA, SupportsEagle3):
     embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
 
     hf_to_aphrodite_mapper = WeightsMapper(
@@ -322,16 +327,20 @@ class Phi3ForCausalLM(nn.Module, SupportsLoRA, SupportsEagle3):
             prefix=maybe_prefix(prefix, "model"),
         )
         self.vocab_size = config.vocab_size
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -343,7 +352,12 @@ class Phi3ForCausalLM(nn.Module, SupportsLoRA, SupportsEagle3):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

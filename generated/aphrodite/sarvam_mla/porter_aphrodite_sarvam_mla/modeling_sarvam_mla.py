@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.24.0, models/deepseek_v3/modeling_deepseek_v3.py
 # Source sha256: 0d3b525a22455e77f9aa582e9cbbb2ed8be283401d22d4fa755e0738e2438106
-# Rules applied: PT001, PT002, PT003, PT281, PT020, PT010, PT011, PT013, PT100, PT200, PT024, PT025, PT026, PT027, PT030, PT032, PT330, PT040, PT050, PT320, PT322, PT333, PT052, PT311, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT281, PT020, PT010, PT011, PT013, PT100, PT200, PT024, PT025, PT026, PT027, PT030, PT032, PT330, PT040, PT050, PT320, PT321, PT322, PT333, PT052, PT311, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/deepseek_v3/modular_deepseek_v3.py.
@@ -37,7 +37,12 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from aphrodite.model_executor.model_loader.weight_utils import default_weight_loader
-from aphrodite.model_executor.models.interfaces import EagleModelMixin, SupportsEagle3, SupportsLoRA
+from aphrodite.model_executor.models.interfaces import (
+    EagleModelMixin,
+    SupportsEagle3,
+    SupportsLoRA,
+    SupportsPP,
+)
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -442,7 +447,7 @@ class DeepseekV3Model(nn.Module, EagleModelMixin):
         return hidden_states
 
 
-class DeepseekV3ForCausalLM(nn.Module, SupportsLoRA, SupportsEagle3):
+class DeepseekV3ForCausalLM(nn.Module, SupportsPP, SupportsLoRA, SupportsEagle3):
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
     hf_to_aphrodite_mapper = WeightsMapper(
@@ -472,16 +477,20 @@ class DeepseekV3ForCausalLM(nn.Module, SupportsLoRA, SupportsEagle3):
             prefix=maybe_prefix(prefix, "model"),
         )
         self.vocab_size = config.vocab_size
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -493,7 +502,12 @@ class DeepseekV3ForCausalLM(nn.Module, SupportsLoRA, SupportsEagle3):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_internlmlike.py
 # Source sha256: a5eca01d30ef06a69f4c055275ca9e8bb4cf73ebafa9ec47307492c1a100f1ff
-# Rules applied: PT063, PT150, PT226, PT001, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT052, PT061, PT060, PT310, PT070
+# Rules applied: PT063, PT150, PT226, PT001, PT003, PT122, PT020, PT021, PT264, PT010, PT011, PT022, PT023, PT024, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT321, PT052, PT061, PT060, PT310, PT070
 
 """An InternLM2-style causal LM, written for porter's tests (remote-code style): one `wqkv`
 projection grouped per KV head (its q heads, then one k and one v) split with einops, the rotary
@@ -37,6 +37,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -244,7 +245,7 @@ class InternLMLikeModel(nn.Module):
         return hidden_states
 
 
-class InternLMLikeForCausalLM(nn.Module):
+class InternLMLikeForCausalLM(nn.Module, SupportsPP):
     packed_modules_mapping = {"gate_up_proj": ["w1", "w3"]}
 
     hf_to_aphrodite_mapper = WeightsMapper(
@@ -272,18 +273,22 @@ class InternLMLikeForCausalLM(nn.Module):
             prefix=maybe_prefix(prefix, "model"),
         )
         self.vocab_size = config.vocab_size
-        self.output = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "output"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.output = self.output.tie_weights(self.model.tok_embeddings)
+        if get_pp_group().is_last_rank:
+            self.output = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "output"),
+            )
+            if self.use_tied_lm_head:
+                self.output = self.output.tie_weights(self.model.tok_embeddings)
+        else:
+            self.output = PPMissingLayer()
         self.logits_processor = LogitsProcessor(
             config.vocab_size, scale=(1.0 / (self.config.hidden_size / self.config.dim_model_base))
         )
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)
@@ -295,7 +300,9 @@ class InternLMLikeForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids=input_ids, positions=positions)
+        return self.model(
+            input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.output, hidden_states)

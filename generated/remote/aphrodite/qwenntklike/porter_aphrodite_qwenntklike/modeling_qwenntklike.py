@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, modeling_qwenntklike.py
 # Source sha256: 98faf87508d33d0779a59cf813a85cdc3b30feb74b911a4240ddf92fce8eb9a5
-# Rules applied: PT150, PT300, PT001, PT003, PT151, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT052, PT126, PT061, PT060, PT310, PT070
+# Rules applied: PT150, PT300, PT001, PT003, PT151, PT020, PT021, PT010, PT011, PT022, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT040, PT050, PT320, PT321, PT052, PT126, PT061, PT060, PT310, PT070
 
 """A Qwen-1-style causal LM that stretches its context past its trained length, written for porter's
 tests (remote-code style): one fused `c_attn` cut with `split`, a rotary module of the attention called
@@ -37,6 +37,7 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -224,7 +225,7 @@ class QWenNtkLikeModel(nn.Module):
         return hidden_states
 
 
-class QWenNtkLikeLMHeadModel(nn.Module):
+class QWenNtkLikeLMHeadModel(nn.Module, SupportsPP):
     hf_to_aphrodite_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -244,16 +245,20 @@ class QWenNtkLikeLMHeadModel(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -265,7 +270,9 @@ class QWenNtkLikeLMHeadModel(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.transformer(input_ids=input_ids, positions=positions)
+        return self.transformer(
+            input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
