@@ -123,6 +123,9 @@ def verify(
     reference_transformers: str | None = typer.Option(
         None, "--reference-transformers", help="A port of remote code: run its HF reference under this "
         "transformers release's venv (code written for an older release)."),
+    pp: int | None = typer.Option(
+        None, "--pp", help="With --target aphrodite: also build the port's pipeline stages, one process each "
+        "(structural, against the native class's stages)."),
 ) -> None:
     """Run the port in the real engine and compare with Hugging Face (exit 0 pass, 1 mismatch, 2 error)."""
     tps = _parse_tp(tp)
@@ -141,11 +144,22 @@ def verify(
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         _fail(PorterError(f"PORT.json is unreadable: {type(exc).__name__}",
                           file=str(port_dir / "PORT.json"), construct="PORT"))
+    if pp is not None and pp < 2:
+        _fail(PorterError(f"bad --pp {pp}: a pipeline of 2 or more stages", construct="--pp"))
+    if pp is not None and as_json:
+        _fail(PorterError("--pp prints its own report: run it without --json", construct="--pp"))
     if target == "aphrodite":
         from porter.verify import structure
 
         code = structure.main([str(port_dir)] + (["--json"] if as_json else []))
+        if pp is not None and code == 0:
+            from porter.verify import stages
+
+            code = stages.main([str(port_dir), "--pp", str(pp)] + (["--json"] if as_json else []))
         raise typer.Exit(code)
+    if pp is not None:
+        _fail(PorterError("--pp checks Aphrodite's pipeline stages (--target aphrodite); vLLM's run in "
+                          "the engine in tests/test_pipeline_parallel.py", construct="--pp"))
     if prompts is not None and checkpoint is None:
         _fail(PorterError("--prompts goes with --checkpoint (the tiny checkpoint has no tokenizer)",
                           construct="--prompts"))

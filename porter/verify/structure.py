@@ -576,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out.write("\n".join(_format(r) for r in reports) + "\n")
     out.flush()
+    os.dup2(out.fileno(), 1)  # stdout is stdout again for what the caller prints next
     if any(r.checkpoint_faults for r in reports):
         return 2  # the checkpoint is bad input, not a fault of the port
     return 0 if all(r.ok for r in reports) else 1
