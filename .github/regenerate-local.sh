@@ -8,7 +8,7 @@
 # request). Exit status: non-zero when regen, a verification, the coverage or the tests failed,
 # as the workflow's last step.
 #
-#   .github/regenerate-local.sh [RELEASE] [--scratch DIR] [--venv DIR] [--cache DIR] [--no-tests]
+#   .github/regenerate-local.sh [RELEASE] [--scratch DIR] [--venv DIR] [--cache DIR] [--no-tests] [--resume]
 #
 # RELEASE: the transformers release (default: the newest, asked of the package index with pip).
 # --scratch DIR: where to clone (default: a new temporary directory; kept afterwards).
@@ -18,30 +18,46 @@
 # --cache DIR: use this porter cache (a .porter-cache, linked): its entries are keyed by the code
 #   and files they were computed from, so the release matrix reuses the cells computed already.
 # --no-tests: stop after `porter regen` (the drift report, no engine runs, no coverage).
+# --resume: go on with an earlier run of the same RELEASE in --scratch DIR (a run cut short: the
+#   whole workflow takes about 3 h on a 2-core machine). Its clone is kept, and regen, done, is not
+#   run again (its exit status is kept). The verification then verifies the ports without a valid
+#   verdict, with no sample of the valid ones: a verdict of the earlier run was written by an engine
+#   run of these same bytes and versions, and the store's digest says whether it still holds.
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
-release="" scratch="" venv="" cache="" tests=1
+release="" scratch="" venv="" cache="" tests=1 resume=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --scratch) scratch="$2"; shift 2 ;;
     --venv) venv="$2"; shift 2 ;;
     --cache) cache="$2"; shift 2 ;;
     --no-tests) tests=0; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --resume) resume=1; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) release="$1"; shift ;;
   esac
 done
+if [ "$resume" = 1 ] && { [ -z "$scratch" ] || [ ! -d "$scratch/porter/.git" ]; }; then
+  echo "--resume needs --scratch DIR holding an earlier run's clone (DIR/porter)" >&2
+  exit 2
+fi
 scratch="${scratch:-$(mktemp -d /tmp/porter-regen-XXXXXX)}"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "scratch clone: $scratch/porter"
-git clone -q --no-hardlinks "$here" "$scratch/porter" || exit 1
+if [ "$resume" = 1 ]; then
+  step "scratch clone (resumed): $scratch/porter"
+else
+  step "scratch clone: $scratch/porter"
+  git clone -q --no-hardlinks "$here" "$scratch/porter" || exit 1
+fi
 cd "$scratch/porter" || exit 1
 
 step "set up porter and the engines"
-if [ -n "$venv" ]; then
+if [ -n "$venv" ] && [ "$resume" = 1 ]; then
+  export PYTHONPATH="$PWD"  # (the links are the earlier run's)
+elif [ -n "$venv" ]; then
   ln -sfn "$venv" .venv
   for d in "$(dirname "$venv")"/.venv-transformers-*; do [ -e "$d" ] && ln -sfn "$d" .; done
   # the venv's porter is another checkout's: run this clone's code (python -m porter from here)
@@ -65,9 +81,16 @@ if [ -z "$release" ]; then
 fi
 echo "transformers $release"
 
-step "regenerate the ports (porter regen --transformers $release)"
-.venv/bin/python -m porter regen --transformers "$release"
-regen_status=$?
+state=".git/porter-regen-$release.status"  # regen's exit status, for a resumed run (untracked)
+if [ "$resume" = 1 ] && [ -f "$state" ]; then
+  regen_status="$(cat "$state")"
+  step "regenerate the ports: done by the earlier run (exit $regen_status)"
+else
+  step "regenerate the ports (porter regen --transformers $release)"
+  .venv/bin/python -m porter regen --transformers "$release"
+  regen_status=$?
+  echo "$regen_status" > "$state"
+fi
 
 verify_status=0 coverage_status=0 test_status=0
 if [ "$tests" = 1 ]; then
@@ -75,7 +98,11 @@ if [ "$tests" = 1 ]; then
   # prerequisites would `pip install -e .` this clone into the shared venv (the clone's
   # pyproject.toml is newer than the venv's stamp)
   step "verify every port in the engine, writing the verdicts (make verify-all)"
-  if [ -n "$venv" ]; then
+  if [ "$resume" = 1 ]; then
+    echo "(resumed: the ports without a valid verdict)"
+    PORTER_VERDICT_SAMPLE=0 .venv/bin/python -m pytest -q -n 2 \
+      tests/test_verify_harness.py tests/test_release_ports.py tests/test_remote_ports.py
+  elif [ -n "$venv" ]; then
     PORTER_VERIFY_ALL=1 .venv/bin/python -m pytest -q -n 2 \
       tests/test_verify_harness.py tests/test_release_ports.py tests/test_remote_ports.py
   else
@@ -95,7 +122,7 @@ if [ "$tests" = 1 ]; then
 fi
 
 step "commit on branch porter/regen-transformers-$release (the workflow's pull request)"
-git checkout -q -b "porter/regen-transformers-$release"
+git checkout -q -B "porter/regen-transformers-$release"
 git add generated
 git -c user.name=porter -c user.email=porter@localhost commit -q \
   -m "generated: regenerate ports from transformers $release" || echo "(nothing changed)"

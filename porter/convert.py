@@ -18,6 +18,7 @@ import libcst as cst
 
 from porter import __version__
 from porter.analysis.config_properties import missing_properties
+from porter.analysis.config_source import attribute_aliases
 from porter.analysis.index import ModelIndex, build_index, parse
 from porter.errors import PorterError
 from porter.layout import PORT_JSON, PortInfo, package_name
@@ -71,6 +72,7 @@ def _analyse(source: Source) -> tuple[ModelIndex, PortPlan]:
     idx.trained_length = pre.trained_length  # what PT300 showed exact within a trained length (PT297 guards it)
     # what the source release's config classes compute that the engine's lack (PT340 writes it)
     idx.config_properties = missing_properties(source.config_path, source.rel_path, transformers_root())
+    idx.config_aliases = attribute_aliases(source.config_path)  # the config's names for one field
     # the plan, finished (checkpoint names, architecture) and sealed: the passes only read it
     plan = build_plan(idx, strip_table(), source.model_type, source.rel_path, origin=source)
     return idx, plan
@@ -86,6 +88,7 @@ def rewrite_targets(idx: ModelIndex, plan: PortPlan,
         ctx.provenance.setdefault(scope, set()).update(codes)
     ctx.trained_length.update(idx.trained_length)
     ctx.config_properties.update(idx.config_properties)
+    ctx.config_aliases.update(idx.config_aliases)
     before = sorted({c for codes in idx.provenance.values() for c in codes})
     applied = [f"{c} {REGISTRY[c].name}" for c in before]  # the rules that ran before indexing
     split = next((i for i, r in enumerate(MODEL) if r.reads_target), len(MODEL))

@@ -28,7 +28,7 @@ def _max_delta(a: list[dict], b: list[dict]) -> float:
     return worst
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mixtral", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "bloom", "dbrx", "gpt_bigcode"])
 def test_port_in_two_pipeline_stages_matches_one(tmp_path, model_type):
     from porter.convert import convert
     from porter.layout import PortInfo

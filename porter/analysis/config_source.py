@@ -100,3 +100,31 @@ def config_default(source, causal_lm: str, attr: str) -> str | None:
                 if a.arg == attr and isinstance(d, ast.Constant) and isinstance(d.value, str):
                     return d.value
     return None
+
+
+def attribute_aliases(config_path: Path | None) -> dict[str, str]:
+    """The config classes' `attribute_map` (a name the model reads -> the field that holds it:
+    DBRX's num_hidden_layers -> n_layers), merged over the configuration file's classes; a name two
+    classes map differently is left out. Empty without a configuration file."""
+    if config_path is None:
+        return {}
+    try:
+        tree = ast.parse(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return {}
+    out: dict[str, str] = {}
+    clash: set[str] = set()
+    for node in class_defs(tree).values():
+        for st in node.body:
+            if not (isinstance(st, (ast.Assign, ast.AnnAssign)) and isinstance(st.value, ast.Dict)):
+                continue
+            targets = st.targets if isinstance(st, ast.Assign) else [st.target]
+            if not any(isinstance(t, ast.Name) and t.id == "attribute_map" for t in targets):
+                continue
+            for k, v in zip(st.value.keys, st.value.values):
+                if isinstance(k, ast.Constant) and isinstance(k.value, str) \
+                        and isinstance(v, ast.Constant) and isinstance(v.value, str):
+                    if out.get(k.value, v.value) != v.value:
+                        clash.add(k.value)
+                    out[k.value] = v.value
+    return {k: v for k, v in out.items() if k not in clash}

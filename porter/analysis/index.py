@@ -73,6 +73,7 @@ class ModelIndex:
     provenance: dict[str, set[str]] = field(default_factory=dict)  # scope -> rules run before indexing (PT150, PT152)
     trained_length: dict[str, list[str]] = field(default_factory=dict)  # PT300's record, for PT297
     config_properties: dict = field(default_factory=dict)  # config_properties.missing_properties, for PT340
+    config_aliases: dict[str, str] = field(default_factory=dict)  # config_source.attribute_aliases
 
     def qualify(self, name: str | None) -> str | None:
         """Resolve a dotted local name through the file's imports (`nn.Linear` -> torch.nn.Linear)."""

@@ -62,6 +62,8 @@ class RewriteContext:
     fused_residual: dict[str, str] = field(default_factory=dict)
     # config properties of the source's transformers the engine's lacks (PT340): name -> its getter
     config_properties: dict = field(default_factory=dict)
+    # the config's other names of a field (its attribute_map: num_hidden_layers -> n_layers)
+    config_aliases: dict[str, str] = field(default_factory=dict)
 
     def use(self, symbol: str) -> str:
         """Record that the port uses an engine symbol; returns the name to write in code."""

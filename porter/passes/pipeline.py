@@ -52,6 +52,7 @@ from porter.passes.cleanup.drop_hf_imports import DropHfImports
 from porter.passes.cleanup.drop_input_checks import DropInputChecks
 from porter.passes.cleanup.drop_stale_comments import DropStaleComments
 from porter.passes.cleanup.drop_unused_optional_imports import DropUnusedOptionalImports
+from porter.passes.cleanup.identity_view import IdentityView
 from porter.passes.cleanup.drop_unused_buffers import DropUnusedBuffers
 from porter.passes.cleanup.drop_unread_attributes import DropUnreadAttributes
 from porter.passes.cleanup.prune_unreachable import PruneUnreachable
@@ -215,6 +216,7 @@ MODEL: list[type[Rule]] = [
     EngineShortConv,  # (idem)
     LatentIndexerGuard,  # (idem); the statement building an indexer PT281 kept becomes its bound's check
     MambaStateInterface,  # after PT050 built the causal LM it adds to
+    IdentityView,  # before PT320: an identity view of the hidden stream would hold a shape across its stages
     PipelineStages,  # after the rules that write the base model's forward, before PT052 reads its arguments
     PipelineHead,  # after PT320 (it acts only where the base model was staged) and the rules writing load_weights
     LoraInterface,  # after PT050 and the rules writing packed_modules_mapping

@@ -19,6 +19,16 @@ import libcst.matchers as m
 from porter.analysis.cstutil import assigned_names, code, findall, loop_module, self_attr
 
 _WIDTH_KEEPING_METHODS = {"to", "float", "half", "bfloat16", "type_as", "contiguous", "clone"}
+# modules whose output has their input's shape: torch's norms (and the file's own RMSNorm classes,
+# the plan's `norms`, which the engine's norm replaces)
+WIDTH_KEEPING_MODULES = {"torch.nn.LayerNorm", "torch.nn.RMSNorm"}
+
+
+def width_keeping(info, plan) -> frozenset[str]:
+    """The attributes of a model class (its ClassInfo) whose call gives its argument's shape: its
+    norms (torch's, and the file's own the plan replaces with the engine's)."""
+    return frozenset(a for a, s in info.submodules.items() if not s.in_list
+                     and (s.ctor in WIDTH_KEEPING_MODULES or s.ctor in plan.norms))
 
 
 @dataclass
@@ -75,21 +85,25 @@ def loop_list(loop: cst.For) -> tuple[cst.BaseExpression, cst.BaseExpression | N
     return it, bound, enum
 
 
-def _width_expr(e: ast.AST, wide: set[str], embed: str) -> bool:
-    """The expression has the embedding's width, given the names that have it."""
+def _width_expr(e: ast.AST, wide: set[str], embed: str, keeping: frozenset[str] = frozenset()) -> bool:
+    """The expression has the embedding's width, given the names that have it. KEEPING: attributes
+    of self whose call gives its argument's shape (norms)."""
     if isinstance(e, ast.Name):
         return e.id in wide
     if isinstance(e, ast.BinOp) and isinstance(e.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-        return _width_expr(e.left, wide, embed) or _width_expr(e.right, wide, embed)
+        return _width_expr(e.left, wide, embed, keeping) or _width_expr(e.right, wide, embed, keeping)
     if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute):
         f = e.func
         if isinstance(f.value, ast.Name) and f.value.id == "self" and f.attr == embed:
             return True
-        return f.attr in _WIDTH_KEEPING_METHODS and _width_expr(f.value, wide, embed)
+        if isinstance(f.value, ast.Name) and f.value.id == "self" and f.attr in keeping:
+            return len(e.args) == 1 and not e.keywords and _width_expr(e.args[0], wide, embed, keeping)
+        return f.attr in _WIDTH_KEEPING_METHODS and _width_expr(f.value, wide, embed, keeping)
     return False
 
 
-def _wide_after(stmt: cst.CSTNode, wide: set[str], embed: str, layer_var: str | None = None) -> set[str]:
+def wide_after(stmt: cst.CSTNode, wide: set[str], embed: str, layer_var: str | None = None,
+                keeping: frozenset[str] = frozenset()) -> set[str]:
     """The names of the embedding's width after STMT (a layer call keeps its first argument's width)."""
     tree = _tree(stmt)
     out = set(wide)
@@ -97,11 +111,12 @@ def _wide_after(stmt: cst.CSTNode, wide: set[str], embed: str, layer_var: str | 
         if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             value = node.value
-            ok = value is not None and (_width_expr(value, out, embed) or (
+            ok = value is not None and (_width_expr(value, out, embed, keeping) or (
                 layer_var is not None and isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
-                and value.func.id == layer_var and bool(value.args) and _width_expr(value.args[0], out, embed)))
+                and value.func.id == layer_var and bool(value.args)
+                and _width_expr(value.args[0], out, embed, keeping)))
             if isinstance(node, ast.AugAssign):
-                ok = ok or _width_expr(node.target, out, embed)
+                ok = ok or _width_expr(node.target, out, embed, keeping)
             for t in targets:
                 if isinstance(t, ast.Name):
                     (out.add if ok else out.discard)(t.id)
@@ -129,9 +144,11 @@ def _threads_residual(st: cst.BaseStatement, residual: str, layer_var: str, wide
 
 
 def analyse(cls: cst.ClassDef, fwd: cst.FunctionDef, lists: set[str], embed: str,
-            residual: str | None = None) -> Stages:
+            residual: str | None = None, keeping: frozenset[str] = frozenset()) -> Stages:
     """The stages of the base model's forward; ValueError (with why) where they cannot be shown.
-    RESIDUAL: the name PT330 threads through the loop (started as None on the first stage)."""
+    RESIDUAL: the name PT330 threads through the loop (started as None on the first stage).
+    KEEPING: the model's attributes whose call gives a tensor of its argument's shape (its norms:
+    BLOOM's `word_embeddings_layernorm` over the embedding)."""
     loops = layer_loops(fwd, lists)
     if len(loops) != 1:
         raise ValueError(f"{len(loops)} loops over a layer list")
@@ -173,10 +190,10 @@ def analyse(cls: cst.ClassDef, fwd: cst.FunctionDef, lists: set[str], embed: str
         raise ValueError("the loop carries a value the embedding does not give")
     wide = {"inputs_embeds"}
     for i in first:
-        wide = _wide_after(pre[i], wide, embed)
+        wide = wide_after(pre[i], wide, embed, keeping=keeping)
     for st in loop.body.body:
         pair = _threads_residual(st, residual, layer_var, wide) if residual is not None else set()
-        wide = _wide_after(st, wide, embed, layer_var) | pair
+        wide = wide_after(st, wide, embed, layer_var, keeping) | pair
     if not carried <= wide:
         raise ValueError(f"cannot show the width of {sorted(carried - wide)}")
     order = [n for i in first for n in sorted(writes(pre[i])) if n in carried]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import find_method, findall, self_attr
+from porter.analysis.cstutil import code, find_method, findall, self_attr
 from porter.passes.base import Example, Rule
 from porter.passes.plumbing.pipeline_stages import PipelineStages
 
@@ -52,6 +52,24 @@ _HEAD_APH_PP = _TIED + (
 _MAKE = "        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors\n"
 _CHECK = "            if is_pp_missing_parameter(name, self):\n                continue\n"
 
+# load_weights through a method of the port's (a fused projection's rows regrouped, BLOOM's and
+# Falcon's q/k/v): the module it looks up by name is skipped where another stage holds it
+_PORT_WEIGHTS = (
+    "    def load_weights(self, weights):\n        loader = AutoWeightsLoader(self)\n"
+    "        return loader.load_weights(self.port_weights(weights))\n\n"
+    "    def port_weights(self, weights):\n        for name, loaded_weight in weights:\n"
+    "            if '.qkv.' in name:\n                module, _, leaf = name.rpartition('.')\n{check}"
+    "                qkv = self.get_submodule(module)\n"
+    "                loaded_weight = loaded_weight.view(qkv.total_num_heads, 3, -1).transpose(0, 1).reshape(-1)\n"
+    "            yield name, loaded_weight\n"
+)
+_MODULE_CHECK = "                if is_pp_missing_parameter(module, self):\n                    continue\n"
+
+
+def _lm_through(bases: str, head: str, make: str, it: str, check: str) -> str:
+    lm = _lm(bases, head, make, it, "")
+    return lm[:lm.index("    def load_weights")] + _PORT_WEIGHTS.format(check=check)
+
 
 def _lm(bases: str, head: str, make: str, it: str, check: str) -> str:
     return _BASE + _LM.format(bases=bases, head=head, make=make, it=it, check=check)
@@ -83,8 +101,36 @@ class _SkipMissing(cst.CSTTransformer):
             if m.matches(st, _LOOKUP):
                 name = st.body[0].value.slice[0].slice.value.value  # type: ignore[attr-defined]
                 body.append(cst.parse_statement(f"if {self.check}({name}, self):\n    continue\n"))
+            for path in _looked_up(st):
+                body.append(cst.parse_statement(f"if {self.check}({path}, self):\n    continue\n"))
             body.append(st)
         return updated.with_changes(body=body)
+
+
+# `self.get_submodule(path)` / `self.get_parameter(path)`: a module or parameter looked up by its
+# name, which on a pipeline stage that does not hold it is a PPMissingLayer's (an AttributeError)
+_GETTER = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("get_submodule") | m.Name("get_parameter")),
+                 args=[m.Arg(keyword=None)])
+
+
+def _looked_up(st: cst.BaseStatement) -> list[str]:
+    """The paths a statement looks up through `self.get_submodule`/`get_parameter` before any block
+    of its own (a simple statement, or the header of an `if`/`while`/`for`/`with`), in order; a path
+    the statement itself binds a name of is not one (it has no value before the statement)."""
+    header = (st if isinstance(st, cst.SimpleStatementLine) else st.test if isinstance(st, (cst.If, cst.While))
+              else st.iter if isinstance(st, cst.For) else cst.Tuple([cst.Element(i.item) for i in st.items])
+              if isinstance(st, cst.With) else None)
+    if header is None:
+        return []
+    # names the statement's own expressions bind (a walrus, a comprehension's variables)
+    bound = {n.value for b in findall(header, m.NamedExpr() | m.CompFor())
+             for n in findall(b.target, m.Name())}  # type: ignore[attr-defined]
+    paths = []
+    for call in findall(header, _GETTER):
+        arg = call.args[0].value  # type: ignore[attr-defined]
+        if not {n.value for n in findall(arg, m.Name())} & bound:
+            paths.append(code(arg))
+    return list(dict.fromkeys(paths))
 
 
 class PipelineHead(Rule):
@@ -97,7 +143,9 @@ class PipelineHead(Rule):
         "only (PPMissingLayer elsewhere), forward hands `intermediate_tensors` to the base model and "
         "returns what it returns (IntermediateTensors on an earlier stage), "
         "`make_empty_intermediate_tensors` is the base model's, and load_weights skips the parameters "
-        "another stage holds (`is_pp_missing_parameter`). A forward that does more with the base "
+        "another stage holds (`is_pp_missing_parameter`), before their lookup in the parameters and "
+        "before a module or parameter the port's own loading looks up by name (`self.get_submodule`, "
+        "`self.get_parameter`: a PPMissingLayer's on that stage). A forward that does more with the base "
         "model's output than return it is left without SupportsPP: the engine refuses PP > 1."
     )
     examples = [
@@ -107,6 +155,10 @@ class PipelineHead(Rule):
         # Aphrodite's head: the tie flag, read between the head's statements, is set before them on every rank
         Example(_lm("nn.Module", _HEAD_APH, "", "", ""),
                 _lm("nn.Module, SupportsPP", _HEAD_APH_PP, _MAKE, ", intermediate_tensors=intermediate_tensors", _CHECK),
+                seed={"lm_head": "lm_head"}),
+        Example(_lm_through("nn.Module", _HEAD, "", "", ""),
+                _lm_through("nn.Module, SupportsPP", _HEAD_PP, _MAKE, ", intermediate_tensors=intermediate_tensors",
+                            _MODULE_CHECK),
                 seed={"lm_head": "lm_head"}),
     ]
 
@@ -137,7 +189,13 @@ class PipelineHead(Rule):
             new = {init: self._init(init), fwd: self._forward(fwd)}
         except ValueError:
             return updated
-        new[load] = load.visit(_SkipMissing(self.ctx.use("is_pp_missing_parameter")))
+        skip = _SkipMissing(self.ctx.use("is_pp_missing_parameter"))
+        new[load] = load.visit(skip)
+        # the methods load_weights reads the checkpoint through (`self.port_weights(weights)`)
+        for call in findall(load, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name()))):
+            method = find_method(updated, call.func.attr.value)  # type: ignore[attr-defined]
+            if method is not None and method not in new:
+                new[method] = method.visit(skip)
         body = [new.get(s, s) for s in updated.body.body]
         bases = [*updated.bases, cst.Arg(cst.Name(self.ctx.use("SupportsPP")))]
         return updated.with_changes(bases=bases, body=updated.body.with_changes(body=body))

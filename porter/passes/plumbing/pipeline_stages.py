@@ -7,7 +7,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import code, find_method, names_in, param_names
 from porter.passes.base import Example, Rule
-from porter.passes.plumbing._stages import Stages, analyse, loop_list
+from porter.passes.plumbing._stages import Stages, analyse, loop_list, width_keeping
 
 _CLASSES = (
     "from torch import nn\n\n\nclass AModel(nn.Module):\n"
@@ -83,6 +83,28 @@ _FUSED_PP = (
     "        hidden_states, _ = self.norm(hidden_states, residual)\n        return hidden_states\n"
 )
 
+# a norm over the embedding before the loop (BLOOM's word_embeddings_layernorm): of its input's width
+_NORM_LINE = "        self.embed_norm = nn.LayerNorm(config.hidden_size)\n"
+_INIT_NORM = _INIT.replace("        self.layers", _NORM_LINE + "        self.layers", 1)
+_INIT_NORM_PP = _INIT_PP.replace("        self.start_layer", _NORM_LINE + "        self.start_layer", 1)
+_NORMED = "        hidden_states = self.embed_norm(inputs_embeds)\n"
+_FORWARD_NORM = _FORWARD.replace("        hidden_states = inputs_embeds\n", _NORMED)
+_FORWARD_NORM_PP = _FORWARD_PP.replace("            hidden_states = inputs_embeds\n", "    " + _NORMED)
+
+
+def _config_field(text: str, aliases: dict[str, str]) -> str:
+    """An expression with each `config.X` / `self.config.X` read as the config field it names
+    (through the config's attribute_map: DBRX's num_hidden_layers is n_layers)."""
+
+    class _Field(cst.CSTTransformer):
+        def leave_Attribute(self, original, updated):
+            if m.matches(updated.value, m.Name("config") | m.Attribute(m.Name("self"), m.Name("config"))):
+                name = updated.attr.value
+                return cst.Attribute(value=cst.Name("config"), attr=cst.Name(aliases.get(name, name)))
+            return updated
+
+    return code(cst.parse_expression(text).visit(_Field()))
+
 
 def _assigns(st: cst.BaseStatement, attr: str) -> bool:
     return m.matches(st, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
@@ -121,8 +143,8 @@ class PipelineStages(Rule):
         "`intermediate_tensors` on a later stage and hands it on as IntermediateTensors on an earlier "
         "one, as vLLM's llama.py does. What crosses the boundary is read by dataflow: every tensor the "
         "loop carries from one layer to the next, and every embedding-derived tensor the loop or what "
-        "follows reads, each shown to have the embedding's width (the engine's receiving buffers, "
-        "`make_empty_intermediate_tensors`, have that width). Where that cannot be shown (a carried "
+        "follows reads, each shown to have the embedding's width, through sums, casts and the model's "
+        "norms (the engine's receiving buffers, `make_empty_intermediate_tensors`, have that width). Where that cannot be shown (a carried "
         "value that starts as None, a tuple from a layer, the layer list read elsewhere) the base "
         "model is left as it is and PT321 declares no SupportsPP: the engine refuses PP > 1. The "
         "residual PT330 threads is the exception to the first: a sum of the hidden stream (of its width), "
@@ -136,6 +158,14 @@ class PipelineStages(Rule):
         Example(_CLASSES.format(init=_INIT, forward=_FUSED, param=""),
                 _CLASSES.format(init=_INIT_FUSED, forward=_FUSED_PP, param=_PARAM),
                 seed={"fused_residual": {"AModel": "residual"}}),
+        # the loop over the first config.num_hidden_layers of a list of config.n_layers, one field
+        # under two names in the config's attribute_map (DBRX): all of it
+        Example(_CLASSES.format(init=_INIT.replace("num_hidden_layers", "n_layers"), forward=_FORWARD, param=""),
+                _CLASSES.format(init=_INIT_PP.replace("num_hidden_layers", "n_layers"), forward=_FORWARD_PP,
+                                param=_PARAM),
+                seed={"config_aliases": {"num_hidden_layers": "n_layers"}}),
+        Example(_CLASSES.format(init=_INIT_NORM, forward=_FORWARD_NORM, param=""),
+                _CLASSES.format(init=_INIT_NORM_PP, forward=_FORWARD_NORM_PP, param=_PARAM)),
     ]
 
     @classmethod
@@ -163,11 +193,13 @@ class PipelineStages(Rule):
         init, fwd = find_method(updated, "__init__"), find_method(updated, "forward")
         info = self.ctx.idx.classes[updated.name.value]
         lists = {a for a, s in info.submodules.items() if s.in_list}
+        keeping = width_keeping(info, self.plan)
         embed = self.plan.embed_path.split(".")[1]
         if init is None or fwd is None or "intermediate_tensors" in param_names(fwd):
             return updated
         try:
-            stages = analyse(updated, fwd, lists, embed, self.ctx.fused_residual.get(updated.name.value))
+            stages = analyse(updated, fwd, lists, embed, self.ctx.fused_residual.get(updated.name.value),
+                             keeping)
             new_init = self._init(init, stages, embed)
             new_fwd = self._forward(fwd, stages)
         except ValueError:
@@ -239,8 +271,8 @@ class PipelineStages(Rule):
         pre, loop, post = body[:st.loop_at], body[st.loop_at], body[st.loop_at + 1:]
         it, bound, enum = loop_list(loop)  # type: ignore[arg-type]
         if bound is not None:
-            count = self._count
-            if code(bound).replace("self.config.", "config.") != count.replace("self.config.", "config."):
+            aliases = self.ctx.config_aliases
+            if _config_field(code(bound), aliases) != _config_field(self._count, aliases):
                 raise ValueError("the loop runs over a part of the layer list")
         isl = f"{ctx.use('islice')}({code(it)}, self.start_layer, self.end_layer)"
         loop = loop.with_changes(iter=cst.parse_expression(  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/bloom/modeling_bloom.py
 # Source sha256: bf005d666e289dabfe70ce1941c918c80f9f61fbd573d63f9fa779a81b4df4ec
-# Rules applied: PT150, PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT052, PT311, PT061, PT060, PT310, PT312, PT070
+# Rules applied: PT150, PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT023, PT025, PT026, PT027, PT030, PT032, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT312, PT070
 
 # Copyright 2022 HuggingFace Inc. team and BigScience workshop.
 #
@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
 from aphrodite.distributed import (
+    get_pp_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
@@ -45,13 +46,20 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
+    PPMissingLayer,
     WeightsMapper,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
     maybe_prefix,
     model_should_use_tied_lm_head,
 )
 from aphrodite.sequence import IntermediateTensors
+from itertools import islice
 from torch.nn import LayerNorm
 
 
@@ -298,7 +306,9 @@ class BloomBlock(nn.Module):
         return output  # hidden_states, attentions
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class BloomModel(nn.Module):
     def __init__(
         self,
@@ -314,35 +324,46 @@ class BloomModel(nn.Module):
         self.num_heads = config.n_head
 
         # Embedding + LN Embedding
-        self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size,
-            self.embed_dim,
-            quant_config=quant_config,
-            prefix=f"{prefix}.word_embeddings",
-        )
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.word_embeddings = VocabParallelEmbedding(
+                config.vocab_size,
+                self.embed_dim,
+                quant_config=quant_config,
+                prefix=f"{prefix}.word_embeddings",
+            )
+        else:
+            self.word_embeddings = PPMissingLayer()
         self.word_embeddings_layernorm = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
         # Transformer blocks
-        self.h = nn.ModuleList(
-            [
-                BloomBlock(
-                    config,
-                    layer_idx=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.h.{i}",
-                )
-                for i in range(config.num_hidden_layers)
-            ]
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: BloomBlock(
+                config,
+                layer_idx=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.h",
         )
 
         # Final Layer Norm
-        self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        if get_pp_group().is_last_rank:
+            self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        else:
+            self.ln_f = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.embed_dim
+        )
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.LongTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, input_ids_length)`):
@@ -357,16 +378,22 @@ class BloomModel(nn.Module):
 
             [What are input IDs?](../glossary#input-ids)
         """
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.word_embeddings(input_ids)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
+            hidden_states = self.word_embeddings_layernorm(inputs_embeds)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        hidden_states = self.word_embeddings_layernorm(inputs_embeds)
-
-        for i, block in enumerate(self.h):
+        for i, block in enumerate(
+            islice(self.h, self.start_layer, self.end_layer), start=self.start_layer
+        ):
             outputs = block(hidden_states)
 
             hidden_states = outputs
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         # Add last hidden state
         hidden_states = self.ln_f(hidden_states)
@@ -374,7 +401,7 @@ class BloomModel(nn.Module):
         return hidden_states
 
 
-class BloomForCausalLM(nn.Module):
+class BloomForCausalLM(nn.Module, SupportsPP):
     hf_to_aphrodite_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -394,16 +421,20 @@ class BloomForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.word_embeddings)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.word_embeddings(input_ids)
@@ -415,7 +446,11 @@ class BloomForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.transformer(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        return self.transformer(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
@@ -432,6 +467,8 @@ class BloomForCausalLM(nn.Module):
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v interleaved per head in the checkpoint -> [q; k; v] as QKVParallelLinear loads it
                 module, _, leaf = name.rpartition(".")
+                if is_pp_missing_parameter(module, self):
+                    continue
                 qkv = self.get_submodule(module)
                 # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
                 # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is

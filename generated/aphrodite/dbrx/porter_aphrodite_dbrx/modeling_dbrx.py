@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/dbrx/modeling_dbrx.py
 # Source sha256: 639411f27a4b23f080113166727fa91d42499cd99daf20c49c662aebd8128743
-# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT013, PT022, PT100, PT209, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT040, PT050, PT052, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT020, PT021, PT010, PT011, PT012, PT013, PT022, PT100, PT209, PT023, PT025, PT026, PT027, PT030, PT032, PT031, PT033, PT040, PT050, PT320, PT321, PT052, PT311, PT061, PT060, PT310, PT070
 
 #                🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨🚨
 #           This file was automatically generated from src/transformers/models/dbrx/modular_dbrx.py.
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from aphrodite.compilation.decorators import support_torch_compile
 from aphrodite.config import AphroditeConfig, CacheConfig
+from aphrodite.distributed import get_pp_group
 from aphrodite.model_executor.layers.attention import Attention
 from aphrodite.model_executor.layers.fused_moe import FusedMoEFactory
 from aphrodite.model_executor.layers.linear import (
@@ -45,13 +46,20 @@ from aphrodite.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
+from aphrodite.model_executor.models.interfaces import SupportsPP
 from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
+    PPMissingLayer,
     WeightsMapper,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
     maybe_prefix,
     model_should_use_tied_lm_head,
 )
 from aphrodite.sequence import IntermediateTensors
+from itertools import islice
 from torch.nn import LayerNorm
 
 
@@ -268,7 +276,9 @@ class DbrxBlock(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class DbrxModel(nn.Module):
     """Transformer decoder consisting of *config.num_hidden_layers*. Each layer is a [`DbrxBlock`] layer.
 
@@ -288,44 +298,59 @@ class DbrxModel(nn.Module):
         super().__init__()
         self.config = config
         self.vocab_size = config.vocab_size
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, config.d_model, quant_config=quant_config, prefix=f"{prefix}.wte"
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.wte = VocabParallelEmbedding(
+                config.vocab_size, config.d_model, quant_config=quant_config, prefix=f"{prefix}.wte"
+            )
+        else:
+            self.wte = PPMissingLayer()
+        self.start_layer, self.end_layer, self.blocks = make_layers(
+            config.n_layers,
+            lambda prefix: DbrxBlock(
+                config,
+                extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.blocks",
         )
-        self.blocks = nn.ModuleList(
-            [
-                DbrxBlock(
-                    config,
-                    layer_idx,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.blocks.{layer_idx}",
-                )
-                for layer_idx in range(config.n_layers)
-            ]
+        if get_pp_group().is_last_rank:
+            self.norm_f = LayerNorm(config.d_model, bias=False)
+        else:
+            self.norm_f = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.d_model
         )
-        self.norm_f = LayerNorm(config.d_model, bias=False)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         positions: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.wte(input_ids)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        hidden_states = inputs_embeds
-
-        for decoder_layer in self.blocks[: self.config.num_hidden_layers]:
+        for decoder_layer in islice(self.blocks, self.start_layer, self.end_layer):
             hidden_states = decoder_layer(hidden_states, positions=positions)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.norm_f(hidden_states)
 
         return hidden_states
 
 
-class DbrxForCausalLM(nn.Module):
+class DbrxForCausalLM(nn.Module, SupportsPP):
     hf_to_aphrodite_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -346,19 +371,23 @@ class DbrxForCausalLM(nn.Module):
             prefix=maybe_prefix(prefix, "transformer"),
         )
         self.vocab_size = config.vocab_size
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
         self.use_tied_lm_head = model_should_use_tied_lm_head(config, quant_config)
-        if self.use_tied_lm_head:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if self.use_tied_lm_head:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.router_aux_loss_coef = config.ffn_config.moe_loss_weight
         self.num_experts = config.ffn_config.moe_num_experts
         self.num_experts_per_tok = config.ffn_config.moe_top_k
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -371,7 +400,10 @@ class DbrxForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.transformer(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -402,6 +434,8 @@ class DbrxForCausalLM(nn.Module):
                     "w2": ("w2_weight", "w2"),
                 }[proj]
                 name = f"{module.rpartition('.')[0]}.routed_experts.{target}"
+                if is_pp_missing_parameter(name, self):
+                    continue
                 param = self.get_parameter(name)
                 for expert_id, expert in enumerate(
                     loaded_weight.view(

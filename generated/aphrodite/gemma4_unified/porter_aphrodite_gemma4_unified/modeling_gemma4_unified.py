@@ -54,6 +54,7 @@ from aphrodite.model_executor.models.utils import (
     PPMissingLayer,
     WeightsMapper,
     extract_layer_index,
+    is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
@@ -471,6 +472,8 @@ class Gemma4UnifiedForCausalLM(nn.Module, SupportsPP):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, loaded_weight)
                 loaded.add(name)
+                continue
+            if is_pp_missing_parameter(name.rsplit(".", 2)[0], self):
                 continue
             if (
                 ".k_proj." in name

@@ -51,6 +51,7 @@ from vllm.model_executor.models.utils import (
     PPMissingLayer,
     WeightsMapper,
     extract_layer_index,
+    is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
@@ -352,6 +353,8 @@ class CodeGenForCausalLM(nn.Module, SupportsPP):
                 # q/k/v in 4 blocks in the checkpoint (each block: one slice of q, k and v, its
                 # heads; slots q=0 k=2 v=1) -> [q; k; v] as QKVParallelLinear loads it
                 module, _, leaf = name.rpartition(".")
+                if is_pp_missing_parameter(module, self):
+                    continue
                 qkv = self.get_submodule(module)
                 # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
                 # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is

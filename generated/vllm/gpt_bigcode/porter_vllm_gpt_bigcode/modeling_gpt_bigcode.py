@@ -2,7 +2,7 @@
 # Do not edit by hand: regenerate with `porter convert`.
 # Source: transformers 5.19.0, models/gpt_bigcode/modeling_gpt_bigcode.py
 # Source sha256: a46457eacc917a0354c17d8b05b4280815205c29393706a8f7fe18b257b9fd92
-# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT052, PT126, PT311, PT061, PT060, PT310, PT070
+# Rules applied: PT001, PT002, PT003, PT123, PT020, PT021, PT010, PT011, PT012, PT022, PT023, PT025, PT026, PT027, PT028, PT030, PT032, PT040, PT050, PT313, PT320, PT321, PT052, PT126, PT311, PT061, PT060, PT310, PT070
 
 # Copyright 2023 The Bigcode team and HuggingFace Inc. team.
 # Licensed under the Apache License, Version 2.0 (the "License");
@@ -23,8 +23,10 @@ import re
 
 import torch
 from torch import nn
+from itertools import islice
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -39,7 +41,17 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 
@@ -189,7 +201,9 @@ class GPTBigCodeBlock(nn.Module):
         return hidden_states
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0, "intermediate_tensors": 0}
+)
 class GPTBigCodeModel(nn.Module):
     def __init__(
         self,
@@ -203,29 +217,40 @@ class GPTBigCodeModel(nn.Module):
         self.multi_query = config.multi_query
         self.embed_dim = config.hidden_size
 
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
-        )
+        if get_pp_group().is_first_rank or (
+            config.tie_word_embeddings and get_pp_group().is_last_rank
+        ):
+            self.wte = VocabParallelEmbedding(
+                config.vocab_size, self.embed_dim, quant_config=quant_config, prefix=f"{prefix}.wte"
+            )
+        else:
+            self.wte = PPMissingLayer()
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
-        self.h = nn.ModuleList(
-            [
-                GPTBigCodeBlock(
-                    config,
-                    layer_idx=i,
-                    cache_config=cache_config,
-                    quant_config=quant_config,
-                    prefix=f"{prefix}.h.{i}",
-                )
-                for i in range(config.num_hidden_layers)
-            ]
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: GPTBigCodeBlock(
+                config,
+                layer_idx=extract_layer_index(prefix),
+                cache_config=cache_config,
+                quant_config=quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.h",
         )
-        self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        if get_pp_group().is_last_rank:
+            self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        else:
+            self.ln_f = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.embed_dim
+        )
 
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
     ):
         r"""
         input_ids (`torch.Tensor` of shape `(batch_size, input_ids_length)`):
@@ -242,24 +267,25 @@ class GPTBigCodeModel(nn.Module):
             [What are input IDs?](../glossary#input-ids)
         """
 
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
-
         position_embeds = self.wpe(positions)
-        hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)
-        output_shape = inputs_embeds.shape[:-1] + (hidden_states.size(-1),)
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.wte(input_ids)
+            hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
 
-        for block in self.h:
+        for block in islice(self.h, self.start_layer, self.end_layer):
             hidden_states = block(hidden_states)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states})
 
         hidden_states = self.ln_f(hidden_states)
-
-        hidden_states = hidden_states.view(output_shape)
 
         return hidden_states
 
 
-class GPTBigCodeForCausalLM(nn.Module):
+class GPTBigCodeForCausalLM(nn.Module, SupportsPP):
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_regex={
             # a checkpoint of the base model alone (gpt2's canonical `h.0...`): under the port's base model
@@ -279,15 +305,19 @@ class GPTBigCodeForCausalLM(nn.Module):
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "transformer"),
         )
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.n_embd,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.n_embd,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -300,7 +330,10 @@ class GPTBigCodeForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.transformer(
-            input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            intermediate_tensors=intermediate_tensors,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -315,11 +348,15 @@ class GPTBigCodeForCausalLM(nn.Module):
     ) -> Iterable[tuple[str, torch.Tensor]]:
         """The checkpoint's tensors as this port's modules take them, before the engine's loader."""
         for name, loaded_weight in weights:
+            if is_pp_missing_parameter(name.split(".c_attn.")[0], self):
+                continue
             if ".c_attn." in name and not getattr(
                 self.get_submodule(name.split(".c_attn.")[0]), "multi_query"
             ):
                 # per head interleaved in the checkpoint unless `multi_query` -> [q; k; v] for QKVParallelLinear
                 module, _, leaf = name.rpartition(".")
+                if is_pp_missing_parameter(module, self):
+                    continue
                 qkv = self.get_submodule(module)
                 # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
                 # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is

@@ -59,6 +59,7 @@ from vllm.model_executor.models.utils import (
     PPMissingLayer,
     WeightsMapper,
     extract_layer_index,
+    is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
@@ -407,6 +408,8 @@ class GptOssForCausalLM(nn.Module, SupportsPP, SupportsLoRA, SupportsEagle3):
                 # experts packed (experts, in, out), gate/up interleaved per unit as the engine's swigluoai
                 # reads them: each rank takes its run of units (and their biases); the down bias is added once
                 module, _, param = name.rpartition(".")
+                if is_pp_missing_parameter(module, self):
+                    continue
                 routed = self.get_submodule(module).routed_experts
                 rank = get_tensor_model_parallel_rank()
                 target = {

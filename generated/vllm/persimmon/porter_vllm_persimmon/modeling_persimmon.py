@@ -54,6 +54,7 @@ from vllm.model_executor.models.utils import (
     PPMissingLayer,
     WeightsMapper,
     extract_layer_index,
+    is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
@@ -372,6 +373,8 @@ class PersimmonForCausalLM(nn.Module, SupportsPP):
             if any(packed in name for packed in [".query_key_value."]):
                 # q/k/v interleaved per head in the checkpoint -> [q; k; v] as QKVParallelLinear loads it
                 module, _, leaf = name.rpartition(".")
+                if is_pp_missing_parameter(module, self):
+                    continue
                 qkv = self.get_submodule(module)
                 # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
                 # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is

@@ -42,6 +42,7 @@ from aphrodite.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
     WeightsMapper,
+    is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
@@ -321,6 +322,8 @@ class InternLMLikeForCausalLM(nn.Module, SupportsPP):
                 # group's q heads, then its k and its v) -> [q; k; v] as QKVParallelLinear loads it
                 # (-1: a head's width in the tensor's rows, fewer where they are packed, as GPTQ's qzeros)
                 module, _, leaf = name.rpartition(".")
+                if is_pp_missing_parameter(module, self):
+                    continue
                 qkv = self.get_submodule(module)
                 # along the tensor's output rows: dim 0 of a weight, dim 1 of a quantized checkpoint's qweight
                 # and scales; a tensor without them (g_idx, a scale of the whole) is left as it is
