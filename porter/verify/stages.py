@@ -76,20 +76,24 @@ def check_stages(port_dir: Path, pp: int = 2, timeout: float = 900) -> StagesRep
             [sys.executable, "-m", "porter.verify.stages", str(port_dir), "--stage", str(r), "--pp", str(pp),
              "--init", init, "--checkpoint", str(ckpt), "--out", f"{tmp}/stage{r}.json"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(pp)]
+        # the whole model (pp 1), for the names the stages must share out: a process of its own
+        # group, started beside the stages (each is mostly its imports)
+        whole = Path(tmp) / "whole.json"
+        whole_proc = subprocess.Popen(
+            [sys.executable, "-m", "porter.verify.stages", str(port_dir), "--stage", "0", "--pp", "1",
+             "--init", f"tcp://127.0.0.1:{_free_port()}", "--checkpoint", str(ckpt), "--out", str(whole)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        whole_err = whole_proc.communicate(timeout=timeout)[1]
         for r, (p, err) in enumerate(zip(procs, errs)):
             out = Path(tmp) / f"stage{r}.json"
             if p.returncode != 0 or not out.is_file():
                 result.errors.append(f"stage {r} of {pp} failed (exit {p.returncode}): {err.strip()[-800:]}")
                 continue
             result.stages.append(json.loads(out.read_text()))
-        whole = Path(tmp) / "whole.json"
-        p = subprocess.run([sys.executable, "-m", "porter.verify.stages", str(port_dir), "--stage", "0",
-                            "--pp", "1", "--init", f"tcp://127.0.0.1:{_free_port()}", "--checkpoint", str(ckpt),
-                            "--out", str(whole)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           timeout=timeout)
-        if p.returncode != 0 or not whole.is_file():
-            result.errors.append(f"the whole model (pp 1) failed (exit {p.returncode}): {p.stderr.strip()[-800:]}")
+        if whole_proc.returncode != 0 or not whole.is_file():
+            result.errors.append(f"the whole model (pp 1) failed (exit {whole_proc.returncode}): "
+                                 f"{whole_err.strip()[-800:]}")
         else:
             whole_names = _names(json.loads(whole.read_text()))
             result.whole_params = len(whole_names)
