@@ -11,6 +11,16 @@ def class_defs(tree: ast.Module) -> dict[str, ast.ClassDef]:
     return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
 
+def config_tree(config_path: Path | None) -> ast.Module | None:
+    """The configuration file parsed (never imported); None without one, or unreadable."""
+    if config_path is None:
+        return None
+    try:
+        return ast.parse(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+
+
 def config_class_of(model_text: str, causal_lm: str) -> str | None:
     """The config class the causal LM takes: `__init__(self, config: XConfig)`, else `config: XConfig`
     on the class or one of its in-file bases."""
@@ -54,9 +64,8 @@ def config_class_for_type(source) -> str | None:
     its own configuration file that declares its model_type; None for an ordinary source."""
     if source.config_path is None or Path(source.path).stem == f"modeling_{source.model_type}":
         return None
-    try:
-        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
+    tree = config_tree(source.config_path)
+    if tree is None:
         return None
     return next((c for c in class_defs(tree) if class_model_type(tree, c) == source.model_type), None)
 
@@ -71,9 +80,8 @@ def causal_lm_model_type(source, causal_lm: str) -> str | None:
     cls = config_class_of(source.text, causal_lm)
     if source.config_path is None or cls is None:
         return None
-    try:
-        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
+    tree = config_tree(source.config_path)
+    if tree is None:
         return None
     return class_model_type(tree, cls) if cls in class_defs(tree) else None
 
@@ -85,9 +93,8 @@ def config_default(source, causal_lm: str, attr: str) -> str | None:
     cls = config_class_of(source.text, causal_lm)
     if source.config_path is None or cls is None:
         return None
-    try:
-        tree = ast.parse(Path(source.config_path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
+    tree = config_tree(source.config_path)
+    if tree is None:
         return None
     node = class_defs(tree).get(cls)
     for st in node.body if node else []:
@@ -106,11 +113,8 @@ def attribute_aliases(config_path: Path | None) -> dict[str, str]:
     """The config classes' `attribute_map` (a name the model reads -> the field that holds it:
     DBRX's num_hidden_layers -> n_layers), merged over the configuration file's classes; a name two
     classes map differently is left out. Empty without a configuration file."""
-    if config_path is None:
-        return {}
-    try:
-        tree = ast.parse(Path(config_path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
+    tree = config_tree(config_path)
+    if tree is None:
         return {}
     out: dict[str, str] = {}
     clash: set[str] = set()

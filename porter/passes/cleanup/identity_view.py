@@ -7,7 +7,7 @@ import libcst.matchers as m
 
 from porter.analysis.cstutil import find_method, loop_module
 from porter.passes.base import Example, Rule
-from porter.passes.plumbing._stages import wide_after, layer_loops, width_keeping
+from porter.passes.plumbing._stages import layer_loops, wide_after, width_keeping, writes
 from porter.passes.plumbing.pipeline_stages import PipelineStages
 
 _MODEL = (
@@ -31,18 +31,18 @@ _SHAPE = "inputs_embeds.shape[:-1] + (hidden_states.size(-1),)"
 _VIEW = "        hidden_states = hidden_states.view(output_shape)\n"
 
 
-def _leading(name: str | None = None):
+def _leading():
     """`t.shape[:-1]` / `t.size()[:-1]`: a tensor's shape without its last dimension."""
-    t = m.Name(name) if name else m.Name()
+    t = m.Name()
     return m.Subscript(
         value=m.Attribute(value=t, attr=m.Name("shape")) | m.Call(func=m.Attribute(value=t, attr=m.Name("size")), args=[]),
         slice=[m.SubscriptElement(m.Slice(lower=None, step=None, upper=m.UnaryOperation(
             operator=m.Minus(), expression=m.Integer("1"))))])
 
 
-def _last(name: str | None = None):
+def _last():
     """`t.size(-1)` / `t.shape[-1]`: a tensor's last dimension."""
-    t = m.Name(name) if name else m.Name()
+    t = m.Name()
     minus_one = m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1"))
     return m.Call(func=m.Attribute(value=t, attr=m.Name("size")), args=[m.Arg(minus_one, keyword=None)]) \
         | m.Subscript(value=m.Attribute(value=t, attr=m.Name("shape")), slice=[m.SubscriptElement(m.Index(minus_one))])
@@ -93,9 +93,9 @@ class IdentityView(Rule):
         if self.scope or updated.name.value != PipelineStages.base(self.ctx):
             return updated
         fwd = find_method(updated, "forward")
-        info = self.ctx.idx.classes[updated.name.value]
         if fwd is None:
             return updated
+        info = self.ctx.idx.classes[updated.name.value]
         lists = {a for a, s in info.submodules.items() if s.in_list}
         keeping = width_keeping(info, self.plan)
         embed = self.plan.embed_path.split(".")[1]
@@ -106,13 +106,13 @@ class IdentityView(Rule):
                 layer_var = loop_module(st)[0]  # type: ignore[index]
                 for inner in st.body.body:  # type: ignore[attr-defined]
                     wide = wide_after(inner, wide, embed, layer_var, keeping)
-                shapes -= _targets(st)
+                shapes -= writes(st)
                 body.append(st)
                 continue
             bound = _assign(st)
             if bound is not None and self._identity(*bound, wide, shapes):
                 continue
-            shapes -= _targets(st)
+            shapes -= writes(st)
             # (T, W) from tensors of the width: the hidden stream's own shape
             if bound is not None and m.matches(bound[1], _SHAPE_OF) and _read_from(bound[1]) <= wide:
                 shapes.add(bound[0])
@@ -129,11 +129,6 @@ class IdentityView(Rule):
         view = m.Call(func=m.Attribute(value=m.Name(name), attr=m.Name("view") | m.Name("reshape")),
                       args=[m.Arg(m.Name(), keyword=None)])
         return name in wide and m.matches(value, view) and value.args[0].value.value in shapes  # type: ignore[attr-defined]
-
-
-def _targets(st: cst.BaseStatement) -> set[str]:
-    return {n.value for t in m.findall(st, m.AssignTarget() | m.AugAssign() | m.For() | m.NamedExpr())
-            for n in m.findall(getattr(t, "target"), m.Name())}
 
 
 def _read_from(shape: cst.BinaryOperation) -> set[str]:

@@ -113,13 +113,25 @@ _GETTER = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("get_submodu
                  args=[m.Arg(keyword=None)])
 
 
+def _header(st: cst.BaseStatement) -> cst.CSTNode | None:
+    """What a statement runs before any block of its own: a simple statement whole, the test of an
+    `if`/`while`, the iterable of a `for`, the context managers of a `with`."""
+    if isinstance(st, cst.SimpleStatementLine):
+        return st
+    if isinstance(st, (cst.If, cst.While)):
+        return st.test
+    if isinstance(st, cst.For):
+        return st.iter
+    if isinstance(st, cst.With):
+        return cst.Tuple([cst.Element(i.item) for i in st.items])
+    return None
+
+
 def _looked_up(st: cst.BaseStatement) -> list[str]:
     """The paths a statement looks up through `self.get_submodule`/`get_parameter` before any block
     of its own (a simple statement, or the header of an `if`/`while`/`for`/`with`), in order; a path
     the statement itself binds a name of is not one (it has no value before the statement)."""
-    header = (st if isinstance(st, cst.SimpleStatementLine) else st.test if isinstance(st, (cst.If, cst.While))
-              else st.iter if isinstance(st, cst.For) else cst.Tuple([cst.Element(i.item) for i in st.items])
-              if isinstance(st, cst.With) else None)
+    header = _header(st)
     if header is None:
         return []
     # names the statement's own expressions bind (a walrus, a comprehension's variables)

@@ -92,18 +92,23 @@ _FORWARD_NORM = _FORWARD.replace("        hidden_states = inputs_embeds\n", _NOR
 _FORWARD_NORM_PP = _FORWARD_PP.replace("            hidden_states = inputs_embeds\n", "    " + _NORMED)
 
 
+class _ConfigField(cst.CSTTransformer):
+    """Each `config.X` / `self.config.X` as `config.<the field X names>` (the config's attribute_map)."""
+
+    def __init__(self, aliases: dict[str, str]) -> None:
+        super().__init__()
+        self.aliases = aliases
+
+    def leave_Attribute(self, original, updated):
+        if m.matches(updated.value, m.Name("config") | m.Attribute(m.Name("self"), m.Name("config"))):
+            name = updated.attr.value
+            return cst.Attribute(value=cst.Name("config"), attr=cst.Name(self.aliases.get(name, name)))
+        return updated
+
+
 def _config_field(text: str, aliases: dict[str, str]) -> str:
-    """An expression with each `config.X` / `self.config.X` read as the config field it names
-    (through the config's attribute_map: DBRX's num_hidden_layers is n_layers)."""
-
-    class _Field(cst.CSTTransformer):
-        def leave_Attribute(self, original, updated):
-            if m.matches(updated.value, m.Name("config") | m.Attribute(m.Name("self"), m.Name("config"))):
-                name = updated.attr.value
-                return cst.Attribute(value=cst.Name("config"), attr=cst.Name(aliases.get(name, name)))
-            return updated
-
-    return code(cst.parse_expression(text).visit(_Field()))
+    """An expression with each config read as the field it names (DBRX's num_hidden_layers is n_layers)."""
+    return code(cst.parse_expression(text).visit(_ConfigField(aliases)))
 
 
 def _assigns(st: cst.BaseStatement, attr: str) -> bool:
