@@ -46,6 +46,34 @@ def test_findall_equals_libcst_findall(module, matcher):
         assert findall(tree, matcher) == ours  # the per-tree index gives the same answer again
 
 
+class _RenameOneMethod(cst.CSTTransformer):
+    """Renames the names of the first `forward` it meets: the new module keeps every other class
+    and method object, as a rule's rewrite does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = False
+
+    def leave_FunctionDef(self, original, updated):
+        if self.done or updated.name.value != "forward":
+            return updated
+        self.done = True
+        return updated.visit(_Rename())
+
+
+class _Rename(cst.CSTTransformer):
+    def leave_Name(self, original, updated):
+        return updated.with_changes(value=updated.value + "_x")
+
+
+def test_findall_after_a_rewrite_reads_the_kept_classes_and_methods(module):
+    findall(module, m.Name())  # the index of the original, and of each of its classes and methods
+    edited = transform(module, _RenameOneMethod())
+    assert edited is not module and sum(a is b for a, b in zip(edited.body, module.body)) > 1
+    for matcher in (m.Name(), m.Name() | m.Attribute() | m.Call(), m.FunctionDef(), m.Assign()):
+        assert [code(n) for n in findall(edited, matcher)] == [code(n) for n in m.findall(edited, matcher)]
+
+
 def test_names_in_skips_attribute_tails_and_keywords():
     node = cst.parse_expression("f(a.b, key=c, *d)[e.f.g]")
     assert names_in(node) == {"f", "a", "c", "d", "e"}

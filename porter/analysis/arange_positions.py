@@ -67,10 +67,11 @@ def arange_positions(fn: cst.FunctionDef) -> tuple[str, set[str], list[int]] | N
             if past == src:
                 continue
             try:
-                found = {_first_positions(fn, params, src, past, p) for p in _PASTS}
+                hit = _first_positions(fn, params, src, past, _PASTS[0])
+                # the same statement and name for every cache length (none found: no need to ask)
+                if hit is None or any(_first_positions(fn, params, src, past, p) != hit for p in _PASTS[1:]):
+                    continue
             except Unknown:
-                continue
-            if len(found) != 1 or (hit := found.pop()) is None:
                 continue
             at, pos = hit
             steps = [i for i in range(at + 1) if not _is_docstring(body[i])]

@@ -63,16 +63,38 @@ def _fields(node: cst.CSTNode) -> tuple[str, ...]:
     return order
 
 
+NODE, SEQUENCE, OTHER = 1, 2, 0
+_KIND: dict[type, int] = {}
+
+
+def kind_of(kind: type) -> int:
+    """NODE for a libcst node type, SEQUENCE for a list or tuple, OTHER for anything else. libcst
+    nodes are ABCs, whose isinstance is slow; a walk asks this of every field it passes."""
+    found = _KIND.get(kind)
+    if found is None:
+        found = _KIND[kind] = (NODE if issubclass(kind, cst.CSTNode)
+                               else SEQUENCE if issubclass(kind, (list, tuple)) else OTHER)
+    return found
+
+
 def children(node: cst.CSTNode) -> list[cst.CSTNode]:
     """A node's children in libcst's visiting order, read from its fields (libcst's own
     `.children` runs a visit that rebuilds the node)."""
     kids: list[cst.CSTNode] = []
-    for name in _fields(node):
+    get = _KIND.get
+    order = _FIELD_ORDER.get(type(node))
+    for name in _fields(node) if order is None else order:
         value = getattr(node, name)
-        if isinstance(value, cst.CSTNode):
+        k = get(type(value))
+        if k is None:
+            k = kind_of(type(value))
+        if k == NODE:
             kids.append(value)
-        elif isinstance(value, (list, tuple)):
-            kids.extend(v for v in value if isinstance(v, cst.CSTNode))
+        elif k == SEQUENCE:
+            for v in value:
+                kv = get(type(v))
+                if (kind_of(type(v)) if kv is None else kv) == NODE:
+                    kids.append(v)
     return kids
 
 
@@ -121,9 +143,13 @@ def transform(node: cst.CSTNode, visitor: cst.CSTTransformer):
     if visitor.on_visit(node):
         changes: dict = {}
         kind = type(node)
-        for name in _fields(node):
+        order = _FIELD_ORDER.get(kind)
+        for name in _fields(node) if order is None else order:
             value = getattr(node, name)
-            if isinstance(value, cst.CSTNode):
+            k = _KIND.get(type(value))
+            if k is None:
+                k = kind_of(type(value))
+            if k == NODE:
                 new = transform(value, visitor)
                 if new is value:
                     continue
@@ -137,11 +163,11 @@ def transform(node: cst.CSTNode, visitor: cst.CSTTransformer):
                                         "This node's parent does not allow it to be removed.")
                     new = None if how == "optional" else cst.MaybeSentinel.DEFAULT
                 changes[name] = new
-            elif isinstance(value, (list, tuple)):
+            elif k == SEQUENCE:
                 body = name == "body" and kind in (cst.Module, cst.IndentedBlock)
                 out, changed = [], False
                 for child in value:
-                    if not isinstance(child, cst.CSTNode):
+                    if kind_of(type(child)) != NODE:
                         out.append(child)
                         continue
                     new = transform(child, visitor)
@@ -162,7 +188,8 @@ def transform(node: cst.CSTNode, visitor: cst.CSTTransformer):
     else:
         updated = node
     result = visitor.on_leave(node, updated)
-    if not isinstance(result, (cst.CSTNode, cst.RemovalSentinel, cst.FlattenSentinel)):
+    if (result is not updated and kind_of(type(result)) != NODE
+            and not isinstance(result, (cst.RemovalSentinel, cst.FlattenSentinel))):
         raise cst.CSTValidationError(
             f"Expected a node of type CSTNode or a RemovalSentinel, but got a return value of "
             f"{type(result).__name__}")
@@ -189,6 +216,16 @@ def _node_types(matcher) -> tuple[type, ...]:
     return (getattr(cst, type(matcher).__name__),)
 
 
+_MATCHER_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _matcher_fields(kind: type) -> tuple[str, ...]:
+    found = _MATCHER_FIELDS.get(kind)
+    if found is None:
+        found = _MATCHER_FIELDS[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    return found
+
+
 def findall(tree: cst.CSTNode, matcher: m.BaseMatcherNode) -> list[cst.CSTNode]:
     """`m.findall` for a node-type matcher (`m.Name()`, `m.Call(func=...)`, or a `|` of them): the
     same nodes in the same order, found by a lean walk and then checked with `m.matches`."""
@@ -199,28 +236,54 @@ def findall(tree: cst.CSTNode, matcher: m.BaseMatcherNode) -> list[cst.CSTNode]:
     else:
         found = sorted((p for k in set(kinds) for p in by_type.get(k, ())), key=lambda p: p[0])
     if not isinstance(matcher, m.OneOf) and all(
-            getattr(matcher, f.name) is _DO_NOT_CARE for f in dataclasses.fields(matcher)):
+            getattr(matcher, name) is _DO_NOT_CARE for name in _matcher_fields(type(matcher))):
         return [n for _, n in found]  # a bare `m.Name()`: the type decides
     return [n for _, n in found if m.matches(n, matcher)]
 
 
-_BY_TYPE: dict[int, tuple[cst.CSTNode, dict[type, list[tuple[int, cst.CSTNode]]]]] = {}
+_BY_TYPE: dict[int, tuple[cst.CSTNode, int, dict[type, list[tuple[int, cst.CSTNode]]]]] = {}
+_UNITS = (cst.ClassDef, cst.FunctionDef)  # kept across a rule's rewrite unless it changed them
 
 
 def _by_type(tree: cst.CSTNode) -> dict[type, list[tuple[int, cst.CSTNode]]]:
     """The nodes of `tree` grouped by type, with their walk positions. libcst nodes are immutable,
     so this is built once per tree: the plan and the rules search the same classes and methods
     for different things many times."""
+    return _grouped(tree)[1]
+
+
+def _grouped(tree: cst.CSTNode) -> tuple[int, dict[type, list[tuple[int, cst.CSTNode]]]]:
+    """(the number of nodes in TREE, _by_type(tree)). A class or method inside TREE is read from
+    its own entry: a rule's rewrite makes a new module but keeps the classes and methods it did
+    not change, so the next rule's search of the module walks only what changed."""
     hit = _BY_TYPE.get(id(tree))
     if hit is not None and hit[0] is tree:
-        return hit[1]
+        return hit[1], hit[2]
     groups: dict[type, list[tuple[int, cst.CSTNode]]] = {}
-    for pos, node in enumerate(walk(tree)):
+    pos = 0
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if node is not tree and type(node) in _UNITS:
+            size, inner = _grouped(node)  # a walk of its own: contiguous positions, in order
+            for kind, found in inner.items():
+                groups.setdefault(kind, []).extend([(pos + at, n) for at, n in found])
+            pos += size
+            continue
         groups.setdefault(type(node), []).append((pos, node))
+        pos += 1
+        stack.extend(reversed(children(node)))
     if len(_BY_TYPE) > 5000:
         _BY_TYPE.clear()
-    _BY_TYPE[id(tree)] = (tree, groups)
-    return groups
+    _BY_TYPE[id(tree)] = (tree, pos, groups)
+    return pos, groups
+
+
+def inner_types(node: cst.CSTNode) -> set[type]:
+    """The node types below NODE (itself excluded, unless it holds another of its own type)."""
+    groups = _grouped(node)[1]
+    own = type(node)
+    return {kind for kind, found in groups.items() if kind is not own or len(found) > 1}
 
 
 _CODE: dict[int, tuple[cst.CSTNode, str]] = {}

@@ -14,13 +14,14 @@ from collections.abc import Callable
 import libcst as cst
 import numpy as np
 
-from porter.analysis.cstutil import assigned_names, dotted, param_names
+from porter.analysis.cstutil import assigned_names, dotted, param_names, walk
 from porter.analysis.symeval import (
     Frame, Obj, Opaque, Unknown, binop, compare, einops_rearrange, is_tensor_method, is_torch_call, subscript,
     tensor_method, torch_function,
 )
 
 MAX_DEPTH = 4
+_BINDERS = (cst.AssignTarget, cst.AugAssign, cst.AnnAssign, cst.For)  # the nodes whose target binds
 
 
 @functools.lru_cache(maxsize=8192)
@@ -28,21 +29,9 @@ def bound_in(node: cst.CSTNode) -> frozenset[str]:
     """Every name an assignment anywhere inside NODE binds (cached by node: nodes compare and hash by
     identity, and the interpreters ask of one statement again and again)."""
     out: set[str] = set()
-
-    class V(cst.CSTVisitor):
-        def visit_AssignTarget(self, n: cst.AssignTarget) -> None:
-            out.update(assigned_names(n.target))
-
-        def visit_AugAssign(self, n: cst.AugAssign) -> None:
-            out.update(assigned_names(n.target))  # type: ignore[arg-type]
-
-        def visit_AnnAssign(self, n: cst.AnnAssign) -> None:
-            out.update(assigned_names(n.target))  # type: ignore[arg-type]
-
-        def visit_For(self, n: cst.For) -> None:
-            out.update(assigned_names(n.target))  # type: ignore[arg-type]
-
-    node.visit(V())
+    for n in walk(node):
+        if type(n) in _BINDERS:
+            out.update(assigned_names(n.target))  # type: ignore[attr-defined]
     return frozenset(out)
 
 

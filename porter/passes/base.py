@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import libcst as cst
 
-from porter.analysis.cstutil import EXPRESSION_LEVEL, transform
+from porter.analysis.cstutil import EXPRESSION_LEVEL, inner_types, transform
 from porter.analysis.index import ModelIndex
 from porter.plan.model import PortPlan
 from porter.rules_data import StripTable, Target
@@ -30,6 +30,7 @@ _STATEMENT_LEVEL = (
     cst.Module, cst.BaseStatement, cst.BaseSmallStatement, cst.BaseSuite, cst.Else,
     cst.ExceptHandler, cst.ExceptStarHandler, cst.Finally, cst.MatchCase,
 )
+_UNITS = (cst.ClassDef, cst.FunctionDef)  # where a walk asks whether the rule has work below
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ class Rule(cst.CSTTransformer):
             cls._skip = tuple(k for k in EXPRESSION_LEVEL if k is not cst.Parameters)
         else:
             cls._skip = ()
+        cls._skipped = {}
+        cls._handled = frozenset(handled)
         if cls.code:
             if cls.code in REGISTRY and REGISTRY[cls.code] is not cls:
                 raise ValueError(f"duplicate rule code {cls.code}")
@@ -247,12 +250,22 @@ class Rule(cst.CSTTransformer):
     _dispatch: ClassVar[tuple[dict[str, str], dict[str, str]]] = ({}, {})
 
     _skip: ClassVar[tuple[type, ...]] = ()  # node kinds that cannot hold what the rule handles
+    _handled: ClassVar[frozenset[type]] = frozenset()  # the node types of the rule's handlers
+    _skipped: ClassVar[dict[type, bool]] = {}  # node type -> one of _skip (isinstance of an ABC is slow)
 
     def on_visit(self, node) -> bool:
-        if self._skip and isinstance(node, self._skip):
-            return False
+        if self._skip:
+            skipped = self._skipped.get(type(node))
+            if skipped is None:
+                skipped = self._skipped[type(node)] = isinstance(node, self._skip)
+            if skipped:
+                return False
         name = self._dispatch[0].get(type(node).__name__)
-        return name is None or getattr(self, name)(node) is not False
+        if name is not None and getattr(self, name)(node) is False:
+            return False
+        # a class or method holding no node the rule handles: nothing below it can change, and no
+        # handler would run there (the walk would only pass through)
+        return type(node) not in _UNITS or not self._handled.isdisjoint(inner_types(node))
 
     def on_visit_attribute(self, node, attribute) -> None:
         return None

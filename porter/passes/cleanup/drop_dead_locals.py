@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cstutil import assigned_names, dotted, findall, self_attr
+from porter.analysis.cstutil import assigned_names, dotted, findall, self_attr, walk
 from porter.passes.base import Example, Rule
 
 _SHAPE_PURE = {"size", "shape", "dim", "view", "reshape", "transpose", "contiguous", "unsqueeze"}
@@ -275,25 +275,14 @@ class DropDeadLocals(Rule):
         return False
 
 
-class _Variables(cst.CSTVisitor):
-    """The names a node uses as variables: not an attribute's name (`x.device`) nor a keyword's."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def visit_Name(self, node: cst.Name) -> None:
-        self.names.append(node.value)
-
-    def visit_Attribute(self, node: cst.Attribute) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_Arg(self, node: cst.Arg) -> bool:
-        node.value.visit(self)
-        return False
+def _variable_parts(node: cst.CSTNode) -> list[cst.CSTNode] | None:
+    """What of NODE can hold a variable: of an attribute only its value (`x.device`: not `device`),
+    of an argument only its value (not its keyword)."""
+    if isinstance(node, (cst.Attribute, cst.Arg)):
+        return [node.value]
+    return None
 
 
 def _variables(node: cst.CSTNode) -> list[str]:
-    v = _Variables()
-    node.visit(v)
-    return v.names
+    """The names a node uses as variables, in order: not an attribute's name nor a keyword's."""
+    return [n.value for n in walk(node, _variable_parts) if type(n) is cst.Name]  # type: ignore[attr-defined]
