@@ -247,32 +247,46 @@ def diff_port(src: str, target: str = "vllm", config: str | None = None) -> Port
     SRC is a modeling file, a model type, or a committed port directory (with PORT.json): then the
     target is the port's, and the committed port must be what porter generates now (the recorded
     provenance belongs to the regenerated text)."""
-    from porter.convert import analyse, convert_one, resolve_release
+    from porter.layout import PORT_JSON, PortInfo
+
+    p = Path(src)
+    if p.is_dir() and (p / PORT_JSON).is_file():
+        target = PortInfo.load(p).target
+    return diff_targets(src, [target], config)[0]
+
+
+def diff_targets(src: str, targets: list[str], config: str | None = None) -> list[PortDiff]:
+    """diff_port for each of TARGETS from one analysis (the rewrite passes the targets share run
+    once, as in `porter convert`). SRC a committed port directory (generated/<target>/<model>): the
+    ports diffed are its siblings of TARGETS (generated/<each target>/<model>)."""
+    from porter.convert import analyse, convert_targets, resolve_release
     from porter.layout import PORT_JSON, PortInfo
     from porter.rules_data import get_target
 
-    committed: Path | None = None
+    committed: dict[str, Path] = {}
     release = None
     p = Path(src)
     if p.is_dir() and (p / PORT_JSON).is_file():
         info = PortInfo.load(p)
-        src, target, committed = info.model_type, info.target, p
-        release = info.transformers_version  # a day-zero port comes from a newer release's wheel
+        src, release = info.model_type, info.transformers_version  # a day-zero port: a newer wheel
+        committed = {t: p.parent.parent / t / p.name for t in targets}
     source = resolve_release(src, config=config, transformers=release)
     idx, plan = analyse(source)
-    conv = convert_one(source, idx, plan, get_target(target))
-    module_rel = f"{conv.info.package}/modeling_{source.model_type}.py"
-    port_text = conv.files[module_rel]
-    if committed is not None:
-        on_disk = committed / module_rel
-        if not on_disk.is_file() or on_disk.read_text() != port_text:
-            raise PorterError(
-                "committed port differs from what porter generates now (stale or edited by hand): "
-                "run `porter convert` first", file=str(on_disk),
-            )
-    hunks, skip = diff_texts(source.text, port_text, conv.provenance)
-    return PortDiff(source.model_type, conv.target, source.rel_path, module_rel, skip, hunks,
-                    conv.provenance, plan.causal_lm or "")
+    out = []
+    for conv in convert_targets(source, idx, plan, [get_target(t) for t in targets]):
+        module_rel = f"{conv.info.package}/modeling_{source.model_type}.py"
+        port_text = conv.files[module_rel]
+        if conv.target in committed:
+            on_disk = committed[conv.target] / module_rel
+            if not on_disk.is_file() or on_disk.read_text() != port_text:
+                raise PorterError(
+                    "committed port differs from what porter generates now (stale or edited by hand): "
+                    "run `porter convert` first", file=str(on_disk),
+                )
+        hunks, skip = diff_texts(source.text, port_text, conv.provenance)
+        out.append(PortDiff(source.model_type, conv.target, source.rel_path, module_rel, skip, hunks,
+                            conv.provenance, plan.causal_lm or ""))
+    return out
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -419,5 +433,5 @@ def render_html(d: PortDiff) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["Hunk", "PortDiff", "diff_port", "diff_texts", "render_html", "render_json", "render_text",
+__all__ = ["Hunk", "PortDiff", "diff_port", "diff_targets", "diff_texts", "render_html", "render_json", "render_text",
            "print_rich", "asdict"]

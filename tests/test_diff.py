@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import GENERATED, MODELS, ROOT, TARGETS, run_porter
-from porter.diff import diff_port, render_html, render_text
+from porter.diff import diff_targets, render_html, render_text
 from porter.passes import REGISTRY, Example, Rule
 
-PORTS = [pytest.param(t, m, id=f"{t}-{m}") for t in TARGETS for m in MODELS]
+PORTS = [pytest.param(t, m, id=f"{t}-{m}") for m in MODELS for t in TARGETS]  # a model's ports side by side
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts"
 
@@ -35,8 +35,11 @@ _diffs: dict[tuple[str, str], object] = {}
 
 
 def port_diff(target: str, model: str):
+    """The diff of a committed port; a model's ports of every target are diffed together (one
+    analysis, the shared rewrite passes once), as both of its tests ask for each."""
     if (target, model) not in _diffs:
-        _diffs[target, model] = diff_port(str(GENERATED / target / model))
+        for d in diff_targets(str(GENERATED / target / model), TARGETS):
+            _diffs[d.target, model] = d
     return _diffs[target, model]
 
 
