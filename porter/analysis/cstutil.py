@@ -242,7 +242,7 @@ def findall(tree: cst.CSTNode, matcher: m.BaseMatcherNode) -> list[cst.CSTNode]:
 
 
 _BY_TYPE: dict[int, tuple[cst.CSTNode, int, dict[type, list[tuple[int, cst.CSTNode]]]]] = {}
-_UNITS = (cst.ClassDef, cst.FunctionDef)  # kept across a rule's rewrite unless it changed them
+UNITS = (cst.ClassDef, cst.FunctionDef)  # kept across a rule's rewrite unless it changed them
 
 
 def _by_type(tree: cst.CSTNode) -> dict[type, list[tuple[int, cst.CSTNode]]]:
@@ -264,7 +264,7 @@ def _grouped(tree: cst.CSTNode) -> tuple[int, dict[type, list[tuple[int, cst.CST
     stack = [tree]
     while stack:
         node = stack.pop()
-        if node is not tree and type(node) in _UNITS:
+        if node is not tree and type(node) in UNITS:
             size, inner = _grouped(node)  # a walk of its own: contiguous positions, in order
             for kind, found in inner.items():
                 groups.setdefault(kind, []).extend([(pos + at, n) for at, n in found])

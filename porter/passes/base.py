@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import libcst as cst
 
-from porter.analysis.cstutil import EXPRESSION_LEVEL, inner_types, transform
+from porter.analysis.cstutil import EXPRESSION_LEVEL, UNITS, inner_types, transform
 from porter.analysis.index import ModelIndex
 from porter.plan.model import PortPlan
 from porter.rules_data import StripTable, Target
@@ -30,7 +30,6 @@ _STATEMENT_LEVEL = (
     cst.Module, cst.BaseStatement, cst.BaseSmallStatement, cst.BaseSuite, cst.Else,
     cst.ExceptHandler, cst.ExceptStarHandler, cst.Finally, cst.MatchCase,
 )
-_UNITS = (cst.ClassDef, cst.FunctionDef)  # where a walk asks whether the rule has work below
 
 
 @dataclass(frozen=True)
@@ -265,7 +264,7 @@ class Rule(cst.CSTTransformer):
             return False
         # a class or method holding no node the rule handles: nothing below it can change, and no
         # handler would run there (the walk would only pass through)
-        return type(node) not in _UNITS or not self._handled.isdisjoint(inner_types(node))
+        return type(node) not in UNITS or not self._handled.isdisjoint(inner_types(node))
 
     def on_visit_attribute(self, node, attribute) -> None:
         return None
