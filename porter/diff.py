@@ -247,12 +247,16 @@ def diff_port(src: str, target: str = "vllm", config: str | None = None) -> Port
     SRC is a modeling file, a model type, or a committed port directory (with PORT.json): then the
     target is the port's, and the committed port must be what porter generates now (the recorded
     provenance belongs to the regenerated text)."""
+    info = _committed(src)
+    return diff_targets(src, [info.target if info else target], config)[0]
+
+
+def _committed(src: str):
+    """The PortInfo of SRC when it is a committed port directory (with PORT.json), else None."""
     from porter.layout import PORT_JSON, PortInfo
 
     p = Path(src)
-    if p.is_dir() and (p / PORT_JSON).is_file():
-        target = PortInfo.load(p).target
-    return diff_targets(src, [target], config)[0]
+    return PortInfo.load(p) if p.is_dir() and (p / PORT_JSON).is_file() else None
 
 
 def diff_targets(src: str, targets: list[str], config: str | None = None) -> list[PortDiff]:
@@ -260,14 +264,13 @@ def diff_targets(src: str, targets: list[str], config: str | None = None) -> lis
     once, as in `porter convert`). SRC a committed port directory (generated/<target>/<model>): the
     ports diffed are its siblings of TARGETS (generated/<each target>/<model>)."""
     from porter.convert import analyse, convert_targets, resolve_release
-    from porter.layout import PORT_JSON, PortInfo
     from porter.rules_data import get_target
 
     committed: dict[str, Path] = {}
     release = None
-    p = Path(src)
-    if p.is_dir() and (p / PORT_JSON).is_file():
-        info = PortInfo.load(p)
+    info = _committed(src)
+    if info is not None:
+        p = Path(src)
         src, release = info.model_type, info.transformers_version  # a day-zero port: a newer wheel
         committed = {t: p.parent.parent / t / p.name for t in targets}
     source = resolve_release(src, config=config, transformers=release)
@@ -433,5 +436,5 @@ def render_html(d: PortDiff) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["Hunk", "PortDiff", "diff_port", "diff_targets", "diff_texts", "render_html", "render_json", "render_text",
-           "print_rich", "asdict"]
+__all__ = ["Hunk", "PortDiff", "diff_port", "diff_targets", "diff_texts", "render_html", "render_json",
+           "render_text", "print_rich", "asdict"]
