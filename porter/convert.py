@@ -43,6 +43,10 @@ class Converted:
     provenance: dict[str, list[str]]
     info: PortInfo
 
+    def port_files(self) -> dict[str, bytes]:
+        """The port directory write_port writes (relpath -> bytes), PORT.json included."""
+        return {**{rel: text.encode() for rel, text in self.files.items()}, PORT_JSON: self.info.to_json().encode()}
+
 
 @contextlib.contextmanager
 def _collector_paused():

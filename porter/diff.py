@@ -264,6 +264,7 @@ def diff_targets(src: str, targets: list[str], config: str | None = None) -> lis
     once, as in `porter convert`). SRC a committed port directory (generated/<target>/<model>): the
     ports diffed are its siblings of TARGETS (generated/<each target>/<model>)."""
     from porter.convert import analyse, convert_targets, resolve_release
+    from porter.layout import files_differing, port_files
     from porter.rules_data import get_target
 
     committed: dict[str, Path] = {}
@@ -279,12 +280,12 @@ def diff_targets(src: str, targets: list[str], config: str | None = None) -> lis
     for conv in convert_targets(source, idx, plan, [get_target(t) for t in targets]):
         module_rel = f"{conv.info.package}/modeling_{source.model_type}.py"
         port_text = conv.files[module_rel]
-        if conv.target in committed:
-            on_disk = committed[conv.target] / module_rel
-            if not on_disk.is_file() or on_disk.read_text() != port_text:
+        if conv.target in committed:  # every file of it, as `porter regen --check` compares
+            stale = files_differing(port_files(committed[conv.target]), conv.port_files())
+            if stale:
                 raise PorterError(
                     "committed port differs from what porter generates now (stale or edited by hand): "
-                    "run `porter convert` first", file=str(on_disk),
+                    "run `porter convert` first", file=str(committed[conv.target] / stale[0]),
                 )
         hunks, skip = diff_texts(source.text, port_text, conv.provenance)
         out.append(PortDiff(source.model_type, conv.target, source.rel_path, module_rel, skip, hunks,

@@ -20,6 +20,30 @@ PORT_JSON = "PORT.json"
 OPTIONAL_FIELDS = ("config_class", "config_model_type", "remote")
 
 
+# Python's bytecode cache, written by any import of the port; nothing else is ignored (a build/ or
+# *.egg-info left by installing the port is a difference: the port's flit_core build writes none)
+IGNORED_PARTS = {"__pycache__"}
+IGNORED_SUFFIXES = (".pyc",)
+
+
+def port_files(port_dir: Path) -> dict[str, bytes]:
+    """What a port directory holds (relpath -> bytes), Python's bytecode caches left out."""
+    files = {}
+    for p in sorted(Path(port_dir).rglob("*")):
+        rel = p.relative_to(port_dir)
+        if p.is_dir() or IGNORED_PARTS & set(rel.parts):
+            continue
+        if any(part.endswith(IGNORED_SUFFIXES) for part in rel.parts):
+            continue
+        files[rel.as_posix()] = p.read_bytes()
+    return files
+
+
+def files_differing(old: dict[str, bytes], new: dict[str, bytes]) -> list[str]:
+    """The relpaths two port directories' files (port_files) do not share byte for byte."""
+    return [rel for rel in sorted(set(old) | set(new)) if old.get(rel) != new.get(rel)]
+
+
 def package_name(target: str, model_type: str) -> str:
     return f"porter_{target}_{model_type}"
 

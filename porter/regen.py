@@ -25,17 +25,13 @@ from pathlib import Path
 
 from porter import __version__
 from porter.errors import PorterError
-from porter.layout import PORT_JSON, PortInfo
+from porter.layout import PORT_JSON, PortInfo, files_differing, port_files
 from porter.source import transformers_tree
 from packaging.version import Version
 
 TARGETS = ("vllm", "aphrodite")
 DRIFT_MD = "DRIFT.md"
 DRIFT_JSON = "DRIFT.json"
-# Python's bytecode cache, written by any import of the port; nothing else is ignored (a build/ or
-# *.egg-info left by installing the port is a difference: the port's flit_core build writes none)
-IGNORED_PARTS = {"__pycache__"}
-IGNORED_SUFFIXES = (".pyc",)
 
 
 # -- committed ports -----------------------------------------------------------------------------
@@ -70,18 +66,6 @@ def _convert(model_type: str, version: str, targets: list[str]):
     source = resolve(model_type, transformers_dir=tree, transformers_version=version)
     idx, plan = analyse(source)
     return source, convert_targets(source, idx, plan, [get_target(t) for t in targets])
-
-
-def _port_files(port_dir: Path) -> dict[str, bytes]:
-    files = {}
-    for p in sorted(port_dir.rglob("*")):
-        rel = p.relative_to(port_dir)
-        if p.is_dir() or IGNORED_PARTS & set(rel.parts):
-            continue
-        if any(part.endswith(IGNORED_SUFFIXES) for part in rel.parts):
-            continue
-        files[rel.as_posix()] = p.read_bytes()
-    return files
 
 
 # -- check ---------------------------------------------------------------------------------------
@@ -192,8 +176,7 @@ def _check_remote(root: Path, tmp: Path) -> CheckResult:
             why = exc.one_line() if isinstance(exc, PorterError) else f"{type(exc).__name__}: {exc}"
             res.errors.append(f"{pdir}: {why}")
             continue
-        old, new = _port_files(pdir), _port_files(new_dir)
-        res.differing += [str(pdir / rel) for rel in sorted(set(old) | set(new)) if old.get(rel) != new.get(rel)]
+        res.differing += [str(pdir / rel) for rel in files_differing(port_files(pdir), port_files(new_dir))]
     return res
 
 
@@ -208,11 +191,8 @@ def _check_model(root: Path, model_type: str, version: str, targets: list[str], 
         res.errors += [f"{root / target / model_type}: {exc.one_line()}" for target in targets]
         return res
     for target, new_dir in zip(targets, new_dirs):
-        old = _port_files(root / target / model_type)
-        new = _port_files(new_dir)
-        for rel in sorted(set(old) | set(new)):
-            if old.get(rel) != new.get(rel):
-                res.differing.append(str(root / target / model_type / rel))
+        old = port_files(root / target / model_type)
+        res.differing += [str(root / target / model_type / rel) for rel in files_differing(old, port_files(new_dir))]
     return res
 
 
@@ -459,7 +439,7 @@ def _regen_model(model_type: str, by_target: dict[str, PortInfo], version: str |
     if old_source is not None:
         entry["signatures_changed"] = _signature_changes(old_source.text, new_source.text)
     for conv in new_list:
-        old_files = _port_files(root / conv.target / model_type)
+        old_files = port_files(root / conv.target / model_type)
         td = _target_drift(old_convs.get(conv.target), old_files, conv, names)
         try:
             write_port(conv, out, force=force)

@@ -36,7 +36,9 @@ _diffs: dict[tuple[str, str], object] = {}
 
 def port_diff(target: str, model: str):
     """The diff of a committed port; a model's ports of every target are diffed together (one
-    analysis, the shared rewrite passes once), as both of its tests ask for each."""
+    analysis, the shared rewrite passes once), as both of its tests ask for each. porter diff
+    refuses a committed port any file of which differs from what porter generates now: this is
+    the suite's `regen --check` of the transformers ports (tests/test_regen.py checks the rest)."""
     if (target, model) not in _diffs:
         for d in diff_targets(str(GENERATED / target / model), TARGETS):
             _diffs[d.target, model] = d

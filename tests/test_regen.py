@@ -19,14 +19,25 @@ NEW_RELEASE = "5.24.0"
 WORKFLOW = ROOT / ".github" / "workflows" / "regenerate.yml"
 
 
-def test_check_passes_on_the_committed_ports():
-    proc = run_porter("regen", "--check")
+def test_check_passes_on_the_committed_ports(tmp_path):
+    # every committed port is current: the transformers ports (generated/<target>/<model_type>) are
+    # each converted again and compared file by file by tests/test_diff.py (porter diff refuses a
+    # committed port any file of which differs); here `regen --check` runs on the rest of the tree
+    # (the remote-code ports, reconverted from the fixture folder each records, and the ports of
+    # older releases, generated/releases/<version>/) beside two of those
+    root = tmp_path / "generated"
+    keep = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for sub in ("remote", "releases"):
+        shutil.copytree(GENERATED / sub, root / sub, ignore=keep)
+    for target in TARGETS:
+        for model in ("llama", "falcon"):
+            shutil.copytree(GENERATED / target / model, root / target / model, ignore=keep)
+    proc = run_porter("regen", "--check", "--root", str(root))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # every transformers port for each target, the remote-code ports (reconverted from the
-    # fixture folder each records) and the ports of older releases (generated/releases/<version>/)
     remote = list((GENERATED / "remote").glob("*/*/PORT.json"))
     releases = list((GENERATED / "releases").glob("*/*/*/PORT.json"))
-    assert f"{len(MODELS) * len(TARGETS) + len(remote) + len(releases)} port(s)" in proc.stdout
+    assert remote and releases
+    assert f"{2 * len(TARGETS) + len(remote) + len(releases)} port(s)" in proc.stdout
 
 
 def test_check_names_the_file_that_differs(tmp_path):
