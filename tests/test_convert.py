@@ -23,8 +23,9 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-# Every committed port is converted again in another process and compared byte for byte by
-# tests/test_regen.py::test_check_passes_on_the_committed_ports (`porter regen --check`). Here, a
+# Every committed port is converted again and compared file by file with what is committed (the
+# transformers ports by tests/test_diff.py, the others by `porter regen --check` in
+# tests/test_regen.py::test_check_passes_on_the_committed_ports). Here, a
 # sample with every family of rules (dense; fused q/k/v regrouped; Conv1D; MoE; latent attention;
 # a state-space mixer; a day-zero port shipping its config) is converted twice, by processes whose
 # string hashing differs (PYTHONHASHSEED), so that an order taken from a set or a hash shows.
@@ -63,7 +64,7 @@ def test_convert_is_deterministic(two_conversions):
 
 
 def test_generated_code_passes_ruff():
-    """Every committed port (each what porter makes now: `porter regen --check`) is lint clean."""
+    """Every committed port (each what porter makes now: tests/test_diff.py) is lint clean."""
     ports = [str(GENERATED / t) for t in TARGETS]
     check = subprocess.run([sys.executable, "-m", "ruff", "check", "--config", str(ROOT / "pyproject.toml"), *ports],
                            capture_output=True, text=True)
