@@ -67,7 +67,7 @@ def _draft(config, out):
 def test_eagle3_draft_gets_native_hidden_states_from_the_port(tmp_path, model_type):
     import torch
 
-    from porter.verify.engine import run_engine
+    from porter.verify.engine import Start, run_engines
     from porter.verify.tiny import hf_reference
 
     info = committed_port(model_type)
@@ -77,10 +77,9 @@ def test_eagle3_draft_gets_native_hidden_states_from_the_port(tmp_path, model_ty
     draft = _draft(model.config, tmp_path / "draft")
     kw = dict(max_tokens=spec.max_new_tokens, top_logprobs=1, max_model_len=256,
               speculative={"method": "eagle3", "model": str(draft), "num_speculative_tokens": 2})
-    port = run_engine(ckpt, 1, prompts, port=info, **kw)
+    port, native = run_engines([Start(ckpt, 1), Start(native_ckpt, 1)], prompts, port=info, **kw)
     assert port.ok, (port.error, port.log_tail[-3000:])
     assert all(w["module"].startswith(info.package + ".") for w in port.workers), port.workers
-    native = run_engine(native_ckpt, 1, prompts, port=None, **kw)
     assert native.ok, (native.error, native.log_tail[-3000:])
 
     assert port.aux is not None and native.aux is not None, "the target handed the draft nothing"

@@ -59,7 +59,7 @@ def _adapter(model, targets, out):
 @pytest.mark.parametrize("model_type", sorted(TARGETS))
 def test_lora_adapter_port_native_and_merged_hf_agree(tmp_path, model_type):
     from porter.verify.compare import compare
-    from porter.verify.engine import run_engine
+    from porter.verify.engine import Start, run_engines
     from porter.verify.tiny import hf_logprobs, hf_reference
 
     conv, info = _port(tmp_path, model_type)
@@ -72,10 +72,9 @@ def test_lora_adapter_port_native_and_merged_hf_agree(tmp_path, model_type):
 
     kw = dict(max_tokens=spec.max_new_tokens, top_logprobs=spec.top_logprobs,
               max_model_len=256, lora=(tmp_path / "adapter", RANK))
-    port = run_engine(ckpt, 1, prompts, port=info, **kw)
+    port, native = run_engines([Start(ckpt, 1), Start(native_ckpt, 1)], prompts, port=info, **kw)
     assert port.ok, (port.error, port.log_tail[-3000:])
     assert all(w["module"].startswith(info.package + ".") for w in port.workers), port.workers
-    native = run_engine(native_ckpt, 1, prompts, port=None, **kw)
     assert native.ok, (native.error, native.log_tail[-3000:])
 
     rows = [hf_logprobs(merged, list(r["prompt"]) + list(r["tokens"])) for r in port.results]
@@ -92,7 +91,7 @@ def test_lora_adapter_port_native_and_merged_hf_agree(tmp_path, model_type):
 @pytest.mark.parametrize("model_type,targets", [
     ("gpt2", ["c_attn"]), ("falcon", ["query_key_value"]), ("mixtral", ["q_proj", "v_proj"])])
 def test_lora_served_by_port_exactly_where_by_native(tmp_path, model_type, targets):
-    from porter.verify.engine import run_engine
+    from porter.verify.engine import Start, run_engines
 
     conv, info = _port(tmp_path, model_type)
     declares = any(r.startswith("PT322") for r in conv.rules_applied)
@@ -100,8 +99,7 @@ def test_lora_served_by_port_exactly_where_by_native(tmp_path, model_type, targe
     spec, model, prompts, ckpt, native_ckpt = tiny(info, tmp_path)
     _adapter(model, targets, tmp_path / "adapter")
     kw = dict(max_tokens=2, top_logprobs=1, max_model_len=256, lora=(tmp_path / "adapter", RANK))
-    port = run_engine(ckpt, 1, prompts[:1], port=info, **kw)
-    native = run_engine(native_ckpt, 1, prompts[:1], port=None, **kw)
+    port, native = run_engines([Start(ckpt, 1), Start(native_ckpt, 1)], prompts[:1], port=info, **kw)
     print(f"{model_type} LoRA: port: {port.error}; native: {native.error}")
     assert not port.ok and not native.ok
     if declares:  # the same failure, in the engine's MoE LoRA layer, for both

@@ -60,7 +60,7 @@ def _delta(a: list[dict], b: list[dict]) -> float:
 
 @pytest.mark.parametrize("model_type", sorted(PER_LAYER))
 def test_w8a8_checkpoint_port_gives_natives_tokens(tmp_path, model_type):
-    from porter.verify.engine import run_engine
+    from porter.verify.engine import Start, run_engines
 
     info = committed_port(model_type)
     spec, model, prompts, ckpt, native_ckpt = tiny(info, tmp_path)
@@ -69,8 +69,7 @@ def test_w8a8_checkpoint_port_gives_natives_tokens(tmp_path, model_type):
     native_q, _ = w8a8(native_ckpt, tmp_path / "w8a8-native", model)
     kw = dict(max_tokens=spec.max_new_tokens, top_logprobs=spec.top_logprobs, max_model_len=256,
               dtype="bfloat16")  # (the CPU's int8 GEMM takes bfloat16 activations only)
-    port = run_engine(port_q, 1, prompts, port=info, **kw)
-    native = run_engine(native_q, 1, prompts, port=None, **kw)
+    port, native = run_engines([Start(port_q, 1), Start(native_q, 1)], prompts, port=info, **kw)
     if _refused_alike(model_type, "W8A8", port, native):
         return
     assert port.ok, (port.error, port.log_tail[-3000:])
@@ -94,7 +93,7 @@ def test_w8a8_checkpoint_port_gives_natives_tokens(tmp_path, model_type):
 
 @pytest.mark.parametrize("model_type", sorted(PER_LAYER))
 def test_gptq_checkpoint_loads_natives_parameters(tmp_path, model_type):
-    from porter.verify.engine import run_engine
+    from porter.verify.engine import Start, run_engines
 
     info = committed_port(model_type)
     spec, model, prompts, ckpt, native_ckpt = tiny(info, tmp_path)
@@ -103,8 +102,7 @@ def test_gptq_checkpoint_loads_natives_parameters(tmp_path, model_type):
     assert n == model.config.num_hidden_layers * PER_LAYER[model_type](model.config), n
     kw = dict(max_tokens=spec.max_new_tokens, top_logprobs=spec.top_logprobs, max_model_len=256,
               dtype="bfloat16", digests=True)
-    port = run_engine(port_q, 1, prompts, port=info, **kw)
-    native = run_engine(native_q, 1, prompts, port=None, **kw)
+    port, native = run_engines([Start(port_q, 1), Start(native_q, 1)], prompts, port=info, **kw)
     if _refused_alike(model_type, "GPTQ", port, native):
         return
     (pw,), (nw,) = port.workers, native.workers  # written at load: there even when the forward fails

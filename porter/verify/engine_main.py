@@ -1,7 +1,8 @@
 """The engine side of `porter verify`: one vLLM start, all prompts batched, results as JSON.
 
-Run as ``python -m porter.verify.engine_main REQUEST.json RESULT.json`` by verify, in a fresh
-process whose PYTHONPATH exposes the port as a plugin. Prints ``PORTER-STAGE <text>`` lines on
+Run as ``python -m porter.verify.engine_main REQUEST.json`` by verify (porter/verify/engine.py),
+in a fresh process whose PYTHONPATH exposes the port as a plugin; one engine start after another
+when the request lists several. Prints ``PORTER-STAGE <text>`` lines on
 stdout for the progress display. The ``__main__`` guard matters: vLLM spawns processes that
 re-import the main module.
 """
@@ -28,7 +29,7 @@ def _logprob_dict(d) -> dict:
     }
 
 
-def run(req: dict) -> dict:
+def run_one(req: dict) -> dict:
     t0 = time.time()
     stage("importing vLLM")
     from vllm import LLM, SamplingParams
@@ -109,25 +110,38 @@ def run(req: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    req_path, res_path = argv[1], argv[2]
-    with open(req_path) as f:
-        req = json.load(f)
-    try:
-        res = run(req)
-    except BaseException as e:  # report, do not hide: the parent decides the exit code
-        res = {
-            "ok": False,
-            "error": f"{type(e).__name__}: {e}",
-            "traceback": traceback.format_exc(),
-        }
-    with open(res_path, "w") as f:
-        json.dump(res, f)
-    stage("done")
-    # vLLM's background processes can keep the interpreter alive; the result is written.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    """REQUEST.json: the shared request and its ``runs``, each an engine start of its own (a
+    checkpoint, a TP size, its probe folder, its OpenMP binding, where its result goes), one after
+    another in this process: vLLM is imported once. Stops at the first start that fails."""
+    import gc
     import os
 
+    with open(argv[1]) as f:
+        req = json.load(f)
+    runs = req.pop("runs")
+    for i, run in enumerate(runs):
+        print(f"PORTER-RUN {i}", flush=True)
+        os.environ["PORTER_VERIFY_PROBE_DIR"] = run["probe_dir"]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = run["omp_bind"]
+        if "vllm.envs" in sys.modules:  # an earlier start's engine cached the environment
+            sys.modules["vllm.envs"].disable_envs_cache()
+        try:
+            res = run_one({**req, **{k: v for k, v in run.items() if k not in ("probe_dir", "result", "omp_bind")}})
+        except BaseException as e:  # report, do not hide: the parent decides the exit code
+            res = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            }
+        with open(run["result"], "w") as f:
+            json.dump(res, f)
+        stage("done")
+        if not res["ok"]:
+            break
+        gc.collect()  # the last start's engine and KV cache, before the next one's
+    # vLLM's background processes can keep the interpreter alive; the results are written.
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
