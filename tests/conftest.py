@@ -99,6 +99,17 @@ def pytest_configure(config):
     config._porter_verify_plan = plan
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The long tests first: the engine runs (marked e2e) and the release matrix (the
+    regen_new_release fixture, minutes of conversions), in their collection order, then the rest,
+    so that the many short tests fill in while the last long one runs, not the other way round
+    (pytest-xdist hands tests out in this order)."""
+    def long(item) -> bool:
+        return item.get_closest_marker("e2e") is not None or "regen_new_release" in getattr(item, "fixturenames", ())
+
+    items.sort(key=lambda item: not long(item))  # (a stable sort)
+
+
 def pytest_sessionstart(session):
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None and not os.environ.get("PYTEST_XDIST_WORKER"):

@@ -146,6 +146,7 @@ def test_dots3_port_keeps_no_indexer_and_refuses_a_longer_max_model_len_at_load(
         assert "**config.rope_parameters[config.layer_types[layer_idx]]" in port
 
 
+@pytest.mark.e2e
 def test_dots3_port_loads_within_index_topk_and_refuses_beyond_it_in_the_engine(tmp_path):
     # the committed port on the tiny checkpoint the release's transformers writes (index_topk 128): the
     # engine serves it at max_model_len 128 (the bound: every key selected) and refuses 256 at load,

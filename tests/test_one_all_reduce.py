@@ -39,6 +39,7 @@ def test_the_port_reduces_the_parallel_sum_once():
         assert {"reduce_results", "skip_bias_add"} <= keywords, block
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "layout",
     [

@@ -228,6 +228,7 @@ def test_regenerate_workflow_passes_actionlint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", ["gemma3", "cohere_compass", "dbrx"])
 def test_a_zoo_type_converted_from_5_25_verifies_against_5_25(model, tmp_path):
     """The weekly regeneration against 5.25 moves the zoo to that release's files. gemma3's

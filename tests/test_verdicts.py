@@ -140,6 +140,7 @@ def test_selection_verifies_what_lacks_a_verdict_plus_a_seeded_sample():
     assert len(v.select(statuses, 100, seed=3)[0]) == len(statuses)
 
 
+@pytest.mark.e2e
 def test_a_real_engine_run_writes_the_verdict_and_an_edit_invalidates_it(copied):
     gen, port, tree = copied
     inp = v.inputs(port)
