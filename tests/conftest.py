@@ -100,10 +100,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The long tests first: the engine runs (marked e2e) and the release matrix (the
-    regen_new_release fixture, minutes of conversions), in their collection order, then the rest,
-    so that the many short tests fill in while the last long one runs, not the other way round
-    (pytest-xdist hands tests out in this order)."""
+    """The order pytest-xdist hands the test modules out in (--dist loadscope, one module at a time
+    to the worker that has two tests left, pyproject.toml): the modules with long tests first, the
+    engine runs (marked e2e) and the release matrix (the regen_new_release fixture, minutes of
+    conversions), so the many short tests fill in beside the last long one."""
     def long(item) -> bool:
         return item.get_closest_marker("e2e") is not None or "regen_new_release" in getattr(item, "fixturenames", ())
 
